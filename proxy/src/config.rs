@@ -1,0 +1,550 @@
+//! The proxy's configuration: one YAML file, parsed into plain structs.
+//!
+//! Every struct rejects unknown fields, so a typo is a startup error naming the file, the line
+//! and the field rather than a silently ignored setting. The schema is documented field by
+//! field in `docs/config.md`; the defaults below are the ones that page states.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of one proxy process.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The admin endpoint (readiness, stats, cluster state, config dump).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Graceful drain on SIGTERM / SIGINT.
+    #[serde(default)]
+    pub drain: DrainConfig,
+    /// Listeners accepting downstream connections.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    /// Upstream clusters the listeners forward to.
+    #[serde(default)]
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// Where the admin endpoint listens.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin HTTP server. Keep it on loopback: it is unauthenticated.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+        }
+    }
+}
+
+/// How the proxy drains when asked to stop.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DrainConfig {
+    /// How long in-flight requests may take to finish after SIGTERM before connections are
+    /// closed and the process exits.
+    #[serde(default = "defaults::drain_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for DrainConfig {
+    fn default() -> Self {
+        Self {
+            timeout_ms: defaults::drain_timeout_ms(),
+        }
+    }
+}
+
+/// The downstream protocols a listener accepts.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum DownstreamProtocol {
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) only.
+    Http2,
+    /// Both on one port: a connection opening with the HTTP/2 preface is HTTP/2.
+    #[default]
+    Auto,
+}
+
+/// One listening socket and what it does with requests.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Name used in logs, metrics labels and the config dump.
+    pub name: String,
+    /// Address to listen on. Port 0 picks a free port (logged at startup).
+    pub address: SocketAddr,
+    /// Downstream protocols accepted.
+    #[serde(default)]
+    pub protocol: DownstreamProtocol,
+    /// Cluster that requests go to unless a filter chooses another.
+    pub default_cluster: String,
+    /// The WASM filter chain, in request order.
+    #[serde(default)]
+    pub filters: Vec<FilterConfig>,
+    /// Largest request header block accepted (request line and headers), in bytes; larger
+    /// gets 431.
+    #[serde(default = "defaults::max_request_header_bytes")]
+    pub max_request_header_bytes: usize,
+    /// Most request headers accepted; more gets 431.
+    #[serde(default = "defaults::max_request_headers")]
+    pub max_request_headers: usize,
+    /// A downstream connection with no request in flight and no bytes moving for this long is
+    /// closed.
+    #[serde(default = "defaults::downstream_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+/// One WASM filter of a listener's chain. The filter host that runs these is a separate
+/// component; the core proxy only carries their configuration.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Filter name (the proxy-wasm `plugin_name`).
+    pub name: String,
+    /// Path of the `.wasm` module.
+    pub module: PathBuf,
+    /// The proxy-wasm root id.
+    #[serde(default)]
+    pub root_id: String,
+    /// Configuration handed to `on_configure`.
+    #[serde(default)]
+    pub config: serde_json::Value,
+    /// Configuration handed to `on_vm_start`.
+    #[serde(default)]
+    pub vm_config: serde_json::Value,
+}
+
+/// Protocol spoken to a cluster's endpoints.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive connection pooling.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), requests multiplexed on shared connections.
+    Http2,
+}
+
+/// Load-balancing policy of a cluster.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    /// Endpoints in turn; weights are ignored (use `weighted` for weights).
+    #[default]
+    RoundRobin,
+    /// Smooth weighted round robin (nginx's algorithm): exact proportions, evenly interleaved.
+    Weighted,
+    /// Power of two random choices, picking the one with fewer active requests per weight.
+    LeastRequest,
+    /// Power of two random choices over a peak-sensitive moving average of latency times
+    /// active requests (linkerd's latency-aware balancer).
+    PeakEwma,
+    /// Weighted random.
+    Random,
+}
+
+/// One upstream endpoint.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// `ip:port` or `host:port` (a host name is resolved when connecting).
+    pub address: String,
+    /// Relative weight, at least 1.
+    #[serde(default = "defaults::weight")]
+    pub weight: u32,
+}
+
+/// Passive outlier detection: endpoints that keep failing are taken out of rotation.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Consecutive failures (5xx responses, connect failures, resets, timeouts) that eject an
+    /// endpoint. 0 disables outlier detection.
+    #[serde(default = "defaults::consecutive_failures")]
+    pub consecutive_failures: u32,
+    /// First ejection lasts this long; each further ejection of the same endpoint lasts one
+    /// more multiple of it.
+    #[serde(default = "defaults::base_ejection_ms")]
+    pub base_ejection_ms: u64,
+    /// Cap on one ejection's length. An endpoint that stays healthy this long after an
+    /// ejection starts again from `base_ejection_ms`.
+    #[serde(default = "defaults::max_ejection_ms")]
+    pub max_ejection_ms: u64,
+    /// Most endpoints of the cluster ejected at once, in percent; at least one endpoint can
+    /// always be ejected.
+    #[serde(default = "defaults::max_ejection_percent")]
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: defaults::consecutive_failures(),
+            base_ejection_ms: defaults::base_ejection_ms(),
+            max_ejection_ms: defaults::max_ejection_ms(),
+            max_ejection_percent: defaults::max_ejection_percent(),
+        }
+    }
+}
+
+/// Circuit-breaker limits of a cluster, shared by all workers. A request over a limit gets 503
+/// with `x-weft-overloaded` naming the limit.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most open connections to the cluster's endpoints.
+    #[serde(default = "defaults::limit")]
+    pub max_connections: usize,
+    /// Most requests waiting for a connection when `max_connections` is reached.
+    #[serde(default = "defaults::limit")]
+    pub max_pending_requests: usize,
+    /// Most requests in flight to the cluster.
+    #[serde(default = "defaults::limit")]
+    pub max_requests: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: defaults::limit(),
+            max_pending_requests: defaults::limit(),
+            max_requests: defaults::limit(),
+        }
+    }
+}
+
+/// A named set of upstream endpoints and how to reach them.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Cluster name, referenced by listeners and filters.
+    pub name: String,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Load-balancing policy.
+    #[serde(default)]
+    pub lb_policy: LbPolicy,
+    /// The endpoints.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointConfig>,
+    /// Time allowed to establish a TCP connection; past it the request gets 503.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time allowed from sending the request until the response headers arrive; past it the
+    /// request gets 504. 0 disables it.
+    #[serde(default = "defaults::request_timeout_ms")]
+    pub request_timeout_ms: u64,
+    /// A pooled upstream connection unused for this long is closed instead of reused.
+    #[serde(default = "defaults::upstream_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+    /// Passive outlier detection.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// Circuit-breaker limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+mod defaults {
+    pub fn drain_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn max_request_header_bytes() -> usize {
+        60 * 1024
+    }
+    pub fn max_request_headers() -> usize {
+        100
+    }
+    pub fn downstream_idle_timeout_ms() -> u64 {
+        3_600_000
+    }
+    pub fn weight() -> u32 {
+        1
+    }
+    pub fn consecutive_failures() -> u32 {
+        5
+    }
+    pub fn base_ejection_ms() -> u64 {
+        30_000
+    }
+    pub fn max_ejection_ms() -> u64 {
+        300_000
+    }
+    pub fn max_ejection_percent() -> u32 {
+        10
+    }
+    pub fn limit() -> usize {
+        1024
+    }
+    pub fn connect_timeout_ms() -> u64 {
+        1_000
+    }
+    pub fn request_timeout_ms() -> u64 {
+        15_000
+    }
+    pub fn upstream_idle_timeout_ms() -> u64 {
+        60_000
+    }
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read config: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed, or a field is unknown or has a bad value.
+    #[error("{}:{}", path.display(), .location)]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Line, column and message.
+        location: ParseLocation,
+    },
+    /// The YAML parsed but is inconsistent (e.g. a listener names a cluster that does not
+    /// exist).
+    #[error("{}: {field}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Path of the offending field, e.g. `listeners[0].default_cluster`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Position and message of a YAML parse error.
+#[derive(Debug)]
+pub struct ParseLocation {
+    /// 1-based line, if known.
+    pub line: Option<usize>,
+    /// 1-based column, if known.
+    pub column: Option<usize>,
+    /// The parser's message, which names the field path (e.g. `clusters[0].lb_policy`).
+    pub message: String,
+}
+
+impl fmt::Display for ParseLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.line, self.column) {
+            (Some(l), Some(c)) => write!(f, "{l}:{c}: {}", self.message),
+            _ => write!(f, " {}", self.message),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a YAML config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates YAML text; `path` is only used in error messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
+            let loc = e.location();
+            let mut message = e.to_string();
+            // The parser appends " at line L column C"; the location is printed up front.
+            if let Some(idx) = message.rfind(" at line ") {
+                message.truncate(idx);
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                location: ParseLocation {
+                    line: loc.as_ref().map(|l| l.line()),
+                    column: loc.as_ref().map(|l| l.column()),
+                    message,
+                },
+            }
+        })?;
+        config.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: references between resources, uniqueness, ranges.
+    fn validate(&self) -> Result<(), (String, String)> {
+        let mut cluster_names = HashSet::new();
+        for (i, c) in self.clusters.iter().enumerate() {
+            let at = |f: &str| format!("clusters[{i}].{f}");
+            if c.name.is_empty() {
+                return Err((at("name"), "must not be empty".into()));
+            }
+            if !cluster_names.insert(c.name.as_str()) {
+                return Err((at("name"), format!("duplicate cluster name `{}`", c.name)));
+            }
+            for (j, e) in c.endpoints.iter().enumerate() {
+                if e.weight == 0 {
+                    return Err((
+                        at(&format!("endpoints[{j}].weight")),
+                        "must be at least 1".into(),
+                    ));
+                }
+                if let Err(msg) = crate::cluster::EndpointAddress::parse(&e.address) {
+                    return Err((at(&format!("endpoints[{j}].address")), msg));
+                }
+            }
+            if c.connect_timeout_ms == 0 {
+                return Err((at("connect_timeout_ms"), "must be at least 1".into()));
+            }
+            if c.outlier.max_ejection_percent > 100 {
+                return Err((
+                    at("outlier.max_ejection_percent"),
+                    "must be between 0 and 100".into(),
+                ));
+            }
+            if c.outlier.base_ejection_ms == 0 && c.outlier.consecutive_failures > 0 {
+                return Err((at("outlier.base_ejection_ms"), "must be at least 1".into()));
+            }
+        }
+        let mut listener_names = HashSet::new();
+        let mut addresses = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            let at = |f: &str| format!("listeners[{i}].{f}");
+            if l.name.is_empty() {
+                return Err((at("name"), "must not be empty".into()));
+            }
+            if !listener_names.insert(l.name.as_str()) {
+                return Err((at("name"), format!("duplicate listener name `{}`", l.name)));
+            }
+            if l.address.port() != 0 && !addresses.insert(l.address) {
+                return Err((
+                    at("address"),
+                    format!("{} is used by another listener", l.address),
+                ));
+            }
+            if !cluster_names.contains(l.default_cluster.as_str()) {
+                return Err((
+                    at("default_cluster"),
+                    format!("no cluster named `{}`", l.default_cluster),
+                ));
+            }
+            if l.max_request_header_bytes < 8192 {
+                return Err((
+                    at("max_request_header_bytes"),
+                    "must be at least 8192".into(),
+                ));
+            }
+            if l.max_request_headers == 0 {
+                return Err((at("max_request_headers"), "must be at least 1".into()));
+            }
+            if l.idle_timeout_ms == 0 {
+                return Err((at("idle_timeout_ms"), "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+admin:
+  address: 127.0.0.1:9901
+listeners:
+  - name: outbound
+    address: 127.0.0.1:15001
+    protocol: auto
+    default_cluster: service2
+    filters: []
+clusters:
+  - name: service2
+    protocol: http1
+    lb_policy: weighted
+    endpoints:
+      - { address: 127.0.0.1:8001, weight: 1 }
+      - { address: 127.0.0.1:8002, weight: 3 }
+    connect_timeout_ms: 1000
+    request_timeout_ms: 15000
+    outlier: { consecutive_failures: 5, base_ejection_ms: 30000, max_ejection_percent: 50 }
+    limits: { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024 }
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("proxy.yaml"), text)
+    }
+
+    #[test]
+    fn the_documented_example_parses_with_its_values() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.listeners[0].default_cluster, "service2");
+        assert_eq!(c.clusters[0].lb_policy, LbPolicy::Weighted);
+        assert_eq!(c.clusters[0].endpoints[1].weight, 3);
+        assert_eq!(c.clusters[0].outlier.max_ejection_percent, 50);
+        // Unset fields take their documented defaults.
+        assert_eq!(c.listeners[0].max_request_header_bytes, 61440);
+        assert_eq!(c.clusters[0].outlier.max_ejection_ms, 300_000);
+        assert_eq!(c.drain.timeout_ms, 5_000);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let text = GOOD.replace("    lb_policy: weighted", "    lb_polcy: weighted");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("proxy.yaml:13:5: "), "{err}");
+        assert!(err.contains("clusters[0]"), "{err}");
+        assert!(err.contains("unknown field `lb_polcy`"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_file_line_and_field() {
+        let text = GOOD.replace("lb_policy: weighted", "lb_policy: fastest");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("proxy.yaml:13:"), "{err}");
+        assert!(err.contains("clusters[0].lb_policy"), "{err}");
+        assert!(err.contains("fastest"), "{err}");
+
+        let text = GOOD.replace("address: 127.0.0.1:15001", "address: 127.0.0.1:99999");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.starts_with("proxy.yaml:6:"), "{err}");
+        assert!(err.contains("listeners[0].address"), "{err}");
+    }
+
+    #[test]
+    fn references_and_ranges_are_checked() {
+        let text = GOOD.replace("default_cluster: service2", "default_cluster: nope");
+        let err = parse(&text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "proxy.yaml: listeners[0].default_cluster: no cluster named `nope`"
+        );
+
+        let text = GOOD.replace("weight: 3", "weight: 0");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("clusters[0].endpoints[1].weight: must be at least 1"),
+            "{err}"
+        );
+
+        let text = GOOD.replace("127.0.0.1:8002", "no-port-here");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("clusters[0].endpoints[1].address"), "{err}");
+    }
+}

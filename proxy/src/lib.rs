@@ -1,0 +1,226 @@
+//! Weft's core sidecar proxy.
+//!
+//! [`Proxy::bind`] takes a [`Config`], binds every socket (so a port in use is an error before
+//! anything runs), and [`Proxy::run`] starts one worker thread per core, each with its own
+//! single-threaded tokio runtime and its own `SO_REUSEPORT` socket per listener, plus the
+//! admin endpoint on the calling thread. It returns after a graceful drain on SIGTERM or
+//! SIGINT.
+//!
+//! ```no_run
+//! use weft_proxy::{Config, Proxy, ProxyOptions};
+//! let config = Config::load("proxy.yaml".as_ref())?;
+//! let proxy = Proxy::bind(config, ProxyOptions { workers: 2 })?;
+//! proxy.run()?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! See `docs/ARCHITECTURE.md` for the code map and invariants.
+
+pub mod admin;
+pub mod body;
+pub mod clock;
+pub mod cluster;
+pub mod config;
+pub mod filter;
+pub mod framing;
+pub mod headers;
+pub mod lb;
+pub mod listener;
+pub mod metrics;
+pub mod proxy;
+pub mod upstream;
+pub mod worker;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+pub use config::Config;
+
+use crate::admin::AdminState;
+use crate::cluster::Cluster;
+use crate::filter::ChainSlot;
+use crate::listener::{ListenerRuntime, WorkerSpec};
+use crate::metrics::Metrics;
+use crate::proxy::ListenerCtx;
+
+/// Process-level options that are not part of the config file.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Worker threads (each runs its own event loop).
+    pub workers: usize,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A socket could not be bound.
+    #[error("{what}: cannot listen on {address}: {source}")]
+    Bind {
+        /// Which socket (`listener outbound`, `admin`).
+        what: String,
+        /// The address.
+        address: SocketAddr,
+        /// The cause; `AddrInUse` when another process holds the port.
+        source: std::io::Error,
+    },
+    /// A listener has filters, and this build has no filter host.
+    #[error("listener `{0}`: WASM filters are configured but this build has no filter host")]
+    FiltersUnsupported(String),
+    /// A runtime or thread could not be created.
+    #[error("cannot start: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// A proxy with its sockets bound, ready to run.
+pub struct Proxy {
+    config: Config,
+    options: ProxyOptions,
+    admin: std::net::TcpListener,
+    listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
+}
+
+impl Proxy {
+    /// Binds the admin socket and every listener's per-worker sockets.
+    pub fn bind(config: Config, options: ProxyOptions) -> Result<Proxy, StartError> {
+        let workers = options.workers.max(1);
+        for l in &config.listeners {
+            if !l.filters.is_empty() {
+                return Err(StartError::FiltersUnsupported(l.name.clone()));
+            }
+        }
+        let bind_err = |what: String, address: SocketAddr| {
+            move |source: std::io::Error| StartError::Bind {
+                what,
+                address,
+                source,
+            }
+        };
+        let admin = std::net::TcpListener::bind(config.admin.address)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .map_err(bind_err("admin".into(), config.admin.address))?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let (addr, sockets) = listener::bind_reuseport(l.address, workers)
+                .map_err(bind_err(format!("listener `{}`", l.name), l.address))?;
+            listeners.push((l.name.clone(), addr, sockets));
+        }
+        Ok(Proxy {
+            config,
+            options: ProxyOptions { workers },
+            admin,
+            listeners,
+        })
+    }
+
+    /// Where each listener listens.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|(n, a, _)| (n.clone(), *a))
+            .collect()
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Runs until SIGTERM or SIGINT, then drains: stops accepting, lets in-flight requests
+    /// finish within `drain.timeout_ms` (HTTP/1 answers get `connection: close`, HTTP/2
+    /// connections a GOAWAY) and returns.
+    pub fn run(self) -> Result<(), StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let clusters: Arc<[Arc<Cluster>]> = self
+            .config
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Arc::new(Cluster::new(i, c, metrics.cluster(&c.name))))
+            .collect();
+        let cluster_names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+        let runtimes: Vec<Arc<ListenerRuntime>> = self
+            .config
+            .listeners
+            .iter()
+            .map(|l| {
+                let ctx = ListenerCtx {
+                    name: l.name.clone(),
+                    default_cluster: cluster_names
+                        .iter()
+                        .position(|c| *c == l.default_cluster)
+                        .unwrap_or(0),
+                    clusters: clusters.clone(),
+                    metrics: metrics.listener(&l.name, &cluster_names),
+                    chain: ChainSlot::empty(),
+                };
+                Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
+            })
+            .collect();
+
+        let main_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        let state = Arc::new(AdminState {
+            config: self.config.clone(),
+            listeners: self.listener_addrs(),
+            clusters: clusters.clone(),
+            metrics,
+            draining: AtomicBool::new(false),
+        });
+        let drain_timeout = Duration::from_millis(self.config.drain.timeout_ms);
+
+        main_rt.block_on(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+
+            // Hand each worker its own socket of every listener.
+            let mut per_worker: Vec<Vec<_>> =
+                (0..self.options.workers).map(|_| Vec::new()).collect();
+            for ((_, _, sockets), rt) in self.listeners.into_iter().zip(&runtimes) {
+                for (w, socket) in sockets.into_iter().enumerate() {
+                    per_worker[w].push((socket, rt.clone()));
+                }
+            }
+            let mut handles = Vec::new();
+            for (id, listeners) in per_worker.into_iter().enumerate() {
+                handles.push(listener::spawn_worker(WorkerSpec {
+                    id,
+                    listeners,
+                    clusters: clusters.clone(),
+                    drain: drain_rx.clone(),
+                    drain_timeout,
+                })?);
+            }
+            let admin = tokio::spawn(admin::serve(
+                tokio::net::TcpListener::from_std(self.admin)?,
+                state.clone(),
+            ));
+            tracing::info!(workers = handles.len(), "weft-proxy ready");
+
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+            state
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = drain_tx.send(true);
+            let joined = tokio::task::spawn_blocking(move || {
+                for h in handles {
+                    let _ = h.join();
+                }
+            })
+            .await;
+            admin.abort();
+            if joined.is_err() {
+                tracing::error!("a worker panicked while draining");
+            }
+            tracing::info!("drained; exiting");
+            Ok(())
+        })
+    }
+}

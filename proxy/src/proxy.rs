@@ -1,0 +1,386 @@
+//! The request path: one downstream request in, one response out.
+//!
+//! ```text
+//! decoded request ─► framing check ─► filter chain (request) ─► cluster limit ─► balancer
+//!   ─► header rewrite ─► pooled connection ─► upstream ─► outlier bookkeeping
+//!   ─► filter chain (response) ─► header rewrite ─► downstream; accounting when the body ends
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{RequestBody, ResponseBody, StreamEnd};
+use crate::clock;
+use crate::cluster::{Cluster, Limit, RequestPermit};
+use crate::config::UpstreamProtocol;
+use crate::filter::{ChainSlot, RequestDecision};
+use crate::framing::FramingVerdicts;
+use crate::headers;
+use crate::metrics::ListenerMetrics;
+use crate::upstream::{self, PooledH1, UpstreamError};
+use crate::worker;
+
+/// `x-weft-overloaded`: names the circuit-breaker limit that refused a request.
+pub static X_WEFT_OVERLOADED: HeaderName = HeaderName::from_static("x-weft-overloaded");
+
+/// What the request path needs to know about its listener.
+pub struct ListenerCtx {
+    /// Listener name (metrics, logs).
+    pub name: String,
+    /// Index of the default cluster.
+    pub default_cluster: usize,
+    /// All clusters of the proxy, by index.
+    pub clusters: Arc<[Arc<Cluster>]>,
+    /// Metric handles.
+    pub metrics: ListenerMetrics,
+    /// The filter chain.
+    pub chain: ChainSlot,
+}
+
+/// State of one downstream connection shared between its IO wrapper, its request handlers
+/// and its idle watchdog.
+#[derive(Debug, Default)]
+pub struct ConnShared {
+    /// Request-framing verdicts published by the IO wrapper (HTTP/1 only).
+    pub framing: FramingVerdicts,
+    /// HTTP/1 requests handed to the service so far (the index of the next head).
+    pub heads: AtomicU64,
+    /// Requests in flight on this connection.
+    pub in_flight: AtomicU32,
+    /// When a request last started or ended, in [`clock`] milliseconds.
+    pub last_active_ms: AtomicU64,
+}
+
+/// Proxies one request.
+pub async fn handle(
+    ctx: &Arc<ListenerCtx>,
+    conn: &Arc<ConnShared>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<ResponseBody> {
+    ctx.metrics.requests_active.inc();
+    conn.in_flight.fetch_add(1, Relaxed);
+    conn.last_active_ms.store(clock::now_ms(), Relaxed);
+    let mut stream = Box::new(Stream {
+        ctx: ctx.clone(),
+        conn: conn.clone(),
+        upstream: None,
+    });
+
+    let (mut head, body) = req.into_parts();
+    let downstream_version = head.version;
+
+    if downstream_version <= Version::HTTP_11 {
+        let n = conn.heads.fetch_add(1, Relaxed);
+        if head.headers.contains_key(header::TRANSFER_ENCODING)
+            && conn.framing.has_conflict(n) == Some(true)
+        {
+            let mut resp = local_reply(
+                StatusCode::BAD_REQUEST,
+                "request has both content-length and transfer-encoding\n",
+                stream,
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return finish(ctx, ctx.default_cluster, resp);
+        }
+    }
+
+    let mut cluster_idx = ctx.default_cluster;
+    let chain = ctx.chain.load_full();
+    if let Some(chain) = &chain {
+        match chain.on_request_headers(&mut head) {
+            RequestDecision::Continue { cluster: Some(c) } if c < ctx.clusters.len() => {
+                cluster_idx = c
+            }
+            RequestDecision::Continue { .. } => {}
+            RequestDecision::Respond(resp) => return finish(ctx, cluster_idx, resp),
+        }
+    }
+    let cluster = &ctx.clusters[cluster_idx];
+
+    let permit = match cluster.admit_request() {
+        Ok(p) => p,
+        Err(limit) => return finish(ctx, cluster_idx, overflow_reply(limit, stream)),
+    };
+    let now_ms = clock::now_ms();
+    let Some(ep) = worker::pick(cluster, now_ms) else {
+        drop(permit);
+        let resp = local_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream\n",
+            stream,
+        );
+        return finish(ctx, cluster_idx, resp);
+    };
+    let endpoint = cluster.endpoints[ep].clone();
+    cluster.begin_endpoint_request(&endpoint);
+    stream.upstream = Some(UpstreamStream {
+        cluster: cluster.clone(),
+        endpoint: ep,
+        _permit: permit,
+        pooled: None,
+        reusable: true,
+    });
+
+    // Rewrite the head for the upstream hop.
+    let upgrade = downstream_version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
+    let downstream_upgrade = if upgrade {
+        head.extensions.remove::<OnUpgrade>()
+    } else {
+        None
+    };
+    headers::strip_hop_by_hop(&mut head.headers, upgrade);
+    // The proxy answers `expect: 100-continue` itself when it starts reading the body.
+    head.headers.remove(header::EXPECT);
+    headers::set_forwarded(&mut head.headers, peer.ip(), "http");
+    headers::ensure_request_id(&mut head.headers);
+    if let Err(resp) = set_upstream_target(&mut head, cluster.protocol) {
+        return finish(ctx, cluster_idx, local_reply(resp.0, resp.1, stream));
+    }
+    let up_req = Request::from_parts(head, RequestBody::Incoming { body });
+
+    let started = clock::now_ns();
+    let exchange = upstream::send(cluster, ep, up_req);
+    let outcome = match cluster.request_timeout {
+        Some(limit) => match tokio::time::timeout(limit, exchange).await {
+            Ok(r) => r.map_err(Failure::Upstream),
+            Err(_) => Err(Failure::Timeout),
+        },
+        None => exchange.await.map_err(Failure::Upstream),
+    };
+
+    let (resp, pooled) = match outcome {
+        Ok(ok) => ok,
+        Err(failure) => {
+            let resp = failure_reply(cluster, &endpoint, failure, stream);
+            return finish(ctx, cluster_idx, resp);
+        }
+    };
+    let done = clock::now_ns();
+    let latency = done.saturating_sub(started);
+    cluster.metrics.latency.observe_ns(latency);
+    endpoint.observe_latency(done, latency);
+
+    let (mut rhead, rbody) = resp.into_parts();
+    if rhead.status.is_server_error() {
+        cluster.record_failure(&endpoint);
+    } else {
+        cluster.record_success(&endpoint);
+    }
+    if let Some(up) = stream.upstream.as_mut() {
+        up.pooled = pooled;
+    }
+
+    if rhead.status == StatusCode::SWITCHING_PROTOCOLS {
+        if let (Some(down), Some(up)) = (downstream_upgrade, rhead.extensions.remove::<OnUpgrade>())
+        {
+            tokio::spawn(tunnel(down, up));
+        }
+        if let Some(up) = stream.upstream.as_mut() {
+            up.reusable = false;
+        }
+    } else {
+        headers::strip_hop_by_hop(&mut rhead.headers, false);
+    }
+    rhead.version = downstream_version;
+    if let Some(chain) = &chain {
+        chain.on_response_headers(&mut rhead);
+    }
+    let resp = Response::from_parts(rhead, ResponseBody::upstream(rbody, Some(stream)));
+    finish(ctx, cluster_idx, resp)
+}
+
+/// Counts the response by status class and returns it.
+#[inline]
+fn finish(
+    ctx: &ListenerCtx,
+    cluster: usize,
+    resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    ctx.metrics.count_response(cluster, resp.status().as_u16());
+    resp
+}
+
+/// Points the request at the upstream: origin-form with a `host` header for HTTP/1.1,
+/// absolute form (`:authority`) for HTTP/2.
+fn set_upstream_target(
+    head: &mut http::request::Parts,
+    protocol: UpstreamProtocol,
+) -> Result<(), (StatusCode, &'static str)> {
+    let authority: Option<HeaderValue> = head.headers.get(header::HOST).cloned().or_else(|| {
+        head.uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let path = head
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            head.version = Version::HTTP_11;
+            if head.uri.authority().is_some() {
+                head.uri = Uri::try_from(path).map_err(|_| (StatusCode::BAD_REQUEST, "bad path\n"))?;
+            }
+            match authority {
+                Some(a) => {
+                    head.headers.insert(header::HOST, a);
+                }
+                None => return Err((StatusCode::BAD_REQUEST, "missing host\n")),
+            }
+        }
+        UpstreamProtocol::Http2 => {
+            head.version = Version::HTTP_2;
+            let Some(a) = authority else {
+                return Err((StatusCode::BAD_REQUEST, "missing host\n"));
+            };
+            let uri = Uri::builder()
+                .scheme("http")
+                .authority(a.as_bytes())
+                .path_and_query(path)
+                .build()
+                .map_err(|_| (StatusCode::BAD_REQUEST, "bad authority\n"))?;
+            head.uri = uri;
+            head.headers.remove(header::HOST);
+        }
+    }
+    Ok(())
+}
+
+/// Why no upstream response arrived.
+enum Failure {
+    Upstream(UpstreamError),
+    Timeout,
+}
+
+fn failure_reply(
+    cluster: &Cluster,
+    endpoint: &crate::cluster::Endpoint,
+    failure: Failure,
+    stream: Box<Stream>,
+) -> Response<ResponseBody> {
+    match failure {
+        Failure::Timeout => {
+            cluster.metrics.timeouts.inc();
+            cluster.record_failure(endpoint);
+            local_reply(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream request timeout\n",
+                stream,
+            )
+        }
+        Failure::Upstream(UpstreamError::Overflow(limit)) => overflow_reply(limit, stream),
+        Failure::Upstream(e) => {
+            if e.is_endpoint_failure() {
+                cluster.record_failure(endpoint);
+            }
+            tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, "{e}");
+            match e {
+                UpstreamError::Connect(_) => local_reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "upstream connect error\n",
+                    stream,
+                ),
+                _ => {
+                    cluster.metrics.resets.inc();
+                    local_reply(StatusCode::BAD_GATEWAY, "upstream reset\n", stream)
+                }
+            }
+        }
+    }
+}
+
+fn overflow_reply(limit: Limit, stream: Box<Stream>) -> Response<ResponseBody> {
+    let mut resp = local_reply(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "upstream overflow\n",
+        stream,
+    );
+    resp.headers_mut().insert(
+        X_WEFT_OVERLOADED.clone(),
+        HeaderValue::from_static(limit.as_str()),
+    );
+    resp
+}
+
+/// A response the proxy makes itself.
+fn local_reply(
+    status: StatusCode,
+    text: &'static str,
+    stream: Box<Stream>,
+) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::local(Bytes::from_static(text.as_bytes()), Some(stream)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain"),
+    );
+    resp
+}
+
+/// Relays bytes both ways once both sides of an upgrade (e.g. WebSocket) completed.
+async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
+    match tokio::join!(down, up) {
+        (Ok(down), Ok(up)) => {
+            let mut down = TokioIo::new(down);
+            let mut up = TokioIo::new(up);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut down, &mut up).await {
+                tracing::debug!("upgraded connection ended: {e}");
+            }
+        }
+        (d, u) => tracing::debug!(
+            downstream_ok = d.is_ok(),
+            upstream_ok = u.is_ok(),
+            "upgrade failed"
+        ),
+    }
+}
+
+/// Accounting of one stream, finished when its response body ends or is dropped.
+struct Stream {
+    ctx: Arc<ListenerCtx>,
+    conn: Arc<ConnShared>,
+    upstream: Option<UpstreamStream>,
+}
+
+struct UpstreamStream {
+    cluster: Arc<Cluster>,
+    endpoint: usize,
+    _permit: RequestPermit,
+    pooled: Option<PooledH1>,
+    reusable: bool,
+}
+
+impl StreamEnd for Stream {
+    fn finish(self: Box<Self>, complete: bool) {
+        let Stream {
+            ctx,
+            conn,
+            upstream,
+        } = *self;
+        ctx.metrics.requests_active.dec();
+        conn.in_flight.fetch_sub(1, Relaxed);
+        conn.last_active_ms.store(clock::now_ms(), Relaxed);
+        if let Some(up) = upstream {
+            up.cluster
+                .end_endpoint_request(&up.cluster.endpoints[up.endpoint]);
+            if let Some(pooled) = up.pooled
+                && complete
+                && up.reusable
+            {
+                pooled.release();
+                up.cluster.connection_freed.notify_one();
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Getting a request to an upstream endpoint: pooled or new connections within the cluster's
+//! limits, HTTP/1.1 or HTTP/2.
+
+use std::io;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+
+use crate::body::RequestBody;
+use crate::clock;
+use crate::cluster::{Cluster, EndpointAddress, Limit};
+use crate::config::UpstreamProtocol;
+use crate::worker;
+
+/// Why a request could not be exchanged with an upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The TCP connection could not be made in time.
+    #[error("upstream connect error: {0}")]
+    Connect(io::Error),
+    /// A circuit-breaker limit refused the request.
+    #[error("upstream overflow: {}", .0.as_str())]
+    Overflow(Limit),
+    /// The connection failed after it was established (reset, protocol error, closed).
+    #[error("upstream reset: {0}")]
+    Reset(#[source] hyper::Error),
+}
+
+impl UpstreamError {
+    /// Whether the failure says something about the endpoint's health (and so counts for
+    /// outlier detection).
+    pub fn is_endpoint_failure(&self) -> bool {
+        !matches!(self, Self::Overflow(_))
+    }
+}
+
+/// A pooled HTTP/1 connection travelling with its response, returned to the worker's pool
+/// when the response has been read to its end.
+pub struct PooledH1 {
+    cluster: usize,
+    endpoint: usize,
+    sender: http1::SendRequest<RequestBody>,
+}
+
+impl PooledH1 {
+    /// Hands the connection back to this worker's pool.
+    pub fn release(self) {
+        worker::put_h1(self.cluster, self.endpoint, self.sender, clock::now_ms());
+    }
+}
+
+/// Sends `req` to endpoint `ep` of `cluster`, returning the response and, for HTTP/1, the
+/// connection to give back once the response body is done.
+pub async fn send(
+    cluster: &Arc<Cluster>,
+    ep: usize,
+    req: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
+    match cluster.protocol {
+        UpstreamProtocol::Http1 => send_h1(cluster, ep, req).await,
+        UpstreamProtocol::Http2 => send_h2(cluster, ep, req).await.map(|r| (r, None)),
+    }
+}
+
+async fn send_h1(
+    cluster: &Arc<Cluster>,
+    ep: usize,
+    mut req: Request<RequestBody>,
+) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
+    // A pooled connection the upstream closed meanwhile fails before the request is written;
+    // then the request comes back and goes out on another connection, without counting as
+    // an endpoint failure. Bounded: each round consumes a pooled connection or opens one.
+    for _ in 0..8 {
+        let mut sender = acquire_h1(cluster, ep).await?;
+        if sender.ready().await.is_err() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => {
+                let pooled = PooledH1 {
+                    cluster: cluster.index,
+                    endpoint: ep,
+                    sender,
+                };
+                return Ok((resp, Some(pooled)));
+            }
+            Err(mut e) => match e.take_message() {
+                // The request was not written: safe to send again whatever the error.
+                Some(back) => req = back,
+                None => return Err(UpstreamError::Reset(e.into_error())),
+            },
+        }
+    }
+    Err(UpstreamError::Connect(io::Error::other(
+        "no usable connection after repeated attempts",
+    )))
+}
+
+/// An idle pooled connection, a new one within `max_connections`, or one that frees up
+/// while pending (within `max_pending_requests` and the connect timeout).
+async fn acquire_h1(
+    cluster: &Arc<Cluster>,
+    ep: usize,
+) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    loop {
+        if let Some(s) =
+            worker::take_h1(cluster.index, ep, clock::now_ms(), cluster.idle_timeout_ms)
+        {
+            return Ok(s);
+        }
+        if cluster.try_reserve_connection() {
+            return connect_h1(cluster, ep).await;
+        }
+        wait_for_connection(cluster).await?;
+    }
+}
+
+/// Waits as a pending request for a connection slot or an idle connection.
+async fn wait_for_connection(cluster: &Cluster) -> Result<(), UpstreamError> {
+    if !cluster.try_enter_pending() {
+        cluster.metrics.overflow(Limit::MaxPendingRequests);
+        return Err(UpstreamError::Overflow(Limit::MaxPendingRequests));
+    }
+    let freed = tokio::time::timeout(cluster.connect_timeout, cluster.connection_freed.notified())
+        .await;
+    cluster.leave_pending();
+    if freed.is_err() {
+        cluster.metrics.overflow(Limit::MaxConnections);
+        return Err(UpstreamError::Overflow(Limit::MaxConnections));
+    }
+    Ok(())
+}
+
+/// Opens a TCP connection to the endpoint within the connect timeout. The caller has
+/// reserved a connection slot; on failure it is released here.
+async fn connect_tcp(cluster: &Cluster, ep: usize) -> Result<TcpStream, UpstreamError> {
+    let endpoint = &cluster.endpoints[ep];
+    let connect = async {
+        match &endpoint.address {
+            EndpointAddress::Ip(addr) => TcpStream::connect(addr).await,
+            EndpointAddress::Host(host) => TcpStream::connect(host.as_str()).await,
+        }
+    };
+    let result = match tokio::time::timeout(cluster.connect_timeout, connect).await {
+        Ok(Ok(stream)) => {
+            let _ = stream.set_nodelay(true);
+            return Ok(stream);
+        }
+        Ok(Err(e)) => e,
+        Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timeout"),
+    };
+    cluster.release_connection();
+    cluster.metrics.connect_failures.inc();
+    Err(UpstreamError::Connect(result))
+}
+
+async fn connect_h1(
+    cluster: &Arc<Cluster>,
+    ep: usize,
+) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    let stream = connect_tcp(cluster, ep).await?;
+    match http1::Builder::new()
+        .handshake::<_, RequestBody>(TokioIo::new(stream))
+        .await
+    {
+        Ok((sender, conn)) => {
+            let c = cluster.clone();
+            tokio::spawn(async move {
+                let _ = conn.with_upgrades().await;
+                c.release_connection();
+            });
+            Ok(sender)
+        }
+        Err(e) => {
+            cluster.release_connection();
+            Err(UpstreamError::Reset(e))
+        }
+    }
+}
+
+async fn send_h2(
+    cluster: &Arc<Cluster>,
+    ep: usize,
+    req: Request<RequestBody>,
+) -> Result<Response<Incoming>, UpstreamError> {
+    let mut sender = match worker::h2(cluster.index, ep) {
+        Some(s) => s,
+        None => loop {
+            if cluster.try_reserve_connection() {
+                let s = connect_h2(cluster, ep).await?;
+                worker::add_h2(cluster.index, ep, s.clone());
+                break s;
+            }
+            wait_for_connection(cluster).await?;
+            if let Some(s) = worker::h2(cluster.index, ep) {
+                break s;
+            }
+        },
+    };
+    sender.ready().await.map_err(UpstreamError::Reset)?;
+    sender.send_request(req).await.map_err(UpstreamError::Reset)
+}
+
+async fn connect_h2(
+    cluster: &Arc<Cluster>,
+    ep: usize,
+) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
+    let stream = connect_tcp(cluster, ep).await?;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
+    builder.timer(TokioTimer::new());
+    match builder.handshake(TokioIo::new(stream)).await {
+        Ok((sender, conn)) => {
+            let c = cluster.clone();
+            tokio::spawn(async move {
+                let _ = conn.await;
+                c.release_connection();
+            });
+            Ok(sender)
+        }
+        Err(e) => {
+            cluster.release_connection();
+            Err(UpstreamError::Reset(e))
+        }
+    }
+}

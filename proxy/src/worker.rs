@@ -1,0 +1,123 @@
+//! Per-worker state: each worker thread runs its own single-threaded tokio runtime and owns,
+//! in a thread-local, one balancer and one connection pool per cluster endpoint. The request
+//! path reaches them with short synchronous borrows, never held across an `.await`, so no
+//! lock is taken; other per-worker state (such as filter instances) can live beside them.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use hyper::client::conn::{http1, http2};
+
+use crate::body::RequestBody;
+use crate::cluster::Cluster;
+use crate::lb::{LoadBalancer, new_balancer};
+
+/// An idle HTTP/1 connection in a pool.
+struct IdleH1 {
+    sender: http1::SendRequest<RequestBody>,
+    since_ms: u64,
+}
+
+#[derive(Default)]
+struct EndpointPool {
+    /// Idle HTTP/1 connections; the most recently used is reused first.
+    h1_idle: Vec<IdleH1>,
+    /// Shared HTTP/2 connections.
+    h2: Vec<http2::SendRequest<RequestBody>>,
+}
+
+struct WorkerCluster {
+    balancer: Box<dyn LoadBalancer>,
+    pools: Vec<EndpointPool>,
+}
+
+/// What one worker thread owns.
+struct WorkerState {
+    id: usize,
+    clusters: Vec<WorkerCluster>,
+}
+
+thread_local! {
+    static WORKER: RefCell<Option<WorkerState>> = const { RefCell::new(None) };
+}
+
+/// Sets up the calling thread as worker `id` for `clusters`.
+pub fn install(id: usize, clusters: &[Arc<Cluster>]) {
+    let state = WorkerState {
+        id,
+        clusters: clusters
+            .iter()
+            .map(|c| WorkerCluster {
+                balancer: new_balancer(c.lb_policy, &c.endpoints),
+                pools: c.endpoints.iter().map(|_| EndpointPool::default()).collect(),
+            })
+            .collect(),
+    };
+    WORKER.with(|w| *w.borrow_mut() = Some(state));
+}
+
+fn with_cluster<R>(cluster: usize, f: impl FnOnce(&mut WorkerCluster) -> R) -> Option<R> {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        w.as_mut()?.clusters.get_mut(cluster).map(f)
+    })
+}
+
+/// This worker's id, if the thread is a worker.
+pub fn id() -> Option<usize> {
+    WORKER.with(|w| w.borrow().as_ref().map(|s| s.id))
+}
+
+/// Picks an endpoint of `cluster` with this worker's balancer.
+pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<usize> {
+    with_cluster(cluster.index, |wc| wc.balancer.pick(&cluster.endpoints, now_ms)).flatten()
+}
+
+/// Takes the most recently used idle HTTP/1 connection to an endpoint that is neither closed
+/// nor idle for longer than `idle_timeout_ms`.
+pub fn take_h1(
+    cluster: usize,
+    endpoint: usize,
+    now_ms: u64,
+    idle_timeout_ms: u64,
+) -> Option<http1::SendRequest<RequestBody>> {
+    with_cluster(cluster, |wc| {
+        let pool = &mut wc.pools[endpoint];
+        while let Some(idle) = pool.h1_idle.pop() {
+            if idle.sender.is_closed() || now_ms.saturating_sub(idle.since_ms) > idle_timeout_ms {
+                continue; // dropped: the connection task ends and releases its slot
+            }
+            return Some(idle.sender);
+        }
+        None
+    })
+    .flatten()
+}
+
+/// Returns an HTTP/1 connection whose last response was read to the end.
+pub fn put_h1(cluster: usize, endpoint: usize, sender: http1::SendRequest<RequestBody>, now_ms: u64) {
+    if sender.is_closed() {
+        return;
+    }
+    with_cluster(cluster, |wc| {
+        wc.pools[endpoint].h1_idle.push(IdleH1 {
+            sender,
+            since_ms: now_ms,
+        })
+    });
+}
+
+/// A live shared HTTP/2 connection to an endpoint, if this worker has one.
+pub fn h2(cluster: usize, endpoint: usize) -> Option<http2::SendRequest<RequestBody>> {
+    with_cluster(cluster, |wc| {
+        let conns = &mut wc.pools[endpoint].h2;
+        conns.retain(|c| !c.is_closed());
+        conns.first().cloned()
+    })
+    .flatten()
+}
+
+/// Adds a new HTTP/2 connection to an endpoint's pool.
+pub fn add_h2(cluster: usize, endpoint: usize, sender: http2::SendRequest<RequestBody>) {
+    with_cluster(cluster, |wc| wc.pools[endpoint].h2.push(sender));
+}

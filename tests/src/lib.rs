@@ -1,0 +1,542 @@
+//! Harness for Weft's end-to-end tests: start the real `weft-proxy` binary on loopback, real
+//! upstream HTTP servers it can proxy to (and that tests can kill and restart), and clients.
+//!
+//! The proxy binary is looked up next to the test executable (`target/<profile>/weft-proxy`),
+//! or at `$WEFT_PROXY_BIN`; build it first with `cargo build --bins` (the README's test
+//! command does).
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// Path of the `weft-proxy` binary under test.
+pub fn proxy_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("WEFT_PROXY_BIN") {
+        return p.into();
+    }
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>/weft-proxy
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target dir");
+    let bin = dir.join("weft-proxy");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bins` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `weft-proxy` process, killed (by PID) when dropped.
+pub struct ProxyProcess {
+    child: Child,
+    /// Admin endpoint address.
+    pub admin: SocketAddr,
+    /// Address of the first listener.
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+/// A config template: `{admin}` and `{listen}` are replaced by free ports.
+pub fn render(template: &str, admin: u16, listen: u16) -> String {
+    template
+        .replace("{admin}", &format!("127.0.0.1:{admin}"))
+        .replace("{listen}", &format!("127.0.0.1:{listen}"))
+}
+
+impl ProxyProcess {
+    /// Writes `yaml` (with `{admin}` and `{listen}` placeholders filled in) and starts the
+    /// proxy with 2 workers, waiting until `/ready` answers 200.
+    pub async fn start(yaml: &str) -> ProxyProcess {
+        Self::start_with(yaml, 2).await
+    }
+
+    /// Like [`ProxyProcess::start`] with a worker count.
+    pub async fn start_with(yaml: &str, workers: usize) -> ProxyProcess {
+        let admin = free_port();
+        let listen = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = dir.path().join("proxy.yaml");
+        std::fs::write(&config, render(yaml, admin, listen)).expect("write config");
+        let log = dir.path().join("proxy.log");
+        let child = Command::new(proxy_bin())
+            .arg("--config")
+            .arg(&config)
+            .arg("--workers")
+            .arg(workers.to_string())
+            .arg("--log-level")
+            .arg("info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("spawn weft-proxy");
+        let mut p = ProxyProcess {
+            child,
+            admin: SocketAddr::from(([127, 0, 0, 1], admin)),
+            addr: SocketAddr::from(([127, 0, 0, 1], listen)),
+            _dir: dir,
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("weft-proxy exited at startup ({status}):\n{}", p.log());
+            }
+            if let Ok((200, _)) = p.admin_get("/ready").await {
+                return p;
+            }
+            assert!(Instant::now() < deadline, "proxy not ready:\n{}", p.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The proxy's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `http://<listener>{path}`.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// GET on the admin endpoint: status and body.
+    pub async fn admin_get(&self, path: &str) -> std::io::Result<(u16, String)> {
+        let resp = raw_request(
+            self.admin,
+            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let status = resp
+            .get(9..12)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// `/clusters` as JSON.
+    pub async fn clusters(&self) -> serde_json::Value {
+        let (status, body) = self.admin_get("/clusters").await.expect("admin");
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).expect("clusters json")
+    }
+
+    /// Prometheus exposition text.
+    pub async fn stats(&self) -> String {
+        let (status, body) = self.admin_get("/stats/prometheus").await.expect("admin");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "proxy did not exit:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `weft-proxy` on a config and returns its exit status and stderr (for startup
+/// errors).
+pub fn run_proxy_expecting_failure(yaml: &str, file_name: &str) -> (ExitStatus, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join(file_name);
+    std::fs::write(&config, yaml).expect("write config");
+    let mut child = Command::new(proxy_bin())
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            use std::io::Read;
+            let _ = child.stderr.take().map(|mut s| s.read_to_string(&mut err));
+            return (status, err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("weft-proxy kept running on a bad config");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes `request` on a fresh connection and reads until the peer closes (bounded to 10 s).
+pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(request).await?;
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    match read {
+        Ok(Ok(_)) => Ok(String::from_utf8_lossy(&out).into_owned()),
+        Ok(Err(e)) if !out.is_empty() => {
+            let _ = e;
+            Ok(String::from_utf8_lossy(&out).into_owned())
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no close; got {:?}", String::from_utf8_lossy(&out)),
+        )),
+    }
+}
+
+/// Status code of a raw HTTP/1 response text.
+pub fn status_of(raw: &str) -> u16 {
+    raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// A keep-alive HTTP/1.1 client.
+pub fn h1_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response read to the end.
+#[derive(Debug)]
+pub struct Got {
+    /// Status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// Body text.
+    pub body: String,
+    /// Trailers, if any.
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Got {
+    /// A header as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The body parsed as the upstream's JSON echo.
+    pub fn echo(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("not an echo ({e}): {:?}", self.body))
+    }
+}
+
+/// Sends `req` and reads the whole response (bounded to 20 s).
+pub async fn send(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Result<Got, String> {
+    let fut = async {
+        let resp = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let collected = body.collect().await.map_err(|e| format!("{e:?}"))?;
+        let trailers = collected.trailers().cloned();
+        Ok(Got {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body: String::from_utf8_lossy(&collected.to_bytes()).into_owned(),
+            trailers,
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(20), fut)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// GET `url` with `client`.
+pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Result<Got, String> {
+    let req = Request::get(url)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(client, req).await
+}
+
+/// An upstream HTTP server (HTTP/1.1 and h2c on one port) on a real loopback socket.
+///
+/// It answers every request with `x-upstream: <name>` and, depending on the path:
+/// - `/delay/<ms>…`: waits, then echoes;
+/// - `/status/<code>`: answers with that status;
+/// - `/grpc`: answers like a gRPC server: body then trailers `grpc-status: 0`;
+/// - `/ws`: accepts an upgrade (101) and then echoes bytes on the raw connection;
+/// - anything else: a JSON echo of method, path, version, headers and body.
+pub struct Upstream {
+    /// Name reported in `x-upstream`.
+    pub name: String,
+    /// Address it listens on.
+    pub addr: SocketAddr,
+    /// Requests served since start (across restarts).
+    pub hits: Arc<AtomicUsize>,
+    delay: Duration,
+    stop: Option<watch::Sender<bool>>,
+}
+
+impl Upstream {
+    /// Starts on a free port.
+    pub async fn start(name: &str) -> Upstream {
+        Self::start_slow(name, Duration::ZERO).await
+    }
+
+    /// Starts on a free port, delaying every answer by `delay`.
+    pub async fn start_slow(name: &str, delay: Duration) -> Upstream {
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self::start_on(name, any, Arc::default(), delay).await
+    }
+
+    async fn start_on(
+        name: &str,
+        addr: SocketAddr,
+        hits: Arc<AtomicUsize>,
+        delay: Duration,
+    ) -> Upstream {
+        let listener = bind_retrying(addr).await;
+        let addr = listener.local_addr().expect("addr");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let name_owned = name.to_owned();
+        let counter = hits.clone();
+        tokio::spawn(async move {
+            let mut stop = stop_rx.clone();
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    accepted = listener.accept() => {
+                        let Ok((stream, _)) = accepted else { continue };
+                        let name = name_owned.clone();
+                        let counter = counter.clone();
+                        let mut conn_stop = stop_rx.clone();
+                        tokio::spawn(async move {
+                            let svc = service_fn(move |req| {
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                let name = name.clone();
+                                async move {
+                                    tokio::time::sleep(delay).await;
+                                    answer(name, req).await
+                                }
+                            });
+                            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                            tokio::select! {
+                                _ = conn => {}
+                                // Killed: drop the connection mid-flight, like a dead process.
+                                _ = conn_stop.changed() => {}
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        Upstream {
+            name: name.to_owned(),
+            addr,
+            hits,
+            delay,
+            stop: Some(stop_tx),
+        }
+    }
+
+    /// `host:port` for a config file.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// Stops accepting and drops every open connection, like a killed process.
+    pub fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(true);
+        }
+    }
+
+    /// Starts again on the same port.
+    pub async fn restart(&mut self) {
+        let again = Self::start_on(&self.name, self.addr, self.hits.clone(), self.delay).await;
+        *self = again;
+    }
+
+    /// Requests served.
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn bind_retrying(addr: SocketAddr) -> TcpListener {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) if Instant::now() > deadline => panic!("bind {addr}: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+async fn answer(name: String, mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let mut resp = if let Some(ms) = path
+        .strip_prefix("/delay/")
+        .and_then(|r| r.split('/').next())
+        .and_then(|ms| ms.parse::<u64>().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        echo(req).await
+    } else if let Some(code) = path.strip_prefix("/status/").and_then(|c| c.parse().ok()) {
+        let mut r = Response::new(full(format!("status {code}\n")));
+        *r.status_mut() = StatusCode::from_u16(code).unwrap_or(StatusCode::OK);
+        r
+    } else if path == "/grpc" {
+        let _ = req.body_mut().collect().await;
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().expect("value"));
+        trailers.insert("grpc-message", "ok".parse().expect("value"));
+        let body = FramesBody(
+            vec![
+                hyper::body::Frame::data(Bytes::from_static(b"\0\0\0\0\x02hi")),
+                hyper::body::Frame::trailers(trailers),
+            ]
+            .into_iter(),
+        );
+        let mut r = Response::new(BodyExt::boxed(body));
+        r.headers_mut()
+            .insert("content-type", "application/grpc".parse().expect("value"));
+        r
+    } else if path == "/ws" {
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(upgraded) = on_upgrade.await {
+                let mut io = TokioIo::new(upgraded);
+                let mut buf = [0u8; 1024];
+                // Echo until the peer closes; bounded by the peer.
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut r = Response::new(full(String::new()));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert("upgrade", "weft-echo".parse().expect("value"));
+        r.headers_mut()
+            .insert("connection", "upgrade".parse().expect("value"));
+        r
+    } else {
+        echo(req).await
+    };
+    resp.headers_mut()
+        .insert("x-upstream", name.parse().expect("value"));
+    Ok(resp)
+}
+
+fn full(s: String) -> UpBody {
+    BodyExt::boxed(Full::new(Bytes::from(s)))
+}
+
+async fn echo(req: Request<Incoming>) -> Response<UpBody> {
+    let (parts, body) = req.into_parts();
+    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let mut headers = BTreeMap::<String, Vec<String>>::new();
+    for (k, v) in &parts.headers {
+        headers
+            .entry(k.as_str().to_owned())
+            .or_default()
+            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+    }
+    let v = serde_json::json!({
+        "method": parts.method.as_str(),
+        "uri": parts.uri.to_string(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body": String::from_utf8_lossy(&body),
+    });
+    let mut r = Response::new(full(v.to_string()));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().expect("value"));
+    r
+}
+
+/// A body made of a fixed list of frames (data, then trailers).
+struct FramesBody(std::vec::IntoIter<hyper::body::Frame<Bytes>>);
+
+impl hyper::body::Body for FramesBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.next().map(Ok))
+    }
+}
