@@ -62,12 +62,20 @@ pub async fn serve(socket: TcpListener, state: Arc<AdminState>) {
 
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n".into());
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
     }
     match req.uri().path() {
         "/ready" => {
             if state.draining.load(Relaxed) {
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "DRAINING\n".into())
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "DRAINING\n".into(),
+                )
             } else {
                 reply(StatusCode::OK, "text/plain", "LIVE\n".into())
             }
@@ -126,7 +134,9 @@ fn json_reply(v: &serde_json::Value) -> Response<Full<Bytes>> {
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(content_type),
+    );
     resp
 }

@@ -384,9 +384,8 @@ impl Cluster {
         if ep.is_ejected(now) {
             return;
         }
-        let max_ejected = ((self.endpoints.len() * self.outlier.max_ejection_percent as usize)
-            / 100)
-            .max(1);
+        let max_ejected =
+            ((self.endpoints.len() * self.outlier.max_ejection_percent as usize) / 100).max(1);
         if self.ejected_count(now) >= max_ejected {
             return;
         }
@@ -401,7 +400,11 @@ impl Cluster {
             .outlier
             .base_ejection_ms
             .saturating_mul(streak as u64)
-            .min(self.outlier.max_ejection_ms.max(self.outlier.base_ejection_ms));
+            .min(
+                self.outlier
+                    .max_ejection_ms
+                    .max(self.outlier.base_ejection_ms),
+            );
         ep.ejection_streak.store(streak, Relaxed);
         ep.ejected_until_ms.store(now + duration, Relaxed);
         ep.consecutive_failures.store(0, Relaxed);
@@ -494,7 +497,11 @@ mod tests {
         for ep in &c.endpoints {
             c.record_failure(ep);
         }
-        assert_eq!(c.ejected_count(clock::now_ms()), 1, "10% of 2 still ejects one");
+        assert_eq!(
+            c.ejected_count(clock::now_ms()),
+            1,
+            "10% of 2 still ejects one"
+        );
     }
 
     #[test]
@@ -523,7 +530,10 @@ mod tests {
         ep.observe_latency(t0, 1_000_000);
         ep.observe_latency(t0 + 1_000, 50_000_000);
         let peak = ep.ewma_cost(t0 + 1_000);
-        assert!((peak - 50e6).abs() < 1e3, "a spike is taken at once: {peak}");
+        assert!(
+            (peak - 50e6).abs() < 1e3,
+            "a spike is taken at once: {peak}"
+        );
         // A fast response 1 ms later barely moves it.
         ep.observe_latency(t0 + 1_000_000, 1_000_000);
         assert!(ep.ewma_cost(t0 + 1_000_000) > 49e6);

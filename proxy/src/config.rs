@@ -379,11 +379,13 @@ impl Config {
                 },
             }
         })?;
-        config.validate().map_err(|(field, message)| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(field, message)| ConfigError::Invalid {
+                path: path.to_owned(),
+                field,
+                message,
+            })?;
         Ok(config)
     }
 

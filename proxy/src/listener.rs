@@ -29,7 +29,10 @@ use crate::worker;
 /// Binds `count` sockets to `addr` with `SO_REUSEPORT`, one per worker, so the kernel spreads
 /// connections across workers. A first probe bind without `SO_REUSEPORT` makes a port held by
 /// any other socket a clear error, and resolves port 0 to one free port for all workers.
-pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
+pub fn bind_reuseport(
+    addr: SocketAddr,
+    count: usize,
+) -> io::Result<(SocketAddr, Vec<std::net::TcpListener>)> {
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     probe.set_reuse_address(true)?;
     probe.bind(&addr.into())?;
@@ -40,7 +43,11 @@ pub fn bind_reuseport(addr: SocketAddr, count: usize) -> io::Result<(SocketAddr,
     drop(probe);
     let mut sockets = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
-        let s = Socket::new(Domain::for_address(local), Type::STREAM, Some(Protocol::TCP))?;
+        let s = Socket::new(
+            Domain::for_address(local),
+            Type::STREAM,
+            Some(Protocol::TCP),
+        )?;
         s.set_reuse_address(true)?;
         s.set_reuse_port(true)?;
         s.set_nonblocking(true)?;
@@ -195,7 +202,11 @@ async fn serve_connection(
 
     let shared = Arc::new(ConnShared::default());
     shared.last_active_ms.store(clock::now_ms(), Relaxed);
-    let io = TokioIo::new(DownstreamIo::new(stream, shared.clone(), listener.scan_framing));
+    let io = TokioIo::new(DownstreamIo::new(
+        stream,
+        shared.clone(),
+        listener.scan_framing,
+    ));
     let ctx = listener.ctx.clone();
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {

@@ -59,7 +59,11 @@ impl TypedMetric for AtomicHistogram {
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
         let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
-        for (i, b) in LATENCY_BUCKETS.iter().chain([f64::INFINITY].iter()).enumerate() {
+        for (i, b) in LATENCY_BUCKETS
+            .iter()
+            .chain([f64::INFINITY].iter())
+            .enumerate()
+        {
             buckets.push((*b, self.inner.buckets[i].load(Relaxed)));
         }
         encoder.encode_histogram::<NoLabelSet>(
@@ -356,17 +360,23 @@ mod tests {
         c.latency.observe_ns(20_000_000_000); // 20 s: only +Inf
         c.overflow(Limit::MaxPendingRequests);
         let text = m.encode();
-        assert!(text.contains(
-            "weft_requests_total{listener=\"outbound\",cluster=\"svc\",status_class=\"5xx\"} 2"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "weft_requests_total{listener=\"outbound\",cluster=\"svc\",status_class=\"5xx\"} 2"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "weft_requests_total{listener=\"outbound\",cluster=\"svc\",status_class=\"2xx\"} 1"
         ));
         assert!(text.contains("# TYPE weft_upstream_request_duration_seconds histogram"));
         // Buckets are cumulative: 3 ms is under 5 ms, not under 2.5 ms.
-        assert!(text.contains(
-            "weft_upstream_request_duration_seconds_bucket{le=\"0.0025\",cluster=\"svc\"} 0"
-        ), "{text}");
+        assert!(
+            text.contains(
+                "weft_upstream_request_duration_seconds_bucket{le=\"0.0025\",cluster=\"svc\"} 0"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "weft_upstream_request_duration_seconds_bucket{le=\"0.005\",cluster=\"svc\"} 1"
         ));

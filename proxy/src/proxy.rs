@@ -221,16 +221,13 @@ fn set_upstream_target(
             .authority()
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
-    let path = head
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     match protocol {
         UpstreamProtocol::Http1 => {
             head.version = Version::HTTP_11;
             if head.uri.authority().is_some() {
-                head.uri = Uri::try_from(path).map_err(|_| (StatusCode::BAD_REQUEST, "bad path\n"))?;
+                head.uri =
+                    Uri::try_from(path).map_err(|_| (StatusCode::BAD_REQUEST, "bad path\n"))?;
             }
             match authority {
                 Some(a) => {
@@ -319,12 +316,13 @@ fn local_reply(
     text: &'static str,
     stream: Box<Stream>,
 ) -> Response<ResponseBody> {
-    let mut resp = Response::new(ResponseBody::local(Bytes::from_static(text.as_bytes()), Some(stream)));
+    let mut resp = Response::new(ResponseBody::local(
+        Bytes::from_static(text.as_bytes()),
+        Some(stream),
+    ));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain"),
-    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     resp
 }
 

@@ -125,8 +125,8 @@ async fn wait_for_connection(cluster: &Cluster) -> Result<(), UpstreamError> {
         cluster.metrics.overflow(Limit::MaxPendingRequests);
         return Err(UpstreamError::Overflow(Limit::MaxPendingRequests));
     }
-    let freed = tokio::time::timeout(cluster.connect_timeout, cluster.connection_freed.notified())
-        .await;
+    let freed =
+        tokio::time::timeout(cluster.connect_timeout, cluster.connection_freed.notified()).await;
     cluster.leave_pending();
     if freed.is_err() {
         cluster.metrics.overflow(Limit::MaxConnections);

@@ -49,7 +49,11 @@ pub fn install(id: usize, clusters: &[Arc<Cluster>]) {
             .iter()
             .map(|c| WorkerCluster {
                 balancer: new_balancer(c.lb_policy, &c.endpoints),
-                pools: c.endpoints.iter().map(|_| EndpointPool::default()).collect(),
+                pools: c
+                    .endpoints
+                    .iter()
+                    .map(|_| EndpointPool::default())
+                    .collect(),
             })
             .collect(),
     };
@@ -70,7 +74,10 @@ pub fn id() -> Option<usize> {
 
 /// Picks an endpoint of `cluster` with this worker's balancer.
 pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<usize> {
-    with_cluster(cluster.index, |wc| wc.balancer.pick(&cluster.endpoints, now_ms)).flatten()
+    with_cluster(cluster.index, |wc| {
+        wc.balancer.pick(&cluster.endpoints, now_ms)
+    })
+    .flatten()
 }
 
 /// Takes the most recently used idle HTTP/1 connection to an endpoint that is neither closed
@@ -95,7 +102,12 @@ pub fn take_h1(
 }
 
 /// Returns an HTTP/1 connection whose last response was read to the end.
-pub fn put_h1(cluster: usize, endpoint: usize, sender: http1::SendRequest<RequestBody>, now_ms: u64) {
+pub fn put_h1(
+    cluster: usize,
+    endpoint: usize,
+    sender: http1::SendRequest<RequestBody>,
+    now_ms: u64,
+) {
     if sender.is_closed() {
         return;
     }

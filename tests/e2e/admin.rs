@@ -14,7 +14,10 @@ async fn admin_reports_stats_clusters_and_config() {
         &[(a.address(), 1), (b.address(), 3)],
     );
     let proxy = ProxyProcess::start(&cfg).await;
-    assert_eq!(proxy.admin_get("/ready").await.unwrap(), (200, "LIVE\n".into()));
+    assert_eq!(
+        proxy.admin_get("/ready").await.unwrap(),
+        (200, "LIVE\n".into())
+    );
 
     let client = h1_client();
     for path in ["/", "/", "/", "/status/404", "/status/503"] {
@@ -34,9 +37,24 @@ async fn admin_reports_stats_clusters_and_config() {
     ] {
         assert!(stats.contains(line), "missing {line:?} in\n{stats}");
     }
-    // The client's keep-alive connection is open; the proxy holds pooled upstream ones.
-    assert!(stats.contains("weft_downstream_connections_active{listener=\"ingress\"} 1"), "{stats}");
-    assert!(!stats.contains("weft_upstream_connections_active{cluster=\"svc\"} 0"), "{stats}");
+    // The client's keep-alive connections are open; the proxy holds pooled upstream ones.
+    let gauge = |stats: &str, name: &str| -> i64 {
+        stats
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in\n{stats}"))
+    };
+    let downstream = "weft_downstream_connections_active{listener=\"ingress\"}";
+    assert!(gauge(&stats, downstream) >= 1, "{stats}");
+    assert!(gauge(&stats, "weft_upstream_connections_active{cluster=\"svc\"}") >= 1);
+    drop(client);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while gauge(&proxy.stats().await, downstream) != 0 {
+        assert!(std::time::Instant::now() < deadline, "closed connections still counted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 
     let clusters = proxy.clusters().await;
     let c = &clusters["clusters"][0];
@@ -47,7 +65,10 @@ async fn admin_reports_stats_clusters_and_config() {
     assert_eq!(eps[1]["address"], b.address());
     assert_eq!(eps[1]["weight"], 3);
     assert_eq!(eps[1]["healthy"], true);
-    let total: u64 = eps.iter().map(|e| e["total_requests"].as_u64().unwrap()).sum();
+    let total: u64 = eps
+        .iter()
+        .map(|e| e["total_requests"].as_u64().unwrap())
+        .sum();
     assert_eq!(total, 5);
 
     let (status, dump) = proxy.admin_get("/config_dump").await.unwrap();

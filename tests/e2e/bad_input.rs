@@ -20,10 +20,18 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
         b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip\r\n\r\n",
     ] {
         let raw = raw_request(proxy.addr, bad).await.unwrap();
-        assert_eq!(status_of(&raw), 400, "{:?} -> {raw}", String::from_utf8_lossy(bad));
+        assert_eq!(
+            status_of(&raw),
+            400,
+            "{:?} -> {raw}",
+            String::from_utf8_lossy(bad)
+        );
     }
     assert_eq!(up.hits(), 0, "nothing malformed was forwarded");
-    assert_eq!(get(&h1_client(), &proxy.url("/")).await.unwrap().status, 200);
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/")).await.unwrap().status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -70,7 +78,10 @@ async fn oversized_header_blocks_get_431() {
     // Just under the limits is fine.
     let ok: String = (0..90).map(|i| format!("x-h{i}: v\r\n")).collect();
     let req = format!("GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n{ok}\r\n");
-    assert_eq!(status_of(&raw_request(proxy.addr, req.as_bytes()).await.unwrap()), 200);
+    assert_eq!(
+        status_of(&raw_request(proxy.addr, req.as_bytes()).await.unwrap()),
+        200
+    );
 
     // HTTP/2: an oversized header list is refused, and the connection keeps working.
     let client = h2_client();
@@ -80,7 +91,10 @@ async fn oversized_header_blocks_get_431() {
         .unwrap();
     match send(&client, req).await {
         Ok(got) => assert_eq!(got.status, 431, "{got:?}"),
-        Err(e) => assert!(e.contains("REFUSED") || e.contains("PROTOCOL") || e.contains("431"), "{e}"),
+        Err(e) => assert!(
+            e.contains("REFUSED") || e.contains("PROTOCOL") || e.contains("431"),
+            "{e}"
+        ),
     }
     assert_eq!(get(&client, &proxy.url("/")).await.unwrap().status, 200);
     assert_eq!(up.hits(), 2);
@@ -107,7 +121,10 @@ async fn bad_config_is_a_startup_error_naming_file_line_and_field() {
     let dangling = good.replace("default_cluster: svc", "default_cluster: nope");
     let (status, err) = run_proxy_expecting_failure(&dangling, "ref.yaml");
     assert_eq!(status.code(), Some(2), "{err}");
-    assert!(err.contains("ref.yaml: listeners[0].default_cluster: no cluster named `nope`"), "{err}");
+    assert!(
+        err.contains("ref.yaml: listeners[0].default_cluster: no cluster named `nope`"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -120,7 +137,9 @@ async fn a_port_in_use_is_a_clear_error() {
     let (status, err) = run_proxy_expecting_failure(&cfg, "proxy.yaml");
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(
-        err.contains(&format!("listener `ingress`: cannot listen on 127.0.0.1:{port}")),
+        err.contains(&format!(
+            "listener `ingress`: cannot listen on 127.0.0.1:{port}"
+        )),
         "{err}"
     );
     assert!(err.to_lowercase().contains("in use"), "{err}");

@@ -49,6 +49,10 @@ async fn the_drain_deadline_cuts_off_stragglers() {
     proxy.sigterm();
     let status = proxy.wait_exit(Duration::from_secs(5)).await;
     assert_eq!(status.code(), Some(0));
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     assert!(task.await.unwrap().is_err(), "the straggler was cut off");
 }

@@ -33,11 +33,7 @@ fn overloaded(got: &[Got], limit: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_requests_overflow_is_503_naming_the_limit() {
     let up = Upstream::start("u").await;
-    let cfg = config(
-        "",
-        "    limits: { max_requests: 2 }",
-        &eps(&[&up]),
-    );
+    let cfg = config("", "    limits: { max_requests: 2 }", &eps(&[&up]));
     let proxy = ProxyProcess::start(&cfg).await;
     let got = burst(&proxy, "/delay/600", 6).await;
     let ok = got.iter().filter(|g| g.status == 200).count();
@@ -47,7 +43,10 @@ async fn max_requests_overflow_is_503_naming_the_limit() {
         "weft_circuit_breaker_overflows_total{cluster=\"svc\",limit=\"max_requests\"} 4"
     ));
     // Once the burst is over, requests flow again.
-    assert_eq!(get(&h1_client(), &proxy.url("/")).await.unwrap().status, 200);
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/")).await.unwrap().status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +62,11 @@ async fn pending_requests_wait_for_a_connection_within_their_limit() {
     let got = burst(&proxy, "/delay/400", 4).await;
     let statuses: Vec<u16> = got.iter().map(|g| g.status).collect();
     // First gets the connection, second waits for it, the rest overflow the queue.
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2, "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
     assert_eq!(overloaded(&got, "max_pending_requests"), 2, "{got:?}");
 }
 
@@ -91,26 +94,71 @@ async fn slow_upstream_gets_504_at_the_request_timeout() {
     assert_eq!(got.status, 504, "{got:?}");
     assert_eq!(got.body, "upstream request timeout\n");
     assert!(started.elapsed() < Duration::from_millis(2500));
-    assert!(proxy.stats().await.contains("weft_upstream_request_timeouts_total{cluster=\"svc\"} 1"));
+    assert!(
+        proxy
+            .stats()
+            .await
+            .contains("weft_upstream_request_timeouts_total{cluster=\"svc\"} 1")
+    );
     // A fast request on the same proxy is unaffected.
-    assert_eq!(get(&h1_client(), &proxy.url("/")).await.unwrap().status, 200);
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/")).await.unwrap().status,
+        200
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_upstream_gets_503_connect_error() {
     let dead = format!("127.0.0.1:{}", free_port());
-    let cfg = config(
-        "",
-        "    outlier: { consecutive_failures: 0 }",
-        &[(dead, 1)],
-    );
+    let cfg = config("", "    outlier: { consecutive_failures: 0 }", &[(dead, 1)]);
     let proxy = ProxyProcess::start(&cfg).await;
     for _ in 0..3 {
         let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
         assert_eq!(got.status, 503, "{got:?}");
         assert_eq!(got.body, "upstream connect error\n");
     }
-    assert!(proxy.stats().await.contains("weft_upstream_connect_failures_total{cluster=\"svc\"} 3"));
+    assert!(
+        proxy
+            .stats()
+            .await
+            .contains("weft_upstream_connect_failures_total{cluster=\"svc\"} 3")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresponsive_endpoint_hits_the_connect_timeout() {
+    // A listener that never accepts, with its accept queue filled: the kernel drops further
+    // SYNs, so a connect to it hangs, as to a dead host.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    sock.listen(0).unwrap();
+    let addr = sock.local_addr().unwrap().as_socket().unwrap();
+    let mut fillers = Vec::new();
+    for _ in 0..4 {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.set_nonblocking(true).unwrap();
+        let _ = s.connect(&addr.into());
+        fillers.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let cfg = config(
+        "",
+        "    connect_timeout_ms: 300\n    outlier: { consecutive_failures: 0 }",
+        &[(addr.to_string(), 1)],
+    );
+    let proxy = ProxyProcess::start(&cfg).await;
+    let started = Instant::now();
+    let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(got.status, 503, "{got:?}");
+    assert_eq!(got.body, "upstream connect error\n");
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(900),
+        "{took:?}"
+    );
+    drop(fillers);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,10 +170,13 @@ async fn idle_downstream_connections_are_closed() {
     // A connection that never sends anything is closed after the idle timeout.
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), tokio::io::AsyncReadExt::read(&mut s, &mut buf))
-        .await
-        .expect("closed within 5 s")
-        .unwrap_or(0);
+    let n = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+    )
+    .await
+    .expect("closed within 5 s")
+    .unwrap_or(0);
     assert_eq!(n, 0);
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(250), "{waited:?}");

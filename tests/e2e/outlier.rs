@@ -10,7 +10,12 @@ async fn statuses(proxy: &ProxyProcess, n: usize) -> Vec<u16> {
     let client = h1_client();
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        out.push(get(&client, &proxy.url("/")).await.map(|g| g.status).unwrap_or(0));
+        out.push(
+            get(&client, &proxy.url("/"))
+                .await
+                .map(|g| g.status)
+                .unwrap_or(0),
+        );
     }
     out
 }
@@ -38,7 +43,10 @@ async fn killed_endpoint_is_ejected_and_comes_back_after_restart() {
     b.kill();
     let after_kill = statuses(&proxy, 60).await;
     let failures = after_kill.iter().filter(|s| **s != 200).count();
-    assert!(failures <= 3, "at most the threshold fails before ejection: {after_kill:?}");
+    assert!(
+        failures <= 3,
+        "at most the threshold fails before ejection: {after_kill:?}"
+    );
     assert!(after_kill[30..].iter().all(|s| *s == 200), "{after_kill:?}");
     let clusters = proxy.clusters().await;
     let eb = endpoint(&clusters, &b.address());
@@ -46,19 +54,34 @@ async fn killed_endpoint_is_ejected_and_comes_back_after_restart() {
     assert_eq!(eb["ejections"], 1);
     assert_eq!(endpoint(&clusters, &a.address())["healthy"], true);
     assert!(
-        proxy.stats().await.contains("weft_outlier_ejections_total{cluster=\"svc\"} 1"),
+        proxy
+            .stats()
+            .await
+            .contains("weft_outlier_ejections_total{cluster=\"svc\"} 1"),
         "{}",
         proxy.stats().await
     );
-    assert!(proxy.stats().await.contains("weft_endpoints_ejected{cluster=\"svc\"} 1"));
+    assert!(
+        proxy
+            .stats()
+            .await
+            .contains("weft_endpoints_ejected{cluster=\"svc\"} 1")
+    );
 
     b.restart().await;
     let before = b.hits();
     tokio::time::sleep(Duration::from_millis(1700)).await;
     assert!(statuses(&proxy, 60).await.iter().all(|s| *s == 200));
-    assert!(b.hits() >= before + 15, "restarted endpoint is back in rotation");
+    assert!(
+        b.hits() >= before + 15,
+        "restarted endpoint is back in rotation"
+    );
     let clusters = proxy.clusters().await;
-    assert_eq!(endpoint(&clusters, &b.address())["healthy"], true, "{clusters}");
+    assert_eq!(
+        endpoint(&clusters, &b.address())["healthy"],
+        true,
+        "{clusters}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +96,13 @@ async fn consecutive_5xx_eject_too() {
     let client = h1_client();
     // The only endpoint answers 503 twice: it is ejected (one endpoint may always be).
     for _ in 0..2 {
-        assert_eq!(get(&client, &proxy.url("/status/503")).await.unwrap().status, 503);
+        assert_eq!(
+            get(&client, &proxy.url("/status/503"))
+                .await
+                .unwrap()
+                .status,
+            503
+        );
     }
     let got = get(&client, &proxy.url("/")).await.unwrap();
     assert_eq!(got.status, 503);

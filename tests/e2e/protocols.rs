@@ -24,13 +24,24 @@ async fn every_protocol_pair_proxies_with_forwarding_headers() {
             assert_eq!(got.status, 200, "{what}: {got:?}");
             assert_eq!(got.header("x-upstream"), "u1", "{what}");
             let echo = got.echo();
-            assert!(echo["uri"].as_str().unwrap().ends_with("/hello?x=1"), "{what}: {echo}");
-            let version = if upstream == "http1" { "HTTP/1.1" } else { "HTTP/2.0" };
+            assert!(
+                echo["uri"].as_str().unwrap().ends_with("/hello?x=1"),
+                "{what}: {echo}"
+            );
+            let version = if upstream == "http1" {
+                "HTTP/1.1"
+            } else {
+                "HTTP/2.0"
+            };
             assert_eq!(echo["version"], version, "{what}");
             let h = &echo["headers"];
             assert_eq!(h["x-forwarded-for"][0], "127.0.0.1", "{what}");
             assert_eq!(h["x-forwarded-proto"][0], "http", "{what}");
-            assert_eq!(h["x-request-id"][0].as_str().unwrap().len(), 36, "{what}: a UUID");
+            assert_eq!(
+                h["x-request-id"][0].as_str().unwrap().len(),
+                36,
+                "{what}: a UUID"
+            );
             if upstream == "http1" {
                 assert_eq!(h["host"][0], proxy.addr.to_string(), "{what}");
             }
@@ -43,7 +54,10 @@ async fn every_protocol_pair_proxies_with_forwarding_headers() {
                 .unwrap();
             let echo = send(&client, req).await.unwrap().echo();
             assert_eq!(echo["headers"]["x-request-id"][0], "keep-me", "{what}");
-            assert_eq!(echo["headers"]["x-forwarded-for"][0], "10.1.2.3, 127.0.0.1", "{what}");
+            assert_eq!(
+                echo["headers"]["x-forwarded-for"][0], "10.1.2.3, 127.0.0.1",
+                "{what}"
+            );
 
             // Request bodies go through both ways.
             let req = Request::post(proxy.url("/echo"))
@@ -85,7 +99,11 @@ async fn read_until(s: &mut TcpStream, seen: &mut Vec<u8>, needle: &str) {
             .await
             .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(seen)))
             .unwrap();
-        assert!(n > 0, "closed before {needle:?}: {:?}", String::from_utf8_lossy(seen));
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(seen)
+        );
         seen.extend_from_slice(&buf[..n]);
     }
 }
@@ -103,12 +121,17 @@ expect: 100-continue\r\nconnection: close\r\n\r\n",
     .unwrap();
     let mut seen = Vec::new();
     read_until(&mut s, &mut seen, "100 Continue").await;
-    s.write_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    s.write_all(b"5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .unwrap();
     read_until(&mut s, &mut seen, "\"body\"").await;
     let text = String::from_utf8_lossy(&seen);
     assert!(text.contains("200 OK"), "{text}");
     assert!(text.contains("\"body\":\"hello world\""), "{text}");
-    assert!(!text.contains("\"expect\""), "expect is answered by the proxy: {text}");
+    assert!(
+        !text.contains("\"expect\""),
+        "expect is answered by the proxy: {text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,9 +157,11 @@ async fn upgrades_are_tunnelled_both_ways() {
     let up = Upstream::start("ws").await;
     let proxy = ProxyProcess::start(&config("", "", &eps(&[&up]))).await;
     let mut s = TcpStream::connect(proxy.addr).await.unwrap();
-    s.write_all(b"GET /ws HTTP/1.1\r\nhost: svc\r\nconnection: upgrade\r\nupgrade: weft-echo\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nhost: svc\r\nconnection: upgrade\r\nupgrade: weft-echo\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let mut seen = Vec::new();
     read_until(&mut s, &mut seen, "\r\n\r\n").await;
     let head = String::from_utf8_lossy(&seen).to_lowercase();
@@ -148,5 +173,8 @@ async fn upgrades_are_tunnelled_both_ways() {
         read_until(&mut s, &mut got, msg).await;
     }
     // The proxy keeps serving ordinary requests alongside the tunnel.
-    assert_eq!(get(&h1_client(), &proxy.url("/")).await.unwrap().status, 200);
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/")).await.unwrap().status,
+        200
+    );
 }

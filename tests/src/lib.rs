@@ -41,10 +41,7 @@ pub fn proxy_bin() -> PathBuf {
     }
     // target/<profile>/deps/e2e-<hash> -> target/<profile>/weft-proxy
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target dir");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir.join("weft-proxy");
     assert!(
         bin.exists(),
@@ -135,10 +132,7 @@ impl ProxyProcess {
             format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
         )
         .await?;
-        let status = resp
-            .get(9..12)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
+        let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
         let body = resp
             .split_once("\r\n\r\n")
             .map(|(_, b)| b.to_owned())
@@ -178,7 +172,11 @@ impl ProxyProcess {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "proxy did not exit:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "proxy did not exit:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -506,7 +504,11 @@ fn full(s: String) -> UpBody {
 
 async fn echo(req: Request<Incoming>) -> Response<UpBody> {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let mut headers = BTreeMap::<String, Vec<String>>::new();
     for (k, v) in &parts.headers {
         headers

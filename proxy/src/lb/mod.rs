@@ -108,7 +108,11 @@ pub(crate) mod tests {
             cluster_eject(1);
             let mut lb = new_balancer(policy, &eps);
             for _ in 0..300 {
-                assert_ne!(lb.pick(&eps, 1), Some(1), "{policy:?} picked an ejected endpoint");
+                assert_ne!(
+                    lb.pick(&eps, 1),
+                    Some(1),
+                    "{policy:?} picked an ejected endpoint"
+                );
             }
             cluster_eject(0);
             cluster_eject(2);

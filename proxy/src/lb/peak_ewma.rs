@@ -19,11 +19,13 @@ impl LoadBalancer for PeakEwma {
             return Some(a);
         }
         let now = clock::now_ns();
-        Some(if endpoints[b].ewma_cost(now) < endpoints[a].ewma_cost(now) {
-            b
-        } else {
-            a
-        })
+        Some(
+            if endpoints[b].ewma_cost(now) < endpoints[a].ewma_cost(now) {
+                b
+            } else {
+                a
+            },
+        )
     }
 }
 

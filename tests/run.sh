@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs Weft's whole test suite: unit tests, end-to-end tests (real weft-proxy processes
+# against real servers on loopback) and doc tests. Needs only a Rust toolchain (rustup).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+command -v cargo >/dev/null || { echo "tests: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
+
+# The end-to-end tests start the binaries, so build them first.
+cargo build --locked --workspace --bins
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-fail-fast
+  # nextest does not run doc tests.
+  cargo test --locked --workspace --doc
+else
+  cargo test --locked --workspace --no-fail-fast
+fi
