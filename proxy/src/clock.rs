@@ -17,5 +17,11 @@ pub fn now_ns() -> u64 {
 /// Milliseconds since the process clock started; never 0, so 0 can mean "never".
 #[inline]
 pub fn now_ms() -> u64 {
-    origin().elapsed().as_millis() as u64 + 1
+    ns_to_ms(now_ns())
+}
+
+/// The [`now_ms`] value of a [`now_ns`] reading, to avoid reading the clock twice.
+#[inline]
+pub fn ns_to_ms(ns: u64) -> u64 {
+    ns / 1_000_000 + 1
 }

@@ -64,21 +64,27 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Appends the downstream peer's address to `x-forwarded-for` and sets `x-forwarded-proto`,
-/// as Envoy does for a proxy that uses the remote address.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, proto: &'static str) {
-    let ip = peer.to_string();
+/// The peer address as a header value; made once per connection.
+pub fn ip_header_value(peer: IpAddr) -> HeaderValue {
+    // An IP address always formats to a valid header value.
+    HeaderValue::from_str(&peer.to_string()).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// Appends the downstream peer's address (`peer`, from [`ip_header_value`]) to
+/// `x-forwarded-for` and sets `x-forwarded-proto`, as Envoy does for a proxy that uses the
+/// remote address.
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, proto: &'static str) {
     let value = match headers.get(&X_FORWARDED_FOR) {
         Some(prev) if !prev.is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            let mut v = Vec::with_capacity(prev.len() + 2 + peer.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(ip.as_bytes());
-            HeaderValue::from_bytes(&v)
+            v.extend_from_slice(peer.as_bytes());
+            HeaderValue::from_bytes(&v).ok()
         }
-        _ => HeaderValue::from_str(&ip),
+        _ => Some(peer.clone()),
     };
-    if let Ok(value) = value {
+    if let Some(value) = value {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -147,12 +153,16 @@ mod tests {
     #[test]
     fn forwarded_for_appends_and_request_id_is_kept_or_made() {
         let mut h = map(&[("x-forwarded-for", "10.0.0.1")]);
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), "http");
+        set_forwarded(
+            &mut h,
+            &ip_header_value("127.0.0.1".parse().unwrap()),
+            "http",
+        );
         assert_eq!(h.get("x-forwarded-for").unwrap(), "10.0.0.1, 127.0.0.1");
         assert_eq!(h.get("x-forwarded-proto").unwrap(), "http");
 
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        set_forwarded(&mut h, &ip_header_value("::1".parse().unwrap()), "http");
         assert_eq!(h.get("x-forwarded-for").unwrap(), "::1");
 
         let mut h = map(&[("x-request-id", "abc")]);

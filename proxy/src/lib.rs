@@ -171,6 +171,11 @@ impl Proxy {
             draining: AtomicBool::new(false),
         });
         let drain_timeout = Duration::from_millis(self.config.drain.timeout_ms);
+        let timer_anchor = clusters
+            .iter()
+            .filter_map(|c| c.request_timeout)
+            .fold(Duration::from_secs(1), Duration::min)
+            .max(Duration::from_millis(1));
 
         main_rt.block_on(async move {
             use tokio::signal::unix::{SignalKind, signal};
@@ -193,6 +198,7 @@ impl Proxy {
                     clusters: clusters.clone(),
                     drain: drain_rx.clone(),
                     drain_timeout,
+                    timer_anchor,
                 })?);
             }
             let admin = tokio::spawn(admin::serve(

@@ -107,6 +107,8 @@ pub struct WorkerSpec {
     pub drain: watch::Receiver<bool>,
     /// How long in-flight requests get once draining.
     pub drain_timeout: Duration,
+    /// Period of the worker's anchor timer: at most the shortest request timeout.
+    pub timer_anchor: Duration,
 }
 
 /// Starts a worker thread with its own single-threaded runtime.
@@ -121,6 +123,18 @@ pub fn spawn_worker(spec: WorkerSpec) -> io::Result<std::thread::JoinHandle<()>>
 
 async fn run_worker(spec: WorkerSpec) {
     worker::install(spec.id, &spec.clusters);
+    // tokio wakes its own driver with an eventfd write whenever a newly registered timer is
+    // earlier than every other one (tokio-rs/tokio#5207): on a quiet worker that is every
+    // request's timeout, one extra syscall per request. A periodic timer that always fires
+    // before any request timeout keeps new request timers from ever being the earliest.
+    let anchor = spec.timer_anchor;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(anchor);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+        }
+    });
     let conns = ConnCounter::default();
     for (socket, listener) in spec.listeners {
         match TcpListener::from_std(socket) {
@@ -200,19 +214,16 @@ async fn serve_connection(
     metrics.connections_total.inc();
     metrics.connections_active.inc();
 
-    let shared = Arc::new(ConnShared::default());
-    shared.last_active_ms.store(clock::now_ms(), Relaxed);
+    let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer));
     let io = TokioIo::new(DownstreamIo::new(
         stream,
         shared.clone(),
         listener.scan_framing,
     ));
-    let ctx = listener.ctx.clone();
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
-        let ctx = ctx.clone();
-        let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(&ctx, &shared, peer, req).await) }
+        let conn = svc_shared.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(conn, req).await) }
     });
     let conn = listener.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);

@@ -47,8 +47,11 @@ pub struct ListenerCtx {
 
 /// State of one downstream connection shared between its IO wrapper, its request handlers
 /// and its idle watchdog.
-#[derive(Debug, Default)]
 pub struct ConnShared {
+    /// The listener it was accepted on.
+    pub listener: Arc<ListenerCtx>,
+    /// The peer's IP as a header value, for `x-forwarded-for`.
+    pub peer_ip: HeaderValue,
     /// Request-framing verdicts published by the IO wrapper (HTTP/1 only).
     pub framing: FramingVerdicts,
     /// HTTP/1 requests handed to the service so far (the index of the next head).
@@ -59,18 +62,29 @@ pub struct ConnShared {
     pub last_active_ms: AtomicU64,
 }
 
-/// Proxies one request.
-pub async fn handle(
-    ctx: &Arc<ListenerCtx>,
-    conn: &Arc<ConnShared>,
-    peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<ResponseBody> {
+impl ConnShared {
+    /// State for a connection from `peer` accepted on `listener`.
+    pub fn new(listener: Arc<ListenerCtx>, peer: SocketAddr) -> Self {
+        Self {
+            listener,
+            peer_ip: headers::ip_header_value(peer.ip()),
+            framing: FramingVerdicts::default(),
+            heads: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(clock::now_ms()),
+        }
+    }
+}
+
+/// Proxies one request arriving on `conn`.
+pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let ctx = &conn.listener;
+    let t0 = clock::now_ns();
+    let now_ms = clock::ns_to_ms(t0);
     ctx.metrics.requests_active.inc();
     conn.in_flight.fetch_add(1, Relaxed);
-    conn.last_active_ms.store(clock::now_ms(), Relaxed);
+    conn.last_active_ms.store(now_ms, Relaxed);
     let mut stream = Box::new(Stream {
-        ctx: ctx.clone(),
         conn: conn.clone(),
         upstream: None,
     });
@@ -111,7 +125,6 @@ pub async fn handle(
         Ok(p) => p,
         Err(limit) => return finish(ctx, cluster_idx, overflow_reply(limit, stream)),
     };
-    let now_ms = clock::now_ms();
     let Some(ep) = worker::pick(cluster, now_ms) else {
         drop(permit);
         let resp = local_reply(
@@ -141,7 +154,7 @@ pub async fn handle(
     headers::strip_hop_by_hop(&mut head.headers, upgrade);
     // The proxy answers `expect: 100-continue` itself when it starts reading the body.
     head.headers.remove(header::EXPECT);
-    headers::set_forwarded(&mut head.headers, peer.ip(), "http");
+    headers::set_forwarded(&mut head.headers, &conn.peer_ip, "http");
     headers::ensure_request_id(&mut head.headers);
     if let Err(resp) = set_upstream_target(&mut head, cluster.protocol) {
         return finish(ctx, cluster_idx, local_reply(resp.0, resp.1, stream));
@@ -346,7 +359,6 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
 
 /// Accounting of one stream, finished when its response body ends or is dropped.
 struct Stream {
-    ctx: Arc<ListenerCtx>,
     conn: Arc<ConnShared>,
     upstream: Option<UpstreamStream>,
 }
@@ -361,12 +373,8 @@ struct UpstreamStream {
 
 impl StreamEnd for Stream {
     fn finish(self: Box<Self>, complete: bool) {
-        let Stream {
-            ctx,
-            conn,
-            upstream,
-        } = *self;
-        ctx.metrics.requests_active.dec();
+        let Stream { conn, upstream } = *self;
+        conn.listener.metrics.requests_active.dec();
         conn.in_flight.fetch_sub(1, Relaxed);
         conn.last_active_ms.store(clock::now_ms(), Relaxed);
         if let Some(up) = upstream {

@@ -52,7 +52,10 @@ async fn admin_reports_stats_clusters_and_config() {
     drop(client);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     while gauge(&proxy.stats().await, downstream) != 0 {
-        assert!(std::time::Instant::now() < deadline, "closed connections still counted");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "closed connections still counted"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 

@@ -1,0 +1,380 @@
+#!/usr/bin/env bash
+# End-to-end load benchmark: Weft against nginx and HAProxy as plain reverse proxies, all in
+# front of the same nginx origin, on one pinned core each. See benches/README.md.
+#
+#   bash benches/load/run.sh [--quick] [--out FILE]
+#
+# Env knobs: DURATION (seconds per measured run, default 10; --quick makes it 3),
+# MAX_CONNS (default 64), RATE (req/s of the fixed-rate run, default 2000),
+# RATE_CONNS (default 16), NO_BUILD=1 to reuse the release binaries as they are.
+#
+# Layout on a 2-core machine: load generator + origin on core 0, the proxy under test on
+# core 1. Everything listens on 127.0.0.1 only, ports 18080-18083 and 18901.
+set -euo pipefail
+
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+
+QUICK=0
+OUT=/tmp/weft-bench.json
+while (($#)); do
+  case "$1" in
+    --quick) QUICK=1 ;;
+    --out) OUT=${2:?--out needs a file}; shift ;;
+    --out=*) OUT=${1#--out=} ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "run.sh: unknown argument $1" >&2; usage >&2; exit 2 ;;
+  esac
+  shift
+done
+
+DURATION=${DURATION:-10}
+((QUICK)) && DURATION=3
+MAX_CONNS=${MAX_CONNS:-64}
+RATE=${RATE:-2000}
+RATE_CONNS=${RATE_CONNS:-16}
+WARMUP_SECS=1
+
+ORIGIN_PORT=18080
+WEFT_PORT=18081
+NGINX_PORT=18082
+HAPROXY_PORT=18083
+WEFT_ADMIN_PORT=18901
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+LOAD_BIN=$TARGET_DIR/release/weft-load
+WEFT_BIN=$TARGET_DIR/release/weft-proxy
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# --- tools ---------------------------------------------------------------------------------
+SUDO=""
+[[ $EUID -ne 0 ]] && SUDO=sudo
+missing=()
+command -v nginx >/dev/null || missing+=(nginx-light)
+command -v haproxy >/dev/null || missing+=(haproxy)
+command -v jq >/dev/null || missing+=(jq)
+command -v curl >/dev/null || missing+=(curl)
+command -v taskset >/dev/null || missing+=(util-linux)
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; then
+    # Newer Debian and Ubuntu dropped nginx-light; plain nginx is the same binary for this.
+    missing=("${missing[@]/nginx-light/nginx}")
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+fi
+NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
+[[ -x $NGINX_BIN && -x $HAPROXY_BIN ]] || die "nginx or haproxy is missing after install"
+CLK_TCK=$(getconf CLK_TCK)
+(($(nproc) >= 2)) || die "needs at least 2 cores (load + origin on core 0, proxy on core 1)"
+
+# --- build ---------------------------------------------------------------------------------
+if [[ ${NO_BUILD:-0} != 1 ]]; then
+  log "building weft-proxy and weft-load (release)"
+  (cd "$ROOT" && cargo build --release --quiet -p weft-proxy -p weft-benches \
+    --bin weft-proxy --bin weft-load)
+fi
+[[ -x $LOAD_BIN && -x $WEFT_BIN ]] || die "release binaries missing; run without NO_BUILD=1"
+
+# --- processes, stopped by PID on exit -----------------------------------------------------
+TMP=$(mktemp -d /tmp/weft-bench.XXXXXX)
+chmod 755 "$TMP" # nginx workers run as an unprivileged user
+PIDS=()
+cleanup() {
+  local rc=$? pid i
+  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+  done
+  if ((rc == 0)); then rm -rf "$TMP"; else log "logs and configs kept in $TMP"; fi
+}
+trap cleanup EXIT
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT; do
+  port_in_use "$p" && die "127.0.0.1:$p is already in use"
+done
+
+# start NAME CORE CMD... : runs CMD pinned to CORE in the background; its PID goes to
+# LAST_PID and to PIDS (stopped by the EXIT trap). taskset execs CMD, so the PID is CMD's.
+LAST_PID=
+start() {
+  local name=$1 core=$2
+  shift 2
+  taskset -c "$core" "$@" >"$TMP/$name.log" 2>&1 &
+  LAST_PID=$!
+  PIDS+=("$LAST_PID")
+}
+
+# wait_ok URL : until URL answers 2xx (10 s at most).
+wait_ok() {
+  local i
+  for ((i = 0; i < 100; i++)); do
+    curl -sf -o /dev/null --max-time 1 "$1" && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+# All PIDs of a process tree rooted at $1 (nginx: master + workers).
+tree_pids() {
+  local pid=$1 child
+  echo "$pid"
+  for child in $(pgrep -P "$pid" || true); do tree_pids "$child"; done
+}
+
+# cpu_ticks PID... : utime + stime of these processes (all their threads), in clock ticks.
+cpu_ticks() {
+  local total=0 pid stat rest
+  local -a f
+  for pid in "$@"; do
+    stat=$(<"/proc/$pid/stat") || die "process $pid is gone"
+    rest=${stat##*) } # the command name may contain spaces; fields restart at `state`
+    read -ra f <<<"$rest"
+    total=$((total + f[11] + f[12]))
+  done
+  echo "$total"
+}
+
+# --- configs ---------------------------------------------------------------------------------
+nginx_common() { # $1 = name
+  cat <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+pid $TMP/$1.pid;
+error_log $TMP/$1.error.log warn;
+events { worker_connections 8192; }
+EOF
+}
+nginx_http_common() { # $1 = name
+  cat <<EOF
+    access_log off;
+    keepalive_requests 100000000;
+    keepalive_timeout 300s;
+    client_body_temp_path $TMP/$1-tmp/body;
+    proxy_temp_path $TMP/$1-tmp/proxy;
+    fastcgi_temp_path $TMP/$1-tmp/fastcgi;
+    uwsgi_temp_path $TMP/$1-tmp/uwsgi;
+    scgi_temp_path $TMP/$1-tmp/scgi;
+EOF
+}
+
+{
+  nginx_common origin
+  echo "http {"
+  nginx_http_common origin
+  cat <<EOF
+    server {
+        listen 127.0.0.1:$ORIGIN_PORT;
+        location / { default_type text/plain; return 200 "ok\n"; }
+    }
+}
+EOF
+} >"$TMP/origin.conf"
+
+{
+  nginx_common nginx
+  echo "http {"
+  nginx_http_common nginx
+  cat <<EOF
+    upstream origin {
+        server 127.0.0.1:$ORIGIN_PORT;
+        keepalive 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$NGINX_PORT;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+} >"$TMP/nginx.conf"
+
+cat >"$TMP/haproxy.cfg" <<EOF
+global
+    nbthread 1
+    maxconn 4096
+    pidfile $TMP/haproxy.pid
+
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+    timeout http-keep-alive 60s
+    http-reuse always
+
+frontend bench
+    bind 127.0.0.1:$HAPROXY_PORT
+    default_backend origin
+
+backend origin
+    server origin1 127.0.0.1:$ORIGIN_PORT
+EOF
+
+cat >"$TMP/weft.yaml" <<EOF
+admin: { address: 127.0.0.1:$WEFT_ADMIN_PORT }
+drain: { timeout_ms: 5000 }
+listeners:
+  - name: bench
+    address: 127.0.0.1:$WEFT_PORT
+    protocol: auto
+    default_cluster: origin
+clusters:
+  - name: origin
+    protocol: http1
+    lb_policy: round_robin
+    endpoints: [ { address: 127.0.0.1:$ORIGIN_PORT, weight: 1 } ]
+    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
+EOF
+
+# --- start everything ------------------------------------------------------------------------
+mkdir -p "$TMP/origin-tmp" "$TMP/nginx-tmp"
+"$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/check.log" -c "$TMP/origin.conf" || die "origin config"
+"$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/check.log" -c "$TMP/nginx.conf" || die "nginx config"
+"$HAPROXY_BIN" -c -q -f "$TMP/haproxy.cfg" || die "haproxy config"
+
+start origin 0 "$NGINX_BIN" -p "$TMP" -e "$TMP/origin.error.log" -c "$TMP/origin.conf"
+ORIGIN_PID=$LAST_PID
+wait_ok "http://127.0.0.1:$ORIGIN_PORT/" || die "origin did not start (see $TMP/origin.log)"
+start weft 1 "$WEFT_BIN" --config "$TMP/weft.yaml" --workers 1 --log-level warn
+WEFT_PID=$LAST_PID
+start nginx 1 "$NGINX_BIN" -p "$TMP" -e "$TMP/nginx.error.log" -c "$TMP/nginx.conf"
+NGINX_PID=$LAST_PID
+start haproxy 1 "$HAPROXY_BIN" -db -f "$TMP/haproxy.cfg"
+HAPROXY_PID=$LAST_PID
+wait_ok "http://127.0.0.1:$WEFT_ADMIN_PORT/ready" || die "weft did not become ready (see $TMP/weft.log)"
+
+declare -A URL=(
+  [direct]="http://127.0.0.1:$ORIGIN_PORT/"
+  [weft]="http://127.0.0.1:$WEFT_PORT/"
+  [nginx]="http://127.0.0.1:$NGINX_PORT/"
+  [haproxy]="http://127.0.0.1:$HAPROXY_PORT/"
+)
+declare -A ROOT_PID=([weft]=$WEFT_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+TARGETS=(direct weft nginx haproxy)
+
+for t in "${TARGETS[@]}"; do
+  wait_ok "${URL[$t]}" || die "$t does not answer 2xx on ${URL[$t]} (see $TMP/$t.log)"
+  body=$(curl -s --max-time 2 "${URL[$t]}")
+  [[ $body == ok ]] || die "$t answered '$body' instead of the origin's 'ok'"
+done
+log "all up: origin pid $ORIGIN_PID, weft $WEFT_PID, nginx $NGINX_PID, haproxy $HAPROXY_PID"
+
+# load NAME URL ARGS... : one pinned weft-load run; its JSON goes to $TMP/NAME.json.
+load() {
+  local name=$1 url=$2
+  shift 2
+  timeout $((${DURATION%.*} + 60)) taskset -c 0 "$LOAD_BIN" --url "$url" "$@" \
+    >"$TMP/$name.json" 2>"$TMP/$name.err" || die "weft-load $name failed: $(cat "$TMP/$name.err")"
+}
+
+# measure TARGET KIND ARGS... : a run with the proxy's CPU ticks read around it; writes
+# $TMP/TARGET.KIND.json = the load report + {"cpu_ticks": N}.
+measure() {
+  local t=$1 kind=$2 pids=() before after
+  shift 2
+  [[ $t != direct ]] && mapfile -t pids < <(tree_pids "${ROOT_PID[$t]}")
+  before=0
+  ((${#pids[@]})) && before=$(cpu_ticks "${pids[@]}")
+  load "$t.$kind.raw" "${URL[$t]}" "$@"
+  after=0
+  ((${#pids[@]})) && after=$(cpu_ticks "${pids[@]}")
+  jq -c --argjson ticks $((after - before)) --argjson pids "${#pids[@]}" \
+    '. + {cpu_ticks: $ticks, cpu_pids: $pids}' "$TMP/$t.$kind.raw.json" >"$TMP/$t.$kind.json"
+}
+
+for t in "${TARGETS[@]}"; do
+  log "$t: warm-up ${WARMUP_SECS}s, max ($MAX_CONNS conns, ${DURATION}s), rate $RATE/s ($RATE_CONNS conns, ${DURATION}s)"
+  load "$t.warmup" "${URL[$t]}" --mode max --connections "$MAX_CONNS" --duration-secs "$WARMUP_SECS"
+  measure "$t" max --mode max --connections "$MAX_CONNS" --duration-secs "$DURATION"
+  sleep 1
+  measure "$t" rate --mode rate --rate "$RATE" --connections "$RATE_CONNS" --duration-secs "$DURATION"
+  sleep 1
+done
+
+# --- results ---------------------------------------------------------------------------------
+# One JSON document: per target the two raw reports plus derived figures, and the ratios.
+jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$RATE" \
+  --argjson max_conns "$MAX_CONNS" --argjson rate_conns "$RATE_CONNS" \
+  --arg host "$(uname -srm)" --arg nginx "$("$NGINX_BIN" -v 2>&1)" \
+  --arg haproxy "$("$HAPROXY_BIN" -v | head -1)" \
+  --slurpfile dm "$TMP/direct.max.json" --slurpfile dr "$TMP/direct.rate.json" \
+  --slurpfile wm "$TMP/weft.max.json" --slurpfile wr "$TMP/weft.rate.json" \
+  --slurpfile nm "$TMP/nginx.max.json" --slurpfile nr "$TMP/nginx.rate.json" \
+  --slurpfile hm "$TMP/haproxy.max.json" --slurpfile hr "$TMP/haproxy.rate.json" '
+  def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
+                      else $r.cpu_ticks / $clk * 1e6 / $r.requests end;
+  def util($r): if $r.cpu_pids == 0 then null else $r.cpu_ticks / $clk / $r.elapsed_secs end;
+  def row($m; $r; $direct_p50): {
+    max_rps: $m.rps, p50_ms: $r.latency_ms.p50, p90_ms: $r.latency_ms.p90,
+    p99_ms: $r.latency_ms.p99, max_ms: $r.latency_ms.max,
+    added_p50_ms: (if $direct_p50 == null then null else $r.latency_ms.p50 - $direct_p50 end),
+    cpu_us_per_req_at_rate: us_per_req($r), cpu_us_per_req_at_max: us_per_req($m),
+    proxy_cores_busy_at_max: util($m),
+    failed: ($m.non_2xx + $m.errors + $m.timeouts + $r.non_2xx + $r.errors + $r.timeouts),
+    max_run: $m, rate_run: $r };
+  def ratio($a; $b): if $a == null or $b == null or $b <= 0 then null else $a / $b end;
+  ($dr[0].latency_ms.p50) as $d50
+  | { direct: row($dm[0]; $dr[0]; null), weft: row($wm[0]; $wr[0]; $d50),
+      nginx: row($nm[0]; $nr[0]; $d50), haproxy: row($hm[0]; $hr[0]; $d50) } as $rows
+  | { setup: { host: $host, nginx: $nginx, haproxy: $haproxy, duration_secs: $duration,
+               max_connections: $max_conns, rate: $rate, rate_connections: $rate_conns,
+               clk_tck: $clk,
+               pinning: "load generator + origin nginx on core 0, proxy under test on core 1" },
+      results: $rows,
+      weft_vs_nginx: {
+        max_rps: ratio($rows.weft.max_rps; $rows.nginx.max_rps),
+        cpu_per_req_at_rate: ratio($rows.weft.cpu_us_per_req_at_rate; $rows.nginx.cpu_us_per_req_at_rate),
+        cpu_per_req_at_max: ratio($rows.weft.cpu_us_per_req_at_max; $rows.nginx.cpu_us_per_req_at_max),
+        added_p50: ratio($rows.weft.added_p50_ms; $rows.nginx.added_p50_ms) } }
+' >"$OUT"
+
+fmt() { # fmt VALUE PRINTF-FORMAT : "–" for null
+  # shellcheck disable=SC2059 # the format is the point
+  if [[ $1 == null || -z $1 ]]; then printf '–'; else LC_ALL=C printf "$2" "$1"; fi
+}
+get() { jq -r "$1" "$OUT"; }
+
+echo
+echo "Weft load benchmark: ${DURATION}s runs; max = $MAX_CONNS connections closed loop;" \
+  "latency at $RATE req/s open loop over $RATE_CONNS connections. Proxy pinned to core 1," \
+  "load generator + origin to core 0."
+echo
+echo "| target | max req/s | p50 ms | p99 ms | added p50 ms | CPU µs/req @${RATE} | CPU µs/req @max | proxy core busy @max | failed |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+for t in "${TARGETS[@]}"; do
+  r=".results.$t"
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$t" \
+    "$(fmt "$(get "$r.max_rps")" '%.0f')" \
+    "$(fmt "$(get "$r.p50_ms")" '%.3f')" \
+    "$(fmt "$(get "$r.p99_ms")" '%.3f')" \
+    "$(fmt "$(get "$r.added_p50_ms")" '%.3f')" \
+    "$(fmt "$(get "$r.cpu_us_per_req_at_rate")" '%.1f')" \
+    "$(fmt "$(get "$r.cpu_us_per_req_at_max")" '%.1f')" \
+    "$(fmt "$(get "($r.proxy_cores_busy_at_max // null) | if . == null then null else . * 100 end")" '%.0f%%')" \
+    "$(get "$r.failed")"
+done
+printf '| **weft ÷ nginx** | %s | | | %s | %s | %s | | |\n' \
+  "$(fmt "$(get .weft_vs_nginx.max_rps)" '%.2f×')" \
+  "$(fmt "$(get .weft_vs_nginx.added_p50)" '%.2f×')" \
+  "$(fmt "$(get .weft_vs_nginx.cpu_per_req_at_rate)" '%.2f×')" \
+  "$(fmt "$(get .weft_vs_nginx.cpu_per_req_at_max)" '%.2f×')"
+echo
+echo "JSON: $OUT"
+
+failed=$(get '[.results[].failed] | add')
+if ((failed > 0)); then
+  log "WARNING: $failed requests failed (non-2xx, errors or timeouts); see $OUT"
+fi
