@@ -6,8 +6,12 @@ cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "tests: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 
-# The end-to-end tests start the binaries, so build them first.
+# The end-to-end tests start the binaries and load guest filters, so build them first:
+# the proxy binaries for the host, the filters of tests/filters/ for wasm32-wasip1.
+rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
 cargo build --locked --workspace --bins
+cargo build --locked --release --target wasm32-wasip1 \
+  --manifest-path tests/filters/Cargo.toml --target-dir target
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

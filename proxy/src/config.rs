@@ -27,6 +27,9 @@ pub struct Config {
     /// Upstream clusters the listeners forward to.
     #[serde(default)]
     pub clusters: Vec<ClusterConfig>,
+    /// The WASM filter host.
+    #[serde(default)]
+    pub wasm: WasmConfig,
 }
 
 /// Where the admin endpoint listens.
@@ -123,6 +126,61 @@ pub struct FilterConfig {
     /// Configuration handed to `on_vm_start`.
     #[serde(default)]
     pub vm_config: serde_json::Value,
+    /// What happens to a stream when the filter traps, overruns its deadline or runs out of
+    /// memory.
+    #[serde(default)]
+    pub failure_policy: FailurePolicy,
+    /// Resource limits of each instance of the filter.
+    #[serde(default)]
+    pub limits: FilterLimits,
+}
+
+/// A filter's answer to its own failure.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// The stream gets 503; the failed instance stays failed on that worker, so later streams
+    /// through it get 503 too (Envoy's FAIL_CLOSED).
+    #[default]
+    FailClosed,
+    /// The stream goes on without the filter; later streams on that worker skip it too
+    /// (Envoy's FAIL_OPEN).
+    FailOpen,
+    /// The stream gets 503; later streams get a fresh instance, created with exponential
+    /// backoff while creation keeps failing (Envoy's FAIL_RELOAD).
+    Reload,
+}
+
+/// Limits of one filter instance.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterLimits {
+    /// Linear memory cap in MiB; growing past it fails the filter.
+    #[serde(default = "defaults::filter_memory_mb")]
+    pub memory_mb: u32,
+    /// CPU time allowed to one stream callback, in milliseconds (enforced with a 5 ms
+    /// granularity); lifecycle callbacks (`on_vm_start`, `on_configure`) get 1 s.
+    #[serde(default = "defaults::filter_callback_ms")]
+    pub callback_ms: u64,
+}
+
+impl Default for FilterLimits {
+    fn default() -> Self {
+        Self {
+            memory_mb: defaults::filter_memory_mb(),
+            callback_ms: defaults::filter_callback_ms(),
+        }
+    }
+}
+
+/// Settings of the WASM filter host.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WasmConfig {
+    /// Directory of compiled modules, keyed by content digest, so that a restart does not
+    /// recompile. Default: `weft-module-cache` in the system temp directory.
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
 }
 
 /// Protocol spoken to a cluster's endpoints.
@@ -297,6 +355,12 @@ mod defaults {
     pub fn upstream_idle_timeout_ms() -> u64 {
         60_000
     }
+    pub fn filter_memory_mb() -> u32 {
+        64
+    }
+    pub fn filter_callback_ms() -> u64 {
+        10
+    }
 }
 
 /// Why a configuration could not be loaded.
@@ -457,6 +521,22 @@ impl Config {
             }
             if l.idle_timeout_ms == 0 {
                 return Err((at("idle_timeout_ms"), "must be at least 1".into()));
+            }
+            let mut filter_names = HashSet::new();
+            for (j, f) in l.filters.iter().enumerate() {
+                let at = |x: &str| format!("listeners[{i}].filters[{j}].{x}");
+                if f.name.is_empty() || !filter_names.insert(f.name.as_str()) {
+                    return Err((
+                        at("name"),
+                        "must be non-empty and unique in the chain".into(),
+                    ));
+                }
+                if f.limits.memory_mb == 0 || f.limits.callback_ms == 0 {
+                    return Err((
+                        at("limits"),
+                        "memory_mb and callback_ms must be at least 1".into(),
+                    ));
+                }
             }
         }
         Ok(())

@@ -6,9 +6,10 @@
 //! (`arc-swap`), a stream takes its own reference, and swapping in a new chain affects only
 //! streams that start afterwards.
 
-use http::{request, response};
+use std::net::SocketAddr;
 
-use crate::body::ResponseBody;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode, request, response};
 
 /// What the chain decided about a request.
 pub enum RequestDecision {
@@ -19,15 +20,67 @@ pub enum RequestDecision {
         cluster: Option<usize>,
     },
     /// Answer the request locally with this response; nothing goes upstream.
-    Respond(http::Response<ResponseBody>),
+    Respond(LocalReply),
+}
+
+/// A response made by a filter.
+#[derive(Debug)]
+pub struct LocalReply {
+    /// Status code.
+    pub status: StatusCode,
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// What the chain decided about a response.
+pub enum ResponseDecision {
+    /// Send the (possibly rewritten) response on.
+    Continue,
+    /// Replace the response with this one.
+    Respond(LocalReply),
+}
+
+/// Facts about a stream that filters can read (as proxy-wasm properties).
+#[derive(Clone, Debug)]
+pub struct StreamInfo {
+    /// The downstream peer.
+    pub source: SocketAddr,
+    /// The local address the request arrived on.
+    pub destination: SocketAddr,
+    /// When the stream started, in [`crate::clock`] nanoseconds.
+    pub start_ns: u64,
+    /// When the stream started, in nanoseconds since the Unix epoch.
+    pub start_unix_ns: u64,
+    /// The downstream connection's id.
+    pub connection_id: u64,
 }
 
 /// A listener's filter chain.
 pub trait FilterChain: Send + Sync {
+    /// Starts a stream through the chain.
+    fn start_stream(&self, info: StreamInfo) -> Box<dyn FilterStream>;
+    /// Prepares the calling worker's state for the chain ahead of the first stream.
+    fn warm(&self) {}
+}
+
+/// One stream's passage through a chain. It lives on the worker thread that started it.
+pub trait FilterStream: Send {
     /// Called with the request head, in chain order; may rewrite it or answer locally.
-    fn on_request_headers(&self, head: &mut request::Parts) -> RequestDecision;
-    /// Called with the response head, in reverse chain order; may rewrite it.
-    fn on_response_headers(&self, head: &mut response::Parts);
+    fn on_request_headers(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+    ) -> RequestDecision;
+    /// Called with the response head, in reverse chain order; may rewrite or replace it.
+    fn on_response_headers(
+        &mut self,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+    ) -> ResponseDecision;
+    /// Called once when the stream has ended (for logging and cleanup).
+    fn finish(&mut self);
 }
 
 /// The chain slot of a listener: `None` when the listener has no filters.

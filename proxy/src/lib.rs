@@ -29,6 +29,7 @@ pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod upstream;
+pub mod wasm;
 pub mod worker;
 
 use std::net::SocketAddr;
@@ -65,9 +66,12 @@ pub enum StartError {
         /// The cause; `AddrInUse` when another process holds the port.
         source: std::io::Error,
     },
-    /// A listener has filters, and this build has no filter host.
-    #[error("listener `{0}`: WASM filters are configured but this build has no filter host")]
-    FiltersUnsupported(String),
+    /// A WASM filter could not be loaded or started.
+    #[error(transparent)]
+    Filter(#[from] wasm::WasmError),
+    /// The WASM engine could not be created.
+    #[error("cannot start the WASM filter host: {0:#}")]
+    WasmHost(anyhow::Error),
     /// A runtime or thread could not be created.
     #[error("cannot start: {0}")]
     Runtime(#[from] std::io::Error),
@@ -77,6 +81,9 @@ pub enum StartError {
 pub struct Proxy {
     config: Config,
     options: ProxyOptions,
+    metrics: Arc<Metrics>,
+    chains: Vec<Option<wasm::WasmChain>>,
+    _wasm: Option<wasm::WasmRuntime>,
     admin: std::net::TcpListener,
     listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
 }
@@ -85,10 +92,26 @@ impl Proxy {
     /// Binds the admin socket and every listener's per-worker sockets.
     pub fn bind(config: Config, options: ProxyOptions) -> Result<Proxy, StartError> {
         let workers = options.workers.max(1);
+        let metrics = Arc::new(Metrics::new());
+        // Filters are loaded and started once before any socket is bound: a bad module or
+        // config is a startup error.
+        let mut runtime = None;
+        let mut chains = Vec::new();
         for l in &config.listeners {
-            if !l.filters.is_empty() {
-                return Err(StartError::FiltersUnsupported(l.name.clone()));
+            if l.filters.is_empty() {
+                chains.push(None);
+                continue;
             }
+            if runtime.is_none() {
+                runtime = Some(
+                    wasm::WasmRuntime::new(config.wasm.cache_dir.clone())
+                        .map_err(StartError::WasmHost)?,
+                );
+            }
+            let rt = runtime
+                .as_ref()
+                .ok_or_else(|| StartError::WasmHost(anyhow::anyhow!("filter host unavailable")))?;
+            chains.push(Some(rt.build_chain(&l.name, &l.filters, &metrics)?));
         }
         let bind_err = |what: String, address: SocketAddr| {
             move |source: std::io::Error| StartError::Bind {
@@ -109,6 +132,9 @@ impl Proxy {
         Ok(Proxy {
             config,
             options: ProxyOptions { workers },
+            metrics,
+            chains,
+            _wasm: runtime,
             admin,
             listeners,
         })
@@ -130,8 +156,8 @@ impl Proxy {
     /// Runs until SIGTERM or SIGINT, then drains: stops accepting, lets in-flight requests
     /// finish within `drain.timeout_ms` (HTTP/1 answers get `connection: close`, HTTP/2
     /// connections a GOAWAY) and returns.
-    pub fn run(self) -> Result<(), StartError> {
-        let metrics = Arc::new(Metrics::new());
+    pub fn run(mut self) -> Result<(), StartError> {
+        let metrics = self.metrics.clone();
         let clusters: Arc<[Arc<Cluster>]> = self
             .config
             .clusters
@@ -140,11 +166,13 @@ impl Proxy {
             .map(|(i, c)| Arc::new(Cluster::new(i, c, metrics.cluster(&c.name))))
             .collect();
         let cluster_names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+        let mut chains = std::mem::take(&mut self.chains).into_iter();
         let runtimes: Vec<Arc<ListenerRuntime>> = self
             .config
             .listeners
             .iter()
             .map(|l| {
+                let chain = chains.next().flatten();
                 let ctx = ListenerCtx {
                     name: l.name.clone(),
                     default_cluster: cluster_names
@@ -153,7 +181,9 @@ impl Proxy {
                         .unwrap_or(0),
                     clusters: clusters.clone(),
                     metrics: metrics.listener(&l.name, &cluster_names),
-                    chain: ChainSlot::empty(),
+                    chain: ChainSlot::from_pointee(
+                        chain.map(|c| Box::new(c) as Box<dyn filter::FilterChain>),
+                    ),
                 };
                 Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
             })

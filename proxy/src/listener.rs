@@ -136,6 +136,11 @@ async fn run_worker(spec: WorkerSpec) {
         }
     });
     let conns = ConnCounter::default();
+    for (_, listener) in &spec.listeners {
+        if let Some(chain) = listener.ctx.chain.load_full() {
+            chain.warm();
+        }
+    }
     for (socket, listener) in spec.listeners {
         match TcpListener::from_std(socket) {
             Ok(socket) => {
@@ -214,7 +219,8 @@ async fn serve_connection(
     metrics.connections_total.inc();
     metrics.connections_active.inc();
 
-    let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer));
+    let local = stream.local_addr().unwrap_or(peer);
+    let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer, local));
     let io = TokioIo::new(DownstreamIo::new(
         stream,
         shared.clone(),

@@ -97,6 +97,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FilterFailureLabels {
+    filter: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OverflowLabels {
     cluster: String,
     limit: &'static str,
@@ -122,6 +128,7 @@ pub struct Metrics {
     ejections: Family<ClusterLabels, Counter>,
     endpoints_ejected: Family<ClusterLabels, Gauge>,
     overflows: Family<OverflowLabels, Counter>,
+    filter_failures: Family<FilterFailureLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -149,6 +156,7 @@ impl Metrics {
             ejections: Family::default(),
             endpoints_ejected: Family::default(),
             overflows: Family::default(),
+            filter_failures: Family::default(),
         };
         registry.register(
             "requests",
@@ -215,6 +223,11 @@ impl Metrics {
             "Requests refused by a circuit-breaker limit",
             m.overflows.clone(),
         );
+        registry.register(
+            "filter_failures",
+            "WASM filter failures, by filter and kind (trap, deadline, memory, start)",
+            m.filter_failures.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -246,6 +259,18 @@ impl Metrics {
                 overflow(Limit::MaxRequests),
             ],
         }
+    }
+
+    /// `weft_filter_failures_total` handles of one filter: trap, deadline, memory, start.
+    pub fn filter_failures(&self, filter: &str) -> [Counter; 4] {
+        ["trap", "deadline", "memory", "start"].map(|kind| {
+            self.filter_failures
+                .get_or_create(&FilterFailureLabels {
+                    filter: filter.to_owned(),
+                    kind,
+                })
+                .clone()
+        })
     }
 
     /// Handles for one listener, with request counters for each cluster it may route to.

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -21,7 +22,9 @@ use crate::body::{RequestBody, ResponseBody, StreamEnd};
 use crate::clock;
 use crate::cluster::{Cluster, Limit, RequestPermit};
 use crate::config::UpstreamProtocol;
-use crate::filter::{ChainSlot, RequestDecision};
+use crate::filter::{
+    ChainSlot, FilterStream, LocalReply, RequestDecision, ResponseDecision, StreamInfo,
+};
 use crate::framing::FramingVerdicts;
 use crate::headers;
 use crate::metrics::ListenerMetrics;
@@ -52,6 +55,12 @@ pub struct ConnShared {
     pub listener: Arc<ListenerCtx>,
     /// The peer's IP as a header value, for `x-forwarded-for`.
     pub peer_ip: HeaderValue,
+    /// The peer.
+    pub peer: SocketAddr,
+    /// The local address the connection arrived on.
+    pub local: SocketAddr,
+    /// Unique id of the connection in this process.
+    pub id: u64,
     /// Request-framing verdicts published by the IO wrapper (HTTP/1 only).
     pub framing: FramingVerdicts,
     /// HTTP/1 requests handed to the service so far (the index of the next head).
@@ -63,11 +72,15 @@ pub struct ConnShared {
 }
 
 impl ConnShared {
-    /// State for a connection from `peer` accepted on `listener`.
-    pub fn new(listener: Arc<ListenerCtx>, peer: SocketAddr) -> Self {
+    /// State for a connection from `peer` accepted on `listener` at `local`.
+    pub fn new(listener: Arc<ListenerCtx>, peer: SocketAddr, local: SocketAddr) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
             listener,
             peer_ip: headers::ip_header_value(peer.ip()),
+            peer,
+            local,
+            id: NEXT_ID.fetch_add(1, Relaxed),
             framing: FramingVerdicts::default(),
             heads: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
@@ -87,6 +100,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     let mut stream = Box::new(Stream {
         conn: conn.clone(),
         upstream: None,
+        filters: None,
     });
 
     let (mut head, body) = req.into_parts();
@@ -108,15 +122,28 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         }
     }
 
+    // The request id exists before filters run, as in Envoy.
+    headers::ensure_request_id(&mut head.headers);
     let mut cluster_idx = ctx.default_cluster;
-    let chain = ctx.chain.load_full();
-    if let Some(chain) = &chain {
-        match chain.on_request_headers(&mut head) {
+    if let Some(chain) = ctx.chain.load_full() {
+        let info = StreamInfo {
+            source: conn.peer,
+            destination: conn.local,
+            start_ns: t0,
+            start_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            connection_id: conn.id,
+        };
+        let filters = stream.filters.insert(chain.start_stream(info));
+        match filters.on_request_headers(&mut head, body.is_end_stream()) {
             RequestDecision::Continue { cluster: Some(c) } if c < ctx.clusters.len() => {
                 cluster_idx = c
             }
             RequestDecision::Continue { .. } => {}
-            RequestDecision::Respond(resp) => return finish(ctx, cluster_idx, resp),
+            RequestDecision::Respond(reply) => {
+                return finish(ctx, cluster_idx, filter_reply(reply, stream));
+            }
         }
     }
     let cluster = &ctx.clusters[cluster_idx];
@@ -155,7 +182,6 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     // The proxy answers `expect: 100-continue` itself when it starts reading the body.
     head.headers.remove(header::EXPECT);
     headers::set_forwarded(&mut head.headers, &conn.peer_ip, "http");
-    headers::ensure_request_id(&mut head.headers);
     if let Err(resp) = set_upstream_target(&mut head, cluster.protocol) {
         return finish(ctx, cluster_idx, local_reply(resp.0, resp.1, stream));
     }
@@ -205,8 +231,12 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         headers::strip_hop_by_hop(&mut rhead.headers, false);
     }
     rhead.version = downstream_version;
-    if let Some(chain) = &chain {
-        chain.on_response_headers(&mut rhead);
+    if let Some(filters) = stream.filters.as_mut()
+        && let ResponseDecision::Respond(reply) =
+            filters.on_response_headers(&mut rhead, rbody.is_end_stream())
+    {
+        // The upstream body is dropped unread, so its connection is not reused.
+        return finish(ctx, cluster_idx, filter_reply(reply, stream));
     }
     let resp = Response::from_parts(rhead, ResponseBody::upstream(rbody, Some(stream)));
     finish(ctx, cluster_idx, resp)
@@ -323,6 +353,18 @@ fn overflow_reply(limit: Limit, stream: Box<Stream>) -> Response<ResponseBody> {
     resp
 }
 
+/// A response a filter made.
+fn filter_reply(reply: LocalReply, stream: Box<Stream>) -> Response<ResponseBody> {
+    let mut resp = Response::new(ResponseBody::local(reply.body, Some(stream)));
+    *resp.status_mut() = reply.status;
+    *resp.headers_mut() = reply.headers;
+    if !resp.headers().contains_key(header::CONTENT_TYPE) {
+        resp.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    }
+    resp
+}
+
 /// A response the proxy makes itself.
 fn local_reply(
     status: StatusCode,
@@ -361,6 +403,7 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
 struct Stream {
     conn: Arc<ConnShared>,
     upstream: Option<UpstreamStream>,
+    filters: Option<Box<dyn FilterStream>>,
 }
 
 struct UpstreamStream {
@@ -373,7 +416,14 @@ struct UpstreamStream {
 
 impl StreamEnd for Stream {
     fn finish(self: Box<Self>, complete: bool) {
-        let Stream { conn, upstream } = *self;
+        let Stream {
+            conn,
+            upstream,
+            filters,
+        } = *self;
+        if let Some(mut filters) = filters {
+            filters.finish();
+        }
         conn.listener.metrics.requests_active.dec();
         conn.in_flight.fetch_sub(1, Relaxed);
         conn.last_active_ms.store(clock::now_ms(), Relaxed);

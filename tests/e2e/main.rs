@@ -8,6 +8,7 @@ mod lb;
 mod limits;
 mod outlier;
 mod protocols;
+mod wasm;
 
 use weft_tests::Upstream;
 

@@ -51,6 +51,26 @@ pub fn proxy_bin() -> PathBuf {
     bin
 }
 
+/// Path of a guest filter built for wasm32-wasip1 from `tests/filters/` (e.g.
+/// `compat_basic`); `tests/run.sh` builds them.
+pub fn guest_filter(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/e2e-<hash> -> target/
+    let target = exe.ancestors().nth(3).expect("target dir").to_path_buf();
+    let path = target.join(format!("wasm32-wasip1/release/{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} not found: build the guest filters first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A module cache shared by the tests, so that each module is compiled once per run.
+pub fn shared_module_cache() -> PathBuf {
+    std::env::temp_dir().join("weft-test-module-cache")
+}
+
 /// A running `weft-proxy` process, killed (by PID) when dropped.
 pub struct ProxyProcess {
     child: Child,

@@ -1,0 +1,672 @@
+//! Host functions: the proxy-wasm ABI 0.2.1 (`env`) and a minimal WASI preview 1 with no
+//! filesystem, sockets, arguments or environment.
+//!
+//! Every call returns only a status the upstream SDKs accept for it (they panic on any
+//! other). Guest pointers and lengths are bounds-checked; a bad one gets
+//! `INVALID_MEMORY_ACCESS`, never a host read.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{OnceLock, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use wasmtime::{Caller, Linker};
+
+use super::host::{
+    self, HostState, LocalResponse, MapEdit, MapKind, Status, deserialize_map, give, read,
+    serialize_map, write, write_u32,
+};
+
+/// Names of every function this module defines, per import module.
+pub fn defined() -> &'static HashSet<(&'static str, &'static str)> {
+    static SET: OnceLock<HashSet<(&str, &str)>> = OnceLock::new();
+    SET.get_or_init(|| {
+        let mut s = HashSet::new();
+        for n in ENV_FUNCTIONS {
+            s.insert(("env", *n));
+        }
+        for n in WASI_FUNCTIONS {
+            s.insert(("wasi_snapshot_preview1", *n));
+        }
+        s
+    })
+}
+
+const ENV_FUNCTIONS: &[&str] = &[
+    "proxy_log",
+    "proxy_get_log_level",
+    "proxy_get_current_time_nanoseconds",
+    "proxy_set_tick_period_milliseconds",
+    "proxy_get_buffer_bytes",
+    "proxy_set_buffer_bytes",
+    "proxy_get_buffer_status",
+    "proxy_get_header_map_pairs",
+    "proxy_set_header_map_pairs",
+    "proxy_get_header_map_value",
+    "proxy_replace_header_map_value",
+    "proxy_remove_header_map_value",
+    "proxy_add_header_map_value",
+    "proxy_get_header_map_size",
+    "proxy_get_property",
+    "proxy_set_property",
+    "proxy_send_local_response",
+    "proxy_continue_stream",
+    "proxy_close_stream",
+    "proxy_continue_request",
+    "proxy_continue_response",
+    "proxy_clear_route_cache",
+    "proxy_http_call",
+    "proxy_grpc_call",
+    "proxy_grpc_stream",
+    "proxy_grpc_send",
+    "proxy_grpc_cancel",
+    "proxy_grpc_close",
+    "proxy_get_status",
+    "proxy_set_effective_context",
+    "proxy_done",
+    "proxy_call_foreign_function",
+    "proxy_get_shared_data",
+    "proxy_set_shared_data",
+    "proxy_register_shared_queue",
+    "proxy_resolve_shared_queue",
+    "proxy_enqueue_shared_queue",
+    "proxy_dequeue_shared_queue",
+    "proxy_define_metric",
+    "proxy_increment_metric",
+    "proxy_record_metric",
+    "proxy_get_metric",
+];
+
+const WASI_FUNCTIONS: &[&str] = &[
+    "fd_write",
+    "environ_get",
+    "environ_sizes_get",
+    "args_get",
+    "args_sizes_get",
+    "proc_exit",
+    "clock_time_get",
+    "clock_res_get",
+    "random_get",
+    "sched_yield",
+];
+
+const WASI_ESUCCESS: i32 = 0;
+const WASI_EBADF: i32 = 8;
+const WASI_EFAULT: i32 = 21;
+const WASI_EINVAL: i32 = 28;
+
+fn status(r: Result<(), Status>) -> i32 {
+    match r {
+        Ok(()) => Status::Ok as i32,
+        Err(s) => s as i32,
+    }
+}
+
+fn log_at(plugin: &str, level: i32, msg: &[u8]) {
+    let msg = String::from_utf8_lossy(msg);
+    match level {
+        0 => tracing::trace!(filter = plugin, "{msg}"),
+        1 => tracing::debug!(filter = plugin, "{msg}"),
+        2 => tracing::info!(filter = plugin, "{msg}"),
+        3 => tracing::warn!(filter = plugin, "{msg}"),
+        _ => tracing::error!(filter = plugin, "{msg}"),
+    }
+}
+
+/// The proxy's log level in proxy-wasm numbering (trace = 0 … critical = 5).
+fn log_level() -> u32 {
+    use tracing::level_filters::LevelFilter;
+    match LevelFilter::current() {
+        LevelFilter::TRACE => 0,
+        LevelFilter::DEBUG => 1,
+        LevelFilter::INFO => 2,
+        LevelFilter::WARN => 3,
+        LevelFilter::ERROR => 4,
+        _ => 5,
+    }
+}
+
+fn unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Shared data: key → (value, compare-and-swap version).
+type SharedData = RwLock<HashMap<Vec<u8>, (Vec<u8>, u32)>>;
+
+/// The process-wide shared data of all filters.
+fn shared_data() -> &'static SharedData {
+    static DATA: OnceLock<SharedData> = OnceLock::new();
+    DATA.get_or_init(Default::default)
+}
+
+/// Adds every host function to `linker`.
+pub fn add_to_linker(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    add_env(linker)?;
+    add_wasi(linker)?;
+    Ok(())
+}
+
+type C<'a> = Caller<'a, HostState>;
+
+fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    l.func_wrap(
+        "env",
+        "proxy_log",
+        |mut c: C<'_>, level: i32, ptr: i32, len: i32| {
+            status(read(&mut c, ptr, len).map(|m| log_at(&c.data().plugin.name, level, &m)))
+        },
+    )?;
+    l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: i32| {
+        status(write_u32(&mut c, ret, log_level()))
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_current_time_nanoseconds",
+        |mut c: C<'_>, ret: i32| status(write(&mut c, ret, &unix_ns().to_le_bytes())),
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_tick_period_milliseconds",
+        |mut c: C<'_>, period: i32| {
+            c.data_mut().tick_period_ms = period as u32;
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_bytes",
+        |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_len: i32| {
+            let data = match kind {
+                6 => c.data().plugin.vm_config.clone(),
+                7 => c.data().plugin.config.clone(),
+                _ => return Ok(Status::NotFound as i32),
+            };
+            let start = (start as u32 as usize).min(data.len());
+            let end = start.saturating_add(max as u32 as usize).min(data.len());
+            Ok::<_, wasmtime::Error>(give(&mut c, &data[start..end], ret_ptr, ret_len)? as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_buffer_status",
+        |mut c: C<'_>, kind: i32, len_ptr: i32, flags_ptr: i32| {
+            let len = match kind {
+                6 => c.data().plugin.vm_config.len(),
+                7 => c.data().plugin.config.len(),
+                _ => return Status::NotFound as i32,
+            };
+            status(
+                write_u32(&mut c, len_ptr, len as u32)
+                    .and_then(|_| write_u32(&mut c, flags_ptr, 0)),
+            )
+        },
+    )?;
+    // Body buffers are not kept by this host yet: writing one is refused.
+    l.func_wrap(
+        "env",
+        "proxy_set_buffer_bytes",
+        |_c: C<'_>, _kind: i32, _start: i32, _size: i32, _ptr: i32, _len: i32| {
+            Status::NotFound as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, map: i32, ret_ptr: i32, ret_len: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Ok(Status::BadArgument as i32);
+            };
+            let pairs = host::map_pairs(c.data(), kind);
+            let bytes = serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..])));
+            Ok::<_, wasmtime::Error>(give(&mut c, &bytes, ret_ptr, ret_len)? as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_size",
+        |mut c: C<'_>, map: i32, ret: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Status::BadArgument as i32;
+            };
+            let pairs = host::map_pairs(c.data(), kind);
+            let size = serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..]))).len();
+            status(write_u32(&mut c, ret, size as u32))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_header_map_pairs",
+        |mut c: C<'_>, map: i32, ptr: i32, len: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Status::BadArgument as i32;
+            };
+            let bytes = match read(&mut c, ptr, len) {
+                Ok(b) => b,
+                Err(s) => return s as i32,
+            };
+            let Some(pairs) = deserialize_map(&bytes) else {
+                return Status::BadArgument as i32;
+            };
+            if !host::map_set_all(c.data_mut(), kind, &pairs) {
+                warn_invalid(&c);
+            }
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_header_map_value",
+        |mut c: C<'_>, map: i32, kptr: i32, klen: i32, ret_ptr: i32, ret_len: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Ok(Status::BadArgument as i32);
+            };
+            let key = match read(&mut c, kptr, klen) {
+                Ok(k) => k.to_ascii_lowercase(),
+                Err(s) => return Ok(s as i32),
+            };
+            match host::map_get(c.data(), kind, &key) {
+                Some(v) => Ok::<_, wasmtime::Error>(give(&mut c, &v, ret_ptr, ret_len)? as i32),
+                None => Ok(Status::NotFound as i32),
+            }
+        },
+    )?;
+    for (name, edit) in [
+        ("proxy_replace_header_map_value", MapEdit::Replace),
+        ("proxy_add_header_map_value", MapEdit::Add),
+    ] {
+        l.func_wrap(
+            "env",
+            name,
+            move |mut c: C<'_>, map: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| {
+                edit_map(&mut c, map, edit, kptr, klen, Some((vptr, vlen)))
+            },
+        )?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_remove_header_map_value",
+        |mut c: C<'_>, map: i32, kptr: i32, klen: i32| {
+            edit_map(&mut c, map, MapEdit::Remove, kptr, klen, None)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_property",
+        |mut c: C<'_>, ptr: i32, len: i32, ret_ptr: i32, ret_len: i32| {
+            let path = match read(&mut c, ptr, len) {
+                Ok(p) => p,
+                Err(s) => return Ok(s as i32),
+            };
+            match host::property(c.data(), &path) {
+                Some(v) => Ok::<_, wasmtime::Error>(give(&mut c, &v, ret_ptr, ret_len)? as i32),
+                None => Ok(Status::NotFound as i32),
+            }
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_property",
+        |mut c: C<'_>, ptr: i32, len: i32, vptr: i32, vlen: i32| {
+            let (path, value) = match (read(&mut c, ptr, len), read(&mut c, vptr, vlen)) {
+                (Ok(p), Ok(v)) => (p, v),
+                (Err(s), _) | (_, Err(s)) => return s as i32,
+            };
+            let context = c.data().context;
+            c.data_mut().properties.insert((context, path), value);
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_send_local_response",
+        |mut c: C<'_>,
+         code: i32,
+         dptr: i32,
+         dlen: i32,
+         bptr: i32,
+         blen: i32,
+         hptr: i32,
+         hlen: i32,
+         _grpc: i32| {
+            let read_all = |c: &mut C<'_>| -> Result<_, Status> {
+                Ok((
+                    read(c, dptr, dlen)?,
+                    read(c, bptr, blen)?,
+                    read(c, hptr, hlen)?,
+                ))
+            };
+            let (details, body, headers) = match read_all(&mut c) {
+                Ok(x) => x,
+                Err(s) => return s as i32,
+            };
+            let Some(headers) = deserialize_map(&headers) else {
+                return Status::BadArgument as i32;
+            };
+            let Ok(status) = u16::try_from(code) else {
+                return Status::BadArgument as i32;
+            };
+            c.data_mut().local_response = Some(LocalResponse {
+                status,
+                details: String::from_utf8_lossy(&details).into_owned(),
+                body,
+                headers,
+            });
+            Status::Ok as i32
+        },
+    )?;
+    // Streams are never paused by this host yet: continuing is a no-op.
+    for name in ["proxy_continue_stream", "proxy_close_stream"] {
+        let close = name == "proxy_close_stream";
+        l.func_wrap("env", name, move |mut c: C<'_>, _stream: i32| {
+            if close && c.data().local_response.is_none() {
+                c.data_mut().local_response = Some(LocalResponse {
+                    status: 503,
+                    details: "closed_by_filter".into(),
+                    body: b"stream closed by filter\n".to_vec(),
+                    headers: Vec::new(),
+                });
+            }
+            Status::Ok as i32
+        })?;
+    }
+    for name in [
+        "proxy_continue_request",
+        "proxy_continue_response",
+        "proxy_clear_route_cache",
+        "proxy_done",
+    ] {
+        l.func_wrap("env", name, |_c: C<'_>| Status::Ok as i32)?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_set_effective_context",
+        |mut c: C<'_>, context: i32| {
+            if context <= 0 {
+                return Status::BadArgument as i32;
+            }
+            c.data_mut().context = context as u32;
+            Status::Ok as i32
+        },
+    )?;
+    // Callouts are not implemented yet: refused with the status the SDKs expect.
+    l.func_wrap(
+        "env",
+        "proxy_http_call",
+        |_c: C<'_>,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32| { Status::InternalFailure as i32 },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_call",
+        |_c: C<'_>,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32,
+         _: i32| { Status::InternalFailure as i32 },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_stream",
+        |_c: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| {
+            Status::InternalFailure as i32
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_grpc_send",
+        |_c: C<'_>, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
+    )?;
+    for name in ["proxy_grpc_cancel", "proxy_grpc_close"] {
+        l.func_wrap("env", name, |_c: C<'_>, _: i32| Status::NotFound as i32)?;
+    }
+    l.func_wrap(
+        "env",
+        "proxy_get_status",
+        |mut c: C<'_>, code_ptr: i32, msg_ptr: i32, msg_len: i32| {
+            if let Err(s) = write_u32(&mut c, code_ptr, 0) {
+                return Ok(s as i32);
+            }
+            Ok::<_, wasmtime::Error>(give(&mut c, b"", msg_ptr, msg_len)? as i32)
+        },
+    )?;
+    // Weft's extensions (`weft.*`) come with the SDK; every name is unknown for now.
+    l.func_wrap(
+        "env",
+        "proxy_call_foreign_function",
+        |_c: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_get_shared_data",
+        |mut c: C<'_>, kptr: i32, klen: i32, ret_ptr: i32, ret_len: i32, ret_cas: i32| {
+            let key = match read(&mut c, kptr, klen) {
+                Ok(k) => k,
+                Err(s) => return Ok(s as i32),
+            };
+            let found = shared_data().read().ok().and_then(|m| m.get(&key).cloned());
+            let Some((value, cas)) = found else {
+                return Ok(Status::NotFound as i32);
+            };
+            if let Err(s) = write_u32(&mut c, ret_cas, cas) {
+                return Ok(s as i32);
+            }
+            Ok::<_, wasmtime::Error>(give(&mut c, &value, ret_ptr, ret_len)? as i32)
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_set_shared_data",
+        |mut c: C<'_>, kptr: i32, klen: i32, vptr: i32, vlen: i32, cas: i32| {
+            let (key, value) = match (read(&mut c, kptr, klen), read(&mut c, vptr, vlen)) {
+                (Ok(k), Ok(v)) => (k, v),
+                (Err(s), _) | (_, Err(s)) => return s as i32,
+            };
+            let Ok(mut map) = shared_data().write() else {
+                return Status::InternalFailure as i32;
+            };
+            let entry = map.entry(key).or_insert_with(|| (Vec::new(), 0));
+            // cas 0 writes unconditionally; otherwise it must match the current version.
+            if cas != 0 && entry.1 != cas as u32 {
+                return Status::CasMismatch as i32;
+            }
+            entry.0 = value;
+            entry.1 = entry.1.wrapping_add(1).max(1);
+            Status::Ok as i32
+        },
+    )?;
+    // Queues and metrics arrive with the next part of the host; until then they refuse
+    // with statuses the SDKs accept (registering succeeds, nothing is ever queued).
+    l.func_wrap(
+        "env",
+        "proxy_register_shared_queue",
+        |mut c: C<'_>, _ptr: i32, _len: i32, ret: i32| status(write_u32(&mut c, ret, 1)),
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_resolve_shared_queue",
+        |_c: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_enqueue_shared_queue",
+        |_c: C<'_>, _: i32, _: i32, _: i32| Status::NotFound as i32,
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_dequeue_shared_queue",
+        |_c: C<'_>, _: i32, _: i32, _: i32| Status::Empty as i32,
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_define_metric",
+        |mut c: C<'_>, _kind: i32, _ptr: i32, _len: i32, ret: i32| {
+            status(write_u32(&mut c, ret, 1))
+        },
+    )?;
+    l.func_wrap(
+        "env",
+        "proxy_increment_metric",
+        |_c: C<'_>, _: i32, _: i64| Status::Ok as i32,
+    )?;
+    l.func_wrap("env", "proxy_record_metric", |_c: C<'_>, _: i32, _: i64| {
+        Status::Ok as i32
+    })?;
+    l.func_wrap(
+        "env",
+        "proxy_get_metric",
+        |mut c: C<'_>, _: i32, ret: i32| status(write(&mut c, ret, &0u64.to_le_bytes())),
+    )?;
+    Ok(())
+}
+
+fn warn_invalid(c: &C<'_>) {
+    tracing::warn!(
+        filter = %c.data().plugin.name,
+        "filter set a header name or value that is not valid HTTP; ignored"
+    );
+}
+
+fn edit_map(
+    c: &mut C<'_>,
+    map: i32,
+    edit: MapEdit,
+    kptr: i32,
+    klen: i32,
+    value: Option<(i32, i32)>,
+) -> i32 {
+    let Some(kind) = MapKind::from_abi(map) else {
+        return Status::BadArgument as i32;
+    };
+    let key = match read(c, kptr, klen) {
+        Ok(k) => k.to_ascii_lowercase(),
+        Err(s) => return s as i32,
+    };
+    let value = match value {
+        Some((p, l)) => match read(c, p, l) {
+            Ok(v) => v,
+            Err(s) => return s as i32,
+        },
+        None => Vec::new(),
+    };
+    if !host::map_edit(c.data_mut(), kind, edit, &key, &value) {
+        warn_invalid(c);
+    }
+    Status::Ok as i32
+}
+
+fn add_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    const W: &str = "wasi_snapshot_preview1";
+    l.func_wrap(
+        W,
+        "fd_write",
+        |mut c: C<'_>, fd: i32, iovs: i32, iovs_len: i32, nwritten: i32| {
+            if fd != 1 && fd != 2 {
+                return WASI_EBADF;
+            }
+            let Ok(table) = read(&mut c, iovs, iovs_len.saturating_mul(8)) else {
+                return WASI_EFAULT;
+            };
+            let mut total = 0u32;
+            for iov in table.chunks_exact(8) {
+                let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                let Ok(bytes) = read(&mut c, ptr, len) else {
+                    return WASI_EFAULT;
+                };
+                total = total.saturating_add(bytes.len() as u32);
+                c.data_mut().stdout.extend_from_slice(&bytes);
+            }
+            // Whole lines go to the proxy's log, tagged with the filter's name.
+            while let Some(nl) = c.data().stdout.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = c.data_mut().stdout.drain(..=nl).collect();
+                log_at(
+                    &c.data().plugin.name,
+                    if fd == 2 { 3 } else { 2 },
+                    &line[..nl],
+                );
+            }
+            if c.data().stdout.len() > 64 * 1024 {
+                let line = std::mem::take(&mut c.data_mut().stdout);
+                log_at(&c.data().plugin.name, 2, &line);
+            }
+            if write_u32(&mut c, nwritten, total).is_err() {
+                return WASI_EFAULT;
+            }
+            WASI_ESUCCESS
+        },
+    )?;
+    for name in ["environ_sizes_get", "args_sizes_get"] {
+        l.func_wrap(
+            W,
+            name,
+            |mut c: C<'_>, count: i32, size: i32| match write_u32(&mut c, count, 0)
+                .and_then(|_| write_u32(&mut c, size, 0))
+            {
+                Ok(()) => WASI_ESUCCESS,
+                Err(_) => WASI_EFAULT,
+            },
+        )?;
+    }
+    for name in ["environ_get", "args_get"] {
+        l.func_wrap(W, name, |_c: C<'_>, _: i32, _: i32| WASI_ESUCCESS)?;
+    }
+    l.func_wrap(
+        W,
+        "proc_exit",
+        |_c: C<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::format_err!("filter called proc_exit({code})"))
+        },
+    )?;
+    l.func_wrap(
+        W,
+        "clock_time_get",
+        |mut c: C<'_>, id: i32, _precision: i64, ret: i32| {
+            let ns = match id {
+                0 => unix_ns(),
+                1..=3 => crate::clock::now_ns(),
+                _ => return WASI_EINVAL,
+            };
+            match write(&mut c, ret, &ns.to_le_bytes()) {
+                Ok(()) => WASI_ESUCCESS,
+                Err(_) => WASI_EFAULT,
+            }
+        },
+    )?;
+    l.func_wrap(
+        W,
+        "clock_res_get",
+        |mut c: C<'_>, _id: i32, ret: i32| match write(&mut c, ret, &1_000u64.to_le_bytes()) {
+            Ok(()) => WASI_ESUCCESS,
+            Err(_) => WASI_EFAULT,
+        },
+    )?;
+    l.func_wrap(W, "random_get", |mut c: C<'_>, ptr: i32, len: i32| {
+        let mut bytes = vec![0u8; len as u32 as usize];
+        fastrand::fill(&mut bytes);
+        match write(&mut c, ptr, &bytes) {
+            Ok(()) => WASI_ESUCCESS,
+            Err(_) => WASI_EFAULT,
+        }
+    })?;
+    l.func_wrap(W, "sched_yield", |_c: C<'_>| WASI_ESUCCESS)?;
+    Ok(())
+}

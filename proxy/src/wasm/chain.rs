@@ -1,0 +1,613 @@
+//! A listener's chain of WASM filters: one instance of each filter per worker thread (in a
+//! thread-local), streams multiplexed onto it by proxy-wasm context id, limits and failure
+//! policies applied per callback.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, request, response};
+use prometheus_client::metrics::counter::Counter;
+use wasmtime::{Engine, InstancePre, Store, Trap, TypedFunc};
+
+use super::host::{HostState, LocalResponse, PluginMeta};
+use crate::config::FailurePolicy;
+use crate::filter::{
+    FilterChain, FilterStream, LocalReply, RequestDecision, ResponseDecision, StreamInfo,
+};
+
+/// Epoch ticks allowed to lifecycle callbacks (`_initialize`, `on_vm_start`, `on_configure`).
+const LIFECYCLE_TICKS: u64 = 1000 / super::EPOCH_TICK_MS + 1;
+/// The root context's id in every instance.
+const ROOT_CONTEXT: i32 = 1;
+
+/// How a filter failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureKind {
+    /// A trap (panic, `unreachable`, bad memory access, `proc_exit`).
+    Trap,
+    /// The callback ran past its deadline.
+    Deadline,
+    /// The instance hit its memory cap.
+    Memory,
+    /// A fresh instance could not start (instantiate, `on_vm_start`, `on_configure`).
+    Start,
+}
+
+impl FailureKind {
+    /// Label value in `weft_filter_failures_total`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trap => "trap",
+            Self::Deadline => "deadline",
+            Self::Memory => "memory",
+            Self::Start => "start",
+        }
+    }
+}
+
+/// A failure with its description.
+#[derive(Debug)]
+pub struct Failure {
+    /// What kind.
+    pub kind: FailureKind,
+    /// Details (the trap message, which callback).
+    pub message: String,
+}
+
+fn classify(e: wasmtime::Error, during: &str) -> Failure {
+    let full = format!("{e:?}");
+    let trap = e.downcast_ref::<Trap>();
+    let kind = match trap {
+        Some(Trap::Interrupt) => FailureKind::Deadline,
+        // StoreLimits with trap_on_grow_failure reports a refused `memory.grow`.
+        _ if full.contains("memory") && full.contains("grow") => FailureKind::Memory,
+        _ => FailureKind::Trap,
+    };
+    let detail = match (kind, trap) {
+        (FailureKind::Deadline, _) => "callback ran past its deadline".to_owned(),
+        (FailureKind::Memory, _) => "memory limit reached".to_owned(),
+        (_, Some(t)) => t.to_string(),
+        (_, None) => e.root_cause().to_string(),
+    };
+    Failure {
+        kind,
+        message: format!("{during}: {detail}"),
+    }
+}
+
+/// One configured filter, ready to be instantiated on any worker.
+pub struct FilterSpec {
+    /// Identity and configuration.
+    pub meta: Arc<PluginMeta>,
+    /// The module linked against the host functions.
+    pub pre: InstancePre<HostState>,
+    /// The engine (for stores).
+    pub engine: Engine,
+    /// What a failure does.
+    pub policy: FailurePolicy,
+    /// Linear memory cap.
+    pub memory_bytes: usize,
+    /// Epoch ticks allowed to a stream callback.
+    pub callback_ticks: u64,
+    /// `weft_filter_failures_total{filter, kind}` handles, by [`FailureKind`] order.
+    pub failures: [Counter; 4],
+}
+
+impl FilterSpec {
+    fn count(&self, f: &Failure) {
+        let i = match f.kind {
+            FailureKind::Trap => 0,
+            FailureKind::Deadline => 1,
+            FailureKind::Memory => 2,
+            FailureKind::Start => 3,
+        };
+        self.failures[i].inc();
+        tracing::warn!(filter = %self.meta.name, kind = f.kind.as_str(), "filter failed: {}", f.message);
+    }
+}
+
+struct Exports {
+    on_context_create: TypedFunc<(i32, i32), ()>,
+    on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
+    on_delete: Option<TypedFunc<i32, ()>>,
+}
+
+/// A running instance of a filter.
+pub struct FilterInstance {
+    store: Store<HostState>,
+    exports: Exports,
+    next_context: i32,
+}
+
+impl FilterInstance {
+    /// Instantiates and starts a filter: `_initialize`/`_start`, the root context,
+    /// `on_vm_start` and `on_configure`. Either returning false is a [`FailureKind::Start`].
+    pub fn start(spec: &FilterSpec) -> Result<Self, Failure> {
+        let start_err = |message: String| Failure {
+            kind: FailureKind::Start,
+            message,
+        };
+        let mut store = Store::new(
+            &spec.engine,
+            HostState::new(spec.meta.clone(), spec.memory_bytes),
+        );
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_trap();
+        store.set_epoch_deadline(LIFECYCLE_TICKS);
+        let instance = spec
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| classify(e, "instantiate"))?;
+        for init in ["_initialize", "_start"] {
+            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, init) {
+                f.call(&mut store, ()).map_err(|e| classify(e, init))?;
+                break;
+            }
+        }
+        let func = |store: &mut Store<HostState>, name: &str| instance.get_func(&mut *store, name);
+        let typed3 = |store: &mut Store<HostState>, name: &str| {
+            func(store, name).and_then(|f| f.typed::<(i32, i32, i32), i32>(&*store).ok())
+        };
+        let exports = Exports {
+            on_context_create: func(&mut store, "proxy_on_context_create")
+                .and_then(|f| f.typed(&store).ok())
+                .ok_or_else(|| {
+                    start_err("module does not export proxy_on_context_create".into())
+                })?,
+            on_request_headers: typed3(&mut store, "proxy_on_request_headers"),
+            on_response_headers: typed3(&mut store, "proxy_on_response_headers"),
+            on_done: func(&mut store, "proxy_on_done").and_then(|f| f.typed(&store).ok()),
+            on_log: func(&mut store, "proxy_on_log").and_then(|f| f.typed(&store).ok()),
+            on_delete: func(&mut store, "proxy_on_delete").and_then(|f| f.typed(&store).ok()),
+        };
+        store.data_mut().context = ROOT_CONTEXT as u32;
+        exports
+            .on_context_create
+            .call(&mut store, (ROOT_CONTEXT, 0))
+            .map_err(|e| classify(e, "proxy_on_context_create"))?;
+        let vm_len = spec.meta.vm_config.len() as i32;
+        let cfg_len = spec.meta.config.len() as i32;
+        for (name, len) in [
+            ("proxy_on_vm_start", vm_len),
+            ("proxy_on_configure", cfg_len),
+        ] {
+            let Some(f) = func(&mut store, name) else {
+                continue;
+            };
+            let f = f
+                .typed::<(i32, i32), i32>(&store)
+                .map_err(|e| start_err(format!("{name} has the wrong type: {e}")))?;
+            let ok = f
+                .call(&mut store, (ROOT_CONTEXT, len))
+                .map_err(|e| classify(e, name))?;
+            if ok == 0 {
+                return Err(start_err(format!("{name} returned false")));
+            }
+        }
+        Ok(Self {
+            store,
+            exports,
+            next_context: ROOT_CONTEXT + 1,
+        })
+    }
+
+    fn new_context(&mut self, ticks: u64) -> Result<i32, Failure> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+        self.store.set_epoch_deadline(ticks);
+        self.store.data_mut().context = id as u32;
+        self.exports
+            .on_context_create
+            .call(&mut self.store, (id, ROOT_CONTEXT))
+            .map_err(|e| classify(e, "proxy_on_context_create"))?;
+        Ok(id)
+    }
+
+    /// Runs `on_request_headers` for `context` with the head moved into the store.
+    fn request_headers(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        head: &mut request::Parts,
+        info: &StreamInfo,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, Failure> {
+        let Some(f) = self.exports.on_request_headers.clone() else {
+            return Ok(None);
+        };
+        let n = head.headers.len() as i32 + 4;
+        let data = self.store.data_mut();
+        data.request = Some(std::mem::replace(head, empty_request()));
+        data.info = Some(info.clone());
+        data.context = context as u32;
+        data.local_response = None;
+        self.store.set_epoch_deadline(ticks);
+        let result = f.call(&mut self.store, (context, n, end_of_stream as i32));
+        let data = self.store.data_mut();
+        if let Some(back) = data.request.take() {
+            *head = back;
+        }
+        let local = data.local_response.take();
+        result.map_err(|e| classify(e, "proxy_on_request_headers"))?;
+        Ok(local)
+    }
+
+    /// Runs `on_response_headers` for `context` with the head moved into the store.
+    fn response_headers(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        head: &mut response::Parts,
+        info: &StreamInfo,
+        end_of_stream: bool,
+    ) -> Result<Option<LocalResponse>, Failure> {
+        let Some(f) = self.exports.on_response_headers.clone() else {
+            return Ok(None);
+        };
+        let n = head.headers.len() as i32 + 1;
+        let data = self.store.data_mut();
+        data.response = Some(std::mem::replace(head, empty_response()));
+        data.info = Some(info.clone());
+        data.context = context as u32;
+        data.local_response = None;
+        self.store.set_epoch_deadline(ticks);
+        let result = f.call(&mut self.store, (context, n, end_of_stream as i32));
+        let data = self.store.data_mut();
+        if let Some(back) = data.response.take() {
+            *head = back;
+        }
+        let local = data.local_response.take();
+        result.map_err(|e| classify(e, "proxy_on_response_headers"))?;
+        Ok(local)
+    }
+
+    /// `on_done`, `on_log`, `on_delete` for a finished stream's context.
+    fn end_context(&mut self, ticks: u64, context: i32, info: &StreamInfo) -> Result<(), Failure> {
+        let data = self.store.data_mut();
+        data.info = Some(info.clone());
+        data.context = context as u32;
+        self.store.set_epoch_deadline(ticks);
+        if let Some(f) = self.exports.on_done.clone() {
+            f.call(&mut self.store, context)
+                .map_err(|e| classify(e, "proxy_on_done"))?;
+        }
+        if let Some(f) = self.exports.on_log.clone() {
+            f.call(&mut self.store, context)
+                .map_err(|e| classify(e, "proxy_on_log"))?;
+        }
+        if let Some(f) = self.exports.on_delete.clone() {
+            f.call(&mut self.store, context)
+                .map_err(|e| classify(e, "proxy_on_delete"))?;
+        }
+        self.store
+            .data_mut()
+            .properties
+            .retain(|(c, _), _| *c != context as u32);
+        Ok(())
+    }
+}
+
+fn empty_request() -> request::Parts {
+    http::Request::new(()).into_parts().0
+}
+
+fn empty_response() -> response::Parts {
+    http::Response::new(()).into_parts().0
+}
+
+/// A worker's instance of one filter.
+enum Slot {
+    Live {
+        instance: Box<FilterInstance>,
+        generation: u64,
+    },
+    /// Failed; `retry_at` is set under the `reload` policy.
+    Failed {
+        retry_at: Option<Instant>,
+        backoff: Duration,
+        generation: u64,
+    },
+}
+
+thread_local! {
+    static SLOTS: RefCell<HashMap<(u64, usize), Slot>> = RefCell::new(HashMap::new());
+}
+
+const RELOAD_BACKOFF_START: Duration = Duration::from_millis(100);
+const RELOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Runs `f` on this worker's live instance of filter `idx`, starting it first if needed.
+/// `Err` when the filter is failed on this worker (or fails to start now).
+fn with_instance<R>(
+    chain: u64,
+    idx: usize,
+    spec: &FilterSpec,
+    f: impl FnOnce(&mut FilterInstance, u64) -> R,
+) -> Result<R, ()> {
+    SLOTS.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        let now = Instant::now();
+        let slot = slots.entry((chain, idx)).or_insert(Slot::Failed {
+            retry_at: Some(now),
+            backoff: Duration::ZERO,
+            generation: 0,
+        });
+        if let Slot::Failed {
+            retry_at: Some(at),
+            backoff,
+            generation,
+        } = slot
+            && *at <= now
+        {
+            let (backoff, generation) = (*backoff, *generation);
+            *slot = match FilterInstance::start(spec) {
+                Ok(instance) => Slot::Live {
+                    instance: Box::new(instance),
+                    generation: generation + 1,
+                },
+                Err(failure) => {
+                    spec.count(&failure);
+                    let next = (backoff * 2).clamp(RELOAD_BACKOFF_START, RELOAD_BACKOFF_MAX);
+                    Slot::Failed {
+                        retry_at: Some(now + next),
+                        backoff: next,
+                        generation,
+                    }
+                }
+            };
+        }
+        match slot {
+            Slot::Live {
+                instance,
+                generation,
+            } => Ok(f(instance, *generation)),
+            Slot::Failed { .. } => Err(()),
+        }
+    })
+}
+
+/// Marks this worker's instance of filter `idx` failed, per the filter's policy.
+fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
+    spec.count(failure);
+    SLOTS.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        let generation = match slots.get(&(chain, idx)) {
+            Some(Slot::Live { generation, .. }) | Some(Slot::Failed { generation, .. }) => {
+                *generation
+            }
+            None => 0,
+        };
+        let retry_at = (spec.policy == FailurePolicy::Reload).then(Instant::now);
+        slots.insert(
+            (chain, idx),
+            Slot::Failed {
+                retry_at,
+                backoff: Duration::ZERO,
+                generation,
+            },
+        );
+    });
+}
+
+static NEXT_CHAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A chain of WASM filters.
+pub struct WasmChain {
+    id: u64,
+    filters: Arc<[FilterSpec]>,
+}
+
+impl WasmChain {
+    /// A chain of `filters`, in request order.
+    pub fn new(filters: Vec<FilterSpec>) -> Self {
+        Self {
+            id: NEXT_CHAIN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            filters: filters.into(),
+        }
+    }
+}
+
+impl FilterChain for WasmChain {
+    /// Starts this worker's instances now rather than on the first request.
+    fn warm(&self) {
+        for (i, spec) in self.filters.iter().enumerate() {
+            let _ = with_instance(self.id, i, spec, |_, _| ());
+        }
+    }
+
+    fn start_stream(&self, info: StreamInfo) -> Box<dyn FilterStream> {
+        Box::new(WasmStream {
+            chain: self.id,
+            filters: self.filters.clone(),
+            contexts: vec![Ctx::None; self.filters.len()],
+            info,
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Ctx {
+    /// Not reached yet.
+    None,
+    /// A context on the instance of this generation.
+    Active(i32, u64),
+    /// The filter is skipped for this stream (fail-open).
+    Skipped,
+}
+
+struct WasmStream {
+    chain: u64,
+    filters: Arc<[FilterSpec]>,
+    contexts: Vec<Ctx>,
+    info: StreamInfo,
+}
+
+/// 503 for a stream whose filter failed.
+fn failure_reply(filter: &str) -> LocalReply {
+    let mut headers = HeaderMap::new();
+    if let Ok(v) = HeaderValue::from_str(filter) {
+        headers.insert(HeaderName::from_static("x-weft-filter-failed"), v);
+    }
+    LocalReply {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        headers,
+        body: Bytes::from_static(b"filter failure\n"),
+    }
+}
+
+fn local_reply(lr: LocalResponse) -> LocalReply {
+    let mut headers = HeaderMap::new();
+    for (k, v) in lr.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(&k), HeaderValue::from_bytes(&v)) {
+            headers.append(k, v);
+        }
+    }
+    LocalReply {
+        status: StatusCode::from_u16(lr.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        headers,
+        body: Bytes::from(lr.body),
+    }
+}
+
+enum Step {
+    Go,
+    Local(LocalResponse),
+    Failed(Failure),
+    Unavailable,
+}
+
+impl WasmStream {
+    /// Runs one filter's callback, creating the stream's context on first use.
+    fn run(
+        &mut self,
+        idx: usize,
+        call: impl FnOnce(
+            &mut FilterInstance,
+            u64,
+            i32,
+            &StreamInfo,
+        ) -> Result<Option<LocalResponse>, Failure>,
+    ) -> Step {
+        let spec = &self.filters[idx];
+        let ticks = spec.callback_ticks;
+        let ctx = self.contexts[idx];
+        if matches!(ctx, Ctx::Skipped) {
+            return Step::Go;
+        }
+        let info = &self.info;
+        let outcome = with_instance(self.chain, idx, spec, |inst, generation| {
+            let context = match ctx {
+                Ctx::Active(c, g) if g == generation => c,
+                Ctx::Active(..) => return (None, Ok(None)), // instance replaced mid-stream
+                _ => match inst.new_context(ticks) {
+                    Ok(c) => c,
+                    Err(f) => return (None, Err(f)),
+                },
+            };
+            (
+                Some(Ctx::Active(context, generation)),
+                call(inst, ticks, context, info),
+            )
+        });
+        match outcome {
+            Err(()) => Step::Unavailable,
+            Ok((ctx, result)) => {
+                if let Some(ctx) = ctx {
+                    self.contexts[idx] = ctx;
+                }
+                match result {
+                    Ok(None) => Step::Go,
+                    Ok(Some(lr)) => Step::Local(lr),
+                    Err(f) => Step::Failed(f),
+                }
+            }
+        }
+    }
+
+    /// Applies the failure policy of filter `idx`: `Some(reply)` to end the stream.
+    fn on_failure(&mut self, idx: usize, failure: Option<Failure>) -> Option<LocalReply> {
+        let spec = &self.filters[idx];
+        if let Some(f) = &failure {
+            fail(self.chain, idx, spec, f);
+        }
+        self.contexts[idx] = Ctx::Skipped;
+        match spec.policy {
+            FailurePolicy::FailOpen => None,
+            FailurePolicy::FailClosed | FailurePolicy::Reload => {
+                Some(failure_reply(&spec.meta.name))
+            }
+        }
+    }
+}
+
+impl FilterStream for WasmStream {
+    fn on_request_headers(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+    ) -> RequestDecision {
+        for idx in 0..self.filters.len() {
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.request_headers(ticks, ctx, head, info, end_of_stream)
+            });
+            let failure = match step {
+                Step::Go => continue,
+                Step::Local(lr) => return RequestDecision::Respond(local_reply(lr)),
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                return RequestDecision::Respond(reply);
+            }
+        }
+        RequestDecision::Continue { cluster: None }
+    }
+
+    fn on_response_headers(
+        &mut self,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+    ) -> ResponseDecision {
+        for idx in (0..self.filters.len()).rev() {
+            if matches!(self.contexts[idx], Ctx::None) {
+                continue; // the stream never reached this filter
+            }
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.response_headers(ticks, ctx, head, info, end_of_stream)
+            });
+            let failure = match step {
+                Step::Go => continue,
+                Step::Local(lr) => return ResponseDecision::Respond(local_reply(lr)),
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                return ResponseDecision::Respond(reply);
+            }
+        }
+        ResponseDecision::Continue
+    }
+
+    fn finish(&mut self) {
+        for idx in 0..self.filters.len() {
+            let Ctx::Active(context, generation) = self.contexts[idx] else {
+                continue;
+            };
+            let spec = &self.filters[idx];
+            let info = &self.info;
+            let result = with_instance(self.chain, idx, spec, |inst, g| {
+                (g == generation).then(|| inst.end_context(spec.callback_ticks, context, info))
+            });
+            if let Ok(Some(Err(f))) = result {
+                fail(self.chain, idx, spec, &f);
+            }
+        }
+    }
+}

@@ -1,0 +1,642 @@
+//! What a filter instance's host functions work on: the store's data, guest memory access,
+//! the proxy-wasm map wire format, pseudo-headers and properties.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, request, response};
+use wasmtime::{Caller, Extern, Memory, StoreLimits, TypedFunc};
+
+use crate::filter::StreamInfo;
+
+/// proxy-wasm status codes (ABI 0.2.1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(i32)]
+pub enum Status {
+    /// Success.
+    Ok = 0,
+    /// No such key, map, buffer, queue or function.
+    NotFound = 1,
+    /// An argument is out of range or malformed.
+    BadArgument = 2,
+    /// A value could not be serialised.
+    SerializationFailure = 3,
+    /// A value could not be parsed.
+    ParseFailure = 4,
+    /// A guest pointer or length is outside its memory.
+    InvalidMemoryAccess = 6,
+    /// A queue is empty.
+    Empty = 7,
+    /// Compare-and-swap lost.
+    CasMismatch = 8,
+    /// The host could not do it.
+    InternalFailure = 10,
+    /// Not implemented by this host.
+    Unimplemented = 12,
+}
+
+/// Identity and configuration of a filter (one per configured filter, shared by its
+/// instances).
+#[derive(Debug)]
+pub struct PluginMeta {
+    /// `plugin_name`.
+    pub name: String,
+    /// `plugin_root_id`.
+    pub root_id: String,
+    /// `plugin_vm_id`.
+    pub vm_id: String,
+    /// Handed to `on_configure`.
+    pub config: Vec<u8>,
+    /// Handed to `on_vm_start`.
+    pub vm_config: Vec<u8>,
+}
+
+/// A local response a filter asked for.
+#[derive(Debug)]
+pub struct LocalResponse {
+    /// Status code.
+    pub status: u16,
+    /// `response.code_details`.
+    pub details: String,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Extra headers.
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The data of one filter instance's store.
+pub struct HostState {
+    /// Memory limit of the instance.
+    pub limits: StoreLimits,
+    /// The filter.
+    pub plugin: Arc<PluginMeta>,
+    /// The request head, moved in for the duration of a request callback.
+    pub request: Option<request::Parts>,
+    /// The response head, moved in for the duration of a response callback.
+    pub response: Option<response::Parts>,
+    /// Facts about the stream being called back for.
+    pub info: Option<StreamInfo>,
+    /// Properties set by the filter, per context.
+    pub properties: HashMap<(u32, Vec<u8>), Vec<u8>>,
+    /// A local response asked for during the current callback.
+    pub local_response: Option<LocalResponse>,
+    /// The context the current callback is for (`proxy_set_effective_context` changes it).
+    pub context: u32,
+    /// Requested tick period (ticks are not delivered yet).
+    pub tick_period_ms: u32,
+    /// Partial line written to stdout/stderr.
+    pub stdout: Vec<u8>,
+    /// The guest's allocator (`proxy_on_memory_allocate`, or `malloc`).
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    /// The guest's memory.
+    pub memory: Option<Memory>,
+}
+
+impl HostState {
+    /// Fresh state for an instance of `plugin` capped at `memory_bytes`.
+    pub fn new(plugin: Arc<PluginMeta>, memory_bytes: usize) -> Self {
+        Self {
+            limits: wasmtime::StoreLimitsBuilder::new()
+                .memory_size(memory_bytes)
+                .trap_on_grow_failure(true)
+                .instances(1)
+                .build(),
+            plugin,
+            request: None,
+            response: None,
+            info: None,
+            properties: HashMap::new(),
+            local_response: None,
+            context: 0,
+            tick_period_ms: 0,
+            stdout: Vec::new(),
+            alloc: None,
+            memory: None,
+        }
+    }
+}
+
+/// Why a host function could not touch guest memory.
+pub type MemResult<T> = Result<T, Status>;
+
+fn memory(caller: &mut Caller<'_, HostState>) -> MemResult<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => {
+            caller.data_mut().memory = Some(m);
+            Ok(m)
+        }
+        _ => Err(Status::InternalFailure),
+    }
+}
+
+/// Copies `len` bytes at `ptr` out of guest memory, bounds-checked.
+pub fn read(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> MemResult<Vec<u8>> {
+    let mem = memory(caller)?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    mem.data(&caller)
+        .get(ptr..ptr.checked_add(len).ok_or(Status::InvalidMemoryAccess)?)
+        .map(<[u8]>::to_vec)
+        .ok_or(Status::InvalidMemoryAccess)
+}
+
+/// Writes `bytes` at `ptr` in guest memory, bounds-checked.
+pub fn write(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> MemResult<()> {
+    let mem = memory(caller)?;
+    let ptr = ptr as u32 as usize;
+    let end = ptr
+        .checked_add(bytes.len())
+        .ok_or(Status::InvalidMemoryAccess)?;
+    mem.data_mut(&mut *caller)
+        .get_mut(ptr..end)
+        .ok_or(Status::InvalidMemoryAccess)?
+        .copy_from_slice(bytes);
+    Ok(())
+}
+
+/// Writes a little-endian u32 at `ptr`.
+pub fn write_u32(caller: &mut Caller<'_, HostState>, ptr: i32, v: u32) -> MemResult<()> {
+    write(caller, ptr, &v.to_le_bytes())
+}
+
+/// Hands `bytes` to the guest: allocates them with the guest's allocator, copies them in and
+/// stores pointer and length at `ret_ptr` / `ret_len`, as the SDKs expect (they take
+/// ownership of the allocation). A trap inside the guest allocator is returned as an error.
+pub fn give(
+    caller: &mut Caller<'_, HostState>,
+    bytes: &[u8],
+    ret_ptr: i32,
+    ret_len: i32,
+) -> wasmtime::Result<Status> {
+    let alloc = match caller.data().alloc.clone() {
+        Some(a) => a,
+        None => {
+            let f = caller
+                .get_export("proxy_on_memory_allocate")
+                .or_else(|| caller.get_export("malloc"))
+                .and_then(Extern::into_func);
+            let Some(f) = f else {
+                return Ok(Status::InternalFailure);
+            };
+            let typed = f.typed::<i32, i32>(&caller)?;
+            caller.data_mut().alloc = Some(typed.clone());
+            typed
+        }
+    };
+    let len = i32::try_from(bytes.len()).map_err(|_| wasmtime::format_err!("value too large"))?;
+    let ptr = alloc.call(&mut *caller, len)?;
+    if ptr == 0 && !bytes.is_empty() {
+        return Ok(Status::InternalFailure);
+    }
+    let status = write(caller, ptr, bytes)
+        .and_then(|_| write_u32(caller, ret_ptr, ptr as u32))
+        .and_then(|_| write_u32(caller, ret_len, len as u32));
+    Ok(match status {
+        Ok(()) => Status::Ok,
+        Err(s) => s,
+    })
+}
+
+/// Serialises pairs in the proxy-wasm map format: count, then (key length, value length)
+/// per pair, then each key and value followed by a NUL.
+pub fn serialize_map<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
+    let (mut n, mut size) = (0u32, 4usize);
+    for (k, v) in pairs.clone() {
+        n += 1;
+        size += 8 + k.len() + v.len() + 2;
+    }
+    let mut out = Vec::with_capacity(size);
+    out.extend_from_slice(&n.to_le_bytes());
+    for (k, v) in pairs.clone() {
+        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in pairs {
+        out.extend_from_slice(k);
+        out.push(0);
+        out.extend_from_slice(v);
+        out.push(0);
+    }
+    out
+}
+
+/// Parses the proxy-wasm map format; `None` when malformed.
+pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let u32_at = |i: usize| -> Option<usize> {
+        Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?) as usize)
+    };
+    let n = u32_at(0)?;
+    let mut data = 4usize.checked_add(n.checked_mul(8)?)?;
+    let mut out = Vec::with_capacity(n.min(1024));
+    for i in 0..n {
+        let (kl, vl) = (u32_at(4 + i * 8)?, u32_at(8 + i * 8)?);
+        let k = bytes.get(data..data.checked_add(kl)?)?.to_vec();
+        data = data.checked_add(kl + 1)?;
+        let v = bytes.get(data..data.checked_add(vl)?)?.to_vec();
+        data = data.checked_add(vl + 1)?;
+        out.push((k, v));
+    }
+    Some(out)
+}
+
+/// Which header map a call means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapKind {
+    /// Request headers (with `:method`, `:path`, `:authority`, `:scheme`).
+    RequestHeaders,
+    /// Response headers (with `:status`).
+    ResponseHeaders,
+    /// A map this host does not keep yet (trailers, gRPC metadata, callout responses): reads
+    /// as empty, writes are dropped.
+    Unavailable,
+}
+
+impl MapKind {
+    /// From the ABI's map type.
+    pub fn from_abi(t: i32) -> Option<Self> {
+        match t {
+            0 => Some(Self::RequestHeaders),
+            2 => Some(Self::ResponseHeaders),
+            1 | 3..=7 => Some(Self::Unavailable),
+            _ => None,
+        }
+    }
+}
+
+fn authority(parts: &request::Parts) -> Option<&[u8]> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| parts.headers.get(http::header::HOST).map(|v| v.as_bytes()))
+}
+
+/// The pairs of a map, pseudo-headers first.
+pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut out = Vec::new();
+    let headers = match kind {
+        MapKind::RequestHeaders => {
+            let Some(p) = &state.request else { return out };
+            out.push((b":method".to_vec(), p.method.as_str().as_bytes().to_vec()));
+            out.push((
+                b":path".to_vec(),
+                p.uri
+                    .path_and_query()
+                    .map_or(b"/".to_vec(), |pq| pq.as_str().as_bytes().to_vec()),
+            ));
+            if let Some(a) = authority(p) {
+                out.push((b":authority".to_vec(), a.to_vec()));
+            }
+            out.push((b":scheme".to_vec(), b"http".to_vec()));
+            &p.headers
+        }
+        MapKind::ResponseHeaders => {
+            let Some(p) = &state.response else { return out };
+            out.push((b":status".to_vec(), p.status.as_str().as_bytes().to_vec()));
+            &p.headers
+        }
+        MapKind::Unavailable => return out,
+    };
+    for (k, v) in headers {
+        out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
+    }
+    out
+}
+
+/// One value of a map (the first, for repeated headers).
+pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> {
+    match (kind, key) {
+        (MapKind::RequestHeaders, k) | (MapKind::ResponseHeaders, k) if k.starts_with(b":") => {
+            map_pairs(state, kind)
+                .into_iter()
+                .find(|(name, _)| name == key)
+                .map(|(_, v)| v)
+        }
+        (MapKind::RequestHeaders, k) => state
+            .request
+            .as_ref()?
+            .headers
+            .get(HeaderName::from_bytes(k).ok()?)
+            .map(|v| v.as_bytes().to_vec()),
+        (MapKind::ResponseHeaders, k) => state
+            .response
+            .as_ref()?
+            .headers
+            .get(HeaderName::from_bytes(k).ok()?)
+            .map(|v| v.as_bytes().to_vec()),
+        (MapKind::Unavailable, _) => None,
+    }
+}
+
+/// How a map is changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MapEdit {
+    /// Add a value (repeated headers allowed).
+    Add,
+    /// Replace all values.
+    Replace,
+    /// Remove all values.
+    Remove,
+}
+
+/// Applies an edit; returns false when the name or value is not valid HTTP (the edit is then
+/// dropped: the SDKs only accept `Ok` from these calls).
+pub fn map_edit(
+    state: &mut HostState,
+    kind: MapKind,
+    edit: MapEdit,
+    key: &[u8],
+    value: &[u8],
+) -> bool {
+    match kind {
+        MapKind::RequestHeaders => {
+            let Some(p) = state.request.as_mut() else {
+                return true;
+            };
+            if key.starts_with(b":") {
+                return edit == MapEdit::Remove || set_request_pseudo(p, key, value);
+            }
+            edit_headers(&mut p.headers, edit, key, value)
+        }
+        MapKind::ResponseHeaders => {
+            let Some(p) = state.response.as_mut() else {
+                return true;
+            };
+            if key == b":status" {
+                if edit == MapEdit::Remove {
+                    return true;
+                }
+                return std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .and_then(|c| StatusCode::from_u16(c).ok())
+                    .map(|s| p.status = s)
+                    .is_some();
+            }
+            if key.starts_with(b":") {
+                return true;
+            }
+            edit_headers(&mut p.headers, edit, key, value)
+        }
+        MapKind::Unavailable => true,
+    }
+}
+
+/// Replaces a whole map with `pairs`.
+pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(Vec<u8>, Vec<u8>)]) -> bool {
+    match kind {
+        MapKind::RequestHeaders => {
+            if let Some(p) = state.request.as_mut() {
+                p.headers.clear();
+            }
+        }
+        MapKind::ResponseHeaders => {
+            if let Some(p) = state.response.as_mut() {
+                p.headers.clear();
+            }
+        }
+        MapKind::Unavailable => return true,
+    }
+    pairs
+        .iter()
+        .all(|(k, v)| map_edit(state, kind, MapEdit::Add, k, v))
+}
+
+fn edit_headers(headers: &mut HeaderMap, edit: MapEdit, key: &[u8], value: &[u8]) -> bool {
+    let Ok(name) = HeaderName::from_bytes(key) else {
+        return false;
+    };
+    if edit == MapEdit::Remove {
+        headers.remove(name);
+        return true;
+    }
+    let Ok(value) = HeaderValue::from_bytes(value) else {
+        return false;
+    };
+    match edit {
+        MapEdit::Add => {
+            headers.append(name, value);
+        }
+        MapEdit::Replace => {
+            headers.insert(name, value);
+        }
+        MapEdit::Remove => {}
+    }
+    true
+}
+
+fn set_request_pseudo(p: &mut request::Parts, key: &[u8], value: &[u8]) -> bool {
+    match key {
+        b":method" => Method::from_bytes(value).map(|m| p.method = m).is_ok(),
+        b":path" => {
+            let mut parts = p.uri.clone().into_parts();
+            match http::uri::PathAndQuery::try_from(value) {
+                Ok(pq) => parts.path_and_query = Some(pq),
+                Err(_) => return false,
+            }
+            Uri::from_parts(parts).map(|u| p.uri = u).is_ok()
+        }
+        b":authority" => {
+            let Ok(v) = HeaderValue::from_bytes(value) else {
+                return false;
+            };
+            if p.uri.authority().is_some() {
+                let mut parts = p.uri.clone().into_parts();
+                match http::uri::Authority::try_from(value) {
+                    Ok(a) => parts.authority = Some(a),
+                    Err(_) => return false,
+                }
+                if let Ok(u) = Uri::from_parts(parts) {
+                    p.uri = u;
+                }
+            }
+            p.headers.insert(http::header::HOST, v);
+            true
+        }
+        // The scheme of a plain-HTTP listener cannot change.
+        _ => true,
+    }
+}
+
+/// A property value in Envoy's encodings: strings as bytes, integers as 8-byte little-endian.
+pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
+    let segments: Vec<&[u8]> = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    let int = |v: i64| Some(v.to_le_bytes().to_vec());
+    let text = |s: &str| Some(s.as_bytes().to_vec());
+    let info = state.info.as_ref();
+    match segments.as_slice() {
+        [b"plugin_name"] => text(&state.plugin.name),
+        [b"plugin_root_id"] => text(&state.plugin.root_id),
+        [b"plugin_vm_id"] => text(&state.plugin.vm_id),
+        [b"source", b"address"] => text(&info?.source.to_string()),
+        [b"source", b"port"] => int(info?.source.port().into()),
+        [b"destination", b"address"] => text(&info?.destination.to_string()),
+        [b"destination", b"port"] => int(info?.destination.port().into()),
+        [b"connection", b"id"] => int(info?.connection_id as i64),
+        [b"request", rest @ ..] => {
+            let req = state.request.as_ref();
+            match rest {
+                [b"path"] => map_get(state, MapKind::RequestHeaders, b":path"),
+                [b"url_path"] => text(req?.uri.path()),
+                [b"host"] => authority(req?).map(<[u8]>::to_vec),
+                [b"scheme"] => text("http"),
+                [b"method"] => text(req?.method.as_str()),
+                [b"protocol"] => text(match req?.version {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                }),
+                [b"id"] => map_get(state, MapKind::RequestHeaders, b"x-request-id"),
+                [b"headers"] => {
+                    let pairs = map_pairs(state, MapKind::RequestHeaders);
+                    Some(serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..]))))
+                }
+                [b"headers", name] => map_get(state, MapKind::RequestHeaders, name),
+                [b"time"] => int(info?.start_unix_ns as i64),
+                [b"duration"] => int(crate::clock::now_ns().saturating_sub(info?.start_ns) as i64),
+                [b"size"] => int(content_length(&req?.headers)),
+                _ => None,
+            }
+        }
+        [b"response", rest @ ..] => {
+            let resp = state.response.as_ref();
+            match rest {
+                [b"code"] => int(resp?.status.as_u16().into()),
+                [b"code_details"] => text("via_upstream"),
+                [b"headers"] => {
+                    let pairs = map_pairs(state, MapKind::ResponseHeaders);
+                    Some(serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..]))))
+                }
+                [b"headers", name] => map_get(state, MapKind::ResponseHeaders, name),
+                [b"size"] => int(content_length(&resp?.headers)),
+                _ => None,
+            }
+        }
+        _ => state
+            .properties
+            .get(&(state.context, path.to_vec()))
+            .cloned(),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> i64 {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_format_round_trips_and_rejects_truncation() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b":path", b"/x"), (b"empty", b"")];
+        let bytes = serialize_map(pairs.iter().copied());
+        assert_eq!(&bytes[..4], &3u32.to_le_bytes());
+        let back = deserialize_map(&bytes).unwrap();
+        assert_eq!(back.len(), 3);
+        assert_eq!(back[1], (b":path".to_vec(), b"/x".to_vec()));
+        assert_eq!(back[2].1, b"");
+        for cut in 1..bytes.len() - 1 {
+            assert!(
+                deserialize_map(&bytes[..cut]).is_none() || cut == 0,
+                "cut {cut}"
+            );
+        }
+        // A huge count in a tiny buffer is rejected, not allocated.
+        assert!(deserialize_map(&[255, 255, 255, 255]).is_none());
+    }
+
+    fn state() -> HostState {
+        let meta = Arc::new(PluginMeta {
+            name: "f".into(),
+            root_id: "r".into(),
+            vm_id: "v".into(),
+            config: vec![],
+            vm_config: vec![],
+        });
+        let mut s = HostState::new(meta, 1 << 20);
+        let (parts, ()) = http::Request::get("/a/b?q=1")
+            .header("host", "svc:8080")
+            .header("x-request-id", "rid")
+            .body(())
+            .unwrap()
+            .into_parts();
+        s.request = Some(parts);
+        s
+    }
+
+    #[test]
+    fn pseudo_headers_read_and_write_through_to_the_request() {
+        let mut s = state();
+        assert_eq!(
+            map_get(&s, MapKind::RequestHeaders, b":path").unwrap(),
+            b"/a/b?q=1"
+        );
+        assert_eq!(
+            map_get(&s, MapKind::RequestHeaders, b":authority").unwrap(),
+            b"svc:8080"
+        );
+        assert!(map_edit(
+            &mut s,
+            MapKind::RequestHeaders,
+            MapEdit::Replace,
+            b":path",
+            b"/new"
+        ));
+        assert!(map_edit(
+            &mut s,
+            MapKind::RequestHeaders,
+            MapEdit::Replace,
+            b":method",
+            b"POST"
+        ));
+        let req = s.request.as_ref().unwrap();
+        assert_eq!(req.uri, "/new");
+        assert_eq!(req.method, Method::POST);
+        assert!(!map_edit(
+            &mut s,
+            MapKind::RequestHeaders,
+            MapEdit::Add,
+            b"bad name",
+            b"v"
+        ));
+        assert!(map_edit(
+            &mut s,
+            MapKind::RequestHeaders,
+            MapEdit::Add,
+            b"x-a",
+            b"1"
+        ));
+        assert!(map_edit(
+            &mut s,
+            MapKind::RequestHeaders,
+            MapEdit::Add,
+            b"x-a",
+            b"2"
+        ));
+        let pairs = map_pairs(&s, MapKind::RequestHeaders);
+        assert_eq!(pairs.iter().filter(|(k, _)| k == b"x-a").count(), 2);
+        assert_eq!(pairs[0].0, b":method");
+    }
+
+    #[test]
+    fn properties_use_envoy_encodings() {
+        let s = state();
+        assert_eq!(property(&s, b"request\0path").unwrap(), b"/a/b?q=1");
+        assert_eq!(property(&s, b"request\0url_path\0").unwrap(), b"/a/b");
+        assert_eq!(property(&s, b"request\0id").unwrap(), b"rid");
+        assert_eq!(property(&s, b"plugin_name").unwrap(), b"f");
+        assert!(property(&s, b"response\0code").is_none(), "no response yet");
+        assert!(property(&s, b"nope").is_none());
+    }
+}

@@ -1,0 +1,254 @@
+//! The proxy-wasm compatibility suite: filters written only against the upstream
+//! `proxy-wasm` crate (tests/filters/), built for wasm32-wasip1, run by the real proxy.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use weft_tests::*;
+
+use crate::eps;
+
+/// A config whose listener runs the `compat_basic` filter with `extra` filter fields.
+fn filtered(ups: &[&Upstream], extra: &str) -> String {
+    let filter = format!(
+        "    filters:
+      - name: basic
+        module: \"{}\"
+        root_id: my-root
+        config: {{ greeting: hi }}
+        vm_config: vm-cfg
+{extra}",
+        guest_filter("compat_basic").display()
+    );
+    crate::config(&filter, "", &eps(ups)).replace(
+        "drain: { timeout_ms: 5000 }",
+        &format!(
+            "drain: {{ timeout_ms: 5000 }}\nwasm: {{ cache_dir: \"{}\" }}",
+            shared_module_cache().display()
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_sdk_filter_edits_headers_both_ways() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;
+    for client in [h1_client(), h2_client()] {
+        let req = Request::get(proxy.url("/hello?x=1"))
+            .header("x-replace-me", "original")
+            .header("x-remove-me", "secret")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let got = send(&client, req).await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        // Response side: a header added with the status read as a property, and a header
+        // from the upstream removed.
+        assert_eq!(got.header("x-wasm-response"), "seen 200");
+        assert_eq!(got.header("x-upstream"), "", "removed by the filter");
+        let echo = got.echo();
+        let h = |name: &str| echo["headers"][name][0].as_str().unwrap_or("").to_owned();
+        assert_eq!(h("x-wasm-config"), r#"{"greeting":"hi"}"#, "a map is JSON");
+        assert_eq!(h("x-wasm-vm-config"), "vm-cfg", "a string is raw");
+        assert_eq!(h("x-wasm-added"), "1");
+        assert_eq!(h("x-replace-me"), "replaced");
+        assert_eq!(h("x-remove-me"), "");
+        let props = h("x-wasm-properties");
+        assert!(
+            props.starts_with(
+                "path=/hello?x=1 method=GET plugin=basic root_id=my-root source=127.0.0.1:"
+            ),
+            "{props}"
+        );
+        // The map the filter saw had the pseudo-headers and the request's headers.
+        let count: usize = h("x-wasm-header-count").parse().unwrap();
+        assert!(count >= 6, "{count}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_can_answer_locally() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;
+    let got = get(&h1_client(), &proxy.url("/deny")).await.unwrap();
+    assert_eq!(got.status, 403);
+    assert_eq!(got.header("x-denied-by"), "wasm");
+    assert_eq!(got.body, "denied by filter\n");
+    assert_eq!(up.hits(), 0);
+    assert!(proxy.stats().await.contains(
+        "weft_requests_total{listener=\"ingress\",cluster=\"svc\",status_class=\"4xx\"} 1"
+    ));
+}
+
+/// Sends `path` and returns (status, whether the filter's request edits were applied).
+async fn call(proxy: &ProxyProcess, path: &str) -> (u16, bool) {
+    let got = get(&h1_client(), &proxy.url(path)).await.unwrap();
+    let filtered = got.status == 200 && got.echo()["headers"]["x-wasm-added"][0] == "1";
+    (got.status, filtered)
+}
+
+fn failures(stats: &str, kind: &str) -> u64 {
+    let key = format!("weft_filter_failures_total{{filter=\"basic\",kind=\"{kind}\"}} ");
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in\n{stats}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_policies_decide_what_the_stream_gets() {
+    let up = Upstream::start("u").await;
+    // One worker, so "later streams" run on the instance that failed.
+    let closed = ProxyProcess::start_with(
+        &filtered(&[&up], "        failure_policy: fail_closed\n"),
+        1,
+    )
+    .await;
+    assert_eq!(call(&closed, "/").await, (200, true));
+    let got = get(&h1_client(), &closed.url("/panic")).await.unwrap();
+    assert_eq!(got.status, 503);
+    assert_eq!(got.header("x-weft-filter-failed"), "basic");
+    assert_eq!(call(&closed, "/").await.0, 503, "the instance stays failed");
+    assert_eq!(failures(&closed.stats().await, "trap"), 1);
+    assert!(
+        closed.log().contains("the filter panicked on purpose"),
+        "the guest's panic message is logged"
+    );
+
+    let open =
+        ProxyProcess::start_with(&filtered(&[&up], "        failure_policy: fail_open\n"), 1).await;
+    assert_eq!(
+        call(&open, "/panic").await,
+        (200, false),
+        "skipped, stream goes on"
+    );
+    assert_eq!(
+        call(&open, "/").await,
+        (200, false),
+        "later streams skip it too"
+    );
+
+    let reload =
+        ProxyProcess::start_with(&filtered(&[&up], "        failure_policy: reload\n"), 1).await;
+    assert_eq!(call(&reload, "/panic").await.0, 503);
+    assert_eq!(
+        call(&reload, "/").await,
+        (200, true),
+        "a fresh instance runs the filter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_filters_are_stopped_by_their_limits() {
+    let up = Upstream::start("u").await;
+    let cfg = filtered(
+        &[&up],
+        "        failure_policy: reload\n        limits: { memory_mb: 16, callback_ms: 50 }\n",
+    );
+    let proxy = ProxyProcess::start_with(&cfg, 1).await;
+
+    let started = Instant::now();
+    assert_eq!(call(&proxy, "/loop").await.0, 503);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "infinite loop interrupted: {took:?}"
+    );
+    assert_eq!(failures(&proxy.stats().await, "deadline"), 1);
+
+    assert_eq!(call(&proxy, "/grow").await.0, 503);
+    assert_eq!(failures(&proxy.stats().await, "memory"), 1);
+
+    // Throughout, other requests are served (by fresh instances).
+    for _ in 0..5 {
+        assert_eq!(call(&proxy, "/").await, (200, true));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_modules_are_startup_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.wasm");
+    std::fs::write(&garbage, b"this is not wasm at all").unwrap();
+    let no_abi = dir.path().join("no_abi.wasm");
+    // The smallest valid module: magic and version, no exports.
+    std::fs::write(&no_abi, b"\0asm\x01\0\0\0").unwrap();
+    let missing = dir.path().join("missing.wasm");
+    let basic = guest_filter("compat_basic");
+
+    let cases = [
+        (
+            garbage.display().to_string(),
+            "{}",
+            "not a valid WebAssembly module",
+        ),
+        (
+            no_abi.display().to_string(),
+            "{}",
+            "does not export a proxy-wasm ABI version",
+        ),
+        (missing.display().to_string(), "{}", "cannot read"),
+        (
+            basic.display().to_string(),
+            "refuse",
+            "proxy_on_configure returned false",
+        ),
+    ];
+    for (module, config, expected) in cases {
+        let yaml = format!(
+            "admin: {{ address: \"127.0.0.1:{}\" }}
+wasm: {{ cache_dir: \"{}\" }}
+listeners:
+  - name: ingress
+    address: \"127.0.0.1:{}\"
+    default_cluster: svc
+    filters:
+      - {{ name: f, module: \"{module}\", config: \"{config}\" }}
+clusters:
+  - {{ name: svc, endpoints: [ {{ address: \"127.0.0.1:1\" }} ] }}
+",
+            free_port(),
+            shared_module_cache().display(),
+            free_port()
+        );
+        let (status, err) = run_proxy_expecting_failure(&yaml, "proxy.yaml");
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("listener `ingress`: filter `f` ({module})")),
+            "{err}"
+        );
+        assert!(err.contains(expected), "{expected:?} in {err}");
+    }
+    tokio::time::sleep(Duration::ZERO).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_a_warm_cache_does_not_recompile() {
+    let up = Upstream::start("u").await;
+    let cache = tempfile::tempdir().unwrap();
+    let cfg = filtered(&[&up], "").replace(
+        &shared_module_cache().display().to_string(),
+        &cache.path().display().to_string(),
+    );
+    let first = ProxyProcess::start(&cfg).await;
+    assert!(
+        first.log().contains("compiled module in"),
+        "{}",
+        first.log()
+    );
+    drop(first);
+    let second = ProxyProcess::start(&cfg).await;
+    assert!(
+        second.log().contains("loaded compiled module from cache"),
+        "{}",
+        second.log()
+    );
+    assert!(
+        !second.log().contains("compiled module in"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(call(&second, "/").await, (200, true));
+}

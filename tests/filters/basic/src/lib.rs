@@ -1,0 +1,131 @@
+//! A filter written only against the upstream `proxy-wasm` crate, as for Envoy or Istio.
+//!
+//! Request path selects behaviour, for the compatibility tests:
+//! - any path: echo the plugin and VM configuration, request properties, and edit headers
+//!   (add `x-wasm-added`, replace `x-replace-me`, remove `x-remove-me`);
+//! - `/deny`: local response 403 with a header and a body;
+//! - `/panic`, `/loop`, `/grow`: panic, spin forever, grow memory without bound.
+//!
+//! Plugin configuration `refuse` makes `on_configure` return false.
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Trace);
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { config: String::new(), vm_config: String::new() })
+    });
+}}
+
+struct Root {
+    config: String,
+    vm_config: String,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_vm_start(&mut self, _size: usize) -> bool {
+        self.vm_config = self
+            .get_vm_configuration()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        true
+    }
+
+    fn on_configure(&mut self, _size: usize) -> bool {
+        self.config = self
+            .get_plugin_configuration()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        log::info!("configured with {}", self.config);
+        self.config != "refuse"
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            config: self.config.clone(),
+            vm_config: self.vm_config.clone(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    config: String,
+    vm_config: String,
+}
+
+impl Stream {
+    fn property(&self, path: &[&str]) -> String {
+        self.get_property(path.to_vec())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_else(|| "<none>".into())
+    }
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        match path.as_str() {
+            "/deny" => {
+                self.send_http_response(403, vec![("x-denied-by", "wasm")], Some(b"denied by filter\n"));
+                return Action::Pause;
+            }
+            "/panic" => panic!("the filter panicked on purpose"),
+            "/loop" => {
+                let mut i: u64 = 0;
+                loop {
+                    i = i.wrapping_add(1);
+                    std::hint::black_box(i);
+                }
+            }
+            "/grow" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![7u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            _ => {}
+        }
+        self.set_http_request_header("x-wasm-config", Some(&self.config));
+        self.set_http_request_header("x-wasm-vm-config", Some(&self.vm_config));
+        self.add_http_request_header("x-wasm-added", "1");
+        if self.get_http_request_header("x-replace-me").is_some() {
+            self.set_http_request_header("x-replace-me", Some("replaced"));
+        }
+        self.set_http_request_header("x-remove-me", None);
+        let seen = format!(
+            "path={} method={} plugin={} root_id={} source={}",
+            self.property(&["request", "path"]),
+            self.property(&["request", "method"]),
+            self.property(&["plugin_name"]),
+            self.property(&["plugin_root_id"]),
+            self.property(&["source", "address"]),
+        );
+        self.set_http_request_header("x-wasm-properties", Some(&seen));
+        let count = self.get_http_request_headers().len();
+        self.set_http_request_header("x-wasm-header-count", Some(&count.to_string()));
+        log::debug!("request {path} passed");
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        // Integer properties are 8-byte little-endian, as Envoy encodes them.
+        let code = self
+            .get_property(vec!["response", "code"])
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(i64::from_le_bytes)
+            .map_or("<none>".to_owned(), |c| c.to_string());
+        self.add_http_response_header("x-wasm-response", &format!("seen {code}"));
+        self.set_http_response_header("x-upstream", None);
+        Action::Continue
+    }
+}
