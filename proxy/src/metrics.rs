@@ -4,8 +4,12 @@
 //! increments pre-resolved atomic handles. prometheus-client's own histogram takes a mutex on
 //! every observation, so latency goes into [`AtomicHistogram`], a lock-free equivalent.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, RwLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
@@ -21,28 +25,61 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-/// A histogram of durations with fixed buckets, updated with relaxed atomics.
-#[derive(Clone, Debug, Default)]
+/// Upper bounds of the buckets of filter-defined histograms (unitless values).
+const VALUE_BUCKETS: [f64; 14] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1e3, 1e4, 1e5, 1e6, 1e7,
+];
+
+/// A histogram with fixed buckets, updated with relaxed atomics. Observations are integers;
+/// `scale` converts them to the exported unit (1e-9 for nanoseconds to seconds).
+#[derive(Clone, Debug)]
 pub struct AtomicHistogram {
     inner: Arc<HistogramInner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct HistogramInner {
-    /// One count per bucket of `LATENCY_BUCKETS`, plus +Inf.
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    sum_ns: AtomicU64,
+    bounds: &'static [f64],
+    scale: f64,
+    /// One count per bound, plus +Inf.
+    buckets: Box<[AtomicU64]>,
+    sum: AtomicU64,
     count: AtomicU64,
 }
 
+impl Default for AtomicHistogram {
+    /// A latency histogram fed in nanoseconds, exported in seconds.
+    fn default() -> Self {
+        Self::new(&LATENCY_BUCKETS, 1e-9)
+    }
+}
+
 impl AtomicHistogram {
-    /// Records one duration.
+    fn new(bounds: &'static [f64], scale: f64) -> Self {
+        Self {
+            inner: Arc::new(HistogramInner {
+                bounds,
+                scale,
+                buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                sum: AtomicU64::new(0),
+                count: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Records one duration (for latency histograms).
     #[inline]
     pub fn observe_ns(&self, ns: u64) {
-        let secs = ns as f64 * 1e-9;
-        let i = LATENCY_BUCKETS.partition_point(|&b| b < secs);
+        self.observe(ns);
+    }
+
+    /// Records one value in the histogram's own unit.
+    #[inline]
+    pub fn observe(&self, v: u64) {
+        let scaled = v as f64 * self.inner.scale;
+        let i = self.inner.bounds.partition_point(|&b| b < scaled);
         self.inner.buckets[i].fetch_add(1, Relaxed);
-        self.inner.sum_ns.fetch_add(ns, Relaxed);
+        self.inner.sum.fetch_add(v, Relaxed);
         self.inner.count.fetch_add(1, Relaxed);
     }
 
@@ -58,16 +95,13 @@ impl TypedMetric for AtomicHistogram {
 
 impl EncodeMetric for AtomicHistogram {
     fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
-        let mut buckets = Vec::with_capacity(LATENCY_BUCKETS.len() + 1);
-        for (i, b) in LATENCY_BUCKETS
-            .iter()
-            .chain([f64::INFINITY].iter())
+        let bounds = self.inner.bounds.iter().chain([f64::INFINITY].iter());
+        let buckets: Vec<(f64, u64)> = bounds
             .enumerate()
-        {
-            buckets.push((*b, self.inner.buckets[i].load(Relaxed)));
-        }
+            .map(|(i, b)| (*b, self.inner.buckets[i].load(Relaxed)))
+            .collect();
         encoder.encode_histogram::<NoLabelSet>(
-            self.inner.sum_ns.load(Relaxed) as f64 * 1e-9,
+            self.inner.sum.load(Relaxed) as f64 * self.inner.scale,
             self.inner.count.load(Relaxed),
             &buckets,
             None,
@@ -129,6 +163,7 @@ pub struct Metrics {
     endpoints_ejected: Family<ClusterLabels, Gauge>,
     overflows: Family<OverflowLabels, Counter>,
     filter_failures: Family<FilterFailureLabels, Counter>,
+    filter_defined: Arc<FilterMetricSet>,
 }
 
 impl Default for Metrics {
@@ -157,6 +192,7 @@ impl Metrics {
             endpoints_ejected: Family::default(),
             overflows: Family::default(),
             filter_failures: Family::default(),
+            filter_defined: Arc::default(),
         };
         registry.register(
             "requests",
@@ -228,6 +264,7 @@ impl Metrics {
             "WASM filter failures, by filter and kind (trap, deadline, memory, start)",
             m.filter_failures.clone(),
         );
+        registry.register_collector(Box::new(m.filter_defined.clone()));
         Metrics { registry, ..m }
     }
 
@@ -259,6 +296,11 @@ impl Metrics {
                 overflow(Limit::MaxRequests),
             ],
         }
+    }
+
+    /// The metrics WASM filters define.
+    pub fn filter_defined(&self) -> Arc<FilterMetricSet> {
+        self.filter_defined.clone()
     }
 
     /// `weft_filter_failures_total` handles of one filter: trap, deadline, memory, start.
@@ -303,6 +345,132 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Kind of a filter-defined metric (proxy-wasm numbering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FilterMetricKind {
+    /// Only goes up.
+    Counter,
+    /// Goes up and down, or is set.
+    Gauge,
+    /// Distribution of recorded values.
+    Histogram,
+}
+
+/// One metric defined by a filter with `proxy_define_metric`.
+#[derive(Debug)]
+pub struct FilterMetric {
+    /// Kind.
+    pub kind: FilterMetricKind,
+    /// Exported name (sanitised, without the `weft_filter_` prefix).
+    pub name: String,
+    value: AtomicI64,
+    histogram: AtomicHistogram,
+}
+
+impl FilterMetric {
+    /// Adds `delta` (counters and gauges).
+    pub fn add(&self, delta: i64) {
+        self.value.fetch_add(delta, Relaxed);
+    }
+
+    /// Sets the value (gauges).
+    pub fn set(&self, v: i64) {
+        self.value.store(v, Relaxed);
+    }
+
+    /// Records a value (histograms).
+    pub fn record(&self, v: u64) {
+        self.histogram.observe(v);
+    }
+
+    /// The current value (counters and gauges).
+    pub fn value(&self) -> i64 {
+        self.value.load(Relaxed)
+    }
+}
+
+/// The metrics filters define. A name and kind get one id for the whole process, so every
+/// instance on every worker adds to the same metric, as in Envoy.
+#[derive(Debug, Default)]
+pub struct FilterMetricSet {
+    inner: RwLock<FilterMetricsInner>,
+}
+
+#[derive(Debug, Default)]
+struct FilterMetricsInner {
+    ids: HashMap<(FilterMetricKind, String), u32>,
+    /// Index `id - 1`.
+    metrics: Vec<Arc<FilterMetric>>,
+}
+
+impl FilterMetricSet {
+    /// The id of the metric `name` of `kind`, defining it on first use.
+    pub fn define(&self, kind: FilterMetricKind, name: &str) -> u32 {
+        let name: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let Ok(mut inner) = self.inner.write() else {
+            return 0;
+        };
+        if let Some(id) = inner.ids.get(&(kind, name.clone())) {
+            return *id;
+        }
+        inner.metrics.push(Arc::new(FilterMetric {
+            kind,
+            name: name.clone(),
+            value: AtomicI64::new(0),
+            histogram: AtomicHistogram::new(&VALUE_BUCKETS, 1.0),
+        }));
+        let id = inner.metrics.len() as u32;
+        inner.ids.insert((kind, name), id);
+        id
+    }
+
+    /// The metric with `id`.
+    pub fn get(&self, id: u32) -> Option<Arc<FilterMetric>> {
+        let inner = self.inner.read().ok()?;
+        inner.metrics.get((id as usize).checked_sub(1)?).cloned()
+    }
+}
+
+impl Collector for FilterMetricSet {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Ok(inner) = self.inner.read() else {
+            return Ok(());
+        };
+        for m in &inner.metrics {
+            let name = format!("filter_{}", m.name);
+            let help = "Defined by a WASM filter";
+            match m.kind {
+                FilterMetricKind::Counter => {
+                    let e = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
+                    let c: Counter = Counter::default();
+                    c.inc_by(m.value().max(0) as u64);
+                    c.encode(e)?;
+                }
+                FilterMetricKind::Gauge => {
+                    let e = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
+                    let g: Gauge = Gauge::default();
+                    g.set(m.value());
+                    g.encode(e)?;
+                }
+                FilterMetricKind::Histogram => {
+                    let e = encoder.encode_descriptor(&name, help, None, MetricType::Histogram)?;
+                    m.histogram.encode(e)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -68,6 +68,51 @@ async fn an_upstream_sdk_filter_edits_headers_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_metrics_and_ticks_reach_prometheus() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;
+    let client = h1_client();
+    for _ in 0..7 {
+        assert_eq!(get(&client, &proxy.url("/")).await.unwrap().status, 200);
+    }
+    assert_eq!(
+        get(&client, &proxy.url("/status/404"))
+            .await
+            .unwrap()
+            .status,
+        404
+    );
+    let stats = proxy.stats().await;
+    // Both workers' instances add to one counter.
+    assert!(
+        stats.contains("weft_filter_basic_requests_total 8"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("# TYPE weft_filter_basic_request_headers histogram"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("weft_filter_basic_request_headers_count 8"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("weft_filter_basic_last_status 404"),
+        "{stats}"
+    );
+    // 50 ms ticks on each of 2 workers.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ticks: u64 = proxy
+        .stats()
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix("weft_filter_basic_ticks_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("ticks counter");
+    assert!(ticks >= 10, "{ticks} ticks");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_can_answer_locally() {
     let up = Upstream::start("u").await;
     let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;

@@ -11,6 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Linker};
 
+use crate::metrics::FilterMetricKind;
+
 use super::host::{
     self, HostState, LocalResponse, MapEdit, MapKind, Status, deserialize_map, give, read,
     serialize_map, write, write_u32,
@@ -493,8 +495,8 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Status::Ok as i32
         },
     )?;
-    // Queues and metrics arrive with the next part of the host; until then they refuse
-    // with statuses the SDKs accept (registering succeeds, nothing is ever queued).
+    // Shared queues arrive with the next part of the host; until then they refuse with
+    // statuses the SDKs accept (registering succeeds, nothing is ever queued).
     l.func_wrap(
         "env",
         "proxy_register_shared_queue",
@@ -518,22 +520,65 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_define_metric",
-        |mut c: C<'_>, _kind: i32, _ptr: i32, _len: i32, ret: i32| {
-            status(write_u32(&mut c, ret, 1))
+        |mut c: C<'_>, kind: i32, ptr: i32, len: i32, ret: i32| {
+            let kind = match kind {
+                0 => FilterMetricKind::Counter,
+                1 => FilterMetricKind::Gauge,
+                2 => FilterMetricKind::Histogram,
+                _ => return Status::BadArgument as i32,
+            };
+            let name = match read(&mut c, ptr, len) {
+                Ok(n) => String::from_utf8_lossy(&n).into_owned(),
+                Err(s) => return s as i32,
+            };
+            let id = c.data().metrics.define(kind, &name);
+            status(write_u32(&mut c, ret, id))
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_increment_metric",
-        |_c: C<'_>, _: i32, _: i64| Status::Ok as i32,
+        |mut c: C<'_>, id: i32, offset: i64| {
+            let Some(m) = c.data_mut().metric(id as u32) else {
+                return Status::NotFound as i32;
+            };
+            match m.kind {
+                FilterMetricKind::Counter if offset < 0 => Status::BadArgument as i32,
+                FilterMetricKind::Counter | FilterMetricKind::Gauge => {
+                    m.add(offset);
+                    Status::Ok as i32
+                }
+                FilterMetricKind::Histogram => Status::BadArgument as i32,
+            }
+        },
     )?;
-    l.func_wrap("env", "proxy_record_metric", |_c: C<'_>, _: i32, _: i64| {
-        Status::Ok as i32
-    })?;
+    l.func_wrap(
+        "env",
+        "proxy_record_metric",
+        |mut c: C<'_>, id: i32, value: i64| {
+            let Some(m) = c.data_mut().metric(id as u32) else {
+                return Status::NotFound as i32;
+            };
+            match m.kind {
+                FilterMetricKind::Counter => m.add(value),
+                FilterMetricKind::Gauge => m.set(value),
+                FilterMetricKind::Histogram => m.record(value as u64),
+            }
+            Status::Ok as i32
+        },
+    )?;
     l.func_wrap(
         "env",
         "proxy_get_metric",
-        |mut c: C<'_>, _: i32, ret: i32| status(write(&mut c, ret, &0u64.to_le_bytes())),
+        |mut c: C<'_>, id: i32, ret: i32| {
+            let Some(m) = c.data_mut().metric(id as u32) else {
+                return Status::NotFound as i32;
+            };
+            if m.kind == FilterMetricKind::Histogram {
+                return Status::BadArgument as i32;
+            }
+            status(write(&mut c, ret, &(m.value() as u64).to_le_bytes()))
+        },
     )?;
     Ok(())
 }

@@ -95,6 +95,10 @@ pub struct FilterSpec {
     pub callback_ticks: u64,
     /// `weft_filter_failures_total{filter, kind}` handles, by [`FailureKind`] order.
     pub failures: [Counter; 4],
+    /// Metrics filters define.
+    pub defined_metrics: Arc<crate::metrics::FilterMetricSet>,
+    /// Whether the module exports `proxy_on_tick`.
+    pub has_tick: bool,
 }
 
 impl FilterSpec {
@@ -123,6 +127,7 @@ struct Exports {
 pub struct FilterInstance {
     store: Store<HostState>,
     exports: Exports,
+    instance_tick: Option<TypedFunc<i32, ()>>,
     next_context: i32,
 }
 
@@ -136,7 +141,11 @@ impl FilterInstance {
         };
         let mut store = Store::new(
             &spec.engine,
-            HostState::new(spec.meta.clone(), spec.memory_bytes),
+            HostState::new(
+                spec.meta.clone(),
+                spec.memory_bytes,
+                spec.defined_metrics.clone(),
+            ),
         );
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
@@ -191,11 +200,30 @@ impl FilterInstance {
                 return Err(start_err(format!("{name} returned false")));
             }
         }
+        let instance_tick = func(&mut store, "proxy_on_tick").and_then(|f| f.typed(&store).ok());
         Ok(Self {
             store,
             exports,
+            instance_tick,
             next_context: ROOT_CONTEXT + 1,
         })
+    }
+
+    /// The tick period the filter asked for (0: none).
+    fn tick_period_ms(&self) -> u32 {
+        self.store.data().tick_period_ms
+    }
+
+    /// `proxy_on_tick` on the root context.
+    fn on_tick(&mut self, ticks: u64) -> Result<(), Failure> {
+        let Some(f) = self.instance_tick.clone() else {
+            return Ok(());
+        };
+        self.store.set_epoch_deadline(ticks);
+        self.store.data_mut().context = ROOT_CONTEXT as u32;
+        self.store.data_mut().info = None;
+        f.call(&mut self.store, ROOT_CONTEXT)
+            .map_err(|e| classify(e, "proxy_on_tick"))
     }
 
     fn new_context(&mut self, ticks: u64) -> Result<i32, Failure> {
@@ -396,6 +424,26 @@ fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
     });
 }
 
+/// Calls `proxy_on_tick` on this worker's instance of filter `idx` at the period it set
+/// (checked again after every tick, so a filter can change or stop it). Runs until the
+/// worker's runtime ends.
+async fn tick_loop(chain: u64, idx: usize, filters: Arc<[FilterSpec]>) {
+    let spec = &filters[idx];
+    loop {
+        let period = with_instance(chain, idx, spec, |inst, _| inst.tick_period_ms()).unwrap_or(0);
+        let wait = if period == 0 { 100 } else { u64::from(period) };
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+        if period == 0 {
+            continue;
+        }
+        if let Ok(Err(failure)) = with_instance(chain, idx, spec, |inst, _| {
+            inst.on_tick(spec.callback_ticks)
+        }) {
+            fail(chain, idx, spec, &failure);
+        }
+    }
+}
+
 static NEXT_CHAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A chain of WASM filters.
@@ -415,10 +463,14 @@ impl WasmChain {
 }
 
 impl FilterChain for WasmChain {
-    /// Starts this worker's instances now rather than on the first request.
+    /// Starts this worker's instances now rather than on the first request, and their tick
+    /// timers.
     fn warm(&self) {
         for (i, spec) in self.filters.iter().enumerate() {
             let _ = with_instance(self.id, i, spec, |_, _| ());
+            if spec.has_tick && tokio::runtime::Handle::try_current().is_ok() {
+                tokio::spawn(tick_loop(self.id, i, self.filters.clone()));
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use http::{Method, StatusCode, Uri, request, response};
 use wasmtime::{Caller, Extern, Memory, StoreLimits, TypedFunc};
 
 use crate::filter::StreamInfo;
+use crate::metrics::{FilterMetric, FilterMetricSet};
 
 /// proxy-wasm status codes (ABI 0.2.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,11 +92,19 @@ pub struct HostState {
     pub alloc: Option<TypedFunc<i32, i32>>,
     /// The guest's memory.
     pub memory: Option<Memory>,
+    /// Metrics the filter defines (shared by all instances).
+    pub metrics: Arc<FilterMetricSet>,
+    /// Metrics this instance has used, by id.
+    pub metric_cache: HashMap<u32, Arc<FilterMetric>>,
 }
 
 impl HostState {
     /// Fresh state for an instance of `plugin` capped at `memory_bytes`.
-    pub fn new(plugin: Arc<PluginMeta>, memory_bytes: usize) -> Self {
+    pub fn new(
+        plugin: Arc<PluginMeta>,
+        memory_bytes: usize,
+        metrics: Arc<FilterMetricSet>,
+    ) -> Self {
         Self {
             limits: wasmtime::StoreLimitsBuilder::new()
                 .memory_size(memory_bytes)
@@ -113,7 +122,19 @@ impl HostState {
             stdout: Vec::new(),
             alloc: None,
             memory: None,
+            metrics,
+            metric_cache: HashMap::new(),
         }
+    }
+
+    /// The filter metric with `id`.
+    pub fn metric(&mut self, id: u32) -> Option<Arc<FilterMetric>> {
+        if let Some(m) = self.metric_cache.get(&id) {
+            return Some(m.clone());
+        }
+        let m = self.metrics.get(id)?;
+        self.metric_cache.insert(id, m.clone());
+        Some(m)
     }
 }
 
@@ -564,7 +585,7 @@ mod tests {
             config: vec![],
             vm_config: vec![],
         });
-        let mut s = HostState::new(meta, 1 << 20);
+        let mut s = HostState::new(meta, 1 << 20, Arc::default());
         let (parts, ()) = http::Request::get("/a/b?q=1")
             .header("host", "svc:8080")
             .header("x-request-id", "rid")

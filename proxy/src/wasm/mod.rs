@@ -175,6 +175,8 @@ impl WasmRuntime {
                 memory_bytes: f.limits.memory_mb as usize * 1024 * 1024,
                 callback_ticks: f.limits.callback_ms.div_ceil(EPOCH_TICK_MS) + 1,
                 failures: metrics.filter_failures(&f.name),
+                defined_metrics: metrics.filter_defined(),
+                has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
             };
             // The canary: if this instance cannot start, no worker's would.
             FilterInstance::start(&spec).map_err(|failure| err(failure.message))?;

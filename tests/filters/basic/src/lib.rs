@@ -7,9 +7,19 @@
 //! - `/panic`, `/loop`, `/grow`: panic, spin forever, grow memory without bound.
 //!
 //! Plugin configuration `refuse` makes `on_configure` return false.
+//!
+//! Metrics: counter `basic_requests`, histogram `basic_request_headers`, gauge
+//! `basic_last_status`, and counter `basic_ticks` bumped by a 50 ms tick.
 
+use std::time::Duration;
+
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, LogLevel};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+
+fn metric(kind: MetricType, name: &str) -> u32 {
+    hostcalls::define_metric(kind, name).unwrap_or(0)
+}
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
@@ -40,7 +50,15 @@ impl RootContext for Root {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
         log::info!("configured with {}", self.config);
-        self.config != "refuse"
+        if self.config == "refuse" {
+            return false;
+        }
+        self.set_tick_period(Duration::from_millis(50));
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_ticks"), 1);
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -112,6 +130,8 @@ impl HttpContext for Stream {
         );
         self.set_http_request_header("x-wasm-properties", Some(&seen));
         let count = self.get_http_request_headers().len();
+        let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_requests"), 1);
+        let _ = hostcalls::record_metric(metric(MetricType::Histogram, "basic_request_headers"), count as u64);
         self.set_http_request_header("x-wasm-header-count", Some(&count.to_string()));
         log::debug!("request {path} passed");
         Action::Continue
@@ -125,6 +145,9 @@ impl HttpContext for Stream {
             .map(i64::from_le_bytes)
             .map_or("<none>".to_owned(), |c| c.to_string());
         self.add_http_response_header("x-wasm-response", &format!("seen {code}"));
+        if let Ok(status) = code.parse::<u64>() {
+            let _ = hostcalls::record_metric(metric(MetricType::Gauge, "basic_last_status"), status);
+        }
         self.set_http_response_header("x-upstream", None);
         Action::Continue
     }
