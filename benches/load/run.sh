@@ -39,6 +39,8 @@ WEFT_PORT=18081
 NGINX_PORT=18082
 HAPROXY_PORT=18083
 WEFT_ADMIN_PORT=18901
+WEFT4_PORT=18084
+WEFT4_ADMIN_PORT=18904
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -77,6 +79,10 @@ if [[ ${NO_BUILD:-0} != 1 ]]; then
   log "building weft-proxy and weft-load (release)"
   (cd "$ROOT" && cargo build --release --quiet -p weft-proxy -p weft-benches \
     --bin weft-proxy --bin weft-load)
+  log "building the no-op proxy-wasm filter (wasm32-wasip1)"
+  rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
+  (cd "$ROOT" && cargo build --release --quiet --target wasm32-wasip1 \
+    --manifest-path tests/filters/Cargo.toml --target-dir "$TARGET_DIR" -p compat-noop)
 fi
 [[ -x $LOAD_BIN && -x $WEFT_BIN ]] || die "release binaries missing; run without NO_BUILD=1"
 
@@ -96,7 +102,9 @@ cleanup() {
 trap cleanup EXIT
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT; do
+NOOP_WASM=$TARGET_DIR/wasm32-wasip1/release/compat_noop.wasm
+[[ -f $NOOP_WASM ]] || die "$NOOP_WASM missing; run without NO_BUILD=1"
+for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT $WEFT4_PORT $WEFT4_ADMIN_PORT; do
   port_in_use "$p" && die "127.0.0.1:$p is already in use"
 done
 
@@ -239,6 +247,29 @@ clusters:
     limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
 EOF
 
+# The same proxy with a chain of four no-op proxy-wasm filters.
+cat >"$TMP/weft4.yaml" <<EOF
+admin: { address: 127.0.0.1:$WEFT4_ADMIN_PORT }
+drain: { timeout_ms: 5000 }
+wasm: { cache_dir: "$TMP/modules" }
+listeners:
+  - name: bench
+    address: 127.0.0.1:$WEFT4_PORT
+    protocol: auto
+    default_cluster: origin
+    filters:
+      - { name: noop1, module: "$NOOP_WASM" }
+      - { name: noop2, module: "$NOOP_WASM" }
+      - { name: noop3, module: "$NOOP_WASM" }
+      - { name: noop4, module: "$NOOP_WASM" }
+clusters:
+  - name: origin
+    protocol: http1
+    lb_policy: round_robin
+    endpoints: [ { address: 127.0.0.1:$ORIGIN_PORT, weight: 1 } ]
+    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
+EOF
+
 # --- start everything ------------------------------------------------------------------------
 mkdir -p "$TMP/origin-tmp" "$TMP/nginx-tmp"
 "$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/check.log" -c "$TMP/origin.conf" || die "origin config"
@@ -250,20 +281,24 @@ ORIGIN_PID=$LAST_PID
 wait_ok "http://127.0.0.1:$ORIGIN_PORT/" || die "origin did not start (see $TMP/origin.log)"
 start weft 1 "$WEFT_BIN" --config "$TMP/weft.yaml" --workers 1 --log-level warn
 WEFT_PID=$LAST_PID
+start weft4 1 "$WEFT_BIN" --config "$TMP/weft4.yaml" --workers 1 --log-level warn
+WEFT4_PID=$LAST_PID
 start nginx 1 "$NGINX_BIN" -p "$TMP" -e "$TMP/nginx.error.log" -c "$TMP/nginx.conf"
 NGINX_PID=$LAST_PID
 start haproxy 1 "$HAPROXY_BIN" -db -f "$TMP/haproxy.cfg"
 HAPROXY_PID=$LAST_PID
 wait_ok "http://127.0.0.1:$WEFT_ADMIN_PORT/ready" || die "weft did not become ready (see $TMP/weft.log)"
+wait_ok "http://127.0.0.1:$WEFT4_ADMIN_PORT/ready" || die "weft4 did not become ready (see $TMP/weft4.log)"
 
 declare -A URL=(
   [direct]="http://127.0.0.1:$ORIGIN_PORT/"
   [weft]="http://127.0.0.1:$WEFT_PORT/"
+  [weft4]="http://127.0.0.1:$WEFT4_PORT/"
   [nginx]="http://127.0.0.1:$NGINX_PORT/"
   [haproxy]="http://127.0.0.1:$HAPROXY_PORT/"
 )
-declare -A ROOT_PID=([weft]=$WEFT_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
-TARGETS=(direct weft nginx haproxy)
+declare -A ROOT_PID=([weft]=$WEFT_PID [weft4]=$WEFT4_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
+TARGETS=(direct weft weft4 nginx haproxy)
 
 for t in "${TARGETS[@]}"; do
   wait_ok "${URL[$t]}" || die "$t does not answer 2xx on ${URL[$t]} (see $TMP/$t.log)"
@@ -312,6 +347,7 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
   --arg haproxy "$("$HAPROXY_BIN" -v | head -1)" \
   --slurpfile dm "$TMP/direct.max.json" --slurpfile dr "$TMP/direct.rate.json" \
   --slurpfile wm "$TMP/weft.max.json" --slurpfile wr "$TMP/weft.rate.json" \
+  --slurpfile fm "$TMP/weft4.max.json" --slurpfile fr "$TMP/weft4.rate.json" \
   --slurpfile nm "$TMP/nginx.max.json" --slurpfile nr "$TMP/nginx.rate.json" \
   --slurpfile hm "$TMP/haproxy.max.json" --slurpfile hr "$TMP/haproxy.rate.json" '
   def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
@@ -328,6 +364,7 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
   def ratio($a; $b): if $a == null or $b == null or $b <= 0 then null else $a / $b end;
   ($dr[0].latency_ms.p50) as $d50
   | { direct: row($dm[0]; $dr[0]; null), weft: row($wm[0]; $wr[0]; $d50),
+      weft4: row($fm[0]; $fr[0]; $d50),
       nginx: row($nm[0]; $nr[0]; $d50), haproxy: row($hm[0]; $hr[0]; $d50) } as $rows
   | { setup: { host: $host, nginx: $nginx, haproxy: $haproxy, duration_secs: $duration,
                max_connections: $max_conns, rate: $rate, rate_connections: $rate_conns,
@@ -338,7 +375,11 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
         max_rps: ratio($rows.weft.max_rps; $rows.nginx.max_rps),
         cpu_per_req_at_rate: ratio($rows.weft.cpu_us_per_req_at_rate; $rows.nginx.cpu_us_per_req_at_rate),
         cpu_per_req_at_max: ratio($rows.weft.cpu_us_per_req_at_max; $rows.nginx.cpu_us_per_req_at_max),
-        added_p50: ratio($rows.weft.added_p50_ms; $rows.nginx.added_p50_ms) } }
+        added_p50: ratio($rows.weft.added_p50_ms; $rows.nginx.added_p50_ms) },
+      weft4_vs_weft: {
+        cpu_per_req_at_rate: ratio($rows.weft4.cpu_us_per_req_at_rate; $rows.weft.cpu_us_per_req_at_rate),
+        cpu_per_req_at_max: ratio($rows.weft4.cpu_us_per_req_at_max; $rows.weft.cpu_us_per_req_at_max),
+        max_rps: ratio($rows.weft4.max_rps; $rows.weft.max_rps) } }
 ' >"$OUT"
 
 fmt() { # fmt VALUE PRINTF-FORMAT : "–" for null
@@ -371,7 +412,12 @@ printf '| **weft ÷ nginx** | %s | | | %s | %s | %s | | |\n' \
   "$(fmt "$(get .weft_vs_nginx.added_p50)" '%.2f×')" \
   "$(fmt "$(get .weft_vs_nginx.cpu_per_req_at_rate)" '%.2f×')" \
   "$(fmt "$(get .weft_vs_nginx.cpu_per_req_at_max)" '%.2f×')"
+printf '| **weft4 ÷ weft** | %s | | | | %s | %s | | |\n' \
+  "$(fmt "$(get .weft4_vs_weft.max_rps)" '%.2f×')" \
+  "$(fmt "$(get .weft4_vs_weft.cpu_per_req_at_rate)" '%.2f×')" \
+  "$(fmt "$(get .weft4_vs_weft.cpu_per_req_at_max)" '%.2f×')"
 echo
+echo "weft4 = Weft with a chain of 4 no-op proxy-wasm filters (tests/filters/noop)."
 echo "JSON: $OUT"
 
 failed=$(get '[.results[].failed] | add')

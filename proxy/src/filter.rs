@@ -43,7 +43,7 @@ pub enum ResponseDecision {
 }
 
 /// Facts about a stream that filters can read (as proxy-wasm properties).
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct StreamInfo {
     /// The downstream peer.
     pub source: SocketAddr,

@@ -3,7 +3,6 @@
 //! policies applied per callback.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -216,7 +215,7 @@ impl FilterInstance {
 
     /// `proxy_on_tick` on the root context.
     fn on_tick(&mut self, ticks: u64) -> Result<(), Failure> {
-        let Some(f) = self.instance_tick.clone() else {
+        let Some(f) = &self.instance_tick else {
             return Ok(());
         };
         self.store.set_epoch_deadline(ticks);
@@ -247,13 +246,13 @@ impl FilterInstance {
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<Option<LocalResponse>, Failure> {
-        let Some(f) = self.exports.on_request_headers.clone() else {
+        let Some(f) = &self.exports.on_request_headers else {
             return Ok(None);
         };
         let n = head.headers.len() as i32 + 4;
         let data = self.store.data_mut();
         data.request = Some(std::mem::replace(head, empty_request()));
-        data.info = Some(info.clone());
+        data.info = Some(*info);
         data.context = context as u32;
         data.local_response = None;
         self.store.set_epoch_deadline(ticks);
@@ -276,13 +275,13 @@ impl FilterInstance {
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<Option<LocalResponse>, Failure> {
-        let Some(f) = self.exports.on_response_headers.clone() else {
+        let Some(f) = &self.exports.on_response_headers else {
             return Ok(None);
         };
         let n = head.headers.len() as i32 + 1;
         let data = self.store.data_mut();
         data.response = Some(std::mem::replace(head, empty_response()));
-        data.info = Some(info.clone());
+        data.info = Some(*info);
         data.context = context as u32;
         data.local_response = None;
         self.store.set_epoch_deadline(ticks);
@@ -299,18 +298,18 @@ impl FilterInstance {
     /// `on_done`, `on_log`, `on_delete` for a finished stream's context.
     fn end_context(&mut self, ticks: u64, context: i32, info: &StreamInfo) -> Result<(), Failure> {
         let data = self.store.data_mut();
-        data.info = Some(info.clone());
+        data.info = Some(*info);
         data.context = context as u32;
         self.store.set_epoch_deadline(ticks);
-        if let Some(f) = self.exports.on_done.clone() {
+        if let Some(f) = &self.exports.on_done {
             f.call(&mut self.store, context)
                 .map_err(|e| classify(e, "proxy_on_done"))?;
         }
-        if let Some(f) = self.exports.on_log.clone() {
+        if let Some(f) = &self.exports.on_log {
             f.call(&mut self.store, context)
                 .map_err(|e| classify(e, "proxy_on_log"))?;
         }
-        if let Some(f) = self.exports.on_delete.clone() {
+        if let Some(f) = &self.exports.on_delete {
             f.call(&mut self.store, context)
                 .map_err(|e| classify(e, "proxy_on_delete"))?;
         }
@@ -345,7 +344,8 @@ enum Slot {
 }
 
 thread_local! {
-    static SLOTS: RefCell<HashMap<(u64, usize), Slot>> = RefCell::new(HashMap::new());
+    /// This worker's instances, indexed by slot number (`WasmChain::slot_base + filter`).
+    static SLOTS: RefCell<Vec<Option<Slot>>> = const { RefCell::new(Vec::new()) };
 }
 
 const RELOAD_BACKOFF_START: Duration = Duration::from_millis(100);
@@ -361,9 +361,12 @@ fn with_instance<R>(
 ) -> Result<R, ()> {
     SLOTS.with(|slots| {
         let mut slots = slots.borrow_mut();
-        let now = Instant::now();
-        let slot = slots.entry((chain, idx)).or_insert(Slot::Failed {
-            retry_at: Some(now),
+        let n = chain as usize + idx;
+        if slots.len() <= n {
+            slots.resize_with(n + 1, || None);
+        }
+        let slot = slots[n].get_or_insert_with(|| Slot::Failed {
+            retry_at: Some(Instant::now()),
             backoff: Duration::ZERO,
             generation: 0,
         });
@@ -372,8 +375,9 @@ fn with_instance<R>(
             backoff,
             generation,
         } = slot
-            && *at <= now
+            && *at <= Instant::now()
         {
+            let now = Instant::now();
             let (backoff, generation) = (*backoff, *generation);
             *slot = match FilterInstance::start(spec) {
                 Ok(instance) => Slot::Live {
@@ -406,21 +410,22 @@ fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
     spec.count(failure);
     SLOTS.with(|slots| {
         let mut slots = slots.borrow_mut();
-        let generation = match slots.get(&(chain, idx)) {
+        let n = chain as usize + idx;
+        if slots.len() <= n {
+            slots.resize_with(n + 1, || None);
+        }
+        let generation = match &slots[n] {
             Some(Slot::Live { generation, .. }) | Some(Slot::Failed { generation, .. }) => {
                 *generation
             }
             None => 0,
         };
         let retry_at = (spec.policy == FailurePolicy::Reload).then(Instant::now);
-        slots.insert(
-            (chain, idx),
-            Slot::Failed {
-                retry_at,
-                backoff: Duration::ZERO,
-                generation,
-            },
-        );
+        slots[n] = Some(Slot::Failed {
+            retry_at,
+            backoff: Duration::ZERO,
+            generation,
+        });
     });
 }
 
@@ -444,10 +449,12 @@ async fn tick_loop(chain: u64, idx: usize, filters: Arc<[FilterSpec]>) {
     }
 }
 
-static NEXT_CHAIN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// The next free slot number: each chain takes one per filter, so slot tables stay dense.
+static NEXT_SLOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// A chain of WASM filters.
 pub struct WasmChain {
+    /// Slot number of the first filter; filter `i` uses `id + i`.
     id: u64,
     filters: Arc<[FilterSpec]>,
 }
@@ -455,8 +462,9 @@ pub struct WasmChain {
 impl WasmChain {
     /// A chain of `filters`, in request order.
     pub fn new(filters: Vec<FilterSpec>) -> Self {
+        let n = filters.len() as u64;
         Self {
-            id: NEXT_CHAIN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id: NEXT_SLOT.fetch_add(n, std::sync::atomic::Ordering::Relaxed),
             filters: filters.into(),
         }
     }

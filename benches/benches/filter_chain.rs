@@ -1,0 +1,113 @@
+//! What do WASM filters cost per request?
+//!
+//! Each iteration is one stream through a chain, as the request path runs it: start the
+//! stream, request headers, response headers, finish (on_done, on_log, on_delete).
+//!
+//! - `filter_chain/baseline`: building the request and response heads only (subtract it);
+//! - `filter_chain/noop_x1`, `noop_x4`: one and four no-op filters (upstream proxy-wasm SDK);
+//! - `filter_chain/hostcalls_x100`: one filter reading a request header 100 times through
+//!   `proxy_get_header_map_value`; (this − noop_x1) / 100 is one host call.
+//!
+//! The guests come from `tests/filters/` built for wasm32-wasip1 (`tests/run.sh` or
+//! `benches/load/run.sh` build them).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use weft_proxy::config::{FailurePolicy, FilterConfig, FilterLimits};
+use weft_proxy::filter::{FilterChain, StreamInfo};
+use weft_proxy::metrics::Metrics;
+use weft_proxy::wasm::{WasmChain, WasmRuntime};
+
+fn guest(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let target = exe.ancestors().nth(3).expect("target dir");
+    let path = target.join(format!("wasm32-wasip1/release/{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} missing: build tests/filters for wasm32-wasip1 first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
+fn chain(rt: &WasmRuntime, metrics: &Metrics, module: &str, n: usize) -> WasmChain {
+    let filters: Vec<FilterConfig> = (0..n)
+        .map(|i| FilterConfig {
+            name: format!("{module}-{i}"),
+            module: guest(module),
+            root_id: String::new(),
+            config: serde_json::Value::Null,
+            vm_config: serde_json::Value::Null,
+            failure_policy: FailurePolicy::FailClosed,
+            limits: FilterLimits::default(),
+        })
+        .collect();
+    rt.build_chain("bench", &filters, metrics).expect("chain")
+}
+
+fn heads() -> (http::request::Parts, http::response::Parts) {
+    let (req, ()) = http::Request::get("/api/v1/items?page=2")
+        .header("host", "service2:8080")
+        .header("user-agent", "bench/1.0")
+        .header("accept", "application/json")
+        .header("x-request-id", "6b1f7a2e-4c3d-4e5f-8a9b-0c1d2e3f4a5b")
+        .header("x-forwarded-for", "10.1.2.3")
+        .body(())
+        .expect("request")
+        .into_parts();
+    let (resp, ()) = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/json")
+        .header("content-length", "42")
+        .body(())
+        .expect("response")
+        .into_parts();
+    (req, resp)
+}
+
+fn one_stream(chain: &WasmChain, info: &StreamInfo) {
+    let (mut req, mut resp) = heads();
+    let mut stream = chain.start_stream(info.clone());
+    black_box(stream.on_request_headers(&mut req, true));
+    black_box(stream.on_response_headers(&mut resp, false));
+    stream.finish();
+}
+
+fn filter_chain(c: &mut Criterion) {
+    let cache = std::env::temp_dir().join("weft-bench-module-cache");
+    let rt = WasmRuntime::new(Some(cache)).expect("runtime");
+    let metrics = Metrics::new();
+    let info = StreamInfo {
+        source: "10.1.2.3:40000".parse().expect("addr"),
+        destination: "127.0.0.1:15001".parse().expect("addr"),
+        start_ns: 0,
+        start_unix_ns: 0,
+        connection_id: 1,
+    };
+    let noop1 = chain(&rt, &metrics, "compat_noop", 1);
+    let noop4 = chain(&rt, &metrics, "compat_noop", 4);
+    let calls = chain(&rt, &metrics, "compat_hostcalls", 1);
+
+    let mut group = c.benchmark_group("filter_chain");
+    group.bench_function("baseline", |b| b.iter(|| black_box(heads())));
+    group.bench_function("noop_x1", |b| b.iter(|| one_stream(&noop1, &info)));
+    group.bench_function("noop_x4", |b| b.iter(|| one_stream(&noop4, &info)));
+    group.bench_function("hostcalls_x100", |b| b.iter(|| one_stream(&calls, &info)));
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+        .sample_size(30)
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = filter_chain
+}
+criterion_main!(benches);
