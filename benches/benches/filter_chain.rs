@@ -69,7 +69,7 @@ fn heads() -> (http::request::Parts, http::response::Parts) {
 
 fn one_stream(chain: &WasmChain, info: &StreamInfo) {
     let (mut req, mut resp) = heads();
-    let mut stream = chain.start_stream(info.clone());
+    let mut stream = chain.start_stream(*info);
     black_box(stream.on_request_headers(&mut req, true));
     black_box(stream.on_response_headers(&mut resp, false));
     stream.finish();
