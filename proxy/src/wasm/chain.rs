@@ -237,61 +237,33 @@ impl FilterInstance {
         Ok(id)
     }
 
-    /// Runs `on_request_headers` for `context` with the head moved into the store.
-    fn request_headers(
+    /// Runs the headers callback of `H` (request or response) for `context`, with the head
+    /// moved into the store for the duration of the call and back out after it, trap or not.
+    fn headers<H: Head>(
         &mut self,
         ticks: u64,
         context: i32,
-        head: &mut request::Parts,
+        head: &mut H,
         info: &StreamInfo,
         end_of_stream: bool,
     ) -> Result<Option<LocalResponse>, Failure> {
-        let Some(f) = &self.exports.on_request_headers else {
+        let Some(f) = H::callback(&self.exports) else {
             return Ok(None);
         };
-        let n = head.headers.len() as i32 + 4;
+        let n = head.pairs();
         let data = self.store.data_mut();
-        data.request = Some(std::mem::replace(head, empty_request()));
+        *H::slot(data) = Some(std::mem::replace(head, H::empty()));
         data.info = Some(*info);
         data.context = context as u32;
         data.local_response = None;
         self.store.set_epoch_deadline(ticks);
         let result = f.call(&mut self.store, (context, n, end_of_stream as i32));
         let data = self.store.data_mut();
-        if let Some(back) = data.request.take() {
+        if let Some(back) = H::slot(data).take() {
             *head = back;
         }
         let local = data.local_response.take();
-        result.map_err(|e| classify(e, "proxy_on_request_headers"))?;
-        Ok(local)
-    }
-
-    /// Runs `on_response_headers` for `context` with the head moved into the store.
-    fn response_headers(
-        &mut self,
-        ticks: u64,
-        context: i32,
-        head: &mut response::Parts,
-        info: &StreamInfo,
-        end_of_stream: bool,
-    ) -> Result<Option<LocalResponse>, Failure> {
-        let Some(f) = &self.exports.on_response_headers else {
-            return Ok(None);
-        };
-        let n = head.headers.len() as i32 + 1;
-        let data = self.store.data_mut();
-        data.response = Some(std::mem::replace(head, empty_response()));
-        data.info = Some(*info);
-        data.context = context as u32;
-        data.local_response = None;
-        self.store.set_epoch_deadline(ticks);
-        let result = f.call(&mut self.store, (context, n, end_of_stream as i32));
-        let data = self.store.data_mut();
-        if let Some(back) = data.response.take() {
-            *head = back;
-        }
-        let local = data.local_response.take();
-        result.map_err(|e| classify(e, "proxy_on_response_headers"))?;
+        result.map_err(|e| classify(e, H::CALLBACK))?;
         Ok(local)
     }
 
@@ -321,12 +293,50 @@ impl FilterInstance {
     }
 }
 
-fn empty_request() -> request::Parts {
-    http::Request::new(()).into_parts().0
+/// A request or response head, as a headers callback sees it.
+trait Head: Sized {
+    /// The export's name.
+    const CALLBACK: &'static str;
+    /// The export to call.
+    fn callback(e: &Exports) -> Option<&TypedFunc<(i32, i32, i32), i32>>;
+    /// Where the head lives in the store during the call.
+    fn slot(state: &mut HostState) -> &mut Option<Self>;
+    /// A placeholder left behind while the head is in the store.
+    fn empty() -> Self;
+    /// Header count the guest is told, pseudo-headers included.
+    fn pairs(&self) -> i32;
 }
 
-fn empty_response() -> response::Parts {
-    http::Response::new(()).into_parts().0
+impl Head for request::Parts {
+    const CALLBACK: &'static str = "proxy_on_request_headers";
+    fn callback(e: &Exports) -> Option<&TypedFunc<(i32, i32, i32), i32>> {
+        e.on_request_headers.as_ref()
+    }
+    fn slot(state: &mut HostState) -> &mut Option<Self> {
+        &mut state.request
+    }
+    fn empty() -> Self {
+        http::Request::new(()).into_parts().0
+    }
+    fn pairs(&self) -> i32 {
+        self.headers.len() as i32 + 4
+    }
+}
+
+impl Head for response::Parts {
+    const CALLBACK: &'static str = "proxy_on_response_headers";
+    fn callback(e: &Exports) -> Option<&TypedFunc<(i32, i32, i32), i32>> {
+        e.on_response_headers.as_ref()
+    }
+    fn slot(state: &mut HostState) -> &mut Option<Self> {
+        &mut state.response
+    }
+    fn empty() -> Self {
+        http::Response::new(()).into_parts().0
+    }
+    fn pairs(&self) -> i32 {
+        self.headers.len() as i32 + 1
+    }
 }
 
 /// A worker's instance of one filter.
@@ -615,7 +625,7 @@ impl FilterStream for WasmStream {
     ) -> RequestDecision {
         for idx in 0..self.filters.len() {
             let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.request_headers(ticks, ctx, head, info, end_of_stream)
+                inst.headers(ticks, ctx, head, info, end_of_stream)
             });
             let failure = match step {
                 Step::Go => continue,
@@ -640,7 +650,7 @@ impl FilterStream for WasmStream {
                 continue; // the stream never reached this filter
             }
             let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.response_headers(ticks, ctx, head, info, end_of_stream)
+                inst.headers(ticks, ctx, head, info, end_of_stream)
             });
             let failure = match step {
                 Step::Go => continue,
