@@ -44,7 +44,8 @@ fn chain(rt: &WasmRuntime, metrics: &Metrics, module: &str, n: usize) -> WasmCha
             limits: FilterLimits::default(),
         })
         .collect();
-    rt.build_chain("bench", &filters, metrics).expect("chain")
+    rt.build_chain("bench", &filters, &[], metrics)
+        .expect("chain")
 }
 
 fn heads() -> (http::request::Parts, http::response::Parts) {

@@ -21,6 +21,31 @@ pub enum RequestDecision {
     },
     /// Answer the request locally with this response; nothing goes upstream.
     Respond(LocalReply),
+    /// Hold the request until these HTTP callouts are answered, then call
+    /// [`FilterStream::resume_request`] with their outcomes.
+    Pause(Vec<Callout>),
+}
+
+/// An HTTP request a filter sends to a cluster of the proxy (`proxy_http_call`).
+#[derive(Debug)]
+pub struct Callout {
+    /// Token the filter got for it.
+    pub token: u32,
+    /// Name of the cluster to send it to.
+    pub cluster: String,
+    /// The request (origin-form URI, `host` header set).
+    pub request: http::Request<Bytes>,
+    /// Time allowed for the response.
+    pub timeout: std::time::Duration,
+}
+
+/// How a callout ended.
+#[derive(Debug)]
+pub struct CalloutOutcome {
+    /// The callout's token.
+    pub token: u32,
+    /// The response head and body, or why there is none.
+    pub response: Result<(response::Parts, Bytes), String>,
 }
 
 /// A response made by a filter.
@@ -72,6 +97,14 @@ pub trait FilterStream: Send {
         &mut self,
         head: &mut request::Parts,
         end_of_stream: bool,
+    ) -> RequestDecision;
+    /// Called with the outcomes of the callouts a [`RequestDecision::Pause`] asked for;
+    /// carries on along the chain from the filter that paused.
+    fn resume_request(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+        outcomes: Vec<CalloutOutcome>,
     ) -> RequestDecision;
     /// Called with the response head, in reverse chain order; may rewrite or replace it.
     fn on_response_headers(

@@ -111,7 +111,10 @@ impl Proxy {
             let rt = runtime
                 .as_ref()
                 .ok_or_else(|| StartError::WasmHost(anyhow::anyhow!("filter host unavailable")))?;
-            chains.push(Some(rt.build_chain(&l.name, &l.filters, &metrics)?));
+            let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
+            chains.push(Some(
+                rt.build_chain(&l.name, &l.filters, &clusters, &metrics)?,
+            ));
         }
         let bind_err = |what: String, address: SocketAddr| {
             move |source: std::io::Error| StartError::Bind {

@@ -23,7 +23,8 @@ use crate::clock;
 use crate::cluster::{Cluster, Limit, RequestPermit};
 use crate::config::UpstreamProtocol;
 use crate::filter::{
-    ChainSlot, FilterStream, LocalReply, RequestDecision, ResponseDecision, StreamInfo,
+    Callout, CalloutOutcome, ChainSlot, FilterStream, LocalReply, RequestDecision,
+    ResponseDecision, StreamInfo,
 };
 use crate::framing::FramingVerdicts;
 use crate::headers;
@@ -135,15 +136,29 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
                 .map_or(0, |d| d.as_nanos() as u64),
             connection_id: conn.id,
         };
+        let end_of_stream = body.is_end_stream();
         let filters = stream.filters.insert(chain.start_stream(info));
-        match filters.on_request_headers(&mut head, body.is_end_stream()) {
-            RequestDecision::Continue { cluster: Some(c) } if c < ctx.clusters.len() => {
-                cluster_idx = c
+        let mut decision = filters.on_request_headers(&mut head, end_of_stream);
+        loop {
+            match decision {
+                RequestDecision::Continue { cluster: Some(c) } if c < ctx.clusters.len() => {
+                    cluster_idx = c
+                }
+                RequestDecision::Continue { .. } => {}
+                RequestDecision::Respond(reply) => {
+                    return finish(ctx, cluster_idx, filter_reply(reply, stream));
+                }
+                RequestDecision::Pause(callouts) => {
+                    let mut outcomes = Vec::with_capacity(callouts.len());
+                    for callout in callouts {
+                        outcomes.push(run_callout(ctx, callout).await);
+                    }
+                    let filters = stream.filters.as_mut().expect("set above");
+                    decision = filters.resume_request(&mut head, end_of_stream, outcomes);
+                    continue;
+                }
             }
-            RequestDecision::Continue { .. } => {}
-            RequestDecision::Respond(reply) => {
-                return finish(ctx, cluster_idx, filter_reply(reply, stream));
-            }
+            break;
         }
     }
     let cluster = &ctx.clusters[cluster_idx];
@@ -351,6 +366,58 @@ fn overflow_reply(limit: Limit, stream: Box<Stream>) -> Response<ResponseBody> {
         HeaderValue::from_static(limit.as_str()),
     );
     resp
+}
+
+/// Largest callout response body kept for the filter.
+const CALLOUT_BODY_LIMIT: usize = 1024 * 1024;
+
+/// Sends a filter's HTTP callout to its cluster (balanced, pooled and limited like any
+/// request) and reads the whole response within the callout's timeout.
+async fn run_callout(ctx: &ListenerCtx, callout: Callout) -> CalloutOutcome {
+    let token = callout.token;
+    let response = async {
+        let cluster = ctx
+            .clusters
+            .iter()
+            .find(|c| c.name == callout.cluster)
+            .ok_or_else(|| format!("no cluster `{}`", callout.cluster))?;
+        let _permit = cluster
+            .admit_request()
+            .map_err(|l| format!("overflow: {}", l.as_str()))?;
+        let ep = worker::pick(cluster, clock::now_ms()).ok_or("no healthy upstream")?;
+        let endpoint = cluster.endpoints[ep].clone();
+        let (mut head, body) = callout.request.into_parts();
+        set_upstream_target(&mut head, cluster.protocol).map_err(|(_, why)| why.trim())?;
+        let req = Request::from_parts(head, RequestBody::Full { body: body.into() });
+        cluster.begin_endpoint_request(&endpoint);
+        let result = async {
+            let (resp, pooled) = upstream::send(cluster, ep, req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (head, body) = resp.into_parts();
+            let limited = http_body_util::Limited::new(body, CALLOUT_BODY_LIMIT);
+            let bytes = http_body_util::BodyExt::collect(limited)
+                .await
+                .map_err(|e| format!("callout body: {e}"))?
+                .to_bytes();
+            if let Some(p) = pooled {
+                p.release();
+            }
+            Ok::<_, String>((head, bytes))
+        }
+        .await;
+        cluster.end_endpoint_request(&endpoint);
+        match &result {
+            Ok((head, _)) if !head.status.is_server_error() => cluster.record_success(&endpoint),
+            _ => cluster.record_failure(&endpoint),
+        }
+        result
+    };
+    let response = match tokio::time::timeout(callout.timeout, response).await {
+        Ok(r) => r,
+        Err(_) => Err("callout timed out".to_owned()),
+    };
+    CalloutOutcome { token, response }
 }
 
 /// A response a filter made.

@@ -297,3 +297,79 @@ async fn a_restart_with_a_warm_cache_does_not_recompile() {
     );
     assert_eq!(call(&second, "/").await, (200, true));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_callout_allows_or_denies_the_request() {
+    let svc = Upstream::start("svc").await;
+    let mut auth = Upstream::start("auth").await;
+    let yaml = format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+listeners:
+  - name: ingress
+    address: \"{{listen}}\"
+    default_cluster: svc
+    filters:
+      - {{ name: authz, module: \"{module}\", config: auth }}
+clusters:
+  - {{ name: svc, endpoints: [ {{ address: \"{svc}\" }} ] }}
+  - name: auth
+    connect_timeout_ms: 300
+    outlier: {{ consecutive_failures: 0 }}
+    endpoints: [ {{ address: \"{auth}\" }} ]
+",
+        cache = shared_module_cache().display(),
+        module = guest_filter("compat_callout").display(),
+        svc = svc.address(),
+        auth = auth.address(),
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    for client in [h1_client(), h2_client()] {
+        // Allowed: the filter's edits made while paused reach the upstream.
+        let got = get(&client, &proxy.url("/orders")).await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        let echo = got.echo();
+        assert_eq!(echo["headers"]["x-auth"][0], "ok");
+        assert_eq!(
+            echo["headers"]["x-auth-body"][0], "status 200",
+            "callout body read"
+        );
+
+        // Denied: a local 403, nothing reaches the service.
+        let before = svc.hits();
+        let req = Request::get(proxy.url("/orders"))
+            .header("x-auth-status", "403")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let got = send(&client, req).await.unwrap();
+        assert_eq!(got.status, 403);
+        assert_eq!(got.header("x-auth-status"), "403");
+        assert_eq!(got.body, "denied by auth\n");
+        assert_eq!(svc.hits(), before);
+    }
+    assert_eq!(auth.hits(), 4);
+
+    // No callout for /public.
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/public"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(auth.hits(), 4);
+
+    // The auth service is down: the filter gets no answer and denies.
+    auth.kill();
+    let got = get(&h1_client(), &proxy.url("/orders")).await.unwrap();
+    assert_eq!(got.status, 403, "{got:?}");
+    assert_eq!(got.header("x-auth-status"), "none");
+    // The proxy keeps serving what needs no callout.
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/public"))
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}

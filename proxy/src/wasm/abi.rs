@@ -181,6 +181,10 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_len: i32| {
             let data = match kind {
+                4 => match &c.data().callout_response {
+                    Some(r) => r.body.clone(),
+                    None => return Ok(Status::NotFound as i32),
+                },
                 6 => c.data().plugin.vm_config.clone(),
                 7 => c.data().plugin.config.clone(),
                 _ => return Ok(Status::NotFound as i32),
@@ -195,6 +199,10 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_get_buffer_status",
         |mut c: C<'_>, kind: i32, len_ptr: i32, flags_ptr: i32| {
             let len = match kind {
+                4 => match &c.data().callout_response {
+                    Some(r) => r.body.len(),
+                    None => return Status::NotFound as i32,
+                },
                 6 => c.data().plugin.vm_config.len(),
                 7 => c.data().plugin.config.len(),
                 _ => return Status::NotFound as i32,
@@ -358,11 +366,13 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Status::Ok as i32
         },
     )?;
-    // Streams are never paused by this host yet: continuing is a no-op.
+    // Continuing marks a paused request as resumed; closing ends it with a local 503.
     for name in ["proxy_continue_stream", "proxy_close_stream"] {
         let close = name == "proxy_close_stream";
         l.func_wrap("env", name, move |mut c: C<'_>, _stream: i32| {
-            if close && c.data().local_response.is_none() {
+            if !close {
+                c.data_mut().resumed = true;
+            } else if c.data().local_response.is_none() {
                 c.data_mut().local_response = Some(LocalResponse {
                     status: 503,
                     details: "closed_by_filter".into(),
@@ -373,8 +383,11 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Status::Ok as i32
         })?;
     }
+    l.func_wrap("env", "proxy_continue_request", |mut c: C<'_>| {
+        c.data_mut().resumed = true;
+        Status::Ok as i32
+    })?;
     for name in [
-        "proxy_continue_request",
         "proxy_continue_response",
         "proxy_clear_route_cache",
         "proxy_done",
@@ -392,21 +405,55 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Status::Ok as i32
         },
     )?;
-    // Callouts are not implemented yet: refused with the status the SDKs expect.
+    // A callout: validated and queued; the request path sends it once the callback returns
+    // Pause, and delivers the response with proxy_on_http_call_response.
     l.func_wrap(
         "env",
         "proxy_http_call",
-        |_c: C<'_>,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32,
-         _: i32| { Status::InternalFailure as i32 },
+        |mut c: C<'_>,
+         up_ptr: i32,
+         up_len: i32,
+         h_ptr: i32,
+         h_len: i32,
+         b_ptr: i32,
+         b_len: i32,
+         _t_ptr: i32,
+         _t_len: i32,
+         timeout_ms: i32,
+         ret_token: i32| {
+            let read_all = |c: &mut C<'_>| -> Result<_, Status> {
+                Ok((
+                    read(c, up_ptr, up_len)?,
+                    read(c, h_ptr, h_len)?,
+                    read(c, b_ptr, b_len)?,
+                ))
+            };
+            let (cluster, headers, body) = match read_all(&mut c) {
+                Ok(x) => x,
+                Err(s) => return s as i32,
+            };
+            let cluster = String::from_utf8_lossy(&cluster).into_owned();
+            if !c.data().clusters.contains(&cluster) {
+                return Status::BadArgument as i32;
+            }
+            let Some(request) = deserialize_map(&headers).and_then(|h| callout_request(&h, body))
+            else {
+                return Status::BadArgument as i32;
+            };
+            let token = c.data().last_token.wrapping_add(1).max(1);
+            if write_u32(&mut c, ret_token, token).is_err() {
+                return Status::InvalidMemoryAccess as i32;
+            }
+            let data = c.data_mut();
+            data.last_token = token;
+            data.callouts.push(crate::filter::Callout {
+                token,
+                cluster,
+                request,
+                timeout: std::time::Duration::from_millis(u64::from(timeout_ms as u32).max(1)),
+            });
+            Status::Ok as i32
+        },
     )?;
     l.func_wrap(
         "env",
@@ -581,6 +628,28 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         },
     )?;
     Ok(())
+}
+
+/// A callout request from its header map: `:method`, `:path` and `:authority` are required.
+fn callout_request(
+    pairs: &[(Vec<u8>, Vec<u8>)],
+    body: Vec<u8>,
+) -> Option<http::Request<bytes::Bytes>> {
+    let pseudo = |name: &[u8]| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| &v[..]);
+    let mut req = http::Request::builder()
+        .method(http::Method::from_bytes(pseudo(b":method")?).ok()?)
+        .uri(http::Uri::try_from(pseudo(b":path")?).ok()?)
+        .header(
+            http::header::HOST,
+            http::HeaderValue::from_bytes(pseudo(b":authority")?).ok()?,
+        );
+    for (k, v) in pairs.iter().filter(|(k, _)| !k.starts_with(b":")) {
+        req = req.header(
+            http::HeaderName::from_bytes(k).ok()?,
+            http::HeaderValue::from_bytes(v).ok()?,
+        );
+    }
+    req.body(bytes::Bytes::from(body)).ok()
 }
 
 fn warn_invalid(c: &C<'_>) {

@@ -15,7 +15,8 @@ use wasmtime::{Engine, InstancePre, Store, Trap, TypedFunc};
 use super::host::{HostState, LocalResponse, PluginMeta};
 use crate::config::FailurePolicy;
 use crate::filter::{
-    FilterChain, FilterStream, LocalReply, RequestDecision, ResponseDecision, StreamInfo,
+    Callout, CalloutOutcome, FilterChain, FilterStream, LocalReply, RequestDecision,
+    ResponseDecision, StreamInfo,
 };
 
 /// Epoch ticks allowed to lifecycle callbacks (`_initialize`, `on_vm_start`, `on_configure`).
@@ -98,6 +99,8 @@ pub struct FilterSpec {
     pub defined_metrics: Arc<crate::metrics::FilterMetricSet>,
     /// Whether the module exports `proxy_on_tick`.
     pub has_tick: bool,
+    /// Names of the clusters callouts may go to.
+    pub clusters: Arc<[String]>,
 }
 
 impl FilterSpec {
@@ -113,10 +116,14 @@ impl FilterSpec {
     }
 }
 
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
 struct Exports {
     on_context_create: TypedFunc<(i32, i32), ()>,
     on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
     on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_http_call_response: Option<CallResponseFn>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
@@ -144,6 +151,7 @@ impl FilterInstance {
                 spec.meta.clone(),
                 spec.memory_bytes,
                 spec.defined_metrics.clone(),
+                spec.clusters.clone(),
             ),
         );
         store.limiter(|s| &mut s.limits);
@@ -171,6 +179,8 @@ impl FilterInstance {
                 })?,
             on_request_headers: typed3(&mut store, "proxy_on_request_headers"),
             on_response_headers: typed3(&mut store, "proxy_on_response_headers"),
+            on_http_call_response: func(&mut store, "proxy_on_http_call_response")
+                .and_then(|f| f.typed(&store).ok()),
             on_done: func(&mut store, "proxy_on_done").and_then(|f| f.typed(&store).ok()),
             on_log: func(&mut store, "proxy_on_log").and_then(|f| f.typed(&store).ok()),
             on_delete: func(&mut store, "proxy_on_delete").and_then(|f| f.typed(&store).ok()),
@@ -246,25 +256,92 @@ impl FilterInstance {
         head: &mut H,
         info: &StreamInfo,
         end_of_stream: bool,
-    ) -> Result<Option<LocalResponse>, Failure> {
-        let Some(f) = H::callback(&self.exports) else {
-            return Ok(None);
-        };
+    ) -> Result<Callback, Failure> {
+        if H::callback(&self.exports).is_none() {
+            return Ok(Callback::default());
+        }
         let n = head.pairs();
+        self.enter(head, info, context);
+        self.store.set_epoch_deadline(ticks);
+        let result = match H::callback(&self.exports) {
+            Some(f) => f.call(&mut self.store, (context, n, end_of_stream as i32)),
+            None => Ok(0),
+        };
+        let outcome = self.leave(head);
+        let action = result.map_err(|e| classify(e, H::CALLBACK))?;
+        Ok(Callback {
+            paused: action == 1,
+            ..outcome
+        })
+    }
+
+    /// Moves a head into the store and resets the per-callback state.
+    fn enter<H: Head>(&mut self, head: &mut H, info: &StreamInfo, context: i32) {
         let data = self.store.data_mut();
         *H::slot(data) = Some(std::mem::replace(head, H::empty()));
         data.info = Some(*info);
         data.context = context as u32;
         data.local_response = None;
-        self.store.set_epoch_deadline(ticks);
-        let result = f.call(&mut self.store, (context, n, end_of_stream as i32));
+        data.callouts.clear();
+        data.resumed = false;
+    }
+
+    /// Moves the head back out and collects what the callback asked for.
+    fn leave<H: Head>(&mut self, head: &mut H) -> Callback {
         let data = self.store.data_mut();
         if let Some(back) = H::slot(data).take() {
             *head = back;
         }
-        let local = data.local_response.take();
-        result.map_err(|e| classify(e, H::CALLBACK))?;
-        Ok(local)
+        data.callout_response = None;
+        Callback {
+            local: data.local_response.take(),
+            callouts: std::mem::take(&mut data.callouts),
+            resumed: data.resumed,
+            paused: false,
+        }
+    }
+
+    /// Delivers a callout's outcome with `proxy_on_http_call_response`, the request head in
+    /// the store so the filter can still edit it.
+    fn callout_response(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        head: &mut request::Parts,
+        info: &StreamInfo,
+        outcome: CalloutOutcome,
+    ) -> Result<Callback, Failure> {
+        let Some(f) = self.exports.on_http_call_response.clone() else {
+            return Ok(Callback {
+                resumed: true,
+                ..Callback::default()
+            });
+        };
+        self.enter(head, info, context);
+        let response = match outcome.response {
+            Ok((head, body)) => super::host::CalloutResponse {
+                head: Some(head),
+                body: body.to_vec(),
+            },
+            Err(why) => {
+                tracing::debug!(filter = %self.store.data().plugin.name, "callout failed: {why}");
+                super::host::CalloutResponse::default()
+            }
+        };
+        let headers = response
+            .head
+            .as_ref()
+            .map_or(0, |h| h.headers.len() as i32 + 1);
+        let body_len = response.body.len() as i32;
+        self.store.data_mut().callout_response = Some(response);
+        self.store.set_epoch_deadline(ticks);
+        let result = f.call(
+            &mut self.store,
+            (context, outcome.token as i32, headers, body_len, 0),
+        );
+        let outcome = self.leave(head);
+        result.map_err(|e| classify(e, "proxy_on_http_call_response"))?;
+        Ok(outcome)
     }
 
     /// `on_done`, `on_log`, `on_delete` for a finished stream's context.
@@ -291,6 +368,19 @@ impl FilterInstance {
             .retain(|(c, _), _| *c != context as u32);
         Ok(())
     }
+}
+
+/// What a callback left behind.
+#[derive(Default)]
+struct Callback {
+    /// A local response it asked for.
+    local: Option<LocalResponse>,
+    /// Callouts it dispatched.
+    callouts: Vec<Callout>,
+    /// It returned `Pause`.
+    paused: bool,
+    /// It called `proxy_continue_stream`.
+    resumed: bool,
 }
 
 /// A request or response head, as a headers callback sees it.
@@ -498,6 +588,7 @@ impl FilterChain for WasmChain {
             filters: self.filters.clone(),
             contexts: vec![Ctx::None; self.filters.len()],
             info,
+            paused: None,
         })
     }
 }
@@ -517,6 +608,8 @@ struct WasmStream {
     filters: Arc<[FilterSpec]>,
     contexts: Vec<Ctx>,
     info: StreamInfo,
+    /// The filter whose callouts the request waits for.
+    paused: Option<usize>,
 }
 
 /// 503 for a stream whose filter failed.
@@ -549,21 +642,45 @@ fn local_reply(lr: LocalResponse) -> LocalReply {
 enum Step {
     Go,
     Local(LocalResponse),
+    Paused(Vec<Callout>),
     Failed(Failure),
     Unavailable,
 }
 
 impl WasmStream {
+    /// Runs the request-headers callbacks of filters `start..`.
+    fn request_from(
+        &mut self,
+        start: usize,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+    ) -> RequestDecision {
+        for idx in start..self.filters.len() {
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.headers(ticks, ctx, head, info, end_of_stream)
+            });
+            let failure = match step {
+                Step::Go => continue,
+                Step::Local(lr) => return RequestDecision::Respond(local_reply(lr)),
+                Step::Paused(callouts) => {
+                    self.paused = Some(idx);
+                    return RequestDecision::Pause(callouts);
+                }
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                return RequestDecision::Respond(reply);
+            }
+        }
+        RequestDecision::Continue { cluster: None }
+    }
+
     /// Runs one filter's callback, creating the stream's context on first use.
     fn run(
         &mut self,
         idx: usize,
-        call: impl FnOnce(
-            &mut FilterInstance,
-            u64,
-            i32,
-            &StreamInfo,
-        ) -> Result<Option<LocalResponse>, Failure>,
+        call: impl FnOnce(&mut FilterInstance, u64, i32, &StreamInfo) -> Result<Callback, Failure>,
     ) -> Step {
         let spec = &self.filters[idx];
         let ticks = spec.callback_ticks;
@@ -575,7 +692,8 @@ impl WasmStream {
         let outcome = with_instance(self.chain, idx, spec, |inst, generation| {
             let context = match ctx {
                 Ctx::Active(c, g) if g == generation => c,
-                Ctx::Active(..) => return (None, Ok(None)), // instance replaced mid-stream
+                // Instance replaced mid-stream: the filter is skipped.
+                Ctx::Active(..) => return (None, Ok(Callback::default())),
                 _ => match inst.new_context(ticks) {
                     Ok(c) => c,
                     Err(f) => return (None, Err(f)),
@@ -593,8 +711,17 @@ impl WasmStream {
                     self.contexts[idx] = ctx;
                 }
                 match result {
-                    Ok(None) => Step::Go,
-                    Ok(Some(lr)) => Step::Local(lr),
+                    Ok(Callback {
+                        local: Some(lr), ..
+                    }) => Step::Local(lr),
+                    // Waiting for callouts the filter will answer in on_http_call_response.
+                    Ok(Callback {
+                        callouts,
+                        paused: true,
+                        resumed: false,
+                        ..
+                    }) if !callouts.is_empty() => Step::Paused(callouts),
+                    Ok(_) => Step::Go,
                     Err(f) => Step::Failed(f),
                 }
             }
@@ -623,12 +750,35 @@ impl FilterStream for WasmStream {
         head: &mut request::Parts,
         end_of_stream: bool,
     ) -> RequestDecision {
-        for idx in 0..self.filters.len() {
+        self.request_from(0, head, end_of_stream)
+    }
+
+    fn resume_request(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+        outcomes: Vec<CalloutOutcome>,
+    ) -> RequestDecision {
+        let Some(idx) = self.paused.take() else {
+            return RequestDecision::Continue { cluster: None };
+        };
+        let mut more = Vec::new();
+        let mut resumed = false;
+        for outcome in outcomes {
             let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.headers(ticks, ctx, head, info, end_of_stream)
+                inst.callout_response(ticks, ctx, head, info, outcome)
+                    .map(|cb| {
+                        resumed |= cb.resumed;
+                        // More callouts keep the request waiting unless it was resumed.
+                        Callback { paused: true, ..cb }
+                    })
             });
             let failure = match step {
                 Step::Go => continue,
+                Step::Paused(callouts) => {
+                    more.extend(callouts);
+                    continue;
+                }
                 Step::Local(lr) => return RequestDecision::Respond(local_reply(lr)),
                 Step::Failed(f) => Some(f),
                 Step::Unavailable => None,
@@ -637,7 +787,11 @@ impl FilterStream for WasmStream {
                 return RequestDecision::Respond(reply);
             }
         }
-        RequestDecision::Continue { cluster: None }
+        if !more.is_empty() && !resumed {
+            self.paused = Some(idx);
+            return RequestDecision::Pause(more);
+        }
+        self.request_from(idx + 1, head, end_of_stream)
     }
 
     fn on_response_headers(
@@ -653,7 +807,8 @@ impl FilterStream for WasmStream {
                 inst.headers(ticks, ctx, head, info, end_of_stream)
             });
             let failure = match step {
-                Step::Go => continue,
+                // Callouts from response callbacks are not supported: the response goes on.
+                Step::Go | Step::Paused(_) => continue,
                 Step::Local(lr) => return ResponseDecision::Respond(local_reply(lr)),
                 Step::Failed(f) => Some(f),
                 Step::Unavailable => None,

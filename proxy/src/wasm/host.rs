@@ -66,6 +66,15 @@ pub struct LocalResponse {
     pub headers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
+/// The response to a callout, while `proxy_on_http_call_response` runs.
+#[derive(Debug, Default)]
+pub struct CalloutResponse {
+    /// Head, when there is a response.
+    pub head: Option<response::Parts>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
 /// The data of one filter instance's store.
 pub struct HostState {
     /// Memory limit of the instance.
@@ -96,6 +105,16 @@ pub struct HostState {
     pub metrics: Arc<FilterMetricSet>,
     /// Metrics this instance has used, by id.
     pub metric_cache: HashMap<u32, Arc<FilterMetric>>,
+    /// Clusters a callout may go to.
+    pub clusters: Arc<[String]>,
+    /// Callouts asked for during the current callback.
+    pub callouts: Vec<crate::filter::Callout>,
+    /// Last callout token handed out.
+    pub last_token: u32,
+    /// The callout response being delivered.
+    pub callout_response: Option<CalloutResponse>,
+    /// Set when the filter asks to continue the stream.
+    pub resumed: bool,
 }
 
 impl HostState {
@@ -104,6 +123,7 @@ impl HostState {
         plugin: Arc<PluginMeta>,
         memory_bytes: usize,
         metrics: Arc<FilterMetricSet>,
+        clusters: Arc<[String]>,
     ) -> Self {
         Self {
             limits: wasmtime::StoreLimitsBuilder::new()
@@ -124,6 +144,11 @@ impl HostState {
             memory: None,
             metrics,
             metric_cache: HashMap::new(),
+            clusters,
+            callouts: Vec::new(),
+            last_token: 0,
+            callout_response: None,
+            resumed: false,
         }
     }
 
@@ -273,6 +298,8 @@ pub enum MapKind {
     RequestHeaders,
     /// Response headers (with `:status`).
     ResponseHeaders,
+    /// Headers of the callout response being delivered (with `:status`).
+    CalloutHeaders,
     /// A map this host does not keep yet (trailers, gRPC metadata, callout responses): reads
     /// as empty, writes are dropped.
     Unavailable,
@@ -284,7 +311,8 @@ impl MapKind {
         match t {
             0 => Some(Self::RequestHeaders),
             2 => Some(Self::ResponseHeaders),
-            1 | 3..=7 => Some(Self::Unavailable),
+            6 => Some(Self::CalloutHeaders),
+            1 | 3..=5 | 7 => Some(Self::Unavailable),
             _ => None,
         }
     }
@@ -317,8 +345,16 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
             out.push((b":scheme".to_vec(), b"http".to_vec()));
             &p.headers
         }
-        MapKind::ResponseHeaders => {
-            let Some(p) = &state.response else { return out };
+        MapKind::ResponseHeaders | MapKind::CalloutHeaders => {
+            let head = if kind == MapKind::ResponseHeaders {
+                state.response.as_ref()
+            } else {
+                state
+                    .callout_response
+                    .as_ref()
+                    .and_then(|r| r.head.as_ref())
+            };
+            let Some(p) = head else { return out };
             out.push((b":status".to_vec(), p.status.as_str().as_bytes().to_vec()));
             &p.headers
         }
@@ -333,7 +369,9 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
 /// One value of a map (the first, for repeated headers).
 pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> {
     match (kind, key) {
-        (MapKind::RequestHeaders, k) | (MapKind::ResponseHeaders, k) if k.starts_with(b":") => {
+        (MapKind::RequestHeaders | MapKind::ResponseHeaders | MapKind::CalloutHeaders, k)
+            if k.starts_with(b":") =>
+        {
             map_pairs(state, kind)
                 .into_iter()
                 .find(|(name, _)| name == key)
@@ -347,6 +385,14 @@ pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> 
             .map(|v| v.as_bytes().to_vec()),
         (MapKind::ResponseHeaders, k) => state
             .response
+            .as_ref()?
+            .headers
+            .get(HeaderName::from_bytes(k).ok()?)
+            .map(|v| v.as_bytes().to_vec()),
+        (MapKind::CalloutHeaders, k) => state
+            .callout_response
+            .as_ref()?
+            .head
             .as_ref()?
             .headers
             .get(HeaderName::from_bytes(k).ok()?)
@@ -405,7 +451,8 @@ pub fn map_edit(
             }
             edit_headers(&mut p.headers, edit, key, value)
         }
-        MapKind::Unavailable => true,
+        // Callout responses are read-only.
+        MapKind::CalloutHeaders | MapKind::Unavailable => true,
     }
 }
 
@@ -422,7 +469,7 @@ pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(Vec<u8>, Vec<
                 p.headers.clear();
             }
         }
-        MapKind::Unavailable => return true,
+        MapKind::CalloutHeaders | MapKind::Unavailable => return true,
     }
     pairs
         .iter()
@@ -585,7 +632,7 @@ mod tests {
             config: vec![],
             vm_config: vec![],
         });
-        let mut s = HostState::new(meta, 1 << 20, Arc::default());
+        let mut s = HostState::new(meta, 1 << 20, Arc::default(), Arc::from(Vec::new()));
         let (parts, ()) = http::Request::get("/a/b?q=1")
             .header("host", "svc:8080")
             .header("x-request-id", "rid")

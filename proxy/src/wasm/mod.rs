@@ -125,8 +125,10 @@ impl WasmRuntime {
         &self,
         listener: &str,
         filters: &[FilterConfig],
+        clusters: &[String],
         metrics: &Metrics,
     ) -> Result<WasmChain, WasmError> {
+        let clusters: Arc<[String]> = clusters.into();
         let mut specs = Vec::with_capacity(filters.len());
         for f in filters {
             let err = |message: String| WasmError {
@@ -177,6 +179,7 @@ impl WasmRuntime {
                 failures: metrics.filter_failures(&f.name),
                 defined_metrics: metrics.filter_defined(),
                 has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
+                clusters: clusters.clone(),
             };
             // The canary: if this instance cannot start, no worker's would.
             FilterInstance::start(&spec).map_err(|failure| err(failure.message))?;

@@ -1,0 +1,77 @@
+//! External authorization, as an Envoy filter would do it: every request except `/public`
+//! is held while the filter asks the cluster named in its configuration
+//! (`GET /status/<x-auth-status or 200>`); a 200 lets it through with `x-auth: ok` and the
+//! answer's body in `x-auth-body`, anything else (or no answer) gets 403.
+
+use std::time::Duration;
+
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cluster: String::new() }) });
+}}
+
+struct Root {
+    cluster: String,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        self.cluster = self
+            .get_plugin_configuration()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        !self.cluster.is_empty()
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Auth { cluster: self.cluster.clone() }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Auth {
+    cluster: String,
+}
+
+impl Context for Auth {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        if status == "200" {
+            let body = self
+                .get_http_call_response_body(0, body_size)
+                .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+                .unwrap_or_default();
+            self.set_http_request_header("x-auth", Some("ok"));
+            self.set_http_request_header("x-auth-body", Some(&body));
+            self.resume_http_request();
+        } else {
+            let shown = if status.is_empty() { "none" } else { status.as_str() };
+            self.send_http_response(403, vec![("x-auth-status", shown)], Some(b"denied by auth\n"));
+        }
+    }
+}
+
+impl HttpContext for Auth {
+    fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
+        if self.get_http_request_header(":path").as_deref() == Some("/public") {
+            return Action::Continue;
+        }
+        let wanted = self.get_http_request_header("x-auth-status").unwrap_or_else(|| "200".into());
+        let path = format!("/status/{wanted}");
+        let headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", "auth")];
+        match self.dispatch_http_call(&self.cluster, headers, None, vec![], Duration::from_secs(2)) {
+            Ok(_) => Action::Pause,
+            Err(_) => {
+                self.send_http_response(500, vec![], Some(b"callout refused\n"));
+                Action::Pause
+            }
+        }
+    }
+}
