@@ -121,9 +121,19 @@ async fn a_filter_can_answer_locally() {
     assert_eq!(got.header("x-denied-by"), "wasm");
     assert_eq!(got.body, "denied by filter\n");
     assert_eq!(up.hits(), 0);
-    assert!(proxy.stats().await.contains(
+    let stats = proxy.stats().await;
+    assert!(stats.contains(
         "weft_requests_total{listener=\"ingress\",cluster=\"svc\",status_class=\"4xx\"} 1"
     ));
+    // on_log saw the local reply's status and the request's path.
+    assert!(
+        stats.contains("weft_filter_basic_logged_403_total 1"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("weft_filter_basic_logged_deny_path_total 1"),
+        "{stats}"
+    );
 }
 
 /// Sends `path` and returns (status, whether the filter's request edits were applied).

@@ -344,12 +344,30 @@ impl FilterInstance {
         Ok(outcome)
     }
 
-    /// `on_done`, `on_log`, `on_delete` for a finished stream's context.
-    fn end_context(&mut self, ticks: u64, context: i32, info: &StreamInfo) -> Result<(), Failure> {
+    /// `on_done`, `on_log`, `on_delete` for a finished stream's context, with the request
+    /// and response as they were sent readable as properties (read-only copies).
+    fn end_context(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        info: &StreamInfo,
+        request: &mut Option<request::Parts>,
+        response: &mut Option<response::Parts>,
+    ) -> Result<(), Failure> {
         let data = self.store.data_mut();
         data.info = Some(*info);
         data.context = context as u32;
+        data.request = request.take();
+        data.response = response.take();
         self.store.set_epoch_deadline(ticks);
+        let result = self.end_callbacks(context);
+        let data = self.store.data_mut();
+        *request = data.request.take();
+        *response = data.response.take();
+        result
+    }
+
+    fn end_callbacks(&mut self, context: i32) -> Result<(), Failure> {
         if let Some(f) = &self.exports.on_done {
             f.call(&mut self.store, context)
                 .map_err(|e| classify(e, "proxy_on_done"))?;
@@ -589,6 +607,8 @@ impl FilterChain for WasmChain {
             contexts: vec![Ctx::None; self.filters.len()],
             info,
             paused: None,
+            request_seen: None,
+            response_seen: None,
         })
     }
 }
@@ -610,6 +630,26 @@ struct WasmStream {
     info: StreamInfo,
     /// The filter whose callouts the request waits for.
     paused: Option<usize>,
+    /// The request as it went upstream, for properties during `on_log`.
+    request_seen: Option<request::Parts>,
+    /// The response as it went downstream, for properties during `on_log`.
+    response_seen: Option<response::Parts>,
+}
+
+fn snapshot_request(head: &request::Parts) -> request::Parts {
+    let mut p = <request::Parts as Head>::empty();
+    p.method = head.method.clone();
+    p.uri = head.uri.clone();
+    p.version = head.version;
+    p.headers = head.headers.clone();
+    p
+}
+
+fn snapshot_response(status: StatusCode, headers: &HeaderMap) -> response::Parts {
+    let mut p = <response::Parts as Head>::empty();
+    p.status = status;
+    p.headers = headers.clone();
+    p
 }
 
 /// 503 for a stream whose filter failed.
@@ -661,7 +701,9 @@ impl WasmStream {
             });
             let failure = match step {
                 Step::Go => continue,
-                Step::Local(lr) => return RequestDecision::Respond(local_reply(lr)),
+                Step::Local(lr) => {
+                    return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
+                }
                 Step::Paused(callouts) => {
                     self.paused = Some(idx);
                     return RequestDecision::Pause(callouts);
@@ -670,10 +712,18 @@ impl WasmStream {
                 Step::Unavailable => None,
             };
             if let Some(reply) = self.on_failure(idx, failure) {
-                return RequestDecision::Respond(reply);
+                return RequestDecision::Respond(self.seen_reply(head, reply));
             }
         }
+        self.request_seen = Some(snapshot_request(head));
         RequestDecision::Continue { cluster: None }
+    }
+
+    /// Remembers a local reply (and the request it answers) for `on_log`.
+    fn seen_reply(&mut self, head: &request::Parts, reply: LocalReply) -> LocalReply {
+        self.request_seen = Some(snapshot_request(head));
+        self.response_seen = Some(snapshot_response(reply.status, &reply.headers));
+        reply
     }
 
     /// Runs one filter's callback, creating the stream's context on first use.
@@ -779,12 +829,14 @@ impl FilterStream for WasmStream {
                     more.extend(callouts);
                     continue;
                 }
-                Step::Local(lr) => return RequestDecision::Respond(local_reply(lr)),
+                Step::Local(lr) => {
+                    return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
+                }
                 Step::Failed(f) => Some(f),
                 Step::Unavailable => None,
             };
             if let Some(reply) = self.on_failure(idx, failure) {
-                return RequestDecision::Respond(reply);
+                return RequestDecision::Respond(self.seen_reply(head, reply));
             }
         }
         if !more.is_empty() && !resumed {
@@ -809,14 +861,20 @@ impl FilterStream for WasmStream {
             let failure = match step {
                 // Callouts from response callbacks are not supported: the response goes on.
                 Step::Go | Step::Paused(_) => continue,
-                Step::Local(lr) => return ResponseDecision::Respond(local_reply(lr)),
+                Step::Local(lr) => {
+                    let reply = local_reply(lr);
+                    self.response_seen = Some(snapshot_response(reply.status, &reply.headers));
+                    return ResponseDecision::Respond(reply);
+                }
                 Step::Failed(f) => Some(f),
                 Step::Unavailable => None,
             };
             if let Some(reply) = self.on_failure(idx, failure) {
+                self.response_seen = Some(snapshot_response(reply.status, &reply.headers));
                 return ResponseDecision::Respond(reply);
             }
         }
+        self.response_seen = Some(snapshot_response(head.status, &head.headers));
         ResponseDecision::Continue
     }
 
@@ -827,8 +885,10 @@ impl FilterStream for WasmStream {
             };
             let spec = &self.filters[idx];
             let info = &self.info;
+            let (req, resp) = (&mut self.request_seen, &mut self.response_seen);
             let result = with_instance(self.chain, idx, spec, |inst, g| {
-                (g == generation).then(|| inst.end_context(spec.callback_ticks, context, info))
+                (g == generation)
+                    .then(|| inst.end_context(spec.callback_ticks, context, info, req, resp))
             });
             if let Ok(Some(Err(f))) = result {
                 fail(self.chain, idx, spec, &f);

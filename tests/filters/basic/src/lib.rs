@@ -9,7 +9,9 @@
 //! Plugin configuration `refuse` makes `on_configure` return false.
 //!
 //! Metrics: counter `basic_requests`, histogram `basic_request_headers`, gauge
-//! `basic_last_status`, and counter `basic_ticks` bumped by a 50 ms tick.
+//! `basic_last_status`, and counter `basic_ticks` bumped by a 50 ms tick. From `on_log`:
+//! counter `basic_logged_<status>` per final status, and `basic_logged_deny_path` when the
+//! logged request path was `/deny`.
 
 use std::time::Duration;
 
@@ -135,6 +137,18 @@ impl HttpContext for Stream {
         self.set_http_request_header("x-wasm-header-count", Some(&count.to_string()));
         log::debug!("request {path} passed");
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let code = self
+            .get_property(vec!["response", "code"])
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(i64::from_le_bytes)
+            .unwrap_or(0);
+        let _ = hostcalls::increment_metric(metric(MetricType::Counter, &format!("basic_logged_{code}")), 1);
+        if self.property(&["request", "path"]) == "/deny" {
+            let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_logged_deny_path"), 1);
+        }
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
