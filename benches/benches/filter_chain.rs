@@ -12,7 +12,8 @@
 //! `benches/load/run.sh` build them).
 
 use std::hint::black_box;
-use std::time::Duration;
+
+mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weft_proxy::config::{FailurePolicy, FilterConfig, FilterLimits};
@@ -99,16 +100,9 @@ fn filter_chain(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::quick();
     targets = filter_chain
 }
 criterion_main!(benches);

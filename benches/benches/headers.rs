@@ -16,7 +16,8 @@
 //! costs ~1 µs instead of ~50 ns.
 
 use std::hint::black_box;
-use std::time::Duration;
+
+mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
@@ -63,16 +64,9 @@ fn headers(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::quick();
     targets = headers
 }
 criterion_main!(benches);

@@ -6,7 +6,8 @@
 //! the cost of the selection itself.
 
 use std::hint::black_box;
-use std::time::Duration;
+
+mod common;
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use weft_benches::fixtures::endpoints;
@@ -38,16 +39,9 @@ fn lb_pick(c: &mut Criterion) {
     group.finish();
 }
 
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30)
-}
-
 criterion_group! {
     name = benches;
-    config = config();
+    config = common::quick();
     targets = lb_pick
 }
 criterion_main!(benches);
