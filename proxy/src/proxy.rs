@@ -102,6 +102,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         conn: conn.clone(),
         upstream: None,
         filters: None,
+        complete: false,
     });
 
     let (mut head, body) = req.into_parts();
@@ -467,10 +468,16 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
 }
 
 /// Accounting of one stream, finished when its response body ends or is dropped.
+///
+/// The accounting runs in `Drop`, so it also runs when the request future is dropped before
+/// any response body exists (the client went away while the upstream or a callout was
+/// pending); [`StreamEnd::finish`] only records whether the body was read to its end.
 struct Stream {
     conn: Arc<ConnShared>,
     upstream: Option<UpstreamStream>,
     filters: Option<Box<dyn FilterStream>>,
+    /// The response body was read to its end.
+    complete: bool,
 }
 
 struct UpstreamStream {
@@ -482,23 +489,26 @@ struct UpstreamStream {
 }
 
 impl StreamEnd for Stream {
-    fn finish(self: Box<Self>, complete: bool) {
-        let Stream {
-            conn,
-            upstream,
-            filters,
-        } = *self;
-        if let Some(mut filters) = filters {
+    fn finish(mut self: Box<Self>, complete: bool) {
+        self.complete = complete;
+        // Dropping runs the accounting.
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(mut filters) = self.filters.take() {
             filters.finish();
         }
+        let conn = &self.conn;
         conn.listener.metrics.requests_active.dec();
         conn.in_flight.fetch_sub(1, Relaxed);
         conn.last_active_ms.store(clock::now_ms(), Relaxed);
-        if let Some(up) = upstream {
+        if let Some(up) = self.upstream.take() {
             up.cluster
                 .end_endpoint_request(&up.cluster.endpoints[up.endpoint]);
             if let Some(pooled) = up.pooled
-                && complete
+                && self.complete
                 && up.reusable
             {
                 pooled.release();

@@ -181,3 +181,34 @@ async fn idle_downstream_connections_are_closed() {
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_mid_request_releases_everything_it_held() {
+    let up = Upstream::start("u").await;
+    let cfg = config("", "    lb_policy: least_request", &eps(&[&up]));
+    let proxy = ProxyProcess::start(&cfg).await;
+    // Three clients send a slow request and hang up before the answer.
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut s, b"GET /delay/800 HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        drop(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = proxy.stats().await;
+    assert!(
+        stats.contains("weft_downstream_requests_active{listener=\"ingress\"} 0"),
+        "{stats}"
+    );
+    assert!(
+        stats.contains("weft_upstream_requests_active{cluster=\"svc\"} 0"),
+        "{stats}"
+    );
+    let clusters = proxy.clusters().await;
+    assert_eq!(
+        clusters["clusters"][0]["endpoints"][0]["active_requests"], 0,
+        "{clusters}"
+    );
+}
