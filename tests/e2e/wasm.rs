@@ -113,6 +113,36 @@ async fn filter_metrics_and_ticks_reach_prometheus() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_queue_items_reach_the_owner_through_on_queue_ready() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;
+    let client = h1_client();
+    for _ in 0..6 {
+        // Requests land on both workers; the queue has one owner, which drains it all.
+        assert_eq!(
+            get(&h1_client(), &proxy.url("/enqueue"))
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = proxy.stats().await;
+        if stats.contains("weft_filter_basic_dequeued_total 6") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not all items dequeued:\n{stats}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(get(&client, &proxy.url("/")).await.unwrap().status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_can_answer_locally() {
     let up = Upstream::start("u").await;
     let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;

@@ -542,27 +542,67 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Status::Ok as i32
         },
     )?;
-    // Shared queues arrive with the next part of the host; until then they refuse with
-    // statuses the SDKs accept (registering succeeds, nothing is ever queued).
     l.func_wrap(
         "env",
         "proxy_register_shared_queue",
-        |mut c: C<'_>, _ptr: i32, _len: i32, ret: i32| status(write_u32(&mut c, ret, 1)),
+        |mut c: C<'_>, ptr: i32, len: i32, ret: i32| {
+            let name = match read(&mut c, ptr, len) {
+                Ok(n) => n,
+                Err(s) => return s as i32,
+            };
+            let (vm_id, slot) = (c.data().plugin.vm_id.clone(), c.data().slot);
+            // Registering needs a worker to deliver on_queue_ready on; the canary that
+            // checks a filter at startup has none, and the SDKs accept only OK here.
+            let token = super::queues::register(&vm_id, &name, slot).unwrap_or(0);
+            status(write_u32(&mut c, ret, token))
+        },
     )?;
     l.func_wrap(
         "env",
         "proxy_resolve_shared_queue",
-        |_c: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
+        |mut c: C<'_>, vm_ptr: i32, vm_len: i32, ptr: i32, len: i32, ret: i32| {
+            let (vm_id, name) = match (read(&mut c, vm_ptr, vm_len), read(&mut c, ptr, len)) {
+                (Ok(v), Ok(n)) => (v, n),
+                (Err(s), _) | (_, Err(s)) => return s as i32,
+            };
+            let vm_id = if vm_id.is_empty() {
+                c.data().plugin.vm_id.clone()
+            } else {
+                String::from_utf8_lossy(&vm_id).into_owned()
+            };
+            match super::queues::resolve(&vm_id, &name) {
+                Some(token) => status(write_u32(&mut c, ret, token)),
+                None => Status::NotFound as i32,
+            }
+        },
     )?;
     l.func_wrap(
         "env",
         "proxy_enqueue_shared_queue",
-        |_c: C<'_>, _: i32, _: i32, _: i32| Status::NotFound as i32,
+        |mut c: C<'_>, token: i32, ptr: i32, len: i32| {
+            let item = match read(&mut c, ptr, len) {
+                Ok(i) => i,
+                Err(s) => return s as i32,
+            };
+            if super::queues::enqueue(token as u32, item) {
+                Status::Ok as i32
+            } else {
+                Status::NotFound as i32
+            }
+        },
     )?;
     l.func_wrap(
         "env",
         "proxy_dequeue_shared_queue",
-        |_c: C<'_>, _: i32, _: i32, _: i32| Status::Empty as i32,
+        |mut c: C<'_>, token: i32, ret_ptr: i32, ret_len: i32| match super::queues::dequeue(
+            token as u32,
+        ) {
+            Ok(Some(item)) => {
+                Ok::<_, wasmtime::Error>(give(&mut c, &item, ret_ptr, ret_len)? as i32)
+            }
+            Ok(None) => Ok(Status::Empty as i32),
+            Err(()) => Ok(Status::NotFound as i32),
+        },
     )?;
     l.func_wrap(
         "env",

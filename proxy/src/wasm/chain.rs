@@ -134,13 +134,14 @@ pub struct FilterInstance {
     store: Store<HostState>,
     exports: Exports,
     instance_tick: Option<TypedFunc<i32, ()>>,
+    instance_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     next_context: i32,
 }
 
 impl FilterInstance {
     /// Instantiates and starts a filter: `_initialize`/`_start`, the root context,
     /// `on_vm_start` and `on_configure`. Either returning false is a [`FailureKind::Start`].
-    pub fn start(spec: &FilterSpec) -> Result<Self, Failure> {
+    pub fn start(spec: &FilterSpec, slot: usize) -> Result<Self, Failure> {
         let start_err = |message: String| Failure {
             kind: FailureKind::Start,
             message,
@@ -154,6 +155,7 @@ impl FilterInstance {
                 spec.clusters.clone(),
             ),
         );
+        store.data_mut().slot = slot;
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_trap();
         store.set_epoch_deadline(LIFECYCLE_TICKS);
@@ -210,10 +212,13 @@ impl FilterInstance {
             }
         }
         let instance_tick = func(&mut store, "proxy_on_tick").and_then(|f| f.typed(&store).ok());
+        let instance_queue_ready =
+            func(&mut store, "proxy_on_queue_ready").and_then(|f| f.typed(&store).ok());
         Ok(Self {
             store,
             exports,
             instance_tick,
+            instance_queue_ready,
             next_context: ROOT_CONTEXT + 1,
         })
     }
@@ -233,6 +238,18 @@ impl FilterInstance {
         self.store.data_mut().info = None;
         f.call(&mut self.store, ROOT_CONTEXT)
             .map_err(|e| classify(e, "proxy_on_tick"))
+    }
+
+    /// `proxy_on_queue_ready` on the root context.
+    fn on_queue_ready(&mut self, ticks: u64, token: u32) -> Result<(), Failure> {
+        let Some(f) = &self.instance_queue_ready else {
+            return Ok(());
+        };
+        self.store.set_epoch_deadline(ticks);
+        self.store.data_mut().context = ROOT_CONTEXT as u32;
+        self.store.data_mut().info = None;
+        f.call(&mut self.store, (ROOT_CONTEXT, token as i32))
+            .map_err(|e| classify(e, "proxy_on_queue_ready"))
     }
 
     fn new_context(&mut self, ticks: u64) -> Result<i32, Failure> {
@@ -452,6 +469,7 @@ enum Slot {
     Live {
         instance: Box<FilterInstance>,
         generation: u64,
+        policy: FailurePolicy,
     },
     /// Failed; `retry_at` is set under the `reload` policy.
     Failed {
@@ -497,10 +515,11 @@ fn with_instance<R>(
         {
             let now = Instant::now();
             let (backoff, generation) = (*backoff, *generation);
-            *slot = match FilterInstance::start(spec) {
+            *slot = match FilterInstance::start(spec, n) {
                 Ok(instance) => Slot::Live {
                     instance: Box::new(instance),
                     generation: generation + 1,
+                    policy: spec.policy,
                 },
                 Err(failure) => {
                     spec.count(&failure);
@@ -517,6 +536,7 @@ fn with_instance<R>(
             Slot::Live {
                 instance,
                 generation,
+                ..
             } => Ok(f(instance, *generation)),
             Slot::Failed { .. } => Err(()),
         }
@@ -567,6 +587,41 @@ async fn tick_loop(chain: u64, idx: usize, filters: Arc<[FilterSpec]>) {
     }
 }
 
+/// Calls `proxy_on_queue_ready` on this worker's instances that own a queue, as items
+/// arrive. Runs until the worker's runtime ends.
+async fn deliver_queue_ready(mut ready: tokio::sync::mpsc::UnboundedReceiver<(usize, u32)>) {
+    while let Some((slot, token)) = ready.recv().await {
+        SLOTS.with(|slots| {
+            let mut slots = slots.borrow_mut();
+            let Some(entry) = slots.get_mut(slot) else {
+                return;
+            };
+            let Some(Slot::Live {
+                instance,
+                generation,
+                policy,
+            }) = entry
+            else {
+                return;
+            };
+            // Not on a request's path: the queue callback gets the lifecycle deadline.
+            if let Err(failure) = instance.on_queue_ready(LIFECYCLE_TICKS, token) {
+                tracing::warn!(
+                    filter = %instance.store.data().plugin.name,
+                    "filter failed in proxy_on_queue_ready: {}",
+                    failure.message
+                );
+                // A trapped instance is never called again; the policy says what follows.
+                *entry = Some(Slot::Failed {
+                    retry_at: (*policy == FailurePolicy::Reload).then(Instant::now),
+                    backoff: Duration::ZERO,
+                    generation: *generation,
+                });
+            }
+        });
+    }
+}
+
 /// The next free slot number: each chain takes one per filter, so slot tables stay dense.
 static NEXT_SLOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -589,9 +644,14 @@ impl WasmChain {
 }
 
 impl FilterChain for WasmChain {
-    /// Starts this worker's instances now rather than on the first request, and their tick
-    /// timers.
+    /// Starts this worker's instances now rather than on the first request, their tick
+    /// timers, and (once per worker) the delivery of shared-queue notifications.
     fn warm(&self) {
+        if tokio::runtime::Handle::try_current().is_ok()
+            && let Some(ready) = super::queues::install_worker_channel()
+        {
+            tokio::spawn(deliver_queue_ready(ready));
+        }
         for (i, spec) in self.filters.iter().enumerate() {
             let _ = with_instance(self.id, i, spec, |_, _| ());
             if spec.has_tick && tokio::runtime::Handle::try_current().is_ok() {

@@ -115,6 +115,8 @@ pub struct HostState {
     pub callout_response: Option<CalloutResponse>,
     /// Set when the filter asks to continue the stream.
     pub resumed: bool,
+    /// This instance's slot on its worker (for shared-queue ownership).
+    pub slot: usize,
 }
 
 impl HostState {
@@ -149,6 +151,7 @@ impl HostState {
             last_token: 0,
             callout_response: None,
             resumed: false,
+            slot: usize::MAX,
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod abi;
 pub mod chain;
 pub mod host;
+pub mod queues;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -182,7 +183,7 @@ impl WasmRuntime {
                 clusters: clusters.clone(),
             };
             // The canary: if this instance cannot start, no worker's would.
-            FilterInstance::start(&spec).map_err(|failure| err(failure.message))?;
+            FilterInstance::start(&spec, usize::MAX).map_err(|failure| err(failure.message))?;
             specs.push(spec);
         }
         Ok(WasmChain::new(specs))

@@ -12,6 +12,10 @@
 //! `basic_last_status`, and counter `basic_ticks` bumped by a 50 ms tick. From `on_log`:
 //! counter `basic_logged_<status>` per final status, and `basic_logged_deny_path` when the
 //! logged request path was `/deny`.
+//!
+//! Shared queue: the root registers `basic_events`; `/enqueue` puts the path on it (after
+//! resolving it by VM id and name) and `on_queue_ready` drains it, counting
+//! `basic_dequeued`.
 
 use std::time::Duration;
 
@@ -56,7 +60,14 @@ impl RootContext for Root {
             return false;
         }
         self.set_tick_period(Duration::from_millis(50));
+        let _ = hostcalls::register_shared_queue("basic_events");
         true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_item)) = hostcalls::dequeue_shared_queue(queue_id) {
+            let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_dequeued"), 1);
+        }
     }
 
     fn on_tick(&mut self) {
@@ -104,6 +115,11 @@ impl HttpContext for Stream {
                 loop {
                     i = i.wrapping_add(1);
                     std::hint::black_box(i);
+                }
+            }
+            "/enqueue" => {
+                if let Ok(Some(queue)) = hostcalls::resolve_shared_queue("basic", "basic_events") {
+                    let _ = hostcalls::enqueue_shared_queue(queue, Some(path.as_bytes()));
                 }
             }
             "/grow" => {
