@@ -11,6 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Linker};
 
+use super::queues::Dequeued;
 use crate::metrics::FilterMetricKind;
 
 use super::host::{
@@ -597,11 +598,11 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, token: i32, ret_ptr: i32, ret_len: i32| match super::queues::dequeue(
             token as u32,
         ) {
-            Ok(Some(item)) => {
+            Dequeued::Item(item) => {
                 Ok::<_, wasmtime::Error>(give(&mut c, &item, ret_ptr, ret_len)? as i32)
             }
-            Ok(None) => Ok(Status::Empty as i32),
-            Err(()) => Ok(Status::NotFound as i32),
+            Dequeued::Empty => Ok(Status::Empty as i32),
+            Dequeued::NoSuchQueue => Ok(Status::NotFound as i32),
         },
     )?;
     l.func_wrap(

@@ -92,12 +92,27 @@ pub fn enqueue(token: u32, item: Vec<u8>) -> bool {
     true
 }
 
-/// Takes the oldest item: `Err(())` when there is no such queue, `Ok(None)` when empty.
-pub fn dequeue(token: u32) -> Result<Option<Vec<u8>>, ()> {
-    let mut reg = registry().lock().map_err(|_| ())?;
-    let q = (token as usize)
+/// What a dequeue found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Dequeued {
+    /// The oldest item.
+    Item(Vec<u8>),
+    /// The queue is empty.
+    Empty,
+    /// There is no queue with that token.
+    NoSuchQueue,
+}
+
+/// Takes the oldest item.
+pub fn dequeue(token: u32) -> Dequeued {
+    let Ok(mut reg) = registry().lock() else {
+        return Dequeued::NoSuchQueue;
+    };
+    match (token as usize)
         .checked_sub(1)
         .and_then(|i| reg.queues.get_mut(i))
-        .ok_or(())?;
-    Ok(q.items.pop_front())
+    {
+        None => Dequeued::NoSuchQueue,
+        Some(q) => q.items.pop_front().map_or(Dequeued::Empty, Dequeued::Item),
+    }
 }
