@@ -80,6 +80,8 @@ pub struct StreamInfo {
     pub start_unix_ns: u64,
     /// The downstream connection's id.
     pub connection_id: u64,
+    /// The upstream endpoint chosen for the request, once chosen (IP endpoints only).
+    pub upstream: Option<SocketAddr>,
 }
 
 /// A listener's filter chain.
@@ -112,6 +114,8 @@ pub trait FilterStream: Send {
         head: &mut response::Parts,
         end_of_stream: bool,
     ) -> ResponseDecision;
+    /// Tells the stream which upstream endpoint the request goes to.
+    fn set_upstream(&mut self, _address: SocketAddr) {}
     /// Called once when the stream has ended (for logging and cleanup).
     fn finish(&mut self);
 }

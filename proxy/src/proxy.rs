@@ -136,6 +136,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
             connection_id: conn.id,
+            upstream: None,
         };
         let end_of_stream = body.is_end_stream();
         let filters = stream.filters.insert(chain.start_stream(info));
@@ -178,6 +179,11 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         return finish(ctx, cluster_idx, resp);
     };
     let endpoint = cluster.endpoints[ep].clone();
+    if let (Some(filters), crate::cluster::EndpointAddress::Ip(addr)) =
+        (stream.filters.as_mut(), &endpoint.address)
+    {
+        filters.set_upstream(*addr);
+    }
     cluster.begin_endpoint_request(&endpoint);
     stream.upstream = Some(UpstreamStream {
         cluster: cluster.clone(),

@@ -46,6 +46,11 @@ async fn an_upstream_sdk_filter_edits_headers_both_ways() {
         // Response side: a header added with the status read as a property, and a header
         // from the upstream removed.
         assert_eq!(got.header("x-wasm-response"), "seen 200");
+        assert_eq!(
+            got.header("x-wasm-upstream"),
+            up.address(),
+            "upstream.address"
+        );
         assert_eq!(got.header("x-upstream"), "", "removed by the filter");
         let echo = got.echo();
         let h = |name: &str| echo["headers"][name][0].as_str().unwrap_or("").to_owned();

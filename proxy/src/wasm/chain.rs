@@ -855,6 +855,10 @@ impl WasmStream {
 }
 
 impl FilterStream for WasmStream {
+    fn set_upstream(&mut self, address: std::net::SocketAddr) {
+        self.info.upstream = Some(address);
+    }
+
     fn on_request_headers(
         &mut self,
         head: &mut request::Parts,

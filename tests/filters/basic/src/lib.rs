@@ -175,6 +175,8 @@ impl HttpContext for Stream {
             .map(i64::from_le_bytes)
             .map_or("<none>".to_owned(), |c| c.to_string());
         self.add_http_response_header("x-wasm-response", &format!("seen {code}"));
+        let upstream = self.property(&["upstream", "address"]);
+        self.add_http_response_header("x-wasm-upstream", &upstream);
         if let Ok(status) = code.parse::<u64>() {
             let _ = hostcalls::record_metric(metric(MetricType::Gauge, "basic_last_status"), status);
         }
