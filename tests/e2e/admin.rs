@@ -38,20 +38,15 @@ async fn admin_reports_stats_clusters_and_config() {
         assert!(stats.contains(line), "missing {line:?} in\n{stats}");
     }
     // The client's keep-alive connections are open; the proxy holds pooled upstream ones.
-    let gauge = |stats: &str, name: &str| -> i64 {
-        stats
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in\n{stats}"))
+    let gauge = |stats: &str, name: &str| {
+        metric_value(stats, name).unwrap_or_else(|| panic!("no {name} in\n{stats}"))
     };
     let downstream = "weft_downstream_connections_active{listener=\"ingress\"}";
-    assert!(gauge(&stats, downstream) >= 1, "{stats}");
-    assert!(gauge(&stats, "weft_upstream_connections_active{cluster=\"svc\"}") >= 1);
+    assert!(gauge(&stats, downstream) >= 1.0, "{stats}");
+    assert!(gauge(&stats, "weft_upstream_connections_active{cluster=\"svc\"}") >= 1.0);
     drop(client);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
-    while gauge(&proxy.stats().await, downstream) != 0 {
+    while gauge(&proxy.stats().await, downstream) != 0.0 {
         assert!(
             std::time::Instant::now() < deadline,
             "closed connections still counted"

@@ -107,14 +107,9 @@ async fn filter_metrics_and_ticks_reach_prometheus() {
     );
     // 50 ms ticks on each of 2 workers.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let ticks: u64 = proxy
-        .stats()
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix("weft_filter_basic_ticks_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("ticks counter");
-    assert!(ticks >= 10, "{ticks} ticks");
+    let ticks =
+        metric_value(&proxy.stats().await, "weft_filter_basic_ticks_total").expect("ticks counter");
+    assert!(ticks >= 10.0, "{ticks} ticks");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,13 +173,9 @@ async fn call(proxy: &ProxyProcess, path: &str) -> (u16, bool) {
     (got.status, filtered)
 }
 
-fn failures(stats: &str, kind: &str) -> u64 {
-    let key = format!("weft_filter_failures_total{{filter=\"basic\",kind=\"{kind}\"}} ");
-    stats
-        .lines()
-        .find_map(|l| l.strip_prefix(&key))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {key} in\n{stats}"))
+fn failures(stats: &str, kind: &str) -> f64 {
+    let key = format!("weft_filter_failures_total{{filter=\"basic\",kind=\"{kind}\"}}");
+    metric_value(stats, &key).unwrap_or_else(|| panic!("no {key} in\n{stats}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,7 +192,7 @@ async fn failure_policies_decide_what_the_stream_gets() {
     assert_eq!(got.status, 503);
     assert_eq!(got.header("x-weft-filter-failed"), "basic");
     assert_eq!(call(&closed, "/").await.0, 503, "the instance stays failed");
-    assert_eq!(failures(&closed.stats().await, "trap"), 1);
+    assert_eq!(failures(&closed.stats().await, "trap"), 1.0);
     assert!(
         closed.log().contains("the filter panicked on purpose"),
         "the guest's panic message is logged"
@@ -246,10 +237,10 @@ async fn runaway_filters_are_stopped_by_their_limits() {
         took < Duration::from_secs(2),
         "infinite loop interrupted: {took:?}"
     );
-    assert_eq!(failures(&proxy.stats().await, "deadline"), 1);
+    assert_eq!(failures(&proxy.stats().await, "deadline"), 1.0);
 
     assert_eq!(call(&proxy, "/grow").await.0, 503);
-    assert_eq!(failures(&proxy.stats().await, "memory"), 1);
+    assert_eq!(failures(&proxy.stats().await, "memory"), 1.0);
 
     // Throughout, other requests are served (by fresh instances).
     for _ in 0..5 {

@@ -259,6 +259,14 @@ pub async fn raw_request(addr: SocketAddr, request: &[u8]) -> std::io::Result<St
     }
 }
 
+/// The value of one sample (`name{labels}` exactly as exposed) in Prometheus text.
+pub fn metric_value(stats: &str, series: &str) -> Option<f64> {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// Status code of a raw HTTP/1 response text.
 pub fn status_of(raw: &str) -> u16 {
     raw.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
