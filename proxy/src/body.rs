@@ -5,13 +5,17 @@
 //! body ends or is dropped, and hands a reusable HTTP/1 connection back to the worker's pool
 //! only when the upstream response was read to its end.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
+
+use crate::filter::{self, BodyDecision, Direction, SharedFilterStream};
 use pin_project_lite::pin_project;
 
 /// A boxed error crossing the body boundary.
@@ -27,6 +31,8 @@ pin_project! {
         Incoming { #[pin] body: Incoming },
         /// Fully buffered.
         Full { #[pin] body: Full<Bytes> },
+        /// Streamed from downstream through the filter chain's body callbacks.
+        Filtered { body: FilteredBody },
     }
 }
 
@@ -51,6 +57,7 @@ impl Body for RequestBody {
         match self.project() {
             RequestBodyProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
             RequestBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
+            RequestBodyProj::Filtered { body } => Pin::new(body).poll_frame(cx),
         }
     }
 
@@ -59,6 +66,7 @@ impl Body for RequestBody {
         match self {
             Self::Incoming { body } => body.is_end_stream(),
             Self::Full { body } => body.is_end_stream(),
+            Self::Filtered { body } => body.is_end_stream(),
         }
     }
 
@@ -67,6 +75,7 @@ impl Body for RequestBody {
         match self {
             Self::Incoming { body } => body.size_hint(),
             Self::Full { body } => body.size_hint(),
+            Self::Filtered { body } => body.size_hint(),
         }
     }
 }
@@ -102,6 +111,7 @@ pin_project! {
     enum ResponseInner {
         Upstream { #[pin] body: Incoming },
         Local { #[pin] body: Full<Bytes> },
+        Filtered { body: FilteredBody },
     }
 }
 
@@ -110,6 +120,7 @@ impl ResponseInner {
         match self {
             Self::Upstream { body } => body.is_end_stream(),
             Self::Local { body } => body.is_end_stream(),
+            Self::Filtered { body } => body.is_end_stream(),
         }
     }
 }
@@ -119,6 +130,14 @@ impl ResponseBody {
     pub fn upstream(body: Incoming, end: Option<Box<dyn StreamEnd>>) -> Self {
         Self {
             inner: ResponseInner::Upstream { body },
+            end,
+        }
+    }
+
+    /// A body coming out of the filter chain's body callbacks.
+    pub fn filtered(body: FilteredBody, end: Option<Box<dyn StreamEnd>>) -> Self {
+        Self {
+            inner: ResponseInner::Filtered { body },
             end,
         }
     }
@@ -147,6 +166,7 @@ impl Body for ResponseBody {
         let polled = match this.inner.project() {
             ResponseInnerProj::Upstream { body } => body.poll_frame(cx).map_err(BoxError::from),
             ResponseInnerProj::Local { body } => body.poll_frame(cx).map_err(|e| match e {}),
+            ResponseInnerProj::Filtered { body } => Pin::new(body).poll_frame(cx),
         };
         match &polled {
             Poll::Ready(None) => {
@@ -174,6 +194,148 @@ impl Body for ResponseBody {
         match &self.inner {
             ResponseInner::Upstream { body } => body.size_hint(),
             ResponseInner::Local { body } => body.size_hint(),
+            ResponseInner::Filtered { body } => body.size_hint(),
         }
+    }
+}
+
+/// A body passed through a filter chain's body callbacks as it streams: each piece read from
+/// `inner` goes through [`FilterStream::on_body`](crate::filter::FilterStream::on_body), and
+/// what comes out of the chain is yielded. A local reply decided mid-stream ends the body with
+/// an error (the peer sees a reset); for requests the reply is kept for the request path.
+pub struct FilteredBody {
+    /// The body being read; `None` once it ended.
+    inner: Option<Incoming>,
+    /// Frames ready to yield.
+    ready: VecDeque<Frame<Bytes>>,
+    /// The stream's chain (absent for a body that was filtered whole before it was sent).
+    filters: Option<SharedFilterStream>,
+    direction: Direction,
+}
+
+impl FilteredBody {
+    /// Streams the rest of `inner` through `filters`, after `first` (what already came out
+    /// of the chain).
+    pub fn streaming(
+        first: Bytes,
+        inner: Incoming,
+        filters: SharedFilterStream,
+        direction: Direction,
+    ) -> Self {
+        let mut ready = VecDeque::new();
+        if !first.is_empty() {
+            ready.push_back(Frame::data(first));
+        }
+        Self {
+            inner: Some(inner),
+            ready,
+            filters: Some(filters),
+            direction,
+        }
+    }
+
+    /// A body the chain has already seen whole: `data`, then `trailers` if any.
+    pub fn whole(data: Bytes, trailers: Option<HeaderMap>, direction: Direction) -> Self {
+        let mut ready = VecDeque::new();
+        if !data.is_empty() {
+            ready.push_back(Frame::data(data));
+        }
+        if let Some(t) = trailers {
+            ready.push_back(Frame::trailers(t));
+        }
+        Self {
+            inner: None,
+            ready,
+            filters: None,
+            direction,
+        }
+    }
+}
+
+impl Body for FilteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        loop {
+            if let Some(frame) = this.ready.pop_front() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            let Some(inner) = this.inner.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let polled = std::task::ready!(Pin::new(&mut *inner).poll_frame(cx));
+            let ended = inner.is_end_stream();
+            let Some(filters) = this.filters.as_ref() else {
+                this.inner = None;
+                continue;
+            };
+            let decision = match polled {
+                None => {
+                    this.inner = None;
+                    filter::lock(filters).on_body(this.direction, Bytes::new(), true)
+                }
+                Some(Err(e)) => {
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if ended {
+                            this.inner = None;
+                        }
+                        filter::lock(filters).on_body(this.direction, data, ended)
+                    }
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(mut trailers) => {
+                            this.inner = None;
+                            let d =
+                                filter::lock(filters).on_trailers(this.direction, &mut trailers);
+                            if let BodyDecision::Continue(data) = d {
+                                if !data.is_empty() {
+                                    this.ready.push_back(Frame::data(data));
+                                }
+                                this.ready.push_back(Frame::trailers(trailers));
+                                continue;
+                            }
+                            d
+                        }
+                        Err(_) => continue,
+                    },
+                },
+            };
+            match decision {
+                BodyDecision::Continue(data) => {
+                    if !data.is_empty() {
+                        this.ready.push_back(Frame::data(data));
+                    }
+                }
+                BodyDecision::Respond(_) => {
+                    this.inner = None;
+                    return Poll::Ready(Some(Err("a filter ended the stream".into())));
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_none() && self.ready.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        if self.inner.is_none() {
+            let n = self
+                .ready
+                .iter()
+                .filter_map(Frame::data_ref)
+                .map(|d| d.len() as u64)
+                .sum();
+            return SizeHint::with_exact(n);
+        }
+        SizeHint::default()
     }
 }

@@ -162,6 +162,10 @@ pub struct FilterLimits {
     /// granularity); lifecycle callbacks (`on_vm_start`, `on_configure`) get 1 s.
     #[serde(default = "defaults::filter_callback_ms")]
     pub callback_ms: u64,
+    /// Most body bytes the filter may hold while it pauses on body chunks, in KiB; past it the
+    /// request gets 413 and the response 500.
+    #[serde(default = "defaults::filter_buffer_kb")]
+    pub buffer_kb: u32,
 }
 
 impl Default for FilterLimits {
@@ -169,6 +173,7 @@ impl Default for FilterLimits {
         Self {
             memory_mb: defaults::filter_memory_mb(),
             callback_ms: defaults::filter_callback_ms(),
+            buffer_kb: defaults::filter_buffer_kb(),
         }
     }
 }
@@ -361,6 +366,9 @@ mod defaults {
     pub fn filter_callback_ms() -> u64 {
         10
     }
+    pub fn filter_buffer_kb() -> u32 {
+        1024
+    }
 }
 
 /// Why a configuration could not be loaded.
@@ -531,10 +539,10 @@ impl Config {
                         "must be non-empty and unique in the chain".into(),
                     ));
                 }
-                if f.limits.memory_mb == 0 || f.limits.callback_ms == 0 {
+                if f.limits.memory_mb == 0 || f.limits.callback_ms == 0 || f.limits.buffer_kb == 0 {
                     return Err((
                         at("limits"),
-                        "memory_mb and callback_ms must be at least 1".into(),
+                        "memory_mb, callback_ms and buffer_kb must be at least 1".into(),
                     ));
                 }
             }

@@ -67,6 +67,25 @@ pub enum ResponseDecision {
     Respond(LocalReply),
 }
 
+/// Which way a body flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// The request body, downstream to upstream (filters in chain order).
+    Request = 0,
+    /// The response body, upstream to downstream (filters in reverse order).
+    Response = 1,
+}
+
+/// What the chain did with a piece of body or with trailers.
+pub enum BodyDecision {
+    /// These bytes came out of the end of the chain (empty while a filter buffers); for
+    /// trailers, they go before the (possibly rewritten) trailers.
+    Continue(Bytes),
+    /// End the stream with this response: 413 or 500 for an overflowing buffer, or a filter's
+    /// own local response.
+    Respond(LocalReply),
+}
+
 /// Facts about a stream that filters can read (as proxy-wasm properties).
 #[derive(Clone, Copy, Debug)]
 pub struct StreamInfo {
@@ -114,10 +133,47 @@ pub trait FilterStream: Send {
         head: &mut response::Parts,
         end_of_stream: bool,
     ) -> ResponseDecision;
+    /// Whether the chain wants to see the body (and trailers) flowing in `direction`. When
+    /// false, the body streams through untouched.
+    fn wants_body(&self, _direction: Direction) -> bool {
+        false
+    }
+    /// Passes a piece of body through the chain. `end_of_stream` is set on the last piece
+    /// (which may be empty); pieces a filter holds back come out with a later call.
+    fn on_body(
+        &mut self,
+        _direction: Direction,
+        data: Bytes,
+        _end_of_stream: bool,
+    ) -> BodyDecision {
+        BodyDecision::Continue(data)
+    }
+    /// Passes trailers through the chain (which ends the body): each filter first releases
+    /// what it buffered.
+    fn on_trailers(&mut self, _direction: Direction, _trailers: &mut HeaderMap) -> BodyDecision {
+        BodyDecision::Continue(Bytes::new())
+    }
+    /// A local reply the chain decided on while the request body was already streaming
+    /// upstream (the upstream exchange is then abandoned).
+    fn take_reply(&mut self) -> Option<LocalReply> {
+        None
+    }
     /// Tells the stream which upstream endpoint the request goes to.
     fn set_upstream(&mut self, _address: SocketAddr) {}
     /// Called once when the stream has ended (for logging and cleanup).
     fn finish(&mut self);
+}
+
+/// A stream's passage through its chain, shared between the request task and the body
+/// streams it feeds. All of them run on the stream's worker thread and never hold the lock
+/// across an await, so it is never contended.
+pub type SharedFilterStream = std::sync::Arc<std::sync::Mutex<Box<dyn FilterStream>>>;
+
+/// Locks a shared stream (a panic while it was held does not make it unusable).
+pub fn lock(stream: &SharedFilterStream) -> std::sync::MutexGuard<'_, Box<dyn FilterStream>> {
+    stream
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The chain slot of a listener: `None` when the listener has no filters.

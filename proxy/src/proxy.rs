@@ -12,19 +12,20 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use crate::body::{RequestBody, ResponseBody, StreamEnd};
+use crate::body::{FilteredBody, RequestBody, ResponseBody, StreamEnd};
 use crate::clock;
 use crate::cluster::{Cluster, Limit, RequestPermit};
 use crate::config::UpstreamProtocol;
 use crate::filter::{
-    Callout, CalloutOutcome, ChainSlot, FilterStream, LocalReply, RequestDecision,
-    ResponseDecision, StreamInfo,
+    self, BodyDecision, Callout, CalloutOutcome, ChainSlot, Direction, LocalReply, RequestDecision,
+    ResponseDecision, SharedFilterStream, StreamInfo,
 };
 use crate::framing::FramingVerdicts;
 use crate::headers;
@@ -139,8 +140,10 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
             upstream: None,
         };
         let end_of_stream = body.is_end_stream();
-        let filters = stream.filters.insert(chain.start_stream(info));
-        let mut decision = filters.on_request_headers(&mut head, end_of_stream);
+        let filters = stream
+            .filters
+            .insert(Arc::new(std::sync::Mutex::new(chain.start_stream(info))));
+        let mut decision = filter::lock(filters).on_request_headers(&mut head, end_of_stream);
         loop {
             match decision {
                 RequestDecision::Continue { cluster: Some(c) } if c < ctx.clusters.len() => {
@@ -155,14 +158,43 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
                     for callout in callouts {
                         outcomes.push(run_callout(ctx, callout).await);
                     }
-                    let filters = stream.filters.as_mut().expect("set above");
-                    decision = filters.resume_request(&mut head, end_of_stream, outcomes);
+                    let filters = stream.filters.as_ref().expect("set above");
+                    decision =
+                        filter::lock(filters).resume_request(&mut head, end_of_stream, outcomes);
                     continue;
                 }
             }
             break;
         }
     }
+    // Body callbacks see the request body before anything goes upstream: the head waits
+    // until the first bytes come out of the chain, or the whole body if a filter buffers it.
+    let up_body = match &stream.filters {
+        Some(filters)
+            if !body.is_end_stream() && filter::lock(filters).wants_body(Direction::Request) =>
+        {
+            match prime(filters, Direction::Request, body).await {
+                Ok(Primed::Reply(reply)) => {
+                    return finish(ctx, cluster_idx, filter_reply(reply, stream));
+                }
+                Ok(Primed::Whole(data, trailers)) => {
+                    set_body_length(&mut head.headers, &data, trailers.is_some());
+                    RequestBody::Filtered {
+                        body: FilteredBody::whole(data, trailers, Direction::Request),
+                    }
+                }
+                Ok(Primed::Streaming(first, rest)) => RequestBody::Filtered {
+                    body: FilteredBody::streaming(first, rest, filters.clone(), Direction::Request),
+                },
+                Err(e) => {
+                    tracing::debug!("reading the request body: {e}");
+                    let resp = local_reply(StatusCode::BAD_REQUEST, "bad request body\n", stream);
+                    return finish(ctx, cluster_idx, resp);
+                }
+            }
+        }
+        _ => RequestBody::Incoming { body },
+    };
     let cluster = &ctx.clusters[cluster_idx];
 
     let permit = match cluster.admit_request() {
@@ -180,9 +212,9 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     };
     let endpoint = cluster.endpoints[ep].clone();
     if let (Some(filters), crate::cluster::EndpointAddress::Ip(addr)) =
-        (stream.filters.as_mut(), &endpoint.address)
+        (stream.filters.as_ref(), &endpoint.address)
     {
-        filters.set_upstream(*addr);
+        filter::lock(filters).set_upstream(*addr);
     }
     cluster.begin_endpoint_request(&endpoint);
     stream.upstream = Some(UpstreamStream {
@@ -207,7 +239,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     if let Err(resp) = set_upstream_target(&mut head, cluster.protocol) {
         return finish(ctx, cluster_idx, local_reply(resp.0, resp.1, stream));
     }
-    let up_req = Request::from_parts(head, RequestBody::Incoming { body });
+    let up_req = Request::from_parts(head, up_body);
 
     let started = clock::now_ns();
     let exchange = upstream::send(cluster, ep, up_req);
@@ -222,7 +254,15 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     let (resp, pooled) = match outcome {
         Ok(ok) => ok,
         Err(failure) => {
-            let resp = failure_reply(cluster, &endpoint, failure, stream);
+            // A body callback may have ended the stream while the body streamed upstream.
+            let reply = match (&failure, &stream.filters) {
+                (Failure::Upstream(_), Some(f)) => filter::lock(f).take_reply(),
+                _ => None,
+            };
+            let resp = match reply {
+                Some(reply) => filter_reply(reply, stream),
+                None => failure_reply(cluster, &endpoint, failure, stream),
+            };
             return finish(ctx, cluster_idx, resp);
         }
     };
@@ -253,15 +293,103 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         headers::strip_hop_by_hop(&mut rhead.headers, false);
     }
     rhead.version = downstream_version;
-    if let Some(filters) = stream.filters.as_mut()
-        && let ResponseDecision::Respond(reply) =
-            filters.on_response_headers(&mut rhead, rbody.is_end_stream())
-    {
+    let Some(filters) = stream.filters.clone() else {
+        let resp = Response::from_parts(rhead, ResponseBody::upstream(rbody, Some(stream)));
+        return finish(ctx, cluster_idx, resp);
+    };
+    let decision = filter::lock(&filters).on_response_headers(&mut rhead, rbody.is_end_stream());
+    if let ResponseDecision::Respond(reply) = decision {
         // The upstream body is dropped unread, so its connection is not reused.
         return finish(ctx, cluster_idx, filter_reply(reply, stream));
     }
-    let resp = Response::from_parts(rhead, ResponseBody::upstream(rbody, Some(stream)));
+    if rbody.is_end_stream()
+        || rhead.status == StatusCode::SWITCHING_PROTOCOLS
+        || !filter::lock(&filters).wants_body(Direction::Response)
+    {
+        let resp = Response::from_parts(rhead, ResponseBody::upstream(rbody, Some(stream)));
+        return finish(ctx, cluster_idx, resp);
+    }
+    // The head waits until the first bytes come out of the chain's body callbacks, so that a
+    // filter buffering the whole body can still replace the response or fix its length.
+    let body = match prime(&filters, Direction::Response, rbody).await {
+        Ok(Primed::Reply(reply)) => return finish(ctx, cluster_idx, filter_reply(reply, stream)),
+        Ok(Primed::Whole(data, trailers)) => {
+            set_body_length(&mut rhead.headers, &data, trailers.is_some());
+            FilteredBody::whole(data, trailers, Direction::Response)
+        }
+        Ok(Primed::Streaming(first, rest)) => {
+            FilteredBody::streaming(first, rest, filters.clone(), Direction::Response)
+        }
+        Err(e) => {
+            tracing::debug!(cluster = %cluster.name, "reading the response body: {e}");
+            cluster.metrics.resets.inc();
+            let resp = local_reply(StatusCode::BAD_GATEWAY, "upstream reset\n", stream);
+            return finish(ctx, cluster_idx, resp);
+        }
+    };
+    let resp = Response::from_parts(rhead, ResponseBody::filtered(body, Some(stream)));
     finish(ctx, cluster_idx, resp)
+}
+
+/// How far [`prime`] got with a body.
+enum Primed {
+    /// A filter ended the stream.
+    Reply(LocalReply),
+    /// The whole body went through the chain: its bytes and trailers.
+    Whole(Bytes, Option<HeaderMap>),
+    /// The first bytes came out of the chain; the rest is still to read.
+    Streaming(Bytes, Incoming),
+}
+
+/// Reads `body` through the chain's body callbacks until something comes out of the chain,
+/// the body ends, or a filter answers.
+async fn prime(
+    filters: &SharedFilterStream,
+    direction: Direction,
+    mut body: Incoming,
+) -> Result<Primed, hyper::Error> {
+    loop {
+        let (decision, trailers, ended) = match body.frame().await {
+            None => (
+                filter::lock(filters).on_body(direction, Bytes::new(), true),
+                None,
+                true,
+            ),
+            Some(frame) => match frame?.into_data() {
+                Ok(data) => {
+                    let ended = body.is_end_stream();
+                    let d = filter::lock(filters).on_body(direction, data, ended);
+                    (d, None, ended)
+                }
+                Err(frame) => match frame.into_trailers() {
+                    Ok(mut t) => {
+                        let d = filter::lock(filters).on_trailers(direction, &mut t);
+                        (d, Some(t), true)
+                    }
+                    Err(_) => continue,
+                },
+            },
+        };
+        match decision {
+            BodyDecision::Respond(reply) => return Ok(Primed::Reply(reply)),
+            BodyDecision::Continue(data) if ended => return Ok(Primed::Whole(data, trailers)),
+            BodyDecision::Continue(data) if !data.is_empty() => {
+                return Ok(Primed::Streaming(data, body));
+            }
+            BodyDecision::Continue(_) => {}
+        }
+    }
+}
+
+/// Sets `content-length` for a body known whole (drops it when trailers follow, which need
+/// chunked framing on HTTP/1.1).
+fn set_body_length(headers: &mut HeaderMap, data: &Bytes, trailers: bool) {
+    headers.remove(header::TRANSFER_ENCODING);
+    if trailers {
+        headers.remove(header::CONTENT_LENGTH);
+    } else {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+    }
 }
 
 /// Counts the response by status class and returns it.
@@ -481,7 +609,7 @@ async fn tunnel(down: OnUpgrade, up: OnUpgrade) {
 struct Stream {
     conn: Arc<ConnShared>,
     upstream: Option<UpstreamStream>,
-    filters: Option<Box<dyn FilterStream>>,
+    filters: Option<SharedFilterStream>,
     /// The response body was read to its end.
     complete: bool,
 }
@@ -503,8 +631,8 @@ impl StreamEnd for Stream {
 
 impl Drop for Stream {
     fn drop(&mut self) {
-        if let Some(mut filters) = self.filters.take() {
-            filters.finish();
+        if let Some(filters) = self.filters.take() {
+            filter::lock(&filters).finish();
         }
         let conn = &self.conn;
         conn.listener.metrics.requests_active.dec();

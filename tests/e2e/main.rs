@@ -9,6 +9,7 @@ mod limits;
 mod outlier;
 mod protocols;
 mod wasm;
+mod wasm_body;
 
 use weft_tests::Upstream;
 

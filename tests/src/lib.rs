@@ -349,8 +349,9 @@ pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Resu
 /// - `/delay/<ms>…`: waits, then echoes;
 /// - `/status/<code>`: answers with that status;
 /// - `/grpc`: answers like a gRPC server: body then trailers `grpc-status: 0`;
+/// - `/bytes/<n>`: `n` bytes of `0123456789…` with a content-length, in 16 KiB frames;
 /// - `/ws`: accepts an upgrade (101) and then echoes bytes on the raw connection;
-/// - anything else: a JSON echo of method, path, version, headers and body.
+/// - anything else: a JSON echo of method, path, version, headers, body and trailers.
 pub struct Upstream {
     /// Name reported in `x-upstream`.
     pub name: String,
@@ -497,6 +498,20 @@ async fn answer(name: String, mut req: Request<Incoming>) -> Result<Response<UpB
         r.headers_mut()
             .insert("content-type", "application/grpc".parse().expect("value"));
         r
+    } else if let Some(n) = path
+        .strip_prefix("/bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        // `n` bytes of `0123456789…`, in 16 KiB frames.
+        let pattern: Vec<u8> = (0..n).map(|i| b'0' + (i % 10) as u8).collect();
+        let frames: Vec<_> = pattern
+            .chunks(16 * 1024)
+            .map(|c| hyper::body::Frame::data(Bytes::copy_from_slice(c)))
+            .collect();
+        let mut r = Response::new(BodyExt::boxed(FramesBody(frames.into_iter())));
+        r.headers_mut()
+            .insert("content-length", n.to_string().parse().expect("value"));
+        r
     } else if path == "/ws" {
         let on_upgrade = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
@@ -532,11 +547,21 @@ fn full(s: String) -> UpBody {
 
 async fn echo(req: Request<Incoming>) -> Response<UpBody> {
     let (parts, body) = req.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
+    let (body, trailers) = match body.collect().await {
+        Ok(c) => {
+            let trailers: BTreeMap<String, String> = c
+                .trailers()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| {
+                    let v = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                    (k.as_str().to_owned(), v)
+                })
+                .collect();
+            (c.to_bytes(), trailers)
+        }
+        Err(_) => (Bytes::new(), BTreeMap::new()),
+    };
     let mut headers = BTreeMap::<String, Vec<String>>::new();
     for (k, v) in &parts.headers {
         headers
@@ -550,6 +575,7 @@ async fn echo(req: Request<Incoming>) -> Response<UpBody> {
         "version": format!("{:?}", parts.version),
         "headers": headers,
         "body": String::from_utf8_lossy(&body),
+        "trailers": trailers,
     });
     let mut r = Response::new(full(v.to_string()));
     r.headers_mut()
@@ -558,7 +584,14 @@ async fn echo(req: Request<Incoming>) -> Response<UpBody> {
 }
 
 /// A body made of a fixed list of frames (data, then trailers).
-struct FramesBody(std::vec::IntoIter<hyper::body::Frame<Bytes>>);
+pub struct FramesBody(std::vec::IntoIter<hyper::body::Frame<Bytes>>);
+
+impl FramesBody {
+    /// A body yielding `frames` in order.
+    pub fn new(frames: Vec<hyper::body::Frame<Bytes>>) -> Self {
+        Self(frames.into_iter())
+    }
+}
 
 impl hyper::body::Body for FramesBody {
     type Data = Bytes;

@@ -181,32 +181,23 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_get_buffer_bytes",
         |mut c: C<'_>, kind: i32, start: i32, max: i32, ret_ptr: i32, ret_len: i32| {
-            let data = match kind {
-                4 => match &c.data().callout_response {
-                    Some(r) => r.body.clone(),
-                    None => return Ok(Status::NotFound as i32),
-                },
-                6 => c.data().plugin.vm_config.clone(),
-                7 => c.data().plugin.config.clone(),
-                _ => return Ok(Status::NotFound as i32),
+            let data: Vec<u8> = {
+                let Some(data) = buffer(c.data(), kind) else {
+                    return Ok(Status::NotFound as i32);
+                };
+                let start = (start as u32 as usize).min(data.len());
+                let end = start.saturating_add(max as u32 as usize).min(data.len());
+                data[start..end].to_vec()
             };
-            let start = (start as u32 as usize).min(data.len());
-            let end = start.saturating_add(max as u32 as usize).min(data.len());
-            Ok::<_, wasmtime::Error>(give(&mut c, &data[start..end], ret_ptr, ret_len)? as i32)
+            Ok::<_, wasmtime::Error>(give(&mut c, &data, ret_ptr, ret_len)? as i32)
         },
     )?;
     l.func_wrap(
         "env",
         "proxy_get_buffer_status",
         |mut c: C<'_>, kind: i32, len_ptr: i32, flags_ptr: i32| {
-            let len = match kind {
-                4 => match &c.data().callout_response {
-                    Some(r) => r.body.len(),
-                    None => return Status::NotFound as i32,
-                },
-                6 => c.data().plugin.vm_config.len(),
-                7 => c.data().plugin.config.len(),
-                _ => return Status::NotFound as i32,
+            let Some(len) = buffer(c.data(), kind).map(<[u8]>::len) else {
+                return Status::NotFound as i32;
             };
             status(
                 write_u32(&mut c, len_ptr, len as u32)
@@ -214,12 +205,23 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             )
         },
     )?;
-    // Body buffers are not kept by this host yet: writing one is refused.
+    // Only the body being called back for can be written (Envoy's rule); the callout
+    // response and the configurations are read-only.
     l.func_wrap(
         "env",
         "proxy_set_buffer_bytes",
-        |_c: C<'_>, _kind: i32, _start: i32, _size: i32, _ptr: i32, _len: i32| {
-            Status::NotFound as i32
+        |mut c: C<'_>, kind: i32, start: i32, size: i32, ptr: i32, len: i32| {
+            let data = match read(&mut c, ptr, len) {
+                Ok(d) => d,
+                Err(s) => return s as i32,
+            };
+            match c.data_mut().body.as_mut() {
+                Some((k, buf)) if *k == kind => {
+                    buf.splice(start as u32 as usize, size as u32 as usize, &data);
+                    Status::Ok as i32
+                }
+                _ => Status::NotFound as i32,
+            }
         },
     )?;
     l.func_wrap(
@@ -691,6 +693,20 @@ fn callout_request(
         );
     }
     req.body(bytes::Bytes::from(body)).ok()
+}
+
+/// The bytes of buffer `kind` (ABI buffer type), when the current callback has it.
+fn buffer(state: &HostState, kind: i32) -> Option<&[u8]> {
+    match kind {
+        0 | 1 => match &state.body {
+            Some((k, buf)) if *k == kind => Some(buf.as_slice()),
+            _ => None,
+        },
+        4 => state.callout_response.as_ref().map(|r| &r.body[..]),
+        6 => Some(&state.plugin.vm_config),
+        7 => Some(&state.plugin.config),
+        _ => None,
+    }
 }
 
 fn warn_invalid(c: &C<'_>) {

@@ -12,11 +12,12 @@ use http::{StatusCode, request, response};
 use prometheus_client::metrics::counter::Counter;
 use wasmtime::{Engine, InstancePre, Store, Trap, TypedFunc};
 
+use super::host::BodyBuf;
 use super::host::{HostState, LocalResponse, PluginMeta};
 use crate::config::FailurePolicy;
 use crate::filter::{
-    Callout, CalloutOutcome, FilterChain, FilterStream, LocalReply, RequestDecision,
-    ResponseDecision, StreamInfo,
+    BodyDecision, Callout, CalloutOutcome, Direction, FilterChain, FilterStream, LocalReply,
+    RequestDecision, ResponseDecision, StreamInfo,
 };
 
 /// Epoch ticks allowed to lifecycle callbacks (`_initialize`, `on_vm_start`, `on_configure`).
@@ -99,6 +100,10 @@ pub struct FilterSpec {
     pub defined_metrics: Arc<crate::metrics::FilterMetricSet>,
     /// Whether the module exports `proxy_on_tick`.
     pub has_tick: bool,
+    /// Whether the module exports body or trailers callbacks, by [`Direction`].
+    pub body_callbacks: [bool; 2],
+    /// Most body bytes the filter may buffer.
+    pub buffer_limit: usize,
     /// Names of the clusters callouts may go to.
     pub clusters: Arc<[String]>,
 }
@@ -116,13 +121,37 @@ impl FilterSpec {
     }
 }
 
+/// A `(context, count or size, end of stream) -> action` callback: headers and bodies.
+type StreamFn = TypedFunc<(i32, i32, i32), i32>;
+
 /// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
 type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
+/// The export name of the body callback for `direction`.
+pub fn body_callback(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Request => "proxy_on_request_body",
+        Direction::Response => "proxy_on_response_body",
+    }
+}
+
+/// The export name of the trailers callback for `direction`.
+pub fn trailers_callback(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Request => "proxy_on_request_trailers",
+        Direction::Response => "proxy_on_response_trailers",
+    }
+}
+
 struct Exports {
     on_context_create: TypedFunc<(i32, i32), ()>,
-    on_request_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
-    on_response_headers: Option<TypedFunc<(i32, i32, i32), i32>>,
+    on_request_headers: Option<StreamFn>,
+    on_response_headers: Option<StreamFn>,
+    /// `proxy_on_{request,response}_body(context, buffered length, end of stream)`, by
+    /// [`Direction`].
+    on_body: [Option<StreamFn>; 2],
+    /// `proxy_on_{request,response}_trailers(context, count)`, by [`Direction`].
+    on_trailers: [Option<TypedFunc<(i32, i32), i32>>; 2],
     on_http_call_response: Option<CallResponseFn>,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
@@ -181,6 +210,10 @@ impl FilterInstance {
                 })?,
             on_request_headers: typed3(&mut store, "proxy_on_request_headers"),
             on_response_headers: typed3(&mut store, "proxy_on_response_headers"),
+            on_body: [Direction::Request, Direction::Response]
+                .map(|d| typed3(&mut store, body_callback(d))),
+            on_trailers: [Direction::Request, Direction::Response]
+                .map(|d| func(&mut store, trailers_callback(d)).and_then(|f| f.typed(&store).ok())),
             on_http_call_response: func(&mut store, "proxy_on_http_call_response")
                 .and_then(|f| f.typed(&store).ok()),
             on_done: func(&mut store, "proxy_on_done").and_then(|f| f.typed(&store).ok()),
@@ -361,6 +394,99 @@ impl FilterInstance {
         Ok(outcome)
     }
 
+    /// `proxy_on_{request,response}_body` with `buf` as the body buffer, and the request and
+    /// response heads as they went on readable as properties.
+    #[allow(clippy::too_many_arguments)]
+    fn body(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        direction: Direction,
+        buf: &mut BodyBuf,
+        end_of_stream: bool,
+        info: &StreamInfo,
+        seen: &mut Seen,
+    ) -> Result<Callback, Failure> {
+        let Some(f) = self.exports.on_body[direction as usize].clone() else {
+            return Ok(Callback::default());
+        };
+        let len = buf.len() as i32;
+        self.store.data_mut().body = Some((direction as i32, std::mem::take(buf)));
+        let result = self.with_seen(ticks, context, info, seen, |store| {
+            f.call(store, (context, len, end_of_stream as i32))
+        });
+        if let Some((_, back)) = self.store.data_mut().body.take() {
+            *buf = back;
+        }
+        let (action, callback) = result;
+        let action = action.map_err(|e| classify(e, body_callback(direction)))?;
+        Ok(Callback {
+            paused: action == 1,
+            ..callback
+        })
+    }
+
+    /// `proxy_on_{request,response}_trailers` with `trailers` as map 1 or 3.
+    fn trailers(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        direction: Direction,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+        seen: &mut Seen,
+    ) -> Result<Callback, Failure> {
+        let Some(f) = self.exports.on_trailers[direction as usize].clone() else {
+            return Ok(Callback::default());
+        };
+        let map = direction as i32 * 2 + 1;
+        let n = trailers.len() as i32;
+        self.store.data_mut().trailers = Some((map, std::mem::take(trailers)));
+        let result = self.with_seen(ticks, context, info, seen, |store| {
+            f.call(store, (context, n))
+        });
+        if let Some((_, back)) = self.store.data_mut().trailers.take() {
+            *trailers = back;
+        }
+        let (action, callback) = result;
+        action.map_err(|e| classify(e, trailers_callback(direction)))?;
+        Ok(callback)
+    }
+
+    /// Runs `call` with the stream's recorded heads in the store (read-only copies) and the
+    /// per-callback state reset; returns its result and what it asked for.
+    fn with_seen<R>(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        info: &StreamInfo,
+        seen: &mut Seen,
+        call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> (wasmtime::Result<R>, Callback) {
+        let data = self.store.data_mut();
+        data.info = Some(*info);
+        data.context = context as u32;
+        data.local_response = None;
+        data.callouts.clear();
+        data.resumed = false;
+        data.request = seen.request.take();
+        data.response = seen.response.take();
+        self.store.set_epoch_deadline(ticks);
+        let result = call(&mut self.store);
+        let data = self.store.data_mut();
+        seen.request = data.request.take();
+        seen.response = data.response.take();
+        let callback = Callback {
+            local: data.local_response.take(),
+            // Callouts are only sent from request headers; others are dropped.
+            callouts: Vec::new(),
+            resumed: data.resumed,
+            paused: false,
+        };
+        data.callouts.clear();
+        (result, callback)
+    }
+
     /// `on_done`, `on_log`, `on_delete` for a finished stream's context, with the request
     /// and response as they were sent readable as properties (read-only copies).
     fn end_context(
@@ -368,19 +494,18 @@ impl FilterInstance {
         ticks: u64,
         context: i32,
         info: &StreamInfo,
-        request: &mut Option<request::Parts>,
-        response: &mut Option<response::Parts>,
+        seen: &mut Seen,
     ) -> Result<(), Failure> {
         let data = self.store.data_mut();
         data.info = Some(*info);
         data.context = context as u32;
-        data.request = request.take();
-        data.response = response.take();
+        data.request = seen.request.take();
+        data.response = seen.response.take();
         self.store.set_epoch_deadline(ticks);
         let result = self.end_callbacks(context);
         let data = self.store.data_mut();
-        *request = data.request.take();
-        *response = data.response.take();
+        seen.request = data.request.take();
+        seen.response = data.response.take();
         result
     }
 
@@ -423,7 +548,7 @@ trait Head: Sized {
     /// The export's name.
     const CALLBACK: &'static str;
     /// The export to call.
-    fn callback(e: &Exports) -> Option<&TypedFunc<(i32, i32, i32), i32>>;
+    fn callback(e: &Exports) -> Option<&StreamFn>;
     /// Where the head lives in the store during the call.
     fn slot(state: &mut HostState) -> &mut Option<Self>;
     /// A placeholder left behind while the head is in the store.
@@ -434,7 +559,7 @@ trait Head: Sized {
 
 impl Head for request::Parts {
     const CALLBACK: &'static str = "proxy_on_request_headers";
-    fn callback(e: &Exports) -> Option<&TypedFunc<(i32, i32, i32), i32>> {
+    fn callback(e: &Exports) -> Option<&StreamFn> {
         e.on_request_headers.as_ref()
     }
     fn slot(state: &mut HostState) -> &mut Option<Self> {
@@ -450,7 +575,7 @@ impl Head for request::Parts {
 
 impl Head for response::Parts {
     const CALLBACK: &'static str = "proxy_on_response_headers";
-    fn callback(e: &Exports) -> Option<&TypedFunc<(i32, i32, i32), i32>> {
+    fn callback(e: &Exports) -> Option<&StreamFn> {
         e.on_response_headers.as_ref()
     }
     fn slot(state: &mut HostState) -> &mut Option<Self> {
@@ -667,8 +792,10 @@ impl FilterChain for WasmChain {
             contexts: vec![Ctx::None; self.filters.len()],
             info,
             paused: None,
-            request_seen: None,
-            response_seen: None,
+            seen: Seen::default(),
+            bodies: [Vec::new(), Vec::new()],
+            reply: None,
+            finished: false,
         })
     }
 }
@@ -690,10 +817,22 @@ struct WasmStream {
     info: StreamInfo,
     /// The filter whose callouts the request waits for.
     paused: Option<usize>,
-    /// The request as it went upstream, for properties during `on_log`.
-    request_seen: Option<request::Parts>,
-    /// The response as it went downstream, for properties during `on_log`.
-    response_seen: Option<response::Parts>,
+    /// The heads as they went on, for properties in body callbacks and `on_log`.
+    seen: Seen,
+    /// What each filter holds of the body, by [`Direction`] (sized on first use).
+    bodies: [Vec<BodyBuf>; 2],
+    /// A local reply decided while the request body streamed upstream.
+    reply: Option<LocalReply>,
+    /// `finish` ran: later body pieces pass through untouched.
+    finished: bool,
+}
+
+/// The request as it went upstream and the response as it went downstream (read-only copies
+/// for properties once the heads have moved on).
+#[derive(Default)]
+struct Seen {
+    request: Option<request::Parts>,
+    response: Option<response::Parts>,
 }
 
 fn snapshot_request(head: &request::Parts) -> request::Parts {
@@ -710,6 +849,21 @@ fn snapshot_response(status: StatusCode, headers: &HeaderMap) -> response::Parts
     p.status = status;
     p.headers = headers.clone();
     p
+}
+
+/// 413 (request) or 500 (response) for a body past a filter's buffer limit.
+fn overflow_reply(direction: Direction, filter: &str) -> LocalReply {
+    let (status, what) = match direction {
+        Direction::Request => (StatusCode::PAYLOAD_TOO_LARGE, "request"),
+        Direction::Response => (StatusCode::INTERNAL_SERVER_ERROR, "response"),
+    };
+    LocalReply {
+        status,
+        headers: HeaderMap::new(),
+        body: Bytes::from(format!(
+            "{what} body exceeds the buffer limit of filter `{filter}`\n"
+        )),
+    }
 }
 
 /// 503 for a stream whose filter failed.
@@ -741,6 +895,8 @@ fn local_reply(lr: LocalResponse) -> LocalReply {
 
 enum Step {
     Go,
+    /// The callback returned `Pause` with nothing outstanding (a body filter buffering).
+    Hold,
     Local(LocalResponse),
     Paused(Vec<Callout>),
     Failed(Failure),
@@ -760,7 +916,8 @@ impl WasmStream {
                 inst.headers(ticks, ctx, head, info, end_of_stream)
             });
             let failure = match step {
-                Step::Go => continue,
+                // A pause with nothing outstanding cannot be resumed: the stream goes on.
+                Step::Go | Step::Hold => continue,
                 Step::Local(lr) => {
                     return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
                 }
@@ -775,14 +932,14 @@ impl WasmStream {
                 return RequestDecision::Respond(self.seen_reply(head, reply));
             }
         }
-        self.request_seen = Some(snapshot_request(head));
+        self.seen.request = Some(snapshot_request(head));
         RequestDecision::Continue { cluster: None }
     }
 
     /// Remembers a local reply (and the request it answers) for `on_log`.
     fn seen_reply(&mut self, head: &request::Parts, reply: LocalReply) -> LocalReply {
-        self.request_seen = Some(snapshot_request(head));
-        self.response_seen = Some(snapshot_response(reply.status, &reply.headers));
+        self.seen.request = Some(snapshot_request(head));
+        self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
         reply
     }
 
@@ -831,11 +988,113 @@ impl WasmStream {
                         resumed: false,
                         ..
                     }) if !callouts.is_empty() => Step::Paused(callouts),
+                    Ok(Callback {
+                        paused: true,
+                        resumed: false,
+                        ..
+                    }) => Step::Hold,
                     Ok(_) => Step::Go,
                     Err(f) => Step::Failed(f),
                 }
             }
         }
+    }
+
+    /// Passes a body piece (or trailers, which end the body) through the filters that see
+    /// `direction`'s body, in its order. A filter that pauses keeps what it got in its buffer
+    /// (until the limit); the next piece is appended and the filter called with all of it.
+    fn flow(
+        &mut self,
+        direction: Direction,
+        mut data: Bytes,
+        end_of_stream: bool,
+        mut trailers: Option<&mut HeaderMap>,
+    ) -> BodyDecision {
+        if self.finished {
+            return BodyDecision::Continue(data);
+        }
+        let d = direction as usize;
+        let n = self.filters.len();
+        if self.bodies[d].len() < n {
+            self.bodies[d].resize_with(n, BodyBuf::default);
+        }
+        // The body ends with this piece (trailers end it too, but after the data).
+        let last = end_of_stream && trailers.is_none();
+        for k in 0..n {
+            let idx = match direction {
+                Direction::Request => k,
+                Direction::Response => n - 1 - k,
+            };
+            let mut buf = std::mem::take(&mut self.bodies[d][idx]);
+            buf.append(data);
+            if !matches!(self.contexts[idx], Ctx::Active(..))
+                || !self.filters[idx].body_callbacks[d]
+            {
+                data = buf.take();
+                continue;
+            }
+            let mut seen = std::mem::take(&mut self.seen);
+            let mut step = Step::Go;
+            if !buf.is_empty() || last {
+                step = self.run(idx, |inst, ticks, ctx, info| {
+                    inst.body(ticks, ctx, direction, &mut buf, last, info, &mut seen)
+                });
+            }
+            if matches!(step, Step::Go | Step::Hold)
+                && let Some(t) = trailers.as_deref_mut()
+            {
+                step = match self.run(idx, |inst, ticks, ctx, info| {
+                    inst.trailers(ticks, ctx, direction, t, info, &mut seen)
+                }) {
+                    // Trailers end the body: a filter holding it releases it now.
+                    Step::Hold => Step::Go,
+                    other => other,
+                };
+            }
+            self.seen = seen;
+            let failure = match step {
+                Step::Go | Step::Paused(_) => None,
+                Step::Hold if last => None, // nothing can resume it later: go on
+                Step::Hold => {
+                    let limit = self.filters[idx].buffer_limit;
+                    let held = buf.len();
+                    self.bodies[d][idx] = buf;
+                    if held > limit {
+                        return self.end_body(
+                            direction,
+                            overflow_reply(direction, &self.filters[idx].meta.name),
+                        );
+                    }
+                    return BodyDecision::Continue(Bytes::new());
+                }
+                Step::Local(lr) => return self.end_body(direction, local_reply(lr)),
+                Step::Failed(f) => Some(Some(f)),
+                Step::Unavailable => Some(None),
+            };
+            if let Some(failure) = failure
+                && let Some(reply) = self.on_failure(idx, failure)
+            {
+                return self.end_body(direction, reply);
+            }
+            data = buf.take();
+        }
+        BodyDecision::Continue(data)
+    }
+
+    /// Ends the stream from a body or trailers callback with `reply`.
+    fn end_body(&mut self, direction: Direction, reply: LocalReply) -> BodyDecision {
+        self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+        for buf in &mut self.bodies[direction as usize] {
+            buf.take();
+        }
+        if direction == Direction::Request {
+            self.reply = Some(LocalReply {
+                status: reply.status,
+                headers: reply.headers.clone(),
+                body: reply.body.clone(),
+            });
+        }
+        BodyDecision::Respond(reply)
     }
 
     /// Applies the failure policy of filter `idx`: `Some(reply)` to end the stream.
@@ -888,7 +1147,7 @@ impl FilterStream for WasmStream {
                     })
             });
             let failure = match step {
-                Step::Go => continue,
+                Step::Go | Step::Hold => continue,
                 Step::Paused(callouts) => {
                     more.extend(callouts);
                     continue;
@@ -924,35 +1183,57 @@ impl FilterStream for WasmStream {
             });
             let failure = match step {
                 // Callouts from response callbacks are not supported: the response goes on.
-                Step::Go | Step::Paused(_) => continue,
+                Step::Go | Step::Hold | Step::Paused(_) => continue,
                 Step::Local(lr) => {
                     let reply = local_reply(lr);
-                    self.response_seen = Some(snapshot_response(reply.status, &reply.headers));
+                    self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
                     return ResponseDecision::Respond(reply);
                 }
                 Step::Failed(f) => Some(f),
                 Step::Unavailable => None,
             };
             if let Some(reply) = self.on_failure(idx, failure) {
-                self.response_seen = Some(snapshot_response(reply.status, &reply.headers));
+                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
                 return ResponseDecision::Respond(reply);
             }
         }
-        self.response_seen = Some(snapshot_response(head.status, &head.headers));
+        self.seen.response = Some(snapshot_response(head.status, &head.headers));
         ResponseDecision::Continue
     }
 
+    fn wants_body(&self, direction: Direction) -> bool {
+        !self.finished
+            && self
+                .filters
+                .iter()
+                .zip(&self.contexts)
+                .any(|(f, c)| f.body_callbacks[direction as usize] && matches!(c, Ctx::Active(..)))
+    }
+
+    fn on_body(&mut self, direction: Direction, data: Bytes, end_of_stream: bool) -> BodyDecision {
+        self.flow(direction, data, end_of_stream, None)
+    }
+
+    fn on_trailers(&mut self, direction: Direction, trailers: &mut HeaderMap) -> BodyDecision {
+        self.flow(direction, Bytes::new(), false, Some(trailers))
+    }
+
+    fn take_reply(&mut self) -> Option<LocalReply> {
+        self.reply.take()
+    }
+
     fn finish(&mut self) {
+        self.finished = true;
         for idx in 0..self.filters.len() {
             let Ctx::Active(context, generation) = self.contexts[idx] else {
                 continue;
             };
             let spec = &self.filters[idx];
             let info = &self.info;
-            let (req, resp) = (&mut self.request_seen, &mut self.response_seen);
+            let seen = &mut self.seen;
             let result = with_instance(self.chain, idx, spec, |inst, g| {
                 (g == generation)
-                    .then(|| inst.end_context(spec.callback_ticks, context, info, req, resp))
+                    .then(|| inst.end_context(spec.callback_ticks, context, info, seen))
             });
             if let Ok(Some(Err(f))) = result {
                 fail(self.chain, idx, spec, &f);

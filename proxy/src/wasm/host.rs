@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, request, response};
 use wasmtime::{Caller, Extern, Memory, StoreLimits, TypedFunc};
@@ -75,6 +76,86 @@ pub struct CalloutResponse {
     pub body: Vec<u8>,
 }
 
+/// A body buffer a filter sees: the chunk as it arrived (shared, not copied) until the filter
+/// buffers more or rewrites it.
+#[derive(Debug)]
+pub enum BodyBuf {
+    /// Bytes as received.
+    Shared(Bytes),
+    /// Bytes the host appended to or the filter rewrote.
+    Owned(BytesMut),
+}
+
+impl Default for BodyBuf {
+    fn default() -> Self {
+        Self::Shared(Bytes::new())
+    }
+}
+
+impl BodyBuf {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Shared(b) => b,
+            Self::Owned(b) => b,
+        }
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn owned(&mut self) -> &mut BytesMut {
+        if let Self::Shared(b) = self {
+            *self = Self::Owned(BytesMut::from(&b[..]));
+        }
+        match self {
+            Self::Owned(b) => b,
+            Self::Shared(_) => unreachable!("made owned above"),
+        }
+    }
+
+    /// Appends a chunk.
+    pub fn append(&mut self, data: Bytes) {
+        if self.is_empty() {
+            *self = Self::Shared(data);
+        } else if !data.is_empty() {
+            self.owned().extend_from_slice(&data);
+        }
+    }
+
+    /// Replaces `size` bytes from `start` with `data` (`proxy_set_buffer_bytes`): a `start`
+    /// at or past the end appends, `size` past the end replaces the rest.
+    pub fn splice(&mut self, start: usize, size: usize, data: &[u8]) {
+        let len = self.len();
+        let start = start.min(len);
+        let end = start.saturating_add(size).min(len);
+        if start == 0 && end == len {
+            *self = Self::Owned(BytesMut::from(data));
+            return;
+        }
+        let buf = self.owned();
+        let tail = buf.split_off(end);
+        buf.truncate(start);
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(&tail);
+    }
+
+    /// Takes the bytes out, leaving the buffer empty.
+    pub fn take(&mut self) -> Bytes {
+        match std::mem::take(self) {
+            Self::Shared(b) => b,
+            Self::Owned(b) => b.freeze(),
+        }
+    }
+}
+
 /// The data of one filter instance's store.
 pub struct HostState {
     /// Memory limit of the instance.
@@ -85,6 +166,12 @@ pub struct HostState {
     pub request: Option<request::Parts>,
     /// The response head, moved in for the duration of a response callback.
     pub response: Option<response::Parts>,
+    /// The body buffer a body callback sees, with its ABI buffer type (0 request, 1
+    /// response).
+    pub body: Option<(i32, BodyBuf)>,
+    /// The trailers a trailers callback sees, with their ABI map type (1 request, 3
+    /// response).
+    pub trailers: Option<(i32, HeaderMap)>,
     /// Facts about the stream being called back for.
     pub info: Option<StreamInfo>,
     /// Properties set by the filter, per context.
@@ -136,6 +223,8 @@ impl HostState {
             plugin,
             request: None,
             response: None,
+            body: None,
+            trailers: None,
             info: None,
             properties: HashMap::new(),
             local_response: None,
@@ -303,8 +392,11 @@ pub enum MapKind {
     ResponseHeaders,
     /// Headers of the callout response being delivered (with `:status`).
     CalloutHeaders,
-    /// A map this host does not keep yet (trailers, gRPC metadata, callout responses): reads
-    /// as empty, writes are dropped.
+    /// Request trailers (type 1) or response trailers (type 3), while a trailers callback
+    /// runs.
+    Trailers(i32),
+    /// A map this host does not keep (gRPC metadata, callout trailers): reads as empty,
+    /// writes are dropped.
     Unavailable,
 }
 
@@ -315,7 +407,8 @@ impl MapKind {
             0 => Some(Self::RequestHeaders),
             2 => Some(Self::ResponseHeaders),
             6 => Some(Self::CalloutHeaders),
-            1 | 3..=5 | 7 => Some(Self::Unavailable),
+            1 | 3 => Some(Self::Trailers(t)),
+            4 | 5 | 7 => Some(Self::Unavailable),
             _ => None,
         }
     }
@@ -361,6 +454,10 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
             out.push((b":status".to_vec(), p.status.as_str().as_bytes().to_vec()));
             &p.headers
         }
+        MapKind::Trailers(t) => match &state.trailers {
+            Some((kind, map)) if *kind == t => map,
+            _ => return out,
+        },
         MapKind::Unavailable => return out,
     };
     for (k, v) in headers {
@@ -400,6 +497,12 @@ pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> 
             .headers
             .get(HeaderName::from_bytes(k).ok()?)
             .map(|v| v.as_bytes().to_vec()),
+        (MapKind::Trailers(t), k) => match &state.trailers {
+            Some((kind, map)) if *kind == t => map
+                .get(HeaderName::from_bytes(k).ok()?)
+                .map(|v| v.as_bytes().to_vec()),
+            _ => None,
+        },
         (MapKind::Unavailable, _) => None,
     }
 }
@@ -454,6 +557,12 @@ pub fn map_edit(
             }
             edit_headers(&mut p.headers, edit, key, value)
         }
+        MapKind::Trailers(t) => match &mut state.trailers {
+            Some((kind, map)) if *kind == t && !key.starts_with(b":") => {
+                edit_headers(map, edit, key, value)
+            }
+            _ => true,
+        },
         // Callout responses are read-only.
         MapKind::CalloutHeaders | MapKind::Unavailable => true,
     }
@@ -470,6 +579,13 @@ pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(Vec<u8>, Vec<
         MapKind::ResponseHeaders => {
             if let Some(p) = state.response.as_mut() {
                 p.headers.clear();
+            }
+        }
+        MapKind::Trailers(t) => {
+            if let Some((kind, map)) = state.trailers.as_mut()
+                && *kind == t
+            {
+                map.clear();
             }
         }
         MapKind::CalloutHeaders | MapKind::Unavailable => return true,
@@ -700,6 +816,24 @@ mod tests {
         let pairs = map_pairs(&s, MapKind::RequestHeaders);
         assert_eq!(pairs.iter().filter(|(k, _)| k == b"x-a").count(), 2);
         assert_eq!(pairs[0].0, b":method");
+    }
+
+    #[test]
+    fn body_buffer_splices_like_envoy() {
+        let mut b = BodyBuf::default();
+        b.append(Bytes::from_static(b"hello"));
+        assert!(matches!(b, BodyBuf::Shared(_)), "first chunk is not copied");
+        b.append(Bytes::from_static(b" world"));
+        assert_eq!(b.as_slice(), b"hello world");
+        b.splice(0, 5, b"HELLO");
+        assert_eq!(b.as_slice(), b"HELLO world");
+        b.splice(100, 0, b"!");
+        assert_eq!(b.as_slice(), b"HELLO world!", "start past the end appends");
+        b.splice(0, 0, b">");
+        assert_eq!(b.as_slice(), b">HELLO world!", "size 0 at 0 prepends");
+        b.splice(0, usize::MAX, b"new");
+        assert_eq!(b.take(), Bytes::from_static(b"new"));
+        assert!(b.is_empty());
     }
 
     #[test]

@@ -180,6 +180,17 @@ impl WasmRuntime {
                 failures: metrics.filter_failures(&f.name),
                 defined_metrics: metrics.filter_defined(),
                 has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
+                body_callbacks: [
+                    crate::filter::Direction::Request,
+                    crate::filter::Direction::Response,
+                ]
+                .map(|d| {
+                    module.exports().any(|e| {
+                        e.name() == chain::body_callback(d)
+                            || e.name() == chain::trailers_callback(d)
+                    })
+                }),
+                buffer_limit: f.limits.buffer_kb as usize * 1024,
                 clusters: clusters.clone(),
             };
             // The canary: if this instance cannot start, no worker's would.

@@ -1,0 +1,238 @@
+//! Body and trailer callbacks of the proxy-wasm ABI, with the `compat_body` filter (written
+//! only against the upstream `proxy-wasm` crate): rewrites with buffering, streaming, buffer
+//! limits, local replies from body callbacks, and trailers both ways.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use weft_tests::*;
+
+/// One listener running `compat_body` (buffer limit 64 KiB) in front of `up`, over
+/// `protocol` towards the upstream.
+fn body_config(up: &Upstream, protocol: &str) -> String {
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+listeners:
+  - name: ingress
+    address: \"{{listen}}\"
+    default_cluster: svc
+    filters:
+      - {{ name: body, module: \"{module}\", limits: {{ buffer_kb: 64 }} }}
+clusters:
+  - {{ name: svc, protocol: {protocol}, endpoints: [ {{ address: \"{up}\" }} ] }}
+",
+        cache = shared_module_cache().display(),
+        module = guest_filter("compat_body").display(),
+        up = up.address(),
+    )
+}
+
+fn post(url: String, mode: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .header("x-body-mode", mode)
+        .body(Full::new(body.into()))
+        .unwrap()
+}
+
+fn get_with_mode(url: String, mode: &str) -> Request<Full<Bytes>> {
+    Request::get(url)
+        .header("x-body-mode", mode)
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_rewrites_whole_bodies_both_ways_and_the_length_follows() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&body_config(&up, "http1")).await;
+    for client in [h1_client(), h2_client()] {
+        // Request: buffered to the end, upper-cased, one byte longer.
+        let got = send(&client, post(proxy.url("/echo"), "upper", "hello body"))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        let echo = got.echo();
+        assert_eq!(echo["body"], "HELLO BODY!");
+        assert_eq!(echo["headers"]["content-length"][0], "11");
+
+        // Response: buffered to the end and wrapped; the client reads exactly that.
+        let got = send(&client, get_with_mode(proxy.url("/status/201"), "wrap"))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 201);
+        assert_eq!(got.body, "<wrapped>status 201\n</wrapped>");
+        assert_eq!(got.header("content-length"), got.body.len().to_string());
+
+        // A body callback answering locally: nothing reaches the upstream.
+        let before = up.hits();
+        let got = send(
+            &client,
+            post(proxy.url("/echo"), "upper", "this is forbidden"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.status, 403);
+        assert_eq!(got.header("x-denied-by"), "body");
+        assert_eq!(got.body, "no\n");
+        assert_eq!(up.hits(), before);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_larger_than_the_buffer_limit_stream_through_a_filter_that_does_not_hold_them() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&body_config(&up, "http1")).await;
+    let client = h1_client();
+    let n = 3_000_000;
+    let got = get(&client, &proxy.url(&format!("/bytes/{n}")))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), n);
+    assert!(
+        got.body
+            .bytes()
+            .enumerate()
+            .all(|(i, b)| b == b'0' + (i % 10) as u8),
+        "bytes arrive intact and in order"
+    );
+    let stats = proxy.stats().await;
+    let seen = metric_value(&stats, "weft_filter_body_bytes_seen_total").unwrap_or(0.0);
+    let pieces = metric_value(&stats, "weft_filter_body_pieces_seen_total").unwrap_or(0.0);
+    assert!(seen >= n as f64, "the filter saw every byte: {seen}");
+    assert!(pieces > 1.0, "in pieces, not one buffer: {pieces}");
+
+    // A 1 MiB request body streams upstream the same way.
+    let big: String = "abcdefgh".repeat(128 * 1024);
+    let got = send(&client, post(proxy.url("/echo"), "", big.clone()))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.echo()["body"].as_str().unwrap().len(), big.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffering_past_the_limit_gets_413_for_requests_and_500_for_responses() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&body_config(&up, "http1")).await;
+    let client = h1_client();
+    let before = up.hits();
+    let got = send(
+        &client,
+        post(proxy.url("/echo"), "hold", vec![b'x'; 300_000]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 413, "{}", got.body);
+    assert!(
+        got.body.contains("buffer limit of filter `body`"),
+        "{}",
+        got.body
+    );
+    assert_eq!(up.hits(), before, "nothing went upstream");
+
+    let got = send(&client, get_with_mode(proxy.url("/bytes/300000"), "hold"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 500, "{}", got.body);
+
+    // Under the limit, a held body goes on whole once it ends.
+    let got = send(
+        &client,
+        post(proxy.url("/echo"), "hold", vec![b'y'; 10_000]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.echo()["body"].as_str().unwrap(), "y".repeat(10_000));
+    let got = send(&client, get_with_mode(proxy.url("/bytes/50000"), "hold"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body.len(), 50_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_callback_can_end_a_request_whose_body_is_already_streaming() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&body_config(&up, "http1")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nhost: svc\r\nx-body-mode: watch\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    // The first piece passes the filter, so the head goes upstream.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while up.hits() == 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        up.hits(),
+        1,
+        "the request reached the upstream while streaming"
+    );
+    s.write_all(b"9\r\nforbidden\r\n0\r\n\r\n").await.unwrap();
+    // Read until the local reply's body ("no\n") arrived; the connection may stay open.
+    let mut out = Vec::new();
+    let read = async {
+        let mut buf = [0u8; 4096];
+        while !out.ends_with(b"\r\n\r\nno\n") {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 403"), "{text}");
+    assert!(text.contains("x-denied-by: watch"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_go_through_the_filter_both_ways() {
+    let up = Upstream::start("grpc").await;
+    let proxy = ProxyProcess::start(&body_config(&up, "http2")).await;
+    let client: Client<_, BoxBody<Bytes, Infallible>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-client", "1".parse().unwrap());
+    let body = BodyExt::boxed(FramesBody::new(vec![
+        Frame::data(Bytes::from_static(b"ping")),
+        Frame::trailers(trailers),
+    ]));
+    let req = Request::post(proxy.url("/echo")).body(body).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .unwrap()
+        .unwrap();
+    let collected = resp.into_body().collect().await.unwrap();
+    let echo: serde_json::Value = serde_json::from_slice(&collected.to_bytes()).unwrap();
+    assert_eq!(echo["body"], "ping");
+    assert_eq!(echo["trailers"]["x-client"], "1");
+    assert_eq!(echo["trailers"]["x-wasm-trailer"], "req", "{echo}");
+
+    // gRPC response trailers: read and extended by the filter.
+    let req = Request::post(proxy.url("/grpc"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02hi")))
+        .unwrap();
+    let got = send(&h2_client(), req).await.unwrap();
+    assert_eq!(got.status, 200);
+    let trailers = got.trailers.expect("trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-wasm-grpc-status"], "0");
+    assert_eq!(trailers["x-wasm-trailer"], "resp");
+}

@@ -1,0 +1,123 @@
+//! Body and trailer callbacks, written only against the upstream `proxy-wasm` crate.
+//!
+//! The request header `x-body-mode` picks the behaviour for the stream:
+//! - `upper`: buffers the whole request body and sends it upstream upper-cased with `!`
+//!   appended; a body containing `forbidden` gets a local 403 instead.
+//! - `wrap`: buffers the whole response body and sends `<wrapped>…</wrapped>` instead.
+//! - `hold`: pauses on every body piece, both ways, until the end of the stream (to run into
+//!   the proxy's buffer limit).
+//! - `watch`: streams the request body, but answers 403 as soon as the bytes seen so far
+//!   contain `forbidden` (possibly long after the head went upstream).
+//! - anything else: streams both bodies untouched, counting bytes in the counter
+//!   `body_bytes_seen` and the pieces of response body in `body_pieces_seen`.
+//!
+//! Trailers: request trailers gain `x-wasm-trailer: req`; response trailers gain
+//! `x-wasm-trailer: resp` and `x-wasm-grpc-status` with the upstream's `grpc-status`.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, MetricType};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
+}}
+
+struct Root;
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream {
+            mode: String::new(),
+            seen: Vec::new(),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    mode: String,
+    /// Request bytes seen so far (`watch` mode).
+    seen: Vec<u8>,
+}
+
+fn count(name: &str, by: usize) {
+    if let Ok(id) = hostcalls::define_metric(MetricType::Counter, name) {
+        let _ = hostcalls::increment_metric(id, by as i64);
+    }
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        self.mode = self.get_http_request_header("x-body-mode").unwrap_or_default();
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        match self.mode.as_str() {
+            "upper" | "hold" if !end_of_stream => Action::Pause,
+            "upper" => {
+                let body = self.get_http_request_body(0, size).unwrap_or_default();
+                if body.windows(9).any(|w| w == b"forbidden") {
+                    self.send_http_response(403, vec![("x-denied-by", "body")], Some(b"no\n"));
+                    return Action::Pause;
+                }
+                let mut upper = body.to_ascii_uppercase();
+                upper.push(b'!');
+                self.set_http_request_body(0, size, &upper);
+                Action::Continue
+            }
+            "watch" => {
+                let piece = self.get_http_request_body(0, size).unwrap_or_default();
+                self.seen.extend_from_slice(&piece);
+                if self.seen.windows(9).any(|w| w == b"forbidden") {
+                    self.send_http_response(403, vec![("x-denied-by", "watch")], Some(b"no\n"));
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
+            _ => {
+                count("body_bytes_seen", size);
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        self.add_http_request_trailer("x-wasm-trailer", "req");
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        match self.mode.as_str() {
+            "wrap" | "hold" if !end_of_stream => Action::Pause,
+            "wrap" => {
+                let body = self.get_http_response_body(0, size).unwrap_or_default();
+                let mut wrapped = b"<wrapped>".to_vec();
+                wrapped.extend_from_slice(&body);
+                wrapped.extend_from_slice(b"</wrapped>");
+                self.set_http_response_body(0, size, &wrapped);
+                Action::Continue
+            }
+            "upper" | "hold" | "watch" => Action::Continue,
+            _ => {
+                count("body_bytes_seen", size);
+                count("body_pieces_seen", 1);
+                Action::Continue
+            }
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _n: usize) -> Action {
+        let status = self.get_http_response_trailer("grpc-status").unwrap_or_default();
+        self.set_http_response_trailer("x-wasm-grpc-status", Some(&status));
+        self.add_http_response_trailer("x-wasm-trailer", "resp");
+        Action::Continue
+    }
+}
