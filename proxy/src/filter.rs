@@ -65,6 +65,9 @@ pub enum ResponseDecision {
     Continue,
     /// Replace the response with this one.
     Respond(LocalReply),
+    /// Hold the response until these HTTP callouts are answered, then call
+    /// [`FilterStream::resume_response`] with their outcomes.
+    Pause(Vec<Callout>),
 }
 
 /// Which way a body flows.
@@ -133,6 +136,16 @@ pub trait FilterStream: Send {
         head: &mut response::Parts,
         end_of_stream: bool,
     ) -> ResponseDecision;
+    /// Called with the outcomes of the callouts a [`ResponseDecision::Pause`] asked for;
+    /// carries on along the chain (in reverse order) from the filter that paused.
+    fn resume_response(
+        &mut self,
+        _head: &mut response::Parts,
+        _end_of_stream: bool,
+        _outcomes: Vec<CalloutOutcome>,
+    ) -> ResponseDecision {
+        ResponseDecision::Continue
+    }
     /// Whether the chain wants to see the body (and trailers) flowing in `direction`. When
     /// false, the body streams through untouched.
     fn wants_body(&self, _direction: Direction) -> bool {

@@ -297,10 +297,24 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         let resp = Response::from_parts(rhead, ResponseBody::upstream(rbody, Some(stream)));
         return finish(ctx, cluster_idx, resp);
     };
-    let decision = filter::lock(&filters).on_response_headers(&mut rhead, rbody.is_end_stream());
-    if let ResponseDecision::Respond(reply) = decision {
-        // The upstream body is dropped unread, so its connection is not reused.
-        return finish(ctx, cluster_idx, filter_reply(reply, stream));
+    let end_of_stream = rbody.is_end_stream();
+    let mut decision = filter::lock(&filters).on_response_headers(&mut rhead, end_of_stream);
+    loop {
+        match decision {
+            ResponseDecision::Continue => break,
+            ResponseDecision::Respond(reply) => {
+                // The upstream body is dropped unread, so its connection is not reused.
+                return finish(ctx, cluster_idx, filter_reply(reply, stream));
+            }
+            ResponseDecision::Pause(callouts) => {
+                let mut outcomes = Vec::with_capacity(callouts.len());
+                for callout in callouts {
+                    outcomes.push(run_callout(ctx, callout).await);
+                }
+                decision =
+                    filter::lock(&filters).resume_response(&mut rhead, end_of_stream, outcomes);
+            }
+        }
     }
     if rbody.is_end_stream()
         || rhead.status == StatusCode::SWITCHING_PROTOCOLS

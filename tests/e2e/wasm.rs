@@ -395,6 +395,20 @@ clusters:
     );
     assert_eq!(auth.hits(), 4);
 
+    // A callout from the response headers: the response waits for it and carries its
+    // answer, for both client protocols.
+    for client in [h1_client(), h2_client()] {
+        let got = get(&client, &proxy.url("/public/audited")).await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.header("x-audit"), "202");
+        assert_eq!(
+            got.echo()["uri"],
+            "/public/audited",
+            "the upstream's body follows"
+        );
+    }
+    assert_eq!(auth.hits(), 6);
+
     // The auth service is down: the filter gets no answer and denies.
     auth.kill();
     let got = get(&h1_client(), &proxy.url("/orders")).await.unwrap();

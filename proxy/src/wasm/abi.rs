@@ -386,15 +386,13 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             Status::Ok as i32
         })?;
     }
-    l.func_wrap("env", "proxy_continue_request", |mut c: C<'_>| {
-        c.data_mut().resumed = true;
-        Status::Ok as i32
-    })?;
-    for name in [
-        "proxy_continue_response",
-        "proxy_clear_route_cache",
-        "proxy_done",
-    ] {
+    for name in ["proxy_continue_request", "proxy_continue_response"] {
+        l.func_wrap("env", name, |mut c: C<'_>| {
+            c.data_mut().resumed = true;
+            Status::Ok as i32
+        })?;
+    }
+    for name in ["proxy_clear_route_cache", "proxy_done"] {
         l.func_wrap("env", name, |_c: C<'_>| Status::Ok as i32)?;
     }
     l.func_wrap(

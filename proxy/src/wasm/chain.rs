@@ -353,11 +353,11 @@ impl FilterInstance {
 
     /// Delivers a callout's outcome with `proxy_on_http_call_response`, the request head in
     /// the store so the filter can still edit it.
-    fn callout_response(
+    fn callout_response<H: Head>(
         &mut self,
         ticks: u64,
         context: i32,
-        head: &mut request::Parts,
+        head: &mut H,
         info: &StreamInfo,
         outcome: CalloutOutcome,
     ) -> Result<Callback, Failure> {
@@ -893,6 +893,16 @@ fn local_reply(lr: LocalResponse) -> LocalReply {
     }
 }
 
+/// What delivering callout outcomes led to.
+enum Delivered {
+    /// The filter answered (or failed closed).
+    Reply(LocalReply),
+    /// It dispatched more callouts and did not resume.
+    More(Vec<Callout>),
+    /// It resumed the stream (or has nothing outstanding).
+    Resumed,
+}
+
 enum Step {
     Go,
     /// The callback returned `Pause` with nothing outstanding (a body filter buffering).
@@ -1097,6 +1107,82 @@ impl WasmStream {
         BodyDecision::Respond(reply)
     }
 
+    /// Runs the response-headers callbacks of filters `end-1` down to 0.
+    fn response_from(
+        &mut self,
+        end: usize,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+    ) -> ResponseDecision {
+        for idx in (0..end).rev() {
+            if matches!(self.contexts[idx], Ctx::None) {
+                continue; // the stream never reached this filter
+            }
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.headers(ticks, ctx, head, info, end_of_stream)
+            });
+            let failure = match step {
+                Step::Go | Step::Hold => continue,
+                Step::Paused(callouts) => {
+                    self.paused = Some(idx);
+                    return ResponseDecision::Pause(callouts);
+                }
+                Step::Local(lr) => {
+                    let reply = local_reply(lr);
+                    self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                    return ResponseDecision::Respond(reply);
+                }
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                return ResponseDecision::Respond(reply);
+            }
+        }
+        self.seen.response = Some(snapshot_response(head.status, &head.headers));
+        ResponseDecision::Continue
+    }
+
+    /// Delivers callout outcomes to filter `idx` (`proxy_on_http_call_response`) with `head`
+    /// writable.
+    fn deliver<H: Head>(
+        &mut self,
+        idx: usize,
+        head: &mut H,
+        outcomes: Vec<CalloutOutcome>,
+    ) -> Delivered {
+        let mut more = Vec::new();
+        let mut resumed = false;
+        for outcome in outcomes {
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.callout_response(ticks, ctx, head, info, outcome)
+                    .map(|cb| {
+                        resumed |= cb.resumed;
+                        // More callouts keep the stream waiting unless it was resumed.
+                        Callback { paused: true, ..cb }
+                    })
+            });
+            let failure = match step {
+                Step::Go | Step::Hold => continue,
+                Step::Paused(callouts) => {
+                    more.extend(callouts);
+                    continue;
+                }
+                Step::Local(lr) => return Delivered::Reply(local_reply(lr)),
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                return Delivered::Reply(reply);
+            }
+        }
+        if !more.is_empty() && !resumed {
+            return Delivered::More(more);
+        }
+        Delivered::Resumed
+    }
+
     /// Applies the failure policy of filter `idx`: `Some(reply)` to end the stream.
     fn on_failure(&mut self, idx: usize, failure: Option<Failure>) -> Option<LocalReply> {
         let spec = &self.filters[idx];
@@ -1135,38 +1221,36 @@ impl FilterStream for WasmStream {
         let Some(idx) = self.paused.take() else {
             return RequestDecision::Continue { cluster: None };
         };
-        let mut more = Vec::new();
-        let mut resumed = false;
-        for outcome in outcomes {
-            let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.callout_response(ticks, ctx, head, info, outcome)
-                    .map(|cb| {
-                        resumed |= cb.resumed;
-                        // More callouts keep the request waiting unless it was resumed.
-                        Callback { paused: true, ..cb }
-                    })
-            });
-            let failure = match step {
-                Step::Go | Step::Hold => continue,
-                Step::Paused(callouts) => {
-                    more.extend(callouts);
-                    continue;
-                }
-                Step::Local(lr) => {
-                    return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
-                }
-                Step::Failed(f) => Some(f),
-                Step::Unavailable => None,
-            };
-            if let Some(reply) = self.on_failure(idx, failure) {
-                return RequestDecision::Respond(self.seen_reply(head, reply));
+        match self.deliver(idx, head, outcomes) {
+            Delivered::Reply(reply) => RequestDecision::Respond(self.seen_reply(head, reply)),
+            Delivered::More(callouts) => {
+                self.paused = Some(idx);
+                RequestDecision::Pause(callouts)
             }
+            Delivered::Resumed => self.request_from(idx + 1, head, end_of_stream),
         }
-        if !more.is_empty() && !resumed {
-            self.paused = Some(idx);
-            return RequestDecision::Pause(more);
+    }
+
+    fn resume_response(
+        &mut self,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+        outcomes: Vec<CalloutOutcome>,
+    ) -> ResponseDecision {
+        let Some(idx) = self.paused.take() else {
+            return ResponseDecision::Continue;
+        };
+        match self.deliver(idx, head, outcomes) {
+            Delivered::Reply(reply) => {
+                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                ResponseDecision::Respond(reply)
+            }
+            Delivered::More(callouts) => {
+                self.paused = Some(idx);
+                ResponseDecision::Pause(callouts)
+            }
+            Delivered::Resumed => self.response_from(idx, head, end_of_stream),
         }
-        self.request_from(idx + 1, head, end_of_stream)
     }
 
     fn on_response_headers(
@@ -1174,31 +1258,7 @@ impl FilterStream for WasmStream {
         head: &mut response::Parts,
         end_of_stream: bool,
     ) -> ResponseDecision {
-        for idx in (0..self.filters.len()).rev() {
-            if matches!(self.contexts[idx], Ctx::None) {
-                continue; // the stream never reached this filter
-            }
-            let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.headers(ticks, ctx, head, info, end_of_stream)
-            });
-            let failure = match step {
-                // Callouts from response callbacks are not supported: the response goes on.
-                Step::Go | Step::Hold | Step::Paused(_) => continue,
-                Step::Local(lr) => {
-                    let reply = local_reply(lr);
-                    self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
-                    return ResponseDecision::Respond(reply);
-                }
-                Step::Failed(f) => Some(f),
-                Step::Unavailable => None,
-            };
-            if let Some(reply) = self.on_failure(idx, failure) {
-                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
-                return ResponseDecision::Respond(reply);
-            }
-        }
-        self.seen.response = Some(snapshot_response(head.status, &head.headers));
-        ResponseDecision::Continue
+        self.response_from(self.filters.len(), head, end_of_stream)
     }
 
     fn wants_body(&self, direction: Direction) -> bool {

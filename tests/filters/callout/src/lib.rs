@@ -2,6 +2,9 @@
 //! is held while the filter asks the cluster named in its configuration
 //! (`GET /status/<x-auth-status or 200>`); a 200 lets it through with `x-auth: ok` and the
 //! answer's body in `x-auth-body`, anything else (or no answer) gets 403.
+//!
+//! Responses to `/public/audited` are held while the filter asks the same cluster
+//! (`GET /status/202`) and get `x-audit: <its status>` before they go on.
 
 use std::time::Duration;
 
@@ -28,7 +31,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Auth { cluster: self.cluster.clone() }))
+        Some(Box::new(Auth { cluster: self.cluster.clone(), audited: false, auditing: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -38,11 +41,20 @@ impl RootContext for Root {
 
 struct Auth {
     cluster: String,
+    /// The request was for `/public/audited`.
+    audited: bool,
+    /// The outstanding callout is the response audit.
+    auditing: bool,
 }
 
 impl Context for Auth {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        if self.auditing {
+            self.set_http_response_header("x-audit", Some(&status));
+            self.resume_http_response();
+            return;
+        }
         if status == "200" {
             let body = self
                 .get_http_call_response_body(0, body_size)
@@ -60,7 +72,9 @@ impl Context for Auth {
 
 impl HttpContext for Auth {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
-        if self.get_http_request_header(":path").as_deref() == Some("/public") {
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        if path.starts_with("/public") {
+            self.audited = path == "/public/audited";
             return Action::Continue;
         }
         let wanted = self.get_http_request_header("x-auth-status").unwrap_or_else(|| "200".into());
@@ -72,6 +86,20 @@ impl HttpContext for Auth {
                 self.send_http_response(500, vec![], Some(b"callout refused\n"));
                 Action::Pause
             }
+        }
+    }
+
+    fn on_http_response_headers(&mut self, _: usize, _: bool) -> Action {
+        if !self.audited {
+            return Action::Continue;
+        }
+        let headers = vec![(":method", "GET"), (":path", "/status/202"), (":authority", "auth")];
+        match self.dispatch_http_call(&self.cluster, headers, None, vec![], Duration::from_secs(2)) {
+            Ok(_) => {
+                self.auditing = true;
+                Action::Pause
+            }
+            Err(_) => Action::Continue,
         }
     }
 }
