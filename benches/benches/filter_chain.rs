@@ -1,7 +1,8 @@
 //! What do WASM filters cost per request?
 //!
-//! Each iteration is one stream through a chain, as the request path runs it: start the
-//! stream, request headers, response headers, finish (on_done, on_log, on_delete).
+//! Each iteration is one stream through a chain, as the request path runs it for a GET: start
+//! the stream, request headers, response headers, the response body in one piece, finish
+//! (on_done, on_log, on_delete).
 //!
 //! - `filter_chain/baseline`: building the request and response heads only (subtract it);
 //! - `filter_chain/noop_x1`, `noop_x4`: one and four no-op filters (upstream proxy-wasm SDK);
@@ -17,7 +18,11 @@ mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use weft_proxy::config::{FailurePolicy, FilterConfig, FilterLimits};
-use weft_proxy::filter::{FilterChain, StreamInfo};
+use weft_proxy::filter::{Direction, FilterChain, StreamInfo};
+
+/// The response body of the benchmark stream (40 bytes).
+static BODY: bytes::Bytes =
+    bytes::Bytes::from_static(b"{\"items\":[1,2,3],\"page\":2,\"more\":false}\n");
 use weft_proxy::metrics::Metrics;
 use weft_proxy::wasm::{WasmChain, WasmRuntime};
 
@@ -62,7 +67,7 @@ fn heads() -> (http::request::Parts, http::response::Parts) {
     let (resp, ()) = http::Response::builder()
         .status(200)
         .header("content-type", "application/json")
-        .header("content-length", "42")
+        .header("content-length", "40")
         .body(())
         .expect("response")
         .into_parts();
@@ -74,6 +79,7 @@ fn one_stream(chain: &WasmChain, info: &StreamInfo) {
     let mut stream = chain.start_stream(*info);
     black_box(stream.on_request_headers(&mut req, true));
     black_box(stream.on_response_headers(&mut resp, false));
+    black_box(stream.on_body(Direction::Response, BODY.clone(), true));
     stream.finish();
 }
 

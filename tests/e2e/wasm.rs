@@ -52,6 +52,7 @@ async fn an_upstream_sdk_filter_edits_headers_both_ways() {
             "upstream.address"
         );
         assert_eq!(got.header("x-upstream"), "", "removed by the filter");
+        assert_eq!(got.header("x-wasm-request-path"), "/hello?x=1");
         let echo = got.echo();
         let h = |name: &str| echo["headers"][name][0].as_str().unwrap_or("").to_owned();
         assert_eq!(h("x-wasm-config"), r#"{"greeting":"hi"}"#, "a map is JSON");

@@ -306,17 +306,21 @@ impl FilterInstance {
         head: &mut H,
         info: &StreamInfo,
         end_of_stream: bool,
+        seen: &mut Seen,
     ) -> Result<Callback, Failure> {
         if H::callback(&self.exports).is_none() {
             return Ok(Callback::default());
         }
         let n = head.pairs();
         self.enter(head, info, context);
+        // The request as it went upstream stays readable from the response callbacks.
+        self.store.data_mut().seen_request = seen.request.take();
         self.store.set_epoch_deadline(ticks);
         let result = match H::callback(&self.exports) {
             Some(f) => f.call(&mut self.store, (context, n, end_of_stream as i32)),
             None => Ok(0),
         };
+        seen.request = self.store.data_mut().seen_request.take();
         let outcome = self.leave(head);
         let action = result.map_err(|e| classify(e, H::CALLBACK))?;
         Ok(Callback {
@@ -407,12 +411,12 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
-        let Some(f) = self.exports.on_body[direction as usize].clone() else {
+        let Some(f) = &self.exports.on_body[direction as usize] else {
             return Ok(Callback::default());
         };
         let len = buf.len() as i32;
         self.store.data_mut().body = Some((direction as i32, std::mem::take(buf)));
-        let result = self.with_seen(ticks, context, info, seen, |store| {
+        let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {
             f.call(store, (context, len, end_of_stream as i32))
         });
         if let Some((_, back)) = self.store.data_mut().body.take() {
@@ -436,13 +440,13 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
-        let Some(f) = self.exports.on_trailers[direction as usize].clone() else {
+        let Some(f) = &self.exports.on_trailers[direction as usize] else {
             return Ok(Callback::default());
         };
         let map = direction as i32 * 2 + 1;
         let n = trailers.len() as i32;
         self.store.data_mut().trailers = Some((map, std::mem::take(trailers)));
-        let result = self.with_seen(ticks, context, info, seen, |store| {
+        let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {
             f.call(store, (context, n))
         });
         if let Some((_, back)) = self.store.data_mut().trailers.take() {
@@ -451,40 +455,6 @@ impl FilterInstance {
         let (action, callback) = result;
         action.map_err(|e| classify(e, trailers_callback(direction)))?;
         Ok(callback)
-    }
-
-    /// Runs `call` with the stream's recorded heads in the store (read-only copies) and the
-    /// per-callback state reset; returns its result and what it asked for.
-    fn with_seen<R>(
-        &mut self,
-        ticks: u64,
-        context: i32,
-        info: &StreamInfo,
-        seen: &mut Seen,
-        call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> (wasmtime::Result<R>, Callback) {
-        let data = self.store.data_mut();
-        data.info = Some(*info);
-        data.context = context as u32;
-        data.local_response = None;
-        data.callouts.clear();
-        data.resumed = false;
-        data.request = seen.request.take();
-        data.response = seen.response.take();
-        self.store.set_epoch_deadline(ticks);
-        let result = call(&mut self.store);
-        let data = self.store.data_mut();
-        seen.request = data.request.take();
-        seen.response = data.response.take();
-        let callback = Callback {
-            local: data.local_response.take(),
-            // Callouts are only sent from request headers; others are dropped.
-            callouts: Vec::new(),
-            resumed: data.resumed,
-            paused: false,
-        };
-        data.callouts.clear();
-        (result, callback)
     }
 
     /// `on_done`, `on_log`, `on_delete` for a finished stream's context, with the request
@@ -499,13 +469,13 @@ impl FilterInstance {
         let data = self.store.data_mut();
         data.info = Some(*info);
         data.context = context as u32;
-        data.request = seen.request.take();
-        data.response = seen.response.take();
+        data.seen_request = seen.request.take();
+        data.seen_response = seen.response.take();
         self.store.set_epoch_deadline(ticks);
         let result = self.end_callbacks(context);
         let data = self.store.data_mut();
-        seen.request = data.request.take();
-        seen.response = data.response.take();
+        seen.request = data.seen_request.take();
+        seen.response = data.seen_response.take();
         result
     }
 
@@ -528,6 +498,40 @@ impl FilterInstance {
             .retain(|(c, _), _| *c != context as u32);
         Ok(())
     }
+}
+
+/// Runs `call` with the stream's recorded heads in the store (read-only copies) and the
+/// per-callback state reset; returns its result and what it asked for.
+fn with_seen<R>(
+    store: &mut Store<HostState>,
+    ticks: u64,
+    context: i32,
+    info: &StreamInfo,
+    seen: &mut Seen,
+    call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+) -> (wasmtime::Result<R>, Callback) {
+    let data = store.data_mut();
+    data.info = Some(*info);
+    data.context = context as u32;
+    data.local_response = None;
+    data.callouts.clear();
+    data.resumed = false;
+    data.seen_request = seen.request.take();
+    data.seen_response = seen.response.take();
+    store.set_epoch_deadline(ticks);
+    let result = call(store);
+    let data = store.data_mut();
+    seen.request = data.seen_request.take();
+    seen.response = data.seen_response.take();
+    let callback = Callback {
+        local: data.local_response.take(),
+        // Callouts are only sent from request headers; others are dropped.
+        callouts: Vec::new(),
+        resumed: data.resumed,
+        paused: false,
+    };
+    data.callouts.clear();
+    (result, callback)
 }
 
 /// What a callback left behind.
@@ -831,12 +835,12 @@ struct WasmStream {
 /// for properties once the heads have moved on).
 #[derive(Default)]
 struct Seen {
-    request: Option<request::Parts>,
-    response: Option<response::Parts>,
+    request: Option<Box<request::Parts>>,
+    response: Option<Box<response::Parts>>,
 }
 
-fn snapshot_request(head: &request::Parts) -> request::Parts {
-    let mut p = <request::Parts as Head>::empty();
+fn snapshot_request(head: &request::Parts) -> Box<request::Parts> {
+    let mut p = Box::new(<request::Parts as Head>::empty());
     p.method = head.method.clone();
     p.uri = head.uri.clone();
     p.version = head.version;
@@ -844,8 +848,8 @@ fn snapshot_request(head: &request::Parts) -> request::Parts {
     p
 }
 
-fn snapshot_response(status: StatusCode, headers: &HeaderMap) -> response::Parts {
-    let mut p = <response::Parts as Head>::empty();
+fn snapshot_response(status: StatusCode, headers: &HeaderMap) -> Box<response::Parts> {
+    let mut p = Box::new(<response::Parts as Head>::empty());
     p.status = status;
     p.headers = headers.clone();
     p
@@ -922,9 +926,11 @@ impl WasmStream {
         end_of_stream: bool,
     ) -> RequestDecision {
         for idx in start..self.filters.len() {
+            let mut seen = std::mem::take(&mut self.seen);
             let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.headers(ticks, ctx, head, info, end_of_stream)
+                inst.headers(ticks, ctx, head, info, end_of_stream, &mut seen)
             });
+            self.seen = seen;
             let failure = match step {
                 // A pause with nothing outstanding cannot be resumed: the stream goes on.
                 Step::Go | Step::Hold => continue,
@@ -1118,9 +1124,11 @@ impl WasmStream {
             if matches!(self.contexts[idx], Ctx::None) {
                 continue; // the stream never reached this filter
             }
+            let mut seen = std::mem::take(&mut self.seen);
             let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.headers(ticks, ctx, head, info, end_of_stream)
+                inst.headers(ticks, ctx, head, info, end_of_stream, &mut seen)
             });
+            self.seen = seen;
             let failure = match step {
                 Step::Go | Step::Hold => continue,
                 Step::Paused(callouts) => {

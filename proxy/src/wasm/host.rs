@@ -166,6 +166,11 @@ pub struct HostState {
     pub request: Option<request::Parts>,
     /// The response head, moved in for the duration of a response callback.
     pub response: Option<response::Parts>,
+    /// The request as it went upstream, lent for body, trailers and end-of-stream callbacks
+    /// (read when `request` is absent).
+    pub seen_request: Option<Box<request::Parts>>,
+    /// The response as it went downstream, lent likewise.
+    pub seen_response: Option<Box<response::Parts>>,
     /// The body buffer a body callback sees, with its ABI buffer type (0 request, 1
     /// response).
     pub body: Option<(i32, BodyBuf)>,
@@ -223,6 +228,8 @@ impl HostState {
             plugin,
             request: None,
             response: None,
+            seen_request: None,
+            seen_response: None,
             body: None,
             trailers: None,
             info: None,
@@ -242,6 +249,26 @@ impl HostState {
             resumed: false,
             slot: usize::MAX,
         }
+    }
+
+    /// The request head a callback sees: the live one, else the recorded one.
+    pub fn req(&self) -> Option<&request::Parts> {
+        self.request.as_ref().or(self.seen_request.as_deref())
+    }
+
+    /// The request head, writable.
+    pub fn req_mut(&mut self) -> Option<&mut request::Parts> {
+        self.request.as_mut().or(self.seen_request.as_deref_mut())
+    }
+
+    /// The response head a callback sees: the live one, else the recorded one.
+    pub fn resp(&self) -> Option<&response::Parts> {
+        self.response.as_ref().or(self.seen_response.as_deref())
+    }
+
+    /// The response head, writable.
+    pub fn resp_mut(&mut self) -> Option<&mut response::Parts> {
+        self.response.as_mut().or(self.seen_response.as_deref_mut())
     }
 
     /// The filter metric with `id`.
@@ -427,7 +454,7 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out = Vec::new();
     let headers = match kind {
         MapKind::RequestHeaders => {
-            let Some(p) = &state.request else { return out };
+            let Some(p) = state.req() else { return out };
             out.push((b":method".to_vec(), p.method.as_str().as_bytes().to_vec()));
             out.push((
                 b":path".to_vec(),
@@ -443,7 +470,7 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
         }
         MapKind::ResponseHeaders | MapKind::CalloutHeaders => {
             let head = if kind == MapKind::ResponseHeaders {
-                state.response.as_ref()
+                state.resp()
             } else {
                 state
                     .callout_response
@@ -478,14 +505,12 @@ pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> 
                 .map(|(_, v)| v)
         }
         (MapKind::RequestHeaders, k) => state
-            .request
-            .as_ref()?
+            .req()?
             .headers
             .get(HeaderName::from_bytes(k).ok()?)
             .map(|v| v.as_bytes().to_vec()),
         (MapKind::ResponseHeaders, k) => state
-            .response
-            .as_ref()?
+            .resp()?
             .headers
             .get(HeaderName::from_bytes(k).ok()?)
             .map(|v| v.as_bytes().to_vec()),
@@ -529,7 +554,7 @@ pub fn map_edit(
 ) -> bool {
     match kind {
         MapKind::RequestHeaders => {
-            let Some(p) = state.request.as_mut() else {
+            let Some(p) = state.req_mut() else {
                 return true;
             };
             if key.starts_with(b":") {
@@ -538,7 +563,7 @@ pub fn map_edit(
             edit_headers(&mut p.headers, edit, key, value)
         }
         MapKind::ResponseHeaders => {
-            let Some(p) = state.response.as_mut() else {
+            let Some(p) = state.resp_mut() else {
                 return true;
             };
             if key == b":status" {
@@ -572,12 +597,12 @@ pub fn map_edit(
 pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(Vec<u8>, Vec<u8>)]) -> bool {
     match kind {
         MapKind::RequestHeaders => {
-            if let Some(p) = state.request.as_mut() {
+            if let Some(p) = state.req_mut() {
                 p.headers.clear();
             }
         }
         MapKind::ResponseHeaders => {
-            if let Some(p) = state.response.as_mut() {
+            if let Some(p) = state.resp_mut() {
                 p.headers.clear();
             }
         }
@@ -669,7 +694,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"upstream", b"address"] => text(&info?.upstream?.to_string()),
         [b"upstream", b"port"] => int(info?.upstream?.port().into()),
         [b"request", rest @ ..] => {
-            let req = state.request.as_ref();
+            let req = state.req();
             match rest {
                 [b"path"] => map_get(state, MapKind::RequestHeaders, b":path"),
                 [b"url_path"] => text(req?.uri.path()),
@@ -694,7 +719,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
             }
         }
         [b"response", rest @ ..] => {
-            let resp = state.response.as_ref();
+            let resp = state.resp();
             match rest {
                 [b"code"] => int(resp?.status.as_u16().into()),
                 [b"code_details"] => text("via_upstream"),

@@ -177,6 +177,9 @@ impl HttpContext for Stream {
         self.add_http_response_header("x-wasm-response", &format!("seen {code}"));
         let upstream = self.property(&["upstream", "address"]);
         self.add_http_response_header("x-wasm-upstream", &upstream);
+        // The request stays readable while the response is processed.
+        let path = self.property(&["request", "path"]);
+        self.add_http_response_header("x-wasm-request-path", &path);
         if let Ok(status) = code.parse::<u64>() {
             let _ = hostcalls::record_metric(metric(MetricType::Gauge, "basic_last_status"), status);
         }
