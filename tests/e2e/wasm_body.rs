@@ -161,6 +161,47 @@ async fn buffering_past_the_limit_gets_413_for_requests_and_500_for_responses() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_callback_that_traps_fails_its_stream_only() {
+    let up = Upstream::start("u").await;
+    let yaml = body_config(&up, "http1").replace(
+        "limits: { buffer_kb: 64 } }",
+        "limits: { buffer_kb: 64 }, failure_policy: reload }",
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let client = h1_client();
+    let before = up.hits();
+    let got = send(&client, post(proxy.url("/echo"), "panic", "boom"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 503);
+    assert_eq!(got.header("x-weft-filter-failed"), "body");
+    assert_eq!(up.hits(), before, "the failed request did not go upstream");
+    let stats = proxy.stats().await;
+    let traps = metric_value(
+        &stats,
+        r#"weft_filter_failures_total{filter="body",kind="trap"}"#,
+    );
+    assert_eq!(traps, Some(1.0), "{stats}");
+    // `reload` replaces the instance: later bodies go through the filter again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let got = send(&client, post(proxy.url("/echo"), "upper", "again"))
+            .await
+            .unwrap();
+        if got.status == 200 {
+            assert_eq!(got.echo()["body"], "AGAIN!");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no reload: {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        proxy.log().contains("proxy_on_request_body"),
+        "the log names the callback"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_callback_can_end_a_request_whose_body_is_already_streaming() {
     let up = Upstream::start("u").await;
     let proxy = ProxyProcess::start(&body_config(&up, "http1")).await;

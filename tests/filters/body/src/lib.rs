@@ -6,6 +6,7 @@
 //! - `wrap`: buffers the whole response body and sends `<wrapped>…</wrapped>` instead.
 //! - `hold`: pauses on every body piece, both ways, until the end of the stream (to run into
 //!   the proxy's buffer limit).
+//! - `panic`: panics in the request body callback.
 //! - `watch`: streams the request body, but answers 403 as soon as the bytes seen so far
 //!   contain `forbidden` (possibly long after the head went upstream).
 //! - anything else: streams both bodies untouched, counting bytes in the counter
@@ -61,6 +62,7 @@ impl HttpContext for Stream {
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         match self.mode.as_str() {
+            "panic" => panic!("body callback panics on purpose"),
             "upper" | "hold" if !end_of_stream => Action::Pause,
             "upper" => {
                 let body = self.get_http_request_body(0, size).unwrap_or_default();
