@@ -33,6 +33,8 @@ pin_project! {
         Full { #[pin] body: Full<Bytes> },
         /// Streamed from downstream through the filter chain's body callbacks.
         Filtered { body: FilteredBody },
+        /// Bytes already read, then the rest of a body.
+        Prefixed { first: Option<Bytes>, rest: Box<RequestBody> },
     }
 }
 
@@ -58,6 +60,10 @@ impl Body for RequestBody {
             RequestBodyProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
             RequestBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
             RequestBodyProj::Filtered { body } => Pin::new(body).poll_frame(cx),
+            RequestBodyProj::Prefixed { first, rest } => match first.take() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => Pin::new(rest.as_mut()).poll_frame(cx),
+            },
         }
     }
 
@@ -67,6 +73,7 @@ impl Body for RequestBody {
             Self::Incoming { body } => body.is_end_stream(),
             Self::Full { body } => body.is_end_stream(),
             Self::Filtered { body } => body.is_end_stream(),
+            Self::Prefixed { first, rest } => first.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -76,6 +83,7 @@ impl Body for RequestBody {
             Self::Incoming { body } => body.size_hint(),
             Self::Full { body } => body.size_hint(),
             Self::Filtered { body } => body.size_hint(),
+            Self::Prefixed { .. } => SizeHint::default(),
         }
     }
 }

@@ -68,6 +68,9 @@ pub enum ResponseDecision {
     /// Hold the response until these HTTP callouts are answered, then call
     /// [`FilterStream::resume_response`] with their outcomes.
     Pause(Vec<Callout>),
+    /// Drop this response and make another attempt (the filters before the one that asked
+    /// do not see this response).
+    Retry(RetryAsk),
 }
 
 /// Which way a body flows.
@@ -89,6 +92,72 @@ pub enum BodyDecision {
     Respond(LocalReply),
 }
 
+/// Why an upstream attempt produced no upstream response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttemptError {
+    /// It did not fail: the response came from the upstream.
+    #[default]
+    None = 0,
+    /// The connection to the endpoint could not be made.
+    ConnectFailure = 1,
+    /// The connection failed or was reset before a response.
+    Reset = 2,
+    /// No response before the (per-try) timeout.
+    Timeout = 3,
+    /// A circuit-breaker limit refused it.
+    Overflow = 4,
+    /// The cluster had no healthy endpoint.
+    NoHealthyUpstream = 5,
+}
+
+impl AttemptError {
+    /// The `response.code_details` property for a response ending this way.
+    pub fn code_details(self) -> &'static str {
+        match self {
+            Self::None => "via_upstream",
+            Self::ConnectFailure => "upstream_connect_failure",
+            Self::Reset => "upstream_reset_before_response_started",
+            Self::Timeout => "upstream_response_timeout",
+            Self::Overflow => "upstream_overflow",
+            Self::NoHealthyUpstream => "no_healthy_upstream",
+        }
+    }
+}
+
+/// One attempt at the upstream, as filters see it in the response phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1 for the first attempt, 0 before any.
+    pub number: u32,
+    /// The response status of this attempt (the proxy's own status when it failed).
+    pub status: u16,
+    /// Why there was no upstream response, if there was none.
+    pub error: AttemptError,
+    /// Whether another attempt can be made (attempts and time left, request replayable).
+    pub retry_allowed: bool,
+}
+
+/// What filters asked of the request's routing during the request phase (Weft's `weft.*`
+/// extensions).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RouteOverrides {
+    /// Replaces the cluster's request timeout for the whole request (all attempts).
+    pub timeout: Option<std::time::Duration>,
+    /// Bounds each attempt.
+    pub try_timeout: Option<std::time::Duration>,
+    /// Attempts the request may get (1: no retries).
+    pub max_attempts: u32,
+}
+
+/// A filter's request for another attempt, made in the response phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryAsk {
+    /// Wait this long first.
+    pub delay: std::time::Duration,
+    /// Prefer endpoints not tried yet.
+    pub exclude_tried: bool,
+}
+
 /// Facts about a stream that filters can read (as proxy-wasm properties).
 #[derive(Clone, Copy, Debug)]
 pub struct StreamInfo {
@@ -104,6 +173,8 @@ pub struct StreamInfo {
     pub connection_id: u64,
     /// The upstream endpoint chosen for the request, once chosen (IP endpoints only).
     pub upstream: Option<SocketAddr>,
+    /// The attempt whose response is being processed.
+    pub attempt: Attempt,
 }
 
 /// A listener's filter chain.
@@ -173,6 +244,13 @@ pub trait FilterStream: Send {
     }
     /// Tells the stream which upstream endpoint the request goes to.
     fn set_upstream(&mut self, _address: SocketAddr) {}
+    /// What the filters asked of the request's routing (read after the request phase).
+    fn route(&self) -> RouteOverrides {
+        RouteOverrides::default()
+    }
+    /// Tells the stream how the current attempt ended, before its response callbacks.
+    fn set_attempt(&mut self, _attempt: Attempt) {}
+
     /// Called once when the stream has ended (for logging and cleanup).
     fn finish(&mut self);
 }

@@ -159,6 +159,7 @@ pub struct Metrics {
     upstream_connect_failures: Family<ClusterLabels, Counter>,
     upstream_timeouts: Family<ClusterLabels, Counter>,
     upstream_resets: Family<ClusterLabels, Counter>,
+    upstream_retries: Family<ClusterLabels, Counter>,
     ejections: Family<ClusterLabels, Counter>,
     endpoints_ejected: Family<ClusterLabels, Gauge>,
     overflows: Family<OverflowLabels, Counter>,
@@ -188,6 +189,7 @@ impl Metrics {
             upstream_connect_failures: Family::default(),
             upstream_timeouts: Family::default(),
             upstream_resets: Family::default(),
+            upstream_retries: Family::default(),
             ejections: Family::default(),
             endpoints_ejected: Family::default(),
             overflows: Family::default(),
@@ -245,6 +247,11 @@ impl Metrics {
             m.upstream_resets.clone(),
         );
         registry.register(
+            "upstream_retries",
+            "Attempts made again because a filter asked for it (weft.retry)",
+            m.upstream_retries.clone(),
+        );
+        registry.register(
             "outlier_ejections",
             "Endpoints ejected by outlier detection",
             m.ejections.clone(),
@@ -288,6 +295,7 @@ impl Metrics {
             connect_failures: self.upstream_connect_failures.get_or_create(&l).clone(),
             timeouts: self.upstream_timeouts.get_or_create(&l).clone(),
             resets: self.upstream_resets.get_or_create(&l).clone(),
+            retries: self.upstream_retries.get_or_create(&l).clone(),
             ejections_total: self.ejections.get_or_create(&l).clone(),
             endpoints_ejected: self.endpoints_ejected.get_or_create(&l).clone(),
             overflows: [
@@ -489,6 +497,8 @@ pub struct ClusterMetrics {
     pub timeouts: Counter,
     /// Requests whose connection failed mid-exchange.
     pub resets: Counter,
+    /// Attempts made again at a filter's request.
+    pub retries: Counter,
     /// Outlier ejections.
     pub ejections_total: Counter,
     /// Endpoints ejected now (refreshed on each scrape).

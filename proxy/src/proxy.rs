@@ -24,8 +24,8 @@ use crate::clock;
 use crate::cluster::{Cluster, Limit, RequestPermit};
 use crate::config::UpstreamProtocol;
 use crate::filter::{
-    self, BodyDecision, Callout, CalloutOutcome, ChainSlot, Direction, LocalReply, RequestDecision,
-    ResponseDecision, SharedFilterStream, StreamInfo,
+    self, Attempt, AttemptError, BodyDecision, Callout, CalloutOutcome, ChainSlot, Direction,
+    LocalReply, RequestDecision, ResponseDecision, SharedFilterStream, StreamInfo,
 };
 use crate::framing::FramingVerdicts;
 use crate::headers;
@@ -138,6 +138,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
                 .map_or(0, |d| d.as_nanos() as u64),
             connection_id: conn.id,
             upstream: None,
+            attempt: Default::default(),
         };
         let end_of_stream = body.is_end_stream();
         let filters = stream
@@ -196,34 +197,11 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         _ => RequestBody::Incoming { body },
     };
     let cluster = &ctx.clusters[cluster_idx];
-
-    let permit = match cluster.admit_request() {
-        Ok(p) => p,
-        Err(limit) => return finish(ctx, cluster_idx, overflow_reply(limit, stream)),
-    };
-    let Some(ep) = worker::pick(cluster, now_ms) else {
-        drop(permit);
-        let resp = local_reply(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no healthy upstream\n",
-            stream,
-        );
-        return finish(ctx, cluster_idx, resp);
-    };
-    let endpoint = cluster.endpoints[ep].clone();
-    if let (Some(filters), crate::cluster::EndpointAddress::Ip(addr)) =
-        (stream.filters.as_ref(), &endpoint.address)
-    {
-        filter::lock(filters).set_upstream(*addr);
-    }
-    cluster.begin_endpoint_request(&endpoint);
-    stream.upstream = Some(UpstreamStream {
-        cluster: cluster.clone(),
-        endpoint: ep,
-        _permit: permit,
-        pooled: None,
-        reusable: true,
-    });
+    let filters = stream.filters.clone();
+    let route = filters
+        .as_ref()
+        .map(|f| filter::lock(f).route())
+        .unwrap_or_default();
 
     // Rewrite the head for the upstream hop.
     let upgrade = downstream_version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
@@ -239,48 +217,122 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     if let Err(resp) = set_upstream_target(&mut head, cluster.protocol) {
         return finish(ctx, cluster_idx, local_reply(resp.0, resp.1, stream));
     }
-    let up_req = Request::from_parts(head, up_body);
 
-    let started = clock::now_ns();
-    let exchange = upstream::send(cluster, ep, up_req);
-    let outcome = match cluster.request_timeout {
-        Some(limit) => match tokio::time::timeout(limit, exchange).await {
-            Ok(r) => r.map_err(Failure::Upstream),
-            Err(_) => Err(Failure::Timeout),
-        },
-        None => exchange.await.map_err(Failure::Upstream),
-    };
-
-    let (resp, pooled) = match outcome {
-        Ok(ok) => ok,
-        Err(failure) => {
-            // A body callback may have ended the stream while the body streamed upstream.
-            let reply = match (&failure, &stream.filters) {
-                (Failure::Upstream(_), Some(f)) => filter::lock(f).take_reply(),
-                _ => None,
-            };
-            let resp = match reply {
-                Some(reply) => filter_reply(reply, stream),
-                None => failure_reply(cluster, &endpoint, failure, stream),
-            };
-            return finish(ctx, cluster_idx, resp);
+    // Retries need the request again: the head is kept, and the body if it fits.
+    let mut replay = None;
+    let mut up_body = Some(up_body);
+    if route.max_attempts > 1 && downstream_upgrade.is_none() {
+        let body = up_body.take().expect("set above");
+        match Replay::buffer(&head, body, REPLAY_LIMIT).await {
+            Ok(Ok(r)) => replay = Some(r),
+            Ok(Err(body)) => up_body = Some(body),
+            Err(e) => {
+                tracing::debug!("reading the request body: {e}");
+                let resp = local_reply(StatusCode::BAD_REQUEST, "bad request body\n", stream);
+                return finish(ctx, cluster_idx, resp);
+            }
         }
-    };
-    let done = clock::now_ns();
-    let latency = done.saturating_sub(started);
-    cluster.metrics.latency.observe_ns(latency);
-    endpoint.observe_latency(done, latency);
-
-    let (mut rhead, rbody) = resp.into_parts();
-    if rhead.status.is_server_error() {
-        cluster.record_failure(&endpoint);
+    }
+    let max_attempts = if replay.is_some() {
+        route.max_attempts
     } else {
-        cluster.record_success(&endpoint);
-    }
-    if let Some(up) = stream.upstream.as_mut() {
-        up.pooled = pooled;
-    }
+        1
+    };
+    let timeout = match route.timeout {
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+        None => cluster.request_timeout,
+    };
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let try_timeout = route.try_timeout.filter(|t| !t.is_zero());
+    let mut head = Some(head);
+    let mut tried: Vec<usize> = Vec::new();
+    let mut attempt = 0u32;
 
+    let (mut rhead, rbody) = loop {
+        attempt += 1;
+        let (mut h, b) = match &replay {
+            Some(r) => r.request(),
+            None => (
+                head.take().expect("one attempt without replay"),
+                up_body.take().expect("one attempt without replay"),
+            ),
+        };
+        if replay.is_some() {
+            h.headers
+                .insert(X_WEFT_ATTEMPT.clone(), HeaderValue::from(attempt));
+        }
+        let limit = match (deadline, try_timeout) {
+            (Some(d), Some(t)) => Some(d.min(tokio::time::Instant::now() + t)),
+            (d, t) => d.or_else(|| t.map(|t| tokio::time::Instant::now() + t)),
+        };
+        let outcome =
+            attempt_once(ctx, &mut stream, cluster, now_ms, &tried, h, b, limit).await;
+        let (mut rhead, rbody, error) = match outcome {
+            Attempted::Response(rhead, rbody) => (rhead, Some(rbody), AttemptError::None),
+            Attempted::Failed(failure) => {
+                // A body callback may have ended the stream while the body streamed upstream.
+                if let Some(reply) = filters.as_ref().and_then(|f| filter::lock(f).take_reply()) {
+                    return finish(ctx, cluster_idx, filter_reply(reply, stream));
+                }
+                let (rhead, error) = failure.into_head();
+                (rhead, None, error)
+            }
+        };
+        if let Some(up) = stream.upstream.as_ref() {
+            tried.push(up.endpoint);
+        }
+        let Some(filters) = filters.as_ref() else {
+            break (rhead, rbody);
+        };
+        let time_left = deadline.is_none_or(|d| d > tokio::time::Instant::now());
+        filter::lock(filters).set_attempt(Attempt {
+            number: attempt,
+            status: rhead.status.as_u16(),
+            error,
+            retry_allowed: attempt < max_attempts && time_left,
+        });
+        let end_of_stream = rbody.as_ref().is_none_or(|b| b.is_end_stream());
+        let mut decision = filter::lock(filters).on_response_headers(&mut rhead, end_of_stream);
+        loop {
+            match decision {
+                ResponseDecision::Continue => break,
+                ResponseDecision::Respond(reply) => {
+                    // The upstream body is dropped unread, so its connection is not reused.
+                    return finish(ctx, cluster_idx, filter_reply(reply, stream));
+                }
+                ResponseDecision::Pause(callouts) => {
+                    let mut outcomes = Vec::with_capacity(callouts.len());
+                    for callout in callouts {
+                        outcomes.push(run_callout(ctx, callout).await);
+                    }
+                    decision =
+                        filter::lock(filters).resume_response(&mut rhead, end_of_stream, outcomes);
+                }
+                ResponseDecision::Retry(ask) => {
+                    cluster.metrics.retries.inc();
+                    if let Some(up) = stream.upstream.take() {
+                        up.release(false);
+                    }
+                    if !ask.exclude_tried {
+                        tried.clear();
+                    }
+                    let wake = tokio::time::Instant::now() + ask.delay;
+                    tokio::time::sleep_until(deadline.map_or(wake, |d| wake.min(d))).await;
+                    break;
+                }
+            }
+        }
+        if matches!(decision, ResponseDecision::Retry(_)) {
+            continue;
+        }
+        break (rhead, rbody);
+    };
+
+    let Some(rbody) = rbody else {
+        // The proxy's own answer to a failed attempt, as the filters left it.
+        return finish(ctx, cluster_idx, proxy_answer(rhead, stream));
+    };
     if rhead.status == StatusCode::SWITCHING_PROTOCOLS {
         if let (Some(down), Some(up)) = (downstream_upgrade, rhead.extensions.remove::<OnUpgrade>())
         {
@@ -289,33 +341,12 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         if let Some(up) = stream.upstream.as_mut() {
             up.reusable = false;
         }
-    } else {
-        headers::strip_hop_by_hop(&mut rhead.headers, false);
     }
     rhead.version = downstream_version;
-    let Some(filters) = stream.filters.clone() else {
+    let Some(filters) = filters else {
         let resp = Response::from_parts(rhead, ResponseBody::upstream(rbody, Some(stream)));
         return finish(ctx, cluster_idx, resp);
     };
-    let end_of_stream = rbody.is_end_stream();
-    let mut decision = filter::lock(&filters).on_response_headers(&mut rhead, end_of_stream);
-    loop {
-        match decision {
-            ResponseDecision::Continue => break,
-            ResponseDecision::Respond(reply) => {
-                // The upstream body is dropped unread, so its connection is not reused.
-                return finish(ctx, cluster_idx, filter_reply(reply, stream));
-            }
-            ResponseDecision::Pause(callouts) => {
-                let mut outcomes = Vec::with_capacity(callouts.len());
-                for callout in callouts {
-                    outcomes.push(run_callout(ctx, callout).await);
-                }
-                decision =
-                    filter::lock(&filters).resume_response(&mut rhead, end_of_stream, outcomes);
-            }
-        }
-    }
     if rbody.is_end_stream()
         || rhead.status == StatusCode::SWITCHING_PROTOCOLS
         || !filter::lock(&filters).wants_body(Direction::Response)
@@ -343,6 +374,213 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     };
     let resp = Response::from_parts(rhead, ResponseBody::filtered(body, Some(stream)));
     finish(ctx, cluster_idx, resp)
+}
+
+/// `x-weft-attempt`: the attempt number, sent upstream on requests that may be retried.
+pub static X_WEFT_ATTEMPT: HeaderName = HeaderName::from_static("x-weft-attempt");
+
+/// Largest request body kept for retries; a larger one streams and gets one attempt.
+const REPLAY_LIMIT: usize = 64 * 1024;
+
+/// A request kept whole so that it can be sent again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+    trailers: Option<HeaderMap>,
+}
+
+impl Replay {
+    /// Reads `body` to its end if it fits in `limit` bytes: `Ok(Ok(replay))`, or
+    /// `Ok(Err(body))` with a body that yields what was read and then the rest.
+    async fn buffer(
+        head: &http::request::Parts,
+        mut body: RequestBody,
+        limit: usize,
+    ) -> Result<Result<Replay, RequestBody>, crate::body::BoxError> {
+        let mut data = bytes::BytesMut::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            match frame?.into_data() {
+                Ok(d) => {
+                    data.extend_from_slice(&d);
+                    if data.len() > limit {
+                        return Ok(Err(RequestBody::Prefixed {
+                            first: Some(data.freeze()),
+                            rest: Box::new(body),
+                        }));
+                    }
+                }
+                Err(f) => {
+                    if let Ok(t) = f.into_trailers() {
+                        trailers = Some(t);
+                    }
+                }
+            }
+        }
+        Ok(Ok(Replay {
+            method: head.method.clone(),
+            uri: head.uri.clone(),
+            version: head.version,
+            headers: head.headers.clone(),
+            body: data.freeze(),
+            trailers,
+        }))
+    }
+
+    /// The request for one more attempt.
+    fn request(&self) -> (http::request::Parts, RequestBody) {
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = self.method.clone();
+        head.uri = self.uri.clone();
+        head.version = self.version;
+        head.headers = self.headers.clone();
+        let body = FilteredBody::whole(self.body.clone(), self.trailers.clone(), Direction::Request);
+        (head, RequestBody::Filtered { body })
+    }
+}
+
+/// How one attempt ended.
+enum Attempted {
+    /// The upstream answered.
+    Response(http::response::Parts, Incoming),
+    /// It did not.
+    Failed(AttemptFailure),
+}
+
+/// Why an attempt got no upstream response (bookkeeping already done).
+struct AttemptFailure {
+    status: StatusCode,
+    text: &'static str,
+    error: AttemptError,
+    overflow: Option<Limit>,
+}
+
+impl AttemptFailure {
+    /// The head of the proxy's answer, for the response callbacks.
+    fn into_head(self) -> (http::response::Parts, AttemptError) {
+        let (mut head, ()) = Response::new(()).into_parts();
+        head.status = self.status;
+        head.headers
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if let Some(limit) = self.overflow {
+            head.headers.insert(
+                X_WEFT_OVERLOADED.clone(),
+                HeaderValue::from_static(limit.as_str()),
+            );
+        }
+        head.extensions.insert(LocalText(self.text));
+        (head, self.error)
+    }
+}
+
+/// The body text of a proxy answer, carried in its head's extensions.
+#[derive(Clone, Copy)]
+struct LocalText(&'static str);
+
+/// A response the proxy made for a failed attempt, with the head the filters left.
+fn proxy_answer(mut head: http::response::Parts, stream: Box<Stream>) -> Response<ResponseBody> {
+    let text = head.extensions.remove::<LocalText>().map_or("", |t| t.0);
+    Response::from_parts(head, ResponseBody::local(Bytes::from_static(text.as_bytes()), Some(stream)))
+}
+
+/// One attempt: admission, endpoint choice (avoiding `tried` when it can), the exchange
+/// under `limit`, and the outlier and latency bookkeeping. The attempt's upstream state is
+/// left in `stream.upstream`.
+#[allow(clippy::too_many_arguments)]
+async fn attempt_once(
+    ctx: &ListenerCtx,
+    stream: &mut Stream,
+    cluster: &Arc<Cluster>,
+    now_ms: u64,
+    tried: &[usize],
+    head: http::request::Parts,
+    body: RequestBody,
+    limit: Option<tokio::time::Instant>,
+) -> Attempted {
+    let _ = ctx;
+    let failed = |status, text, error, overflow| {
+        Attempted::Failed(AttemptFailure {
+            status,
+            text,
+            error,
+            overflow,
+        })
+    };
+    let permit = match cluster.admit_request() {
+        Ok(p) => p,
+        Err(limit) => {
+            return failed(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream overflow\n",
+                AttemptError::Overflow,
+                Some(limit),
+            );
+        }
+    };
+    let mut pick = worker::pick(cluster, now_ms);
+    for _ in 0..tried.len().min(4) {
+        match pick {
+            Some(ep) if tried.contains(&ep) => pick = worker::pick(cluster, now_ms),
+            _ => break,
+        }
+    }
+    let Some(ep) = pick else {
+        return failed(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no healthy upstream\n",
+            AttemptError::NoHealthyUpstream,
+            None,
+        );
+    };
+    let endpoint = cluster.endpoints[ep].clone();
+    if let (Some(filters), crate::cluster::EndpointAddress::Ip(addr)) =
+        (stream.filters.as_ref(), &endpoint.address)
+    {
+        filter::lock(filters).set_upstream(*addr);
+    }
+    cluster.begin_endpoint_request(&endpoint);
+    stream.upstream = Some(UpstreamStream {
+        cluster: cluster.clone(),
+        endpoint: ep,
+        _permit: permit,
+        pooled: None,
+        reusable: true,
+    });
+
+    let started = clock::now_ns();
+    let exchange = upstream::send(cluster, ep, Request::from_parts(head, body));
+    let outcome = match limit {
+        Some(at) => match tokio::time::timeout_at(at, exchange).await {
+            Ok(r) => r.map_err(Failure::Upstream),
+            Err(_) => Err(Failure::Timeout),
+        },
+        None => exchange.await.map_err(Failure::Upstream),
+    };
+    let (resp, pooled) = match outcome {
+        Ok(ok) => ok,
+        Err(failure) => return Attempted::Failed(classify_failure(cluster, &endpoint, failure)),
+    };
+    let done = clock::now_ns();
+    let latency = done.saturating_sub(started);
+    cluster.metrics.latency.observe_ns(latency);
+    endpoint.observe_latency(done, latency);
+
+    let (mut rhead, rbody) = resp.into_parts();
+    if rhead.status.is_server_error() {
+        cluster.record_failure(&endpoint);
+    } else {
+        cluster.record_success(&endpoint);
+    }
+    if let Some(up) = stream.upstream.as_mut() {
+        up.pooled = pooled;
+    }
+    if rhead.status != StatusCode::SWITCHING_PROTOCOLS {
+        headers::strip_hop_by_hop(&mut rhead.headers, false);
+    }
+    Attempted::Response(rhead, rbody)
 }
 
 /// How far [`prime`] got with a body.
@@ -467,54 +705,59 @@ enum Failure {
     Timeout,
 }
 
-fn failure_reply(
+/// Counts a failed exchange against the endpoint and says what the client gets.
+fn classify_failure(
     cluster: &Cluster,
     endpoint: &crate::cluster::Endpoint,
     failure: Failure,
-    stream: Box<Stream>,
-) -> Response<ResponseBody> {
-    match failure {
+) -> AttemptFailure {
+    let (status, text, error, overflow) = match failure {
         Failure::Timeout => {
             cluster.metrics.timeouts.inc();
             cluster.record_failure(endpoint);
-            local_reply(
+            (
                 StatusCode::GATEWAY_TIMEOUT,
                 "upstream request timeout\n",
-                stream,
+                AttemptError::Timeout,
+                None,
             )
         }
-        Failure::Upstream(UpstreamError::Overflow(limit)) => overflow_reply(limit, stream),
+        Failure::Upstream(UpstreamError::Overflow(limit)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "upstream overflow\n",
+            AttemptError::Overflow,
+            Some(limit),
+        ),
         Failure::Upstream(e) => {
             if e.is_endpoint_failure() {
                 cluster.record_failure(endpoint);
             }
             tracing::debug!(cluster = %cluster.name, endpoint = %endpoint.address, "{e}");
             match e {
-                UpstreamError::Connect(_) => local_reply(
+                UpstreamError::Connect(_) => (
                     StatusCode::SERVICE_UNAVAILABLE,
                     "upstream connect error\n",
-                    stream,
+                    AttemptError::ConnectFailure,
+                    None,
                 ),
                 _ => {
                     cluster.metrics.resets.inc();
-                    local_reply(StatusCode::BAD_GATEWAY, "upstream reset\n", stream)
+                    (
+                        StatusCode::BAD_GATEWAY,
+                        "upstream reset\n",
+                        AttemptError::Reset,
+                        None,
+                    )
                 }
             }
         }
+    };
+    AttemptFailure {
+        status,
+        text,
+        error,
+        overflow,
     }
-}
-
-fn overflow_reply(limit: Limit, stream: Box<Stream>) -> Response<ResponseBody> {
-    let mut resp = local_reply(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "upstream overflow\n",
-        stream,
-    );
-    resp.headers_mut().insert(
-        X_WEFT_OVERLOADED.clone(),
-        HeaderValue::from_static(limit.as_str()),
-    );
-    resp
 }
 
 /// Largest callout response body kept for the filter.
@@ -636,6 +879,22 @@ struct UpstreamStream {
     reusable: bool,
 }
 
+impl UpstreamStream {
+    /// Ends the attempt's accounting; a connection whose response was read to its end goes
+    /// back to the pool.
+    fn release(self, complete: bool) {
+        self.cluster
+            .end_endpoint_request(&self.cluster.endpoints[self.endpoint]);
+        if let Some(pooled) = self.pooled
+            && complete
+            && self.reusable
+        {
+            pooled.release();
+            self.cluster.connection_freed.notify_one();
+        }
+    }
+}
+
 impl StreamEnd for Stream {
     fn finish(mut self: Box<Self>, complete: bool) {
         self.complete = complete;
@@ -653,15 +912,7 @@ impl Drop for Stream {
         conn.in_flight.fetch_sub(1, Relaxed);
         conn.last_active_ms.store(clock::now_ms(), Relaxed);
         if let Some(up) = self.upstream.take() {
-            up.cluster
-                .end_endpoint_request(&up.cluster.endpoints[up.endpoint]);
-            if let Some(pooled) = up.pooled
-                && self.complete
-                && up.reusable
-            {
-                pooled.release();
-                up.cluster.connection_freed.notify_one();
-            }
+            up.release(self.complete);
         }
     }
 }

@@ -502,7 +502,28 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_call_foreign_function",
-        |_c: C<'_>, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| Status::NotFound as i32,
+        |mut c: C<'_>,
+         name_ptr: i32,
+         name_len: i32,
+         args_ptr: i32,
+         args_len: i32,
+         ret_ptr: i32,
+         ret_len: i32| {
+            let (name, args) = match (
+                read(&mut c, name_ptr, name_len),
+                read(&mut c, args_ptr, args_len),
+            ) {
+                (Ok(n), Ok(a)) => (n, a),
+                (Err(s), _) | (_, Err(s)) => return Ok(s as i32),
+            };
+            match host::foreign(c.data_mut(), &name, &args) {
+                Ok(None) => Ok(Status::Ok as i32),
+                Ok(Some(bytes)) => {
+                    Ok::<_, wasmtime::Error>(give(&mut c, &bytes, ret_ptr, ret_len)? as i32)
+                }
+                Err(s) => Ok(s as i32),
+            }
+        },
     )?;
     l.func_wrap(
         "env",

@@ -338,6 +338,7 @@ impl FilterInstance {
         data.local_response = None;
         data.callouts.clear();
         data.resumed = false;
+        data.ext = Default::default();
     }
 
     /// Moves the head back out and collects what the callback asked for.
@@ -352,6 +353,7 @@ impl FilterInstance {
             callouts: std::mem::take(&mut data.callouts),
             resumed: data.resumed,
             paused: false,
+            ext: std::mem::take(&mut data.ext),
         }
     }
 
@@ -516,6 +518,7 @@ fn with_seen<R>(
     data.local_response = None;
     data.callouts.clear();
     data.resumed = false;
+    data.ext = Default::default();
     data.seen_request = seen.request.take();
     data.seen_response = seen.response.take();
     store.set_epoch_deadline(ticks);
@@ -529,6 +532,7 @@ fn with_seen<R>(
         callouts: Vec::new(),
         resumed: data.resumed,
         paused: false,
+        ext: std::mem::take(&mut data.ext),
     };
     data.callouts.clear();
     (result, callback)
@@ -545,6 +549,8 @@ struct Callback {
     paused: bool,
     /// It called `proxy_continue_stream`.
     resumed: bool,
+    /// What it asked through `weft.*` extensions.
+    ext: super::host::Ext,
 }
 
 /// A request or response head, as a headers callback sees it.
@@ -800,6 +806,9 @@ impl FilterChain for WasmChain {
             bodies: [Vec::new(), Vec::new()],
             reply: None,
             finished: false,
+            cluster: None,
+            route: Default::default(),
+            retry: None,
         })
     }
 }
@@ -829,6 +838,12 @@ struct WasmStream {
     reply: Option<LocalReply>,
     /// `finish` ran: later body pieces pass through untouched.
     finished: bool,
+    /// The cluster a filter chose (`weft.set_cluster`).
+    cluster: Option<usize>,
+    /// Timeouts and attempts filters asked for.
+    route: crate::filter::RouteOverrides,
+    /// Another attempt a response callback asked for.
+    retry: Option<crate::filter::RetryAsk>,
 }
 
 /// The request as it went upstream and the response as it went downstream (read-only copies
@@ -949,7 +964,9 @@ impl WasmStream {
             }
         }
         self.seen.request = Some(snapshot_request(head));
-        RequestDecision::Continue { cluster: None }
+        RequestDecision::Continue {
+            cluster: self.cluster,
+        }
     }
 
     /// Remembers a local reply (and the request it answers) for `on_log`.
@@ -992,6 +1009,9 @@ impl WasmStream {
             Ok((ctx, result)) => {
                 if let Some(ctx) = ctx {
                     self.contexts[idx] = ctx;
+                }
+                if let Ok(cb) = &result {
+                    self.merge(cb.ext);
                 }
                 match result {
                     Ok(Callback {
@@ -1129,6 +1149,12 @@ impl WasmStream {
                 inst.headers(ticks, ctx, head, info, end_of_stream, &mut seen)
             });
             self.seen = seen;
+            if let Some(ask) = self.retry.take()
+                && self.info.attempt.retry_allowed
+                && matches!(step, Step::Go | Step::Hold)
+            {
+                return ResponseDecision::Retry(ask);
+            }
             let failure = match step {
                 Step::Go | Step::Hold => continue,
                 Step::Paused(callouts) => {
@@ -1191,6 +1217,19 @@ impl WasmStream {
         Delivered::Resumed
     }
 
+    /// Keeps what a callback asked through `weft.*` extensions (later calls win).
+    fn merge(&mut self, ext: super::host::Ext) {
+        if ext == super::host::Ext::default() {
+            return;
+        }
+        self.cluster = ext.cluster.or(self.cluster);
+        let r = &mut self.route;
+        r.timeout = ext.timeout.or(r.timeout);
+        r.try_timeout = ext.try_timeout.or(r.try_timeout);
+        r.max_attempts = ext.max_attempts.unwrap_or(r.max_attempts);
+        self.retry = ext.retry.or(self.retry);
+    }
+
     /// Applies the failure policy of filter `idx`: `Some(reply)` to end the stream.
     fn on_failure(&mut self, idx: usize, failure: Option<Failure>) -> Option<LocalReply> {
         let spec = &self.filters[idx];
@@ -1211,6 +1250,16 @@ impl FilterStream for WasmStream {
     fn set_upstream(&mut self, address: std::net::SocketAddr) {
         self.info.upstream = Some(address);
     }
+
+    fn route(&self) -> crate::filter::RouteOverrides {
+        self.route
+    }
+
+    fn set_attempt(&mut self, attempt: crate::filter::Attempt) {
+        self.info.attempt = attempt;
+        self.retry = None;
+    }
+
 
     fn on_request_headers(
         &mut self,

@@ -9,7 +9,9 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, request, response};
 use wasmtime::{Caller, Extern, Memory, StoreLimits, TypedFunc};
 
-use crate::filter::StreamInfo;
+use std::time::Duration;
+
+use crate::filter::{RetryAsk, StreamInfo};
 use crate::metrics::{FilterMetric, FilterMetricSet};
 
 /// proxy-wasm status codes (ABI 0.2.1).
@@ -156,6 +158,90 @@ impl BodyBuf {
     }
 }
 
+/// What a callback asked through Weft's `weft.*` foreign functions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ext {
+    /// `weft.set_cluster`: index of the cluster.
+    pub cluster: Option<usize>,
+    /// `weft.set_timeout` (zero: none).
+    pub timeout: Option<Duration>,
+    /// `weft.set_try_timeout` (zero: none).
+    pub try_timeout: Option<Duration>,
+    /// `weft.set_attempts`.
+    pub max_attempts: Option<u32>,
+    /// `weft.retry`.
+    pub retry: Option<RetryAsk>,
+}
+
+/// Most attempts `weft.set_attempts` grants a request.
+pub const MAX_ATTEMPTS: u32 = 10;
+
+/// Runs the Weft extension `name` (`proxy_call_foreign_function`): `Ok(Some(bytes))` to hand
+/// bytes back, `Ok(None)` for none, `Err` with the status otherwise (`NOT_FOUND` for a name
+/// this host does not have).
+pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    let millis = |args: &[u8]| -> Result<Duration, Status> {
+        let b: [u8; 8] = args.try_into().map_err(|_| Status::BadArgument)?;
+        Ok(Duration::from_millis(u64::from_le_bytes(b)))
+    };
+    let request_phase = state.request.is_some();
+    match name {
+        b"weft.set_cluster" => {
+            if !request_phase {
+                return Err(Status::BadArgument);
+            }
+            let i = state
+                .clusters
+                .iter()
+                .position(|c| c.as_bytes() == args)
+                .ok_or(Status::NotFound)?;
+            state.ext.cluster = Some(i);
+            Ok(None)
+        }
+        b"weft.set_timeout" | b"weft.set_try_timeout" => {
+            if !request_phase {
+                return Err(Status::BadArgument);
+            }
+            let d = millis(args)?;
+            if name == b"weft.set_timeout" {
+                state.ext.timeout = Some(d);
+            } else {
+                state.ext.try_timeout = Some(d);
+            }
+            Ok(None)
+        }
+        b"weft.set_attempts" => {
+            let b: [u8; 4] = args.try_into().map_err(|_| Status::BadArgument)?;
+            let n = u32::from_le_bytes(b);
+            if !request_phase || n == 0 {
+                return Err(Status::BadArgument);
+            }
+            state.ext.max_attempts = Some(n.min(MAX_ATTEMPTS));
+            Ok(None)
+        }
+        b"weft.attempt" => {
+            let a = state.info.as_ref().ok_or(Status::BadArgument)?.attempt;
+            let mut out = Vec::with_capacity(7);
+            out.extend_from_slice(&a.number.to_le_bytes());
+            out.extend_from_slice(&a.status.to_le_bytes());
+            out.push(a.error as u8);
+            Ok(Some(out))
+        }
+        b"weft.retry" => {
+            let allowed = state.info.as_ref().is_some_and(|i| i.attempt.retry_allowed);
+            if state.response.is_none() || args.len() != 9 || !allowed {
+                return Err(Status::BadArgument);
+            }
+            state.ext.retry = Some(RetryAsk {
+                delay: millis(&args[..8])?,
+                exclude_tried: args[8] & 1 == 1,
+            });
+            Ok(None)
+        }
+        _ => Err(Status::NotFound),
+    }
+}
+
 /// The data of one filter instance's store.
 pub struct HostState {
     /// Memory limit of the instance.
@@ -207,6 +293,8 @@ pub struct HostState {
     pub callout_response: Option<CalloutResponse>,
     /// Set when the filter asks to continue the stream.
     pub resumed: bool,
+    /// What the current callback asked through `weft.*` extensions.
+    pub ext: Ext,
     /// This instance's slot on its worker (for shared-queue ownership).
     pub slot: usize,
 }
@@ -247,6 +335,7 @@ impl HostState {
             last_token: 0,
             callout_response: None,
             resumed: false,
+            ext: Ext::default(),
             slot: usize::MAX,
         }
     }
@@ -722,7 +811,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
             let resp = state.resp();
             match rest {
                 [b"code"] => int(resp?.status.as_u16().into()),
-                [b"code_details"] => text("via_upstream"),
+                [b"code_details"] => text(info?.attempt.error.code_details()),
                 [b"headers"] => {
                     let pairs = map_pairs(state, MapKind::ResponseHeaders);
                     Some(serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..]))))
