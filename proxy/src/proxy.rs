@@ -266,8 +266,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
             (Some(d), Some(t)) => Some(d.min(tokio::time::Instant::now() + t)),
             (d, t) => d.or_else(|| t.map(|t| tokio::time::Instant::now() + t)),
         };
-        let outcome =
-            attempt_once(ctx, &mut stream, cluster, now_ms, &tried, h, b, limit).await;
+        let outcome = attempt_once(ctx, &mut stream, cluster, now_ms, &tried, h, b, limit).await;
         let (mut rhead, rbody, error) = match outcome {
             Attempted::Response(rhead, rbody) => (rhead, Some(rbody), AttemptError::None),
             Attempted::Failed(failure) => {
@@ -437,7 +436,8 @@ impl Replay {
         head.uri = self.uri.clone();
         head.version = self.version;
         head.headers = self.headers.clone();
-        let body = FilteredBody::whole(self.body.clone(), self.trailers.clone(), Direction::Request);
+        let body =
+            FilteredBody::whole(self.body.clone(), self.trailers.clone(), Direction::Request);
         (head, RequestBody::Filtered { body })
     }
 }
@@ -483,7 +483,10 @@ struct LocalText(&'static str);
 /// A response the proxy made for a failed attempt, with the head the filters left.
 fn proxy_answer(mut head: http::response::Parts, stream: Box<Stream>) -> Response<ResponseBody> {
     let text = head.extensions.remove::<LocalText>().map_or("", |t| t.0);
-    Response::from_parts(head, ResponseBody::local(Bytes::from_static(text.as_bytes()), Some(stream)))
+    Response::from_parts(
+        head,
+        ResponseBody::local(Bytes::from_static(text.as_bytes()), Some(stream)),
+    )
 }
 
 /// One attempt: admission, endpoint choice (avoiding `tried` when it can), the exchange

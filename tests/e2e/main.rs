@@ -10,6 +10,7 @@ mod outlier;
 mod protocols;
 mod wasm;
 mod wasm_body;
+mod wasm_ext;
 
 use weft_tests::Upstream;
 

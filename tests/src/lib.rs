@@ -349,6 +349,7 @@ pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Resu
 /// - `/delay/<ms>…`: waits, then echoes;
 /// - `/status/<code>`: answers with that status;
 /// - `/grpc`: answers like a gRPC server: body then trailers `grpc-status: 0`;
+/// - `/fail-first/<n>…`: 503 while this upstream has served at most `n` requests, then echoes;
 /// - `/bytes/<n>`: `n` bytes of `0123456789…` with a content-length, in 16 KiB frames;
 /// - `/ws`: accepts an upgrade (101) and then echoes bytes on the raw connection;
 /// - anything else: a JSON echo of method, path, version, headers, body and trailers.
@@ -398,11 +399,11 @@ impl Upstream {
                         let mut conn_stop = stop_rx.clone();
                         tokio::spawn(async move {
                             let svc = service_fn(move |req| {
-                                counter.fetch_add(1, Ordering::SeqCst);
+                                let hit = counter.fetch_add(1, Ordering::SeqCst) + 1;
                                 let name = name.clone();
                                 async move {
                                     tokio::time::sleep(delay).await;
-                                    answer(name, req).await
+                                    answer(name, hit, req).await
                                 }
                             });
                             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -469,9 +470,22 @@ async fn bind_retrying(addr: SocketAddr) -> TcpListener {
 
 type UpBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
 
-async fn answer(name: String, mut req: Request<Incoming>) -> Result<Response<UpBody>, Infallible> {
+async fn answer(
+    name: String,
+    hit: usize,
+    mut req: Request<Incoming>,
+) -> Result<Response<UpBody>, Infallible> {
     let path = req.uri().path().to_owned();
-    let mut resp = if let Some(ms) = path
+    let fail_first = path
+        .strip_prefix("/fail-first/")
+        .and_then(|r| r.split('/').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    let mut resp = if fail_first.is_some_and(|n| hit <= n) {
+        let _ = req.body_mut().collect().await;
+        let mut r = Response::new(full(format!("failing hit {hit}\n")));
+        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        r
+    } else if let Some(ms) = path
         .strip_prefix("/delay/")
         .and_then(|r| r.split('/').next())
         .and_then(|ms| ms.parse::<u64>().ok())

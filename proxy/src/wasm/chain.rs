@@ -1260,7 +1260,6 @@ impl FilterStream for WasmStream {
         self.retry = None;
     }
 
-
     fn on_request_headers(
         &mut self,
         head: &mut request::Parts,

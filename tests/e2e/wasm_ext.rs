@@ -1,0 +1,167 @@
+//! Weft's `weft.*` extensions, called by the `compat_ext` filter (upstream `proxy-wasm` crate
+//! only): choosing the cluster, timeouts, and retries executed by the host.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use weft_tests::*;
+
+/// Cluster `svc` over `svc_eps` (round robin, no outlier ejection) and cluster `other` over
+/// `other`, with `compat_ext` on the listener.
+fn ext_config(svc_eps: &[String], other: &Upstream) -> String {
+    let eps: String = svc_eps
+        .iter()
+        .map(|a| format!("{{ address: \"{a}\" }}, "))
+        .collect();
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+listeners:
+  - name: ingress
+    address: \"{{listen}}\"
+    default_cluster: svc
+    filters:
+      - {{ name: ext, module: \"{module}\" }}
+clusters:
+  - name: svc
+    lb_policy: round_robin
+    connect_timeout_ms: 500
+    outlier: {{ consecutive_failures: 0 }}
+    endpoints: [ {eps} ]
+  - {{ name: other, endpoints: [ {{ address: \"{other}\" }} ] }}
+",
+        cache = shared_module_cache().display(),
+        module = guest_filter("compat_ext").display(),
+        other = other.address(),
+    )
+}
+
+fn request(path: String, headers: &[(&str, &str)], body: &'static str) -> Request<Full<Bytes>> {
+    let mut r = Request::post(path);
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    r.body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_chooses_the_cluster_and_the_timeout() {
+    let svc = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
+    let client = h1_client();
+    let got = send(&client, request(proxy.url("/a"), &[], ""))
+        .await
+        .unwrap();
+    assert_eq!(got.header("x-upstream"), "svc");
+    let got = send(
+        &client,
+        request(proxy.url("/a"), &[("x-route-cluster", "other")], ""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.header("x-upstream"), "other");
+    assert_eq!(got.header("x-attempts-made"), "1");
+    assert_eq!(got.header("x-code-details"), "via_upstream");
+    let got = send(
+        &client,
+        request(proxy.url("/a"), &[("x-route-cluster", "nope")], ""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 400, "unknown cluster: NOT_FOUND to the filter");
+
+    // A per-request timeout shorter than the upstream's delay: 504, seen by the filter.
+    let started = Instant::now();
+    let got = send(
+        &client,
+        request(proxy.url("/delay/2000"), &[("x-timeout-ms", "100")], ""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 504);
+    assert_eq!(got.header("x-code-details"), "upstream_response_timeout");
+    assert!(
+        started.elapsed() < Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_asked_by_a_filter_replay_the_body_and_skip_a_dead_endpoint() {
+    let up = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    // A port with nothing listening: connections are refused.
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = ProxyProcess::start(&ext_config(&[up.address(), dead], &other)).await;
+    let client = h1_client();
+
+    // Without retries, round robin sends some requests to the dead endpoint.
+    let mut refused = 0;
+    for _ in 0..10 {
+        let got = send(&client, request(proxy.url("/x"), &[], ""))
+            .await
+            .unwrap();
+        if got.status == 503 {
+            assert_eq!(got.header("x-code-details"), "upstream_connect_failure");
+            refused += 1;
+        }
+    }
+    assert!(refused > 0, "the dead endpoint is in rotation");
+
+    // With retries on connect failure, every request succeeds, some on the second attempt.
+    let retry = [("x-attempts", "3"), ("x-retry-on", "connect-failure")];
+    let mut second = 0;
+    for _ in 0..20 {
+        let got = send(&client, request(proxy.url("/x"), &retry, "body"))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.echo()["body"], "body", "the body is replayed");
+        if got.header("x-attempts-made") == "2" {
+            second += 1;
+            assert_eq!(got.echo()["headers"]["x-weft-attempt"][0], "2");
+        }
+    }
+    assert!(second > 0, "some requests needed a second attempt");
+    let stats = proxy.stats().await;
+    let retries = metric_value(&stats, r#"weft_upstream_retries_total{cluster="svc"}"#);
+    assert_eq!(retries, Some(second as f64), "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_on_5xx_stop_at_the_attempt_limit() {
+    let up = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    let proxy = ProxyProcess::start(&ext_config(&[up.address()], &other)).await;
+    let client = h1_client();
+    // The upstream fails its first two requests: the third attempt gets through, with the
+    // request body intact.
+    let retry = [("x-attempts", "3"), ("x-retry-on", "5xx")];
+    let got = send(
+        &client,
+        request(proxy.url("/fail-first/2/x"), &retry, "payload"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.header("x-attempts-made"), "3");
+    let echo = got.echo();
+    assert_eq!(echo["body"], "payload");
+    assert_eq!(echo["headers"]["x-weft-attempt"][0], "3");
+    assert_eq!(up.hits(), 3);
+
+    // Two attempts allowed against an upstream that fails its first eight: the second failure
+    // is the answer.
+    let retry = [("x-attempts", "2"), ("x-retry-on", "5xx")];
+    let got = send(&client, request(proxy.url("/fail-first/8/x"), &retry, "p"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 503);
+    assert_eq!(got.header("x-attempts-made"), "2");
+    assert_eq!(up.hits(), 5);
+}

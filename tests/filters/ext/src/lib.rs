@@ -1,0 +1,97 @@
+//! Weft's `weft.*` extensions called from a filter written only against the upstream
+//! `proxy-wasm` crate (through `proxy_call_foreign_function`), driven by request headers:
+//! - `x-route-cluster: <name>`: `weft.set_cluster` (an unknown cluster gets a local 400);
+//! - `x-timeout-ms: <n>`: `weft.set_timeout`; `x-try-timeout-ms: <n>`: `weft.set_try_timeout`;
+//! - `x-attempts: <n>`: `weft.set_attempts`;
+//! - `x-retry-on: 5xx | connect-failure`: on such an outcome (read with `weft.attempt`), ask
+//!   `weft.retry` (no delay, other endpoints first).
+//!
+//! Every response gets `x-attempts-made` (the attempt number) and `x-code-details` (the
+//! `response.code_details` property).
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, Status};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
+}}
+
+struct Root;
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Stream { retry_on: String::new() }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Stream {
+    retry_on: String,
+}
+
+fn call(name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    hostcalls::call_foreign_function(name, Some(args))
+}
+
+impl Context for Stream {}
+
+impl HttpContext for Stream {
+    fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        if let Some(cluster) = self.get_http_request_header("x-route-cluster") {
+            if call("weft.set_cluster", cluster.as_bytes()).is_err() {
+                self.send_http_response(400, vec![], Some(b"no such cluster\n"));
+                return Action::Pause;
+            }
+        }
+        for (header, function) in [
+            ("x-timeout-ms", "weft.set_timeout"),
+            ("x-try-timeout-ms", "weft.set_try_timeout"),
+        ] {
+            if let Some(ms) = self.get_http_request_header(header).and_then(|v| v.parse::<u64>().ok()) {
+                let _ = call(function, &ms.to_le_bytes());
+            }
+        }
+        if let Some(n) = self.get_http_request_header("x-attempts").and_then(|v| v.parse::<u32>().ok()) {
+            let _ = call("weft.set_attempts", &n.to_le_bytes());
+        }
+        self.retry_on = self.get_http_request_header("x-retry-on").unwrap_or_default();
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
+        let attempt = call("weft.attempt", &[]).ok().flatten().unwrap_or_default();
+        let (number, status, error) = match attempt.as_slice() {
+            [a, b, c, d, s0, s1, e] => (
+                u32::from_le_bytes([*a, *b, *c, *d]),
+                u16::from_le_bytes([*s0, *s1]),
+                *e,
+            ),
+            _ => (0, 0, 0),
+        };
+        let wanted = match self.retry_on.as_str() {
+            "5xx" => status >= 500,
+            "connect-failure" => error == 1,
+            _ => false,
+        };
+        if wanted {
+            let mut args = 0u64.to_le_bytes().to_vec();
+            args.push(1); // other endpoints first
+            if call("weft.retry", &args).is_ok() {
+                return Action::Continue;
+            }
+        }
+        self.set_http_response_header("x-attempts-made", Some(&number.to_string()));
+        let details = self
+            .get_property(vec!["response", "code_details"])
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        self.set_http_response_header("x-code-details", Some(&details));
+        Action::Continue
+    }
+}
