@@ -12,6 +12,8 @@ rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasi
 cargo build --locked --workspace --bins
 cargo build --locked --release --target wasm32-wasip1 \
   --manifest-path tests/filters/Cargo.toml --target-dir target
+# The standard filters (filters/), as they ship.
+cargo build --locked --profile filter --target wasm32-wasip1 -p weft-filter-router
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

@@ -66,6 +66,20 @@ pub fn guest_filter(name: &str) -> PathBuf {
     path
 }
 
+/// Path of a standard filter of `filters/` built for wasm32-wasip1 with the `filter` profile
+/// (e.g. `weft_filter_router`); `tests/run.sh` builds them.
+pub fn standard_filter(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let target = exe.ancestors().nth(3).expect("target dir").to_path_buf();
+    let path = target.join(format!("wasm32-wasip1/filter/{name}.wasm"));
+    assert!(
+        path.exists(),
+        "{} not found: build the standard filters first (tests/run.sh does)",
+        path.display()
+    );
+    path
+}
+
 /// A module cache shared by the tests, so that each module is compiled once per run.
 pub fn shared_module_cache() -> PathBuf {
     std::env::temp_dir().join("weft-test-module-cache")
@@ -122,7 +136,10 @@ impl ProxyProcess {
             _dir: dir,
             log,
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Generous: a debug build compiles a large module (the router's regex engine) with
+        // Cranelift in about 10 s the first time; the shared module cache makes later starts
+        // fast.
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = p.child.try_wait() {
                 panic!("weft-proxy exited at startup ({status}):\n{}", p.log());

@@ -1,0 +1,350 @@
+//! [`Ctx`]: what a filter phase works with.
+
+use std::time::{Duration, SystemTime};
+
+use crate::host::{BufferType, Host, LogLevel, MapType, MetricKind, Status};
+
+/// The stream a phase runs for: typed access to the request, the response, bodies,
+/// properties, local replies, callouts, metrics and Weft's routing extensions.
+pub struct Ctx<'a> {
+    host: &'a mut dyn Host,
+}
+
+/// Why an upstream attempt produced no upstream response.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttemptError {
+    /// The response came from the upstream.
+    #[default]
+    None,
+    /// The connection could not be made.
+    ConnectFailure,
+    /// The connection failed or was reset before a response.
+    Reset,
+    /// No response in time.
+    Timeout,
+    /// A circuit-breaker limit refused the attempt.
+    Overflow,
+    /// No healthy endpoint.
+    NoHealthyUpstream,
+}
+
+/// The upstream attempt whose response is being processed (`weft.attempt`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attempt {
+    /// 1 for the first attempt.
+    pub number: u32,
+    /// Its status (the proxy's own, when it failed).
+    pub status: u16,
+    /// Why there was no upstream response, if there was none.
+    pub error: AttemptError,
+}
+
+impl Attempt {
+    /// Parses `weft.attempt`'s answer.
+    pub fn from_bytes(b: &[u8]) -> Option<Attempt> {
+        let [a, b0, c, d, s0, s1, e] = *b else {
+            return None;
+        };
+        Some(Attempt {
+            number: u32::from_le_bytes([a, b0, c, d]),
+            status: u16::from_le_bytes([s0, s1]),
+            error: match e {
+                1 => AttemptError::ConnectFailure,
+                2 => AttemptError::Reset,
+                3 => AttemptError::Timeout,
+                4 => AttemptError::Overflow,
+                5 => AttemptError::NoHealthyUpstream,
+                _ => AttemptError::None,
+            },
+        })
+    }
+
+    /// Encodes it as `weft.attempt` answers.
+    pub fn to_bytes(self) -> [u8; 7] {
+        let n = self.number.to_le_bytes();
+        let s = self.status.to_le_bytes();
+        let e = match self.error {
+            AttemptError::None => 0,
+            AttemptError::ConnectFailure => 1,
+            AttemptError::Reset => 2,
+            AttemptError::Timeout => 3,
+            AttemptError::Overflow => 4,
+            AttemptError::NoHealthyUpstream => 5,
+        };
+        [n[0], n[1], n[2], n[3], s[0], s[1], e]
+    }
+}
+
+/// A metric handle (defined on first use, cheap to keep).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metric(u32);
+
+impl<'a> Ctx<'a> {
+    /// A context over `host`.
+    pub fn new(host: &'a mut dyn Host) -> Self {
+        Self { host }
+    }
+
+    /// The host, for calls this type does not wrap.
+    pub fn host(&mut self) -> &mut dyn Host {
+        self.host
+    }
+
+    // --- request and response ---------------------------------------------------------
+
+    /// A request header (`:method`, `:path`, `:authority` and `:scheme` included).
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        self.host.map_value(MapType::RequestHeaders, name)
+    }
+
+    /// All request headers, pseudo-headers first.
+    pub fn request_headers(&self) -> Vec<(String, String)> {
+        self.host.map(MapType::RequestHeaders)
+    }
+
+    /// Sets (`Some`) or removes (`None`) a request header; `:path` and `:authority` rewrite
+    /// the request.
+    pub fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        self.host
+            .set_map_value(MapType::RequestHeaders, name, value);
+    }
+
+    /// Adds a request header value.
+    pub fn add_request_header(&mut self, name: &str, value: &str) {
+        self.host
+            .add_map_value(MapType::RequestHeaders, name, value);
+    }
+
+    /// The request method.
+    pub fn method(&self) -> String {
+        self.request_header(":method").unwrap_or_default()
+    }
+
+    /// The request path with its query.
+    pub fn path(&self) -> String {
+        self.request_header(":path").unwrap_or_default()
+    }
+
+    /// The request authority (host).
+    pub fn authority(&self) -> String {
+        self.request_header(":authority").unwrap_or_default()
+    }
+
+    /// A response header (`:status` included).
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        self.host.map_value(MapType::ResponseHeaders, name)
+    }
+
+    /// Sets or removes a response header.
+    pub fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        self.host
+            .set_map_value(MapType::ResponseHeaders, name, value);
+    }
+
+    /// Adds a response header value.
+    pub fn add_response_header(&mut self, name: &str, value: &str) {
+        self.host
+            .add_map_value(MapType::ResponseHeaders, name, value);
+    }
+
+    /// The response status (0 when there is no response yet).
+    pub fn status(&self) -> u16 {
+        self.response_header(":status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// The request body buffered so far (in request body phases).
+    pub fn request_body(&self) -> Vec<u8> {
+        self.host
+            .buffer(BufferType::RequestBody, 0, usize::MAX)
+            .unwrap_or_default()
+    }
+
+    /// Replaces the buffered request body.
+    pub fn set_request_body(&mut self, body: &[u8]) -> Result<(), Status> {
+        self.host
+            .set_buffer(BufferType::RequestBody, 0, usize::MAX, body)
+    }
+
+    /// The response body buffered so far (in response body phases).
+    pub fn response_body(&self) -> Vec<u8> {
+        self.host
+            .buffer(BufferType::ResponseBody, 0, usize::MAX)
+            .unwrap_or_default()
+    }
+
+    /// Replaces the buffered response body.
+    pub fn set_response_body(&mut self, body: &[u8]) -> Result<(), Status> {
+        self.host
+            .set_buffer(BufferType::ResponseBody, 0, usize::MAX, body)
+    }
+
+    /// Answers the stream locally with `status`, `headers` and `body`; return
+    /// [`crate::Action::Pause`] from the phase.
+    pub fn send_response(&mut self, status: u16, headers: &[(&str, &str)], body: &[u8]) {
+        self.host.send_response(status, headers, body);
+    }
+
+    /// Resumes the request after a callout.
+    pub fn resume_request(&mut self) {
+        self.host.resume(false);
+    }
+
+    /// Resumes the response after a callout.
+    pub fn resume_response(&mut self) {
+        self.host.resume(true);
+    }
+
+    // --- properties -----------------------------------------------------------------------
+
+    /// A property as text (`["source", "address"]`, `["request", "id"]`, …).
+    pub fn property(&self, path: &[&str]) -> Option<String> {
+        self.host
+            .property(path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+    }
+
+    /// An integer property (8-byte little-endian, as Envoy and Weft encode them).
+    pub fn property_int(&self, path: &[&str]) -> Option<i64> {
+        let b = self.host.property(path)?;
+        Some(i64::from_le_bytes(b.as_slice().try_into().ok()?))
+    }
+
+    // --- callouts, metrics, shared data, time, logs -----------------------------------------
+
+    /// Sends an HTTP request to `cluster` (`headers` must include `:method`, `:path` and
+    /// `:authority`); pause the phase, and the answer arrives in
+    /// [`crate::Filter::on_call_response`].
+    pub fn dispatch_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        timeout: Duration,
+    ) -> Result<u32, Status> {
+        self.host.dispatch_call(cluster, headers, body, timeout)
+    }
+
+    /// A header of the callout response being delivered.
+    pub fn call_response_header(&self, name: &str) -> Option<String> {
+        self.host.map_value(MapType::CallResponseHeaders, name)
+    }
+
+    /// The body of the callout response being delivered.
+    pub fn call_response_body(&self) -> Vec<u8> {
+        self.host
+            .buffer(BufferType::CallResponseBody, 0, usize::MAX)
+            .unwrap_or_default()
+    }
+
+    /// A counter named `name` (defined on first use).
+    pub fn counter(&mut self, name: &str) -> Option<Metric> {
+        self.host
+            .define_metric(MetricKind::Counter, name)
+            .ok()
+            .map(Metric)
+    }
+
+    /// A histogram named `name`.
+    pub fn histogram(&mut self, name: &str) -> Option<Metric> {
+        self.host
+            .define_metric(MetricKind::Histogram, name)
+            .ok()
+            .map(Metric)
+    }
+
+    /// A gauge named `name`.
+    pub fn gauge(&mut self, name: &str) -> Option<Metric> {
+        self.host
+            .define_metric(MetricKind::Gauge, name)
+            .ok()
+            .map(Metric)
+    }
+
+    /// Adds `by` to a counter or gauge.
+    pub fn increment(&mut self, metric: Metric, by: i64) {
+        let _ = self.host.increment_metric(metric.0, by);
+    }
+
+    /// Records a histogram value or sets a gauge.
+    pub fn record(&mut self, metric: Metric, value: u64) {
+        let _ = self.host.record_metric(metric.0, value);
+    }
+
+    /// A shared-data value (shared by every worker of the proxy) and its version.
+    pub fn shared_data(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        self.host.shared_data(key)
+    }
+
+    /// Sets a shared-data value if its version is still `cas`.
+    pub fn set_shared_data(
+        &mut self,
+        key: &str,
+        value: &[u8],
+        cas: Option<u32>,
+    ) -> Result<(), Status> {
+        self.host.set_shared_data(key, value, cas)
+    }
+
+    /// Wall-clock time.
+    pub fn now(&self) -> SystemTime {
+        self.host.now()
+    }
+
+    /// Logs at `level`.
+    pub fn log(&self, level: LogLevel, message: &str) {
+        self.host.log(level, message);
+    }
+
+    // --- Weft extensions ----------------------------------------------------------------------
+
+    /// Sends the request to `cluster` (`weft.set_cluster`; request headers phase).
+    /// `NotFound` for a cluster the proxy does not have, or on a host without Weft's
+    /// extensions.
+    pub fn set_cluster(&mut self, cluster: &str) -> Result<(), Status> {
+        self.host
+            .call_foreign("weft.set_cluster", cluster.as_bytes())
+            .map(drop)
+    }
+
+    /// Bounds the whole request, all attempts together (`weft.set_timeout`); zero: none.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), Status> {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.host
+            .call_foreign("weft.set_timeout", &ms.to_le_bytes())
+            .map(drop)
+    }
+
+    /// Bounds each attempt (`weft.set_try_timeout`); zero: none.
+    pub fn set_try_timeout(&mut self, timeout: Duration) -> Result<(), Status> {
+        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        self.host
+            .call_foreign("weft.set_try_timeout", &ms.to_le_bytes())
+            .map(drop)
+    }
+
+    /// Lets the request have up to `attempts` attempts (`weft.set_attempts`): the proxy
+    /// keeps it whole so it can be sent again.
+    pub fn set_attempts(&mut self, attempts: u32) -> Result<(), Status> {
+        self.host
+            .call_foreign("weft.set_attempts", &attempts.to_le_bytes())
+            .map(drop)
+    }
+
+    /// The attempt whose response is being processed (`weft.attempt`).
+    pub fn attempt(&mut self) -> Option<Attempt> {
+        let bytes = self.host.call_foreign("weft.attempt", &[]).ok()??;
+        Attempt::from_bytes(&bytes)
+    }
+
+    /// Asks for another attempt after `delay` (`weft.retry`; response headers phase),
+    /// preferring endpoints not tried yet when `other_endpoints`. `BadArgument` when no
+    /// attempt is left or the request cannot be replayed.
+    pub fn retry(&mut self, delay: Duration, other_endpoints: bool) -> Result<(), Status> {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        let mut args = ms.to_le_bytes().to_vec();
+        args.push(u8::from(other_endpoints));
+        self.host.call_foreign("weft.retry", &args).map(drop)
+    }
+}
