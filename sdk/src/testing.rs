@@ -465,11 +465,7 @@ impl<F: Filter> TestStream<F> {
     }
 
     /// Delivers the answer to callout `token`: `None` for a failed callout.
-    pub fn call_response(
-        &mut self,
-        token: u32,
-        answer: Option<CallAnswer<'_>>,
-    ) -> &mut Self {
+    pub fn call_response(&mut self, token: u32, answer: Option<CallAnswer<'_>>) -> &mut Self {
         let (status, headers, body) = match answer {
             Some((s, h, b)) => {
                 let mut pairs = vec![(":status".to_owned(), s.to_string())];

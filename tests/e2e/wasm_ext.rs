@@ -165,3 +165,43 @@ async fn retries_on_5xx_stop_at_the_attempt_limit() {
     assert_eq!(got.header("x-attempts-made"), "2");
     assert_eq!(up.hits(), 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn properties_set_on_a_stream_are_shared_by_the_chain_and_not_by_other_streams() {
+    let up = Upstream::start("svc").await;
+    let yaml = format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+listeners:
+  - name: ingress
+    address: \"{{listen}}\"
+    default_cluster: svc
+    filters:
+      - {{ name: basic, module: \"{basic}\" }}
+      - {{ name: ext, module: \"{ext}\" }}
+clusters:
+  - {{ name: svc, endpoints: [ {{ address: \"{up}\" }} ] }}
+",
+        cache = shared_module_cache().display(),
+        basic = guest_filter("compat_basic").display(),
+        ext = guest_filter("compat_ext").display(),
+        up = up.address(),
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let client = h2_client();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let (client, url) = (client.clone(), proxy.url(&format!("/p/{i}")));
+        tasks.push(tokio::spawn(async move {
+            let got = get(&client, &url).await.unwrap();
+            assert_eq!(
+                got.header("x-basic-seen"),
+                format!("/p/{i}"),
+                "own stream's value"
+            );
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}

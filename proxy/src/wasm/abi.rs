@@ -326,8 +326,15 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 (Ok(p), Ok(v)) => (p, v),
                 (Err(s), _) | (_, Err(s)) => return s as i32,
             };
-            let context = c.data().context;
-            c.data_mut().properties.insert((context, path), value);
+            let data = c.data_mut();
+            match &mut data.stream_props {
+                Some(props) => {
+                    props.insert(path, value);
+                }
+                None => {
+                    data.properties.insert((data.context, path), value);
+                }
+            }
             Status::Ok as i32
         },
     )?;

@@ -314,13 +314,17 @@ impl FilterInstance {
         let n = head.pairs();
         self.enter(head, info, context);
         // The request as it went upstream stays readable from the response callbacks.
-        self.store.data_mut().seen_request = seen.request.take();
+        let data = self.store.data_mut();
+        data.seen_request = seen.request.take();
+        data.stream_props = Some(std::mem::take(&mut seen.props));
         self.store.set_epoch_deadline(ticks);
         let result = match H::callback(&self.exports) {
             Some(f) => f.call(&mut self.store, (context, n, end_of_stream as i32)),
             None => Ok(0),
         };
-        seen.request = self.store.data_mut().seen_request.take();
+        let data = self.store.data_mut();
+        seen.request = data.seen_request.take();
+        seen.props = data.stream_props.take().unwrap_or_default();
         let outcome = self.leave(head);
         let action = result.map_err(|e| classify(e, H::CALLBACK))?;
         Ok(Callback {
@@ -366,6 +370,7 @@ impl FilterInstance {
         head: &mut H,
         info: &StreamInfo,
         outcome: CalloutOutcome,
+        seen: &mut Seen,
     ) -> Result<Callback, Failure> {
         let Some(f) = self.exports.on_http_call_response.clone() else {
             return Ok(Callback {
@@ -389,12 +394,20 @@ impl FilterInstance {
             .as_ref()
             .map_or(0, |h| h.headers.len() as i32 + 1);
         let body_len = response.body.len() as i32;
-        self.store.data_mut().callout_response = Some(response);
+        let data = self.store.data_mut();
+        data.callout_response = Some(response);
+        data.stream_props = Some(std::mem::take(&mut seen.props));
         self.store.set_epoch_deadline(ticks);
         let result = f.call(
             &mut self.store,
             (context, outcome.token as i32, headers, body_len, 0),
         );
+        seen.props = self
+            .store
+            .data_mut()
+            .stream_props
+            .take()
+            .unwrap_or_default();
         let outcome = self.leave(head);
         result.map_err(|e| classify(e, "proxy_on_http_call_response"))?;
         Ok(outcome)
@@ -473,11 +486,13 @@ impl FilterInstance {
         data.context = context as u32;
         data.seen_request = seen.request.take();
         data.seen_response = seen.response.take();
+        data.stream_props = Some(std::mem::take(&mut seen.props));
         self.store.set_epoch_deadline(ticks);
         let result = self.end_callbacks(context);
         let data = self.store.data_mut();
         seen.request = data.seen_request.take();
         seen.response = data.seen_response.take();
+        seen.props = data.stream_props.take().unwrap_or_default();
         result
     }
 
@@ -494,10 +509,6 @@ impl FilterInstance {
             f.call(&mut self.store, context)
                 .map_err(|e| classify(e, "proxy_on_delete"))?;
         }
-        self.store
-            .data_mut()
-            .properties
-            .retain(|(c, _), _| *c != context as u32);
         Ok(())
     }
 }
@@ -521,11 +532,13 @@ fn with_seen<R>(
     data.ext = Default::default();
     data.seen_request = seen.request.take();
     data.seen_response = seen.response.take();
+    data.stream_props = Some(std::mem::take(&mut seen.props));
     store.set_epoch_deadline(ticks);
     let result = call(store);
     let data = store.data_mut();
     seen.request = data.seen_request.take();
     seen.response = data.seen_response.take();
+    seen.props = data.stream_props.take().unwrap_or_default();
     let callback = Callback {
         local: data.local_response.take(),
         // Callouts are only sent from request headers; others are dropped.
@@ -852,6 +865,8 @@ struct WasmStream {
 struct Seen {
     request: Option<Box<request::Parts>>,
     response: Option<Box<response::Parts>>,
+    /// Properties the filters set on the stream (`proxy_set_property`).
+    props: std::collections::HashMap<Vec<u8>, Vec<u8>>,
 }
 
 fn snapshot_request(head: &request::Parts) -> Box<request::Parts> {
@@ -1189,14 +1204,16 @@ impl WasmStream {
         let mut more = Vec::new();
         let mut resumed = false;
         for outcome in outcomes {
+            let mut seen = std::mem::take(&mut self.seen);
             let step = self.run(idx, |inst, ticks, ctx, info| {
-                inst.callout_response(ticks, ctx, head, info, outcome)
+                inst.callout_response(ticks, ctx, head, info, outcome, &mut seen)
                     .map(|cb| {
                         resumed |= cb.resumed;
                         // More callouts keep the stream waiting unless it was resumed.
                         Callback { paused: true, ..cb }
                     })
             });
+            self.seen = seen;
             let failure = match step {
                 Step::Go | Step::Hold => continue,
                 Step::Paused(callouts) => {

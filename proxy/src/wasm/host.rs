@@ -265,8 +265,11 @@ pub struct HostState {
     pub trailers: Option<(i32, HeaderMap)>,
     /// Facts about the stream being called back for.
     pub info: Option<StreamInfo>,
-    /// Properties set by the filter, per context.
+    /// Properties set outside stream callbacks (root context), per context.
     pub properties: HashMap<(u32, Vec<u8>), Vec<u8>>,
+    /// The stream's own properties, lent for the duration of a stream callback: shared by
+    /// every filter of the stream's chain, as Envoy's filter state.
+    pub stream_props: Option<HashMap<Vec<u8>, Vec<u8>>>,
     /// A local response asked for during the current callback.
     pub local_response: Option<LocalResponse>,
     /// The context the current callback is for (`proxy_set_effective_context` changes it).
@@ -322,6 +325,7 @@ impl HostState {
             trailers: None,
             info: None,
             properties: HashMap::new(),
+            stream_props: None,
             local_response: None,
             context: 0,
             tick_period_ms: 0,
@@ -821,10 +825,13 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                 _ => None,
             }
         }
-        _ => state
-            .properties
-            .get(&(state.context, path.to_vec()))
-            .cloned(),
+        _ => match &state.stream_props {
+            Some(props) => props.get(path).cloned(),
+            None => state
+                .properties
+                .get(&(state.context, path.to_vec()))
+                .cloned(),
+        },
     }
 }
 

@@ -8,6 +8,8 @@
 //!
 //! Plugin configuration `refuse` makes `on_configure` return false.
 //!
+//! Sets the stream property `basic.seen` to the request path.
+//!
 //! Metrics: counter `basic_requests`, histogram `basic_request_headers`, gauge
 //! `basic_last_status`, and counter `basic_ticks` bumped by a 50 ms tick. From `on_log`:
 //! counter `basic_logged_<status>` per final status, and `basic_logged_deny_path` when the
@@ -104,6 +106,8 @@ impl Context for Stream {}
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let path = self.get_http_request_header(":path").unwrap_or_default();
+        // A stream property, readable by the other filters of the chain (filter state).
+        self.set_property(vec!["basic", "seen"], Some(path.as_bytes()));
         match path.as_str() {
             "/deny" => {
                 self.send_http_response(403, vec![("x-denied-by", "wasm")], Some(b"denied by filter\n"));

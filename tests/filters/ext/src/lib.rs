@@ -7,7 +7,8 @@
 //!   `weft.retry` (no delay, other endpoints first).
 //!
 //! Every response gets `x-attempts-made` (the attempt number) and `x-code-details` (the
-//! `response.code_details` property).
+//! `response.code_details` property), and `x-basic-seen` with the stream property
+//! `basic.seen` when an earlier filter set it.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -92,6 +93,10 @@ impl HttpContext for Stream {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
         self.set_http_response_header("x-code-details", Some(&details));
+        // A property another filter of the chain set on this stream.
+        if let Some(seen) = self.get_property(vec!["basic", "seen"]) {
+            self.set_http_response_header("x-basic-seen", Some(&String::from_utf8_lossy(&seen)));
+        }
         Action::Continue
     }
 }
