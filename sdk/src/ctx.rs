@@ -205,6 +205,12 @@ impl<'a> Ctx<'a> {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
     }
 
+    /// Sets a property on the stream: every filter of the chain can read it (the router
+    /// sets `weft.route` to the name of the route that matched).
+    pub fn set_property(&mut self, path: &[&str], value: &str) {
+        self.host.set_property(path, value.as_bytes());
+    }
+
     /// An integer property (8-byte little-endian, as Envoy and Weft encode them).
     pub fn property_int(&self, path: &[&str]) -> Option<i64> {
         let b = self.host.property(path)?;

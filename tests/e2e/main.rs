@@ -8,6 +8,7 @@ mod lb;
 mod limits;
 mod outlier;
 mod protocols;
+mod retry;
 mod router;
 mod wasm;
 mod wasm_body;

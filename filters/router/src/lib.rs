@@ -30,7 +30,8 @@ pub struct Config {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
-    /// Name (logs).
+    /// Name: set as the stream property `weft.route` for later filters (retry policies,
+    /// telemetry labels), and used in logs.
     #[serde(default)]
     pub name: String,
     /// What the request must look like (everything matches when absent).
@@ -296,6 +297,9 @@ impl Filter for Router {
             cx.send_response(404, &[("content-type", "text/plain")], b"no route\n");
             return Action::Pause;
         };
+        if !route.name.is_empty() {
+            cx.set_property(&["weft", "route"], &route.name);
+        }
         if let Some(d) = &route.direct_response {
             cx.send_response(
                 d.status,
@@ -348,6 +352,7 @@ impl Filter for Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use weft_sdk::Host;
     use weft_sdk::testing::Harness;
 
     fn harness(config: &str) -> Harness<Router> {
@@ -429,13 +434,14 @@ mod tests {
         let mut h = harness(
             r#"{"routes": [
                 {"match": {"path": {"prefix": "/old/"}}, "redirect": {"location": "/new/", "status": 301}},
-                {"match": {"path": {"prefix": "/api/"}}, "cluster": "a",
+                {"name": "api", "match": {"path": {"prefix": "/api/"}}, "cluster": "a",
                  "rewrite": {"prefix": "/", "host": "backend"}, "timeout_ms": 250}
             ]}"#,
         );
         let mut s = h.stream();
         s.request("GET", "/api/users?id=1", &[("host", "front")]);
         assert_eq!(s.request_headers(true), Action::Continue);
+        assert_eq!(s.host.property(&["weft", "route"]), Some(b"api".to_vec()));
         assert_eq!(s.request_header(":path").as_deref(), Some("/users?id=1"));
         assert_eq!(s.request_header(":authority").as_deref(), Some("backend"));
         assert_eq!(s.routing().timeout, Some(Duration::from_millis(250)));
