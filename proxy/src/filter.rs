@@ -147,6 +147,8 @@ pub struct RouteOverrides {
     pub try_timeout: Option<std::time::Duration>,
     /// Attempts the request may get (1: no retries).
     pub max_attempts: u32,
+    /// Hold the request this long before it goes upstream (fault injection).
+    pub delay: Option<std::time::Duration>,
 }
 
 /// A filter's request for another attempt, made in the response phase.

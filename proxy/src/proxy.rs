@@ -203,6 +203,11 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         .map(|f| filter::lock(f).route())
         .unwrap_or_default();
 
+    // A fault a filter injected: the request waits before it goes anywhere.
+    if let Some(delay) = route.delay.filter(|d| !d.is_zero()) {
+        tokio::time::sleep(delay).await;
+    }
+
     // Rewrite the head for the upstream hop.
     let upgrade = downstream_version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
     let downstream_upgrade = if upgrade {

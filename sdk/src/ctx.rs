@@ -338,6 +338,15 @@ impl<'a> Ctx<'a> {
             .map(drop)
     }
 
+    /// Holds the request for `delay` before it goes upstream (`weft.delay`; request
+    /// phase): fault injection.
+    pub fn delay(&mut self, delay: Duration) -> Result<(), Status> {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.host
+            .call_foreign("weft.delay", &ms.to_le_bytes())
+            .map(drop)
+    }
+
     /// The attempt whose response is being processed (`weft.attempt`).
     pub fn attempt(&mut self) -> Option<Attempt> {
         let bytes = self.host.call_foreign("weft.attempt", &[]).ok()??;

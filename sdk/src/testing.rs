@@ -54,6 +54,8 @@ pub struct Routing {
     pub attempts: Option<u32>,
     /// `weft.retry`: the delay and whether other endpoints were asked for.
     pub retry: Option<(Duration, bool)>,
+    /// `weft.delay`.
+    pub delay: Option<Duration>,
 }
 
 /// State shared by the streams of a harness.
@@ -193,6 +195,7 @@ impl Host for TestHost {
                 self.routing.cluster = Some(c);
             }
             "weft.set_timeout" => self.routing.timeout = Some(ms(args)?),
+            "weft.delay" => self.routing.delay = Some(ms(args)?),
             "weft.set_try_timeout" => self.routing.try_timeout = Some(ms(args)?),
             "weft.set_attempts" => {
                 let b: [u8; 4] = args.try_into().map_err(|_| Status::BadArgument)?;

@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod drain;
+mod fault;
 mod lb;
 mod limits;
 mod outlier;

@@ -1244,6 +1244,7 @@ impl WasmStream {
         r.timeout = ext.timeout.or(r.timeout);
         r.try_timeout = ext.try_timeout.or(r.try_timeout);
         r.max_attempts = ext.max_attempts.unwrap_or(r.max_attempts);
+        r.delay = ext.delay.or(r.delay);
         self.retry = ext.retry.or(self.retry);
     }
 

@@ -171,6 +171,8 @@ pub struct Ext {
     pub max_attempts: Option<u32>,
     /// `weft.retry`.
     pub retry: Option<RetryAsk>,
+    /// `weft.delay`.
+    pub delay: Option<Duration>,
 }
 
 /// Most attempts `weft.set_attempts` grants a request.
@@ -208,6 +210,13 @@ pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option
             } else {
                 state.ext.try_timeout = Some(d);
             }
+            Ok(None)
+        }
+        b"weft.delay" => {
+            if !request_phase {
+                return Err(Status::BadArgument);
+            }
+            state.ext.delay = Some(millis(args)?);
             Ok(None)
         }
         b"weft.set_attempts" => {
