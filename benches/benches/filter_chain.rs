@@ -94,6 +94,7 @@ fn filter_chain(c: &mut Criterion) {
         start_unix_ns: 0,
         connection_id: 1,
         upstream: None,
+        cluster: None,
         attempt: Default::default(),
     };
     let noop1 = chain(&rt, &metrics, "compat_noop", 1);

@@ -175,6 +175,8 @@ pub struct StreamInfo {
     pub connection_id: u64,
     /// The upstream endpoint chosen for the request, once chosen (IP endpoints only).
     pub upstream: Option<SocketAddr>,
+    /// The cluster the request went to (index into the proxy's clusters), once chosen.
+    pub cluster: Option<u32>,
     /// The attempt whose response is being processed.
     pub attempt: Attempt,
 }
@@ -244,8 +246,9 @@ pub trait FilterStream: Send {
     fn take_reply(&mut self) -> Option<LocalReply> {
         None
     }
-    /// Tells the stream which upstream endpoint the request goes to.
-    fn set_upstream(&mut self, _address: SocketAddr) {}
+    /// Tells the stream which cluster (by index) and endpoint (when it has an IP address) the
+    /// request goes to.
+    fn set_upstream(&mut self, _cluster: usize, _address: Option<SocketAddr>) {}
     /// What the filters asked of the request's routing (read after the request phase).
     fn route(&self) -> RouteOverrides {
         RouteOverrides::default()

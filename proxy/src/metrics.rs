@@ -372,8 +372,10 @@ pub enum FilterMetricKind {
 pub struct FilterMetric {
     /// Kind.
     pub kind: FilterMetricKind,
-    /// Exported name (sanitised, without the `weft_filter_` prefix).
+    /// Exported family name (sanitised, without the `weft_filter_` prefix).
     pub name: String,
+    /// Labels, from a name of the form `family{key="value",...}`.
+    pub labels: Vec<(String, String)>,
     value: AtomicI64,
     histogram: AtomicHistogram,
 }
@@ -415,32 +417,31 @@ struct FilterMetricsInner {
 }
 
 impl FilterMetricSet {
-    /// The id of the metric `name` of `kind`, defining it on first use.
+    /// The id of the metric `name` of `kind`, defining it on first use. A name of the form
+    /// `family{key="value",...}` is one labelled series of `family`.
     pub fn define(&self, kind: FilterMetricKind, name: &str) -> u32 {
-        let name: String = name
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
+        let (family, labels) = parse_metric_name(name);
+        let key = (kind, name.to_owned());
+        if let Ok(inner) = self.inner.read()
+            && let Some(id) = inner.ids.get(&key)
+        {
+            return *id;
+        }
         let Ok(mut inner) = self.inner.write() else {
             return 0;
         };
-        if let Some(id) = inner.ids.get(&(kind, name.clone())) {
+        if let Some(id) = inner.ids.get(&key) {
             return *id;
         }
         inner.metrics.push(Arc::new(FilterMetric {
             kind,
-            name: name.clone(),
+            name: family,
+            labels,
             value: AtomicI64::new(0),
             histogram: AtomicHistogram::new(&VALUE_BUCKETS, 1.0),
         }));
         let id = inner.metrics.len() as u32;
-        inner.ids.insert((kind, name), id);
+        inner.ids.insert(key, id);
         id
     }
 
@@ -451,30 +452,76 @@ impl FilterMetricSet {
     }
 }
 
+/// Splits `family{key="value",...}` into a sanitised family name and its labels (keys
+/// sanitised, values kept without quotes and backslashes). A name without braces has no
+/// labels.
+fn parse_metric_name(name: &str) -> (String, Vec<(String, String)>) {
+    let sanitise = |s: &str| -> String {
+        s.chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect()
+    };
+    let (family, rest) = match name.split_once('{') {
+        Some((f, rest)) if rest.ends_with('}') => (f, &rest[..rest.len() - 1]),
+        _ => return (sanitise(name), Vec::new()),
+    };
+    let mut labels: Vec<(String, String)> = rest
+        .split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            let v = v.trim().trim_matches('"').replace(['"', '\\'], "");
+            Some((sanitise(k.trim()), v))
+        })
+        .filter(|(k, _)| !k.is_empty())
+        .collect();
+    labels.sort();
+    (sanitise(family), labels)
+}
+
 impl Collector for FilterMetricSet {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Ok(inner) = self.inner.read() else {
             return Ok(());
         };
+        // One family per name and kind, its labelled series together.
+        let mut families: std::collections::BTreeMap<(&str, u8), Vec<&FilterMetric>> =
+            std::collections::BTreeMap::new();
         for m in &inner.metrics {
-            let name = format!("filter_{}", m.name);
+            families
+                .entry((m.name.as_str(), m.kind as u8))
+                .or_default()
+                .push(m);
+        }
+        for ((family, _), series) in families {
+            let name = format!("filter_{family}");
             let help = "Defined by a WASM filter";
-            match m.kind {
-                FilterMetricKind::Counter => {
-                    let e = encoder.encode_descriptor(&name, help, None, MetricType::Counter)?;
-                    let c: Counter = Counter::default();
-                    c.inc_by(m.value().max(0) as u64);
-                    c.encode(e)?;
-                }
-                FilterMetricKind::Gauge => {
-                    let e = encoder.encode_descriptor(&name, help, None, MetricType::Gauge)?;
-                    let g: Gauge = Gauge::default();
-                    g.set(m.value());
-                    g.encode(e)?;
-                }
-                FilterMetricKind::Histogram => {
-                    let e = encoder.encode_descriptor(&name, help, None, MetricType::Histogram)?;
-                    m.histogram.encode(e)?;
+            let kind = series[0].kind;
+            let ty = match kind {
+                FilterMetricKind::Counter => MetricType::Counter,
+                FilterMetricKind::Gauge => MetricType::Gauge,
+                FilterMetricKind::Histogram => MetricType::Histogram,
+            };
+            let mut family_encoder = encoder.encode_descriptor(&name, help, None, ty)?;
+            for m in series {
+                let e = family_encoder.encode_family(&m.labels)?;
+                match kind {
+                    FilterMetricKind::Counter => {
+                        let c: Counter = Counter::default();
+                        c.inc_by(m.value().max(0) as u64);
+                        c.encode(e)?;
+                    }
+                    FilterMetricKind::Gauge => {
+                        let g: Gauge = Gauge::default();
+                        g.set(m.value());
+                        g.encode(e)?;
+                    }
+                    FilterMetricKind::Histogram => m.histogram.encode(e)?,
                 }
             }
         }
@@ -550,6 +597,38 @@ impl ListenerMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_metrics_with_labels_form_one_family() {
+        let m = Metrics::new();
+        let set = m.filter_defined();
+        let a = set.define(FilterMetricKind::Counter, r#"reqs{route="a",code="2xx"}"#);
+        let b = set.define(FilterMetricKind::Counter, r#"reqs{code="5xx",route="a"}"#);
+        let plain = set.define(FilterMetricKind::Counter, "plain.count");
+        assert_ne!(a, b);
+        assert_eq!(
+            a,
+            set.define(FilterMetricKind::Counter, r#"reqs{route="a",code="2xx"}"#)
+        );
+        set.get(a).unwrap().add(3);
+        set.get(b).unwrap().add(1);
+        set.get(plain).unwrap().add(7);
+        let text = m.encode();
+        assert_eq!(
+            text.matches("# TYPE weft_filter_reqs counter").count(),
+            1,
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"weft_filter_reqs_total{code="2xx",route="a"} 3"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"weft_filter_reqs_total{code="5xx",route="a"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains("weft_filter_plain_count_total 7"), "{text}");
+    }
 
     #[test]
     fn exposition_has_families_labels_and_histogram_buckets() {

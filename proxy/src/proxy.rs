@@ -138,6 +138,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
                 .map_or(0, |d| d.as_nanos() as u64),
             connection_id: conn.id,
             upstream: None,
+            cluster: None,
             attempt: Default::default(),
         };
         let end_of_stream = body.is_end_stream();
@@ -544,10 +545,12 @@ async fn attempt_once(
         );
     };
     let endpoint = cluster.endpoints[ep].clone();
-    if let (Some(filters), crate::cluster::EndpointAddress::Ip(addr)) =
-        (stream.filters.as_ref(), &endpoint.address)
-    {
-        filter::lock(filters).set_upstream(*addr);
+    if let Some(filters) = stream.filters.as_ref() {
+        let addr = match &endpoint.address {
+            crate::cluster::EndpointAddress::Ip(addr) => Some(*addr),
+            _ => None,
+        };
+        filter::lock(filters).set_upstream(cluster.index, addr);
     }
     cluster.begin_endpoint_request(&endpoint);
     stream.upstream = Some(UpstreamStream {

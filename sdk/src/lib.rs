@@ -140,16 +140,16 @@ macro_rules! export_filter {
     };
 }
 
-/// Parses and validates a filter's configuration: empty bytes parse as JSON `null` (so
-/// `Option` and defaulted configs accept no configuration).
+/// Parses and validates a filter's configuration. No configuration at all parses as JSON
+/// `null`, else as `{}`, so that `Option` configs and structs whose fields all have
+/// defaults accept it.
 pub fn parse_config<F: Filter>(bytes: &[u8]) -> Result<F::Config, String> {
-    let text = if bytes.iter().all(u8::is_ascii_whitespace) {
-        &b"null"[..]
+    let config: F::Config = if bytes.iter().all(u8::is_ascii_whitespace) {
+        serde_json::from_slice(b"null").or_else(|_| serde_json::from_slice(b"{}"))
     } else {
-        bytes
-    };
-    let config: F::Config =
-        serde_json::from_slice(text).map_err(|e| format!("bad filter configuration: {e}"))?;
+        serde_json::from_slice(bytes)
+    }
+    .map_err(|e| format!("bad filter configuration: {e}"))?;
     F::validate(&config).map_err(|e| format!("bad filter configuration: {e}"))?;
     Ok(config)
 }

@@ -11,6 +11,7 @@ mod outlier;
 mod protocols;
 mod retry;
 mod router;
+mod telemetry;
 mod wasm;
 mod wasm_body;
 mod wasm_ext;

@@ -1265,8 +1265,9 @@ impl WasmStream {
 }
 
 impl FilterStream for WasmStream {
-    fn set_upstream(&mut self, address: std::net::SocketAddr) {
-        self.info.upstream = Some(address);
+    fn set_upstream(&mut self, cluster: usize, address: Option<std::net::SocketAddr>) {
+        self.info.cluster = Some(cluster as u32);
+        self.info.upstream = address;
     }
 
     fn route(&self) -> crate::filter::RouteOverrides {

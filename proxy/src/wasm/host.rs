@@ -793,6 +793,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"destination", b"address"] => text(&info?.destination.to_string()),
         [b"destination", b"port"] => int(info?.destination.port().into()),
         [b"connection", b"id"] => int(info?.connection_id as i64),
+        [b"xds", b"cluster_name"] => text(state.clusters.get(info?.cluster? as usize)?),
         [b"upstream", b"address"] => text(&info?.upstream?.to_string()),
         [b"upstream", b"port"] => int(info?.upstream?.port().into()),
         [b"request", rest @ ..] => {

@@ -1,0 +1,316 @@
+//! The telemetry filter: per-request metrics labelled by route, cluster, method and status
+//! class, JSON access log lines, and W3C trace context (`traceparent`) propagation.
+//!
+//! - Metrics (exported by the proxy's `/stats/prometheus`): `weft_filter_requests_total` and
+//!   `weft_filter_request_duration_ms` (histogram), labelled `route`, `cluster`, `method`,
+//!   `status_class`.
+//! - Access log: one JSON object per request into the proxy's log (tagged with the filter's
+//!   name): time, method, path, authority, status, duration, route, cluster, upstream,
+//!   source, request id, trace id, user agent.
+//! - Tracing: a request with a valid `traceparent` keeps its trace id and gets a new span id
+//!   for the hop (its span becomes the parent); one without gets a new trace. The request
+//!   id (`x-request-id`) is set by the proxy before filters run and travels unchanged.
+//!
+//! Configuration reference: `filters/telemetry/README.md`.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+use serde::Deserialize;
+use weft_sdk::{Action, Ctx, Filter, LogLevel};
+
+weft_sdk::export_filter!(Telemetry);
+
+/// The filter's configuration (all fields optional; no configuration at all is fine).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Write access log lines.
+    #[serde(default = "yes")]
+    pub access_log: bool,
+    /// Count requests and their durations.
+    #[serde(default = "yes")]
+    pub metrics: bool,
+    /// Propagate and create `traceparent`.
+    #[serde(default = "yes")]
+    pub tracing: bool,
+    #[serde(skip)]
+    rng: Cell<u64>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Config {
+    /// 64 random bits (xorshift64*, seeded from the clock and the address of this
+    /// instance's configuration, so that workers differ).
+    fn random(&self, cx: &Ctx<'_>) -> u64 {
+        let mut x = self.rng.get();
+        if x == 0 {
+            let t = cx
+                .now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            x = (t ^ (self as *const Self as u64).rotate_left(32)) | 1;
+        }
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// A parsed `traceparent` (version 00).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    /// 32 hex digits.
+    pub trace_id: String,
+    /// 16 hex digits.
+    pub span_id: String,
+    /// 2 hex digits.
+    pub flags: String,
+}
+
+impl TraceParent {
+    /// Parses `00-<trace id>-<span id>-<flags>`; all-zero ids are invalid.
+    pub fn parse(v: &str) -> Option<TraceParent> {
+        let parts: Vec<&str> = v.trim().split('-').collect();
+        let [version, trace, span, flags] = parts.as_slice() else {
+            return None;
+        };
+        let hex = |s: &str, n: usize| {
+            s.len() == n
+                && s.bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        };
+        if *version != "00" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+            return None;
+        }
+        if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id: (*trace).to_owned(),
+            span_id: (*span).to_owned(),
+            flags: (*flags).to_owned(),
+        })
+    }
+
+    /// The header value.
+    pub fn header(&self) -> String {
+        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+    }
+}
+
+/// The telemetry filter's per-stream state.
+pub struct Telemetry {
+    config: Rc<Config>,
+    trace_id: String,
+    parent_span: String,
+}
+
+fn class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "none",
+    }
+}
+
+/// A label value as the host's `family{key="value"}` syntax takes it.
+fn label(v: &str) -> String {
+    v.chars()
+        .filter(|c| !matches!(c, '"' | '\\' | ',' | '{' | '}'))
+        .collect()
+}
+
+impl Filter for Telemetry {
+    type Config = Config;
+
+    fn new(config: &Rc<Config>) -> Self {
+        Telemetry {
+            config: config.clone(),
+            trace_id: String::new(),
+            parent_span: String::new(),
+        }
+    }
+
+    fn on_request_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
+        if !self.config.tracing {
+            return Action::Continue;
+        }
+        let incoming = cx
+            .request_header("traceparent")
+            .and_then(|v| TraceParent::parse(&v));
+        let span_id = format!("{:016x}", self.config.random(cx) | 1);
+        let next = match incoming {
+            Some(parent) => {
+                self.parent_span = parent.span_id.clone();
+                TraceParent { span_id, ..parent }
+            }
+            None => TraceParent {
+                trace_id: format!(
+                    "{:016x}{:016x}",
+                    self.config.random(cx),
+                    self.config.random(cx) | 1
+                ),
+                span_id,
+                flags: "01".into(),
+            },
+        };
+        self.trace_id = next.trace_id.clone();
+        cx.set_request_header("traceparent", Some(&next.header()));
+        Action::Continue
+    }
+
+    fn on_log(&mut self, cx: &mut Ctx<'_>) {
+        let status = cx
+            .property_int(&["response", "code"])
+            .map_or(0, |c| c as u16);
+        let duration_ms = cx
+            .property_int(&["request", "duration"])
+            .map_or(0, |ns| (ns / 1_000_000) as u64);
+        let route = cx.property(&["weft", "route"]).unwrap_or_default();
+        let cluster = cx.property(&["xds", "cluster_name"]).unwrap_or_default();
+        let method = cx.property(&["request", "method"]).unwrap_or_default();
+        if self.config.metrics {
+            let labels = format!(
+                r#"{{route="{}",cluster="{}",method="{}",status_class="{}"}}"#,
+                label(&route),
+                label(&cluster),
+                label(&method),
+                class(status)
+            );
+            if let Some(m) = cx.counter(&format!("requests{labels}")) {
+                cx.increment(m, 1);
+            }
+            if let Some(m) = cx.histogram(&format!("request_duration_ms{labels}")) {
+                cx.record(m, duration_ms);
+            }
+        }
+        if self.config.access_log {
+            let start_ms = cx
+                .property_int(&["request", "time"])
+                .map_or(0, |ns| ns / 1_000_000);
+            let line = serde_json::json!({
+                "start_ms": start_ms,
+                "method": method,
+                "path": cx.property(&["request", "path"]).unwrap_or_default(),
+                "authority": cx.property(&["request", "host"]).unwrap_or_default(),
+                "protocol": cx.property(&["request", "protocol"]).unwrap_or_default(),
+                "status": status,
+                "duration_ms": duration_ms,
+                "route": route,
+                "cluster": cluster,
+                "upstream": cx.property(&["upstream", "address"]).unwrap_or_default(),
+                "code_details": cx.property(&["response", "code_details"]).unwrap_or_default(),
+                "source": cx.property(&["source", "address"]).unwrap_or_default(),
+                "request_id": cx.property(&["request", "id"]).unwrap_or_default(),
+                "trace_id": self.trace_id,
+                "parent_span_id": self.parent_span,
+                "user_agent": cx.property(&["request", "headers", "user-agent"]).unwrap_or_default(),
+            });
+            cx.log(LogLevel::Info, &line.to_string());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use weft_sdk::testing::Harness;
+
+    fn finished(
+        h: &mut Harness<Telemetry>,
+        headers: &[(&str, &str)],
+        status: u16,
+    ) -> Option<String> {
+        let mut s = h.stream();
+        s.request("GET", "/items/1", headers);
+        s.property("request.method", b"GET")
+            .property("weft.route", b"items")
+            .property("xds.cluster_name", b"catalog")
+            .property("request.duration", &12_000_000i64.to_le_bytes());
+        s.request_headers(true);
+        s.response(status, &[]);
+        s.response_headers(true);
+        s.finish();
+        s.request_header("traceparent")
+    }
+
+    #[test]
+    fn metrics_are_labelled_by_route_cluster_method_and_class() {
+        let mut h = Harness::<Telemetry>::new("").unwrap();
+        finished(&mut h, &[], 200);
+        finished(&mut h, &[], 204);
+        finished(&mut h, &[], 503);
+        let labels = |c: &str| {
+            format!(r#"{{route="items",cluster="catalog",method="GET",status_class="{c}"}}"#)
+        };
+        assert_eq!(h.metric(&format!("requests{}", labels("2xx"))), Some(2));
+        assert_eq!(h.metric(&format!("requests{}", labels("5xx"))), Some(1));
+        assert_eq!(
+            h.recorded(&format!("request_duration_ms{}", labels("2xx"))),
+            vec![12, 12]
+        );
+    }
+
+    #[test]
+    fn a_trace_is_continued_with_a_new_span_or_started() {
+        let mut h = Harness::<Telemetry>::new("{}").unwrap();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let tp = finished(&mut h, &[("traceparent", parent)], 200).unwrap();
+        let next = TraceParent::parse(&tp).expect("valid");
+        assert_eq!(
+            next.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736",
+            "same trace"
+        );
+        assert_ne!(next.span_id, "00f067aa0ba902b7", "a new span for this hop");
+        assert_eq!(next.flags, "01");
+
+        let a = TraceParent::parse(&finished(&mut h, &[], 200).unwrap()).unwrap();
+        let b = TraceParent::parse(&finished(&mut h, &[("traceparent", "garbage")], 200).unwrap())
+            .unwrap();
+        assert_ne!(a.trace_id, b.trace_id, "new traces differ");
+    }
+
+    #[test]
+    fn the_access_log_is_one_json_line_per_request() {
+        let mut h = Harness::<Telemetry>::new(r#"{"metrics": false}"#).unwrap();
+        finished(&mut h, &[("user-agent", "curl/8")], 404);
+        let logs = h.logs();
+        assert_eq!(logs.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(&logs[0].1).unwrap();
+        assert_eq!(v["status"], 404);
+        assert_eq!(v["route"], "items");
+        assert_eq!(v["cluster"], "catalog");
+        assert_eq!(v["duration_ms"], 12);
+        assert_eq!(v["trace_id"].as_str().unwrap().len(), 32);
+        assert_eq!(
+            h.metric(
+                r#"requests{route="items",cluster="catalog",method="GET",status_class="4xx"}"#
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn traceparent_parsing_rejects_malformed_values() {
+        for bad in [
+            "",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+        ] {
+            assert!(TraceParent::parse(bad).is_none(), "{bad}");
+        }
+    }
+}

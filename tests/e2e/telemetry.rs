@@ -1,0 +1,139 @@
+//! The standard chain — telemetry, router, fault, retry (filters/, built on weft-sdk) — in
+//! the real proxy: labelled metrics in `/stats/prometheus`, JSON access logs, trace context
+//! propagated upstream.
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use weft_tests::*;
+
+/// The standard chain in front of clusters `catalog` (`up`) and `broken` (a dead port).
+fn standard_chain(up: &Upstream, broken: &str) -> String {
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+listeners:
+  - name: ingress
+    address: \"{{listen}}\"
+    default_cluster: catalog
+    filters:
+      - {{ name: telemetry, module: \"{telemetry}\" }}
+      - name: router
+        module: \"{router}\"
+        config:
+          routes:
+            - {{ name: items, match: {{ path: {{ prefix: /items }} }}, cluster: catalog }}
+            - {{ name: broken, match: {{ path: {{ prefix: /broken }} }}, cluster: broken }}
+      - {{ name: fault, module: \"{fault}\", config: {{ headers: true }} }}
+      - name: retry
+        module: \"{retry}\"
+        config: {{ default: {{ attempts: 2, backoff: {{ base_ms: 1, max_ms: 2 }} }} }}
+clusters:
+  - {{ name: catalog, endpoints: [ {{ address: \"{up}\" }} ] }}
+  - {{ name: broken, connect_timeout_ms: 300, endpoints: [ {{ address: \"{broken}\" }} ] }}
+",
+        cache = shared_module_cache().display(),
+        telemetry = standard_filter("weft_filter_telemetry").display(),
+        router = standard_filter("weft_filter_router").display(),
+        fault = standard_filter("weft_filter_fault").display(),
+        retry = standard_filter("weft_filter_retry").display(),
+        up = up.address(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standard_chain_counts_logs_and_traces_requests() {
+    let up = Upstream::start("catalog").await;
+    let broken = format!("127.0.0.1:{}", free_port());
+    let proxy = ProxyProcess::start(&standard_chain(&up, &broken)).await;
+    let client = h1_client();
+
+    // A continued trace: same trace id upstream, a new span for the hop.
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let req = Request::get(proxy.url("/items/1"))
+        .header("traceparent", parent)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&client, req).await.unwrap();
+    assert_eq!(got.status, 200);
+    let echo = got.echo();
+    let upstream_tp = echo["headers"]["traceparent"][0].as_str().unwrap();
+    assert!(
+        upstream_tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{upstream_tp}"
+    );
+    assert!(
+        !upstream_tp.contains("00f067aa0ba902b7"),
+        "new span id: {upstream_tp}"
+    );
+    // No trace in: one is started.
+    let got = get(&client, &proxy.url("/items/2")).await.unwrap();
+    assert_eq!(
+        got.echo()["headers"]["traceparent"][0]
+            .as_str()
+            .unwrap()
+            .len(),
+        55
+    );
+
+    // A fault by header, a route to a dead cluster (retried once, then 503), and no route.
+    let req = Request::get(proxy.url("/items/3"))
+        .header("x-weft-fault-abort", "429")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(send(&client, req).await.unwrap().status, 429);
+    assert_eq!(
+        get(&client, &proxy.url("/broken")).await.unwrap().status,
+        503
+    );
+    assert_eq!(
+        get(&client, &proxy.url("/nowhere")).await.unwrap().status,
+        404
+    );
+
+    // Metrics, labelled. Streams end (and log) just after their responses: wait briefly.
+    let series = r#"weft_filter_requests_total{cluster="catalog",method="GET",route="items",status_class="2xx"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut stats = proxy.stats().await;
+    while metric_value(&stats, series) != Some(2.0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        stats = proxy.stats().await;
+    }
+    assert_eq!(metric_value(&stats, series), Some(2.0), "{stats}");
+    let broken_series = r#"weft_filter_requests_total{cluster="broken",method="GET",route="broken",status_class="5xx"}"#;
+    assert_eq!(metric_value(&stats, broken_series), Some(1.0), "{stats}");
+    assert_eq!(
+        metric_value(&stats, r#"weft_upstream_retries_total{cluster="broken"}"#),
+        Some(1.0)
+    );
+    assert!(stats.contains("# TYPE weft_filter_request_duration_ms histogram"));
+
+    // Access log lines: JSON with the request's facts.
+    let log = proxy.log();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| l.find("{\"").map(|i| &l[i..]))
+        // The JSON object, then the log's own ` filter="telemetry"` tag.
+        .filter_map(|j| {
+            serde_json::Deserializer::from_str(j)
+                .into_iter::<serde_json::Value>()
+                .next()?
+                .ok()
+        })
+        .filter(|v: &serde_json::Value| v.get("status").is_some())
+        .collect();
+    let first = lines
+        .iter()
+        .find(|v| v["path"] == "/items/1")
+        .unwrap_or_else(|| panic!("no access log line for /items/1 in\n{log}"));
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["route"], "items");
+    assert_eq!(first["cluster"], "catalog");
+    assert_eq!(first["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(first["upstream"], up.address());
+    let broken_line = lines
+        .iter()
+        .find(|v| v["path"] == "/broken")
+        .expect("broken logged");
+    assert_eq!(broken_line["code_details"], "upstream_connect_failure");
+}
