@@ -9,6 +9,7 @@ mod lb;
 mod limits;
 mod outlier;
 mod protocols;
+mod ratelimit;
 mod retry;
 mod router;
 mod telemetry;
