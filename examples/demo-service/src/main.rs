@@ -37,6 +37,7 @@ async fn answer(name: &str, req: Request<Incoming>) -> Result<Response<Full<Byte
         "path": req.uri().path(),
         "x-request-id": header("x-request-id"),
         "x-forwarded-for": header("x-forwarded-for"),
+        "traceparent": header("traceparent"),
     });
     let mut resp = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     resp.headers_mut()
