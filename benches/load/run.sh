@@ -41,6 +41,8 @@ HAPROXY_PORT=18083
 WEFT_ADMIN_PORT=18901
 WEFT4_PORT=18084
 WEFT4_ADMIN_PORT=18904
+WEFTSTD_PORT=18085
+WEFTSTD_ADMIN_PORT=18905
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -83,6 +85,9 @@ if [[ ${NO_BUILD:-0} != 1 ]]; then
   rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
   (cd "$ROOT" && cargo build --release --quiet --target wasm32-wasip1 \
     --manifest-path tests/filters/Cargo.toml --target-dir "$TARGET_DIR" -p compat-noop)
+  log "building the standard filters (wasm32-wasip1)"
+  (cd "$ROOT" && cargo build --profile filter --quiet --target wasm32-wasip1 \
+    -p weft-filter-router -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry)
 fi
 [[ -x $LOAD_BIN && -x $WEFT_BIN ]] || die "release binaries missing; run without NO_BUILD=1"
 
@@ -104,7 +109,12 @@ trap cleanup EXIT
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 NOOP_WASM=$TARGET_DIR/wasm32-wasip1/release/compat_noop.wasm
 [[ -f $NOOP_WASM ]] || die "$NOOP_WASM missing; run without NO_BUILD=1"
-for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT $WEFT4_PORT $WEFT4_ADMIN_PORT; do
+STD=$TARGET_DIR/wasm32-wasip1/filter
+for f in router retry fault telemetry; do
+  [[ -f $STD/weft_filter_$f.wasm ]] || die "$STD/weft_filter_$f.wasm missing; run without NO_BUILD=1"
+done
+for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT $WEFT4_PORT $WEFT4_ADMIN_PORT \
+  $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT; do
   port_in_use "$p" && die "127.0.0.1:$p is already in use"
 done
 
@@ -270,6 +280,36 @@ clusters:
     limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
 EOF
 
+# The same proxy with the standard chain: telemetry (metrics and tracing; access log off),
+# router, fault at 0%, retry.
+cat >"$TMP/weftstd.yaml" <<EOF
+admin: { address: 127.0.0.1:$WEFTSTD_ADMIN_PORT }
+drain: { timeout_ms: 5000 }
+wasm: { cache_dir: "$TMP/modules" }
+listeners:
+  - name: bench
+    address: 127.0.0.1:$WEFTSTD_PORT
+    protocol: auto
+    default_cluster: origin
+    filters:
+      - { name: telemetry, module: "$STD/weft_filter_telemetry.wasm", config: { access_log: false } }
+      - name: router
+        module: "$STD/weft_filter_router.wasm"
+        config: { routes: [ { name: origin, match: { path: { prefix: / } }, cluster: origin } ] }
+      - name: fault
+        module: "$STD/weft_filter_fault.wasm"
+        config: { default: { delay: { percent: 0, ms: 100 }, abort: { percent: 0 } } }
+      - name: retry
+        module: "$STD/weft_filter_retry.wasm"
+        config: { default: { attempts: 2 } }
+clusters:
+  - name: origin
+    protocol: http1
+    lb_policy: round_robin
+    endpoints: [ { address: 127.0.0.1:$ORIGIN_PORT, weight: 1 } ]
+    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
+EOF
+
 # --- start everything ------------------------------------------------------------------------
 mkdir -p "$TMP/origin-tmp" "$TMP/nginx-tmp"
 "$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/check.log" -c "$TMP/origin.conf" || die "origin config"
@@ -283,22 +323,27 @@ start weft 1 "$WEFT_BIN" --config "$TMP/weft.yaml" --workers 1 --log-level warn
 WEFT_PID=$LAST_PID
 start weft4 1 "$WEFT_BIN" --config "$TMP/weft4.yaml" --workers 1 --log-level warn
 WEFT4_PID=$LAST_PID
+start weftstd 1 "$WEFT_BIN" --config "$TMP/weftstd.yaml" --workers 1 --log-level warn
+WEFTSTD_PID=$LAST_PID
 start nginx 1 "$NGINX_BIN" -p "$TMP" -e "$TMP/nginx.error.log" -c "$TMP/nginx.conf"
 NGINX_PID=$LAST_PID
 start haproxy 1 "$HAPROXY_BIN" -db -f "$TMP/haproxy.cfg"
 HAPROXY_PID=$LAST_PID
 wait_ok "http://127.0.0.1:$WEFT_ADMIN_PORT/ready" || die "weft did not become ready (see $TMP/weft.log)"
 wait_ok "http://127.0.0.1:$WEFT4_ADMIN_PORT/ready" || die "weft4 did not become ready (see $TMP/weft4.log)"
+wait_ok "http://127.0.0.1:$WEFTSTD_ADMIN_PORT/ready" || die "weftstd did not become ready (see $TMP/weftstd.log)"
 
 declare -A URL=(
   [direct]="http://127.0.0.1:$ORIGIN_PORT/"
   [weft]="http://127.0.0.1:$WEFT_PORT/"
   [weft4]="http://127.0.0.1:$WEFT4_PORT/"
+  [weftstd]="http://127.0.0.1:$WEFTSTD_PORT/"
   [nginx]="http://127.0.0.1:$NGINX_PORT/"
   [haproxy]="http://127.0.0.1:$HAPROXY_PORT/"
 )
-declare -A ROOT_PID=([weft]=$WEFT_PID [weft4]=$WEFT4_PID [nginx]=$NGINX_PID [haproxy]=$HAPROXY_PID)
-TARGETS=(direct weft weft4 nginx haproxy)
+declare -A ROOT_PID=([weft]=$WEFT_PID [weft4]=$WEFT4_PID [weftstd]=$WEFTSTD_PID [nginx]=$NGINX_PID
+  [haproxy]=$HAPROXY_PID)
+TARGETS=(direct weft weft4 weftstd nginx haproxy)
 
 for t in "${TARGETS[@]}"; do
   wait_ok "${URL[$t]}" || die "$t does not answer 2xx on ${URL[$t]} (see $TMP/$t.log)"
@@ -348,6 +393,7 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
   --slurpfile dm "$TMP/direct.max.json" --slurpfile dr "$TMP/direct.rate.json" \
   --slurpfile wm "$TMP/weft.max.json" --slurpfile wr "$TMP/weft.rate.json" \
   --slurpfile fm "$TMP/weft4.max.json" --slurpfile fr "$TMP/weft4.rate.json" \
+  --slurpfile sm "$TMP/weftstd.max.json" --slurpfile sr "$TMP/weftstd.rate.json" \
   --slurpfile nm "$TMP/nginx.max.json" --slurpfile nr "$TMP/nginx.rate.json" \
   --slurpfile hm "$TMP/haproxy.max.json" --slurpfile hr "$TMP/haproxy.rate.json" '
   def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
@@ -364,7 +410,7 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
   def ratio($a; $b): if $a == null or $b == null or $b <= 0 then null else $a / $b end;
   ($dr[0].latency_ms.p50) as $d50
   | { direct: row($dm[0]; $dr[0]; null), weft: row($wm[0]; $wr[0]; $d50),
-      weft4: row($fm[0]; $fr[0]; $d50),
+      weft4: row($fm[0]; $fr[0]; $d50), weftstd: row($sm[0]; $sr[0]; $d50),
       nginx: row($nm[0]; $nr[0]; $d50), haproxy: row($hm[0]; $hr[0]; $d50) } as $rows
   | { setup: { host: $host, nginx: $nginx, haproxy: $haproxy, duration_secs: $duration,
                max_connections: $max_conns, rate: $rate, rate_connections: $rate_conns,
@@ -376,6 +422,13 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
         cpu_per_req_at_rate: ratio($rows.weft.cpu_us_per_req_at_rate; $rows.nginx.cpu_us_per_req_at_rate),
         cpu_per_req_at_max: ratio($rows.weft.cpu_us_per_req_at_max; $rows.nginx.cpu_us_per_req_at_max),
         added_p50: ratio($rows.weft.added_p50_ms; $rows.nginx.added_p50_ms) },
+      weftstd_vs_nginx: {
+        max_rps: ratio($rows.weftstd.max_rps; $rows.nginx.max_rps),
+        cpu_per_req_at_rate: ratio($rows.weftstd.cpu_us_per_req_at_rate; $rows.nginx.cpu_us_per_req_at_rate),
+        cpu_per_req_at_max: ratio($rows.weftstd.cpu_us_per_req_at_max; $rows.nginx.cpu_us_per_req_at_max),
+        added_p50: ratio($rows.weftstd.added_p50_ms; $rows.nginx.added_p50_ms) },
+      weftstd_per_filter_us_at_max: (if $rows.weftstd.cpu_us_per_req_at_max == null then null
+        else ($rows.weftstd.cpu_us_per_req_at_max - $rows.weft.cpu_us_per_req_at_max) / 4 end),
       weft4_vs_weft: {
         cpu_per_req_at_rate: ratio($rows.weft4.cpu_us_per_req_at_rate; $rows.weft.cpu_us_per_req_at_rate),
         cpu_per_req_at_max: ratio($rows.weft4.cpu_us_per_req_at_max; $rows.weft.cpu_us_per_req_at_max),
@@ -416,8 +469,15 @@ printf '| **weft4 ÷ weft** | %s | | | | %s | %s | | |\n' \
   "$(fmt "$(get .weft4_vs_weft.max_rps)" '%.2f×')" \
   "$(fmt "$(get .weft4_vs_weft.cpu_per_req_at_rate)" '%.2f×')" \
   "$(fmt "$(get .weft4_vs_weft.cpu_per_req_at_max)" '%.2f×')"
+printf '| **weftstd ÷ nginx** | %s | | | %s | %s | %s | | |\n' \
+  "$(fmt "$(get .weftstd_vs_nginx.max_rps)" '%.2f×')" \
+  "$(fmt "$(get .weftstd_vs_nginx.added_p50)" '%.2f×')" \
+  "$(fmt "$(get .weftstd_vs_nginx.cpu_per_req_at_rate)" '%.2f×')" \
+  "$(fmt "$(get .weftstd_vs_nginx.cpu_per_req_at_max)" '%.2f×')"
 echo
 echo "weft4 = Weft with a chain of 4 no-op proxy-wasm filters (tests/filters/noop)."
+echo "weftstd = Weft with the standard chain: telemetry (metrics, tracing), router, fault at 0%," \
+  "retry; $(fmt "$(get .weftstd_per_filter_us_at_max)" '%.1f') µs of CPU per filter per request at max."
 echo "JSON: $OUT"
 
 failed=$(get '[.results[].failed] | add')

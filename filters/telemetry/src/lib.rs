@@ -13,12 +13,13 @@
 //!
 //! Configuration reference: `filters/telemetry/README.md`.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 use serde::Deserialize;
-use weft_sdk::{Action, Ctx, Filter, LogLevel};
+use weft_sdk::{Action, Ctx, Filter, LogLevel, Metric};
 
 weft_sdk::export_filter!(Telemetry);
 
@@ -37,6 +38,9 @@ pub struct Config {
     pub tracing: bool,
     #[serde(skip)]
     rng: Cell<u64>,
+    /// Metric handles by label set, defined once per instance.
+    #[serde(skip)]
+    series: RefCell<HashMap<String, Series>>,
 }
 
 fn yes() -> bool {
@@ -62,6 +66,9 @@ impl Config {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }
+
+/// The handles of one label set: request counter, duration histogram.
+type Series = (Option<Metric>, Option<Metric>);
 
 /// A parsed `traceparent` (version 00).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -120,6 +127,15 @@ fn class(status: u16) -> &'static str {
         400..=499 => "4xx",
         500..=599 => "5xx",
         _ => "none",
+    }
+}
+
+/// The method as a label: the standard ones, else `other` (a client cannot grow the
+/// number of series by inventing methods).
+fn method_label(m: &str) -> &str {
+    match m {
+        "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH" => m,
+        _ => "other",
     }
 }
 
@@ -184,13 +200,30 @@ impl Filter for Telemetry {
                 r#"{{route="{}",cluster="{}",method="{}",status_class="{}"}}"#,
                 label(&route),
                 label(&cluster),
-                label(&method),
+                method_label(&method),
                 class(status)
             );
-            if let Some(m) = cx.counter(&format!("requests{labels}")) {
+            let cached = self.config.series.borrow().get(&labels).copied();
+            let (count, duration) = match cached {
+                Some(handles) => handles,
+                None => {
+                    let handles = (
+                        cx.counter(&format!("requests{labels}")),
+                        cx.histogram(&format!("request_duration_ms{labels}")),
+                    );
+                    let mut series = self.config.series.borrow_mut();
+                    // Label sets come from config (routes, clusters) and a few methods and
+                    // classes; the cap guards against unbounded methods.
+                    if series.len() < 10_000 {
+                        series.insert(labels, handles);
+                    }
+                    handles
+                }
+            };
+            if let Some(m) = count {
                 cx.increment(m, 1);
             }
-            if let Some(m) = cx.histogram(&format!("request_duration_ms{labels}")) {
+            if let Some(m) = duration {
                 cx.record(m, duration_ms);
             }
         }
