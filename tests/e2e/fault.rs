@@ -9,21 +9,14 @@ use http_body_util::Full;
 use weft_tests::*;
 
 fn fault_config(up: &Upstream, config: &str) -> String {
-    format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: svc
-    filters:
-      - {{ name: fault, module: \"{module}\", config: {config} }}
-clusters:
-  - {{ name: svc, endpoints: [ {{ address: \"{up}\" }} ] }}
-",
-        cache = shared_module_cache().display(),
-        module = standard_filter("weft_filter_fault").display(),
-        up = up.address(),
+    crate::chain(
+        "svc",
+        &[crate::filter(
+            "fault",
+            &standard_filter("weft_filter_fault"),
+            config,
+        )],
+        &[crate::cluster("svc", &[up.address()], "")],
     )
 }
 

@@ -42,6 +42,55 @@ clusters:
     )
 }
 
+/// A one-listener config whose listener `ingress` runs a filter chain: `filters` and
+/// `clusters` are YAML flow mappings (see [`filter`] and [`cluster`]), in order.
+pub fn chain(default_cluster: &str, filters: &[String], clusters: &[String]) -> String {
+    let filters: String = filters.iter().map(|f| format!("      - {f}\n")).collect();
+    let clusters: String = clusters.iter().map(|c| format!("  - {c}\n")).collect();
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+listeners:
+  - name: ingress
+    address: \"{{listen}}\"
+    default_cluster: {default_cluster}
+    filters:
+{filters}clusters:
+{clusters}",
+        cache = weft_tests::shared_module_cache().display(),
+    )
+}
+
+/// A filter entry: `config` is YAML (flow style) or empty for none.
+pub fn filter(name: &str, module: &std::path::Path, config: &str) -> String {
+    let config = if config.is_empty() {
+        String::new()
+    } else {
+        format!(", config: {config}")
+    };
+    format!(
+        "{{ name: {name}, module: \"{}\"{config} }}",
+        module.display()
+    )
+}
+
+/// A cluster entry over `endpoints`, with `extra` fields (YAML, flow style) if any.
+pub fn cluster(name: &str, endpoints: &[String], extra: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("{{ address: \"{a}\" }}"))
+        .collect();
+    let extra = if extra.is_empty() {
+        String::new()
+    } else {
+        format!(", {extra}")
+    };
+    format!(
+        "{{ name: {name}, endpoints: [ {} ]{extra} }}",
+        eps.join(", ")
+    )
+}
+
 /// `(address, 1)` for each upstream.
 pub fn eps(ups: &[&Upstream]) -> Vec<(String, u32)> {
     ups.iter().map(|u| (u.address(), 1)).collect()

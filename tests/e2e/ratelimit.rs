@@ -8,23 +8,12 @@ use weft_tests::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bucket_shared_by_all_workers_holds_under_concurrency() {
     let up = Upstream::start("svc").await;
-    let yaml = format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: svc
-    filters:
-      - name: ratelimit
-        module: \"{module}\"
-        config: {{ rules: [ {{ name: all, rate_per_second: 0.5, burst: 50 }} ] }}
-clusters:
-  - {{ name: svc, endpoints: [ {{ address: \"{up}\" }} ] }}
-",
-        cache = shared_module_cache().display(),
-        module = standard_filter("weft_filter_ratelimit").display(),
-        up = up.address(),
+    let module = standard_filter("weft_filter_ratelimit");
+    let config = "{ rules: [ { name: all, rate_per_second: 0.5, burst: 50 } ] }";
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter("ratelimit", &module, config)],
+        &[crate::cluster("svc", &[up.address()], "")],
     );
     // Two workers, each with its own filter instance: only a shared bucket gives 50.
     let proxy = Arc::new(ProxyProcess::start_with(&yaml, 2).await);

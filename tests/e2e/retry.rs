@@ -10,28 +10,14 @@ use http_body_util::Full;
 use weft_tests::*;
 
 fn retry_config(endpoints: &[String], policy: &str) -> String {
-    let eps: String = endpoints
-        .iter()
-        .map(|a| format!("{{ address: \"{a}\" }}, "))
-        .collect();
-    format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: svc
-    filters:
-      - name: retry
-        module: \"{module}\"
-        config: {policy}
-clusters:
-  - name: svc
-    connect_timeout_ms: 500
-    endpoints: [ {eps} ]
-",
-        cache = shared_module_cache().display(),
-        module = standard_filter("weft_filter_retry").display(),
+    crate::chain(
+        "svc",
+        &[crate::filter(
+            "retry",
+            &standard_filter("weft_filter_retry"),
+            policy,
+        )],
+        &[crate::cluster("svc", endpoints, "connect_timeout_ms: 500")],
     )
 }
 

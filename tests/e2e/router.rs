@@ -8,28 +8,20 @@ use http::Request;
 use http_body_util::Full;
 use weft_tests::*;
 
-fn router_config(v1: &Upstream, v2: &Upstream, routes: &str) -> String {
-    format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: v1
-    filters:
-      - name: router
-        module: \"{module}\"
-        config:
-          routes:
-{routes}
-clusters:
-  - {{ name: v1, endpoints: [ {{ address: \"{v1}\" }} ] }}
-  - {{ name: v2, endpoints: [ {{ address: \"{v2}\" }} ] }}
-",
-        cache = shared_module_cache().display(),
-        module = standard_filter("weft_filter_router").display(),
-        v1 = v1.address(),
-        v2 = v2.address(),
+/// The router with `routes` (YAML flow mappings) in front of clusters `v1` and `v2`.
+fn router_config(v1: &Upstream, v2: &Upstream, routes: &[&str]) -> String {
+    let config = format!("{{ routes: [ {} ] }}", routes.join(", "));
+    crate::chain(
+        "v1",
+        &[crate::filter(
+            "router",
+            &standard_filter("weft_filter_router"),
+            &config,
+        )],
+        &[
+            crate::cluster("v1", &[v1.address()], ""),
+            crate::cluster("v2", &[v2.address()], ""),
+        ],
     )
 }
 
@@ -37,11 +29,13 @@ clusters:
 async fn routes_pick_clusters_rewrite_and_answer_directly() {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
-    let routes = r#"            - { match: { path: { exact: "/health" } }, direct_response: { status: 200, body: "fine" } }
-            - { match: { headers: [ { name: x-canary, exact: "1" } ] }, cluster: v2 }
-            - { match: { path: { prefix: "/v2/" } }, cluster: v2, rewrite: { prefix: "/" } }
-            - { match: { path: { regex: "/items/[0-9]+" }, method: GET }, cluster: v1 }"#;
-    let proxy = ProxyProcess::start(&router_config(&v1, &v2, routes)).await;
+    let routes = [
+        r#"{ match: { path: { exact: "/health" } }, direct_response: { status: 200, body: "fine" } }"#,
+        r#"{ match: { headers: [ { name: x-canary, exact: "1" } ] }, cluster: v2 }"#,
+        r#"{ match: { path: { prefix: "/v2/" } }, cluster: v2, rewrite: { prefix: "/" } }"#,
+        r#"{ match: { path: { regex: "/items/[0-9]+" }, method: GET }, cluster: v1 }"#,
+    ];
+    let proxy = ProxyProcess::start(&router_config(&v1, &v2, &routes)).await;
     let client = h1_client();
 
     let got = get(&client, &proxy.url("/health")).await.unwrap();
@@ -65,9 +59,8 @@ async fn routes_pick_clusters_rewrite_and_answer_directly() {
 async fn a_90_10_split_is_honoured_within_two_percent_over_10000_requests() {
     let v1 = Upstream::start("v1").await;
     let v2 = Upstream::start("v2").await;
-    let routes =
-        "            - { split: [ { cluster: v1, weight: 90 }, { cluster: v2, weight: 10 } ] }";
-    let proxy = Arc::new(ProxyProcess::start(&router_config(&v1, &v2, routes)).await);
+    let routes = ["{ split: [ { cluster: v1, weight: 90 }, { cluster: v2, weight: 10 } ] }"];
+    let proxy = Arc::new(ProxyProcess::start(&router_config(&v1, &v2, &routes)).await);
     let client = h2_client();
     let mut tasks = Vec::new();
     for _ in 0..20 {

@@ -9,35 +9,29 @@ use weft_tests::*;
 
 /// The standard chain in front of clusters `catalog` (`up`) and `broken` (a dead port).
 fn standard_chain(up: &Upstream, broken: &str) -> String {
-    format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: catalog
-    filters:
-      - {{ name: telemetry, module: \"{telemetry}\" }}
-      - name: router
-        module: \"{router}\"
-        config:
-          routes:
-            - {{ name: items, match: {{ path: {{ prefix: /items }} }}, cluster: catalog }}
-            - {{ name: broken, match: {{ path: {{ prefix: /broken }} }}, cluster: broken }}
-      - {{ name: fault, module: \"{fault}\", config: {{ headers: true }} }}
-      - name: retry
-        module: \"{retry}\"
-        config: {{ default: {{ attempts: 2, backoff: {{ base_ms: 1, max_ms: 2 }} }} }}
-clusters:
-  - {{ name: catalog, endpoints: [ {{ address: \"{up}\" }} ] }}
-  - {{ name: broken, connect_timeout_ms: 300, endpoints: [ {{ address: \"{broken}\" }} ] }}
-",
-        cache = shared_module_cache().display(),
-        telemetry = standard_filter("weft_filter_telemetry").display(),
-        router = standard_filter("weft_filter_router").display(),
-        fault = standard_filter("weft_filter_fault").display(),
-        retry = standard_filter("weft_filter_retry").display(),
-        up = up.address(),
+    let routes = "{ routes: [ \
+        { name: items, match: { path: { prefix: /items } }, cluster: catalog }, \
+        { name: broken, match: { path: { prefix: /broken } }, cluster: broken } ] }";
+    let retry = "{ default: { attempts: 2, backoff: { base_ms: 1, max_ms: 2 } } }";
+    let f = |name: &str, config: &str| {
+        crate::filter(
+            name,
+            &standard_filter(&format!("weft_filter_{name}")),
+            config,
+        )
+    };
+    crate::chain(
+        "catalog",
+        &[
+            f("telemetry", ""),
+            f("router", routes),
+            f("fault", "{ headers: true }"),
+            f("retry", retry),
+        ],
+        &[
+            crate::cluster("catalog", &[up.address()], ""),
+            crate::cluster("broken", &[broken.to_owned()], "connect_timeout_ms: 300"),
+        ],
     )
 }
 

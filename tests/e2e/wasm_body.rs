@@ -17,21 +17,18 @@ use weft_tests::*;
 /// One listener running `compat_body` (buffer limit 64 KiB) in front of `up`, over
 /// `protocol` towards the upstream.
 fn body_config(up: &Upstream, protocol: &str) -> String {
-    format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: svc
-    filters:
-      - {{ name: body, module: \"{module}\", limits: {{ buffer_kb: 64 }} }}
-clusters:
-  - {{ name: svc, protocol: {protocol}, endpoints: [ {{ address: \"{up}\" }} ] }}
-",
-        cache = shared_module_cache().display(),
-        module = guest_filter("compat_body").display(),
-        up = up.address(),
+    let module = guest_filter("compat_body");
+    crate::chain(
+        "svc",
+        &[format!(
+            "{{ name: body, module: \"{}\", limits: {{ buffer_kb: 64 }} }}",
+            module.display()
+        )],
+        &[crate::cluster(
+            "svc",
+            &[up.address()],
+            &format!("protocol: {protocol}"),
+        )],
     )
 }
 

@@ -11,30 +11,15 @@ use weft_tests::*;
 /// Cluster `svc` over `svc_eps` (round robin, no outlier ejection) and cluster `other` over
 /// `other`, with `compat_ext` on the listener.
 fn ext_config(svc_eps: &[String], other: &Upstream) -> String {
-    let eps: String = svc_eps
-        .iter()
-        .map(|a| format!("{{ address: \"{a}\" }}, "))
-        .collect();
-    format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: svc
-    filters:
-      - {{ name: ext, module: \"{module}\" }}
-clusters:
-  - name: svc
-    lb_policy: round_robin
-    connect_timeout_ms: 500
-    outlier: {{ consecutive_failures: 0 }}
-    endpoints: [ {eps} ]
-  - {{ name: other, endpoints: [ {{ address: \"{other}\" }} ] }}
-",
-        cache = shared_module_cache().display(),
-        module = guest_filter("compat_ext").display(),
-        other = other.address(),
+    let svc_extra = "lb_policy: round_robin, connect_timeout_ms: 500, \
+                     outlier: { consecutive_failures: 0 }";
+    crate::chain(
+        "svc",
+        &[crate::filter("ext", &guest_filter("compat_ext"), "")],
+        &[
+            crate::cluster("svc", svc_eps, svc_extra),
+            crate::cluster("other", &[other.address()], ""),
+        ],
     )
 }
 
@@ -169,23 +154,13 @@ async fn retries_on_5xx_stop_at_the_attempt_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn properties_set_on_a_stream_are_shared_by_the_chain_and_not_by_other_streams() {
     let up = Upstream::start("svc").await;
-    let yaml = format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: svc
-    filters:
-      - {{ name: basic, module: \"{basic}\" }}
-      - {{ name: ext, module: \"{ext}\" }}
-clusters:
-  - {{ name: svc, endpoints: [ {{ address: \"{up}\" }} ] }}
-",
-        cache = shared_module_cache().display(),
-        basic = guest_filter("compat_basic").display(),
-        ext = guest_filter("compat_ext").display(),
-        up = up.address(),
+    let yaml = crate::chain(
+        "svc",
+        &[
+            crate::filter("basic", &guest_filter("compat_basic"), ""),
+            crate::filter("ext", &guest_filter("compat_ext"), ""),
+        ],
+        &[crate::cluster("svc", &[up.address()], "")],
     );
     let proxy = ProxyProcess::start(&yaml).await;
     let client = h2_client();
