@@ -337,12 +337,7 @@ impl FilterInstance {
     fn enter<H: Head>(&mut self, head: &mut H, info: &StreamInfo, context: i32) {
         let data = self.store.data_mut();
         *H::slot(data) = Some(std::mem::replace(head, H::empty()));
-        data.info = Some(*info);
-        data.context = context as u32;
-        data.local_response = None;
-        data.callouts.clear();
-        data.resumed = false;
-        data.ext = Default::default();
+        begin_callback(data, info, context);
     }
 
     /// Moves the head back out and collects what the callback asked for.
@@ -513,6 +508,16 @@ impl FilterInstance {
     }
 }
 
+/// Resets the per-callback state of the store for a callback on `context`.
+fn begin_callback(data: &mut HostState, info: &StreamInfo, context: i32) {
+    data.info = Some(*info);
+    data.context = context as u32;
+    data.local_response = None;
+    data.callouts.clear();
+    data.resumed = false;
+    data.ext = Default::default();
+}
+
 /// Runs `call` with the stream's recorded heads in the store (read-only copies) and the
 /// per-callback state reset; returns its result and what it asked for.
 fn with_seen<R>(
@@ -524,12 +529,7 @@ fn with_seen<R>(
     call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
 ) -> (wasmtime::Result<R>, Callback) {
     let data = store.data_mut();
-    data.info = Some(*info);
-    data.context = context as u32;
-    data.local_response = None;
-    data.callouts.clear();
-    data.resumed = false;
-    data.ext = Default::default();
+    begin_callback(data, info, context);
     data.seen_request = seen.request.take();
     data.seen_response = seen.response.take();
     data.stream_props = Some(std::mem::take(&mut seen.props));
