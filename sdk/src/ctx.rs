@@ -154,6 +154,28 @@ impl<'a> Ctx<'a> {
             .unwrap_or(0)
     }
 
+    /// A request trailer (in the request trailers phase).
+    pub fn request_trailer(&self, name: &str) -> Option<String> {
+        self.host.map_value(MapType::RequestTrailers, name)
+    }
+
+    /// Sets or removes a request trailer.
+    pub fn set_request_trailer(&mut self, name: &str, value: Option<&str>) {
+        self.host
+            .set_map_value(MapType::RequestTrailers, name, value);
+    }
+
+    /// A response trailer (in the response trailers phase).
+    pub fn response_trailer(&self, name: &str) -> Option<String> {
+        self.host.map_value(MapType::ResponseTrailers, name)
+    }
+
+    /// Sets or removes a response trailer.
+    pub fn set_response_trailer(&mut self, name: &str, value: Option<&str>) {
+        self.host
+            .set_map_value(MapType::ResponseTrailers, name, value);
+    }
+
     /// The request body buffered so far (in request body phases).
     pub fn request_body(&self) -> Vec<u8> {
         self.host

@@ -106,6 +106,24 @@ pub trait Filter: Sized + 'static {
         Action::Continue
     }
 
+    /// Request trailers (they end the request body).
+    fn on_request_trailers(&mut self, _cx: &mut Ctx<'_>) -> Action {
+        Action::Continue
+    }
+
+    /// Response trailers (gRPC's `grpc-status` arrives here).
+    fn on_response_trailers(&mut self, _cx: &mut Ctx<'_>) -> Action {
+        Action::Continue
+    }
+
+    /// How often [`Filter::on_tick`] runs on each worker, if at all.
+    fn tick_period(_config: &Self::Config) -> Option<std::time::Duration> {
+        None
+    }
+
+    /// A timer tick on a worker (not tied to a stream): refresh caches, flush aggregates.
+    fn on_tick(_config: &Rc<Self::Config>, _cx: &mut Ctx<'_>) {}
+
     /// The answer to a callout made with [`Ctx::dispatch_call`]: `status` is `None` when the
     /// callout failed or timed out.
     fn on_call_response(&mut self, _cx: &mut Ctx<'_>, _token: u32, _status: Option<u16>) {}

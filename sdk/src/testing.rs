@@ -325,6 +325,18 @@ impl<F: Filter> Harness<F> {
         }
     }
 
+    /// Runs [`Filter::on_tick`] once, as a worker's timer would (outside any stream).
+    pub fn tick(&mut self) {
+        let mut host = TestHost::new(self.shared.clone());
+        host.clusters = self.clusters.clone();
+        F::on_tick(&self.config, &mut Ctx::new(&mut host));
+    }
+
+    /// The tick period the filter asks for.
+    pub fn tick_period(&self) -> Option<Duration> {
+        F::tick_period(&self.config)
+    }
+
     /// Moves the clock on.
     pub fn advance(&mut self, by: Duration) {
         self.shared.borrow_mut().elapsed += by;
@@ -410,6 +422,38 @@ impl<F: Filter> TestStream<F> {
     /// `Continue`) is appended to [`Self::forwarded_request_body`].
     pub fn request_body(&mut self, piece: &[u8], end_of_stream: bool) -> Action {
         self.body(BufferType::RequestBody, piece, end_of_stream)
+    }
+
+    /// Runs the request trailers phase with `trailers`.
+    pub fn request_trailers(&mut self, trailers: &[(&str, &str)]) -> Action {
+        let pairs = trailers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+            .collect();
+        self.host.maps.insert(MapType::RequestTrailers, pairs);
+        self.filter
+            .on_request_trailers(&mut Ctx::new(&mut self.host))
+    }
+
+    /// Runs the response trailers phase with `trailers`.
+    pub fn response_trailers(&mut self, trailers: &[(&str, &str)]) -> Action {
+        let pairs = trailers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), (*v).to_owned()))
+            .collect();
+        self.host.maps.insert(MapType::ResponseTrailers, pairs);
+        self.filter
+            .on_response_trailers(&mut Ctx::new(&mut self.host))
+    }
+
+    /// A trailer as it would go on (request or response).
+    pub fn trailer(&self, response: bool, name: &str) -> Option<String> {
+        let map = if response {
+            MapType::ResponseTrailers
+        } else {
+            MapType::RequestTrailers
+        };
+        self.host.map_value(map, name)
     }
 
     /// Sets the response head (`:status` first).
@@ -604,6 +648,49 @@ mod tests {
         assert_eq!(s.routing().retry, None);
         assert_eq!(s.response_header("x-attempts").as_deref(), Some("2"));
         assert_eq!(h.metric("responses"), Some(1));
+    }
+
+    /// Counts gRPC failures from trailers and publishes the count on each tick.
+    struct Grpc;
+
+    impl Filter for Grpc {
+        type Config = Option<()>;
+        fn new(_: &Rc<Option<()>>) -> Self {
+            Grpc
+        }
+        fn on_response_trailers(&mut self, cx: &mut Ctx<'_>) -> Action {
+            if cx.response_trailer("grpc-status").is_some_and(|s| s != "0") {
+                let (v, cas) = cx.shared_data("failures");
+                let n = v.map_or(0, |b| b.len()) + 1;
+                let _ = cx.set_shared_data("failures", &vec![0u8; n], cas);
+                cx.set_response_trailer("x-counted", Some("1"));
+            }
+            Action::Continue
+        }
+        fn tick_period(_: &Option<()>) -> Option<Duration> {
+            Some(Duration::from_secs(1))
+        }
+        fn on_tick(_: &Rc<Option<()>>, cx: &mut Ctx<'_>) {
+            let n = cx.shared_data("failures").0.map_or(0, |b| b.len());
+            if let Some(g) = cx.gauge("grpc_failures") {
+                cx.record(g, n as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn trailers_and_ticks_reach_the_filter() {
+        let mut h = Harness::<Grpc>::new("").unwrap();
+        assert_eq!(h.tick_period(), Some(Duration::from_secs(1)));
+        for status in ["0", "14", "13"] {
+            let mut s = h.stream();
+            s.request("POST", "/svc/M", &[]);
+            s.response(200, &[("content-type", "application/grpc")]);
+            s.response_trailers(&[("grpc-status", status)]);
+            assert_eq!(s.trailer(true, "x-counted").is_some(), status != "0");
+        }
+        h.tick();
+        assert_eq!(h.metric("grpc_failures"), Some(2));
     }
 
     #[test]

@@ -34,6 +34,9 @@ impl<F: Filter> RootContext for Root<F> {
             .unwrap_or_default();
         match crate::parse_config::<F>(&bytes) {
             Ok(c) => {
+                if let Some(period) = F::tick_period(&c) {
+                    let _ = hc::set_tick_period(period);
+                }
                 self.config = Some(Rc::new(c));
                 true
             }
@@ -41,6 +44,12 @@ impl<F: Filter> RootContext for Root<F> {
                 let _ = hc::log(pw::LogLevel::Error, &e);
                 false
             }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(config) = &self.config {
+            F::on_tick(config, &mut Ctx::new(&mut WasmHost));
         }
     }
 
@@ -105,6 +114,20 @@ impl<F: Filter> HttpContext for Stream<F> {
         action(
             self.filter
                 .on_response_body(&mut Ctx::new(&mut WasmHost), size, end_of_stream),
+        )
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> pw::Action {
+        action(
+            self.filter
+                .on_request_trailers(&mut Ctx::new(&mut WasmHost)),
+        )
+    }
+
+    fn on_http_response_trailers(&mut self, _n: usize) -> pw::Action {
+        action(
+            self.filter
+                .on_response_trailers(&mut Ctx::new(&mut WasmHost)),
         )
     }
 

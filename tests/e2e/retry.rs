@@ -91,3 +91,45 @@ async fn a_post_is_not_retried_and_a_get_stops_at_its_attempts() {
     assert_eq!(got.status, 503);
     assert_eq!(up.hits(), 4, "a GET gets its 3 attempts");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_retry_budget_caps_a_retry_storm() {
+    let up = Upstream::start("svc").await;
+    // Every answer is a 503: unbounded, 3 attempts would triple the load on the failing
+    // service. The budget allows retries for 10% of requests (each worker its own share).
+    let policy = "{ default: { attempts: 3, retry_on: [5xx], backoff: { base_ms: 1, max_ms: 2 } }, \
+                  budget: { ratio: 0.1, min_per_second: 0, window_s: 60 } }";
+    // No outlier ejection: every request must reach the failing service.
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter(
+            "retry",
+            &standard_filter("weft_filter_retry"),
+            policy,
+        )],
+        &[crate::cluster(
+            "svc",
+            &[up.address()],
+            "outlier: { consecutive_failures: 0 }",
+        )],
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let client = h1_client();
+    for _ in 0..200 {
+        assert_eq!(
+            get(&client, &proxy.url("/status/503"))
+                .await
+                .unwrap()
+                .status,
+            503
+        );
+    }
+    let retries = up.hits() - 200;
+    assert!(
+        (16..=20).contains(&retries),
+        "{retries} retries for 200 failing requests"
+    );
+    let stats = proxy.stats().await;
+    let refused = metric_value(&stats, "weft_filter_retry_budget_exhausted_total").unwrap_or(0.0);
+    assert!(refused >= 180.0, "{stats}");
+}
