@@ -177,7 +177,8 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
         {
             match prime(filters, Direction::Request, body).await {
                 Ok(Primed::Reply(reply)) => {
-                    return finish(ctx, cluster_idx, filter_reply(reply, stream));
+                    let resp = unread_body(filter_reply(reply, stream), downstream_version);
+                    return finish(ctx, cluster_idx, resp);
                 }
                 Ok(Primed::Whole(data, trailers)) => {
                     set_body_length(&mut head.headers, &data, trailers.is_some());
@@ -191,7 +192,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
                 Err(e) => {
                     tracing::debug!("reading the request body: {e}");
                     let resp = local_reply(StatusCode::BAD_REQUEST, "bad request body\n", stream);
-                    return finish(ctx, cluster_idx, resp);
+                    return finish(ctx, cluster_idx, unread_body(resp, downstream_version));
                 }
             }
         }
@@ -235,7 +236,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
             Err(e) => {
                 tracing::debug!("reading the request body: {e}");
                 let resp = local_reply(StatusCode::BAD_REQUEST, "bad request body\n", stream);
-                return finish(ctx, cluster_idx, resp);
+                return finish(ctx, cluster_idx, unread_body(resp, downstream_version));
             }
         }
     }
@@ -278,7 +279,8 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
             Attempted::Failed(failure) => {
                 // A body callback may have ended the stream while the body streamed upstream.
                 if let Some(reply) = filters.as_ref().and_then(|f| filter::lock(f).take_reply()) {
-                    return finish(ctx, cluster_idx, filter_reply(reply, stream));
+                    let resp = unread_body(filter_reply(reply, stream), downstream_version);
+                    return finish(ctx, cluster_idx, resp);
                 }
                 let (rhead, error) = failure.into_head();
                 (rhead, None, error)
@@ -653,6 +655,17 @@ fn set_body_length(headers: &mut HeaderMap, data: &Bytes, trailers: bool) {
     } else {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
     }
+}
+
+/// Marks an HTTP/1 response given before the request body was read to its end
+/// `connection: close`: the connection cannot carry another request, and the client must not
+/// reuse it.
+fn unread_body(mut resp: Response<ResponseBody>, version: Version) -> Response<ResponseBody> {
+    if version <= Version::HTTP_11 {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// Counts the response by status class and returns it.

@@ -129,6 +129,11 @@ async fn buffering_past_the_limit_gets_413_for_requests_and_500_for_responses() 
     .await
     .unwrap();
     assert_eq!(got.status, 413, "{}", got.body);
+    assert_eq!(
+        got.header("connection"),
+        "close",
+        "the body was not read: the connection cannot be reused"
+    );
     assert!(
         got.body.contains("buffer limit of filter `body`"),
         "{}",
