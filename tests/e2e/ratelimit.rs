@@ -9,7 +9,7 @@ use weft_tests::*;
 async fn a_bucket_shared_by_all_workers_holds_under_concurrency() {
     let up = Upstream::start("svc").await;
     let module = standard_filter("weft_filter_ratelimit");
-    let config = "{ rules: [ { name: all, rate_per_second: 0.5, burst: 50 } ] }";
+    let config = "{ rules: [ { name: all, rate_per_second: 0.1, burst: 50 } ] }";
     let yaml = crate::chain(
         "svc",
         &[crate::filter("ratelimit", &module, config)],
@@ -46,7 +46,7 @@ async fn a_bucket_shared_by_all_workers_holds_under_concurrency() {
         limited += b;
     }
     assert_eq!(ok + limited, 200);
-    // The burst, plus at most a token or two refilled while the test ran.
-    assert!((50..=53).contains(&ok), "{ok} allowed");
+    // The burst, plus at most a token or two refilled while the test ran (one per 10 s).
+    assert!((50..=52).contains(&ok), "{ok} allowed");
     assert_eq!(up.hits(), ok, "limited requests never reach the upstream");
 }
