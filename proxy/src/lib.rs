@@ -4,12 +4,13 @@
 //! anything runs), and [`Proxy::run`] starts one worker thread per core, each with its own
 //! single-threaded tokio runtime and its own `SO_REUSEPORT` socket per listener, plus the
 //! admin endpoint on the calling thread. It returns after a graceful drain on SIGTERM or
-//! SIGINT.
+//! SIGINT. On SIGHUP it re-reads its config file and swaps in the new filter chains.
 //!
 //! ```no_run
 //! use weft_proxy::{Config, Proxy, ProxyOptions};
 //! let config = Config::load("proxy.yaml".as_ref())?;
-//! let proxy = Proxy::bind(config, ProxyOptions { workers: 2 })?;
+//! let options = ProxyOptions { workers: 2, config_path: None };
+//! let proxy = Proxy::bind(config, options)?;
 //! proxy.run()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -51,6 +52,8 @@ use crate::proxy::ListenerCtx;
 pub struct ProxyOptions {
     /// Worker threads (each runs its own event loop).
     pub workers: usize,
+    /// The config file, re-read on SIGHUP to swap filter chains in place.
+    pub config_path: Option<std::path::PathBuf>,
 }
 
 /// Why the proxy could not start.
@@ -77,13 +80,138 @@ pub enum StartError {
     Runtime(#[from] std::io::Error),
 }
 
+/// Swaps filter chains in place from a re-read config file (SIGHUP).
+struct Reloader {
+    path: Option<std::path::PathBuf>,
+    /// The config the chains come from.
+    running: Config,
+    wasm: Option<Arc<wasm::WasmRuntime>>,
+    metrics: Arc<Metrics>,
+    listeners: Vec<Arc<ListenerRuntime>>,
+}
+
+impl Reloader {
+    /// Re-reads the config and, for each listener with filters, builds the new chain off
+    /// the request path (compile, link, canary start) and publishes it with one
+    /// atomic swap: new streams take it, streams in flight finish on the chain they started
+    /// with, whose instances are freed when the last of them ends. Any error keeps every
+    /// running chain and is logged and counted. Changes outside `filters` need a restart.
+    async fn reload(&mut self) {
+        let Some(path) = self.path.clone() else {
+            tracing::warn!("SIGHUP: no config file to re-read");
+            return;
+        };
+        let started = std::time::Instant::now();
+        let next = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("SIGHUP: config not reloaded, the running chains stay: {e}");
+                self.metrics.chain_swap(false);
+                return;
+            }
+        };
+        let same_shape = next.listeners.len() == self.running.listeners.len()
+            && next
+                .listeners
+                .iter()
+                .zip(&self.running.listeners)
+                .all(|(a, b)| a.name == b.name && a.address == b.address)
+            && next.clusters.len() == self.running.clusters.len()
+            && next
+                .clusters
+                .iter()
+                .zip(&self.running.clusters)
+                .all(|(a, b)| a.name == b.name);
+        if !same_shape {
+            tracing::warn!(
+                "SIGHUP: listeners or clusters changed; only filter chains are swapped in place, \
+                 the rest needs a restart"
+            );
+        }
+        let wasm = match &self.wasm {
+            Some(w) => w.clone(),
+            None => match wasm::WasmRuntime::new(next.wasm.cache_dir.clone()) {
+                Ok(w) => {
+                    let w = Arc::new(w);
+                    self.wasm = Some(w.clone());
+                    w
+                }
+                Err(e) => {
+                    tracing::error!("SIGHUP: cannot start the WASM filter host: {e:#}");
+                    self.metrics.chain_swap(false);
+                    return;
+                }
+            },
+        };
+        let clusters: Vec<String> = self
+            .running
+            .clusters
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        // Build every changed chain first: all or nothing.
+        let mut built = Vec::new();
+        for (i, l) in next.listeners.iter().enumerate() {
+            // Every chain is rebuilt: a module file may have changed under the same path
+            // (unchanged modules load from the compile cache in milliseconds).
+            if l.filters.is_empty() && self.running.listeners[i].filters.is_empty() {
+                continue;
+            }
+            let Some(rt) = self.listeners.iter().find(|r| r.ctx.name == l.name) else {
+                continue;
+            };
+            if l.filters.is_empty() {
+                built.push((i, rt.clone(), None));
+                continue;
+            }
+            let (wasm, name, filters, clusters, metrics) = (
+                wasm.clone(),
+                l.name.clone(),
+                l.filters.clone(),
+                clusters.clone(),
+                self.metrics.clone(),
+            );
+            let chain = tokio::task::spawn_blocking(move || {
+                wasm.build_chain(&name, &filters, &clusters, &metrics)
+            })
+            .await;
+            match chain {
+                Ok(Ok(c)) => built.push((i, rt.clone(), Some(c))),
+                Ok(Err(e)) => {
+                    tracing::error!("SIGHUP: the running chains stay: {e}");
+                    self.metrics.chain_swap(false);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!("SIGHUP: the running chains stay: {e}");
+                    self.metrics.chain_swap(false);
+                    return;
+                }
+            }
+        }
+        let swapped = built.len();
+        for (i, rt, chain) in built {
+            rt.ctx
+                .chain
+                .store(chain.map(|c| Arc::new(Box::new(c) as Box<dyn filter::FilterChain>)));
+            self.running.listeners[i].filters = next.listeners[i].filters.clone();
+        }
+        self.metrics.chain_swap(true);
+        tracing::info!(
+            listeners = swapped,
+            ms = started.elapsed().as_millis() as u64,
+            "SIGHUP: filter chains swapped"
+        );
+    }
+}
+
 /// A proxy with its sockets bound, ready to run.
 pub struct Proxy {
     config: Config,
     options: ProxyOptions,
     metrics: Arc<Metrics>,
     chains: Vec<Option<wasm::WasmChain>>,
-    _wasm: Option<wasm::WasmRuntime>,
+    wasm: Option<Arc<wasm::WasmRuntime>>,
     admin: std::net::TcpListener,
     listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
 }
@@ -134,10 +262,13 @@ impl Proxy {
         }
         Ok(Proxy {
             config,
-            options: ProxyOptions { workers },
+            options: ProxyOptions {
+                workers,
+                config_path: options.config_path,
+            },
             metrics,
             chains,
-            _wasm: runtime,
+            wasm: runtime.map(Arc::new),
             admin,
             listeners,
         })
@@ -214,6 +345,7 @@ impl Proxy {
             use tokio::signal::unix::{SignalKind, signal};
             let mut term = signal(SignalKind::terminate())?;
             let mut int = signal(SignalKind::interrupt())?;
+            let mut hup = signal(SignalKind::hangup())?;
 
             // Hand each worker its own socket of every listener.
             let mut per_worker: Vec<Vec<_>> =
@@ -240,9 +372,19 @@ impl Proxy {
             ));
             tracing::info!(workers = handles.len(), "weft-proxy ready");
 
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            let mut reloader = Reloader {
+                path: self.options.config_path.clone(),
+                running: self.config.clone(),
+                wasm: self.wasm.clone(),
+                metrics: state.metrics.clone(),
+                listeners: runtimes.clone(),
+            };
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+                    _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+                    _ = hup.recv() => reloader.reload().await,
+                }
             }
             state
                 .draining

@@ -44,7 +44,11 @@ fn main() -> ExitCode {
             .map(|n| n.get())
             .unwrap_or(1)
     });
-    let proxy = match Proxy::bind(config, ProxyOptions { workers }) {
+    let options = ProxyOptions {
+        workers,
+        config_path: Some(args.config.clone()),
+    };
+    let proxy = match Proxy::bind(config, options) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("weft-proxy: {e}");

@@ -160,6 +160,8 @@ pub struct Metrics {
     upstream_timeouts: Family<ClusterLabels, Counter>,
     upstream_resets: Family<ClusterLabels, Counter>,
     upstream_retries: Family<ClusterLabels, Counter>,
+    chain_swaps: Counter,
+    chain_swap_failures: Counter,
     ejections: Family<ClusterLabels, Counter>,
     endpoints_ejected: Family<ClusterLabels, Gauge>,
     overflows: Family<OverflowLabels, Counter>,
@@ -190,6 +192,8 @@ impl Metrics {
             upstream_timeouts: Family::default(),
             upstream_resets: Family::default(),
             upstream_retries: Family::default(),
+            chain_swaps: Counter::default(),
+            chain_swap_failures: Counter::default(),
             ejections: Family::default(),
             endpoints_ejected: Family::default(),
             overflows: Family::default(),
@@ -245,6 +249,16 @@ impl Metrics {
             "upstream_resets",
             "Requests whose upstream connection failed after it was established",
             m.upstream_resets.clone(),
+        );
+        registry.register(
+            "filter_chain_swaps",
+            "Filter chain reloads (SIGHUP) that swapped the chains in",
+            m.chain_swaps.clone(),
+        );
+        registry.register(
+            "filter_chain_swap_failures",
+            "Filter chain reloads refused (bad config or module): the running chains stayed",
+            m.chain_swap_failures.clone(),
         );
         registry.register(
             "upstream_retries",
@@ -309,6 +323,15 @@ impl Metrics {
     /// The metrics WASM filters define.
     pub fn filter_defined(&self) -> Arc<FilterMetricSet> {
         self.filter_defined.clone()
+    }
+
+    /// Counts a filter chain reload, swapped in (`true`) or refused.
+    pub fn chain_swap(&self, swapped: bool) {
+        if swapped {
+            self.chain_swaps.inc();
+        } else {
+            self.chain_swap_failures.inc();
+        }
     }
 
     /// `weft_filter_failures_total` handles of one filter: trap, deadline, memory, start.

@@ -10,6 +10,7 @@ mod limits;
 mod outlier;
 mod protocols;
 mod ratelimit;
+mod reload;
 mod retry;
 mod router;
 mod telemetry;

@@ -191,6 +191,24 @@ impl ProxyProcess {
         body
     }
 
+    /// Rewrites the config file with `yaml` (same ports) and sends SIGHUP: the proxy swaps
+    /// its filter chains in place.
+    pub fn reload(&self, yaml: &str) {
+        let config = self._dir.path().join("proxy.yaml");
+        let rendered = render(yaml, self.admin.port(), self.addr.port());
+        // Written aside and renamed, so the proxy never reads a half-written file.
+        let tmp = self._dir.path().join("proxy.yaml.new");
+        std::fs::write(&tmp, rendered).expect("write config");
+        std::fs::rename(&tmp, &config).expect("replace config");
+        let ok = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -HUP failed");
+    }
+
     /// Sends SIGTERM.
     pub fn sigterm(&self) {
         let ok = Command::new("kill")

@@ -718,9 +718,15 @@ fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
 /// Calls `proxy_on_tick` on this worker's instance of filter `idx` at the period it set
 /// (checked again after every tick, so a filter can change or stop it). Runs until the
 /// worker's runtime ends.
-async fn tick_loop(chain: u64, idx: usize, filters: Arc<[FilterSpec]>) {
+async fn tick_loop(
+    chain: u64,
+    idx: usize,
+    filters: Arc<[FilterSpec]>,
+    life: std::sync::Weak<ChainLife>,
+) {
     let spec = &filters[idx];
-    loop {
+    // Ends when the chain is retired (swapped out and its last stream finished).
+    while life.strong_count() > 0 {
         let period = with_instance(chain, idx, spec, |inst, _| inst.tick_period_ms()).unwrap_or(0);
         let wait = if period == 0 { 100 } else { u64::from(period) };
         tokio::time::sleep(Duration::from_millis(wait)).await;
@@ -773,20 +779,80 @@ async fn deliver_queue_ready(mut ready: tokio::sync::mpsc::UnboundedReceiver<(us
 /// The next free slot number: each chain takes one per filter, so slot tables stay dense.
 static NEXT_SLOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Slot ranges of retired chains, for every worker to free its instances of.
+static RETIRED: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
+/// Bumped on each retirement, so that a worker checks the list only when it changed.
+static RETIRED_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+thread_local! {
+    /// The retirement epoch this worker has processed.
+    static SEEN_EPOCH: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// Chains this worker has warmed (instances started, tick loops spawned).
+    static WARMED: RefCell<std::collections::HashSet<u64>> =
+        RefCell::new(std::collections::HashSet::new());
+}
+
+/// The lifetime of a chain's instances: shared by the chain and each of its streams. When
+/// the last one goes (the chain was swapped out and its last stream ended), every worker
+/// frees its instances of the chain at its next stream.
+struct ChainLife {
+    id: u64,
+    len: u64,
+}
+
+impl Drop for ChainLife {
+    fn drop(&mut self) {
+        if let Ok(mut retired) = RETIRED.lock() {
+            retired.push((self.id, self.len));
+        }
+        RETIRED_EPOCH.fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+}
+
+/// Frees this worker's instances of retired chains (cheap when nothing was retired).
+fn free_retired() {
+    let epoch = RETIRED_EPOCH.load(std::sync::atomic::Ordering::Acquire);
+    if SEEN_EPOCH.with(|s| s.replace(epoch)) == epoch {
+        return;
+    }
+    let Ok(retired) = RETIRED.lock() else {
+        return;
+    };
+    SLOTS.with(|slots| {
+        let mut slots = slots.borrow_mut();
+        for &(id, len) in retired.iter() {
+            for n in id..id + len {
+                if let Some(slot) = slots.get_mut(n as usize) {
+                    *slot = None;
+                }
+            }
+        }
+    });
+    WARMED.with(|w| {
+        let mut w = w.borrow_mut();
+        for (id, _) in retired.iter() {
+            w.remove(id);
+        }
+    });
+}
+
 /// A chain of WASM filters.
 pub struct WasmChain {
     /// Slot number of the first filter; filter `i` uses `id + i`.
     id: u64,
     filters: Arc<[FilterSpec]>,
+    life: Arc<ChainLife>,
 }
 
 impl WasmChain {
     /// A chain of `filters`, in request order.
     pub fn new(filters: Vec<FilterSpec>) -> Self {
         let n = filters.len() as u64;
+        let id = NEXT_SLOT.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         Self {
-            id: NEXT_SLOT.fetch_add(n, std::sync::atomic::Ordering::Relaxed),
+            id,
             filters: filters.into(),
+            life: Arc::new(ChainLife { id, len: n }),
         }
     }
 }
@@ -800,16 +866,26 @@ impl FilterChain for WasmChain {
         {
             tokio::spawn(deliver_queue_ready(ready));
         }
+        if !WARMED.with(|w| w.borrow_mut().insert(self.id)) {
+            return;
+        }
         for (i, spec) in self.filters.iter().enumerate() {
             let _ = with_instance(self.id, i, spec, |_, _| ());
             if spec.has_tick && tokio::runtime::Handle::try_current().is_ok() {
-                tokio::spawn(tick_loop(self.id, i, self.filters.clone()));
+                let life = Arc::downgrade(&self.life);
+                tokio::spawn(tick_loop(self.id, i, self.filters.clone(), life));
             }
         }
     }
 
     fn start_stream(&self, info: StreamInfo) -> Box<dyn FilterStream> {
+        free_retired();
+        // A chain swapped in after the worker started is warmed by its first stream.
+        if !WARMED.with(|w| w.borrow().contains(&self.id)) {
+            self.warm();
+        }
         Box::new(WasmStream {
+            _life: self.life.clone(),
             chain: self.id,
             filters: self.filters.clone(),
             contexts: vec![Ctx::None; self.filters.len()],
@@ -837,6 +913,8 @@ enum Ctx {
 }
 
 struct WasmStream {
+    /// Keeps the chain's instances alive until the stream ends.
+    _life: Arc<ChainLife>,
     chain: u64,
     filters: Arc<[FilterSpec]>,
     contexts: Vec<Ctx>,
