@@ -39,6 +39,8 @@
 use std::rc::Rc;
 
 mod ctx;
+#[cfg(target_arch = "wasm32")]
+mod ffi;
 mod host;
 pub mod testing;
 #[cfg(target_arch = "wasm32")]

@@ -5,10 +5,10 @@
 use std::rc::Rc;
 use std::time::{Duration, SystemTime};
 
-use proxy_wasm::hostcalls as hc;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types as pw;
 
+use crate::ffi;
 use crate::host::{BufferType, Host, LogLevel, MapType, MetricKind, Status};
 use crate::{Action, Ctx, Filter};
 
@@ -28,20 +28,19 @@ impl<F: Filter> Context for Root<F> {}
 
 impl<F: Filter> RootContext for Root<F> {
     fn on_configure(&mut self, _size: usize) -> bool {
-        let bytes = hc::get_buffer(pw::BufferType::PluginConfiguration, 0, usize::MAX)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        // Buffer 7: the plugin configuration.
+        let bytes = ffi::buffer(7, 0, usize::MAX).unwrap_or_default();
         match crate::parse_config::<F>(&bytes) {
             Ok(c) => {
                 if let Some(period) = F::tick_period(&c) {
-                    let _ = hc::set_tick_period(period);
+                    let ms = u32::try_from(period.as_millis()).unwrap_or(u32::MAX);
+                    let _ = ffi::set_tick_period(ms.max(1));
                 }
                 self.config = Some(Rc::new(c));
                 true
             }
             Err(e) => {
-                let _ = hc::log(pw::LogLevel::Error, &e);
+                ffi::log(4, &e);
                 false
             }
         }
@@ -136,53 +135,42 @@ impl<F: Filter> HttpContext for Stream<F> {
     }
 }
 
-/// [`Host`] over the proxy-wasm ABI.
+/// [`Host`] over the proxy-wasm ABI (through [`crate::ffi`], which never panics).
 pub struct WasmHost;
 
-fn map_type(m: MapType) -> pw::MapType {
+fn map_type(m: MapType) -> u32 {
     match m {
-        MapType::RequestHeaders => pw::MapType::HttpRequestHeaders,
-        MapType::RequestTrailers => pw::MapType::HttpRequestTrailers,
-        MapType::ResponseHeaders => pw::MapType::HttpResponseHeaders,
-        MapType::ResponseTrailers => pw::MapType::HttpResponseTrailers,
-        MapType::CallResponseHeaders => pw::MapType::HttpCallResponseHeaders,
+        MapType::RequestHeaders => 0,
+        MapType::RequestTrailers => 1,
+        MapType::ResponseHeaders => 2,
+        MapType::ResponseTrailers => 3,
+        MapType::CallResponseHeaders => 6,
     }
 }
 
-fn buffer_type(b: BufferType) -> pw::BufferType {
+fn buffer_type(b: BufferType) -> u32 {
     match b {
-        BufferType::RequestBody => pw::BufferType::HttpRequestBody,
-        BufferType::ResponseBody => pw::BufferType::HttpResponseBody,
-        BufferType::CallResponseBody => pw::BufferType::HttpCallResponseBody,
-    }
-}
-
-fn status(s: pw::Status) -> Status {
-    match s {
-        pw::Status::NotFound => Status::NotFound,
-        pw::Status::BadArgument => Status::BadArgument,
-        pw::Status::CasMismatch => Status::CasMismatch,
-        _ => Status::InternalFailure,
+        BufferType::RequestBody => 0,
+        BufferType::ResponseBody => 1,
+        BufferType::CallResponseBody => 4,
     }
 }
 
 impl Host for WasmHost {
     fn map(&self, map: MapType) -> Vec<(String, String)> {
-        hc::get_map(map_type(map)).unwrap_or_default()
+        ffi::map(map_type(map)).unwrap_or_default()
     }
     fn map_value(&self, map: MapType, name: &str) -> Option<String> {
-        hc::get_map_value(map_type(map), name).ok().flatten()
+        ffi::map_value(map_type(map), name).ok().flatten()
     }
     fn set_map_value(&mut self, map: MapType, name: &str, value: Option<&str>) {
-        let _ = hc::set_map_value(map_type(map), name, value);
+        let _ = ffi::set_map_value(map_type(map), name, value);
     }
     fn add_map_value(&mut self, map: MapType, name: &str, value: &str) {
-        let _ = hc::add_map_value(map_type(map), name, value);
+        let _ = ffi::add_map_value(map_type(map), name, value);
     }
     fn buffer(&self, buffer: BufferType, start: usize, max: usize) -> Option<Vec<u8>> {
-        hc::get_buffer(buffer_type(buffer), start, max)
-            .ok()
-            .flatten()
+        ffi::buffer(buffer_type(buffer), start, max).ok()
     }
     fn set_buffer(
         &mut self,
@@ -191,26 +179,22 @@ impl Host for WasmHost {
         size: usize,
         value: &[u8],
     ) -> Result<(), Status> {
-        hc::set_buffer(buffer_type(buffer), start, size, value).map_err(status)
+        ffi::set_buffer(buffer_type(buffer), start, size, value)
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        hc::get_property(path.to_vec()).ok().flatten()
+        ffi::property(path).ok().flatten()
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) {
-        let _ = hc::set_property(path.to_vec(), Some(value));
+        let _ = ffi::set_property(path, value);
     }
     fn send_response(&mut self, code: u16, headers: &[(&str, &str)], body: &[u8]) {
-        let _ = hc::send_http_response(u32::from(code), headers.to_vec(), Some(body));
+        let _ = ffi::send_response(code, headers, body);
     }
     fn resume(&mut self, response: bool) {
-        let _ = if response {
-            hc::resume_http_response()
-        } else {
-            hc::resume_http_request()
-        };
+        let _ = ffi::resume(u32::from(response));
     }
     fn call_foreign(&mut self, name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
-        hc::call_foreign_function(name, Some(args)).map_err(status)
+        ffi::call_foreign(name, args)
     }
     fn dispatch_call(
         &mut self,
@@ -219,39 +203,42 @@ impl Host for WasmHost {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<u32, Status> {
-        hc::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout).map_err(status)
+        let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        ffi::http_call(cluster, headers, body, ms)
     }
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, Status> {
         let kind = match kind {
-            MetricKind::Counter => pw::MetricType::Counter,
-            MetricKind::Gauge => pw::MetricType::Gauge,
-            MetricKind::Histogram => pw::MetricType::Histogram,
+            MetricKind::Counter => 0,
+            MetricKind::Gauge => 1,
+            MetricKind::Histogram => 2,
         };
-        hc::define_metric(kind, name).map_err(status)
+        ffi::define_metric(kind, name)
     }
     fn increment_metric(&mut self, id: u32, by: i64) -> Result<(), Status> {
-        hc::increment_metric(id, by).map_err(status)
+        ffi::increment_metric(id, by)
     }
     fn record_metric(&mut self, id: u32, value: u64) -> Result<(), Status> {
-        hc::record_metric(id, value).map_err(status)
+        ffi::record_metric(id, value)
     }
     fn shared_data(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        hc::get_shared_data(key).unwrap_or((None, None))
+        ffi::shared_data(key)
     }
     fn set_shared_data(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), Status> {
-        hc::set_shared_data(key, Some(value), cas).map_err(status)
+        ffi::set_shared_data(key, value, cas.unwrap_or(0))
     }
     fn now(&self) -> SystemTime {
-        hc::get_current_time().unwrap_or(SystemTime::UNIX_EPOCH)
+        ffi::now_ns().map_or(SystemTime::UNIX_EPOCH, |ns| {
+            SystemTime::UNIX_EPOCH + Duration::from_nanos(ns)
+        })
     }
     fn log(&self, level: LogLevel, message: &str) {
         let level = match level {
-            LogLevel::Trace => pw::LogLevel::Trace,
-            LogLevel::Debug => pw::LogLevel::Debug,
-            LogLevel::Info => pw::LogLevel::Info,
-            LogLevel::Warn => pw::LogLevel::Warn,
-            LogLevel::Error => pw::LogLevel::Error,
+            LogLevel::Trace => 0,
+            LogLevel::Debug => 1,
+            LogLevel::Info => 2,
+            LogLevel::Warn => 3,
+            LogLevel::Error => 4,
         };
-        let _ = hc::log(level, message);
+        ffi::log(level, message);
     }
 }

@@ -79,3 +79,23 @@ async fn a_90_10_split_is_honoured_within_two_percent_over_10000_requests() {
     assert_eq!(a + b, 10_000);
     assert!((800..=1200).contains(&b), "v2 got {b} of 10000 (10% ± 2%)");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_is_not_utf8_is_routed_not_a_filter_failure() {
+    let v1 = Upstream::start("v1").await;
+    let v2 = Upstream::start("v2").await;
+    let routes = [
+        r#"{ match: { headers: [ { name: x-canary, exact: "1" } ] }, cluster: v2 }"#,
+        r#"{ cluster: v1 }"#,
+    ];
+    let proxy = ProxyProcess::start(&router_config(&v1, &v2, &routes)).await;
+    // obs-text bytes are valid HTTP but not UTF-8; the upstream SDK's header getter panics
+    // on them, weft-sdk reads them lossily.
+    let mut req = b"GET /x HTTP/1.1\r\nhost: svc\r\nconnection: close\r\nx-canary: ".to_vec();
+    req.extend_from_slice(&[0xff, 0xfe]);
+    req.extend_from_slice(b"\r\n\r\n");
+    let raw = raw_request(proxy.addr, &req).await.unwrap();
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert!(raw.contains("x-upstream: v1"), "{raw}");
+    assert!(!proxy.log().contains("filter failed"), "{}", proxy.log());
+}
