@@ -106,6 +106,10 @@ pub struct ListenerConfig {
     /// closed.
     #[serde(default = "defaults::downstream_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Largest request body kept, in KiB, so that a filter can ask for another attempt
+    /// (`weft.set_attempts`); a larger body streams and gets one attempt.
+    #[serde(default = "defaults::replay_buffer_kb")]
+    pub replay_buffer_kb: u32,
 }
 
 /// One WASM filter of a listener's chain. The filter host that runs these is a separate
@@ -368,6 +372,9 @@ mod defaults {
     }
     pub fn filter_buffer_kb() -> u32 {
         1024
+    }
+    pub fn replay_buffer_kb() -> u32 {
+        64
     }
 }
 

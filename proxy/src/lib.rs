@@ -318,6 +318,7 @@ impl Proxy {
                     chain: ChainSlot::from_pointee(
                         chain.map(|c| Box::new(c) as Box<dyn filter::FilterChain>),
                     ),
+                    replay_limit: l.replay_buffer_kb as usize * 1024,
                 };
                 Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
             })

@@ -48,6 +48,8 @@ pub struct ListenerCtx {
     pub metrics: ListenerMetrics,
     /// The filter chain.
     pub chain: ChainSlot,
+    /// Largest request body kept for replay (retries).
+    pub replay_limit: usize,
 }
 
 /// State of one downstream connection shared between its IO wrapper, its request handlers
@@ -230,7 +232,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     let mut up_body = Some(up_body);
     if route.max_attempts > 1 && downstream_upgrade.is_none() {
         let body = up_body.take().expect("set above");
-        match Replay::buffer(&head, body, REPLAY_LIMIT).await {
+        match Replay::buffer(&head, body, ctx.replay_limit).await {
             Ok(Ok(r)) => replay = Some(r),
             Ok(Err(body)) => up_body = Some(body),
             Err(e) => {
@@ -385,9 +387,6 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
 
 /// `x-weft-attempt`: the attempt number, sent upstream on requests that may be retried.
 pub static X_WEFT_ATTEMPT: HeaderName = HeaderName::from_static("x-weft-attempt");
-
-/// Largest request body kept for retries; a larger one streams and gets one attempt.
-const REPLAY_LIMIT: usize = 64 * 1024;
 
 /// A request kept whole so that it can be sent again.
 struct Replay {

@@ -32,6 +32,7 @@ async fn routes_pick_clusters_rewrite_and_answer_directly() {
     let routes = [
         r#"{ match: { path: { exact: "/health" } }, direct_response: { status: 200, body: "fine" } }"#,
         r#"{ match: { headers: [ { name: x-canary, exact: "1" } ] }, cluster: v2 }"#,
+        r#"{ match: { host: admin.svc }, cluster: v2 }"#,
         r#"{ match: { path: { prefix: "/v2/" } }, cluster: v2, rewrite: { prefix: "/" } }"#,
         r#"{ match: { path: { regex: "/items/[0-9]+" }, method: GET }, cluster: v1 }"#,
     ];
@@ -45,6 +46,15 @@ async fn routes_pick_clusters_rewrite_and_answer_directly() {
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_eq!(send(&client, req).await.unwrap().header("x-upstream"), "v2");
+    let req = Request::get(proxy.url("/items/5"))
+        .header("host", "admin.svc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(
+        send(&client, req).await.unwrap().header("x-upstream"),
+        "v2",
+        "by host"
+    );
     let got = get(&client, &proxy.url("/v2/orders?id=3")).await.unwrap();
     assert_eq!(got.header("x-upstream"), "v2");
     assert_eq!(got.echo()["uri"], "/orders?id=3", "prefix rewritten");

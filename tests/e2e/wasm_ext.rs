@@ -23,13 +23,12 @@ fn ext_config(svc_eps: &[String], other: &Upstream) -> String {
     )
 }
 
-fn request(path: String, headers: &[(&str, &str)], body: &'static str) -> Request<Full<Bytes>> {
+fn request(path: String, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Request<Full<Bytes>> {
     let mut r = Request::post(path);
     for (k, v) in headers {
         r = r.header(*k, *v);
     }
-    r.body(Full::new(Bytes::from_static(body.as_bytes())))
-        .unwrap()
+    r.body(Full::new(body.into())).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -179,4 +178,35 @@ async fn properties_set_on_a_stream_are_shared_by_the_chain_and_not_by_other_str
     for t in tasks {
         t.await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_over_the_replay_cap_gets_a_single_attempt() {
+    let up = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    let yaml = ext_config(&[up.address()], &other).replace(
+        "    default_cluster: svc\n",
+        "    default_cluster: svc\n    replay_buffer_kb: 1\n",
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let client = h1_client();
+    let retry = [("x-attempts", "3"), ("x-retry-on", "5xx")];
+    // 4 KiB: over the 1 KiB cap, so not kept, so not retried (and still delivered whole).
+    let big = "b".repeat(4096);
+    let got = send(&client, request(proxy.url("/fail-first/1/x"), &retry, big))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 503);
+    assert_eq!(got.header("x-attempts-made"), "1");
+    assert_eq!(up.hits(), 1);
+    // Under the cap: kept and replayed.
+    let got = send(
+        &client,
+        request(proxy.url("/fail-first/2/x"), &retry, "small"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.echo()["body"], "small");
+    assert_eq!(up.hits(), 3);
 }
