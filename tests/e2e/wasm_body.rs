@@ -279,3 +279,24 @@ async fn trailers_go_through_the_filter_both_ways() {
     assert_eq!(trailers["x-wasm-grpc-status"], "0");
     assert_eq!(trailers["x-wasm-trailer"], "resp");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_chunked_body_gets_400_and_reaches_nothing() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&body_config(&up, "http1")).await;
+    let raw = raw_request(
+        proxy.addr,
+        b"POST /echo HTTP/1.1\r\nhost: svc\r\nx-body-mode: upper\r\n\
+          transfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\nnot a chunk\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_of(&raw), 400, "{raw}");
+    assert!(raw.contains("bad request body"), "{raw}");
+    assert_eq!(up.hits(), 0, "nothing went upstream");
+    // The proxy keeps serving.
+    let got = send(&h1_client(), post(proxy.url("/echo"), "upper", "ok"))
+        .await
+        .unwrap();
+    assert_eq!(got.echo()["body"], "OK!");
+}
