@@ -241,37 +241,21 @@ backend origin
     server origin1 127.0.0.1:$ORIGIN_PORT
 EOF
 
-cat >"$TMP/weft.yaml" <<EOF
-admin: { address: 127.0.0.1:$WEFT_ADMIN_PORT }
-drain: { timeout_ms: 5000 }
-listeners:
-  - name: bench
-    address: 127.0.0.1:$WEFT_PORT
-    protocol: auto
-    default_cluster: origin
-clusters:
-  - name: origin
-    protocol: http1
-    lb_policy: round_robin
-    endpoints: [ { address: 127.0.0.1:$ORIGIN_PORT, weight: 1 } ]
-    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
-EOF
-
-# The same proxy with a chain of four no-op proxy-wasm filters.
-cat >"$TMP/weft4.yaml" <<EOF
-admin: { address: 127.0.0.1:$WEFT4_ADMIN_PORT }
+# weft_config PORT ADMIN_PORT [FILTERS] : a Weft config on stdout, one listener in front of
+# the origin; FILTERS is the listener's `filters:` list (YAML, indented 6 spaces).
+weft_config() {
+  cat <<EOF
+admin: { address: 127.0.0.1:$2 }
 drain: { timeout_ms: 5000 }
 wasm: { cache_dir: "$TMP/modules" }
 listeners:
   - name: bench
-    address: 127.0.0.1:$WEFT4_PORT
+    address: 127.0.0.1:$1
     protocol: auto
     default_cluster: origin
-    filters:
-      - { name: noop1, module: "$NOOP_WASM" }
-      - { name: noop2, module: "$NOOP_WASM" }
-      - { name: noop3, module: "$NOOP_WASM" }
-      - { name: noop4, module: "$NOOP_WASM" }
+EOF
+  [[ -n ${3:-} ]] && printf '    filters:\n%s\n' "$3"
+  cat <<EOF
 clusters:
   - name: origin
     protocol: http1
@@ -279,19 +263,18 @@ clusters:
     endpoints: [ { address: 127.0.0.1:$ORIGIN_PORT, weight: 1 } ]
     limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
 EOF
+}
+
+weft_config $WEFT_PORT $WEFT_ADMIN_PORT >"$TMP/weft.yaml"
+
+# The same proxy with a chain of four no-op proxy-wasm filters.
+weft_config $WEFT4_PORT $WEFT4_ADMIN_PORT "$(for i in 1 2 3 4; do
+  echo "      - { name: noop$i, module: \"$NOOP_WASM\" }"
+done)" >"$TMP/weft4.yaml"
 
 # The same proxy with the standard chain: telemetry (metrics and tracing; access log off),
 # router, fault at 0%, retry.
-cat >"$TMP/weftstd.yaml" <<EOF
-admin: { address: 127.0.0.1:$WEFTSTD_ADMIN_PORT }
-drain: { timeout_ms: 5000 }
-wasm: { cache_dir: "$TMP/modules" }
-listeners:
-  - name: bench
-    address: 127.0.0.1:$WEFTSTD_PORT
-    protocol: auto
-    default_cluster: origin
-    filters:
+weft_config $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT "$(cat <<EOF
       - { name: telemetry, module: "$STD/weft_filter_telemetry.wasm", config: { access_log: false } }
       - name: router
         module: "$STD/weft_filter_router.wasm"
@@ -302,13 +285,8 @@ listeners:
       - name: retry
         module: "$STD/weft_filter_retry.wasm"
         config: { default: { attempts: 2 } }
-clusters:
-  - name: origin
-    protocol: http1
-    lb_policy: round_robin
-    endpoints: [ { address: 127.0.0.1:$ORIGIN_PORT, weight: 1 } ]
-    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
 EOF
+)" >"$TMP/weftstd.yaml"
 
 # --- start everything ------------------------------------------------------------------------
 mkdir -p "$TMP/origin-tmp" "$TMP/nginx-tmp"

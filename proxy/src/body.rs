@@ -207,6 +207,51 @@ impl Body for ResponseBody {
     }
 }
 
+/// One read of a body after the filter chain saw it.
+pub struct Passed {
+    /// What the chain did.
+    pub decision: BodyDecision,
+    /// The trailers, as the chain left them, when the read brought trailers.
+    pub trailers: Option<HeaderMap>,
+    /// The body ended with this read.
+    pub ended: bool,
+}
+
+/// Passes what one read of a body brought through the chain: its end (`None`), a piece of
+/// data (`ended`: the body says it is the last), or trailers. `None` for a frame that is
+/// neither data nor trailers.
+pub fn pass_frame(
+    filters: &SharedFilterStream,
+    direction: Direction,
+    polled: Option<Frame<Bytes>>,
+    ended: bool,
+) -> Option<Passed> {
+    let Some(frame) = polled else {
+        let decision = filter::lock(filters).on_body(direction, Bytes::new(), true);
+        return Some(Passed {
+            decision,
+            trailers: None,
+            ended: true,
+        });
+    };
+    match frame.into_data() {
+        Ok(data) => Some(Passed {
+            decision: filter::lock(filters).on_body(direction, data, ended),
+            trailers: None,
+            ended,
+        }),
+        Err(frame) => {
+            let mut trailers = frame.into_trailers().ok()?;
+            let decision = filter::lock(filters).on_trailers(direction, &mut trailers);
+            Some(Passed {
+                decision,
+                trailers: Some(trailers),
+                ended: true,
+            })
+        }
+    }
+}
+
 /// A body passed through a filter chain's body callbacks as it streams: each piece read from
 /// `inner` goes through [`FilterStream::on_body`](crate::filter::FilterStream::on_body), and
 /// what comes out of the chain is yielded. A local reply decided mid-stream ends the body with
@@ -282,44 +327,27 @@ impl Body for FilteredBody {
                 this.inner = None;
                 continue;
             };
-            let decision = match polled {
-                None => {
-                    this.inner = None;
-                    filter::lock(filters).on_body(this.direction, Bytes::new(), true)
-                }
+            let polled = match polled {
                 Some(Err(e)) => {
                     this.inner = None;
                     return Poll::Ready(Some(Err(e.into())));
                 }
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) => {
-                        if ended {
-                            this.inner = None;
-                        }
-                        filter::lock(filters).on_body(this.direction, data, ended)
-                    }
-                    Err(frame) => match frame.into_trailers() {
-                        Ok(mut trailers) => {
-                            this.inner = None;
-                            let d =
-                                filter::lock(filters).on_trailers(this.direction, &mut trailers);
-                            if let BodyDecision::Continue(data) = d {
-                                if !data.is_empty() {
-                                    this.ready.push_back(Frame::data(data));
-                                }
-                                this.ready.push_back(Frame::trailers(trailers));
-                                continue;
-                            }
-                            d
-                        }
-                        Err(_) => continue,
-                    },
-                },
+                Some(Ok(frame)) => Some(frame),
+                None => None,
             };
-            match decision {
+            let Some(passed) = pass_frame(filters, this.direction, polled, ended) else {
+                continue;
+            };
+            if passed.ended {
+                this.inner = None;
+            }
+            match passed.decision {
                 BodyDecision::Continue(data) => {
                     if !data.is_empty() {
                         this.ready.push_back(Frame::data(data));
+                    }
+                    if let Some(trailers) = passed.trailers {
+                        this.ready.push_back(Frame::trailers(trailers));
                     }
                 }
                 BodyDecision::Respond(_) => {

@@ -261,7 +261,8 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     let (mut rhead, rbody) = loop {
         attempt += 1;
         let (mut h, b) = match &replay {
-            Some(r) => r.request(),
+            // The first attempt takes the original head; only retries need copies.
+            Some(r) => (head.take().unwrap_or_else(|| r.head()), r.body()),
             None => (
                 head.take().expect("one attempt without replay"),
                 up_body.take().expect("one attempt without replay"),
@@ -436,16 +437,21 @@ impl Replay {
         }))
     }
 
-    /// The request for one more attempt.
-    fn request(&self) -> (http::request::Parts, RequestBody) {
+    /// A copy of the head for one more attempt.
+    fn head(&self) -> http::request::Parts {
         let (mut head, ()) = Request::new(()).into_parts();
         head.method = self.method.clone();
         head.uri = self.uri.clone();
         head.version = self.version;
         head.headers = self.headers.clone();
+        head
+    }
+
+    /// The body for an attempt (shared bytes, not copied).
+    fn body(&self) -> RequestBody {
         let body =
             FilteredBody::whole(self.body.clone(), self.trailers.clone(), Direction::Request);
-        (head, RequestBody::Filtered { body })
+        RequestBody::Filtered { body }
     }
 }
 
@@ -613,30 +619,16 @@ async fn prime(
     mut body: Incoming,
 ) -> Result<Primed, hyper::Error> {
     loop {
-        let (decision, trailers, ended) = match body.frame().await {
-            None => (
-                filter::lock(filters).on_body(direction, Bytes::new(), true),
-                None,
-                true,
-            ),
-            Some(frame) => match frame?.into_data() {
-                Ok(data) => {
-                    let ended = body.is_end_stream();
-                    let d = filter::lock(filters).on_body(direction, data, ended);
-                    (d, None, ended)
-                }
-                Err(frame) => match frame.into_trailers() {
-                    Ok(mut t) => {
-                        let d = filter::lock(filters).on_trailers(direction, &mut t);
-                        (d, Some(t), true)
-                    }
-                    Err(_) => continue,
-                },
-            },
+        let polled = body.frame().await.transpose()?;
+        let ended = body.is_end_stream();
+        let Some(passed) = crate::body::pass_frame(filters, direction, polled, ended) else {
+            continue;
         };
-        match decision {
+        match passed.decision {
             BodyDecision::Respond(reply) => return Ok(Primed::Reply(reply)),
-            BodyDecision::Continue(data) if ended => return Ok(Primed::Whole(data, trailers)),
+            BodyDecision::Continue(data) if passed.ended => {
+                return Ok(Primed::Whole(data, passed.trailers));
+            }
             BodyDecision::Continue(data) if !data.is_empty() => {
                 return Ok(Primed::Streaming(data, body));
             }

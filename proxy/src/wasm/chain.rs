@@ -314,17 +314,13 @@ impl FilterInstance {
         let n = head.pairs();
         self.enter(head, info, context);
         // The request as it went upstream stays readable from the response callbacks.
-        let data = self.store.data_mut();
-        data.seen_request = seen.request.take();
-        data.stream_props = Some(std::mem::take(&mut seen.props));
+        seen.lend(self.store.data_mut());
         self.store.set_epoch_deadline(ticks);
         let result = match H::callback(&self.exports) {
             Some(f) => f.call(&mut self.store, (context, n, end_of_stream as i32)),
             None => Ok(0),
         };
-        let data = self.store.data_mut();
-        seen.request = data.seen_request.take();
-        seen.props = data.stream_props.take().unwrap_or_default();
+        seen.take_back(self.store.data_mut());
         let outcome = self.leave(head);
         let action = result.map_err(|e| classify(e, H::CALLBACK))?;
         Ok(Callback {
@@ -391,18 +387,13 @@ impl FilterInstance {
         let body_len = response.body.len() as i32;
         let data = self.store.data_mut();
         data.callout_response = Some(response);
-        data.stream_props = Some(std::mem::take(&mut seen.props));
+        seen.lend(data);
         self.store.set_epoch_deadline(ticks);
         let result = f.call(
             &mut self.store,
             (context, outcome.token as i32, headers, body_len, 0),
         );
-        seen.props = self
-            .store
-            .data_mut()
-            .stream_props
-            .take()
-            .unwrap_or_default();
+        seen.take_back(self.store.data_mut());
         let outcome = self.leave(head);
         result.map_err(|e| classify(e, "proxy_on_http_call_response"))?;
         Ok(outcome)
@@ -479,15 +470,10 @@ impl FilterInstance {
         let data = self.store.data_mut();
         data.info = Some(*info);
         data.context = context as u32;
-        data.seen_request = seen.request.take();
-        data.seen_response = seen.response.take();
-        data.stream_props = Some(std::mem::take(&mut seen.props));
+        seen.lend(data);
         self.store.set_epoch_deadline(ticks);
         let result = self.end_callbacks(context);
-        let data = self.store.data_mut();
-        seen.request = data.seen_request.take();
-        seen.response = data.seen_response.take();
-        seen.props = data.stream_props.take().unwrap_or_default();
+        seen.take_back(self.store.data_mut());
         result
     }
 
@@ -530,15 +516,11 @@ fn with_seen<R>(
 ) -> (wasmtime::Result<R>, Callback) {
     let data = store.data_mut();
     begin_callback(data, info, context);
-    data.seen_request = seen.request.take();
-    data.seen_response = seen.response.take();
-    data.stream_props = Some(std::mem::take(&mut seen.props));
+    seen.lend(data);
     store.set_epoch_deadline(ticks);
     let result = call(store);
     let data = store.data_mut();
-    seen.request = data.seen_request.take();
-    seen.response = data.seen_response.take();
-    seen.props = data.stream_props.take().unwrap_or_default();
+    seen.take_back(data);
     let callback = Callback {
         local: data.local_response.take(),
         // Callouts are only sent from request headers; others are dropped.
@@ -947,6 +929,23 @@ struct Seen {
     props: std::collections::HashMap<Vec<u8>, Vec<u8>>,
 }
 
+impl Seen {
+    /// Lends the recorded heads and the stream's properties to the store for a callback
+    /// (pointer and map moves, no copies).
+    fn lend(&mut self, data: &mut HostState) {
+        data.seen_request = self.request.take();
+        data.seen_response = self.response.take();
+        data.stream_props = Some(std::mem::take(&mut self.props));
+    }
+
+    /// Takes back what [`Seen::lend`] lent, as the callback left it.
+    fn take_back(&mut self, data: &mut HostState) {
+        self.request = data.seen_request.take();
+        self.response = data.seen_response.take();
+        self.props = data.stream_props.take().unwrap_or_default();
+    }
+}
+
 fn snapshot_request(head: &request::Parts) -> Box<request::Parts> {
     let mut p = Box::new(<request::Parts as Head>::empty());
     p.method = head.method.clone();
@@ -1243,7 +1242,6 @@ impl WasmStream {
             });
             self.seen = seen;
             if let Some(ask) = self.retry.take()
-                && self.info.attempt.retry_allowed
                 && matches!(step, Step::Go | Step::Hold)
             {
                 return ResponseDecision::Retry(ask);
