@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Weft mesh demo on the embedded defaults (local YAML files, no control service):
+# Weft mesh demo on the embedded defaults (no external dependency: the control service keeps
+# its state in an embedded database under a temp dir):
 #
 #   client ─► service1's sidecar (outbound :18001) ─► service2-a's sidecar (:18111) ─► service2-a
 #                                                 └─► service2-b's sidecar (:18112) ─► service2-b
+#   weft-control (:18070) ─ discovery stream ─► service1's sidecar
 #
-# service1's sidecar runs the standard filter chain (telemetry, router, fault, ratelimit,
-# retry: WASM filters built from filters/). Shows weighted balancing (1:3), trace context
-# and request ids, injected faults, an instance dying without a failed call (retries, then
-# outlier ejection), labelled metrics, an access log line, and a graceful drain. Every
-# process it starts is stopped by PID on exit.
+# The standard filters (telemetry, router, fault, ratelimit, retry: WASM built from filters/)
+# are pushed with weftctl and applied as service1's chain (examples/demo/mesh.yaml); service2's
+# instances register with the control service, which feeds them to service1's sidecar.
+# Shows weighted balancing (1:3), trace context and request ids, injected faults, a chain
+# swapped live under traffic, an instance dying without a failed call (retries, outlier
+# ejection, then its registration expiring), labelled metrics, an access log line, and a
+# graceful drain. Every process it starts is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=examples/demo
@@ -16,9 +20,9 @@ here=examples/demo
 command -v cargo >/dev/null || { echo "demo: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "demo: needs curl" >&2; exit 1; }
 
-echo "== building weft-proxy, demo-service and the standard filters (wasm32-wasip1)"
+echo "== building weft-proxy, weft-control, weftctl, demo-service and the standard filters (wasm32-wasip1)"
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
-cargo build --locked -q -p weft-proxy -p demo-service
+cargo build --locked -q -p weft-proxy -p weft-control -p demo-service
 cargo build --locked -q --profile filter --target wasm32-wasip1 -p weft-filter-router \
   -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit
 bin=target/debug
@@ -32,12 +36,28 @@ cleanup() {
 trap cleanup EXIT
 start() { local name=$1; shift; "$@" >"$logs/$name.log" 2>&1 & pids+=($!); }
 
+export WEFT_CONTROL=127.0.0.1:18070
+ctl() { "$bin/weftctl" "$@"; }
+start control "$bin/weft-control" --data-dir "$logs/control-data" --listen $WEFT_CONTROL
+for _ in $(seq 1 100); do ctl module ls >/dev/null 2>&1 && break; sleep 0.1; done
+
+echo "== pushing the standard filters and the mesh config to the control service"
+for f in telemetry router fault ratelimit retry; do
+  ctl module push target/wasm32-wasip1/filter/weft_filter_$f.wasm --name $f
+done
+ctl apply -f $here/mesh.yaml
+echo "-- service2's instances register (and keep heartbeating)"
+start register-2a "$bin/weftctl" register service2 127.0.0.1:18111 --weight 1 --ttl 3 --keep-alive
+start register-2b "$bin/weftctl" register service2 127.0.0.1:18112 --weight 3 --ttl 3 --keep-alive
+register_b_pid=${pids[-1]}
+
 start service2-a "$bin/demo-service" --name service2-a --listen 127.0.0.1:18101
 start service2-b "$bin/demo-service" --name service2-b --listen 127.0.0.1:18102
 svc_b_pid=${pids[-1]}
 start sidecar-2a "$bin/weft-proxy" --config $here/service2-a-sidecar.yaml --workers 1
 start sidecar-2b "$bin/weft-proxy" --config $here/service2-b-sidecar.yaml --workers 1
-start sidecar-1 "$bin/weft-proxy" --config $here/service1-sidecar.yaml --workers 2
+start sidecar-1 "$bin/weft-proxy" --config $here/service1-sidecar.yaml --workers 2 \
+  --control $WEFT_CONTROL --id service1-0 --label app=service1 --state-dir "$logs/sidecar-1-state"
 sidecar1_pid=${pids[-1]}
 
 # The first start compiles the filters with Cranelift (debug build: about half a minute);
@@ -54,6 +74,15 @@ done
 section() { printf '\n== %s\n' "$*"; }
 call() { curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:18001/; }
 
+echo "== waiting for service1's sidecar to run the chain (weftctl rollout status)"
+ctl rollout status --selector app=service1 --timeout 120
+for _ in $(seq 1 100); do
+  [[ $(ctl get services | grep -c 127.0.0.1:1811) == 2 ]] && [[ $(curl -s http://127.0.0.1:18090/clusters | grep -c '"address"') == 2 ]] && break
+  sleep 0.1
+done
+ctl status
+ctl get services
+
 section "1. service1 calls service2 through two sidecars (the answer shows the mesh headers: request id, trace context)"
 curl -s http://127.0.0.1:18001/hello
 
@@ -66,20 +95,35 @@ echo -n "abort 503: "; curl -s -o /dev/null -w '%{http_code}\n' -H 'x-weft-fault
 echo -n "delay 300 ms: "; curl -s -o /dev/null -w '%{http_code} in %{time_total} s\n' -H 'x-weft-fault-delay-ms: 300' http://127.0.0.1:18001/
 echo -n "direct response from the router: "; curl -s http://127.0.0.1:18001/healthz
 
-section "4. service2-b dies: retries keep every call succeeding, then outlier detection ejects it"
+section "4. a new chain version, swapped live while 400 calls flow (every call answers 200)"
+curl -s http://127.0.0.1:18001/version
+(for _ in $(seq 1 400); do call; done | sort | uniq -c > "$logs/during-swap.txt") &
+traffic=$!
+sed 's/chain v1/chain v2/' $here/mesh.yaml | ctl apply -f -
+ctl rollout status --selector app=service1 --timeout 60
+wait $traffic
+cat "$logs/during-swap.txt"
+curl -s http://127.0.0.1:18001/version
+
+section "5. service2-b dies: retries keep every call succeeding, outlier detection ejects it, its registration expires"
 kill -TERM "$svc_b_pid"
+kill -KILL "$register_b_pid"   # its heartbeats stop (no goodbye)
 for _ in $(seq 1 40); do call; done | sort | uniq -c
 echo "-- service1's sidecar /clusters:"
 curl -s http://127.0.0.1:18090/clusters | grep -E '"address"|"healthy"|"ejections"'
+echo "-- 4 s later: the registry expired it (no heartbeat for its 3 s TTL) and the cluster followed"
+sleep 4
+ctl get services
+curl -s http://127.0.0.1:18090/clusters | grep -E '"address"'
 
-section "5. metrics (service1's sidecar, /stats/prometheus): the telemetry filter's labelled families, retries"
+section "6. metrics (service1's sidecar, /stats/prometheus): the telemetry filter's labelled families, retries"
 curl -s http://127.0.0.1:18090/stats/prometheus \
   | grep -E '^weft_(filter_requests_total|upstream_retries_total|outlier_ejections_total|filter_fault_aborts_total)'
 
-section "6. an access log line (telemetry filter, JSON)"
+section "7. an access log line (telemetry filter, JSON)"
 grep -m1 -o '{"authority".*}' "$logs/sidecar-1.log" || true
 
-section "7. graceful drain: SIGTERM service1's sidecar"
+section "8. graceful drain: SIGTERM service1's sidecar"
 kill -TERM "$sidecar1_pid"
 wait "$sidecar1_pid" && echo "sidecar-1 drained and exited with status 0"
 tail -n 2 "$logs/sidecar-1.log"

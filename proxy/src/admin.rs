@@ -103,7 +103,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         "lb_policy": c.lb_policy,
                         "active_requests": c.active_requests(),
                         "open_connections": c.open_connections(),
-                        "endpoints": c.endpoints.iter().map(|e| e.snapshot(now)).collect::<Vec<_>>(),
+                        "endpoints": c.endpoints().list.iter().map(|e| e.snapshot(now)).collect::<Vec<_>>(),
                     })
                 })
                 .collect();

@@ -8,11 +8,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::Notify;
 
 use crate::clock;
-use crate::config::{ClusterConfig, LbPolicy, LimitsConfig, OutlierConfig, UpstreamProtocol};
+use crate::config::{
+    ClusterConfig, EndpointConfig, LbPolicy, LimitsConfig, OutlierConfig, UpstreamProtocol,
+};
 use crate::metrics::ClusterMetrics;
 
 /// Where an endpoint lives: an IP literal (no lookup) or a host name resolved per connect.
@@ -59,9 +62,18 @@ const EWMA_DECAY_NS: f64 = 10e9;
 /// Latency assumed for an endpoint with no observation yet (linkerd's default).
 const EWMA_DEFAULT_RTT_NS: f64 = 30e6;
 
+/// Source of endpoint ids.
+static NEXT_ENDPOINT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Source of endpoint set generations.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
 /// One upstream endpoint and the live statistics shared by all workers.
 #[derive(Debug)]
 pub struct Endpoint {
+    /// Unique in the process: workers key their connection pools on it, so a pool never
+    /// outlives its endpoint's removal.
+    pub id: u64,
     /// Where it lives.
     pub address: EndpointAddress,
     /// Relative weight (at least 1).
@@ -88,6 +100,7 @@ impl Endpoint {
     /// A fresh endpoint with no history.
     pub fn new(address: EndpointAddress, weight: u32) -> Self {
         Self {
+            id: NEXT_ENDPOINT_ID.fetch_add(1, Relaxed),
             address,
             weight: weight.max(1),
             active: AtomicU32::new(0),
@@ -217,6 +230,39 @@ impl Limit {
     }
 }
 
+/// A cluster's endpoints at one moment.
+#[derive(Debug)]
+pub struct EndpointSet {
+    /// Changes with every replacement: workers rebuild their balancers when it does.
+    pub generation: u64,
+    /// The endpoints.
+    pub list: Vec<Arc<Endpoint>>,
+}
+
+impl EndpointSet {
+    /// A set with a new generation.
+    pub fn new(list: Vec<Arc<Endpoint>>) -> Self {
+        Self {
+            generation: NEXT_GENERATION.fetch_add(1, Relaxed),
+            list,
+        }
+    }
+}
+
+/// The endpoint for `e`: the one of `existing` with its address and weight, or a new one.
+fn new_endpoint(e: &EndpointConfig, existing: &[Arc<Endpoint>]) -> Arc<Endpoint> {
+    if let Some(old) = existing
+        .iter()
+        .find(|o| o.address.to_string() == e.address && o.weight == e.weight.max(1))
+    {
+        return old.clone();
+    }
+    // Validated at config load.
+    let address = EndpointAddress::parse(&e.address)
+        .unwrap_or_else(|_| EndpointAddress::Host(e.address.clone()));
+    Arc::new(Endpoint::new(address, e.weight))
+}
+
 /// A cluster: its endpoints, policy and the counters its limits are enforced on.
 #[derive(Debug)]
 pub struct Cluster {
@@ -228,8 +274,8 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     /// Balancing policy (each worker runs its own balancer of this policy).
     pub lb_policy: LbPolicy,
-    /// The endpoints.
-    pub endpoints: Vec<Arc<Endpoint>>,
+    /// The endpoints now; replaced whole when the control service changes them.
+    endpoints: ArcSwap<EndpointSet>,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// Time to response headers; `None` for no limit.
@@ -256,16 +302,9 @@ pub struct Cluster {
 impl Cluster {
     /// Builds a cluster from its config.
     pub fn new(index: usize, c: &ClusterConfig, metrics: ClusterMetrics) -> Self {
-        let endpoints = c
-            .endpoints
-            .iter()
-            .map(|e| {
-                // Validated at config load.
-                let address = EndpointAddress::parse(&e.address)
-                    .unwrap_or_else(|_| EndpointAddress::Host(e.address.clone()));
-                Arc::new(Endpoint::new(address, e.weight))
-            })
-            .collect();
+        let endpoints = ArcSwap::from_pointee(EndpointSet::new(
+            c.endpoints.iter().map(|e| new_endpoint(e, &[])).collect(),
+        ));
         Self {
             index,
             name: c.name.clone(),
@@ -340,9 +379,40 @@ impl Cluster {
         self.active.load(Relaxed)
     }
 
+    /// The endpoints now.
+    #[inline]
+    pub fn endpoints(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
+        self.endpoints.load()
+    }
+
+    /// Replaces the endpoints. An endpoint whose address and weight stay keeps its
+    /// statistics, ejection and pooled connections; requests in flight to a removed one
+    /// finish, and its connections close as they come back. Returns whether anything
+    /// changed.
+    pub fn set_endpoints(&self, endpoints: &[EndpointConfig]) -> bool {
+        let current = self.endpoints.load();
+        let same =
+            current.list.len() == endpoints.len()
+                && current.list.iter().zip(endpoints).all(|(a, b)| {
+                    a.address.to_string() == b.address && a.weight == b.weight.max(1)
+                });
+        if same {
+            return false;
+        }
+        let list = endpoints
+            .iter()
+            .map(|e| new_endpoint(e, &current.list))
+            .collect();
+        self.endpoints.store(Arc::new(EndpointSet::new(list)));
+        tracing::info!(cluster = %self.name, endpoints = endpoints.len(), "endpoints updated");
+        true
+    }
+
     /// Endpoints ejected at `now_ms`.
     pub fn ejected_count(&self, now_ms: u64) -> usize {
         self.endpoints
+            .load()
+            .list
             .iter()
             .filter(|e| e.is_ejected(now_ms))
             .count()
@@ -385,7 +455,8 @@ impl Cluster {
             return;
         }
         let max_ejected =
-            ((self.endpoints.len() * self.outlier.max_ejection_percent as usize) / 100).max(1);
+            ((self.endpoints.load().list.len() * self.outlier.max_ejection_percent as usize) / 100)
+                .max(1);
         if self.ejected_count(now) >= max_ejected {
             return;
         }
@@ -471,7 +542,8 @@ mod tests {
     #[test]
     fn consecutive_failures_eject_and_success_resets_the_count() {
         let c = cluster(4, 3, 50);
-        let ep = &c.endpoints[0];
+        let eps = c.endpoints();
+        let ep = &eps.list[0];
         c.record_failure(ep);
         c.record_failure(ep);
         c.record_success(ep);
@@ -488,13 +560,13 @@ mod tests {
     #[test]
     fn ejection_percent_caps_ejections_but_one_is_always_allowed() {
         let c = cluster(4, 1, 50);
-        for ep in &c.endpoints {
+        for ep in &c.endpoints().list {
             c.record_failure(ep);
         }
         assert_eq!(c.ejected_count(clock::now_ms()), 2, "50% of 4");
 
         let c = cluster(2, 1, 10);
-        for ep in &c.endpoints {
+        for ep in &c.endpoints().list {
             c.record_failure(ep);
         }
         assert_eq!(
@@ -507,7 +579,8 @@ mod tests {
     #[test]
     fn repeated_ejections_last_longer_up_to_the_cap() {
         let c = cluster(1, 1, 100);
-        let ep = &c.endpoints[0];
+        let eps = c.endpoints();
+        let ep = &eps.list[0];
         let mut lengths = Vec::new();
         for _ in 0..4 {
             let now = clock::now_ms();

@@ -222,7 +222,7 @@ pub enum LbPolicy {
 }
 
 /// One upstream endpoint.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     /// `ip:port` or `host:port` (a host name is resolved when connecting).
@@ -469,7 +469,7 @@ impl Config {
     }
 
     /// Checks what serde cannot: references between resources, uniqueness, ranges.
-    fn validate(&self) -> Result<(), (String, String)> {
+    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
         let mut cluster_names = HashSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let at = |f: &str| format!("clusters[{i}].{f}");

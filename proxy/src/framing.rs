@@ -1057,7 +1057,7 @@ mod tests {
             let mut stream = seeds[round % seeds.len()].to_vec();
             for _ in 0..(xorshift(&mut rng) % 6) {
                 let at = (xorshift(&mut rng) as usize) % (stream.len() + 1);
-                let b = if xorshift(&mut rng) % 4 == 0 {
+                let b = if xorshift(&mut rng).is_multiple_of(4) {
                     xorshift(&mut rng) as u8
                 } else {
                     alphabet[(xorshift(&mut rng) as usize) % alphabet.len()]

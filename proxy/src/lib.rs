@@ -9,7 +9,7 @@
 //! ```no_run
 //! use weft_proxy::{Config, Proxy, ProxyOptions};
 //! let config = Config::load("proxy.yaml".as_ref())?;
-//! let options = ProxyOptions { workers: 2, config_path: None };
+//! let options = ProxyOptions { workers: 2, config_path: None, control: None };
 //! let proxy = Proxy::bind(config, options)?;
 //! proxy.run()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -22,6 +22,7 @@ pub mod body;
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod control;
 pub mod filter;
 pub mod framing;
 pub mod headers;
@@ -29,6 +30,7 @@ pub mod lb;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+mod reload;
 pub mod upstream;
 pub mod wasm;
 pub mod worker;
@@ -46,6 +48,7 @@ use crate::filter::ChainSlot;
 use crate::listener::{ListenerRuntime, WorkerSpec};
 use crate::metrics::Metrics;
 use crate::proxy::ListenerCtx;
+use crate::reload::Reloader;
 
 /// Process-level options that are not part of the config file.
 #[derive(Clone, Debug)]
@@ -54,6 +57,8 @@ pub struct ProxyOptions {
     pub workers: usize,
     /// The config file, re-read on SIGHUP to swap filter chains in place.
     pub config_path: Option<std::path::PathBuf>,
+    /// The control service to follow, if any; the config is then the bootstrap.
+    pub control: Option<control::ControlOptions>,
 }
 
 /// Why the proxy could not start.
@@ -80,131 +85,6 @@ pub enum StartError {
     Runtime(#[from] std::io::Error),
 }
 
-/// Swaps filter chains in place from a re-read config file (SIGHUP).
-struct Reloader {
-    path: Option<std::path::PathBuf>,
-    /// The config the chains come from.
-    running: Config,
-    wasm: Option<Arc<wasm::WasmRuntime>>,
-    metrics: Arc<Metrics>,
-    listeners: Vec<Arc<ListenerRuntime>>,
-}
-
-impl Reloader {
-    /// Re-reads the config and, for each listener with filters, builds the new chain off
-    /// the request path (compile, link, canary start) and publishes it with one
-    /// atomic swap: new streams take it, streams in flight finish on the chain they started
-    /// with, whose instances are freed when the last of them ends. Any error keeps every
-    /// running chain and is logged and counted. Changes outside `filters` need a restart.
-    async fn reload(&mut self) {
-        let Some(path) = self.path.clone() else {
-            tracing::warn!("SIGHUP: no config file to re-read");
-            return;
-        };
-        let started = std::time::Instant::now();
-        let next = match Config::load(&path) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!("SIGHUP: config not reloaded, the running chains stay: {e}");
-                self.metrics.chain_swap(false);
-                return;
-            }
-        };
-        let same_shape = next.listeners.len() == self.running.listeners.len()
-            && next
-                .listeners
-                .iter()
-                .zip(&self.running.listeners)
-                .all(|(a, b)| a.name == b.name && a.address == b.address)
-            && next.clusters.len() == self.running.clusters.len()
-            && next
-                .clusters
-                .iter()
-                .zip(&self.running.clusters)
-                .all(|(a, b)| a.name == b.name);
-        if !same_shape {
-            tracing::warn!(
-                "SIGHUP: listeners or clusters changed; only filter chains are swapped in place, \
-                 the rest needs a restart"
-            );
-        }
-        let wasm = match &self.wasm {
-            Some(w) => w.clone(),
-            None => match wasm::WasmRuntime::new(next.wasm.cache_dir.clone()) {
-                Ok(w) => {
-                    let w = Arc::new(w);
-                    self.wasm = Some(w.clone());
-                    w
-                }
-                Err(e) => {
-                    tracing::error!("SIGHUP: cannot start the WASM filter host: {e:#}");
-                    self.metrics.chain_swap(false);
-                    return;
-                }
-            },
-        };
-        let clusters: Vec<String> = self
-            .running
-            .clusters
-            .iter()
-            .map(|c| c.name.clone())
-            .collect();
-        // Build every changed chain first: all or nothing.
-        let mut built = Vec::new();
-        for (i, l) in next.listeners.iter().enumerate() {
-            // Every chain is rebuilt: a module file may have changed under the same path
-            // (unchanged modules load from the compile cache in milliseconds).
-            if l.filters.is_empty() && self.running.listeners[i].filters.is_empty() {
-                continue;
-            }
-            let Some(rt) = self.listeners.iter().find(|r| r.ctx.name == l.name) else {
-                continue;
-            };
-            if l.filters.is_empty() {
-                built.push((i, rt.clone(), None));
-                continue;
-            }
-            let (wasm, name, filters, clusters, metrics) = (
-                wasm.clone(),
-                l.name.clone(),
-                l.filters.clone(),
-                clusters.clone(),
-                self.metrics.clone(),
-            );
-            let chain = tokio::task::spawn_blocking(move || {
-                wasm.build_chain(&name, &filters, &clusters, &metrics)
-            })
-            .await;
-            match chain {
-                Ok(Ok(c)) => built.push((i, rt.clone(), Some(c))),
-                Ok(Err(e)) => {
-                    tracing::error!("SIGHUP: the running chains stay: {e}");
-                    self.metrics.chain_swap(false);
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!("SIGHUP: the running chains stay: {e}");
-                    self.metrics.chain_swap(false);
-                    return;
-                }
-            }
-        }
-        let swapped = built.len();
-        for (i, rt, chain) in built {
-            rt.ctx
-                .chain
-                .store(chain.map(|c| Arc::new(Box::new(c) as Box<dyn filter::FilterChain>)));
-            self.running.listeners[i].filters = next.listeners[i].filters.clone();
-        }
-        self.metrics.chain_swap(true);
-        tracing::info!(
-            listeners = swapped,
-            ms = started.elapsed().as_millis() as u64,
-            "SIGHUP: filter chains swapped"
-        );
-    }
-}
-
 /// A proxy with its sockets bound, ready to run.
 pub struct Proxy {
     config: Config,
@@ -212,38 +92,49 @@ pub struct Proxy {
     metrics: Arc<Metrics>,
     chains: Vec<Option<wasm::WasmChain>>,
     wasm: Option<Arc<wasm::WasmRuntime>>,
+    /// The bootstrap config (`config` is it with the persisted control snapshot over it).
+    base: Config,
+    snapshot: Option<control::ControlSnapshot>,
     admin: std::net::TcpListener,
     listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
 }
 
 impl Proxy {
     /// Binds the admin socket and every listener's per-worker sockets.
-    pub fn bind(config: Config, options: ProxyOptions) -> Result<Proxy, StartError> {
+    pub fn bind(base: Config, options: ProxyOptions) -> Result<Proxy, StartError> {
         let workers = options.workers.max(1);
         let metrics = Arc::new(Metrics::new());
-        // Filters are loaded and started once before any socket is bound: a bad module or
-        // config is a startup error.
-        let mut runtime = None;
-        let mut chains = Vec::new();
-        for l in &config.listeners {
-            if l.filters.is_empty() {
-                chains.push(None);
-                continue;
+        // With a control service, the snapshot persisted by the last run comes up first, so
+        // that a restart while the control service is down serves the last good config.
+        let persisted = options.control.as_ref().and_then(|c| {
+            let dir = control::StateDir::new(c.state_dir.clone());
+            let snap = dir.load_snapshot()?;
+            match control::overlay(&base, &snap, &dir) {
+                Ok(config) => Some((config, snap)),
+                Err(e) => {
+                    tracing::warn!("the persisted control snapshot does not apply, starting from the bootstrap config: {e}");
+                    None
+                }
             }
-            if runtime.is_none() {
-                runtime = Some(
-                    wasm::WasmRuntime::new(config.wasm.cache_dir.clone())
-                        .map_err(StartError::WasmHost)?,
-                );
-            }
-            let rt = runtime
-                .as_ref()
-                .ok_or_else(|| StartError::WasmHost(anyhow::anyhow!("filter host unavailable")))?;
-            let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
-            chains.push(Some(
-                rt.build_chain(&l.name, &l.filters, &clusters, &metrics)?,
-            ));
-        }
+        });
+        let (config, snapshot, (chains, runtime)) = match persisted {
+            Some((config, snap)) => match build_chains(&config, &metrics) {
+                Ok(built) => {
+                    tracing::info!(
+                        version = snap.version,
+                        "serving the persisted control snapshot"
+                    );
+                    (config, Some(snap), built)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "the persisted control snapshot does not start, starting from the bootstrap config: {e}"
+                    );
+                    (base.clone(), None, build_chains(&base, &metrics)?)
+                }
+            },
+            None => (base.clone(), None, build_chains(&base, &metrics)?),
+        };
         let bind_err = |what: String, address: SocketAddr| {
             move |source: std::io::Error| StartError::Bind {
                 what,
@@ -262,13 +153,12 @@ impl Proxy {
         }
         Ok(Proxy {
             config,
-            options: ProxyOptions {
-                workers,
-                config_path: options.config_path,
-            },
+            options: ProxyOptions { workers, ..options },
             metrics,
             chains,
             wasm: runtime.map(Arc::new),
+            base,
+            snapshot,
             admin,
             listeners,
         })
@@ -312,7 +202,8 @@ impl Proxy {
                     default_cluster: cluster_names
                         .iter()
                         .position(|c| *c == l.default_cluster)
-                        .unwrap_or(0),
+                        .unwrap_or(0)
+                        .into(),
                     clusters: clusters.clone(),
                     metrics: metrics.listener(&l.name, &cluster_names),
                     chain: ChainSlot::from_pointee(
@@ -373,19 +264,35 @@ impl Proxy {
             ));
             tracing::info!(workers = handles.len(), "weft-proxy ready");
 
-            let mut reloader = Reloader {
+            let reloader = Arc::new(tokio::sync::Mutex::new(Reloader {
                 path: self.options.config_path.clone(),
+                base: self.base,
                 running: self.config.clone(),
+                snapshot: self.snapshot,
+                state_dir: self
+                    .options
+                    .control
+                    .as_ref()
+                    .map(|c| control::StateDir::new(c.state_dir.clone())),
                 wasm: self.wasm.clone(),
                 metrics: state.metrics.clone(),
                 listeners: runtimes.clone(),
-            };
+                clusters: clusters.clone(),
+            }));
+            let follower = self
+                .options
+                .control
+                .clone()
+                .map(|opts| tokio::spawn(control::follow(opts, reloader.clone())));
             loop {
                 tokio::select! {
                     _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
                     _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
-                    _ = hup.recv() => reloader.reload().await,
+                    _ = hup.recv() => reloader.lock().await.reload_file().await,
                 }
+            }
+            if let Some(f) = follower {
+                f.abort();
             }
             state
                 .draining
@@ -405,4 +312,35 @@ impl Proxy {
             Ok(())
         })
     }
+}
+
+/// Loads and starts every listener's chain (before any socket is bound: a bad module or
+/// config is a startup error), with the WASM host if any listener has filters.
+#[allow(clippy::type_complexity)]
+fn build_chains(
+    config: &Config,
+    metrics: &Metrics,
+) -> Result<(Vec<Option<wasm::WasmChain>>, Option<wasm::WasmRuntime>), StartError> {
+    let mut runtime = None;
+    let mut chains = Vec::new();
+    let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
+    for l in &config.listeners {
+        if l.filters.is_empty() {
+            chains.push(None);
+            continue;
+        }
+        if runtime.is_none() {
+            runtime = Some(
+                wasm::WasmRuntime::new(config.wasm.cache_dir.clone())
+                    .map_err(StartError::WasmHost)?,
+            );
+        }
+        let rt = runtime
+            .as_ref()
+            .ok_or_else(|| StartError::WasmHost(anyhow::anyhow!("filter host unavailable")))?;
+        chains.push(Some(
+            rt.build_chain(&l.name, &l.filters, &clusters, metrics)?,
+        ));
+    }
+    Ok((chains, runtime))
 }

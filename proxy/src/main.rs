@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use weft_proxy::control::ControlOptions;
 use weft_proxy::{Config, Proxy, ProxyOptions};
 
 /// Weft sidecar proxy.
@@ -16,6 +17,25 @@ struct Args {
     /// Worker threads; defaults to the number of cores.
     #[arg(long)]
     workers: Option<usize>,
+    /// Follow this control service (`host:port` or `http://host:port`): chains, default
+    /// clusters and endpoints come from it, over the `--config` bootstrap.
+    #[arg(long)]
+    control: Option<String>,
+    /// This proxy's id at the control service; defaults to the host name (a pod's name in
+    /// Kubernetes), so that a restarted proxy finds its state dir again.
+    #[arg(long)]
+    id: Option<String>,
+    /// A label of this proxy (`app=service1`), repeatable; config resources select on them.
+    #[arg(long = "label", value_parser = parse_label)]
+    labels: Vec<(String, String)>,
+    /// Where the last good control snapshot and its modules are kept across restarts;
+    /// defaults to `weft-state/<id>` under the working directory.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// A file with the control service's bearer token; `WEFT_CONTROL_TOKEN` may give the
+    /// token itself.
+    #[arg(long)]
+    control_token_file: Option<PathBuf>,
     /// Log filter (`info`, `debug`, `weft_proxy=trace`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -44,9 +64,22 @@ fn main() -> ExitCode {
             .map(|n| n.get())
             .unwrap_or(1)
     });
+    let control = match args
+        .control
+        .as_ref()
+        .map(|address| control_options(&args, address))
+    {
+        Some(Ok(c)) => Some(c),
+        Some(Err(e)) => {
+            eprintln!("weft-proxy: {e}");
+            return ExitCode::from(2);
+        }
+        None => None,
+    };
     let options = ProxyOptions {
         workers,
         config_path: Some(args.config.clone()),
+        control,
     };
     let proxy = match Proxy::bind(config, options) {
         Ok(p) => p,
@@ -68,4 +101,44 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}` is not key=value")),
+    }
+}
+
+fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String> {
+    let address = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    let id = args.id.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "weft".into())
+    });
+    let token = match &args.control_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("WEFT_CONTROL_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
+    Ok(ControlOptions {
+        address,
+        state_dir: args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("weft-state").join(&id)),
+        id,
+        labels: args.labels.iter().cloned().collect(),
+        token,
+    })
 }

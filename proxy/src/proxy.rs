@@ -41,7 +41,7 @@ pub struct ListenerCtx {
     /// Listener name (metrics, logs).
     pub name: String,
     /// Index of the default cluster.
-    pub default_cluster: usize,
+    pub default_cluster: std::sync::atomic::AtomicUsize,
     /// All clusters of the proxy, by index.
     pub clusters: Arc<[Arc<Cluster>]>,
     /// Metric handles.
@@ -123,13 +123,13 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
             );
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return finish(ctx, ctx.default_cluster, resp);
+            return finish(ctx, ctx.default_cluster.load(Relaxed), resp);
         }
     }
 
     // The request id exists before filters run, as in Envoy.
     headers::ensure_request_id(&mut head.headers);
-    let mut cluster_idx = ctx.default_cluster;
+    let mut cluster_idx = ctx.default_cluster.load(Relaxed);
     if let Some(chain) = ctx.chain.load_full() {
         let info = StreamInfo {
             source: conn.peer,
@@ -255,7 +255,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let try_timeout = route.try_timeout.filter(|t| !t.is_zero());
     let mut head = Some(head);
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried: Vec<u64> = Vec::new();
     let mut attempt = 0u32;
 
     let (mut rhead, rbody) = loop {
@@ -290,7 +290,7 @@ pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<R
             }
         };
         if let Some(up) = stream.upstream.as_ref() {
-            tried.push(up.endpoint);
+            tried.push(up.endpoint.id);
         }
         let Some(filters) = filters.as_ref() else {
             break (rhead, rbody);
@@ -511,7 +511,7 @@ async fn attempt_once(
     stream: &mut Stream,
     cluster: &Arc<Cluster>,
     now_ms: u64,
-    tried: &[usize],
+    tried: &[u64],
     head: http::request::Parts,
     body: RequestBody,
     limit: Option<tokio::time::Instant>,
@@ -539,11 +539,11 @@ async fn attempt_once(
     let mut pick = worker::pick(cluster, now_ms);
     for _ in 0..tried.len().min(4) {
         match pick {
-            Some(ep) if tried.contains(&ep) => pick = worker::pick(cluster, now_ms),
+            Some(ep) if tried.contains(&ep.id) => pick = worker::pick(cluster, now_ms),
             _ => break,
         }
     }
-    let Some(ep) = pick else {
+    let Some(endpoint) = pick else {
         return failed(
             StatusCode::SERVICE_UNAVAILABLE,
             "no healthy upstream\n",
@@ -551,7 +551,6 @@ async fn attempt_once(
             None,
         );
     };
-    let endpoint = cluster.endpoints[ep].clone();
     if let Some(filters) = stream.filters.as_ref() {
         let addr = match &endpoint.address {
             crate::cluster::EndpointAddress::Ip(addr) => Some(*addr),
@@ -562,14 +561,14 @@ async fn attempt_once(
     cluster.begin_endpoint_request(&endpoint);
     stream.upstream = Some(UpstreamStream {
         cluster: cluster.clone(),
-        endpoint: ep,
+        endpoint: endpoint.clone(),
         _permit: permit,
         pooled: None,
         reusable: true,
     });
 
     let started = clock::now_ns();
-    let exchange = upstream::send(cluster, ep, Request::from_parts(head, body));
+    let exchange = upstream::send(cluster, &endpoint, Request::from_parts(head, body));
     let outcome = match limit {
         Some(at) => match tokio::time::timeout_at(at, exchange).await {
             Ok(r) => r.map_err(Failure::Upstream),
@@ -791,14 +790,13 @@ async fn run_callout(ctx: &ListenerCtx, callout: Callout) -> CalloutOutcome {
         let _permit = cluster
             .admit_request()
             .map_err(|l| format!("overflow: {}", l.as_str()))?;
-        let ep = worker::pick(cluster, clock::now_ms()).ok_or("no healthy upstream")?;
-        let endpoint = cluster.endpoints[ep].clone();
+        let endpoint = worker::pick(cluster, clock::now_ms()).ok_or("no healthy upstream")?;
         let (mut head, body) = callout.request.into_parts();
         set_upstream_target(&mut head, cluster.protocol).map_err(|(_, why)| why.trim())?;
         let req = Request::from_parts(head, RequestBody::Full { body: body.into() });
         cluster.begin_endpoint_request(&endpoint);
         let result = async {
-            let (resp, pooled) = upstream::send(cluster, ep, req)
+            let (resp, pooled) = upstream::send(cluster, &endpoint, req)
                 .await
                 .map_err(|e| e.to_string())?;
             let (head, body) = resp.into_parts();
@@ -888,7 +886,7 @@ struct Stream {
 
 struct UpstreamStream {
     cluster: Arc<Cluster>,
-    endpoint: usize,
+    endpoint: Arc<crate::cluster::Endpoint>,
     _permit: RequestPermit,
     pooled: Option<PooledH1>,
     reusable: bool,
@@ -898,8 +896,7 @@ impl UpstreamStream {
     /// Ends the attempt's accounting; a connection whose response was read to its end goes
     /// back to the pool.
     fn release(self, complete: bool) {
-        self.cluster
-            .end_endpoint_request(&self.cluster.endpoints[self.endpoint]);
+        self.cluster.end_endpoint_request(&self.endpoint);
         if let Some(pooled) = self.pooled
             && complete
             && self.reusable

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
 use crate::clock;
-use crate::cluster::{Cluster, EndpointAddress, Limit};
+use crate::cluster::{Cluster, Endpoint, EndpointAddress, Limit};
 use crate::config::UpstreamProtocol;
 use crate::worker;
 
@@ -42,7 +42,7 @@ impl UpstreamError {
 /// when the response has been read to its end.
 pub struct PooledH1 {
     cluster: usize,
-    endpoint: usize,
+    endpoint: u64,
     sender: http1::SendRequest<RequestBody>,
 }
 
@@ -57,7 +57,7 @@ impl PooledH1 {
 /// connection to give back once the response body is done.
 pub async fn send(
     cluster: &Arc<Cluster>,
-    ep: usize,
+    ep: &Endpoint,
     req: Request<RequestBody>,
 ) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
     match cluster.protocol {
@@ -68,7 +68,7 @@ pub async fn send(
 
 async fn send_h1(
     cluster: &Arc<Cluster>,
-    ep: usize,
+    ep: &Endpoint,
     mut req: Request<RequestBody>,
 ) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
     // A pooled connection the upstream closed meanwhile fails before the request is written;
@@ -83,7 +83,7 @@ async fn send_h1(
             Ok(resp) => {
                 let pooled = PooledH1 {
                     cluster: cluster.index,
-                    endpoint: ep,
+                    endpoint: ep.id,
                     sender,
                 };
                 return Ok((resp, Some(pooled)));
@@ -104,12 +104,15 @@ async fn send_h1(
 /// while pending (within `max_pending_requests` and the connect timeout).
 async fn acquire_h1(
     cluster: &Arc<Cluster>,
-    ep: usize,
+    ep: &Endpoint,
 ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
     loop {
-        if let Some(s) =
-            worker::take_h1(cluster.index, ep, clock::now_ms(), cluster.idle_timeout_ms)
-        {
+        if let Some(s) = worker::take_h1(
+            cluster.index,
+            ep.id,
+            clock::now_ms(),
+            cluster.idle_timeout_ms,
+        ) {
             return Ok(s);
         }
         if cluster.try_reserve_connection() {
@@ -137,8 +140,8 @@ async fn wait_for_connection(cluster: &Cluster) -> Result<(), UpstreamError> {
 
 /// Opens a TCP connection to the endpoint within the connect timeout. The caller has
 /// reserved a connection slot; on failure it is released here.
-async fn connect_tcp(cluster: &Cluster, ep: usize) -> Result<TcpStream, UpstreamError> {
-    let endpoint = &cluster.endpoints[ep];
+async fn connect_tcp(cluster: &Cluster, ep: &Endpoint) -> Result<TcpStream, UpstreamError> {
+    let endpoint = ep;
     let connect = async {
         match &endpoint.address {
             EndpointAddress::Ip(addr) => TcpStream::connect(addr).await,
@@ -160,7 +163,7 @@ async fn connect_tcp(cluster: &Cluster, ep: usize) -> Result<TcpStream, Upstream
 
 async fn connect_h1(
     cluster: &Arc<Cluster>,
-    ep: usize,
+    ep: &Endpoint,
 ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
     let stream = connect_tcp(cluster, ep).await?;
     match http1::Builder::new()
@@ -184,19 +187,19 @@ async fn connect_h1(
 
 async fn send_h2(
     cluster: &Arc<Cluster>,
-    ep: usize,
+    ep: &Endpoint,
     req: Request<RequestBody>,
 ) -> Result<Response<Incoming>, UpstreamError> {
-    let mut sender = match worker::h2(cluster.index, ep) {
+    let mut sender = match worker::h2(cluster.index, ep.id) {
         Some(s) => s,
         None => loop {
             if cluster.try_reserve_connection() {
                 let s = connect_h2(cluster, ep).await?;
-                worker::add_h2(cluster.index, ep, s.clone());
+                worker::add_h2(cluster.index, ep.id, s.clone());
                 break s;
             }
             wait_for_connection(cluster).await?;
-            if let Some(s) = worker::h2(cluster.index, ep) {
+            if let Some(s) = worker::h2(cluster.index, ep.id) {
                 break s;
             }
         },
@@ -207,7 +210,7 @@ async fn send_h2(
 
 async fn connect_h2(
     cluster: &Arc<Cluster>,
-    ep: usize,
+    ep: &Endpoint,
 ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
     let stream = connect_tcp(cluster, ep).await?;
     let mut builder = http2::Builder::new(TokioExecutor::new());

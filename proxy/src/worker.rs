@@ -9,7 +9,7 @@ use std::sync::Arc;
 use hyper::client::conn::{http1, http2};
 
 use crate::body::RequestBody;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Endpoint, EndpointSet};
 use crate::lb::{LoadBalancer, new_balancer};
 
 /// An idle HTTP/1 connection in a pool.
@@ -27,8 +27,44 @@ struct EndpointPool {
 }
 
 struct WorkerCluster {
+    /// The endpoint set generation the balancer was built for.
+    generation: u64,
     balancer: Box<dyn LoadBalancer>,
-    pools: Vec<EndpointPool>,
+    /// Pools by endpoint id, for the endpoints of `generation`.
+    pools: Vec<(u64, EndpointPool)>,
+}
+
+impl WorkerCluster {
+    fn new(set: &EndpointSet, policy: crate::config::LbPolicy) -> Self {
+        Self {
+            generation: set.generation,
+            balancer: new_balancer(policy, &set.list),
+            pools: set
+                .list
+                .iter()
+                .map(|e| (e.id, EndpointPool::default()))
+                .collect(),
+        }
+    }
+
+    /// Follows a new endpoint set: a new balancer, the pools of endpoints that stay kept,
+    /// those of removed endpoints dropped (their connections close).
+    fn follow(&mut self, set: &EndpointSet, policy: crate::config::LbPolicy) {
+        let mut next = Self::new(set, policy);
+        for (id, pool) in &mut next.pools {
+            if let Some(old) = self.pools.iter_mut().find(|(i, _)| i == id) {
+                *pool = std::mem::take(&mut old.1);
+            }
+        }
+        *self = next;
+    }
+
+    fn pool(&mut self, endpoint: u64) -> Option<&mut EndpointPool> {
+        self.pools
+            .iter_mut()
+            .find(|(id, _)| *id == endpoint)
+            .map(|(_, p)| p)
+    }
 }
 
 /// What one worker thread owns.
@@ -47,14 +83,7 @@ pub fn install(id: usize, clusters: &[Arc<Cluster>]) {
         id,
         clusters: clusters
             .iter()
-            .map(|c| WorkerCluster {
-                balancer: new_balancer(c.lb_policy, &c.endpoints),
-                pools: c
-                    .endpoints
-                    .iter()
-                    .map(|_| EndpointPool::default())
-                    .collect(),
-            })
+            .map(|c| WorkerCluster::new(&c.endpoints(), c.lb_policy))
             .collect(),
     };
     WORKER.with(|w| *w.borrow_mut() = Some(state));
@@ -73,9 +102,14 @@ pub fn id() -> Option<usize> {
 }
 
 /// Picks an endpoint of `cluster` with this worker's balancer.
-pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<usize> {
+pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<Arc<Endpoint>> {
+    let set = cluster.endpoints();
     with_cluster(cluster.index, |wc| {
-        wc.balancer.pick(&cluster.endpoints, now_ms)
+        if wc.generation != set.generation {
+            wc.follow(&set, cluster.lb_policy);
+        }
+        let i = wc.balancer.pick(&set.list, now_ms)?;
+        set.list.get(i).cloned()
     })
     .flatten()
 }
@@ -84,12 +118,12 @@ pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<usize> {
 /// nor idle for longer than `idle_timeout_ms`.
 pub fn take_h1(
     cluster: usize,
-    endpoint: usize,
+    endpoint: u64,
     now_ms: u64,
     idle_timeout_ms: u64,
 ) -> Option<http1::SendRequest<RequestBody>> {
     with_cluster(cluster, |wc| {
-        let pool = &mut wc.pools[endpoint];
+        let pool = wc.pool(endpoint)?;
         while let Some(idle) = pool.h1_idle.pop() {
             if idle.sender.is_closed() || now_ms.saturating_sub(idle.since_ms) > idle_timeout_ms {
                 continue; // dropped: the connection task ends and releases its slot
@@ -102,27 +136,25 @@ pub fn take_h1(
 }
 
 /// Returns an HTTP/1 connection whose last response was read to the end.
-pub fn put_h1(
-    cluster: usize,
-    endpoint: usize,
-    sender: http1::SendRequest<RequestBody>,
-    now_ms: u64,
-) {
+pub fn put_h1(cluster: usize, endpoint: u64, sender: http1::SendRequest<RequestBody>, now_ms: u64) {
     if sender.is_closed() {
         return;
     }
     with_cluster(cluster, |wc| {
-        wc.pools[endpoint].h1_idle.push(IdleH1 {
-            sender,
-            since_ms: now_ms,
-        })
+        // An endpoint that left the cluster has no pool: its connection closes.
+        if let Some(pool) = wc.pool(endpoint) {
+            pool.h1_idle.push(IdleH1 {
+                sender,
+                since_ms: now_ms,
+            })
+        }
     });
 }
 
 /// A live shared HTTP/2 connection to an endpoint, if this worker has one.
-pub fn h2(cluster: usize, endpoint: usize) -> Option<http2::SendRequest<RequestBody>> {
+pub fn h2(cluster: usize, endpoint: u64) -> Option<http2::SendRequest<RequestBody>> {
     with_cluster(cluster, |wc| {
-        let conns = &mut wc.pools[endpoint].h2;
+        let conns = &mut wc.pool(endpoint)?.h2;
         conns.retain(|c| !c.is_closed());
         conns.first().cloned()
     })
@@ -130,6 +162,10 @@ pub fn h2(cluster: usize, endpoint: usize) -> Option<http2::SendRequest<RequestB
 }
 
 /// Adds a new HTTP/2 connection to an endpoint's pool.
-pub fn add_h2(cluster: usize, endpoint: usize, sender: http2::SendRequest<RequestBody>) {
-    with_cluster(cluster, |wc| wc.pools[endpoint].h2.push(sender));
+pub fn add_h2(cluster: usize, endpoint: u64, sender: http2::SendRequest<RequestBody>) {
+    with_cluster(cluster, |wc| {
+        if let Some(pool) = wc.pool(endpoint) {
+            pool.h2.push(sender)
+        }
+    });
 }

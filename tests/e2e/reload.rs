@@ -25,7 +25,7 @@ fn versioned(up: &Upstream, version: &str, module: Option<&str>) -> String {
 }
 
 /// The greeting the request went upstream with.
-fn greeting(got: &Got) -> String {
+pub(crate) fn greeting(got: &Got) -> String {
     let cfg = got.echo()["headers"]["x-wasm-config"][0]
         .as_str()
         .unwrap_or("")

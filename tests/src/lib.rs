@@ -51,6 +51,163 @@ pub fn proxy_bin() -> PathBuf {
     bin
 }
 
+/// Path of another binary of the workspace (`weft-control`, `weftctl`), next to
+/// `weft-proxy`.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let bin = proxy_bin().with_file_name(name);
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --bins` first (the README's test command does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `weft-control` process, killed (by PID) when dropped.
+pub struct ControlProcess {
+    child: Child,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+    /// Its data directory (kept by the caller across restarts).
+    pub data_dir: PathBuf,
+    log: PathBuf,
+    token: Option<String>,
+}
+
+impl ControlProcess {
+    /// Starts `weft-control` on a free port with `data_dir`, waiting until it answers.
+    pub async fn start(data_dir: &std::path::Path) -> ControlProcess {
+        Self::start_at(data_dir, free_port(), None).await
+    }
+
+    /// Starts it on `port`, with a bearer token if given.
+    pub async fn start_at(
+        data_dir: &std::path::Path,
+        port: u16,
+        token: Option<&str>,
+    ) -> ControlProcess {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = data_dir.with_extension(format!("{port}.log"));
+        let mut cmd = Command::new(workspace_bin("weft-control"));
+        cmd.arg("--data-dir")
+            .arg(data_dir)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        if let Some(t) = token {
+            cmd.env("WEFT_CONTROL_TOKEN", t);
+        }
+        let mut p = ControlProcess {
+            child: cmd.spawn().expect("spawn weft-control"),
+            addr,
+            data_dir: data_dir.to_owned(),
+            log,
+            token: token.map(str::to_owned),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                panic!("weft-control exited at startup ({status}):\n{}", p.log());
+            }
+            if TcpStream::connect(addr).await.is_ok() {
+                return p;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "weft-control not up:\n{}",
+                p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `http://<addr>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Arguments that make a proxy follow this control service as `id` with `labels`,
+    /// keeping its state in `state_dir`.
+    pub fn proxy_args(
+        &self,
+        id: &str,
+        labels: &[&str],
+        state_dir: &std::path::Path,
+    ) -> Vec<String> {
+        let mut args = vec![
+            "--control".to_owned(),
+            self.addr.to_string(),
+            "--id".to_owned(),
+            id.to_owned(),
+            "--state-dir".to_owned(),
+            state_dir.display().to_string(),
+        ];
+        for l in labels {
+            args.push("--label".to_owned());
+            args.push((*l).to_owned());
+        }
+        args
+    }
+
+    /// Runs `weftctl` against this service (with its token): exit code, stdout, stderr.
+    pub fn weftctl(&self, args: &[&str]) -> (i32, String, String) {
+        self.weftctl_stdin(args, None)
+    }
+
+    /// Runs `weftctl` with `stdin` fed to it.
+    pub fn weftctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+        use std::io::Write;
+        let mut cmd = Command::new(workspace_bin("weftctl"));
+        cmd.arg("--server")
+            .arg(self.url())
+            .args(args)
+            .env_remove("WEFT_TOKEN")
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(t) = &self.token {
+            cmd.env("WEFT_TOKEN", t);
+        }
+        let mut child = cmd.spawn().expect("spawn weftctl");
+        if let Some(text) = stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(text.as_bytes())
+                .expect("write stdin");
+        }
+        let out = child.wait_with_output().expect("weftctl");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Kills it with SIGKILL (no goodbye to anyone) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ControlProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Path of a guest filter built for wasm32-wasip1 from `tests/filters/` (e.g.
 /// `compat_basic`); `tests/run.sh` builds them.
 pub fn guest_filter(name: &str) -> PathBuf {
@@ -112,8 +269,18 @@ impl ProxyProcess {
 
     /// Like [`ProxyProcess::start`] with a worker count.
     pub async fn start_with(yaml: &str, workers: usize) -> ProxyProcess {
-        let admin = free_port();
-        let listen = free_port();
+        Self::start_args(yaml, workers, &[], free_port(), free_port()).await
+    }
+
+    /// Like [`ProxyProcess::start`] with a worker count, extra arguments (`--control ...`)
+    /// and given admin and listener ports (to restart a proxy where it was).
+    pub async fn start_args(
+        yaml: &str,
+        workers: usize,
+        args: &[String],
+        admin: u16,
+        listen: u16,
+    ) -> ProxyProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, render(yaml, admin, listen)).expect("write config");
@@ -125,6 +292,7 @@ impl ProxyProcess {
             .arg(workers.to_string())
             .arg("--log-level")
             .arg("info")
+            .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()

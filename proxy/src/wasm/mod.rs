@@ -243,6 +243,25 @@ impl WasmRuntime {
     }
 }
 
+/// Checks that `bytes` are a filter module this host can load: WebAssembly, compiles, and
+/// exports a proxy-wasm ABI version. Returns that version (`0.2.1`, `0.2.0`). The control
+/// service uses it to refuse a bad module on upload, before any proxy sees it.
+pub fn inspect_module(bytes: &[u8]) -> Result<String, String> {
+    if !bytes.starts_with(b"\0asm") {
+        return Err("not a WebAssembly module (no `\\0asm` header)".into());
+    }
+    let engine = Engine::new(&Config::new()).map_err(|e| format!("{e:#}"))?;
+    let module = Module::new(&engine, bytes).map_err(|e| format!("does not compile: {e:#}"))?;
+    ["0_2_1", "0_2_0"]
+        .iter()
+        .find(|v| {
+            let name = format!("proxy_abi_version_{v}");
+            module.exports().any(|e| e.name() == name)
+        })
+        .map(|v| v.replace('_', "."))
+        .ok_or_else(|| "does not export a proxy-wasm ABI version (proxy_abi_version_0_2_1)".into())
+}
+
 /// A filter's configuration as `on_configure` / `on_vm_start` receive it: a string as its
 /// bytes, nothing as empty, anything else (maps, lists, numbers) as JSON text.
 fn config_bytes(v: &serde_json::Value) -> Vec<u8> {

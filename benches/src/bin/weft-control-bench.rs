@@ -1,0 +1,453 @@
+//! `weft-control-bench`: how fast does config pushed to `weft-control` go live?
+//!
+//! ```text
+//! weft-control-bench --module target/wasm32-wasip1/release/compat_basic.wasm
+//! ```
+//!
+//! Starts `weft-control` and `weft-proxy` processes from the directory this binary is in
+//! (build them in release first; `benches/control/run.sh` does), all on loopback, and
+//! measures:
+//! - **push to live**: `Config.Apply` of a changed chain until every selected proxy has
+//!   ACKed it (as `weftctl rollout status` sees it), with 1, 10 and 100 real proxies;
+//! - **scale**: 1,000 simulated proxy streams (a few lines of tonic client each, ACKing every
+//!   snapshot): time from an apply until all 1,000 have received and ACKed it, and the
+//!   control service's resident memory;
+//! - **swaps under load**: 100 chain swaps on one proxy while `weft-load` sends it 2,000
+//!   requests a second: failed requests and latency.
+//!
+//! Prints one JSON object.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use weft_proto::v1;
+
+/// Measures push-to-live latency, convergence at scale and swaps under load.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// The filter module to push (the compatibility filter `compat_basic`).
+    #[arg(long)]
+    module: PathBuf,
+    /// Real proxy counts to measure push-to-live with.
+    #[arg(long, value_delimiter = ',', default_value = "1,10,100")]
+    proxies: Vec<usize>,
+    /// Applies measured per proxy count.
+    #[arg(long, default_value_t = 10)]
+    rounds: usize,
+    /// Simulated proxy streams for the scale run.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// Requests per second during the swaps under load.
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+}
+
+/// A child process killed (by PID) when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bin(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| name.into())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+async fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "nothing listens on {port}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn chain(app: &str, greeting: &str) -> v1::Resource {
+    v1::Resource {
+        kind: "Chain".into(),
+        name: format!("{app}-ingress"),
+        selector: [("app".to_string(), app.to_string())].into(),
+        version: 0,
+        spec: Some(v1::resource::Spec::Chain(v1::ChainSpec {
+            listener: "ingress".into(),
+            default_cluster: String::new(),
+            filters: vec![v1::FilterRef {
+                name: "basic".into(),
+                module: "basic".into(),
+                root_id: String::new(),
+                config_json: format!("{{\"greeting\":\"{greeting}\"}}"),
+                failure_policy: String::new(),
+            }],
+        })),
+    }
+}
+
+async fn apply(config: &mut v1::config_client::ConfigClient<Channel>, r: v1::Resource) -> u64 {
+    config
+        .apply(v1::ApplyRequest {
+            resources: vec![r],
+            dry_run: false,
+        })
+        .await
+        .expect("apply")
+        .into_inner()
+        .version
+}
+
+/// Waits until every connected proxy whose id starts with `prefix` is synced at `version`.
+async fn rollout(
+    discovery: &mut v1::discovery_client::DiscoveryClient<Channel>,
+    prefix: &str,
+    expected: usize,
+    version: u64,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = discovery
+            .status(v1::StatusRequest {})
+            .await
+            .expect("status")
+            .into_inner();
+        let selected: Vec<_> = st
+            .proxies
+            .iter()
+            .filter(|p| p.connected && p.id.starts_with(prefix))
+            .collect();
+        if let Some(p) = selected
+            .iter()
+            .find(|p| !p.nack_error.is_empty() && p.nacked_version >= version)
+        {
+            panic!("{} NACKed: {}", p.id, p.nack_error);
+        }
+        if selected.len() == expected && selected.iter().all(|p| p.synced_version >= version) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "version {version} not live on {prefix}*"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn bootstrap(dir: &Path, upstream: u16) -> (PathBuf, u16, u16) {
+    let (admin, listen) = (free_port(), free_port());
+    let path = dir.join(format!("proxy-{listen}.yaml"));
+    let yaml = format!(
+        "admin: {{ address: \"127.0.0.1:{admin}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+listeners:
+  - {{ name: ingress, address: \"127.0.0.1:{listen}\", default_cluster: svc }}
+clusters:
+  - {{ name: svc, endpoints: [ {{ address: \"127.0.0.1:{upstream}\" }} ] }}
+",
+        cache = dir.join("module-cache").display()
+    );
+    std::fs::write(&path, yaml).expect("write config");
+    (path, admin, listen)
+}
+
+fn start_proxy(dir: &Path, control: u16, upstream: u16, id: &str, app: &str) -> (Proc, u16, u16) {
+    let (config, admin, listen) = bootstrap(dir, upstream);
+    let child = Command::new(bin("weft-proxy"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--workers", "1", "--log-level", "warn"])
+        .args(["--control", &format!("127.0.0.1:{control}"), "--id", id])
+        .args(["--label", &format!("app={app}")])
+        .arg("--state-dir")
+        .arg(dir.join("state").join(id))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn weft-proxy");
+    (Proc(child), admin, listen)
+}
+
+/// A trivial origin: answers every request `200 ok`.
+async fn origin() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from_static(b"ok\n")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+/// One simulated proxy: subscribes as `id` with `app=sim` and ACKs every snapshot, noting
+/// the highest version received.
+async fn simulated(channel: Channel, id: String, seen: Arc<AtomicU64>) {
+    let mut client = v1::discovery_client::DiscoveryClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let hello = v1::DiscoveryRequest {
+        node: Some(v1::Node {
+            id,
+            labels: [("app".to_string(), "sim".to_string())].into(),
+        }),
+        ..Default::default()
+    };
+    if tx.send(hello).await.is_err() {
+        return;
+    }
+    let Ok(resp) = client.subscribe(ReceiverStream::new(rx)).await else {
+        return;
+    };
+    let mut snapshots = resp.into_inner();
+    while let Ok(Some(s)) = snapshots.message().await {
+        seen.fetch_max(s.version, Ordering::SeqCst);
+        let ack = v1::DiscoveryRequest {
+            version: s.version,
+            hash: s.hash,
+            ..Default::default()
+        };
+        if tx.send(ack).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = Args::parse();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let control = Proc(
+        Command::new(bin("weft-control"))
+            .arg("--data-dir")
+            .arg(dir.path().join("control"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn weft-control"),
+    );
+    let control_pid = control.0.id();
+    wait_port(port).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    let mut modules = v1::modules_client::ModulesClient::new(channel.clone());
+    let mut config = v1::config_client::ConfigClient::new(channel.clone());
+    let mut discovery = v1::discovery_client::DiscoveryClient::new(channel.clone());
+    let bytes = std::fs::read(&args.module).expect("read module");
+    let push = tokio_stream::iter([v1::PushChunk {
+        name: "basic".into(),
+        data: bytes,
+    }]);
+    modules.push(push).await.expect("push module");
+    let upstream = origin().await;
+
+    // Push to live with real proxies.
+    let mut push_to_live = Vec::new();
+    for &n in &args.proxies {
+        let app = format!("p{n}");
+        let started = Instant::now();
+        let procs: Vec<_> = (0..n)
+            .map(|i| start_proxy(dir.path(), port, upstream, &format!("{app}-{i}"), &app))
+            .collect();
+        for (_, admin, _) in &procs {
+            wait_port(*admin).await;
+        }
+        let v = apply(&mut config, chain(&app, "warm")).await;
+        rollout(&mut discovery, &format!("{app}-"), n, v).await;
+        let startup = started.elapsed();
+        let mut ms = Vec::new();
+        for round in 0..args.rounds {
+            let t = Instant::now();
+            let v = apply(&mut config, chain(&app, &format!("r{round}"))).await;
+            rollout(&mut discovery, &format!("{app}-"), n, v).await;
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        ms.sort_by(f64::total_cmp);
+        eprintln!(
+            "{n} proxies: push to live p50 {:.1} ms, max {:.1} ms",
+            percentile(&ms, 0.5),
+            percentile(&ms, 1.0)
+        );
+        push_to_live.push(json!({
+            "proxies": n,
+            "rounds": ms.len(),
+            "p50_ms": percentile(&ms, 0.5),
+            "p90_ms": percentile(&ms, 0.9),
+            "max_ms": percentile(&ms, 1.0),
+            "proxies_started_and_first_chain_live_ms": startup.as_millis() as u64,
+        }));
+        drop(procs);
+    }
+
+    // Scale: simulated streams.
+    let rss_before = rss_kib(control_pid);
+    let seen: Vec<Arc<AtomicU64>> = (0..args.streams)
+        .map(|_| Arc::new(AtomicU64::new(0)))
+        .collect();
+    let connect_started = Instant::now();
+    // Each simulated proxy has its own connection, as real ones do.
+    for (i, s) in seen.iter().enumerate() {
+        let sim = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+            .expect("url")
+            .connect()
+            .await
+            .expect("connect");
+        tokio::spawn(simulated(sim, format!("sim-{i}"), s.clone()));
+    }
+    // Every stream connected (it has been sent its first snapshot and ACKed).
+    let v0 = apply(&mut config, chain("sim", "s0")).await;
+    rollout(&mut discovery, "sim-", args.streams, v0).await;
+    let connected_ms = connect_started.elapsed().as_secs_f64() * 1e3;
+    let mut converge = Vec::new();
+    let mut delivered = Vec::new();
+    for round in 1..=5 {
+        let t = Instant::now();
+        let v = apply(&mut config, chain("sim", &format!("s{round}"))).await;
+        // Delivered: every stream has received it.
+        while seen.iter().any(|s| s.load(Ordering::SeqCst) < v) {
+            assert!(t.elapsed() < Duration::from_secs(60), "not delivered");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        delivered.push(t.elapsed().as_secs_f64() * 1e3);
+        rollout(&mut discovery, "sim-", args.streams, v).await;
+        converge.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    converge.sort_by(f64::total_cmp);
+    delivered.sort_by(f64::total_cmp);
+    let rss_after = rss_kib(control_pid);
+    eprintln!(
+        "{} streams: all delivered p50 {:.0} ms, all ACKed p50 {:.0} ms (max {:.0}); control RSS {} -> {} KiB",
+        args.streams,
+        percentile(&delivered, 0.5),
+        percentile(&converge, 0.5),
+        percentile(&converge, 1.0),
+        rss_before,
+        rss_after
+    );
+
+    // Swaps under load, with a release proxy and weft-load at `rate`.
+    let (proxy, admin, listen) = start_proxy(dir.path(), port, upstream, "load-0", "load");
+    wait_port(admin).await;
+    let v = apply(&mut config, chain("load", "l0")).await;
+    rollout(&mut discovery, "load-", 1, v).await;
+    let secs = 12.0;
+    let load = Command::new(bin("weft-load"))
+        .args(["--url", &format!("http://127.0.0.1:{listen}/")])
+        .args([
+            "--mode",
+            "rate",
+            "--rate",
+            &args.rate.to_string(),
+            "--connections",
+            "32",
+        ])
+        .args(["--duration-secs", &secs.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn weft-load");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let swaps_started = Instant::now();
+    for i in 1..=100 {
+        let v = apply(&mut config, chain("load", &format!("l{i}"))).await;
+        rollout(&mut discovery, "load-", 1, v).await;
+        // Spread the swaps over the load run.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let swaps_ms = swaps_started.elapsed().as_millis() as u64;
+    // Every swap happened while the load ran.
+    let within_load = swaps_ms + 500 < (secs * 1000.0) as u64;
+    let out = load.wait_with_output().expect("weft-load");
+    let load_result: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|_| json!(String::from_utf8_lossy(&out.stdout)));
+    eprintln!(
+        "100 swaps in {swaps_ms} ms under {} req/s: {load_result}",
+        args.rate
+    );
+    drop(proxy);
+
+    println!(
+        "{}",
+        json!({
+            "push_to_live": push_to_live,
+            "scale": {
+                "streams": args.streams,
+                "all_connected_and_acked_ms": connected_ms,
+                "delivered_p50_ms": percentile(&delivered, 0.5),
+                "acked_p50_ms": percentile(&converge, 0.5),
+                "acked_max_ms": percentile(&converge, 1.0),
+                "control_rss_kib_before_streams": rss_before,
+                "control_rss_kib_with_streams": rss_after,
+            },
+            "swaps_under_load": {
+                "swaps": 100,
+                "swaps_ms": swaps_ms,
+                "all_swaps_within_the_load_run": within_load,
+                "rate": args.rate,
+                "load": load_result,
+            },
+        })
+    );
+    drop(control);
+}

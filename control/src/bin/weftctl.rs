@@ -1,0 +1,1269 @@
+//! `weftctl`: the command-line client of the Weft control service (`weft-control`).
+//!
+//! Pushes filter modules, applies manifests of chains and clusters (see
+//! [`weft_control::manifest`]), shows what every proxy runs, follows rollouts and registers
+//! service instances. A failure prints one line, `weftctl: <message>`, on stderr and exits
+//! with 1; a usage error exits with 2.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+use weft_control::manifest;
+use weft_proto::v1::config_client::ConfigClient;
+use weft_proto::v1::discovery_client::DiscoveryClient;
+use weft_proto::v1::modules_client::ModulesClient;
+use weft_proto::v1::registry_client::RegistryClient;
+use weft_proto::v1::resource::Spec;
+use weft_proto::v1::{
+    ApplyRequest, ApplyResponse, ChainSpec, ClusterSpec, DeleteModuleRequest,
+    DeleteResourceRequest, HeartbeatRequest, Instance, ListModulesRequest, ListResourcesRequest,
+    ListServicesRequest, Module, ProxyStatus, PushChunk, RegisterRequest, Resource, StatusRequest,
+};
+
+/// Where the control service listens unless `--server` or `WEFT_CONTROL` says otherwise.
+const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
+/// The size of the chunks a module is pushed in.
+const PUSH_CHUNK: usize = 256 * 1024;
+/// How often `rollout status` asks for the proxies' status.
+const ROLLOUT_POLL: Duration = Duration::from_millis(200);
+/// The longest a connection attempt may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest one call of `register --keep-alive` may take.
+const KEEP_ALIVE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Command-line client of the Weft control service.
+#[derive(Parser, Debug)]
+#[command(name = "weftctl", version)]
+struct Cli {
+    /// The control service: a URL or `host:port` [env: WEFT_CONTROL] [default: http://127.0.0.1:7070]
+    #[arg(long, global = true, value_name = "URL")]
+    server: Option<String>,
+    /// The bearer token the control service was started with [env: WEFT_TOKEN]
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// The output format (`get chains|clusters -o yaml` prints a manifest `apply -f` takes back)
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The commands.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Push, list and delete WASM filter modules.
+    #[command(subcommand)]
+    Module(ModuleCommand),
+    /// Create or replace the chains and clusters of a manifest.
+    Apply {
+        /// The manifest (YAML documents separated by `---`); `-` reads stdin.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        file: PathBuf,
+        /// Validate and show what would change, with diffs; store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete a chain or a cluster.
+    Delete {
+        /// `chain` or `cluster`.
+        #[arg(value_enum, ignore_case = true)]
+        kind: ResourceKind,
+        /// The resource's name.
+        name: String,
+    },
+    /// List chains, clusters, proxies or services (registry instances).
+    Get {
+        /// What to list.
+        #[arg(value_enum, ignore_case = true)]
+        what: Listing,
+    },
+    /// Show the config version and what every proxy runs.
+    Status,
+    /// Follow the rollout of a config version.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
+    /// Register a service instance and print its id.
+    Register(RegisterArgs),
+    /// Remove a service instance.
+    Deregister {
+        /// The id `register` printed (`<service>/<address>`).
+        id: String,
+    },
+}
+
+/// `weftctl module ...`.
+#[derive(Subcommand, Debug)]
+enum ModuleCommand {
+    /// Upload a module (a `.wasm` file) and print the stored module.
+    Push {
+        /// The module file.
+        file: PathBuf,
+        /// The module's name [default: the file name without its extension]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the stored modules.
+    #[command(alias = "list")]
+    Ls,
+    /// Delete a module no chain refers to.
+    #[command(alias = "delete")]
+    Rm {
+        /// The module's name or `sha256:<hex>` digest.
+        module: String,
+    },
+}
+
+/// `weftctl rollout ...`.
+#[derive(Subcommand, Debug)]
+enum RolloutCommand {
+    /// Wait until every connected proxy (of a selector) runs a config version.
+    Status {
+        /// The config version to wait for [default: the current one]
+        #[arg(long)]
+        version: Option<u64>,
+        /// Only proxies with this label, `key=value`; repeat or separate with commas.
+        #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label, value_delimiter = ',')]
+        selector: Vec<(String, String)>,
+        /// Seconds to wait before giving up.
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+}
+
+/// `weftctl register ...`.
+#[derive(clap::Args, Debug)]
+struct RegisterArgs {
+    /// The service (`service2`).
+    service: String,
+    /// Where the instance is reached: `ip:port` or `host:port`.
+    address: String,
+    /// A label of the instance, `key=value`; repeat or separate with commas.
+    #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label, value_delimiter = ',')]
+    labels: Vec<(String, String)>,
+    /// Seconds without a heartbeat after which the instance expires.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    ttl: u32,
+    /// The weight for the weighted balancing policy [default: 1]
+    #[arg(long)]
+    weight: Option<u32>,
+    /// Stay running: heartbeat every ttl/3 seconds (registering again when the instance
+    /// expired, retrying while the service is unreachable) and deregister on SIGINT or
+    /// SIGTERM.
+    #[arg(long)]
+    keep_alive: bool,
+}
+
+/// How results are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// The kinds of config resources.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum ResourceKind {
+    #[value(alias = "chains")]
+    Chain,
+    #[value(alias = "clusters")]
+    Cluster,
+}
+
+impl ResourceKind {
+    /// The kind as the API spells it.
+    fn api_name(self) -> &'static str {
+        match self {
+            ResourceKind::Chain => "Chain",
+            ResourceKind::Cluster => "Cluster",
+        }
+    }
+}
+
+/// What `get` lists.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Listing {
+    #[value(alias = "chain")]
+    Chains,
+    #[value(alias = "cluster")]
+    Clusters,
+    #[value(alias = "proxy")]
+    Proxies,
+    #[value(alias = "service")]
+    Services,
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weftctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs one command.
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let server = Server::from_cli(&cli)?;
+    let output = cli.output;
+    match cli.command {
+        Command::Module(ModuleCommand::Push { file, name }) => {
+            push_module(&server, &file, name, output).await
+        }
+        Command::Module(ModuleCommand::Ls) => list_modules(&server, output).await,
+        Command::Module(ModuleCommand::Rm { module }) => {
+            let module = ModulesClient::new(server.connect().await?)
+                .delete(DeleteModuleRequest { module })
+                .await
+                .rpc()?;
+            show(
+                output,
+                || module_view(&module),
+                || println!("module/{} deleted ({})", module.name, module.digest),
+            )
+        }
+        Command::Apply { file, dry_run } => apply(&server, &file, dry_run, output).await,
+        Command::Delete { kind, name } => {
+            let request = DeleteResourceRequest {
+                kind: kind.api_name().into(),
+                name,
+            };
+            let response = ConfigClient::new(server.connect().await?)
+                .delete(request)
+                .await
+                .rpc()?;
+            show(
+                output,
+                || apply_view(&response, false),
+                || print_changes(&response, false),
+            )
+        }
+        Command::Get { what } => get(&server, what, output).await,
+        Command::Status => {
+            let status = DiscoveryClient::new(server.connect().await?)
+                .status(StatusRequest {})
+                .await
+                .rpc()?;
+            let view =
+                || json!({"version": status.version, "proxies": proxy_views(&status.proxies)});
+            show(output, view, || {
+                println!("config version {}", status.version);
+                print_proxies(&status.proxies);
+            })
+        }
+        Command::Rollout(RolloutCommand::Status {
+            version,
+            selector,
+            timeout,
+        }) => rollout_status(&server, version, &selector, timeout).await,
+        Command::Register(args) => {
+            let keep_alive = args.keep_alive;
+            let request = RegisterRequest {
+                service: args.service,
+                address: args.address,
+                labels: args.labels.into_iter().collect(),
+                ttl_seconds: args.ttl,
+                weight: args.weight.unwrap_or(0),
+            };
+            if keep_alive {
+                return register_and_keep_alive(&server, request, output).await;
+            }
+            let instance = RegistryClient::new(server.connect().await?)
+                .register(request)
+                .await
+                .rpc()?;
+            print_instance(output, &instance)
+        }
+        Command::Deregister { id } => {
+            let instance = RegistryClient::new(server.connect().await?)
+                .deregister(HeartbeatRequest { id })
+                .await
+                .rpc()?;
+            show(
+                output,
+                || instance_view(&instance),
+                || println!("deregistered {}", instance.id),
+            )
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Commands
+// ---------------------------------------------------------------------------------------
+
+/// `module push`: streams the file in [`PUSH_CHUNK`] pieces.
+async fn push_module(
+    server: &Server,
+    file: &Path,
+    name: Option<String>,
+    output: Output,
+) -> anyhow::Result<()> {
+    let name = match name {
+        Some(name) => name,
+        None => file
+            .file_stem()
+            .and_then(|stem| stem.to_str())
+            .filter(|stem| !stem.is_empty())
+            .ok_or_else(|| anyhow!("cannot name a module after {}: give --name", file.display()))?
+            .to_owned(),
+    };
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let mut chunks: Vec<PushChunk> = bytes
+        .chunks(PUSH_CHUNK)
+        .map(|data| PushChunk {
+            name: String::new(),
+            data: data.to_vec(),
+        })
+        .collect();
+    match chunks.first_mut() {
+        Some(first) => first.name = name,
+        None => chunks.push(PushChunk { name, data: vec![] }),
+    }
+    let module = ModulesClient::new(server.connect().await?)
+        .push(tokio_stream::iter(chunks))
+        .await
+        .rpc()?;
+    show(
+        output,
+        || module_view(&module),
+        || print_modules(std::slice::from_ref(&module)),
+    )
+}
+
+/// `module ls`.
+async fn list_modules(server: &Server, output: Output) -> anyhow::Result<()> {
+    let modules = ModulesClient::new(server.connect().await?)
+        .list(ListModulesRequest {})
+        .await
+        .rpc()?
+        .modules;
+    show(
+        output,
+        || modules.iter().map(module_view).collect(),
+        || print_modules(&modules),
+    )
+}
+
+/// `apply -f FILE`: the manifest is read and checked before the service is called.
+async fn apply(server: &Server, file: &Path, dry_run: bool, output: Output) -> anyhow::Result<()> {
+    let (source, text) = if file == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read stdin")?;
+        ("stdin".to_owned(), text)
+    } else {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read {}", file.display()))?;
+        (file.display().to_string(), text)
+    };
+    let resources = manifest::parse(&text).with_context(|| source.clone())?;
+    if resources.is_empty() {
+        bail!("{source} holds no resources");
+    }
+    let request = ApplyRequest { resources, dry_run };
+    let response = ConfigClient::new(server.connect().await?)
+        .apply(request)
+        .await
+        .rpc()?;
+    show(
+        output,
+        || apply_view(&response, dry_run),
+        || print_changes(&response, dry_run),
+    )
+}
+
+/// `get chains|clusters|proxies|services`.
+async fn get(server: &Server, what: Listing, output: Output) -> anyhow::Result<()> {
+    let channel = server.connect().await?;
+    let kind = match what {
+        Listing::Chains => "Chain",
+        Listing::Clusters => "Cluster",
+        Listing::Proxies => {
+            let proxies = DiscoveryClient::new(channel.clone())
+                .status(StatusRequest {})
+                .await
+                .rpc()?
+                .proxies;
+            return show(output, || proxy_views(&proxies), || print_proxies(&proxies));
+        }
+        Listing::Services => {
+            let instances = RegistryClient::new(channel.clone())
+                .list_services(ListServicesRequest {})
+                .await
+                .rpc()?
+                .instances;
+            return show(
+                output,
+                || instances.iter().map(instance_view).collect(),
+                || print_instances(&instances),
+            );
+        }
+    };
+    let request = ListResourcesRequest { kind: kind.into() };
+    let resources = ConfigClient::new(channel)
+        .list(request)
+        .await
+        .rpc()?
+        .resources;
+    match output {
+        Output::Yaml => print!("{}", manifest::to_yaml(&resources)),
+        Output::Json => println!("{}", manifest::to_json(&resources)),
+        Output::Table if kind == "Chain" => print_chains(&resources),
+        Output::Table => print_clusters(&resources),
+    }
+    Ok(())
+}
+
+/// `rollout status`: polls the proxies' status until every considered proxy is synced at the
+/// target version, one of them rejected it, or the time is up.
+async fn rollout_status(
+    server: &Server,
+    version: Option<u64>,
+    selector: &[(String, String)],
+    timeout: u64,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(timeout);
+    let timed_out = |progress: &str| anyhow!("rollout timed out after {timeout}s: {progress}");
+    let mut discovery = DiscoveryClient::new(server.connect().await?);
+    let mut target = version;
+    let mut reported = None;
+    loop {
+        let status = tokio::time::timeout_at(deadline, discovery.status(StatusRequest {}))
+            .await
+            .map_err(|_| timed_out("the control service did not answer"))?
+            .rpc()?;
+        let target = *target.get_or_insert(status.version);
+        let (synced, total) = match rollout(&status.proxies, target, selector) {
+            Rollout::Complete { proxies } => {
+                println!("rollout complete: {proxies}/{proxies} proxies at version >= {target}");
+                return Ok(());
+            }
+            Rollout::Failed(p) => bail!(
+                "rollout failed: proxy {} rejected version {}: {}",
+                p.id,
+                p.nacked_version,
+                p.nack_error
+            ),
+            Rollout::Waiting { synced, total } => (synced, total),
+        };
+        let progress = match (total, selector_text(selector)) {
+            (0, None) => "no proxy is connected".to_owned(),
+            (0, Some(selector)) => format!("no connected proxy matches {selector}"),
+            _ => format!("{synced}/{total} proxies at version >= {target}"),
+        };
+        if reported != Some((synced, total)) {
+            reported = Some((synced, total));
+            eprintln!("waiting: {progress}");
+        }
+        if Instant::now() + ROLLOUT_POLL > deadline {
+            return Err(timed_out(&progress));
+        }
+        tokio::time::sleep(ROLLOUT_POLL).await;
+    }
+}
+
+/// Where a rollout stands.
+#[derive(Debug, PartialEq)]
+enum Rollout<'a> {
+    /// Every considered proxy runs the target version or a later one.
+    Complete {
+        /// How many proxies were considered.
+        proxies: usize,
+    },
+    /// A considered proxy not yet synced rejected the target version or a later one.
+    Failed(&'a ProxyStatus),
+    /// `synced` of the `total` considered proxies run the target version or a later one.
+    Waiting {
+        /// Proxies synced.
+        synced: usize,
+        /// Proxies considered.
+        total: usize,
+    },
+}
+
+/// Where the rollout of `target` stands among the connected proxies that have every label
+/// of `selector`; with none of them it is `Waiting`, never `Complete`. A rejection counts only
+/// from a proxy not yet synced at `target` (one synced before rejecting a later version is
+/// done).
+fn rollout<'a>(
+    proxies: &'a [ProxyStatus],
+    target: u64,
+    selector: &[(String, String)],
+) -> Rollout<'a> {
+    let considered: Vec<&ProxyStatus> = proxies
+        .iter()
+        .filter(|p| p.connected && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+        .collect();
+    let total = considered.len();
+    let synced = considered
+        .iter()
+        .filter(|p| p.synced_version >= target)
+        .count();
+    if total > 0 && synced == total {
+        return Rollout::Complete { proxies: total };
+    }
+    let rejected = considered.into_iter().find(|p| {
+        p.synced_version < target && !p.nack_error.is_empty() && p.nacked_version >= target
+    });
+    match rejected {
+        Some(p) => Rollout::Failed(p),
+        None => Rollout::Waiting { synced, total },
+    }
+}
+
+/// `register --keep-alive`: registers, then heartbeats every ttl/3 until SIGINT or SIGTERM,
+/// and deregisters. Registers again when a heartbeat finds the instance expired; retries with
+/// backoff while the service is unreachable or failing; stops only on an error retrying
+/// cannot fix (invalid request, bad token).
+async fn register_and_keep_alive(
+    server: &Server,
+    request: RegisterRequest,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut registry = RegistryClient::new(server.connect_lazy()?);
+    let interval = Duration::from_millis(u64::from(request.ttl_seconds) * 1000 / 3);
+    let max_backoff = interval.min(Duration::from_secs(5));
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    let mut id: Option<String> = None;
+    let mut printed = false;
+    let mut backoff = Duration::ZERO;
+    loop {
+        let call = async {
+            match &id {
+                None => registry.register(request.clone()).await,
+                Some(id) => {
+                    registry
+                        .heartbeat(HeartbeatRequest { id: id.clone() })
+                        .await
+                }
+            }
+        };
+        let result = tokio::select! {
+            signal = &mut shutdown => { signal?; break; }
+            result = call => result,
+        };
+        let pause = match result {
+            Ok(response) => {
+                let instance = response.into_inner();
+                if !backoff.is_zero() {
+                    eprintln!(
+                        "weftctl: the control service at {} answers again",
+                        server.url
+                    );
+                    backoff = Duration::ZERO;
+                }
+                if id.is_none() {
+                    if printed {
+                        eprintln!("weftctl: registered {} again", instance.id);
+                    } else {
+                        print_instance(output, &instance)?;
+                        printed = true;
+                    }
+                    id = Some(instance.id);
+                }
+                interval
+            }
+            Err(status) if status.code() == Code::NotFound && id.is_some() => {
+                let expired = id.take().unwrap_or_default();
+                eprintln!("weftctl: instance {expired} expired; registering it again");
+                Duration::ZERO
+            }
+            Err(status) if is_permanent(status.code()) => bail!(status_message(&status)),
+            Err(status) => {
+                backoff = (backoff * 2)
+                    .max(Duration::from_millis(200))
+                    .min(max_backoff);
+                let call = if id.is_some() {
+                    "heartbeat"
+                } else {
+                    "register"
+                };
+                let failure = match status.code() {
+                    Code::Unavailable => {
+                        format!("cannot reach the control service at {}", server.url)
+                    }
+                    _ => format!("{call} failed"),
+                };
+                eprintln!(
+                    "weftctl: {failure}: {}; retrying in {:.1}s",
+                    status_message(&status),
+                    backoff.as_secs_f64()
+                );
+                backoff
+            }
+        };
+        tokio::select! {
+            signal = &mut shutdown => { signal?; break; }
+            () = tokio::time::sleep(pause) => {}
+        }
+    }
+    if let Some(id) = id {
+        match registry
+            .deregister(HeartbeatRequest { id: id.clone() })
+            .await
+        {
+            Ok(_) => println!("deregistered {id}"),
+            Err(status) => eprintln!(
+                "weftctl: cannot deregister {id} (it expires after its TTL): {}",
+                status_message(&status)
+            ),
+        }
+    }
+    Ok(())
+}
+
+/// Whether retrying a call that failed with `code` cannot help.
+fn is_permanent(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::Unauthenticated
+            | Code::PermissionDenied
+            | Code::Unimplemented
+    )
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut terminate = signal(SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result,
+        _ = terminate.recv() => Ok(()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection
+// ---------------------------------------------------------------------------------------
+
+/// The control service to talk to.
+struct Server {
+    /// Its URL, with a scheme.
+    url: String,
+    /// What every request carries.
+    auth: Auth,
+}
+
+/// Adds `authorization: Bearer <token>` to every request when there is a token.
+#[derive(Clone, Debug)]
+struct Auth(Option<AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A channel to the control service, authenticating every call.
+type AuthChannel = InterceptedService<Channel, Auth>;
+
+impl Server {
+    /// The server and token of the flags, else of `WEFT_CONTROL` and `WEFT_TOKEN`.
+    fn from_cli(cli: &Cli) -> anyhow::Result<Self> {
+        let server = cli
+            .server
+            .clone()
+            .or_else(|| std::env::var("WEFT_CONTROL").ok())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
+        let url = with_scheme(server);
+        let token = cli
+            .token
+            .clone()
+            .or_else(|| std::env::var("WEFT_TOKEN").ok())
+            .filter(|t| !t.is_empty());
+        let auth = match token {
+            Some(token) => Some(
+                AsciiMetadataValue::try_from(format!("Bearer {token}"))
+                    .map_err(|_| anyhow!("the token holds characters a header cannot carry"))?,
+            ),
+            None => None,
+        };
+        Ok(Server {
+            url,
+            auth: Auth(auth),
+        })
+    }
+
+    /// The endpoint of the URL.
+    fn endpoint(&self) -> anyhow::Result<Endpoint> {
+        Endpoint::from_shared(self.url.clone())
+            .map(|endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT))
+            .map_err(|e| anyhow!("invalid control service URL `{}`: {}", self.url, causes(&e)))
+    }
+
+    /// Connects now, failing when the service cannot be reached.
+    async fn connect(&self) -> anyhow::Result<AuthChannel> {
+        let channel = self.endpoint()?.connect().await.map_err(|e| {
+            let cause = causes(&e);
+            anyhow!("cannot reach the control service at {}: {cause}", self.url)
+        })?;
+        Ok(InterceptedService::new(channel, self.auth.clone()))
+    }
+
+    /// A channel that connects on first use and reconnects after failures; each call times
+    /// out after [`KEEP_ALIVE_CALL_TIMEOUT`].
+    fn connect_lazy(&self) -> anyhow::Result<AuthChannel> {
+        let endpoint = self.endpoint()?.timeout(KEEP_ALIVE_CALL_TIMEOUT);
+        Ok(InterceptedService::new(
+            endpoint.connect_lazy(),
+            self.auth.clone(),
+        ))
+    }
+}
+
+/// Turns the outcome of a call into its message or a one-line error.
+trait Rpc<T> {
+    /// The response's message, or the status's message as an error.
+    fn rpc(self) -> anyhow::Result<T>;
+}
+
+impl<T> Rpc<T> for Result<tonic::Response<T>, Status> {
+    fn rpc(self) -> anyhow::Result<T> {
+        self.map(tonic::Response::into_inner)
+            .map_err(|status| anyhow!(status_message(&status)))
+    }
+}
+
+/// The message of a status (its code's description when empty; `<message> not found` for a
+/// bare NOT_FOUND name), with the cause of a transport failure.
+fn status_message(status: &Status) -> String {
+    let message = match status.message() {
+        "" => status.code().description().to_owned(),
+        message if status.code() == Code::NotFound && !message.contains("not found") => {
+            format!("{message} not found")
+        }
+        message => message.to_owned(),
+    };
+    match std::error::Error::source(status) {
+        Some(source) => {
+            let cause = causes(source);
+            if message.contains(&cause) {
+                message
+            } else if cause.starts_with(&message) {
+                cause
+            } else {
+                format!("{message}: {cause}")
+            }
+        }
+        None => message,
+    }
+}
+
+/// An error and its sources joined by `: `, without tonic's bare "transport error" and
+/// without repeating a source its parent already quotes.
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let text = error.to_string();
+        if text != "transport error" && !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        next = error.source();
+    }
+    parts.join(": ")
+}
+
+// ---------------------------------------------------------------------------------------
+// Output
+// ---------------------------------------------------------------------------------------
+
+/// Prints `view()` as JSON or YAML, or calls `table` for the table format.
+fn show(output: Output, view: impl FnOnce() -> Value, table: impl FnOnce()) -> anyhow::Result<()> {
+    match output {
+        Output::Table => table(),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&view())?),
+        Output::Yaml => print!("{}", serde_yaml_ng::to_string(&view())?),
+    }
+    Ok(())
+}
+
+/// Prints rows under a header as a [`table`], or `no <what>` on stderr when there are none.
+fn print_table<const N: usize>(what: &str, header: [&str; N], rows: Vec<[String; N]>) {
+    if rows.is_empty() {
+        eprintln!("no {what}");
+    } else {
+        print!("{}", table(header, rows));
+    }
+}
+
+/// Rows under a header in left-aligned columns three spaces apart, one line each.
+fn table<const N: usize>(header: [&str; N], rows: Vec<[String; N]>) -> String {
+    let rows: Vec<[String; N]> = std::iter::once(header.map(str::to_owned))
+        .chain(rows)
+        .collect();
+    let widths: [usize; N] = std::array::from_fn(|column| {
+        rows.iter()
+            .map(|row| row[column].chars().count())
+            .max()
+            .unwrap_or(0)
+    });
+    let mut text = String::new();
+    for row in &rows {
+        let cells: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        text.push_str(cells.join("   ").trim_end());
+        text.push('\n');
+    }
+    text
+}
+
+/// Prints modules as a table.
+fn print_modules(modules: &[Module]) {
+    let rows = modules
+        .iter()
+        .map(|m| {
+            [
+                m.name.clone(),
+                m.digest.clone(),
+                human_size(m.size),
+                m.abi_version.clone(),
+                ago(m.created_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        "modules",
+        ["NAME", "DIGEST", "SIZE", "ABI", "CREATED"],
+        rows,
+    );
+}
+
+/// Prints chains as a table.
+fn print_chains(resources: &[Resource]) {
+    let none = ChainSpec::default();
+    let rows = resources
+        .iter()
+        .map(|r| {
+            let chain = match &r.spec {
+                Some(Spec::Chain(chain)) => chain,
+                _ => &none,
+            };
+            let filters: Vec<&str> = chain.filters.iter().map(|f| f.name.as_str()).collect();
+            [
+                r.name.clone(),
+                chain.listener.clone(),
+                or_none(filters.join(",")),
+                or_none(chain.default_cluster.clone()),
+                labels_text(&r.selector),
+                r.version.to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME",
+        "LISTENER",
+        "FILTERS",
+        "DEFAULT CLUSTER",
+        "SELECTOR",
+        "VERSION",
+    ];
+    print_table("chains", header, rows);
+}
+
+/// Prints clusters as a table.
+fn print_clusters(resources: &[Resource]) {
+    let none = ClusterSpec::default();
+    let rows = resources
+        .iter()
+        .map(|r| {
+            let cluster = match &r.spec {
+                Some(Spec::Cluster(cluster)) => cluster,
+                _ => &none,
+            };
+            let endpoints: Vec<&str> = cluster
+                .endpoints
+                .iter()
+                .map(|e| e.address.as_str())
+                .collect();
+            [
+                r.name.clone(),
+                or_none(endpoints.join(",")),
+                or_none(cluster.service.clone()),
+                labels_text(&r.selector),
+                r.version.to_string(),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "ENDPOINTS", "SERVICE", "SELECTOR", "VERSION"];
+    print_table("clusters", header, rows);
+}
+
+/// Prints proxies as a table.
+fn print_proxies(proxies: &[ProxyStatus]) {
+    let rows = proxies
+        .iter()
+        .map(|p| {
+            [
+                p.id.clone(),
+                labels_text(&p.labels),
+                if p.connected { "yes" } else { "no" }.to_owned(),
+                p.acked_version.to_string(),
+                p.synced_version.to_string(),
+                proxy_state(p).replace('\n', " "),
+                ago(p.last_seen_ms),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "LABELS",
+        "CONNECTED",
+        "RUNNING",
+        "SYNCED",
+        "STATE",
+        "LAST SEEN",
+    ];
+    print_table("proxies", header, rows);
+}
+
+/// Prints registry instances as a table.
+fn print_instances(instances: &[Instance]) {
+    let rows = instances
+        .iter()
+        .map(|i| {
+            [
+                i.id.clone(),
+                i.weight.max(1).to_string(),
+                format!("{}s", i.ttl_seconds),
+                labels_text(&i.labels),
+                ago(i.last_seen_ms),
+            ]
+        })
+        .collect();
+    print_table(
+        "services",
+        ["ID", "WEIGHT", "TTL", "LABELS", "LAST SEEN"],
+        rows,
+    );
+}
+
+/// Prints an instance: its id alone in the table format.
+fn print_instance(output: Output, instance: &Instance) -> anyhow::Result<()> {
+    show(
+        output,
+        || instance_view(instance),
+        || println!("{}", instance.id),
+    )
+}
+
+/// Prints what an apply or delete did, kubectl style, then the config version.
+fn print_changes(response: &ApplyResponse, dry_run: bool) {
+    let suffix = if dry_run { " (dry run)" } else { "" };
+    for change in &response.changes {
+        println!(
+            "{}/{} {}{suffix}",
+            change.kind.to_lowercase(),
+            change.name,
+            change.action
+        );
+        if dry_run {
+            for line in change.diff.lines() {
+                println!("  {line}");
+            }
+        }
+    }
+    println!("config version {}", response.version);
+}
+
+/// `ACK`, `NACK: <reason>` when the proxy rejected a version newer than the one it runs, or
+/// `pending` when it never acknowledged a snapshot.
+fn proxy_state(proxy: &ProxyStatus) -> String {
+    if !proxy.nack_error.is_empty() && proxy.nacked_version > proxy.acked_version {
+        format!("NACK: {}", proxy.nack_error)
+    } else if proxy.acked_version == 0 && proxy.acked_hash.is_empty() {
+        "pending".to_owned()
+    } else {
+        "ACK".to_owned()
+    }
+}
+
+/// A module for JSON and YAML output.
+fn module_view(module: &Module) -> Value {
+    json!({
+        "name": module.name,
+        "digest": module.digest,
+        "size": module.size,
+        "abi_version": module.abi_version,
+        "created_ms": module.created_ms,
+    })
+}
+
+/// Proxies for JSON and YAML output.
+fn proxy_views(proxies: &[ProxyStatus]) -> Value {
+    proxies
+        .iter()
+        .map(|p| {
+            json!({
+                "id": p.id,
+                "labels": p.labels,
+                "connected": p.connected,
+                "state": proxy_state(p),
+                "acked_version": p.acked_version,
+                "acked_hash": p.acked_hash,
+                "sent_version": p.sent_version,
+                "synced_version": p.synced_version,
+                "nack_error": p.nack_error,
+                "nacked_version": p.nacked_version,
+                "last_seen_ms": p.last_seen_ms,
+            })
+        })
+        .collect()
+}
+
+/// A registry instance for JSON and YAML output.
+fn instance_view(instance: &Instance) -> Value {
+    json!({
+        "id": instance.id,
+        "service": instance.service,
+        "address": instance.address,
+        "labels": instance.labels,
+        "ttl_seconds": instance.ttl_seconds,
+        "weight": instance.weight,
+        "last_seen_ms": instance.last_seen_ms,
+    })
+}
+
+/// The outcome of an apply or delete for JSON and YAML output.
+fn apply_view(response: &ApplyResponse, dry_run: bool) -> Value {
+    let changes: Vec<Value> = response
+        .changes
+        .iter()
+        .map(|c| json!({"kind": c.kind, "name": c.name, "action": c.action, "diff": c.diff}))
+        .collect();
+    json!({"version": response.version, "dry_run": dry_run, "changes": changes})
+}
+
+/// `k=v,k2=v2` sorted by key, or `<none>`.
+fn labels_text(labels: &HashMap<String, String>) -> String {
+    let mut pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    pairs.sort();
+    or_none(pairs.join(","))
+}
+
+/// The selector as `k=v,...`, or `None` when it is empty.
+fn selector_text(selector: &[(String, String)]) -> Option<String> {
+    let pairs: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    (!pairs.is_empty()).then(|| pairs.join(","))
+}
+
+/// `text`, or `<none>` when it is empty.
+fn or_none(text: String) -> String {
+    if text.is_empty() {
+        "<none>".to_owned()
+    } else {
+        text
+    }
+}
+
+/// How long ago a time in milliseconds since the Unix epoch was (`3s ago`), or `never` for 0.
+fn ago(ms: u64) -> String {
+    if ms == 0 {
+        return "never".to_owned();
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let secs = now.saturating_sub(ms) / 1000;
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+/// A size in bytes as `812 B`, `1.5 KiB`, `2.0 MiB`.
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 3] = ["KiB", "MiB", "GiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut size = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while size >= 1024.0 && unit + 1 < UNITS.len() {
+        size /= 1024.0;
+        unit += 1;
+    }
+    format!("{size:.1} {}", UNITS[unit])
+}
+
+/// The URL of `--server`: `host:port` means `http://host:port`.
+fn with_scheme(server: String) -> String {
+    if server.contains("://") {
+        server
+    } else {
+        format!("http://{server}")
+    }
+}
+
+/// Parses a `key=value` label.
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("`{text}` is not key=value")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn proxy(id: &str, app: &str, connected: bool, synced: u64) -> ProxyStatus {
+        ProxyStatus {
+            id: id.into(),
+            labels: [("app".to_owned(), app.to_owned())].into(),
+            connected,
+            acked_version: synced,
+            acked_hash: "h".into(),
+            synced_version: synced,
+            ..Default::default()
+        }
+    }
+
+    fn selector(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn rollout_counts_connected_selected_proxies() {
+        let proxies = [
+            proxy("a", "one", true, 7),
+            proxy("b", "two", true, 6),
+            proxy("c", "one", false, 1),
+        ];
+        assert_eq!(
+            rollout(&proxies, 7, &[]),
+            Rollout::Waiting {
+                synced: 1,
+                total: 2
+            }
+        );
+        assert_eq!(
+            rollout(&proxies, 7, &selector(&[("app", "one")])),
+            Rollout::Complete { proxies: 1 }
+        );
+        assert_eq!(rollout(&proxies, 6, &[]), Rollout::Complete { proxies: 2 });
+        assert_eq!(
+            rollout(&proxies, 7, &selector(&[("app", "three")])),
+            Rollout::Waiting {
+                synced: 0,
+                total: 0
+            }
+        );
+    }
+
+    #[test]
+    fn rollout_fails_on_a_rejected_target() {
+        let mut rejecting = proxy("b", "two", true, 6);
+        rejecting.nack_error = "bad config".into();
+        rejecting.nacked_version = 5;
+        let proxies = [proxy("a", "one", true, 7), rejecting];
+        // An older rejection is not this rollout's.
+        assert_eq!(
+            rollout(&proxies, 7, &[]),
+            Rollout::Waiting {
+                synced: 1,
+                total: 2
+            }
+        );
+        let mut proxies = proxies;
+        proxies[1].nacked_version = 7;
+        assert_eq!(rollout(&proxies, 7, &[]), Rollout::Failed(&proxies[1]));
+        // A proxy synced at the target before rejecting a later version is done.
+        proxies[1].synced_version = 7;
+        proxies[1].nacked_version = 8;
+        assert_eq!(rollout(&proxies, 7, &[]), Rollout::Complete { proxies: 2 });
+    }
+
+    #[test]
+    fn proxy_states() {
+        let mut p = proxy("a", "one", true, 3);
+        assert_eq!(proxy_state(&p), "ACK");
+        p.nack_error = "no such module".into();
+        p.nacked_version = 3;
+        assert_eq!(
+            proxy_state(&p),
+            "ACK",
+            "a NACK of the version it runs is stale"
+        );
+        p.nacked_version = 4;
+        assert_eq!(proxy_state(&p), "NACK: no such module");
+        assert_eq!(proxy_state(&ProxyStatus::default()), "pending");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = vec![
+            ["router".to_owned(), "1.5 KiB".to_owned(), String::new()],
+            ["é".to_owned(), "12 B".to_owned(), "x".to_owned()],
+        ];
+        assert_eq!(
+            table(["NAME", "SIZE", "LAST"], rows),
+            "NAME     SIZE      LAST\nrouter   1.5 KiB\né        12 B      x\n"
+        );
+    }
+
+    #[test]
+    fn small_helpers() {
+        assert_eq!(
+            with_scheme("127.0.0.1:7070".into()),
+            "http://127.0.0.1:7070"
+        );
+        assert_eq!(with_scheme("http://ctl:7070".into()), "http://ctl:7070");
+        assert_eq!(parse_label("app=a=b"), Ok(("app".into(), "a=b".into())));
+        assert!(parse_label("app").is_err());
+        assert!(parse_label("=a").is_err());
+        assert_eq!(human_size(812), "812 B");
+        assert_eq!(human_size(1536), "1.5 KiB");
+        assert_eq!(human_size(3 << 20), "3.0 MiB");
+        assert_eq!(ago(0), "never");
+        let missing = Status::not_found("chain `outbound`");
+        assert_eq!(status_message(&missing), "chain `outbound` not found");
+        assert_eq!(
+            status_message(&Status::not_found("no such chain: not found")),
+            "no such chain: not found"
+        );
+        assert_eq!(
+            status_message(&Status::invalid_argument("")),
+            "Client specified an invalid argument"
+        );
+        let labels = [
+            ("b".to_owned(), "2".to_owned()),
+            ("a".to_owned(), "1".to_owned()),
+        ];
+        assert_eq!(labels_text(&labels.into()), "a=1,b=2");
+        assert_eq!(labels_text(&HashMap::new()), "<none>");
+    }
+}

@@ -1,0 +1,32 @@
+//! Weft's control service and CLI.
+//!
+//! `weft-control` stores WASM filter modules and config resources in an embedded database,
+//! keeps a registry of service instances, and streams each proxy the snapshot of what it
+//! should run over one long-lived discovery stream (xDS semantics: versioned snapshots,
+//! ACK/NACK). `weftctl` drives it. The API is `proto/weft/control/v1/control.proto`,
+//! described in `docs/control-api.md`.
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use weft_control::{ControlState, EmbeddedRegistry, RedbStore, Store};
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store: Arc<dyn Store> = Arc::new(RedbStore::open("data".as_ref())?);
+//! let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
+//! let state = Arc::new(ControlState::load(store, registry)?);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
+//! weft_control::serve(state, listener, None, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod manifest;
+pub mod model;
+pub mod registry;
+pub mod service;
+pub mod snapshot;
+pub mod state;
+pub mod store;
+
+pub use registry::{EmbeddedRegistry, Registry};
+pub use service::serve;
+pub use state::{ControlError, ControlState};
+pub use store::{RedbStore, Store, StoreError};

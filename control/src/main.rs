@@ -1,0 +1,93 @@
+//! `weft-control`: the Weft control service.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use weft_control::{ControlState, EmbeddedRegistry, RedbStore, Store};
+
+/// Weft control service: filter modules, config, registry and discovery over gRPC.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Directory of the embedded database (created if missing).
+    #[arg(long, default_value = "weft-control-data")]
+    data_dir: PathBuf,
+    /// Address of the gRPC endpoint.
+    #[arg(long, default_value = weft_control::service::DEFAULT_LISTEN)]
+    listen: std::net::SocketAddr,
+    /// A file holding the bearer token every client must present (`authorization: Bearer
+    /// <token>`); `WEFT_CONTROL_TOKEN` may give the token itself. Without either, any
+    /// client that reaches the address is trusted: keep it on loopback.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Log filter (`info`, `debug`, ...); `RUST_LOG` overrides it.
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-control: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let token = match &args.token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var("WEFT_CONTROL_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
+    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&args.data_dir)?);
+    let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
+    let state = Arc::new(ControlState::load(store, registry)?);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+        tracing::info!(
+            listen = %listener.local_addr()?,
+            data_dir = %args.data_dir.display(),
+            version = state.version(),
+            auth = token.is_some(),
+            "weft-control ready"
+        );
+        let shutdown = async {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) {
+                (Ok(mut t), Ok(mut i)) => {
+                    tokio::select! { _ = t.recv() => {}, _ = i.recv() => {} }
+                }
+                _ => std::future::pending().await,
+            }
+            tracing::info!("shutting down");
+        };
+        weft_control::serve(state, listener, token, shutdown).await?;
+        Ok(())
+    })
+}

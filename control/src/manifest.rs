@@ -1,0 +1,515 @@
+//! Manifests: chains and clusters as kubectl-like YAML documents, read by `weftctl apply` and
+//! written by `weftctl get -o yaml|json`.
+//!
+//! A manifest is a stream of YAML documents separated by `---`; empty documents are skipped.
+//! Each document is one [`Resource`]:
+//!
+//! ```yaml
+//! kind: Chain                  # or Cluster
+//! name: outbound
+//! selector: {app: service1}    # optional: proxy labels a proxy must all have
+//! spec:
+//!   listener: outbound         # required for a Chain
+//!   default_cluster: service2  # optional
+//!   filters:
+//!     - name: router
+//!       module: router         # a module name or sha256:<hex>
+//!       root_id: ""            # optional
+//!       config: {routes: []}   # optional, any value: handed to the filter as JSON
+//!       failure_policy: fail_closed  # optional: fail_closed or fail_open
+//! ---
+//! kind: Cluster
+//! name: service2
+//! spec:
+//!   endpoints: [{address: "127.0.0.1:8081", weight: 2}]  # optional
+//!   service: service2                                     # optional registry service
+//! ```
+//!
+//! `version` is written by [`to_yaml`] and ignored by [`parse`], so what `get` prints applies
+//! again unchanged.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::de::IgnoredAny;
+use serde::{Deserialize, Serialize};
+use weft_proto::v1::resource::Spec;
+use weft_proto::v1::{ChainSpec, ClusterSpec, Endpoint, FilterRef, Resource};
+
+/// Why a manifest cannot be read: the document at fault and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("document {document}: {message}")]
+pub struct ManifestError {
+    /// The 1-based index of the document in the manifest.
+    pub document: usize,
+    /// What is wrong, with the YAML position when there is one.
+    pub message: String,
+}
+
+/// Reads the resources of a manifest, in the order of its documents.
+///
+/// An error names the document (1-based) and what is wrong with it, with the field's path
+/// and line when the YAML is at fault (`document 2: spec.filters[0]: unknown field `conf`,
+/// ... at line 9 column 7`).
+pub fn parse(text: &str) -> Result<Vec<Resource>, ManifestError> {
+    // A first pass reads each document's kind, which decides how the second pass reads the
+    // document: serde then reports errors with their path, line and the right field names.
+    // The documents iterator repeats a syntax error forever: stop at the first error.
+    let mut heads = Vec::new();
+    for document in serde_yaml_ng::Deserializer::from_str(text) {
+        let head = Option::<Head>::deserialize(document)
+            .map_err(|e| ManifestError::new(heads.len(), e.to_string()))?;
+        heads.push(head);
+    }
+    let mut resources: Vec<(usize, Resource)> = Vec::new();
+    let documents = serde_yaml_ng::Deserializer::from_str(text);
+    for (index, (head, document)) in heads.into_iter().zip(documents).enumerate() {
+        let fail = |message: String| ManifestError::new(index, message);
+        let Some(Head { kind }) = head else {
+            continue;
+        };
+        let resource = match kind.as_deref() {
+            Some("Chain") => read(document).and_then(chain),
+            Some("Cluster") => read(document).map(cluster),
+            Some(other) => Err(format!(
+                "unknown kind `{other}` (expected `Chain` or `Cluster`)"
+            )),
+            None => Err("missing field `kind`".to_owned()),
+        }
+        .map_err(fail)?;
+        if let Some((first, _)) = resources
+            .iter()
+            .find(|(_, r)| r.kind == resource.kind && r.name == resource.name)
+        {
+            return Err(fail(format!(
+                "{} `{}` is already defined in document {first}",
+                resource.kind, resource.name
+            )));
+        }
+        resources.push((index + 1, resource));
+    }
+    Ok(resources.into_iter().map(|(_, r)| r).collect())
+}
+
+impl ManifestError {
+    /// An error of the document at 0-based `index`.
+    fn new(index: usize, message: String) -> Self {
+        ManifestError {
+            document: index + 1,
+            message,
+        }
+    }
+}
+
+/// Writes resources as a manifest [`parse`] reads back: one YAML document per resource.
+pub fn to_yaml(resources: &[Resource]) -> String {
+    resources
+        .iter()
+        .map(|resource| {
+            serde_yaml_ng::to_string(&OutputDocument::from(resource)).unwrap_or_else(|e| {
+                format!("# cannot write {} {}: {e}\n", resource.kind, resource.name)
+            })
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Writes resources as a pretty JSON array of the documents [`to_yaml`] writes, fields in the
+/// same order.
+pub fn to_json(resources: &[Resource]) -> String {
+    let documents: Vec<_> = resources.iter().map(OutputDocument::from).collect();
+    serde_json::to_string_pretty(&documents).unwrap_or_default()
+}
+
+/// The document [`to_yaml`] writes for a resource, as a JSON value (the filters' `config_json`
+/// parsed back into values).
+pub fn to_value(resource: &Resource) -> serde_json::Value {
+    serde_json::to_value(OutputDocument::from(resource)).unwrap_or_default()
+}
+
+/// What the first pass reads of a document.
+#[derive(Deserialize)]
+#[serde(expecting = "a resource: a mapping with `kind`, `name` and `spec`")]
+struct Head {
+    /// `Chain` or `Cluster`.
+    kind: Option<String>,
+}
+
+/// A document of a kind whose spec is `S`, as read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputDocument<S> {
+    /// Read by the first pass.
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    name: String,
+    #[serde(default)]
+    selector: HashMap<String, String>,
+    /// Set by the service: accepted and ignored.
+    #[serde(default, rename = "version")]
+    _version: IgnoredAny,
+    spec: Option<S>,
+}
+
+/// The spec of a `Chain`, as read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChainInput {
+    listener: String,
+    #[serde(default)]
+    default_cluster: String,
+    #[serde(default)]
+    filters: Vec<FilterDocument>,
+}
+
+/// The spec of a `Cluster`, as read.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClusterInput {
+    #[serde(default)]
+    endpoints: Vec<EndpointDocument>,
+    #[serde(default)]
+    service: String,
+}
+
+/// A filter of a chain, as written in a manifest.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct FilterDocument {
+    name: String,
+    module: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    root_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    failure_policy: String,
+}
+
+/// An endpoint of a cluster, as written in a manifest.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointDocument {
+    address: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    weight: u32,
+}
+
+/// Reads a document in the second pass.
+fn read<S: for<'de> Deserialize<'de>>(
+    document: serde_yaml_ng::Deserializer<'_>,
+) -> Result<InputDocument<S>, String> {
+    let document = InputDocument::deserialize(document).map_err(|e| e.to_string())?;
+    if document.name.is_empty() {
+        return Err("`name` is empty".to_owned());
+    }
+    Ok(document)
+}
+
+/// Checks a `Chain` document and builds its resource.
+fn chain(document: InputDocument<ChainInput>) -> Result<Resource, String> {
+    let Some(spec) = document.spec.filter(|spec| !spec.listener.is_empty()) else {
+        return Err(format!("Chain `{}` has no `spec.listener`", document.name));
+    };
+    let spec = Spec::Chain(ChainSpec {
+        listener: spec.listener,
+        default_cluster: spec.default_cluster,
+        filters: spec.filters.into_iter().map(FilterRef::from).collect(),
+    });
+    Ok(resource("Chain", document.name, document.selector, spec))
+}
+
+/// Builds the resource of a `Cluster` document.
+fn cluster(document: InputDocument<ClusterInput>) -> Resource {
+    let spec = document.spec.unwrap_or_default();
+    let spec = Spec::Cluster(ClusterSpec {
+        endpoints: spec.endpoints.into_iter().map(Endpoint::from).collect(),
+        service: spec.service,
+    });
+    resource("Cluster", document.name, document.selector, spec)
+}
+
+/// A resource as read (no version).
+fn resource(kind: &str, name: String, selector: HashMap<String, String>, spec: Spec) -> Resource {
+    Resource {
+        kind: kind.to_owned(),
+        name,
+        selector,
+        version: 0,
+        spec: Some(spec),
+    }
+}
+
+impl From<FilterDocument> for FilterRef {
+    fn from(filter: FilterDocument) -> Self {
+        FilterRef {
+            name: filter.name,
+            module: filter.module,
+            root_id: filter.root_id,
+            config_json: match filter.config {
+                None | Some(serde_json::Value::Null) => String::new(),
+                Some(value) => value.to_string(),
+            },
+            failure_policy: filter.failure_policy,
+        }
+    }
+}
+
+impl From<EndpointDocument> for Endpoint {
+    fn from(endpoint: EndpointDocument) -> Self {
+        Endpoint {
+            address: endpoint.address,
+            weight: endpoint.weight,
+        }
+    }
+}
+
+/// A document as written: fields in manifest order, empty optional fields left out.
+#[derive(Serialize)]
+struct OutputDocument<'a> {
+    kind: &'a str,
+    name: &'a str,
+    selector: BTreeMap<&'a str, &'a str>,
+    #[serde(skip_serializing_if = "is_zero")]
+    version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    spec: Option<OutputSpec<'a>>,
+}
+
+/// The spec of an [`OutputDocument`].
+#[derive(Serialize)]
+#[serde(untagged)]
+enum OutputSpec<'a> {
+    /// A chain's.
+    Chain {
+        listener: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        default_cluster: &'a str,
+        filters: Vec<FilterDocument>,
+    },
+    /// A cluster's.
+    Cluster {
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        endpoints: Vec<EndpointDocument>,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        service: &'a str,
+    },
+}
+
+impl<'a> From<&'a Resource> for OutputDocument<'a> {
+    fn from(resource: &'a Resource) -> Self {
+        let spec = resource.spec.as_ref().map(|spec| match spec {
+            Spec::Chain(chain) => OutputSpec::Chain {
+                listener: &chain.listener,
+                default_cluster: &chain.default_cluster,
+                filters: chain.filters.iter().map(FilterDocument::from).collect(),
+            },
+            Spec::Cluster(cluster) => OutputSpec::Cluster {
+                endpoints: cluster
+                    .endpoints
+                    .iter()
+                    .map(|e| EndpointDocument {
+                        address: e.address.clone(),
+                        weight: e.weight,
+                    })
+                    .collect(),
+                service: &cluster.service,
+            },
+        });
+        OutputDocument {
+            kind: &resource.kind,
+            name: &resource.name,
+            selector: resource
+                .selector
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+            version: resource.version,
+            spec,
+        }
+    }
+}
+
+impl From<&FilterRef> for FilterDocument {
+    fn from(filter: &FilterRef) -> Self {
+        FilterDocument {
+            name: filter.name.clone(),
+            module: filter.module.clone(),
+            root_id: filter.root_id.clone(),
+            // A config that is not JSON (never from the service) is kept as a string.
+            config: (!filter.config_json.is_empty()).then(|| {
+                serde_json::from_str(&filter.config_json)
+                    .unwrap_or_else(|_| serde_json::Value::String(filter.config_json.clone()))
+            }),
+            failure_policy: filter.failure_policy.clone(),
+        }
+    }
+}
+
+/// For `skip_serializing_if`.
+fn is_zero<T: Default + PartialEq>(n: &T) -> bool {
+    *n == T::default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MANIFEST: &str = r#"
+kind: Chain
+name: outbound
+selector: {app: service1}
+spec:
+  listener: outbound
+  default_cluster: service2
+  filters:
+    - name: router
+      module: router
+      config:
+        routes:
+          - {prefix: /api, cluster: service2, weight: 1.5}
+          - {prefix: /, cluster: "null"}
+    - name: fault
+      module: sha256:0123456789abcdef
+      root_id: fault_root
+      failure_policy: fail_open
+---
+---
+kind: Cluster
+name: service2
+selector: {}
+version: 7
+spec:
+  endpoints: [{address: "127.0.0.1:8081", weight: 2}, {address: "127.0.0.1:8082"}]
+  service: service2
+---
+kind: Cluster
+name: empty
+"#;
+
+    #[test]
+    fn reads_every_document() {
+        let resources = parse(MANIFEST).unwrap();
+        assert_eq!(resources.len(), 3);
+        let Some(Spec::Chain(chain)) = &resources[0].spec else {
+            panic!("not a chain: {:?}", resources[0]);
+        };
+        assert_eq!(resources[0].selector["app"], "service1");
+        assert_eq!(chain.listener, "outbound");
+        assert_eq!(chain.filters.len(), 2);
+        let config: serde_json::Value =
+            serde_json::from_str(&chain.filters[0].config_json).unwrap();
+        assert_eq!(config["routes"][0]["weight"], 1.5);
+        assert_eq!(config["routes"][1]["cluster"], "null");
+        assert_eq!(chain.filters[1].config_json, "");
+        let Some(Spec::Cluster(cluster)) = &resources[1].spec else {
+            panic!("not a cluster: {:?}", resources[1]);
+        };
+        assert_eq!(resources[1].version, 0, "version is ignored");
+        assert_eq!(cluster.endpoints[0].weight, 2);
+        assert_eq!(cluster.service, "service2");
+        assert_eq!(
+            resources[2].spec,
+            Some(Spec::Cluster(ClusterSpec::default()))
+        );
+    }
+
+    #[test]
+    fn round_trips() {
+        let resources = parse(MANIFEST).unwrap();
+        let yaml = to_yaml(&resources);
+        assert_eq!(parse(&yaml).unwrap(), resources, "{yaml}");
+        let mut versioned = resources.clone();
+        versioned[0].version = 3;
+        let yaml = to_yaml(&versioned);
+        assert!(yaml.contains("version: 3"), "{yaml}");
+        assert_eq!(parse(&yaml).unwrap(), resources, "{yaml}");
+        let json: Vec<serde_json::Value> = serde_json::from_str(&to_json(&versioned)).unwrap();
+        assert_eq!(json[0], to_value(&versioned[0]));
+        assert_eq!(
+            json[0]["spec"]["filters"][0]["config"]["routes"][0]["prefix"],
+            "/api"
+        );
+    }
+
+    #[test]
+    fn empty_manifest_has_no_resources() {
+        assert_eq!(parse("").unwrap(), vec![]);
+        assert_eq!(parse("---\n---\n# nothing\n").unwrap(), vec![]);
+    }
+
+    fn error(text: &str) -> ManifestError {
+        parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn errors_name_the_document() {
+        let valid = "kind: Cluster\nname: a\n---\n";
+        let e = error(&format!("{valid}kind: Listener\nname: b\n"));
+        assert_eq!(e.document, 2);
+        assert_eq!(
+            e.to_string(),
+            "document 2: unknown kind `Listener` (expected `Chain` or `Cluster`)"
+        );
+
+        let e = error(&format!("{valid}kind: Cluster\nname: b\nlabels: {{}}\n"));
+        assert_eq!(e.document, 2);
+        assert!(
+            e.to_string()
+                .starts_with("document 2: unknown field `labels`"),
+            "{e}"
+        );
+
+        let e = error(&format!(
+            "{valid}kind: Chain\nname: b\nspec:\n  listener: x\n  filters:\n    - {{name: r, module: r, conf: 1}}\n"
+        ));
+        assert!(
+            e.message.contains("spec.filters[0]: unknown field `conf`"),
+            "{e}"
+        );
+        assert!(e.message.contains("line 9"), "{e}");
+
+        let e = error("kind: Chain\nname: b\nspec:\n  endpoints: []\n  listener: x\n");
+        assert_eq!(e.document, 1);
+        assert!(
+            e.message.starts_with(
+                "spec: unknown field `endpoints`, expected one of `listener`, `default_cluster`"
+            ),
+            "{e}"
+        );
+
+        let e = error("kind: Cluster\nname: b\nspec: {listener: x}\n");
+        assert!(
+            e.message.contains("expected `endpoints` or `service`"),
+            "{e}"
+        );
+
+        let e = error("name: b\n");
+        assert_eq!(e.to_string(), "document 1: missing field `kind`");
+
+        let e = error("[kind, name]\n");
+        assert!(e.message.contains("expected a resource"), "{e}");
+
+        let e = error("kind: Cluster\nspec: {}\n");
+        assert!(e.message.contains("missing field `name`"), "{e}");
+
+        let e = error("kind: Chain\nname: c\nspec: {filters: []}\n");
+        assert_eq!(
+            e.to_string(),
+            "document 1: spec: missing field `listener` at line 3 column 7"
+        );
+        let e = error("kind: Chain\nname: c\n");
+        assert_eq!(
+            e.to_string(),
+            "document 1: Chain `c` has no `spec.listener`"
+        );
+
+        let e = error(&format!("{valid}{valid}"));
+        assert_eq!(
+            e.to_string(),
+            "document 2: Cluster `a` is already defined in document 1"
+        );
+
+        let e = error(&format!("{valid}kind: [\n"));
+        assert_eq!(e.document, 2);
+    }
+}

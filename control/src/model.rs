@@ -1,0 +1,256 @@
+//! The control service's own types: what it stores and reasons about. Generated protobuf
+//! types are converted to and from these at the gRPC edge ([`crate::service`]) and never go
+//! further in.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Labels of a proxy or an instance, and label selectors.
+pub type Labels = BTreeMap<String, String>;
+
+/// A stored WASM module.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    /// `sha256:<hex>` of the bytes.
+    pub digest: String,
+    /// The name it was pushed under.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// The proxy-wasm ABI version it exports.
+    pub abi_version: String,
+    /// First stored, milliseconds since the Unix epoch.
+    pub created_ms: u64,
+}
+
+/// The kinds of config resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    /// A listener's filter chain.
+    Chain,
+    /// A cluster's endpoints.
+    Cluster,
+}
+
+impl Kind {
+    /// Parses `Chain`/`chain`/`chains`, `Cluster`/`cluster`/`clusters`.
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s.to_ascii_lowercase().as_str() {
+            "chain" | "chains" => Some(Kind::Chain),
+            "cluster" | "clusters" => Some(Kind::Cluster),
+            _ => None,
+        }
+    }
+
+    /// `Chain` or `Cluster`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Chain => "Chain",
+            Kind::Cluster => "Cluster",
+        }
+    }
+}
+
+/// A filter of a chain, its module resolved to a digest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FilterSpec {
+    /// Name in the chain.
+    pub name: String,
+    /// `sha256:<hex>` of the module.
+    pub module: String,
+    /// Root context id; empty for the default.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub root_id: String,
+    /// Configuration handed to `on_configure`.
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub config: serde_json::Value,
+    /// `fail_closed` or `fail_open`.
+    pub failure_policy: String,
+}
+
+/// A listener's chain.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChainSpec {
+    /// The proxy listener.
+    pub listener: String,
+    /// The default cluster; empty keeps the proxy's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub default_cluster: String,
+    /// The filters, in request order.
+    pub filters: Vec<FilterSpec>,
+}
+
+/// An endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// `host:port`.
+    pub address: String,
+    /// Weight, at least 1.
+    pub weight: u32,
+}
+
+/// The endpoints a cluster gets.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// Fixed endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<Endpoint>,
+    /// Registry service whose live instances are added.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub service: String,
+}
+
+/// The spec of a resource.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Spec {
+    /// A chain.
+    Chain(ChainSpec),
+    /// A cluster.
+    Cluster(ClusterSpec),
+}
+
+/// A named, selected resource.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Resource {
+    /// Its kind.
+    pub kind: Kind,
+    /// Its name, unique per kind.
+    pub name: String,
+    /// Labels a proxy must have.
+    pub selector: Labels,
+    /// The config version that last changed it.
+    pub version: u64,
+    /// What it configures.
+    pub spec: Spec,
+}
+
+impl Resource {
+    /// Whether it applies to a proxy with `labels`.
+    pub fn selects(&self, labels: &Labels) -> bool {
+        self.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+    }
+
+    /// The digests of the modules it refers to.
+    pub fn modules(&self) -> impl Iterator<Item = &str> {
+        let filters = match &self.spec {
+            Spec::Chain(c) => c.filters.as_slice(),
+            Spec::Cluster(_) => &[],
+        };
+        filters.iter().map(|f| f.module.as_str())
+    }
+
+    /// The YAML of what the resource says (version left out), for diffs.
+    pub fn to_yaml(&self) -> String {
+        #[derive(Serialize)]
+        struct View<'a> {
+            kind: &'static str,
+            name: &'a str,
+            selector: &'a Labels,
+            spec: serde_json::Value,
+        }
+        // The spec as a manifest writes it: no enum tag.
+        let spec = match &self.spec {
+            Spec::Chain(c) => serde_json::to_value(c),
+            Spec::Cluster(c) => serde_json::to_value(c),
+        }
+        .unwrap_or_default();
+        serde_yaml_ng::to_string(&View {
+            kind: self.kind.as_str(),
+            name: &self.name,
+            selector: &self.selector,
+            spec,
+        })
+        .unwrap_or_default()
+    }
+}
+
+/// A registered service instance.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Instance {
+    /// `<service>/<address>`.
+    pub id: String,
+    /// The service.
+    pub service: String,
+    /// Its address.
+    pub address: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// Seconds without a heartbeat before it expires.
+    pub ttl_seconds: u32,
+    /// Balancing weight.
+    pub weight: u32,
+    /// Last registration or heartbeat, milliseconds since the Unix epoch.
+    pub last_seen_ms: u64,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A line diff of two texts: unchanged lines prefixed with two spaces, removed with `- `,
+/// added with `+ ` (longest common subsequence; resources are small).
+pub fn diff(old: &str, new: &str) -> String {
+    let a: Vec<&str> = old.lines().collect();
+    let b: Vec<&str> = new.lines().collect();
+    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
+    for i in (0..a.len()).rev() {
+        for j in (0..b.len()).rev() {
+            lcs[i][j] = if a[i] == b[j] {
+                lcs[i + 1][j + 1] + 1
+            } else {
+                lcs[i + 1][j].max(lcs[i][j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, String::new());
+    while i < a.len() || j < b.len() {
+        if i < a.len() && j < b.len() && a[i] == b[j] {
+            out += &format!("  {}\n", a[i]);
+            (i, j) = (i + 1, j + 1);
+        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+            out += &format!("- {}\n", a[i]);
+            i += 1;
+        } else {
+            out += &format!("+ {}\n", b[j]);
+            j += 1;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_marks_removed_and_added_lines() {
+        let d = diff("a\nb\nc\n", "a\nx\nc\n");
+        assert_eq!(d, "  a\n- b\n+ x\n  c\n");
+        assert_eq!(diff("", "a\n"), "+ a\n");
+    }
+
+    #[test]
+    fn selectors_need_every_label() {
+        let r = Resource {
+            kind: Kind::Cluster,
+            name: "c".into(),
+            selector: [("app".to_string(), "s1".to_string())].into(),
+            version: 1,
+            spec: Spec::Cluster(ClusterSpec {
+                endpoints: vec![],
+                service: String::new(),
+            }),
+        };
+        let mut labels: Labels = [("app".to_string(), "s2".to_string())].into();
+        assert!(!r.selects(&labels));
+        labels.insert("app".into(), "s1".into());
+        labels.insert("zone".into(), "a".into());
+        assert!(r.selects(&labels));
+    }
+}

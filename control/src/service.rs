@@ -1,0 +1,636 @@
+//! The gRPC edge: each `weft.control.v1` service implemented over [`ControlState`], with the
+//! protobuf types converted to and from the service's own ([`crate::model`]) here and
+//! nowhere else, and the bearer-token check.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use weft_proto::v1;
+
+use crate::model::{self, ChainSpec, ClusterSpec, FilterSpec, Kind, Labels, Spec};
+use crate::snapshot::Snapshot;
+use crate::state::{Change, ControlError, ControlState, MAX_MODULE_BYTES};
+
+impl From<ControlError> for Status {
+    fn from(e: ControlError) -> Status {
+        match e {
+            ControlError::Invalid(m) => Status::invalid_argument(m),
+            ControlError::NotFound(m) => Status::not_found(format!("{m} not found")),
+            ControlError::Conflict(m) => Status::failed_precondition(m),
+            ControlError::Store(e) => Status::internal(e.to_string()),
+        }
+    }
+}
+
+fn module_msg(m: model::ModuleRecord) -> v1::Module {
+    v1::Module {
+        digest: m.digest,
+        name: m.name,
+        size: m.size,
+        abi_version: m.abi_version,
+        created_ms: m.created_ms,
+    }
+}
+
+fn labels(map: std::collections::HashMap<String, String>) -> Labels {
+    map.into_iter().collect()
+}
+
+fn hash_map(labels: &Labels) -> std::collections::HashMap<String, String> {
+    labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// A protobuf resource as the service's own, modules not yet resolved.
+fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
+    let kind = Kind::parse(&r.kind).ok_or_else(|| {
+        ControlError::Invalid(format!(
+            "resource `{}`: unknown kind `{}` (Chain or Cluster)",
+            r.name, r.kind
+        ))
+    })?;
+    let spec = match r.spec {
+        Some(v1::resource::Spec::Chain(c)) => Spec::Chain(ChainSpec {
+            listener: c.listener,
+            default_cluster: c.default_cluster,
+            filters: c
+                .filters
+                .into_iter()
+                .map(|f| {
+                    let config = if f.config_json.trim().is_empty() {
+                        serde_json::Value::Null
+                    } else {
+                        serde_json::from_str(&f.config_json).map_err(|e| {
+                            ControlError::Invalid(format!(
+                                "chain `{}`: filter `{}`: config is not JSON: {e}",
+                                r.name, f.name
+                            ))
+                        })?
+                    };
+                    Ok(FilterSpec {
+                        name: f.name,
+                        module: f.module,
+                        root_id: f.root_id,
+                        config,
+                        failure_policy: f.failure_policy,
+                    })
+                })
+                .collect::<Result<_, ControlError>>()?,
+        }),
+        Some(v1::resource::Spec::Cluster(c)) => Spec::Cluster(ClusterSpec {
+            endpoints: c
+                .endpoints
+                .into_iter()
+                .map(|e| model::Endpoint {
+                    address: e.address,
+                    weight: e.weight,
+                })
+                .collect(),
+            service: c.service,
+        }),
+        None => {
+            return Err(ControlError::Invalid(format!(
+                "{} `{}`: no spec",
+                kind.as_str().to_lowercase(),
+                r.name
+            )));
+        }
+    };
+    Ok(model::Resource {
+        kind,
+        name: r.name,
+        selector: labels(r.selector),
+        version: 0,
+        spec,
+    })
+}
+
+fn config_json(v: &serde_json::Value) -> String {
+    if v.is_null() {
+        String::new()
+    } else {
+        v.to_string()
+    }
+}
+
+fn endpoint_msg(e: &model::Endpoint) -> v1::Endpoint {
+    v1::Endpoint {
+        address: e.address.clone(),
+        weight: e.weight,
+    }
+}
+
+fn resource_msg(r: model::Resource) -> v1::Resource {
+    let spec = match r.spec {
+        Spec::Chain(c) => v1::resource::Spec::Chain(v1::ChainSpec {
+            listener: c.listener,
+            default_cluster: c.default_cluster,
+            filters: c
+                .filters
+                .iter()
+                .map(|f| v1::FilterRef {
+                    name: f.name.clone(),
+                    module: f.module.clone(),
+                    root_id: f.root_id.clone(),
+                    config_json: config_json(&f.config),
+                    failure_policy: f.failure_policy.clone(),
+                })
+                .collect(),
+        }),
+        Spec::Cluster(c) => v1::resource::Spec::Cluster(v1::ClusterSpec {
+            endpoints: c.endpoints.iter().map(endpoint_msg).collect(),
+            service: c.service,
+        }),
+    };
+    v1::Resource {
+        kind: r.kind.as_str().into(),
+        name: r.name,
+        selector: hash_map(&r.selector),
+        version: r.version,
+        spec: Some(spec),
+    }
+}
+
+fn change_msg(c: Change) -> v1::ResourceChange {
+    v1::ResourceChange {
+        kind: c.kind.as_str().into(),
+        name: c.name,
+        action: c.action.into(),
+        diff: c.diff,
+    }
+}
+
+fn instance_msg(i: model::Instance) -> v1::Instance {
+    v1::Instance {
+        labels: hash_map(&i.labels),
+        id: i.id,
+        service: i.service,
+        address: i.address,
+        ttl_seconds: i.ttl_seconds,
+        weight: i.weight,
+        last_seen_ms: i.last_seen_ms,
+    }
+}
+
+fn snapshot_msg(s: &Snapshot) -> v1::Snapshot {
+    v1::Snapshot {
+        version: s.version,
+        hash: s.hash.clone(),
+        chains: s
+            .chains
+            .iter()
+            .map(|c| v1::SnapshotChain {
+                name: c.name.clone(),
+                listener: c.listener.clone(),
+                default_cluster: c.default_cluster.clone(),
+                filters: c
+                    .filters
+                    .iter()
+                    .map(|f| v1::SnapshotFilter {
+                        name: f.name.clone(),
+                        digest: f.module.clone(),
+                        root_id: f.root_id.clone(),
+                        config_json: config_json(&f.config),
+                        failure_policy: f.failure_policy.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        clusters: s
+            .clusters
+            .iter()
+            .map(|c| v1::SnapshotCluster {
+                name: c.name.clone(),
+                endpoints: c.endpoints.iter().map(endpoint_msg).collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Implements every service over one shared state.
+#[derive(Clone)]
+pub struct ControlService {
+    state: Arc<ControlState>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl v1::modules_server::Modules for ControlService {
+    async fn push(
+        &self,
+        request: Request<Streaming<v1::PushChunk>>,
+    ) -> Result<Response<v1::Module>, Status> {
+        let mut chunks = request.into_inner();
+        let (mut name, mut bytes) = (None, Vec::new());
+        while let Some(chunk) = chunks.message().await? {
+            if name.is_none() {
+                name = Some(chunk.name);
+            }
+            if bytes.len() + chunk.data.len() > MAX_MODULE_BYTES {
+                return Err(Status::resource_exhausted(format!(
+                    "module larger than {} MiB",
+                    MAX_MODULE_BYTES >> 20
+                )));
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let name = name.unwrap_or_default();
+        let state = self.state.clone();
+        // Compiling a module takes a while: off the async threads.
+        let record = tokio::task::spawn_blocking(move || state.push_module(&name, &bytes))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(module = %record.name, digest = %record.digest, size = record.size, "module stored");
+        Ok(Response::new(module_msg(record)))
+    }
+
+    async fn list(
+        &self,
+        _: Request<v1::ListModulesRequest>,
+    ) -> Result<Response<v1::ListModulesResponse>, Status> {
+        Ok(Response::new(v1::ListModulesResponse {
+            modules: self.state.modules().into_iter().map(module_msg).collect(),
+        }))
+    }
+
+    type FetchStream = BoxStream<v1::ModuleChunk>;
+
+    async fn fetch(
+        &self,
+        request: Request<v1::FetchModuleRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let bytes = self.state.module_bytes(&request.into_inner().module)?;
+        let chunks: Vec<Result<v1::ModuleChunk, Status>> = bytes
+            .chunks(1 << 20)
+            .map(|c| Ok(v1::ModuleChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteModuleRequest>,
+    ) -> Result<Response<v1::Module>, Status> {
+        let m = self.state.delete_module(&request.into_inner().module)?;
+        tracing::info!(module = %m.name, digest = %m.digest, "module deleted");
+        Ok(Response::new(module_msg(m)))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::config_server::Config for ControlService {
+    async fn apply(
+        &self,
+        request: Request<v1::ApplyRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let req = request.into_inner();
+        let resources = req
+            .resources
+            .into_iter()
+            .map(resource_from)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (version, changes) = self.state.apply(resources, req.dry_run)?;
+        if !req.dry_run {
+            tracing::info!(version, "config applied");
+        }
+        Ok(Response::new(v1::ApplyResponse {
+            version,
+            changes: changes.into_iter().map(change_msg).collect(),
+        }))
+    }
+
+    async fn list(
+        &self,
+        request: Request<v1::ListResourcesRequest>,
+    ) -> Result<Response<v1::ListResourcesResponse>, Status> {
+        let kind = request.into_inner().kind;
+        let kind = if kind.is_empty() {
+            None
+        } else {
+            Some(Kind::parse(&kind).ok_or_else(|| {
+                Status::invalid_argument(format!("unknown kind `{kind}` (Chain or Cluster)"))
+            })?)
+        };
+        let (resources, version) = self.state.resources(kind);
+        Ok(Response::new(v1::ListResourcesResponse {
+            resources: resources.into_iter().map(resource_msg).collect(),
+            version,
+        }))
+    }
+
+    async fn delete(
+        &self,
+        request: Request<v1::DeleteResourceRequest>,
+    ) -> Result<Response<v1::ApplyResponse>, Status> {
+        let req = request.into_inner();
+        let kind = Kind::parse(&req.kind).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown kind `{}` (Chain or Cluster)", req.kind))
+        })?;
+        let (version, change) = self.state.delete(kind, &req.name)?;
+        Ok(Response::new(v1::ApplyResponse {
+            version,
+            changes: vec![change_msg(change)],
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::registry_server::Registry for ControlService {
+    async fn register(
+        &self,
+        request: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
+        let r = request.into_inner();
+        let i = self.state.register(model::Instance {
+            id: String::new(),
+            service: r.service,
+            address: r.address,
+            labels: labels(r.labels),
+            ttl_seconds: r.ttl_seconds,
+            weight: r.weight,
+            last_seen_ms: 0,
+        })?;
+        tracing::info!(instance = %i.id, ttl_s = i.ttl_seconds, "instance registered");
+        Ok(Response::new(instance_msg(i)))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
+        Ok(Response::new(instance_msg(
+            self.state.heartbeat(&request.into_inner().id)?,
+        )))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<v1::HeartbeatRequest>,
+    ) -> Result<Response<v1::Instance>, Status> {
+        let i = self.state.deregister(&request.into_inner().id)?;
+        tracing::info!(instance = %i.id, "instance deregistered");
+        Ok(Response::new(instance_msg(i)))
+    }
+
+    async fn list_services(
+        &self,
+        _: Request<v1::ListServicesRequest>,
+    ) -> Result<Response<v1::ListServicesResponse>, Status> {
+        Ok(Response::new(v1::ListServicesResponse {
+            instances: self
+                .state
+                .instances()
+                .into_iter()
+                .map(instance_msg)
+                .collect(),
+        }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::discovery_server::Discovery for ControlService {
+    type SubscribeStream = BoxStream<v1::Snapshot>;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<v1::DiscoveryRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before naming the proxy"))?;
+        let node = first
+            .node
+            .filter(|n| !n.id.is_empty())
+            .ok_or_else(|| Status::invalid_argument("the first message must carry node.id"))?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(serve_proxy(
+            self.state.clone(),
+            node.id,
+            labels(node.labels),
+            first.hash,
+            inbound,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        Ok(Response::new(v1::StatusResponse {
+            version: self.state.version(),
+            proxies: self
+                .state
+                .proxies()
+                .into_iter()
+                .map(|p| v1::ProxyStatus {
+                    labels: hash_map(&p.labels),
+                    id: p.id,
+                    connected: p.connected,
+                    acked_version: p.acked_version,
+                    acked_hash: p.acked_hash,
+                    sent_version: p.sent_version,
+                    synced_version: p.synced_version,
+                    nack_error: p.nack_error,
+                    nacked_version: p.nacked_version,
+                    last_seen_ms: p.last_seen_ms,
+                })
+                .collect(),
+        }))
+    }
+}
+
+/// One proxy's discovery stream: sends its snapshot whenever what it should run changes,
+/// records every ACK and NACK, and marks it disconnected when the stream ends.
+async fn serve_proxy(
+    state: Arc<ControlState>,
+    id: String,
+    labels: Labels,
+    running_hash: String,
+    mut inbound: Streaming<v1::DiscoveryRequest>,
+    tx: mpsc::Sender<Result<v1::Snapshot, Status>>,
+) {
+    let stream = state.proxy_connected(&id, labels.clone());
+    tracing::info!(proxy = %id, "proxy connected");
+    let mut changes = state.changes();
+    // What the proxy runs, as far as we know: the hash it reported, then what it ACKs.
+    let mut acked_hash = running_hash;
+    let mut sent_hash = String::new();
+    let mut nacked_hash = String::new();
+    let mut dirty = true;
+    loop {
+        if dirty {
+            dirty = false;
+            changes.borrow_and_update();
+            let snap = state.snapshot(&labels);
+            if snap.hash == acked_hash {
+                state.with_proxy(&id, stream, |p| {
+                    p.acked_hash = snap.hash.clone();
+                    p.synced_version = p.synced_version.max(snap.version);
+                    p.acked_version = p.acked_version.max(snap.version);
+                });
+            } else if snap.hash == nacked_hash {
+                // Still what the proxy refused: the refusal stands for this version too.
+                state.with_proxy(&id, stream, |p| {
+                    p.nacked_version = p.nacked_version.max(snap.version)
+                });
+            } else if snap.hash != sent_hash {
+                sent_hash = snap.hash.clone();
+                state.with_proxy(&id, stream, |p| p.sent_version = snap.version);
+                if tx.send(Ok(snapshot_msg(&snap))).await.is_err() {
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => {
+                if changed.is_err() { break; }
+                dirty = true;
+            }
+            msg = inbound.message() => match msg {
+                Ok(Some(m)) => {
+                    let now = model::now_ms();
+                    if m.error.is_empty() {
+                        acked_hash = m.hash.clone();
+                        state.with_proxy(&id, stream, |p| {
+                            p.acked_version = m.version;
+                            p.acked_hash = m.hash.clone();
+                            p.synced_version = p.synced_version.max(m.version);
+                            p.nack_error.clear();
+                            p.last_seen_ms = now;
+                        });
+                        tracing::debug!(proxy = %id, version = m.version, "ACK");
+                        // A change may have landed while the proxy was applying.
+                        dirty = true;
+                    } else {
+                        nacked_hash = m.hash.clone();
+                        tracing::warn!(proxy = %id, version = m.version, "NACK: {}", m.error);
+                        state.with_proxy(&id, stream, |p| {
+                            p.nack_error = m.error.clone();
+                            p.nacked_version = m.version;
+                            p.last_seen_ms = now;
+                        });
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            },
+        }
+    }
+    state.with_proxy(&id, stream, |p| {
+        p.connected = false;
+        p.last_seen_ms = model::now_ms();
+    });
+    tracing::info!(proxy = %id, "proxy disconnected");
+}
+
+/// Checks `authorization: Bearer <token>` on every call when a token is set.
+#[derive(Clone)]
+pub struct Auth {
+    token: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for Auth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(token) = &self.token else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(t) if constant_time_eq(t.as_bytes(), token.as_bytes()) => Ok(request),
+            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
+            None => Err(Status::unauthenticated(
+                "this control service needs `authorization: Bearer <token>`",
+            )),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves every control service on `listener` until `shutdown` resolves, expiring registry
+/// instances in the background.
+pub async fn serve(
+    state: Arc<ControlState>,
+    listener: tokio::net::TcpListener,
+    token: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let expirer = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                if let Err(e) = state.expire() {
+                    tracing::error!("registry expiry: {e}");
+                }
+            }
+        })
+    };
+    let svc = ControlService { state };
+    let auth = Auth {
+        token: token.map(Into::into),
+    };
+    // Small messages both ways (snapshots, ACKs): no Nagle delay.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.inspect(|c| {
+                let _ = c.set_nodelay(true);
+            })
+        },
+    );
+    // Discovery streams never end on their own: once shutdown is asked for, open streams
+    // get a moment, then the server stops (proxies reconnect to the next instance).
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(v1::modules_server::ModulesServer::with_interceptor(
+            svc.clone(),
+            auth.clone(),
+        ))
+        .add_service(v1::config_server::ConfigServer::with_interceptor(
+            svc.clone(),
+            auth.clone(),
+        ))
+        .add_service(v1::registry_server::RegistryServer::with_interceptor(
+            svc.clone(),
+            auth.clone(),
+        ))
+        .add_service(v1::discovery_server::DiscoveryServer::with_interceptor(
+            svc, auth,
+        ))
+        .serve_with_incoming_shutdown(incoming, shutdown);
+    let grace = async {
+        let _ = stop_rx.wait_for(|s| *s).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    let result = tokio::select! {
+        r = server => r,
+        _ = grace => Ok(()),
+    };
+    expirer.abort();
+    result
+}
+
+/// Where `serve` listens by default.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";

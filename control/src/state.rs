@@ -1,0 +1,548 @@
+//! The control service's state: modules, config resources, the registry and the proxies it
+//! has seen, written through to the [`Store`]. Every change that can alter a proxy's snapshot
+//! bumps a change counter that discovery streams watch ([`ControlState::changes`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::model::{
+    ClusterSpec, Endpoint, Instance, Kind, Labels, ModuleRecord, Resource, Spec, diff, now_ms,
+};
+use crate::registry::Registry;
+use crate::snapshot::{Snapshot, SnapshotChain, SnapshotCluster};
+use crate::store::{Store, StoreError};
+
+/// Largest module accepted.
+pub const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Why a control operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// Bad input: the message says what.
+    #[error("{0}")]
+    Invalid(String),
+    /// No such thing.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// Refused in the current state (e.g. deleting a module in use).
+    #[error("{0}")]
+    Conflict(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What an apply did to one resource.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// The kind.
+    pub kind: Kind,
+    /// The name.
+    pub name: String,
+    /// `created`, `configured`, `unchanged` or `deleted`.
+    pub action: &'static str,
+    /// The YAML diff.
+    pub diff: String,
+}
+
+/// What the service knows of one proxy.
+#[derive(Clone, Debug, Default)]
+pub struct ProxyState {
+    /// Its id.
+    pub id: String,
+    /// Its labels.
+    pub labels: Labels,
+    /// Which stream is current (a reconnect replaces the older one).
+    pub stream: u64,
+    /// Whether a stream is open.
+    pub connected: bool,
+    /// Last ACKed snapshot version.
+    pub acked_version: u64,
+    /// Last ACKed snapshot hash.
+    pub acked_hash: String,
+    /// Last sent snapshot version.
+    pub sent_version: u64,
+    /// Config version its running snapshot is current for.
+    pub synced_version: u64,
+    /// The last NACK's reason (cleared by a later ACK).
+    pub nack_error: String,
+    /// The version NACKed.
+    pub nacked_version: u64,
+    /// Last message, ms since the epoch.
+    pub last_seen_ms: u64,
+}
+
+struct Config {
+    version: u64,
+    resources: BTreeMap<(Kind, String), Resource>,
+}
+
+struct Modules {
+    records: BTreeMap<String, ModuleRecord>,
+    names: BTreeMap<String, String>,
+}
+
+/// The shared state behind every gRPC service.
+pub struct ControlState {
+    store: Arc<dyn Store>,
+    registry: Box<dyn Registry>,
+    config: Mutex<Config>,
+    modules: Mutex<Modules>,
+    proxies: Mutex<BTreeMap<String, ProxyState>>,
+    changes: watch::Sender<u64>,
+    streams: std::sync::atomic::AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether `s` is a valid resource or module name: 1 to 253 of `[A-Za-z0-9._-]`.
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+impl ControlState {
+    /// Loads everything from the store.
+    pub fn load(
+        store: Arc<dyn Store>,
+        registry: Box<dyn Registry>,
+    ) -> Result<ControlState, ControlError> {
+        let (resources, version) = store.config()?;
+        let records = store
+            .modules()?
+            .into_iter()
+            .map(|m| (m.digest.clone(), m))
+            .collect();
+        let names = store.module_names()?.into_iter().collect();
+        Ok(ControlState {
+            store,
+            registry,
+            config: Mutex::new(Config {
+                version,
+                resources: resources
+                    .into_iter()
+                    .map(|r| ((r.kind, r.name.clone()), r))
+                    .collect(),
+            }),
+            modules: Mutex::new(Modules { records, names }),
+            proxies: Mutex::new(BTreeMap::new()),
+            changes: watch::channel(0).0,
+            streams: 0.into(),
+        })
+    }
+
+    /// A receiver that sees a new value after every change that may alter a snapshot.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// The current config version.
+    pub fn version(&self) -> u64 {
+        lock(&self.config).version
+    }
+
+    // ---- modules -------------------------------------------------------------------
+
+    /// Validates and stores a module under `name`.
+    pub fn push_module(&self, name: &str, bytes: &[u8]) -> Result<ModuleRecord, ControlError> {
+        if !valid_name(name) {
+            return Err(ControlError::Invalid(format!(
+                "module name `{name}`: use 1 to 253 letters, digits, `.`, `_` or `-`"
+            )));
+        }
+        let abi_version = weft_proxy::wasm::inspect_module(bytes)
+            .map_err(|e| ControlError::Invalid(format!("module `{name}` rejected: {e}")))?;
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let mut modules = lock(&self.modules);
+        let record = match modules.records.get(&digest) {
+            Some(existing) => ModuleRecord {
+                name: name.to_owned(),
+                ..existing.clone()
+            },
+            None => ModuleRecord {
+                digest: digest.clone(),
+                name: name.to_owned(),
+                size: bytes.len() as u64,
+                abi_version,
+                created_ms: now_ms(),
+            },
+        };
+        self.store.put_module(&record, bytes)?;
+        modules.records.insert(digest.clone(), record.clone());
+        modules.names.insert(name.to_owned(), digest);
+        Ok(record)
+    }
+
+    /// Every module, by name then digest.
+    pub fn modules(&self) -> Vec<ModuleRecord> {
+        let mut v: Vec<_> = lock(&self.modules).records.values().cloned().collect();
+        v.sort_by(|a, b| (&a.name, &a.digest).cmp(&(&b.name, &b.digest)));
+        v
+    }
+
+    /// Resolves `sha256:<hex>` or a name to a stored digest.
+    pub fn resolve_module(&self, reference: &str) -> Result<String, ControlError> {
+        resolve(&lock(&self.modules), reference)
+    }
+
+    /// A module's bytes.
+    pub fn module_bytes(&self, reference: &str) -> Result<Vec<u8>, ControlError> {
+        let digest = self.resolve_module(reference)?;
+        self.store
+            .module_bytes(&digest)?
+            .ok_or_else(|| ControlError::NotFound(format!("module {digest}")))
+    }
+
+    /// Deletes a module no chain refers to.
+    pub fn delete_module(&self, reference: &str) -> Result<ModuleRecord, ControlError> {
+        // Same lock order as `apply`.
+        let mut modules = lock(&self.modules);
+        let digest = resolve(&modules, reference)?;
+        {
+            let config = lock(&self.config);
+            if let Some(r) = config
+                .resources
+                .values()
+                .find(|r| r.modules().any(|m| m == digest))
+            {
+                return Err(ControlError::Conflict(format!(
+                    "module {digest} is used by {} `{}`; change or delete it first",
+                    r.kind.as_str().to_lowercase(),
+                    r.name
+                )));
+            }
+        }
+        self.store.delete_module(&digest)?;
+        modules.names.retain(|_, d| *d != digest);
+        modules
+            .records
+            .remove(&digest)
+            .ok_or_else(|| ControlError::NotFound(format!("module {digest}")))
+    }
+
+    // ---- config --------------------------------------------------------------------
+
+    /// Checks a resource and resolves its module references to digests.
+    fn check(modules: &Modules, mut r: Resource) -> Result<Resource, ControlError> {
+        let what = format!("{} `{}`", r.kind.as_str().to_lowercase(), r.name);
+        let invalid = |m: String| ControlError::Invalid(format!("{what}: {m}"));
+        if !valid_name(&r.name) {
+            return Err(invalid(
+                "name: use 1 to 253 letters, digits, `.`, `_` or `-`".into(),
+            ));
+        }
+        if r.selector.keys().any(|k| k.is_empty()) {
+            return Err(invalid("selector: empty label key".into()));
+        }
+        match (&mut r.spec, r.kind) {
+            (Spec::Chain(c), Kind::Chain) => {
+                if c.listener.is_empty() {
+                    return Err(invalid("spec.listener is required".into()));
+                }
+                let mut seen = BTreeSet::new();
+                for f in &mut c.filters {
+                    if f.name.is_empty() || !seen.insert(f.name.clone()) {
+                        return Err(invalid(format!(
+                            "filter names must be set and unique (`{}`)",
+                            f.name
+                        )));
+                    }
+                    f.module = resolve(modules, &f.module).map_err(|e| {
+                        invalid(format!(
+                            "filter `{}`: {e}; push it with `weftctl module push`",
+                            f.name
+                        ))
+                    })?;
+                    match f.failure_policy.as_str() {
+                        "" => f.failure_policy = "fail_closed".into(),
+                        "fail_closed" | "fail_open" => {}
+                        other => {
+                            return Err(invalid(format!(
+                                "filter `{}`: failure_policy `{other}` (fail_closed or fail_open)",
+                                f.name
+                            )));
+                        }
+                    }
+                }
+            }
+            (Spec::Cluster(c), Kind::Cluster) => {
+                if c.endpoints.is_empty() && c.service.is_empty() {
+                    return Err(invalid("spec needs endpoints, a service, or both".into()));
+                }
+                for e in &mut c.endpoints {
+                    check_address(&e.address).map_err(|m| invalid(format!("endpoint: {m}")))?;
+                    e.weight = e.weight.max(1);
+                }
+            }
+            _ => return Err(invalid("spec does not match the kind".into())),
+        }
+        Ok(r)
+    }
+
+    /// Creates or replaces resources, all or nothing; a dry run only reports.
+    pub fn apply(
+        &self,
+        resources: Vec<Resource>,
+        dry_run: bool,
+    ) -> Result<(u64, Vec<Change>), ControlError> {
+        // Modules, then config, held to the end: a module cannot be deleted between the
+        // check that a chain's module exists and the commit of that chain.
+        let modules = lock(&self.modules);
+        let mut checked = Vec::with_capacity(resources.len());
+        let mut keys = BTreeSet::new();
+        for r in resources {
+            if !keys.insert((r.kind, r.name.clone())) {
+                return Err(ControlError::Invalid(format!(
+                    "{} `{}` appears twice",
+                    r.kind.as_str().to_lowercase(),
+                    r.name
+                )));
+            }
+            checked.push(Self::check(&modules, r)?);
+        }
+        let mut config = lock(&self.config);
+        let next = config.version + 1;
+        let mut changes = Vec::new();
+        let mut put = Vec::new();
+        for mut r in checked {
+            let old = config.resources.get(&(r.kind, r.name.clone()));
+            let (action, diff) = match old {
+                None => ("created", diff("", &r.to_yaml())),
+                Some(o) if o.selector == r.selector && o.spec == r.spec => {
+                    ("unchanged", String::new())
+                }
+                Some(o) => ("configured", diff(&o.to_yaml(), &r.to_yaml())),
+            };
+            changes.push(Change {
+                kind: r.kind,
+                name: r.name.clone(),
+                action,
+                diff,
+            });
+            if action != "unchanged" {
+                r.version = next;
+                put.push(r);
+            }
+        }
+        if dry_run || put.is_empty() {
+            return Ok((config.version, changes));
+        }
+        self.store.commit_config(next, &put, &[])?;
+        config.version = next;
+        for r in put {
+            config.resources.insert((r.kind, r.name.clone()), r);
+        }
+        drop(config);
+        self.changed();
+        Ok((next, changes))
+    }
+
+    /// Deletes one resource.
+    pub fn delete(&self, kind: Kind, name: &str) -> Result<(u64, Change), ControlError> {
+        let mut config = lock(&self.config);
+        let key = (kind, name.to_owned());
+        let old = config.resources.get(&key).ok_or_else(|| {
+            ControlError::NotFound(format!("{} `{name}`", kind.as_str().to_lowercase()))
+        })?;
+        let change = Change {
+            kind,
+            name: name.to_owned(),
+            action: "deleted",
+            diff: diff(&old.to_yaml(), ""),
+        };
+        let next = config.version + 1;
+        self.store
+            .commit_config(next, &[], std::slice::from_ref(&key))?;
+        config.resources.remove(&key);
+        config.version = next;
+        drop(config);
+        self.changed();
+        Ok((next, change))
+    }
+
+    /// Resources of `kind` (all when `None`), by kind then name, and the config version.
+    pub fn resources(&self, kind: Option<Kind>) -> (Vec<Resource>, u64) {
+        let config = lock(&self.config);
+        let list = config
+            .resources
+            .values()
+            .filter(|r| kind.is_none_or(|k| r.kind == k))
+            .cloned()
+            .collect();
+        (list, config.version)
+    }
+
+    // ---- registry ------------------------------------------------------------------
+
+    /// Registers an instance.
+    pub fn register(&self, instance: Instance) -> Result<Instance, ControlError> {
+        if instance.service.is_empty() || !valid_name(&instance.service) {
+            return Err(ControlError::Invalid(format!(
+                "service name `{}`: use 1 to 253 letters, digits, `.`, `_` or `-`",
+                instance.service
+            )));
+        }
+        check_address(&instance.address).map_err(ControlError::Invalid)?;
+        let i = self.registry.register(Instance {
+            ttl_seconds: if instance.ttl_seconds == 0 {
+                30
+            } else {
+                instance.ttl_seconds
+            },
+            weight: instance.weight.max(1),
+            ..instance
+        })?;
+        self.changed();
+        Ok(i)
+    }
+
+    /// Renews an instance.
+    pub fn heartbeat(&self, id: &str) -> Result<Instance, ControlError> {
+        self.registry.heartbeat(id)
+    }
+
+    /// Removes an instance.
+    pub fn deregister(&self, id: &str) -> Result<Instance, ControlError> {
+        let i = self.registry.deregister(id)?;
+        self.changed();
+        Ok(i)
+    }
+
+    /// Every live instance.
+    pub fn instances(&self) -> Vec<Instance> {
+        self.registry.instances()
+    }
+
+    /// Expires instances that missed their heartbeats.
+    pub fn expire(&self) -> Result<Vec<Instance>, ControlError> {
+        let expired = self.registry.expire(now_ms())?;
+        if !expired.is_empty() {
+            for i in &expired {
+                tracing::info!(instance = %i.id, "instance expired: no heartbeat for {} s", i.ttl_seconds);
+            }
+            self.changed();
+        }
+        Ok(expired)
+    }
+
+    // ---- discovery -----------------------------------------------------------------
+
+    /// What a proxy with `labels` should run now.
+    pub fn snapshot(&self, labels: &Labels) -> Snapshot {
+        let (chains, clusters, version) = {
+            let config = lock(&self.config);
+            let mut chains = Vec::new();
+            let mut clusters = Vec::new();
+            for r in config.resources.values().filter(|r| r.selects(labels)) {
+                match &r.spec {
+                    Spec::Chain(c) => chains.push(SnapshotChain {
+                        name: r.name.clone(),
+                        listener: c.listener.clone(),
+                        default_cluster: c.default_cluster.clone(),
+                        filters: c.filters.clone(),
+                    }),
+                    Spec::Cluster(c) => clusters.push((r.name.clone(), c.clone())),
+                }
+            }
+            (chains, clusters, config.version)
+        };
+        let instances = if clusters.iter().any(|(_, c)| !c.service.is_empty()) {
+            self.registry.instances()
+        } else {
+            Vec::new()
+        };
+        let clusters = clusters
+            .into_iter()
+            .map(|(name, ClusterSpec { endpoints, service })| {
+                let mut eps: Vec<Endpoint> = endpoints;
+                eps.extend(
+                    instances
+                        .iter()
+                        .filter(|i| !service.is_empty() && i.service == service)
+                        .map(|i| Endpoint {
+                            address: i.address.clone(),
+                            weight: i.weight,
+                        }),
+                );
+                eps.sort();
+                eps.dedup_by(|a, b| a.address == b.address);
+                SnapshotCluster {
+                    name,
+                    endpoints: eps,
+                }
+            })
+            .collect();
+        Snapshot::new(version, chains, clusters)
+    }
+
+    /// Opens a stream for proxy `id`: returns the stream's number.
+    pub fn proxy_connected(&self, id: &str, labels: Labels) -> u64 {
+        let stream = self
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        let mut proxies = lock(&self.proxies);
+        let p = proxies.entry(id.to_owned()).or_default();
+        p.id = id.to_owned();
+        p.labels = labels;
+        p.stream = stream;
+        p.connected = true;
+        p.last_seen_ms = now_ms();
+        stream
+    }
+
+    /// Updates the proxy's state if `stream` is still its current stream.
+    pub fn with_proxy(&self, id: &str, stream: u64, f: impl FnOnce(&mut ProxyState)) {
+        let mut proxies = lock(&self.proxies);
+        if let Some(p) = proxies.get_mut(id)
+            && p.stream == stream
+        {
+            f(p);
+        }
+    }
+
+    /// Every proxy seen, by id.
+    pub fn proxies(&self) -> Vec<ProxyState> {
+        lock(&self.proxies).values().cloned().collect()
+    }
+}
+
+/// Resolves `sha256:<hex>` or a module name to a stored digest.
+fn resolve(modules: &Modules, reference: &str) -> Result<String, ControlError> {
+    if reference.starts_with("sha256:") {
+        return modules
+            .records
+            .contains_key(reference)
+            .then(|| reference.to_owned())
+            .ok_or_else(|| ControlError::NotFound(format!("module {reference}")));
+    }
+    modules
+        .names
+        .get(reference)
+        .cloned()
+        .ok_or_else(|| ControlError::NotFound(format!("module `{reference}`")))
+}
+
+/// Checks a `host:port` address.
+pub fn check_address(address: &str) -> Result<(), String> {
+    let ok = match address.rsplit_once(':') {
+        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
+        None => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("address `{address}` is not host:port"))
+    }
+}

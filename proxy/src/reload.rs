@@ -1,0 +1,219 @@
+//! Changing a running proxy in place: filter chains, default clusters and cluster endpoints,
+//! from a re-read config file (SIGHUP) or a control service snapshot ([`crate::control`]).
+//!
+//! Every change is all or nothing: each new chain is built off the request path (compile,
+//! link, canary start) and only when all are ready is each published with one atomic swap.
+//! New streams take the new chain; streams in flight finish on the chain they started with,
+//! whose instances are freed when the last of them ends. Any error leaves everything as it
+//! was.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::cluster::Cluster;
+use crate::config::Config;
+use crate::control::{ControlSnapshot, StateDir, overlay};
+use crate::filter::FilterChain;
+use crate::listener::ListenerRuntime;
+use crate::metrics::Metrics;
+use crate::wasm;
+
+/// Applies config changes to the running proxy.
+pub(crate) struct Reloader {
+    /// The config file, re-read on SIGHUP.
+    pub path: Option<std::path::PathBuf>,
+    /// The bootstrap config, as last read from the file.
+    pub base: Config,
+    /// The config running now: `base` with the control snapshot over it.
+    pub running: Config,
+    /// The control snapshot running now.
+    pub snapshot: Option<ControlSnapshot>,
+    /// Where control snapshots and modules are kept.
+    pub state_dir: Option<StateDir>,
+    pub wasm: Option<Arc<wasm::WasmRuntime>>,
+    pub metrics: Arc<Metrics>,
+    pub listeners: Vec<Arc<ListenerRuntime>>,
+    pub clusters: Arc<[Arc<Cluster>]>,
+}
+
+impl Reloader {
+    /// SIGHUP: re-reads the config file and applies it (with the control snapshot, if any,
+    /// over it). Every chain is rebuilt, since a module file may have changed under the same
+    /// path (unchanged modules load from the compile cache in milliseconds).
+    pub async fn reload_file(&mut self) {
+        let Some(path) = self.path.clone() else {
+            tracing::warn!("SIGHUP: no config file to re-read");
+            return;
+        };
+        let started = std::time::Instant::now();
+        let result = async {
+            let base = Config::load(&path).map_err(|e| e.to_string())?;
+            let next = match (&self.snapshot, &self.state_dir) {
+                (Some(snap), Some(dir)) => overlay(&base, snap, dir)?,
+                _ => base.clone(),
+            };
+            let swapped = self.apply(next, true).await?;
+            self.base = base;
+            Ok::<_, String>(swapped)
+        }
+        .await;
+        match result {
+            Ok(swapped) => tracing::info!(
+                listeners = swapped,
+                ms = started.elapsed().as_millis() as u64,
+                "SIGHUP: config applied"
+            ),
+            Err(e) => tracing::error!("SIGHUP: nothing changed: {e}"),
+        }
+    }
+
+    /// Applies a control snapshot over the bootstrap config and, once it runs, persists it
+    /// so that a restart without the control service runs it too.
+    pub async fn apply_snapshot(&mut self, snap: ControlSnapshot) -> Result<(), String> {
+        let dir = self
+            .state_dir
+            .clone()
+            .ok_or("no state directory for control snapshots")?;
+        let started = std::time::Instant::now();
+        let next = overlay(&self.base, &snap, &dir)?;
+        let swapped = self.apply(next, false).await?;
+        if let Err(e) = dir.save_snapshot(&snap) {
+            tracing::warn!("the snapshot runs but could not be persisted: {e}");
+        }
+        tracing::info!(
+            version = snap.version,
+            hash = %&snap.hash[..snap.hash.len().min(12)],
+            chains_swapped = swapped,
+            ms = started.elapsed().as_millis() as u64,
+            "control snapshot applied"
+        );
+        self.snapshot = Some(snap);
+        Ok(())
+    }
+
+    /// Version and hash of the running control snapshot (0 and empty without one).
+    pub fn snapshot_id(&self) -> (u64, String) {
+        self.snapshot
+            .as_ref()
+            .map(|s| (s.version, s.hash.clone()))
+            .unwrap_or_default()
+    }
+
+    /// Applies `next`: the chains that changed (all with `rebuild_all`), default clusters and
+    /// endpoints. Returns the number of chains swapped. Listeners and cluster settings other
+    /// than endpoints need a restart and are left as they are (with a warning).
+    async fn apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {
+        let result = self.try_apply(next, rebuild_all).await;
+        self.metrics.chain_swap(result.is_ok());
+        result
+    }
+
+    async fn try_apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {
+        let same_shape = next.listeners.len() == self.running.listeners.len()
+            && next
+                .listeners
+                .iter()
+                .zip(&self.running.listeners)
+                .all(|(a, b)| a.name == b.name && a.address == b.address)
+            && next.clusters.len() == self.running.clusters.len()
+            && next
+                .clusters
+                .iter()
+                .zip(&self.running.clusters)
+                .all(|(a, b)| a.name == b.name);
+        if !same_shape {
+            tracing::warn!(
+                "listeners or clusters were added, removed or renamed: that needs a restart; \
+                 chains and endpoints of the existing ones are applied"
+            );
+        }
+        let cluster_names: Vec<String> = self.clusters.iter().map(|c| c.name.clone()).collect();
+        // Check and build everything first: all or nothing.
+        let mut defaults = Vec::new();
+        let mut built = Vec::new();
+        for l in &next.listeners {
+            let Some((i, rt)) = self
+                .listeners
+                .iter()
+                .enumerate()
+                .find(|(_, r)| r.ctx.name == l.name)
+                .map(|(i, r)| (i, r.clone()))
+            else {
+                continue;
+            };
+            let default = cluster_names
+                .iter()
+                .position(|c| *c == l.default_cluster)
+                .ok_or_else(|| {
+                    format!(
+                        "listener `{}`: default cluster `{}` is not a cluster of this proxy",
+                        l.name, l.default_cluster
+                    )
+                })?;
+            defaults.push((rt.clone(), default));
+            let running = &self.running.listeners[i].filters;
+            let changed =
+                serde_json::to_value(&l.filters).ok() != serde_json::to_value(running).ok();
+            if !(changed || rebuild_all && !l.filters.is_empty()) {
+                continue;
+            }
+            if l.filters.is_empty() {
+                built.push((i, rt.clone(), None, Vec::new()));
+                continue;
+            }
+            let wasm = self.wasm()?;
+            let (name, filters, clusters, metrics) = (
+                l.name.clone(),
+                l.filters.clone(),
+                cluster_names.clone(),
+                self.metrics.clone(),
+            );
+            let chain = tokio::task::spawn_blocking(move || {
+                wasm.build_chain(&name, &filters, &clusters, &metrics)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+            built.push((i, rt.clone(), Some(chain), l.filters.clone()));
+        }
+        // Publish.
+        let swapped = built.len();
+        for (i, rt, chain, filters) in built {
+            rt.ctx
+                .chain
+                .store(chain.map(|c| Arc::new(Box::new(c) as Box<dyn FilterChain>)));
+            self.running.listeners[i].filters = filters;
+        }
+        for (rt, default) in defaults {
+            rt.ctx.default_cluster.store(default, Relaxed);
+        }
+        for c in &next.clusters {
+            if let Some(cluster) = self.clusters.iter().find(|k| k.name == c.name) {
+                cluster.set_endpoints(&c.endpoints);
+            }
+        }
+        for (running, c) in self.running.clusters.iter_mut().zip(&next.clusters) {
+            if running.name == c.name {
+                running.endpoints = c.endpoints.clone();
+            }
+        }
+        for (running, l) in self.running.listeners.iter_mut().zip(&next.listeners) {
+            if running.name == l.name {
+                running.default_cluster = l.default_cluster.clone();
+            }
+        }
+        Ok(swapped)
+    }
+
+    fn wasm(&mut self) -> Result<Arc<wasm::WasmRuntime>, String> {
+        if let Some(w) = &self.wasm {
+            return Ok(w.clone());
+        }
+        let w = Arc::new(
+            wasm::WasmRuntime::new(self.running.wasm.cache_dir.clone())
+                .map_err(|e| format!("cannot start the WASM filter host: {e:#}"))?,
+        );
+        self.wasm = Some(w.clone());
+        Ok(w)
+    }
+}
