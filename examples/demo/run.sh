@@ -107,7 +107,7 @@ curl -s http://127.0.0.1:18001/version
 
 section "5. service2-b dies: retries keep every call succeeding, outlier detection ejects it, its registration expires"
 kill -TERM "$svc_b_pid"
-kill -KILL "$register_b_pid"   # its heartbeats stop (no goodbye)
+{ kill -KILL "$register_b_pid"; wait "$register_b_pid"; } 2>/dev/null || true   # its heartbeats stop (no goodbye)
 for _ in $(seq 1 40); do call; done | sort | uniq -c
 echo "-- service1's sidecar /clusters:"
 curl -s http://127.0.0.1:18090/clusters | grep -E '"address"|"healthy"|"ejections"'

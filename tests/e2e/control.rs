@@ -36,6 +36,19 @@ spec:
     )
 }
 
+/// Starts a proxy with bootstrap `boot` following `control` as `id` with one label.
+async fn follower(
+    control: &ControlProcess,
+    boot: &str,
+    workers: usize,
+    id: &str,
+    label: &str,
+    state_dir: &std::path::Path,
+) -> ProxyProcess {
+    let args = control.proxy_args(id, &[label], state_dir);
+    ProxyProcess::start_args(boot, workers, &args, free_port(), free_port()).await
+}
+
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.
 async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
@@ -99,22 +112,8 @@ async fn a_pushed_chain_goes_live_on_the_selected_proxies_only() {
     let control = ControlProcess::start(&dir.path().join("data")).await;
     let up = Upstream::start("svc").await;
     let boot = bootstrap(&[up.address()]);
-    let s1 = ProxyProcess::start_args(
-        &boot,
-        1,
-        &control.proxy_args("s1-a", &["app=s1"], &dir.path().join("s1")),
-        free_port(),
-        free_port(),
-    )
-    .await;
-    let s2 = ProxyProcess::start_args(
-        &boot,
-        1,
-        &control.proxy_args("s2-a", &["app=s2"], &dir.path().join("s2")),
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let s1 = follower(&control, &boot, 1, "s1-a", "app=s1", &dir.path().join("s1")).await;
+    let s2 = follower(&control, &boot, 1, "s2-a", "app=s2", &dir.path().join("s2")).await;
     push_basic(&control);
     let (code, out, _) = control.weftctl(&["module", "ls", "-o", "json"]);
     assert_eq!(code, 0);
@@ -232,12 +231,13 @@ async fn a_hundred_chain_swaps_from_the_control_service_under_load_fail_no_reque
     push_basic(&control);
     apply(&control, &basic_chain("s1", "{ greeting: v0 }"));
     let proxy = Arc::new(
-        ProxyProcess::start_args(
+        follower(
+            &control,
             &bootstrap(&[up.address()]),
             2,
-            &control.proxy_args("s1-a", &["app=s1"], &dir.path().join("s1")),
-            free_port(),
-            free_port(),
+            "s1-a",
+            "app=s1",
+            &dir.path().join("s1"),
         )
         .await,
     );
@@ -347,12 +347,13 @@ async fn bad_modules_are_refused_or_nacked_and_the_last_good_chain_keeps_serving
     let up = Upstream::start("svc").await;
     push_basic(&control);
     apply(&control, &basic_chain("s1", "{ greeting: good }"));
-    let proxy = ProxyProcess::start_args(
+    let proxy = follower(
+        &control,
         &bootstrap(&[up.address()]),
         1,
-        &control.proxy_args("s1-a", &["app=s1"], &dir.path().join("s1")),
-        free_port(),
-        free_port(),
+        "s1-a",
+        "app=s1",
+        &dir.path().join("s1"),
     )
     .await;
     let p = &proxy;
@@ -437,12 +438,13 @@ async fn a_control_service_restart_loses_nothing_and_proxies_converge() {
     apply(&control, &basic_chain("s1", "{ greeting: before }"));
     let (code, _, err) = control.weftctl(&["register", "svc", &up.address(), "--ttl", "60"]);
     assert_eq!(code, 0, "{err}");
-    let proxy = ProxyProcess::start_args(
+    let proxy = follower(
+        &control,
         &bootstrap(&[up.address()]),
         1,
-        &control.proxy_args("s1-a", &["app=s1"], &dir.path().join("s1")),
-        free_port(),
-        free_port(),
+        "s1-a",
+        "app=s1",
+        &dir.path().join("s1"),
     )
     .await;
     let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
@@ -533,12 +535,13 @@ async fn registry_endpoints_expire_after_missed_heartbeats_and_balancers_follow(
     let (code, _, err) = control.weftctl(&["register", "svc", &b.address(), "--ttl", "1"]);
     assert_eq!(code, 0, "{err}");
     // The bootstrap endpoint is a dead port: only the registry's endpoints can answer.
-    let proxy = ProxyProcess::start_args(
+    let proxy = follower(
+        &control,
         &bootstrap(&[format!("127.0.0.1:{}", free_port())]),
         1,
-        &control.proxy_args("s1-a", &["app=s1"], &dir.path().join("s1")),
-        free_port(),
-        free_port(),
+        "s1-a",
+        "app=s1",
+        &dir.path().join("s1"),
     )
     .await;
     let p = &proxy;
