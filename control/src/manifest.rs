@@ -1,11 +1,11 @@
-//! Manifests: chains and clusters as kubectl-like YAML documents, read by `weftctl apply` and
-//! written by `weftctl get -o yaml|json`.
+//! Manifests: chains, filter configs and clusters as kubectl-like YAML documents, read by
+//! `weftctl apply` and written by `weftctl get -o yaml|json`.
 //!
 //! A manifest is a stream of YAML documents separated by `---`; empty documents are skipped.
 //! Each document is one [`Resource`]:
 //!
 //! ```yaml
-//! kind: Chain                  # or Cluster
+//! kind: Chain                  # or FilterConfig or Cluster
 //! name: outbound
 //! selector: {app: service1}    # optional: proxy labels a proxy must all have
 //! spec:
@@ -15,8 +15,17 @@
 //!     - name: router
 //!       module: router         # a module name or sha256:<hex>
 //!       root_id: ""            # optional
-//!       config: {routes: []}   # optional, any value: handed to the filter as JSON
+//!       config_ref: routes     # optional: the FilterConfig whose config the filter gets
 //!       failure_policy: fail_closed  # optional: fail_closed or fail_open
+//!     - name: fault
+//!       module: fault
+//!       config: {percent: 5}   # optional, any value: handed to the filter as JSON;
+//!                              # not together with config_ref
+//! ---
+//! kind: FilterConfig           # no selector: it applies wherever a chain refers to it
+//! name: routes
+//! spec:
+//!   config: {routes: []}       # required, any value but null: handed on as JSON
 //! ---
 //! kind: Cluster
 //! name: service2
@@ -33,7 +42,7 @@ use std::collections::{BTreeMap, HashMap};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use weft_proto::v1::resource::Spec;
-use weft_proto::v1::{ChainSpec, ClusterSpec, Endpoint, FilterRef, Resource};
+use weft_proto::v1::{ChainSpec, ClusterSpec, Endpoint, FilterConfigSpec, FilterRef, Resource};
 
 /// Why a manifest cannot be read: the document at fault and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -69,9 +78,10 @@ pub fn parse(text: &str) -> Result<Vec<Resource>, ManifestError> {
         };
         let resource = match kind.as_deref() {
             Some("Chain") => read(document).and_then(chain),
+            Some("FilterConfig") => read(document).and_then(filter_config),
             Some("Cluster") => read(document).map(cluster),
             Some(other) => Err(format!(
-                "unknown kind `{other}` (expected `Chain` or `Cluster`)"
+                "unknown kind `{other}` (expected `Chain`, `FilterConfig` or `Cluster`)"
             )),
             None => Err("missing field `kind`".to_owned()),
         }
@@ -130,7 +140,7 @@ pub fn to_value(resource: &Resource) -> serde_json::Value {
 #[derive(Deserialize)]
 #[serde(expecting = "a resource: a mapping with `kind`, `name` and `spec`")]
 struct Head {
-    /// `Chain` or `Cluster`.
+    /// `Chain`, `FilterConfig` or `Cluster`.
     kind: Option<String>,
 }
 
@@ -142,8 +152,8 @@ struct InputDocument<S> {
     #[serde(rename = "kind")]
     _kind: IgnoredAny,
     name: String,
-    #[serde(default)]
-    selector: HashMap<String, String>,
+    /// Absent and empty alike select every proxy; a `FilterConfig` must not have one.
+    selector: Option<HashMap<String, String>>,
     /// Set by the service: accepted and ignored.
     #[serde(default, rename = "version")]
     _version: IgnoredAny,
@@ -159,6 +169,13 @@ struct ChainInput {
     default_cluster: String,
     #[serde(default)]
     filters: Vec<FilterDocument>,
+}
+
+/// The spec of a `FilterConfig`, as read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilterConfigInput {
+    config: serde_json::Value,
 }
 
 /// The spec of a `Cluster`, as read.
@@ -181,6 +198,8 @@ struct FilterDocument {
     root_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     config: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    config_ref: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     failure_policy: String,
 }
@@ -207,15 +226,48 @@ fn read<S: for<'de> Deserialize<'de>>(
 
 /// Checks a `Chain` document and builds its resource.
 fn chain(document: InputDocument<ChainInput>) -> Result<Resource, String> {
+    let name = document.name;
     let Some(spec) = document.spec.filter(|spec| !spec.listener.is_empty()) else {
-        return Err(format!("Chain `{}` has no `spec.listener`", document.name));
+        return Err(format!("Chain `{name}` has no `spec.listener`"));
     };
+    if let Some(filter) = spec
+        .filters
+        .iter()
+        .find(|f| !f.config_ref.is_empty() && f.config.as_ref().is_some_and(|c| !c.is_null()))
+    {
+        return Err(format!(
+            "Chain `{name}`: filter `{}` sets both `config` and `config_ref` (`{}`); \
+             set one: `config_ref` gives the filter that FilterConfig's config instead",
+            filter.name, filter.config_ref
+        ));
+    }
     let spec = Spec::Chain(ChainSpec {
         listener: spec.listener,
         default_cluster: spec.default_cluster,
         filters: spec.filters.into_iter().map(FilterRef::from).collect(),
     });
-    Ok(resource("Chain", document.name, document.selector, spec))
+    Ok(resource("Chain", name, document.selector, spec))
+}
+
+/// Checks a `FilterConfig` document and builds its resource.
+fn filter_config(document: InputDocument<FilterConfigInput>) -> Result<Resource, String> {
+    let name = document.name;
+    if document.selector.is_some() {
+        return Err(
+            "a FilterConfig has no selector: it applies wherever a chain refers to it".to_owned(),
+        );
+    }
+    let config = match document.spec {
+        None => return Err(format!("FilterConfig `{name}` has no `spec.config`")),
+        Some(FilterConfigInput {
+            config: serde_json::Value::Null,
+        }) => return Err(format!("FilterConfig `{name}`: `spec.config` is null")),
+        Some(spec) => spec.config,
+    };
+    let spec = Spec::FilterConfig(FilterConfigSpec {
+        config_json: config.to_string(),
+    });
+    Ok(resource("FilterConfig", name, None, spec))
 }
 
 /// Builds the resource of a `Cluster` document.
@@ -229,11 +281,16 @@ fn cluster(document: InputDocument<ClusterInput>) -> Resource {
 }
 
 /// A resource as read (no version).
-fn resource(kind: &str, name: String, selector: HashMap<String, String>, spec: Spec) -> Resource {
+fn resource(
+    kind: &str,
+    name: String,
+    selector: Option<HashMap<String, String>>,
+    spec: Spec,
+) -> Resource {
     Resource {
         kind: kind.to_owned(),
         name,
-        selector,
+        selector: selector.unwrap_or_default(),
         version: 0,
         spec: Some(spec),
     }
@@ -249,6 +306,7 @@ impl From<FilterDocument> for FilterRef {
                 None | Some(serde_json::Value::Null) => String::new(),
                 Some(value) => value.to_string(),
             },
+            config_ref: filter.config_ref,
             failure_policy: filter.failure_policy,
         }
     }
@@ -268,7 +326,9 @@ impl From<EndpointDocument> for Endpoint {
 struct OutputDocument<'a> {
     kind: &'a str,
     name: &'a str,
-    selector: BTreeMap<&'a str, &'a str>,
+    /// Left out for a `FilterConfig` (unless the service gave it one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    selector: Option<BTreeMap<&'a str, &'a str>>,
     #[serde(skip_serializing_if = "is_zero")]
     version: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -286,6 +346,8 @@ enum OutputSpec<'a> {
         default_cluster: &'a str,
         filters: Vec<FilterDocument>,
     },
+    /// A filter config's.
+    FilterConfig { config: serde_json::Value },
     /// A cluster's.
     Cluster {
         #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -314,15 +376,22 @@ impl<'a> From<&'a Resource> for OutputDocument<'a> {
                     .collect(),
                 service: &cluster.service,
             },
+            Spec::FilterConfig(filter_config) => OutputSpec::FilterConfig {
+                config: config_value(&filter_config.config_json).unwrap_or(serde_json::Value::Null),
+            },
         });
+        let selector =
+            (resource.kind != "FilterConfig" || !resource.selector.is_empty()).then(|| {
+                resource
+                    .selector
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect()
+            });
         OutputDocument {
             kind: &resource.kind,
             name: &resource.name,
-            selector: resource
-                .selector
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect(),
+            selector,
             version: resource.version,
             spec,
         }
@@ -335,14 +404,20 @@ impl From<&FilterRef> for FilterDocument {
             name: filter.name.clone(),
             module: filter.module.clone(),
             root_id: filter.root_id.clone(),
-            // A config that is not JSON (never from the service) is kept as a string.
-            config: (!filter.config_json.is_empty()).then(|| {
-                serde_json::from_str(&filter.config_json)
-                    .unwrap_or_else(|_| serde_json::Value::String(filter.config_json.clone()))
-            }),
+            config: config_value(&filter.config_json),
+            config_ref: filter.config_ref.clone(),
             failure_policy: filter.failure_policy.clone(),
         }
     }
+}
+
+/// A `config_json` as a value: `None` when it is empty, a string when it is not JSON (never
+/// from the service).
+fn config_value(config_json: &str) -> Option<serde_json::Value> {
+    (!config_json.is_empty()).then(|| {
+        serde_json::from_str(config_json)
+            .unwrap_or_else(|_| serde_json::Value::String(config_json.to_owned()))
+    })
 }
 
 /// For `skip_serializing_if`.
@@ -448,7 +523,7 @@ name: empty
         assert_eq!(e.document, 2);
         assert_eq!(
             e.to_string(),
-            "document 2: unknown kind `Listener` (expected `Chain` or `Cluster`)"
+            "document 2: unknown kind `Listener` (expected `Chain`, `FilterConfig` or `Cluster`)"
         );
 
         let e = error(&format!("{valid}kind: Cluster\nname: b\nlabels: {{}}\n"));
@@ -511,5 +586,143 @@ name: empty
 
         let e = error(&format!("{valid}kind: [\n"));
         assert_eq!(e.document, 2);
+    }
+
+    const WITH_FILTER_CONFIG: &str = r#"
+kind: FilterConfig
+name: routes
+spec:
+  config:
+    routes:
+      - {prefix: /api, cluster: service2}
+---
+kind: FilterConfig
+name: banner
+version: 4
+spec: {config: "hello, world"}
+---
+kind: Chain
+name: outbound
+spec:
+  listener: outbound
+  filters:
+    - {name: router, module: router, config_ref: routes, failure_policy: fail_open}
+    - {name: banner, module: banner, config: null, config_ref: banner}
+    - {name: fault, module: fault, config: {percent: 5}}
+"#;
+
+    #[test]
+    fn reads_filter_configs_and_config_refs() {
+        let resources = parse(WITH_FILTER_CONFIG).unwrap();
+        assert_eq!(resources.len(), 3);
+        assert_eq!(resources[0].kind, "FilterConfig");
+        assert!(resources[0].selector.is_empty());
+        let Some(Spec::FilterConfig(routes)) = &resources[0].spec else {
+            panic!("not a filter config: {:?}", resources[0]);
+        };
+        let config: serde_json::Value = serde_json::from_str(&routes.config_json).unwrap();
+        assert_eq!(config["routes"][0]["cluster"], "service2");
+        assert_eq!(
+            resources[1].spec,
+            Some(Spec::FilterConfig(FilterConfigSpec {
+                config_json: r#""hello, world""#.to_owned()
+            }))
+        );
+        let Some(Spec::Chain(chain)) = &resources[2].spec else {
+            panic!("not a chain: {:?}", resources[2]);
+        };
+        assert_eq!(chain.filters[0].config_ref, "routes");
+        assert_eq!(chain.filters[0].config_json, "");
+        assert_eq!(chain.filters[1].config_ref, "banner");
+        assert_eq!(
+            chain.filters[1].config_json, "",
+            "a null config is no config"
+        );
+        assert_eq!(chain.filters[2].config_ref, "");
+        assert_eq!(chain.filters[2].config_json, r#"{"percent":5}"#);
+    }
+
+    #[test]
+    fn round_trips_filter_configs_and_config_refs() {
+        let resources = parse(WITH_FILTER_CONFIG).unwrap();
+        let mut versioned = resources.clone();
+        versioned[0].version = 9;
+        let yaml = to_yaml(&versioned);
+        assert!(
+            yaml.starts_with("kind: FilterConfig\nname: routes\nversion: 9\nspec:\n  config:\n"),
+            "{yaml}"
+        );
+        assert!(!yaml.contains("selector: {}\nversion: 9"), "{yaml}");
+        assert!(yaml.contains("config_ref: routes"), "{yaml}");
+        assert_eq!(parse(&yaml).unwrap(), resources, "{yaml}");
+
+        let json: Vec<serde_json::Value> = serde_json::from_str(&to_json(&versioned)).unwrap();
+        assert_eq!(json[0], to_value(&versioned[0]));
+        assert_eq!(
+            json[0],
+            serde_json::json!({
+                "kind": "FilterConfig",
+                "name": "routes",
+                "version": 9,
+                "spec": {"config": {"routes": [{"prefix": "/api", "cluster": "service2"}]}},
+            })
+        );
+        assert_eq!(json[1]["spec"]["config"], "hello, world");
+        assert_eq!(json[2]["spec"]["filters"][0]["config_ref"], "routes");
+        assert!(json[2]["spec"]["filters"][0].get("config").is_none());
+    }
+
+    #[test]
+    fn config_and_config_ref_exclude_each_other() {
+        let e = error(
+            "kind: Cluster\nname: a\n---\nkind: Chain\nname: c\nspec:\n  listener: l\n  filters:\n    - {name: r, module: r, config: {routes: []}, config_ref: routes}\n",
+        );
+        assert_eq!(e.document, 2);
+        assert_eq!(
+            e.to_string(),
+            "document 2: Chain `c`: filter `r` sets both `config` and `config_ref` (`routes`); \
+             set one: `config_ref` gives the filter that FilterConfig's config instead"
+        );
+    }
+
+    #[test]
+    fn filter_config_errors() {
+        let e = error("kind: FilterConfig\nname: routes\nselector: {app: a}\nspec: {config: 1}\n");
+        assert_eq!(
+            e.to_string(),
+            "document 1: a FilterConfig has no selector: it applies wherever a chain refers to it"
+        );
+        let e = error("kind: FilterConfig\nname: routes\nselector: {}\nspec: {config: 1}\n");
+        assert!(
+            e.message.starts_with("a FilterConfig has no selector"),
+            "{e}"
+        );
+
+        let e = error("kind: FilterConfig\nname: routes\n");
+        assert_eq!(
+            e.to_string(),
+            "document 1: FilterConfig `routes` has no `spec.config`"
+        );
+        let e = error("kind: FilterConfig\nname: routes\nspec: {}\n");
+        assert!(e.message.starts_with("spec: missing field `config`"), "{e}");
+        let e = error("kind: FilterConfig\nname: routes\nspec: {config: }\n");
+        assert_eq!(
+            e.to_string(),
+            "document 1: FilterConfig `routes`: `spec.config` is null"
+        );
+        let e = error("kind: FilterConfig\nname: routes\nspec: {config: 1, listener: x}\n");
+        assert!(
+            e.message
+                .starts_with("spec: unknown field `listener`, expected `config`"),
+            "{e}"
+        );
+
+        let e = error(
+            "kind: FilterConfig\nname: routes\nspec: {config: 1}\n---\nkind: FilterConfig\nname: routes\nspec: {config: 2}\n",
+        );
+        assert_eq!(
+            e.to_string(),
+            "document 2: FilterConfig `routes` is already defined in document 1"
+        );
     }
 }

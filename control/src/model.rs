@@ -31,23 +31,29 @@ pub enum Kind {
     Chain,
     /// A cluster's endpoints.
     Cluster,
+    /// A filter configuration that chains refer to.
+    FilterConfig,
 }
 
 impl Kind {
-    /// Parses `Chain`/`chain`/`chains`, `Cluster`/`cluster`/`clusters`.
+    /// Parses `Chain`, `Cluster`, `FilterConfig`, case-insensitively, singular or plural.
     pub fn parse(s: &str) -> Option<Kind> {
         match s.to_ascii_lowercase().as_str() {
             "chain" | "chains" => Some(Kind::Chain),
             "cluster" | "clusters" => Some(Kind::Cluster),
+            "filterconfig" | "filterconfigs" | "filter-config" | "filter-configs" | "fc" => {
+                Some(Kind::FilterConfig)
+            }
             _ => None,
         }
     }
 
-    /// `Chain` or `Cluster`.
+    /// `Chain`, `Cluster` or `FilterConfig`.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Chain => "Chain",
             Kind::Cluster => "Cluster",
+            Kind::FilterConfig => "FilterConfig",
         }
     }
 }
@@ -65,6 +71,9 @@ pub struct FilterSpec {
     /// Configuration handed to `on_configure`.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub config: serde_json::Value,
+    /// A `FilterConfig` resource whose configuration the filter gets instead.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub config_ref: String,
     /// `fail_closed` or `fail_open`.
     pub failure_policy: String,
 }
@@ -101,6 +110,13 @@ pub struct ClusterSpec {
     pub service: String,
 }
 
+/// A filter configuration of its own.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FilterConfigSpec {
+    /// The configuration.
+    pub config: serde_json::Value,
+}
+
 /// The spec of a resource.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,6 +125,8 @@ pub enum Spec {
     Chain(ChainSpec),
     /// A cluster.
     Cluster(ClusterSpec),
+    /// A filter configuration.
+    FilterConfig(FilterConfigSpec),
 }
 
 /// A named, selected resource.
@@ -134,11 +152,22 @@ impl Resource {
 
     /// The digests of the modules it refers to.
     pub fn modules(&self) -> impl Iterator<Item = &str> {
-        let filters = match &self.spec {
+        self.filters().iter().map(|f| f.module.as_str())
+    }
+
+    /// The `FilterConfig`s it refers to.
+    pub fn config_refs(&self) -> impl Iterator<Item = &str> {
+        self.filters()
+            .iter()
+            .filter(|f| !f.config_ref.is_empty())
+            .map(|f| f.config_ref.as_str())
+    }
+
+    fn filters(&self) -> &[FilterSpec] {
+        match &self.spec {
             Spec::Chain(c) => c.filters.as_slice(),
-            Spec::Cluster(_) => &[],
-        };
-        filters.iter().map(|f| f.module.as_str())
+            Spec::Cluster(_) | Spec::FilterConfig(_) => &[],
+        }
     }
 
     /// The YAML of what the resource says (version left out), for diffs.
@@ -154,6 +183,7 @@ impl Resource {
         let spec = match &self.spec {
             Spec::Chain(c) => serde_json::to_value(c),
             Spec::Cluster(c) => serde_json::to_value(c),
+            Spec::FilterConfig(c) => serde_json::to_value(c),
         }
         .unwrap_or_default();
         serde_yaml_ng::to_string(&View {

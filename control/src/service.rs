@@ -12,7 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use weft_proto::v1;
 
-use crate::model::{self, ChainSpec, ClusterSpec, FilterSpec, Kind, Labels, Spec};
+use crate::model::{
+    self, ChainSpec, ClusterSpec, FilterConfigSpec, FilterSpec, Kind, Labels, Spec,
+};
 use crate::snapshot::Snapshot;
 use crate::state::{Change, ControlError, ControlState, MAX_MODULE_BYTES};
 
@@ -49,7 +51,7 @@ fn hash_map(labels: &Labels) -> std::collections::HashMap<String, String> {
 fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
     let kind = Kind::parse(&r.kind).ok_or_else(|| {
         ControlError::Invalid(format!(
-            "resource `{}`: unknown kind `{}` (Chain or Cluster)",
+            "resource `{}`: unknown kind `{}` (Chain, FilterConfig or Cluster)",
             r.name, r.kind
         ))
     })?;
@@ -76,6 +78,7 @@ fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                         module: f.module,
                         root_id: f.root_id,
                         config,
+                        config_ref: f.config_ref,
                         failure_policy: f.failure_policy,
                     })
                 })
@@ -91,6 +94,18 @@ fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                 })
                 .collect(),
             service: c.service,
+        }),
+        Some(v1::resource::Spec::FilterConfig(c)) => Spec::FilterConfig(FilterConfigSpec {
+            config: if c.config_json.trim().is_empty() {
+                serde_json::Value::Null
+            } else {
+                serde_json::from_str(&c.config_json).map_err(|e| {
+                    ControlError::Invalid(format!(
+                        "filterconfig `{}`: config is not JSON: {e}",
+                        r.name
+                    ))
+                })?
+            },
         }),
         None => {
             return Err(ControlError::Invalid(format!(
@@ -138,12 +153,16 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
                     root_id: f.root_id.clone(),
                     config_json: config_json(&f.config),
                     failure_policy: f.failure_policy.clone(),
+                    config_ref: f.config_ref.clone(),
                 })
                 .collect(),
         }),
         Spec::Cluster(c) => v1::resource::Spec::Cluster(v1::ClusterSpec {
             endpoints: c.endpoints.iter().map(endpoint_msg).collect(),
             service: c.service,
+        }),
+        Spec::FilterConfig(c) => v1::resource::Spec::FilterConfig(v1::FilterConfigSpec {
+            config_json: config_json(&c.config),
         }),
     };
     v1::Resource {
@@ -313,7 +332,9 @@ impl v1::config_server::Config for ControlService {
             None
         } else {
             Some(Kind::parse(&kind).ok_or_else(|| {
-                Status::invalid_argument(format!("unknown kind `{kind}` (Chain or Cluster)"))
+                Status::invalid_argument(format!(
+                    "unknown kind `{kind}` (Chain, FilterConfig or Cluster)"
+                ))
             })?)
         };
         let (resources, version) = self.state.resources(kind);
@@ -329,7 +350,10 @@ impl v1::config_server::Config for ControlService {
     ) -> Result<Response<v1::ApplyResponse>, Status> {
         let req = request.into_inner();
         let kind = Kind::parse(&req.kind).ok_or_else(|| {
-            Status::invalid_argument(format!("unknown kind `{}` (Chain or Cluster)", req.kind))
+            Status::invalid_argument(format!(
+                "unknown kind `{}` (Chain, FilterConfig or Cluster)",
+                req.kind
+            ))
         })?;
         let (version, change) = self.state.delete(kind, &req.name)?;
         Ok(Response::new(v1::ApplyResponse {
@@ -425,6 +449,7 @@ impl v1::discovery_server::Discovery for ControlService {
         &self,
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
+        let now = model::now_ms();
         Ok(Response::new(v1::StatusResponse {
             version: self.state.version(),
             proxies: self
@@ -441,7 +466,8 @@ impl v1::discovery_server::Discovery for ControlService {
                     synced_version: p.synced_version,
                     nack_error: p.nack_error,
                     nacked_version: p.nacked_version,
-                    last_seen_ms: p.last_seen_ms,
+                    // A proxy whose stream is open is seen now.
+                    last_seen_ms: if p.connected { now } else { p.last_seen_ms },
                 })
                 .collect(),
         }))

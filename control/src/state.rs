@@ -264,6 +264,12 @@ impl ControlState {
                             f.name
                         ))
                     })?;
+                    if !f.config_ref.is_empty() && !f.config.is_null() {
+                        return Err(invalid(format!(
+                            "filter `{}`: set `config` or `config_ref`, not both",
+                            f.name
+                        )));
+                    }
                     match f.failure_policy.as_str() {
                         "" => f.failure_policy = "fail_closed".into(),
                         "fail_closed" | "fail_open" => {}
@@ -274,6 +280,17 @@ impl ControlState {
                             )));
                         }
                     }
+                }
+            }
+            (Spec::FilterConfig(c), Kind::FilterConfig) => {
+                if !r.selector.is_empty() {
+                    return Err(invalid(
+                        "a FilterConfig has no selector: it applies wherever a chain refers to it"
+                            .into(),
+                    ));
+                }
+                if c.config.is_null() {
+                    return Err(invalid("spec.config is required".into()));
                 }
             }
             (Spec::Cluster(c), Kind::Cluster) => {
@@ -312,6 +329,18 @@ impl ControlState {
             checked.push(Self::check(&modules, r)?);
         }
         let mut config = lock(&self.config);
+        // Every `config_ref` names a FilterConfig that exists or comes with this apply.
+        for r in &checked {
+            for name in r.config_refs() {
+                let key = (Kind::FilterConfig, name.to_owned());
+                if !keys.contains(&key) && !config.resources.contains_key(&key) {
+                    return Err(ControlError::Invalid(format!(
+                        "chain `{}`: no FilterConfig `{name}`; apply it first or with the chain",
+                        r.name
+                    )));
+                }
+            }
+        }
         let next = config.version + 1;
         let mut changes = Vec::new();
         let mut put = Vec::new();
@@ -355,6 +384,17 @@ impl ControlState {
         let old = config.resources.get(&key).ok_or_else(|| {
             ControlError::NotFound(format!("{} `{name}`", kind.as_str().to_lowercase()))
         })?;
+        if kind == Kind::FilterConfig
+            && let Some(user) = config
+                .resources
+                .values()
+                .find(|r| r.config_refs().any(|c| c == name))
+        {
+            return Err(ControlError::Conflict(format!(
+                "FilterConfig `{name}` is used by chain `{}`; change or delete it first",
+                user.name
+            )));
+        }
         let change = Change {
             kind,
             name: name.to_owned(),
@@ -450,9 +490,27 @@ impl ControlState {
                         name: r.name.clone(),
                         listener: c.listener.clone(),
                         default_cluster: c.default_cluster.clone(),
-                        filters: c.filters.clone(),
+                        filters: c
+                            .filters
+                            .iter()
+                            .map(|f| {
+                                let mut f = f.clone();
+                                // The referenced configuration, inlined.
+                                if !f.config_ref.is_empty() {
+                                    let key =
+                                        (Kind::FilterConfig, std::mem::take(&mut f.config_ref));
+                                    if let Some(Spec::FilterConfig(fc)) =
+                                        config.resources.get(&key).map(|r| &r.spec)
+                                    {
+                                        f.config = fc.config.clone();
+                                    }
+                                }
+                                f
+                            })
+                            .collect(),
                     }),
                     Spec::Cluster(c) => clusters.push((r.name.clone(), c.clone())),
+                    Spec::FilterConfig(_) => {}
                 }
             }
             (chains, clusters, config.version)
@@ -544,5 +602,204 @@ pub fn check_address(address: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("address `{address}` is not host:port"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ChainSpec, FilterConfigSpec, FilterSpec};
+    use crate::registry::EmbeddedRegistry;
+    use crate::store::RedbStore;
+
+    /// The smallest module the service accepts: it exports the proxy-wasm ABI version.
+    fn module() -> Vec<u8> {
+        let mut m = b"\0asm\x01\0\0\0".to_vec();
+        m.extend([0x01, 0x04, 0x01, 0x60, 0x00, 0x00, 0x03, 0x02, 0x01, 0x00]);
+        let name = b"proxy_abi_version_0_2_1";
+        m.extend([0x07, name.len() as u8 + 4, 0x01, name.len() as u8]);
+        m.extend(name);
+        m.extend([0x00, 0x00, 0x0a, 0x04, 0x01, 0x02, 0x00, 0x0b]);
+        m
+    }
+
+    fn state(dir: &std::path::Path) -> ControlState {
+        let store: Arc<dyn Store> = Arc::new(RedbStore::open(dir).expect("store"));
+        let registry = Box::new(EmbeddedRegistry::load(store.clone()).expect("registry"));
+        ControlState::load(store, registry).expect("state")
+    }
+
+    fn chain(app: &str, filter: FilterSpec) -> Resource {
+        Resource {
+            kind: Kind::Chain,
+            name: format!("{app}-out"),
+            selector: [("app".to_string(), app.to_string())].into(),
+            version: 0,
+            spec: Spec::Chain(ChainSpec {
+                listener: "outbound".into(),
+                default_cluster: String::new(),
+                filters: vec![filter],
+            }),
+        }
+    }
+
+    fn filter(config: serde_json::Value, config_ref: &str) -> FilterSpec {
+        FilterSpec {
+            name: "router".into(),
+            module: "router".into(),
+            root_id: String::new(),
+            config,
+            config_ref: config_ref.into(),
+            failure_policy: String::new(),
+        }
+    }
+
+    fn routes(v: u32) -> Resource {
+        Resource {
+            kind: Kind::FilterConfig,
+            name: "routes".into(),
+            selector: Labels::new(),
+            version: 0,
+            spec: Spec::FilterConfig(FilterConfigSpec {
+                config: serde_json::json!({ "v": v }),
+            }),
+        }
+    }
+
+    #[test]
+    fn modules_are_validated_content_addressed_and_kept_while_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = state(dir.path());
+        let e = s.push_module("junk", b"not wasm").expect_err("junk");
+        assert!(e.to_string().contains("not a WebAssembly module"), "{e}");
+        let m = s.push_module("router", &module()).expect("push");
+        assert!(m.digest.starts_with("sha256:") && m.abi_version == "0.2.1");
+        assert_eq!(s.resolve_module("router").expect("name"), m.digest);
+        s.apply(vec![chain("s1", filter(serde_json::json!({}), ""))], false)
+            .expect("apply");
+        let e = s.delete_module("router").expect_err("in use");
+        assert!(matches!(e, ControlError::Conflict(_)), "{e}");
+        s.delete(Kind::Chain, "s1-out").expect("delete chain");
+        s.delete_module(&m.digest).expect("delete module");
+        assert!(s.modules().is_empty());
+    }
+
+    #[test]
+    fn applies_make_versions_only_when_something_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = state(dir.path());
+        s.push_module("router", &module()).expect("push");
+        let c = chain("s1", filter(serde_json::json!({"a": 1}), ""));
+        let (v1, ch) = s.apply(vec![c.clone()], false).expect("apply");
+        assert_eq!((v1, ch[0].action), (1, "created"));
+        let (v, ch) = s.apply(vec![c.clone()], false).expect("again");
+        assert_eq!((v, ch[0].action), (1, "unchanged"));
+        let changed = chain("s1", filter(serde_json::json!({"a": 2}), ""));
+        let (v, ch) = s.apply(vec![changed.clone()], true).expect("dry run");
+        assert_eq!((v, ch[0].action), (1, "configured"));
+        assert!(
+            ch[0].diff.contains("-       a: 1") || ch[0].diff.contains("- "),
+            "{}",
+            ch[0].diff
+        );
+        assert_eq!(s.resources(None).0[0].spec, {
+            let mut c = c.clone();
+            if let Spec::Chain(ch) = &mut c.spec {
+                ch.filters[0].module = s.resolve_module("router").expect("digest");
+                ch.filters[0].failure_policy = "fail_closed".into();
+            }
+            c.spec
+        });
+        let (v, _) = s.apply(vec![changed], false).expect("apply");
+        assert_eq!(v, 2);
+        // Reopened from disk: the same version and resources.
+        let resources = s.resources(None);
+        drop(s);
+        let s = state(dir.path());
+        assert_eq!(s.resources(None), resources);
+    }
+
+    #[test]
+    fn filter_configs_are_referenced_inlined_in_snapshots_and_kept_while_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = state(dir.path());
+        s.push_module("router", &module()).expect("push");
+        let e = s
+            .apply(
+                vec![chain("s1", filter(serde_json::Value::Null, "routes"))],
+                false,
+            )
+            .expect_err("dangling ref");
+        assert!(e.to_string().contains("no FilterConfig `routes`"), "{e}");
+        let e = s
+            .apply(
+                vec![
+                    chain("s1", filter(serde_json::json!({}), "routes")),
+                    routes(1),
+                ],
+                false,
+            )
+            .expect_err("both");
+        assert!(e.to_string().contains("not both"), "{e}");
+        s.apply(
+            vec![
+                chain("s1", filter(serde_json::Value::Null, "routes")),
+                routes(1),
+            ],
+            false,
+        )
+        .expect("apply");
+        let labels: Labels = [("app".to_string(), "s1".to_string())].into();
+        let before = s.snapshot(&labels);
+        assert_eq!(
+            before.chains[0].filters[0].config,
+            serde_json::json!({"v": 1})
+        );
+        assert!(s.snapshot(&Labels::new()).chains.is_empty(), "not selected");
+        s.apply(vec![routes(2)], false).expect("new routes");
+        let after = s.snapshot(&labels);
+        assert_eq!(
+            after.chains[0].filters[0].config,
+            serde_json::json!({"v": 2})
+        );
+        assert_ne!(before.hash, after.hash);
+        let e = s.delete(Kind::FilterConfig, "routes").expect_err("in use");
+        assert!(matches!(e, ControlError::Conflict(_)), "{e}");
+    }
+
+    #[test]
+    fn registry_instances_feed_clusters_and_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = state(dir.path());
+        let cluster = Resource {
+            kind: Kind::Cluster,
+            name: "svc".into(),
+            selector: Labels::new(),
+            version: 0,
+            spec: Spec::Cluster(ClusterSpec {
+                endpoints: vec![],
+                service: "svc".into(),
+            }),
+        };
+        s.apply(vec![cluster], false).expect("apply");
+        let i = s
+            .register(Instance {
+                id: String::new(),
+                service: "svc".into(),
+                address: "127.0.0.1:9".into(),
+                labels: Labels::new(),
+                ttl_seconds: 1,
+                weight: 0,
+                last_seen_ms: 0,
+            })
+            .expect("register");
+        assert_eq!(i.id, "svc/127.0.0.1:9");
+        let snap = s.snapshot(&Labels::new());
+        assert_eq!(snap.clusters[0].endpoints.len(), 1);
+        assert!(s.expire().expect("expire").is_empty(), "within its TTL");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(s.expire().expect("expire").len(), 1);
+        assert!(s.snapshot(&Labels::new()).clusters[0].endpoints.is_empty());
+        assert!(matches!(s.heartbeat(&i.id), Err(ControlError::NotFound(_))));
     }
 }

@@ -270,6 +270,7 @@ mod tests {
                     module: "sha256:ab".into(),
                     root_id: String::new(),
                     config: serde_json::json!({"routes": []}),
+                    config_ref: String::new(),
                     failure_policy: "fail_closed".into(),
                 }],
             }),

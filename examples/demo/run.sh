@@ -95,11 +95,11 @@ echo -n "abort 503: "; curl -s -o /dev/null -w '%{http_code}\n' -H 'x-weft-fault
 echo -n "delay 300 ms: "; curl -s -o /dev/null -w '%{http_code} in %{time_total} s\n' -H 'x-weft-fault-delay-ms: 300' http://127.0.0.1:18001/
 echo -n "direct response from the router: "; curl -s http://127.0.0.1:18001/healthz
 
-section "4. a new chain version, swapped live while 400 calls flow (every call answers 200)"
+section "4. new routes (a FilterConfig), swapped live into the chain while 400 calls flow (every call answers 200)"
 curl -s http://127.0.0.1:18001/version
 (for _ in $(seq 1 400); do call; done | sort | uniq -c > "$logs/during-swap.txt") &
 traffic=$!
-sed 's/chain v1/chain v2/' $here/mesh.yaml | ctl apply -f -
+sed 's/routes v1/routes v2/' $here/mesh.yaml | ctl apply -f -
 ctl rollout status --selector app=service1 --timeout 60
 wait $traffic
 cat "$logs/during-swap.txt"

@@ -192,6 +192,7 @@ async fn apply_and_wait(
                 root_id: String::new(),
                 config_json: format!("{{\"greeting\":\"{greeting}\"}}"),
                 failure_policy: String::new(),
+                config_ref: String::new(),
             }],
         })),
     };
@@ -524,16 +525,18 @@ async fn registry_endpoints_expire_after_missed_heartbeats_and_balancers_follow(
         &control,
         "kind: Cluster\nname: svc\nselector: { app: s1 }\nspec:\n  service: svc\n",
     );
-    // `a` keeps heartbeating; `b` registers once with a 1 s TTL.
-    let mut keeper = std::process::Command::new(workspace_bin("weftctl"))
-        .args(["--server", &control.url(), "register", "svc", &a.address()])
-        .args(["--ttl", "2", "--keep-alive"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("weftctl register --keep-alive");
-    let (code, _, err) = control.weftctl(&["register", "svc", &b.address(), "--ttl", "1"]);
-    assert_eq!(code, 0, "{err}");
+    // Both register with a 2 s TTL and keep heartbeating, each from its own process.
+    let keep_alive = |address: String| {
+        std::process::Command::new(workspace_bin("weftctl"))
+            .args(["--server", &control.url(), "register", "svc", &address])
+            .args(["--ttl", "2", "--keep-alive"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("weftctl register --keep-alive")
+    };
+    let mut keeper = keep_alive(a.address());
+    let mut b_keeper = keep_alive(b.address());
     // The bootstrap endpoint is a dead port: only the registry's endpoints can answer.
     let proxy = follower(
         &control,
@@ -563,7 +566,10 @@ async fn registry_endpoints_expire_after_missed_heartbeats_and_balancers_follow(
     }
     assert!(b.hits() > before_b, "b served while registered");
 
-    // b misses its heartbeats: it leaves the cluster, all traffic goes to a.
+    // b's heartbeats stop (killed: no goodbye); after its TTL it leaves the cluster, and
+    // all traffic goes to a.
+    let _ = b_keeper.kill();
+    let _ = b_keeper.wait();
     eventually("b to expire", Duration::from_secs(20), || async move {
         p.clusters().await["clusters"][0]["endpoints"]
             .as_array()
@@ -810,4 +816,46 @@ async fn module_bytes_that_do_not_match_their_digest_are_nacked_and_never_run() 
         "the lying bytes were not kept"
     );
     server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_config_resource_changes_every_chain_that_refers_to_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let up = Upstream::start("svc").await;
+    push_basic(&control);
+    let greet = |g: &str| {
+        format!("kind: FilterConfig\nname: greet\nspec:\n  config: {{ greeting: {g} }}\n")
+    };
+    let chain = "kind: Chain
+name: s1-ingress
+selector: { app: s1 }
+spec:
+  listener: ingress
+  filters:
+    - { name: basic, module: basic, config_ref: greet }
+";
+    // A chain cannot refer to a FilterConfig that does not exist.
+    let (code, _, err) = control.weftctl_stdin(&["apply", "-f", "-"], Some(chain));
+    assert_eq!(code, 1);
+    assert!(err.contains("no FilterConfig `greet`"), "{err}");
+    apply(&control, &format!("{}---\n{chain}", greet("one")));
+    let boot = bootstrap(&[up.address()]);
+    let s1 = follower(&control, &boot, 1, "s1-a", "app=s1", &dir.path().join("s1")).await;
+    let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(greeting_via(&s1).await, "one");
+
+    // Only the FilterConfig changes: the chain using it follows.
+    let out = apply(&control, &greet("two"));
+    assert!(out.contains("filterconfig/greet configured"), "{out}");
+    let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(greeting_via(&s1).await, "two");
+    let (code, out, _) = control.weftctl(&["get", "filterconfigs"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("greet") && out.contains("two"), "{out}");
+    let (code, _, err) = control.weftctl(&["delete", "filterconfig", "greet"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("used by chain `s1-ingress`"), "{err}");
 }

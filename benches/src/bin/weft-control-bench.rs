@@ -112,6 +112,7 @@ fn chain(app: &str, greeting: &str) -> v1::Resource {
                 root_id: String::new(),
                 config_json: format!("{{\"greeting\":\"{greeting}\"}}"),
                 failure_policy: String::new(),
+                config_ref: String::new(),
             }],
         })),
     }

@@ -1,12 +1,12 @@
 //! `weftctl`: the command-line client of the Weft control service (`weft-control`).
 //!
-//! Pushes filter modules, applies manifests of chains and clusters (see
-//! [`weft_control::manifest`]), shows what every proxy runs, follows rollouts and registers
-//! service instances. A failure prints one line, `weftctl: <message>`, on stderr and exits
+//! Pushes and fetches filter modules, applies manifests of chains, filter configs and clusters
+//! (see [`weft_control::manifest`]), shows what every proxy runs, follows rollouts and
+//! registers service instances. A failure prints one line, `weftctl: <message>`, on stderr and exits
 //! with 1; a usage error exits with 2.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
@@ -27,14 +28,17 @@ use weft_proto::v1::registry_client::RegistryClient;
 use weft_proto::v1::resource::Spec;
 use weft_proto::v1::{
     ApplyRequest, ApplyResponse, ChainSpec, ClusterSpec, DeleteModuleRequest,
-    DeleteResourceRequest, HeartbeatRequest, Instance, ListModulesRequest, ListResourcesRequest,
-    ListServicesRequest, Module, ProxyStatus, PushChunk, RegisterRequest, Resource, StatusRequest,
+    DeleteResourceRequest, FetchModuleRequest, FilterRef, HeartbeatRequest, Instance,
+    ListModulesRequest, ListResourcesRequest, ListServicesRequest, Module, ProxyStatus, PushChunk,
+    RegisterRequest, Resource, StatusRequest,
 };
 
 /// Where the control service listens unless `--server` or `WEFT_CONTROL` says otherwise.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
 /// The size of the chunks a module is pushed in.
 const PUSH_CHUNK: usize = 256 * 1024;
+/// The longest CONFIG cell of `get filterconfigs`, in characters.
+const CONFIG_CELL: usize = 60;
 /// How often `rollout status` asks for the proxies' status.
 const ROLLOUT_POLL: Duration = Duration::from_millis(200);
 /// The longest a connection attempt may take.
@@ -52,7 +56,7 @@ struct Cli {
     /// The bearer token the control service was started with [env: WEFT_TOKEN]
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
-    /// The output format (`get chains|clusters -o yaml` prints a manifest `apply -f` takes back)
+    /// The output format (`get chains|filterconfigs|clusters -o yaml` prints a manifest `apply -f` takes back)
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
     /// What to do.
@@ -63,10 +67,10 @@ struct Cli {
 /// The commands.
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Push, list and delete WASM filter modules.
+    /// Push, list, fetch and delete WASM filter modules.
     #[command(subcommand)]
     Module(ModuleCommand),
-    /// Create or replace the chains and clusters of a manifest.
+    /// Create or replace the chains, filter configs and clusters of a manifest.
     Apply {
         /// The manifest (YAML documents separated by `---`); `-` reads stdin.
         #[arg(short = 'f', long = "filename", value_name = "FILE")]
@@ -75,15 +79,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Delete a chain or a cluster.
+    /// Delete a chain, a filter config or a cluster.
     Delete {
-        /// `chain` or `cluster`.
+        /// `chain`, `filterconfig` or `cluster`.
         #[arg(value_enum, ignore_case = true)]
         kind: ResourceKind,
         /// The resource's name.
         name: String,
     },
-    /// List chains, clusters, proxies or services (registry instances).
+    /// List chains, filter configs, clusters, proxies or services (registry instances).
     Get {
         /// What to list.
         #[arg(value_enum, ignore_case = true)]
@@ -117,6 +121,15 @@ enum ModuleCommand {
     /// List the stored modules.
     #[command(alias = "list")]
     Ls,
+    /// Download a module's bytes to a file; a `sha256:<hex>` argument is checked against the
+    /// bytes.
+    Get {
+        /// The module's name or `sha256:<hex>` digest.
+        module: String,
+        /// Where to write the bytes; `-` writes them to stdout (and the summary to stderr).
+        #[arg(short = 'f', long = "output-file", value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Delete a module no chain refers to.
     #[command(alias = "delete")]
     Rm {
@@ -174,10 +187,15 @@ enum Output {
 }
 
 /// The kinds of config resources.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum ResourceKind {
     #[value(alias = "chains")]
     Chain,
+    #[value(
+        name = "filterconfig",
+        aliases = ["filterconfigs", "filter-config", "filter-configs", "fc"]
+    )]
+    FilterConfig,
     #[value(alias = "clusters")]
     Cluster,
 }
@@ -187,16 +205,22 @@ impl ResourceKind {
     fn api_name(self) -> &'static str {
         match self {
             ResourceKind::Chain => "Chain",
+            ResourceKind::FilterConfig => "FilterConfig",
             ResourceKind::Cluster => "Cluster",
         }
     }
 }
 
 /// What `get` lists.
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Listing {
     #[value(alias = "chain")]
     Chains,
+    #[value(
+        name = "filterconfigs",
+        aliases = ["filterconfig", "filter-configs", "filter-config", "fc"]
+    )]
+    FilterConfigs,
     #[value(alias = "cluster")]
     Clusters,
     #[value(alias = "proxy")]
@@ -226,6 +250,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             push_module(&server, &file, name, output).await
         }
         Command::Module(ModuleCommand::Ls) => list_modules(&server, output).await,
+        Command::Module(ModuleCommand::Get { module, file }) => {
+            fetch_module(&server, module, &file, output).await
+        }
         Command::Module(ModuleCommand::Rm { module }) => {
             let module = ModulesClient::new(server.connect().await?)
                 .delete(DeleteModuleRequest { module })
@@ -360,6 +387,155 @@ async fn list_modules(server: &Server, output: Output) -> anyhow::Result<()> {
     )
 }
 
+/// `module get MODULE -f FILE`: streams the module into a file next to `file`, checks the
+/// digest when `module` is one, then renames the file into place (a failed download leaves
+/// `file` as it was).
+async fn fetch_module(
+    server: &Server,
+    module: String,
+    file: &Path,
+    output: Output,
+) -> anyhow::Result<()> {
+    let to_stdout = file == Path::new("-");
+    let mut stream = ModulesClient::new(server.connect().await?)
+        .fetch(FetchModuleRequest {
+            module: module.clone(),
+        })
+        .await
+        .rpc()?;
+    let mut download = if to_stdout {
+        Download::Stdout(std::io::stdout().lock())
+    } else {
+        Download::create(file)?
+    };
+    let mut hasher = Sha256::new();
+    let mut size: u64 = 0;
+    let received = async {
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow!(status_message(&s)))?
+        {
+            hasher.update(&chunk.data);
+            size += chunk.data.len() as u64;
+            download.write(&chunk.data)?;
+        }
+        let digest = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if module.starts_with("sha256:") && !digest.eq_ignore_ascii_case(&module) {
+            bail!("module {module}: the bytes received hash to {digest}");
+        }
+        Ok(digest)
+    }
+    .await;
+    let digest = match received {
+        Ok(digest) => {
+            download.finish()?;
+            digest
+        }
+        Err(e) => {
+            download.discard();
+            return Err(e);
+        }
+    };
+    let shown = if to_stdout {
+        "stdout".to_owned()
+    } else {
+        file.display().to_string()
+    };
+    let view = json!({"module": module, "digest": digest, "size": size, "file": shown});
+    let text = match output {
+        Output::Table => format!("wrote {size} bytes ({digest}) to {shown}\n"),
+        Output::Json => serde_json::to_string_pretty(&view)? + "\n",
+        Output::Yaml => serde_yaml_ng::to_string(&view)?,
+    };
+    if to_stdout {
+        eprint!("{text}");
+    } else {
+        print!("{text}");
+    }
+    Ok(())
+}
+
+/// Where `module get` writes.
+enum Download {
+    /// To stdout.
+    Stdout(std::io::StdoutLock<'static>),
+    /// To a partial file, renamed to the target when complete.
+    File {
+        /// The partial file.
+        partial: PathBuf,
+        /// The target.
+        target: PathBuf,
+        /// The open partial file.
+        writer: std::io::BufWriter<std::fs::File>,
+    },
+}
+
+impl Download {
+    /// Creates the partial file next to `target`.
+    fn create(target: &Path) -> anyhow::Result<Self> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| anyhow!("{} is not a file name", target.display()))?;
+        let mut partial_name = std::ffi::OsString::from(".");
+        partial_name.push(name);
+        partial_name.push(".weftctl-partial");
+        let partial = target.with_file_name(partial_name);
+        let writer = std::fs::File::create(&partial)
+            .map(std::io::BufWriter::new)
+            .with_context(|| format!("cannot write {}", target.display()))?;
+        Ok(Download::File {
+            partial,
+            target: target.to_owned(),
+            writer,
+        })
+    }
+
+    /// Writes the next bytes.
+    fn write(&mut self, data: &[u8]) -> anyhow::Result<()> {
+        match self {
+            Download::Stdout(out) => out.write_all(data).context("cannot write stdout"),
+            Download::File { target, writer, .. } => writer
+                .write_all(data)
+                .with_context(|| format!("cannot write {}", target.display())),
+        }
+    }
+
+    /// Flushes, and moves a partial file into place.
+    fn finish(self) -> anyhow::Result<()> {
+        match self {
+            Download::Stdout(mut out) => out.flush().context("cannot write stdout"),
+            Download::File {
+                partial,
+                target,
+                writer,
+            } => {
+                let result = writer
+                    .into_inner()
+                    .map_err(std::io::IntoInnerError::into_error)
+                    .and_then(|file| file.sync_all())
+                    .and_then(|()| std::fs::rename(&partial, &target))
+                    .with_context(|| format!("cannot write {}", target.display()));
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&partial);
+                }
+                result
+            }
+        }
+    }
+
+    /// Removes a partial file.
+    fn discard(self) {
+        if let Download::File {
+            partial, writer, ..
+        } = self
+        {
+            drop(writer);
+            let _ = std::fs::remove_file(&partial);
+        }
+    }
+}
+
 /// `apply -f FILE`: the manifest is read and checked before the service is called.
 async fn apply(server: &Server, file: &Path, dry_run: bool, output: Output) -> anyhow::Result<()> {
     let (source, text) = if file == Path::new("-") {
@@ -389,12 +565,13 @@ async fn apply(server: &Server, file: &Path, dry_run: bool, output: Output) -> a
     )
 }
 
-/// `get chains|clusters|proxies|services`.
+/// `get chains|filterconfigs|clusters|proxies|services`.
 async fn get(server: &Server, what: Listing, output: Output) -> anyhow::Result<()> {
     let channel = server.connect().await?;
-    let kind = match what {
-        Listing::Chains => "Chain",
-        Listing::Clusters => "Cluster",
+    let (kind, print_resources): (_, fn(&[Resource])) = match what {
+        Listing::Chains => ("Chain", print_chains),
+        Listing::FilterConfigs => ("FilterConfig", print_filter_configs),
+        Listing::Clusters => ("Cluster", print_clusters),
         Listing::Proxies => {
             let proxies = DiscoveryClient::new(channel.clone())
                 .status(StatusRequest {})
@@ -425,8 +602,7 @@ async fn get(server: &Server, what: Listing, output: Output) -> anyhow::Result<(
     match output {
         Output::Yaml => print!("{}", manifest::to_yaml(&resources)),
         Output::Json => println!("{}", manifest::to_json(&resources)),
-        Output::Table if kind == "Chain" => print_chains(&resources),
-        Output::Table => print_clusters(&resources),
+        Output::Table => print_resources(&resources),
     }
     Ok(())
 }
@@ -867,7 +1043,7 @@ fn print_chains(resources: &[Resource]) {
                 Some(Spec::Chain(chain)) => chain,
                 _ => &none,
             };
-            let filters: Vec<&str> = chain.filters.iter().map(|f| f.name.as_str()).collect();
+            let filters: Vec<String> = chain.filters.iter().map(filter_text).collect();
             [
                 r.name.clone(),
                 chain.listener.clone(),
@@ -887,6 +1063,50 @@ fn print_chains(resources: &[Resource]) {
         "VERSION",
     ];
     print_table("chains", header, rows);
+}
+
+/// A filter of a chain in the FILTERS column: its name, `name(@ref)` when it gets the config
+/// of a FilterConfig.
+fn filter_text(filter: &FilterRef) -> String {
+    if filter.config_ref.is_empty() {
+        filter.name.clone()
+    } else {
+        format!("{}(@{})", filter.name, filter.config_ref)
+    }
+}
+
+/// Prints filter configs as a table.
+fn print_filter_configs(resources: &[Resource]) {
+    let rows = resources
+        .iter()
+        .map(|r| {
+            let config = match &r.spec {
+                Some(Spec::FilterConfig(spec)) => spec.config_json.as_str(),
+                _ => "",
+            };
+            [
+                r.name.clone(),
+                r.version.to_string(),
+                or_none(config_cell(config)),
+            ]
+        })
+        .collect();
+    print_table("filter configs", ["NAME", "VERSION", "CONFIG"], rows);
+}
+
+/// A configuration on one line: the JSON compacted (the text with its whitespace runs made
+/// single spaces when it is not JSON), cut to [`CONFIG_CELL`] characters ending in `…`.
+fn config_cell(config_json: &str) -> String {
+    let text = match serde_json::from_str::<Value>(config_json) {
+        Ok(value) => value.to_string(),
+        Err(_) => config_json.split_whitespace().collect::<Vec<_>>().join(" "),
+    };
+    if text.chars().count() <= CONFIG_CELL {
+        return text;
+    }
+    let mut cut: String = text.chars().take(CONFIG_CELL - 1).collect();
+    cut.push('…');
+    cut
 }
 
 /// Prints clusters as a table.
@@ -1265,5 +1485,73 @@ mod tests {
         ];
         assert_eq!(labels_text(&labels.into()), "a=1,b=2");
         assert_eq!(labels_text(&HashMap::new()), "<none>");
+    }
+
+    fn parse(args: &[&str]) -> Command {
+        let args = std::iter::once("weftctl").chain(args.iter().copied());
+        Cli::try_parse_from(args).unwrap().command
+    }
+
+    #[test]
+    fn filter_config_kinds_parse() {
+        for what in [
+            "filterconfigs",
+            "filterconfig",
+            "filter-configs",
+            "fc",
+            "FilterConfigs",
+        ] {
+            let Command::Get { what } = parse(&["get", what]) else {
+                panic!("not a get");
+            };
+            assert_eq!(what, Listing::FilterConfigs);
+        }
+        for kind in ["filterconfig", "FilterConfig", "filter-config", "fc", "FC"] {
+            let Command::Delete { kind, name } = parse(&["delete", kind, "routes"]) else {
+                panic!("not a delete");
+            };
+            assert_eq!((kind.api_name(), name.as_str()), ("FilterConfig", "routes"));
+        }
+    }
+
+    #[test]
+    fn module_get_needs_a_file() {
+        let Command::Module(ModuleCommand::Get { module, file }) =
+            parse(&["module", "get", "router", "-f", "router.wasm"])
+        else {
+            panic!("not a module get");
+        };
+        assert_eq!(
+            (module.as_str(), file),
+            ("router", PathBuf::from("router.wasm"))
+        );
+        let Command::Module(ModuleCommand::Get { file, .. }) =
+            parse(&["module", "get", "sha256:00", "--output-file", "out"])
+        else {
+            panic!("not a module get");
+        };
+        assert_eq!(file, PathBuf::from("out"));
+        assert!(Cli::try_parse_from(["weftctl", "module", "get", "router"]).is_err());
+    }
+
+    #[test]
+    fn filter_and_config_cells() {
+        let mut filter = FilterRef {
+            name: "router".into(),
+            ..Default::default()
+        };
+        assert_eq!(filter_text(&filter), "router");
+        filter.config_ref = "routes".into();
+        assert_eq!(filter_text(&filter), "router(@routes)");
+
+        assert_eq!(config_cell("{\n  \"a\": [1, 2]\n}"), r#"{"a":[1,2]}"#);
+        assert_eq!(config_cell("not\n json"), "not json");
+        assert_eq!(config_cell(""), "");
+        let long = format!(r#""{}""#, "é".repeat(80));
+        let cell = config_cell(&long);
+        assert_eq!(cell.chars().count(), CONFIG_CELL);
+        assert!(cell.starts_with("\"éé") && cell.ends_with("é…"), "{cell}");
+        let exact = format!(r#""{}""#, "x".repeat(CONFIG_CELL - 2));
+        assert_eq!(config_cell(&exact), exact);
     }
 }
