@@ -309,7 +309,18 @@ async fn a_hundred_chain_swaps_from_the_control_service_under_load_fail_no_reque
         "{sent} requests ({:.0}/s) across 100 swaps in {swap_time:?}",
         sent as f64 / (swap_time.as_secs_f64() + 0.1)
     );
-    assert_eq!(failed, 0, "{failed} of {sent} requests failed");
+    if failed > 0 {
+        let log = proxy.log();
+        let errors: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("ERROR") || l.contains("WARN"))
+            .take(20)
+            .collect();
+        panic!(
+            "{failed} of {sent} requests failed; proxy log:\n{}",
+            errors.join("\n")
+        );
+    }
     assert!(
         versions.windows(2).all(|w| w[0] < w[1]),
         "each apply made a new version"

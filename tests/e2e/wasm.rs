@@ -222,6 +222,59 @@ async fn failure_policies_decide_what_the_stream_gets() {
     );
 }
 
+/// The callback deadline counts time a filter ran, not time the machine took its thread
+/// away: on a saturated machine (six spinning threads on this one's cores, for at most a few
+/// seconds) filters within their 10 ms are never failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saturated_machine_does_not_fail_filters_on_their_deadline() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let up = Upstream::start("u").await;
+    let cfg = filtered(&[&up], "        limits: { callback_ms: 10 }\n");
+    let proxy = ProxyProcess::start_with(&cfg, 2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinners: Vec<_> = (0..6)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(4);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    // 16 clients at once, for 3 s.
+    let proxy = Arc::new(proxy);
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let proxy = proxy.clone();
+            tokio::spawn(async move {
+                let mut statuses = std::collections::BTreeMap::new();
+                let started = Instant::now();
+                while started.elapsed() < Duration::from_secs(3) {
+                    let (status, filtered) = call(&proxy, "/").await;
+                    *statuses.entry((status, filtered)).or_insert(0u32) += 1;
+                }
+                statuses
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for c in clients {
+        for (k, n) in c.await.expect("client") {
+            *statuses.entry(k).or_insert(0) += n;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in spinners {
+        let _ = s.join();
+    }
+    assert_eq!(statuses.len(), 1, "{statuses:?}");
+    assert!(statuses.contains_key(&(200, true)), "{statuses:?}");
+    assert_eq!(failures(&proxy.stats().await, "deadline"), 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_filters_are_stopped_by_their_limits() {
     let up = Upstream::start("u").await;

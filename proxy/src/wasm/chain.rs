@@ -167,6 +167,56 @@ pub struct FilterInstance {
     next_context: i32,
 }
 
+/// Most epoch ticks a callback may run past its first deadline, whatever the CPU clock says
+/// (about a second): a callback descheduled this long is stopped anyway.
+const MAX_EXTRA_TICKS: u64 = 1000 / super::EPOCH_TICK_MS;
+
+/// Sets a callback's deadline, `ticks` epoch ticks from now.
+fn arm(store: &mut Store<HostState>, ticks: u64) {
+    store.data_mut().deadline = Deadline {
+        window: ticks,
+        cpu_mark: None,
+        windows: 0,
+    };
+    store.set_epoch_deadline(ticks);
+}
+
+/// Where a callback stands against its deadline (see [`past_deadline`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Deadline {
+    /// The deadline in epoch ticks.
+    window: u64,
+    /// The thread's CPU time when the first window ended.
+    cpu_mark: Option<std::time::Duration>,
+    /// Windows granted after the first.
+    windows: u32,
+}
+
+/// Runs when a callback reaches its wall-clock deadline. A deadline is meant to stop a
+/// filter that burns CPU, not one whose thread the machine took away: so the callback gets
+/// more windows, and is interrupted once it has used a whole window of CPU time since the
+/// first one ended (or after about a second of further windows, whatever the clock says).
+/// A runaway loop is thus stopped after about twice `callback_ms` on an idle machine, later
+/// on a saturated one; a callback that was preempted is not failed. The thread's CPU clock
+/// is only read on this slow path.
+fn past_deadline(
+    mut ctx: wasmtime::StoreContextMut<'_, HostState>,
+) -> wasmtime::Result<wasmtime::UpdateDeadline> {
+    use wasmtime::UpdateDeadline;
+    let d = &mut ctx.data_mut().deadline;
+    let Ok(now) = cpu_time::ThreadTime::try_now().map(|t| t.as_duration()) else {
+        return Ok(UpdateDeadline::Interrupt);
+    };
+    let budget = std::time::Duration::from_millis(d.window * super::EPOCH_TICK_MS);
+    let mark = *d.cpu_mark.get_or_insert(now);
+    let max_windows = (MAX_EXTRA_TICKS / d.window.max(1)).max(2) as u32;
+    if now.saturating_sub(mark) >= budget || d.windows >= max_windows {
+        return Ok(UpdateDeadline::Interrupt);
+    }
+    d.windows += 1;
+    Ok(UpdateDeadline::Continue(d.window.max(1)))
+}
+
 impl FilterInstance {
     /// Instantiates and starts a filter: `_initialize`/`_start`, the root context,
     /// `on_vm_start` and `on_configure`. Either returning false is a [`FailureKind::Start`].
@@ -186,8 +236,8 @@ impl FilterInstance {
         );
         store.data_mut().slot = slot;
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_trap();
-        store.set_epoch_deadline(LIFECYCLE_TICKS);
+        store.epoch_deadline_callback(past_deadline);
+        arm(&mut store, LIFECYCLE_TICKS);
         let instance = spec
             .pre
             .instantiate(&mut store)
@@ -266,7 +316,7 @@ impl FilterInstance {
         let Some(f) = &self.instance_tick else {
             return Ok(());
         };
-        self.store.set_epoch_deadline(ticks);
+        arm(&mut self.store, ticks);
         self.store.data_mut().context = ROOT_CONTEXT as u32;
         self.store.data_mut().info = None;
         f.call(&mut self.store, ROOT_CONTEXT)
@@ -278,7 +328,7 @@ impl FilterInstance {
         let Some(f) = &self.instance_queue_ready else {
             return Ok(());
         };
-        self.store.set_epoch_deadline(ticks);
+        arm(&mut self.store, ticks);
         self.store.data_mut().context = ROOT_CONTEXT as u32;
         self.store.data_mut().info = None;
         f.call(&mut self.store, (ROOT_CONTEXT, token as i32))
@@ -288,7 +338,7 @@ impl FilterInstance {
     fn new_context(&mut self, ticks: u64) -> Result<i32, Failure> {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
-        self.store.set_epoch_deadline(ticks);
+        arm(&mut self.store, ticks);
         self.store.data_mut().context = id as u32;
         self.exports
             .on_context_create
@@ -315,7 +365,7 @@ impl FilterInstance {
         self.enter(head, info, context);
         // The request as it went upstream stays readable from the response callbacks.
         seen.lend(self.store.data_mut());
-        self.store.set_epoch_deadline(ticks);
+        arm(&mut self.store, ticks);
         let result = match H::callback(&self.exports) {
             Some(f) => f.call(&mut self.store, (context, n, end_of_stream as i32)),
             None => Ok(0),
@@ -388,7 +438,7 @@ impl FilterInstance {
         let data = self.store.data_mut();
         data.callout_response = Some(response);
         seen.lend(data);
-        self.store.set_epoch_deadline(ticks);
+        arm(&mut self.store, ticks);
         let result = f.call(
             &mut self.store,
             (context, outcome.token as i32, headers, body_len, 0),
@@ -471,7 +521,7 @@ impl FilterInstance {
         data.info = Some(*info);
         data.context = context as u32;
         seen.lend(data);
-        self.store.set_epoch_deadline(ticks);
+        arm(&mut self.store, ticks);
         let result = self.end_callbacks(context);
         seen.take_back(self.store.data_mut());
         result
@@ -517,7 +567,7 @@ fn with_seen<R>(
     let data = store.data_mut();
     begin_callback(data, info, context);
     seen.lend(data);
-    store.set_epoch_deadline(ticks);
+    arm(store, ticks);
     let result = call(store);
     let data = store.data_mut();
     seen.take_back(data);

@@ -255,6 +255,8 @@ pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option
 pub struct HostState {
     /// Memory limit of the instance.
     pub limits: StoreLimits,
+    /// The running callback's deadline bookkeeping.
+    pub deadline: super::chain::Deadline,
     /// The filter.
     pub plugin: Arc<PluginMeta>,
     /// The request head, moved in for the duration of a request callback.
@@ -325,6 +327,7 @@ impl HostState {
                 .trap_on_grow_failure(true)
                 .instances(1)
                 .build(),
+            deadline: Default::default(),
             plugin,
             request: None,
             response: None,
