@@ -24,8 +24,10 @@ use crate::metrics::Metrics;
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
-    /// The running configuration.
-    pub config: Config,
+    /// The running configuration (replaced after each SIGHUP or control snapshot applied).
+    pub config: arc_swap::ArcSwap<Config>,
+    /// The control service this proxy follows and where it stands (`null` without one).
+    pub control: std::sync::Mutex<serde_json::Value>,
     /// Where each listener actually listens (port 0 resolved).
     pub listeners: Vec<(String, SocketAddr)>,
     /// All clusters.
@@ -115,7 +117,12 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .iter()
                 .map(|(name, addr)| json!({ "name": name, "address": addr }))
                 .collect();
-            json_reply(&json!({ "config": state.config, "listening": listening }))
+            let control = state.control.lock().map(|c| c.clone()).unwrap_or_default();
+            json_reply(&json!({
+                "config": **state.config.load(),
+                "listening": listening,
+                "control": control,
+            }))
         }
         _ => reply(
             StatusCode::NOT_FOUND,

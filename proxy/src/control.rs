@@ -339,10 +339,12 @@ pub(crate) async fn follow(opts: ControlOptions, reloader: Arc<Mutex<Reloader>>)
     let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
-        match session(&opts, &reloader).await {
-            Ok(()) => tracing::warn!("the control service closed the discovery stream"),
-            Err(e) => tracing::warn!("control service {}: {e}", opts.address),
-        }
+        let error = match session(&opts, &reloader).await {
+            Ok(()) => "the control service closed the discovery stream".to_owned(),
+            Err(e) => format!("control service {}: {e}", opts.address),
+        };
+        tracing::warn!("{error}");
+        reloader.lock().await.control_status(false, Some(&error));
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
         }
@@ -394,6 +396,7 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
         .map_err(|s| format!("subscribe: {}", s.message()))?
         .into_inner();
     tracing::info!(address = %opts.address, id = %opts.id, "connected to the control service");
+    reloader.lock().await.control_status(true, None);
     let dir = StateDir::new(opts.state_dir.clone());
     while let Some(msg) = snapshots
         .message()
@@ -414,6 +417,10 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
                 e
             }
         };
+        reloader
+            .lock()
+            .await
+            .control_status(true, (!error.is_empty()).then_some(error.as_str()));
         let answer = v1::DiscoveryRequest {
             node: None,
             version,

@@ -220,7 +220,19 @@ impl Proxy {
             .build()?;
         let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
         let state = Arc::new(AdminState {
-            config: self.config.clone(),
+            config: arc_swap::ArcSwap::from_pointee(self.config.clone()),
+            control: std::sync::Mutex::new(match &self.options.control {
+                Some(c) => serde_json::json!({
+                    "address": c.address,
+                    "id": c.id,
+                    "labels": c.labels,
+                    "connected": false,
+                    "version": self.snapshot.as_ref().map(|s| s.version),
+                    "hash": self.snapshot.as_ref().map(|s| s.hash.clone()),
+                    "last_error": null,
+                }),
+                None => serde_json::Value::Null,
+            }),
             listeners: self.listener_addrs(),
             clusters: clusters.clone(),
             metrics,
@@ -278,6 +290,7 @@ impl Proxy {
                 metrics: state.metrics.clone(),
                 listeners: runtimes.clone(),
                 clusters: clusters.clone(),
+                admin: state.clone(),
             }));
             let follower = self
                 .options

@@ -34,6 +34,8 @@ pub(crate) struct Reloader {
     pub metrics: Arc<Metrics>,
     pub listeners: Vec<Arc<ListenerRuntime>>,
     pub clusters: Arc<[Arc<Cluster>]>,
+    /// What `/config_dump` shows.
+    pub admin: Arc<crate::admin::AdminState>,
 }
 
 impl Reloader {
@@ -105,7 +107,25 @@ impl Reloader {
     async fn apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {
         let result = self.try_apply(next, rebuild_all).await;
         self.metrics.chain_swap(result.is_ok());
+        if result.is_ok() {
+            self.admin.config.store(Arc::new(self.running.clone()));
+        }
         result
+    }
+
+    /// Records where this proxy stands with the control service, for `/config_dump`.
+    pub fn control_status(&self, connected: bool, last_error: Option<&str>) {
+        if let Ok(mut c) = self.admin.control.lock()
+            && let Some(obj) = c.as_object_mut()
+        {
+            let (version, hash) = self.snapshot_id();
+            obj.insert("connected".into(), connected.into());
+            obj.insert("version".into(), version.into());
+            obj.insert("hash".into(), hash.into());
+            if let Some(e) = last_error {
+                obj.insert("last_error".into(), e.into());
+            }
+        }
     }
 
     async fn try_apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {

@@ -145,6 +145,17 @@ async fn a_pushed_chain_goes_live_on_the_selected_proxies_only() {
 
     assert_eq!(greeting_via(&s1).await, "hello", "s1 runs the chain");
     assert_eq!(greeting_via(&s2).await, "", "s2 is not selected");
+    // The admin endpoint shows what runs and where it came from.
+    let (code, dump) = s1.admin_get("/config_dump").await.expect("admin");
+    assert_eq!(code, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump).expect("json");
+    assert_eq!(dump["control"]["connected"], true, "{dump}");
+    assert_eq!(dump["control"]["id"], "s1-a");
+    assert!(dump["control"]["version"].as_u64() >= Some(1), "{dump}");
+    assert_eq!(
+        dump["config"]["listeners"][0]["filters"][0]["name"],
+        "basic"
+    );
     let st = proxy_status(&control, "s1-a");
     assert_eq!(st["connected"], true, "{st}");
 
