@@ -116,6 +116,14 @@ fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String>
     } else {
         format!("http://{address}")
     };
+    match address.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {}
+        _ => {
+            return Err(format!(
+                "--control `{address}`: expected host:port or http://host:port"
+            ));
+        }
+    }
     let id = args.id.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())

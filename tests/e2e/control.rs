@@ -881,3 +881,32 @@ spec:
     assert_eq!(code, 1);
     assert!(err.contains("used by chain `s1-ingress`"), "{err}");
 }
+
+#[test]
+fn a_bad_control_address_is_a_startup_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        render(
+            &bootstrap(&["127.0.0.1:9".to_owned()]),
+            free_port(),
+            free_port(),
+        ),
+    )
+    .expect("write");
+    for address in ["https://127.0.0.1:7070", "a b"] {
+        let out = std::process::Command::new(proxy_bin())
+            .arg("--config")
+            .arg(&config)
+            .args(["--control", address])
+            .output()
+            .expect("weft-proxy");
+        assert_eq!(out.status.code(), Some(2), "{address}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("expected host:port or http://host:port"),
+            "{err}"
+        );
+    }
+}
