@@ -6,13 +6,12 @@
 //! balancers follow.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use weft_proto::v1;
 use weft_tests::*;
 
-use crate::reload::greeting;
+use crate::reload::{Traffic, greeting};
 
 /// A proxy bootstrap: listener `ingress` to cluster `svc` over `endpoints`, no filters.
 fn bootstrap(endpoints: &[String]) -> String {
@@ -261,30 +260,7 @@ async fn a_hundred_chain_swaps_from_the_control_service_under_load_fail_no_reque
     .await;
 
     // 2,000 requests a second in all: 16 clients, each paced at one request per 8 ms.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut clients = Vec::new();
-    for i in 0..16 {
-        let (proxy, stop, sent, failed) =
-            (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            let client = if i % 2 == 0 { h1_client() } else { h2_client() };
-            let mut tick = tokio::time::interval(Duration::from_millis(8));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            let deadline = Instant::now() + Duration::from_secs(120);
-            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                tick.tick().await;
-                sent.fetch_add(1, Ordering::SeqCst);
-                match get(&client, &proxy.url("/x")).await {
-                    Ok(g) if g.status == 200 && greeting(&g).starts_with('v') => {}
-                    other => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("failed: {other:?}");
-                    }
-                }
-            }
-        }));
-    }
+    let traffic = Traffic::start(proxy.clone(), 16, Some(Duration::from_millis(8)));
     // A slow request started on v0 finishes on v0 whatever is swapped meanwhile.
     let slow = {
         let proxy = proxy.clone();
@@ -311,11 +287,7 @@ async fn a_hundred_chain_swaps_from_the_control_service_under_load_fail_no_reque
         "the in-flight request kept its chain"
     );
     assert_eq!(greeting_via(&proxy).await, "v100");
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.expect("client");
-    }
-    let (sent, failed) = (sent.load(Ordering::SeqCst), failed.load(Ordering::SeqCst));
+    let (sent, failed) = traffic.finish().await;
     eprintln!(
         "{sent} requests ({:.0}/s) across 100 swaps in {swap_time:?}",
         sent as f64 / (swap_time.as_secs_f64() + 0.1)

@@ -36,31 +36,75 @@ pub(crate) fn greeting(got: &Got) -> String {
         .unwrap_or_default()
 }
 
+/// Clients sending `GET /x` through a proxy until stopped (at most two minutes), each
+/// request paced at `pace` or back to back, half over HTTP/1.1 and half over HTTP/2. A
+/// request fails unless it gets 200 with a greeting starting with `v`.
+pub(crate) struct Traffic {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Traffic {
+    /// Starts `clients` clients.
+    pub(crate) fn start(proxy: Arc<ProxyProcess>, clients: usize, pace: Option<Duration>) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let clients = (0..clients)
+            .map(|i| {
+                let (proxy, stop, sent, failed) =
+                    (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let client = if i % 2 == 0 { h1_client() } else { h2_client() };
+                    let mut tick = pace.map(|p| {
+                        let mut t = tokio::time::interval(p);
+                        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                        t
+                    });
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                        if let Some(t) = tick.as_mut() {
+                            t.tick().await;
+                        }
+                        sent.fetch_add(1, Ordering::SeqCst);
+                        match get(&client, &proxy.url("/x")).await {
+                            Ok(g) if g.status == 200 && greeting(&g).starts_with('v') => {}
+                            other => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                eprintln!("failed: {other:?}");
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            sent,
+            failed,
+            clients,
+        }
+    }
+
+    /// Stops the clients; returns the requests sent and failed.
+    pub(crate) async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for c in self.clients {
+            c.await.expect("client");
+        }
+        (
+            self.sent.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_swaps_under_traffic_fail_no_request() {
     let up = Upstream::start("svc").await;
     let proxy = Arc::new(ProxyProcess::start(&versioned(&up, "v0", None)).await);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let mut clients = Vec::new();
-    for i in 0..4 {
-        let (proxy, stop, sent, failed) =
-            (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
-        clients.push(tokio::spawn(async move {
-            let client = if i % 2 == 0 { h1_client() } else { h2_client() };
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-                sent.fetch_add(1, Ordering::SeqCst);
-                match get(&client, &proxy.url("/x")).await {
-                    Ok(g) if g.status == 200 && greeting(&g).starts_with('v') => {}
-                    other => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                        eprintln!("failed: {other:?}");
-                    }
-                }
-            }
-        }));
-    }
+    let traffic = Traffic::start(proxy.clone(), 4, None);
     // A slow request started on v0 finishes on v0, whatever is swapped meanwhile.
     let slow = {
         let proxy = proxy.clone();
@@ -89,12 +133,8 @@ async fn a_hundred_swaps_under_traffic_fail_no_request() {
         assert!(Instant::now() < deadline, "still {}", greeting(&got));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop.store(true, Ordering::SeqCst);
-    for c in clients {
-        c.await.unwrap();
-    }
-    let sent = sent.load(Ordering::SeqCst);
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "of {sent} requests");
+    let (sent, failed) = traffic.finish().await;
+    assert_eq!(failed, 0, "of {sent} requests");
     assert!(sent > 200, "traffic flowed during the swaps: {sent}");
     let stats = proxy.stats().await;
     let swaps = metric_value(&stats, "weft_filter_chain_swaps_total").unwrap_or(0.0);
