@@ -223,33 +223,63 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Largest middle part (lines of old × lines of new, after the common head and tail) that
+/// gets a line-by-line alignment; beyond it the middle is shown removed then added, so that
+/// a huge resource costs linear memory.
+const DIFF_CELLS: usize = 1 << 20;
+
 /// A line diff of two texts: unchanged lines prefixed with two spaces, removed with `- `,
-/// added with `+ ` (longest common subsequence; resources are small).
+/// added with `+ ` (longest common subsequence over the part between the common head and
+/// tail).
 pub fn diff(old: &str, new: &str) -> String {
     let a: Vec<&str> = old.lines().collect();
     let b: Vec<&str> = new.lines().collect();
-    let mut lcs = vec![vec![0u32; b.len() + 1]; a.len() + 1];
-    for i in (0..a.len()).rev() {
-        for j in (0..b.len()).rev() {
-            lcs[i][j] = if a[i] == b[j] {
-                lcs[i + 1][j + 1] + 1
+    let head = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let tail = a[head..]
+        .iter()
+        .rev()
+        .zip(b[head..].iter().rev())
+        .take_while(|(x, y)| x == y)
+        .count();
+    let (ma, mb) = (&a[head..a.len() - tail], &b[head..b.len() - tail]);
+    let mut out = String::new();
+    for line in &a[..head] {
+        out += &format!("  {line}\n");
+    }
+    if ma.len().saturating_mul(mb.len()) > DIFF_CELLS {
+        for line in ma {
+            out += &format!("- {line}\n");
+        }
+        for line in mb {
+            out += &format!("+ {line}\n");
+        }
+    } else {
+        let mut lcs = vec![vec![0u32; mb.len() + 1]; ma.len() + 1];
+        for i in (0..ma.len()).rev() {
+            for j in (0..mb.len()).rev() {
+                lcs[i][j] = if ma[i] == mb[j] {
+                    lcs[i + 1][j + 1] + 1
+                } else {
+                    lcs[i + 1][j].max(lcs[i][j + 1])
+                };
+            }
+        }
+        let (mut i, mut j) = (0, 0);
+        while i < ma.len() || j < mb.len() {
+            if i < ma.len() && j < mb.len() && ma[i] == mb[j] {
+                out += &format!("  {}\n", ma[i]);
+                (i, j) = (i + 1, j + 1);
+            } else if i < ma.len() && (j == mb.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
+                out += &format!("- {}\n", ma[i]);
+                i += 1;
             } else {
-                lcs[i + 1][j].max(lcs[i][j + 1])
-            };
+                out += &format!("+ {}\n", mb[j]);
+                j += 1;
+            }
         }
     }
-    let (mut i, mut j, mut out) = (0, 0, String::new());
-    while i < a.len() || j < b.len() {
-        if i < a.len() && j < b.len() && a[i] == b[j] {
-            out += &format!("  {}\n", a[i]);
-            (i, j) = (i + 1, j + 1);
-        } else if i < a.len() && (j == b.len() || lcs[i + 1][j] >= lcs[i][j + 1]) {
-            out += &format!("- {}\n", a[i]);
-            i += 1;
-        } else {
-            out += &format!("+ {}\n", b[j]);
-            j += 1;
-        }
+    for line in &a[a.len() - tail..] {
+        out += &format!("  {line}\n");
     }
     out
 }
@@ -263,6 +293,16 @@ mod tests {
         let d = diff("a\nb\nc\n", "a\nx\nc\n");
         assert_eq!(d, "  a\n- b\n+ x\n  c\n");
         assert_eq!(diff("", "a\n"), "+ a\n");
+        assert_eq!(diff("a\nb\n", "a\nb\n"), "  a\n  b\n");
+    }
+
+    #[test]
+    fn a_huge_diff_costs_linear_memory() {
+        let old: String = (0..3000).map(|i| format!("a{i}\n")).collect();
+        let new: String = (0..3000).map(|i| format!("b{i}\n")).collect();
+        let d = diff(&format!("head\n{old}tail\n"), &format!("head\n{new}tail\n"));
+        assert!(d.starts_with("  head\n- a0\n") && d.ends_with("+ b2999\n  tail\n"));
+        assert_eq!(d.lines().count(), 6002);
     }
 
     #[test]

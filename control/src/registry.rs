@@ -60,8 +60,9 @@ impl Registry for EmbeddedRegistry {
     fn register(&self, mut instance: Instance) -> Result<Instance, ControlError> {
         instance.id = format!("{}/{}", instance.service, instance.address);
         instance.last_seen_ms = now_ms();
+        let mut instances = self.lock();
         self.store.put_instance(&instance)?;
-        self.lock().insert(instance.id.clone(), instance.clone());
+        instances.insert(instance.id.clone(), instance.clone());
         Ok(instance)
     }
 
@@ -75,12 +76,16 @@ impl Registry for EmbeddedRegistry {
     }
 
     fn deregister(&self, id: &str) -> Result<Instance, ControlError> {
-        let removed = self
-            .lock()
-            .remove(id)
-            .ok_or_else(|| ControlError::NotFound(format!("instance `{id}`")))?;
+        // The store is written under the lock, so a concurrent register of the same id
+        // cannot be undone on disk by this removal.
+        let mut instances = self.lock();
+        if !instances.contains_key(id) {
+            return Err(ControlError::NotFound(format!("instance `{id}`")));
+        }
         self.store.delete_instances(&[id.to_owned()])?;
-        Ok(removed)
+        instances
+            .remove(id)
+            .ok_or_else(|| ControlError::NotFound(format!("instance `{id}`")))
     }
 
     fn instances(&self) -> Vec<Instance> {
@@ -88,19 +93,17 @@ impl Registry for EmbeddedRegistry {
     }
 
     fn expire(&self, now_ms: u64) -> Result<Vec<Instance>, ControlError> {
-        let expired: Vec<Instance> = {
-            let mut instances = self.lock();
-            let ids: Vec<String> = instances
-                .values()
-                .filter(|i| now_ms > i.last_seen_ms + u64::from(i.ttl_seconds) * 1000)
-                .map(|i| i.id.clone())
-                .collect();
-            ids.iter().filter_map(|id| instances.remove(id)).collect()
-        };
-        if !expired.is_empty() {
-            let ids: Vec<String> = expired.iter().map(|i| i.id.clone()).collect();
-            self.store.delete_instances(&ids)?;
+        let mut instances = self.lock();
+        let ids: Vec<String> = instances
+            .values()
+            .filter(|i| now_ms > i.last_seen_ms + u64::from(i.ttl_seconds) * 1000)
+            .map(|i| i.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(expired)
+        // Under the lock, as in `deregister`.
+        self.store.delete_instances(&ids)?;
+        Ok(ids.iter().filter_map(|id| instances.remove(id)).collect())
     }
 }

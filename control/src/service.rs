@@ -236,6 +236,21 @@ pub struct ControlService {
     state: Arc<ControlState>,
 }
 
+impl ControlService {
+    /// Runs a state change (locks, store commits, diffs) off the async threads, which keep
+    /// serving discovery streams meanwhile.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&ControlState) -> Result<T, ControlError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&state))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(Status::from)
+    }
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -295,7 +310,8 @@ impl v1::modules_server::Modules for ControlService {
         &self,
         request: Request<v1::DeleteModuleRequest>,
     ) -> Result<Response<v1::Module>, Status> {
-        let m = self.state.delete_module(&request.into_inner().module)?;
+        let module = request.into_inner().module;
+        let m = self.blocking(move |s| s.delete_module(&module)).await?;
         tracing::info!(module = %m.name, digest = %m.digest, "module deleted");
         Ok(Response::new(module_msg(m)))
     }
@@ -313,7 +329,8 @@ impl v1::config_server::Config for ControlService {
             .into_iter()
             .map(resource_from)
             .collect::<Result<Vec<_>, _>>()?;
-        let (version, changes) = self.state.apply(resources, req.dry_run)?;
+        let dry_run = req.dry_run;
+        let (version, changes) = self.blocking(move |s| s.apply(resources, dry_run)).await?;
         if !req.dry_run {
             tracing::info!(version, "config applied");
         }
@@ -355,7 +372,8 @@ impl v1::config_server::Config for ControlService {
                 req.kind
             ))
         })?;
-        let (version, change) = self.state.delete(kind, &req.name)?;
+        let name = req.name.clone();
+        let (version, change) = self.blocking(move |s| s.delete(kind, &name)).await?;
         Ok(Response::new(v1::ApplyResponse {
             version,
             changes: vec![change_msg(change)],
@@ -370,7 +388,7 @@ impl v1::registry_server::Registry for ControlService {
         request: Request<v1::RegisterRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
         let r = request.into_inner();
-        let i = self.state.register(model::Instance {
+        let instance = model::Instance {
             id: String::new(),
             service: r.service,
             address: r.address,
@@ -378,7 +396,8 @@ impl v1::registry_server::Registry for ControlService {
             ttl_seconds: r.ttl_seconds,
             weight: r.weight,
             last_seen_ms: 0,
-        })?;
+        };
+        let i = self.blocking(move |s| s.register(instance)).await?;
         tracing::info!(instance = %i.id, ttl_s = i.ttl_seconds, "instance registered");
         Ok(Response::new(instance_msg(i)))
     }
@@ -396,7 +415,8 @@ impl v1::registry_server::Registry for ControlService {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
-        let i = self.state.deregister(&request.into_inner().id)?;
+        let id = request.into_inner().id;
+        let i = self.blocking(move |s| s.deregister(&id)).await?;
         tracing::info!(instance = %i.id, "instance deregistered");
         Ok(Response::new(instance_msg(i)))
     }
@@ -497,7 +517,8 @@ async fn serve_proxy(
             dirty = false;
             changes.borrow_and_update();
             let snap = state.snapshot(&labels);
-            if snap.hash == acked_hash {
+            // Runs it already, with nothing else on its way to it.
+            if snap.hash == acked_hash && (sent_hash.is_empty() || sent_hash == acked_hash) {
                 state.with_proxy(&id, stream, |p| {
                     p.acked_hash = snap.hash.clone();
                     p.synced_version = p.synced_version.max(snap.version);

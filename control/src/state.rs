@@ -592,16 +592,13 @@ fn resolve(modules: &Modules, reference: &str) -> Result<String, ControlError> {
         .ok_or_else(|| ControlError::NotFound(format!("module `{reference}`")))
 }
 
-/// Checks a `host:port` address.
+/// Checks an endpoint address exactly as proxies parse it (`ip:port`, `[v6]:port` or
+/// `host:port`), so that the service never hands out an address every proxy would refuse.
 pub fn check_address(address: &str) -> Result<(), String> {
-    let ok = match address.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
-        None => false,
-    };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("address `{address}` is not host:port"))
+    weft_proxy::cluster::EndpointAddress::parse(address)?;
+    match address.rsplit_once(':').map(|(_, p)| p.parse::<u16>()) {
+        Some(Ok(port)) if port > 0 => Ok(()),
+        _ => Err(format!("address `{address}`: port must be 1 to 65535")),
     }
 }
 
@@ -765,6 +762,21 @@ mod tests {
         assert_ne!(before.hash, after.hash);
         let e = s.delete(Kind::FilterConfig, "routes").expect_err("in use");
         assert!(matches!(e, ControlError::Conflict(_)), "{e}");
+    }
+
+    #[test]
+    fn addresses_are_checked_as_proxies_parse_them() {
+        for ok in [
+            "127.0.0.1:80",
+            "[::1]:8080",
+            "my_service.local:8080",
+            "svc-2:1",
+        ] {
+            assert!(check_address(ok).is_ok(), "{ok}");
+        }
+        for bad in ["::1:80", "a b:80", "host:0", "host", ":80", "host:99999"] {
+            assert!(check_address(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -39,7 +39,7 @@ impl EndpointAddress {
                     && port.parse::<u16>().is_ok()
                     && host
                         .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') =>
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')) =>
             {
                 Ok(Self::Host(s.to_owned()))
             }

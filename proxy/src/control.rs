@@ -398,12 +398,28 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
     tracing::info!(address = %opts.address, id = %opts.id, "connected to the control service");
     reloader.lock().await.control_status(true, None);
     let dir = StateDir::new(opts.state_dir.clone());
-    while let Some(msg) = snapshots
-        .message()
-        .await
-        .map_err(|s| format!("stream: {}", s.message()))?
-    {
+    // The last refused snapshot, tried again after a growing delay (2 s to 60 s) until a newer
+    // one comes: a NACK may have had a passing cause (a fetch cut short, a full disk).
+    let mut refused: Option<(v1::Snapshot, Duration, tokio::time::Instant)> = None;
+    loop {
+        let retry_at = refused.as_ref().map(|(_, _, at)| *at);
+        let msg = tokio::select! {
+            msg = snapshots.message() => {
+                match msg.map_err(|s| format!("stream: {}", s.message()))? {
+                    Some(m) => m,
+                    None => return Ok(()),
+                }
+            }
+            _ = sleep_until_some(retry_at) => match &refused {
+                Some((snap, _, _)) => {
+                    tracing::info!(version = snap.version, "trying the refused snapshot again");
+                    snap.clone()
+                }
+                None => continue,
+            },
+        };
         let (version, hash) = (msg.version, msg.hash.clone());
+        let kept = msg.clone();
         let result = async {
             let snap = ControlSnapshot::try_from(msg)?;
             fetch_modules(&mut modules, &snap, &dir).await?;
@@ -411,9 +427,17 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
         }
         .await;
         let error = match result {
-            Ok(()) => String::new(),
+            Ok(()) => {
+                refused = None;
+                String::new()
+            }
             Err(e) => {
                 tracing::error!(version, "NACK: the running config stays: {e}");
+                let delay = match &refused {
+                    Some((s, d, _)) if s.hash == hash => (*d * 2).min(Duration::from_secs(60)),
+                    _ => Duration::from_secs(2),
+                };
+                refused = Some((kept, delay, tokio::time::Instant::now() + delay));
                 e
             }
         };
@@ -429,7 +453,14 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
         };
         tx.send(answer).await.map_err(|_| "stream closed")?;
     }
-    Ok(())
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Largest module fetched.

@@ -229,7 +229,7 @@ impl Proxy {
                     "connected": false,
                     "version": self.snapshot.as_ref().map(|s| s.version),
                     "hash": self.snapshot.as_ref().map(|s| s.hash.clone()),
-                    "last_error": null,
+                    "error": null,
                 }),
                 None => serde_json::Value::Null,
             }),

@@ -84,7 +84,7 @@ impl Reloader {
         }
         tracing::info!(
             version = snap.version,
-            hash = %&snap.hash[..snap.hash.len().min(12)],
+            hash = %snap.hash.get(..12).unwrap_or(&snap.hash),
             chains_swapped = swapped,
             ms = started.elapsed().as_millis() as u64,
             "control snapshot applied"
@@ -113,8 +113,10 @@ impl Reloader {
         result
     }
 
-    /// Records where this proxy stands with the control service, for `/config_dump`.
-    pub fn control_status(&self, connected: bool, last_error: Option<&str>) {
+    /// Records where this proxy stands with the control service, for `/config_dump`: whether
+    /// it is connected and the error now, if any (a connection failure, or the reason of the
+    /// last snapshot's NACK).
+    pub fn control_status(&self, connected: bool, error: Option<&str>) {
         if let Ok(mut c) = self.admin.control.lock()
             && let Some(obj) = c.as_object_mut()
         {
@@ -122,9 +124,7 @@ impl Reloader {
             obj.insert("connected".into(), connected.into());
             obj.insert("version".into(), version.into());
             obj.insert("hash".into(), hash.into());
-            if let Some(e) = last_error {
-                obj.insert("last_error".into(), e.into());
-            }
+            obj.insert("error".into(), error.into());
         }
     }
 

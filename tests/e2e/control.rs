@@ -649,7 +649,7 @@ async fn the_control_api_needs_the_token_when_it_has_one() {
 #[derive(Clone)]
 struct Liar {
     snapshot: v1::Snapshot,
-    bytes: Vec<u8>,
+    bytes: Arc<std::sync::Mutex<Vec<u8>>>,
     answers: Arc<std::sync::Mutex<Vec<v1::DiscoveryRequest>>>,
 }
 
@@ -709,7 +709,7 @@ impl v1::modules_server::Modules for Liar {
         _: tonic::Request<v1::FetchModuleRequest>,
     ) -> Result<tonic::Response<Self::FetchStream>, tonic::Status> {
         let chunk = v1::ModuleChunk {
-            data: self.bytes.clone(),
+            data: self.bytes.lock().expect("lock").clone(),
         };
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter([Ok(
             chunk,
@@ -725,7 +725,7 @@ impl v1::modules_server::Modules for Liar {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn module_bytes_that_do_not_match_their_digest_are_nacked_and_never_run() {
+async fn module_bytes_that_do_not_match_their_digest_are_nacked_never_run_and_retried() {
     use sha2::Digest as _;
     let basic = std::fs::read(guest_filter("compat_basic")).expect("compat_basic");
     let noop = std::fs::read(guest_filter("compat_noop")).expect("compat_noop");
@@ -748,7 +748,7 @@ async fn module_bytes_that_do_not_match_their_digest_are_nacked_and_never_run() 
             }],
             clusters: vec![],
         },
-        bytes: noop,
+        bytes: Arc::new(std::sync::Mutex::new(noop)),
         answers: Default::default(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -809,6 +809,23 @@ async fn module_bytes_that_do_not_match_their_digest_are_nacked_and_never_run() 
             .exists(),
         "the lying bytes were not kept"
     );
+
+    // The server mends its ways: the proxy tries the refused snapshot again (after 2 s) and
+    // runs it.
+    *liar.bytes.lock().expect("lock") = basic;
+    let answers = liar.answers.clone();
+    eventually("an ACK after the retry", Duration::from_secs(20), || {
+        let answers = answers.clone();
+        async move {
+            answers
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|a| a.version == 7 && a.error.is_empty())
+        }
+    })
+    .await;
+    assert_eq!(greeting_via(&proxy).await, "lied");
     server.abort();
 }
 
