@@ -212,13 +212,14 @@ impl Reloader {
                 cluster.set_endpoints(&c.endpoints);
             }
         }
-        for (running, c) in self.running.clusters.iter_mut().zip(&next.clusters) {
-            if running.name == c.name {
+        // What runs now, matched by name (a re-read file may list them in another order).
+        for c in &next.clusters {
+            if let Some(running) = self.running.clusters.iter_mut().find(|r| r.name == c.name) {
                 running.endpoints = c.endpoints.clone();
             }
         }
-        for (running, l) in self.running.listeners.iter_mut().zip(&next.listeners) {
-            if running.name == l.name {
+        for l in &next.listeners {
+            if let Some(running) = self.running.listeners.iter_mut().find(|r| r.name == l.name) {
                 running.default_cluster = l.default_cluster.clone();
             }
         }

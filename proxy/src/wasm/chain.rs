@@ -659,9 +659,55 @@ enum Slot {
     },
 }
 
+/// This worker's instances by slot number (`WasmChain::id + filter`). Slot numbers only
+/// grow; entries of retired chains are dropped from the front as soon as every older one is
+/// retired too, so the table holds about the slots of live chains, however many swaps ran.
+#[derive(Default)]
+struct Slots {
+    /// Slot number of `list[0]`.
+    base: usize,
+    list: std::collections::VecDeque<Option<Slot>>,
+    /// Retired slot numbers at or past `base` whose entries are still in `list`.
+    retired: std::collections::BTreeSet<usize>,
+}
+
+impl Slots {
+    /// The entry of slot `n`, made empty if missing; `None` for a retired slot.
+    fn entry(&mut self, n: usize) -> Option<&mut Option<Slot>> {
+        let i = n.checked_sub(self.base)?;
+        if self.retired.contains(&n) {
+            return None;
+        }
+        if self.list.len() <= i {
+            self.list.resize_with(i + 1, || None);
+        }
+        self.list.get_mut(i)
+    }
+
+    /// The entry of slot `n` if it has one.
+    fn get_mut(&mut self, n: usize) -> Option<&mut Option<Slot>> {
+        let i = n.checked_sub(self.base)?;
+        self.list.get_mut(i)
+    }
+
+    /// Frees the instances of slots `first..first + len` and never makes them again.
+    fn retire(&mut self, first: usize, len: usize) {
+        for n in first.max(self.base)..first + len {
+            if let Some(e) = self.get_mut(n) {
+                *e = None;
+            }
+            self.retired.insert(n);
+        }
+        while self.retired.remove(&self.base) {
+            self.list.pop_front();
+            self.base += 1;
+        }
+    }
+}
+
 thread_local! {
-    /// This worker's instances, indexed by slot number (`WasmChain::slot_base + filter`).
-    static SLOTS: RefCell<Vec<Option<Slot>>> = const { RefCell::new(Vec::new()) };
+    /// This worker's instances.
+    static SLOTS: RefCell<Slots> = RefCell::new(Slots::default());
 }
 
 const RELOAD_BACKOFF_START: Duration = Duration::from_millis(100);
@@ -678,10 +724,9 @@ fn with_instance<R>(
     SLOTS.with(|slots| {
         let mut slots = slots.borrow_mut();
         let n = chain as usize + idx;
-        if slots.len() <= n {
-            slots.resize_with(n + 1, || None);
-        }
-        let slot = slots[n].get_or_insert_with(|| Slot::Failed {
+        // A retired chain's filter is not started again.
+        let entry = slots.entry(n).ok_or(())?;
+        let slot = entry.get_or_insert_with(|| Slot::Failed {
             retry_at: Some(Instant::now()),
             backoff: Duration::ZERO,
             generation: 0,
@@ -729,17 +774,17 @@ fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
     SLOTS.with(|slots| {
         let mut slots = slots.borrow_mut();
         let n = chain as usize + idx;
-        if slots.len() <= n {
-            slots.resize_with(n + 1, || None);
-        }
-        let generation = match &slots[n] {
+        let Some(entry) = slots.entry(n) else {
+            return;
+        };
+        let generation = match &*entry {
             Some(Slot::Live { generation, .. }) | Some(Slot::Failed { generation, .. }) => {
                 *generation
             }
             None => 0,
         };
         let retry_at = (spec.policy == FailurePolicy::Reload).then(Instant::now);
-        slots[n] = Some(Slot::Failed {
+        *entry = Some(Slot::Failed {
             retry_at,
             backoff: Duration::ZERO,
             generation,
@@ -811,7 +856,8 @@ async fn deliver_queue_ready(mut ready: tokio::sync::mpsc::UnboundedReceiver<(us
 /// The next free slot number: each chain takes one per filter, so slot tables stay dense.
 static NEXT_SLOT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Slot ranges of retired chains, for every worker to free its instances of.
+/// Slot ranges of retired chains, in retirement order, for every worker to free its
+/// instances of (each worker goes through the entries added since it last looked).
 static RETIRED: std::sync::Mutex<Vec<(u64, u64)>> = std::sync::Mutex::new(Vec::new());
 /// Bumped on each retirement, so that a worker checks the list only when it changed.
 static RETIRED_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -819,6 +865,8 @@ static RETIRED_EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU6
 thread_local! {
     /// The retirement epoch this worker has processed.
     static SEEN_EPOCH: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// How many entries of `RETIRED` this worker has processed.
+    static SEEN_RETIRED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
     /// Chains this worker has warmed (instances started, tick loops spawned).
     static WARMED: RefCell<std::collections::HashSet<u64>> =
         RefCell::new(std::collections::HashSet::new());
@@ -841,7 +889,8 @@ impl Drop for ChainLife {
     }
 }
 
-/// Frees this worker's instances of retired chains (cheap when nothing was retired).
+/// Frees this worker's instances of chains retired since it last looked (cheap when none
+/// was).
 fn free_retired() {
     let epoch = RETIRED_EPOCH.load(std::sync::atomic::Ordering::Acquire);
     if SEEN_EPOCH.with(|s| s.replace(epoch)) == epoch {
@@ -850,19 +899,17 @@ fn free_retired() {
     let Ok(retired) = RETIRED.lock() else {
         return;
     };
+    let seen = SEEN_RETIRED.with(|s| s.replace(retired.len()));
+    let new = retired.get(seen..).unwrap_or_default();
     SLOTS.with(|slots| {
         let mut slots = slots.borrow_mut();
-        for &(id, len) in retired.iter() {
-            for n in id..id + len {
-                if let Some(slot) = slots.get_mut(n as usize) {
-                    *slot = None;
-                }
-            }
+        for &(id, len) in new {
+            slots.retire(id as usize, len as usize);
         }
     });
     WARMED.with(|w| {
         let mut w = w.borrow_mut();
-        for (id, _) in retired.iter() {
+        for (id, _) in new {
             w.remove(id);
         }
     });
@@ -1500,5 +1547,47 @@ impl FilterStream for WasmStream {
                 fail(self.chain, idx, spec, &f);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(generation: u64) -> Option<Slot> {
+        Some(Slot::Failed {
+            retry_at: None,
+            backoff: Duration::ZERO,
+            generation,
+        })
+    }
+
+    #[test]
+    fn retired_slots_leave_the_table_and_are_not_made_again() {
+        let mut s = Slots::default();
+        // Chain A holds slots 0 and 1, chain B slots 2 and 3.
+        *s.entry(0).expect("live") = failed(1);
+        *s.entry(3).expect("live") = failed(2);
+        // B retires first: its entries go, A's stay, nothing can be trimmed yet.
+        s.retire(2, 2);
+        assert!(s.entry(3).is_none(), "a retired slot is never made again");
+        assert!(matches!(s.entry(0), Some(Some(_))));
+        assert_eq!(s.base, 0);
+        // Then A: the table empties.
+        s.retire(0, 2);
+        assert_eq!((s.base, s.list.len(), s.retired.len()), (4, 0, 0));
+        assert!(s.entry(1).is_none() && s.get_mut(1).is_none());
+        // A thousand swaps of a two-filter chain leave one chain's worth behind.
+        for k in 0..1000 {
+            let first = 4 + k * 2;
+            *s.entry(first).expect("live") = failed(k as u64);
+            s.retire(first, 2);
+        }
+        assert!(
+            s.list.len() <= 2 && s.retired.is_empty(),
+            "{}",
+            s.list.len()
+        );
+        assert_eq!(s.base, 2004);
     }
 }
