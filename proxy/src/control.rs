@@ -208,6 +208,20 @@ impl StateDir {
         write_atomic(&self.root.join("snapshot.json"), &json)
     }
 
+    /// Checks that every module of `snap` is in the state dir with its digest (the files a
+    /// restart or a SIGHUP would load; fetched modules are checked as they arrive).
+    pub fn check_modules(&self, snap: &ControlSnapshot) -> Result<(), String> {
+        for c in &snap.chains {
+            if let Some(f) = c.filters.iter().find(|f| !self.has_module(&f.digest)) {
+                return Err(format!(
+                    "filter `{}`: module {} is missing from the state dir or does not match its digest",
+                    f.name, f.digest
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the module file for `digest` exists and has that digest.
     fn has_module(&self, digest: &str) -> bool {
         std::fs::read(self.module_path(digest)).is_ok_and(|b| digest_of(&b) == digest)
@@ -227,8 +241,8 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// `base` with `snap` over it: each chain replaces its listener's filters (and default
 /// cluster, when it names one), each cluster its endpoints. Listeners and clusters the
 /// snapshot does not mention keep the bootstrap's. A chain for a listener or a cluster this
-/// proxy does not have, two for the same one, or a module file that is missing or does not
-/// hash to its digest, is an error.
+/// proxy does not have, or two for the same one, is an error. The module files are not read
+/// here: see [`StateDir::check_modules`].
 pub fn overlay(base: &Config, snap: &ControlSnapshot, dir: &StateDir) -> Result<Config, String> {
     let mut next = base.clone();
     let mut seen = BTreeMap::new();
@@ -251,12 +265,6 @@ pub fn overlay(base: &Config, snap: &ControlSnapshot, dir: &StateDir) -> Result<
             })?;
         if !c.default_cluster.is_empty() {
             l.default_cluster = c.default_cluster.clone();
-        }
-        if let Some(f) = c.filters.iter().find(|f| !dir.has_module(&f.digest)) {
-            return Err(format!(
-                "filter `{}`: module {} is missing from the state dir or does not match its digest",
-                f.name, f.digest
-            ));
         }
         l.filters = c
             .filters

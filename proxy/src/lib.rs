@@ -109,7 +109,10 @@ impl Proxy {
         let persisted = options.control.as_ref().and_then(|c| {
             let dir = control::StateDir::new(c.state_dir.clone());
             let snap = dir.load_snapshot()?;
-            match control::overlay(&base, &snap, &dir) {
+            match dir
+                .check_modules(&snap)
+                .and_then(|()| control::overlay(&base, &snap, &dir))
+            {
                 Ok(config) => Some((config, snap)),
                 Err(e) => {
                     tracing::warn!("the persisted control snapshot does not apply, starting from the bootstrap config: {e}");

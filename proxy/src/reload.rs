@@ -51,7 +51,10 @@ impl Reloader {
         let result = async {
             let base = Config::load(&path).map_err(|e| e.to_string())?;
             let next = match (&self.snapshot, &self.state_dir) {
-                (Some(snap), Some(dir)) => overlay(&base, snap, dir)?,
+                (Some(snap), Some(dir)) => {
+                    dir.check_modules(snap)?;
+                    overlay(&base, snap, dir)?
+                }
                 _ => base.clone(),
             };
             let swapped = self.apply(next, true).await?;
