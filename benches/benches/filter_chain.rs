@@ -17,14 +17,14 @@ use std::hint::black_box;
 mod common;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use weft_proxy::config::{FailurePolicy, FilterConfig, FilterLimits};
-use weft_proxy::filter::{Direction, FilterChain, StreamInfo};
+use weft_core::config::{FailurePolicy, FilterConfig, FilterLimits};
+use weft_core::filter::{Direction, FilterChain, StreamInfo};
 
 /// The response body of the benchmark stream (40 bytes).
 static BODY: bytes::Bytes =
     bytes::Bytes::from_static(b"{\"items\":[1,2,3],\"page\":2,\"more\":false}\n");
-use weft_proxy::metrics::Metrics;
-use weft_proxy::wasm::{WasmChain, WasmRuntime};
+use weft_core::metrics::Metrics;
+use weft_wasm::{WasmChain, WasmRuntime};
 
 fn guest(name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");

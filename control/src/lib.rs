@@ -20,6 +20,7 @@
 
 pub mod manifest;
 pub mod model;
+pub mod module_check;
 pub mod registry;
 pub mod service;
 pub mod snapshot;

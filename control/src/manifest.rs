@@ -16,7 +16,7 @@
 //!       module: router         # a module name or sha256:<hex>
 //!       root_id: ""            # optional
 //!       config_ref: routes     # optional: the FilterConfig whose config the filter gets
-//!       failure_policy: fail_closed  # optional: fail_closed or fail_open
+//!       failure_policy: fail_closed  # optional: fail_closed, fail_open or reload
 //!     - name: fault
 //!       module: fault
 //!       config: {percent: 5}   # optional, any value: handed to the filter as JSON;
@@ -200,8 +200,8 @@ struct FilterDocument {
     config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     config_ref: String,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    failure_policy: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    failure_policy: Option<weft_config::FailurePolicy>,
 }
 
 /// An endpoint of a cluster, as written in a manifest.
@@ -307,7 +307,10 @@ impl From<FilterDocument> for FilterRef {
                 Some(value) => value.to_string(),
             },
             config_ref: filter.config_ref,
-            failure_policy: filter.failure_policy,
+            failure_policy: filter
+                .failure_policy
+                .map(|p| p.as_str().to_owned())
+                .unwrap_or_default(),
         }
     }
 }
@@ -406,7 +409,10 @@ impl From<&FilterRef> for FilterDocument {
             root_id: filter.root_id.clone(),
             config: config_value(&filter.config_json),
             config_ref: filter.config_ref.clone(),
-            failure_policy: filter.failure_policy.clone(),
+            failure_policy: match filter.failure_policy.as_str() {
+                "" => None,
+                name => name.parse().ok(),
+            },
         }
     }
 }

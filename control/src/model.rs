@@ -74,8 +74,9 @@ pub struct FilterSpec {
     /// A `FilterConfig` resource whose configuration the filter gets instead.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub config_ref: String,
-    /// `fail_closed` or `fail_open`.
-    pub failure_policy: String,
+    /// What a stream gets when the filter fails.
+    #[serde(default)]
+    pub failure_policy: weft_config::FailurePolicy,
 }
 
 /// A listener's chain.

@@ -73,13 +73,19 @@ fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                             ))
                         })?
                     };
+                    let failure_policy = f.failure_policy.parse().map_err(|e| {
+                        ControlError::Invalid(format!(
+                            "chain `{}`: filter `{}`: {e}",
+                            r.name, f.name
+                        ))
+                    })?;
                     Ok(FilterSpec {
                         name: f.name,
                         module: f.module,
                         root_id: f.root_id,
                         config,
                         config_ref: f.config_ref,
-                        failure_policy: f.failure_policy,
+                        failure_policy,
                     })
                 })
                 .collect::<Result<_, ControlError>>()?,
@@ -152,7 +158,7 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
                     module: f.module.clone(),
                     root_id: f.root_id.clone(),
                     config_json: config_json(&f.config),
-                    failure_policy: f.failure_policy.clone(),
+                    failure_policy: f.failure_policy.as_str().to_owned(),
                     config_ref: f.config_ref.clone(),
                 })
                 .collect(),
@@ -214,7 +220,7 @@ fn snapshot_msg(s: &Snapshot) -> v1::Snapshot {
                         digest: f.module.clone(),
                         root_id: f.root_id.clone(),
                         config_json: config_json(&f.config),
-                        failure_policy: f.failure_policy.clone(),
+                        failure_policy: f.failure_policy.as_str().to_owned(),
                     })
                     .collect(),
             })

@@ -161,7 +161,7 @@ impl ControlState {
                 "module name `{name}`: use 1 to 253 letters, digits, `.`, `_` or `-`"
             )));
         }
-        let abi_version = weft_proxy::wasm::inspect_module(bytes)
+        let abi_version = crate::module_check::inspect_module(bytes)
             .map_err(|e| ControlError::Invalid(format!("module `{name}` rejected: {e}")))?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
         let mut modules = lock(&self.modules);
@@ -269,16 +269,6 @@ impl ControlState {
                             "filter `{}`: set `config` or `config_ref`, not both",
                             f.name
                         )));
-                    }
-                    match f.failure_policy.as_str() {
-                        "" => f.failure_policy = "fail_closed".into(),
-                        "fail_closed" | "fail_open" => {}
-                        other => {
-                            return Err(invalid(format!(
-                                "filter `{}`: failure_policy `{other}` (fail_closed or fail_open)",
-                                f.name
-                            )));
-                        }
                     }
                 }
             }
@@ -595,11 +585,7 @@ fn resolve(modules: &Modules, reference: &str) -> Result<String, ControlError> {
 /// Checks an endpoint address exactly as proxies parse it (`ip:port`, `[v6]:port` or
 /// `host:port`), so that the service never hands out an address every proxy would refuse.
 pub fn check_address(address: &str) -> Result<(), String> {
-    weft_proxy::cluster::EndpointAddress::parse(address)?;
-    match address.rsplit_once(':').map(|(_, p)| p.parse::<u16>()) {
-        Some(Ok(port)) if port > 0 => Ok(()),
-        _ => Err(format!("address `{address}`: port must be 1 to 65535")),
-    }
+    weft_config::EndpointAddress::parse(address).map(drop)
 }
 
 #[cfg(test)]
@@ -647,7 +633,7 @@ mod tests {
             root_id: String::new(),
             config,
             config_ref: config_ref.into(),
-            failure_policy: String::new(),
+            failure_policy: Default::default(),
         }
     }
 
@@ -703,7 +689,7 @@ mod tests {
             let mut c = c.clone();
             if let Spec::Chain(ch) = &mut c.spec {
                 ch.filters[0].module = s.resolve_module("router").expect("digest");
-                ch.filters[0].failure_policy = "fail_closed".into();
+                ch.filters[0].failure_policy = weft_config::FailurePolicy::FailClosed;
             }
             c.spec
         });

@@ -271,7 +271,7 @@ mod tests {
                     root_id: String::new(),
                     config: serde_json::json!({"routes": []}),
                     config_ref: String::new(),
-                    failure_policy: "fail_closed".into(),
+                    failure_policy: weft_config::FailurePolicy::FailClosed,
                 }],
             }),
         };

@@ -1,11 +1,14 @@
-//! `weft-proxy`: the Weft sidecar proxy.
+//! `weft-proxy`: the Weft sidecar proxy. Parses the command line, loads the config, and runs
+//! the core proxy (`weft-core`) with the WASM filter host (`weft-wasm`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
-use weft_proxy::control::ControlOptions;
-use weft_proxy::{Config, Proxy, ProxyOptions};
+use weft_core::control::ControlOptions;
+use weft_core::{Config, Proxy, ProxyOptions};
+use weft_wasm::WasmHost;
 
 /// Weft sidecar proxy.
 #[derive(Parser, Debug)]
@@ -76,10 +79,12 @@ fn main() -> ExitCode {
         }
         None => None,
     };
+    let filter_host = Arc::new(WasmHost::new(config.wasm.cache_dir.clone()));
     let options = ProxyOptions {
         workers,
         config_path: Some(args.config.clone()),
         control,
+        filter_host: Some(filter_host),
     };
     let proxy = match Proxy::bind(config, options) {
         Ok(p) => p,

@@ -2,6 +2,8 @@
 
 use std::time::{Duration, SystemTime};
 
+use weft_abi::ext;
+
 use crate::host::{BufferType, Host, LogLevel, MapType, MetricKind, Status};
 
 /// The stream a phase runs for: typed access to the request, the response, bodies,
@@ -10,23 +12,8 @@ pub struct Ctx<'a> {
     host: &'a mut dyn Host,
 }
 
-/// Why an upstream attempt produced no upstream response.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AttemptError {
-    /// The response came from the upstream.
-    #[default]
-    None,
-    /// The connection could not be made.
-    ConnectFailure,
-    /// The connection failed or was reset before a response.
-    Reset,
-    /// No response in time.
-    Timeout,
-    /// A circuit-breaker limit refused the attempt.
-    Overflow,
-    /// No healthy endpoint.
-    NoHealthyUpstream,
-}
+/// Why an upstream attempt produced no upstream response (the ABI's own enum).
+pub use weft_abi::ext::AttemptError;
 
 /// The upstream attempt whose response is being processed (`weft.attempt`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -42,36 +29,22 @@ pub struct Attempt {
 impl Attempt {
     /// Parses `weft.attempt`'s answer.
     pub fn from_bytes(b: &[u8]) -> Option<Attempt> {
-        let [a, b0, c, d, s0, s1, e] = *b else {
-            return None;
-        };
+        let a = weft_abi::ext::AttemptInfo::decode(b).ok()?;
         Some(Attempt {
-            number: u32::from_le_bytes([a, b0, c, d]),
-            status: u16::from_le_bytes([s0, s1]),
-            error: match e {
-                1 => AttemptError::ConnectFailure,
-                2 => AttemptError::Reset,
-                3 => AttemptError::Timeout,
-                4 => AttemptError::Overflow,
-                5 => AttemptError::NoHealthyUpstream,
-                _ => AttemptError::None,
-            },
+            number: a.number,
+            status: a.status,
+            error: a.error,
         })
     }
 
     /// Encodes it as `weft.attempt` answers.
     pub fn to_bytes(self) -> [u8; 7] {
-        let n = self.number.to_le_bytes();
-        let s = self.status.to_le_bytes();
-        let e = match self.error {
-            AttemptError::None => 0,
-            AttemptError::ConnectFailure => 1,
-            AttemptError::Reset => 2,
-            AttemptError::Timeout => 3,
-            AttemptError::Overflow => 4,
-            AttemptError::NoHealthyUpstream => 5,
-        };
-        [n[0], n[1], n[2], n[3], s[0], s[1], e]
+        weft_abi::ext::AttemptInfo {
+            number: self.number,
+            status: self.status,
+            error: self.error,
+        }
+        .encode()
     }
 }
 
@@ -332,7 +305,7 @@ impl<'a> Ctx<'a> {
     /// extensions.
     pub fn set_cluster(&mut self, cluster: &str) -> Result<(), Status> {
         self.host
-            .call_foreign("weft.set_cluster", cluster.as_bytes())
+            .call_foreign(ext::SET_CLUSTER, cluster.as_bytes())
             .map(drop)
     }
 
@@ -340,7 +313,7 @@ impl<'a> Ctx<'a> {
     pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), Status> {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         self.host
-            .call_foreign("weft.set_timeout", &ms.to_le_bytes())
+            .call_foreign(ext::SET_TIMEOUT, &ext::encode_millis(ms))
             .map(drop)
     }
 
@@ -348,7 +321,7 @@ impl<'a> Ctx<'a> {
     pub fn set_try_timeout(&mut self, timeout: Duration) -> Result<(), Status> {
         let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         self.host
-            .call_foreign("weft.set_try_timeout", &ms.to_le_bytes())
+            .call_foreign(ext::SET_TRY_TIMEOUT, &ext::encode_millis(ms))
             .map(drop)
     }
 
@@ -356,7 +329,7 @@ impl<'a> Ctx<'a> {
     /// keeps it whole so it can be sent again.
     pub fn set_attempts(&mut self, attempts: u32) -> Result<(), Status> {
         self.host
-            .call_foreign("weft.set_attempts", &attempts.to_le_bytes())
+            .call_foreign(ext::SET_ATTEMPTS, &ext::encode_attempts(attempts))
             .map(drop)
     }
 
@@ -365,13 +338,13 @@ impl<'a> Ctx<'a> {
     pub fn delay(&mut self, delay: Duration) -> Result<(), Status> {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.host
-            .call_foreign("weft.delay", &ms.to_le_bytes())
+            .call_foreign(ext::DELAY, &ext::encode_millis(ms))
             .map(drop)
     }
 
     /// The attempt whose response is being processed (`weft.attempt`).
     pub fn attempt(&mut self) -> Option<Attempt> {
-        let bytes = self.host.call_foreign("weft.attempt", &[]).ok()??;
+        let bytes = self.host.call_foreign(ext::ATTEMPT, &[]).ok()??;
         Attempt::from_bytes(&bytes)
     }
 
@@ -379,9 +352,10 @@ impl<'a> Ctx<'a> {
     /// preferring endpoints not tried yet when `other_endpoints`. `BadArgument` when no
     /// attempt is left or the request cannot be replayed.
     pub fn retry(&mut self, delay: Duration, other_endpoints: bool) -> Result<(), Status> {
-        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
-        let mut args = ms.to_le_bytes().to_vec();
-        args.push(u8::from(other_endpoints));
-        self.host.call_foreign("weft.retry", &args).map(drop)
+        let args = ext::RetryArgs {
+            delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            exclude_tried: other_endpoints,
+        };
+        self.host.call_foreign(ext::RETRY, &args.encode()).map(drop)
     }
 }

@@ -120,13 +120,15 @@ unsafe extern "C" {
     ) -> u32;
 }
 
-/// A status as a `Result` (0 is OK).
+/// A status as a `Result` (0 is OK); a status this SDK has no name for is an internal
+/// failure, never a panic.
 fn check(status: u32) -> Result<(), Status> {
-    match status {
-        0 => Ok(()),
-        1 => Err(Status::NotFound),
-        2 => Err(Status::BadArgument),
-        8 => Err(Status::CasMismatch),
+    use weft_abi::Status as S;
+    match i32::try_from(status).ok().and_then(S::from_i32) {
+        Some(S::Ok) => Ok(()),
+        Some(S::NotFound) => Err(Status::NotFound),
+        Some(S::BadArgument) => Err(Status::BadArgument),
+        Some(S::CasMismatch) => Err(Status::CasMismatch),
         _ => Err(Status::InternalFailure),
     }
 }
@@ -150,48 +152,21 @@ fn returned(call: impl FnOnce(*mut *mut u8, *mut usize) -> u32) -> Result<Vec<u8
 
 /// Serialises pairs in the proxy-wasm map format.
 pub fn serialize_map(pairs: &[(&str, &str)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(pairs.len() as u32).to_le_bytes());
-    for (k, v) in pairs {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k.as_bytes());
-        out.push(0);
-        out.extend_from_slice(v.as_bytes());
-        out.push(0);
-    }
-    out
+    weft_abi::map::serialize(pairs.iter().map(|(k, v)| (*k, *v)))
 }
 
-/// Parses the proxy-wasm map format (lossy text; a malformed map reads as what parsed).
+/// Parses the proxy-wasm map format (lossy text; a malformed map reads as empty).
 pub fn deserialize_map(bytes: &[u8]) -> Vec<(String, String)> {
-    let u32_at = |i: usize| -> Option<usize> {
-        Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?) as usize)
-    };
-    let mut out = Vec::new();
-    let Some(n) = u32_at(0) else {
-        return out;
-    };
-    let mut at = 4 + n.saturating_mul(8);
-    for i in 0..n {
-        let (Some(kl), Some(vl)) = (u32_at(4 + i * 8), u32_at(8 + i * 8)) else {
-            break;
-        };
-        let (Some(k), Some(v)) = (
-            bytes.get(at..at + kl),
-            bytes.get(at + kl + 1..at + kl + 1 + vl),
-        ) else {
-            break;
-        };
-        out.push((
-            String::from_utf8_lossy(k).into_owned(),
-            String::from_utf8_lossy(v).into_owned(),
-        ));
-        at += kl + vl + 2;
-    }
-    out
+    weft_abi::map::deserialize(bytes)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                String::from_utf8_lossy(k).into_owned(),
+                String::from_utf8_lossy(v).into_owned(),
+            )
+        })
+        .collect()
 }
 
 /// `proxy_log`.

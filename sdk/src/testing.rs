@@ -178,12 +178,14 @@ impl Host for TestHost {
         if !self.extensions {
             return Err(Status::NotFound);
         }
+        use weft_abi::ext;
         let ms = |a: &[u8]| -> Result<Duration, Status> {
-            let b: [u8; 8] = a.try_into().map_err(|_| Status::BadArgument)?;
-            Ok(Duration::from_millis(u64::from_le_bytes(b)))
+            ext::decode_millis(a)
+                .map(Duration::from_millis)
+                .map_err(|_| Status::BadArgument)
         };
         match name {
-            "weft.set_cluster" => {
+            ext::SET_CLUSTER => {
                 let c = String::from_utf8(args.to_vec()).map_err(|_| Status::BadArgument)?;
                 if self
                     .clusters
@@ -194,27 +196,25 @@ impl Host for TestHost {
                 }
                 self.routing.cluster = Some(c);
             }
-            "weft.set_timeout" => self.routing.timeout = Some(ms(args)?),
-            "weft.delay" => self.routing.delay = Some(ms(args)?),
-            "weft.set_try_timeout" => self.routing.try_timeout = Some(ms(args)?),
-            "weft.set_attempts" => {
-                let b: [u8; 4] = args.try_into().map_err(|_| Status::BadArgument)?;
-                match u32::from_le_bytes(b) {
-                    0 => return Err(Status::BadArgument),
-                    n => self.routing.attempts = Some(n.min(10)),
-                }
-            }
-            "weft.attempt" => {
+            ext::SET_TIMEOUT => self.routing.timeout = Some(ms(args)?),
+            ext::DELAY => self.routing.delay = Some(ms(args)?),
+            ext::SET_TRY_TIMEOUT => self.routing.try_timeout = Some(ms(args)?),
+            ext::SET_ATTEMPTS => match ext::decode_attempts(args) {
+                Ok(0) | Err(_) => return Err(Status::BadArgument),
+                Ok(n) => self.routing.attempts = Some(n.min(ext::MAX_ATTEMPTS)),
+            },
+            ext::ATTEMPT => {
                 return self
                     .attempt
                     .map(|a| Some(a.to_bytes().to_vec()))
                     .ok_or(Status::BadArgument);
             }
-            "weft.retry" => {
-                if args.len() != 9 || !self.retry_allowed {
+            ext::RETRY => {
+                let r = ext::RetryArgs::decode(args).map_err(|_| Status::BadArgument)?;
+                if !self.retry_allowed {
                     return Err(Status::BadArgument);
                 }
-                self.routing.retry = Some((ms(&args[..8])?, args[8] & 1 == 1));
+                self.routing.retry = Some((Duration::from_millis(r.delay_ms), r.exclude_tried));
             }
             _ => return Err(Status::NotFound),
         }

@@ -139,21 +139,23 @@ impl<F: Filter> HttpContext for Stream<F> {
 pub struct WasmHost;
 
 fn map_type(m: MapType) -> u32 {
-    match m {
-        MapType::RequestHeaders => 0,
-        MapType::RequestTrailers => 1,
-        MapType::ResponseHeaders => 2,
-        MapType::ResponseTrailers => 3,
-        MapType::CallResponseHeaders => 6,
-    }
+    use weft_abi::MapType as M;
+    (match m {
+        MapType::RequestHeaders => M::HttpRequestHeaders,
+        MapType::RequestTrailers => M::HttpRequestTrailers,
+        MapType::ResponseHeaders => M::HttpResponseHeaders,
+        MapType::ResponseTrailers => M::HttpResponseTrailers,
+        MapType::CallResponseHeaders => M::HttpCallResponseHeaders,
+    }) as u32
 }
 
 fn buffer_type(b: BufferType) -> u32 {
-    match b {
-        BufferType::RequestBody => 0,
-        BufferType::ResponseBody => 1,
-        BufferType::CallResponseBody => 4,
-    }
+    use weft_abi::BufferType as B;
+    (match b {
+        BufferType::RequestBody => B::HttpRequestBody,
+        BufferType::ResponseBody => B::HttpResponseBody,
+        BufferType::CallResponseBody => B::HttpCallResponseBody,
+    }) as u32
 }
 
 impl Host for WasmHost {
@@ -208,11 +210,11 @@ impl Host for WasmHost {
     }
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, Status> {
         let kind = match kind {
-            MetricKind::Counter => 0,
-            MetricKind::Gauge => 1,
-            MetricKind::Histogram => 2,
+            MetricKind::Counter => weft_abi::MetricType::Counter,
+            MetricKind::Gauge => weft_abi::MetricType::Gauge,
+            MetricKind::Histogram => weft_abi::MetricType::Histogram,
         };
-        ffi::define_metric(kind, name)
+        ffi::define_metric(kind as u32, name)
     }
     fn increment_metric(&mut self, id: u32, by: i64) -> Result<(), Status> {
         ffi::increment_metric(id, by)
@@ -233,12 +235,12 @@ impl Host for WasmHost {
     }
     fn log(&self, level: LogLevel, message: &str) {
         let level = match level {
-            LogLevel::Trace => 0,
-            LogLevel::Debug => 1,
-            LogLevel::Info => 2,
-            LogLevel::Warn => 3,
-            LogLevel::Error => 4,
+            LogLevel::Trace => weft_abi::LogLevel::Trace,
+            LogLevel::Debug => weft_abi::LogLevel::Debug,
+            LogLevel::Info => weft_abi::LogLevel::Info,
+            LogLevel::Warn => weft_abi::LogLevel::Warn,
+            LogLevel::Error => weft_abi::LogLevel::Error,
         };
-        ffi::log(level, message);
+        ffi::log(level as u32, message);
     }
 }

@@ -7,9 +7,43 @@
 //! streams that start afterwards.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode, request, response};
+
+use crate::config::FilterConfig;
+use crate::metrics::Metrics;
+
+/// Builds filter chains: loads each filter of a listener's chain and proves it can start (a
+/// canary instance), so that a bad module or config is an error before the chain serves a
+/// stream. The WASM host (crate `weft-wasm`) implements it; the core never sees what runs
+/// behind it.
+pub trait FilterHost: Send + Sync {
+    /// Builds the chain of `listener` from `filters`; `clusters` are the proxy's cluster
+    /// names (a filter may send requests or callouts to them by name).
+    fn build_chain(
+        &self,
+        listener: &str,
+        filters: &[FilterConfig],
+        clusters: &[String],
+        metrics: &Metrics,
+    ) -> Result<Box<dyn FilterChain>, ChainError>;
+}
+
+/// Why a filter chain could not be built: names the listener, the filter and its module.
+#[derive(Debug, thiserror::Error)]
+#[error("listener `{listener}`: filter `{filter}` ({}): {message}", module.display())]
+pub struct ChainError {
+    /// The listener.
+    pub listener: String,
+    /// The filter's name.
+    pub filter: String,
+    /// The module's path.
+    pub module: PathBuf,
+    /// What went wrong.
+    pub message: String,
+}
 
 /// What the chain decided about a request.
 pub enum RequestDecision {
@@ -92,37 +126,9 @@ pub enum BodyDecision {
     Respond(LocalReply),
 }
 
-/// Why an upstream attempt produced no upstream response.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum AttemptError {
-    /// It did not fail: the response came from the upstream.
-    #[default]
-    None = 0,
-    /// The connection to the endpoint could not be made.
-    ConnectFailure = 1,
-    /// The connection failed or was reset before a response.
-    Reset = 2,
-    /// No response before the (per-try) timeout.
-    Timeout = 3,
-    /// A circuit-breaker limit refused it.
-    Overflow = 4,
-    /// The cluster had no healthy endpoint.
-    NoHealthyUpstream = 5,
-}
-
-impl AttemptError {
-    /// The `response.code_details` property for a response ending this way.
-    pub fn code_details(self) -> &'static str {
-        match self {
-            Self::None => "via_upstream",
-            Self::ConnectFailure => "upstream_connect_failure",
-            Self::Reset => "upstream_reset_before_response_started",
-            Self::Timeout => "upstream_response_timeout",
-            Self::Overflow => "upstream_overflow",
-            Self::NoHealthyUpstream => "no_healthy_upstream",
-        }
-    }
-}
+/// Why an upstream attempt produced no upstream response (the ABI's enum: filters read it
+/// through `weft.attempt`).
+pub use weft_abi::ext::AttemptError;
 
 /// One attempt at the upstream, as filters see it in the response phase.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -11,8 +11,8 @@ use wasmtime::{Caller, Extern, Memory, StoreLimits, TypedFunc};
 
 use std::time::Duration;
 
-use crate::filter::{RetryAsk, StreamInfo};
-use crate::metrics::{FilterMetric, FilterMetricSet};
+use weft_core::filter::{RetryAsk, StreamInfo};
+use weft_core::metrics::{FilterMetric, FilterMetricSet};
 
 /// proxy-wasm status codes (ABI 0.2.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -256,7 +256,7 @@ pub struct HostState {
     /// Memory limit of the instance.
     pub limits: StoreLimits,
     /// The running callback's deadline bookkeeping.
-    pub deadline: super::chain::Deadline,
+    pub deadline: crate::chain::Deadline,
     /// The filter.
     pub plugin: Arc<PluginMeta>,
     /// The request head, moved in for the duration of a request callback.
@@ -300,7 +300,7 @@ pub struct HostState {
     /// Clusters a callout may go to.
     pub clusters: Arc<[String]>,
     /// Callouts asked for during the current callback.
-    pub callouts: Vec<crate::filter::Callout>,
+    pub callouts: Vec<weft_core::filter::Callout>,
     /// Last callout token handed out.
     pub last_token: u32,
     /// The callout response being delivered.
@@ -819,7 +819,9 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                 }
                 [b"headers", name] => map_get(state, MapKind::RequestHeaders, name),
                 [b"time"] => int(info?.start_unix_ns as i64),
-                [b"duration"] => int(crate::clock::now_ns().saturating_sub(info?.start_ns) as i64),
+                [b"duration"] => {
+                    int(weft_core::clock::now_ns().saturating_sub(info?.start_ns) as i64)
+                }
                 [b"size"] => int(content_length(&req?.headers)),
                 _ => None,
             }

@@ -3,6 +3,9 @@
 //! Every struct rejects unknown fields, so a typo is a startup error naming the file, the line
 //! and the field rather than a silently ignored setting. The schema is documented field by
 //! field in `docs/config.md`; the defaults below are the ones that page states.
+//!
+//! This crate is shared by the proxy and the control service, so that both parse and check
+//! a value (an endpoint address, a failure policy) the same way.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -155,6 +158,41 @@ pub enum FailurePolicy {
     Reload,
 }
 
+impl FailurePolicy {
+    /// Every policy.
+    pub const ALL: [Self; 3] = [Self::FailClosed, Self::FailOpen, Self::Reload];
+
+    /// The name the config and the control API use (`fail_closed`, `fail_open`, `reload`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::FailClosed => "fail_closed",
+            Self::FailOpen => "fail_open",
+            Self::Reload => "reload",
+        }
+    }
+}
+
+impl std::str::FromStr for FailurePolicy {
+    type Err = String;
+
+    /// Parses a policy's name; the empty string is the default (`fail_closed`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Ok(Self::default());
+        }
+        Self::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!("failure_policy `{s}` (fail_closed, fail_open or reload)"))
+    }
+}
+
+impl fmt::Display for FailurePolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Limits of one filter instance.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -226,10 +264,95 @@ pub enum LbPolicy {
 #[serde(deny_unknown_fields)]
 pub struct EndpointConfig {
     /// `ip:port` or `host:port` (a host name is resolved when connecting).
-    pub address: String,
+    pub address: EndpointAddress,
     /// Relative weight, at least 1.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+}
+
+/// Where an endpoint lives: an IP literal (no lookup) or a host name resolved per connect.
+///
+/// Parsed once, where the address enters (config file, control snapshot, registration);
+/// everything after compares the typed value. It reads and writes as `ip:port`,
+/// `[v6]:port` or `host:port`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum EndpointAddress {
+    /// `ip:port`.
+    Ip(SocketAddr),
+    /// `host:port`, resolved with the system resolver when a connection is opened.
+    Host {
+        /// The host name (letters, digits, `-`, `.` and `_`).
+        host: String,
+        /// The port (1 to 65535).
+        port: u16,
+    },
+}
+
+impl EndpointAddress {
+    /// Parses `ip:port`, `[v6]:port` or `host:port`; the port must be 1 to 65535.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("`{s}` is not `ip:port` or `host:port`");
+        if let Ok(addr) = s.parse::<SocketAddr>() {
+            if addr.port() == 0 {
+                return Err(format!("`{s}`: port must be 1 to 65535"));
+            }
+            return Ok(Self::Ip(addr));
+        }
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        if port == 0 {
+            return Err(format!("`{s}`: port must be 1 to 65535"));
+        }
+        if host.is_empty()
+            || !host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_'))
+        {
+            return Err(bad());
+        }
+        Ok(Self::Host {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The IP address and port, when the address is an IP literal.
+    pub fn ip(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Ip(a) => Some(*a),
+            Self::Host { .. } => None,
+        }
+    }
+}
+
+impl std::str::FromStr for EndpointAddress {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
+impl fmt::Display for EndpointAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Ip(a) => a.fmt(f),
+            Self::Host { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl Serialize for EndpointAddress {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for EndpointAddress {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(|e| serde::de::Error::custom(format!("address {e}")))
+    }
 }
 
 /// Passive outlier detection: endpoints that keep failing are taken out of rotation.
@@ -469,7 +592,7 @@ impl Config {
     }
 
     /// Checks what serde cannot: references between resources, uniqueness, ranges.
-    pub(crate) fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), (String, String)> {
         let mut cluster_names = HashSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let at = |f: &str| format!("clusters[{i}].{f}");
@@ -485,9 +608,6 @@ impl Config {
                         at(&format!("endpoints[{j}].weight")),
                         "must be at least 1".into(),
                     ));
-                }
-                if let Err(msg) = crate::cluster::EndpointAddress::parse(&e.address) {
-                    return Err((at(&format!("endpoints[{j}].address")), msg));
                 }
             }
             if c.connect_timeout_ms == 0 {
@@ -584,6 +704,53 @@ clusters:
     limits: { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024 }
 "#;
 
+    #[test]
+    fn addresses_parse_as_ip_or_host_and_print_back() {
+        assert_eq!(
+            EndpointAddress::parse("127.0.0.1:80"),
+            Ok(EndpointAddress::Ip("127.0.0.1:80".parse().unwrap()))
+        );
+        assert_eq!(
+            EndpointAddress::parse("[::1]:80"),
+            Ok(EndpointAddress::Ip("[::1]:80".parse().unwrap()))
+        );
+        let host = EndpointAddress::parse("service_2:8080").unwrap();
+        assert_eq!(
+            host,
+            EndpointAddress::Host {
+                host: "service_2".into(),
+                port: 8080
+            }
+        );
+        assert_eq!(host.to_string(), "service_2:8080");
+        assert_eq!(
+            EndpointAddress::parse("[::1]:80").unwrap().to_string(),
+            "[::1]:80"
+        );
+        for bad in [
+            "service2",
+            "a b:80",
+            "host:99999",
+            "host:0",
+            "127.0.0.1:0",
+            ":80",
+            "",
+        ] {
+            assert!(EndpointAddress::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn failure_policies_parse_by_name_both_ways() {
+        for p in FailurePolicy::ALL {
+            assert_eq!(p.as_str().parse::<FailurePolicy>(), Ok(p));
+            let yaml: FailurePolicy = serde_yaml_ng::from_str(p.as_str()).unwrap();
+            assert_eq!(yaml, p);
+        }
+        assert_eq!("".parse::<FailurePolicy>(), Ok(FailurePolicy::FailClosed));
+        assert!("fail_later".parse::<FailurePolicy>().is_err());
+    }
+
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("proxy.yaml"), text)
     }
@@ -642,6 +809,9 @@ clusters:
 
         let text = GOOD.replace("127.0.0.1:8002", "no-port-here");
         let err = parse(&text).unwrap_err().to_string();
-        assert!(err.contains("clusters[0].endpoints[1].address"), "{err}");
+        assert!(
+            err.contains("clusters[0].endpoints[1]: address `no-port-here`"),
+            "{err}"
+        );
     }
 }

@@ -119,16 +119,10 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
                                 format!("filter `{}`: config is not JSON: {e}", f.name)
                             })?
                         };
-                        let failure_policy = match f.failure_policy.as_str() {
-                            "" | "fail_closed" => FailurePolicy::FailClosed,
-                            "fail_open" => FailurePolicy::FailOpen,
-                            other => {
-                                return Err(format!(
-                                    "filter `{}`: unknown failure policy `{other}`",
-                                    f.name
-                                ));
-                            }
-                        };
+                        let failure_policy: FailurePolicy = f
+                            .failure_policy
+                            .parse()
+                            .map_err(|e| format!("filter `{}`: {e}", f.name))?;
                         Ok(SnapshotFilter {
                             name: f.name,
                             digest: f.digest,
@@ -146,21 +140,28 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
                 })
             })
             .collect::<Result<_, String>>()?;
-        let clusters = s
-            .clusters
-            .into_iter()
-            .map(|c| SnapshotCluster {
-                name: c.name,
-                endpoints: c
-                    .endpoints
-                    .into_iter()
-                    .map(|e| EndpointConfig {
-                        address: e.address,
-                        weight: e.weight.max(1),
+        let clusters =
+            s.clusters
+                .into_iter()
+                .map(|c| {
+                    let endpoints =
+                        c.endpoints
+                            .into_iter()
+                            .map(|e| {
+                                Ok(EndpointConfig {
+                                    address: e.address.parse().map_err(|m| {
+                                        format!("cluster `{}`: endpoint {m}", c.name)
+                                    })?,
+                                    weight: e.weight.max(1),
+                                })
+                            })
+                            .collect::<Result<_, String>>()?;
+                    Ok(SnapshotCluster {
+                        name: c.name,
+                        endpoints,
                     })
-                    .collect(),
-            })
-            .collect();
+                })
+                .collect::<Result<_, String>>()?;
         Ok(ControlSnapshot {
             version: s.version,
             hash: s.hash,

@@ -1,4 +1,4 @@
-//! Weft's core sidecar proxy.
+//! Weft's core sidecar proxy: everything native on the data path, without the WASM runtime.
 //!
 //! [`Proxy::bind`] takes a [`Config`], binds every socket (so a port in use is an error before
 //! anything runs), and [`Proxy::run`] starts one worker thread per core, each with its own
@@ -7,9 +7,10 @@
 //! SIGINT. On SIGHUP it re-reads its config file and swaps in the new filter chains.
 //!
 //! ```no_run
-//! use weft_proxy::{Config, Proxy, ProxyOptions};
+//! use weft_core::{Config, Proxy, ProxyOptions};
 //! let config = Config::load("proxy.yaml".as_ref())?;
-//! let options = ProxyOptions { workers: 2, config_path: None, control: None };
+//! // A proxy whose listeners have filters needs a filter host (`weft_wasm::WasmHost`).
+//! let options = ProxyOptions { workers: 2, config_path: None, control: None, filter_host: None };
 //! let proxy = Proxy::bind(config, options)?;
 //! proxy.run()?;
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -21,7 +22,6 @@ pub mod admin;
 pub mod body;
 pub mod clock;
 pub mod cluster;
-pub mod config;
 pub mod control;
 pub mod filter;
 pub mod framing;
@@ -32,8 +32,10 @@ pub mod metrics;
 pub mod proxy;
 mod reload;
 pub mod upstream;
-pub mod wasm;
 pub mod worker;
+
+/// The configuration schema (crate `weft-config`).
+pub use weft_config as config;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -44,14 +46,14 @@ pub use config::Config;
 
 use crate::admin::AdminState;
 use crate::cluster::Cluster;
-use crate::filter::ChainSlot;
+use crate::filter::{ChainError, ChainSlot, FilterChain, FilterHost};
 use crate::listener::{ListenerRuntime, WorkerSpec};
 use crate::metrics::Metrics;
 use crate::proxy::ListenerCtx;
 use crate::reload::Reloader;
 
 /// Process-level options that are not part of the config file.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ProxyOptions {
     /// Worker threads (each runs its own event loop).
     pub workers: usize,
@@ -59,6 +61,8 @@ pub struct ProxyOptions {
     pub config_path: Option<std::path::PathBuf>,
     /// The control service to follow, if any; the config is then the bootstrap.
     pub control: Option<control::ControlOptions>,
+    /// Builds filter chains (the WASM host); a listener with filters needs one.
+    pub filter_host: Option<Arc<dyn FilterHost>>,
 }
 
 /// Why the proxy could not start.
@@ -74,12 +78,12 @@ pub enum StartError {
         /// The cause; `AddrInUse` when another process holds the port.
         source: std::io::Error,
     },
-    /// A WASM filter could not be loaded or started.
+    /// A filter could not be loaded or started.
     #[error(transparent)]
-    Filter(#[from] wasm::WasmError),
-    /// The WASM engine could not be created.
-    #[error("cannot start the WASM filter host: {0:#}")]
-    WasmHost(anyhow::Error),
+    Filter(#[from] ChainError),
+    /// A listener has filters but the proxy has no filter host.
+    #[error("listener `{0}` has filters, but this proxy has no filter host")]
+    NoFilterHost(String),
     /// A runtime or thread could not be created.
     #[error("cannot start: {0}")]
     Runtime(#[from] std::io::Error),
@@ -90,8 +94,7 @@ pub struct Proxy {
     config: Config,
     options: ProxyOptions,
     metrics: Arc<Metrics>,
-    chains: Vec<Option<wasm::WasmChain>>,
-    wasm: Option<Arc<wasm::WasmRuntime>>,
+    chains: Vec<Option<Box<dyn FilterChain>>>,
     /// The bootstrap config (`config` is it with the persisted control snapshot over it).
     base: Config,
     snapshot: Option<control::ControlSnapshot>,
@@ -120,8 +123,9 @@ impl Proxy {
                 }
             }
         });
-        let (config, snapshot, (chains, runtime)) = match persisted {
-            Some((config, snap)) => match build_chains(&config, &metrics) {
+        let host = options.filter_host.as_deref();
+        let (config, snapshot, chains) = match persisted {
+            Some((config, snap)) => match build_chains(&config, &metrics, host) {
                 Ok(built) => {
                     tracing::info!(
                         version = snap.version,
@@ -133,10 +137,10 @@ impl Proxy {
                     tracing::warn!(
                         "the persisted control snapshot does not start, starting from the bootstrap config: {e}"
                     );
-                    (base.clone(), None, build_chains(&base, &metrics)?)
+                    (base.clone(), None, build_chains(&base, &metrics, host)?)
                 }
             },
-            None => (base.clone(), None, build_chains(&base, &metrics)?),
+            None => (base.clone(), None, build_chains(&base, &metrics, host)?),
         };
         let bind_err = |what: String, address: SocketAddr| {
             move |source: std::io::Error| StartError::Bind {
@@ -159,7 +163,6 @@ impl Proxy {
             options: ProxyOptions { workers, ..options },
             metrics,
             chains,
-            wasm: runtime.map(Arc::new),
             base,
             snapshot,
             admin,
@@ -209,9 +212,7 @@ impl Proxy {
                         .into(),
                     clusters: clusters.clone(),
                     metrics: metrics.listener(&l.name, &cluster_names),
-                    chain: ChainSlot::from_pointee(
-                        chain.map(|c| Box::new(c) as Box<dyn filter::FilterChain>),
-                    ),
+                    chain: ChainSlot::from(chain.map(Arc::new)),
                     replay_limit: l.replay_buffer_kb as usize * 1024,
                 };
                 Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
@@ -289,7 +290,7 @@ impl Proxy {
                     .control
                     .as_ref()
                     .map(|c| control::StateDir::new(c.state_dir.clone())),
-                wasm: self.wasm.clone(),
+                filter_host: self.options.filter_host.clone(),
                 metrics: state.metrics.clone(),
                 listeners: runtimes.clone(),
                 clusters: clusters.clone(),
@@ -331,32 +332,23 @@ impl Proxy {
 }
 
 /// Loads and starts every listener's chain (before any socket is bound: a bad module or
-/// config is a startup error), with the WASM host if any listener has filters.
-#[allow(clippy::type_complexity)]
+/// config is a startup error).
 fn build_chains(
     config: &Config,
     metrics: &Metrics,
-) -> Result<(Vec<Option<wasm::WasmChain>>, Option<wasm::WasmRuntime>), StartError> {
-    let mut runtime = None;
-    let mut chains = Vec::new();
+    host: Option<&dyn FilterHost>,
+) -> Result<Vec<Option<Box<dyn FilterChain>>>, StartError> {
     let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
+    let mut chains = Vec::new();
     for l in &config.listeners {
         if l.filters.is_empty() {
             chains.push(None);
             continue;
         }
-        if runtime.is_none() {
-            runtime = Some(
-                wasm::WasmRuntime::new(config.wasm.cache_dir.clone())
-                    .map_err(StartError::WasmHost)?,
-            );
-        }
-        let rt = runtime
-            .as_ref()
-            .ok_or_else(|| StartError::WasmHost(anyhow::anyhow!("filter host unavailable")))?;
+        let host = host.ok_or_else(|| StartError::NoFilterHost(l.name.clone()))?;
         chains.push(Some(
-            rt.build_chain(&l.name, &l.filters, &clusters, metrics)?,
+            host.build_chain(&l.name, &l.filters, &clusters, metrics)?,
         ));
     }
-    Ok((chains, runtime))
+    Ok(chains)
 }

@@ -3,7 +3,6 @@
 //! Everything here is updated with relaxed atomics from all workers; nothing takes a lock.
 //! Per-worker state (connection pools, round-robin positions) lives in [`crate::worker`].
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
@@ -18,44 +17,7 @@ use crate::config::{
 };
 use crate::metrics::ClusterMetrics;
 
-/// Where an endpoint lives: an IP literal (no lookup) or a host name resolved per connect.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EndpointAddress {
-    /// `ip:port`.
-    Ip(SocketAddr),
-    /// `host:port`, resolved with the system resolver when a connection is opened.
-    Host(String),
-}
-
-impl EndpointAddress {
-    /// Parses `ip:port` or `host:port`.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        if let Ok(addr) = s.parse::<SocketAddr>() {
-            return Ok(Self::Ip(addr));
-        }
-        match s.rsplit_once(':') {
-            Some((host, port))
-                if !host.is_empty()
-                    && port.parse::<u16>().is_ok()
-                    && host
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_')) =>
-            {
-                Ok(Self::Host(s.to_owned()))
-            }
-            _ => Err(format!("`{s}` is not `ip:port` or `host:port`")),
-        }
-    }
-}
-
-impl std::fmt::Display for EndpointAddress {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Ip(a) => a.fmt(f),
-            Self::Host(h) => f.write_str(h),
-        }
-    }
-}
+pub use crate::config::EndpointAddress;
 
 /// Peak-EWMA decay time constant: how fast a latency spike is forgotten.
 const EWMA_DECAY_NS: f64 = 10e9;
@@ -253,14 +215,11 @@ impl EndpointSet {
 fn new_endpoint(e: &EndpointConfig, existing: &[Arc<Endpoint>]) -> Arc<Endpoint> {
     if let Some(old) = existing
         .iter()
-        .find(|o| o.address.to_string() == e.address && o.weight == e.weight.max(1))
+        .find(|o| o.address == e.address && o.weight == e.weight.max(1))
     {
         return old.clone();
     }
-    // Validated at config load.
-    let address = EndpointAddress::parse(&e.address)
-        .unwrap_or_else(|_| EndpointAddress::Host(e.address.clone()));
-    Arc::new(Endpoint::new(address, e.weight))
+    Arc::new(Endpoint::new(e.address.clone(), e.weight))
 }
 
 /// A cluster: its endpoints, policy and the counters its limits are enforced on.
@@ -391,11 +350,12 @@ impl Cluster {
     /// changed.
     pub fn set_endpoints(&self, endpoints: &[EndpointConfig]) -> bool {
         let current = self.endpoints.load();
-        let same =
-            current.list.len() == endpoints.len()
-                && current.list.iter().zip(endpoints).all(|(a, b)| {
-                    a.address.to_string() == b.address && a.weight == b.weight.max(1)
-                });
+        let same = current.list.len() == endpoints.len()
+            && current
+                .list
+                .iter()
+                .zip(endpoints)
+                .all(|(a, b)| a.address == b.address && a.weight == b.weight.max(1));
         if same {
             return false;
         }
@@ -518,25 +478,6 @@ mod tests {
         );
         let cfg: ClusterConfig = serde_yaml_ng::from_str(&yaml).unwrap();
         Cluster::new(0, &cfg, ClusterMetrics::detached())
-    }
-
-    #[test]
-    fn addresses_parse_as_ip_or_host() {
-        assert_eq!(
-            EndpointAddress::parse("127.0.0.1:80"),
-            Ok(EndpointAddress::Ip("127.0.0.1:80".parse().unwrap()))
-        );
-        assert_eq!(
-            EndpointAddress::parse("[::1]:80"),
-            Ok(EndpointAddress::Ip("[::1]:80".parse().unwrap()))
-        );
-        assert_eq!(
-            EndpointAddress::parse("service2:8080"),
-            Ok(EndpointAddress::Host("service2:8080".into()))
-        );
-        assert!(EndpointAddress::parse("service2").is_err());
-        assert!(EndpointAddress::parse("a b:80").is_err());
-        assert!(EndpointAddress::parse("host:99999").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The WASM filter host: proxy-wasm ABI 0.2.1 on wasmtime.
 //!
-//! This is the only module that touches wasmtime types. [`WasmRuntime`] owns the engine (with
+//! This is the only crate that touches wasmtime types; the core proxy (`weft-core`) reaches it
+//! through [`weft_core::filter::FilterHost`], which [`WasmHost`] implements. [`WasmRuntime`] owns the engine (with
 //! epoch interruption driven by a ticker thread), the linker holding every host function
 //! ([`abi`]), and the on-disk cache of compiled modules keyed by content digest.
 //! [`WasmRuntime::build_chain`] loads a listener's filters, starts one canary instance of each
@@ -25,24 +26,71 @@ pub use chain::WasmChain;
 use chain::{FilterInstance, FilterSpec};
 use host::{HostState, PluginMeta, Status};
 
-use crate::config::FilterConfig;
-use crate::metrics::Metrics;
+use weft_config::FilterConfig;
+use weft_core::filter::{ChainError, FilterChain, FilterHost};
+use weft_core::metrics::Metrics;
 
 /// Period of the epoch ticker: the granularity of callback deadlines.
 pub const EPOCH_TICK_MS: u64 = 5;
 
 /// Why a filter could not be loaded or started.
-#[derive(Debug, thiserror::Error)]
-#[error("listener `{listener}`: filter `{filter}` ({}): {message}", module.display())]
-pub struct WasmError {
-    /// The listener.
-    pub listener: String,
-    /// The filter's name.
-    pub filter: String,
-    /// The module's path.
-    pub module: PathBuf,
-    /// What went wrong.
-    pub message: String,
+pub type WasmError = ChainError;
+
+/// The filter host the proxy binary hands the core: creates the [`WasmRuntime`] (engine,
+/// epoch ticker, module cache) when the first chain is built, so that a proxy without
+/// filters never starts it.
+pub struct WasmHost {
+    cache_dir: Option<PathBuf>,
+    runtime: std::sync::OnceLock<WasmRuntime>,
+    starting: std::sync::Mutex<()>,
+}
+
+impl WasmHost {
+    /// A host whose compiled modules are cached in `cache_dir` (see [`WasmRuntime::new`]).
+    pub fn new(cache_dir: Option<PathBuf>) -> Self {
+        Self {
+            cache_dir,
+            runtime: std::sync::OnceLock::new(),
+            starting: std::sync::Mutex::new(()),
+        }
+    }
+
+    fn runtime(&self) -> anyhow::Result<&WasmRuntime> {
+        if let Some(rt) = self.runtime.get() {
+            return Ok(rt);
+        }
+        let _one = self
+            .starting
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(rt) = self.runtime.get() {
+            return Ok(rt);
+        }
+        let rt = WasmRuntime::new(self.cache_dir.clone())?;
+        Ok(self.runtime.get_or_init(|| rt))
+    }
+}
+
+impl FilterHost for WasmHost {
+    fn build_chain(
+        &self,
+        listener: &str,
+        filters: &[FilterConfig],
+        clusters: &[String],
+        metrics: &Metrics,
+    ) -> Result<Box<dyn FilterChain>, ChainError> {
+        let rt = self.runtime().map_err(|e| ChainError {
+            listener: listener.to_owned(),
+            filter: filters.first().map(|f| f.name.clone()).unwrap_or_default(),
+            module: filters
+                .first()
+                .map(|f| f.module.clone())
+                .unwrap_or_default(),
+            message: format!("cannot start the WASM filter host: {e:#}"),
+        })?;
+        let chain = rt.build_chain(listener, filters, clusters, metrics)?;
+        Ok(Box::new(chain))
+    }
 }
 
 /// The engine, linker and module cache shared by every filter of the proxy.
@@ -181,8 +229,8 @@ impl WasmRuntime {
                 defined_metrics: metrics.filter_defined(),
                 has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
                 body_callbacks: [
-                    crate::filter::Direction::Request,
-                    crate::filter::Direction::Response,
+                    weft_core::filter::Direction::Request,
+                    weft_core::filter::Direction::Response,
                 ]
                 .map(|d| {
                     module.exports().any(|e| {
@@ -241,25 +289,6 @@ impl WasmRuntime {
         }
         Ok(linker)
     }
-}
-
-/// Checks that `bytes` are a filter module this host can load: WebAssembly, compiles, and
-/// exports a proxy-wasm ABI version. Returns that version (`0.2.1`, `0.2.0`). The control
-/// service uses it to refuse a bad module on upload, before any proxy sees it.
-pub fn inspect_module(bytes: &[u8]) -> Result<String, String> {
-    if !bytes.starts_with(b"\0asm") {
-        return Err("not a WebAssembly module (no `\\0asm` header)".into());
-    }
-    let engine = Engine::new(&Config::new()).map_err(|e| format!("{e:#}"))?;
-    let module = Module::new(&engine, bytes).map_err(|e| format!("does not compile: {e:#}"))?;
-    ["0_2_1", "0_2_0"]
-        .iter()
-        .find(|v| {
-            let name = format!("proxy_abi_version_{v}");
-            module.exports().any(|e| e.name() == name)
-        })
-        .map(|v| v.replace('_', "."))
-        .ok_or_else(|| "does not export a proxy-wasm ABI version (proxy_abi_version_0_2_1)".into())
 }
 
 /// A filter's configuration as `on_configure` / `on_vm_start` receive it: a string as its

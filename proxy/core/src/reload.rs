@@ -13,10 +13,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::control::{ControlSnapshot, StateDir, overlay};
-use crate::filter::FilterChain;
+use crate::filter::FilterHost;
 use crate::listener::ListenerRuntime;
 use crate::metrics::Metrics;
-use crate::wasm;
 
 /// Applies config changes to the running proxy.
 pub(crate) struct Reloader {
@@ -30,7 +29,8 @@ pub(crate) struct Reloader {
     pub snapshot: Option<ControlSnapshot>,
     /// Where control snapshots and modules are kept.
     pub state_dir: Option<StateDir>,
-    pub wasm: Option<Arc<wasm::WasmRuntime>>,
+    /// Builds filter chains (the WASM host), if the proxy has one.
+    pub filter_host: Option<Arc<dyn FilterHost>>,
     pub metrics: Arc<Metrics>,
     pub listeners: Vec<Arc<ListenerRuntime>>,
     pub clusters: Arc<[Arc<Cluster>]>,
@@ -184,7 +184,10 @@ impl Reloader {
                 built.push((i, rt.clone(), None, Vec::new()));
                 continue;
             }
-            let wasm = self.wasm()?;
+            let host = self
+                .filter_host
+                .clone()
+                .ok_or("this proxy has no filter host")?;
             let (name, filters, clusters, metrics) = (
                 l.name.clone(),
                 l.filters.clone(),
@@ -192,7 +195,7 @@ impl Reloader {
                 self.metrics.clone(),
             );
             let chain = tokio::task::spawn_blocking(move || {
-                wasm.build_chain(&name, &filters, &clusters, &metrics)
+                host.build_chain(&name, &filters, &clusters, &metrics)
             })
             .await
             .map_err(|e| e.to_string())?
@@ -202,9 +205,7 @@ impl Reloader {
         // Publish.
         let swapped = built.len();
         for (i, rt, chain, filters) in built {
-            rt.ctx
-                .chain
-                .store(chain.map(|c| Arc::new(Box::new(c) as Box<dyn FilterChain>)));
+            rt.ctx.chain.store(chain.map(Arc::new));
             self.running.listeners[i].filters = filters;
         }
         for (rt, default) in defaults {
@@ -227,17 +228,5 @@ impl Reloader {
             }
         }
         Ok(swapped)
-    }
-
-    fn wasm(&mut self) -> Result<Arc<wasm::WasmRuntime>, String> {
-        if let Some(w) = &self.wasm {
-            return Ok(w.clone());
-        }
-        let w = Arc::new(
-            wasm::WasmRuntime::new(self.running.wasm.cache_dir.clone())
-                .map_err(|e| format!("cannot start the WASM filter host: {e:#}"))?,
-        );
-        self.wasm = Some(w.clone());
-        Ok(w)
     }
 }

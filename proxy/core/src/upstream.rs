@@ -145,7 +145,9 @@ async fn connect_tcp(cluster: &Cluster, ep: &Endpoint) -> Result<TcpStream, Upst
     let connect = async {
         match &endpoint.address {
             EndpointAddress::Ip(addr) => TcpStream::connect(addr).await,
-            EndpointAddress::Host(host) => TcpStream::connect(host.as_str()).await,
+            EndpointAddress::Host { host, port } => {
+                TcpStream::connect((host.as_str(), *port)).await
+            }
         }
     };
     let result = match tokio::time::timeout(cluster.connect_timeout, connect).await {

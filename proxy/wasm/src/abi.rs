@@ -11,10 +11,10 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmtime::{Caller, Linker};
 
-use super::queues::Dequeued;
-use crate::metrics::FilterMetricKind;
+use crate::queues::Dequeued;
+use weft_core::metrics::FilterMetricKind;
 
-use super::host::{
+use crate::host::{
     self, HostState, LocalResponse, MapEdit, MapKind, Status, deserialize_map, give, read,
     serialize_map, write, write_u32,
 };
@@ -454,7 +454,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             }
             let data = c.data_mut();
             data.last_token = token;
-            data.callouts.push(crate::filter::Callout {
+            data.callouts.push(weft_core::filter::Callout {
                 token,
                 cluster,
                 request,
@@ -582,7 +582,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             let (vm_id, slot) = (c.data().plugin.vm_id.clone(), c.data().slot);
             // Registering needs a worker to deliver on_queue_ready on; the canary that
             // checks a filter at startup has none, and the SDKs accept only OK here.
-            let token = super::queues::register(&vm_id, &name, slot).unwrap_or(0);
+            let token = crate::queues::register(&vm_id, &name, slot).unwrap_or(0);
             status(write_u32(&mut c, ret, token))
         },
     )?;
@@ -599,7 +599,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             } else {
                 String::from_utf8_lossy(&vm_id).into_owned()
             };
-            match super::queues::resolve(&vm_id, &name) {
+            match crate::queues::resolve(&vm_id, &name) {
                 Some(token) => status(write_u32(&mut c, ret, token)),
                 None => Status::NotFound as i32,
             }
@@ -613,7 +613,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 Ok(i) => i,
                 Err(s) => return s as i32,
             };
-            if super::queues::enqueue(token as u32, item) {
+            if crate::queues::enqueue(token as u32, item) {
                 Status::Ok as i32
             } else {
                 Status::NotFound as i32
@@ -623,7 +623,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
     l.func_wrap(
         "env",
         "proxy_dequeue_shared_queue",
-        |mut c: C<'_>, token: i32, ret_ptr: i32, ret_len: i32| match super::queues::dequeue(
+        |mut c: C<'_>, token: i32, ret_ptr: i32, ret_len: i32| match crate::queues::dequeue(
             token as u32,
         ) {
             Dequeued::Item(item) => {
@@ -839,7 +839,7 @@ fn add_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         |mut c: C<'_>, id: i32, _precision: i64, ret: i32| {
             let ns = match id {
                 0 => unix_ns(),
-                1..=3 => crate::clock::now_ns(),
+                1..=3 => weft_core::clock::now_ns(),
                 _ => return WASI_EINVAL,
             };
             match write(&mut c, ret, &ns.to_le_bytes()) {

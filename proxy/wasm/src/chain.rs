@@ -12,16 +12,16 @@ use http::{StatusCode, request, response};
 use prometheus_client::metrics::counter::Counter;
 use wasmtime::{Engine, InstancePre, Store, Trap, TypedFunc};
 
-use super::host::BodyBuf;
-use super::host::{HostState, LocalResponse, PluginMeta};
-use crate::config::FailurePolicy;
-use crate::filter::{
+use crate::host::BodyBuf;
+use crate::host::{HostState, LocalResponse, PluginMeta};
+use weft_config::FailurePolicy;
+use weft_core::filter::{
     BodyDecision, Callout, CalloutOutcome, Direction, FilterChain, FilterStream, LocalReply,
     RequestDecision, ResponseDecision, StreamInfo,
 };
 
 /// Epoch ticks allowed to lifecycle callbacks (`_initialize`, `on_vm_start`, `on_configure`).
-const LIFECYCLE_TICKS: u64 = 1000 / super::EPOCH_TICK_MS + 1;
+const LIFECYCLE_TICKS: u64 = 1000 / crate::EPOCH_TICK_MS + 1;
 /// The root context's id in every instance.
 const ROOT_CONTEXT: i32 = 1;
 
@@ -97,7 +97,7 @@ pub struct FilterSpec {
     /// `weft_filter_failures_total{filter, kind}` handles, by [`FailureKind`] order.
     pub failures: [Counter; 4],
     /// Metrics filters define.
-    pub defined_metrics: Arc<crate::metrics::FilterMetricSet>,
+    pub defined_metrics: Arc<weft_core::metrics::FilterMetricSet>,
     /// Whether the module exports `proxy_on_tick`.
     pub has_tick: bool,
     /// Whether the module exports body or trailers callbacks, by [`Direction`].
@@ -169,7 +169,7 @@ pub struct FilterInstance {
 
 /// Most epoch ticks a callback may run past its first deadline, whatever the CPU clock says
 /// (about a second): a callback descheduled this long is stopped anyway.
-const MAX_EXTRA_TICKS: u64 = 1000 / super::EPOCH_TICK_MS;
+const MAX_EXTRA_TICKS: u64 = 1000 / crate::EPOCH_TICK_MS;
 
 /// Sets a callback's deadline, `ticks` epoch ticks from now.
 fn arm(store: &mut Store<HostState>, ticks: u64) {
@@ -207,7 +207,7 @@ fn past_deadline(
     let Ok(now) = cpu_time::ThreadTime::try_now().map(|t| t.as_duration()) else {
         return Ok(UpdateDeadline::Interrupt);
     };
-    let budget = std::time::Duration::from_millis(d.window * super::EPOCH_TICK_MS);
+    let budget = std::time::Duration::from_millis(d.window * crate::EPOCH_TICK_MS);
     let mark = *d.cpu_mark.get_or_insert(now);
     let max_windows = (MAX_EXTRA_TICKS / d.window.max(1)).max(2) as u32;
     if now.saturating_sub(mark) >= budget || d.windows >= max_windows {
@@ -421,13 +421,13 @@ impl FilterInstance {
         };
         self.enter(head, info, context);
         let response = match outcome.response {
-            Ok((head, body)) => super::host::CalloutResponse {
+            Ok((head, body)) => crate::host::CalloutResponse {
                 head: Some(head),
                 body: body.to_vec(),
             },
             Err(why) => {
                 tracing::debug!(filter = %self.store.data().plugin.name, "callout failed: {why}");
-                super::host::CalloutResponse::default()
+                crate::host::CalloutResponse::default()
             }
         };
         let headers = response
@@ -595,7 +595,7 @@ struct Callback {
     /// It called `proxy_continue_stream`.
     resumed: bool,
     /// What it asked through `weft.*` extensions.
-    ext: super::host::Ext,
+    ext: crate::host::Ext,
 }
 
 /// A request or response head, as a headers callback sees it.
@@ -941,7 +941,7 @@ impl FilterChain for WasmChain {
     /// timers, and (once per worker) the delivery of shared-queue notifications.
     fn warm(&self) {
         if tokio::runtime::Handle::try_current().is_ok()
-            && let Some(ready) = super::queues::install_worker_channel()
+            && let Some(ready) = crate::queues::install_worker_channel()
         {
             tokio::spawn(deliver_queue_ready(ready));
         }
@@ -1011,9 +1011,9 @@ struct WasmStream {
     /// The cluster a filter chose (`weft.set_cluster`).
     cluster: Option<usize>,
     /// Timeouts and attempts filters asked for.
-    route: crate::filter::RouteOverrides,
+    route: weft_core::filter::RouteOverrides,
     /// Another attempt a response callback asked for.
-    retry: Option<crate::filter::RetryAsk>,
+    retry: Option<weft_core::filter::RetryAsk>,
 }
 
 /// The request as it went upstream and the response as it went downstream (read-only copies
@@ -1408,8 +1408,8 @@ impl WasmStream {
     }
 
     /// Keeps what a callback asked through `weft.*` extensions (later calls win).
-    fn merge(&mut self, ext: super::host::Ext) {
-        if ext == super::host::Ext::default() {
+    fn merge(&mut self, ext: crate::host::Ext) {
+        if ext == crate::host::Ext::default() {
             return;
         }
         self.cluster = ext.cluster.or(self.cluster);
@@ -1443,11 +1443,11 @@ impl FilterStream for WasmStream {
         self.info.upstream = address;
     }
 
-    fn route(&self) -> crate::filter::RouteOverrides {
+    fn route(&self) -> weft_core::filter::RouteOverrides {
         self.route
     }
 
-    fn set_attempt(&mut self, attempt: crate::filter::Attempt) {
+    fn set_attempt(&mut self, attempt: weft_core::filter::Attempt) {
         self.info.attempt = attempt;
         self.retry = None;
     }

@@ -1,0 +1,502 @@
+//! The proxy-wasm ABI 0.2.1 as Weft speaks it, written once for both sides.
+//!
+//! The host (`weft-wasm`) and the filter SDK (`weft-sdk`) both take their numbers, the map
+//! wire format and the encodings of Weft's `weft.*` extensions from this crate, so the two
+//! sides cannot drift apart: a number changed here changes on both sides, and the round-trip
+//! tests below pin the wire formats.
+//!
+//! - [`Status`], [`BufferType`], [`MapType`], [`StreamType`], [`MetricType`], [`LogLevel`],
+//!   [`Action`]: the ABI's integers as named enums (`from_i32` for what a peer sent).
+//! - [`map`]: the header-map wire format (`proxy_get_header_map_pairs` and friends).
+//! - [`ext`]: the names and argument encodings of the `weft.*` foreign functions.
+//!
+//! ```
+//! use weft_abi::{map, ext, Status};
+//! let wire = map::serialize([(&b"a"[..], &b"1"[..])].into_iter());
+//! assert_eq!(map::deserialize(&wire).unwrap(), vec![(&b"a"[..], &b"1"[..])]);
+//! assert_eq!(ext::decode_millis(&ext::encode_millis(250)), Ok(250));
+//! assert_eq!(Status::from_i32(1), Some(Status::NotFound));
+//! ```
+#![forbid(unsafe_code)]
+
+/// Generates an ABI enum with its `from_i32`.
+macro_rules! abi_enum {
+    ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $value:literal,)* }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(i32)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)*
+        }
+
+        impl $name {
+            /// Every value, in ABI order.
+            pub const ALL: &'static [Self] = &[$(Self::$variant,)*];
+
+            /// The value for an ABI integer, `None` for one the ABI does not define.
+            pub fn from_i32(v: i32) -> Option<Self> {
+                match v {
+                    $($value => Some(Self::$variant),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+abi_enum! {
+    /// The status every host call returns (`WasmResult`).
+    Status {
+        /// Success.
+        Ok = 0,
+        /// No such key, map, buffer, queue, function or property.
+        NotFound = 1,
+        /// An argument is out of range or malformed.
+        BadArgument = 2,
+        /// A value could not be serialised.
+        SerializationFailure = 3,
+        /// A value could not be parsed.
+        ParseFailure = 4,
+        /// An expression could not be evaluated.
+        BadExpression = 5,
+        /// A guest pointer or length is outside its memory.
+        InvalidMemoryAccess = 6,
+        /// A queue is empty.
+        Empty = 7,
+        /// Compare-and-swap lost.
+        CasMismatch = 8,
+        /// A result had an unexpected type.
+        ResultMismatch = 9,
+        /// The host could not do it.
+        InternalFailure = 10,
+        /// The connection is gone.
+        BrokenConnection = 11,
+        /// Not implemented by this host.
+        Unimplemented = 12,
+    }
+}
+
+abi_enum! {
+    /// The byte buffers a filter can read and write (`proxy_get_buffer_bytes`).
+    BufferType {
+        /// The HTTP request body (request body callbacks).
+        HttpRequestBody = 0,
+        /// The HTTP response body (response body callbacks).
+        HttpResponseBody = 1,
+        /// Bytes from the downstream peer (network filters).
+        DownstreamData = 2,
+        /// Bytes from the upstream peer (network filters).
+        UpstreamData = 3,
+        /// The body of the HTTP callout response being delivered.
+        HttpCallResponseBody = 4,
+        /// The gRPC message being delivered.
+        GrpcReceiveBuffer = 5,
+        /// The VM configuration (`on_vm_start`).
+        VmConfiguration = 6,
+        /// The plugin configuration (`on_configure`).
+        PluginConfiguration = 7,
+    }
+}
+
+abi_enum! {
+    /// The header maps a filter can read and write (`proxy_get_header_map_pairs`).
+    MapType {
+        /// Request headers, with `:method`, `:path`, `:authority` and `:scheme`.
+        HttpRequestHeaders = 0,
+        /// Request trailers.
+        HttpRequestTrailers = 1,
+        /// Response headers, with `:status`.
+        HttpResponseHeaders = 2,
+        /// Response trailers.
+        HttpResponseTrailers = 3,
+        /// Initial metadata of a gRPC call.
+        GrpcReceiveInitialMetadata = 4,
+        /// Trailing metadata of a gRPC call.
+        GrpcReceiveTrailingMetadata = 5,
+        /// Headers of the HTTP callout response being delivered.
+        HttpCallResponseHeaders = 6,
+        /// Trailers of the HTTP callout response being delivered.
+        HttpCallResponseTrailers = 7,
+    }
+}
+
+abi_enum! {
+    /// Which stream `proxy_continue_stream` and `proxy_close_stream` mean.
+    StreamType {
+        /// The HTTP request.
+        HttpRequest = 0,
+        /// The HTTP response.
+        HttpResponse = 1,
+        /// The downstream connection (network filters).
+        Downstream = 2,
+        /// The upstream connection (network filters).
+        Upstream = 3,
+    }
+}
+
+abi_enum! {
+    /// A filter-defined metric's kind (`proxy_define_metric`).
+    MetricType {
+        /// Only goes up.
+        Counter = 0,
+        /// Goes up and down.
+        Gauge = 1,
+        /// A distribution of recorded values.
+        Histogram = 2,
+    }
+}
+
+abi_enum! {
+    /// Log levels (`proxy_log`, `proxy_get_log_level`).
+    LogLevel {
+        /// Trace.
+        Trace = 0,
+        /// Debug.
+        Debug = 1,
+        /// Info.
+        Info = 2,
+        /// Warn.
+        Warn = 3,
+        /// Error.
+        Error = 4,
+        /// Critical.
+        Critical = 5,
+    }
+}
+
+abi_enum! {
+    /// What a stream callback returns (`FilterHeadersStatus`, `FilterDataStatus`, …).
+    Action {
+        /// Go on to the next filter.
+        Continue = 0,
+        /// Stop here until the filter resumes the stream.
+        Pause = 1,
+    }
+}
+
+/// The exports that name the ABI version a module speaks, newest first.
+pub const ABI_VERSION_EXPORTS: &[(&str, &str)] = &[
+    ("proxy_abi_version_0_2_1", "0.2.1"),
+    ("proxy_abi_version_0_2_0", "0.2.0"),
+];
+
+/// The import modules a filter may import functions from: the proxy-wasm ABI (`env`) and WASI
+/// preview 1. The host links these (with stubs for functions it lacks) and refuses any other.
+pub const IMPORT_MODULES: &[&str] = &["env", "wasi_snapshot_preview1"];
+
+/// The proxy-wasm header-map wire format: a little-endian `u32` pair count, then a
+/// (key length, value length) `u32` pair per entry, then each key and each value followed by
+/// a NUL byte.
+pub mod map {
+    /// Serialises pairs.
+    pub fn serialize<'a, K, V>(pairs: impl Iterator<Item = (&'a K, &'a V)> + Clone) -> Vec<u8>
+    where
+        K: AsRef<[u8]> + ?Sized + 'a,
+        V: AsRef<[u8]> + ?Sized + 'a,
+    {
+        let (mut n, mut size) = (0u32, 4usize);
+        for (k, v) in pairs.clone() {
+            n += 1;
+            size += 8 + k.as_ref().len() + v.as_ref().len() + 2;
+        }
+        let mut out = Vec::with_capacity(size);
+        out.extend_from_slice(&n.to_le_bytes());
+        for (k, v) in pairs.clone() {
+            out.extend_from_slice(&(k.as_ref().len() as u32).to_le_bytes());
+            out.extend_from_slice(&(v.as_ref().len() as u32).to_le_bytes());
+        }
+        for (k, v) in pairs {
+            out.extend_from_slice(k.as_ref());
+            out.push(0);
+            out.extend_from_slice(v.as_ref());
+            out.push(0);
+        }
+        out
+    }
+
+    /// Parses the format, borrowing from `bytes`; `None` when it is malformed (truncated,
+    /// lengths past the end). Empty input is an empty map.
+    pub fn deserialize(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+        if bytes.is_empty() {
+            return Some(Vec::new());
+        }
+        let u32_at = |i: usize| -> Option<usize> {
+            Some(u32::from_le_bytes(bytes.get(i..i.checked_add(4)?)?.try_into().ok()?) as usize)
+        };
+        let n = u32_at(0)?;
+        let mut data = 4usize.checked_add(n.checked_mul(8)?)?;
+        if data > bytes.len() {
+            return None;
+        }
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let (kl, vl) = (u32_at(4 + i * 8)?, u32_at(8 + i * 8)?);
+            let k = bytes.get(data..data.checked_add(kl)?)?;
+            data = data.checked_add(kl)?.checked_add(1)?;
+            let v = bytes.get(data..data.checked_add(vl)?)?;
+            data = data.checked_add(vl)?.checked_add(1)?;
+            out.push((k, v));
+        }
+        // Every key and value is followed by its NUL.
+        (data <= bytes.len()).then_some(out)
+    }
+}
+
+/// Weft's extensions: `proxy_call_foreign_function` names under `weft.` and their argument and
+/// result encodings (all integers little-endian). Another host answers `NOT_FOUND` to them.
+pub mod ext {
+    /// `weft.set_cluster`: the cluster's name as UTF-8 (request headers phase).
+    pub const SET_CLUSTER: &str = "weft.set_cluster";
+    /// `weft.set_timeout`: milliseconds for the whole request, all attempts (0: none).
+    pub const SET_TIMEOUT: &str = "weft.set_timeout";
+    /// `weft.set_try_timeout`: milliseconds for each attempt (0: none).
+    pub const SET_TRY_TIMEOUT: &str = "weft.set_try_timeout";
+    /// `weft.set_attempts`: a `u32`, the attempts a request may get (at least 1).
+    pub const SET_ATTEMPTS: &str = "weft.set_attempts";
+    /// `weft.delay`: milliseconds to hold the request before it goes upstream.
+    pub const DELAY: &str = "weft.delay";
+    /// `weft.attempt`: no arguments; answers an [`AttemptInfo`] (7 bytes).
+    pub const ATTEMPT: &str = "weft.attempt";
+    /// `weft.retry`: a [`RetryArgs`] (9 bytes); response headers phase.
+    pub const RETRY: &str = "weft.retry";
+
+    /// Every extension name.
+    pub const ALL: &[&str] = &[
+        SET_CLUSTER,
+        SET_TIMEOUT,
+        SET_TRY_TIMEOUT,
+        SET_ATTEMPTS,
+        DELAY,
+        ATTEMPT,
+        RETRY,
+    ];
+
+    /// Most attempts `weft.set_attempts` grants a request.
+    pub const MAX_ATTEMPTS: u32 = 10;
+
+    /// Arguments that do not have the extension's encoding.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct BadEncoding;
+
+    /// A duration in milliseconds (`u64`, 8 bytes).
+    pub fn encode_millis(ms: u64) -> [u8; 8] {
+        ms.to_le_bytes()
+    }
+
+    /// Reads [`encode_millis`]' bytes.
+    pub fn decode_millis(b: &[u8]) -> Result<u64, BadEncoding> {
+        Ok(u64::from_le_bytes(b.try_into().map_err(|_| BadEncoding)?))
+    }
+
+    /// An attempt count (`u32`, 4 bytes).
+    pub fn encode_attempts(n: u32) -> [u8; 4] {
+        n.to_le_bytes()
+    }
+
+    /// Reads [`encode_attempts`]' bytes.
+    pub fn decode_attempts(b: &[u8]) -> Result<u32, BadEncoding> {
+        Ok(u32::from_le_bytes(b.try_into().map_err(|_| BadEncoding)?))
+    }
+
+    /// Why an upstream attempt produced no upstream response (the last byte of
+    /// [`AttemptInfo`]).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    #[repr(u8)]
+    pub enum AttemptError {
+        /// It did not fail: the response came from the upstream.
+        #[default]
+        None = 0,
+        /// The connection to the endpoint could not be made.
+        ConnectFailure = 1,
+        /// The connection failed or was reset before a response.
+        Reset = 2,
+        /// No response before the (per-try) timeout.
+        Timeout = 3,
+        /// A circuit-breaker limit refused it.
+        Overflow = 4,
+        /// The cluster had no healthy endpoint.
+        NoHealthyUpstream = 5,
+    }
+
+    impl AttemptError {
+        /// Every value.
+        pub const ALL: &'static [Self] = &[
+            Self::None,
+            Self::ConnectFailure,
+            Self::Reset,
+            Self::Timeout,
+            Self::Overflow,
+            Self::NoHealthyUpstream,
+        ];
+
+        /// From its byte; an unknown byte reads as `None` (a newer host's reason).
+        pub fn from_u8(b: u8) -> Self {
+            Self::ALL.get(b as usize).copied().unwrap_or_default()
+        }
+
+        /// Envoy's `response.code_details` for a response ending this way.
+        pub fn code_details(self) -> &'static str {
+            match self {
+                Self::None => "via_upstream",
+                Self::ConnectFailure => "upstream_connect_failure",
+                Self::Reset => "upstream_reset_before_response_started",
+                Self::Timeout => "upstream_response_timeout",
+                Self::Overflow => "upstream_overflow",
+                Self::NoHealthyUpstream => "no_healthy_upstream",
+            }
+        }
+    }
+
+    /// `weft.attempt`'s answer: `number` (`u32`), `status` (`u16`), `error` (`u8`).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct AttemptInfo {
+        /// 1 for the first attempt.
+        pub number: u32,
+        /// Its status (the proxy's own when it failed).
+        pub status: u16,
+        /// Why there was no upstream response, if there was none.
+        pub error: AttemptError,
+    }
+
+    impl AttemptInfo {
+        /// The 7 bytes.
+        pub fn encode(self) -> [u8; 7] {
+            let n = self.number.to_le_bytes();
+            let s = self.status.to_le_bytes();
+            [n[0], n[1], n[2], n[3], s[0], s[1], self.error as u8]
+        }
+
+        /// Reads [`AttemptInfo::encode`]'s bytes.
+        pub fn decode(b: &[u8]) -> Result<Self, BadEncoding> {
+            let [n0, n1, n2, n3, s0, s1, e] = *b else {
+                return Err(BadEncoding);
+            };
+            Ok(Self {
+                number: u32::from_le_bytes([n0, n1, n2, n3]),
+                status: u16::from_le_bytes([s0, s1]),
+                error: AttemptError::from_u8(e),
+            })
+        }
+    }
+
+    /// `weft.retry`'s arguments: the delay in milliseconds (`u64`), then flags (`u8`, bit 0:
+    /// prefer endpoints not tried yet).
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct RetryArgs {
+        /// Wait this long before the next attempt.
+        pub delay_ms: u64,
+        /// Prefer endpoints not tried yet.
+        pub exclude_tried: bool,
+    }
+
+    impl RetryArgs {
+        /// The 9 bytes.
+        pub fn encode(self) -> [u8; 9] {
+            let mut out = [0u8; 9];
+            out[..8].copy_from_slice(&self.delay_ms.to_le_bytes());
+            out[8] = u8::from(self.exclude_tried);
+            out
+        }
+
+        /// Reads [`RetryArgs::encode`]'s bytes.
+        pub fn decode(b: &[u8]) -> Result<Self, BadEncoding> {
+            if b.len() != 9 {
+                return Err(BadEncoding);
+            }
+            Ok(Self {
+                delay_ms: decode_millis(&b[..8])?,
+                exclude_tried: b[8] & 1 == 1,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_round_trip_and_have_the_abi_numbers() {
+        for s in Status::ALL {
+            assert_eq!(Status::from_i32(*s as i32), Some(*s));
+        }
+        assert_eq!(Status::ALL.len(), 13);
+        assert_eq!(Status::Unimplemented as i32, 12);
+        assert_eq!(Status::InvalidMemoryAccess as i32, 6);
+        assert_eq!(Status::from_i32(13), None);
+        assert_eq!(BufferType::PluginConfiguration as i32, 7);
+        assert_eq!(BufferType::HttpCallResponseBody as i32, 4);
+        assert_eq!(MapType::HttpCallResponseHeaders as i32, 6);
+        assert_eq!(MapType::HttpResponseTrailers as i32, 3);
+        assert_eq!(MetricType::Histogram as i32, 2);
+        assert_eq!(LogLevel::Critical as i32, 5);
+        assert_eq!(StreamType::HttpResponse as i32, 1);
+        for m in MapType::ALL {
+            assert_eq!(MapType::from_i32(*m as i32), Some(*m));
+        }
+        for b in BufferType::ALL {
+            assert_eq!(BufferType::from_i32(*b as i32), Some(*b));
+        }
+        assert_eq!(MapType::from_i32(-1), None);
+    }
+
+    #[test]
+    fn map_format_round_trips_and_rejects_truncation() {
+        let pairs: Vec<(&[u8], &[u8])> = vec![
+            (b":method", b"GET"),
+            (b"x-empty", b""),
+            (b"", b"v"),
+            (b"bin", &[0xff, 0x00, 0x80]),
+        ];
+        let wire = map::serialize(pairs.iter().map(|(k, v)| (*k, *v)));
+        assert_eq!(map::deserialize(&wire).unwrap(), pairs);
+        // The layout itself: count, lengths, then NUL-terminated keys and values.
+        let one = map::serialize([("k", "vv")].iter().map(|(k, v)| (*k, *v)));
+        assert_eq!(one, b"\x01\0\0\0\x01\0\0\0\x02\0\0\0k\0vv\0");
+        for cut in 1..wire.len() {
+            assert!(map::deserialize(&wire[..cut]).is_none(), "cut at {cut}");
+        }
+        assert_eq!(map::deserialize(b"").unwrap(), vec![]);
+        // A count that would overflow or exceed the input is refused without allocating.
+        assert!(map::deserialize(&u32::MAX.to_le_bytes()).is_none());
+        assert!(map::deserialize(b"\xff\xff\xff\x0f\0\0\0\0").is_none());
+    }
+
+    #[test]
+    fn extension_encodings_round_trip() {
+        for ms in [0, 1, 250, u64::MAX] {
+            assert_eq!(ext::decode_millis(&ext::encode_millis(ms)), Ok(ms));
+        }
+        assert_eq!(ext::decode_millis(&[1, 2, 3]), Err(ext::BadEncoding));
+        assert_eq!(ext::decode_attempts(&ext::encode_attempts(3)), Ok(3));
+        for e in ext::AttemptError::ALL {
+            let a = ext::AttemptInfo {
+                number: 70_000,
+                status: 503,
+                error: *e,
+            };
+            assert_eq!(ext::AttemptInfo::decode(&a.encode()), Ok(a));
+        }
+        assert_eq!(
+            ext::AttemptInfo {
+                number: 2,
+                status: 504,
+                error: ext::AttemptError::Timeout
+            }
+            .encode(),
+            [2, 0, 0, 0, 0xf8, 0x01, 3]
+        );
+        assert!(ext::AttemptInfo::decode(&[0; 6]).is_err());
+        for r in [
+            ext::RetryArgs {
+                delay_ms: 25,
+                exclude_tried: true,
+            },
+            ext::RetryArgs::default(),
+        ] {
+            assert_eq!(ext::RetryArgs::decode(&r.encode()), Ok(r));
+        }
+        assert!(ext::RetryArgs::decode(&[0; 8]).is_err());
+        assert!(ext::ALL.iter().all(|n| n.starts_with("weft.")));
+    }
+}
