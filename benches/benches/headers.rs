@@ -22,7 +22,7 @@ mod common;
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{HeaderMap, HeaderValue};
 use weft_benches::fixtures::{as_parsed, request_headers};
-use weft_core::headers::{ensure_request_id, set_forwarded, strip_hop_by_hop};
+use weft_core::http::headers::{ensure_request_id, set_forwarded, strip_hop_by_hop};
 
 /// The downstream peer, formatted once per connection as the listener does.
 static PEER: HeaderValue = HeaderValue::from_static("10.1.2.3");

@@ -13,7 +13,7 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use weft_benches::fixtures::endpoints;
 use weft_core::clock;
 use weft_core::config::LbPolicy;
-use weft_core::lb::new_balancer;
+use weft_core::upstream::lb::new_balancer;
 
 /// Every policy, with the name used in the benchmark id.
 const POLICIES: [(&str, LbPolicy); 5] = [

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use weft_core::cluster::{Endpoint, EndpointAddress};
+use weft_core::upstream::{Endpoint, EndpointAddress};
 
 /// `n` endpoints on made-up loopback addresses (nothing connects to them), with weights
 /// cycling 1, 2, 3 so that the weighted policy has real work to do.

@@ -116,34 +116,15 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String> {
-    let address = if address.contains("://") {
-        address.to_owned()
-    } else {
-        format!("http://{address}")
-    };
-    match address.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => {}
-        _ => {
-            return Err(format!(
-                "--control `{address}`: expected host:port or http://host:port"
-            ));
-        }
-    }
+    let address =
+        weft_core::control::control_url(address).map_err(|e| format!("--control: {e}"))?;
     let id = args.id.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "weft".into())
     });
-    let token = match &args.control_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        None => std::env::var("WEFT_CONTROL_TOKEN").ok(),
-    }
-    .filter(|t| !t.is_empty());
+    let token =
+        weft_core::control::token(args.control_token_file.as_deref(), "WEFT_CONTROL_TOKEN")?;
     Ok(ControlOptions {
         address,
         state_dir: args

@@ -3,6 +3,7 @@
 
 mod admin;
 mod bad_input;
+mod cancellation;
 mod control;
 mod drain;
 mod fault;

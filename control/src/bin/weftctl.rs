@@ -16,10 +16,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tonic::metadata::AsciiMetadataValue;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
+use weft_client::{AuthChannel, Bearer};
 use weft_control::manifest;
 use weft_proto::v1::config_client::ConfigClient;
 use weft_proto::v1::discovery_client::DiscoveryClient;
@@ -41,8 +40,6 @@ const PUSH_CHUNK: usize = 256 * 1024;
 const CONFIG_CELL: usize = 60;
 /// How often `rollout status` asks for the proxies' status.
 const ROLLOUT_POLL: Duration = Duration::from_millis(200);
-/// The longest a connection attempt may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest one call of `register --keep-alive` may take.
 const KEEP_ALIVE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -836,26 +833,8 @@ struct Server {
     /// Its URL, with a scheme.
     url: String,
     /// What every request carries.
-    auth: Auth,
+    auth: Bearer,
 }
-
-/// Adds `authorization: Bearer <token>` to every request when there is a token.
-#[derive(Clone, Debug)]
-struct Auth(Option<AsciiMetadataValue>);
-
-impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// A channel to the control service, authenticating every call.
-type AuthChannel = InterceptedService<Channel, Auth>;
 
 impl Server {
     /// The server and token of the flags, else of `WEFT_CONTROL` and `WEFT_TOKEN`.
@@ -866,49 +845,35 @@ impl Server {
             .or_else(|| std::env::var("WEFT_CONTROL").ok())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-        let url = with_scheme(server);
-        let token = cli
-            .token
-            .clone()
-            .or_else(|| std::env::var("WEFT_TOKEN").ok())
-            .filter(|t| !t.is_empty());
-        let auth = match token {
-            Some(token) => Some(
-                AsciiMetadataValue::try_from(format!("Bearer {token}"))
-                    .map_err(|_| anyhow!("the token holds characters a header cannot carry"))?,
-            ),
-            None => None,
+        let url = weft_client::control_url(&server).map_err(|e| anyhow!(e))?;
+        let token = match cli.token.clone().filter(|t| !t.is_empty()) {
+            Some(token) => Some(token),
+            None => weft_client::token(None, "WEFT_TOKEN").map_err(|e| anyhow!(e))?,
         };
-        Ok(Server {
-            url,
-            auth: Auth(auth),
-        })
+        let auth = Bearer::new(token.as_deref()).map_err(|e| anyhow!(e))?;
+        Ok(Server { url, auth })
     }
 
     /// The endpoint of the URL.
     fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        Endpoint::from_shared(self.url.clone())
-            .map(|endpoint| endpoint.connect_timeout(CONNECT_TIMEOUT))
-            .map_err(|e| anyhow!("invalid control service URL `{}`: {}", self.url, causes(&e)))
+        weft_client::endpoint(&self.url).map_err(|e| anyhow!(e))
     }
 
     /// Connects now, failing when the service cannot be reached.
     async fn connect(&self) -> anyhow::Result<AuthChannel> {
-        let channel = self.endpoint()?.connect().await.map_err(|e| {
-            let cause = causes(&e);
-            anyhow!("cannot reach the control service at {}: {cause}", self.url)
-        })?;
-        Ok(InterceptedService::new(channel, self.auth.clone()))
+        weft_client::connect(self.endpoint()?, self.auth.clone())
+            .await
+            .map_err(|e| {
+                let cause = causes(&e);
+                anyhow!("cannot reach the control service at {}: {cause}", self.url)
+            })
     }
 
     /// A channel that connects on first use and reconnects after failures; each call times
     /// out after [`KEEP_ALIVE_CALL_TIMEOUT`].
     fn connect_lazy(&self) -> anyhow::Result<AuthChannel> {
         let endpoint = self.endpoint()?.timeout(KEEP_ALIVE_CALL_TIMEOUT);
-        Ok(InterceptedService::new(
-            endpoint.connect_lazy(),
-            self.auth.clone(),
-        ))
+        Ok(weft_client::connect_lazy(endpoint, self.auth.clone()))
     }
 }
 
@@ -1336,15 +1301,6 @@ fn human_size(bytes: u64) -> String {
     format!("{size:.1} {}", UNITS[unit])
 }
 
-/// The URL of `--server`: `host:port` means `http://host:port`.
-fn with_scheme(server: String) -> String {
-    if server.contains("://") {
-        server
-    } else {
-        format!("http://{server}")
-    }
-}
-
 /// Parses a `key=value` label.
 fn parse_label(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
@@ -1457,11 +1413,6 @@ mod tests {
 
     #[test]
     fn small_helpers() {
-        assert_eq!(
-            with_scheme("127.0.0.1:7070".into()),
-            "http://127.0.0.1:7070"
-        );
-        assert_eq!(with_scheme("http://ctl:7070".into()), "http://ctl:7070");
         assert_eq!(parse_label("app=a=b"), Ok(("app".into(), "a=b".into())));
         assert!(parse_label("app").is_err());
         assert!(parse_label("=a").is_err());

@@ -18,9 +18,9 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::clock;
-use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::upstream::Cluster;
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
@@ -105,6 +105,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         "lb_policy": c.lb_policy,
                         "active_requests": c.active_requests(),
                         "open_connections": c.open_connections(),
+                        "pending_requests": c.pending_requests(),
                         "endpoints": c.endpoints().list.iter().map(|e| e.snapshot(now)).collect::<Vec<_>>(),
                     })
                 })

@@ -12,10 +12,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use http_body_util::Full;
 use hyper::body::Incoming;
 
-use crate::filter::{self, BodyDecision, Direction, SharedFilterStream};
+use crate::filter::{self, BodyDecision, Direction, LocalReply, SharedFilterStream};
 use pin_project_lite::pin_project;
 
 /// A boxed error crossing the body boundary.
@@ -373,5 +374,41 @@ impl Body for FilteredBody {
             return SizeHint::with_exact(n);
         }
         SizeHint::default()
+    }
+}
+
+/// How far [`prime`] got with a body.
+pub enum Primed {
+    /// A filter ended the stream.
+    Reply(LocalReply),
+    /// The whole body went through the chain: its bytes and trailers.
+    Whole(Bytes, Option<HeaderMap>),
+    /// The first bytes came out of the chain; the rest is still to read.
+    Streaming(Bytes, Incoming),
+}
+
+/// Reads `body` through the chain's body callbacks until something comes out of the chain,
+/// the body ends, or a filter answers.
+pub async fn prime(
+    filters: &SharedFilterStream,
+    direction: Direction,
+    mut body: Incoming,
+) -> Result<Primed, hyper::Error> {
+    loop {
+        let polled = body.frame().await.transpose()?;
+        let ended = body.is_end_stream();
+        let Some(passed) = pass_frame(filters, direction, polled, ended) else {
+            continue;
+        };
+        match passed.decision {
+            BodyDecision::Respond(reply) => return Ok(Primed::Reply(reply)),
+            BodyDecision::Continue(data) if passed.ended => {
+                return Ok(Primed::Whole(data, passed.trailers));
+            }
+            BodyDecision::Continue(data) if !data.is_empty() => {
+                return Ok(Primed::Streaming(data, body));
+            }
+            BodyDecision::Continue(_) => {}
+        }
     }
 }

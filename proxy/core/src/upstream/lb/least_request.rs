@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::{LoadBalancer, two_choices};
-use crate::cluster::Endpoint;
+use crate::upstream::Endpoint;
 
 /// Draws two random endpoints and picks the one with fewer active requests per unit of
 /// weight (ties go to the first draw). Active requests are counted across all workers.
@@ -24,8 +24,8 @@ impl LoadBalancer for LeastRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::Endpoint;
-    use crate::lb::tests::endpoints;
+    use crate::upstream::Endpoint;
+    use crate::upstream::lb::tests::endpoints;
 
     fn load(ep: &Endpoint, n: u32) {
         for _ in 0..n {

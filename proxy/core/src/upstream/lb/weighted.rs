@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::LoadBalancer;
-use crate::cluster::Endpoint;
+use crate::upstream::Endpoint;
 
 /// Smooth weighted round robin.
 #[derive(Debug)]
@@ -51,7 +51,7 @@ impl LoadBalancer for SmoothWeighted {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::tests::{distribution, endpoints};
+    use crate::upstream::lb::tests::{distribution, endpoints};
 
     #[test]
     fn proportions_are_exact_over_a_cycle() {

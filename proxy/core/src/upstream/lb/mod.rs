@@ -19,8 +19,8 @@ pub use random::Random;
 pub use round_robin::RoundRobin;
 pub use weighted::SmoothWeighted;
 
-use crate::cluster::Endpoint;
 use crate::config::LbPolicy;
+use crate::upstream::Endpoint;
 
 /// Picks an endpoint for each request.
 pub trait LoadBalancer: Send {
@@ -71,7 +71,7 @@ pub(crate) fn two_choices(endpoints: &[Arc<Endpoint>], now_ms: u64) -> Option<(u
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::cluster::EndpointAddress;
+    use crate::upstream::EndpointAddress;
 
     /// Endpoints with the given weights on made-up addresses.
     pub fn endpoints(weights: &[u32]) -> Vec<Arc<Endpoint>> {

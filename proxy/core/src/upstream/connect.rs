@@ -1,5 +1,10 @@
-//! Getting a request to an upstream endpoint: pooled or new connections within the cluster's
-//! limits, HTTP/1.1 or HTTP/2.
+//! Getting a request onto a connection to one endpoint: an idle pooled connection, a new one
+//! within `max_connections`, or one that frees up while the request waits as pending (within
+//! `max_pending_requests` and the connect timeout); HTTP/1.1 or HTTP/2.
+//!
+//! Slots are guards ([`ConnectionSlot`], [`PendingSlot`]): a connection's slot lives in its
+//! connection task, a pending request's place in its future, so a request whose client goes
+//! away while it connects or waits gives everything back.
 
 use std::io;
 use std::sync::Arc;
@@ -10,11 +15,12 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
-use crate::body::RequestBody;
+use super::limits::ConnectionSlot;
+use super::pool as worker;
+use super::{Cluster, Endpoint, EndpointAddress, Limit};
 use crate::clock;
-use crate::cluster::{Cluster, Endpoint, EndpointAddress, Limit};
 use crate::config::UpstreamProtocol;
-use crate::worker;
+use crate::http::body::RequestBody;
 
 /// Why a request could not be exchanged with an upstream.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +34,9 @@ pub enum UpstreamError {
     /// The connection failed after it was established (reset, protocol error, closed).
     #[error("upstream reset: {0}")]
     Reset(#[source] hyper::Error),
+    /// No response before the deadline.
+    #[error("upstream request timeout")]
+    Timeout,
 }
 
 impl UpstreamError {
@@ -40,6 +49,7 @@ impl UpstreamError {
 
 /// A pooled HTTP/1 connection travelling with its response, returned to the worker's pool
 /// when the response has been read to its end.
+#[derive(Debug)]
 pub struct PooledH1 {
     cluster: usize,
     endpoint: u64,
@@ -115,22 +125,21 @@ async fn acquire_h1(
         ) {
             return Ok(s);
         }
-        if cluster.try_reserve_connection() {
-            return connect_h1(cluster, ep).await;
+        if let Some(slot) = cluster.try_reserve_connection() {
+            return connect_h1(cluster, ep, slot).await;
         }
         wait_for_connection(cluster).await?;
     }
 }
 
 /// Waits as a pending request for a connection slot or an idle connection.
-async fn wait_for_connection(cluster: &Cluster) -> Result<(), UpstreamError> {
-    if !cluster.try_enter_pending() {
+async fn wait_for_connection(cluster: &Arc<Cluster>) -> Result<(), UpstreamError> {
+    let Some(_pending) = cluster.try_enter_pending() else {
         cluster.metrics.overflow(Limit::MaxPendingRequests);
         return Err(UpstreamError::Overflow(Limit::MaxPendingRequests));
-    }
+    };
     let freed =
         tokio::time::timeout(cluster.connect_timeout, cluster.connection_freed.notified()).await;
-    cluster.leave_pending();
     if freed.is_err() {
         cluster.metrics.overflow(Limit::MaxConnections);
         return Err(UpstreamError::Overflow(Limit::MaxConnections));
@@ -138,8 +147,7 @@ async fn wait_for_connection(cluster: &Cluster) -> Result<(), UpstreamError> {
     Ok(())
 }
 
-/// Opens a TCP connection to the endpoint within the connect timeout. The caller has
-/// reserved a connection slot; on failure it is released here.
+/// Opens a TCP connection to the endpoint within the connect timeout.
 async fn connect_tcp(cluster: &Cluster, ep: &Endpoint) -> Result<TcpStream, UpstreamError> {
     let endpoint = ep;
     let connect = async {
@@ -158,33 +166,26 @@ async fn connect_tcp(cluster: &Cluster, ep: &Endpoint) -> Result<TcpStream, Upst
         Ok(Err(e)) => e,
         Err(_) => io::Error::new(io::ErrorKind::TimedOut, "connect timeout"),
     };
-    cluster.release_connection();
     cluster.metrics.connect_failures.inc();
     Err(UpstreamError::Connect(result))
 }
 
+/// Makes a new HTTP/1.1 connection in `slot`, which its connection task then holds.
 async fn connect_h1(
     cluster: &Arc<Cluster>,
     ep: &Endpoint,
+    slot: ConnectionSlot,
 ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
     let stream = connect_tcp(cluster, ep).await?;
-    match http1::Builder::new()
+    let (sender, conn) = http1::Builder::new()
         .handshake::<_, RequestBody>(TokioIo::new(stream))
         .await
-    {
-        Ok((sender, conn)) => {
-            let c = cluster.clone();
-            tokio::spawn(async move {
-                let _ = conn.with_upgrades().await;
-                c.release_connection();
-            });
-            Ok(sender)
-        }
-        Err(e) => {
-            cluster.release_connection();
-            Err(UpstreamError::Reset(e))
-        }
-    }
+        .map_err(UpstreamError::Reset)?;
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
 }
 
 async fn send_h2(
@@ -195,8 +196,8 @@ async fn send_h2(
     let mut sender = match worker::h2(cluster.index, ep.id) {
         Some(s) => s,
         None => loop {
-            if cluster.try_reserve_connection() {
-                let s = connect_h2(cluster, ep).await?;
+            if let Some(slot) = cluster.try_reserve_connection() {
+                let s = connect_h2(cluster, ep, slot).await?;
                 worker::add_h2(cluster.index, ep.id, s.clone());
                 break s;
             }
@@ -210,25 +211,22 @@ async fn send_h2(
     sender.send_request(req).await.map_err(UpstreamError::Reset)
 }
 
+/// Makes a new HTTP/2 connection in `slot`, which its connection task then holds.
 async fn connect_h2(
     cluster: &Arc<Cluster>,
     ep: &Endpoint,
+    slot: ConnectionSlot,
 ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
     let stream = connect_tcp(cluster, ep).await?;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new());
-    match builder.handshake(TokioIo::new(stream)).await {
-        Ok((sender, conn)) => {
-            let c = cluster.clone();
-            tokio::spawn(async move {
-                let _ = conn.await;
-                c.release_connection();
-            });
-            Ok(sender)
-        }
-        Err(e) => {
-            cluster.release_connection();
-            Err(UpstreamError::Reset(e))
-        }
-    }
+    let (sender, conn) = builder
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(UpstreamError::Reset)?;
+    tokio::spawn(async move {
+        let _slot = slot;
+        let _ = conn.await;
+    });
+    Ok(sender)
 }

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::LoadBalancer;
-use crate::cluster::Endpoint;
+use crate::upstream::Endpoint;
 
 /// Picks an available endpoint at random, in proportion to its weight.
 #[derive(Debug, Default)]
@@ -37,7 +37,7 @@ impl LoadBalancer for Random {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::tests::{distribution, endpoints};
+    use crate::upstream::lb::tests::{distribution, endpoints};
 
     #[test]
     fn picks_in_proportion_to_weight() {

@@ -8,9 +8,9 @@ use std::sync::Arc;
 
 use hyper::client::conn::{http1, http2};
 
-use crate::body::RequestBody;
-use crate::cluster::{Cluster, Endpoint, EndpointSet};
-use crate::lb::{LoadBalancer, new_balancer};
+use crate::http::body::RequestBody;
+use crate::upstream::lb::{LoadBalancer, new_balancer};
+use crate::upstream::{Cluster, Endpoint, EndpointSet};
 
 /// An idle HTTP/1 connection in a pool.
 struct IdleH1 {

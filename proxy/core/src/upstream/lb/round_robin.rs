@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use super::LoadBalancer;
-use crate::cluster::Endpoint;
+use crate::upstream::Endpoint;
 
 /// Endpoints in turn. Weights are ignored; use [`super::SmoothWeighted`] to honour them.
 #[derive(Debug)]
@@ -37,7 +37,7 @@ impl LoadBalancer for RoundRobin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::tests::{distribution, endpoints};
+    use crate::upstream::lb::tests::{distribution, endpoints};
 
     #[test]
     fn visits_every_endpoint_equally_whatever_the_weights() {

@@ -10,12 +10,12 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::control::{ControlSnapshot, StateDir, overlay};
+use crate::downstream::ListenerRuntime;
 use crate::filter::FilterHost;
-use crate::listener::ListenerRuntime;
 use crate::metrics::Metrics;
+use crate::upstream::Cluster;
 
 /// Applies config changes to the running proxy.
 pub(crate) struct Reloader {

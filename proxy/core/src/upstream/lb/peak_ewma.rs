@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{LoadBalancer, two_choices};
 use crate::clock;
-use crate::cluster::Endpoint;
+use crate::upstream::Endpoint;
 
 /// Draws two random endpoints and picks the one with the lower cost, where cost is a
 /// peak-sensitive moving average of response latency times (active requests + 1), per unit
@@ -32,7 +32,7 @@ impl LoadBalancer for PeakEwma {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::tests::{distribution, endpoints};
+    use crate::upstream::lb::tests::{distribution, endpoints};
 
     #[test]
     fn a_slow_endpoint_gets_little_traffic() {

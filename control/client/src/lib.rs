@@ -1,0 +1,149 @@
+//! Reaching the Weft control service, written once for its two kinds of client: `weftctl`
+//! and proxies following the service (`weft-proxy --control`).
+//!
+//! - [`control_url`]: `host:port` or `http://host:port`, checked and normalised;
+//! - [`Bearer`]: the interceptor that adds `authorization: Bearer <token>` to every call;
+//! - [`token`]: the token from a file or an environment variable;
+//! - [`endpoint`] and [`connect`]: a channel with the timeouts both clients use.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+//! let url = weft_client::control_url("127.0.0.1:7070")?;
+//! let bearer = weft_client::Bearer::new(weft_client::token(None, "WEFT_TOKEN")?.as_deref())?;
+//! let channel = weft_client::connect(weft_client::endpoint(&url)?, bearer).await?;
+//! # drop(channel); Ok(()) }
+//! ```
+
+use std::path::Path;
+use std::time::Duration;
+
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long a connection attempt to the control service may take.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A channel to the control service that authenticates every call.
+pub type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// The control service's URL from `host:port` or `http://host:port`.
+pub fn control_url(address: &str) -> Result<String, String> {
+    let url = if address.contains("://") {
+        address.to_owned()
+    } else {
+        format!("http://{address}")
+    };
+    match url.parse::<http::Uri>() {
+        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => Ok(url),
+        _ => Err(format!(
+            "control service address `{address}`: expected host:port or http://host:port"
+        )),
+    }
+}
+
+/// The bearer token: the trimmed contents of `file` if given, else the environment variable
+/// `env`; `None` when neither holds one.
+pub fn token(file: Option<&Path>, env: &str) -> Result<Option<String>, String> {
+    let token = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => std::env::var(env).ok(),
+    };
+    Ok(token.filter(|t| !t.is_empty()))
+}
+
+/// Adds `authorization: Bearer <token>` to every call when there is a token.
+#[derive(Clone, Debug, Default)]
+pub struct Bearer(Option<AsciiMetadataValue>);
+
+impl Bearer {
+    /// The interceptor for `token` (none: calls go without `authorization`).
+    pub fn new(token: Option<&str>) -> Result<Self, String> {
+        token
+            .map(|t| {
+                AsciiMetadataValue::try_from(format!("Bearer {t}"))
+                    .map_err(|_| "the token holds characters a header cannot carry".to_owned())
+            })
+            .transpose()
+            .map(Bearer)
+    }
+}
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// The endpoint of `url` with the connect timeout, TCP_NODELAY and HTTP/2 keep-alives (a
+/// dead service is noticed within seconds on a long-lived stream).
+pub fn endpoint(url: &str) -> Result<Endpoint, String> {
+    Endpoint::from_shared(url.to_owned())
+        .map(|e| {
+            e.connect_timeout(CONNECT_TIMEOUT)
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
+        .map_err(|e| format!("invalid control service URL `{url}`: {e}"))
+}
+
+/// Connects now; fails when the service cannot be reached.
+pub async fn connect(
+    endpoint: Endpoint,
+    bearer: Bearer,
+) -> Result<AuthChannel, tonic::transport::Error> {
+    Ok(InterceptedService::new(endpoint.connect().await?, bearer))
+}
+
+/// A channel that connects on first use and reconnects after failures.
+pub fn connect_lazy(endpoint: Endpoint, bearer: Bearer) -> AuthChannel {
+    InterceptedService::new(endpoint.connect_lazy(), bearer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_take_a_scheme_and_bad_ones_are_refused() {
+        assert_eq!(
+            control_url("127.0.0.1:7070").as_deref(),
+            Ok("http://127.0.0.1:7070")
+        );
+        assert_eq!(
+            control_url("http://control:7070").as_deref(),
+            Ok("http://control:7070")
+        );
+        for bad in ["ftp://x:1", "http://", "a b:7070"] {
+            assert!(control_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_bearer_goes_on_every_call_and_bad_tokens_are_refused() {
+        use tonic::service::Interceptor as _;
+        let mut bearer = Bearer::new(Some("s3cret")).unwrap();
+        let req = bearer.call(tonic::Request::new(())).unwrap();
+        assert_eq!(
+            req.metadata().get("authorization").unwrap(),
+            "Bearer s3cret"
+        );
+        let req = Bearer::default().call(tonic::Request::new(())).unwrap();
+        assert!(req.metadata().get("authorization").is_none());
+        assert!(Bearer::new(Some("line\nbreak")).is_err());
+    }
+}

@@ -1,0 +1,322 @@
+//! The proxy as a process: [`Proxy::bind`] (config validated, chains built and canaried,
+//! every socket bound, in that order), [`Proxy::run`] (workers, admin, signals, the control
+//! follower) and the drain on SIGTERM; [`reload`] changes a running proxy in place.
+
+pub(crate) mod reload;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use crate::config::Config;
+
+use crate::admin::AdminState;
+use crate::downstream::{self as listener, ListenerRuntime, WorkerSpec};
+use crate::filter::{ChainError, ChainSlot, FilterChain, FilterHost};
+use crate::http::ListenerCtx;
+use crate::metrics::Metrics;
+use crate::upstream::Cluster;
+use crate::{admin, control};
+use reload::Reloader;
+
+/// Process-level options that are not part of the config file.
+#[derive(Clone)]
+pub struct ProxyOptions {
+    /// Worker threads (each runs its own event loop).
+    pub workers: usize,
+    /// The config file, re-read on SIGHUP to swap filter chains in place.
+    pub config_path: Option<std::path::PathBuf>,
+    /// The control service to follow, if any; the config is then the bootstrap.
+    pub control: Option<control::ControlOptions>,
+    /// Builds filter chains (the WASM host); a listener with filters needs one.
+    pub filter_host: Option<Arc<dyn FilterHost>>,
+}
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A socket could not be bound.
+    #[error("{what}: cannot listen on {address}: {source}")]
+    Bind {
+        /// Which socket (`listener outbound`, `admin`).
+        what: String,
+        /// The address.
+        address: SocketAddr,
+        /// The cause; `AddrInUse` when another process holds the port.
+        source: std::io::Error,
+    },
+    /// A filter could not be loaded or started.
+    #[error(transparent)]
+    Filter(#[from] ChainError),
+    /// A listener has filters but the proxy has no filter host.
+    #[error("listener `{0}` has filters, but this proxy has no filter host")]
+    NoFilterHost(String),
+    /// A runtime or thread could not be created.
+    #[error("cannot start: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// A proxy with its sockets bound, ready to run.
+pub struct Proxy {
+    config: Config,
+    options: ProxyOptions,
+    metrics: Arc<Metrics>,
+    chains: Vec<Option<Box<dyn FilterChain>>>,
+    /// The bootstrap config (`config` is it with the persisted control snapshot over it).
+    base: Config,
+    snapshot: Option<control::ControlSnapshot>,
+    admin: std::net::TcpListener,
+    listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
+}
+
+impl Proxy {
+    /// Binds the admin socket and every listener's per-worker sockets.
+    pub fn bind(base: Config, options: ProxyOptions) -> Result<Proxy, StartError> {
+        let workers = options.workers.max(1);
+        let metrics = Arc::new(Metrics::new());
+        // With a control service, the snapshot persisted by the last run comes up first, so
+        // that a restart while the control service is down serves the last good config.
+        let persisted = options.control.as_ref().and_then(|c| {
+            let dir = control::StateDir::new(c.state_dir.clone());
+            let snap = dir.load_snapshot()?;
+            match dir
+                .check_modules(&snap)
+                .and_then(|()| control::overlay(&base, &snap, &dir))
+            {
+                Ok(config) => Some((config, snap)),
+                Err(e) => {
+                    tracing::warn!("the persisted control snapshot does not apply, starting from the bootstrap config: {e}");
+                    None
+                }
+            }
+        });
+        let host = options.filter_host.as_deref();
+        let (config, snapshot, chains) = match persisted {
+            Some((config, snap)) => match build_chains(&config, &metrics, host) {
+                Ok(built) => {
+                    tracing::info!(
+                        version = snap.version,
+                        "serving the persisted control snapshot"
+                    );
+                    (config, Some(snap), built)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "the persisted control snapshot does not start, starting from the bootstrap config: {e}"
+                    );
+                    (base.clone(), None, build_chains(&base, &metrics, host)?)
+                }
+            },
+            None => (base.clone(), None, build_chains(&base, &metrics, host)?),
+        };
+        let bind_err = |what: String, address: SocketAddr| {
+            move |source: std::io::Error| StartError::Bind {
+                what,
+                address,
+                source,
+            }
+        };
+        let admin = std::net::TcpListener::bind(config.admin.address)
+            .and_then(|s| s.set_nonblocking(true).map(|_| s))
+            .map_err(bind_err("admin".into(), config.admin.address))?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let (addr, sockets) = listener::bind_reuseport(l.address, workers)
+                .map_err(bind_err(format!("listener `{}`", l.name), l.address))?;
+            listeners.push((l.name.clone(), addr, sockets));
+        }
+        Ok(Proxy {
+            config,
+            options: ProxyOptions { workers, ..options },
+            metrics,
+            chains,
+            base,
+            snapshot,
+            admin,
+            listeners,
+        })
+    }
+
+    /// Where each listener listens.
+    pub fn listener_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .map(|(n, a, _)| (n.clone(), *a))
+            .collect()
+    }
+
+    /// Where the admin endpoint listens.
+    pub fn admin_addr(&self) -> std::io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    /// Runs until SIGTERM or SIGINT, then drains: stops accepting, lets in-flight requests
+    /// finish within `drain.timeout_ms` (HTTP/1 answers get `connection: close`, HTTP/2
+    /// connections a GOAWAY) and returns.
+    pub fn run(mut self) -> Result<(), StartError> {
+        let metrics = self.metrics.clone();
+        let clusters: Arc<[Arc<Cluster>]> = self
+            .config
+            .clusters
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Arc::new(Cluster::new(i, c, metrics.cluster(&c.name))))
+            .collect();
+        let cluster_names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+        let mut chains = std::mem::take(&mut self.chains).into_iter();
+        let runtimes: Vec<Arc<ListenerRuntime>> = self
+            .config
+            .listeners
+            .iter()
+            .map(|l| {
+                let chain = chains.next().flatten();
+                let ctx = ListenerCtx {
+                    name: l.name.clone(),
+                    default_cluster: cluster_names
+                        .iter()
+                        .position(|c| *c == l.default_cluster)
+                        .unwrap_or(0)
+                        .into(),
+                    clusters: clusters.clone(),
+                    metrics: metrics.listener(&l.name, &cluster_names),
+                    chain: ChainSlot::from(chain.map(Arc::new)),
+                    replay_limit: l.replay_buffer_kb as usize * 1024,
+                };
+                Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
+            })
+            .collect();
+
+        let main_rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let (drain_tx, drain_rx) = tokio::sync::watch::channel(false);
+        let state = Arc::new(AdminState {
+            config: arc_swap::ArcSwap::from_pointee(self.config.clone()),
+            control: std::sync::Mutex::new(match &self.options.control {
+                Some(c) => serde_json::json!({
+                    "address": c.address,
+                    "id": c.id,
+                    "labels": c.labels,
+                    "connected": false,
+                    "version": self.snapshot.as_ref().map(|s| s.version),
+                    "hash": self.snapshot.as_ref().map(|s| s.hash.clone()),
+                    "error": null,
+                }),
+                None => serde_json::Value::Null,
+            }),
+            listeners: self.listener_addrs(),
+            clusters: clusters.clone(),
+            metrics,
+            draining: AtomicBool::new(false),
+        });
+        let drain_timeout = Duration::from_millis(self.config.drain.timeout_ms);
+        let timer_anchor = clusters
+            .iter()
+            .filter_map(|c| c.request_timeout)
+            .fold(Duration::from_secs(1), Duration::min)
+            .max(Duration::from_millis(1));
+
+        main_rt.block_on(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate())?;
+            let mut int = signal(SignalKind::interrupt())?;
+            let mut hup = signal(SignalKind::hangup())?;
+
+            // Hand each worker its own socket of every listener.
+            let mut per_worker: Vec<Vec<_>> =
+                (0..self.options.workers).map(|_| Vec::new()).collect();
+            for ((_, _, sockets), rt) in self.listeners.into_iter().zip(&runtimes) {
+                for (w, socket) in sockets.into_iter().enumerate() {
+                    per_worker[w].push((socket, rt.clone()));
+                }
+            }
+            let mut handles = Vec::new();
+            for (id, listeners) in per_worker.into_iter().enumerate() {
+                handles.push(listener::spawn_worker(WorkerSpec {
+                    id,
+                    listeners,
+                    clusters: clusters.clone(),
+                    drain: drain_rx.clone(),
+                    drain_timeout,
+                    timer_anchor,
+                })?);
+            }
+            let admin = tokio::spawn(admin::serve(
+                tokio::net::TcpListener::from_std(self.admin)?,
+                state.clone(),
+            ));
+            tracing::info!(workers = handles.len(), "weft-proxy ready");
+
+            let reloader = Arc::new(tokio::sync::Mutex::new(Reloader {
+                path: self.options.config_path.clone(),
+                base: self.base,
+                running: self.config.clone(),
+                snapshot: self.snapshot,
+                state_dir: self
+                    .options
+                    .control
+                    .as_ref()
+                    .map(|c| control::StateDir::new(c.state_dir.clone())),
+                filter_host: self.options.filter_host.clone(),
+                metrics: state.metrics.clone(),
+                listeners: runtimes.clone(),
+                clusters: clusters.clone(),
+                admin: state.clone(),
+            }));
+            let follower = self
+                .options
+                .control
+                .clone()
+                .map(|opts| tokio::spawn(control::follow(opts, reloader.clone())));
+            loop {
+                tokio::select! {
+                    _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+                    _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+                    _ = hup.recv() => reloader.lock().await.reload_file().await,
+                }
+            }
+            if let Some(f) = follower {
+                f.abort();
+            }
+            state
+                .draining
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            let _ = drain_tx.send(true);
+            let joined = tokio::task::spawn_blocking(move || {
+                for h in handles {
+                    let _ = h.join();
+                }
+            })
+            .await;
+            admin.abort();
+            if joined.is_err() {
+                tracing::error!("a worker panicked while draining");
+            }
+            tracing::info!("drained; exiting");
+            Ok(())
+        })
+    }
+}
+
+/// Loads and starts every listener's chain (before any socket is bound: a bad module or
+/// config is a startup error).
+fn build_chains(
+    config: &Config,
+    metrics: &Metrics,
+    host: Option<&dyn FilterHost>,
+) -> Result<Vec<Option<Box<dyn FilterChain>>>, StartError> {
+    let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
+    let mut chains = Vec::new();
+    for l in &config.listeners {
+        if l.filters.is_empty() {
+            chains.push(None);
+            continue;
+        }
+        let host = host.ok_or_else(|| StartError::NoFilterHost(l.name.clone()))?;
+        chains.push(Some(
+            host.build_chain(&l.name, &l.filters, &clusters, metrics)?,
+        ));
+    }
+    Ok(chains)
+}

@@ -1,0 +1,229 @@
+//! Following a control service (`weft-proxy --control ADDR --id ID --label k=v`).
+//!
+//! The proxy keeps one discovery stream open. Each snapshot it receives is turned into this
+//! proxy's config ([`overlay`]: the bootstrap file with the snapshot's chains, default
+//! clusters and endpoints over it); missing modules are fetched by digest and verified; the
+//! result is applied by the [`Reloader`] (built and canaried off the request path, then
+//! swapped atomically) and answered with an ACK, or with a NACK carrying the reason while
+//! the running config stays. A snapshot that runs is persisted with its modules under the
+//! state directory, so a proxy restarted while the control service is down serves it.
+//!
+//! When the control service is gone the proxy keeps serving what it runs and reconnects
+//! with jittered exponential backoff ([`Backoff`]: 1 s, ×1.6, ±20 %, at most 120 s).
+
+pub mod backoff;
+pub mod snapshot;
+pub mod state_dir;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use weft_proto::v1;
+
+pub use backoff::Backoff;
+pub use snapshot::{ControlSnapshot, SnapshotChain, SnapshotCluster, SnapshotFilter, overlay};
+pub use state_dir::StateDir;
+pub use weft_client::{control_url, token};
+
+use crate::app::reload::Reloader;
+use state_dir::{digest_of, write_atomic};
+
+/// How to reach and identify with the control service.
+#[derive(Clone, Debug)]
+pub struct ControlOptions {
+    /// `http://host:port` of `weft-control`.
+    pub address: String,
+    /// This proxy's id.
+    pub id: String,
+    /// This proxy's labels; resources select on them.
+    pub labels: BTreeMap<String, String>,
+    /// Where snapshots and modules are kept across restarts.
+    pub state_dir: PathBuf,
+    /// Bearer token for the control API.
+    pub token: Option<String>,
+}
+
+/// Follows the control service forever: one session after another, backing off between.
+pub(crate) async fn follow(opts: ControlOptions, reloader: Arc<Mutex<Reloader>>) {
+    let mut backoff = Backoff::default();
+    loop {
+        let started = Instant::now();
+        let error = match session(&opts, &reloader).await {
+            Ok(()) => "the control service closed the discovery stream".to_owned(),
+            Err(e) => format!("control service {}: {e}", opts.address),
+        };
+        tracing::warn!("{error}");
+        reloader.lock().await.control_status(false, Some(&error));
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(
+            in_ms = delay.as_millis() as u64,
+            "reconnecting to the control service; serving the last good config meanwhile"
+        );
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// One discovery stream, until it ends.
+async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Result<(), String> {
+    let bearer = weft_client::Bearer::new(opts.token.as_deref())?;
+    let channel = weft_client::connect(weft_client::endpoint(&opts.address)?, bearer)
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))?;
+    let mut discovery = v1::discovery_client::DiscoveryClient::new(channel.clone());
+    let mut modules = v1::modules_client::ModulesClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    let (version, hash) = reloader.lock().await.snapshot_id();
+    let hello = v1::DiscoveryRequest {
+        node: Some(v1::Node {
+            id: opts.id.clone(),
+            labels: opts.labels.clone().into_iter().collect(),
+        }),
+        version,
+        hash,
+        error: String::new(),
+    };
+    tx.send(hello).await.map_err(|_| "stream closed")?;
+    let mut snapshots = discovery
+        .subscribe(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("subscribe: {}", s.message()))?
+        .into_inner();
+    tracing::info!(address = %opts.address, id = %opts.id, "connected to the control service");
+    reloader.lock().await.control_status(true, None);
+    let dir = StateDir::new(opts.state_dir.clone());
+    // The last refused snapshot, tried again after a growing delay (2 s to 60 s) until a newer
+    // one comes: a NACK may have had a passing cause (a fetch cut short, a full disk).
+    let mut refused: Option<(v1::Snapshot, Duration, tokio::time::Instant)> = None;
+    loop {
+        let retry_at = refused.as_ref().map(|(_, _, at)| *at);
+        let msg = tokio::select! {
+            msg = snapshots.message() => {
+                match msg.map_err(|s| format!("stream: {}", s.message()))? {
+                    Some(m) => m,
+                    None => return Ok(()),
+                }
+            }
+            _ = sleep_until_some(retry_at) => match &refused {
+                Some((snap, _, _)) => {
+                    tracing::info!(version = snap.version, "trying the refused snapshot again");
+                    snap.clone()
+                }
+                None => continue,
+            },
+        };
+        let (version, hash) = (msg.version, msg.hash.clone());
+        let kept = msg.clone();
+        let result = async {
+            let snap = ControlSnapshot::try_from(msg)?;
+            fetch_modules(&mut modules, &snap, &dir).await?;
+            reloader.lock().await.apply_snapshot(snap).await
+        }
+        .await;
+        let error = match result {
+            Ok(()) => {
+                refused = None;
+                String::new()
+            }
+            Err(e) => {
+                tracing::error!(version, "NACK: the running config stays: {e}");
+                let delay = match &refused {
+                    Some((s, d, _)) if s.hash == hash => (*d * 2).min(Duration::from_secs(60)),
+                    _ => Duration::from_secs(2),
+                };
+                refused = Some((kept, delay, tokio::time::Instant::now() + delay));
+                e
+            }
+        };
+        reloader
+            .lock()
+            .await
+            .control_status(true, (!error.is_empty()).then_some(error.as_str()));
+        let answer = v1::DiscoveryRequest {
+            node: None,
+            version,
+            hash,
+            error,
+        };
+        tx.send(answer).await.map_err(|_| "stream closed")?;
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Largest module fetched.
+const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Fetches the snapshot's modules this proxy does not have, verifying each digest.
+async fn fetch_modules<S>(
+    client: &mut v1::modules_client::ModulesClient<S>,
+    snap: &ControlSnapshot,
+    dir: &StateDir,
+) -> Result<(), String>
+where
+    S: tonic::client::GrpcService<tonic::body::Body>,
+    S::Error: Into<tonic::codegen::StdError>,
+    S::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <S::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let digests: std::collections::BTreeSet<&str> = snap
+        .chains
+        .iter()
+        .flat_map(|c| c.filters.iter().map(|f| f.digest.as_str()))
+        .collect();
+    for digest in digests {
+        if dir.has_module(digest) {
+            continue;
+        }
+        let started = Instant::now();
+        let mut stream = client
+            .fetch(v1::FetchModuleRequest {
+                module: digest.to_owned(),
+            })
+            .await
+            .map_err(|s| format!("module {digest}: {}", s.message()))?
+            .into_inner();
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream
+            .message()
+            .await
+            .map_err(|s| format!("module {digest}: {}", s.message()))?
+        {
+            if bytes.len() + chunk.data.len() > MAX_MODULE_BYTES {
+                return Err(format!("module {digest}: larger than 64 MiB"));
+            }
+            bytes.extend_from_slice(&chunk.data);
+        }
+        let got = digest_of(&bytes);
+        if got != digest {
+            return Err(format!(
+                "module {digest}: the bytes received have digest {got}; refusing them"
+            ));
+        }
+        let path = dir.module_path(digest);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        tracing::info!(
+            module = digest,
+            size = bytes.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "module fetched"
+        );
+    }
+    Ok(())
+}

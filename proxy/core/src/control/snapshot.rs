@@ -1,0 +1,206 @@
+//! What the control service sends: a whole, versioned, content-hashed snapshot of what this
+//! proxy should run (converted from its protobuf form at the edge), and [`overlay`], which
+//! turns it into this proxy's config over the bootstrap file.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use weft_proto::v1;
+
+use super::state_dir::StateDir;
+use crate::config::{Config, EndpointConfig, FailurePolicy, FilterConfig, FilterLimits};
+
+/// A filter of a control snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotFilter {
+    /// Name in the chain.
+    pub name: String,
+    /// `sha256:<hex>` of the module.
+    pub digest: String,
+    /// Root context id.
+    pub root_id: String,
+    /// Configuration for `on_configure`.
+    pub config: serde_json::Value,
+    /// What a failure of the filter does.
+    pub failure_policy: FailurePolicy,
+}
+
+/// A chain of a control snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotChain {
+    /// The resource's name.
+    pub name: String,
+    /// The listener it runs on.
+    pub listener: String,
+    /// The default cluster; empty keeps the bootstrap one.
+    pub default_cluster: String,
+    /// The filters.
+    pub filters: Vec<SnapshotFilter>,
+}
+
+/// A cluster's endpoints in a control snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotCluster {
+    /// The cluster.
+    pub name: String,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointConfig>,
+}
+
+/// What the control service says this proxy should run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ControlSnapshot {
+    /// Config version.
+    pub version: u64,
+    /// Content hash.
+    pub hash: String,
+    /// Chains.
+    pub chains: Vec<SnapshotChain>,
+    /// Clusters.
+    pub clusters: Vec<SnapshotCluster>,
+}
+
+/// The hex part of a `sha256:<hex>` digest, if it is one.
+pub(super) fn digest_hex(digest: &str) -> Option<&str> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+impl TryFrom<v1::Snapshot> for ControlSnapshot {
+    type Error = String;
+
+    fn try_from(s: v1::Snapshot) -> Result<Self, String> {
+        let chains = s
+            .chains
+            .into_iter()
+            .map(|c| {
+                let filters = c
+                    .filters
+                    .into_iter()
+                    .map(|f| {
+                        digest_hex(&f.digest).ok_or_else(|| {
+                            format!("filter `{}`: bad module digest `{}`", f.name, f.digest)
+                        })?;
+                        let config = if f.config_json.is_empty() {
+                            serde_json::Value::Null
+                        } else {
+                            serde_json::from_str(&f.config_json).map_err(|e| {
+                                format!("filter `{}`: config is not JSON: {e}", f.name)
+                            })?
+                        };
+                        let failure_policy: FailurePolicy = f
+                            .failure_policy
+                            .parse()
+                            .map_err(|e| format!("filter `{}`: {e}", f.name))?;
+                        Ok(SnapshotFilter {
+                            name: f.name,
+                            digest: f.digest,
+                            root_id: f.root_id,
+                            config,
+                            failure_policy,
+                        })
+                    })
+                    .collect::<Result<_, String>>()?;
+                Ok(SnapshotChain {
+                    name: c.name,
+                    listener: c.listener,
+                    default_cluster: c.default_cluster,
+                    filters,
+                })
+            })
+            .collect::<Result<_, String>>()?;
+        let clusters =
+            s.clusters
+                .into_iter()
+                .map(|c| {
+                    let endpoints =
+                        c.endpoints
+                            .into_iter()
+                            .map(|e| {
+                                Ok(EndpointConfig {
+                                    address: e.address.parse().map_err(|m| {
+                                        format!("cluster `{}`: endpoint {m}", c.name)
+                                    })?,
+                                    weight: e.weight.max(1),
+                                })
+                            })
+                            .collect::<Result<_, String>>()?;
+                    Ok(SnapshotCluster {
+                        name: c.name,
+                        endpoints,
+                    })
+                })
+                .collect::<Result<_, String>>()?;
+        Ok(ControlSnapshot {
+            version: s.version,
+            hash: s.hash,
+            chains,
+            clusters,
+        })
+    }
+}
+
+/// `base` with `snap` over it: each chain replaces its listener's filters (and default
+/// cluster, when it names one), each cluster its endpoints. Listeners and clusters the
+/// snapshot does not mention keep the bootstrap's. A chain for a listener or a cluster this
+/// proxy does not have, or two for the same one, is an error. The module files are not read
+/// here: see [`StateDir::check_modules`].
+pub fn overlay(base: &Config, snap: &ControlSnapshot, dir: &StateDir) -> Result<Config, String> {
+    let mut next = base.clone();
+    let mut seen = BTreeMap::new();
+    for c in &snap.chains {
+        if let Some(other) = seen.insert(c.listener.as_str(), c.name.as_str()) {
+            return Err(format!(
+                "chains `{other}` and `{}` both select listener `{}`",
+                c.name, c.listener
+            ));
+        }
+        let l = next
+            .listeners
+            .iter_mut()
+            .find(|l| l.name == c.listener)
+            .ok_or_else(|| {
+                format!(
+                    "chain `{}`: this proxy has no listener `{}`",
+                    c.name, c.listener
+                )
+            })?;
+        if !c.default_cluster.is_empty() {
+            l.default_cluster = c.default_cluster.clone();
+        }
+        l.filters = c
+            .filters
+            .iter()
+            .map(|f| FilterConfig {
+                name: f.name.clone(),
+                module: dir.module_path(&f.digest),
+                root_id: f.root_id.clone(),
+                config: f.config.clone(),
+                vm_config: serde_json::Value::Null,
+                failure_policy: f.failure_policy,
+                limits: FilterLimits::default(),
+            })
+            .collect();
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for c in &snap.clusters {
+        if !seen.insert(c.name.as_str()) {
+            return Err(format!("cluster `{}` appears twice", c.name));
+        }
+        let cluster = next
+            .clusters
+            .iter_mut()
+            .find(|k| k.name == c.name)
+            .ok_or_else(|| {
+                format!(
+                    "cluster `{}` is not in this proxy's bootstrap config (adding clusters needs a restart)",
+                    c.name
+                )
+            })?;
+        cluster.endpoints = c.endpoints.clone();
+    }
+    next.validate()
+        .map_err(|(field, message)| format!("{field}: {message}"))?;
+    Ok(next)
+}

@@ -1,0 +1,198 @@
+//! Downstream connections: the accept loop, the per-connection state shared with the request
+//! path ([`ConnShared`]), and the serve loop (HTTP/1.1 and HTTP/2 through hyper, idle timeout,
+//! graceful close when the proxy drains).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use http::HeaderValue;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::framing::FramingVerdicts;
+use super::transport::{DownstreamIo, Transport};
+use super::workers::{ConnCounter, ConnGuard, drained};
+use crate::clock;
+use crate::config::{DownstreamProtocol, ListenerConfig};
+use crate::http::{self as proxy, ListenerCtx, headers};
+
+/// A listener as the workers run it.
+pub struct ListenerRuntime {
+    /// What requests need.
+    pub ctx: Arc<ListenerCtx>,
+    /// The HTTP server settings.
+    builder: auto::Builder<TokioExecutor>,
+    /// Idle timeout of downstream connections.
+    idle_timeout_ms: u64,
+    /// Whether to scan HTTP/1 request framing (not on HTTP/2-only listeners).
+    scan_framing: bool,
+}
+
+impl ListenerRuntime {
+    /// Server settings from the listener's config.
+    pub fn new(ctx: Arc<ListenerCtx>, cfg: &ListenerConfig) -> Self {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .max_headers(cfg.max_request_headers)
+            .max_buf_size(cfg.max_request_header_bytes);
+        builder
+            .http2()
+            .max_header_list_size(u32::try_from(cfg.max_request_header_bytes).unwrap_or(u32::MAX));
+        let builder = match cfg.protocol {
+            DownstreamProtocol::Http1 => builder.http1_only(),
+            DownstreamProtocol::Http2 => builder.http2_only(),
+            DownstreamProtocol::Auto => builder,
+        };
+        Self {
+            ctx,
+            builder,
+            idle_timeout_ms: cfg.idle_timeout_ms,
+            scan_framing: cfg.protocol != DownstreamProtocol::Http2,
+        }
+    }
+}
+
+pub(super) async fn accept_loop(
+    socket: TcpListener,
+    listener: Arc<ListenerRuntime>,
+    mut drain: watch::Receiver<bool>,
+    conns: ConnCounter,
+) {
+    let for_connections = drain.clone();
+    loop {
+        tokio::select! {
+            biased;
+            _ = drained(&mut drain) => break,
+            accepted = socket.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let guard = conns.enter();
+                    tokio::spawn(serve_connection(
+                        stream,
+                        peer,
+                        listener.clone(),
+                        for_connections.clone(),
+                        guard,
+                    ));
+                }
+                Err(e) => {
+                    // Typically out of file descriptors: back off instead of spinning.
+                    tracing::warn!(listener = %listener.ctx.name, "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    // Dropping the socket stops accepting on this worker.
+}
+
+async fn serve_connection<T: Transport>(
+    stream: T,
+    peer: SocketAddr,
+    listener: Arc<ListenerRuntime>,
+    mut drain: watch::Receiver<bool>,
+    _guard: ConnGuard,
+) {
+    let _ = stream.set_nodelay(true);
+    let metrics = &listener.ctx.metrics;
+    metrics.connections_total.inc();
+    metrics.connections_active.inc();
+
+    let local = stream.local_addr().unwrap_or(peer);
+    let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer, local));
+    let io = TokioIo::new(DownstreamIo::new(
+        stream,
+        shared.clone(),
+        listener.scan_framing,
+    ));
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let conn = svc_shared.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(conn, req).await) }
+    });
+    let conn = listener.builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+
+    let idle_ms = listener.idle_timeout_ms;
+    let idle = tokio::time::sleep(Duration::from_millis(idle_ms));
+    tokio::pin!(idle);
+    let mut closing = false;
+    if *drain.borrow_and_update() {
+        conn.as_mut().graceful_shutdown();
+        closing = true;
+    }
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(listener = %listener.ctx.name, %peer, "connection ended: {e}");
+                }
+                break;
+            }
+            _ = drained(&mut drain), if !closing => {
+                // HTTP/1: finish the request in flight, answer with `connection: close`;
+                // HTTP/2: GOAWAY, let open streams finish.
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            _ = &mut idle, if !closing => {
+                let idle_for = clock::now_ms().saturating_sub(shared.last_active_ms.load(Relaxed));
+                if shared.in_flight.load(Relaxed) == 0 && idle_for >= idle_ms {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                } else {
+                    let left = idle_ms.saturating_sub(idle_for).max(1);
+                    idle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(left));
+                }
+            }
+        }
+    }
+    metrics.connections_active.dec();
+}
+
+/// State of one downstream connection shared between its IO wrapper, its request handlers
+/// and its idle watchdog.
+pub struct ConnShared {
+    /// The listener it was accepted on.
+    pub listener: Arc<ListenerCtx>,
+    /// The peer's IP as a header value, for `x-forwarded-for`.
+    pub peer_ip: HeaderValue,
+    /// The peer.
+    pub peer: SocketAddr,
+    /// The local address the connection arrived on.
+    pub local: SocketAddr,
+    /// Unique id of the connection in this process.
+    pub id: u64,
+    /// Request-framing verdicts published by the IO wrapper (HTTP/1 only).
+    pub framing: FramingVerdicts,
+    /// HTTP/1 requests handed to the service so far (the index of the next head).
+    pub heads: AtomicU64,
+    /// Requests in flight on this connection.
+    pub in_flight: AtomicU32,
+    /// When a request last started or ended, in [`clock`] milliseconds.
+    pub last_active_ms: AtomicU64,
+}
+
+impl ConnShared {
+    /// State for a connection from `peer` accepted on `listener` at `local`.
+    pub fn new(listener: Arc<ListenerCtx>, peer: SocketAddr, local: SocketAddr) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Self {
+            listener,
+            peer_ip: headers::ip_header_value(peer.ip()),
+            peer,
+            local,
+            id: NEXT_ID.fetch_add(1, Relaxed),
+            framing: FramingVerdicts::default(),
+            heads: AtomicU64::new(0),
+            in_flight: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(clock::now_ms()),
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Worker threads: each runs its own single-threaded tokio runtime with its socket of every
+//! listener, accepts and serves connections on it, and waits for them when the proxy drains.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, watch};
+
+use super::connection::{ListenerRuntime, accept_loop};
+use crate::upstream::Cluster;
+use crate::upstream::pool as worker;
+
+/// What one worker thread runs.
+pub struct WorkerSpec {
+    /// Worker number.
+    pub id: usize,
+    /// Its socket of each listener.
+    pub listeners: Vec<(std::net::TcpListener, Arc<ListenerRuntime>)>,
+    /// All clusters.
+    pub clusters: Arc<[Arc<Cluster>]>,
+    /// Becomes true when the proxy drains.
+    pub drain: watch::Receiver<bool>,
+    /// How long in-flight requests get once draining.
+    pub drain_timeout: Duration,
+    /// Period of the worker's anchor timer: at most the shortest request timeout.
+    pub timer_anchor: Duration,
+}
+
+/// Starts a worker thread with its own single-threaded runtime.
+pub fn spawn_worker(spec: WorkerSpec) -> io::Result<std::thread::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name(format!("weft-worker-{}", spec.id))
+        .spawn(move || rt.block_on(run_worker(spec)))
+}
+
+async fn run_worker(spec: WorkerSpec) {
+    worker::install(spec.id, &spec.clusters);
+    // tokio wakes its own driver with an eventfd write whenever a newly registered timer is
+    // earlier than every other one (tokio-rs/tokio#5207): on a quiet worker that is every
+    // request's timeout, one extra syscall per request. A periodic timer that always fires
+    // before any request timeout keeps new request timers from ever being the earliest.
+    let anchor = spec.timer_anchor;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(anchor);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            tick.tick().await;
+        }
+    });
+    let conns = ConnCounter::default();
+    for (_, listener) in &spec.listeners {
+        if let Some(chain) = listener.ctx.chain.load_full() {
+            chain.warm();
+        }
+    }
+    for (socket, listener) in spec.listeners {
+        match TcpListener::from_std(socket) {
+            Ok(socket) => {
+                tokio::spawn(accept_loop(
+                    socket,
+                    listener,
+                    spec.drain.clone(),
+                    conns.clone(),
+                ));
+            }
+            Err(e) => tracing::error!("worker {}: cannot register listener: {e}", spec.id),
+        }
+    }
+    let mut drain = spec.drain;
+    drained(&mut drain).await;
+    if tokio::time::timeout(spec.drain_timeout, conns.wait_zero())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            worker = spec.id,
+            open = conns.count(),
+            "drain deadline reached; closing remaining connections"
+        );
+    }
+}
+
+/// Resolves once the proxy drains (or is gone).
+pub(super) async fn drained(drain: &mut watch::Receiver<bool>) {
+    // An error means the sender is gone, which is a drain as well.
+    let _ = drain.wait_for(|d| *d).await;
+}
+
+/// Counts a worker's open connections so draining can wait for them.
+#[derive(Clone, Default)]
+pub(super) struct ConnCounter {
+    inner: Arc<(AtomicUsize, Notify)>,
+}
+
+pub(super) struct ConnGuard {
+    inner: Arc<(AtomicUsize, Notify)>,
+}
+
+impl ConnCounter {
+    pub(super) fn enter(&self) -> ConnGuard {
+        self.inner.0.fetch_add(1, Relaxed);
+        ConnGuard {
+            inner: self.inner.clone(),
+        }
+    }
+
+    fn count(&self) -> usize {
+        self.inner.0.load(Relaxed)
+    }
+
+    async fn wait_zero(&self) {
+        loop {
+            let notified = self.inner.1.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        if self.inner.0.fetch_sub(1, Relaxed) == 1 {
+            self.inner.1.notify_waiters();
+        }
+    }
+}

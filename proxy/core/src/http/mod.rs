@@ -1,0 +1,428 @@
+//! The request path: one downstream request in, one response out, as named phases over one
+//! request context ([`Exchange`]) with one error funnel ([`Early`]).
+//!
+//! ```text
+//! handle
+//!  ├─ admit            HTTP/1 framing verdict (content-length + transfer-encoding → 400)
+//!  ├─ request_headers  x-request-id; filter chain on the head, in order; callouts a filter
+//!  │                   pauses on are sent (callout.rs) and handed back; a filter may answer
+//!  ├─ request_body     body callbacks: the head waits for the first bytes out of the chain
+//!  ├─ route            what filters asked: cluster, timeouts, attempts, fault delay
+//!  ├─ upstream_head    hop-by-hop, x-forwarded-*, target form for the cluster's protocol
+//!  ├─ replay           the request kept whole when a filter asked for attempts
+//!  ├─ attempts         upstream::dispatch ─► response_headers (filters, reverse order);
+//!  │                   another attempt when a filter asks (weft.retry)  [attempt.rs]
+//!  └─ response_body    body callbacks, then the client; a 101 starts the tunnel
+//! any phase may end the exchange with an `Early` answer: one funnel turns it into the
+//! response. The accounting (`Stream`) travels with the response body and finishes when the
+//! body ends or is dropped, or when the request future is dropped.
+//! ```
+
+pub mod attempt;
+pub mod body;
+pub mod callout;
+pub mod headers;
+pub mod reply;
+pub mod stream;
+pub mod tunnel;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+use http::header::{self, HeaderName};
+use http::{Request, Response, StatusCode, Version};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+
+use crate::clock;
+use crate::downstream::ConnShared;
+use crate::filter::{
+    self, Direction, LocalReply, RequestDecision, RouteOverrides, SharedFilterStream, StreamInfo,
+};
+use crate::metrics::ListenerMetrics;
+use crate::upstream::Cluster;
+use body::{FilteredBody, Primed, RequestBody, ResponseBody, prime};
+use stream::Stream;
+
+/// `x-weft-overloaded`: names the circuit-breaker limit that refused a request.
+pub static X_WEFT_OVERLOADED: HeaderName = HeaderName::from_static("x-weft-overloaded");
+
+/// `x-weft-attempt`: the attempt number, sent upstream on requests that may be retried.
+pub static X_WEFT_ATTEMPT: HeaderName = HeaderName::from_static("x-weft-attempt");
+
+/// What the request path needs to know about its listener.
+pub struct ListenerCtx {
+    /// Listener name (metrics, logs).
+    pub name: String,
+    /// Index of the default cluster.
+    pub default_cluster: std::sync::atomic::AtomicUsize,
+    /// All clusters of the proxy, by index.
+    pub clusters: Arc<[Arc<Cluster>]>,
+    /// Metric handles.
+    pub metrics: ListenerMetrics,
+    /// The filter chain.
+    pub chain: filter::ChainSlot,
+    /// Largest request body kept for replay (retries).
+    pub replay_limit: usize,
+}
+
+/// How an exchange ends before (or instead of) an upstream response: the one error funnel of
+/// the request path. [`Exchange::answer`] turns it into the response.
+pub enum Early {
+    /// The proxy's own answer (`400 bad request body`, `502 upstream reset`, ...).
+    Local {
+        /// Status.
+        status: StatusCode,
+        /// Plain-text body.
+        text: &'static str,
+        /// Whether the HTTP/1 connection must close (the request body was not read to its
+        /// end, or its framing cannot be trusted).
+        close: bool,
+    },
+    /// A filter's local reply.
+    Filter {
+        /// The reply.
+        reply: Box<LocalReply>,
+        /// Whether the HTTP/1 connection must close (the request body was not read).
+        close: bool,
+    },
+    /// The proxy's answer to a failed attempt, with the head the response filters left.
+    Proxy(Box<http::response::Parts>),
+}
+
+/// One downstream request on its way through the phases.
+pub struct Exchange {
+    conn: Arc<ConnShared>,
+    /// Accounting, finished when the response body ends or is dropped (or when the exchange
+    /// is dropped first: the client went away).
+    stream: Option<Box<Stream>>,
+    /// When the request started, in [`clock`] nanoseconds.
+    t0: u64,
+    /// The HTTP version the client speaks.
+    version: Version,
+    /// The cluster the request goes to (index into the listener's clusters).
+    cluster: usize,
+    /// The stream through the filter chain, if the listener has one.
+    filters: Option<SharedFilterStream>,
+}
+
+/// Proxies one request arriving on `conn`.
+pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<ResponseBody> {
+    let mut ex = Exchange::start(conn, req.version());
+    let resp = match ex.run(req).await {
+        Ok(resp) => resp,
+        Err(early) => ex.answer(early),
+    };
+    ex.conn
+        .listener
+        .metrics
+        .count_response(ex.cluster, resp.status().as_u16());
+    resp
+}
+
+impl Exchange {
+    /// Starts the accounting of a request.
+    fn start(conn: Arc<ConnShared>, version: Version) -> Self {
+        let t0 = clock::now_ns();
+        let ctx = &conn.listener;
+        let cluster = ctx.default_cluster.load(Relaxed);
+        let stream = Stream::begin(conn.clone(), clock::ns_to_ms(t0));
+        Self {
+            conn,
+            stream: Some(stream),
+            t0,
+            version,
+            cluster,
+            filters: None,
+        }
+    }
+
+    fn ctx(&self) -> &ListenerCtx {
+        &self.conn.listener
+    }
+
+    /// The phases, in order.
+    async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Early> {
+        let (mut head, body) = req.into_parts();
+        self.admit(&head)?;
+        self.request_headers(&mut head, body.is_end_stream())
+            .await?;
+        let body = self.request_body(&mut head, body).await?;
+        let route = self.route().await;
+        let (head, upgrade) = self.upstream_head(head)?;
+        let replay = match (route.max_attempts > 1 && upgrade.is_none()).then_some(()) {
+            Some(()) => self.replay(&head, body).await?,
+            None => attempt::Sendable::Once(body),
+        };
+        let (rhead, rbody) = self.attempts(head, replay, &route).await?;
+        self.response_body(rhead, rbody, upgrade).await
+    }
+
+    /// Refuses what must not be forwarded: an HTTP/1 request whose framing is ambiguous
+    /// (both `content-length` and `transfer-encoding`), which hyper would have normalised.
+    fn admit(&self, head: &http::request::Parts) -> Result<(), Early> {
+        if self.version <= Version::HTTP_11 {
+            let n = self.conn.heads.fetch_add(1, Relaxed);
+            if head.headers.contains_key(header::TRANSFER_ENCODING)
+                && self.conn.framing.has_conflict(n) == Some(true)
+            {
+                return Err(Early::Local {
+                    status: StatusCode::BAD_REQUEST,
+                    text: "request has both content-length and transfer-encoding\n",
+                    close: true,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The request id, then the filter chain on the request head (with the callouts a filter
+    /// pauses on); a filter may choose the cluster or answer.
+    async fn request_headers(
+        &mut self,
+        head: &mut http::request::Parts,
+        end_of_stream: bool,
+    ) -> Result<(), Early> {
+        // The request id exists before filters run, as in Envoy.
+        headers::ensure_request_id(&mut head.headers);
+        let Some(chain) = self.ctx().chain.load_full() else {
+            return Ok(());
+        };
+        let info = StreamInfo {
+            source: self.conn.peer,
+            destination: self.conn.local,
+            start_ns: self.t0,
+            start_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            connection_id: self.conn.id,
+            upstream: None,
+            cluster: None,
+            attempt: Default::default(),
+        };
+        let filters: SharedFilterStream = Arc::new(std::sync::Mutex::new(chain.start_stream(info)));
+        self.filters = Some(filters.clone());
+        self.stream_mut().filters = Some(filters.clone());
+        let mut decision = filter::lock(&filters).on_request_headers(head, end_of_stream);
+        loop {
+            match decision {
+                RequestDecision::Continue { cluster: Some(c) } if c < self.ctx().clusters.len() => {
+                    self.cluster = c;
+                    return Ok(());
+                }
+                RequestDecision::Continue { .. } => return Ok(()),
+                RequestDecision::Respond(reply) => {
+                    return Err(Early::Filter {
+                        reply: Box::new(reply),
+                        close: false,
+                    });
+                }
+                RequestDecision::Pause(callouts) => {
+                    let outcomes = callout::run_all(self.ctx(), callouts).await;
+                    decision = filter::lock(&filters).resume_request(head, end_of_stream, outcomes);
+                }
+            }
+        }
+    }
+
+    /// Body callbacks see the request body before anything goes upstream: the head waits
+    /// until the first bytes come out of the chain, or the whole body if a filter buffers it.
+    async fn request_body(
+        &mut self,
+        head: &mut http::request::Parts,
+        body: Incoming,
+    ) -> Result<RequestBody, Early> {
+        let filters = match &self.filters {
+            Some(f) if !body.is_end_stream() && filter::lock(f).wants_body(Direction::Request) => {
+                f.clone()
+            }
+            _ => return Ok(RequestBody::Incoming { body }),
+        };
+        match prime(&filters, Direction::Request, body).await {
+            Ok(Primed::Reply(reply)) => Err(Early::Filter {
+                reply: Box::new(reply),
+                close: true,
+            }),
+            Ok(Primed::Whole(data, trailers)) => {
+                reply::set_body_length(&mut head.headers, &data, trailers.is_some());
+                Ok(RequestBody::Filtered {
+                    body: FilteredBody::whole(data, trailers, Direction::Request),
+                })
+            }
+            Ok(Primed::Streaming(first, rest)) => Ok(RequestBody::Filtered {
+                body: FilteredBody::streaming(first, rest, filters, Direction::Request),
+            }),
+            Err(e) => {
+                tracing::debug!("reading the request body: {e}");
+                Err(Early::Local {
+                    status: StatusCode::BAD_REQUEST,
+                    text: "bad request body\n",
+                    close: true,
+                })
+            }
+        }
+    }
+
+    /// What the filters asked of the request's routing; a fault delay is served here.
+    async fn route(&self) -> RouteOverrides {
+        let route = self
+            .filters
+            .as_ref()
+            .map(|f| filter::lock(f).route())
+            .unwrap_or_default();
+        // A fault a filter injected: the request waits before it goes anywhere.
+        if let Some(delay) = route.delay.filter(|d| !d.is_zero()) {
+            tokio::time::sleep(delay).await;
+        }
+        route
+    }
+
+    /// Rewrites the head for the upstream hop; returns it with the downstream side of an
+    /// upgrade the client asked for.
+    fn upstream_head(
+        &self,
+        mut head: http::request::Parts,
+    ) -> Result<(http::request::Parts, Option<OnUpgrade>), Early> {
+        let upgrade = self.version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
+        let downstream_upgrade = if upgrade {
+            head.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+        headers::strip_hop_by_hop(&mut head.headers, upgrade);
+        // The proxy answers `expect: 100-continue` itself when it starts reading the body.
+        head.headers.remove(header::EXPECT);
+        headers::set_forwarded(&mut head.headers, &self.conn.peer_ip, "http");
+        let protocol = self.ctx().clusters[self.cluster].protocol;
+        attempt::set_upstream_target(&mut head, protocol).map_err(|(status, text)| {
+            Early::Local {
+                status,
+                text,
+                close: false,
+            }
+        })?;
+        Ok((head, downstream_upgrade))
+    }
+
+    /// Keeps the request whole for more attempts, if its body fits the replay cap.
+    async fn replay(
+        &self,
+        head: &http::request::Parts,
+        body: RequestBody,
+    ) -> Result<attempt::Sendable, Early> {
+        match attempt::Replay::buffer(head, body, self.ctx().replay_limit).await {
+            Ok(Ok(r)) => Ok(attempt::Sendable::Replay(Box::new(r))),
+            Ok(Err(body)) => Ok(attempt::Sendable::Once(body)),
+            Err(e) => {
+                tracing::debug!("reading the request body: {e}");
+                Err(Early::Local {
+                    status: StatusCode::BAD_REQUEST,
+                    text: "bad request body\n",
+                    close: true,
+                })
+            }
+        }
+    }
+
+    /// The upstream response on its way to the client: a protocol upgrade starts its tunnel;
+    /// body callbacks see the body first (the head waits for the first bytes out of the
+    /// chain, so a filter buffering the whole body can still replace the response or fix its
+    /// length).
+    async fn response_body(
+        &mut self,
+        mut rhead: http::response::Parts,
+        rbody: Incoming,
+        downstream_upgrade: Option<OnUpgrade>,
+    ) -> Result<Response<ResponseBody>, Early> {
+        let switching = rhead.status == StatusCode::SWITCHING_PROTOCOLS;
+        if switching {
+            if let (Some(down), Some(up)) =
+                (downstream_upgrade, rhead.extensions.remove::<OnUpgrade>())
+            {
+                tokio::spawn(tunnel::tunnel(down, up));
+            }
+            if let Some(up) = self.stream_mut().upstream.as_mut() {
+                up.reusable = false;
+            }
+        }
+        rhead.version = self.version;
+        let filters = match &self.filters {
+            Some(f)
+                if !rbody.is_end_stream()
+                    && !switching
+                    && filter::lock(f).wants_body(Direction::Response) =>
+            {
+                f.clone()
+            }
+            _ => {
+                return Ok(Response::from_parts(
+                    rhead,
+                    ResponseBody::upstream(rbody, Some(self.take_stream())),
+                ));
+            }
+        };
+        let body = match prime(&filters, Direction::Response, rbody).await {
+            Ok(Primed::Reply(reply)) => {
+                return Err(Early::Filter {
+                    reply: Box::new(reply),
+                    close: false,
+                });
+            }
+            Ok(Primed::Whole(data, trailers)) => {
+                reply::set_body_length(&mut rhead.headers, &data, trailers.is_some());
+                FilteredBody::whole(data, trailers, Direction::Response)
+            }
+            Ok(Primed::Streaming(first, rest)) => {
+                FilteredBody::streaming(first, rest, filters, Direction::Response)
+            }
+            Err(e) => {
+                let cluster = &self.ctx().clusters[self.cluster];
+                tracing::debug!(cluster = %cluster.name, "reading the response body: {e}");
+                cluster.metrics.resets.inc();
+                return Err(Early::Local {
+                    status: StatusCode::BAD_GATEWAY,
+                    text: "upstream reset\n",
+                    close: false,
+                });
+            }
+        };
+        Ok(Response::from_parts(
+            rhead,
+            ResponseBody::filtered(body, Some(self.take_stream())),
+        ))
+    }
+
+    /// The one funnel: an early end of the exchange as its response.
+    fn answer(&mut self, early: Early) -> Response<ResponseBody> {
+        let stream = self.take_stream();
+        let (resp, close) = match early {
+            Early::Local {
+                status,
+                text,
+                close,
+            } => (reply::local_reply(status, text, stream), close),
+            Early::Filter { reply, close } => (reply::filter_reply(*reply, stream), close),
+            Early::Proxy(head) => (reply::proxy_answer(*head, stream), false),
+        };
+        if close {
+            reply::close_connection(resp, self.version)
+        } else {
+            resp
+        }
+    }
+
+    /// The accounting, while the exchange holds it.
+    fn stream_mut(&mut self) -> &mut Stream {
+        self.stream
+            .as_mut()
+            .expect("the stream leaves the exchange only with its response")
+    }
+
+    /// The accounting, handed to the response (body) that finishes it.
+    fn take_stream(&mut self) -> Box<Stream> {
+        self.stream
+            .take()
+            .expect("the stream leaves the exchange only with its response")
+    }
+}
