@@ -267,9 +267,19 @@ impl ProxyProcess {
         Self::start_with(yaml, 2).await
     }
 
-    /// Like [`ProxyProcess::start`] with a worker count.
+    /// Like [`ProxyProcess::start`] with a worker count. A free port can be taken by another
+    /// socket between the probe and the proxy's bind (another test's outbound connection):
+    /// then the proxy starts again on other ports, up to 5 times.
     pub async fn start_with(yaml: &str, workers: usize) -> ProxyProcess {
-        Self::start_args(yaml, workers, &[], free_port(), free_port()).await
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::try_start_args(yaml, workers, &[], free_port(), free_port()).await {
+                Ok(p) => return p,
+                Err(log) if tries < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("weft-proxy exited at startup:\n{log}"),
+            }
+        }
     }
 
     /// Like [`ProxyProcess::start`] with a worker count, extra arguments (`--control ...`)
@@ -281,6 +291,21 @@ impl ProxyProcess {
         admin: u16,
         listen: u16,
     ) -> ProxyProcess {
+        match Self::try_start_args(yaml, workers, args, admin, listen).await {
+            Ok(p) => p,
+            Err(log) => panic!("weft-proxy exited at startup:\n{log}"),
+        }
+    }
+
+    /// Like [`ProxyProcess::start_args`]; a proxy that exits at startup is an error carrying
+    /// its exit status and log.
+    pub async fn try_start_args(
+        yaml: &str,
+        workers: usize,
+        args: &[String],
+        admin: u16,
+        listen: u16,
+    ) -> Result<ProxyProcess, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("proxy.yaml");
         std::fs::write(&config, render(yaml, admin, listen)).expect("write config");
@@ -310,10 +335,10 @@ impl ProxyProcess {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = p.child.try_wait() {
-                panic!("weft-proxy exited at startup ({status}):\n{}", p.log());
+                return Err(format!("({status}):\n{}", p.log()));
             }
             if let Ok((200, _)) = p.admin_get("/ready").await {
-                return p;
+                return Ok(p);
             }
             assert!(Instant::now() < deadline, "proxy not ready:\n{}", p.log());
             tokio::time::sleep(Duration::from_millis(20)).await;

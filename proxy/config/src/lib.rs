@@ -355,6 +355,28 @@ impl<'de> Deserialize<'de> for EndpointAddress {
     }
 }
 
+/// Which circuit-breaker limit of [`LimitsConfig`] refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// `limits.max_connections`.
+    MaxConnections,
+    /// `limits.max_pending_requests`.
+    MaxPendingRequests,
+    /// `limits.max_requests`.
+    MaxRequests,
+}
+
+impl Limit {
+    /// The config field name, used in the `x-weft-overloaded` header and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxConnections => "max_connections",
+            Self::MaxPendingRequests => "max_pending_requests",
+            Self::MaxRequests => "max_requests",
+        }
+    }
+}
+
 /// Passive outlier detection: endpoints that keep failing are taken out of rotation.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

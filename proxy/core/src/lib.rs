@@ -16,10 +16,23 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! See `docs/ARCHITECTURE.md` for the code map and invariants.
+//! The modules follow the data path:
+//!
+//! - [`downstream`]: listening sockets, worker threads, accepted connections, transports;
+//! - [`http`]: the request path as named phases over one request context;
+//! - [`filter`]: the seam to a filter chain (the WASM host implements [`filter::FilterHost`]);
+//! - [`body`]: the body types that cross the request path;
+//! - [`upstream`]: clusters, endpoints, limits held by drop guards, balancers, pools,
+//!   connecting, and [`upstream::dispatch`], the one way a request reaches an endpoint;
+//! - [`control`]: following a control service (snapshots, state dir, backoff);
+//! - [`app`]: startup, reload, drain; [`admin`]: the admin endpoint; [`metrics`], [`clock`].
+//!
+//! Module dependencies point one way (`app` → `downstream` → `http` → `upstream` → `body` →
+//! `filter`); see `docs/ARCHITECTURE.md` for the code map and invariants.
 
 pub mod admin;
 pub mod app;
+pub mod body;
 pub mod clock;
 pub mod control;
 pub mod downstream;

@@ -230,3 +230,20 @@ impl Reloader {
         Ok(swapped)
     }
 }
+
+impl crate::control::Target for Reloader {
+    fn running(&self) -> (u64, String) {
+        self.snapshot_id()
+    }
+
+    fn apply(
+        &mut self,
+        snap: ControlSnapshot,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.apply_snapshot(snap))
+    }
+
+    fn status(&self, connected: bool, error: Option<&str>) {
+        self.control_status(connected, error)
+    }
+}

@@ -29,7 +29,6 @@ pub use snapshot::{ControlSnapshot, SnapshotChain, SnapshotCluster, SnapshotFilt
 pub use state_dir::StateDir;
 pub use weft_client::{control_url, token};
 
-use crate::app::reload::Reloader;
 use state_dir::{digest_of, write_atomic};
 
 /// How to reach and identify with the control service.
@@ -47,8 +46,22 @@ pub struct ControlOptions {
     pub token: Option<String>,
 }
 
+/// What the follower needs of the running proxy: the app's reloader implements it, so that
+/// following the control service does not depend on how the proxy applies a config.
+pub trait Target: Send + 'static {
+    /// Version and hash of the snapshot running now (0 and empty without one).
+    fn running(&self) -> (u64, String);
+    /// Applies a snapshot all or nothing, and persists it once it runs.
+    fn apply(
+        &mut self,
+        snap: ControlSnapshot,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
+    /// Records whether the proxy is connected and the error now, if any.
+    fn status(&self, connected: bool, error: Option<&str>);
+}
+
 /// Follows the control service forever: one session after another, backing off between.
-pub(crate) async fn follow(opts: ControlOptions, reloader: Arc<Mutex<Reloader>>) {
+pub async fn follow<T: Target>(opts: ControlOptions, reloader: Arc<Mutex<T>>) {
     let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
@@ -57,7 +70,7 @@ pub(crate) async fn follow(opts: ControlOptions, reloader: Arc<Mutex<Reloader>>)
             Err(e) => format!("control service {}: {e}", opts.address),
         };
         tracing::warn!("{error}");
-        reloader.lock().await.control_status(false, Some(&error));
+        reloader.lock().await.status(false, Some(&error));
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
         }
@@ -71,7 +84,7 @@ pub(crate) async fn follow(opts: ControlOptions, reloader: Arc<Mutex<Reloader>>)
 }
 
 /// One discovery stream, until it ends.
-async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Result<(), String> {
+async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> Result<(), String> {
     let bearer = weft_client::Bearer::new(opts.token.as_deref())?;
     let channel = weft_client::connect(weft_client::endpoint(&opts.address)?, bearer)
         .await
@@ -79,7 +92,7 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
     let mut discovery = v1::discovery_client::DiscoveryClient::new(channel.clone());
     let mut modules = v1::modules_client::ModulesClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
-    let (version, hash) = reloader.lock().await.snapshot_id();
+    let (version, hash) = reloader.lock().await.running();
     let hello = v1::DiscoveryRequest {
         node: Some(v1::Node {
             id: opts.id.clone(),
@@ -96,7 +109,7 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
         .map_err(|s| format!("subscribe: {}", s.message()))?
         .into_inner();
     tracing::info!(address = %opts.address, id = %opts.id, "connected to the control service");
-    reloader.lock().await.control_status(true, None);
+    reloader.lock().await.status(true, None);
     let dir = StateDir::new(opts.state_dir.clone());
     // The last refused snapshot, tried again after a growing delay (2 s to 60 s) until a newer
     // one comes: a NACK may have had a passing cause (a fetch cut short, a full disk).
@@ -123,7 +136,7 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
         let result = async {
             let snap = ControlSnapshot::try_from(msg)?;
             fetch_modules(&mut modules, &snap, &dir).await?;
-            reloader.lock().await.apply_snapshot(snap).await
+            reloader.lock().await.apply(snap).await
         }
         .await;
         let error = match result {
@@ -144,7 +157,7 @@ async fn session(opts: &ControlOptions, reloader: &Arc<Mutex<Reloader>>) -> Resu
         reloader
             .lock()
             .await
-            .control_status(true, (!error.is_empty()).then_some(error.as_str()));
+            .status(true, (!error.is_empty()).then_some(error.as_str()));
         let answer = v1::DiscoveryRequest {
             node: None,
             version,

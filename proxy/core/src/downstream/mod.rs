@@ -1,14 +1,13 @@
 //! The downstream side: listening sockets ([`bind`]), worker threads and their runtimes
-//! ([`workers`]), accepted connections and their serve loop ([`connection`]), the byte
-//! stream a connection runs over ([`transport`]: where TLS and TCP plug in), and the HTTP/1
-//! framing scanner ([`framing`]).
+//! ([`workers`]), accepted connections and their serve loop ([`connection`]), and the byte
+//! stream a connection runs over ([`transport`]: where TLS and TCP plug in). Requests go on
+//! to the request path ([`crate::http`]).
 
 pub mod bind;
 pub mod connection;
-pub mod framing;
 pub mod transport;
 pub mod workers;
 
 pub use bind::bind_reuseport;
-pub use connection::{ConnShared, ListenerRuntime};
+pub use connection::ListenerRuntime;
 pub use workers::{WorkerSpec, spawn_worker};

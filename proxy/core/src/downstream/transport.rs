@@ -12,8 +12,8 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
-use super::connection::ConnShared;
-use super::framing::FramingScanner;
+use crate::http::ConnShared;
+use crate::http::framing::FramingScanner;
 
 /// A downstream byte stream: plain TCP today; TLS (and a stream whose first bytes were
 /// peeked for protocol detection) implement it too.

@@ -10,8 +10,8 @@ use http_body::Body as _;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
-use super::body::{FilteredBody, RequestBody};
 use super::{Early, Exchange, X_WEFT_ATTEMPT, X_WEFT_OVERLOADED, headers};
+use crate::body::{FilteredBody, RequestBody};
 use crate::config::UpstreamProtocol;
 use crate::filter::{self, Attempt, AttemptError, Direction, ResponseDecision, RouteOverrides};
 use crate::upstream::{self, DispatchError};
@@ -257,7 +257,7 @@ impl Replay {
         head: &http::request::Parts,
         mut body: RequestBody,
         limit: usize,
-    ) -> Result<Result<Replay, RequestBody>, super::body::BoxError> {
+    ) -> Result<Result<Replay, RequestBody>, crate::body::BoxError> {
         let mut data = bytes::BytesMut::new();
         let mut trailers = None;
         while let Some(frame) = body.frame().await {

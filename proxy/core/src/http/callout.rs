@@ -10,7 +10,7 @@ use http_body_util::BodyExt as _;
 
 use super::ListenerCtx;
 use super::attempt::set_upstream_target;
-use super::body::RequestBody;
+use crate::body::RequestBody;
 use crate::filter::{Callout, CalloutOutcome};
 use crate::upstream;
 

@@ -19,8 +19,9 @@
 //! ```
 
 pub mod attempt;
-pub mod body;
 pub mod callout;
+pub mod connection;
+pub mod framing;
 pub mod headers;
 pub mod reply;
 pub mod stream;
@@ -35,14 +36,14 @@ use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
+use crate::body::{FilteredBody, Primed, RequestBody, ResponseBody, prime};
 use crate::clock;
-use crate::downstream::ConnShared;
 use crate::filter::{
     self, Direction, LocalReply, RequestDecision, RouteOverrides, SharedFilterStream, StreamInfo,
 };
 use crate::metrics::ListenerMetrics;
 use crate::upstream::Cluster;
-use body::{FilteredBody, Primed, RequestBody, ResponseBody, prime};
+pub use connection::ConnShared;
 use stream::Stream;
 
 /// `x-weft-overloaded`: names the circuit-breaker limit that refused a request.

@@ -5,8 +5,8 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode, Version};
 
 use super::attempt::LocalText;
-use super::body::ResponseBody;
 use super::stream::Stream;
+use crate::body::ResponseBody;
 use crate::filter::LocalReply;
 
 /// A response a filter made.

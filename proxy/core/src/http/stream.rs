@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
-use super::body::StreamEnd;
+use super::ConnShared;
+use crate::body::StreamEnd;
 use crate::clock;
-use crate::downstream::ConnShared;
 use crate::filter::{self, SharedFilterStream};
 use crate::upstream::InFlight;
 

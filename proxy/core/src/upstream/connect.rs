@@ -18,9 +18,9 @@ use tokio::net::TcpStream;
 use super::limits::ConnectionSlot;
 use super::pool as worker;
 use super::{Cluster, Endpoint, EndpointAddress, Limit};
+use crate::body::RequestBody;
 use crate::clock;
 use crate::config::UpstreamProtocol;
-use crate::http::body::RequestBody;
 
 /// Why a request could not be exchanged with an upstream.
 #[derive(Debug, thiserror::Error)]

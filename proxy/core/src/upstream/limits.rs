@@ -11,27 +11,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use super::{Cluster, Endpoint};
 
-/// Which circuit-breaker limit refused a request.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Limit {
-    /// `limits.max_connections`.
-    MaxConnections,
-    /// `limits.max_pending_requests`.
-    MaxPendingRequests,
-    /// `limits.max_requests`.
-    MaxRequests,
-}
-
-impl Limit {
-    /// The config field name, used in the `x-weft-overloaded` header and metrics.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::MaxConnections => "max_connections",
-            Self::MaxPendingRequests => "max_pending_requests",
-            Self::MaxRequests => "max_requests",
-        }
-    }
-}
+pub use crate::config::Limit;
 
 /// A request admitted under a cluster's `max_requests`; dropping it releases the slot.
 #[derive(Debug)]

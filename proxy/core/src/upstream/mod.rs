@@ -22,9 +22,9 @@ pub use cluster::{Cluster, Endpoint, EndpointAddress, EndpointSet, EndpointSnaps
 pub use connect::{PooledH1, UpstreamError};
 pub use limits::{EndpointRequest, Limit, RequestPermit};
 
+use crate::body::RequestBody;
 use crate::clock;
 use crate::filter::AttemptError;
-use crate::http::body::RequestBody;
 
 /// A request sent to an endpoint and not yet finished: it holds the cluster's `max_requests`
 /// permit and the endpoint's active count, and for HTTP/1.1 the connection to give back once

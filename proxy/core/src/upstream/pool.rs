@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use hyper::client::conn::{http1, http2};
 
-use crate::http::body::RequestBody;
+use crate::body::RequestBody;
 use crate::upstream::lb::{LoadBalancer, new_balancer};
 use crate::upstream::{Cluster, Endpoint, EndpointSet};
 
