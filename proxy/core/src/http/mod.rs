@@ -427,3 +427,121 @@ impl Exchange {
             .expect("the stream leaves the exchange only with its response")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Phases tested on their own, on an exchange built without a connection.
+
+    use std::sync::atomic::AtomicUsize;
+
+    use http::HeaderValue;
+
+    use super::*;
+    use crate::config::ClusterConfig;
+    use crate::metrics::Metrics;
+
+    fn exchange(protocol: &str) -> Exchange {
+        let metrics = Metrics::new();
+        let cfg: ClusterConfig = serde_yaml_ng::from_str(&format!(
+            "name: svc\nprotocol: {protocol}\nendpoints: [{{ address: \"127.0.0.1:9\" }}]"
+        ))
+        .unwrap();
+        let cluster = Arc::new(Cluster::new(0, &cfg, metrics.cluster("svc")));
+        let ctx = Arc::new(ListenerCtx {
+            name: "ingress".into(),
+            default_cluster: AtomicUsize::new(0),
+            clusters: vec![cluster].into(),
+            metrics: metrics.listener("ingress", &["svc"]),
+            chain: filter::ChainSlot::empty(),
+            replay_limit: 1024,
+        });
+        let peer = "10.1.2.3:5555".parse().unwrap();
+        let conn = Arc::new(ConnShared::new(
+            ctx,
+            peer,
+            "127.0.0.1:15001".parse().unwrap(),
+        ));
+        Exchange::start(conn, Version::HTTP_11)
+    }
+
+    fn head(uri: &str, headers: &[(&str, &str)]) -> http::request::Parts {
+        let mut req = Request::get(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn upstream_head_rewrites_for_an_http1_cluster() {
+        let ex = exchange("http1");
+        let h = head(
+            "http://example.com/a?b=1",
+            &[
+                ("connection", "keep-alive, x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("expect", "100-continue"),
+            ],
+        );
+        let (h, upgrade) = ex.upstream_head(h).ok().unwrap();
+        assert!(upgrade.is_none());
+        assert_eq!(h.uri, "/a?b=1", "origin form");
+        assert_eq!(h.headers["host"], "example.com");
+        for gone in ["connection", "x-secret", "keep-alive", "expect"] {
+            assert!(!h.headers.contains_key(gone), "{gone} forwarded");
+        }
+        assert_eq!(h.headers["x-forwarded-for"], "10.1.2.3");
+        assert_eq!(h.headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn upstream_head_uses_the_authority_for_an_http2_cluster_and_needs_a_host() {
+        let ex = exchange("http2");
+        let (h, _) = ex
+            .upstream_head(head("/p", &[("host", "svc.local:8080")]))
+            .ok()
+            .unwrap();
+        assert_eq!(h.version, Version::HTTP_2);
+        assert_eq!(h.uri, "http://svc.local:8080/p");
+        assert!(!h.headers.contains_key("host"));
+        match ex.upstream_head(head("/p", &[])) {
+            Err(Early::Local { status, text, .. }) => {
+                assert_eq!((status, text), (StatusCode::BAD_REQUEST, "missing host\n"));
+            }
+            _ => panic!("a request without a host is refused"),
+        }
+    }
+
+    #[test]
+    fn answers_carry_the_status_and_close_http1_connections_when_asked() {
+        let mut ex = exchange("http1");
+        let resp = ex.answer(Early::Local {
+            status: StatusCode::BAD_REQUEST,
+            text: "bad request body\n",
+            close: true,
+        });
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(resp.headers()["connection"], "close");
+        assert_eq!(resp.headers()["content-type"], "text/plain");
+        // The accounting travels with the response: the listener counts it active until the
+        // body is done.
+        assert!(ex.stream.is_none());
+
+        let mut ex = exchange("http1");
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-why", HeaderValue::from_static("policy"));
+        let reply = LocalReply {
+            status: StatusCode::FORBIDDEN,
+            headers,
+            body: "no\n".into(),
+        };
+        let resp = ex.answer(Early::Filter {
+            reply: Box::new(reply),
+            close: false,
+        });
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+        assert_eq!(resp.headers()["x-why"], "policy");
+        assert!(!resp.headers().contains_key("connection"));
+    }
+}
