@@ -152,11 +152,13 @@ impl Exchange {
         let body = self.request_body(&mut head, body).await?;
         let route = self.route().await;
         let (head, upgrade) = self.upstream_head(head)?;
-        let replay = match (route.max_attempts > 1 && upgrade.is_none()).then_some(()) {
-            Some(()) => self.replay(&head, body).await?,
-            None => attempt::Sendable::Once(body),
+        // Retries need the request again: kept whole if it fits the replay cap.
+        let sendable = if route.max_attempts > 1 && upgrade.is_none() {
+            self.replay(&head, body).await?
+        } else {
+            attempt::Sendable::Once(body)
         };
-        let (rhead, rbody) = self.attempts(head, replay, &route).await?;
+        let (rhead, rbody) = self.attempts(head, sendable, &route).await?;
         self.response_body(rhead, rbody, upgrade).await
     }
 
