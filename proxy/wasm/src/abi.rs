@@ -14,10 +14,9 @@ use wasmtime::{Caller, Linker};
 use crate::queues::Dequeued;
 use weft_core::metrics::FilterMetricKind;
 
-use crate::host::{
-    self, HostState, LocalResponse, MapEdit, MapKind, Status, deserialize_map, give, read,
-    serialize_map, write, write_u32,
-};
+use crate::host::{self, HostState, LocalResponse, MapEdit, MapKind, give, read, write, write_u32};
+use weft_abi::map;
+use weft_abi::{BufferType, LogLevel, MetricType, Status};
 
 /// Names of every function this module defines, per import module.
 pub fn defined() -> &'static HashSet<(&'static str, &'static str)> {
@@ -104,27 +103,30 @@ fn status(r: Result<(), Status>) -> i32 {
     }
 }
 
-fn log_at(plugin: &str, level: i32, msg: &[u8]) {
+/// Logs `msg` for filter `plugin` at proxy-wasm `level` (an unknown level logs as an error).
+fn log_at(plugin: &str, level: Option<LogLevel>, msg: &[u8]) {
     let msg = String::from_utf8_lossy(msg);
     match level {
-        0 => tracing::trace!(filter = plugin, "{msg}"),
-        1 => tracing::debug!(filter = plugin, "{msg}"),
-        2 => tracing::info!(filter = plugin, "{msg}"),
-        3 => tracing::warn!(filter = plugin, "{msg}"),
-        _ => tracing::error!(filter = plugin, "{msg}"),
+        Some(LogLevel::Trace) => tracing::trace!(filter = plugin, "{msg}"),
+        Some(LogLevel::Debug) => tracing::debug!(filter = plugin, "{msg}"),
+        Some(LogLevel::Info) => tracing::info!(filter = plugin, "{msg}"),
+        Some(LogLevel::Warn) => tracing::warn!(filter = plugin, "{msg}"),
+        Some(LogLevel::Error | LogLevel::Critical) | None => {
+            tracing::error!(filter = plugin, "{msg}")
+        }
     }
 }
 
-/// The proxy's log level in proxy-wasm numbering (trace = 0 … critical = 5).
-fn log_level() -> u32 {
+/// The proxy's log level in proxy-wasm terms.
+fn log_level() -> LogLevel {
     use tracing::level_filters::LevelFilter;
     match LevelFilter::current() {
-        LevelFilter::TRACE => 0,
-        LevelFilter::DEBUG => 1,
-        LevelFilter::INFO => 2,
-        LevelFilter::WARN => 3,
-        LevelFilter::ERROR => 4,
-        _ => 5,
+        LevelFilter::TRACE => LogLevel::Trace,
+        LevelFilter::DEBUG => LogLevel::Debug,
+        LevelFilter::INFO => LogLevel::Info,
+        LevelFilter::WARN => LogLevel::Warn,
+        LevelFilter::ERROR => LogLevel::Error,
+        _ => LogLevel::Critical,
     }
 }
 
@@ -158,11 +160,12 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_log",
         |mut c: C<'_>, level: i32, ptr: i32, len: i32| {
+            let level = LogLevel::from_i32(level);
             status(read(&mut c, ptr, len).map(|m| log_at(&c.data().plugin.name, level, &m)))
         },
     )?;
     l.func_wrap("env", "proxy_get_log_level", |mut c: C<'_>, ret: i32| {
-        status(write_u32(&mut c, ret, log_level()))
+        status(write_u32(&mut c, ret, log_level() as u32))
     })?;
     l.func_wrap(
         "env",
@@ -216,7 +219,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 Err(s) => return s as i32,
             };
             match c.data_mut().body.as_mut() {
-                Some((k, buf)) if *k == kind => {
+                Some((k, buf)) if *k as i32 == kind => {
                     buf.splice(start as u32 as usize, size as u32 as usize, &data);
                     Status::Ok as i32
                 }
@@ -232,7 +235,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return Ok(Status::BadArgument as i32);
             };
             let pairs = host::map_pairs(c.data(), kind);
-            let bytes = serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..])));
+            let bytes = map::serialize(pairs.iter().map(|(k, v)| (k, v)));
             Ok::<_, wasmtime::Error>(give(&mut c, &bytes, ret_ptr, ret_len)? as i32)
         },
     )?;
@@ -244,7 +247,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 return Status::BadArgument as i32;
             };
             let pairs = host::map_pairs(c.data(), kind);
-            let size = serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..]))).len();
+            let size = map::serialize(pairs.iter().map(|(k, v)| (k, v))).len();
             status(write_u32(&mut c, ret, size as u32))
         },
     )?;
@@ -259,7 +262,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 Ok(b) => b,
                 Err(s) => return s as i32,
             };
-            let Some(pairs) = deserialize_map(&bytes) else {
+            let Some(pairs) = map::deserialize(&bytes) else {
                 return Status::BadArgument as i32;
             };
             if !host::map_set_all(c.data_mut(), kind, &pairs) {
@@ -361,9 +364,13 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
                 Ok(x) => x,
                 Err(s) => return s as i32,
             };
-            let Some(headers) = deserialize_map(&headers) else {
+            let Some(headers) = map::deserialize(&headers) else {
                 return Status::BadArgument as i32;
             };
+            let headers = headers
+                .into_iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
             let Ok(status) = u16::try_from(code) else {
                 return Status::BadArgument as i32;
             };
@@ -444,7 +451,7 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             if !c.data().clusters.contains(&cluster) {
                 return Status::BadArgument as i32;
             }
-            let Some(request) = deserialize_map(&headers).and_then(|h| callout_request(&h, body))
+            let Some(request) = map::deserialize(&headers).and_then(|h| callout_request(&h, body))
             else {
                 return Status::BadArgument as i32;
             };
@@ -637,11 +644,11 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "env",
         "proxy_define_metric",
         |mut c: C<'_>, kind: i32, ptr: i32, len: i32, ret: i32| {
-            let kind = match kind {
-                0 => FilterMetricKind::Counter,
-                1 => FilterMetricKind::Gauge,
-                2 => FilterMetricKind::Histogram,
-                _ => return Status::BadArgument as i32,
+            let kind = match MetricType::from_i32(kind) {
+                Some(MetricType::Counter) => FilterMetricKind::Counter,
+                Some(MetricType::Gauge) => FilterMetricKind::Gauge,
+                Some(MetricType::Histogram) => FilterMetricKind::Histogram,
+                None => return Status::BadArgument as i32,
             };
             let name = match read(&mut c, ptr, len) {
                 Ok(n) => String::from_utf8_lossy(&n).into_owned(),
@@ -700,11 +707,8 @@ fn add_env(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
 }
 
 /// A callout request from its header map: `:method`, `:path` and `:authority` are required.
-fn callout_request(
-    pairs: &[(Vec<u8>, Vec<u8>)],
-    body: Vec<u8>,
-) -> Option<http::Request<bytes::Bytes>> {
-    let pseudo = |name: &[u8]| pairs.iter().find(|(k, _)| k == name).map(|(_, v)| &v[..]);
+fn callout_request(pairs: &[(&[u8], &[u8])], body: Vec<u8>) -> Option<http::Request<bytes::Bytes>> {
+    let pseudo = |name: &[u8]| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
     let mut req = http::Request::builder()
         .method(http::Method::from_bytes(pseudo(b":method")?).ok()?)
         .uri(http::Uri::try_from(pseudo(b":path")?).ok()?)
@@ -723,15 +727,17 @@ fn callout_request(
 
 /// The bytes of buffer `kind` (ABI buffer type), when the current callback has it.
 fn buffer(state: &HostState, kind: i32) -> Option<&[u8]> {
-    match kind {
-        0 | 1 => match &state.body {
+    match BufferType::from_i32(kind)? {
+        kind @ (BufferType::HttpRequestBody | BufferType::HttpResponseBody) => match &state.body {
             Some((k, buf)) if *k == kind => Some(buf.as_slice()),
             _ => None,
         },
-        4 => state.callout_response.as_ref().map(|r| &r.body[..]),
-        6 => Some(&state.plugin.vm_config),
-        7 => Some(&state.plugin.config),
-        _ => None,
+        BufferType::HttpCallResponseBody => state.callout_response.as_ref().map(|r| &r.body[..]),
+        BufferType::VmConfiguration => Some(&state.plugin.vm_config),
+        BufferType::PluginConfiguration => Some(&state.plugin.config),
+        BufferType::DownstreamData | BufferType::UpstreamData | BufferType::GrpcReceiveBuffer => {
+            None
+        }
     }
 }
 
@@ -795,15 +801,16 @@ fn add_wasi(l: &mut Linker<HostState>) -> wasmtime::Result<()> {
             // Whole lines go to the proxy's log, tagged with the filter's name.
             while let Some(nl) = c.data().stdout.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = c.data_mut().stdout.drain(..=nl).collect();
-                log_at(
-                    &c.data().plugin.name,
-                    if fd == 2 { 3 } else { 2 },
-                    &line[..nl],
-                );
+                let level = if fd == 2 {
+                    LogLevel::Warn
+                } else {
+                    LogLevel::Info
+                };
+                log_at(&c.data().plugin.name, Some(level), &line[..nl]);
             }
             if c.data().stdout.len() > 64 * 1024 {
                 let line = std::mem::take(&mut c.data_mut().stdout);
-                log_at(&c.data().plugin.name, 2, &line);
+                log_at(&c.data().plugin.name, Some(LogLevel::Info), &line);
             }
             if write_u32(&mut c, nwritten, total).is_err() {
                 return WASI_EFAULT;

@@ -14,6 +14,7 @@ use wasmtime::{Engine, InstancePre, Store, Trap, TypedFunc};
 
 use crate::host::BodyBuf;
 use crate::host::{HostState, LocalResponse, PluginMeta};
+use weft_abi::{BufferType, MapType};
 use weft_config::FailurePolicy;
 use weft_core::filter::{
     BodyDecision, Callout, CalloutOutcome, Direction, FilterChain, FilterStream, LocalReply,
@@ -140,6 +141,22 @@ pub fn trailers_callback(direction: Direction) -> &'static str {
     match direction {
         Direction::Request => "proxy_on_request_trailers",
         Direction::Response => "proxy_on_response_trailers",
+    }
+}
+
+/// The buffer that holds `direction`'s body during a body callback.
+fn body_buffer(direction: Direction) -> BufferType {
+    match direction {
+        Direction::Request => BufferType::HttpRequestBody,
+        Direction::Response => BufferType::HttpResponseBody,
+    }
+}
+
+/// The map that holds `direction`'s trailers during a trailers callback.
+fn trailers_map(direction: Direction) -> MapType {
+    match direction {
+        Direction::Request => MapType::HttpRequestTrailers,
+        Direction::Response => MapType::HttpResponseTrailers,
     }
 }
 
@@ -466,7 +483,7 @@ impl FilterInstance {
             return Ok(Callback::default());
         };
         let len = buf.len() as i32;
-        self.store.data_mut().body = Some((direction as i32, std::mem::take(buf)));
+        self.store.data_mut().body = Some((body_buffer(direction), std::mem::take(buf)));
         let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {
             f.call(store, (context, len, end_of_stream as i32))
         });
@@ -494,7 +511,7 @@ impl FilterInstance {
         let Some(f) = &self.exports.on_trailers[direction as usize] else {
             return Ok(Callback::default());
         };
-        let map = direction as i32 * 2 + 1;
+        let map = trailers_map(direction);
         let n = trailers.len() as i32;
         self.store.data_mut().trailers = Some((map, std::mem::take(trailers)));
         let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {

@@ -14,31 +14,8 @@ use std::time::Duration;
 use weft_core::filter::{RetryAsk, StreamInfo};
 use weft_core::metrics::{FilterMetric, FilterMetricSet};
 
-/// proxy-wasm status codes (ABI 0.2.1).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(i32)]
-pub enum Status {
-    /// Success.
-    Ok = 0,
-    /// No such key, map, buffer, queue or function.
-    NotFound = 1,
-    /// An argument is out of range or malformed.
-    BadArgument = 2,
-    /// A value could not be serialised.
-    SerializationFailure = 3,
-    /// A value could not be parsed.
-    ParseFailure = 4,
-    /// A guest pointer or length is outside its memory.
-    InvalidMemoryAccess = 6,
-    /// A queue is empty.
-    Empty = 7,
-    /// Compare-and-swap lost.
-    CasMismatch = 8,
-    /// The host could not do it.
-    InternalFailure = 10,
-    /// Not implemented by this host.
-    Unimplemented = 12,
-}
+pub use weft_abi::Status;
+use weft_abi::{BufferType, MapType, ext};
 
 /// Identity and configuration of a filter (one per configured filter, shared by its
 /// instances).
@@ -175,20 +152,21 @@ pub struct Ext {
     pub delay: Option<Duration>,
 }
 
-/// Most attempts `weft.set_attempts` grants a request.
-pub const MAX_ATTEMPTS: u32 = 10;
-
 /// Runs the Weft extension `name` (`proxy_call_foreign_function`): `Ok(Some(bytes))` to hand
 /// bytes back, `Ok(None)` for none, `Err` with the status otherwise (`NOT_FOUND` for a name
 /// this host does not have).
 pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
     let millis = |args: &[u8]| -> Result<Duration, Status> {
-        let b: [u8; 8] = args.try_into().map_err(|_| Status::BadArgument)?;
-        Ok(Duration::from_millis(u64::from_le_bytes(b)))
+        ext::decode_millis(args)
+            .map(Duration::from_millis)
+            .map_err(|_| Status::BadArgument)
     };
     let request_phase = state.request.is_some();
+    let Ok(name) = std::str::from_utf8(name) else {
+        return Err(Status::NotFound);
+    };
     match name {
-        b"weft.set_cluster" => {
+        ext::SET_CLUSTER => {
             if !request_phase {
                 return Err(Status::BadArgument);
             }
@@ -200,50 +178,51 @@ pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option
             state.ext.cluster = Some(i);
             Ok(None)
         }
-        b"weft.set_timeout" | b"weft.set_try_timeout" => {
+        ext::SET_TIMEOUT | ext::SET_TRY_TIMEOUT => {
             if !request_phase {
                 return Err(Status::BadArgument);
             }
             let d = millis(args)?;
-            if name == b"weft.set_timeout" {
+            if name == ext::SET_TIMEOUT {
                 state.ext.timeout = Some(d);
             } else {
                 state.ext.try_timeout = Some(d);
             }
             Ok(None)
         }
-        b"weft.delay" => {
+        ext::DELAY => {
             if !request_phase {
                 return Err(Status::BadArgument);
             }
             state.ext.delay = Some(millis(args)?);
             Ok(None)
         }
-        b"weft.set_attempts" => {
-            let b: [u8; 4] = args.try_into().map_err(|_| Status::BadArgument)?;
-            let n = u32::from_le_bytes(b);
+        ext::SET_ATTEMPTS => {
+            let n = ext::decode_attempts(args).map_err(|_| Status::BadArgument)?;
             if !request_phase || n == 0 {
                 return Err(Status::BadArgument);
             }
-            state.ext.max_attempts = Some(n.min(MAX_ATTEMPTS));
+            state.ext.max_attempts = Some(n.min(ext::MAX_ATTEMPTS));
             Ok(None)
         }
-        b"weft.attempt" => {
+        ext::ATTEMPT => {
             let a = state.info.as_ref().ok_or(Status::BadArgument)?.attempt;
-            let mut out = Vec::with_capacity(7);
-            out.extend_from_slice(&a.number.to_le_bytes());
-            out.extend_from_slice(&a.status.to_le_bytes());
-            out.push(a.error as u8);
-            Ok(Some(out))
+            let info = ext::AttemptInfo {
+                number: a.number,
+                status: a.status,
+                error: a.error,
+            };
+            Ok(Some(info.encode().to_vec()))
         }
-        b"weft.retry" => {
+        ext::RETRY => {
             let allowed = state.info.as_ref().is_some_and(|i| i.attempt.retry_allowed);
-            if state.response.is_none() || args.len() != 9 || !allowed {
+            if state.response.is_none() || !allowed {
                 return Err(Status::BadArgument);
             }
+            let args = ext::RetryArgs::decode(args).map_err(|_| Status::BadArgument)?;
             state.ext.retry = Some(RetryAsk {
-                delay: millis(&args[..8])?,
-                exclude_tried: args[8] & 1 == 1,
+                delay: Duration::from_millis(args.delay_ms),
+                exclude_tried: args.exclude_tried,
             });
             Ok(None)
         }
@@ -268,12 +247,12 @@ pub struct HostState {
     pub seen_request: Option<Box<request::Parts>>,
     /// The response as it went downstream, lent likewise.
     pub seen_response: Option<Box<response::Parts>>,
-    /// The body buffer a body callback sees, with its ABI buffer type (0 request, 1
-    /// response).
-    pub body: Option<(i32, BodyBuf)>,
-    /// The trailers a trailers callback sees, with their ABI map type (1 request, 3
-    /// response).
-    pub trailers: Option<(i32, HeaderMap)>,
+    /// The body buffer a body callback sees, with its buffer type (request or response
+    /// body).
+    pub body: Option<(BufferType, BodyBuf)>,
+    /// The trailers a trailers callback sees, with their map type (request or response
+    /// trailers).
+    pub trailers: Option<(MapType, HeaderMap)>,
     /// Facts about the stream being called back for.
     pub info: Option<StreamInfo>,
     /// Properties set outside stream callbacks (root context), per context.
@@ -470,51 +449,6 @@ pub fn give(
     })
 }
 
-/// Serialises pairs in the proxy-wasm map format: count, then (key length, value length)
-/// per pair, then each key and value followed by a NUL.
-pub fn serialize_map<'a>(pairs: impl Iterator<Item = (&'a [u8], &'a [u8])> + Clone) -> Vec<u8> {
-    let (mut n, mut size) = (0u32, 4usize);
-    for (k, v) in pairs.clone() {
-        n += 1;
-        size += 8 + k.len() + v.len() + 2;
-    }
-    let mut out = Vec::with_capacity(size);
-    out.extend_from_slice(&n.to_le_bytes());
-    for (k, v) in pairs.clone() {
-        out.extend_from_slice(&(k.len() as u32).to_le_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-    }
-    for (k, v) in pairs {
-        out.extend_from_slice(k);
-        out.push(0);
-        out.extend_from_slice(v);
-        out.push(0);
-    }
-    out
-}
-
-/// Parses the proxy-wasm map format; `None` when malformed.
-pub fn deserialize_map(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    if bytes.is_empty() {
-        return Some(Vec::new());
-    }
-    let u32_at = |i: usize| -> Option<usize> {
-        Some(u32::from_le_bytes(bytes.get(i..i + 4)?.try_into().ok()?) as usize)
-    };
-    let n = u32_at(0)?;
-    let mut data = 4usize.checked_add(n.checked_mul(8)?)?;
-    let mut out = Vec::with_capacity(n.min(1024));
-    for i in 0..n {
-        let (kl, vl) = (u32_at(4 + i * 8)?, u32_at(8 + i * 8)?);
-        let k = bytes.get(data..data.checked_add(kl)?)?.to_vec();
-        data = data.checked_add(kl + 1)?;
-        let v = bytes.get(data..data.checked_add(vl)?)?.to_vec();
-        data = data.checked_add(vl + 1)?;
-        out.push((k, v));
-    }
-    Some(out)
-}
-
 /// Which header map a call means.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapKind {
@@ -524,25 +458,25 @@ pub enum MapKind {
     ResponseHeaders,
     /// Headers of the callout response being delivered (with `:status`).
     CalloutHeaders,
-    /// Request trailers (type 1) or response trailers (type 3), while a trailers callback
-    /// runs.
-    Trailers(i32),
+    /// Request or response trailers, while a trailers callback runs.
+    Trailers(MapType),
     /// A map this host does not keep (gRPC metadata, callout trailers): reads as empty,
     /// writes are dropped.
     Unavailable,
 }
 
 impl MapKind {
-    /// From the ABI's map type.
+    /// From the ABI's map type; `None` for a number the ABI does not define.
     pub fn from_abi(t: i32) -> Option<Self> {
-        match t {
-            0 => Some(Self::RequestHeaders),
-            2 => Some(Self::ResponseHeaders),
-            6 => Some(Self::CalloutHeaders),
-            1 | 3 => Some(Self::Trailers(t)),
-            4 | 5 | 7 => Some(Self::Unavailable),
-            _ => None,
-        }
+        Some(match MapType::from_i32(t)? {
+            MapType::HttpRequestHeaders => Self::RequestHeaders,
+            MapType::HttpResponseHeaders => Self::ResponseHeaders,
+            MapType::HttpCallResponseHeaders => Self::CalloutHeaders,
+            t @ (MapType::HttpRequestTrailers | MapType::HttpResponseTrailers) => Self::Trailers(t),
+            MapType::GrpcReceiveInitialMetadata
+            | MapType::GrpcReceiveTrailingMetadata
+            | MapType::HttpCallResponseTrailers => Self::Unavailable,
+        })
     }
 }
 
@@ -699,7 +633,7 @@ pub fn map_edit(
 }
 
 /// Replaces a whole map with `pairs`.
-pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(Vec<u8>, Vec<u8>)]) -> bool {
+pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(&[u8], &[u8])]) -> bool {
     match kind {
         MapKind::RequestHeaders => {
             if let Some(p) = state.req_mut() {
@@ -815,7 +749,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                 [b"id"] => map_get(state, MapKind::RequestHeaders, b"x-request-id"),
                 [b"headers"] => {
                     let pairs = map_pairs(state, MapKind::RequestHeaders);
-                    Some(serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..]))))
+                    Some(weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v))))
                 }
                 [b"headers", name] => map_get(state, MapKind::RequestHeaders, name),
                 [b"time"] => int(info?.start_unix_ns as i64),
@@ -833,7 +767,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                 [b"code_details"] => text(info?.attempt.error.code_details()),
                 [b"headers"] => {
                     let pairs = map_pairs(state, MapKind::ResponseHeaders);
-                    Some(serialize_map(pairs.iter().map(|(k, v)| (&k[..], &v[..]))))
+                    Some(weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v))))
                 }
                 [b"headers", name] => map_get(state, MapKind::ResponseHeaders, name),
                 [b"size"] => int(content_length(&resp?.headers)),
@@ -861,25 +795,6 @@ fn content_length(headers: &HeaderMap) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn map_format_round_trips_and_rejects_truncation() {
-        let pairs: Vec<(&[u8], &[u8])> = vec![(b"a", b"1"), (b":path", b"/x"), (b"empty", b"")];
-        let bytes = serialize_map(pairs.iter().copied());
-        assert_eq!(&bytes[..4], &3u32.to_le_bytes());
-        let back = deserialize_map(&bytes).unwrap();
-        assert_eq!(back.len(), 3);
-        assert_eq!(back[1], (b":path".to_vec(), b"/x".to_vec()));
-        assert_eq!(back[2].1, b"");
-        for cut in 1..bytes.len() - 1 {
-            assert!(
-                deserialize_map(&bytes[..cut]).is_none() || cut == 0,
-                "cut {cut}"
-            );
-        }
-        // A huge count in a tiny buffer is rejected, not allocated.
-        assert!(deserialize_map(&[255, 255, 255, 255]).is_none());
-    }
 
     fn state() -> HostState {
         let meta = Arc::new(PluginMeta {

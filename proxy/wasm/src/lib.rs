@@ -199,7 +199,9 @@ impl WasmRuntime {
                 started.elapsed().as_millis()
             );
             let abi = module.exports().any(|e| {
-                e.name() == "proxy_abi_version_0_2_1" || e.name() == "proxy_abi_version_0_2_0"
+                weft_abi::ABI_VERSION_EXPORTS
+                    .iter()
+                    .any(|(export, _)| e.name() == *export)
             });
             if !abi {
                 return Err(err(
@@ -264,10 +266,16 @@ impl WasmRuntime {
                     import.name()
                 );
             };
+            if !weft_abi::IMPORT_MODULES.contains(&import.module()) {
+                anyhow::bail!(
+                    "imports from unknown module `{}` ({})",
+                    import.module(),
+                    import.name()
+                );
+            }
             let code = match import.module() {
-                "env" => Status::Unimplemented as i32,
                 "wasi_snapshot_preview1" => 52, // ENOSYS
-                other => anyhow::bail!("imports from unknown module `{other}` ({})", import.name()),
+                _ => Status::Unimplemented as i32,
             };
             let (module_name, name) = (import.module().to_owned(), import.name().to_owned());
             let warned = Arc::new(AtomicBool::new(false));
