@@ -8,19 +8,28 @@ use wasmtime::{Engine, Module};
 
 /// Compiled modules in a directory.
 pub struct ModuleCache {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
 }
 
 impl ModuleCache {
     /// A cache in `dir`, or in `<temp dir>/weft-module-cache`.
     pub fn open(dir: Option<PathBuf>) -> anyhow::Result<Self> {
         let dir = dir.unwrap_or_else(|| std::env::temp_dir().join("weft-module-cache"));
-        Ok(Self { dir })
+        Ok(Self { dir: Some(dir) })
+    }
+
+    /// No cache: every module is compiled.
+    #[cfg(test)]
+    pub fn disabled() -> Self {
+        Self { dir: None }
     }
 
     /// Compiles `bytes`, or loads the compiled module from the cache. Returns the module and
     /// whether it came from the cache.
     pub fn load_or_compile(&self, engine: &Engine, bytes: &[u8]) -> anyhow::Result<(Module, bool)> {
+        let Some(dir) = &self.dir else {
+            return Ok((Module::new(engine, bytes)?, false));
+        };
         use std::hash::{Hash, Hasher};
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         engine
@@ -31,7 +40,7 @@ impl ModuleCache {
             hex::encode(Sha256::digest(bytes)),
             engine_hash.finish()
         );
-        let path = self.dir.join(key);
+        let path = dir.join(key);
         if path.exists()
             && let Ok(module) = deserialize_cached(engine, &path)
         {
@@ -39,7 +48,7 @@ impl ModuleCache {
         }
         let module = Module::new(engine, bytes)?;
         // The cache is an optimisation: failing to write it is not an error.
-        if std::fs::create_dir_all(&self.dir).is_ok()
+        if std::fs::create_dir_all(dir).is_ok()
             && let Ok(serialized) = module.serialize()
         {
             let tmp = path.with_extension(format!("tmp{}", std::process::id()));

@@ -133,10 +133,11 @@ impl FilterInstance {
         let instance = spec
             .pre
             .instantiate(&mut store)
-            .map_err(|e| classify(e, "instantiate"))?;
+            .map_err(|e| failed(&store, e, "instantiate"))?;
         for init in ["_initialize", "_start"] {
             if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, init) {
-                f.call(&mut store, ()).map_err(|e| classify(e, init))?;
+                f.call(&mut store, ())
+                    .map_err(|e| failed(&store, e, init))?;
                 break;
             }
         }
@@ -166,7 +167,7 @@ impl FilterInstance {
         exports
             .on_context_create
             .call(&mut store, (ROOT_CONTEXT, 0))
-            .map_err(|e| classify(e, "proxy_on_context_create"))?;
+            .map_err(|e| failed(&store, e, "proxy_on_context_create"))?;
         let vm_len = spec.meta.vm_config.len() as i32;
         let cfg_len = spec.meta.config.len() as i32;
         for (name, len) in [
@@ -181,7 +182,7 @@ impl FilterInstance {
                 .map_err(|e| start_err(format!("{name} has the wrong type: {e}")))?;
             let ok = f
                 .call(&mut store, (ROOT_CONTEXT, len))
-                .map_err(|e| classify(e, name))?;
+                .map_err(|e| failed(&store, e, name))?;
             if ok == 0 {
                 return Err(start_err(format!("{name} returned false")));
             }
@@ -217,7 +218,7 @@ impl FilterInstance {
         self.store.data_mut().context = ROOT_CONTEXT as u32;
         self.store.data_mut().info = None;
         f.call(&mut self.store, ROOT_CONTEXT)
-            .map_err(|e| classify(e, "proxy_on_tick"))
+            .map_err(|e| failed(&self.store, e, "proxy_on_tick"))
     }
 
     /// `proxy_on_queue_ready` on the root context.
@@ -229,7 +230,7 @@ impl FilterInstance {
         self.store.data_mut().context = ROOT_CONTEXT as u32;
         self.store.data_mut().info = None;
         f.call(&mut self.store, (ROOT_CONTEXT, token as i32))
-            .map_err(|e| classify(e, "proxy_on_queue_ready"))
+            .map_err(|e| failed(&self.store, e, "proxy_on_queue_ready"))
     }
 
     pub fn new_context(&mut self, ticks: u64) -> Result<i32, Failure> {
@@ -240,7 +241,7 @@ impl FilterInstance {
         self.exports
             .on_context_create
             .call(&mut self.store, (id, ROOT_CONTEXT))
-            .map_err(|e| classify(e, "proxy_on_context_create"))?;
+            .map_err(|e| failed(&self.store, e, "proxy_on_context_create"))?;
         Ok(id)
     }
 
@@ -269,7 +270,7 @@ impl FilterInstance {
         };
         seen.take_back(self.store.data_mut());
         let outcome = self.leave(head);
-        let action = result.map_err(|e| classify(e, H::CALLBACK))?;
+        let action = result.map_err(|e| failed(&self.store, e, H::CALLBACK))?;
         Ok(Callback {
             paused: action == 1,
             ..outcome
@@ -342,7 +343,7 @@ impl FilterInstance {
         );
         seen.take_back(self.store.data_mut());
         let outcome = self.leave(head);
-        result.map_err(|e| classify(e, "proxy_on_http_call_response"))?;
+        result.map_err(|e| failed(&self.store, e, "proxy_on_http_call_response"))?;
         Ok(outcome)
     }
 
@@ -371,7 +372,7 @@ impl FilterInstance {
             *buf = back;
         }
         let (action, callback) = result;
-        let action = action.map_err(|e| classify(e, body_callback(direction)))?;
+        let action = action.map_err(|e| failed(&self.store, e, body_callback(direction)))?;
         Ok(Callback {
             paused: action == 1,
             ..callback
@@ -401,7 +402,7 @@ impl FilterInstance {
             *trailers = back;
         }
         let (action, callback) = result;
-        action.map_err(|e| classify(e, trailers_callback(direction)))?;
+        action.map_err(|e| failed(&self.store, e, trailers_callback(direction)))?;
         Ok(callback)
     }
 
@@ -427,18 +428,24 @@ impl FilterInstance {
     fn end_callbacks(&mut self, context: i32) -> Result<(), Failure> {
         if let Some(f) = &self.exports.on_done {
             f.call(&mut self.store, context)
-                .map_err(|e| classify(e, "proxy_on_done"))?;
+                .map_err(|e| failed(&self.store, e, "proxy_on_done"))?;
         }
         if let Some(f) = &self.exports.on_log {
             f.call(&mut self.store, context)
-                .map_err(|e| classify(e, "proxy_on_log"))?;
+                .map_err(|e| failed(&self.store, e, "proxy_on_log"))?;
         }
         if let Some(f) = &self.exports.on_delete {
             f.call(&mut self.store, context)
-                .map_err(|e| classify(e, "proxy_on_delete"))?;
+                .map_err(|e| failed(&self.store, e, "proxy_on_delete"))?;
         }
         Ok(())
     }
+}
+
+/// The failure of a call on `store` that returned `e`, classified by what the store's limits
+/// recorded.
+fn failed(store: &Store<HostState>, e: wasmtime::Error, during: &str) -> Failure {
+    classify(e, store.data().limits.stopped(), during)
 }
 
 /// Resets the per-callback state of the store for a callback on `context`.

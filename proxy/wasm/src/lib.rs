@@ -33,6 +33,8 @@ mod retired;
 mod runtime;
 mod state;
 mod stream;
+#[cfg(test)]
+mod testing;
 mod ticks;
 mod worker;
 

@@ -38,12 +38,21 @@ impl WasmRuntime {
     /// An engine with epoch interruption, the host functions, and a module cache in
     /// `cache_dir` (see [`ModuleCache::open`]).
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        Self::with_cache(ModuleCache::open(cache_dir)?)
+    }
+
+    /// A runtime that compiles every module.
+    #[cfg(test)]
+    pub fn uncached() -> anyhow::Result<Self> {
+        Self::with_cache(ModuleCache::disabled())
+    }
+
+    fn with_cache(cache: ModuleCache) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);
         let engine = Engine::new(&config)?;
         let mut linker = HostLinker::new(&engine);
         hostcalls::add_to_linker(&mut linker)?;
-        let cache = ModuleCache::open(cache_dir)?;
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let (e, stop) = (engine.clone(), ticker_stop.clone());
         std::thread::Builder::new()
@@ -82,69 +91,83 @@ impl WasmRuntime {
                 message,
             };
             let bytes = std::fs::read(&f.module).map_err(|e| err(format!("cannot read: {e}")))?;
-            let started = Instant::now();
-            let (module, cached) = self
-                .cache
-                .load_or_compile(&self.engine, &bytes)
-                .map_err(|e| err(format!("not a valid WebAssembly module: {e:#}")))?;
-            tracing::info!(
-                filter = %f.name,
-                module = %f.module.display(),
-                "{} in {} ms",
-                if cached { "loaded compiled module from cache" } else { "compiled module" },
-                started.elapsed().as_millis()
-            );
-            let abi = module.exports().any(|e| {
-                weft_abi::ABI_VERSION_EXPORTS
-                    .iter()
-                    .any(|(export, _)| e.name() == *export)
-            });
-            if !abi {
-                return Err(err(
-                    "does not export a proxy-wasm ABI version (proxy_abi_version_0_2_1)".into(),
-                ));
-            }
-            let linker = self
-                .linker
-                .for_module(&module)
-                .map_err(|e| err(format!("{e:#}")))?;
-            let pre = linker
-                .instantiate_pre(&module)
-                .map_err(|e| err(format!("cannot link: {e:#}")))?;
-            let spec = FilterSpec {
-                meta: Arc::new(PluginMeta {
-                    name: f.name.clone(),
-                    root_id: f.root_id.clone(),
-                    vm_id: f.name.clone(),
-                    config: config_bytes(&f.config),
-                    vm_config: config_bytes(&f.vm_config),
-                }),
-                pre,
-                engine: self.engine.clone(),
-                policy: f.failure_policy,
-                memory_bytes: f.limits.memory_mb as usize * 1024 * 1024,
-                callback_ticks: f.limits.callback_ms.div_ceil(EPOCH_TICK_MS) + 1,
-                failures: FailureCounters::new(&f.name, metrics.filter_failures(&f.name)),
-                defined_metrics: metrics.filter_defined(),
-                has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
-                body_callbacks: [
-                    weft_core::filter::Direction::Request,
-                    weft_core::filter::Direction::Response,
-                ]
-                .map(|d| {
-                    module.exports().any(|e| {
-                        e.name() == instance::body_callback(d)
-                            || e.name() == instance::trailers_callback(d)
-                    })
-                }),
-                buffer_limit: f.limits.buffer_kb as usize * 1024,
-                clusters: clusters.clone(),
-            };
+            let spec = self
+                .filter_spec(f, &bytes, &clusters, metrics)
+                .map_err(err)?;
             // The canary: if this instance cannot start, no worker's would.
             FilterInstance::start(&spec, usize::MAX).map_err(|failure| err(failure.message))?;
             specs.push(spec);
         }
         Ok(WasmChain::new(specs))
+    }
+
+    /// Filter `f` of module `bytes`, compiled (or loaded from the cache), checked for the
+    /// proxy-wasm ABI and linked, ready to be started; the error says why not.
+    pub(crate) fn filter_spec(
+        &self,
+        f: &FilterConfig,
+        bytes: &[u8],
+        clusters: &Arc<[String]>,
+        metrics: &Metrics,
+    ) -> Result<FilterSpec, String> {
+        let started = Instant::now();
+        let (module, cached) = self
+            .cache
+            .load_or_compile(&self.engine, bytes)
+            .map_err(|e| format!("not a valid WebAssembly module: {e:#}"))?;
+        tracing::info!(
+            filter = %f.name,
+            module = %f.module.display(),
+            "{} in {} ms",
+            if cached { "loaded compiled module from cache" } else { "compiled module" },
+            started.elapsed().as_millis()
+        );
+        let abi = module.exports().any(|e| {
+            weft_abi::ABI_VERSION_EXPORTS
+                .iter()
+                .any(|(export, _)| e.name() == *export)
+        });
+        if !abi {
+            return Err(
+                "does not export a proxy-wasm ABI version (proxy_abi_version_0_2_1)".into(),
+            );
+        }
+        let linker = self
+            .linker
+            .for_module(&module)
+            .map_err(|e| format!("{e:#}"))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("cannot link: {e:#}"))?;
+        Ok(FilterSpec {
+            meta: Arc::new(PluginMeta {
+                name: f.name.clone(),
+                root_id: f.root_id.clone(),
+                vm_id: f.name.clone(),
+                config: config_bytes(&f.config),
+                vm_config: config_bytes(&f.vm_config),
+            }),
+            pre,
+            engine: self.engine.clone(),
+            policy: f.failure_policy,
+            memory_bytes: f.limits.memory_mb as usize * 1024 * 1024,
+            callback_ticks: f.limits.callback_ms.div_ceil(EPOCH_TICK_MS) + 1,
+            failures: FailureCounters::new(&f.name, metrics.filter_failures(&f.name)),
+            defined_metrics: metrics.filter_defined(),
+            has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
+            body_callbacks: [
+                weft_core::filter::Direction::Request,
+                weft_core::filter::Direction::Response,
+            ]
+            .map(|d| {
+                module.exports().any(|e| {
+                    e.name() == instance::body_callback(d)
+                        || e.name() == instance::trailers_callback(d)
+                })
+            }),
+            buffer_limit: f.limits.buffer_kb as usize * 1024,
+            clusters: clusters.clone(),
+        })
     }
 }
 

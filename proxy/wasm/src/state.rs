@@ -10,11 +10,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::header::HeaderMap;
 use http::{request, response};
-use wasmtime::{Memory, StoreLimits, TypedFunc};
+use wasmtime::{Memory, TypedFunc};
 
 use weft_abi::{BufferType, MapType};
 use weft_core::filter::{RetryAsk, StreamInfo};
 use weft_core::metrics::{FilterMetric, FilterMetricSet};
+
+use crate::limits::Limits;
 
 /// Identity and configuration of a filter (one per configured filter, shared by its
 /// instances).
@@ -155,10 +157,8 @@ pub struct Ext {
 
 /// The data of one filter instance's store.
 pub struct HostState {
-    /// Memory limit of the instance.
-    pub limits: StoreLimits,
-    /// The running callback's deadline bookkeeping.
-    pub deadline: crate::limits::Deadline,
+    /// The memory cap and the callback deadline, with what they stopped.
+    pub limits: Limits,
     /// The filter.
     pub plugin: Arc<PluginMeta>,
     /// The request head, moved in for the duration of a request callback.
@@ -224,12 +224,7 @@ impl HostState {
         clusters: Arc<[String]>,
     ) -> Self {
         Self {
-            limits: wasmtime::StoreLimitsBuilder::new()
-                .memory_size(memory_bytes)
-                .trap_on_grow_failure(true)
-                .instances(1)
-                .build(),
-            deadline: Default::default(),
+            limits: Limits::new(memory_bytes),
             plugin,
             request: None,
             response: None,
