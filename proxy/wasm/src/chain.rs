@@ -7,7 +7,7 @@ use std::sync::Arc;
 use weft_core::filter::{FilterChain, FilterStream, StreamInfo};
 
 use crate::instance::FilterSpec;
-use crate::retired::{self, ChainLife};
+use crate::retired::ChainLife;
 use crate::stream::WasmStream;
 use crate::ticks;
 use crate::worker::{self, with_instance};
@@ -23,12 +23,11 @@ pub struct WasmChain {
 impl WasmChain {
     /// A chain of `filters`, in request order.
     pub(crate) fn new(filters: Vec<FilterSpec>) -> Self {
-        let n = filters.len() as u64;
-        let id = retired::NEXT_SLOT.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        let life = ChainLife::new(filters.len());
         Self {
-            id,
+            id: life.first(),
             filters: filters.into(),
-            life: Arc::new(ChainLife { id, len: n }),
+            life: Arc::new(life),
         }
     }
 }
@@ -42,7 +41,7 @@ impl FilterChain for WasmChain {
         {
             tokio::spawn(ticks::deliver_queue_ready(ready));
         }
-        if !worker::WARMED.with(|w| w.borrow_mut().insert(self.id)) {
+        if !worker::mark_warmed(self.id) {
             return;
         }
         for (i, spec) in self.filters.iter().enumerate() {
@@ -55,9 +54,8 @@ impl FilterChain for WasmChain {
     }
 
     fn start_stream(&self, info: StreamInfo) -> Box<dyn FilterStream> {
-        worker::free_retired();
         // A chain swapped in after the worker started is warmed by its first stream.
-        if !worker::WARMED.with(|w| w.borrow().contains(&self.id)) {
+        if !worker::is_warmed(self.id) {
             self.warm();
         }
         Box::new(WasmStream::new(
@@ -66,5 +64,42 @@ impl FilterChain for WasmChain {
             self.filters.clone(),
             info,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_config::FilterLimits;
+
+    use super::*;
+    use crate::testing::{self, i32_const};
+
+    #[test]
+    fn a_worker_frees_swapped_out_chains_and_keeps_only_live_ones() {
+        let rt = testing::runtime();
+        let wasm = testing::filter(&[], "headers", i32_const(0));
+        let spec = || testing::spec(&rt, &wasm, FilterLimits::default());
+        let live = WasmChain::new(vec![spec(), spec()]);
+        let mut stream = live.start_stream(testing::info());
+        stream.on_request_headers(&mut testing::request(), true);
+        for _ in 0..200 {
+            // Swapped in, serves a stream, swapped out.
+            let chain = WasmChain::new(vec![spec()]);
+            let mut s = chain.start_stream(testing::info());
+            s.on_request_headers(&mut testing::request(), true);
+            s.finish();
+        }
+        // The next stream frees what was retired.
+        let next = WasmChain::new(vec![spec()]);
+        next.start_stream(testing::info()).finish();
+        assert_eq!(
+            worker::slots(),
+            3,
+            "the live chain's two and the newest one"
+        );
+        stream.finish();
+        drop((stream, live));
+        next.start_stream(testing::info()).finish();
+        assert_eq!(worker::slots(), 1);
     }
 }

@@ -3,14 +3,12 @@
 //! own a shared queue.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use weft_config::FailurePolicy;
+use std::time::Duration;
 
 use crate::instance::FilterSpec;
 use crate::limits::LIFECYCLE_TICKS;
 use crate::retired::ChainLife;
-use crate::worker::{self, Slot, fail, with_instance};
+use crate::worker::{self, fail, with_instance};
 
 /// Calls `proxy_on_tick` on this worker's instance of filter `idx` at the period it set
 /// (checked again after every tick, so a filter can change or stop it). Runs until the
@@ -42,33 +40,9 @@ pub async fn tick_loop(
 /// arrive. Runs until the worker's runtime ends.
 pub async fn deliver_queue_ready(mut ready: tokio::sync::mpsc::UnboundedReceiver<(usize, u32)>) {
     while let Some((slot, token)) = ready.recv().await {
-        worker::SLOTS.with(|slots| {
-            let mut slots = slots.borrow_mut();
-            let Some(entry) = slots.get_mut(slot) else {
-                return;
-            };
-            let Some(Slot::Live {
-                instance,
-                generation,
-                policy,
-            }) = entry
-            else {
-                return;
-            };
-            // Not on a request's path: the queue callback gets the lifecycle deadline.
-            if let Err(failure) = instance.on_queue_ready(LIFECYCLE_TICKS, token) {
-                tracing::warn!(
-                    filter = %instance.name(),
-                    "filter failed in proxy_on_queue_ready: {}",
-                    failure.message
-                );
-                // A trapped instance is never called again; the policy says what follows.
-                *entry = Some(Slot::Failed {
-                    retry_at: (*policy == FailurePolicy::Reload).then(Instant::now),
-                    backoff: Duration::ZERO,
-                    generation: *generation,
-                });
-            }
+        // Not on a request's path: the queue callback gets the lifecycle deadline.
+        worker::with_live_slot(slot, |instance| {
+            instance.on_queue_ready(LIFECYCLE_TICKS, token)
         });
     }
 }

@@ -1,14 +1,19 @@
-//! Each worker thread's own table of filter instances (a thread-local): slot `n` holds the
-//! worker's instance of filter `n - chain.id` of a chain, started on first use, replaced
-//! under the `reload` policy, dropped when its chain is retired.
+//! Each worker thread's own state (a thread-local [`Worker`]): its instance of each filter of
+//! each chain it has run, by slot number (filter `i` of a chain is slot `chain + i`), started
+//! on first use and replaced under the `reload` policy; the chains it has warmed; and its copy
+//! of the retired set ([`crate::retired`]), so that a retired chain's instances are dropped
+//! and never started again. The table holds only the slots of live chains, however many
+//! swaps ran.
 
 use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use weft_config::FailurePolicy;
 
 use crate::failure::Failure;
 use crate::instance::{FilterInstance, FilterSpec};
+use crate::retired::{self, Retired};
 
 /// A worker's instance of one filter.
 pub enum Slot {
@@ -32,78 +37,74 @@ pub enum Slot {
     },
 }
 
-/// This worker's instances by slot number (`WasmChain::id + filter`). Slot numbers only
-/// grow; entries of retired chains are dropped from the front as soon as every older one is
-/// retired too, so the table holds about the slots of live chains, however many swaps ran.
+/// One worker's filter state.
 #[derive(Default)]
-pub struct Slots {
-    /// Slot number of `list[0]`.
-    base: usize,
-    list: std::collections::VecDeque<Option<Slot>>,
-    /// Retired slot numbers at or past `base` whose entries are still in `list`.
-    retired: std::collections::BTreeSet<usize>,
+pub struct Worker {
+    /// Instances by slot number.
+    slots: BTreeMap<usize, Slot>,
+    /// Chains whose instances (and tick loops) this worker has started, by first slot.
+    warmed: BTreeSet<u64>,
+    /// The retired set as of `epoch`.
+    retired: Retired,
+    /// The retirement epoch `retired` reflects.
+    epoch: u64,
 }
 
-impl Slots {
-    /// The entry of slot `n`, made empty if missing; `None` for a retired slot.
-    pub fn entry(&mut self, n: usize) -> Option<&mut Option<Slot>> {
-        let i = n.checked_sub(self.base)?;
-        if self.retired.contains(&n) {
+impl Worker {
+    /// Catches up with chains retired since the last look (one atomic load when none was):
+    /// drops their instances and forgets them.
+    fn refresh(&mut self) {
+        let epoch = retired::epoch();
+        if epoch != self.epoch {
+            self.apply(retired::snapshot());
+            self.epoch = epoch;
+        }
+    }
+
+    /// Drops what `retired` retires and keeps it as this worker's copy.
+    fn apply(&mut self, retired: Retired) {
+        self.slots.retain(|n, _| !retired.contains(*n as u64));
+        self.warmed.retain(|c| !retired.contains(*c));
+        self.retired = retired;
+    }
+
+    /// The slot of `n` (started as a due `reload` if it has none yet); `None` when `n`
+    /// belongs to a retired chain.
+    fn slot(&mut self, n: usize) -> Option<&mut Slot> {
+        if self.retired.contains(n as u64) {
             return None;
         }
-        if self.list.len() <= i {
-            self.list.resize_with(i + 1, || None);
-        }
-        self.list.get_mut(i)
-    }
-
-    /// The entry of slot `n` if it has one.
-    pub fn get_mut(&mut self, n: usize) -> Option<&mut Option<Slot>> {
-        let i = n.checked_sub(self.base)?;
-        self.list.get_mut(i)
-    }
-
-    /// Frees the instances of slots `first..first + len` and never makes them again.
-    fn retire(&mut self, first: usize, len: usize) {
-        for n in first.max(self.base)..first + len {
-            if let Some(e) = self.get_mut(n) {
-                *e = None;
-            }
-            self.retired.insert(n);
-        }
-        while self.retired.remove(&self.base) {
-            self.list.pop_front();
-            self.base += 1;
-        }
+        Some(self.slots.entry(n).or_insert_with(|| Slot::Failed {
+            retry_at: Some(Instant::now()),
+            backoff: Duration::ZERO,
+            generation: 0,
+        }))
     }
 }
 
 thread_local! {
-    /// This worker's instances.
-    pub static SLOTS: RefCell<Slots> = RefCell::new(Slots::default());
+    /// This worker's filter state.
+    static WORKER: RefCell<Worker> = RefCell::new(Worker::default());
 }
 
 const RELOAD_BACKOFF_START: Duration = Duration::from_millis(100);
 const RELOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Runs `f` on this worker's live instance of filter `idx`, starting it first if needed.
-/// `Err` when the filter is failed on this worker (or fails to start now).
+/// Runs `f` on this worker's live instance of filter `idx` of `chain`, starting it first if
+/// needed. `Err` when the filter is failed on this worker (or fails to start now), or the
+/// chain is retired.
 pub fn with_instance<R>(
     chain: u64,
     idx: usize,
     spec: &FilterSpec,
     f: impl FnOnce(&mut FilterInstance, u64) -> R,
 ) -> Result<R, ()> {
-    SLOTS.with(|slots| {
-        let mut slots = slots.borrow_mut();
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        w.refresh();
         let n = chain as usize + idx;
         // A retired chain's filter is not started again.
-        let entry = slots.entry(n).ok_or(())?;
-        let slot = entry.get_or_insert_with(|| Slot::Failed {
-            retry_at: Some(Instant::now()),
-            backoff: Duration::ZERO,
-            generation: 0,
-        });
+        let slot = w.slot(n).ok_or(())?;
         if let Slot::Failed {
             retry_at: Some(at),
             backoff,
@@ -141,104 +142,119 @@ pub fn with_instance<R>(
     })
 }
 
-/// Marks this worker's instance of filter `idx` failed, per the filter's policy.
+/// Marks this worker's instance of filter `idx` of `chain` failed, per the filter's policy
+/// (a failed instance is never called again: it is replaced under `reload`).
 pub fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
     spec.failures.count(failure);
-    SLOTS.with(|slots| {
-        let mut slots = slots.borrow_mut();
-        let n = chain as usize + idx;
-        let Some(entry) = slots.entry(n) else {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        let Some(slot) = w.slot(chain as usize + idx) else {
             return;
         };
-        let generation = match &*entry {
-            Some(Slot::Live { generation, .. }) | Some(Slot::Failed { generation, .. }) => {
-                *generation
-            }
-            None => 0,
-        };
-        let retry_at = (spec.policy == FailurePolicy::Reload).then(Instant::now);
-        *entry = Some(Slot::Failed {
-            retry_at,
+        let (Slot::Live { generation, .. } | Slot::Failed { generation, .. }) = slot;
+        let generation = *generation;
+        *slot = Slot::Failed {
+            retry_at: (spec.policy == FailurePolicy::Reload).then(Instant::now),
             backoff: Duration::ZERO,
             generation,
-        });
+        };
     });
 }
 
-thread_local! {
-    /// The retirement epoch this worker has processed.
-    static SEEN_EPOCH: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
-    /// How many entries of `RETIRED` this worker has processed.
-    static SEEN_RETIRED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-    /// Chains this worker has warmed (instances started, tick loops spawned).
-    pub static WARMED: RefCell<std::collections::HashSet<u64>> =
-        RefCell::new(std::collections::HashSet::new());
-}
-
-/// Frees this worker's instances of chains retired since it last looked (cheap when none
-/// was).
-pub fn free_retired() {
-    let epoch = crate::retired::RETIRED_EPOCH.load(std::sync::atomic::Ordering::Acquire);
-    if SEEN_EPOCH.with(|s| s.replace(epoch)) == epoch {
-        return;
-    }
-    let Ok(retired) = crate::retired::RETIRED.lock() else {
-        return;
-    };
-    let seen = SEEN_RETIRED.with(|s| s.replace(retired.len()));
-    let new = retired.get(seen..).unwrap_or_default();
-    SLOTS.with(|slots| {
-        let mut slots = slots.borrow_mut();
-        for &(id, len) in new {
-            slots.retire(id as usize, len as usize);
-        }
-    });
-    WARMED.with(|w| {
+/// Runs `f` on this worker's live instance in slot `n`, if there is one, and marks it failed
+/// (per its policy) if `f` fails. Never starts an instance.
+pub fn with_live_slot(n: usize, f: impl FnOnce(&mut FilterInstance) -> Result<(), Failure>) {
+    WORKER.with(|w| {
         let mut w = w.borrow_mut();
-        for (id, _) in new {
-            w.remove(id);
+        let Some(slot) = w.slots.get_mut(&n) else {
+            return;
+        };
+        let Slot::Live {
+            instance,
+            generation,
+            policy,
+        } = slot
+        else {
+            return;
+        };
+        if let Err(failure) = f(instance) {
+            tracing::warn!(filter = %instance.name(), "filter failed: {}", failure.message);
+            // A trapped instance is never called again; the policy says what follows.
+            *slot = Slot::Failed {
+                retry_at: (*policy == FailurePolicy::Reload).then(Instant::now),
+                backoff: Duration::ZERO,
+                generation: *generation,
+            };
         }
     });
+}
+
+/// Records that this worker warmed `chain`; false if it already had.
+pub fn mark_warmed(chain: u64) -> bool {
+    WORKER.with(|w| w.borrow_mut().warmed.insert(chain))
+}
+
+/// Whether this worker has warmed `chain`. Catches up with retirements first, so that the
+/// instances of chains retired since are freed (at each stream: cheap when none was).
+pub fn is_warmed(chain: u64) -> bool {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        w.refresh();
+        w.warmed.contains(&chain)
+    })
+}
+
+/// Number of slots this worker holds.
+#[cfg(test)]
+pub fn slots() -> usize {
+    WORKER.with(|w| w.borrow().slots.len())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn failed(generation: u64) -> Option<Slot> {
-        Some(Slot::Failed {
+    fn failed(generation: u64) -> Slot {
+        Slot::Failed {
             retry_at: None,
             backoff: Duration::ZERO,
             generation,
-        })
+        }
     }
 
     #[test]
     fn retired_slots_leave_the_table_and_are_not_made_again() {
-        let mut s = Slots::default();
+        let mut w = Worker::default();
+        let mut retired = Retired::new();
         // Chain A holds slots 0 and 1, chain B slots 2 and 3.
-        *s.entry(0).expect("live") = failed(1);
-        *s.entry(3).expect("live") = failed(2);
-        // B retires first: its entries go, A's stay, nothing can be trimmed yet.
-        s.retire(2, 2);
-        assert!(s.entry(3).is_none(), "a retired slot is never made again");
-        assert!(matches!(s.entry(0), Some(Some(_))));
-        assert_eq!(s.base, 0);
-        // Then A: the table empties.
-        s.retire(0, 2);
-        assert_eq!((s.base, s.list.len(), s.retired.len()), (4, 0, 0));
-        assert!(s.entry(1).is_none() && s.get_mut(1).is_none());
-        // A thousand swaps of a two-filter chain leave one chain's worth behind.
+        *w.slot(0).expect("live") = failed(1);
+        *w.slot(3).expect("live") = failed(2);
+        w.warmed.extend([0, 2]);
+        // B retires first: its entries go, A's stay.
+        retired.insert(2, 4);
+        w.apply(retired.clone());
+        assert!(w.slot(3).is_none(), "a retired slot is never made again");
+        assert!(matches!(
+            w.slots.get(&0),
+            Some(Slot::Failed { generation: 1, .. })
+        ));
+        assert_eq!(w.warmed.iter().collect::<Vec<_>>(), [&0]);
+        // A thousand swaps of a two-filter chain while A stays live leave A's slots only.
         for k in 0..1000 {
             let first = 4 + k * 2;
-            *s.entry(first).expect("live") = failed(k as u64);
-            s.retire(first, 2);
+            *w.slot(first).expect("live") = failed(k as u64);
+            w.warmed.insert(first as u64);
+            retired.insert(first as u64, first as u64 + 2);
+            w.apply(retired.clone());
         }
-        assert!(
-            s.list.len() <= 2 && s.retired.is_empty(),
-            "{}",
-            s.list.len()
-        );
-        assert_eq!(s.base, 2004);
+        assert_eq!(w.slots.keys().collect::<Vec<_>>(), [&0]);
+        assert_eq!(w.warmed.len(), 1);
+        assert!(w.retired.ranges() <= 1, "{:?}", w.retired);
+        // Then A: the table empties.
+        retired.insert(0, 2);
+        w.apply(retired);
+        assert!(w.slots.is_empty() && w.warmed.is_empty());
+        assert_eq!(w.retired.ranges(), 0);
+        assert!(w.slot(1).is_none());
     }
 }
