@@ -48,6 +48,24 @@ pub fn write(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> MemR
     Ok(())
 }
 
+/// Runs `f` on the `len` bytes of guest memory at `ptr`, in place (nothing is copied or
+/// allocated, whatever `len`), bounds-checked.
+pub fn with_slice_mut<R>(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> MemResult<R> {
+    let mem = memory(caller)?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    let end = ptr.checked_add(len).ok_or(Status::InvalidMemoryAccess)?;
+    let slice = mem
+        .data_mut(&mut *caller)
+        .get_mut(ptr..end)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    Ok(f(slice))
+}
+
 /// Writes a little-endian u32 at `ptr`.
 pub fn write_u32(caller: &mut Caller<'_, HostState>, ptr: i32, v: u32) -> MemResult<()> {
     write(caller, ptr, &v.to_le_bytes())

@@ -47,6 +47,18 @@ impl WasmRuntime {
         Self::with_cache(ModuleCache::disabled())
     }
 
+    /// The engine.
+    #[cfg(test)]
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The linker with every host function.
+    #[cfg(test)]
+    pub fn linker(&self) -> &HostLinker {
+        &self.linker
+    }
+
     fn with_cache(cache: ModuleCache) -> anyhow::Result<Self> {
         let mut config = Config::new();
         config.epoch_interruption(true);

@@ -7,8 +7,12 @@ use weft_config::{FailurePolicy, FilterConfig, FilterLimits};
 use weft_core::filter::StreamInfo;
 use weft_core::metrics::Metrics;
 
+use wasmtime::{Instance, Module, Store};
+
 use crate::instance::FilterSpec;
+use crate::limits;
 use crate::runtime::WasmRuntime;
+use crate::state::{HostState, PluginMeta};
 
 /// `i32` value type.
 const I32: u8 = 0x7f;
@@ -209,6 +213,39 @@ pub fn spec(rt: &WasmRuntime, wasm: &[u8], limits: FilterLimits) -> FilterSpec {
     };
     rt.filter_spec(&config, wasm, &Arc::from(Vec::new()), &Metrics::new())
         .expect("spec")
+}
+
+/// An instance of module `wasm` linked with the host functions, in a store under a 1 MiB
+/// cap with the lifecycle deadline armed.
+pub fn instance(rt: &WasmRuntime, wasm: &[u8]) -> (Store<HostState>, Instance) {
+    let module = Module::new(rt.engine(), wasm).expect("module");
+    let linker = rt.linker().for_module(&module).expect("links");
+    let meta = Arc::new(PluginMeta {
+        name: "t".into(),
+        root_id: String::new(),
+        vm_id: "t".into(),
+        config: Vec::new(),
+        vm_config: Vec::new(),
+    });
+    let state = HostState::new(meta, 1 << 20, Arc::default(), Arc::from(Vec::new()));
+    let mut store = Store::new(rt.engine(), state);
+    limits::install(&mut store);
+    limits::arm(&mut store, limits::LIFECYCLE_TICKS);
+    let instance = linker
+        .instantiate(&mut store, &module)
+        .expect("instantiates");
+    (store, instance)
+}
+
+/// This process's peak resident memory in bytes (`VmHWM`).
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
 }
 
 /// Facts about a plain stream.

@@ -9,7 +9,7 @@ use super::C;
 use super::log::log_at;
 use super::time::unix_ns;
 use crate::linker::HostLinker;
-use crate::memory::{read, write, write_u32};
+use crate::memory::{read, with_slice_mut, write, write_u32};
 
 /// The WASI preview 1 import module.
 pub const MODULE: &str = "wasi_snapshot_preview1";
@@ -18,6 +18,7 @@ const ESUCCESS: i32 = 0;
 const EBADF: i32 = 8;
 const EFAULT: i32 = 21;
 const EINVAL: i32 = 28;
+const EIO: i32 = 29;
 /// Function not implemented.
 pub const ENOSYS: i32 = 52;
 
@@ -108,14 +109,78 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             Err(_) => EFAULT,
         },
     )?;
-    l.func_wrap(MODULE, "random_get", |mut c: C<'_>, ptr: i32, len: i32| {
-        let mut bytes = vec![0u8; len as u32 as usize];
-        fastrand::fill(&mut bytes);
-        match write(&mut c, ptr, &bytes) {
-            Ok(()) => ESUCCESS,
+    // Filled in place in guest memory from the operating system's generator: the host
+    // allocates nothing, whatever length the guest asks for.
+    l.func_wrap(
+        MODULE,
+        "random_get",
+        |mut c: C<'_>, ptr: i32, len: i32| match with_slice_mut(&mut c, ptr, len, getrandom::fill) {
+            Ok(Ok(())) => ESUCCESS,
+            Ok(Err(e)) => {
+                tracing::warn!("random_get: the system's generator failed: {e}");
+                EIO
+            }
             Err(_) => EFAULT,
-        }
-    })?;
+        },
+    )?;
     l.func_wrap(MODULE, "sched_yield", |_c: C<'_>| ESUCCESS)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{self, Func, Import};
+
+    #[test]
+    fn random_get_fills_guest_memory_in_place_and_refuses_what_is_outside_it() {
+        let rt = testing::runtime();
+        // (func (export "rand") (param i32 i32) (result i32) local.get 0 local.get 1 call 0)
+        let wasm = testing::module(
+            &[Import {
+                module: MODULE,
+                name: "random_get",
+                params: 2,
+                results: 1,
+            }],
+            &[Func {
+                export: "rand",
+                name: "rand",
+                params: 2,
+                results: 1,
+                body: vec![0x20, 0x00, 0x20, 0x01, 0x10, 0x00],
+            }],
+            1,
+        );
+        let (mut store, instance) = testing::instance(&rt, &wasm);
+        let rand = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, "rand")
+            .unwrap();
+        let memory = instance.get_memory(&mut store, "memory").unwrap();
+        let page = 65_536;
+
+        // All of the guest's memory: random, in every 1 KiB.
+        assert_eq!(rand.call(&mut store, (0, page)).unwrap(), ESUCCESS);
+        let first = memory.data(&store)[..page as usize].to_vec();
+        assert!(first.chunks(1024).all(|c| c.iter().any(|b| *b != 0)));
+        assert_eq!(rand.call(&mut store, (0, 32)).unwrap(), ESUCCESS);
+        assert_ne!(
+            memory.data(&store)[..32],
+            first[..32],
+            "fresh bytes each call"
+        );
+        assert_eq!(rand.call(&mut store, (page, 0)).unwrap(), ESUCCESS);
+
+        // Past the end, by a little or by almost 4 GiB: EFAULT, with nothing allocated.
+        let before = testing::peak_rss();
+        assert_eq!(rand.call(&mut store, (page - 8, 16)).unwrap(), EFAULT);
+        assert_eq!(rand.call(&mut store, (16, -1)).unwrap(), EFAULT);
+        assert_eq!(rand.call(&mut store, (16, i32::MAX)).unwrap(), EFAULT);
+        assert_eq!(rand.call(&mut store, (-1, 2)).unwrap(), EFAULT);
+        let after = testing::peak_rss();
+        assert!(
+            after < before + (64 << 20),
+            "peak RSS went from {before} to {after}"
+        );
+    }
 }
