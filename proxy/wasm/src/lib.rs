@@ -63,7 +63,9 @@ pub struct WasmHost {
 }
 
 impl WasmHost {
-    /// A host whose compiled modules are cached in `cache_dir` (see [`WasmRuntime::new`]).
+    /// A host whose compiled modules are cached in `cache_dir`, a directory private to this
+    /// user (created if missing; one that is not makes building the first chain fail,
+    /// naming it), or without one in the user's cache directory (see [`WasmRuntime::new`]).
     pub fn new(cache_dir: Option<PathBuf>) -> Self {
         Self {
             cache_dir,

@@ -36,7 +36,9 @@ impl Drop for WasmRuntime {
 
 impl WasmRuntime {
     /// An engine with epoch interruption, the host functions, and a module cache in
-    /// `cache_dir` (see [`ModuleCache::open`]).
+    /// `cache_dir`, which must be a directory private to this user (created if missing; an
+    /// error otherwise); without one, in the per-user default (`$XDG_CACHE_HOME/weft/modules`
+    /// or `$HOME/.cache/weft/modules`) if that is private, else none.
     pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
         Self::with_cache(ModuleCache::open(cache_dir)?)
     }
@@ -60,6 +62,9 @@ impl WasmRuntime {
     }
 
     fn with_cache(cache: ModuleCache) -> anyhow::Result<Self> {
+        if let Some(dir) = cache.dir() {
+            tracing::info!("module cache: {}", dir.display());
+        }
         let mut config = Config::new();
         config.epoch_interruption(true);
         let engine = Engine::new(&config)?;
