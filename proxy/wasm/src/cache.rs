@@ -28,6 +28,7 @@ const TRAILER: usize = 32;
 
 /// Compiled modules in a private directory, or no cache at all.
 pub struct ModuleCache {
+    /// The directory (checked private), or `None` for no cache.
     dir: Option<PathBuf>,
 }
 

@@ -16,7 +16,9 @@ use crate::worker::{self, with_instance};
 pub struct WasmChain {
     /// Slot number of the first filter; filter `i` uses `id + i`.
     id: u64,
+    /// The filters, in request order.
     filters: Arc<[FilterSpec]>,
+    /// Shared with the chain's streams; its end retires the chain's instances.
     life: Arc<ChainLife>,
 }
 

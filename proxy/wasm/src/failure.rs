@@ -87,7 +87,9 @@ pub fn classify(e: wasmtime::Error, stopped: Stopped, during: &str) -> Failure {
 
 /// `weft_filter_failures_total{filter, kind}` handles of one filter, by [`FailureKind`].
 pub struct FailureCounters {
+    /// The filter's name (for the log).
     filter: String,
+    /// The counters, in [`FailureKind::ALL`] order.
     counters: [Counter; 4],
 }
 

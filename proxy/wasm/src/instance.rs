@@ -90,8 +90,11 @@ fn trailers_map(direction: Direction) -> MapType {
 
 /// The callbacks a module exports (those it may lack are `None`).
 pub struct Exports {
+    /// `proxy_on_context_create(context, parent)`, the one export every filter has.
     on_context_create: TypedFunc<(i32, i32), ()>,
+    /// `proxy_on_request_headers(context, headers, end of stream)`.
     on_request_headers: Option<StreamFn>,
+    /// `proxy_on_response_headers(context, headers, end of stream)`.
     on_response_headers: Option<StreamFn>,
     /// `proxy_on_{request,response}_body(context, buffered length, end of stream)`, by
     /// [`Direction`].
@@ -115,7 +118,7 @@ pub struct FilterInstance {
 
 impl FilterInstance {
     /// Instantiates and starts a filter: `_initialize`/`_start`, the root context,
-    /// `on_vm_start` and `on_configure`. Either returning false is a [`FailureKind::Start`].
+    /// `on_vm_start` and `on_configure`. Either returning false is a [`crate::failure::FailureKind::Start`].
     pub fn start(spec: &FilterSpec, slot: usize) -> Result<Self, Failure> {
         let start_err = Failure::start;
         let mut store = Store::new(

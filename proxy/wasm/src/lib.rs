@@ -17,6 +17,16 @@
 //!   worker's table of instances), `retired.rs` (chains swapped out), [`WasmChain`]
 //!   (`chain.rs`), `stream.rs` (one stream through the chain), `ticks.rs` (ticks and queue
 //!   notifications), `queues.rs` (shared queues).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use weft_core::filter::FilterHost;
+//!
+//! // What the binary hands the core (`ProxyOptions::filter_host`): compiled modules cached in
+//! // the user's cache directory; the engine starts with the first chain.
+//! let host: Arc<dyn FilterHost> = Arc::new(weft_wasm::WasmHost::new(None));
+//! # drop(host);
+//! ```
 
 mod cache;
 mod chain;
@@ -57,8 +67,11 @@ pub type WasmError = ChainError;
 /// epoch ticker, module cache) when the first chain is built, so that a proxy without
 /// filters never starts it.
 pub struct WasmHost {
+    /// Where compiled modules are cached (see [`WasmRuntime::new`]).
     cache_dir: Option<PathBuf>,
+    /// The runtime, once the first chain was built.
     runtime: std::sync::OnceLock<WasmRuntime>,
+    /// Held while the runtime is created, so that it is created once.
     starting: std::sync::Mutex<()>,
 }
 
@@ -74,6 +87,7 @@ impl WasmHost {
         }
     }
 
+    /// The runtime, created on first use.
     fn runtime(&self) -> anyhow::Result<&WasmRuntime> {
         if let Some(rt) = self.runtime.get() {
             return Ok(rt);

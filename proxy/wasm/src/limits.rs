@@ -18,7 +18,9 @@ const MAX_EXTRA_TICKS: u64 = 1000 / crate::EPOCH_TICK_MS;
 
 /// A store's limits, with what they stopped since the running callback was armed.
 pub struct Limits {
+    /// The memory cap.
     memory: MemoryLimiter,
+    /// The running callback's deadline.
     deadline: Deadline,
 }
 
@@ -77,7 +79,9 @@ pub fn arm(store: &mut Store<HostState>, ticks: u64) {
 /// [`StoreLimits`] (memory cap, one instance, a refused growth traps) that records each
 /// growth it refuses.
 struct MemoryLimiter {
+    /// The cap.
     limits: StoreLimits,
+    /// A growth was refused since the last [`arm`].
     refused: bool,
 }
 

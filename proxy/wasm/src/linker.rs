@@ -17,7 +17,9 @@ use crate::state::HostState;
 
 /// A [`Linker`] over [`HostState`] that remembers what was defined in it.
 pub struct HostLinker {
+    /// The definitions.
     linker: Linker<HostState>,
+    /// `(module, name)` of each function defined.
     defined: HashSet<(&'static str, &'static str)>,
 }
 

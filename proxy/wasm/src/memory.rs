@@ -11,6 +11,7 @@ use crate::state::HostState;
 /// Why a host function could not touch guest memory.
 pub type MemResult<T> = Result<T, Status>;
 
+/// The guest's exported `memory` (looked up once).
 fn memory(caller: &mut Caller<'_, HostState>) -> MemResult<Memory> {
     if let Some(m) = caller.data().memory {
         return Ok(m);

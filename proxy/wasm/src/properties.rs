@@ -76,6 +76,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// The `content-length` header as a number (0 when absent or invalid).
 fn content_length(headers: &HeaderMap) -> i64 {
     headers
         .get(http::header::CONTENT_LENGTH)

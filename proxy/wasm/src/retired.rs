@@ -23,7 +23,9 @@ static RETIRED_EPOCH: AtomicU64 = AtomicU64::new(0);
 /// slots are retired: every worker frees its instances of them and never starts them again.
 #[derive(Debug)]
 pub struct ChainLife {
+    /// The first slot number.
     first: u64,
+    /// How many slot numbers.
     len: u64,
 }
 
@@ -58,6 +60,7 @@ impl Drop for ChainLife {
 /// `ranges` (disjoint, not touching each other or `below`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Retired {
+    /// Every slot number below it is retired.
     below: u64,
     /// Start → end.
     ranges: BTreeMap<u64, u64>,

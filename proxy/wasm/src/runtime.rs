@@ -22,9 +22,13 @@ use crate::{EPOCH_TICK_MS, WasmChain, WasmError, hostcalls};
 
 /// The engine, linker and module cache shared by every filter of the proxy.
 pub struct WasmRuntime {
+    /// The engine (epoch interruption on).
     engine: Engine,
+    /// Every host function, defined once.
     linker: HostLinker,
+    /// Compiled modules on disk.
     cache: ModuleCache,
+    /// Stops the epoch ticker thread when the runtime is dropped.
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -61,6 +65,7 @@ impl WasmRuntime {
         &self.linker
     }
 
+    /// A runtime over `cache`: the engine, the linker, and the epoch ticker thread.
     fn with_cache(cache: ModuleCache) -> anyhow::Result<Self> {
         if let Some(dir) = cache.dir() {
             tracing::info!("module cache: {}", dir.display());

@@ -93,6 +93,7 @@ impl BodyBuf {
         self.len() == 0
     }
 
+    /// The bytes as an owned, writable buffer (copied once if shared).
     fn owned(&mut self) -> &mut BytesMut {
         if let Self::Shared(b) = self {
             *self = Self::Owned(BytesMut::from(&b[..]));

@@ -37,9 +37,13 @@ enum Ctx {
 pub struct WasmStream {
     /// Keeps the chain's instances alive until the stream ends.
     _life: Arc<ChainLife>,
+    /// The chain's first slot number.
     chain: u64,
+    /// The chain's filters.
     filters: Arc<[FilterSpec]>,
+    /// The stream's context in each filter.
     contexts: Vec<Ctx>,
+    /// Facts about the stream, as callbacks see them.
     info: StreamInfo,
     /// The filter whose callouts the request waits for.
     paused: Option<usize>,

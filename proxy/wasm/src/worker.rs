@@ -87,7 +87,9 @@ thread_local! {
     static WORKER: RefCell<Worker> = RefCell::new(Worker::default());
 }
 
+/// The first wait before starting a filter again after its start failed (`reload`).
 const RELOAD_BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest such wait (it doubles after each failed start).
 const RELOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Runs `f` on this worker's live instance of filter `idx` of `chain`, starting it first if

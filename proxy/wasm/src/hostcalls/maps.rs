@@ -94,6 +94,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
     Ok(())
 }
 
+/// Warns that a filter's header edit was dropped.
 fn warn_invalid(c: &C<'_>) {
     tracing::warn!(
         filter = %c.data().plugin.name,

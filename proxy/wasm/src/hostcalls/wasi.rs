@@ -14,10 +14,15 @@ use crate::memory::{read, with_slice_mut, write, write_u32};
 /// The WASI preview 1 import module.
 pub const MODULE: &str = "wasi_snapshot_preview1";
 
+/// Success.
 const ESUCCESS: i32 = 0;
+/// Bad file descriptor.
 const EBADF: i32 = 8;
+/// Bad address: a pointer or length outside the guest's memory.
 const EFAULT: i32 = 21;
+/// Invalid argument.
 const EINVAL: i32 = 28;
+/// I/O error.
 const EIO: i32 = 29;
 /// Function not implemented.
 pub const ENOSYS: i32 = 52;
