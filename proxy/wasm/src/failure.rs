@@ -110,7 +110,12 @@ impl FailureCounters {
             .position(|k| *k == f.kind)
             .unwrap_or(0);
         self.counters[i].inc();
-        tracing::warn!(filter = %self.filter, kind = f.kind.as_str(), "filter failed: {}", f.message);
+        tracing::warn!(
+            filter = %self.filter,
+            kind = f.kind.as_str(),
+            "filter failed: {}",
+            f.message
+        );
     }
 }
 

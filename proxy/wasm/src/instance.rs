@@ -118,7 +118,8 @@ pub struct FilterInstance {
 
 impl FilterInstance {
     /// Instantiates and starts a filter: `_initialize`/`_start`, the root context,
-    /// `on_vm_start` and `on_configure`. Either returning false is a [`crate::failure::FailureKind::Start`].
+    /// `on_vm_start` and `on_configure`. Either returning false is a
+    /// [`crate::failure::FailureKind::Start`] failure.
     pub fn start(spec: &FilterSpec, slot: usize) -> Result<Self, Failure> {
         let start_err = Failure::start;
         let mut store = Store::new(

@@ -64,13 +64,6 @@ impl HostLinker {
             if self.is_defined(import.module(), import.name()) {
                 continue;
             }
-            if !IMPORT_MODULES.contains(&import.module()) {
-                anyhow::bail!(
-                    "imports from unknown module `{}` ({})",
-                    import.module(),
-                    import.name()
-                );
-            }
             let ExternType::Func(ty) = import.ty() else {
                 anyhow::bail!(
                     "imports {}::{}, which is not a function",
@@ -78,6 +71,13 @@ impl HostLinker {
                     import.name()
                 );
             };
+            if !IMPORT_MODULES.contains(&import.module()) {
+                anyhow::bail!(
+                    "imports from unknown module `{}` ({})",
+                    import.module(),
+                    import.name()
+                );
+            }
             let code = if import.module() == wasi::MODULE {
                 wasi::ENOSYS
             } else {
@@ -93,7 +93,8 @@ impl HostLinker {
                 move |_caller, _params, out| {
                     if !warned.swap(true, Ordering::Relaxed) {
                         tracing::warn!(
-                            "filter called {module_name}::{name}, which this host does not implement"
+                            "filter called {module_name}::{name}, which this host does not \
+                             implement"
                         );
                     }
                     for (r, t) in out.iter_mut().zip(results.results()) {
@@ -110,5 +111,64 @@ impl HostLinker {
             )?;
         }
         Ok(linker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostcalls::ENV;
+    use crate::testing::{self, Func, Import, i32_const};
+
+    /// A module importing `imports` (each `(i32) -> i32`), exporting `call<i>` for each.
+    fn calling(imports: &[(&str, &str)]) -> Vec<u8> {
+        let imports: Vec<Import<'_>> = imports
+            .iter()
+            .map(|(module, name)| Import {
+                module,
+                name,
+                params: 1,
+                results: 1,
+            })
+            .collect();
+        let names: Vec<String> = (0..imports.len()).map(|i| format!("call{i}")).collect();
+        let funcs: Vec<Func<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Func {
+                export: n,
+                name: n,
+                params: 0,
+                results: 1,
+                body: [i32_const(0), vec![0x10, i as u8]].concat(),
+            })
+            .collect();
+        testing::module(&imports, &funcs, 1)
+    }
+
+    #[test]
+    fn imports_the_host_lacks_get_stubs_and_unknown_modules_are_refused() {
+        let rt = testing::runtime();
+        let wasm = calling(&[(ENV, "proxy_from_the_future"), (wasi::MODULE, "fd_close")]);
+        let (mut store, instance) = testing::instance(&rt, &wasm);
+        for (export, code) in [
+            ("call0", Status::Unimplemented as i32),
+            ("call1", wasi::ENOSYS),
+        ] {
+            let f = instance
+                .get_typed_func::<(), i32>(&mut store, export)
+                .unwrap();
+            assert_eq!(f.call(&mut store, ()).unwrap(), code, "{export}");
+        }
+
+        let wasm = calling(&[("somewhere_else", "f")]);
+        let module = Module::new(rt.engine(), &wasm).unwrap();
+        let Err(err) = rt.linker().for_module(&module) else {
+            panic!("linked a module importing from somewhere_else");
+        };
+        assert!(
+            err.to_string().contains("unknown module `somewhere_else`"),
+            "{err}"
+        );
     }
 }

@@ -11,8 +11,8 @@ use crate::retired::ChainLife;
 use crate::worker::{self, fail, with_instance};
 
 /// Calls `proxy_on_tick` on this worker's instance of filter `idx` at the period it set
-/// (checked again after every tick, so a filter can change or stop it). Runs until the
-/// worker's runtime ends.
+/// (checked again after every tick, so a filter can change or stop it). Runs until the chain
+/// is retired or the worker's runtime ends.
 pub async fn tick_loop(
     chain: u64,
     idx: usize,
