@@ -79,7 +79,14 @@ fn main() -> ExitCode {
         }
         None => None,
     };
-    let filter_host = Arc::new(WasmHost::new(config.wasm.cache_dir.clone()));
+    // Compiled modules are cached in `wasm.cache_dir`, else in the state dir of a proxy that
+    // follows a control service, else in the user's cache dir (weft_wasm::WasmRuntime::new).
+    let cache_dir = config
+        .wasm
+        .cache_dir
+        .clone()
+        .or_else(|| control.as_ref().map(|c| c.state_dir.join("module-cache")));
+    let filter_host = Arc::new(WasmHost::new(cache_dir));
     let options = ProxyOptions {
         workers,
         config_path: Some(args.config.clone()),

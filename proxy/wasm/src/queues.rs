@@ -11,19 +11,24 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 /// Most items a queue holds; enqueueing into a full queue drops the oldest item.
 const QUEUE_LIMIT: usize = 10_000;
 
+/// One queue.
 struct Queue {
+    /// Items, oldest first.
     items: VecDeque<Vec<u8>>,
     /// The owner's worker and slot.
     owner: (UnboundedSender<(usize, u32)>, usize),
 }
 
+/// Every queue of the process.
 #[derive(Default)]
 struct Registry {
+    /// Tokens by (vm id, name).
     tokens: HashMap<(String, Vec<u8>), u32>,
     /// Index `token - 1`.
     queues: Vec<Queue>,
 }
 
+/// The process-wide registry.
 fn registry() -> &'static Mutex<Registry> {
     static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)

@@ -4,7 +4,10 @@
 //! - any path: echo the plugin and VM configuration, request properties, and edit headers
 //!   (add `x-wasm-added`, replace `x-replace-me`, remove `x-remove-me`);
 //! - `/deny`: local response 403 with a header and a body;
-//! - `/panic`, `/loop`, `/grow`: panic, spin forever, grow memory without bound.
+//! - `/panic`, `/loop`, `/grow`: panic, spin forever, grow memory without bound;
+//! - `/random`: WASI `random_get` for a few normal lengths, answered locally with the bytes
+//!   (hex) and errnos; `/random/huge`: `random_get` for lengths far past the guest's memory
+//!   (4 GiB - 1 and 2 GiB - 1), answered locally with the errnos.
 //!
 //! Plugin configuration `refuse` makes `on_configure` return false.
 //!
@@ -24,6 +27,61 @@ use std::time::Duration;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
+
+#[link(wasm_import_module = "wasi_snapshot_preview1")]
+unsafe extern "C" {
+    /// WASI preview 1 `random_get(buf, len) -> errno`, declared raw so that the filter can
+    /// hand the host any length.
+    #[link_name = "random_get"]
+    fn wasi_random_get(buf: i32, len: i32) -> i32;
+}
+
+/// `random_get` into `buf`: the errno.
+fn random_into(buf: &mut [u8]) -> i32 {
+    // SAFETY: the host writes at most `buf.len()` bytes at `buf`.
+    unsafe { wasi_random_get(buf.as_mut_ptr() as i32, buf.len() as i32) }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The response headers of `/random` and `/random/huge`.
+fn random_route(path: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if path == "/random/huge" {
+        let mut small = [0u8; 16];
+        // Lengths far past the guest's memory: the host must refuse them (EFAULT) without
+        // allocating or filling anything of that size.
+        let errnos = [-1, i32::MAX].map(|len| {
+            // SAFETY: a host that follows WASI writes nothing for an out-of-bounds range.
+            unsafe { wasi_random_get(small.as_mut_ptr() as i32, len) }
+        });
+        out.push((
+            "x-random-errno".into(),
+            format!("{},{}", errnos[0], errnos[1]),
+        ));
+        return out;
+    }
+    let (mut a, mut b) = ([0u8; 32], [0u8; 32]);
+    // Past any 64 KiB chunk a host might use.
+    let mut big = vec![0u8; 200 * 1024];
+    let errnos = [
+        random_into(&mut a),
+        random_into(&mut b),
+        random_into(&mut big),
+        random_into(&mut []),
+    ];
+    let zero_chunks = big
+        .chunks(1024)
+        .filter(|c| c.iter().all(|x| *x == 0))
+        .count();
+    out.push(("x-random-errno".into(), format!("{errnos:?}")));
+    out.push(("x-random-a".into(), hex(&a)));
+    out.push(("x-random-b".into(), hex(&b)));
+    out.push(("x-random-zero-chunks".into(), zero_chunks.to_string()));
+    out
+}
 
 fn metric(kind: MetricType, name: &str) -> u32 {
     hostcalls::define_metric(kind, name).unwrap_or(0)
@@ -120,6 +178,13 @@ impl HttpContext for Stream {
                     i = i.wrapping_add(1);
                     std::hint::black_box(i);
                 }
+            }
+            "/random" | "/random/huge" => {
+                let headers = random_route(&path);
+                let headers: Vec<(&str, &str)> =
+                    headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                self.send_http_response(200, headers, Some(b"random\n"));
+                return Action::Pause;
             }
             "/enqueue" => {
                 if let Ok(Some(queue)) = hostcalls::resolve_shared_queue("basic", "basic_events") {

@@ -1,0 +1,122 @@
+//! `proxy_call_foreign_function` and Weft's extensions behind it (`weft.*`, names and
+//! encodings from [`weft_abi::ext`]): the cluster, timeouts, attempts and delay a request
+//! gets, and the attempt facts and retries a response callback sees.
+
+use std::time::Duration;
+
+use weft_abi::{Status, ext};
+use weft_core::filter::RetryAsk;
+
+use super::{C, ENV};
+use crate::linker::HostLinker;
+use crate::memory::{give, read};
+use crate::state::HostState;
+
+/// Adds `proxy_call_foreign_function`.
+pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
+    l.func_wrap(
+        ENV,
+        "proxy_call_foreign_function",
+        |mut c: C<'_>,
+         name_ptr: i32,
+         name_len: i32,
+         args_ptr: i32,
+         args_len: i32,
+         ret_ptr: i32,
+         ret_len: i32| {
+            let (name, args) = match (
+                read(&mut c, name_ptr, name_len),
+                read(&mut c, args_ptr, args_len),
+            ) {
+                (Ok(n), Ok(a)) => (n, a),
+                (Err(s), _) | (_, Err(s)) => return Ok(s as i32),
+            };
+            match foreign(c.data_mut(), &name, &args) {
+                Ok(None) => Ok(Status::Ok as i32),
+                Ok(Some(bytes)) => {
+                    Ok::<_, wasmtime::Error>(give(&mut c, &bytes, ret_ptr, ret_len)? as i32)
+                }
+                Err(s) => Ok(s as i32),
+            }
+        },
+    )?;
+    Ok(())
+}
+
+/// Runs the Weft extension `name` (`proxy_call_foreign_function`): `Ok(Some(bytes))` to hand
+/// bytes back, `Ok(None)` for none, `Err` with the status otherwise (`NOT_FOUND` for a name
+/// this host does not have).
+pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
+    let millis = |args: &[u8]| -> Result<Duration, Status> {
+        ext::decode_millis(args)
+            .map(Duration::from_millis)
+            .map_err(|_| Status::BadArgument)
+    };
+    let request_phase = state.request.is_some();
+    let Ok(name) = std::str::from_utf8(name) else {
+        return Err(Status::NotFound);
+    };
+    match name {
+        ext::SET_CLUSTER => {
+            if !request_phase {
+                return Err(Status::BadArgument);
+            }
+            let i = state
+                .clusters
+                .iter()
+                .position(|c| c.as_bytes() == args)
+                .ok_or(Status::NotFound)?;
+            state.ext.cluster = Some(i);
+            Ok(None)
+        }
+        ext::SET_TIMEOUT | ext::SET_TRY_TIMEOUT => {
+            if !request_phase {
+                return Err(Status::BadArgument);
+            }
+            let d = millis(args)?;
+            if name == ext::SET_TIMEOUT {
+                state.ext.timeout = Some(d);
+            } else {
+                state.ext.try_timeout = Some(d);
+            }
+            Ok(None)
+        }
+        ext::DELAY => {
+            if !request_phase {
+                return Err(Status::BadArgument);
+            }
+            state.ext.delay = Some(millis(args)?);
+            Ok(None)
+        }
+        ext::SET_ATTEMPTS => {
+            let n = ext::decode_attempts(args).map_err(|_| Status::BadArgument)?;
+            if !request_phase || n == 0 {
+                return Err(Status::BadArgument);
+            }
+            state.ext.max_attempts = Some(n.min(ext::MAX_ATTEMPTS));
+            Ok(None)
+        }
+        ext::ATTEMPT => {
+            let a = state.info.as_ref().ok_or(Status::BadArgument)?.attempt;
+            let info = ext::AttemptInfo {
+                number: a.number,
+                status: a.status,
+                error: a.error,
+            };
+            Ok(Some(info.encode().to_vec()))
+        }
+        ext::RETRY => {
+            let allowed = state.info.as_ref().is_some_and(|i| i.attempt.retry_allowed);
+            if state.response.is_none() || !allowed {
+                return Err(Status::BadArgument);
+            }
+            let args = ext::RetryArgs::decode(args).map_err(|_| Status::BadArgument)?;
+            state.ext.retry = Some(RetryAsk {
+                delay: Duration::from_millis(args.delay_ms),
+                exclude_tried: args.exclude_tried,
+            });
+            Ok(None)
+        }
+        _ => Err(Status::NotFound),
+    }
+}

@@ -1,0 +1,131 @@
+//! Header maps: `proxy_get_header_map_pairs`, `proxy_get_header_map_size`,
+//! `proxy_set_header_map_pairs`, `proxy_get_header_map_value` and the replace, add and remove
+//! calls (what the maps are: [`crate::maps`]).
+
+use weft_abi::{Status, map};
+
+use super::{C, ENV, status};
+use crate::linker::HostLinker;
+use crate::maps::{self, MapEdit, MapKind};
+use crate::memory::{give, read, write_u32};
+
+/// Adds the header-map calls.
+pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
+    l.func_wrap(
+        ENV,
+        "proxy_get_header_map_pairs",
+        |mut c: C<'_>, map: i32, ret_ptr: i32, ret_len: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Ok(Status::BadArgument as i32);
+            };
+            let pairs = maps::map_pairs(c.data(), kind);
+            let bytes = map::serialize(pairs.iter().map(|(k, v)| (k, v)));
+            Ok::<_, wasmtime::Error>(give(&mut c, &bytes, ret_ptr, ret_len)? as i32)
+        },
+    )?;
+    l.func_wrap(
+        ENV,
+        "proxy_get_header_map_size",
+        |mut c: C<'_>, map: i32, ret: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Status::BadArgument as i32;
+            };
+            let pairs = maps::map_pairs(c.data(), kind);
+            let size = map::serialize(pairs.iter().map(|(k, v)| (k, v))).len();
+            status(write_u32(&mut c, ret, size as u32))
+        },
+    )?;
+    l.func_wrap(
+        ENV,
+        "proxy_set_header_map_pairs",
+        |mut c: C<'_>, map: i32, ptr: i32, len: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Status::BadArgument as i32;
+            };
+            let bytes = match read(&mut c, ptr, len) {
+                Ok(b) => b,
+                Err(s) => return s as i32,
+            };
+            let Some(pairs) = map::deserialize(&bytes) else {
+                return Status::BadArgument as i32;
+            };
+            if !maps::map_set_all(c.data_mut(), kind, &pairs) {
+                warn_invalid(&c);
+            }
+            Status::Ok as i32
+        },
+    )?;
+    l.func_wrap(
+        ENV,
+        "proxy_get_header_map_value",
+        |mut c: C<'_>, map: i32, kptr: i32, klen: i32, ret_ptr: i32, ret_len: i32| {
+            let Some(kind) = MapKind::from_abi(map) else {
+                return Ok(Status::BadArgument as i32);
+            };
+            let key = match read(&mut c, kptr, klen) {
+                Ok(k) => k.to_ascii_lowercase(),
+                Err(s) => return Ok(s as i32),
+            };
+            match maps::map_get(c.data(), kind, &key) {
+                Some(v) => Ok::<_, wasmtime::Error>(give(&mut c, &v, ret_ptr, ret_len)? as i32),
+                None => Ok(Status::NotFound as i32),
+            }
+        },
+    )?;
+    for (name, edit) in [
+        ("proxy_replace_header_map_value", MapEdit::Replace),
+        ("proxy_add_header_map_value", MapEdit::Add),
+    ] {
+        l.func_wrap(
+            ENV,
+            name,
+            move |mut c: C<'_>, map: i32, kptr: i32, klen: i32, vptr: i32, vlen: i32| {
+                edit_map(&mut c, map, edit, kptr, klen, Some((vptr, vlen)))
+            },
+        )?;
+    }
+    l.func_wrap(
+        ENV,
+        "proxy_remove_header_map_value",
+        |mut c: C<'_>, map: i32, kptr: i32, klen: i32| {
+            edit_map(&mut c, map, MapEdit::Remove, kptr, klen, None)
+        },
+    )?;
+    Ok(())
+}
+
+/// Warns that a filter's header edit was dropped.
+fn warn_invalid(c: &C<'_>) {
+    tracing::warn!(
+        filter = %c.data().plugin.name,
+        "filter set a header name or value that is not valid HTTP; ignored"
+    );
+}
+
+fn edit_map(
+    c: &mut C<'_>,
+    map: i32,
+    edit: MapEdit,
+    kptr: i32,
+    klen: i32,
+    value: Option<(i32, i32)>,
+) -> i32 {
+    let Some(kind) = MapKind::from_abi(map) else {
+        return Status::BadArgument as i32;
+    };
+    let key = match read(c, kptr, klen) {
+        Ok(k) => k.to_ascii_lowercase(),
+        Err(s) => return s as i32,
+    };
+    let value = match value {
+        Some((p, l)) => match read(c, p, l) {
+            Ok(v) => v,
+            Err(s) => return s as i32,
+        },
+        None => Vec::new(),
+    };
+    if !maps::map_edit(c.data_mut(), kind, edit, &key, &value) {
+        warn_invalid(c);
+    }
+    Status::Ok as i32
+}

@@ -1,0 +1,47 @@
+//! Properties: `proxy_get_property` (what there is: [`crate::properties`]) and
+//! `proxy_set_property` (per stream while a stream callback runs, else per context).
+
+use weft_abi::Status;
+
+use super::{C, ENV};
+use crate::linker::HostLinker;
+use crate::memory::{give, read};
+
+/// Adds the property calls.
+pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
+    l.func_wrap(
+        ENV,
+        "proxy_get_property",
+        |mut c: C<'_>, ptr: i32, len: i32, ret_ptr: i32, ret_len: i32| {
+            let path = match read(&mut c, ptr, len) {
+                Ok(p) => p,
+                Err(s) => return Ok(s as i32),
+            };
+            match crate::properties::property(c.data(), &path) {
+                Some(v) => Ok::<_, wasmtime::Error>(give(&mut c, &v, ret_ptr, ret_len)? as i32),
+                None => Ok(Status::NotFound as i32),
+            }
+        },
+    )?;
+    l.func_wrap(
+        ENV,
+        "proxy_set_property",
+        |mut c: C<'_>, ptr: i32, len: i32, vptr: i32, vlen: i32| {
+            let (path, value) = match (read(&mut c, ptr, len), read(&mut c, vptr, vlen)) {
+                (Ok(p), Ok(v)) => (p, v),
+                (Err(s), _) | (_, Err(s)) => return s as i32,
+            };
+            let data = c.data_mut();
+            match &mut data.stream_props {
+                Some(props) => {
+                    props.insert(path, value);
+                }
+                None => {
+                    data.properties.insert((data.context, path), value);
+                }
+            }
+            Status::Ok as i32
+        },
+    )?;
+    Ok(())
+}

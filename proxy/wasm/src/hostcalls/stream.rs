@@ -1,0 +1,94 @@
+//! The stream: `proxy_send_local_response`, `proxy_continue_stream` / `proxy_close_stream`
+//! (and the 0.1 names `proxy_continue_request` / `proxy_continue_response`),
+//! `proxy_clear_route_cache`, `proxy_done` and `proxy_set_effective_context`.
+
+use weft_abi::{Status, map};
+
+use super::{C, ENV};
+use crate::linker::HostLinker;
+use crate::memory::read;
+use crate::state::LocalResponse;
+
+/// Adds the stream calls.
+pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
+    l.func_wrap(
+        ENV,
+        "proxy_send_local_response",
+        |mut c: C<'_>,
+         code: i32,
+         dptr: i32,
+         dlen: i32,
+         bptr: i32,
+         blen: i32,
+         hptr: i32,
+         hlen: i32,
+         _grpc: i32| {
+            let read_all = |c: &mut C<'_>| -> Result<_, Status> {
+                Ok((
+                    read(c, dptr, dlen)?,
+                    read(c, bptr, blen)?,
+                    read(c, hptr, hlen)?,
+                ))
+            };
+            let (details, body, headers) = match read_all(&mut c) {
+                Ok(x) => x,
+                Err(s) => return s as i32,
+            };
+            let Some(headers) = map::deserialize(&headers) else {
+                return Status::BadArgument as i32;
+            };
+            let headers = headers
+                .into_iter()
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            let Ok(status) = u16::try_from(code) else {
+                return Status::BadArgument as i32;
+            };
+            c.data_mut().local_response = Some(LocalResponse {
+                status,
+                details: String::from_utf8_lossy(&details).into_owned(),
+                body,
+                headers,
+            });
+            Status::Ok as i32
+        },
+    )?;
+    // Continuing marks a paused request as resumed; closing ends it with a local 503.
+    for name in ["proxy_continue_stream", "proxy_close_stream"] {
+        let close = name == "proxy_close_stream";
+        l.func_wrap(ENV, name, move |mut c: C<'_>, _stream: i32| {
+            if !close {
+                c.data_mut().resumed = true;
+            } else if c.data().local_response.is_none() {
+                c.data_mut().local_response = Some(LocalResponse {
+                    status: 503,
+                    details: "closed_by_filter".into(),
+                    body: b"stream closed by filter\n".to_vec(),
+                    headers: Vec::new(),
+                });
+            }
+            Status::Ok as i32
+        })?;
+    }
+    for name in ["proxy_continue_request", "proxy_continue_response"] {
+        l.func_wrap(ENV, name, |mut c: C<'_>| {
+            c.data_mut().resumed = true;
+            Status::Ok as i32
+        })?;
+    }
+    for name in ["proxy_clear_route_cache", "proxy_done"] {
+        l.func_wrap(ENV, name, |_c: C<'_>| Status::Ok as i32)?;
+    }
+    l.func_wrap(
+        ENV,
+        "proxy_set_effective_context",
+        |mut c: C<'_>, context: i32| {
+            if context <= 0 {
+                return Status::BadArgument as i32;
+            }
+            c.data_mut().context = context as u32;
+            Status::Ok as i32
+        },
+    )?;
+    Ok(())
+}

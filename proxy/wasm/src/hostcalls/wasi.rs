@@ -1,0 +1,191 @@
+//! A minimal WASI preview 1: `fd_write` to stdout and stderr (lines go to the proxy's log),
+//! empty arguments and environment, clocks, `random_get`, `sched_yield`, and `proc_exit`
+//! (which fails the instance). No filesystem or sockets: anything else a module imports from
+//! WASI answers `ENOSYS` ([`crate::linker`]).
+
+use weft_abi::LogLevel;
+
+use super::C;
+use super::log::log_at;
+use super::time::unix_ns;
+use crate::linker::HostLinker;
+use crate::memory::{read, with_slice_mut, write, write_u32};
+
+/// The WASI preview 1 import module.
+pub const MODULE: &str = "wasi_snapshot_preview1";
+
+/// Success.
+const ESUCCESS: i32 = 0;
+/// Bad file descriptor.
+const EBADF: i32 = 8;
+/// Bad address: a pointer or length outside the guest's memory.
+const EFAULT: i32 = 21;
+/// Invalid argument.
+const EINVAL: i32 = 28;
+/// I/O error.
+const EIO: i32 = 29;
+/// Function not implemented.
+pub const ENOSYS: i32 = 52;
+
+/// Adds the WASI functions.
+pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
+    l.func_wrap(
+        MODULE,
+        "fd_write",
+        |mut c: C<'_>, fd: i32, iovs: i32, iovs_len: i32, nwritten: i32| {
+            if fd != 1 && fd != 2 {
+                return EBADF;
+            }
+            let Ok(table) = read(&mut c, iovs, iovs_len.saturating_mul(8)) else {
+                return EFAULT;
+            };
+            let mut total = 0u32;
+            for iov in table.chunks_exact(8) {
+                let ptr = i32::from_le_bytes([iov[0], iov[1], iov[2], iov[3]]);
+                let len = i32::from_le_bytes([iov[4], iov[5], iov[6], iov[7]]);
+                let Ok(bytes) = read(&mut c, ptr, len) else {
+                    return EFAULT;
+                };
+                total = total.saturating_add(bytes.len() as u32);
+                c.data_mut().stdout.extend_from_slice(&bytes);
+            }
+            // Whole lines go to the proxy's log, tagged with the filter's name.
+            while let Some(nl) = c.data().stdout.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = c.data_mut().stdout.drain(..=nl).collect();
+                let level = if fd == 2 {
+                    LogLevel::Warn
+                } else {
+                    LogLevel::Info
+                };
+                log_at(&c.data().plugin.name, Some(level), &line[..nl]);
+            }
+            if c.data().stdout.len() > 64 * 1024 {
+                let line = std::mem::take(&mut c.data_mut().stdout);
+                log_at(&c.data().plugin.name, Some(LogLevel::Info), &line);
+            }
+            if write_u32(&mut c, nwritten, total).is_err() {
+                return EFAULT;
+            }
+            ESUCCESS
+        },
+    )?;
+    for name in ["environ_sizes_get", "args_sizes_get"] {
+        l.func_wrap(
+            MODULE,
+            name,
+            |mut c: C<'_>, count: i32, size: i32| match write_u32(&mut c, count, 0)
+                .and_then(|_| write_u32(&mut c, size, 0))
+            {
+                Ok(()) => ESUCCESS,
+                Err(_) => EFAULT,
+            },
+        )?;
+    }
+    for name in ["environ_get", "args_get"] {
+        l.func_wrap(MODULE, name, |_c: C<'_>, _: i32, _: i32| ESUCCESS)?;
+    }
+    l.func_wrap(
+        MODULE,
+        "proc_exit",
+        |_c: C<'_>, code: i32| -> wasmtime::Result<()> {
+            Err(wasmtime::format_err!("filter called proc_exit({code})"))
+        },
+    )?;
+    l.func_wrap(
+        MODULE,
+        "clock_time_get",
+        |mut c: C<'_>, id: i32, _precision: i64, ret: i32| {
+            let ns = match id {
+                0 => unix_ns(),
+                1..=3 => weft_core::clock::now_ns(),
+                _ => return EINVAL,
+            };
+            match write(&mut c, ret, &ns.to_le_bytes()) {
+                Ok(()) => ESUCCESS,
+                Err(_) => EFAULT,
+            }
+        },
+    )?;
+    l.func_wrap(
+        MODULE,
+        "clock_res_get",
+        |mut c: C<'_>, _id: i32, ret: i32| match write(&mut c, ret, &1_000u64.to_le_bytes()) {
+            Ok(()) => ESUCCESS,
+            Err(_) => EFAULT,
+        },
+    )?;
+    // Filled in place in guest memory from the operating system's generator: the host
+    // allocates nothing, whatever length the guest asks for.
+    l.func_wrap(
+        MODULE,
+        "random_get",
+        |mut c: C<'_>, ptr: i32, len: i32| match with_slice_mut(&mut c, ptr, len, getrandom::fill) {
+            Ok(Ok(())) => ESUCCESS,
+            Ok(Err(e)) => {
+                tracing::warn!("random_get: the system's generator failed: {e}");
+                EIO
+            }
+            Err(_) => EFAULT,
+        },
+    )?;
+    l.func_wrap(MODULE, "sched_yield", |_c: C<'_>| ESUCCESS)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{self, Func, Import};
+
+    #[test]
+    fn random_get_fills_guest_memory_in_place_and_refuses_what_is_outside_it() {
+        let rt = testing::runtime();
+        // (func (export "rand") (param i32 i32) (result i32) local.get 0 local.get 1 call 0)
+        let wasm = testing::module(
+            &[Import {
+                module: MODULE,
+                name: "random_get",
+                params: 2,
+                results: 1,
+            }],
+            &[Func {
+                export: "rand",
+                name: "rand",
+                params: 2,
+                results: 1,
+                body: vec![0x20, 0x00, 0x20, 0x01, 0x10, 0x00],
+            }],
+            1,
+        );
+        let (mut store, instance) = testing::instance(&rt, &wasm);
+        let rand = instance
+            .get_typed_func::<(i32, i32), i32>(&mut store, "rand")
+            .unwrap();
+        let memory = instance.get_memory(&mut store, "memory").unwrap();
+        let page = 65_536;
+
+        // All of the guest's memory: random, in every 1 KiB.
+        assert_eq!(rand.call(&mut store, (0, page)).unwrap(), ESUCCESS);
+        let first = memory.data(&store)[..page as usize].to_vec();
+        assert!(first.chunks(1024).all(|c| c.iter().any(|b| *b != 0)));
+        assert_eq!(rand.call(&mut store, (0, 32)).unwrap(), ESUCCESS);
+        assert_ne!(
+            memory.data(&store)[..32],
+            first[..32],
+            "fresh bytes each call"
+        );
+        assert_eq!(rand.call(&mut store, (page, 0)).unwrap(), ESUCCESS);
+
+        // Past the end, by a little or by almost 4 GiB: EFAULT, with nothing allocated.
+        let before = testing::peak_rss();
+        assert_eq!(rand.call(&mut store, (page - 8, 16)).unwrap(), EFAULT);
+        assert_eq!(rand.call(&mut store, (16, -1)).unwrap(), EFAULT);
+        assert_eq!(rand.call(&mut store, (16, i32::MAX)).unwrap(), EFAULT);
+        assert_eq!(rand.call(&mut store, (-1, 2)).unwrap(), EFAULT);
+        let after = testing::peak_rss();
+        assert!(
+            after < before + (64 << 20),
+            "peak RSS went from {before} to {after}"
+        );
+    }
+}

@@ -1,0 +1,553 @@
+//! A running filter instance ([`FilterInstance`]): its store, started (instantiate,
+//! `_initialize`, root context, `on_vm_start`, `on_configure`) from a [`FilterSpec`], and one
+//! entry point per callback. Each entry point moves what the callback may see into the store
+//! (heads, body, trailers, the stream's [`Seen`]), arms the deadline, calls the export, takes
+//! everything back trap or not, and returns what the callback asked for ([`Callback`]) or the
+//! [`Failure`].
+
+use std::sync::Arc;
+
+use http::header::HeaderMap;
+use http::{request, response};
+use wasmtime::{Engine, InstancePre, Store, TypedFunc};
+
+use weft_abi::{BufferType, MapType};
+use weft_config::FailurePolicy;
+use weft_core::filter::{Callout, CalloutOutcome, Direction, StreamInfo};
+
+use crate::failure::{Failure, FailureCounters, classify};
+use crate::limits::{self, LIFECYCLE_TICKS, arm};
+use crate::state::{BodyBuf, CalloutResponse, Ext, HostState, LocalResponse, PluginMeta, Seen};
+
+/// The root context's id in every instance.
+const ROOT_CONTEXT: i32 = 1;
+
+/// One configured filter, ready to be instantiated on any worker.
+pub struct FilterSpec {
+    /// Identity and configuration.
+    pub meta: Arc<PluginMeta>,
+    /// The module linked against the host functions.
+    pub pre: InstancePre<HostState>,
+    /// The engine (for stores).
+    pub engine: Engine,
+    /// What a failure does.
+    pub policy: FailurePolicy,
+    /// Linear memory cap.
+    pub memory_bytes: usize,
+    /// Epoch ticks allowed to a stream callback.
+    pub callback_ticks: u64,
+    /// Counts the filter's failures.
+    pub failures: FailureCounters,
+    /// Metrics filters define.
+    pub defined_metrics: Arc<weft_core::metrics::FilterMetricSet>,
+    /// Whether the module exports `proxy_on_tick`.
+    pub has_tick: bool,
+    /// Whether the module exports body or trailers callbacks, by [`Direction`].
+    pub body_callbacks: [bool; 2],
+    /// Most body bytes the filter may buffer.
+    pub buffer_limit: usize,
+    /// Names of the clusters callouts may go to.
+    pub clusters: Arc<[String]>,
+}
+
+/// A `(context, count or size, end of stream) -> action` callback: headers and bodies.
+type StreamFn = TypedFunc<(i32, i32, i32), i32>;
+
+/// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
+
+/// The export name of the body callback for `direction`.
+pub fn body_callback(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Request => "proxy_on_request_body",
+        Direction::Response => "proxy_on_response_body",
+    }
+}
+
+/// The export name of the trailers callback for `direction`.
+pub fn trailers_callback(direction: Direction) -> &'static str {
+    match direction {
+        Direction::Request => "proxy_on_request_trailers",
+        Direction::Response => "proxy_on_response_trailers",
+    }
+}
+
+/// The buffer that holds `direction`'s body during a body callback.
+fn body_buffer(direction: Direction) -> BufferType {
+    match direction {
+        Direction::Request => BufferType::HttpRequestBody,
+        Direction::Response => BufferType::HttpResponseBody,
+    }
+}
+
+/// The map that holds `direction`'s trailers during a trailers callback.
+fn trailers_map(direction: Direction) -> MapType {
+    match direction {
+        Direction::Request => MapType::HttpRequestTrailers,
+        Direction::Response => MapType::HttpResponseTrailers,
+    }
+}
+
+/// The callbacks a module exports (those it may lack are `None`).
+pub struct Exports {
+    /// `proxy_on_context_create(context, parent)`, the one export every filter has.
+    on_context_create: TypedFunc<(i32, i32), ()>,
+    /// `proxy_on_request_headers(context, headers, end of stream)`.
+    on_request_headers: Option<StreamFn>,
+    /// `proxy_on_response_headers(context, headers, end of stream)`.
+    on_response_headers: Option<StreamFn>,
+    /// `proxy_on_{request,response}_body(context, buffered length, end of stream)`, by
+    /// [`Direction`].
+    on_body: [Option<StreamFn>; 2],
+    /// `proxy_on_{request,response}_trailers(context, count)`, by [`Direction`].
+    on_trailers: [Option<TypedFunc<(i32, i32), i32>>; 2],
+    on_http_call_response: Option<CallResponseFn>,
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
+    on_delete: Option<TypedFunc<i32, ()>>,
+}
+
+/// A running instance of a filter.
+pub struct FilterInstance {
+    store: Store<HostState>,
+    exports: Exports,
+    instance_tick: Option<TypedFunc<i32, ()>>,
+    instance_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
+    next_context: i32,
+}
+
+impl FilterInstance {
+    /// Instantiates and starts a filter: `_initialize`/`_start`, the root context,
+    /// `on_vm_start` and `on_configure`. Either returning false is a
+    /// [`crate::failure::FailureKind::Start`] failure.
+    pub fn start(spec: &FilterSpec, slot: usize) -> Result<Self, Failure> {
+        let start_err = Failure::start;
+        let mut store = Store::new(
+            &spec.engine,
+            HostState::new(
+                spec.meta.clone(),
+                spec.memory_bytes,
+                spec.defined_metrics.clone(),
+                spec.clusters.clone(),
+            ),
+        );
+        store.data_mut().slot = slot;
+        limits::install(&mut store);
+        arm(&mut store, LIFECYCLE_TICKS);
+        let instance = spec
+            .pre
+            .instantiate(&mut store)
+            .map_err(|e| failed(&store, e, "instantiate"))?;
+        for init in ["_initialize", "_start"] {
+            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, init) {
+                f.call(&mut store, ())
+                    .map_err(|e| failed(&store, e, init))?;
+                break;
+            }
+        }
+        let func = |store: &mut Store<HostState>, name: &str| instance.get_func(&mut *store, name);
+        let typed3 = |store: &mut Store<HostState>, name: &str| {
+            func(store, name).and_then(|f| f.typed::<(i32, i32, i32), i32>(&*store).ok())
+        };
+        let exports = Exports {
+            on_context_create: func(&mut store, "proxy_on_context_create")
+                .and_then(|f| f.typed(&store).ok())
+                .ok_or_else(|| {
+                    start_err("module does not export proxy_on_context_create".into())
+                })?,
+            on_request_headers: typed3(&mut store, "proxy_on_request_headers"),
+            on_response_headers: typed3(&mut store, "proxy_on_response_headers"),
+            on_body: [Direction::Request, Direction::Response]
+                .map(|d| typed3(&mut store, body_callback(d))),
+            on_trailers: [Direction::Request, Direction::Response]
+                .map(|d| func(&mut store, trailers_callback(d)).and_then(|f| f.typed(&store).ok())),
+            on_http_call_response: func(&mut store, "proxy_on_http_call_response")
+                .and_then(|f| f.typed(&store).ok()),
+            on_done: func(&mut store, "proxy_on_done").and_then(|f| f.typed(&store).ok()),
+            on_log: func(&mut store, "proxy_on_log").and_then(|f| f.typed(&store).ok()),
+            on_delete: func(&mut store, "proxy_on_delete").and_then(|f| f.typed(&store).ok()),
+        };
+        store.data_mut().context = ROOT_CONTEXT as u32;
+        exports
+            .on_context_create
+            .call(&mut store, (ROOT_CONTEXT, 0))
+            .map_err(|e| failed(&store, e, "proxy_on_context_create"))?;
+        let vm_len = spec.meta.vm_config.len() as i32;
+        let cfg_len = spec.meta.config.len() as i32;
+        for (name, len) in [
+            ("proxy_on_vm_start", vm_len),
+            ("proxy_on_configure", cfg_len),
+        ] {
+            let Some(f) = func(&mut store, name) else {
+                continue;
+            };
+            let f = f
+                .typed::<(i32, i32), i32>(&store)
+                .map_err(|e| start_err(format!("{name} has the wrong type: {e}")))?;
+            let ok = f
+                .call(&mut store, (ROOT_CONTEXT, len))
+                .map_err(|e| failed(&store, e, name))?;
+            if ok == 0 {
+                return Err(start_err(format!("{name} returned false")));
+            }
+        }
+        let instance_tick = func(&mut store, "proxy_on_tick").and_then(|f| f.typed(&store).ok());
+        let instance_queue_ready =
+            func(&mut store, "proxy_on_queue_ready").and_then(|f| f.typed(&store).ok());
+        Ok(Self {
+            store,
+            exports,
+            instance_tick,
+            instance_queue_ready,
+            next_context: ROOT_CONTEXT + 1,
+        })
+    }
+
+    /// The filter's name.
+    pub fn name(&self) -> &str {
+        &self.store.data().plugin.name
+    }
+
+    /// The tick period the filter asked for (0: none).
+    pub fn tick_period_ms(&self) -> u32 {
+        self.store.data().tick_period_ms
+    }
+
+    /// `proxy_on_tick` on the root context.
+    pub fn on_tick(&mut self, ticks: u64) -> Result<(), Failure> {
+        let Some(f) = &self.instance_tick else {
+            return Ok(());
+        };
+        arm(&mut self.store, ticks);
+        self.store.data_mut().context = ROOT_CONTEXT as u32;
+        self.store.data_mut().info = None;
+        f.call(&mut self.store, ROOT_CONTEXT)
+            .map_err(|e| failed(&self.store, e, "proxy_on_tick"))
+    }
+
+    /// `proxy_on_queue_ready` on the root context.
+    pub fn on_queue_ready(&mut self, ticks: u64, token: u32) -> Result<(), Failure> {
+        let Some(f) = &self.instance_queue_ready else {
+            return Ok(());
+        };
+        arm(&mut self.store, ticks);
+        self.store.data_mut().context = ROOT_CONTEXT as u32;
+        self.store.data_mut().info = None;
+        f.call(&mut self.store, (ROOT_CONTEXT, token as i32))
+            .map_err(|e| failed(&self.store, e, "proxy_on_queue_ready"))
+    }
+
+    pub fn new_context(&mut self, ticks: u64) -> Result<i32, Failure> {
+        let id = self.next_context;
+        self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+        arm(&mut self.store, ticks);
+        self.store.data_mut().context = id as u32;
+        self.exports
+            .on_context_create
+            .call(&mut self.store, (id, ROOT_CONTEXT))
+            .map_err(|e| failed(&self.store, e, "proxy_on_context_create"))?;
+        Ok(id)
+    }
+
+    /// Runs the headers callback of `H` (request or response) for `context`, with the head
+    /// moved into the store for the duration of the call and back out after it, trap or not.
+    pub fn headers<H: Head>(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        head: &mut H,
+        info: &StreamInfo,
+        end_of_stream: bool,
+        seen: &mut Seen,
+    ) -> Result<Callback, Failure> {
+        if H::callback(&self.exports).is_none() {
+            return Ok(Callback::default());
+        }
+        let n = head.pairs();
+        self.enter(head, info, context);
+        // The request as it went upstream stays readable from the response callbacks.
+        seen.lend(self.store.data_mut());
+        arm(&mut self.store, ticks);
+        let result = match H::callback(&self.exports) {
+            Some(f) => f.call(&mut self.store, (context, n, end_of_stream as i32)),
+            None => Ok(0),
+        };
+        seen.take_back(self.store.data_mut());
+        let outcome = self.leave(head);
+        let action = result.map_err(|e| failed(&self.store, e, H::CALLBACK))?;
+        Ok(Callback {
+            paused: action == 1,
+            ..outcome
+        })
+    }
+
+    /// Moves a head into the store and resets the per-callback state.
+    fn enter<H: Head>(&mut self, head: &mut H, info: &StreamInfo, context: i32) {
+        let data = self.store.data_mut();
+        *H::slot(data) = Some(std::mem::replace(head, H::empty()));
+        begin_callback(data, info, context);
+    }
+
+    /// Moves the head back out and collects what the callback asked for.
+    fn leave<H: Head>(&mut self, head: &mut H) -> Callback {
+        let data = self.store.data_mut();
+        if let Some(back) = H::slot(data).take() {
+            *head = back;
+        }
+        data.callout_response = None;
+        Callback {
+            local: data.local_response.take(),
+            callouts: std::mem::take(&mut data.callouts),
+            resumed: data.resumed,
+            paused: false,
+            ext: std::mem::take(&mut data.ext),
+        }
+    }
+
+    /// Delivers a callout's outcome with `proxy_on_http_call_response`, the request head in
+    /// the store so the filter can still edit it.
+    pub fn callout_response<H: Head>(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        head: &mut H,
+        info: &StreamInfo,
+        outcome: CalloutOutcome,
+        seen: &mut Seen,
+    ) -> Result<Callback, Failure> {
+        let Some(f) = self.exports.on_http_call_response.clone() else {
+            return Ok(Callback {
+                resumed: true,
+                ..Callback::default()
+            });
+        };
+        self.enter(head, info, context);
+        let response = match outcome.response {
+            Ok((head, body)) => CalloutResponse {
+                head: Some(head),
+                body: body.to_vec(),
+            },
+            Err(why) => {
+                tracing::debug!(filter = %self.store.data().plugin.name, "callout failed: {why}");
+                CalloutResponse::default()
+            }
+        };
+        let headers = response
+            .head
+            .as_ref()
+            .map_or(0, |h| h.headers.len() as i32 + 1);
+        let body_len = response.body.len() as i32;
+        let data = self.store.data_mut();
+        data.callout_response = Some(response);
+        seen.lend(data);
+        arm(&mut self.store, ticks);
+        let result = f.call(
+            &mut self.store,
+            (context, outcome.token as i32, headers, body_len, 0),
+        );
+        seen.take_back(self.store.data_mut());
+        let outcome = self.leave(head);
+        result.map_err(|e| failed(&self.store, e, "proxy_on_http_call_response"))?;
+        Ok(outcome)
+    }
+
+    /// `proxy_on_{request,response}_body` with `buf` as the body buffer, and the request and
+    /// response heads as they went on readable as properties.
+    #[allow(clippy::too_many_arguments)]
+    pub fn body(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        direction: Direction,
+        buf: &mut BodyBuf,
+        end_of_stream: bool,
+        info: &StreamInfo,
+        seen: &mut Seen,
+    ) -> Result<Callback, Failure> {
+        let Some(f) = &self.exports.on_body[direction as usize] else {
+            return Ok(Callback::default());
+        };
+        let len = buf.len() as i32;
+        self.store.data_mut().body = Some((body_buffer(direction), std::mem::take(buf)));
+        let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {
+            f.call(store, (context, len, end_of_stream as i32))
+        });
+        if let Some((_, back)) = self.store.data_mut().body.take() {
+            *buf = back;
+        }
+        let (action, callback) = result;
+        let action = action.map_err(|e| failed(&self.store, e, body_callback(direction)))?;
+        Ok(Callback {
+            paused: action == 1,
+            ..callback
+        })
+    }
+
+    /// `proxy_on_{request,response}_trailers` with `trailers` as map 1 or 3.
+    pub fn trailers(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        direction: Direction,
+        trailers: &mut HeaderMap,
+        info: &StreamInfo,
+        seen: &mut Seen,
+    ) -> Result<Callback, Failure> {
+        let Some(f) = &self.exports.on_trailers[direction as usize] else {
+            return Ok(Callback::default());
+        };
+        let map = trailers_map(direction);
+        let n = trailers.len() as i32;
+        self.store.data_mut().trailers = Some((map, std::mem::take(trailers)));
+        let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {
+            f.call(store, (context, n))
+        });
+        if let Some((_, back)) = self.store.data_mut().trailers.take() {
+            *trailers = back;
+        }
+        let (action, callback) = result;
+        action.map_err(|e| failed(&self.store, e, trailers_callback(direction)))?;
+        Ok(callback)
+    }
+
+    /// `on_done`, `on_log`, `on_delete` for a finished stream's context, with the request
+    /// and response as they were sent readable as properties (read-only copies).
+    pub fn end_context(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        info: &StreamInfo,
+        seen: &mut Seen,
+    ) -> Result<(), Failure> {
+        let data = self.store.data_mut();
+        data.info = Some(*info);
+        data.context = context as u32;
+        seen.lend(data);
+        arm(&mut self.store, ticks);
+        let result = self.end_callbacks(context);
+        seen.take_back(self.store.data_mut());
+        result
+    }
+
+    fn end_callbacks(&mut self, context: i32) -> Result<(), Failure> {
+        if let Some(f) = &self.exports.on_done {
+            f.call(&mut self.store, context)
+                .map_err(|e| failed(&self.store, e, "proxy_on_done"))?;
+        }
+        if let Some(f) = &self.exports.on_log {
+            f.call(&mut self.store, context)
+                .map_err(|e| failed(&self.store, e, "proxy_on_log"))?;
+        }
+        if let Some(f) = &self.exports.on_delete {
+            f.call(&mut self.store, context)
+                .map_err(|e| failed(&self.store, e, "proxy_on_delete"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The failure of a call on `store` that returned `e`, classified by what the store's limits
+/// recorded.
+fn failed(store: &Store<HostState>, e: wasmtime::Error, during: &str) -> Failure {
+    classify(e, store.data().limits.stopped(), during)
+}
+
+/// Resets the per-callback state of the store for a callback on `context`.
+fn begin_callback(data: &mut HostState, info: &StreamInfo, context: i32) {
+    data.info = Some(*info);
+    data.context = context as u32;
+    data.local_response = None;
+    data.callouts.clear();
+    data.resumed = false;
+    data.ext = Default::default();
+}
+
+/// Runs `call` with the stream's recorded heads in the store (read-only copies) and the
+/// per-callback state reset; returns its result and what it asked for.
+fn with_seen<R>(
+    store: &mut Store<HostState>,
+    ticks: u64,
+    context: i32,
+    info: &StreamInfo,
+    seen: &mut Seen,
+    call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+) -> (wasmtime::Result<R>, Callback) {
+    let data = store.data_mut();
+    begin_callback(data, info, context);
+    seen.lend(data);
+    arm(store, ticks);
+    let result = call(store);
+    let data = store.data_mut();
+    seen.take_back(data);
+    let callback = Callback {
+        local: data.local_response.take(),
+        // Callouts are only sent from request headers; others are dropped.
+        callouts: Vec::new(),
+        resumed: data.resumed,
+        paused: false,
+        ext: std::mem::take(&mut data.ext),
+    };
+    data.callouts.clear();
+    (result, callback)
+}
+
+/// What a callback left behind.
+#[derive(Default)]
+pub struct Callback {
+    /// A local response it asked for.
+    pub local: Option<LocalResponse>,
+    /// Callouts it dispatched.
+    pub callouts: Vec<Callout>,
+    /// It returned `Pause`.
+    pub paused: bool,
+    /// It called `proxy_continue_stream`.
+    pub resumed: bool,
+    /// What it asked through `weft.*` extensions.
+    pub ext: Ext,
+}
+
+/// A request or response head, as a headers callback sees it.
+pub trait Head: Sized {
+    /// The export's name.
+    const CALLBACK: &'static str;
+    /// The export to call.
+    fn callback(e: &Exports) -> Option<&StreamFn>;
+    /// Where the head lives in the store during the call.
+    fn slot(state: &mut HostState) -> &mut Option<Self>;
+    /// A placeholder left behind while the head is in the store.
+    fn empty() -> Self;
+    /// Header count the guest is told, pseudo-headers included.
+    fn pairs(&self) -> i32;
+}
+
+impl Head for request::Parts {
+    const CALLBACK: &'static str = "proxy_on_request_headers";
+    fn callback(e: &Exports) -> Option<&StreamFn> {
+        e.on_request_headers.as_ref()
+    }
+    fn slot(state: &mut HostState) -> &mut Option<Self> {
+        &mut state.request
+    }
+    fn empty() -> Self {
+        http::Request::new(()).into_parts().0
+    }
+    fn pairs(&self) -> i32 {
+        self.headers.len() as i32 + 4
+    }
+}
+
+impl Head for response::Parts {
+    const CALLBACK: &'static str = "proxy_on_response_headers";
+    fn callback(e: &Exports) -> Option<&StreamFn> {
+        e.on_response_headers.as_ref()
+    }
+    fn slot(state: &mut HostState) -> &mut Option<Self> {
+        &mut state.response
+    }
+    fn empty() -> Self {
+        http::Response::new(()).into_parts().0
+    }
+    fn pairs(&self) -> i32 {
+        self.headers.len() as i32 + 1
+    }
+}

@@ -1,0 +1,111 @@
+//! Bounds-checked access to a guest's linear memory: reads and writes that answer
+//! `INVALID_MEMORY_ACCESS` instead of touching anything outside it, and [`give`], which hands
+//! bytes to the guest through its own allocator as the proxy-wasm SDKs expect.
+
+use wasmtime::{Caller, Extern, Memory};
+
+use weft_abi::Status;
+
+use crate::state::HostState;
+
+/// Why a host function could not touch guest memory.
+pub type MemResult<T> = Result<T, Status>;
+
+/// The guest's exported `memory` (looked up once).
+fn memory(caller: &mut Caller<'_, HostState>) -> MemResult<Memory> {
+    if let Some(m) = caller.data().memory {
+        return Ok(m);
+    }
+    match caller.get_export("memory") {
+        Some(Extern::Memory(m)) => {
+            caller.data_mut().memory = Some(m);
+            Ok(m)
+        }
+        _ => Err(Status::InternalFailure),
+    }
+}
+
+/// Copies `len` bytes at `ptr` out of guest memory, bounds-checked.
+pub fn read(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> MemResult<Vec<u8>> {
+    let mem = memory(caller)?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    mem.data(&caller)
+        .get(ptr..ptr.checked_add(len).ok_or(Status::InvalidMemoryAccess)?)
+        .map(<[u8]>::to_vec)
+        .ok_or(Status::InvalidMemoryAccess)
+}
+
+/// Writes `bytes` at `ptr` in guest memory, bounds-checked.
+pub fn write(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> MemResult<()> {
+    let mem = memory(caller)?;
+    let ptr = ptr as u32 as usize;
+    let end = ptr
+        .checked_add(bytes.len())
+        .ok_or(Status::InvalidMemoryAccess)?;
+    mem.data_mut(&mut *caller)
+        .get_mut(ptr..end)
+        .ok_or(Status::InvalidMemoryAccess)?
+        .copy_from_slice(bytes);
+    Ok(())
+}
+
+/// Runs `f` on the `len` bytes of guest memory at `ptr`, in place (nothing is copied or
+/// allocated, whatever `len`), bounds-checked.
+pub fn with_slice_mut<R>(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    f: impl FnOnce(&mut [u8]) -> R,
+) -> MemResult<R> {
+    let mem = memory(caller)?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    let end = ptr.checked_add(len).ok_or(Status::InvalidMemoryAccess)?;
+    let slice = mem
+        .data_mut(&mut *caller)
+        .get_mut(ptr..end)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    Ok(f(slice))
+}
+
+/// Writes a little-endian u32 at `ptr`.
+pub fn write_u32(caller: &mut Caller<'_, HostState>, ptr: i32, v: u32) -> MemResult<()> {
+    write(caller, ptr, &v.to_le_bytes())
+}
+
+/// Hands `bytes` to the guest: allocates them with the guest's allocator, copies them in and
+/// stores pointer and length at `ret_ptr` / `ret_len`, as the SDKs expect (they take
+/// ownership of the allocation). A trap inside the guest allocator is returned as an error.
+pub fn give(
+    caller: &mut Caller<'_, HostState>,
+    bytes: &[u8],
+    ret_ptr: i32,
+    ret_len: i32,
+) -> wasmtime::Result<Status> {
+    let alloc = match caller.data().alloc.clone() {
+        Some(a) => a,
+        None => {
+            let f = caller
+                .get_export("proxy_on_memory_allocate")
+                .or_else(|| caller.get_export("malloc"))
+                .and_then(Extern::into_func);
+            let Some(f) = f else {
+                return Ok(Status::InternalFailure);
+            };
+            let typed = f.typed::<i32, i32>(&caller)?;
+            caller.data_mut().alloc = Some(typed.clone());
+            typed
+        }
+    };
+    let len = i32::try_from(bytes.len()).map_err(|_| wasmtime::format_err!("value too large"))?;
+    let ptr = alloc.call(&mut *caller, len)?;
+    if ptr == 0 && !bytes.is_empty() {
+        return Ok(Status::InternalFailure);
+    }
+    let status = write(caller, ptr, bytes)
+        .and_then(|_| write_u32(caller, ret_ptr, ptr as u32))
+        .and_then(|_| write_u32(caller, ret_len, len as u32));
+    Ok(match status {
+        Ok(()) => Status::Ok,
+        Err(s) => s,
+    })
+}

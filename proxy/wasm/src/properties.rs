@@ -1,0 +1,103 @@
+//! Properties (`proxy_get_property`): the filter's identity, the connection, the request and
+//! response in Envoy's encodings, and otherwise what filters set themselves (per stream,
+//! shared by the chain, or per root context).
+
+use http::header::HeaderMap;
+
+use crate::maps::{MapKind, authority, map_get, map_pairs};
+use crate::state::HostState;
+
+/// A property value in Envoy's encodings: strings as bytes, integers as 8-byte little-endian.
+pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
+    let segments: Vec<&[u8]> = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    let int = |v: i64| Some(v.to_le_bytes().to_vec());
+    let text = |s: &str| Some(s.as_bytes().to_vec());
+    let info = state.info.as_ref();
+    match segments.as_slice() {
+        [b"plugin_name"] => text(&state.plugin.name),
+        [b"plugin_root_id"] => text(&state.plugin.root_id),
+        [b"plugin_vm_id"] => text(&state.plugin.vm_id),
+        [b"source", b"address"] => text(&info?.source.to_string()),
+        [b"source", b"port"] => int(info?.source.port().into()),
+        [b"destination", b"address"] => text(&info?.destination.to_string()),
+        [b"destination", b"port"] => int(info?.destination.port().into()),
+        [b"connection", b"id"] => int(info?.connection_id as i64),
+        [b"xds", b"cluster_name"] => text(state.clusters.get(info?.cluster? as usize)?),
+        [b"upstream", b"address"] => text(&info?.upstream?.to_string()),
+        [b"upstream", b"port"] => int(info?.upstream?.port().into()),
+        [b"request", rest @ ..] => {
+            let req = state.req();
+            match rest {
+                [b"path"] => map_get(state, MapKind::RequestHeaders, b":path"),
+                [b"url_path"] => text(req?.uri.path()),
+                [b"host"] => authority(req?).map(<[u8]>::to_vec),
+                [b"scheme"] => text("http"),
+                [b"method"] => text(req?.method.as_str()),
+                [b"protocol"] => text(match req?.version {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                }),
+                [b"id"] => map_get(state, MapKind::RequestHeaders, b"x-request-id"),
+                [b"headers"] => {
+                    let pairs = map_pairs(state, MapKind::RequestHeaders);
+                    Some(weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v))))
+                }
+                [b"headers", name] => map_get(state, MapKind::RequestHeaders, name),
+                [b"time"] => int(info?.start_unix_ns as i64),
+                [b"duration"] => {
+                    int(weft_core::clock::now_ns().saturating_sub(info?.start_ns) as i64)
+                }
+                [b"size"] => int(content_length(&req?.headers)),
+                _ => None,
+            }
+        }
+        [b"response", rest @ ..] => {
+            let resp = state.resp();
+            match rest {
+                [b"code"] => int(resp?.status.as_u16().into()),
+                [b"code_details"] => text(info?.attempt.error.code_details()),
+                [b"headers"] => {
+                    let pairs = map_pairs(state, MapKind::ResponseHeaders);
+                    Some(weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v))))
+                }
+                [b"headers", name] => map_get(state, MapKind::ResponseHeaders, name),
+                [b"size"] => int(content_length(&resp?.headers)),
+                _ => None,
+            }
+        }
+        _ => match &state.stream_props {
+            Some(props) => props.get(path).cloned(),
+            None => state
+                .properties
+                .get(&(state.context, path.to_vec()))
+                .cloned(),
+        },
+    }
+}
+
+/// The `content-length` header as a number (0 when absent or invalid).
+fn content_length(headers: &HeaderMap) -> i64 {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::state;
+
+    #[test]
+    fn properties_use_envoy_encodings() {
+        let s = state();
+        assert_eq!(property(&s, b"request\0path").unwrap(), b"/a/b?q=1");
+        assert_eq!(property(&s, b"request\0url_path\0").unwrap(), b"/a/b");
+        assert_eq!(property(&s, b"request\0id").unwrap(), b"rid");
+        assert_eq!(property(&s, b"plugin_name").unwrap(), b"f");
+        assert!(property(&s, b"response\0code").is_none(), "no response yet");
+        assert!(property(&s, b"nope").is_none());
+    }
+}

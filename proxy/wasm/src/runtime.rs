@@ -1,0 +1,204 @@
+//! [`WasmRuntime`]: the engine (epoch interruption, driven by a ticker thread every
+//! [`EPOCH_TICK_MS`]), the [`HostLinker`] with every host function (built once), the
+//! [`ModuleCache`], and [`WasmRuntime::build_chain`]: load a listener's filters, check them,
+//! link them, and start a canary instance of each before anything is served.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::{Config, Engine};
+
+use weft_config::FilterConfig;
+use weft_core::metrics::Metrics;
+
+use crate::cache::ModuleCache;
+use crate::failure::FailureCounters;
+use crate::instance::{self, FilterInstance, FilterSpec};
+use crate::linker::HostLinker;
+use crate::state::PluginMeta;
+use crate::{EPOCH_TICK_MS, WasmChain, WasmError, hostcalls};
+
+/// The engine, linker and module cache shared by every filter of the proxy.
+pub struct WasmRuntime {
+    /// The engine (epoch interruption on).
+    engine: Engine,
+    /// Every host function, defined once.
+    linker: HostLinker,
+    /// Compiled modules on disk.
+    cache: ModuleCache,
+    /// Stops the epoch ticker thread when the runtime is dropped.
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for WasmRuntime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl WasmRuntime {
+    /// An engine with epoch interruption, the host functions, and a module cache in
+    /// `cache_dir`, which must be a directory private to this user (created if missing; an
+    /// error otherwise); without one, in the per-user default (`$XDG_CACHE_HOME/weft/modules`
+    /// or `$HOME/.cache/weft/modules`) if that is private, else none.
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Self> {
+        Self::with_cache(ModuleCache::open(cache_dir)?)
+    }
+
+    /// A runtime that compiles every module.
+    #[cfg(test)]
+    pub fn uncached() -> anyhow::Result<Self> {
+        Self::with_cache(ModuleCache::disabled())
+    }
+
+    /// The engine.
+    #[cfg(test)]
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The linker with every host function.
+    #[cfg(test)]
+    pub fn linker(&self) -> &HostLinker {
+        &self.linker
+    }
+
+    /// A runtime over `cache`: the engine, the linker, and the epoch ticker thread.
+    fn with_cache(cache: ModuleCache) -> anyhow::Result<Self> {
+        if let Some(dir) = cache.dir() {
+            tracing::info!("module cache: {}", dir.display());
+        }
+        let mut config = Config::new();
+        config.epoch_interruption(true);
+        let engine = Engine::new(&config)?;
+        let mut linker = HostLinker::new(&engine);
+        hostcalls::add_to_linker(&mut linker)?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (e, stop) = (engine.clone(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("weft-wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(EPOCH_TICK_MS));
+                    e.increment_epoch();
+                }
+            })?;
+        Ok(Self {
+            engine,
+            linker,
+            cache,
+            ticker_stop,
+        })
+    }
+
+    /// Loads the filters of a listener's chain and proves each can start: an unreadable
+    /// file, bytes that are not wasm, a module without the proxy-wasm ABI, a trap at start or
+    /// `on_configure` returning false is an error naming the filter and the file.
+    pub fn build_chain(
+        &self,
+        listener: &str,
+        filters: &[FilterConfig],
+        clusters: &[String],
+        metrics: &Metrics,
+    ) -> Result<WasmChain, WasmError> {
+        let clusters: Arc<[String]> = clusters.into();
+        let mut specs = Vec::with_capacity(filters.len());
+        for f in filters {
+            let err = |message: String| WasmError {
+                listener: listener.to_owned(),
+                filter: f.name.clone(),
+                module: f.module.clone(),
+                message,
+            };
+            let bytes = std::fs::read(&f.module).map_err(|e| err(format!("cannot read: {e}")))?;
+            let spec = self
+                .filter_spec(f, &bytes, &clusters, metrics)
+                .map_err(err)?;
+            // The canary: if this instance cannot start, no worker's would.
+            FilterInstance::start(&spec, usize::MAX).map_err(|failure| err(failure.message))?;
+            specs.push(spec);
+        }
+        Ok(WasmChain::new(specs))
+    }
+
+    /// Filter `f` of module `bytes`, compiled (or loaded from the cache), checked for the
+    /// proxy-wasm ABI and linked, ready to be started; the error says why not.
+    pub(crate) fn filter_spec(
+        &self,
+        f: &FilterConfig,
+        bytes: &[u8],
+        clusters: &Arc<[String]>,
+        metrics: &Metrics,
+    ) -> Result<FilterSpec, String> {
+        let started = Instant::now();
+        let (module, cached) = self
+            .cache
+            .load_or_compile(&self.engine, bytes)
+            .map_err(|e| format!("not a valid WebAssembly module: {e:#}"))?;
+        tracing::info!(
+            filter = %f.name,
+            module = %f.module.display(),
+            "{} in {} ms",
+            if cached { "loaded compiled module from cache" } else { "compiled module" },
+            started.elapsed().as_millis()
+        );
+        let abi = module.exports().any(|e| {
+            weft_abi::ABI_VERSION_EXPORTS
+                .iter()
+                .any(|(export, _)| e.name() == *export)
+        });
+        if !abi {
+            return Err(
+                "does not export a proxy-wasm ABI version (proxy_abi_version_0_2_1)".into(),
+            );
+        }
+        let linker = self
+            .linker
+            .for_module(&module)
+            .map_err(|e| format!("{e:#}"))?;
+        let pre = linker
+            .instantiate_pre(&module)
+            .map_err(|e| format!("cannot link: {e:#}"))?;
+        Ok(FilterSpec {
+            meta: Arc::new(PluginMeta {
+                name: f.name.clone(),
+                root_id: f.root_id.clone(),
+                vm_id: f.name.clone(),
+                config: config_bytes(&f.config),
+                vm_config: config_bytes(&f.vm_config),
+            }),
+            pre,
+            engine: self.engine.clone(),
+            policy: f.failure_policy,
+            memory_bytes: f.limits.memory_mb as usize * 1024 * 1024,
+            callback_ticks: f.limits.callback_ms.div_ceil(EPOCH_TICK_MS) + 1,
+            failures: FailureCounters::new(&f.name, metrics.filter_failures(&f.name)),
+            defined_metrics: metrics.filter_defined(),
+            has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
+            body_callbacks: [
+                weft_core::filter::Direction::Request,
+                weft_core::filter::Direction::Response,
+            ]
+            .map(|d| {
+                module.exports().any(|e| {
+                    e.name() == instance::body_callback(d)
+                        || e.name() == instance::trailers_callback(d)
+                })
+            }),
+            buffer_limit: f.limits.buffer_kb as usize * 1024,
+            clusters: clusters.clone(),
+        })
+    }
+}
+
+/// A filter's configuration as `on_configure` / `on_vm_start` receive it: a string as its
+/// bytes, nothing as empty, anything else (maps, lists, numbers) as JSON text.
+fn config_bytes(v: &serde_json::Value) -> Vec<u8> {
+    match v {
+        serde_json::Value::Null => Vec::new(),
+        serde_json::Value::String(s) => s.as_bytes().to_vec(),
+        other => other.to_string().into_bytes(),
+    }
+}

@@ -1,0 +1,358 @@
+//! A filter instance's store data ([`HostState`]) and what lives in it: the filter's identity
+//! ([`PluginMeta`]), the heads, body ([`BodyBuf`]) and trailers lent to the running callback,
+//! and what the callback leaves behind for the stream (a [`LocalResponse`], callouts, the
+//! `weft.*` requests in [`Ext`]). [`Seen`] is the stream's side of what is lent.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::HeaderMap;
+use http::{request, response};
+use wasmtime::{Memory, TypedFunc};
+
+use weft_abi::{BufferType, MapType};
+use weft_core::filter::{RetryAsk, StreamInfo};
+use weft_core::metrics::{FilterMetric, FilterMetricSet};
+
+use crate::limits::Limits;
+
+/// Identity and configuration of a filter (one per configured filter, shared by its
+/// instances).
+#[derive(Debug)]
+pub struct PluginMeta {
+    /// `plugin_name`.
+    pub name: String,
+    /// `plugin_root_id`.
+    pub root_id: String,
+    /// `plugin_vm_id`.
+    pub vm_id: String,
+    /// Handed to `on_configure`.
+    pub config: Vec<u8>,
+    /// Handed to `on_vm_start`.
+    pub vm_config: Vec<u8>,
+}
+
+/// A local response a filter asked for.
+#[derive(Debug)]
+pub struct LocalResponse {
+    /// Status code.
+    pub status: u16,
+    /// `response.code_details` (read from the guest, not used yet: local replies carry no
+    /// code details).
+    #[allow(dead_code)]
+    pub details: String,
+    /// Body.
+    pub body: Vec<u8>,
+    /// Extra headers.
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The response to a callout, while `proxy_on_http_call_response` runs.
+#[derive(Debug, Default)]
+pub struct CalloutResponse {
+    /// Head, when there is a response.
+    pub head: Option<response::Parts>,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+/// A body buffer a filter sees: the chunk as it arrived (shared, not copied) until the filter
+/// buffers more or rewrites it.
+#[derive(Debug)]
+pub enum BodyBuf {
+    /// Bytes as received.
+    Shared(Bytes),
+    /// Bytes the host appended to or the filter rewrote.
+    Owned(BytesMut),
+}
+
+impl Default for BodyBuf {
+    fn default() -> Self {
+        Self::Shared(Bytes::new())
+    }
+}
+
+impl BodyBuf {
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Self::Shared(b) => b,
+            Self::Owned(b) => b,
+        }
+    }
+
+    /// Number of bytes.
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    /// No bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bytes as an owned, writable buffer (copied once if shared).
+    fn owned(&mut self) -> &mut BytesMut {
+        if let Self::Shared(b) = self {
+            *self = Self::Owned(BytesMut::from(&b[..]));
+        }
+        match self {
+            Self::Owned(b) => b,
+            Self::Shared(_) => unreachable!("made owned above"),
+        }
+    }
+
+    /// Appends a chunk.
+    pub fn append(&mut self, data: Bytes) {
+        if self.is_empty() {
+            *self = Self::Shared(data);
+        } else if !data.is_empty() {
+            self.owned().extend_from_slice(&data);
+        }
+    }
+
+    /// Replaces `size` bytes from `start` with `data` (`proxy_set_buffer_bytes`): a `start`
+    /// at or past the end appends, `size` past the end replaces the rest.
+    pub fn splice(&mut self, start: usize, size: usize, data: &[u8]) {
+        let len = self.len();
+        let start = start.min(len);
+        let end = start.saturating_add(size).min(len);
+        if start == 0 && end == len {
+            *self = Self::Owned(BytesMut::from(data));
+            return;
+        }
+        let buf = self.owned();
+        let tail = buf.split_off(end);
+        buf.truncate(start);
+        buf.extend_from_slice(data);
+        buf.extend_from_slice(&tail);
+    }
+
+    /// Takes the bytes out, leaving the buffer empty.
+    pub fn take(&mut self) -> Bytes {
+        match std::mem::take(self) {
+            Self::Shared(b) => b,
+            Self::Owned(b) => b.freeze(),
+        }
+    }
+}
+
+/// What a callback asked through Weft's `weft.*` foreign functions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ext {
+    /// `weft.set_cluster`: index of the cluster.
+    pub cluster: Option<usize>,
+    /// `weft.set_timeout` (zero: none).
+    pub timeout: Option<Duration>,
+    /// `weft.set_try_timeout` (zero: none).
+    pub try_timeout: Option<Duration>,
+    /// `weft.set_attempts`.
+    pub max_attempts: Option<u32>,
+    /// `weft.retry`.
+    pub retry: Option<RetryAsk>,
+    /// `weft.delay`.
+    pub delay: Option<Duration>,
+}
+
+/// The data of one filter instance's store.
+pub struct HostState {
+    /// The memory cap and the callback deadline, with what they stopped.
+    pub limits: Limits,
+    /// The filter.
+    pub plugin: Arc<PluginMeta>,
+    /// The request head, moved in for the duration of a request callback.
+    pub request: Option<request::Parts>,
+    /// The response head, moved in for the duration of a response callback.
+    pub response: Option<response::Parts>,
+    /// The request as it went upstream, lent for body, trailers and end-of-stream callbacks
+    /// (read when `request` is absent).
+    pub seen_request: Option<Box<request::Parts>>,
+    /// The response as it went downstream, lent likewise.
+    pub seen_response: Option<Box<response::Parts>>,
+    /// The body buffer a body callback sees, with its buffer type (request or response
+    /// body).
+    pub body: Option<(BufferType, BodyBuf)>,
+    /// The trailers a trailers callback sees, with their map type (request or response
+    /// trailers).
+    pub trailers: Option<(MapType, HeaderMap)>,
+    /// Facts about the stream being called back for.
+    pub info: Option<StreamInfo>,
+    /// Properties set outside stream callbacks (root context), per context.
+    pub properties: HashMap<(u32, Vec<u8>), Vec<u8>>,
+    /// The stream's own properties, lent for the duration of a stream callback: shared by
+    /// every filter of the stream's chain, as Envoy's filter state.
+    pub stream_props: Option<HashMap<Vec<u8>, Vec<u8>>>,
+    /// A local response asked for during the current callback.
+    pub local_response: Option<LocalResponse>,
+    /// The context the current callback is for (`proxy_set_effective_context` changes it).
+    pub context: u32,
+    /// Requested tick period (ticks are not delivered yet).
+    pub tick_period_ms: u32,
+    /// Partial line written to stdout/stderr.
+    pub stdout: Vec<u8>,
+    /// The guest's allocator (`proxy_on_memory_allocate`, or `malloc`).
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    /// The guest's memory.
+    pub memory: Option<Memory>,
+    /// Metrics the filter defines (shared by all instances).
+    pub metrics: Arc<FilterMetricSet>,
+    /// Metrics this instance has used, by id.
+    pub metric_cache: HashMap<u32, Arc<FilterMetric>>,
+    /// Clusters a callout may go to.
+    pub clusters: Arc<[String]>,
+    /// Callouts asked for during the current callback.
+    pub callouts: Vec<weft_core::filter::Callout>,
+    /// Last callout token handed out.
+    pub last_token: u32,
+    /// The callout response being delivered.
+    pub callout_response: Option<CalloutResponse>,
+    /// Set when the filter asks to continue the stream.
+    pub resumed: bool,
+    /// What the current callback asked through `weft.*` extensions.
+    pub ext: Ext,
+    /// This instance's slot on its worker (for shared-queue ownership).
+    pub slot: usize,
+}
+
+impl HostState {
+    /// Fresh state for an instance of `plugin` capped at `memory_bytes`.
+    pub fn new(
+        plugin: Arc<PluginMeta>,
+        memory_bytes: usize,
+        metrics: Arc<FilterMetricSet>,
+        clusters: Arc<[String]>,
+    ) -> Self {
+        Self {
+            limits: Limits::new(memory_bytes),
+            plugin,
+            request: None,
+            response: None,
+            seen_request: None,
+            seen_response: None,
+            body: None,
+            trailers: None,
+            info: None,
+            properties: HashMap::new(),
+            stream_props: None,
+            local_response: None,
+            context: 0,
+            tick_period_ms: 0,
+            stdout: Vec::new(),
+            alloc: None,
+            memory: None,
+            metrics,
+            metric_cache: HashMap::new(),
+            clusters,
+            callouts: Vec::new(),
+            last_token: 0,
+            callout_response: None,
+            resumed: false,
+            ext: Ext::default(),
+            slot: usize::MAX,
+        }
+    }
+
+    /// The request head a callback sees: the live one, else the recorded one.
+    pub fn req(&self) -> Option<&request::Parts> {
+        self.request.as_ref().or(self.seen_request.as_deref())
+    }
+
+    /// The request head, writable.
+    pub fn req_mut(&mut self) -> Option<&mut request::Parts> {
+        self.request.as_mut().or(self.seen_request.as_deref_mut())
+    }
+
+    /// The response head a callback sees: the live one, else the recorded one.
+    pub fn resp(&self) -> Option<&response::Parts> {
+        self.response.as_ref().or(self.seen_response.as_deref())
+    }
+
+    /// The response head, writable.
+    pub fn resp_mut(&mut self) -> Option<&mut response::Parts> {
+        self.response.as_mut().or(self.seen_response.as_deref_mut())
+    }
+
+    /// The filter metric with `id`.
+    pub fn metric(&mut self, id: u32) -> Option<Arc<FilterMetric>> {
+        if let Some(m) = self.metric_cache.get(&id) {
+            return Some(m.clone());
+        }
+        let m = self.metrics.get(id)?;
+        self.metric_cache.insert(id, m.clone());
+        Some(m)
+    }
+}
+
+/// The request as it went upstream and the response as it went downstream (read-only copies
+/// for properties once the heads have moved on).
+#[derive(Default)]
+pub struct Seen {
+    /// The request as it went upstream.
+    pub request: Option<Box<request::Parts>>,
+    /// The response as it went downstream.
+    pub response: Option<Box<response::Parts>>,
+    /// Properties the filters set on the stream (`proxy_set_property`).
+    pub props: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+}
+
+impl Seen {
+    /// Lends the recorded heads and the stream's properties to the store for a callback
+    /// (pointer and map moves, no copies).
+    pub fn lend(&mut self, data: &mut HostState) {
+        data.seen_request = self.request.take();
+        data.seen_response = self.response.take();
+        data.stream_props = Some(std::mem::take(&mut self.props));
+    }
+
+    /// Takes back what [`Seen::lend`] lent, as the callback left it.
+    pub fn take_back(&mut self, data: &mut HostState) {
+        self.request = data.seen_request.take();
+        self.response = data.seen_response.take();
+        self.props = data.stream_props.take().unwrap_or_default();
+    }
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    /// A store's data with a GET request for `/a/b?q=1` to `svc:8080` in it.
+    pub fn state() -> HostState {
+        let meta = Arc::new(PluginMeta {
+            name: "f".into(),
+            root_id: "r".into(),
+            vm_id: "v".into(),
+            config: vec![],
+            vm_config: vec![],
+        });
+        let mut s = HostState::new(meta, 1 << 20, Arc::default(), Arc::from(Vec::new()));
+        let (parts, ()) = http::Request::get("/a/b?q=1")
+            .header("host", "svc:8080")
+            .header("x-request-id", "rid")
+            .body(())
+            .unwrap()
+            .into_parts();
+        s.request = Some(parts);
+        s
+    }
+
+    #[test]
+    fn body_buffer_splices_like_envoy() {
+        let mut b = BodyBuf::default();
+        b.append(Bytes::from_static(b"hello"));
+        assert!(matches!(b, BodyBuf::Shared(_)), "first chunk is not copied");
+        b.append(Bytes::from_static(b" world"));
+        assert_eq!(b.as_slice(), b"hello world");
+        b.splice(0, 5, b"HELLO");
+        assert_eq!(b.as_slice(), b"HELLO world");
+        b.splice(100, 0, b"!");
+        assert_eq!(b.as_slice(), b"HELLO world!", "start past the end appends");
+        b.splice(0, 0, b">");
+        assert_eq!(b.as_slice(), b">HELLO world!", "size 0 at 0 prepends");
+        b.splice(0, usize::MAX, b"new");
+        assert_eq!(b.take(), Bytes::from_static(b"new"));
+        assert!(b.is_empty());
+    }
+}

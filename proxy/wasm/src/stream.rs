@@ -1,0 +1,583 @@
+//! [`WasmStream`]: one stream through a chain of WASM filters ([`FilterStream`]). It runs
+//! each filter's callbacks in order (request) or reverse order (response) on this worker's
+//! instances, creates the stream's context in each on first use, buffers body pieces for
+//! filters that pause on them (up to their limit), delivers callout outcomes, merges what the
+//! filters asked through `weft.*`, and applies a failed filter's policy.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{StatusCode, request, response};
+
+use weft_core::filter::{
+    BodyDecision, Callout, CalloutOutcome, Direction, FilterStream, LocalReply, RequestDecision,
+    ResponseDecision, StreamInfo,
+};
+
+use crate::failure::{Failure, policy_reply};
+use crate::instance::{Callback, FilterInstance, FilterSpec, Head};
+use crate::retired::ChainLife;
+use crate::state::{BodyBuf, Ext, LocalResponse, Seen};
+use crate::worker::{fail, with_instance};
+
+/// A stream's context in one filter's instance.
+#[derive(Clone, Copy)]
+enum Ctx {
+    /// Not reached yet.
+    None,
+    /// A context on the instance of this generation.
+    Active(i32, u64),
+    /// The filter is skipped for this stream (fail-open).
+    Skipped,
+}
+
+/// One stream's passage through a [`crate::WasmChain`]: its context in each filter's instance
+/// on this worker, what each filter holds of the body, and what the filters asked for.
+pub struct WasmStream {
+    /// Keeps the chain's instances alive until the stream ends.
+    _life: Arc<ChainLife>,
+    /// The chain's first slot number.
+    chain: u64,
+    /// The chain's filters.
+    filters: Arc<[FilterSpec]>,
+    /// The stream's context in each filter.
+    contexts: Vec<Ctx>,
+    /// Facts about the stream, as callbacks see them.
+    info: StreamInfo,
+    /// The filter whose callouts the request waits for.
+    paused: Option<usize>,
+    /// The heads as they went on, for properties in body callbacks and `on_log`.
+    seen: Seen,
+    /// What each filter holds of the body, by [`Direction`] (sized on first use).
+    bodies: [Vec<BodyBuf>; 2],
+    /// A local reply decided while the request body streamed upstream.
+    reply: Option<LocalReply>,
+    /// `finish` ran: later body pieces pass through untouched.
+    finished: bool,
+    /// The cluster a filter chose (`weft.set_cluster`).
+    cluster: Option<usize>,
+    /// Timeouts and attempts filters asked for.
+    route: weft_core::filter::RouteOverrides,
+    /// Another attempt a response callback asked for.
+    retry: Option<weft_core::filter::RetryAsk>,
+}
+
+/// A copy of the request head as it went on (for properties in later callbacks).
+fn snapshot_request(head: &request::Parts) -> Box<request::Parts> {
+    let mut p = Box::new(<request::Parts as Head>::empty());
+    p.method = head.method.clone();
+    p.uri = head.uri.clone();
+    p.version = head.version;
+    p.headers = head.headers.clone();
+    p
+}
+
+/// A copy of the response head as it went on.
+fn snapshot_response(status: StatusCode, headers: &HeaderMap) -> Box<response::Parts> {
+    let mut p = Box::new(<response::Parts as Head>::empty());
+    p.status = status;
+    p.headers = headers.clone();
+    p
+}
+
+/// 413 (request) or 500 (response) for a body past a filter's buffer limit.
+fn overflow_reply(direction: Direction, filter: &str) -> LocalReply {
+    let (status, what) = match direction {
+        Direction::Request => (StatusCode::PAYLOAD_TOO_LARGE, "request"),
+        Direction::Response => (StatusCode::INTERNAL_SERVER_ERROR, "response"),
+    };
+    LocalReply {
+        status,
+        headers: HeaderMap::new(),
+        body: Bytes::from(format!(
+            "{what} body exceeds the buffer limit of filter `{filter}`\n"
+        )),
+    }
+}
+
+/// The reply for a filter's local response (invalid headers dropped).
+fn local_reply(lr: LocalResponse) -> LocalReply {
+    let mut headers = HeaderMap::new();
+    for (k, v) in lr.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::from_bytes(&k), HeaderValue::from_bytes(&v)) {
+            headers.append(k, v);
+        }
+    }
+    LocalReply {
+        status: StatusCode::from_u16(lr.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        headers,
+        body: Bytes::from(lr.body),
+    }
+}
+
+/// What delivering callout outcomes led to.
+enum Delivered {
+    /// The filter answered (or failed closed).
+    Reply(LocalReply),
+    /// It dispatched more callouts and did not resume.
+    More(Vec<Callout>),
+    /// It resumed the stream (or has nothing outstanding).
+    Resumed,
+}
+
+/// What one callback led to.
+enum Step {
+    Go,
+    /// The callback returned `Pause` with nothing outstanding (a body filter buffering).
+    Hold,
+    Local(LocalResponse),
+    Paused(Vec<Callout>),
+    Failed(Failure),
+    Unavailable,
+}
+
+impl WasmStream {
+    /// A stream through `filters` (the chain whose first slot is `chain`), keeping the chain's
+    /// instances alive until it ends.
+    pub fn new(
+        life: Arc<ChainLife>,
+        chain: u64,
+        filters: Arc<[FilterSpec]>,
+        info: StreamInfo,
+    ) -> Self {
+        let n = filters.len();
+        Self {
+            _life: life,
+            chain,
+            filters,
+            contexts: vec![Ctx::None; n],
+            info,
+            paused: None,
+            seen: Seen::default(),
+            bodies: [Vec::new(), Vec::new()],
+            reply: None,
+            finished: false,
+            cluster: None,
+            route: Default::default(),
+            retry: None,
+        }
+    }
+
+    /// Runs the request-headers callbacks of filters `start..`.
+    fn request_from(
+        &mut self,
+        start: usize,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+    ) -> RequestDecision {
+        for idx in start..self.filters.len() {
+            let mut seen = std::mem::take(&mut self.seen);
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.headers(ticks, ctx, head, info, end_of_stream, &mut seen)
+            });
+            self.seen = seen;
+            let failure = match step {
+                // A pause with nothing outstanding cannot be resumed: the stream goes on.
+                Step::Go | Step::Hold => continue,
+                Step::Local(lr) => {
+                    return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
+                }
+                Step::Paused(callouts) => {
+                    self.paused = Some(idx);
+                    return RequestDecision::Pause(callouts);
+                }
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                return RequestDecision::Respond(self.seen_reply(head, reply));
+            }
+        }
+        self.seen.request = Some(snapshot_request(head));
+        RequestDecision::Continue {
+            cluster: self.cluster,
+        }
+    }
+
+    /// Remembers a local reply (and the request it answers) for `on_log`.
+    fn seen_reply(&mut self, head: &request::Parts, reply: LocalReply) -> LocalReply {
+        self.seen.request = Some(snapshot_request(head));
+        self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+        reply
+    }
+
+    /// Runs one filter's callback, creating the stream's context on first use.
+    fn run(
+        &mut self,
+        idx: usize,
+        call: impl FnOnce(&mut FilterInstance, u64, i32, &StreamInfo) -> Result<Callback, Failure>,
+    ) -> Step {
+        let spec = &self.filters[idx];
+        let ticks = spec.callback_ticks;
+        let ctx = self.contexts[idx];
+        if matches!(ctx, Ctx::Skipped) {
+            return Step::Go;
+        }
+        let info = &self.info;
+        let outcome = with_instance(self.chain, idx, spec, |inst, generation| {
+            let context = match ctx {
+                Ctx::Active(c, g) if g == generation => c,
+                // Instance replaced mid-stream: the filter is skipped.
+                Ctx::Active(..) => return (None, Ok(Callback::default())),
+                _ => match inst.new_context(ticks) {
+                    Ok(c) => c,
+                    Err(f) => return (None, Err(f)),
+                },
+            };
+            (
+                Some(Ctx::Active(context, generation)),
+                call(inst, ticks, context, info),
+            )
+        });
+        match outcome {
+            Err(()) => Step::Unavailable,
+            Ok((ctx, result)) => {
+                if let Some(ctx) = ctx {
+                    self.contexts[idx] = ctx;
+                }
+                if let Ok(cb) = &result {
+                    self.merge(cb.ext);
+                }
+                match result {
+                    Ok(Callback {
+                        local: Some(lr), ..
+                    }) => Step::Local(lr),
+                    // Waiting for callouts the filter will answer in on_http_call_response.
+                    Ok(Callback {
+                        callouts,
+                        paused: true,
+                        resumed: false,
+                        ..
+                    }) if !callouts.is_empty() => Step::Paused(callouts),
+                    Ok(Callback {
+                        paused: true,
+                        resumed: false,
+                        ..
+                    }) => Step::Hold,
+                    Ok(_) => Step::Go,
+                    Err(f) => Step::Failed(f),
+                }
+            }
+        }
+    }
+
+    /// Passes a body piece (or trailers, which end the body) through the filters that see
+    /// `direction`'s body, in its order. A filter that pauses keeps what it got in its buffer
+    /// (until the limit); the next piece is appended and the filter called with all of it.
+    fn flow(
+        &mut self,
+        direction: Direction,
+        mut data: Bytes,
+        end_of_stream: bool,
+        mut trailers: Option<&mut HeaderMap>,
+    ) -> BodyDecision {
+        if self.finished {
+            return BodyDecision::Continue(data);
+        }
+        let d = direction as usize;
+        let n = self.filters.len();
+        if self.bodies[d].len() < n {
+            self.bodies[d].resize_with(n, BodyBuf::default);
+        }
+        // The body ends with this piece (trailers end it too, but after the data).
+        let last = end_of_stream && trailers.is_none();
+        for k in 0..n {
+            let idx = match direction {
+                Direction::Request => k,
+                Direction::Response => n - 1 - k,
+            };
+            let mut buf = std::mem::take(&mut self.bodies[d][idx]);
+            buf.append(data);
+            if !matches!(self.contexts[idx], Ctx::Active(..))
+                || !self.filters[idx].body_callbacks[d]
+            {
+                data = buf.take();
+                continue;
+            }
+            let mut seen = std::mem::take(&mut self.seen);
+            let mut step = Step::Go;
+            if !buf.is_empty() || last {
+                step = self.run(idx, |inst, ticks, ctx, info| {
+                    inst.body(ticks, ctx, direction, &mut buf, last, info, &mut seen)
+                });
+            }
+            if matches!(step, Step::Go | Step::Hold)
+                && let Some(t) = trailers.as_deref_mut()
+            {
+                step = match self.run(idx, |inst, ticks, ctx, info| {
+                    inst.trailers(ticks, ctx, direction, t, info, &mut seen)
+                }) {
+                    // Trailers end the body: a filter holding it releases it now.
+                    Step::Hold => Step::Go,
+                    other => other,
+                };
+            }
+            self.seen = seen;
+            let failure = match step {
+                Step::Go | Step::Paused(_) => None,
+                Step::Hold if last => None, // nothing can resume it later: go on
+                Step::Hold => {
+                    let limit = self.filters[idx].buffer_limit;
+                    let held = buf.len();
+                    self.bodies[d][idx] = buf;
+                    if held > limit {
+                        return self.end_body(
+                            direction,
+                            overflow_reply(direction, &self.filters[idx].meta.name),
+                        );
+                    }
+                    return BodyDecision::Continue(Bytes::new());
+                }
+                Step::Local(lr) => return self.end_body(direction, local_reply(lr)),
+                Step::Failed(f) => Some(Some(f)),
+                Step::Unavailable => Some(None),
+            };
+            if let Some(failure) = failure
+                && let Some(reply) = self.on_failure(idx, failure)
+            {
+                return self.end_body(direction, reply);
+            }
+            data = buf.take();
+        }
+        BodyDecision::Continue(data)
+    }
+
+    /// Ends the stream from a body or trailers callback with `reply`.
+    fn end_body(&mut self, direction: Direction, reply: LocalReply) -> BodyDecision {
+        self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+        for buf in &mut self.bodies[direction as usize] {
+            buf.take();
+        }
+        if direction == Direction::Request {
+            self.reply = Some(LocalReply {
+                status: reply.status,
+                headers: reply.headers.clone(),
+                body: reply.body.clone(),
+            });
+        }
+        BodyDecision::Respond(reply)
+    }
+
+    /// Runs the response-headers callbacks of filters `end-1` down to 0.
+    fn response_from(
+        &mut self,
+        end: usize,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+    ) -> ResponseDecision {
+        for idx in (0..end).rev() {
+            if matches!(self.contexts[idx], Ctx::None) {
+                continue; // the stream never reached this filter
+            }
+            let mut seen = std::mem::take(&mut self.seen);
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.headers(ticks, ctx, head, info, end_of_stream, &mut seen)
+            });
+            self.seen = seen;
+            if let Some(ask) = self.retry.take()
+                && matches!(step, Step::Go | Step::Hold)
+            {
+                return ResponseDecision::Retry(ask);
+            }
+            let failure = match step {
+                Step::Go | Step::Hold => continue,
+                Step::Paused(callouts) => {
+                    self.paused = Some(idx);
+                    return ResponseDecision::Pause(callouts);
+                }
+                Step::Local(lr) => {
+                    let reply = local_reply(lr);
+                    self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                    return ResponseDecision::Respond(reply);
+                }
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                return ResponseDecision::Respond(reply);
+            }
+        }
+        self.seen.response = Some(snapshot_response(head.status, &head.headers));
+        ResponseDecision::Continue
+    }
+
+    /// Delivers callout outcomes to filter `idx` (`proxy_on_http_call_response`) with `head`
+    /// writable.
+    fn deliver<H: Head>(
+        &mut self,
+        idx: usize,
+        head: &mut H,
+        outcomes: Vec<CalloutOutcome>,
+    ) -> Delivered {
+        let mut more = Vec::new();
+        let mut resumed = false;
+        for outcome in outcomes {
+            let mut seen = std::mem::take(&mut self.seen);
+            let step = self.run(idx, |inst, ticks, ctx, info| {
+                inst.callout_response(ticks, ctx, head, info, outcome, &mut seen)
+                    .map(|cb| {
+                        resumed |= cb.resumed;
+                        // More callouts keep the stream waiting unless it was resumed.
+                        Callback { paused: true, ..cb }
+                    })
+            });
+            self.seen = seen;
+            let failure = match step {
+                Step::Go | Step::Hold => continue,
+                Step::Paused(callouts) => {
+                    more.extend(callouts);
+                    continue;
+                }
+                Step::Local(lr) => return Delivered::Reply(local_reply(lr)),
+                Step::Failed(f) => Some(f),
+                Step::Unavailable => None,
+            };
+            if let Some(reply) = self.on_failure(idx, failure) {
+                return Delivered::Reply(reply);
+            }
+        }
+        if !more.is_empty() && !resumed {
+            return Delivered::More(more);
+        }
+        Delivered::Resumed
+    }
+
+    /// Keeps what a callback asked through `weft.*` extensions (later calls win).
+    fn merge(&mut self, ext: Ext) {
+        if ext == Ext::default() {
+            return;
+        }
+        self.cluster = ext.cluster.or(self.cluster);
+        let r = &mut self.route;
+        r.timeout = ext.timeout.or(r.timeout);
+        r.try_timeout = ext.try_timeout.or(r.try_timeout);
+        r.max_attempts = ext.max_attempts.unwrap_or(r.max_attempts);
+        r.delay = ext.delay.or(r.delay);
+        self.retry = ext.retry.or(self.retry);
+    }
+
+    /// Applies the failure policy of filter `idx`: `Some(reply)` to end the stream.
+    fn on_failure(&mut self, idx: usize, failure: Option<Failure>) -> Option<LocalReply> {
+        let spec = &self.filters[idx];
+        if let Some(f) = &failure {
+            fail(self.chain, idx, spec, f);
+        }
+        self.contexts[idx] = Ctx::Skipped;
+        policy_reply(spec.policy, &spec.meta.name)
+    }
+}
+
+impl FilterStream for WasmStream {
+    fn set_upstream(&mut self, cluster: usize, address: Option<std::net::SocketAddr>) {
+        self.info.cluster = Some(cluster as u32);
+        self.info.upstream = address;
+    }
+
+    fn route(&self) -> weft_core::filter::RouteOverrides {
+        self.route
+    }
+
+    fn set_attempt(&mut self, attempt: weft_core::filter::Attempt) {
+        self.info.attempt = attempt;
+        self.retry = None;
+    }
+
+    fn on_request_headers(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+    ) -> RequestDecision {
+        self.request_from(0, head, end_of_stream)
+    }
+
+    fn resume_request(
+        &mut self,
+        head: &mut request::Parts,
+        end_of_stream: bool,
+        outcomes: Vec<CalloutOutcome>,
+    ) -> RequestDecision {
+        let Some(idx) = self.paused.take() else {
+            return RequestDecision::Continue { cluster: None };
+        };
+        match self.deliver(idx, head, outcomes) {
+            Delivered::Reply(reply) => RequestDecision::Respond(self.seen_reply(head, reply)),
+            Delivered::More(callouts) => {
+                self.paused = Some(idx);
+                RequestDecision::Pause(callouts)
+            }
+            Delivered::Resumed => self.request_from(idx + 1, head, end_of_stream),
+        }
+    }
+
+    fn resume_response(
+        &mut self,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+        outcomes: Vec<CalloutOutcome>,
+    ) -> ResponseDecision {
+        let Some(idx) = self.paused.take() else {
+            return ResponseDecision::Continue;
+        };
+        match self.deliver(idx, head, outcomes) {
+            Delivered::Reply(reply) => {
+                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                ResponseDecision::Respond(reply)
+            }
+            Delivered::More(callouts) => {
+                self.paused = Some(idx);
+                ResponseDecision::Pause(callouts)
+            }
+            Delivered::Resumed => self.response_from(idx, head, end_of_stream),
+        }
+    }
+
+    fn on_response_headers(
+        &mut self,
+        head: &mut response::Parts,
+        end_of_stream: bool,
+    ) -> ResponseDecision {
+        self.response_from(self.filters.len(), head, end_of_stream)
+    }
+
+    fn wants_body(&self, direction: Direction) -> bool {
+        !self.finished
+            && self
+                .filters
+                .iter()
+                .zip(&self.contexts)
+                .any(|(f, c)| f.body_callbacks[direction as usize] && matches!(c, Ctx::Active(..)))
+    }
+
+    fn on_body(&mut self, direction: Direction, data: Bytes, end_of_stream: bool) -> BodyDecision {
+        self.flow(direction, data, end_of_stream, None)
+    }
+
+    fn on_trailers(&mut self, direction: Direction, trailers: &mut HeaderMap) -> BodyDecision {
+        self.flow(direction, Bytes::new(), false, Some(trailers))
+    }
+
+    fn take_reply(&mut self) -> Option<LocalReply> {
+        self.reply.take()
+    }
+
+    fn finish(&mut self) {
+        self.finished = true;
+        for idx in 0..self.filters.len() {
+            let Ctx::Active(context, generation) = self.contexts[idx] else {
+                continue;
+            };
+            let spec = &self.filters[idx];
+            let info = &self.info;
+            let seen = &mut self.seen;
+            let result = with_instance(self.chain, idx, spec, |inst, g| {
+                (g == generation)
+                    .then(|| inst.end_context(spec.callback_ticks, context, info, seen))
+            });
+            if let Ok(Some(Err(f))) = result {
+                fail(self.chain, idx, spec, &f);
+            }
+        }
+    }
+}

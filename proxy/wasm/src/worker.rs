@@ -1,0 +1,262 @@
+//! Each worker thread's own state (a thread-local [`Worker`]): its instance of each filter of
+//! each chain it has run, by slot number (filter `i` of a chain is slot `chain + i`), started
+//! on first use and replaced under the `reload` policy; the chains it has warmed; and its copy
+//! of the retired set ([`crate::retired`]), so that a retired chain's instances are dropped
+//! and never started again. The table holds only the slots of live chains, however many
+//! swaps ran.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use weft_config::FailurePolicy;
+
+use crate::failure::Failure;
+use crate::instance::{FilterInstance, FilterSpec};
+use crate::retired::{self, Retired};
+
+/// A worker's instance of one filter.
+pub enum Slot {
+    /// Running.
+    Live {
+        /// The instance.
+        instance: Box<FilterInstance>,
+        /// Bumped each time the filter is started again on this worker.
+        generation: u64,
+        /// The filter's failure policy.
+        policy: FailurePolicy,
+    },
+    /// Failed; `retry_at` is set under the `reload` policy.
+    Failed {
+        /// When to start it again (`None`: never).
+        retry_at: Option<Instant>,
+        /// The wait before the last start attempt.
+        backoff: Duration,
+        /// The generation of the instance that failed.
+        generation: u64,
+    },
+}
+
+/// One worker's filter state.
+#[derive(Default)]
+pub struct Worker {
+    /// Instances by slot number.
+    slots: BTreeMap<usize, Slot>,
+    /// Chains whose instances (and tick loops) this worker has started, by first slot.
+    warmed: BTreeSet<u64>,
+    /// The retired set as of `epoch`.
+    retired: Retired,
+    /// The retirement epoch `retired` reflects.
+    epoch: u64,
+}
+
+impl Worker {
+    /// Catches up with chains retired since the last look (one atomic load when none was):
+    /// drops their instances and forgets them.
+    fn refresh(&mut self) {
+        let epoch = retired::epoch();
+        if epoch != self.epoch {
+            self.apply(retired::snapshot());
+            self.epoch = epoch;
+        }
+    }
+
+    /// Drops what `retired` retires and keeps it as this worker's copy.
+    fn apply(&mut self, retired: Retired) {
+        self.slots.retain(|n, _| !retired.contains(*n as u64));
+        self.warmed.retain(|c| !retired.contains(*c));
+        self.retired = retired;
+    }
+
+    /// The slot of `n` (started as a due `reload` if it has none yet); `None` when `n`
+    /// belongs to a retired chain.
+    fn slot(&mut self, n: usize) -> Option<&mut Slot> {
+        if self.retired.contains(n as u64) {
+            return None;
+        }
+        Some(self.slots.entry(n).or_insert_with(|| Slot::Failed {
+            retry_at: Some(Instant::now()),
+            backoff: Duration::ZERO,
+            generation: 0,
+        }))
+    }
+}
+
+thread_local! {
+    /// This worker's filter state.
+    static WORKER: RefCell<Worker> = RefCell::new(Worker::default());
+}
+
+/// The first wait before starting a filter again after its start failed (`reload`).
+const RELOAD_BACKOFF_START: Duration = Duration::from_millis(100);
+/// The longest such wait (it doubles after each failed start).
+const RELOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Runs `f` on this worker's live instance of filter `idx` of `chain`, starting it first if
+/// needed. `Err` when the filter is failed on this worker (or fails to start now), or the
+/// chain is retired.
+pub fn with_instance<R>(
+    chain: u64,
+    idx: usize,
+    spec: &FilterSpec,
+    f: impl FnOnce(&mut FilterInstance, u64) -> R,
+) -> Result<R, ()> {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        w.refresh();
+        let n = chain as usize + idx;
+        // A retired chain's filter is not started again.
+        let slot = w.slot(n).ok_or(())?;
+        if let Slot::Failed {
+            retry_at: Some(at),
+            backoff,
+            generation,
+        } = slot
+            && *at <= Instant::now()
+        {
+            let now = Instant::now();
+            let (backoff, generation) = (*backoff, *generation);
+            *slot = match FilterInstance::start(spec, n) {
+                Ok(instance) => Slot::Live {
+                    instance: Box::new(instance),
+                    generation: generation + 1,
+                    policy: spec.policy,
+                },
+                Err(failure) => {
+                    spec.failures.count(&failure);
+                    let next = (backoff * 2).clamp(RELOAD_BACKOFF_START, RELOAD_BACKOFF_MAX);
+                    Slot::Failed {
+                        retry_at: Some(now + next),
+                        backoff: next,
+                        generation,
+                    }
+                }
+            };
+        }
+        match slot {
+            Slot::Live {
+                instance,
+                generation,
+                ..
+            } => Ok(f(instance, *generation)),
+            Slot::Failed { .. } => Err(()),
+        }
+    })
+}
+
+/// Marks this worker's instance of filter `idx` of `chain` failed, per the filter's policy
+/// (a failed instance is never called again: it is replaced under `reload`).
+pub fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
+    spec.failures.count(failure);
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        let Some(slot) = w.slot(chain as usize + idx) else {
+            return;
+        };
+        let (Slot::Live { generation, .. } | Slot::Failed { generation, .. }) = slot;
+        let generation = *generation;
+        *slot = Slot::Failed {
+            retry_at: (spec.policy == FailurePolicy::Reload).then(Instant::now),
+            backoff: Duration::ZERO,
+            generation,
+        };
+    });
+}
+
+/// Runs `f` on this worker's live instance in slot `n`, if there is one, and marks it failed
+/// (per its policy) if `f` fails. Never starts an instance.
+pub fn with_live_slot(n: usize, f: impl FnOnce(&mut FilterInstance) -> Result<(), Failure>) {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        let Some(slot) = w.slots.get_mut(&n) else {
+            return;
+        };
+        let Slot::Live {
+            instance,
+            generation,
+            policy,
+        } = slot
+        else {
+            return;
+        };
+        if let Err(failure) = f(instance) {
+            tracing::warn!(filter = %instance.name(), "filter failed: {}", failure.message);
+            // A trapped instance is never called again; the policy says what follows.
+            *slot = Slot::Failed {
+                retry_at: (*policy == FailurePolicy::Reload).then(Instant::now),
+                backoff: Duration::ZERO,
+                generation: *generation,
+            };
+        }
+    });
+}
+
+/// Records that this worker warmed `chain`; false if it already had.
+pub fn mark_warmed(chain: u64) -> bool {
+    WORKER.with(|w| w.borrow_mut().warmed.insert(chain))
+}
+
+/// Whether this worker has warmed `chain`. Catches up with retirements first, so that the
+/// instances of chains retired since are freed (at each stream: cheap when none was).
+pub fn is_warmed(chain: u64) -> bool {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        w.refresh();
+        w.warmed.contains(&chain)
+    })
+}
+
+/// Number of slots this worker holds.
+#[cfg(test)]
+pub fn slots() -> usize {
+    WORKER.with(|w| w.borrow().slots.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(generation: u64) -> Slot {
+        Slot::Failed {
+            retry_at: None,
+            backoff: Duration::ZERO,
+            generation,
+        }
+    }
+
+    #[test]
+    fn retired_slots_leave_the_table_and_are_not_made_again() {
+        let mut w = Worker::default();
+        let mut retired = Retired::new();
+        // Chain A holds slots 0 and 1, chain B slots 2 and 3.
+        *w.slot(0).expect("live") = failed(1);
+        *w.slot(3).expect("live") = failed(2);
+        w.warmed.extend([0, 2]);
+        // B retires first: its entries go, A's stay.
+        retired.insert(2, 4);
+        w.apply(retired.clone());
+        assert!(w.slot(3).is_none(), "a retired slot is never made again");
+        assert!(matches!(
+            w.slots.get(&0),
+            Some(Slot::Failed { generation: 1, .. })
+        ));
+        assert_eq!(w.warmed.iter().collect::<Vec<_>>(), [&0]);
+        // A thousand swaps of a two-filter chain while A stays live leave A's slots only.
+        for k in 0..1000 {
+            let first = 4 + k * 2;
+            *w.slot(first).expect("live") = failed(k as u64);
+            w.warmed.insert(first as u64);
+            retired.insert(first as u64, first as u64 + 2);
+            w.apply(retired.clone());
+        }
+        assert_eq!(w.slots.keys().collect::<Vec<_>>(), [&0]);
+        assert_eq!(w.warmed.len(), 1);
+        assert!(w.retired.ranges() <= 1, "{:?}", w.retired);
+        // Then A: the table empties.
+        retired.insert(0, 2);
+        w.apply(retired);
+        assert!(w.slots.is_empty() && w.warmed.is_empty());
+        assert_eq!(w.retired.ranges(), 0);
+        assert!(w.slot(1).is_none());
+    }
+}
