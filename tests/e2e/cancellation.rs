@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, Protocol, Socket, Type};
 use weft_tests::*;
 
-use crate::{config, eps};
+use crate::{chain, cluster, config, eps, filter};
 
 /// A listening socket whose accept queue is full, so that connects to its port hang (the
 /// kernel drops their SYNs) until the connector gives up: an endpoint that cannot be reached
@@ -159,25 +159,13 @@ async fn requests_abandoned_while_waiting_for_the_response_release_their_counts(
 async fn requests_abandoned_during_a_filter_callout_release_the_callout_counts() {
     let svc = Upstream::start("svc").await;
     let auth = Upstream::start_slow("auth", Duration::from_secs(3)).await;
-    let yaml = format!(
-        "admin: {{ address: \"{{admin}}\" }}
-wasm: {{ cache_dir: \"{cache}\" }}
-listeners:
-  - name: ingress
-    address: \"{{listen}}\"
-    default_cluster: svc
-    filters:
-      - {{ name: authz, module: \"{module}\", config: auth }}
-clusters:
-  - {{ name: svc, endpoints: [ {{ address: \"{svc}\" }} ] }}
-  - name: auth
-    limits: {{ max_requests: 4 }}
-    endpoints: [ {{ address: \"{auth}\" }} ]
-",
-        cache = shared_module_cache().display(),
-        module = guest_filter("compat_callout").display(),
-        svc = svc.address(),
-        auth = auth.address(),
+    let yaml = chain(
+        "svc",
+        &[filter("authz", &guest_filter("compat_callout"), "auth")],
+        &[
+            cluster("svc", &[svc.address()], ""),
+            cluster("auth", &[auth.address()], "limits: { max_requests: 4 }"),
+        ],
     );
     let proxy = ProxyProcess::start(&yaml).await;
     assert_eq!(

@@ -58,6 +58,10 @@ pub enum RequestDecision {
     /// Hold the request until these HTTP callouts are answered, then call
     /// [`FilterStream::resume_request`] with their outcomes.
     Pause(Vec<Callout>),
+    /// Hold the request until the filter takes it up again from another context (a tick, a
+    /// queue, another stream): wait for [`FilterStream::held`], then call
+    /// [`FilterStream::resume_request`] with no outcomes. Nothing goes upstream meanwhile.
+    Hold,
 }
 
 /// An HTTP request a filter sends to a cluster of the proxy (`proxy_http_call`).
@@ -105,6 +109,9 @@ pub enum ResponseDecision {
     /// Drop this response and make another attempt (the filters before the one that asked
     /// do not see this response).
     Retry(RetryAsk),
+    /// Hold the response until the filter takes it up again from another context: wait for
+    /// [`FilterStream::held`], then call [`FilterStream::resume_response`] with no outcomes.
+    Hold,
 }
 
 /// Which way a body flows.
@@ -246,6 +253,12 @@ pub trait FilterStream: Send {
     /// what it buffered.
     fn on_trailers(&mut self, _direction: Direction, _trailers: &mut HeaderMap) -> BodyDecision {
         BodyDecision::Continue(Bytes::new())
+    }
+    /// Resolves when the filter holding the stream ([`RequestDecision::Hold`],
+    /// [`ResponseDecision::Hold`]) takes it up again, however it does (resumes, answers,
+    /// fails). The request path bounds the wait with the request's timeout.
+    fn held(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(std::future::ready(()))
     }
     /// A local reply the chain decided on while the request body was already streaming
     /// upstream (the upstream exchange is then abandoned).

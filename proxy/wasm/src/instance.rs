@@ -168,6 +168,7 @@ impl FilterInstance {
             on_delete: func(&mut store, "proxy_on_delete").and_then(|f| f.typed(&store).ok()),
         };
         store.data_mut().context = ROOT_CONTEXT as u32;
+        store.data_mut().callback_context = ROOT_CONTEXT as u32;
         exports
             .on_context_create
             .call(&mut store, (ROOT_CONTEXT, 0))
@@ -203,6 +204,11 @@ impl FilterInstance {
         })
     }
 
+    /// What the last callbacks did to other contexts' streams (taken).
+    pub fn take_wakes(&mut self) -> Vec<(u32, crate::state::Wake)> {
+        std::mem::take(&mut self.store.data_mut().wakes)
+    }
+
     /// The filter's name.
     pub fn name(&self) -> &str {
         &self.store.data().plugin.name
@@ -220,6 +226,7 @@ impl FilterInstance {
         };
         arm(&mut self.store, ticks);
         self.store.data_mut().context = ROOT_CONTEXT as u32;
+        self.store.data_mut().callback_context = ROOT_CONTEXT as u32;
         self.store.data_mut().info = None;
         f.call(&mut self.store, ROOT_CONTEXT)
             .map_err(|e| failed(&self.store, e, "proxy_on_tick"))
@@ -232,6 +239,7 @@ impl FilterInstance {
         };
         arm(&mut self.store, ticks);
         self.store.data_mut().context = ROOT_CONTEXT as u32;
+        self.store.data_mut().callback_context = ROOT_CONTEXT as u32;
         self.store.data_mut().info = None;
         f.call(&mut self.store, (ROOT_CONTEXT, token as i32))
             .map_err(|e| failed(&self.store, e, "proxy_on_queue_ready"))
@@ -242,6 +250,7 @@ impl FilterInstance {
         self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
         arm(&mut self.store, ticks);
         self.store.data_mut().context = id as u32;
+        self.store.data_mut().callback_context = id as u32;
         self.exports
             .on_context_create
             .call(&mut self.store, (id, ROOT_CONTEXT))
@@ -456,6 +465,7 @@ fn failed(store: &Store<HostState>, e: wasmtime::Error, during: &str) -> Failure
 fn begin_callback(data: &mut HostState, info: &StreamInfo, context: i32) {
     data.info = Some(*info);
     data.context = context as u32;
+    data.callback_context = context as u32;
     data.local_response = None;
     data.callouts.clear();
     data.resumed = false;

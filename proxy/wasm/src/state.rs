@@ -156,6 +156,16 @@ pub struct Ext {
     pub delay: Option<Duration>,
 }
 
+/// What a callback did to another context's stream, through `proxy_set_effective_context`
+/// (a root context resuming, from `on_tick`, a request it paused).
+#[derive(Debug)]
+pub enum Wake {
+    /// `proxy_continue_stream`: the held stream goes on.
+    Resume,
+    /// `proxy_send_local_response` (or `proxy_close_stream`): the held stream gets this reply.
+    Reply(LocalResponse),
+}
+
 /// The data of one filter instance's store.
 pub struct HostState {
     /// The memory cap and the callback deadline, with what they stopped.
@@ -188,6 +198,10 @@ pub struct HostState {
     pub local_response: Option<LocalResponse>,
     /// The context the current callback is for (`proxy_set_effective_context` changes it).
     pub context: u32,
+    /// The context the host called the current callback for.
+    pub callback_context: u32,
+    /// What the current callback did to other contexts' streams, to deliver after it.
+    pub wakes: Vec<(u32, Wake)>,
     /// Requested tick period (ticks are not delivered yet).
     pub tick_period_ms: u32,
     /// Partial line written to stdout/stderr.
@@ -238,6 +252,8 @@ impl HostState {
             stream_props: None,
             local_response: None,
             context: 0,
+            callback_context: 0,
+            wakes: Vec::new(),
             tick_period_ms: 0,
             stdout: Vec::new(),
             alloc: None,

@@ -19,7 +19,19 @@ use crate::failure::{Failure, policy_reply};
 use crate::instance::{Callback, FilterInstance, FilterSpec, Head};
 use crate::retired::ChainLife;
 use crate::state::{BodyBuf, Ext, LocalResponse, Seen};
-use crate::worker::{fail, with_instance};
+use crate::worker::{self, Release, fail, with_instance};
+
+/// A stream a filter holds: paused with nothing outstanding, until the filter takes it up
+/// again from another context.
+struct Holding {
+    /// The filter holding it.
+    idx: usize,
+    /// Its instance's slot and the stream's context there.
+    slot: usize,
+    context: u32,
+    /// Where the release arrives (taken by [`FilterStream::held`]).
+    rx: Option<tokio::sync::oneshot::Receiver<Release>>,
+}
 
 /// A stream's context in one filter's instance.
 #[derive(Clone, Copy)]
@@ -61,6 +73,11 @@ pub struct WasmStream {
     route: weft_core::filter::RouteOverrides,
     /// Another attempt a response callback asked for.
     retry: Option<weft_core::filter::RetryAsk>,
+    /// The filter holding the stream, if one is.
+    holding: Option<Holding>,
+    /// How the held stream was released (written by the future [`FilterStream::held`]
+    /// returns).
+    released: Arc<std::sync::Mutex<Option<Release>>>,
 }
 
 /// A copy of the request head as it went on (for properties in later callbacks).
@@ -117,8 +134,11 @@ enum Delivered {
     Reply(LocalReply),
     /// It dispatched more callouts and did not resume.
     More(Vec<Callout>),
-    /// It resumed the stream (or has nothing outstanding).
+    /// It resumed the stream.
     Resumed,
+    /// It neither resumed nor answered, and has nothing outstanding: the stream stays held
+    /// until it is taken up from another context.
+    Hold,
 }
 
 /// What one callback led to.
@@ -156,7 +176,39 @@ impl WasmStream {
             cluster: None,
             route: Default::default(),
             retry: None,
+            holding: None,
+            released: Arc::default(),
         }
+    }
+
+    /// Holds the stream for filter `idx` until it is taken up again from another context.
+    fn hold(&mut self, idx: usize) {
+        let Ctx::Active(context, _) = self.contexts[idx] else {
+            return;
+        };
+        let slot = self.chain as usize + idx;
+        let context = context as u32;
+        self.paused = Some(idx);
+        self.holding = Some(Holding {
+            idx,
+            slot,
+            context,
+            rx: Some(worker::hold(slot, context)),
+        });
+    }
+
+    /// How a held stream was released; `None` when it is not held.
+    fn release(&mut self) -> Option<(usize, Release)> {
+        let h = self.holding.take()?;
+        worker::unhold(h.slot, h.context);
+        self.paused = None;
+        let release = self
+            .released
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or(Release::Failed);
+        Some((h.idx, release))
     }
 
     /// Runs the request-headers callbacks of filters `start..`.
@@ -173,8 +225,14 @@ impl WasmStream {
             });
             self.seen = seen;
             let failure = match step {
-                // A pause with nothing outstanding cannot be resumed: the stream goes on.
-                Step::Go | Step::Hold => continue,
+                Step::Go => continue,
+                // Paused with a body to come through its body callbacks: they decide.
+                Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[0] => continue,
+                // Paused with nothing outstanding: held until the filter takes it up again.
+                Step::Hold => {
+                    self.hold(idx);
+                    return RequestDecision::Hold;
+                }
                 Step::Local(lr) => {
                     return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
                 }
@@ -381,7 +439,12 @@ impl WasmStream {
                 return ResponseDecision::Retry(ask);
             }
             let failure = match step {
-                Step::Go | Step::Hold => continue,
+                Step::Go => continue,
+                Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[1] => continue,
+                Step::Hold => {
+                    self.hold(idx);
+                    return ResponseDecision::Hold;
+                }
                 Step::Paused(callouts) => {
                     self.paused = Some(idx);
                     return ResponseDecision::Pause(callouts);
@@ -438,10 +501,13 @@ impl WasmStream {
                 return Delivered::Reply(reply);
             }
         }
-        if !more.is_empty() && !resumed {
+        if resumed {
+            return Delivered::Resumed;
+        }
+        if !more.is_empty() {
             return Delivered::More(more);
         }
-        Delivered::Resumed
+        Delivered::Hold
     }
 
     /// Keeps what a callback asked through `weft.*` extensions (later calls win).
@@ -498,6 +564,18 @@ impl FilterStream for WasmStream {
         end_of_stream: bool,
         outcomes: Vec<CalloutOutcome>,
     ) -> RequestDecision {
+        if let Some((idx, release)) = self.release() {
+            return match release {
+                Release::Resume => self.request_from(idx + 1, head, end_of_stream),
+                Release::Reply(lr) => {
+                    RequestDecision::Respond(self.seen_reply(head, local_reply(lr)))
+                }
+                Release::Failed => match self.on_failure(idx, None) {
+                    Some(reply) => RequestDecision::Respond(self.seen_reply(head, reply)),
+                    None => self.request_from(idx + 1, head, end_of_stream),
+                },
+            };
+        }
         let Some(idx) = self.paused.take() else {
             return RequestDecision::Continue { cluster: None };
         };
@@ -508,6 +586,10 @@ impl FilterStream for WasmStream {
                 RequestDecision::Pause(callouts)
             }
             Delivered::Resumed => self.request_from(idx + 1, head, end_of_stream),
+            Delivered::Hold => {
+                self.hold(idx);
+                RequestDecision::Hold
+            }
         }
     }
 
@@ -517,19 +599,34 @@ impl FilterStream for WasmStream {
         end_of_stream: bool,
         outcomes: Vec<CalloutOutcome>,
     ) -> ResponseDecision {
+        let respond = |this: &mut Self, reply: LocalReply| {
+            this.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+            ResponseDecision::Respond(reply)
+        };
+        if let Some((idx, release)) = self.release() {
+            return match release {
+                Release::Resume => self.response_from(idx, head, end_of_stream),
+                Release::Reply(lr) => respond(self, local_reply(lr)),
+                Release::Failed => match self.on_failure(idx, None) {
+                    Some(reply) => respond(self, reply),
+                    None => self.response_from(idx, head, end_of_stream),
+                },
+            };
+        }
         let Some(idx) = self.paused.take() else {
             return ResponseDecision::Continue;
         };
         match self.deliver(idx, head, outcomes) {
-            Delivered::Reply(reply) => {
-                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
-                ResponseDecision::Respond(reply)
-            }
+            Delivered::Reply(reply) => respond(self, reply),
             Delivered::More(callouts) => {
                 self.paused = Some(idx);
                 ResponseDecision::Pause(callouts)
             }
             Delivered::Resumed => self.response_from(idx, head, end_of_stream),
+            Delivered::Hold => {
+                self.hold(idx);
+                ResponseDecision::Hold
+            }
         }
     }
 
@@ -562,8 +659,25 @@ impl FilterStream for WasmStream {
         self.reply.take()
     }
 
+    fn held(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
+        let Some(rx) = self.holding.as_mut().and_then(|h| h.rx.take()) else {
+            return Box::pin(std::future::ready(()));
+        };
+        let released = self.released.clone();
+        Box::pin(async move {
+            // A dropped sender (the instance went away) releases the stream as failed.
+            let release = rx.await.unwrap_or(Release::Failed);
+            *released
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(release);
+        })
+    }
+
     fn finish(&mut self) {
         self.finished = true;
+        if let Some(h) = self.holding.take() {
+            worker::unhold(h.slot, h.context);
+        }
         for idx in 0..self.filters.len() {
             let Ctx::Active(context, generation) = self.contexts[idx] else {
                 continue;

@@ -4,9 +4,14 @@
 //! of the retired set ([`crate::retired`]), so that a retired chain's instances are dropped
 //! and never started again. The table holds only the slots of live chains, however many
 //! swaps ran.
+//!
+//! It also holds the streams a filter paused with nothing outstanding ([`hold`]): after
+//! every callback on an instance, what the callback did to other contexts' streams
+//! (`proxy_set_effective_context`, then `proxy_continue_stream` or a local response) is
+//! delivered to them, and an instance that fails releases its held streams as failed.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use weft_config::FailurePolicy;
@@ -14,6 +19,18 @@ use weft_config::FailurePolicy;
 use crate::failure::Failure;
 use crate::instance::{FilterInstance, FilterSpec};
 use crate::retired::{self, Retired};
+use crate::state::{LocalResponse, Wake};
+
+/// How a held stream is taken up again.
+#[derive(Debug)]
+pub enum Release {
+    /// The filter resumed it.
+    Resume,
+    /// The filter answered it.
+    Reply(LocalResponse),
+    /// The filter failed (or its instance is gone): its failure policy decides.
+    Failed,
+}
 
 /// A worker's instance of one filter.
 pub enum Slot {
@@ -48,6 +65,8 @@ pub struct Worker {
     retired: Retired,
     /// The retirement epoch `retired` reflects.
     epoch: u64,
+    /// Streams held by a filter, by (slot, context).
+    held: HashMap<(usize, u32), tokio::sync::oneshot::Sender<Release>>,
 }
 
 impl Worker {
@@ -66,6 +85,28 @@ impl Worker {
         self.slots.retain(|n, _| !retired.contains(*n as u64));
         self.warmed.retain(|c| !retired.contains(*c));
         self.retired = retired;
+    }
+
+    /// Delivers what callbacks on slot `n` did to other contexts' held streams.
+    fn wake(&mut self, n: usize, wakes: Vec<(u32, Wake)>) {
+        for (context, wake) in wakes {
+            if let Some(tx) = self.held.remove(&(n, context)) {
+                let _ = tx.send(match wake {
+                    Wake::Resume => Release::Resume,
+                    Wake::Reply(reply) => Release::Reply(reply),
+                });
+            }
+        }
+    }
+
+    /// Releases every stream slot `n` holds as failed.
+    fn release_failed(&mut self, n: usize) {
+        let keys: Vec<_> = self.held.keys().filter(|(s, _)| *s == n).copied().collect();
+        for key in keys {
+            if let Some(tx) = self.held.remove(&key) {
+                let _ = tx.send(Release::Failed);
+            }
+        }
     }
 
     /// The slot of `n` (started as a due `reload` if it has none yet); `None` when `n`
@@ -133,15 +174,33 @@ pub fn with_instance<R>(
                 }
             };
         }
-        match slot {
+        let (result, wakes) = match slot {
             Slot::Live {
                 instance,
                 generation,
                 ..
-            } => Ok(f(instance, *generation)),
-            Slot::Failed { .. } => Err(()),
-        }
+            } => {
+                let result = f(instance, *generation);
+                (result, instance.take_wakes())
+            }
+            Slot::Failed { .. } => return Err(()),
+        };
+        w.wake(n, wakes);
+        Ok(result)
     })
+}
+
+/// Holds the stream of `context` on slot `n` until a callback of that instance takes it up
+/// again (or the instance fails, or the stream ends and drops the receiver).
+pub fn hold(n: usize, context: u32) -> tokio::sync::oneshot::Receiver<Release> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    WORKER.with(|w| w.borrow_mut().held.insert((n, context), tx));
+    rx
+}
+
+/// Forgets a held stream (it ended).
+pub fn unhold(n: usize, context: u32) {
+    WORKER.with(|w| w.borrow_mut().held.remove(&(n, context)));
 }
 
 /// Marks this worker's instance of filter `idx` of `chain` failed, per the filter's policy
@@ -160,6 +219,7 @@ pub fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
             backoff: Duration::ZERO,
             generation,
         };
+        w.release_failed(chain as usize + idx);
     });
 }
 
@@ -179,7 +239,9 @@ pub fn with_live_slot(n: usize, f: impl FnOnce(&mut FilterInstance) -> Result<()
         else {
             return;
         };
-        if let Err(failure) = f(instance) {
+        let result = f(instance);
+        let wakes = instance.take_wakes();
+        if let Err(failure) = result {
             tracing::warn!(filter = %instance.name(), "filter failed: {}", failure.message);
             // A trapped instance is never called again; the policy says what follows.
             *slot = Slot::Failed {
@@ -187,7 +249,9 @@ pub fn with_live_slot(n: usize, f: impl FnOnce(&mut FilterInstance) -> Result<()
                 backoff: Duration::ZERO,
                 generation: *generation,
             };
+            w.release_failed(n);
         }
+        w.wake(n, wakes);
     });
 }
 

@@ -138,6 +138,14 @@ impl Exchange {
                         );
                     }
                     ResponseDecision::Retry(ask) => break Some(ask),
+                    ResponseDecision::Hold => {
+                        self.hold(&filters, false).await?;
+                        decision = filter::lock(&filters).resume_response(
+                            &mut rhead,
+                            end_of_stream,
+                            Vec::new(),
+                        );
+                    }
                 }
             };
             let Some(ask) = retry else {

@@ -49,6 +49,9 @@ use stream::Stream;
 /// `x-weft-overloaded`: names the circuit-breaker limit that refused a request.
 pub static X_WEFT_OVERLOADED: HeaderName = HeaderName::from_static("x-weft-overloaded");
 
+/// The longest a filter may hold a stream whose cluster sets no request timeout.
+pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// `x-weft-attempt`: the attempt number, sent upstream on requests that may be retried.
 pub static X_WEFT_ATTEMPT: HeaderName = HeaderName::from_static("x-weft-attempt");
 
@@ -90,6 +93,18 @@ pub enum Early {
     },
     /// The proxy's answer to a failed attempt, with the head the response filters left.
     Proxy(Box<http::response::Parts>),
+}
+
+impl Early {
+    /// The request body could not be read (malformed framing, the client went away).
+    fn bad_request_body(e: impl std::fmt::Display) -> Self {
+        tracing::debug!("reading the request body: {e}");
+        Early::Local {
+            status: StatusCode::BAD_REQUEST,
+            text: "bad request body\n",
+            close: true,
+        }
+    }
 }
 
 /// One downstream request on its way through the phases.
@@ -225,6 +240,10 @@ impl Exchange {
                     let outcomes = callout::run_all(self.ctx(), callouts).await;
                     decision = filter::lock(&filters).resume_request(head, end_of_stream, outcomes);
                 }
+                RequestDecision::Hold => {
+                    self.hold(&filters, !end_of_stream).await?;
+                    decision = filter::lock(&filters).resume_request(head, end_of_stream, vec![]);
+                }
             }
         }
     }
@@ -256,14 +275,7 @@ impl Exchange {
             Ok(Primed::Streaming(first, rest)) => Ok(RequestBody::Filtered {
                 body: FilteredBody::streaming(first, rest, filters, Direction::Request),
             }),
-            Err(e) => {
-                tracing::debug!("reading the request body: {e}");
-                Err(Early::Local {
-                    status: StatusCode::BAD_REQUEST,
-                    text: "bad request body\n",
-                    close: true,
-                })
-            }
+            Err(e) => Err(Early::bad_request_body(e)),
         }
     }
 
@@ -317,14 +329,7 @@ impl Exchange {
         match attempt::Replay::buffer(head, body, self.ctx().replay_limit).await {
             Ok(Ok(r)) => Ok(attempt::Sendable::Replay(Box::new(r))),
             Ok(Err(body)) => Ok(attempt::Sendable::Once(body)),
-            Err(e) => {
-                tracing::debug!("reading the request body: {e}");
-                Err(Early::Local {
-                    status: StatusCode::BAD_REQUEST,
-                    text: "bad request body\n",
-                    close: true,
-                })
-            }
+            Err(e) => Err(Early::bad_request_body(e)),
         }
     }
 
@@ -394,6 +399,23 @@ impl Exchange {
             rhead,
             ResponseBody::filtered(body, Some(self.take_stream())),
         ))
+    }
+
+    /// Waits while a filter holds the stream, at most the request's timeout (the cluster's,
+    /// else [`MAX_HOLD`]): past it the request ends with 504 and never goes upstream.
+    /// `unread`: the request body was not read (an HTTP/1 connection then closes).
+    async fn hold(&self, filters: &SharedFilterStream, unread: bool) -> Result<(), Early> {
+        let held = filter::lock(filters).held();
+        let limit = self.ctx().clusters[self.cluster]
+            .request_timeout
+            .unwrap_or(MAX_HOLD);
+        tokio::time::timeout(limit, held)
+            .await
+            .map_err(|_| Early::Local {
+                status: StatusCode::GATEWAY_TIMEOUT,
+                text: "held by a filter past the request timeout\n",
+                close: unread,
+            })
     }
 
     /// The one funnel: an early end of the exchange as its response.

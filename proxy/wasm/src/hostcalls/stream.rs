@@ -7,7 +7,33 @@ use weft_abi::{Status, map};
 use super::{C, ENV};
 use crate::linker::HostLinker;
 use crate::memory::read;
-use crate::state::LocalResponse;
+use crate::state::{HostState, LocalResponse, Wake};
+
+/// `proxy_continue_stream` for the effective context.
+fn continue_stream(data: &mut HostState) {
+    if data.context == data.callback_context {
+        data.resumed = true;
+    } else {
+        let context = data.context;
+        data.wakes.push((context, Wake::Resume));
+    }
+}
+
+/// `proxy_close_stream` for the effective context: a local 503.
+fn close_stream(data: &mut HostState) {
+    let reply = LocalResponse {
+        status: 503,
+        details: "closed_by_filter".into(),
+        body: b"stream closed by filter\n".to_vec(),
+        headers: Vec::new(),
+    };
+    if data.context != data.callback_context {
+        let context = data.context;
+        data.wakes.push((context, Wake::Reply(reply)));
+    } else if data.local_response.is_none() {
+        data.local_response = Some(reply);
+    }
+}
 
 /// Adds the stream calls.
 pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
@@ -44,35 +70,40 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             let Ok(status) = u16::try_from(code) else {
                 return Status::BadArgument as i32;
             };
-            c.data_mut().local_response = Some(LocalResponse {
+            let reply = LocalResponse {
                 status,
                 details: String::from_utf8_lossy(&details).into_owned(),
                 body,
                 headers,
-            });
+            };
+            let data = c.data_mut();
+            if data.context == data.callback_context {
+                data.local_response = Some(reply);
+            } else {
+                // For another context's stream (set with proxy_set_effective_context).
+                let context = data.context;
+                data.wakes.push((context, Wake::Reply(reply)));
+            }
             Status::Ok as i32
         },
     )?;
-    // Continuing marks a paused request as resumed; closing ends it with a local 503.
+    // Continuing marks a paused stream as resumed; closing ends it with a local 503. Either
+    // may be for another context's stream (proxy_set_effective_context), which is woken
+    // after the callback.
     for name in ["proxy_continue_stream", "proxy_close_stream"] {
         let close = name == "proxy_close_stream";
         l.func_wrap(ENV, name, move |mut c: C<'_>, _stream: i32| {
-            if !close {
-                c.data_mut().resumed = true;
-            } else if c.data().local_response.is_none() {
-                c.data_mut().local_response = Some(LocalResponse {
-                    status: 503,
-                    details: "closed_by_filter".into(),
-                    body: b"stream closed by filter\n".to_vec(),
-                    headers: Vec::new(),
-                });
+            if close {
+                close_stream(c.data_mut());
+            } else {
+                continue_stream(c.data_mut());
             }
             Status::Ok as i32
         })?;
     }
     for name in ["proxy_continue_request", "proxy_continue_response"] {
         l.func_wrap(ENV, name, |mut c: C<'_>| {
-            c.data_mut().resumed = true;
+            continue_stream(c.data_mut());
             Status::Ok as i32
         })?;
     }

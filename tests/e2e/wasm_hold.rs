@@ -1,0 +1,106 @@
+//! Pause means paused: a request a filter pauses with nothing outstanding stays held until
+//! the filter takes it up again from another context (here its root context's `on_tick`,
+//! through `set_effective_context`): resumed, answered, failed with the filter, or ended at
+//! the request timeout — and never reaches the upstream before that. (An authentication
+//! filter waiting for its discovery document used to let such requests through.)
+
+use std::time::{Duration, Instant};
+
+use weft_tests::*;
+
+use crate::{chain, cluster, filter};
+
+/// A proxy whose listener runs `compat_hold` with `config`, in front of `up`.
+async fn held_proxy(up: &Upstream, config: &str, cluster_extra: &str) -> ProxyProcess {
+    let yaml = chain(
+        "svc",
+        &[filter("hold", &guest_filter("compat_hold"), config)],
+        &[cluster("svc", &[up.address()], cluster_extra)],
+    );
+    ProxyProcess::start(&yaml).await
+}
+
+/// Sends `n` GETs at once; returns each response with how long it took.
+async fn concurrent(proxy: &ProxyProcess, n: usize) -> Vec<(Got, Duration)> {
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let url = proxy.url("/orders");
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let got = get(&h1_client(), &url).await.unwrap();
+            (got, t0.elapsed())
+        }));
+    }
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_requests_wait_for_the_filter_and_then_go_on() {
+    let up = Upstream::start("svc").await;
+    let proxy = held_proxy(&up, "\"allow:700\"", "").await;
+    let watcher = async {
+        // While the filter is not ready, nothing reaches the upstream.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        up.hits()
+    };
+    let (got, hits_while_held) = tokio::join!(concurrent(&proxy, 6), watcher);
+    assert_eq!(hits_while_held, 0, "a held request reached the upstream");
+    for (g, took) in &got {
+        assert_eq!(g.status, 200, "{g:?}");
+        assert_eq!(g.echo()["headers"]["x-held"][0], "yes");
+        assert!(*took >= Duration::from_millis(300), "not held: {took:?}");
+    }
+    assert_eq!(up.hits(), 6);
+    // Once ready, requests go straight on.
+    let got = get(&h1_client(), &proxy.url("/orders")).await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(got.echo()["headers"]["x-held"][0], "no");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_answers_held_requests_from_its_root_context() {
+    let up = Upstream::start("svc").await;
+    let proxy = held_proxy(&up, "\"deny:300\"", "").await;
+    for (g, _) in concurrent(&proxy, 4).await {
+        assert_eq!(g.status, 403, "{g:?}");
+        assert_eq!(g.header("x-held"), "denied");
+        assert_eq!(g.body, "denied after discovery\n");
+    }
+    assert_eq!(up.hits(), 0, "a denied request reached the upstream");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_fails_while_holding_requests_fails_them() {
+    let up = Upstream::start("svc").await;
+    let proxy = held_proxy(&up, "\"trap:300\"", "").await;
+    for (g, _) in concurrent(&proxy, 4).await {
+        assert_eq!(g.status, 503, "fail_closed: {g:?}");
+    }
+    assert_eq!(
+        up.hits(),
+        0,
+        "a request held by a failed filter reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_never_resumed_ends_at_its_timeout() {
+    let up = Upstream::start("svc").await;
+    let proxy = held_proxy(&up, "\"never:0\"", "request_timeout_ms: 800").await;
+    let got = concurrent(&proxy, 3).await;
+    for (g, took) in got {
+        assert_eq!(g.status, 504, "{g:?}");
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(5),
+            "{took:?}"
+        );
+    }
+    assert_eq!(up.hits(), 0);
+    // The proxy still holds nothing for them.
+    let clusters = proxy.clusters().await;
+    assert_eq!(clusters["clusters"][0]["active_requests"], 0);
+}
