@@ -398,6 +398,41 @@ async fn a_restart_with_a_warm_cache_does_not_recompile() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callout_with_timeout_zero_gets_the_host_default() {
+    let svc = Upstream::start("svc").await;
+    let auth = Upstream::start_slow("auth", Duration::from_millis(300)).await;
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter(
+            "authz",
+            &guest_filter("compat_callout"),
+            "auth",
+        )],
+        &[
+            crate::cluster("svc", &[svc.address()], ""),
+            crate::cluster("auth", &[auth.address()], ""),
+        ],
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let client = h1_client();
+    let call = |timeout_ms: &'static str| {
+        let req = Request::get(proxy.url("/orders"))
+            .header("x-auth-timeout-ms", timeout_ms)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        send(&client, req)
+    };
+    // 0 is "the host's default" (15 s), not 1 ms: the slow answer arrives in time.
+    let got = call("0").await.unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.echo()["headers"]["x-auth"][0], "ok");
+    // A real timeout still bounds the callout.
+    let got = call("50").await.unwrap();
+    assert_eq!(got.status, 403, "{got:?}");
+    assert_eq!(got.header("x-auth-status"), "none");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http_callout_allows_or_denies_the_request() {
     let svc = Upstream::start("svc").await;
     let mut auth = Upstream::start("auth").await;

@@ -8,6 +8,9 @@ use super::{C, ENV};
 use crate::linker::HostLinker;
 use crate::memory::{give, read, write_u32};
 
+/// The timeout of a callout dispatched with timeout 0 (as Envoy's default route timeout).
+pub const DEFAULT_CALLOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Adds the callout calls.
 pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
     // A callout: validated and queued; the request path sends it once the callback returns
@@ -55,7 +58,10 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 token,
                 cluster,
                 request,
-                timeout: std::time::Duration::from_millis(u64::from(timeout_ms as u32).max(1)),
+                timeout: match timeout_ms as u32 {
+                    0 => DEFAULT_CALLOUT_TIMEOUT,
+                    ms => std::time::Duration::from_millis(u64::from(ms)),
+                },
             });
             Status::Ok as i32
         },

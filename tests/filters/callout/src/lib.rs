@@ -1,7 +1,8 @@
 //! External authorization, as an Envoy filter would do it: every request except `/public`
 //! is held while the filter asks the cluster named in its configuration
 //! (`GET /status/<x-auth-status or 200>`); a 200 lets it through with `x-auth: ok` and the
-//! answer's body in `x-auth-body`, anything else (or no answer) gets 403.
+//! answer's body in `x-auth-body`, anything else (or no answer) gets 403. `x-auth-timeout-ms`
+//! sets the callout's timeout (0: the host's default).
 //!
 //! Responses to `/public/audited` are held while the filter asks the same cluster
 //! (`GET /status/202`) and get `x-audit: <its status>` before they go on.
@@ -78,9 +79,14 @@ impl HttpContext for Auth {
             return Action::Continue;
         }
         let wanted = self.get_http_request_header("x-auth-status").unwrap_or_else(|| "200".into());
+        // The callout's timeout: `x-auth-timeout-ms` (0: the host's default), else 2 s.
+        let timeout = self
+            .get_http_request_header("x-auth-timeout-ms")
+            .and_then(|t| t.parse().ok())
+            .map_or(Duration::from_secs(2), Duration::from_millis);
         let path = format!("/status/{wanted}");
         let headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", "auth")];
-        match self.dispatch_http_call(&self.cluster, headers, None, vec![], Duration::from_secs(2)) {
+        match self.dispatch_http_call(&self.cluster, headers, None, vec![], timeout) {
             Ok(_) => Action::Pause,
             Err(_) => {
                 self.send_http_response(500, vec![], Some(b"callout refused\n"));
