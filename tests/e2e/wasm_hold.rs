@@ -104,3 +104,55 @@ async fn a_request_never_resumed_ends_at_its_timeout() {
     let clusters = proxy.clusters().await;
     assert_eq!(clusters["clusters"][0]["active_requests"], 0);
 }
+
+/// A proxy running `compat_hold` in `fetch` mode: its root context calls cluster `auth`.
+async fn fetching_proxy(up: &Upstream, auth: &Upstream, status: u16) -> ProxyProcess {
+    let yaml = chain(
+        "svc",
+        &[filter(
+            "hold",
+            &guest_filter("compat_hold"),
+            &format!("\"fetch:{status}\""),
+        )],
+        &[
+            cluster("svc", &[up.address()], ""),
+            cluster("auth", &[auth.address()], ""),
+        ],
+    );
+    ProxyProcess::start(&yaml).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_fetches_from_its_root_context_before_it_lets_requests_through() {
+    let up = Upstream::start("svc").await;
+    let auth = Upstream::start_slow("auth", Duration::from_millis(500)).await;
+    let proxy = fetching_proxy(&up, &auth, 200).await;
+    let watcher = async {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        up.hits()
+    };
+    let (got, hits_while_fetching) = tokio::join!(concurrent(&proxy, 6), watcher);
+    assert_eq!(
+        hits_while_fetching, 0,
+        "a request went on before the filter was ready"
+    );
+    for (g, _) in &got {
+        assert_eq!(g.status, 200, "{g:?}");
+        assert_eq!(g.echo()["headers"]["x-held"][0], "yes");
+    }
+    // One discovery call per worker's instance, sent from its root context (on_tick).
+    assert!((1..=2).contains(&auth.hits()), "{}", auth.hits());
+    assert_eq!(up.hits(), 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_root_context_fetch_denies_the_held_requests() {
+    let up = Upstream::start("svc").await;
+    let auth = Upstream::start_slow("auth", Duration::from_millis(300)).await;
+    let proxy = fetching_proxy(&up, &auth, 503).await;
+    for (g, _) in concurrent(&proxy, 4).await {
+        assert_eq!(g.status, 403, "{g:?}");
+        assert_eq!(g.body, "discovery failed\n");
+    }
+    assert_eq!(up.hits(), 0);
+}

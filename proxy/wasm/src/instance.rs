@@ -331,33 +331,49 @@ impl FilterInstance {
             });
         };
         self.enter(head, info, context);
-        let response = match outcome.response {
-            Ok((head, body)) => CalloutResponse {
-                head: Some(head),
-                body: body.to_vec(),
-            },
-            Err(why) => {
-                tracing::debug!(filter = %self.store.data().plugin.name, "callout failed: {why}");
-                CalloutResponse::default()
-            }
-        };
-        let headers = response
-            .head
-            .as_ref()
-            .map_or(0, |h| h.headers.len() as i32 + 1);
-        let body_len = response.body.len() as i32;
+        let (token, response, headers, body_len) = callout_parts(&self.store, outcome);
         let data = self.store.data_mut();
         data.callout_response = Some(response);
         seen.lend(data);
         arm(&mut self.store, ticks);
         let result = f.call(
             &mut self.store,
-            (context, outcome.token as i32, headers, body_len, 0),
+            (context, token as i32, headers, body_len, 0),
         );
         seen.take_back(self.store.data_mut());
         let outcome = self.leave(head);
         result.map_err(|e| failed(&self.store, e, "proxy_on_http_call_response"))?;
         Ok(outcome)
+    }
+
+    /// Delivers the outcome of a callout the filter made from its root context
+    /// (`proxy_on_http_call_response` on the root context).
+    pub fn root_callout_response(
+        &mut self,
+        ticks: u64,
+        outcome: CalloutOutcome,
+    ) -> Result<(), Failure> {
+        let Some(f) = self.exports.on_http_call_response.clone() else {
+            return Ok(());
+        };
+        let (token, response, headers, body_len) = callout_parts(&self.store, outcome);
+        let data = self.store.data_mut();
+        data.context = ROOT_CONTEXT as u32;
+        data.callback_context = ROOT_CONTEXT as u32;
+        data.info = None;
+        data.callout_response = Some(response);
+        arm(&mut self.store, ticks);
+        let result = f.call(
+            &mut self.store,
+            (ROOT_CONTEXT, token as i32, headers, body_len, 0),
+        );
+        self.store.data_mut().callout_response = None;
+        result.map_err(|e| failed(&self.store, e, "proxy_on_http_call_response"))
+    }
+
+    /// The callouts the filter made outside a stream callback (its root context), taken.
+    pub fn take_callouts(&mut self) -> Vec<Callout> {
+        std::mem::take(&mut self.store.data_mut().callouts)
     }
 
     /// `proxy_on_{request,response}_body` with `buf` as the body buffer, and the request and
@@ -457,6 +473,30 @@ impl FilterInstance {
 
 /// The failure of a call on `store` that returned `e`, classified by what the store's limits
 /// recorded.
+/// A callout's outcome as `proxy_on_http_call_response` delivers it: the token, what the
+/// filter reads back (map 6, buffer 4), the header count and the body size.
+fn callout_parts(
+    store: &Store<HostState>,
+    outcome: CalloutOutcome,
+) -> (u32, CalloutResponse, i32, i32) {
+    let response = match outcome.response {
+        Ok((head, body)) => CalloutResponse {
+            head: Some(head),
+            body: body.to_vec(),
+        },
+        Err(why) => {
+            tracing::debug!(filter = %store.data().plugin.name, "callout failed: {why}");
+            CalloutResponse::default()
+        }
+    };
+    let headers = response
+        .head
+        .as_ref()
+        .map_or(0, |h| h.headers.len() as i32 + 1);
+    let body_len = response.body.len() as i32;
+    (outcome.token, response, headers, body_len)
+}
+
 fn failed(store: &Store<HostState>, e: wasmtime::Error, during: &str) -> Failure {
     classify(e, store.data().limits.stopped(), during)
 }

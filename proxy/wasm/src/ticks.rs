@@ -1,9 +1,12 @@
 //! What runs on a worker besides streams: each filter's tick loop (`proxy_on_tick` at the
-//! period the filter set) and the delivery of `proxy_on_queue_ready` to the instances that
-//! own a shared queue.
+//! period the filter set), the delivery of `proxy_on_queue_ready` to the instances that own
+//! a shared queue, and the callouts a filter makes from its root context (start, ticks,
+//! queues), sent by the worker and answered on the root context.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use weft_core::filter::Callout;
 
 use crate::instance::FilterSpec;
 use crate::limits::LIFECYCLE_TICKS;
@@ -28,10 +31,21 @@ pub async fn tick_loop(
         if period == 0 {
             continue;
         }
-        if let Ok(Err(failure)) = with_instance(chain, idx, spec, |inst, _| {
-            inst.on_tick(spec.callback_ticks)
+        match with_instance(chain, idx, spec, |inst, generation| {
+            (
+                inst.on_tick(spec.callback_ticks),
+                inst.take_callouts(),
+                generation,
+            )
         }) {
-            fail(chain, idx, spec, &failure);
+            Ok((Err(failure), _, _)) => fail(chain, idx, spec, &failure),
+            Ok((Ok(()), callouts, generation)) => send_root_callouts(
+                chain as usize + idx,
+                generation,
+                callouts,
+                spec.callback_ticks,
+            ),
+            Err(()) => {}
         }
     }
 }
@@ -41,8 +55,42 @@ pub async fn tick_loop(
 pub async fn deliver_queue_ready(mut ready: tokio::sync::mpsc::UnboundedReceiver<(usize, u32)>) {
     while let Some((slot, token)) = ready.recv().await {
         // Not on a request's path: the queue callback gets the lifecycle deadline.
-        worker::with_live_slot(slot, |instance| {
-            instance.on_queue_ready(LIFECYCLE_TICKS, token)
+        let mut callouts = (0, Vec::new());
+        worker::with_live_slot(slot, None, |instance, generation| {
+            let result = instance.on_queue_ready(LIFECYCLE_TICKS, token);
+            callouts = (generation, instance.take_callouts());
+            result
+        });
+        send_root_callouts(slot, callouts.0, callouts.1, LIFECYCLE_TICKS);
+    }
+}
+
+/// Sends the callouts the instance of generation `generation` in slot `n` made from its root
+/// context, each as a task of this worker, and delivers each answer to that instance's root
+/// context (`proxy_on_http_call_response`, within `ticks`), if it is still live; callouts it
+/// makes there are sent in turn. Off a runtime (nothing could deliver the answers) they are
+/// dropped with a warning.
+pub fn send_root_callouts(n: usize, generation: u64, callouts: Vec<Callout>, ticks: u64) {
+    if callouts.is_empty() {
+        return;
+    }
+    if tokio::runtime::Handle::try_current().is_err() {
+        tracing::warn!(
+            callouts = callouts.len(),
+            "callouts from a filter's root context outside a worker are dropped"
+        );
+        return;
+    }
+    for callout in callouts {
+        tokio::spawn(async move {
+            let outcome = weft_core::http::callout::run_on_worker(callout).await;
+            let mut more = Vec::new();
+            worker::with_live_slot(n, Some(generation), |instance, _| {
+                let result = instance.root_callout_response(ticks, outcome);
+                more = instance.take_callouts();
+                result
+            });
+            send_root_callouts(n, generation, more, ticks);
         });
     }
 }

@@ -18,6 +18,7 @@ use weft_config::FailurePolicy;
 
 use crate::failure::Failure;
 use crate::instance::{FilterInstance, FilterSpec};
+use crate::limits::LIFECYCLE_TICKS;
 use crate::retired::{self, Retired};
 use crate::state::{LocalResponse, Wake};
 
@@ -158,11 +159,20 @@ pub fn with_instance<R>(
             let now = Instant::now();
             let (backoff, generation) = (*backoff, *generation);
             *slot = match FilterInstance::start(spec, n) {
-                Ok(instance) => Slot::Live {
-                    instance: Box::new(instance),
-                    generation: generation + 1,
-                    policy: spec.policy,
-                },
+                Ok(mut instance) => {
+                    // Callouts from on_vm_start / on_configure.
+                    crate::ticks::send_root_callouts(
+                        n,
+                        generation + 1,
+                        instance.take_callouts(),
+                        LIFECYCLE_TICKS,
+                    );
+                    Slot::Live {
+                        instance: Box::new(instance),
+                        generation: generation + 1,
+                        policy: spec.policy,
+                    }
+                }
                 Err(failure) => {
                     spec.failures.count(&failure);
                     let next = (backoff * 2).clamp(RELOAD_BACKOFF_START, RELOAD_BACKOFF_MAX);
@@ -223,9 +233,14 @@ pub fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
     });
 }
 
-/// Runs `f` on this worker's live instance in slot `n`, if there is one, and marks it failed
-/// (per its policy) if `f` fails. Never starts an instance.
-pub fn with_live_slot(n: usize, f: impl FnOnce(&mut FilterInstance) -> Result<(), Failure>) {
+/// Runs `f` on this worker's live instance in slot `n`, if there is one (and, with
+/// `generation`, if it is still that instance), and marks it failed (per its policy) if `f`
+/// fails. Never starts an instance. `f` gets the instance's generation.
+pub fn with_live_slot(
+    n: usize,
+    generation: Option<u64>,
+    f: impl FnOnce(&mut FilterInstance, u64) -> Result<(), Failure>,
+) {
     WORKER.with(|w| {
         let mut w = w.borrow_mut();
         let Some(slot) = w.slots.get_mut(&n) else {
@@ -233,13 +248,17 @@ pub fn with_live_slot(n: usize, f: impl FnOnce(&mut FilterInstance) -> Result<()
         };
         let Slot::Live {
             instance,
-            generation,
+            generation: live,
             policy,
         } = slot
         else {
             return;
         };
-        let result = f(instance);
+        if generation.is_some_and(|g| g != *live) {
+            return; // the instance the call was for is gone
+        }
+        let generation = live;
+        let result = f(instance, *generation);
         let wakes = instance.take_wakes();
         if let Err(failure) = result {
             tracing::warn!(filter = %instance.name(), "filter failed: {}", failure.message);

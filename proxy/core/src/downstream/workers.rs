@@ -41,6 +41,7 @@ pub fn spawn_worker(spec: WorkerSpec) -> io::Result<std::thread::JoinHandle<()>>
 
 async fn run_worker(spec: WorkerSpec) {
     worker::install(spec.id, &spec.clusters);
+    crate::http::callout::install(spec.clusters.clone());
     // tokio wakes its own driver with an eventfd write whenever a newly registered timer is
     // earlier than every other one (tokio-rs/tokio#5207): on a quiet worker that is every
     // request's timeout, one extra syscall per request. A periodic timer that always fires

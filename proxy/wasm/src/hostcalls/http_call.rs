@@ -1,5 +1,6 @@
 //! HTTP callouts: `proxy_http_call` queues a request to a cluster, which the request path
-//! sends once the callback returns and answers with `proxy_on_http_call_response`;
+//! sends once the callback returns (or, from the root context, the worker sends at once) and
+//! answers with `proxy_on_http_call_response`;
 //! `proxy_get_status` reads the status of the call being answered.
 
 use weft_abi::{Status, map};
@@ -43,6 +44,11 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             let cluster = String::from_utf8_lossy(&cluster).into_owned();
             if !c.data().clusters.contains(&cluster) {
                 return Status::BadArgument as i32;
+            }
+            // Body and trailers callbacks cannot wait for a callout yet: refused rather than
+            // answered OK and never sent.
+            if c.data().body.is_some() || c.data().trailers.is_some() {
+                return Status::InternalFailure as i32;
             }
             let Some(request) = map::deserialize(&headers).and_then(|h| callout_request(&h, body))
             else {

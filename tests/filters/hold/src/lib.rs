@@ -7,10 +7,14 @@
 //! - `allow`: resumes it (`x-held: yes` was added while it waited);
 //! - `deny`: answers it 403 `denied after discovery`;
 //! - `trap`: traps instead of becoming ready (the held requests must fail, not pass);
-//! - `never`: never becomes ready (the held requests must end at their timeout).
+//! - `never`: never becomes ready (the held requests must end at their timeout);
+//! - `fetch`: fetches its "discovery document" from its root context, as OIDC filters do:
+//!   on its first tick it calls cluster `auth` (`GET /status/<n>`, `n` the number in the
+//!   configuration); a 200 makes it ready and resumes the held requests, anything else
+//!   denies them (403 `discovery failed`).
 //!
-//! Configuration: `<mode>:<ready_after_ms>`, e.g. `allow:400`. Requests arriving once it is
-//! ready go straight on with `x-held: no`.
+//! Configuration: `<mode>:<ready_after_ms>` (for `fetch`, `fetch:<status>`), e.g.
+//! `allow:400`. Requests arriving once it is ready go straight on with `x-held: no`.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -28,6 +32,7 @@ proxy_wasm::main! {{
             started: None,
             ready: Rc::new(Cell::new(false)),
             pending: Rc::new(RefCell::new(Vec::new())),
+            fetching: false,
         })
     });
 }}
@@ -38,9 +43,37 @@ struct Root {
     started: Option<SystemTime>,
     ready: Rc<Cell<bool>>,
     pending: Rc<RefCell<Vec<u32>>>,
+    /// `fetch`: the discovery call is out.
+    fetching: bool,
 }
 
-impl Context for Root {}
+impl Root {
+    /// Becomes ready and takes up every held request: resumes it, or denies it.
+    fn release(&mut self, allow: bool) {
+        self.ready.set(allow);
+        let (status, body): (u32, &[u8]) = match self.mode.as_str() {
+            "fetch" => (403, b"discovery failed\n"),
+            _ => (403, b"denied after discovery\n"),
+        };
+        for context in self.pending.borrow_mut().drain(..) {
+            if hostcalls::set_effective_context(context).is_err() {
+                continue; // the request is gone
+            }
+            if allow {
+                let _ = hostcalls::resume_http_request();
+            } else {
+                let _ = hostcalls::send_http_response(status, vec![("x-held", "denied")], Some(body));
+            }
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        self.release(status == "200");
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -57,11 +90,22 @@ impl RootContext for Root {
         self.mode = mode.to_owned();
         self.ready_after = Duration::from_millis(ms);
         self.set_tick_period(Duration::from_millis(50));
-        matches!(mode, "allow" | "deny" | "trap" | "never")
+        matches!(mode, "allow" | "deny" | "trap" | "never" | "fetch")
     }
 
     fn on_tick(&mut self) {
         if self.ready.get() {
+            return;
+        }
+        if self.mode == "fetch" {
+            if !self.fetching {
+                self.fetching = true;
+                let path = format!("/status/{}", self.ready_after.as_millis());
+                let headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", "auth")];
+                if self.dispatch_http_call("auth", headers, None, vec![], Duration::from_secs(5)).is_err() {
+                    self.release(false);
+                }
+            }
             return;
         }
         let now = self.get_current_time();
@@ -74,21 +118,8 @@ impl RootContext for Root {
             "trap" => panic!("the discovery document could not be fetched"),
             _ => {}
         }
-        self.ready.set(true);
-        for context in self.pending.borrow_mut().drain(..) {
-            if hostcalls::set_effective_context(context).is_err() {
-                continue; // the request is gone
-            }
-            if self.mode == "deny" {
-                let _ = hostcalls::send_http_response(
-                    403,
-                    vec![("x-held", "denied")],
-                    Some(b"denied after discovery\n"),
-                );
-            } else {
-                let _ = hostcalls::resume_http_request();
-            }
-        }
+        let allow = self.mode != "deny";
+        self.release(allow);
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
