@@ -70,6 +70,19 @@ async fn an_upstream_sdk_filter_edits_headers_both_ways() {
         // The map the filter saw had the pseudo-headers and the request's headers.
         let count: usize = h("x-wasm-header-count").parse().unwrap();
         assert!(count >= 6, "{count}");
+        // As in Envoy: the authority once, as `:authority` (no `host` beside it on HTTP/1.1),
+        // and the headers the proxy adds before the chain already there.
+        let names = h("x-wasm-map");
+        let names: Vec<&str> = names.split(',').collect();
+        assert_eq!(
+            names.iter().filter(|n| **n == ":authority").count(),
+            1,
+            "{names:?}"
+        );
+        assert!(!names.contains(&"host"), "{names:?}");
+        for added in ["x-request-id", "x-forwarded-proto", "x-forwarded-for"] {
+            assert!(names.contains(&added), "{added} not visible: {names:?}");
+        }
     }
 }
 

@@ -89,6 +89,11 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
         MapKind::Unavailable => return out,
     };
     for (k, v) in headers {
+        // The authority is `:authority` (as Envoy presents HTTP/1.1 requests), not a second
+        // `host` entry beside it.
+        if kind == MapKind::RequestHeaders && k == http::header::HOST {
+            continue;
+        }
         out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
     }
     out

@@ -202,8 +202,13 @@ impl Exchange {
         head: &mut http::request::Parts,
         end_of_stream: bool,
     ) -> Result<(), Early> {
-        // The request id exists before filters run, as in Envoy.
+        // As in Envoy, filters see the request with its hop-by-hop headers gone (so a
+        // client's `connection:` cannot remove what the proxy adds next) and with the request
+        // id and x-forwarded-* already set.
+        let upgrade = self.version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
+        headers::strip_hop_by_hop(&mut head.headers, upgrade);
         headers::ensure_request_id(&mut head.headers);
+        headers::set_forwarded(&mut head.headers, &self.conn.peer_ip, "http");
         let Some(chain) = self.ctx().chain.load_full() else {
             return Ok(());
         };
@@ -305,10 +310,10 @@ impl Exchange {
         } else {
             None
         };
+        // Again: hop-by-hop headers a filter may have added do not go upstream.
         headers::strip_hop_by_hop(&mut head.headers, upgrade);
         // The proxy answers `expect: 100-continue` itself when it starts reading the body.
         head.headers.remove(header::EXPECT);
-        headers::set_forwarded(&mut head.headers, &self.conn.peer_ip, "http");
         let protocol = self.ctx().clusters[self.cluster].protocol;
         attempt::set_upstream_target(&mut head, protocol).map_err(|(status, text)| {
             Early::Local {
@@ -515,8 +520,28 @@ mod tests {
         for gone in ["connection", "x-secret", "keep-alive", "expect"] {
             assert!(!h.headers.contains_key(gone), "{gone} forwarded");
         }
+    }
+
+    #[tokio::test]
+    async fn filters_see_the_request_without_hop_by_hop_headers_and_with_forwarding_set() {
+        let mut ex = exchange("http1");
+        let mut h = head(
+            "/a",
+            &[
+                ("host", "example.com"),
+                // A client naming the proxy's own headers hop-by-hop cannot remove them.
+                ("connection", "x-forwarded-for, x-request-id, x-secret"),
+                ("x-secret", "1"),
+                ("x-forwarded-for", "192.0.2.9"),
+            ],
+        );
+        ex.request_headers(&mut h, true).await.ok().unwrap();
+        assert!(!h.headers.contains_key("connection"));
+        assert!(!h.headers.contains_key("x-secret"));
+        // The client's own x-forwarded-for was named hop-by-hop (dropped); the proxy's is set.
         assert_eq!(h.headers["x-forwarded-for"], "10.1.2.3");
         assert_eq!(h.headers["x-forwarded-proto"], "http");
+        assert_eq!(h.headers["x-request-id"].len(), 36);
     }
 
     #[test]

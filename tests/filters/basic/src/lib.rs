@@ -220,6 +220,9 @@ impl HttpContext for Stream {
         let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_requests"), 1);
         let _ = hostcalls::record_metric(metric(MetricType::Histogram, "basic_request_headers"), count as u64);
         self.set_http_request_header("x-wasm-header-count", Some(&count.to_string()));
+        // The names of the map the filter saw, in order.
+        let names: Vec<String> = self.get_http_request_headers().into_iter().map(|(k, _)| k).collect();
+        self.set_http_request_header("x-wasm-map", Some(&names.join(",")));
         log::debug!("request {path} passed");
         Action::Continue
     }
