@@ -164,6 +164,8 @@ async fn a_filter_can_answer_locally() {
     assert_eq!(got.status, 403);
     assert_eq!(got.header("x-denied-by"), "wasm");
     assert_eq!(got.body, "denied by filter\n");
+    // As in Envoy, the filter's response callback ran on its own local reply.
+    assert_eq!(got.header("x-wasm-response"), "seen 403");
     assert_eq!(up.hits(), 0);
     let stats = proxy.stats().await;
     assert!(stats.contains(
@@ -178,6 +180,36 @@ async fn a_filter_can_answer_locally() {
         stats.contains("weft_filter_basic_logged_deny_path_total 1"),
         "{stats}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_replies_are_framed_by_the_proxy_and_an_invalid_status_says_so() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;
+    for client in [h1_client(), h2_client()] {
+        // The filter's own content-length (999) is replaced by the body's: no client waits
+        // for bytes that never come, no HTTP/2 protocol error.
+        let got = tokio::time::timeout(
+            Duration::from_secs(5),
+            get(&client, &proxy.url("/deny/bad-length")),
+        )
+        .await
+        .expect("answered in time")
+        .unwrap();
+        assert_eq!(got.status, 403, "{got:?}");
+        assert_eq!(got.body, "short\n");
+        assert_eq!(got.header("content-length"), "6");
+        // The connection stays usable.
+        assert_eq!(get(&client, &proxy.url("/")).await.unwrap().status, 200);
+
+        let got = get(&client, &proxy.url("/deny/bad-status")).await.unwrap();
+        assert_eq!(got.status, 500);
+        assert_eq!(
+            got.body,
+            "filter `basic` sent a local reply with invalid status 1000\n"
+        );
+    }
+    assert!(proxy.log().contains("invalid status 1000"));
 }
 
 /// Sends `path` and returns (status, whether the filter's request edits were applied).

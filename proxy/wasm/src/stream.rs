@@ -75,6 +75,8 @@ pub struct WasmStream {
     retry: Option<weft_core::filter::RetryAsk>,
     /// The filter holding the stream, if one is.
     holding: Option<Holding>,
+    /// A request-phase local reply is going through the response callbacks.
+    replying: bool,
     /// How the held stream was released (written by the future [`FilterStream::held`]
     /// returns).
     released: Arc<std::sync::Mutex<Option<Release>>>,
@@ -177,6 +179,7 @@ impl WasmStream {
             route: Default::default(),
             retry: None,
             holding: None,
+            replying: false,
             released: Arc::default(),
         }
     }
@@ -253,9 +256,35 @@ impl WasmStream {
         }
     }
 
-    /// Remembers a local reply (and the request it answers) for `on_log`.
+    /// A local reply given in the request phase: as in Envoy, it goes through the response
+    /// callbacks of the filters the request reached (in reverse order), which may edit its
+    /// head or replace it; remembered (with the request it answers) for `on_log`.
     fn seen_reply(&mut self, head: &request::Parts, reply: LocalReply) -> LocalReply {
         self.seen.request = Some(snapshot_request(head));
+        let reply = if self.replying {
+            reply
+        } else {
+            self.replying = true;
+            let mut rhead = <response::Parts as Head>::empty();
+            rhead.status = reply.status;
+            rhead.headers = reply.headers;
+            let decision =
+                self.response_from(self.filters.len(), &mut rhead, reply.body.is_empty());
+            self.replying = false;
+            // A callout or a hold asked for on a local reply is not waited for.
+            if let Some(h) = self.holding.take() {
+                worker::unhold(h.slot, h.context);
+            }
+            self.paused = None;
+            match decision {
+                ResponseDecision::Respond(other) => other,
+                _ => LocalReply {
+                    status: rhead.status,
+                    headers: rhead.headers,
+                    body: reply.body,
+                },
+            }
+        };
         self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
         reply
     }

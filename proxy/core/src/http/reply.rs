@@ -9,11 +9,14 @@ use super::stream::Stream;
 use crate::body::ResponseBody;
 use crate::filter::LocalReply;
 
-/// A response a filter made.
+/// A response a filter made. Its framing is the proxy's: a `content-length` or
+/// `transfer-encoding` the filter set is replaced by the real body's length.
 pub fn filter_reply(reply: LocalReply, stream: Box<Stream>) -> Response<ResponseBody> {
     let mut resp = Response::new(ResponseBody::local(reply.body, Some(stream)));
     *resp.status_mut() = reply.status;
     *resp.headers_mut() = reply.headers;
+    resp.headers_mut().remove(header::CONTENT_LENGTH);
+    resp.headers_mut().remove(header::TRANSFER_ENCODING);
     if !resp.headers().contains_key(header::CONTENT_TYPE) {
         resp.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));

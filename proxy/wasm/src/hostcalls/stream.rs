@@ -67,14 +67,34 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 .into_iter()
                 .map(|(k, v)| (k.to_vec(), v.to_vec()))
                 .collect();
-            let Ok(status) = u16::try_from(code) else {
-                return Status::BadArgument as i32;
-            };
-            let reply = LocalResponse {
-                status,
-                details: String::from_utf8_lossy(&details).into_owned(),
-                body,
-                headers,
+            // The SDKs trap on any status but OK here: an invalid status becomes a 500 that
+            // says so (and a warning), not a silent one.
+            let reply = match u16::try_from(code)
+                .ok()
+                .filter(|s| http::StatusCode::from_u16(*s).is_ok())
+            {
+                Some(status) => LocalResponse {
+                    status,
+                    details: String::from_utf8_lossy(&details).into_owned(),
+                    body,
+                    headers,
+                },
+                None => {
+                    let filter = &c.data().plugin.name;
+                    tracing::warn!(
+                        filter = %filter,
+                        "proxy_send_local_response: invalid status {code}; answering 500"
+                    );
+                    LocalResponse {
+                        status: 500,
+                        details: "invalid_local_reply_status".into(),
+                        body: format!(
+                            "filter `{filter}` sent a local reply with invalid status {code}\n"
+                        )
+                        .into_bytes(),
+                        headers: Vec::new(),
+                    }
+                }
             };
             let data = c.data_mut();
             if data.context == data.callback_context {

@@ -171,6 +171,15 @@ impl HttpContext for Stream {
                 self.send_http_response(403, vec![("x-denied-by", "wasm")], Some(b"denied by filter\n"));
                 return Action::Pause;
             }
+            "/deny/bad-length" => {
+                // A content-length that does not match the body: the host frames it.
+                self.send_http_response(403, vec![("content-length", "999")], Some(b"short\n"));
+                return Action::Pause;
+            }
+            "/deny/bad-status" => {
+                self.send_http_response(1000, vec![], Some(b"never\n"));
+                return Action::Pause;
+            }
             "/panic" => panic!("the filter panicked on purpose"),
             "/loop" => {
                 let mut i: u64 = 0;
