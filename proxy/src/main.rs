@@ -86,6 +86,10 @@ fn main() -> ExitCode {
         .cache_dir
         .clone()
         .or_else(|| control.as_ref().map(|c| c.state_dir.join("module-cache")));
+    weft_wasm::set_node(weft_wasm::Node {
+        id: node_id(&args),
+        labels: args.labels.iter().cloned().collect(),
+    });
     let filter_host = Arc::new(WasmHost::new(cache_dir));
     let options = ProxyOptions {
         workers,
@@ -115,6 +119,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// This proxy's id: `--id`, else the host name (a pod's name in Kubernetes).
+fn node_id(args: &Args) -> String {
+    args.id.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "weft".into())
+    })
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -125,11 +138,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String> {
     let address =
         weft_core::control::control_url(address).map_err(|e| format!("--control: {e}"))?;
-    let id = args.id.clone().unwrap_or_else(|| {
-        std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "weft".into())
-    });
+    let id = node_id(args);
     let token =
         weft_core::control::token(args.control_token_file.as_deref(), "WEFT_CONTROL_TOKEN")?;
     Ok(ControlOptions {

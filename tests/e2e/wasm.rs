@@ -212,6 +212,34 @@ async fn local_replies_are_framed_by_the_proxy_and_an_invalid_status_says_so() {
     assert!(proxy.log().contains("invalid status 1000"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_properties_filters_read_in_practice() {
+    let mut up = Upstream::start("u").await;
+    let args: Vec<String> = ["--id", "edge-1", "--label", "app=shop"]
+        .map(String::from)
+        .to_vec();
+    let proxy =
+        ProxyProcess::start_args(&filtered(&[&up], ""), 2, &args, free_port(), free_port()).await;
+    let req = Request::get(proxy.url("/p?a=1&b=2"))
+        .header("referer", "https://shop.example/cart")
+        .header("user-agent", "weft-test/1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&h1_client(), req).await.unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(
+        got.echo()["headers"]["x-wasm-envoy"][0],
+        "q=a=1&b=2 ref=https://shop.example/cart ua=weft-test/1 node=edge-1 app=shop dir=0"
+    );
+    assert_eq!(got.header("x-wasm-flags"), "0", "via upstream: no flags");
+    assert_eq!(got.header("x-wasm-cluster"), "svc");
+    // The proxy's own answer carries Envoy's flag for why (connection failure: 0x20).
+    up.kill();
+    let got = get(&h1_client(), &proxy.url("/p")).await.unwrap();
+    assert_eq!(got.status, 503, "{got:?}");
+    assert_eq!(got.header("x-wasm-flags"), "32");
+}
+
 /// Sends `path` and returns (status, whether the filter's request edits were applied).
 async fn call(proxy: &ProxyProcess, path: &str) -> (u16, bool) {
     let got = get(&h1_client(), &proxy.url(path)).await.unwrap();

@@ -51,6 +51,7 @@ mod worker;
 use std::path::PathBuf;
 
 pub use chain::WasmChain;
+pub use properties::{Node, set_node};
 pub use runtime::WasmRuntime;
 
 use weft_config::FilterConfig;

@@ -2,10 +2,49 @@
 //! response in Envoy's encodings, and otherwise what filters set themselves (per stream,
 //! shared by the chain, or per root context).
 
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
 use http::header::HeaderMap;
+use weft_core::filter::AttemptError;
 
 use crate::maps::{MapKind, authority, map_get, map_pairs};
 use crate::state::HostState;
+
+/// This proxy as a node of the mesh (`node.id`, `node.metadata.<label>`).
+#[derive(Clone, Debug, Default)]
+pub struct Node {
+    /// The proxy's id (`--id`, else the host name).
+    pub id: String,
+    /// Its labels (`--label k=v`).
+    pub labels: BTreeMap<String, String>,
+}
+
+static NODE: OnceLock<Node> = OnceLock::new();
+
+/// Sets what `node.*` reads, once per process (later calls are ignored).
+pub fn set_node(node: Node) {
+    let _ = NODE.set(node);
+}
+
+/// Envoy's `response.flags` bit for why the proxy answered for the upstream.
+fn response_flags(error: AttemptError) -> i64 {
+    match error {
+        AttemptError::None => 0,
+        AttemptError::NoHealthyUpstream => 0x2,
+        AttemptError::Timeout => 0x4,
+        AttemptError::Reset => 0x10,
+        AttemptError::ConnectFailure => 0x20,
+        AttemptError::Overflow => 0x80,
+    }
+}
+
+/// A property path with its segments joined by single NULs (the upstream SDKs end a path with
+/// a NUL, `weft-sdk` does not), so that filters of either SDK share properties.
+pub fn normalize(path: &[u8]) -> Vec<u8> {
+    let segments: Vec<&[u8]> = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    segments.join(&0u8)
+}
 
 /// A property value in Envoy's encodings: strings as bytes, integers as 8-byte little-endian.
 pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
@@ -22,7 +61,21 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"destination", b"address"] => text(&info?.destination.to_string()),
         [b"destination", b"port"] => int(info?.destination.port().into()),
         [b"connection", b"id"] => int(info?.connection_id as i64),
-        [b"xds", b"cluster_name"] => text(state.clusters.get(info?.cluster? as usize)?),
+        [b"xds", b"cluster_name"] | [b"cluster_name"] => {
+            text(state.clusters.get(info?.cluster? as usize)?)
+        }
+        // The route a router filter matched (its `weft.route` stream property).
+        [b"route_name"] | [b"xds", b"route_name"] => state
+            .stream_props
+            .as_ref()?
+            .get(b"weft\0route".as_slice())
+            .cloned(),
+        [b"node", b"id"] => text(&NODE.get()?.id),
+        [b"node", b"metadata", key] => {
+            text(NODE.get()?.labels.get(std::str::from_utf8(key).ok()?)?)
+        }
+        // No listener here has a direction yet: UNSPECIFIED, as Envoy encodes it.
+        [b"listener_direction"] => int(0),
         [b"upstream", b"address"] => text(&info?.upstream?.to_string()),
         [b"upstream", b"port"] => int(info?.upstream?.port().into()),
         [b"request", rest @ ..] => {
@@ -30,6 +83,9 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
             match rest {
                 [b"path"] => map_get(state, MapKind::RequestHeaders, b":path"),
                 [b"url_path"] => text(req?.uri.path()),
+                [b"query"] => text(req?.uri.query().unwrap_or("")),
+                [b"referer"] => map_get(state, MapKind::RequestHeaders, b"referer"),
+                [b"useragent"] => map_get(state, MapKind::RequestHeaders, b"user-agent"),
                 [b"host"] => authority(req?).map(<[u8]>::to_vec),
                 [b"scheme"] => text("http"),
                 [b"method"] => text(req?.method.as_str()),
@@ -57,6 +113,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
             match rest {
                 [b"code"] => int(resp?.status.as_u16().into()),
                 [b"code_details"] => text(info?.attempt.error.code_details()),
+                [b"flags"] => int(response_flags(info?.attempt.error)),
                 [b"headers"] => {
                     let pairs = map_pairs(state, MapKind::ResponseHeaders);
                     Some(weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v))))
@@ -67,10 +124,10 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
             }
         }
         _ => match &state.stream_props {
-            Some(props) => props.get(path).cloned(),
+            Some(props) => props.get(&normalize(path)).cloned(),
             None => state
                 .properties
-                .get(&(state.context, path.to_vec()))
+                .get(&(state.context, normalize(path)))
                 .cloned(),
         },
     }
@@ -99,5 +156,17 @@ mod tests {
         assert_eq!(property(&s, b"plugin_name").unwrap(), b"f");
         assert!(property(&s, b"response\0code").is_none(), "no response yet");
         assert!(property(&s, b"nope").is_none());
+        assert_eq!(property(&s, b"request\0query").unwrap(), b"q=1");
+        assert_eq!(
+            property(&s, b"listener_direction").unwrap(),
+            0i64.to_le_bytes()
+        );
+    }
+
+    #[test]
+    fn paths_from_either_sdk_name_the_same_property() {
+        assert_eq!(normalize(b"weft\0route\0"), b"weft\0route");
+        assert_eq!(normalize(b"weft\0route"), b"weft\0route");
+        assert_eq!(normalize(b"\0a\0\0b"), b"a\0b");
     }
 }

@@ -31,6 +31,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 (Ok(p), Ok(v)) => (p, v),
                 (Err(s), _) | (_, Err(s)) => return s as i32,
             };
+            let path = crate::properties::normalize(&path);
             let data = c.data_mut();
             match &mut data.stream_props {
                 Some(props) => {

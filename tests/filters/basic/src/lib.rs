@@ -225,6 +225,21 @@ impl HttpContext for Stream {
             self.property(&["source", "address"]),
         );
         self.set_http_request_header("x-wasm-properties", Some(&seen));
+        // Envoy's request and node properties that filters read in practice.
+        let int = |v: Option<Vec<u8>>| {
+            v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+                .map_or("<none>".to_owned(), |b| i64::from_le_bytes(b).to_string())
+        };
+        let envoy = format!(
+            "q={} ref={} ua={} node={} app={} dir={}",
+            self.property(&["request", "query"]),
+            self.property(&["request", "referer"]),
+            self.property(&["request", "useragent"]),
+            self.property(&["node", "id"]),
+            self.property(&["node", "metadata", "app"]),
+            int(self.get_property(vec!["listener_direction"])),
+        );
+        self.set_http_request_header("x-wasm-envoy", Some(&envoy));
         let count = self.get_http_request_headers().len();
         let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_requests"), 1);
         let _ = hostcalls::record_metric(metric(MetricType::Histogram, "basic_request_headers"), count as u64);
@@ -265,6 +280,13 @@ impl HttpContext for Stream {
             let _ = hostcalls::record_metric(metric(MetricType::Gauge, "basic_last_status"), status);
         }
         self.set_http_response_header("x-upstream", None);
+        let flags = self
+            .get_property(vec!["response", "flags"])
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or("<none>".to_owned(), |b| i64::from_le_bytes(b).to_string());
+        self.add_http_response_header("x-wasm-flags", &flags);
+        let cluster = self.property(&["cluster_name"]);
+        self.add_http_response_header("x-wasm-cluster", &cluster);
         Action::Continue
     }
 }
