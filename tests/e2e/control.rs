@@ -383,8 +383,11 @@ async fn bad_modules_are_refused_or_nacked_and_the_last_good_chain_keeps_serving
     let st = proxy_status(&control, "s1-a");
     let nack = st["nack_error"].as_str().unwrap_or_default().to_owned();
     assert!(nack.contains("on_configure"), "{st}");
+    // The filter's own words reach the operator, not only the proxy's log.
+    assert!(nack.contains("configured with refuse"), "{st}");
     let (_, table, _) = control.weftctl(&["status"]);
     assert!(table.contains("NACK"), "{table}");
+    assert!(table.contains("configured with refuse"), "{table}");
     assert_eq!(greeting_via(&proxy).await, "good");
 
     // A module whose `_initialize` traps: accepted by the service (it compiles and has the

@@ -410,7 +410,7 @@ async fn bad_modules_are_startup_errors_naming_the_file() {
         (
             basic.display().to_string(),
             "refuse",
-            "proxy_on_configure returned false",
+            "proxy_on_configure returned false (the filter logged: \"configured with refuse\")",
         ),
     ];
     for (module, config, expected) in cases {

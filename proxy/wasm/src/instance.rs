@@ -121,7 +121,6 @@ impl FilterInstance {
     /// `on_vm_start` and `on_configure`. Either returning false is a
     /// [`crate::failure::FailureKind::Start`] failure.
     pub fn start(spec: &FilterSpec, slot: usize) -> Result<Self, Failure> {
-        let start_err = Failure::start;
         let mut store = Store::new(
             &spec.engine,
             HostState::new(
@@ -132,16 +131,60 @@ impl FilterInstance {
             ),
         );
         store.data_mut().slot = slot;
-        limits::install(&mut store);
-        arm(&mut store, LIFECYCLE_TICKS);
+        store.data_mut().start_log = Some(Default::default());
+        match Self::start_in(spec, &mut store) {
+            Ok((exports, instance_tick, instance_queue_ready)) => {
+                store.data_mut().start_log = None;
+                Ok(Self {
+                    store,
+                    exports,
+                    instance_tick,
+                    instance_queue_ready,
+                    next_context: ROOT_CONTEXT + 1,
+                })
+            }
+            // What the filter said while it failed to start is the operator's best clue
+            // (its own validation message): it goes with the failure.
+            Err(mut failure) => {
+                let said = store.data_mut().start_log.take().unwrap_or_default();
+                if !said.is_empty() {
+                    let said: Vec<String> = said.iter().map(|l| format!("\"{l}\"")).collect();
+                    failure.message = format!(
+                        "{} (the filter logged: {})",
+                        failure.message,
+                        said.join("; ")
+                    );
+                }
+                Err(failure)
+            }
+        }
+    }
+
+    /// Instantiates in `store` and runs the lifecycle callbacks: the exports, `on_tick` and
+    /// `on_queue_ready`.
+    #[allow(clippy::type_complexity)]
+    fn start_in(
+        spec: &FilterSpec,
+        store: &mut Store<HostState>,
+    ) -> Result<
+        (
+            Exports,
+            Option<TypedFunc<i32, ()>>,
+            Option<TypedFunc<(i32, i32), ()>>,
+        ),
+        Failure,
+    > {
+        let start_err = Failure::start;
+        limits::install(store);
+        arm(store, LIFECYCLE_TICKS);
         let instance = spec
             .pre
-            .instantiate(&mut store)
-            .map_err(|e| failed(&store, e, "instantiate"))?;
+            .instantiate(&mut *store)
+            .map_err(|e| failed(store, e, "instantiate"))?;
         for init in ["_initialize", "_start"] {
-            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut store, init) {
-                f.call(&mut store, ())
-                    .map_err(|e| failed(&store, e, init))?;
+            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut *store, init) {
+                f.call(&mut *store, ())
+                    .map_err(|e| failed(store, e, init))?;
                 break;
             }
         }
@@ -150,58 +193,52 @@ impl FilterInstance {
             func(store, name).and_then(|f| f.typed::<(i32, i32, i32), i32>(&*store).ok())
         };
         let exports = Exports {
-            on_context_create: func(&mut store, "proxy_on_context_create")
-                .and_then(|f| f.typed(&store).ok())
+            on_context_create: func(store, "proxy_on_context_create")
+                .and_then(|f| f.typed(&*store).ok())
                 .ok_or_else(|| {
                     start_err("module does not export proxy_on_context_create".into())
                 })?,
-            on_request_headers: typed3(&mut store, "proxy_on_request_headers"),
-            on_response_headers: typed3(&mut store, "proxy_on_response_headers"),
+            on_request_headers: typed3(store, "proxy_on_request_headers"),
+            on_response_headers: typed3(store, "proxy_on_response_headers"),
             on_body: [Direction::Request, Direction::Response]
-                .map(|d| typed3(&mut store, body_callback(d))),
+                .map(|d| typed3(store, body_callback(d))),
             on_trailers: [Direction::Request, Direction::Response]
-                .map(|d| func(&mut store, trailers_callback(d)).and_then(|f| f.typed(&store).ok())),
-            on_http_call_response: func(&mut store, "proxy_on_http_call_response")
-                .and_then(|f| f.typed(&store).ok()),
-            on_done: func(&mut store, "proxy_on_done").and_then(|f| f.typed(&store).ok()),
-            on_log: func(&mut store, "proxy_on_log").and_then(|f| f.typed(&store).ok()),
-            on_delete: func(&mut store, "proxy_on_delete").and_then(|f| f.typed(&store).ok()),
+                .map(|d| func(store, trailers_callback(d)).and_then(|f| f.typed(&*store).ok())),
+            on_http_call_response: func(store, "proxy_on_http_call_response")
+                .and_then(|f| f.typed(&*store).ok()),
+            on_done: func(store, "proxy_on_done").and_then(|f| f.typed(&*store).ok()),
+            on_log: func(store, "proxy_on_log").and_then(|f| f.typed(&*store).ok()),
+            on_delete: func(store, "proxy_on_delete").and_then(|f| f.typed(&*store).ok()),
         };
         store.data_mut().context = ROOT_CONTEXT as u32;
         store.data_mut().callback_context = ROOT_CONTEXT as u32;
         exports
             .on_context_create
-            .call(&mut store, (ROOT_CONTEXT, 0))
-            .map_err(|e| failed(&store, e, "proxy_on_context_create"))?;
+            .call(&mut *store, (ROOT_CONTEXT, 0))
+            .map_err(|e| failed(store, e, "proxy_on_context_create"))?;
         let vm_len = spec.meta.vm_config.len() as i32;
         let cfg_len = spec.meta.config.len() as i32;
         for (name, len) in [
             ("proxy_on_vm_start", vm_len),
             ("proxy_on_configure", cfg_len),
         ] {
-            let Some(f) = func(&mut store, name) else {
+            let Some(f) = func(store, name) else {
                 continue;
             };
             let f = f
-                .typed::<(i32, i32), i32>(&store)
+                .typed::<(i32, i32), i32>(&*store)
                 .map_err(|e| start_err(format!("{name} has the wrong type: {e}")))?;
             let ok = f
-                .call(&mut store, (ROOT_CONTEXT, len))
-                .map_err(|e| failed(&store, e, name))?;
+                .call(&mut *store, (ROOT_CONTEXT, len))
+                .map_err(|e| failed(store, e, name))?;
             if ok == 0 {
                 return Err(start_err(format!("{name} returned false")));
             }
         }
-        let instance_tick = func(&mut store, "proxy_on_tick").and_then(|f| f.typed(&store).ok());
+        let instance_tick = func(store, "proxy_on_tick").and_then(|f| f.typed(&*store).ok());
         let instance_queue_ready =
-            func(&mut store, "proxy_on_queue_ready").and_then(|f| f.typed(&store).ok());
-        Ok(Self {
-            store,
-            exports,
-            instance_tick,
-            instance_queue_ready,
-            next_context: ROOT_CONTEXT + 1,
-        })
+            func(store, "proxy_on_queue_ready").and_then(|f| f.typed(&*store).ok());
+        Ok((exports, instance_tick, instance_queue_ready))
     }
 
     /// What the last callbacks did to other contexts' streams (taken).

@@ -206,6 +206,9 @@ pub struct HostState {
     pub tick_period_ms: u32,
     /// Partial line written to stdout/stderr.
     pub stdout: Vec<u8>,
+    /// While the instance starts: what the filter logged (info and above, the last few
+    /// lines), so that a failed start can say what the filter said.
+    pub start_log: Option<std::collections::VecDeque<String>>,
     /// The guest's allocator (`proxy_on_memory_allocate`, or `malloc`).
     pub alloc: Option<TypedFunc<i32, i32>>,
     /// The guest's memory.
@@ -256,6 +259,7 @@ impl HostState {
             wakes: Vec::new(),
             tick_period_ms: 0,
             stdout: Vec::new(),
+            start_log: None,
             alloc: None,
             memory: None,
             metrics,

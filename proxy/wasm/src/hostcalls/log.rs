@@ -14,13 +14,45 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
         "proxy_log",
         |mut c: C<'_>, level: i32, ptr: i32, len: i32| {
             let level = LogLevel::from_i32(level);
-            status(read(&mut c, ptr, len).map(|m| log_at(&c.data().plugin.name, level, &m)))
+            let message = match read(&mut c, ptr, len) {
+                Ok(m) => m,
+                Err(s) => return s as i32,
+            };
+            log_at(&c.data().plugin.name, level, &message);
+            if let Some(lines) = c.data_mut().start_log.as_mut()
+                && level.is_none_or(|l| l as i32 >= LogLevel::Info as i32)
+            {
+                remember(lines, &message);
+            }
+            status(Ok(()))
         },
     )?;
     l.func_wrap(ENV, "proxy_get_log_level", |mut c: C<'_>, ret: i32| {
         status(write_u32(&mut c, ret, log_level() as u32))
     })?;
     Ok(())
+}
+
+/// Most lines a starting filter's log keeps for its failure message.
+const START_LOG_LINES: usize = 4;
+/// Most bytes of one such line.
+const START_LOG_LINE_BYTES: usize = 256;
+
+/// Keeps `message` among the last lines a starting filter logged.
+fn remember(lines: &mut std::collections::VecDeque<String>, message: &[u8]) {
+    let mut line = String::from_utf8_lossy(message).trim().to_owned();
+    if line.len() > START_LOG_LINE_BYTES {
+        let mut cut = START_LOG_LINE_BYTES;
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        line.truncate(cut);
+        line.push('…');
+    }
+    if lines.len() == START_LOG_LINES {
+        lines.pop_front();
+    }
+    lines.push_back(line);
 }
 
 /// Logs `msg` for filter `plugin` at proxy-wasm `level` (an unknown level logs as an error).
