@@ -240,6 +240,31 @@ async fn envoy_properties_filters_read_in_practice() {
     assert_eq!(got.header("x-wasm-flags"), "32");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_of_the_previous_abi_generation_runs() {
+    let up = Upstream::start("u").await;
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter(
+            "legacy",
+            &guest_filter("compat_legacy"),
+            "\"from-0.1\"",
+        )],
+        &[crate::cluster("svc", &[up.address()], "")],
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    for client in [h1_client(), h2_client()] {
+        let got = get(&client, &proxy.url("/x")).await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        // proxy_get_configuration and the two-argument headers callback of ABI 0.1.0.
+        assert_eq!(got.echo()["headers"]["x-legacy"][0], "from-0.1");
+        let got = get(&client, &proxy.url("/legacy-deny")).await.unwrap();
+        assert_eq!(got.status, 403);
+        assert_eq!(got.body, "denied by a 0.1 filter\n");
+    }
+    assert_eq!(up.hits(), 2);
+}
+
 /// Sends `path` and returns (status, whether the filter's request edits were applied).
 async fn call(proxy: &ProxyProcess, path: &str) -> (u16, bool) {
     let got = get(&h1_client(), &proxy.url(path)).await.unwrap();

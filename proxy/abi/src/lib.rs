@@ -178,11 +178,16 @@ abi_enum! {
 pub const ABI_VERSION_EXPORTS: &[(&str, &str)] = &[
     ("proxy_abi_version_0_2_1", "0.2.1"),
     ("proxy_abi_version_0_2_0", "0.2.0"),
+    ("proxy_abi_version_0_1_0", "0.1.0"),
 ];
 
 /// The import modules a filter may import functions from: the proxy-wasm ABI (`env`) and WASI
 /// preview 1. The host links these (with stubs for functions it lacks) and refuses any other.
-pub const IMPORT_MODULES: &[&str] = &["env", "wasi_snapshot_preview1"];
+pub const IMPORT_MODULES: &[&str] = &["env", "wasi_snapshot_preview1", "wasi_unstable"];
+
+/// The WASI import modules: preview 1 and its predecessor `wasi_unstable` (which older
+/// toolchains, AssemblyScript among them, import), linked to the same functions.
+pub const WASI_MODULES: &[&str] = &["wasi_snapshot_preview1", "wasi_unstable"];
 
 /// The proxy-wasm header-map wire format: a little-endian `u32` pair count, then a
 /// (key length, value length) `u32` pair per entry, then each key and each value followed by

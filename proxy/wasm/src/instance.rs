@@ -53,6 +53,42 @@ pub struct FilterSpec {
 /// A `(context, count or size, end of stream) -> action` callback: headers and bodies.
 type StreamFn = TypedFunc<(i32, i32, i32), i32>;
 
+/// A headers callback as either ABI generation exports it: `(context, headers, end of
+/// stream)` since 0.2.0, `(context, headers)` in 0.1.0.
+#[derive(Clone)]
+pub enum HeadersFn {
+    /// ABI 0.2.x.
+    WithEndOfStream(StreamFn),
+    /// ABI 0.1.0.
+    WithoutEndOfStream(TypedFunc<(i32, i32), i32>),
+}
+
+impl HeadersFn {
+    /// The export `name` of `instance`, with whichever of the two types it has.
+    fn of(store: &mut Store<HostState>, instance: &wasmtime::Instance, name: &str) -> Option<Self> {
+        let f = instance.get_func(&mut *store, name)?;
+        if let Ok(f) = f.typed::<(i32, i32, i32), i32>(&*store) {
+            return Some(Self::WithEndOfStream(f));
+        }
+        f.typed::<(i32, i32), i32>(&*store)
+            .ok()
+            .map(Self::WithoutEndOfStream)
+    }
+
+    fn call(
+        &self,
+        store: &mut Store<HostState>,
+        context: i32,
+        headers: i32,
+        end_of_stream: bool,
+    ) -> wasmtime::Result<i32> {
+        match self {
+            Self::WithEndOfStream(f) => f.call(store, (context, headers, end_of_stream as i32)),
+            Self::WithoutEndOfStream(f) => f.call(store, (context, headers)),
+        }
+    }
+}
+
 /// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
 type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
@@ -93,9 +129,9 @@ pub struct Exports {
     /// `proxy_on_context_create(context, parent)`, the one export every filter has.
     on_context_create: TypedFunc<(i32, i32), ()>,
     /// `proxy_on_request_headers(context, headers, end of stream)`.
-    on_request_headers: Option<StreamFn>,
+    on_request_headers: Option<HeadersFn>,
     /// `proxy_on_response_headers(context, headers, end of stream)`.
-    on_response_headers: Option<StreamFn>,
+    on_response_headers: Option<HeadersFn>,
     /// `proxy_on_{request,response}_body(context, buffered length, end of stream)`, by
     /// [`Direction`].
     on_body: [Option<StreamFn>; 2],
@@ -198,8 +234,8 @@ impl FilterInstance {
                 .ok_or_else(|| {
                     start_err("module does not export proxy_on_context_create".into())
                 })?,
-            on_request_headers: typed3(store, "proxy_on_request_headers"),
-            on_response_headers: typed3(store, "proxy_on_response_headers"),
+            on_request_headers: HeadersFn::of(store, &instance, "proxy_on_request_headers"),
+            on_response_headers: HeadersFn::of(store, &instance, "proxy_on_response_headers"),
             on_body: [Direction::Request, Direction::Response]
                 .map(|d| typed3(store, body_callback(d))),
             on_trailers: [Direction::Request, Direction::Response]
@@ -314,8 +350,8 @@ impl FilterInstance {
         // The request as it went upstream stays readable from the response callbacks.
         seen.lend(self.store.data_mut());
         arm(&mut self.store, ticks);
-        let result = match H::callback(&self.exports) {
-            Some(f) => f.call(&mut self.store, (context, n, end_of_stream as i32)),
+        let result = match H::callback(&self.exports).cloned() {
+            Some(f) => f.call(&mut self.store, context, n, end_of_stream),
             None => Ok(0),
         };
         seen.take_back(self.store.data_mut());
@@ -598,7 +634,7 @@ pub trait Head: Sized {
     /// The export's name.
     const CALLBACK: &'static str;
     /// The export to call.
-    fn callback(e: &Exports) -> Option<&StreamFn>;
+    fn callback(e: &Exports) -> Option<&HeadersFn>;
     /// Where the head lives in the store during the call.
     fn slot(state: &mut HostState) -> &mut Option<Self>;
     /// A placeholder left behind while the head is in the store.
@@ -609,7 +645,7 @@ pub trait Head: Sized {
 
 impl Head for request::Parts {
     const CALLBACK: &'static str = "proxy_on_request_headers";
-    fn callback(e: &Exports) -> Option<&StreamFn> {
+    fn callback(e: &Exports) -> Option<&HeadersFn> {
         e.on_request_headers.as_ref()
     }
     fn slot(state: &mut HostState) -> &mut Option<Self> {
@@ -625,7 +661,7 @@ impl Head for request::Parts {
 
 impl Head for response::Parts {
     const CALLBACK: &'static str = "proxy_on_response_headers";
-    fn callback(e: &Exports) -> Option<&StreamFn> {
+    fn callback(e: &Exports) -> Option<&HeadersFn> {
         e.on_response_headers.as_ref()
     }
     fn slot(state: &mut HostState) -> &mut Option<Self> {

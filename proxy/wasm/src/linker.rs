@@ -78,7 +78,7 @@ impl HostLinker {
                     import.name()
                 );
             }
-            let code = if import.module() == wasi::MODULE {
+            let code = if weft_abi::WASI_MODULES.contains(&import.module()) {
                 wasi::ENOSYS
             } else {
                 Status::Unimplemented as i32
@@ -144,6 +144,35 @@ mod tests {
             })
             .collect();
         testing::module(&imports, &funcs, 1)
+    }
+
+    #[test]
+    fn wasi_unstable_links_to_the_same_functions_as_preview1() {
+        let rt = testing::runtime();
+        for module in weft_abi::WASI_MODULES {
+            assert!(rt.linker().is_defined(module, "fd_write"), "{module}");
+            assert!(rt.linker().is_defined(module, "random_get"), "{module}");
+        }
+        // A module as older toolchains build it: `wasi_unstable.sched_yield` runs (0).
+        let imports = [Import {
+            module: "wasi_unstable",
+            name: "sched_yield",
+            params: 0,
+            results: 1,
+        }];
+        let funcs = [Func {
+            export: "call0",
+            name: "call0",
+            params: 0,
+            results: 1,
+            body: vec![0x10, 0],
+        }];
+        let wasm = testing::module(&imports, &funcs, 1);
+        let (mut store, instance) = testing::instance(&rt, &wasm);
+        let f = instance
+            .get_typed_func::<(), i32>(&mut store, "call0")
+            .unwrap();
+        assert_eq!(f.call(&mut store, ()).unwrap(), 0);
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Buffers: `proxy_get_buffer_bytes`, `proxy_get_buffer_status`, `proxy_set_buffer_bytes`
 //! over the body being called back for, the callout response's body and the VM and plugin
-//! configurations.
+//! configurations; ABI 0.1.0's `proxy_get_configuration`.
 
 use weft_abi::{BufferType, Status};
 
@@ -11,6 +11,15 @@ use crate::state::HostState;
 
 /// Adds the buffer calls.
 pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
+    // ABI 0.1.0 reads the plugin configuration with its own call (0.2 uses buffer 7).
+    l.func_wrap(
+        ENV,
+        "proxy_get_configuration",
+        |mut c: C<'_>, ret_ptr: i32, ret_len: i32| {
+            let config = c.data().plugin.config.clone();
+            Ok::<_, wasmtime::Error>(give(&mut c, &config, ret_ptr, ret_len)? as i32)
+        },
+    )?;
     l.func_wrap(
         ENV,
         "proxy_get_buffer_bytes",

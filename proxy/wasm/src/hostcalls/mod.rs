@@ -64,7 +64,10 @@ mod tests {
 
     #[test]
     fn the_linked_modules_are_the_abis_and_every_function_is_recorded() {
-        assert_eq!(weft_abi::IMPORT_MODULES, &[ENV, wasi::MODULE]);
+        assert_eq!(
+            weft_abi::IMPORT_MODULES,
+            &[ENV, wasi::MODULE, "wasi_unstable"]
+        );
         let engine = wasmtime::Engine::default();
         let mut linker = HostLinker::new(&engine);
         add_to_linker(&mut linker).unwrap();

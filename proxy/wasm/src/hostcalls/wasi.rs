@@ -11,7 +11,8 @@ use super::time::unix_ns;
 use crate::linker::HostLinker;
 use crate::memory::{read, with_slice_mut, write, write_u32};
 
-/// The WASI preview 1 import module.
+/// The WASI preview 1 import module (tests name it).
+#[cfg(test)]
 pub const MODULE: &str = "wasi_snapshot_preview1";
 
 /// Success.
@@ -27,10 +28,19 @@ const EIO: i32 = 29;
 /// Function not implemented.
 pub const ENOSYS: i32 = 52;
 
-/// Adds the WASI functions.
+/// Adds the WASI functions, under `wasi_snapshot_preview1` and its predecessor
+/// `wasi_unstable` alike ([`weft_abi::WASI_MODULES`]).
 pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
+    for module in weft_abi::WASI_MODULES {
+        add_module(l, module)?;
+    }
+    Ok(())
+}
+
+/// Adds the WASI functions under import module `module`.
+fn add_module(l: &mut HostLinker, module: &'static str) -> wasmtime::Result<()> {
     l.func_wrap(
-        MODULE,
+        module,
         "fd_write",
         |mut c: C<'_>, fd: i32, iovs: i32, iovs_len: i32, nwritten: i32| {
             if fd != 1 && fd != 2 {
@@ -71,7 +81,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
     )?;
     for name in ["environ_sizes_get", "args_sizes_get"] {
         l.func_wrap(
-            MODULE,
+            module,
             name,
             |mut c: C<'_>, count: i32, size: i32| match write_u32(&mut c, count, 0)
                 .and_then(|_| write_u32(&mut c, size, 0))
@@ -82,17 +92,17 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
         )?;
     }
     for name in ["environ_get", "args_get"] {
-        l.func_wrap(MODULE, name, |_c: C<'_>, _: i32, _: i32| ESUCCESS)?;
+        l.func_wrap(module, name, |_c: C<'_>, _: i32, _: i32| ESUCCESS)?;
     }
     l.func_wrap(
-        MODULE,
+        module,
         "proc_exit",
         |_c: C<'_>, code: i32| -> wasmtime::Result<()> {
             Err(wasmtime::format_err!("filter called proc_exit({code})"))
         },
     )?;
     l.func_wrap(
-        MODULE,
+        module,
         "clock_time_get",
         |mut c: C<'_>, id: i32, _precision: i64, ret: i32| {
             let ns = match id {
@@ -107,7 +117,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
         },
     )?;
     l.func_wrap(
-        MODULE,
+        module,
         "clock_res_get",
         |mut c: C<'_>, _id: i32, ret: i32| match write(&mut c, ret, &1_000u64.to_le_bytes()) {
             Ok(()) => ESUCCESS,
@@ -117,7 +127,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
     // Filled in place in guest memory from the operating system's generator: the host
     // allocates nothing, whatever length the guest asks for.
     l.func_wrap(
-        MODULE,
+        module,
         "random_get",
         |mut c: C<'_>, ptr: i32, len: i32| match with_slice_mut(&mut c, ptr, len, getrandom::fill) {
             Ok(Ok(())) => ESUCCESS,
@@ -128,7 +138,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             Err(_) => EFAULT,
         },
     )?;
-    l.func_wrap(MODULE, "sched_yield", |_c: C<'_>| ESUCCESS)?;
+    l.func_wrap(module, "sched_yield", |_c: C<'_>| ESUCCESS)?;
     Ok(())
 }
 
