@@ -496,6 +496,36 @@ async fn a_restart_with_a_warm_cache_does_not_recompile() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_sent_at_once_run_side_by_side() {
+    let svc = Upstream::start("svc").await;
+    let auth = Upstream::start_slow("auth", Duration::from_millis(500)).await;
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter(
+            "authz",
+            &guest_filter("compat_callout"),
+            "auth",
+        )],
+        &[
+            crate::cluster("svc", &[svc.address()], ""),
+            crate::cluster("auth", &[auth.address()], ""),
+        ],
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let req = Request::get(proxy.url("/orders"))
+        .header("x-auth-parallel", "3")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let t0 = Instant::now();
+    let got = send(&h1_client(), req).await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(auth.hits(), 3, "all three callouts were sent");
+    // Three 500 ms answers one after another would take 1.5 s; side by side about 0.5 s.
+    assert!(took < Duration::from_millis(1300), "{took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_callout_with_timeout_zero_gets_the_host_default() {
     let svc = Upstream::start("svc").await;
     let auth = Upstream::start_slow("auth", Duration::from_millis(300)).await;

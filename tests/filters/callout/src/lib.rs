@@ -2,7 +2,8 @@
 //! is held while the filter asks the cluster named in its configuration
 //! (`GET /status/<x-auth-status or 200>`); a 200 lets it through with `x-auth: ok` and the
 //! answer's body in `x-auth-body`, anything else (or no answer) gets 403. `x-auth-timeout-ms`
-//! sets the callout's timeout (0: the host's default).
+//! sets the callout's timeout (0: the host's default); `x-auth-parallel: n` sends n callouts
+//! at once and lets the request through when all n answered 200.
 //!
 //! Responses to `/public/audited` are held while the filter asks the same cluster
 //! (`GET /status/202`) and get `x-audit: <its status>` before they go on.
@@ -32,7 +33,7 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Auth { cluster: self.cluster.clone(), audited: false, auditing: false }))
+        Some(Box::new(Auth { cluster: self.cluster.clone(), outstanding: 0, audited: false, auditing: false }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -42,6 +43,8 @@ impl RootContext for Root {
 
 struct Auth {
     cluster: String,
+    /// Callouts still outstanding (`x-auth-parallel: n` sends n at once).
+    outstanding: usize,
     /// The request was for `/public/audited`.
     audited: bool,
     /// The outstanding callout is the response audit.
@@ -54,6 +57,11 @@ impl Context for Auth {
         if self.auditing {
             self.set_http_response_header("x-audit", Some(&status));
             self.resume_http_response();
+            return;
+        }
+        if status == "200" && self.outstanding > 1 {
+            // One of several callouts sent at once: go on when the last one answers.
+            self.outstanding -= 1;
             return;
         }
         if status == "200" {
@@ -85,7 +93,18 @@ impl HttpContext for Auth {
             .and_then(|t| t.parse().ok())
             .map_or(Duration::from_secs(2), Duration::from_millis);
         let path = format!("/status/{wanted}");
+        let parallel: usize = self
+            .get_http_request_header("x-auth-parallel")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(1);
+        for _ in 1..parallel {
+            let headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", "auth")];
+            if self.dispatch_http_call(&self.cluster, headers, None, vec![], timeout).is_ok() {
+                self.outstanding += 1;
+            }
+        }
         let headers = vec![(":method", "GET"), (":path", path.as_str()), (":authority", "auth")];
+        self.outstanding += 1;
         match self.dispatch_http_call(&self.cluster, headers, None, vec![], timeout) {
             Ok(_) => Action::Pause,
             Err(_) => {
