@@ -495,10 +495,8 @@ async fn a_restart_with_a_warm_cache_does_not_recompile() {
     assert_eq!(call(&second, "/").await, (200, true));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn callouts_sent_at_once_run_side_by_side() {
-    let svc = Upstream::start("svc").await;
-    let auth = Upstream::start_slow("auth", Duration::from_millis(500)).await;
+/// A proxy whose listener runs `compat_callout` asking cluster `auth` before `svc`.
+async fn authz_proxy(svc: &Upstream, auth: &Upstream) -> ProxyProcess {
     let yaml = crate::chain(
         "svc",
         &[crate::filter(
@@ -511,7 +509,14 @@ async fn callouts_sent_at_once_run_side_by_side() {
             crate::cluster("auth", &[auth.address()], ""),
         ],
     );
-    let proxy = ProxyProcess::start(&yaml).await;
+    ProxyProcess::start(&yaml).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_sent_at_once_run_side_by_side() {
+    let svc = Upstream::start("svc").await;
+    let auth = Upstream::start_slow("auth", Duration::from_millis(500)).await;
+    let proxy = authz_proxy(&svc, &auth).await;
     let req = Request::get(proxy.url("/orders"))
         .header("x-auth-parallel", "3")
         .body(Full::new(Bytes::new()))
@@ -529,19 +534,7 @@ async fn callouts_sent_at_once_run_side_by_side() {
 async fn a_callout_with_timeout_zero_gets_the_host_default() {
     let svc = Upstream::start("svc").await;
     let auth = Upstream::start_slow("auth", Duration::from_millis(300)).await;
-    let yaml = crate::chain(
-        "svc",
-        &[crate::filter(
-            "authz",
-            &guest_filter("compat_callout"),
-            "auth",
-        )],
-        &[
-            crate::cluster("svc", &[svc.address()], ""),
-            crate::cluster("auth", &[auth.address()], ""),
-        ],
-    );
-    let proxy = ProxyProcess::start(&yaml).await;
+    let proxy = authz_proxy(&svc, &auth).await;
     let client = h1_client();
     let call = |timeout_ms: &'static str| {
         let req = Request::get(proxy.url("/orders"))

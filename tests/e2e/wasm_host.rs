@@ -4,8 +4,7 @@
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use weft_tests::*;
 
@@ -32,103 +31,37 @@ fn config(up: &Upstream, module: &Path, cache: &Path) -> String {
     )
 }
 
-/// A `weft-proxy` this test spawned itself, so that it knows its pid (to read its memory
-/// high-water mark); killed when dropped.
-struct Spawned {
-    child: Child,
-    addr: std::net::SocketAddr,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
+/// The peak resident memory of process `pid`, in bytes (`VmHWM`).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
 }
 
-impl Spawned {
-    async fn start(yaml: &str) -> Spawned {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (admin, listen) = (free_port(), free_port());
-        let config = dir.path().join("proxy.yaml");
-        std::fs::write(&config, render(yaml, admin, listen)).expect("write config");
-        let log = dir.path().join("proxy.log");
-        let child = Command::new(proxy_bin())
-            .arg("--config")
-            .arg(&config)
-            .arg("--workers")
-            .arg("1")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("spawn weft-proxy");
-        let mut p = Spawned {
-            child,
-            addr: ([127, 0, 0, 1], listen).into(),
-            log,
-            _dir: dir,
-        };
-        let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                panic!("weft-proxy exited at startup ({status}):\n{}", p.log());
-            }
-            let ready = raw_request(
-                admin,
-                b"GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
-            )
-            .await
-            .is_ok_and(|r| status_of(&r) == 200);
-            if ready {
-                return p;
-            }
-            assert!(Instant::now() < deadline, "proxy not ready:\n{}", p.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// The process's peak resident memory, in bytes (`VmHWM`).
-    fn peak_rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .expect("/proc status");
-        let kb: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM");
-        kb * 1024
-    }
-
-    /// GET `path`, bounded to `limit`.
-    async fn get(&self, path: &str, limit: Duration) -> Got {
-        let url = format!("http://{}{path}", self.addr);
-        tokio::time::timeout(limit, get(&h1_client(), &url))
-            .await
-            .unwrap_or_else(|_| panic!("{path} took more than {limit:?}"))
-            .unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// GET `path` from `proxy`, bounded to `limit`.
+async fn get_within(proxy: &ProxyProcess, path: &str, limit: Duration) -> Got {
+    tokio::time::timeout(limit, get(&h1_client(), &proxy.url(path)))
+        .await
+        .unwrap_or_else(|_| panic!("{path} took more than {limit:?}"))
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_get_for_a_huge_length_costs_the_proxy_nothing() {
     let up = Upstream::start("u").await;
-    let proxy = Spawned::start(&config(
-        &up,
-        &guest_filter("compat_basic"),
-        &shared_module_cache(),
-    ))
+    let proxy = ProxyProcess::start_with(
+        &config(&up, &guest_filter("compat_basic"), &shared_module_cache()),
+        1,
+    )
     .await;
 
     // Normal lengths: random bytes, different each call, none of the 1 KiB pieces of a
     // 200 KiB buffer left zero.
-    let normal = proxy.get("/random", Duration::from_secs(10)).await;
+    let normal = get_within(&proxy, "/random", Duration::from_secs(10)).await;
     assert_eq!(normal.status, 200, "{normal:?}");
     assert_eq!(normal.header("x-random-errno"), "[0, 0, 0, 0]");
     let (a, b) = (normal.header("x-random-a"), normal.header("x-random-b"));
@@ -139,18 +72,18 @@ async fn random_get_for_a_huge_length_costs_the_proxy_nothing() {
 
     // 4 GiB - 1 and 2 GiB - 1 from a 16-byte buffer: EFAULT, at once, with no allocation
     // of that size in the proxy.
-    let before = proxy.peak_rss();
-    let huge = proxy.get("/random/huge", Duration::from_secs(5)).await;
+    let before = peak_rss(proxy.pid());
+    let huge = get_within(&proxy, "/random/huge", Duration::from_secs(5)).await;
     assert_eq!(huge.status, 200, "{huge:?}\n{}", proxy.log());
     assert_eq!(huge.header("x-random-errno"), "21,21");
-    let after = proxy.peak_rss();
+    let after = peak_rss(proxy.pid());
     assert!(
         after < before + 64 * 1024 * 1024,
         "peak RSS went from {before} to {after} bytes"
     );
 
     // The instance is fine and randomness still works.
-    let again = proxy.get("/random", Duration::from_secs(10)).await;
+    let again = get_within(&proxy, "/random", Duration::from_secs(10)).await;
     assert_eq!(again.header("x-random-errno"), "[0, 0, 0, 0]");
     assert_ne!(again.header("x-random-a"), a);
 }
