@@ -494,6 +494,15 @@ impl v1::discovery_server::Discovery for ControlService {
                     nacked_version: p.nacked_version,
                     // A proxy whose stream is open is seen now.
                     last_seen_ms: if p.connected { now } else { p.last_seen_ms },
+                    failures: p
+                        .failures
+                        .into_iter()
+                        .map(|(filter, kind, count)| v1::FilterFailures {
+                            filter,
+                            kind,
+                            count,
+                        })
+                        .collect(),
                 })
                 .collect(),
         }))
@@ -551,7 +560,18 @@ async fn serve_proxy(
             msg = inbound.message() => match msg {
                 Ok(Some(m)) => {
                     let now = model::now_ms();
-                    if m.error.is_empty() {
+                    let failures: Vec<(String, String, u64)> = m
+                        .failures
+                        .iter()
+                        .map(|f| (f.filter.clone(), f.kind.clone(), f.count))
+                        .collect();
+                    if m.report {
+                        // Not an answer: what the proxy runs is unchanged.
+                        state.with_proxy(&id, stream, |p| {
+                            p.failures = failures;
+                            p.last_seen_ms = now;
+                        });
+                    } else if m.error.is_empty() {
                         acked_hash = m.hash.clone();
                         state.with_proxy(&id, stream, |p| {
                             p.acked_version = m.version;
@@ -559,6 +579,7 @@ async fn serve_proxy(
                             p.synced_version = p.synced_version.max(m.version);
                             p.nack_error.clear();
                             p.last_seen_ms = now;
+                            p.failures = failures;
                         });
                         tracing::debug!(proxy = %id, version = m.version, "ACK");
                         // A change may have landed while the proxy was applying.

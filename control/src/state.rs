@@ -73,6 +73,8 @@ pub struct ProxyState {
     pub nacked_version: u64,
     /// Last message, ms since the epoch.
     pub last_seen_ms: u64,
+    /// Filter failures since it applied what it runs: (filter, kind, count).
+    pub failures: Vec<(String, String, u64)>,
 }
 
 struct Config {

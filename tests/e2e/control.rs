@@ -902,3 +902,51 @@ fn a_bad_control_address_is_a_startup_error() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_failing_at_request_time_shows_as_degraded_until_the_next_apply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let up = Upstream::start("svc").await;
+    let boot = bootstrap(&[up.address()]);
+    let proxy = follower(&control, &boot, 1, "d1-a", "app=d1", &dir.path().join("d1")).await;
+    push_basic(&control);
+    apply(&control, &basic_chain("d1", "{ greeting: hello }"));
+    let rollout = |control: &ControlProcess| {
+        let (code, out, err) = control.weftctl(&[
+            "rollout",
+            "status",
+            "--selector",
+            "app=d1",
+            "--timeout",
+            "30",
+        ]);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+    rollout(&control);
+    assert_eq!(proxy_status(&control, "d1-a")["state"], "ACK");
+
+    // The filter traps on a request (fail_closed: 503): the proxy reports it.
+    let got = get(&h1_client(), &proxy.url("/panic")).await.unwrap();
+    assert_eq!(got.status, 503, "{got:?}");
+    eventually(
+        "the proxy to report as degraded",
+        Duration::from_secs(10),
+        || async { proxy_status(&control, "d1-a")["state"] == "ACK, degraded: basic 1 trap" },
+    )
+    .await;
+    let st = proxy_status(&control, "d1-a");
+    assert_eq!(st["failures"][0]["kind"], "trap", "{st}");
+    let (_, table, _) = control.weftctl(&["status"]);
+    assert!(table.contains("degraded: basic 1 trap"), "{table}");
+
+    // A new apply starts counting afresh.
+    apply(&control, &basic_chain("d1", "{ greeting: again }"));
+    rollout(&control);
+    eventually(
+        "the degraded state to clear",
+        Duration::from_secs(10),
+        || async { proxy_status(&control, "d1-a")["state"] == "ACK" },
+    )
+    .await;
+}

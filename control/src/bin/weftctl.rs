@@ -1179,15 +1179,23 @@ fn print_changes(response: &ApplyResponse, dry_run: bool) {
     println!("config version {}", response.version);
 }
 
-/// `ACK`, `NACK: <reason>` when the proxy rejected a version newer than the one it runs, or
-/// `pending` when it never acknowledged a snapshot.
+/// `ACK`, `ACK, degraded: <filter> <n> <kind>, …` when filters failed at request time since
+/// the proxy applied what it runs, `NACK: <reason>` when the proxy rejected a version newer
+/// than the one it runs, or `pending` when it never acknowledged a snapshot.
 fn proxy_state(proxy: &ProxyStatus) -> String {
     if !proxy.nack_error.is_empty() && proxy.nacked_version > proxy.acked_version {
         format!("NACK: {}", proxy.nack_error)
     } else if proxy.acked_version == 0 && proxy.acked_hash.is_empty() {
         "pending".to_owned()
-    } else {
+    } else if proxy.failures.is_empty() {
         "ACK".to_owned()
+    } else {
+        let failures: Vec<String> = proxy
+            .failures
+            .iter()
+            .map(|f| format!("{} {} {}", f.filter, f.count, f.kind))
+            .collect();
+        format!("ACK, degraded: {}", failures.join(", "))
     }
 }
 
@@ -1219,6 +1227,11 @@ fn proxy_views(proxies: &[ProxyStatus]) -> Value {
                 "nack_error": p.nack_error,
                 "nacked_version": p.nacked_version,
                 "last_seen_ms": p.last_seen_ms,
+                "failures": p.failures.iter().map(|f| json!({
+                    "filter": f.filter,
+                    "kind": f.kind,
+                    "count": f.count,
+                })).collect::<Vec<_>>(),
             })
         })
         .collect()

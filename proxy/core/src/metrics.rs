@@ -20,6 +20,10 @@ use prometheus_client::registry::Registry;
 
 use crate::config::Limit;
 
+/// The `kind` label values of `weft_filter_failures_total`, in the order
+/// [`Metrics::filter_failures`] returns them.
+pub const FILTER_FAILURE_KINDS: [&str; 4] = ["trap", "deadline", "memory", "start"];
+
 /// Upper bounds of the latency buckets, in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -336,7 +340,7 @@ impl Metrics {
 
     /// `weft_filter_failures_total` handles of one filter: trap, deadline, memory, start.
     pub fn filter_failures(&self, filter: &str) -> [Counter; 4] {
-        ["trap", "deadline", "memory", "start"].map(|kind| {
+        FILTER_FAILURE_KINDS.map(|kind| {
             self.filter_failures
                 .get_or_create(&FilterFailureLabels {
                     filter: filter.to_owned(),

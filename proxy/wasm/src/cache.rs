@@ -141,17 +141,20 @@ fn ensure_private_dir(dir: &Path) -> Result<(), String> {
 
 /// Owned by this process's effective user, and not writable by its group or others.
 fn check_private(meta: &Metadata) -> Result<(), String> {
-    let euid = rustix::process::geteuid().as_raw();
-    if meta.uid() != euid {
+    private(meta.uid(), meta.mode(), rustix::process::geteuid().as_raw())
+}
+
+/// Whether a file of owner `uid` and `mode` is private to user `euid`.
+fn private(uid: u32, mode: u32, euid: u32) -> Result<(), String> {
+    if uid != euid {
         return Err(format!(
-            "is owned by uid {}, not by this process's uid {euid}",
-            meta.uid()
+            "is owned by uid {uid}, not by this process's uid {euid}"
         ));
     }
-    if meta.mode() & 0o022 != 0 {
+    if mode & 0o022 != 0 {
         return Err(format!(
             "is group- or world-writable (mode {:o}); it must be writable by its owner only",
-            meta.mode() & 0o7777
+            mode & 0o7777
         ));
     }
     Ok(())
@@ -349,17 +352,22 @@ mod tests {
     }
 
     #[test]
-    fn a_dir_another_user_owns_is_refused() {
-        if rustix::process::geteuid().as_raw() != 0 {
-            return; // only root can give a directory away
-        }
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::chown(dir.path(), Some(65_534), None).unwrap();
-        let err = ModuleCache::open(Some(dir.path().to_owned()))
-            .err()
-            .expect("refused")
-            .to_string();
+    fn what_another_user_owns_is_refused() {
+        // The rule itself, for any user the tests run as.
+        let err = private(65_534, 0o40700, 1000).unwrap_err();
         assert!(err.contains("owned by uid 65534"), "{err}");
+        assert!(private(1000, 0o40700, 1000).is_ok());
+        assert!(private(1000, 0o40755, 1000).is_ok());
+        assert!(private(1000, 0o40775, 1000).is_err());
+        // And a real directory given away (needs the right to chown: root, as in CI).
+        let dir = tempfile::tempdir().unwrap();
+        if std::os::unix::fs::chown(dir.path(), Some(65_534), None).is_ok() {
+            let err = ModuleCache::open(Some(dir.path().to_owned()))
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+        }
     }
 
     #[test]

@@ -263,6 +263,7 @@ impl Proxy {
                 listeners: runtimes.clone(),
                 clusters: clusters.clone(),
                 admin: state.clone(),
+                failure_baseline: Default::default(),
             }));
             let follower = self
                 .options

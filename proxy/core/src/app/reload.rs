@@ -36,6 +36,8 @@ pub(crate) struct Reloader {
     pub clusters: Arc<[Arc<Cluster>]>,
     /// What `/config_dump` shows.
     pub admin: Arc<crate::admin::AdminState>,
+    /// Filter failure counts, by (filter, kind), when what runs was applied.
+    pub failure_baseline: std::collections::BTreeMap<(String, String), u64>,
 }
 
 impl Reloader {
@@ -93,7 +95,20 @@ impl Reloader {
             "control snapshot applied"
         );
         self.snapshot = Some(snap);
+        self.failure_baseline = self.filter_failures();
         Ok(())
+    }
+
+    /// Filter failure counts now, by (filter, kind), for the running chains' filters.
+    fn filter_failures(&self) -> std::collections::BTreeMap<(String, String), u64> {
+        let mut out = std::collections::BTreeMap::new();
+        for f in self.running.listeners.iter().flat_map(|l| &l.filters) {
+            let counters = self.metrics.filter_failures(&f.name);
+            for (kind, counter) in crate::metrics::FILTER_FAILURE_KINDS.iter().zip(counters) {
+                out.insert((f.name.clone(), (*kind).to_owned()), counter.get());
+            }
+        }
+        out
     }
 
     /// Version and hash of the running control snapshot (0 and empty without one).
@@ -245,5 +260,15 @@ impl crate::control::Target for Reloader {
 
     fn status(&self, connected: bool, error: Option<&str>) {
         self.control_status(connected, error)
+    }
+
+    fn failures(&self) -> Vec<(String, String, u64)> {
+        self.filter_failures()
+            .into_iter()
+            .filter_map(|(key, count)| {
+                let since = count.saturating_sub(*self.failure_baseline.get(&key).unwrap_or(&0));
+                (since > 0).then_some((key.0, key.1, since))
+            })
+            .collect()
     }
 }

@@ -58,6 +58,23 @@ pub trait Target: Send + 'static {
     ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>>;
     /// Records whether the proxy is connected and the error now, if any.
     fn status(&self, connected: bool, error: Option<&str>);
+    /// Filter failures since what runs was applied: (filter, kind, count), non-zero only.
+    fn failures(&self) -> Vec<(String, String, u64)>;
+}
+
+/// How often a proxy looks whether its filters failed since the last report.
+const FAILURE_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// Failures as the control API carries them.
+fn failures_msg(failures: &[(String, String, u64)]) -> Vec<v1::FilterFailures> {
+    failures
+        .iter()
+        .map(|(filter, kind, count)| v1::FilterFailures {
+            filter: filter.clone(),
+            kind: kind.clone(),
+            count: *count,
+        })
+        .collect()
 }
 
 /// Follows the control service forever: one session after another, backing off between.
@@ -101,6 +118,8 @@ async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> 
         version,
         hash,
         error: String::new(),
+        failures: Vec::new(),
+        report: false,
     };
     tx.send(hello).await.map_err(|_| "stream closed")?;
     let mut snapshots = discovery
@@ -114,9 +133,33 @@ async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> 
     // The last refused snapshot, tried again after a growing delay (2 s to 60 s) until a newer
     // one comes: a NACK may have had a passing cause (a fetch cut short, a full disk).
     let mut refused: Option<(v1::Snapshot, Duration, tokio::time::Instant)> = None;
+    // Filter failures as last told to the service: a change is reported, so that a proxy
+    // whose filters fail at request time shows as degraded.
+    let mut reported: Vec<(String, String, u64)> = Vec::new();
+    let mut report_tick = tokio::time::interval(FAILURE_REPORT_EVERY);
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
         let retry_at = refused.as_ref().map(|(_, _, at)| *at);
         let msg = tokio::select! {
+            _ = report_tick.tick() => {
+                let (failures, (version, hash)) = {
+                    let r = reloader.lock().await;
+                    (r.failures(), r.running())
+                };
+                if failures != reported {
+                    let report = v1::DiscoveryRequest {
+                        node: None,
+                        version,
+                        hash,
+                        error: String::new(),
+                        failures: failures_msg(&failures),
+                        report: true,
+                    };
+                    tx.send(report).await.map_err(|_| "stream closed")?;
+                    reported = failures;
+                }
+                continue;
+            }
             msg = snapshots.message() => {
                 match msg.map_err(|s| format!("stream: {}", s.message()))? {
                     Some(m) => m,
@@ -158,12 +201,17 @@ async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> 
             .lock()
             .await
             .status(true, (!error.is_empty()).then_some(error.as_str()));
+        // An ACK starts counting failures afresh (what runs is new).
+        let failures = reloader.lock().await.failures();
         let answer = v1::DiscoveryRequest {
             node: None,
             version,
             hash,
             error,
+            failures: failures_msg(&failures),
+            report: false,
         };
+        reported = failures;
         tx.send(answer).await.map_err(|_| "stream closed")?;
     }
 }
