@@ -178,3 +178,34 @@ async fn upgrades_are_tunnelled_both_ways() {
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailer_header_is_kept_only_where_the_trailers_go() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&crate::config("", "", &crate::eps(&[&up]))).await;
+    // An HTTP/1.1 client that did not ask for trailers (`te: trailers`) gets none, so it
+    // must not be told to expect them.
+    let raw = raw_request(
+        proxy.addr,
+        b"GET /grpc HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    let head = raw.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(!head.contains("\r\ntrailer:"), "{raw}");
+    assert!(!raw.contains("grpc-status"), "{raw}");
+    // One that asked gets the trailers and their announcement.
+    let raw = raw_request(
+        proxy.addr,
+        b"GET /grpc HTTP/1.1\r\nhost: a\r\nte: trailers\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let lower = raw.to_ascii_lowercase();
+    assert!(
+        lower.contains("\r\ntrailer: grpc-status, grpc-message"),
+        "{raw}"
+    );
+    assert!(lower.contains("grpc-status: 0"), "{raw}");
+}

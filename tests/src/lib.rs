@@ -581,7 +581,8 @@ pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Resu
 /// It answers every request with `x-upstream: <name>` and, depending on the path:
 /// - `/delay/<ms>…`: waits, then echoes;
 /// - `/status/<code>`: answers with that status;
-/// - `/grpc`: answers like a gRPC server: body then trailers `grpc-status: 0`;
+/// - `/grpc`: answers like a gRPC server: body then trailers `grpc-status: 0` (announced in
+///   a `trailer` header);
 /// - `/fail-first/<n>…`: 503 while this upstream has served at most `n` requests, then echoes;
 /// - `/bytes/<n>`: `n` bytes of `0123456789…` with a content-length, in 16 KiB frames;
 /// - `/ws`: accepts an upgrade (101) and then echoes bytes on the raw connection;
@@ -744,6 +745,10 @@ async fn answer(
         let mut r = Response::new(BodyExt::boxed(body));
         r.headers_mut()
             .insert("content-type", "application/grpc".parse().expect("value"));
+        r.headers_mut().insert(
+            "trailer",
+            "grpc-status, grpc-message".parse().expect("value"),
+        );
         r
     } else if let Some(n) = path
         .strip_prefix("/bytes/")

@@ -121,6 +121,9 @@ pub struct Exchange {
     cluster: usize,
     /// The stream through the filter chain, if the listener has one.
     filters: Option<SharedFilterStream>,
+    /// The client takes trailers (HTTP/2, or HTTP/1.1 with `te: trailers`): otherwise the
+    /// HTTP/1.1 codec drops them, and the response must not announce any.
+    accepts_trailers: bool,
 }
 
 /// Proxies one request arriving on `conn`.
@@ -151,6 +154,7 @@ impl Exchange {
             version,
             cluster,
             filters: None,
+            accepts_trailers: version >= Version::HTTP_2,
         }
     }
 
@@ -206,6 +210,10 @@ impl Exchange {
         // client's `connection:` cannot remove what the proxy adds next) and with the request
         // id and x-forwarded-* already set.
         let upgrade = self.version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
+        self.accepts_trailers |= head.headers.get_all(header::TE).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.to_ascii_lowercase().contains("trailers"))
+        });
         headers::strip_hop_by_hop(&mut head.headers, upgrade);
         headers::ensure_request_id(&mut head.headers);
         headers::set_forwarded(&mut head.headers, &self.conn.peer_ip, "http");
@@ -360,6 +368,9 @@ impl Exchange {
             }
         }
         rhead.version = self.version;
+        if !self.accepts_trailers {
+            rhead.headers.remove(header::TRAILER);
+        }
         let filters = match &self.filters {
             Some(f)
                 if !rbody.is_end_stream()
