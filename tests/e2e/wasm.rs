@@ -642,3 +642,48 @@ clusters:
         200
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_runs_once_per_proxy_with_no_traffic() {
+    let up = Upstream::start("u").await;
+    let yaml = crate::config("", "", &eps(&[&up])).replace(
+        "drain: { timeout_ms: 5000 }",
+        &format!(
+            "drain: {{ timeout_ms: 5000 }}
+wasm:
+  cache_dir: \"{}\"
+  services:
+    - {{ name: ticker, module: \"{}\", config: service }}",
+            shared_module_cache().display(),
+            guest_filter("compat_basic").display()
+        ),
+    );
+    // Two workers, but one instance of the service (plus the canary that proved it starts).
+    let proxy = ProxyProcess::start_with(&yaml, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ticks = metric_value(&proxy.stats().await, "weft_filter_basic_ticks_total");
+        if ticks.is_some_and(|t| t > 0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the service never ticked:\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        proxy.log().matches("configured with service").count(),
+        2,
+        "{}",
+        proxy.log()
+    );
+    // The listener itself has no filter: requests pass untouched.
+    let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.echo()["headers"]["x-wasm-added"],
+        serde_json::Value::Null
+    );
+}

@@ -225,9 +225,16 @@ impl Default for FilterLimits {
 #[serde(deny_unknown_fields)]
 pub struct WasmConfig {
     /// Directory of compiled modules, keyed by content digest, so that a restart does not
-    /// recompile. Default: `weft-module-cache` in the system temp directory.
+    /// recompile; it must be private to the proxy's user. Default: the user's cache
+    /// directory (`$XDG_CACHE_HOME/weft/modules` or `~/.cache/weft/modules`), or
+    /// `<state-dir>/module-cache` for a proxy following a control service.
     #[serde(default)]
     pub cache_dir: Option<PathBuf>,
+    /// Singleton background services (Envoy's WasmService): filters that run once per proxy
+    /// (one instance, on the first worker), not once per worker, for their ticks, queues
+    /// and callouts, with no HTTP traffic of their own. Changing them needs a restart.
+    #[serde(default)]
+    pub services: Vec<FilterConfig>,
 }
 
 /// Protocol spoken to a cluster's endpoints.
@@ -615,6 +622,15 @@ impl Config {
 
     /// Checks what serde cannot: references between resources, uniqueness, ranges.
     pub fn validate(&self) -> Result<(), (String, String)> {
+        let mut service_names = HashSet::new();
+        for (i, s) in self.wasm.services.iter().enumerate() {
+            if !service_names.insert(s.name.as_str()) {
+                return Err((
+                    format!("wasm.services[{i}].name"),
+                    format!("duplicate service name `{}`", s.name),
+                ));
+            }
+        }
         let mut cluster_names = HashSet::new();
         for (i, c) in self.clusters.iter().enumerate() {
             let at = |f: &str| format!("clusters[{i}].{f}");

@@ -63,6 +63,8 @@ pub struct Proxy {
     options: ProxyOptions,
     metrics: Arc<Metrics>,
     chains: Vec<Option<Box<dyn FilterChain>>>,
+    /// Singleton background services (`wasm.services`), run by the first worker.
+    services: Vec<Arc<Box<dyn FilterChain>>>,
     /// The bootstrap config (`config` is it with the persisted control snapshot over it).
     base: Config,
     snapshot: Option<control::ControlSnapshot>,
@@ -110,6 +112,7 @@ impl Proxy {
             },
             None => (base.clone(), None, build_chains(&base, &metrics, host)?),
         };
+        let services = build_services(&config, &metrics, host)?;
         let bind_err = |what: String, address: SocketAddr| {
             move |source: std::io::Error| StartError::Bind {
                 what,
@@ -131,6 +134,7 @@ impl Proxy {
             options: ProxyOptions { workers, ..options },
             metrics,
             chains,
+            services,
             base,
             snapshot,
             admin,
@@ -240,6 +244,11 @@ impl Proxy {
                     drain: drain_rx.clone(),
                     drain_timeout,
                     timer_anchor,
+                    services: if id == 0 {
+                        std::mem::take(&mut self.services)
+                    } else {
+                        Vec::new()
+                    },
                 })?);
             }
             let admin = tokio::spawn(admin::serve(
@@ -320,4 +329,28 @@ fn build_chains(
         ));
     }
     Ok(chains)
+}
+
+/// Loads and starts each singleton background service (`wasm.services`), as a chain of one
+/// filter that the first worker runs.
+fn build_services(
+    config: &Config,
+    metrics: &Metrics,
+    host: Option<&dyn FilterHost>,
+) -> Result<Vec<Arc<Box<dyn FilterChain>>>, StartError> {
+    if config.wasm.services.is_empty() {
+        return Ok(Vec::new());
+    }
+    let host = host.ok_or_else(|| StartError::NoFilterHost("wasm.services".into()))?;
+    let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
+    config
+        .wasm
+        .services
+        .iter()
+        .map(|s| {
+            let chain =
+                host.build_chain("wasm.services", std::slice::from_ref(s), &clusters, metrics)?;
+            Ok(Arc::new(chain))
+        })
+        .collect()
 }

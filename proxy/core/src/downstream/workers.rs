@@ -27,6 +27,8 @@ pub struct WorkerSpec {
     pub drain_timeout: Duration,
     /// Period of the worker's anchor timer: at most the shortest request timeout.
     pub timer_anchor: Duration,
+    /// Singleton background services this worker runs (the first worker runs them all).
+    pub services: Vec<Arc<Box<dyn crate::filter::FilterChain>>>,
 }
 
 /// Starts a worker thread with its own single-threaded runtime.
@@ -55,6 +57,10 @@ async fn run_worker(spec: WorkerSpec) {
         }
     });
     let conns = ConnCounter::default();
+    // Starting a service's chain starts its one instance and its tick loop here.
+    for service in &spec.services {
+        service.warm();
+    }
     for (_, listener) in &spec.listeners {
         if let Some(chain) = listener.ctx.chain.load_full() {
             chain.warm();
