@@ -265,6 +265,28 @@ async fn a_filter_of_the_previous_abi_generation_runs() {
     assert_eq!(up.hits(), 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_cannot_take_effect_gets_envoys_status_and_one_warning() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start_with(&filtered(&[&up], ""), 1).await;
+    for _ in 0..3 {
+        let got = get(&h1_client(), &proxy.url("/wrong-phase")).await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        // BAD_ARGUMENT (2), not OK with nothing done.
+        assert_eq!(got.echo()["headers"]["x-wrong-phase-status"][0], "2");
+        assert_eq!(got.header("x-early"), "", "nothing was added");
+    }
+    assert_eq!(
+        proxy
+            .log()
+            .matches("where that map cannot be written")
+            .count(),
+        1,
+        "{}",
+        proxy.log()
+    );
+}
+
 /// Sends `path` and returns (status, whether the filter's request edits were applied).
 async fn call(proxy: &ProxyProcess, path: &str) -> (u16, bool) {
     let got = get(&h1_client(), &proxy.url(path)).await.unwrap();

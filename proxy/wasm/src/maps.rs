@@ -149,81 +149,102 @@ pub enum MapEdit {
     Remove,
 }
 
-/// Applies an edit; returns false when the name or value is not valid HTTP (the edit is then
-/// dropped: the SDKs only accept `Ok` from these calls).
+/// What an edit of a map did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Edited {
+    /// Applied (or nothing to do).
+    Done,
+    /// A name or value that is not valid HTTP: dropped.
+    Invalid,
+    /// The map cannot be written in this phase (the response before there is one, the
+    /// request once its head went on, trailers outside their callback, a callout's answer):
+    /// as in Envoy, `BAD_ARGUMENT`.
+    Unavailable,
+}
+
+impl From<bool> for Edited {
+    fn from(valid: bool) -> Self {
+        if valid { Self::Done } else { Self::Invalid }
+    }
+}
+
+/// Applies `edit` of `key` (`value`) to the live map of `kind`.
 pub fn map_edit(
     state: &mut HostState,
     kind: MapKind,
     edit: MapEdit,
     key: &[u8],
     value: &[u8],
-) -> bool {
+) -> Edited {
     match kind {
         MapKind::RequestHeaders => {
-            let Some(p) = state.req_mut() else {
-                return true;
+            let Some(p) = state.request.as_mut() else {
+                return Edited::Unavailable;
             };
             if key.starts_with(b":") {
-                return edit == MapEdit::Remove || set_request_pseudo(p, key, value);
+                return (edit == MapEdit::Remove || set_request_pseudo(p, key, value)).into();
             }
-            edit_headers(&mut p.headers, edit, key, value)
+            edit_headers(&mut p.headers, edit, key, value).into()
         }
         MapKind::ResponseHeaders => {
-            let Some(p) = state.resp_mut() else {
-                return true;
+            let Some(p) = state.response.as_mut() else {
+                return Edited::Unavailable;
             };
             if key == b":status" {
                 if edit == MapEdit::Remove {
-                    return true;
+                    return Edited::Done;
                 }
                 return std::str::from_utf8(value)
                     .ok()
                     .and_then(|s| s.parse::<u16>().ok())
                     .and_then(|c| StatusCode::from_u16(c).ok())
                     .map(|s| p.status = s)
-                    .is_some();
+                    .is_some()
+                    .into();
             }
             if key.starts_with(b":") {
-                return true;
+                return Edited::Done;
             }
-            edit_headers(&mut p.headers, edit, key, value)
+            edit_headers(&mut p.headers, edit, key, value).into()
         }
         MapKind::Trailers(t) => match &mut state.trailers {
-            Some((kind, map)) if *kind == t && !key.starts_with(b":") => {
-                edit_headers(map, edit, key, value)
+            Some((kind, map)) if *kind == t => {
+                if key.starts_with(b":") {
+                    return Edited::Done;
+                }
+                edit_headers(map, edit, key, value).into()
             }
-            _ => true,
+            _ => Edited::Unavailable,
         },
         // Callout responses are read-only.
-        MapKind::CalloutHeaders | MapKind::Unavailable => true,
+        MapKind::CalloutHeaders | MapKind::Unavailable => Edited::Unavailable,
     }
 }
 
 /// Replaces a whole map with `pairs`.
-pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(&[u8], &[u8])]) -> bool {
-    match kind {
-        MapKind::RequestHeaders => {
-            if let Some(p) = state.req_mut() {
-                p.headers.clear();
-            }
-        }
-        MapKind::ResponseHeaders => {
-            if let Some(p) = state.resp_mut() {
-                p.headers.clear();
-            }
-        }
-        MapKind::Trailers(t) => {
-            if let Some((kind, map)) = state.trailers.as_mut()
-                && *kind == t
-            {
+pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(&[u8], &[u8])]) -> Edited {
+    let cleared = match kind {
+        MapKind::RequestHeaders => state.request.as_mut().map(|p| p.headers.clear()),
+        MapKind::ResponseHeaders => state.response.as_mut().map(|p| p.headers.clear()),
+        MapKind::Trailers(t) => match state.trailers.as_mut() {
+            Some((kind, map)) if *kind == t => {
                 map.clear();
+                Some(())
             }
-        }
-        MapKind::CalloutHeaders | MapKind::Unavailable => return true,
+            _ => None,
+        },
+        MapKind::CalloutHeaders | MapKind::Unavailable => None,
+    };
+    if cleared.is_none() {
+        return Edited::Unavailable;
     }
-    pairs
-        .iter()
-        .all(|(k, v)| map_edit(state, kind, MapEdit::Add, k, v))
+    let mut result = Edited::Done;
+    for (k, v) in pairs {
+        if map_edit(state, kind, MapEdit::Add, k, v) != Edited::Done {
+            result = Edited::Invalid;
+        }
+    }
+    result
 }
 
 fn edit_headers(headers: &mut HeaderMap, edit: MapEdit, key: &[u8], value: &[u8]) -> bool {
@@ -298,46 +319,61 @@ mod tests {
             map_get(&s, MapKind::RequestHeaders, b":authority").unwrap(),
             b"svc:8080"
         );
-        assert!(map_edit(
-            &mut s,
-            MapKind::RequestHeaders,
-            MapEdit::Replace,
-            b":path",
-            b"/new"
-        ));
-        assert!(map_edit(
-            &mut s,
-            MapKind::RequestHeaders,
-            MapEdit::Replace,
-            b":method",
-            b"POST"
-        ));
+        assert_eq!(
+            map_edit(
+                &mut s,
+                MapKind::RequestHeaders,
+                MapEdit::Replace,
+                b":path",
+                b"/new"
+            ),
+            Edited::Done
+        );
+        assert_eq!(
+            map_edit(
+                &mut s,
+                MapKind::RequestHeaders,
+                MapEdit::Replace,
+                b":method",
+                b"POST"
+            ),
+            Edited::Done
+        );
         let req = s.request.as_ref().unwrap();
         assert_eq!(req.uri, "/new");
         assert_eq!(req.method, Method::POST);
-        assert!(!map_edit(
-            &mut s,
-            MapKind::RequestHeaders,
-            MapEdit::Add,
-            b"bad name",
-            b"v"
-        ));
-        assert!(map_edit(
-            &mut s,
-            MapKind::RequestHeaders,
-            MapEdit::Add,
-            b"x-a",
-            b"1"
-        ));
-        assert!(map_edit(
-            &mut s,
-            MapKind::RequestHeaders,
-            MapEdit::Add,
-            b"x-a",
-            b"2"
-        ));
+        assert_eq!(
+            map_edit(
+                &mut s,
+                MapKind::RequestHeaders,
+                MapEdit::Add,
+                b"bad name",
+                b"v"
+            ),
+            Edited::Invalid
+        );
+        assert_eq!(
+            map_edit(&mut s, MapKind::RequestHeaders, MapEdit::Add, b"x-a", b"1"),
+            Edited::Done
+        );
+        assert_eq!(
+            map_edit(&mut s, MapKind::RequestHeaders, MapEdit::Add, b"x-a", b"2"),
+            Edited::Done
+        );
         let pairs = map_pairs(&s, MapKind::RequestHeaders);
         assert_eq!(pairs.iter().filter(|(k, _)| k == b"x-a").count(), 2);
         assert_eq!(pairs[0].0, b":method");
+        // No response yet, no trailers callback: those maps cannot be written now.
+        for kind in [
+            MapKind::ResponseHeaders,
+            MapKind::Trailers(weft_abi::MapType::HttpRequestTrailers),
+            MapKind::CalloutHeaders,
+        ] {
+            assert_eq!(
+                map_edit(&mut s, kind, MapEdit::Add, b"x", b"1"),
+                Edited::Unavailable,
+                "{kind:?}"
+            );
+        }
     }
 }

@@ -206,6 +206,8 @@ pub struct HostState {
     pub tick_period_ms: u32,
     /// Partial line written to stdout/stderr.
     pub stdout: Vec<u8>,
+    /// A write to a map outside its phase was logged (once per instance).
+    pub warned_phase: bool,
     /// While the instance starts: what the filter logged (info and above, the last few
     /// lines), so that a failed start can say what the filter said.
     pub start_log: Option<std::collections::VecDeque<String>>,
@@ -260,6 +262,7 @@ impl HostState {
             tick_period_ms: 0,
             stdout: Vec::new(),
             start_log: None,
+            warned_phase: false,
             alloc: None,
             memory: None,
             metrics,
@@ -279,19 +282,9 @@ impl HostState {
         self.request.as_ref().or(self.seen_request.as_deref())
     }
 
-    /// The request head, writable.
-    pub fn req_mut(&mut self) -> Option<&mut request::Parts> {
-        self.request.as_mut().or(self.seen_request.as_deref_mut())
-    }
-
     /// The response head a callback sees: the live one, else the recorded one.
     pub fn resp(&self) -> Option<&response::Parts> {
         self.response.as_ref().or(self.seen_response.as_deref())
-    }
-
-    /// The response head, writable.
-    pub fn resp_mut(&mut self) -> Option<&mut response::Parts> {
-        self.response.as_mut().or(self.seen_response.as_deref_mut())
     }
 
     /// The filter metric with `id`.

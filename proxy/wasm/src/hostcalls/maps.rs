@@ -49,10 +49,8 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             let Some(pairs) = map::deserialize(&bytes) else {
                 return Status::BadArgument as i32;
             };
-            if !maps::map_set_all(c.data_mut(), kind, &pairs) {
-                warn_invalid(&c);
-            }
-            Status::Ok as i32
+            let edited = maps::map_set_all(c.data_mut(), kind, &pairs);
+            answer(&mut c, kind, edited)
         },
     )?;
     l.func_wrap(
@@ -94,12 +92,30 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
     Ok(())
 }
 
-/// Warns that a filter's header edit was dropped.
-fn warn_invalid(c: &C<'_>) {
-    tracing::warn!(
-        filter = %c.data().plugin.name,
-        "filter set a header name or value that is not valid HTTP; ignored"
-    );
+/// The status of an edit: `OK` (a name or value that is not valid HTTP is dropped with a
+/// warning: the SDKs accept only `OK`), or `BAD_ARGUMENT` for a map that cannot be written
+/// in this phase, as Envoy answers — logged once per filter instance.
+fn answer(c: &mut C<'_>, kind: MapKind, edited: maps::Edited) -> i32 {
+    match edited {
+        maps::Edited::Done => Status::Ok as i32,
+        maps::Edited::Invalid => {
+            tracing::warn!(
+                filter = %c.data().plugin.name,
+                "filter set a header name or value that is not valid HTTP; ignored"
+            );
+            Status::Ok as i32
+        }
+        maps::Edited::Unavailable => {
+            if !c.data().warned_phase {
+                c.data_mut().warned_phase = true;
+                tracing::warn!(
+                    filter = %c.data().plugin.name,
+                    "filter wrote {kind:?} where that map cannot be written (BAD_ARGUMENT, as in Envoy); logged once"
+                );
+            }
+            Status::BadArgument as i32
+        }
+    }
 }
 
 fn edit_map(
@@ -124,8 +140,6 @@ fn edit_map(
         },
         None => Vec::new(),
     };
-    if !maps::map_edit(c.data_mut(), kind, edit, &key, &value) {
-        warn_invalid(c);
-    }
-    Status::Ok as i32
+    let edited = maps::map_edit(c.data_mut(), kind, edit, &key, &value);
+    answer(c, kind, edited)
 }

@@ -159,6 +159,17 @@ impl Stream {
     }
 }
 
+#[link(wasm_import_module = "env")]
+unsafe extern "C" {
+    fn proxy_add_header_map_value(
+        map: u32,
+        key: *const u8,
+        key_len: usize,
+        value: *const u8,
+        value_len: usize,
+    ) -> u32;
+}
+
 impl Context for Stream {}
 
 impl HttpContext for Stream {
@@ -179,6 +190,17 @@ impl HttpContext for Stream {
             "/deny/bad-status" => {
                 self.send_http_response(1000, vec![], Some(b"never\n"));
                 return Action::Pause;
+            }
+            "/wrong-phase" => {
+                // Response headers before there is a response: the raw call, to see the
+                // status the host answers (the SDK would trap on it, as it does in Envoy).
+                let (k, v) = ("x-early", "1");
+                // SAFETY: the pointers and lengths describe `k` and `v`, alive for the call.
+                let status = unsafe {
+                    proxy_add_header_map_value(2, k.as_ptr(), k.len(), v.as_ptr(), v.len())
+                };
+                self.set_http_request_header("x-wrong-phase-status", Some(&status.to_string()));
+                return Action::Continue;
             }
             "/panic" => panic!("the filter panicked on purpose"),
             "/loop" => {
