@@ -287,6 +287,44 @@ async fn a_write_that_cannot_take_effect_gets_envoys_status_and_one_warning() {
     );
 }
 
+/// Waits (5 s at most) until `/stats/prometheus` shows `series`.
+async fn until_stat(proxy: &ProxyProcess, series: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = proxy.stats().await;
+        if stats.contains(series) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no `{series}`:\n{stats}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_swapped_in_takes_over_its_shared_queues() {
+    let up = Upstream::start("u").await;
+    let yaml = filtered(&[&up], "");
+    let proxy = ProxyProcess::start_with(&yaml, 1).await;
+    let enqueue = || async {
+        get(&h1_client(), &proxy.url("/enqueue"))
+            .await
+            .unwrap()
+            .status
+    };
+    assert_eq!(enqueue().await, 200);
+    until_stat(&proxy, "weft_filter_basic_dequeued_total 1").await;
+    // SIGHUP rebuilds the chain: the new instance registers the queue again and must get
+    // its items (the old owner is retired).
+    proxy.reload(&yaml);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !proxy.log().contains("SIGHUP: config applied") {
+        assert!(Instant::now() < deadline, "{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(enqueue().await, 200);
+    until_stat(&proxy, "weft_filter_basic_dequeued_total 2").await;
+}
+
 /// Sends `path` and returns (status, whether the filter's request edits were applied).
 async fn call(proxy: &ProxyProcess, path: &str) -> (u16, bool) {
     let got = get(&h1_client(), &proxy.url(path)).await.unwrap();

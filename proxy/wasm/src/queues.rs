@@ -1,6 +1,7 @@
 //! Shared queues (`proxy_register_shared_queue` and friends), as in Envoy: a queue is named
-//! by (vm id, name); the first instance to register it owns it, and every enqueue calls
-//! `proxy_on_queue_ready` on the owner's root context, on the owner's worker thread.
+//! by (vm id, name); the instance that registered it last owns it (so the instance of a
+//! chain swapped in takes over its queues), and every enqueue calls `proxy_on_queue_ready`
+//! on the owner's root context, on the owner's worker thread.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
@@ -53,14 +54,18 @@ pub fn install_worker_channel() -> Option<UnboundedReceiver<(usize, u32)>> {
     })
 }
 
-/// Registers (or finds) the queue `name` of `vm_id`, owned by `slot` on the calling worker
-/// if it is new. `None` when the calling thread is not a worker.
+/// Registers the queue `name` of `vm_id`, or takes over the one registered before: either
+/// way `slot` on the calling worker owns it now (as in Envoy, the last registrant owns it).
+/// `None` when the calling thread is not a worker.
 pub fn register(vm_id: &str, name: &[u8], slot: usize) -> Option<u32> {
     let sender = READY_TX.with(|tx| tx.borrow().clone())?;
     let mut reg = registry().lock().ok()?;
     let key = (vm_id.to_owned(), name.to_vec());
-    if let Some(token) = reg.tokens.get(&key) {
-        return Some(*token);
+    if let Some(token) = reg.tokens.get(&key).copied() {
+        if let Some(q) = reg.queues.get_mut(token as usize - 1) {
+            q.owner = (sender, slot);
+        }
+        return Some(token);
     }
     reg.queues.push(Queue {
         items: VecDeque::new(),
