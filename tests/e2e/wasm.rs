@@ -325,6 +325,24 @@ async fn a_chain_swapped_in_takes_over_its_shared_queues() {
     until_stat(&proxy, "weft_filter_basic_dequeued_total 2").await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_failing_in_on_queue_ready_is_counted() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start_with(&filtered(&[&up], ""), 1).await;
+    // The owner (this worker's instance) traps on the item, outside any stream: counted like
+    // any failure, and the instance is failed (fail_closed), so the request itself may
+    // already get 503 on its way back.
+    let got = get(&h1_client(), &proxy.url("/enqueue/poison"))
+        .await
+        .unwrap();
+    assert!(matches!(got.status, 200 | 503), "{got:?}");
+    until_stat(
+        &proxy,
+        r#"weft_filter_failures_total{filter="basic",kind="trap"} 1"#,
+    )
+    .await;
+}
+
 /// Sends `path` and returns (status, whether the filter's request edits were applied).
 async fn call(proxy: &ProxyProcess, path: &str) -> (u16, bool) {
     let got = get(&h1_client(), &proxy.url(path)).await.unwrap();

@@ -86,6 +86,7 @@ pub fn classify(e: wasmtime::Error, stopped: Stopped, during: &str) -> Failure {
 }
 
 /// `weft_filter_failures_total{filter, kind}` handles of one filter, by [`FailureKind`].
+#[derive(Clone)]
 pub struct FailureCounters {
     /// The filter's name (for the log).
     filter: String,

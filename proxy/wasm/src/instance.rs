@@ -145,6 +145,8 @@ pub struct Exports {
 
 /// A running instance of a filter.
 pub struct FilterInstance {
+    /// Its filter's failure counters (for failures outside a stream: queues).
+    failures: FailureCounters,
     store: Store<HostState>,
     exports: Exports,
     instance_tick: Option<TypedFunc<i32, ()>>,
@@ -172,6 +174,7 @@ impl FilterInstance {
             Ok((exports, instance_tick, instance_queue_ready)) => {
                 store.data_mut().start_log = None;
                 Ok(Self {
+                    failures: spec.failures.clone(),
                     store,
                     exports,
                     instance_tick,
@@ -282,9 +285,9 @@ impl FilterInstance {
         std::mem::take(&mut self.store.data_mut().wakes)
     }
 
-    /// The filter's name.
-    pub fn name(&self) -> &str {
-        &self.store.data().plugin.name
+    /// Counts `failure` against this instance's filter.
+    pub fn count_failure(&self, failure: &Failure) {
+        self.failures.count(failure);
     }
 
     /// The tick period the filter asked for (0: none).

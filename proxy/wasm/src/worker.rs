@@ -261,7 +261,7 @@ pub fn with_live_slot(
         let result = f(instance, *generation);
         let wakes = instance.take_wakes();
         if let Err(failure) = result {
-            tracing::warn!(filter = %instance.name(), "filter failed: {}", failure.message);
+            instance.count_failure(&failure);
             // A trapped instance is never called again; the policy says what follows.
             *slot = Slot::Failed {
                 retry_at: (*policy == FailurePolicy::Reload).then(Instant::now),

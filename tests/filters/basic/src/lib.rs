@@ -125,7 +125,10 @@ impl RootContext for Root {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        while let Ok(Some(_item)) = hostcalls::dequeue_shared_queue(queue_id) {
+        while let Ok(Some(item)) = hostcalls::dequeue_shared_queue(queue_id) {
+            if item == b"/enqueue/poison" {
+                panic!("a poisoned queue item");
+            }
             let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_dequeued"), 1);
         }
     }
@@ -217,7 +220,7 @@ impl HttpContext for Stream {
                 self.send_http_response(200, headers, Some(b"random\n"));
                 return Action::Pause;
             }
-            "/enqueue" => {
+            "/enqueue" | "/enqueue/poison" => {
                 if let Ok(Some(queue)) = hostcalls::resolve_shared_queue("basic", "basic_events") {
                     let _ = hostcalls::enqueue_shared_queue(queue, Some(path.as_bytes()));
                 }
