@@ -19,6 +19,7 @@ mod telemetry;
 mod wasm;
 mod wasm_body;
 mod wasm_ext;
+mod wasm_grpc;
 mod wasm_hold;
 mod wasm_host;
 

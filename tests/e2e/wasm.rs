@@ -591,6 +591,22 @@ async fn authz_proxy(svc: &Upstream, auth: &Upstream) -> ProxyProcess {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callout_the_stream_does_not_wait_for_is_still_sent_and_answered() {
+    let svc = Upstream::start("svc").await;
+    let auth = Upstream::start("auth").await;
+    let proxy = authz_proxy(&svc, &auth).await;
+    // The request goes on at once (the upstream takes 400 ms); the callout goes out beside
+    // it and its answer reaches the stream's context while the stream lives (it used to be
+    // dropped while the call said OK).
+    let got = get(&h1_client(), &proxy.url("/delay/400/notify"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(auth.hits(), 1);
+    until_stat(&proxy, "weft_filter_notify_answered_204_total 1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callouts_sent_at_once_run_side_by_side() {
     let svc = Upstream::start("svc").await;
     let auth = Upstream::start_slow("auth", Duration::from_millis(500)).await;

@@ -36,6 +36,10 @@ pin_project! {
         Filtered { body: FilteredBody },
         /// Bytes already read, then the rest of a body.
         Prefixed { first: Option<Bytes>, rest: Box<RequestBody> },
+        /// Pieces sent on a channel as they are made (a filter's gRPC stream): `Some` is
+        /// data, `None` the end. A sender dropped before the end fails the body, so the
+        /// upstream stream is reset rather than ended cleanly.
+        Channel { rx: tokio::sync::mpsc::UnboundedReceiver<Option<Bytes>>, ended: bool },
     }
 }
 
@@ -65,6 +69,19 @@ impl Body for RequestBody {
                 Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
                 None => Pin::new(rest.as_mut()).poll_frame(cx),
             },
+            RequestBodyProj::Channel { rx, ended } => {
+                if *ended {
+                    return Poll::Ready(None);
+                }
+                match std::task::ready!(rx.poll_recv(cx)) {
+                    Some(Some(data)) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Some(None) => {
+                        *ended = true;
+                        Poll::Ready(None)
+                    }
+                    None => Poll::Ready(Some(Err("the stream was cancelled".into()))),
+                }
+            }
         }
     }
 
@@ -75,6 +92,7 @@ impl Body for RequestBody {
             Self::Full { body } => body.is_end_stream(),
             Self::Filtered { body } => body.is_end_stream(),
             Self::Prefixed { first, rest } => first.is_none() && rest.is_end_stream(),
+            Self::Channel { ended, .. } => *ended,
         }
     }
 
@@ -84,7 +102,7 @@ impl Body for RequestBody {
             Self::Incoming { body } => body.size_hint(),
             Self::Full { body } => body.size_hint(),
             Self::Filtered { body } => body.size_hint(),
-            Self::Prefixed { .. } => SizeHint::default(),
+            Self::Prefixed { .. } | Self::Channel { .. } => SizeHint::default(),
         }
     }
 }

@@ -64,14 +64,16 @@ pub enum RequestDecision {
     Hold,
 }
 
-/// An HTTP request a filter sends to a cluster of the proxy (`proxy_http_call`).
+/// An HTTP request a filter sends to a cluster of the proxy (`proxy_http_call`, and the
+/// unary `proxy_grpc_call`).
 #[derive(Debug)]
 pub struct Callout {
     /// Token the filter got for it.
     pub token: u32,
     /// Name of the cluster to send it to.
     pub cluster: String,
-    /// The request (origin-form URI, `host` header set).
+    /// The request (origin-form URI, `host` header set). A request of version HTTP/2 must go
+    /// over HTTP/2 (gRPC): to a cluster that speaks HTTP/1.1 it fails.
     pub request: http::Request<Bytes>,
     /// Time allowed for the response.
     pub timeout: std::time::Duration,
@@ -82,8 +84,19 @@ pub struct Callout {
 pub struct CalloutOutcome {
     /// The callout's token.
     pub token: u32,
-    /// The response head and body, or why there is none.
-    pub response: Result<(response::Parts, Bytes), String>,
+    /// The response, or why there is none.
+    pub response: Result<CalloutResponse, String>,
+}
+
+/// The whole response to a callout.
+#[derive(Debug)]
+pub struct CalloutResponse {
+    /// Status and headers.
+    pub head: response::Parts,
+    /// The body (up to the callout body limit).
+    pub body: Bytes,
+    /// The trailers, if the response had any (gRPC status).
+    pub trailers: Option<HeaderMap>,
 }
 
 /// A response made by a filter.

@@ -17,7 +17,9 @@ use weft_core::filter::{Callout, CalloutOutcome, Direction, StreamInfo};
 
 use crate::failure::{Failure, FailureCounters, classify};
 use crate::limits::{self, LIFECYCLE_TICKS, arm};
-use crate::state::{BodyBuf, CalloutResponse, Ext, HostState, LocalResponse, PluginMeta, Seen};
+use crate::state::{
+    BodyBuf, CalloutResponse, Ext, HostState, LocalResponse, Parked, PluginMeta, Seen,
+};
 
 /// The root context's id in every instance.
 const ROOT_CONTEXT: i32 = 1;
@@ -92,6 +94,34 @@ impl HeadersFn {
 /// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
 type CallResponseFn = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
+/// A `(context, token, count, size or status)` gRPC callback.
+type GrpcFn = TypedFunc<(i32, i32, i32), ()>;
+
+/// The gRPC callbacks: `proxy_on_grpc_receive_initial_metadata`, `proxy_on_grpc_receive`,
+/// `proxy_on_grpc_receive_trailing_metadata`, `proxy_on_grpc_close`.
+#[derive(Default)]
+struct GrpcExports {
+    initial: Option<GrpcFn>,
+    receive: Option<GrpcFn>,
+    trailing: Option<GrpcFn>,
+    close: Option<GrpcFn>,
+}
+
+/// The callback that delivers a callout's answer, with its arguments, the answer loaded in
+/// the store.
+enum Answer {
+    /// `proxy_on_http_call_response(context, token, headers, body size, trailers)`.
+    Http(CallResponseFn, i32, i32, i32),
+    /// A gRPC callback `(context, token, arg)`.
+    Grpc(GrpcFn, i32, &'static str),
+    /// Nothing to deliver (cancelled, its context ended, or no such export).
+    None,
+}
+
+/// The sentinel callback context of callbacks delivered outside their stream's path: what
+/// they do to any stream (continue, reply) is a wake, delivered after the callback.
+const DETACHED: u32 = u32::MAX;
+
 /// The export name of the body callback for `direction`.
 pub fn body_callback(direction: Direction) -> &'static str {
     match direction {
@@ -138,6 +168,7 @@ pub struct Exports {
     /// `proxy_on_{request,response}_trailers(context, count)`, by [`Direction`].
     on_trailers: [Option<TypedFunc<(i32, i32), i32>>; 2],
     on_http_call_response: Option<CallResponseFn>,
+    grpc: GrpcExports,
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
@@ -158,7 +189,9 @@ impl FilterInstance {
     /// Instantiates and starts a filter: `_initialize`/`_start`, the root context,
     /// `on_vm_start` and `on_configure`. Either returning false is a
     /// [`crate::failure::FailureKind::Start`] failure.
-    pub fn start(spec: &FilterSpec, slot: usize) -> Result<Self, Failure> {
+    /// `slot` and `generation` say where it runs on its worker (for answers that arrive
+    /// later: root-context callouts, gRPC streams).
+    pub fn start(spec: &FilterSpec, slot: usize, generation: u64) -> Result<Self, Failure> {
         let mut store = Store::new(
             &spec.engine,
             HostState::new(
@@ -169,6 +202,7 @@ impl FilterInstance {
             ),
         );
         store.data_mut().slot = slot;
+        store.data_mut().generation = generation;
         store.data_mut().start_log = Some(Default::default());
         match Self::start_in(spec, &mut store) {
             Ok((exports, instance_tick, instance_queue_ready)) => {
@@ -245,6 +279,17 @@ impl FilterInstance {
                 .map(|d| func(store, trailers_callback(d)).and_then(|f| f.typed(&*store).ok())),
             on_http_call_response: func(store, "proxy_on_http_call_response")
                 .and_then(|f| f.typed(&*store).ok()),
+            grpc: {
+                let grpc = |store: &mut Store<HostState>, name: &str| {
+                    func(store, name).and_then(|f| f.typed(&*store).ok())
+                };
+                GrpcExports {
+                    initial: grpc(store, "proxy_on_grpc_receive_initial_metadata"),
+                    receive: grpc(store, "proxy_on_grpc_receive"),
+                    trailing: grpc(store, "proxy_on_grpc_receive_trailing_metadata"),
+                    close: grpc(store, "proxy_on_grpc_close"),
+                }
+            },
             on_done: func(store, "proxy_on_done").and_then(|f| f.typed(&*store).ok()),
             on_log: func(store, "proxy_on_log").and_then(|f| f.typed(&*store).ok()),
             on_delete: func(store, "proxy_on_delete").and_then(|f| f.typed(&*store).ok()),
@@ -280,9 +325,12 @@ impl FilterInstance {
         Ok((exports, instance_tick, instance_queue_ready))
     }
 
-    /// What the last callbacks did to other contexts' streams (taken).
+    /// What the last callbacks did to other contexts' streams (taken); a held stream's head
+    /// the callbacks borrowed goes back first, so that the stream finds it when it wakes.
     pub fn take_wakes(&mut self) -> Vec<(u32, crate::state::Wake)> {
-        std::mem::take(&mut self.store.data_mut().wakes)
+        let data = self.store.data_mut();
+        data.return_borrowed();
+        std::mem::take(&mut data.wakes)
     }
 
     /// Counts `failure` against this instance's filter.
@@ -389,8 +437,9 @@ impl FilterInstance {
         }
     }
 
-    /// Delivers a callout's outcome with `proxy_on_http_call_response`, the request head in
-    /// the store so the filter can still edit it.
+    /// Delivers a callout's outcome (`proxy_on_http_call_response`, or a unary gRPC call's
+    /// `proxy_on_grpc_receive` / `proxy_on_grpc_close`) on the stream's context, the head
+    /// in the store so the filter can still edit it.
     pub fn callout_response<H: Head>(
         &mut self,
         ticks: u64,
@@ -400,51 +449,190 @@ impl FilterInstance {
         outcome: CalloutOutcome,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
-        let Some(f) = self.exports.on_http_call_response.clone() else {
-            return Ok(Callback {
-                resumed: true,
-                ..Callback::default()
-            });
-        };
         self.enter(head, info, context);
-        let (token, response, headers, body_len) = callout_parts(&self.store, outcome);
-        let data = self.store.data_mut();
-        data.callout_response = Some(response);
-        seen.lend(data);
+        let token = outcome.token;
+        let answer = self.load_answer(outcome);
+        if matches!(answer, Answer::None) {
+            let outcome = self.leave(head);
+            // Nothing will answer: the filter's pause ends as if it had resumed.
+            return Ok(Callback {
+                resumed: !self.waits_on(context),
+                ..outcome
+            });
+        }
+        seen.lend(self.store.data_mut());
         arm(&mut self.store, ticks);
-        let result = f.call(
-            &mut self.store,
-            (context, token as i32, headers, body_len, 0),
-        );
+        let result = self.call_answer(context, token, answer);
         seen.take_back(self.store.data_mut());
         let outcome = self.leave(head);
-        result.map_err(|e| failed(&self.store, e, "proxy_on_http_call_response"))?;
+        result?;
         Ok(outcome)
     }
 
-    /// Delivers the outcome of a callout the filter made from its root context
-    /// (`proxy_on_http_call_response` on the root context).
-    pub fn root_callout_response(
+    /// Whether `context` still waits for an answer (a callout or call not delivered yet).
+    fn waits_on(&self, context: i32) -> bool {
+        let pending = &self.store.data().pending;
+        pending.values().any(|p| p.context == context as u32)
+    }
+
+    /// Delivers the outcome of a callout sent outside a stream's path (from the root
+    /// context, or from a stream that did not wait for it) to the context that made it, if
+    /// that context still lives and the call was not cancelled. What the callback does to a
+    /// stream (continue, reply) is delivered as a wake.
+    pub fn detached_response(
         &mut self,
         ticks: u64,
         outcome: CalloutOutcome,
     ) -> Result<(), Failure> {
-        let Some(f) = self.exports.on_http_call_response.clone() else {
+        let token = outcome.token;
+        let Some(pending) = self.store.data().pending.get(&token).copied() else {
             return Ok(());
         };
-        let (token, response, headers, body_len) = callout_parts(&self.store, outcome);
+        let answer = self.load_answer(outcome);
         let data = self.store.data_mut();
-        data.context = ROOT_CONTEXT as u32;
-        data.callback_context = ROOT_CONTEXT as u32;
+        data.context = pending.context;
+        data.callback_context = DETACHED;
         data.info = None;
-        data.callout_response = Some(response);
+        data.borrow_parked(pending.context);
         arm(&mut self.store, ticks);
-        let result = f.call(
-            &mut self.store,
-            (ROOT_CONTEXT, token as i32, headers, body_len, 0),
-        );
-        self.store.data_mut().callout_response = None;
-        result.map_err(|e| failed(&self.store, e, "proxy_on_http_call_response"))
+        let result = self.call_answer(pending.context as i32, token, answer);
+        let data = self.store.data_mut();
+        data.return_borrowed();
+        data.callback_context = data.context;
+        result
+    }
+
+    /// Loads `outcome` into the store for its callback and says which callback that is.
+    fn load_answer(&mut self, outcome: CalloutOutcome) -> Answer {
+        let data = self.store.data_mut();
+        let Some(pending) = data.pending.remove(&outcome.token) else {
+            return Answer::None;
+        };
+        if pending.grpc {
+            let (f, arg, name) = match crate::grpc::unary_event(outcome) {
+                crate::grpc::Event::Message(m) => {
+                    let len = m.len() as i32;
+                    data.received.message = Some(m);
+                    (&self.exports.grpc.receive, len, "proxy_on_grpc_receive")
+                }
+                crate::grpc::Event::Close(code, message) => {
+                    data.received.status = Some((code, message));
+                    (&self.exports.grpc.close, code as i32, "proxy_on_grpc_close")
+                }
+                _ => return Answer::None,
+            };
+            return match f {
+                Some(f) => Answer::Grpc(f.clone(), arg, name),
+                None => Answer::None,
+            };
+        }
+        let Some(f) = self.exports.on_http_call_response.clone() else {
+            return Answer::None;
+        };
+        let response = match outcome.response {
+            Ok(r) => CalloutResponse {
+                head: Some(r.head),
+                body: r.body,
+                trailers: r.trailers,
+            },
+            Err(why) => {
+                tracing::debug!(filter = %data.plugin.name, "callout failed: {why}");
+                CalloutResponse::default()
+            }
+        };
+        let headers = response
+            .head
+            .as_ref()
+            .map_or(0, |h| h.headers.len() as i32 + 1);
+        let body_len = response.body.len() as i32;
+        let trailers = response.trailers.as_ref().map_or(0, |t| t.len() as i32);
+        data.callout_response = Some(response);
+        Answer::Http(f, headers, body_len, trailers)
+    }
+
+    /// Calls the answer's callback on `context`, then clears what it read.
+    fn call_answer(&mut self, context: i32, token: u32, answer: Answer) -> Result<(), Failure> {
+        let result = match answer {
+            Answer::Http(f, headers, body, trailers) => f
+                .call(
+                    &mut self.store,
+                    (context, token as i32, headers, body, trailers),
+                )
+                .map_err(|e| failed(&self.store, e, "proxy_on_http_call_response")),
+            Answer::Grpc(f, arg, name) => f
+                .call(&mut self.store, (context, token as i32, arg))
+                .map_err(|e| failed(&self.store, e, name)),
+            Answer::None => Ok(()),
+        };
+        let data = self.store.data_mut();
+        data.callout_response = None;
+        data.received = Default::default();
+        result
+    }
+
+    /// Delivers `event` of gRPC stream `token` to the context that opened it. `Ok(false)`
+    /// when the stream is gone (cancelled, its context ended) or this event closed it.
+    pub fn grpc_stream_event(
+        &mut self,
+        ticks: u64,
+        token: u32,
+        event: crate::grpc::Event,
+    ) -> Result<bool, Failure> {
+        use crate::grpc::Event;
+        let data = self.store.data_mut();
+        let Some(context) = data.streams.get(&token).map(|s| s.context) else {
+            return Ok(false);
+        };
+        let g = &self.exports.grpc;
+        let (f, arg, name, open) = match event {
+            Event::Initial(map) => {
+                let n = map.len() as i32;
+                data.received.initial = Some(map);
+                (
+                    &g.initial,
+                    n,
+                    "proxy_on_grpc_receive_initial_metadata",
+                    true,
+                )
+            }
+            Event::Message(m) => {
+                let n = m.len() as i32;
+                data.received.message = Some(m);
+                (&g.receive, n, "proxy_on_grpc_receive", true)
+            }
+            Event::Trailing(map) => {
+                let n = map.len() as i32;
+                data.received.trailing = Some(map);
+                (
+                    &g.trailing,
+                    n,
+                    "proxy_on_grpc_receive_trailing_metadata",
+                    true,
+                )
+            }
+            Event::Close(code, message) => {
+                data.received.status = Some((code, message));
+                // Closed: the token is free again. (Dropping the handle aborts the task that
+                // delivers this, which ends right after anyway.)
+                data.streams.remove(&token);
+                (&g.close, code as i32, "proxy_on_grpc_close", false)
+            }
+        };
+        let answer = match f {
+            Some(f) => Answer::Grpc(f.clone(), arg, name),
+            None => Answer::None,
+        };
+        data.context = context;
+        data.callback_context = DETACHED;
+        data.info = None;
+        data.borrow_parked(context);
+        arm(&mut self.store, ticks);
+        let result = self.call_answer(context as i32, token, answer);
+        let data = self.store.data_mut();
+        data.return_borrowed();
+        data.callback_context = data.context;
+        result?;
+        Ok(open && self.store.data().streams.contains_key(&token))
     }
 
     /// The callouts the filter made outside a stream callback (its root context), taken.
@@ -527,6 +715,9 @@ impl FilterInstance {
         arm(&mut self.store, ticks);
         let result = self.end_callbacks(context);
         seen.take_back(self.store.data_mut());
+        // As in Envoy, what the context was owed goes with it: its calls are not answered,
+        // its streams are reset.
+        self.store.data_mut().forget_context(context as u32);
         result
     }
 
@@ -549,30 +740,6 @@ impl FilterInstance {
 
 /// The failure of a call on `store` that returned `e`, classified by what the store's limits
 /// recorded.
-/// A callout's outcome as `proxy_on_http_call_response` delivers it: the token, what the
-/// filter reads back (map 6, buffer 4), the header count and the body size.
-fn callout_parts(
-    store: &Store<HostState>,
-    outcome: CalloutOutcome,
-) -> (u32, CalloutResponse, i32, i32) {
-    let response = match outcome.response {
-        Ok((head, body)) => CalloutResponse {
-            head: Some(head),
-            body: body.to_vec(),
-        },
-        Err(why) => {
-            tracing::debug!(filter = %store.data().plugin.name, "callout failed: {why}");
-            CalloutResponse::default()
-        }
-    };
-    let headers = response
-        .head
-        .as_ref()
-        .map_or(0, |h| h.headers.len() as i32 + 1);
-    let body_len = response.body.len() as i32;
-    (outcome.token, response, headers, body_len)
-}
-
 fn failed(store: &Store<HostState>, e: wasmtime::Error, during: &str) -> Failure {
     classify(e, store.data().limits.stopped(), during)
 }
@@ -644,6 +811,10 @@ pub trait Head: Sized {
     fn empty() -> Self;
     /// Header count the guest is told, pseudo-headers included.
     fn pairs(&self) -> i32;
+    /// The head as it waits, parked, while its stream is held.
+    fn park(self) -> Parked;
+    /// The head back from where it was parked (`None`: a head of the other kind).
+    fn unpark(parked: Parked) -> Option<Self>;
 }
 
 impl Head for request::Parts {
@@ -660,6 +831,15 @@ impl Head for request::Parts {
     fn pairs(&self) -> i32 {
         self.headers.len() as i32 + 4
     }
+    fn park(self) -> Parked {
+        Parked::Request(Box::new(self))
+    }
+    fn unpark(parked: Parked) -> Option<Self> {
+        match parked {
+            Parked::Request(p) => Some(*p),
+            Parked::Response(_) => None,
+        }
+    }
 }
 
 impl Head for response::Parts {
@@ -675,5 +855,14 @@ impl Head for response::Parts {
     }
     fn pairs(&self) -> i32 {
         self.headers.len() as i32 + 1
+    }
+    fn park(self) -> Parked {
+        Parked::Response(Box::new(self))
+    }
+    fn unpark(parked: Parked) -> Option<Self> {
+        match parked {
+            Parked::Response(p) => Some(*p),
+            Parked::Request(_) => None,
+        }
     }
 }

@@ -15,8 +15,9 @@
 //! - running: `instance.rs` (a filter instance and its callbacks), `limits.rs` (memory cap
 //!   and callback deadlines), `failure.rs` (failure kinds and policies), `worker.rs` (each
 //!   worker's table of instances), `retired.rs` (chains swapped out), [`WasmChain`]
-//!   (`chain.rs`), `stream.rs` (one stream through the chain), `ticks.rs` (ticks and queue
-//!   notifications), `queues.rs` (shared queues).
+//!   (`chain.rs`), `stream.rs` (one stream through the chain), `ticks.rs` (ticks, queue
+//!   notifications, callouts answered outside a stream's path), `queues.rs` (shared queues),
+//!   `grpc.rs` (gRPC calls and streams: framing, statuses, the stream task).
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -31,6 +32,7 @@
 mod cache;
 mod chain;
 mod failure;
+mod grpc;
 mod hostcalls;
 mod instance;
 mod limits;

@@ -21,9 +21,9 @@ pub enum MapKind {
     CalloutHeaders,
     /// Request or response trailers, while a trailers callback runs.
     Trailers(MapType),
-    /// A map this host does not keep (gRPC metadata, callout trailers): reads as empty,
-    /// writes are dropped.
-    Unavailable,
+    /// A read-only map of what arrived: gRPC initial or trailing metadata, callout
+    /// trailers (empty outside the callback that delivers it).
+    Received(MapType),
 }
 
 impl MapKind {
@@ -34,10 +34,20 @@ impl MapKind {
             MapType::HttpResponseHeaders => Self::ResponseHeaders,
             MapType::HttpCallResponseHeaders => Self::CalloutHeaders,
             t @ (MapType::HttpRequestTrailers | MapType::HttpResponseTrailers) => Self::Trailers(t),
-            MapType::GrpcReceiveInitialMetadata
+            t @ (MapType::GrpcReceiveInitialMetadata
             | MapType::GrpcReceiveTrailingMetadata
-            | MapType::HttpCallResponseTrailers => Self::Unavailable,
+            | MapType::HttpCallResponseTrailers) => Self::Received(t),
         })
+    }
+}
+
+/// The received map `t` of the callback being delivered, if it has one.
+fn received(state: &HostState, t: MapType) -> Option<&HeaderMap> {
+    match t {
+        MapType::GrpcReceiveInitialMetadata => state.received.initial.as_ref(),
+        MapType::GrpcReceiveTrailingMetadata => state.received.trailing.as_ref(),
+        MapType::HttpCallResponseTrailers => state.callout_response.as_ref()?.trailers.as_ref(),
+        _ => None,
     }
 }
 
@@ -86,7 +96,10 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
             Some((kind, map)) if *kind == t => map,
             _ => return out,
         },
-        MapKind::Unavailable => return out,
+        MapKind::Received(t) => match received(state, t) {
+            Some(map) => map,
+            None => return out,
+        },
     };
     for (k, v) in headers {
         // The authority is `:authority` (as Envoy presents HTTP/1.1 requests), not a second
@@ -134,7 +147,9 @@ pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> 
                 .map(|v| v.as_bytes().to_vec()),
             _ => None,
         },
-        (MapKind::Unavailable, _) => None,
+        (MapKind::Received(t), k) => received(state, t)?
+            .get(HeaderName::from_bytes(k).ok()?)
+            .map(|v| v.as_bytes().to_vec()),
     }
 }
 
@@ -178,7 +193,7 @@ pub fn map_edit(
 ) -> Edited {
     match kind {
         MapKind::RequestHeaders => {
-            let Some(p) = state.request.as_mut() else {
+            let Some(p) = state.req_mut() else {
                 return Edited::Unavailable;
             };
             if key.starts_with(b":") {
@@ -187,7 +202,7 @@ pub fn map_edit(
             edit_headers(&mut p.headers, edit, key, value).into()
         }
         MapKind::ResponseHeaders => {
-            let Some(p) = state.response.as_mut() else {
+            let Some(p) = state.resp_mut() else {
                 return Edited::Unavailable;
             };
             if key == b":status" {
@@ -216,16 +231,16 @@ pub fn map_edit(
             }
             _ => Edited::Unavailable,
         },
-        // Callout responses are read-only.
-        MapKind::CalloutHeaders | MapKind::Unavailable => Edited::Unavailable,
+        // What arrived (callout responses, gRPC metadata) is read-only.
+        MapKind::CalloutHeaders | MapKind::Received(_) => Edited::Unavailable,
     }
 }
 
 /// Replaces a whole map with `pairs`.
 pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(&[u8], &[u8])]) -> Edited {
     let cleared = match kind {
-        MapKind::RequestHeaders => state.request.as_mut().map(|p| p.headers.clear()),
-        MapKind::ResponseHeaders => state.response.as_mut().map(|p| p.headers.clear()),
+        MapKind::RequestHeaders => state.req_mut().map(|p| p.headers.clear()),
+        MapKind::ResponseHeaders => state.resp_mut().map(|p| p.headers.clear()),
         MapKind::Trailers(t) => match state.trailers.as_mut() {
             Some((kind, map)) if *kind == t => {
                 map.clear();
@@ -233,7 +248,7 @@ pub fn map_set_all(state: &mut HostState, kind: MapKind, pairs: &[(&[u8], &[u8])
             }
             _ => None,
         },
-        MapKind::CalloutHeaders | MapKind::Unavailable => None,
+        MapKind::CalloutHeaders | MapKind::Received(_) => None,
     };
     if cleared.is_none() {
         return Edited::Unavailable;

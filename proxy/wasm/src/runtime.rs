@@ -117,7 +117,7 @@ impl WasmRuntime {
                 .filter_spec(f, &bytes, &clusters, metrics)
                 .map_err(err)?;
             // The canary: if this instance cannot start, no worker's would.
-            FilterInstance::start(&spec, usize::MAX).map_err(|failure| err(failure.message))?;
+            FilterInstance::start(&spec, usize::MAX, 0).map_err(|failure| err(failure.message))?;
             specs.push(spec);
         }
         Ok(WasmChain::new(specs))

@@ -55,7 +55,30 @@ pub struct CalloutResponse {
     /// Head, when there is a response.
     pub head: Option<response::Parts>,
     /// Body.
-    pub body: Vec<u8>,
+    pub body: Bytes,
+    /// Trailers (map 7), when the response had any.
+    pub trailers: Option<HeaderMap>,
+}
+
+/// A held stream's live head, parked on its worker while the stream waits, so that
+/// callbacks on its context from elsewhere (a tick through `proxy_set_effective_context`, a
+/// gRPC stream's messages, a callout's answer) read and edit it as the stream will send it.
+#[derive(Debug)]
+pub enum Parked {
+    /// Held in the request phase.
+    Request(Box<request::Parts>),
+    /// Held in the response phase.
+    Response(Box<response::Parts>),
+}
+
+/// A callout or gRPC call the filter made and has not been answered: who gets the answer.
+#[derive(Clone, Copy, Debug)]
+pub struct Pending {
+    /// The context that made it.
+    pub context: u32,
+    /// A unary gRPC call (answered with `proxy_on_grpc_receive` or `_close`), not an HTTP
+    /// callout.
+    pub grpc: bool,
 }
 
 /// A body buffer a filter sees: the chunk as it arrived (shared, not copied) until the filter
@@ -225,6 +248,18 @@ pub struct HostState {
     pub callouts: Vec<weft_core::filter::Callout>,
     /// Last callout token handed out.
     pub last_token: u32,
+    /// Callouts and gRPC calls not answered yet, by token (an answer whose token is gone —
+    /// cancelled, or its context ended — is not delivered).
+    pub pending: HashMap<u32, Pending>,
+    /// Open gRPC streams, by token (dropping one resets it).
+    pub streams: HashMap<u32, crate::grpc::OpenStream>,
+    /// What the gRPC callback being delivered reads.
+    pub received: crate::grpc::Received,
+    /// The instance's generation in its slot (for events that arrive later).
+    pub generation: u64,
+    /// The parked head of the held stream of the effective context, borrowed while the
+    /// callback runs for another context than its own.
+    pub borrowed: Option<(u32, Parked)>,
     /// The callout response being delivered.
     pub callout_response: Option<CalloutResponse>,
     /// Set when the filter asks to continue the stream.
@@ -270,6 +305,11 @@ impl HostState {
             clusters,
             callouts: Vec::new(),
             last_token: 0,
+            pending: HashMap::new(),
+            streams: HashMap::new(),
+            received: Default::default(),
+            generation: 0,
+            borrowed: None,
             callout_response: None,
             resumed: false,
             ext: Ext::default(),
@@ -277,14 +317,80 @@ impl HostState {
         }
     }
 
-    /// The request head a callback sees: the live one, else the recorded one.
+    /// The request head a callback sees: the live one, else the recorded one; for another
+    /// context than the callback's, its held stream's parked head, if it has one.
     pub fn req(&self) -> Option<&request::Parts> {
+        if self.context != self.callback_context {
+            return match &self.borrowed {
+                Some((c, Parked::Request(p))) if *c == self.context => Some(p),
+                _ => None,
+            };
+        }
         self.request.as_ref().or(self.seen_request.as_deref())
     }
 
-    /// The response head a callback sees: the live one, else the recorded one.
+    /// The response head a callback sees (as [`HostState::req`]).
     pub fn resp(&self) -> Option<&response::Parts> {
+        if self.context != self.callback_context {
+            return match &self.borrowed {
+                Some((c, Parked::Response(p))) if *c == self.context => Some(p),
+                _ => None,
+            };
+        }
         self.response.as_ref().or(self.seen_response.as_deref())
+    }
+
+    /// The live request head a callback may edit (as [`HostState::req`], without the recorded
+    /// one).
+    pub fn req_mut(&mut self) -> Option<&mut request::Parts> {
+        if self.context != self.callback_context {
+            return match &mut self.borrowed {
+                Some((c, Parked::Request(p))) if *c == self.context => Some(p),
+                _ => None,
+            };
+        }
+        self.request.as_mut()
+    }
+
+    /// The live response head a callback may edit.
+    pub fn resp_mut(&mut self) -> Option<&mut response::Parts> {
+        if self.context != self.callback_context {
+            return match &mut self.borrowed {
+                Some((c, Parked::Response(p))) if *c == self.context => Some(p),
+                _ => None,
+            };
+        }
+        self.response.as_mut()
+    }
+
+    /// Borrows the parked head of `context`'s held stream (if it is held), returning any
+    /// other first.
+    pub fn borrow_parked(&mut self, context: u32) {
+        self.return_borrowed();
+        self.borrowed = crate::worker::unpark(self.slot, context).map(|p| (context, p));
+    }
+
+    /// Returns a borrowed parked head to its worker.
+    pub fn return_borrowed(&mut self) {
+        if let Some((context, parked)) = self.borrowed.take() {
+            crate::worker::park(self.slot, context, parked);
+        }
+    }
+
+    /// A fresh token for a callout, call or stream.
+    pub fn next_token(&mut self) -> u32 {
+        let mut token = self.last_token.wrapping_add(1).max(1);
+        while self.pending.contains_key(&token) || self.streams.contains_key(&token) {
+            token = token.wrapping_add(1).max(1);
+        }
+        token
+    }
+
+    /// Forgets what context `context` is owed (it ended): its unanswered calls are not
+    /// delivered and its streams are reset.
+    pub fn forget_context(&mut self, context: u32) {
+        self.pending.retain(|_, p| p.context != context);
+        self.streams.retain(|_, s| s.context != context);
     }
 
     /// The filter metric with `id`.

@@ -184,13 +184,16 @@ impl WasmStream {
         }
     }
 
-    /// Holds the stream for filter `idx` until it is taken up again from another context.
-    fn hold(&mut self, idx: usize) {
+    /// Holds the stream for filter `idx` until it is taken up again from another context;
+    /// its live head waits parked on the worker (callbacks on its context from elsewhere
+    /// read and edit it there) until [`WasmStream::release`] puts it back.
+    fn hold<H: Head>(&mut self, idx: usize, head: &mut H) {
         let Ctx::Active(context, _) = self.contexts[idx] else {
             return;
         };
         let slot = self.chain as usize + idx;
         let context = context as u32;
+        worker::park(slot, context, std::mem::replace(head, H::empty()).park());
         self.paused = Some(idx);
         self.holding = Some(Holding {
             idx,
@@ -200,10 +203,13 @@ impl WasmStream {
         });
     }
 
-    /// How a held stream was released; `None` when it is not held.
-    fn release(&mut self) -> Option<(usize, Release)> {
+    /// How a held stream was released, its head put back; `None` when it is not held.
+    fn release<H: Head>(&mut self, head: &mut H) -> Option<(usize, Release)> {
         let h = self.holding.take()?;
         worker::unhold(h.slot, h.context);
+        if let Some(parked) = worker::unpark(h.slot, h.context).and_then(H::unpark) {
+            *head = parked;
+        }
         self.paused = None;
         let release = self
             .released
@@ -233,7 +239,7 @@ impl WasmStream {
                 Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[0] => continue,
                 // Paused with nothing outstanding: held until the filter takes it up again.
                 Step::Hold => {
-                    self.hold(idx);
+                    self.hold(idx, head);
                     return RequestDecision::Hold;
                 }
                 Step::Local(lr) => {
@@ -274,6 +280,9 @@ impl WasmStream {
             // A callout or a hold asked for on a local reply is not waited for.
             if let Some(h) = self.holding.take() {
                 worker::unhold(h.slot, h.context);
+                if let Some(parked) = worker::unpark(h.slot, h.context).and_then(Head::unpark) {
+                    rhead = parked;
+                }
             }
             self.paused = None;
             match decision {
@@ -302,6 +311,7 @@ impl WasmStream {
             return Step::Go;
         }
         let info = &self.info;
+        let slot = self.chain as usize + idx;
         let outcome = with_instance(self.chain, idx, spec, |inst, generation| {
             let context = match ctx {
                 Ctx::Active(c, g) if g == generation => c,
@@ -312,10 +322,17 @@ impl WasmStream {
                     Err(f) => return (None, Err(f)),
                 },
             };
-            (
-                Some(Ctx::Active(context, generation)),
-                call(inst, ticks, context, info),
-            )
+            let mut result = call(inst, ticks, context, info);
+            // Callouts the stream does not wait for are still sent, as in Envoy: their
+            // answers come to the stream's context later (unless it ended by then).
+            if let Ok(cb) = &mut result
+                && !cb.callouts.is_empty()
+                && (!cb.paused || cb.resumed)
+            {
+                let callouts = std::mem::take(&mut cb.callouts);
+                crate::ticks::send_detached_callouts(slot, generation, callouts, ticks);
+            }
+            (Some(Ctx::Active(context, generation)), result)
         });
         match outcome {
             Err(()) => Step::Unavailable,
@@ -471,7 +488,7 @@ impl WasmStream {
                 Step::Go => continue,
                 Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[1] => continue,
                 Step::Hold => {
-                    self.hold(idx);
+                    self.hold(idx, head);
                     return ResponseDecision::Hold;
                 }
                 Step::Paused(callouts) => {
@@ -593,7 +610,7 @@ impl FilterStream for WasmStream {
         end_of_stream: bool,
         outcomes: Vec<CalloutOutcome>,
     ) -> RequestDecision {
-        if let Some((idx, release)) = self.release() {
+        if let Some((idx, release)) = self.release(head) {
             return match release {
                 Release::Resume => self.request_from(idx + 1, head, end_of_stream),
                 Release::Reply(lr) => {
@@ -616,7 +633,7 @@ impl FilterStream for WasmStream {
             }
             Delivered::Resumed => self.request_from(idx + 1, head, end_of_stream),
             Delivered::Hold => {
-                self.hold(idx);
+                self.hold(idx, head);
                 RequestDecision::Hold
             }
         }
@@ -632,7 +649,7 @@ impl FilterStream for WasmStream {
             this.seen.response = Some(snapshot_response(reply.status, &reply.headers));
             ResponseDecision::Respond(reply)
         };
-        if let Some((idx, release)) = self.release() {
+        if let Some((idx, release)) = self.release(head) {
             return match release {
                 Release::Resume => self.response_from(idx, head, end_of_stream),
                 Release::Reply(lr) => respond(self, local_reply(lr)),
@@ -653,7 +670,7 @@ impl FilterStream for WasmStream {
             }
             Delivered::Resumed => self.response_from(idx, head, end_of_stream),
             Delivered::Hold => {
-                self.hold(idx);
+                self.hold(idx, head);
                 ResponseDecision::Hold
             }
         }
@@ -706,6 +723,7 @@ impl FilterStream for WasmStream {
         self.finished = true;
         if let Some(h) = self.holding.take() {
             worker::unhold(h.slot, h.context);
+            worker::unpark(h.slot, h.context);
         }
         for idx in 0..self.filters.len() {
             let Ctx::Active(context, generation) = self.contexts[idx] else {

@@ -1,7 +1,8 @@
 //! What runs on a worker besides streams: each filter's tick loop (`proxy_on_tick` at the
 //! period the filter set), the delivery of `proxy_on_queue_ready` to the instances that own
-//! a shared queue, and the callouts a filter makes from its root context (start, ticks,
-//! queues), sent by the worker and answered on the root context.
+//! a shared queue, and the callouts a filter makes outside a stream's path (from its root
+//! context: start, ticks, queues; or from a stream that did not wait), sent by the worker
+//! and answered on the context that made them.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +40,7 @@ pub async fn tick_loop(
             )
         }) {
             Ok((Err(failure), _, _)) => fail(chain, idx, spec, &failure),
-            Ok((Ok(()), callouts, generation)) => send_root_callouts(
+            Ok((Ok(()), callouts, generation)) => send_detached_callouts(
                 chain as usize + idx,
                 generation,
                 callouts,
@@ -61,16 +62,17 @@ pub async fn deliver_queue_ready(mut ready: tokio::sync::mpsc::UnboundedReceiver
             callouts = (generation, instance.take_callouts());
             result
         });
-        send_root_callouts(slot, callouts.0, callouts.1, LIFECYCLE_TICKS);
+        send_detached_callouts(slot, callouts.0, callouts.1, LIFECYCLE_TICKS);
     }
 }
 
-/// Sends the callouts the instance of generation `generation` in slot `n` made from its root
-/// context, each as a task of this worker, and delivers each answer to that instance's root
-/// context (`proxy_on_http_call_response`, within `ticks`), if it is still live; callouts it
-/// makes there are sent in turn. Off a runtime (nothing could deliver the answers) they are
-/// dropped with a warning.
-pub fn send_root_callouts(n: usize, generation: u64, callouts: Vec<Callout>, ticks: u64) {
+/// Sends the callouts the instance of generation `generation` in slot `n` made outside a
+/// stream's path (from its root context, or from a stream that did not wait for them), each
+/// as a task of this worker, and delivers each answer to the context that made it
+/// (`proxy_on_http_call_response`, or a gRPC callback, within `ticks`), if the instance and
+/// the context still live; callouts made there are sent in turn. Off a runtime (nothing
+/// could deliver the answers) they are dropped with a warning.
+pub fn send_detached_callouts(n: usize, generation: u64, callouts: Vec<Callout>, ticks: u64) {
     if callouts.is_empty() {
         return;
     }
@@ -86,11 +88,11 @@ pub fn send_root_callouts(n: usize, generation: u64, callouts: Vec<Callout>, tic
             let outcome = weft_core::http::callout::run_on_worker(callout).await;
             let mut more = Vec::new();
             worker::with_live_slot(n, Some(generation), |instance, _| {
-                let result = instance.root_callout_response(ticks, outcome);
+                let result = instance.detached_response(ticks, outcome);
                 more = instance.take_callouts();
                 result
             });
-            send_root_callouts(n, generation, more, ticks);
+            send_detached_callouts(n, generation, more, ticks);
         });
     }
 }

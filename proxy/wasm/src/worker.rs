@@ -20,7 +20,7 @@ use crate::failure::Failure;
 use crate::instance::{FilterInstance, FilterSpec};
 use crate::limits::LIFECYCLE_TICKS;
 use crate::retired::{self, Retired};
-use crate::state::{LocalResponse, Wake};
+use crate::state::{LocalResponse, Parked, Wake};
 
 /// How a held stream is taken up again.
 #[derive(Debug)]
@@ -127,6 +127,19 @@ impl Worker {
 thread_local! {
     /// This worker's filter state.
     static WORKER: RefCell<Worker> = RefCell::new(Worker::default());
+    /// The heads of held streams, by (slot, context): apart from [`WORKER`], which is
+    /// borrowed while a callback runs, so that the callback can borrow them in turn.
+    static PARKED: RefCell<HashMap<(usize, u32), Parked>> = RefCell::new(HashMap::new());
+}
+
+/// Parks the head of the held stream of `context` on slot `n`.
+pub fn park(n: usize, context: u32, head: Parked) {
+    PARKED.with(|p| p.borrow_mut().insert((n, context), head));
+}
+
+/// Takes back the parked head of `context` on slot `n`, if there is one.
+pub fn unpark(n: usize, context: u32) -> Option<Parked> {
+    PARKED.with(|p| p.borrow_mut().remove(&(n, context)))
 }
 
 /// The first wait before starting a filter again after its start failed (`reload`).
@@ -158,10 +171,10 @@ pub fn with_instance<R>(
         {
             let now = Instant::now();
             let (backoff, generation) = (*backoff, *generation);
-            *slot = match FilterInstance::start(spec, n) {
+            *slot = match FilterInstance::start(spec, n, generation + 1) {
                 Ok(mut instance) => {
                     // Callouts from on_vm_start / on_configure.
-                    crate::ticks::send_root_callouts(
+                    crate::ticks::send_detached_callouts(
                         n,
                         generation + 1,
                         instance.take_callouts(),

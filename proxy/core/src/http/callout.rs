@@ -7,19 +7,25 @@
 //! dropped with the stream (the client left), giving back every count they took. Callouts a
 //! filter makes outside a stream (from its root context: start, ticks, queues) go through
 //! [`run_on_worker`], which finds the proxy's clusters through the worker it runs on.
+//!
+//! A filter's gRPC stream is a [`Streaming`] exchange ([`open_on_worker`]): the request
+//! body is fed piece by piece as the filter sends messages, and the response is read as it
+//! arrives.
 
 use std::cell::RefCell;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::Request;
+use http::{Request, Version, request, response};
 use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
 
 use super::ListenerCtx;
 use super::attempt::set_upstream_target;
 use crate::body::RequestBody;
-use crate::filter::{Callout, CalloutOutcome};
-use crate::upstream::{self, Cluster};
+use crate::config::UpstreamProtocol;
+use crate::filter::{Callout, CalloutOutcome, CalloutResponse};
+use crate::upstream::{self, Cluster, InFlight};
 
 /// Largest callout response body kept for the filter.
 const CALLOUT_BODY_LIMIT: usize = 1024 * 1024;
@@ -72,28 +78,107 @@ pub async fn run(clusters: &[Arc<Cluster>], callout: Callout) -> CalloutOutcome 
     let token = callout.token;
     let deadline = tokio::time::Instant::now() + callout.timeout;
     let response = async {
-        let cluster = clusters
-            .iter()
-            .find(|c| c.name == callout.cluster)
-            .ok_or_else(|| format!("no cluster `{}`", callout.cluster))?;
-        let (mut head, body) = callout.request.into_parts();
-        set_upstream_target(&mut head, cluster.protocol).map_err(|(_, why)| why.trim())?;
-        let req = Request::from_parts(head, RequestBody::Full { body: body.into() });
-        let dispatched = upstream::dispatch(cluster, req, &[], Some(deadline), |_| {}).await;
-        let (resp, in_flight) = dispatched.outcome.map_err(|e| e.to_string())?;
+        let (head, body) = callout.request.into_parts();
+        let req_body = RequestBody::Full { body: body.into() };
+        let (resp, in_flight) =
+            exchange(clusters, &callout.cluster, head, req_body, Some(deadline)).await?;
         let (head, body) = resp.into_parts();
         let limited = http_body_util::Limited::new(body, CALLOUT_BODY_LIMIT);
-        let bytes: Bytes = limited
+        let collected = limited
             .collect()
             .await
-            .map_err(|e| format!("callout body: {e}"))?
-            .to_bytes();
+            .map_err(|e| format!("callout body: {e}"))?;
+        let trailers = collected.trailers().cloned();
         in_flight.finish(true);
-        Ok::<_, String>((head, bytes))
+        Ok::<_, String>(CalloutResponse {
+            head,
+            body: collected.to_bytes(),
+            trailers,
+        })
     };
     let response = match tokio::time::timeout_at(deadline, response).await {
         Ok(r) => r,
         Err(_) => Err("callout timed out".to_owned()),
     };
     CalloutOutcome { token, response }
+}
+
+/// Sends `head` with `body` to cluster `cluster` through [`upstream::dispatch`] and returns
+/// the response head with what it holds. A request of version HTTP/2 needs a cluster that
+/// speaks HTTP/2.
+async fn exchange(
+    clusters: &[Arc<Cluster>],
+    cluster: &str,
+    mut head: request::Parts,
+    body: RequestBody,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<(http::Response<Incoming>, InFlight), String> {
+    let cluster = clusters
+        .iter()
+        .find(|c| c.name == cluster)
+        .ok_or_else(|| format!("no cluster `{cluster}`"))?;
+    if head.version == Version::HTTP_2 && cluster.protocol != UpstreamProtocol::Http2 {
+        return Err(format!(
+            "cluster `{}` speaks HTTP/1.1; gRPC needs `protocol: http2`",
+            cluster.name
+        ));
+    }
+    set_upstream_target(&mut head, cluster.protocol).map_err(|(_, why)| why.trim())?;
+    let req = Request::from_parts(head, body);
+    let dispatched = upstream::dispatch(cluster, req, &[], deadline, |_| {}).await;
+    dispatched.outcome.map_err(|e| e.to_string())
+}
+
+/// A streaming exchange with a cluster (a filter's gRPC stream), once its response head
+/// arrived: the body is read as it comes. Dropping it resets the stream and gives back what
+/// it holds of the cluster's limits.
+pub struct Streaming {
+    /// The response head.
+    pub head: response::Parts,
+    /// The response body, read as it arrives.
+    pub body: Incoming,
+    in_flight: InFlight,
+}
+
+impl Streaming {
+    /// Ends the exchange; `complete` when the response was read to its end.
+    pub fn finish(self, complete: bool) {
+        self.in_flight.finish(complete);
+    }
+}
+
+/// Opens a streaming exchange to cluster `cluster` from the calling worker: `head` goes at
+/// once, then every piece sent on `body` (`None` ends the request; dropping the sender
+/// before that resets the stream); waits for the response head until `deadline`.
+pub async fn open_on_worker(
+    cluster: &str,
+    head: request::Parts,
+    body: tokio::sync::mpsc::UnboundedReceiver<Option<Bytes>>,
+    deadline: Option<tokio::time::Instant>,
+) -> Result<Streaming, String> {
+    let Some(clusters) = CLUSTERS.with(|c| c.borrow().clone()) else {
+        return Err("no worker to open the stream from".into());
+    };
+    let open = exchange(
+        &clusters,
+        cluster,
+        head,
+        RequestBody::Channel {
+            rx: body,
+            ended: false,
+        },
+        deadline,
+    );
+    let (resp, in_flight) = match deadline {
+        Some(at) => tokio::time::timeout_at(at, open)
+            .await
+            .unwrap_or_else(|_| Err("timed out".to_owned()))?,
+        None => open.await?,
+    };
+    let (head, body) = resp.into_parts();
+    Ok(Streaming {
+        head,
+        body,
+        in_flight,
+    })
 }

@@ -1,6 +1,6 @@
 //! Buffers: `proxy_get_buffer_bytes`, `proxy_get_buffer_status`, `proxy_set_buffer_bytes`
-//! over the body being called back for, the callout response's body and the VM and plugin
-//! configurations; ABI 0.1.0's `proxy_get_configuration`.
+//! over the body being called back for, the callout response's body, the gRPC message being
+//! delivered and the VM and plugin configurations; ABI 0.1.0's `proxy_get_configuration`.
 
 use weft_abi::{BufferType, Status};
 
@@ -80,8 +80,7 @@ fn buffer(state: &HostState, kind: i32) -> Option<&[u8]> {
         BufferType::HttpCallResponseBody => state.callout_response.as_ref().map(|r| &r.body[..]),
         BufferType::VmConfiguration => Some(&state.plugin.vm_config),
         BufferType::PluginConfiguration => Some(&state.plugin.config),
-        BufferType::DownstreamData | BufferType::UpstreamData | BufferType::GrpcReceiveBuffer => {
-            None
-        }
+        BufferType::GrpcReceiveBuffer => state.received.message.as_deref(),
+        BufferType::DownstreamData | BufferType::UpstreamData => None,
     }
 }

@@ -1,13 +1,14 @@
 //! HTTP callouts: `proxy_http_call` queues a request to a cluster, which the request path
 //! sends once the callback returns (or, from the root context, the worker sends at once) and
 //! answers with `proxy_on_http_call_response`;
-//! `proxy_get_status` reads the status of the call being answered.
+//! `proxy_get_status` reads the status of the gRPC call or stream being closed.
 
 use weft_abi::{Status, map};
 
-use super::{C, ENV};
+use super::{C, ENV, status};
 use crate::linker::HostLinker;
 use crate::memory::{give, read, write_u32};
+use crate::state::Pending;
 
 /// The timeout of a callout dispatched with timeout 0 (as Envoy's default route timeout).
 pub const DEFAULT_CALLOUT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
@@ -54,34 +55,56 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             else {
                 return Status::BadArgument as i32;
             };
-            let token = c.data().last_token.wrapping_add(1).max(1);
-            if write_u32(&mut c, ret_token, token).is_err() {
-                return Status::InvalidMemoryAccess as i32;
-            }
-            let data = c.data_mut();
-            data.last_token = token;
-            data.callouts.push(weft_core::filter::Callout {
-                token,
-                cluster,
-                request,
-                timeout: match timeout_ms as u32 {
-                    0 => DEFAULT_CALLOUT_TIMEOUT,
-                    ms => std::time::Duration::from_millis(u64::from(ms)),
-                },
-            });
-            Status::Ok as i32
+            let timeout = callout_timeout(timeout_ms);
+            status(queue(&mut c, ret_token, cluster, request, timeout, false))
         },
     )?;
+    // The status of the gRPC call or stream being closed (`proxy_on_grpc_close`); 0 and no
+    // message otherwise.
     l.func_wrap(
         ENV,
         "proxy_get_status",
         |mut c: C<'_>, code_ptr: i32, msg_ptr: i32, msg_len: i32| {
-            if let Err(s) = write_u32(&mut c, code_ptr, 0) {
+            let (code, message) = c.data().received.status.clone().unwrap_or_default();
+            if let Err(s) = write_u32(&mut c, code_ptr, code) {
                 return Ok(s as i32);
             }
-            Ok::<_, wasmtime::Error>(give(&mut c, b"", msg_ptr, msg_len)? as i32)
+            Ok::<_, wasmtime::Error>(give(&mut c, message.as_bytes(), msg_ptr, msg_len)? as i32)
         },
     )?;
+    Ok(())
+}
+
+/// The time a callout or call is allowed for `timeout_ms` (0: the default).
+pub fn callout_timeout(timeout_ms: i32) -> std::time::Duration {
+    match timeout_ms as u32 {
+        0 => DEFAULT_CALLOUT_TIMEOUT,
+        ms => std::time::Duration::from_millis(u64::from(ms)),
+    }
+}
+
+/// Queues a callout (or unary gRPC call) for the current callback to hand on, answered to the
+/// current context, and writes its token at `ret_token`.
+pub fn queue(
+    c: &mut C<'_>,
+    ret_token: i32,
+    cluster: String,
+    request: http::Request<bytes::Bytes>,
+    timeout: std::time::Duration,
+    grpc: bool,
+) -> Result<(), Status> {
+    let token = c.data_mut().next_token();
+    write_u32(c, ret_token, token)?;
+    let data = c.data_mut();
+    data.last_token = token;
+    let context = data.context;
+    data.pending.insert(token, Pending { context, grpc });
+    data.callouts.push(weft_core::filter::Callout {
+        token,
+        cluster,
+        request,
+        timeout,
+    });
     Ok(())
 }
 

@@ -137,7 +137,14 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             if context <= 0 {
                 return Status::BadArgument as i32;
             }
-            c.data_mut().context = context as u32;
+            let data = c.data_mut();
+            data.context = context as u32;
+            // Another context's held stream: its head is read and edited where it waits.
+            if data.context != data.callback_context {
+                data.borrow_parked(context as u32);
+            } else {
+                data.return_borrowed();
+            }
             Status::Ok as i32
         },
     )?;

@@ -7,11 +7,16 @@
 //!
 //! Responses to `/public/audited` are held while the filter asks the same cluster
 //! (`GET /status/202`) and get `x-audit: <its status>` before they go on.
+//!
+//! A request whose path contains `/notify` is not held: the filter sends `GET /status/204`
+//! to the cluster and lets the request go on at once; the answer, when it comes while the
+//! stream lives, counts `notify_answered_<status>`.
 
 use std::time::Duration;
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType};
+use proxy_wasm::types::{Action, ContextType, MetricType};
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cluster: String::new() }) });
@@ -33,7 +38,13 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Auth { cluster: self.cluster.clone(), outstanding: 0, audited: false, auditing: false }))
+        Some(Box::new(Auth {
+            cluster: self.cluster.clone(),
+            outstanding: 0,
+            audited: false,
+            auditing: false,
+            notifying: false,
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -49,11 +60,20 @@ struct Auth {
     audited: bool,
     /// The outstanding callout is the response audit.
     auditing: bool,
+    /// The outstanding callout is a notification nothing waits for.
+    notifying: bool,
 }
 
 impl Context for Auth {
     fn on_http_call_response(&mut self, _token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        if self.notifying {
+            let name = format!("notify_answered_{status}");
+            if let Ok(id) = hostcalls::define_metric(MetricType::Counter, &name) {
+                let _ = hostcalls::increment_metric(id, 1);
+            }
+            return;
+        }
         if self.auditing {
             self.set_http_response_header("x-audit", Some(&status));
             self.resume_http_response();
@@ -82,6 +102,13 @@ impl Context for Auth {
 impl HttpContext for Auth {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let path = self.get_http_request_header(":path").unwrap_or_default();
+        if path.contains("/notify") {
+            let headers = vec![(":method", "GET"), (":path", "/status/204"), (":authority", "auth")];
+            self.notifying = self
+                .dispatch_http_call(&self.cluster, headers, None, vec![], Duration::from_secs(2))
+                .is_ok();
+            return Action::Continue;
+        }
         if path.starts_with("/public") {
             self.audited = path == "/public/audited";
             return Action::Continue;
