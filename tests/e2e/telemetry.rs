@@ -131,3 +131,40 @@ async fn the_standard_chain_counts_logs_and_traces_requests() {
         .expect("broken logged");
     assert_eq!(broken_line["code_details"], "upstream_connect_failure");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlapping_streams_on_one_worker_are_each_logged_with_their_own_request() {
+    // Eight 1 MB responses at once on one worker: their bodies stream side by side, so the
+    // end of one stream (on_log) comes between other streams' callbacks on the same
+    // instance, and must still read its own request and response.
+    let up = Upstream::start("catalog").await;
+    let routes =
+        "{ routes: [ { name: bytes, match: { path: { prefix: /bytes } }, cluster: catalog } ] }";
+    let f = |name: &str, config: &str| {
+        crate::filter(
+            name,
+            &standard_filter(&format!("weft_filter_{name}")),
+            config,
+        )
+    };
+    let yaml = crate::chain(
+        "catalog",
+        &[f("telemetry", ""), f("router", routes)],
+        &[crate::cluster("catalog", &[up.address()], "")],
+    );
+    let proxy = ProxyProcess::start_with(&yaml, 1).await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = proxy.url("/bytes/1000000");
+        tasks.push(tokio::spawn(async move {
+            get(&h1_client(), &url).await.unwrap()
+        }));
+    }
+    for t in tasks {
+        let got = t.await.unwrap();
+        assert_eq!((got.status, got.body.len()), (200, 1_000_000));
+    }
+    let series = r#"weft_filter_requests_total{cluster="catalog",method="GET",route="bytes",status_class="2xx"}"#;
+    let stats = proxy.stats().await;
+    assert_eq!(metric_value(&stats, series), Some(8.0), "{stats}");
+}

@@ -93,7 +93,8 @@ type SnapshotStream = Pin<Box<dyn Stream<Item = Result<v1::Snapshot, Status>> + 
 impl v1::discovery_server::Discovery for Server {
     type SubscribeStream = SnapshotStream;
 
-    /// Answers each request with `version * 10` and its hash; once the client ends its side,
+    /// Answers each request with `version * 10` and its hash (and, for a hash `push…`, keeps
+    /// sending answers every 20 ms until the client goes away); once the client ends its side,
     /// ends with OK, message `done` and trailing metadata `x-summary: <requests>`. Sends
     /// `x-echo: <authorization>` as initial metadata.
     async fn subscribe(
@@ -116,6 +117,7 @@ impl v1::discovery_server::Discovery for Server {
                 match inbound.message().await {
                     Ok(Some(r)) => {
                         n += 1;
+                        let push = r.hash.starts_with("push");
                         let reply = v1::Snapshot {
                             version: r.version * 10,
                             hash: r.hash,
@@ -124,6 +126,22 @@ impl v1::discovery_server::Discovery for Server {
                         if tx.send(Ok(reply)).await.is_err() {
                             seen.resets.fetch_add(1, Ordering::SeqCst);
                             return;
+                        }
+                        // `push…`: keep answering every 20 ms until the client goes away.
+                        if push {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                for k in 0..500u64 {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                    let more = v1::Snapshot {
+                                        version: 1000 + k,
+                                        ..Default::default()
+                                    };
+                                    if tx.send(Ok(more)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            });
                         }
                     }
                     Ok(None) => break,
@@ -353,15 +371,30 @@ async fn a_cancelled_grpc_stream_is_reset_and_calls_back_no_more() {
     let up = Upstream::start("svc").await;
     let server = GrpcServer::start().await;
     let proxy = grpc_proxy(&up, &server, "", "http2").await;
-    let got = get_with(&proxy, "/stream-cancel", &[("x-token", TOKEN)]).await;
-    assert_eq!(got.status, 200, "{got:?}");
-    assert_eq!(got.echo()["headers"]["x-cancelled-after"][0], "10 h1");
-    // The server sees the stream reset.
+    // The filter cancels on the first answer while the server keeps answering every 20 ms,
+    // and lets the request go on to an upstream that takes 800 ms: the server must see the
+    // reset while the request is still in flight (not only when its context ends), and no
+    // callback may follow the cancel.
+    let url = proxy.url("/delay/800/stream-cancel");
+    let request = tokio::spawn(async move {
+        let req = http::Request::get(url)
+            .header("x-token", TOKEN)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        send(&h1_client(), req).await.unwrap()
+    });
     let deadline = Instant::now() + Duration::from_secs(5);
     while server.seen.resets.load(Ordering::SeqCst) == 0 {
         assert!(Instant::now() < deadline, "the stream was not reset");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    assert!(
+        !request.is_finished(),
+        "the reset came only with the end of the request"
+    );
+    let got = request.await.unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert_eq!(got.echo()["headers"]["x-cancelled-after"][0], "10 push1");
     let stats = proxy.stats().await;
     assert!(!stats.contains("grpc_after_cancel"), "{stats}");
 }
@@ -370,17 +403,28 @@ async fn a_cancelled_grpc_stream_is_reset_and_calls_back_no_more() {
 async fn a_root_context_streams_with_no_traffic() {
     let up = Upstream::start("svc").await;
     let server = GrpcServer::start().await;
-    let proxy = grpc_proxy(&up, &server, "\"root-stream:secret\"", "http2").await;
-    // One stream per worker's instance, opened from on_tick; no request is sent.
+    let yaml = chain(
+        "svc",
+        &[filter(
+            "grpc",
+            &guest_filter("compat_grpc"),
+            "\"root-stream:secret\"",
+        )],
+        &[
+            cluster("svc", &[up.address()], ""),
+            cluster("grpc", &[server.addr.to_string()], "protocol: http2"),
+        ],
+    );
+    let proxy = ProxyProcess::start_with(&yaml, 2).await;
+    // One stream per worker's instance (two workers), opened from on_tick; no request is
+    // sent.
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let stats = proxy.stats().await;
         let messages = metric_value(&stats, "weft_filter_grpc_root_messages_total");
         let closed = metric_value(&stats, "weft_filter_grpc_root_closed_0_total");
-        if let (Some(m), Some(c)) = (messages, closed)
-            && c >= 1.0
-        {
-            assert_eq!(m, 3.0 * c, "three answers per stream:\n{stats}");
+        if closed == Some(2.0) {
+            assert_eq!(messages, Some(6.0), "three answers per stream:\n{stats}");
             break;
         }
         assert!(Instant::now() < deadline, "no stream closed:\n{stats}");

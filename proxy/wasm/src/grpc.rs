@@ -183,14 +183,24 @@ fn status_from_http(status: StatusCode) -> (u32, String) {
     (code, format!("upstream answered HTTP {}", status.as_u16()))
 }
 
-/// The status of a transport failure (`why` from the callout or stream).
+/// The status of a transport failure (`why` from the callout or stream): the deadline (the
+/// callout's own, or the cluster's request timeout) is DEADLINE_EXCEEDED, anything else
+/// (connect failures, resets, no healthy endpoint, a body past the limit) UNAVAILABLE.
 fn status_from_failure(why: &str) -> (u32, String) {
-    let code = if why.contains("timed out") || why.contains("timeout") {
-        code::DEADLINE_EXCEEDED
-    } else {
-        code::UNAVAILABLE
+    let code = match why {
+        weft_core::http::callout::TIMED_OUT | "upstream request timeout" => code::DEADLINE_EXCEEDED,
+        _ => code::UNAVAILABLE,
     };
     (code, why.to_owned())
+}
+
+/// `grpc-timeout` for `ms` milliseconds: at most 8 digits, so long ones go in coarser units.
+fn grpc_timeout(ms: u32) -> String {
+    const MAX: u32 = 99_999_999;
+    match ms {
+        0..=MAX => format!("{ms}m"),
+        _ => format!("{}S", ms.div_ceil(1000)),
+    }
 }
 
 /// The request head of a call or stream to `cluster` for `service`/`method`, with the
@@ -208,7 +218,7 @@ pub fn request_head(
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers");
     if let Some(ms) = timeout_ms {
-        req = req.header("grpc-timeout", format!("{ms}m"));
+        req = req.header("grpc-timeout", grpc_timeout(ms));
     }
     for (k, v) in metadata {
         let lower = k.to_ascii_lowercase();
@@ -399,6 +409,12 @@ mod tests {
         assert_eq!(status_from_http(StatusCode::SERVICE_UNAVAILABLE).0, 14);
         assert_eq!(status_from_http(StatusCode::UNAUTHORIZED).0, 16);
         assert_eq!(status_from_failure("callout timed out").0, 4);
+        assert_eq!(
+            status_from_failure("upstream connect error: connection timed out").0,
+            14
+        );
+        assert_eq!(grpc_timeout(250), "250m");
+        assert_eq!(grpc_timeout(u32::MAX), "4294968S");
         assert_eq!(percent_decode(b"100%"), "100%");
     }
 

@@ -469,10 +469,24 @@ impl FilterInstance {
         Ok(outcome)
     }
 
-    /// Whether `context` still waits for an answer (a callout or call not delivered yet).
+    /// Whether `context`'s stream still waits for an answer (a callout or call it paused on,
+    /// not delivered yet).
     fn waits_on(&self, context: i32) -> bool {
         let pending = &self.store.data().pending;
-        pending.values().any(|p| p.context == context as u32)
+        pending
+            .values()
+            .any(|p| p.context == context as u32 && p.awaited)
+    }
+
+    /// Marks the callouts `tokens` as not waited for by their stream (it went on): their
+    /// answers still come to its context.
+    pub fn detach(&mut self, tokens: impl Iterator<Item = u32>) {
+        let pending = &mut self.store.data_mut().pending;
+        for token in tokens {
+            if let Some(p) = pending.get_mut(&token) {
+                p.awaited = false;
+            }
+        }
     }
 
     /// Delivers the outcome of a callout sent outside a stream's path (from the root
@@ -711,13 +725,16 @@ impl FilterInstance {
         let data = self.store.data_mut();
         data.info = Some(*info);
         data.context = context as u32;
+        data.callback_context = context as u32;
         seen.lend(data);
         arm(&mut self.store, ticks);
         let result = self.end_callbacks(context);
-        seen.take_back(self.store.data_mut());
-        // As in Envoy, what the context was owed goes with it: its calls are not answered,
-        // its streams are reset.
-        self.store.data_mut().forget_context(context as u32);
+        let data = self.store.data_mut();
+        seen.take_back(data);
+        // As in Envoy, what the context was owed goes with it: its calls are not answered
+        // (nor sent, if made here), its streams are reset.
+        data.callouts.clear();
+        data.forget_context(context as u32);
         result
     }
 

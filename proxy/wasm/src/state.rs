@@ -79,6 +79,8 @@ pub struct Pending {
     /// A unary gRPC call (answered with `proxy_on_grpc_receive` or `_close`), not an HTTP
     /// callout.
     pub grpc: bool,
+    /// Its stream waits for it (it paused on it); false once the stream went on.
+    pub awaited: bool,
 }
 
 /// A body buffer a filter sees: the chunk as it arrived (shared, not copied) until the filter
@@ -367,13 +369,14 @@ impl HostState {
     /// other first.
     pub fn borrow_parked(&mut self, context: u32) {
         self.return_borrowed();
-        self.borrowed = crate::worker::unpark(self.slot, context).map(|p| (context, p));
+        let key = (self.slot, self.generation, context);
+        self.borrowed = crate::worker::unpark(key).map(|p| (context, p));
     }
 
     /// Returns a borrowed parked head to its worker.
     pub fn return_borrowed(&mut self) {
         if let Some((context, parked)) = self.borrowed.take() {
-            crate::worker::park(self.slot, context, parked);
+            crate::worker::park((self.slot, self.generation, context), parked);
         }
     }
 
@@ -455,6 +458,51 @@ pub mod tests {
             .into_parts();
         s.request = Some(parts);
         s
+    }
+
+    #[test]
+    fn tokens_are_fresh_and_go_with_their_context() {
+        let mut s = state();
+        let pending = |context| Pending {
+            context,
+            grpc: false,
+            awaited: true,
+        };
+        s.pending.insert(1, pending(2));
+        s.pending.insert(2, pending(3));
+        assert_eq!(s.next_token(), 3, "tokens in use are skipped");
+        s.last_token = u32::MAX;
+        assert_eq!(s.next_token(), 3, "wraps past 0 and the tokens in use");
+        s.forget_context(2);
+        assert_eq!(s.pending.keys().collect::<Vec<_>>(), [&2]);
+    }
+
+    #[test]
+    fn a_held_streams_head_is_borrowed_by_its_own_instance_only() {
+        let mut s = state();
+        s.request = None;
+        (s.slot, s.generation, s.context, s.callback_context) = (7, 2, 5, 1);
+        let head = http::Request::get("/held").body(()).unwrap().into_parts().0;
+        crate::worker::park((7, 2, 5), Parked::Request(Box::new(head)));
+        // Another generation of the slot (context ids start again) does not see it.
+        s.generation = 3;
+        s.borrow_parked(5);
+        assert!(s.req().is_none());
+        s.generation = 2;
+        s.borrow_parked(5);
+        assert_eq!(s.req().unwrap().uri, "/held");
+        s.req_mut()
+            .unwrap()
+            .headers
+            .insert("x-a", "1".parse().unwrap());
+        // Back on the callback's own context, the borrowed head is not what it reads.
+        s.context = 1;
+        assert!(s.req().is_none());
+        s.return_borrowed();
+        let Some(Parked::Request(back)) = crate::worker::unpark((7, 2, 5)) else {
+            panic!("the head was not parked again");
+        };
+        assert_eq!(back.headers["x-a"], "1", "edits stay with the head");
     }
 
     #[test]

@@ -26,9 +26,8 @@ use crate::worker::{self, Release, fail, with_instance};
 struct Holding {
     /// The filter holding it.
     idx: usize,
-    /// Its instance's slot and the stream's context there.
-    slot: usize,
-    context: u32,
+    /// Its instance's slot, generation and the stream's context there.
+    key: worker::HoldKey,
     /// Where the release arrives (taken by [`FilterStream::held`]).
     rx: Option<tokio::sync::oneshot::Receiver<Release>>,
 }
@@ -188,26 +187,24 @@ impl WasmStream {
     /// its live head waits parked on the worker (callbacks on its context from elsewhere
     /// read and edit it there) until [`WasmStream::release`] puts it back.
     fn hold<H: Head>(&mut self, idx: usize, head: &mut H) {
-        let Ctx::Active(context, _) = self.contexts[idx] else {
+        let Ctx::Active(context, generation) = self.contexts[idx] else {
             return;
         };
-        let slot = self.chain as usize + idx;
-        let context = context as u32;
-        worker::park(slot, context, std::mem::replace(head, H::empty()).park());
+        let key = (self.chain as usize + idx, generation, context as u32);
+        worker::park(key, std::mem::replace(head, H::empty()).park());
         self.paused = Some(idx);
         self.holding = Some(Holding {
             idx,
-            slot,
-            context,
-            rx: Some(worker::hold(slot, context)),
+            key,
+            rx: Some(worker::hold(key)),
         });
     }
 
     /// How a held stream was released, its head put back; `None` when it is not held.
     fn release<H: Head>(&mut self, head: &mut H) -> Option<(usize, Release)> {
         let h = self.holding.take()?;
-        worker::unhold(h.slot, h.context);
-        if let Some(parked) = worker::unpark(h.slot, h.context).and_then(H::unpark) {
+        worker::unhold(h.key);
+        if let Some(parked) = worker::unpark(h.key).and_then(H::unpark) {
             *head = parked;
         }
         self.paused = None;
@@ -279,8 +276,8 @@ impl WasmStream {
             self.replying = false;
             // A callout or a hold asked for on a local reply is not waited for.
             if let Some(h) = self.holding.take() {
-                worker::unhold(h.slot, h.context);
-                if let Some(parked) = worker::unpark(h.slot, h.context).and_then(Head::unpark) {
+                worker::unhold(h.key);
+                if let Some(parked) = worker::unpark(h.key).and_then(Head::unpark) {
                     rhead = parked;
                 }
             }
@@ -330,6 +327,7 @@ impl WasmStream {
                 && (!cb.paused || cb.resumed)
             {
                 let callouts = std::mem::take(&mut cb.callouts);
+                inst.detach(callouts.iter().map(|c| c.token));
                 crate::ticks::send_detached_callouts(slot, generation, callouts, ticks);
             }
             (Some(Ctx::Active(context, generation)), result)
@@ -722,8 +720,8 @@ impl FilterStream for WasmStream {
     fn finish(&mut self) {
         self.finished = true;
         if let Some(h) = self.holding.take() {
-            worker::unhold(h.slot, h.context);
-            worker::unpark(h.slot, h.context);
+            worker::unhold(h.key);
+            worker::unpark(h.key);
         }
         for idx in 0..self.filters.len() {
             let Ctx::Active(context, generation) = self.contexts[idx] else {

@@ -66,8 +66,8 @@ pub struct Worker {
     retired: Retired,
     /// The retirement epoch `retired` reflects.
     epoch: u64,
-    /// Streams held by a filter, by (slot, context).
-    held: HashMap<(usize, u32), tokio::sync::oneshot::Sender<Release>>,
+    /// Streams held by a filter, by [`HoldKey`].
+    held: HashMap<HoldKey, tokio::sync::oneshot::Sender<Release>>,
 }
 
 impl Worker {
@@ -88,10 +88,11 @@ impl Worker {
         self.retired = retired;
     }
 
-    /// Delivers what callbacks on slot `n` did to other contexts' held streams.
-    fn wake(&mut self, n: usize, wakes: Vec<(u32, Wake)>) {
+    /// Delivers what callbacks on the instance of generation `generation` in slot `n` did to
+    /// other contexts' held streams.
+    fn wake(&mut self, n: usize, generation: u64, wakes: Vec<(u32, Wake)>) {
         for (context, wake) in wakes {
-            if let Some(tx) = self.held.remove(&(n, context)) {
+            if let Some(tx) = self.held.remove(&(n, generation, context)) {
                 let _ = tx.send(match wake {
                     Wake::Resume => Release::Resume,
                     Wake::Reply(reply) => Release::Reply(reply),
@@ -102,7 +103,12 @@ impl Worker {
 
     /// Releases every stream slot `n` holds as failed.
     fn release_failed(&mut self, n: usize) {
-        let keys: Vec<_> = self.held.keys().filter(|(s, _)| *s == n).copied().collect();
+        let keys: Vec<_> = self
+            .held
+            .keys()
+            .filter(|(s, ..)| *s == n)
+            .copied()
+            .collect();
         for key in keys {
             if let Some(tx) = self.held.remove(&key) {
                 let _ = tx.send(Release::Failed);
@@ -127,19 +133,23 @@ impl Worker {
 thread_local! {
     /// This worker's filter state.
     static WORKER: RefCell<Worker> = RefCell::new(Worker::default());
-    /// The heads of held streams, by (slot, context): apart from [`WORKER`], which is
-    /// borrowed while a callback runs, so that the callback can borrow them in turn.
-    static PARKED: RefCell<HashMap<(usize, u32), Parked>> = RefCell::new(HashMap::new());
+    /// The heads of held streams, by [`HoldKey`]: apart from [`WORKER`], which is borrowed
+    /// while a callback runs, so that the callback can borrow them in turn.
+    static PARKED: RefCell<HashMap<HoldKey, Parked>> = RefCell::new(HashMap::new());
 }
 
-/// Parks the head of the held stream of `context` on slot `n`.
-pub fn park(n: usize, context: u32, head: Parked) {
-    PARKED.with(|p| p.borrow_mut().insert((n, context), head));
+/// A held stream: its filter's slot, the generation of the instance there (context ids
+/// start again in each instance) and its context.
+pub type HoldKey = (usize, u64, u32);
+
+/// Parks the head of the held stream `key`.
+pub fn park(key: HoldKey, head: Parked) {
+    PARKED.with(|p| p.borrow_mut().insert(key, head));
 }
 
-/// Takes back the parked head of `context` on slot `n`, if there is one.
-pub fn unpark(n: usize, context: u32) -> Option<Parked> {
-    PARKED.with(|p| p.borrow_mut().remove(&(n, context)))
+/// Takes back the parked head of held stream `key`, if there is one.
+pub fn unpark(key: HoldKey) -> Option<Parked> {
+    PARKED.with(|p| p.borrow_mut().remove(&key))
 }
 
 /// The first wait before starting a filter again after its start failed (`reload`).
@@ -197,33 +207,33 @@ pub fn with_instance<R>(
                 }
             };
         }
-        let (result, wakes) = match slot {
+        let (result, wakes, generation) = match slot {
             Slot::Live {
                 instance,
                 generation,
                 ..
             } => {
                 let result = f(instance, *generation);
-                (result, instance.take_wakes())
+                (result, instance.take_wakes(), *generation)
             }
             Slot::Failed { .. } => return Err(()),
         };
-        w.wake(n, wakes);
+        w.wake(n, generation, wakes);
         Ok(result)
     })
 }
 
-/// Holds the stream of `context` on slot `n` until a callback of that instance takes it up
-/// again (or the instance fails, or the stream ends and drops the receiver).
-pub fn hold(n: usize, context: u32) -> tokio::sync::oneshot::Receiver<Release> {
+/// Holds stream `key` until a callback of its instance takes it up again (or the instance
+/// fails, or the stream ends and drops the receiver).
+pub fn hold(key: HoldKey) -> tokio::sync::oneshot::Receiver<Release> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    WORKER.with(|w| w.borrow_mut().held.insert((n, context), tx));
+    WORKER.with(|w| w.borrow_mut().held.insert(key, tx));
     rx
 }
 
-/// Forgets a held stream (it ended).
-pub fn unhold(n: usize, context: u32) {
-    WORKER.with(|w| w.borrow_mut().held.remove(&(n, context)));
+/// Forgets a held stream (it ended, or was taken up).
+pub fn unhold(key: HoldKey) {
+    WORKER.with(|w| w.borrow_mut().held.remove(&key));
 }
 
 /// Marks this worker's instance of filter `idx` of `chain` failed, per the filter's policy
@@ -270,8 +280,8 @@ pub fn with_live_slot(
         if generation.is_some_and(|g| g != *live) {
             return; // the instance the call was for is gone
         }
-        let generation = live;
-        let result = f(instance, *generation);
+        let generation = *live;
+        let result = f(instance, generation);
         let wakes = instance.take_wakes();
         if let Err(failure) = result {
             instance.count_failure(&failure);
@@ -279,11 +289,11 @@ pub fn with_live_slot(
             *slot = Slot::Failed {
                 retry_at: (*policy == FailurePolicy::Reload).then(Instant::now),
                 backoff: Duration::ZERO,
-                generation: *generation,
+                generation,
             };
             w.release_failed(n);
         }
-        w.wake(n, wakes);
+        w.wake(n, generation, wakes);
     });
 }
 

@@ -27,6 +27,9 @@ use crate::config::UpstreamProtocol;
 use crate::filter::{Callout, CalloutOutcome, CalloutResponse};
 use crate::upstream::{self, Cluster, InFlight};
 
+/// Why a callout failed when its timeout passed.
+pub const TIMED_OUT: &str = "callout timed out";
+
 /// Largest callout response body kept for the filter.
 const CALLOUT_BODY_LIMIT: usize = 1024 * 1024;
 
@@ -98,7 +101,7 @@ pub async fn run(clusters: &[Arc<Cluster>], callout: Callout) -> CalloutOutcome 
     };
     let response = match tokio::time::timeout_at(deadline, response).await {
         Ok(r) => r,
-        Err(_) => Err("callout timed out".to_owned()),
+        Err(_) => Err(TIMED_OUT.to_owned()),
     };
     CalloutOutcome { token, response }
 }
@@ -172,7 +175,7 @@ pub async fn open_on_worker(
     let (resp, in_flight) = match deadline {
         Some(at) => tokio::time::timeout_at(at, open)
             .await
-            .unwrap_or_else(|_| Err("timed out".to_owned()))?,
+            .unwrap_or_else(|_| Err(TIMED_OUT.to_owned()))?,
         None => open.await?,
     };
     let (head, body) = resp.into_parts();

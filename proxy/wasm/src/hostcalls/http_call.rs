@@ -98,7 +98,14 @@ pub fn queue(
     let data = c.data_mut();
     data.last_token = token;
     let context = data.context;
-    data.pending.insert(token, Pending { context, grpc });
+    data.pending.insert(
+        token,
+        Pending {
+            context,
+            grpc,
+            awaited: true,
+        },
+    );
     data.callouts.push(weft_core::filter::Callout {
         token,
         cluster,

@@ -12,9 +12,10 @@
 //!   `h<i>`), the last with end of stream, and answers 200 with a line per event once the
 //!   stream closes: `initial <x-echo metadata>`, `message <version> <hash>`, `trailing
 //!   <x-summary metadata>`, `close <code> <message>`.
-//! - `/stream-cancel`: opens a stream, sends one request and, on the first answer, cancels
-//!   the stream and lets the request through; every later callback for that stream counts
-//!   `grpc_after_cancel`.
+//! - `…/stream-cancel`: opens a stream, sends one request (hash `push1`: the server keeps
+//!   answering) and, on the first answer, cancels the stream and lets the request through
+//!   with `x-cancelled-after: <version> <hash>`; every later callback for that stream
+//!   counts `grpc_after_cancel`.
 //!
 //! Configuration `root-stream:<token>`: the root context opens a stream (with the token) on
 //! its first tick, sends three requests and closes its side; it counts `grpc_root_messages`
@@ -247,7 +248,8 @@ impl Context for Stream {
         }
         let m = self.get_grpc_stream_message(0, size).unwrap_or_default();
         let (version, hash) = (varint_of(&m, 1), string_field(&m, 2));
-        if self.get_http_request_header(":path").as_deref() == Some("/stream-cancel") {
+        let path = self.get_http_request_header(":path").unwrap_or_default();
+        if path.ends_with("/stream-cancel") {
             self.cancel_grpc_stream(token);
             self.cancelled = Some(token);
             self.set_http_request_header("x-cancelled-after", Some(&format!("{version} {hash}")));
@@ -322,7 +324,7 @@ impl HttpContext for Stream {
         }
         let (count, cancel) = match path.strip_prefix("/stream/") {
             Some(n) => (n.parse::<u64>().unwrap_or(0), false),
-            None if path == "/stream-cancel" => (1, true),
+            None if path.ends_with("/stream-cancel") => (1, true),
             None => return Action::Continue,
         };
         let token = match self.open_grpc_stream(CLUSTER, DISCOVERY, "Subscribe", metadata) {
@@ -334,7 +336,9 @@ impl HttpContext for Stream {
         };
         for i in 1..=count {
             let last = i == count && !cancel;
-            self.send_grpc_stream_message(token, Some(&discovery_request(i, &format!("h{i}"))), last);
+            // Cancelling: the server is asked to keep pushing answers (hash `push…`).
+            let hash = if cancel { format!("push{i}") } else { format!("h{i}") };
+            self.send_grpc_stream_message(token, Some(&discovery_request(i, &hash)), last);
         }
         if count == 0 {
             self.close_grpc_stream(token);
