@@ -300,3 +300,107 @@ async fn a_malformed_chunked_body_gets_400_and_reaches_nothing() {
         .unwrap();
     assert_eq!(got.echo()["body"], "OK!");
 }
+
+/// `compat_body` in front of `up` (over `protocol`), with cluster `scanner` to `scanner`.
+fn scan_config(up: &Upstream, scanner: &Upstream, protocol: &str) -> String {
+    crate::chain(
+        "svc",
+        &[crate::filter("body", &guest_filter("compat_body"), "")],
+        &[
+            crate::cluster("svc", &[up.address()], &format!("protocol: {protocol}")),
+            crate::cluster("scanner", &[scanner.address()], ""),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_callback_waits_for_its_callout_and_rewrites_the_held_body() {
+    let up = Upstream::start("u").await;
+    let scanner = Upstream::start_slow("scanner", Duration::from_millis(200)).await;
+    let proxy = ProxyProcess::start(&scan_config(&up, &scanner, "http1")).await;
+    for client in [h1_client(), h2_client()] {
+        // The body waits for the scanner's answer (200 ms), then goes on as rewritten from
+        // the answer's callback: nothing reached the upstream before.
+        let got = send(&client, post(proxy.url("/echo"), "scan", "hello body"))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.echo()["body"], "[scanned]hello body");
+    }
+    assert_eq!(scanner.hits(), 2);
+    assert_eq!(up.hits(), 2);
+    // The scanner refuses: the filter answers instead, and the upstream never sees it.
+    let req = Request::post(proxy.url("/echo"))
+        .header("x-body-mode", "scan")
+        .header("x-scan-status", "403")
+        .body(Full::new(Bytes::from_static(b"bad")))
+        .unwrap();
+    let got = send(&h1_client(), req).await.unwrap();
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (403, "blocked by scanner\n")
+    );
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_waits_for_its_callout() {
+    let up = Upstream::start("u").await;
+    let scanner = Upstream::start("scanner").await;
+    let proxy = ProxyProcess::start(&scan_config(&up, &scanner, "http1")).await;
+    let got = send(
+        &h1_client(),
+        get_with_mode(proxy.url("/echo"), "scan-response"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    assert!(got.body.starts_with("[scanned]{"), "{got:?}");
+    assert_eq!(got.header("content-length"), got.body.len().to_string());
+    let req = Request::get(proxy.url("/echo"))
+        .header("x-body-mode", "scan-response")
+        .header("x-scan-status", "503")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&h1_client(), req).await.unwrap();
+    assert_eq!(
+        (got.status, got.body.as_str()),
+        (502, "blocked by scanner\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trailers_callback_waits_for_its_callout() {
+    let up = Upstream::start("u").await;
+    let scanner = Upstream::start("scanner").await;
+    let proxy = ProxyProcess::start(&scan_config(&up, &scanner, "http2")).await;
+    let client: Client<_, BoxBody<Bytes, Infallible>> = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http();
+    for (status, expect) in [("200", 200), ("403", 403)] {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-client", "1".parse().unwrap());
+        let body = BodyExt::boxed(FramesBody::new(vec![
+            Frame::data(Bytes::from_static(b"ping")),
+            Frame::trailers(trailers),
+        ]));
+        let req = Request::post(proxy.url("/echo"))
+            .header("x-body-mode", "scan-trailers")
+            .header("x-scan-status", status)
+            .body(body)
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .unwrap()
+            .unwrap();
+        let got_status = resp.status().as_u16();
+        let collected = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(got_status, expect, "{collected:?}");
+        if expect == 200 {
+            let echo: serde_json::Value = serde_json::from_slice(&collected).unwrap();
+            assert_eq!(echo["body"], "ping");
+            assert_eq!(echo["trailers"]["x-wasm-trailer"], "req", "{echo}");
+        }
+    }
+    assert_eq!(scanner.hits(), 2);
+}

@@ -271,6 +271,31 @@ pub fn pass_frame(
     }
 }
 
+/// Waits out a [`BodyDecision::Hold`]: until the filter takes the body up again (bounded by
+/// `limit`, past which the stream ends with 504), then carries on along the chain; returns
+/// the first decision that is not a hold, with the trailers as the chain left them.
+pub async fn settle(
+    filters: SharedFilterStream,
+    direction: Direction,
+    mut decision: BodyDecision,
+    mut trailers: Option<HeaderMap>,
+    limit: std::time::Duration,
+) -> (BodyDecision, Option<HeaderMap>) {
+    while let BodyDecision::Hold = decision {
+        let held = filter::lock(&filters).held();
+        if tokio::time::timeout(limit, held).await.is_err() {
+            let reply = LocalReply {
+                status: http::StatusCode::GATEWAY_TIMEOUT,
+                headers: HeaderMap::new(),
+                body: Bytes::from_static(b"body held by a filter past the request timeout\n"),
+            };
+            return (BodyDecision::Respond(reply), trailers);
+        }
+        decision = filter::lock(&filters).resume_body(direction, trailers.as_mut());
+    }
+    (decision, trailers)
+}
+
 /// A body passed through a filter chain's body callbacks as it streams: each piece read from
 /// `inner` goes through [`FilterStream::on_body`](crate::filter::FilterStream::on_body), and
 /// what comes out of the chain is yielded. A local reply decided mid-stream ends the body with
@@ -283,16 +308,25 @@ pub struct FilteredBody {
     /// The stream's chain (absent for a body that was filtered whole before it was sent).
     filters: Option<SharedFilterStream>,
     direction: Direction,
+    /// A filter holds the body: what it resolves to, with whether the held read ended it.
+    holding: Option<(Holding, bool)>,
+    /// How long a filter may hold the body.
+    hold_limit: std::time::Duration,
 }
+
+/// [`settle`], boxed.
+type Holding = Pin<Box<dyn Future<Output = (BodyDecision, Option<HeaderMap>)> + Send>>;
 
 impl FilteredBody {
     /// Streams the rest of `inner` through `filters`, after `first` (what already came out
     /// of the chain).
+    /// A filter may hold the body up to `hold_limit`.
     pub fn streaming(
         first: Bytes,
         inner: Incoming,
         filters: SharedFilterStream,
         direction: Direction,
+        hold_limit: std::time::Duration,
     ) -> Self {
         let mut ready = VecDeque::new();
         if !first.is_empty() {
@@ -303,6 +337,8 @@ impl FilteredBody {
             ready,
             filters: Some(filters),
             direction,
+            holding: None,
+            hold_limit,
         }
     }
 
@@ -320,6 +356,46 @@ impl FilteredBody {
             ready,
             filters: None,
             direction,
+            holding: None,
+            hold_limit: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Takes what the chain decided about a read (`ended`: the body ended with it): frames to
+    /// yield, a hold to wait out, or the end of the stream (an error: the peer sees a reset).
+    fn take(
+        &mut self,
+        decision: BodyDecision,
+        trailers: Option<HeaderMap>,
+        ended: bool,
+    ) -> Result<(), BoxError> {
+        match decision {
+            BodyDecision::Continue(data) => {
+                if !data.is_empty() {
+                    self.ready.push_back(Frame::data(data));
+                }
+                if let Some(trailers) = trailers {
+                    self.ready.push_back(Frame::trailers(trailers));
+                }
+                Ok(())
+            }
+            BodyDecision::Respond(_) => {
+                self.inner = None;
+                Err("a filter ended the stream".into())
+            }
+            BodyDecision::Hold => {
+                if let Some(filters) = &self.filters {
+                    let settling = settle(
+                        filters.clone(),
+                        self.direction,
+                        BodyDecision::Hold,
+                        trailers,
+                        self.hold_limit,
+                    );
+                    self.holding = Some((Box::pin(settling), ended));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -336,6 +412,15 @@ impl Body for FilteredBody {
         loop {
             if let Some(frame) = this.ready.pop_front() {
                 return Poll::Ready(Some(Ok(frame)));
+            }
+            if let Some((holding, ended)) = this.holding.as_mut() {
+                let (decision, trailers) = std::task::ready!(holding.as_mut().poll(cx));
+                let ended = *ended;
+                this.holding = None;
+                if let Err(e) = this.take(decision, trailers, ended) {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                continue;
             }
             let Some(inner) = this.inner.as_mut() else {
                 return Poll::Ready(None);
@@ -360,29 +445,18 @@ impl Body for FilteredBody {
             if passed.ended {
                 this.inner = None;
             }
-            match passed.decision {
-                BodyDecision::Continue(data) => {
-                    if !data.is_empty() {
-                        this.ready.push_back(Frame::data(data));
-                    }
-                    if let Some(trailers) = passed.trailers {
-                        this.ready.push_back(Frame::trailers(trailers));
-                    }
-                }
-                BodyDecision::Respond(_) => {
-                    this.inner = None;
-                    return Poll::Ready(Some(Err("a filter ended the stream".into())));
-                }
+            if let Err(e) = this.take(passed.decision, passed.trailers, passed.ended) {
+                return Poll::Ready(Some(Err(e)));
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_none() && self.ready.is_empty()
+        self.inner.is_none() && self.ready.is_empty() && self.holding.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        if self.inner.is_none() {
+        if self.inner.is_none() && self.holding.is_none() {
             let n = self
                 .ready
                 .iter()
@@ -411,6 +485,7 @@ pub async fn prime(
     filters: &SharedFilterStream,
     direction: Direction,
     mut body: Incoming,
+    hold_limit: std::time::Duration,
 ) -> Result<Primed, hyper::Error> {
     loop {
         let polled = body.frame().await.transpose()?;
@@ -418,15 +493,29 @@ pub async fn prime(
         let Some(passed) = pass_frame(filters, direction, polled, ended) else {
             continue;
         };
-        match passed.decision {
+        let (decision, trailers) = match passed.decision {
+            BodyDecision::Hold => {
+                let filters = filters.clone();
+                settle(
+                    filters,
+                    direction,
+                    BodyDecision::Hold,
+                    passed.trailers,
+                    hold_limit,
+                )
+                .await
+            }
+            decision => (decision, passed.trailers),
+        };
+        match decision {
             BodyDecision::Respond(reply) => return Ok(Primed::Reply(reply)),
             BodyDecision::Continue(data) if passed.ended => {
-                return Ok(Primed::Whole(data, passed.trailers));
+                return Ok(Primed::Whole(data, trailers));
             }
             BodyDecision::Continue(data) if !data.is_empty() => {
                 return Ok(Primed::Streaming(data, body));
             }
-            BodyDecision::Continue(_) => {}
+            BodyDecision::Continue(_) | BodyDecision::Hold => {}
         }
     }
 }

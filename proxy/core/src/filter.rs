@@ -144,6 +144,10 @@ pub enum BodyDecision {
     /// End the stream with this response: 413 or 500 for an overflowing buffer, or a filter's
     /// own local response.
     Respond(LocalReply),
+    /// A filter holds the body (it paused with a callout out, or waits to be taken up from
+    /// another context): wait for [`FilterStream::held`], then call
+    /// [`FilterStream::resume_body`]. Nothing of the body goes on meanwhile.
+    Hold,
 }
 
 /// Why an upstream attempt produced no upstream response (the ABI's enum: filters read it
@@ -267,9 +271,20 @@ pub trait FilterStream: Send {
     fn on_trailers(&mut self, _direction: Direction, _trailers: &mut HeaderMap) -> BodyDecision {
         BodyDecision::Continue(Bytes::new())
     }
+    /// Called once the body a filter held ([`BodyDecision::Hold`]) was taken up again;
+    /// `trailers` are those that came with the piece that was held. Carries on along the
+    /// chain from the filter that held it.
+    fn resume_body(
+        &mut self,
+        _direction: Direction,
+        _trailers: Option<&mut HeaderMap>,
+    ) -> BodyDecision {
+        BodyDecision::Continue(Bytes::new())
+    }
     /// Resolves when the filter holding the stream ([`RequestDecision::Hold`],
-    /// [`ResponseDecision::Hold`]) takes it up again, however it does (resumes, answers,
-    /// fails). The request path bounds the wait with the request's timeout.
+    /// [`ResponseDecision::Hold`], [`BodyDecision::Hold`]) takes it up again, however it
+    /// does (resumes, answers, fails). The request path bounds the wait with the request's
+    /// timeout.
     fn held(&mut self) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>> {
         Box::pin(std::future::ready(()))
     }

@@ -139,7 +139,7 @@ pub fn trailers_callback(direction: Direction) -> &'static str {
 }
 
 /// The buffer that holds `direction`'s body during a body callback.
-fn body_buffer(direction: Direction) -> BufferType {
+pub fn body_buffer(direction: Direction) -> BufferType {
     match direction {
         Direction::Request => BufferType::HttpRequestBody,
         Direction::Response => BufferType::HttpResponseBody,
@@ -709,8 +709,11 @@ impl FilterInstance {
             *trailers = back;
         }
         let (action, callback) = result;
-        action.map_err(|e| failed(&self.store, e, trailers_callback(direction)))?;
-        Ok(callback)
+        let action = action.map_err(|e| failed(&self.store, e, trailers_callback(direction)))?;
+        Ok(Callback {
+            paused: action == 1,
+            ..callback
+        })
     }
 
     /// `on_done`, `on_log`, `on_delete` for a finished stream's context, with the request
@@ -791,8 +794,7 @@ fn with_seen<R>(
     seen.take_back(data);
     let callback = Callback {
         local: data.local_response.take(),
-        // Callouts are only sent from request headers; others are dropped.
-        callouts: Vec::new(),
+        callouts: std::mem::take(&mut data.callouts),
         resumed: data.resumed,
         paused: false,
         ext: std::mem::take(&mut data.ext),
@@ -854,7 +856,7 @@ impl Head for request::Parts {
     fn unpark(parked: Parked) -> Option<Self> {
         match parked {
             Parked::Request(p) => Some(*p),
-            Parked::Response(_) => None,
+            _ => None,
         }
     }
 }
@@ -879,7 +881,7 @@ impl Head for response::Parts {
     fn unpark(parked: Parked) -> Option<Self> {
         match parked {
             Parked::Response(p) => Some(*p),
-            Parked::Request(_) => None,
+            _ => None,
         }
     }
 }

@@ -69,6 +69,9 @@ pub enum Parked {
     Request(Box<request::Parts>),
     /// Held in the response phase.
     Response(Box<response::Parts>),
+    /// A body a filter holds (it paused on it with a callout out, or waits for another
+    /// context), as that filter's body buffer.
+    Body(BufferType, BodyBuf),
 }
 
 /// A callout or gRPC call the filter made and has not been answered: who gets the answer.
@@ -370,12 +373,26 @@ impl HostState {
     pub fn borrow_parked(&mut self, context: u32) {
         self.return_borrowed();
         let key = (self.slot, self.generation, context);
-        self.borrowed = crate::worker::unpark(key).map(|p| (context, p));
+        self.borrowed = crate::worker::unpark(key).map(|p| match p {
+            // A held body is the body buffer of the callback, as in a body callback.
+            Parked::Body(kind, buf) => {
+                self.body = Some((kind, buf));
+                (context, Parked::Body(kind, BodyBuf::default()))
+            }
+            head => (context, head),
+        });
     }
 
-    /// Returns a borrowed parked head to its worker.
+    /// Returns a borrowed parked head (or body) to its worker.
     pub fn return_borrowed(&mut self) {
         if let Some((context, parked)) = self.borrowed.take() {
+            let parked = match parked {
+                Parked::Body(kind, _) => {
+                    let buf = self.body.take().map(|(_, b)| b).unwrap_or_default();
+                    Parked::Body(kind, buf)
+                }
+                head => head,
+            };
             crate::worker::park((self.slot, self.generation, context), parked);
         }
     }

@@ -18,7 +18,7 @@ use weft_core::filter::{
 use crate::failure::{Failure, policy_reply};
 use crate::instance::{Callback, FilterInstance, FilterSpec, Head};
 use crate::retired::ChainLife;
-use crate::state::{BodyBuf, Ext, LocalResponse, Seen};
+use crate::state::{BodyBuf, Ext, LocalResponse, Parked, Seen};
 use crate::worker::{self, Release, fail, with_instance};
 
 /// A stream a filter holds: paused with nothing outstanding, until the filter takes it up
@@ -30,6 +30,24 @@ struct Holding {
     key: worker::HoldKey,
     /// Where the release arrives (taken by [`FilterStream::held`]).
     rx: Option<tokio::sync::oneshot::Receiver<Release>>,
+}
+
+/// Where a held body goes on from, in the filter that held it: after its body callback (its
+/// trailers callback still to run, if trailers came) or after its trailers callback.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    Body,
+    Trailers,
+}
+
+/// A body a filter holds ([`BodyDecision::Hold`]).
+struct BodyHold {
+    direction: Direction,
+    /// The filter's place in `direction`'s order.
+    k: usize,
+    /// The held piece was the last.
+    end_of_stream: bool,
+    after: After,
 }
 
 /// A stream's context in one filter's instance.
@@ -79,6 +97,8 @@ pub struct WasmStream {
     /// How the held stream was released (written by the future [`FilterStream::held`]
     /// returns).
     released: Arc<std::sync::Mutex<Option<Release>>>,
+    /// The body a filter holds, if one does.
+    body_hold: Option<BodyHold>,
 }
 
 /// A copy of the request head as it went on (for properties in later callbacks).
@@ -180,6 +200,7 @@ impl WasmStream {
             holding: None,
             replying: false,
             released: Arc::default(),
+            body_hold: None,
         }
     }
 
@@ -370,25 +391,43 @@ impl WasmStream {
     fn flow(
         &mut self,
         direction: Direction,
-        mut data: Bytes,
+        data: Bytes,
         end_of_stream: bool,
-        mut trailers: Option<&mut HeaderMap>,
+        trailers: Option<&mut HeaderMap>,
     ) -> BodyDecision {
         if self.finished {
             return BodyDecision::Continue(data);
         }
-        let d = direction as usize;
         let n = self.filters.len();
+        let d = direction as usize;
         if self.bodies[d].len() < n {
             self.bodies[d].resize_with(n, BodyBuf::default);
         }
+        self.flow_from(direction, 0, None, data, end_of_stream, trailers)
+    }
+
+    /// [`WasmStream::flow`] from the `start`-th filter in `direction`'s order; with `resumed`,
+    /// that filter held the body and was taken up again after that callback (its buffer is
+    /// what goes on).
+    fn flow_from(
+        &mut self,
+        direction: Direction,
+        start: usize,
+        resumed: Option<After>,
+        mut data: Bytes,
+        end_of_stream: bool,
+        mut trailers: Option<&mut HeaderMap>,
+    ) -> BodyDecision {
+        let d = direction as usize;
+        let n = self.filters.len();
         // The body ends with this piece (trailers end it too, but after the data).
         let last = end_of_stream && trailers.is_none();
-        for k in 0..n {
+        for k in start..n {
             let idx = match direction {
                 Direction::Request => k,
                 Direction::Response => n - 1 - k,
             };
+            let resumed = if k == start { resumed } else { None };
             let mut buf = std::mem::take(&mut self.bodies[d][idx]);
             buf.append(data);
             if !matches!(self.contexts[idx], Ctx::Active(..))
@@ -399,14 +438,17 @@ impl WasmStream {
             }
             let mut seen = std::mem::take(&mut self.seen);
             let mut step = Step::Go;
-            if !buf.is_empty() || last {
+            let mut after = After::Body;
+            if resumed.is_none() && (!buf.is_empty() || last) {
                 step = self.run(idx, |inst, ticks, ctx, info| {
                     inst.body(ticks, ctx, direction, &mut buf, last, info, &mut seen)
                 });
             }
             if matches!(step, Step::Go | Step::Hold)
+                && resumed != Some(After::Trailers)
                 && let Some(t) = trailers.as_deref_mut()
             {
+                after = After::Trailers;
                 step = match self.run(idx, |inst, ticks, ctx, info| {
                     inst.trailers(ticks, ctx, direction, t, info, &mut seen)
                 }) {
@@ -417,7 +459,12 @@ impl WasmStream {
             }
             self.seen = seen;
             let failure = match step {
-                Step::Go | Step::Paused(_) => None,
+                Step::Go => None,
+                // Paused with a callout out: the body waits for the filter to take it up
+                // again (from the callout's answer, or any other context).
+                Step::Paused(callouts) => {
+                    return self.hold_body(direction, k, idx, buf, end_of_stream, after, callouts);
+                }
                 Step::Hold if last => None, // nothing can resume it later: go on
                 Step::Hold => {
                     let limit = self.filters[idx].buffer_limit;
@@ -443,6 +490,45 @@ impl WasmStream {
             data = buf.take();
         }
         BodyDecision::Continue(data)
+    }
+
+    /// Holds the body for filter `idx` (the `k`-th in `direction`'s order), which paused on
+    /// `callouts`: they are sent (their answers come to its context), and what it holds of
+    /// the body waits parked on the worker, where callbacks on its context read and rewrite
+    /// it as their body buffer, until [`FilterStream::resume_body`].
+    #[allow(clippy::too_many_arguments)]
+    fn hold_body(
+        &mut self,
+        direction: Direction,
+        k: usize,
+        idx: usize,
+        buf: BodyBuf,
+        end_of_stream: bool,
+        after: After,
+        callouts: Vec<Callout>,
+    ) -> BodyDecision {
+        let Ctx::Active(context, generation) = self.contexts[idx] else {
+            return BodyDecision::Continue(buf.as_slice().to_vec().into());
+        };
+        let spec = &self.filters[idx];
+        let slot = self.chain as usize + idx;
+        crate::ticks::send_detached_callouts(slot, generation, callouts, spec.callback_ticks);
+        let key = (slot, generation, context as u32);
+        let kind = crate::instance::body_buffer(direction);
+        worker::park(key, Parked::Body(kind, buf));
+        self.paused = Some(idx);
+        self.holding = Some(Holding {
+            idx,
+            key,
+            rx: Some(worker::hold(key)),
+        });
+        self.body_hold = Some(BodyHold {
+            direction,
+            k,
+            end_of_stream,
+            after,
+        });
+        BodyDecision::Hold
     }
 
     /// Ends the stream from a body or trailers callback with `reply`.
@@ -699,6 +785,50 @@ impl FilterStream for WasmStream {
         self.flow(direction, Bytes::new(), false, Some(trailers))
     }
 
+    fn resume_body(
+        &mut self,
+        direction: Direction,
+        trailers: Option<&mut HeaderMap>,
+    ) -> BodyDecision {
+        let Some(hold) = self.body_hold.take_if(|h| h.direction == direction) else {
+            return BodyDecision::Continue(Bytes::new());
+        };
+        let Some(h) = self.holding.take() else {
+            return BodyDecision::Continue(Bytes::new());
+        };
+        worker::unhold(h.key);
+        self.paused = None;
+        let d = direction as usize;
+        if let Some(Parked::Body(_, buf)) = worker::unpark(h.key) {
+            self.bodies[d][h.idx] = buf;
+        }
+        let release = self
+            .released
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or(Release::Failed);
+        let go_on = |this: &mut Self, trailers| {
+            this.flow_from(
+                direction,
+                hold.k,
+                Some(hold.after),
+                Bytes::new(),
+                hold.end_of_stream,
+                trailers,
+            )
+        };
+        match release {
+            Release::Resume => go_on(self, trailers),
+            Release::Reply(lr) => self.end_body(direction, local_reply(lr)),
+            Release::Failed => match self.on_failure(h.idx, None) {
+                Some(reply) => self.end_body(direction, reply),
+                // Fail-open: the filter is skipped; what it held goes on.
+                None => go_on(self, trailers),
+            },
+        }
+    }
+
     fn take_reply(&mut self) -> Option<LocalReply> {
         self.reply.take()
     }
@@ -723,6 +853,7 @@ impl FilterStream for WasmStream {
             worker::unhold(h.key);
             worker::unpark(h.key);
         }
+        self.body_hold = None;
         for idx in 0..self.filters.len() {
             let Ctx::Active(context, generation) = self.contexts[idx] else {
                 continue;

@@ -274,7 +274,7 @@ impl Exchange {
             }
             _ => return Ok(RequestBody::Incoming { body }),
         };
-        match prime(&filters, Direction::Request, body).await {
+        match prime(&filters, Direction::Request, body, self.hold_limit()).await {
             Ok(Primed::Reply(reply)) => Err(Early::Filter {
                 reply: Box::new(reply),
                 close: true,
@@ -286,7 +286,13 @@ impl Exchange {
                 })
             }
             Ok(Primed::Streaming(first, rest)) => Ok(RequestBody::Filtered {
-                body: FilteredBody::streaming(first, rest, filters, Direction::Request),
+                body: FilteredBody::streaming(
+                    first,
+                    rest,
+                    filters,
+                    Direction::Request,
+                    self.hold_limit(),
+                ),
             }),
             Err(e) => Err(Early::bad_request_body(e)),
         }
@@ -386,7 +392,7 @@ impl Exchange {
                 ));
             }
         };
-        let body = match prime(&filters, Direction::Response, rbody).await {
+        let body = match prime(&filters, Direction::Response, rbody, self.hold_limit()).await {
             Ok(Primed::Reply(reply)) => {
                 return Err(Early::Filter {
                     reply: Box::new(reply),
@@ -397,9 +403,13 @@ impl Exchange {
                 reply::set_body_length(&mut rhead.headers, &data, trailers.is_some());
                 FilteredBody::whole(data, trailers, Direction::Response)
             }
-            Ok(Primed::Streaming(first, rest)) => {
-                FilteredBody::streaming(first, rest, filters, Direction::Response)
-            }
+            Ok(Primed::Streaming(first, rest)) => FilteredBody::streaming(
+                first,
+                rest,
+                filters,
+                Direction::Response,
+                self.hold_limit(),
+            ),
             Err(e) => {
                 let cluster = &self.ctx().clusters[self.cluster];
                 tracing::debug!(cluster = %cluster.name, "reading the response body: {e}");
@@ -422,16 +432,21 @@ impl Exchange {
     /// `unread`: the request body was not read (an HTTP/1 connection then closes).
     async fn hold(&self, filters: &SharedFilterStream, unread: bool) -> Result<(), Early> {
         let held = filter::lock(filters).held();
-        let limit = self.ctx().clusters[self.cluster]
-            .request_timeout
-            .unwrap_or(MAX_HOLD);
-        tokio::time::timeout(limit, held)
+        tokio::time::timeout(self.hold_limit(), held)
             .await
             .map_err(|_| Early::Local {
                 status: StatusCode::GATEWAY_TIMEOUT,
                 text: "held by a filter past the request timeout\n",
                 close: unread,
             })
+    }
+
+    /// How long a filter may hold the stream or its body: the cluster's request timeout,
+    /// else [`MAX_HOLD`].
+    fn hold_limit(&self) -> std::time::Duration {
+        self.ctx().clusters[self.cluster]
+            .request_timeout
+            .unwrap_or(MAX_HOLD)
     }
 
     /// The one funnel: an early end of the exchange as its response.

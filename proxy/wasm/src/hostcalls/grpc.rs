@@ -95,10 +95,6 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                     (metadata_ptr, metadata_len),
                 )?;
                 let message = read(c, message_ptr, message_len)?;
-                // Body and trailers callbacks cannot wait for a call yet (as for callouts).
-                if c.data().body.is_some() || c.data().trailers.is_some() {
-                    return Err(Status::InternalFailure);
-                }
                 let timeout = callout_timeout(timeout_ms);
                 let head = target.head(Some(timeout.as_millis() as u32))?;
                 let request = http::Request::from_parts(head, grpc::frame(&message));

@@ -46,11 +46,6 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             if !c.data().clusters.contains(&cluster) {
                 return Status::BadArgument as i32;
             }
-            // Body and trailers callbacks cannot wait for a callout yet: refused rather than
-            // answered OK and never sent.
-            if c.data().body.is_some() || c.data().trailers.is_some() {
-                return Status::InternalFailure as i32;
-            }
             let Some(request) = map::deserialize(&headers).and_then(|h| callout_request(&h, body))
             else {
                 return Status::BadArgument as i32;

@@ -9,11 +9,21 @@
 //! - `panic`: panics in the request body callback.
 //! - `watch`: streams the request body, but answers 403 as soon as the bytes seen so far
 //!   contain `forbidden` (possibly long after the head went upstream).
+//! - `scan`: buffers the whole request body, then sends it to cluster `scanner`
+//!   (`POST /status/<x-scan-status or 200>`) from the body callback and waits: a 200 lets
+//!   the body go on as `[scanned]<body>` (rewritten from the callout's answer), anything
+//!   else answers 403 `blocked by scanner`.
+//! - `scan-trailers`: the same check, sent from the request trailers callback (the body
+//!   streams untouched).
+//! - `scan-response`: the same for the response body, which goes on as
+//!   `[scanned]<body>` or is replaced by a 502 `blocked by scanner`.
 //! - anything else: streams both bodies untouched, counting bytes in the counter
 //!   `body_bytes_seen` and the pieces of response body in `body_pieces_seen`.
 //!
 //! Trailers: request trailers gain `x-wasm-trailer: req`; response trailers gain
 //! `x-wasm-trailer: resp` and `x-wasm-grpc-status` with the upstream's `grpc-status`.
+
+use std::time::Duration;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -52,7 +62,46 @@ fn count(name: &str, by: usize) {
     }
 }
 
-impl Context for Stream {}
+impl Stream {
+    /// Sends `body` to the scanner; the answer decides (`on_http_call_response`).
+    fn scan(&self, body: Vec<u8>) -> Action {
+        let status = self.get_http_request_header("x-scan-status").unwrap_or_else(|| "200".into());
+        let path = format!("/status/{status}");
+        let headers = vec![(":method", "POST"), (":path", path.as_str()), (":authority", "scanner")];
+        match self.dispatch_http_call("scanner", headers, Some(&body), vec![], Duration::from_secs(2)) {
+            Ok(_) => Action::Pause,
+            Err(e) => panic!("the scan callout was refused: {e:?}"),
+        }
+    }
+}
+
+impl Context for Stream {
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        let ok = self.get_http_call_response_header(":status").as_deref() == Some("200");
+        match (self.mode.as_str(), ok) {
+            ("scan", true) => {
+                // The held body is this callback's body buffer: rewrite it, then let it go.
+                let body = self.get_http_request_body(0, usize::MAX).unwrap_or_default();
+                let mut scanned = b"[scanned]".to_vec();
+                scanned.extend_from_slice(&body);
+                self.set_http_request_body(0, body.len(), &scanned);
+                self.resume_http_request();
+            }
+            ("scan-trailers", true) => self.resume_http_request(),
+            ("scan-response", true) => {
+                let body = self.get_http_response_body(0, usize::MAX).unwrap_or_default();
+                let mut scanned = b"[scanned]".to_vec();
+                scanned.extend_from_slice(&body);
+                self.set_http_response_body(0, body.len(), &scanned);
+                self.resume_http_response();
+            }
+            ("scan-response", false) => {
+                self.send_http_response(502, vec![], Some(b"blocked by scanner\n"));
+            }
+            _ => self.send_http_response(403, vec![], Some(b"blocked by scanner\n")),
+        }
+    }
+}
 
 impl HttpContext for Stream {
     fn on_http_request_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
@@ -63,7 +112,11 @@ impl HttpContext for Stream {
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         match self.mode.as_str() {
             "panic" => panic!("body callback panics on purpose"),
-            "upper" | "hold" if !end_of_stream => Action::Pause,
+            "upper" | "hold" | "scan" if !end_of_stream => Action::Pause,
+            "scan" => {
+                let body = self.get_http_request_body(0, size).unwrap_or_default();
+                self.scan(body)
+            }
             "upper" => {
                 let body = self.get_http_request_body(0, size).unwrap_or_default();
                 if body.windows(9).any(|w| w == b"forbidden") {
@@ -93,12 +146,19 @@ impl HttpContext for Stream {
 
     fn on_http_request_trailers(&mut self, _n: usize) -> Action {
         self.add_http_request_trailer("x-wasm-trailer", "req");
+        if self.mode == "scan-trailers" {
+            return self.scan(b"trailers".to_vec());
+        }
         Action::Continue
     }
 
     fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         match self.mode.as_str() {
-            "wrap" | "hold" if !end_of_stream => Action::Pause,
+            "wrap" | "hold" | "scan-response" if !end_of_stream => Action::Pause,
+            "scan-response" => {
+                let body = self.get_http_response_body(0, size).unwrap_or_default();
+                self.scan(body)
+            }
             "wrap" => {
                 let body = self.get_http_response_body(0, size).unwrap_or_default();
                 let mut wrapped = b"<wrapped>".to_vec();
@@ -107,7 +167,7 @@ impl HttpContext for Stream {
                 self.set_http_response_body(0, size, &wrapped);
                 Action::Continue
             }
-            "upper" | "hold" | "watch" => Action::Continue,
+            "upper" | "hold" | "watch" | "scan" | "scan-trailers" => Action::Continue,
             _ => {
                 count("body_bytes_seen", size);
                 count("body_pieces_seen", 1);
