@@ -44,6 +44,7 @@ fn chain(rt: &WasmRuntime, metrics: &Metrics, module: &str, n: usize) -> WasmCha
             name: format!("{module}-{i}"),
             module: guest(module),
             root_id: String::new(),
+            vm_id: String::new(),
             config: serde_json::Value::Null,
             vm_config: serde_json::Value::Null,
             failure_policy: FailurePolicy::FailClosed,

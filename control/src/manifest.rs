@@ -15,6 +15,7 @@
 //!     - name: router
 //!       module: router         # a module name or sha256:<hex>
 //!       root_id: ""            # optional
+//!       vm_id: ""              # optional: filters with the same one share an instance
 //!       config_ref: routes     # optional: the FilterConfig whose config the filter gets
 //!       failure_policy: fail_closed  # optional: fail_closed, fail_open or reload
 //!     - name: fault
@@ -196,6 +197,8 @@ struct FilterDocument {
     module: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     root_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    vm_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     config: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -302,6 +305,7 @@ impl From<FilterDocument> for FilterRef {
             name: filter.name,
             module: filter.module,
             root_id: filter.root_id,
+            vm_id: filter.vm_id,
             config_json: match filter.config {
                 None | Some(serde_json::Value::Null) => String::new(),
                 Some(value) => value.to_string(),
@@ -407,6 +411,7 @@ impl From<&FilterRef> for FilterDocument {
             name: filter.name.clone(),
             module: filter.module.clone(),
             root_id: filter.root_id.clone(),
+            vm_id: filter.vm_id.clone(),
             config: config_value(&filter.config_json),
             config_ref: filter.config_ref.clone(),
             failure_policy: match filter.failure_policy.as_str() {

@@ -68,6 +68,9 @@ pub struct FilterSpec {
     /// Root context id; empty for the default.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub root_id: String,
+    /// VM id: filters of a chain with the same one share an instance per worker.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vm_id: String,
     /// Configuration handed to `on_configure`.
     #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
     pub config: serde_json::Value,

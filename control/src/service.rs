@@ -83,6 +83,7 @@ fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                         name: f.name,
                         module: f.module,
                         root_id: f.root_id,
+                        vm_id: f.vm_id,
                         config,
                         config_ref: f.config_ref,
                         failure_policy,
@@ -157,6 +158,7 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
                     name: f.name.clone(),
                     module: f.module.clone(),
                     root_id: f.root_id.clone(),
+                    vm_id: f.vm_id.clone(),
                     config_json: config_json(&f.config),
                     failure_policy: f.failure_policy.as_str().to_owned(),
                     config_ref: f.config_ref.clone(),
@@ -219,6 +221,7 @@ fn snapshot_msg(s: &Snapshot) -> v1::Snapshot {
                         name: f.name.clone(),
                         digest: f.module.clone(),
                         root_id: f.root_id.clone(),
+                        vm_id: f.vm_id.clone(),
                         config_json: config_json(&f.config),
                         failure_policy: f.failure_policy.as_str().to_owned(),
                     })

@@ -633,6 +633,7 @@ mod tests {
             name: "router".into(),
             module: "router".into(),
             root_id: String::new(),
+            vm_id: String::new(),
             config,
             config_ref: config_ref.into(),
             failure_policy: Default::default(),

@@ -269,6 +269,7 @@ mod tests {
                     name: "router".into(),
                     module: "sha256:ab".into(),
                     root_id: String::new(),
+                    vm_id: String::new(),
                     config: serde_json::json!({"routes": []}),
                     config_ref: String::new(),
                     failure_policy: weft_config::FailurePolicy::FailClosed,

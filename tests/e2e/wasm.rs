@@ -781,3 +781,66 @@ wasm:
         serde_json::Value::Null
     );
 }
+
+/// Three `compat_basic` filters: `a` and `b` with `vm_id: shared`, `c` with none.
+fn sharing(up: &Upstream, b_extra: &str) -> String {
+    let module = guest_filter("compat_basic");
+    let f = |name: &str, extra: &str| {
+        format!(
+            "{{ name: {name}, module: \"{}\", config: cfg-{name}{extra} }}",
+            module.display()
+        )
+    };
+    crate::chain(
+        "svc",
+        &[
+            f("a", ", vm_id: shared"),
+            f("b", &format!(", vm_id: shared{b_extra}")),
+            f("c", ""),
+        ],
+        &[crate::cluster("svc", &[up.address()], "")],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_with_the_same_vm_id_share_one_instance_with_their_own_configs() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start_with(&sharing(&up, ""), 1).await;
+    let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    let h = &got.echo()["headers"];
+    // `a` and `b` run in one instance (two root contexts there), each with its own
+    // configuration and the shared VM id; `c` has an instance of its own.
+    assert_eq!(h["x-wasm-vm-a"][0], "roots=2 vm=shared config=cfg-a");
+    assert_eq!(h["x-wasm-vm-b"][0], "roots=2 vm=shared config=cfg-b");
+    assert_eq!(h["x-wasm-vm-c"][0], "roots=1 vm=c config=cfg-c");
+    // A filter sharing the instance that traps takes the instance down for both: the next
+    // request fails closed in `a` as well (as a VM failure does in Envoy).
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/panic"))
+            .await
+            .unwrap()
+            .status,
+        503
+    );
+    assert_eq!(
+        get(&h1_client(), &proxy.url("/")).await.unwrap().status,
+        503
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_that_share_a_vm_id_must_share_their_module() {
+    let up = Upstream::start("u").await;
+    let yaml = render(
+        &sharing(&up, ", vm_config: other"),
+        free_port(),
+        free_port(),
+    );
+    let (status, log) = run_proxy_expecting_failure(&yaml, "sharing.yaml");
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(
+        log.contains("shares vm_id `shared` with filter `a` but not its module and vm_config"),
+        "{log}"
+    );
+}

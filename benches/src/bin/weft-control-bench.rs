@@ -110,6 +110,7 @@ fn chain(app: &str, greeting: &str) -> v1::Resource {
                 name: "basic".into(),
                 module: "basic".into(),
                 root_id: String::new(),
+                vm_id: String::new(),
                 config_json: format!("{{\"greeting\":\"{greeting}\"}}"),
                 failure_policy: String::new(),
                 config_ref: String::new(),

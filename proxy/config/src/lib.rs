@@ -127,6 +127,12 @@ pub struct FilterConfig {
     /// The proxy-wasm root id.
     #[serde(default)]
     pub root_id: String,
+    /// The VM id (`plugin_vm_id`): filters of a chain with the same non-empty `vm_id` (and
+    /// the same module and `vm_config`) share one instance per worker, each with its own
+    /// root context and `config`, as Envoy shares VMs; their shared queues are named in it.
+    /// Empty: the filter has an instance of its own, and its VM id is its name.
+    #[serde(default)]
+    pub vm_id: String,
     /// Configuration handed to `on_configure`.
     #[serde(default)]
     pub config: serde_json::Value,

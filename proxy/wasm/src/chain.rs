@@ -24,7 +24,13 @@ pub struct WasmChain {
 
 impl WasmChain {
     /// A chain of `filters`, in request order.
-    pub(crate) fn new(filters: Vec<FilterSpec>) -> Self {
+    pub(crate) fn new(mut filters: Vec<FilterSpec>) -> Self {
+        // A filter not placed with another has its own instance, in its own slot.
+        for (i, spec) in filters.iter_mut().enumerate() {
+            if spec.vm == crate::instance::OWN_INSTANCE {
+                (spec.vm, spec.plugin) = (i, 0);
+            }
+        }
         let life = ChainLife::new(filters.len());
         Self {
             id: life.first(),
@@ -47,7 +53,7 @@ impl FilterChain for WasmChain {
             return;
         }
         for (i, spec) in self.filters.iter().enumerate() {
-            let _ = with_instance(self.id, i, spec, |_, _| ());
+            let _ = with_instance(self.id, &self.filters, i, |_, _| ());
             if spec.has_tick && tokio::runtime::Handle::try_current().is_ok() {
                 let life = Arc::downgrade(&self.life);
                 tokio::spawn(ticks::tick_loop(self.id, i, self.filters.clone(), life));

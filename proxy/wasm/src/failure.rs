@@ -165,9 +165,9 @@ mod tests {
     fn failure_of(name: &str, body: Vec<u8>) -> Failure {
         let rt = testing::runtime();
         let spec = testing::spec(&rt, &testing::filter(&[], name, body), SMALL);
-        let mut inst = FilterInstance::start(&spec, 0, 1).expect("starts");
+        let mut inst = FilterInstance::start(&[&spec], 0, 1).expect("starts");
         let ticks = spec.callback_ticks;
-        let ctx = inst.new_context(ticks).expect("context");
+        let ctx = inst.new_context(0, ticks).expect("context");
         let (mut head, info) = (testing::request(), testing::info());
         inst.headers(ticks, ctx, &mut head, &info, true, &mut Seen::default())
             .err()

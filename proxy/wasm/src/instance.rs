@@ -50,6 +50,11 @@ pub struct FilterSpec {
     pub buffer_limit: usize,
     /// Names of the clusters callouts may go to.
     pub clusters: Arc<[String]>,
+    /// The place in its chain of the filter whose instance this one runs in: its own, unless
+    /// it shares an instance with earlier filters of the same `vm_id` (Envoy's VM sharing).
+    pub vm: usize,
+    /// Its place among the filters of that instance (0: the one that owns it).
+    pub plugin: usize,
 }
 
 /// A `(context, count or size, end of stream) -> action` callback: headers and bodies.
@@ -174,8 +179,21 @@ pub struct Exports {
     on_delete: Option<TypedFunc<i32, ()>>,
 }
 
-/// A running instance of a filter.
+/// [`FilterSpec::vm`] of a filter not placed in a chain yet: it gets an instance of its own.
+pub const OWN_INSTANCE: usize = usize::MAX;
+
+/// One filter an instance runs: its identity and its root context.
+struct Plugin {
+    meta: Arc<PluginMeta>,
+    root: i32,
+}
+
+/// A running instance of a filter (or of several, sharing it by `vm_id`).
 pub struct FilterInstance {
+    /// The filters it runs, by their place among them ([`FilterSpec::plugin`]).
+    plugins: Vec<Plugin>,
+    /// With several filters: the filter each live stream context belongs to.
+    owners: std::collections::HashMap<i32, usize>,
     /// Its filter's failure counters (for failures outside a stream: queues).
     failures: FailureCounters,
     store: Store<HostState>,
@@ -191,7 +209,12 @@ impl FilterInstance {
     /// [`crate::failure::FailureKind::Start`] failure.
     /// `slot` and `generation` say where it runs on its worker (for answers that arrive
     /// later: root-context callouts, gRPC streams).
-    pub fn start(spec: &FilterSpec, slot: usize, generation: u64) -> Result<Self, Failure> {
+    ///
+    /// `specs` are the filters the instance runs, in [`FilterSpec::plugin`] order (one, unless
+    /// several share it): each gets its root context and `on_configure`; the first's module,
+    /// limits and `vm_config` make the instance.
+    pub fn start(specs: &[&FilterSpec], slot: usize, generation: u64) -> Result<Self, Failure> {
+        let spec = specs[0];
         let mut store = Store::new(
             &spec.engine,
             HostState::new(
@@ -204,16 +227,27 @@ impl FilterInstance {
         store.data_mut().slot = slot;
         store.data_mut().generation = generation;
         store.data_mut().start_log = Some(Default::default());
-        match Self::start_in(spec, &mut store) {
+        match Self::start_in(specs, &mut store) {
             Ok((exports, instance_tick, instance_queue_ready)) => {
                 store.data_mut().start_log = None;
+                let plugins: Vec<Plugin> = specs
+                    .iter()
+                    .enumerate()
+                    .map(|(p, s)| Plugin {
+                        meta: s.meta.clone(),
+                        root: ROOT_CONTEXT + p as i32,
+                    })
+                    .collect();
+                let next_context = ROOT_CONTEXT + plugins.len() as i32;
                 Ok(Self {
+                    plugins,
+                    owners: Default::default(),
                     failures: spec.failures.clone(),
                     store,
                     exports,
                     instance_tick,
                     instance_queue_ready,
-                    next_context: ROOT_CONTEXT + 1,
+                    next_context,
                 })
             }
             // What the filter said while it failed to start is the operator's best clue
@@ -237,7 +271,7 @@ impl FilterInstance {
     /// `on_queue_ready`.
     #[allow(clippy::type_complexity)]
     fn start_in(
-        spec: &FilterSpec,
+        specs: &[&FilterSpec],
         store: &mut Store<HostState>,
     ) -> Result<
         (
@@ -248,6 +282,7 @@ impl FilterInstance {
         Failure,
     > {
         let start_err = Failure::start;
+        let spec = specs[0];
         limits::install(store);
         arm(store, LIFECYCLE_TICKS);
         let instance = spec
@@ -294,31 +329,52 @@ impl FilterInstance {
             on_log: func(store, "proxy_on_log").and_then(|f| f.typed(&*store).ok()),
             on_delete: func(store, "proxy_on_delete").and_then(|f| f.typed(&*store).ok()),
         };
-        store.data_mut().context = ROOT_CONTEXT as u32;
-        store.data_mut().callback_context = ROOT_CONTEXT as u32;
-        exports
-            .on_context_create
-            .call(&mut *store, (ROOT_CONTEXT, 0))
-            .map_err(|e| failed(store, e, "proxy_on_context_create"))?;
-        let vm_len = spec.meta.vm_config.len() as i32;
-        let cfg_len = spec.meta.config.len() as i32;
-        for (name, len) in [
-            ("proxy_on_vm_start", vm_len),
-            ("proxy_on_configure", cfg_len),
-        ] {
-            let Some(f) = func(store, name) else {
-                continue;
+        // Each filter gets its root context; the instance's first also `on_vm_start`.
+        for (p, spec) in specs.iter().enumerate() {
+            let root = ROOT_CONTEXT + p as i32;
+            let data = store.data_mut();
+            data.plugin = spec.meta.clone();
+            data.context = root as u32;
+            data.callback_context = root as u32;
+            data.root = root as u32;
+            exports
+                .on_context_create
+                .call(&mut *store, (root, 0))
+                .map_err(|e| failed(store, e, "proxy_on_context_create"))?;
+            let vm_len = spec.meta.vm_config.len() as i32;
+            let cfg_len = spec.meta.config.len() as i32;
+            let calls: &[(&str, i32)] = if p == 0 {
+                &[
+                    ("proxy_on_vm_start", vm_len),
+                    ("proxy_on_configure", cfg_len),
+                ]
+            } else {
+                &[("proxy_on_configure", cfg_len)]
             };
-            let f = f
-                .typed::<(i32, i32), i32>(&*store)
-                .map_err(|e| start_err(format!("{name} has the wrong type: {e}")))?;
-            let ok = f
-                .call(&mut *store, (ROOT_CONTEXT, len))
-                .map_err(|e| failed(store, e, name))?;
-            if ok == 0 {
-                return Err(start_err(format!("{name} returned false")));
+            for &(name, len) in calls {
+                let Some(f) = func(store, name) else {
+                    continue;
+                };
+                let f = f
+                    .typed::<(i32, i32), i32>(&*store)
+                    .map_err(|e| start_err(format!("{name} has the wrong type: {e}")))?;
+                let ok = f
+                    .call(&mut *store, (root, len))
+                    .map_err(|e| failed(store, e, name))?;
+                if ok == 0 {
+                    let who = if specs.len() > 1 {
+                        format!(" (filter `{}`)", spec.meta.name)
+                    } else {
+                        String::new()
+                    };
+                    return Err(start_err(format!("{name} returned false{who}")));
+                }
             }
         }
+        // Callbacks on the first filter's root context until told otherwise.
+        let data = store.data_mut();
+        data.plugin = spec.meta.clone();
+        data.root = ROOT_CONTEXT as u32;
         let instance_tick = func(store, "proxy_on_tick").and_then(|f| f.typed(&*store).ok());
         let instance_queue_ready =
             func(store, "proxy_on_queue_ready").and_then(|f| f.typed(&*store).ok());
@@ -338,46 +394,82 @@ impl FilterInstance {
         self.failures.count(failure);
     }
 
-    /// The tick period the filter asked for (0: none).
-    pub fn tick_period_ms(&self) -> u32 {
-        self.store.data().tick_period_ms
+    /// The tick period filter `plugin` of this instance asked for (0: none).
+    pub fn tick_period_ms(&self, plugin: usize) -> u32 {
+        let root = self.plugins.get(plugin).map_or(ROOT_CONTEXT, |p| p.root) as u32;
+        let periods = &self.store.data().tick_periods;
+        periods
+            .iter()
+            .find(|(r, _)| *r == root)
+            .map_or(0, |(_, ms)| *ms)
     }
 
-    /// `proxy_on_tick` on the root context.
-    pub fn on_tick(&mut self, ticks: u64) -> Result<(), Failure> {
-        let Some(f) = &self.instance_tick else {
+    /// Makes callbacks on `context` those of the filter it belongs to (its identity and
+    /// root context), when several share this instance.
+    fn select(&mut self, context: i32) {
+        if self.plugins.len() == 1 {
+            return;
+        }
+        let n = self.plugins.len() as i32;
+        let p = if (ROOT_CONTEXT..ROOT_CONTEXT + n).contains(&context) {
+            (context - ROOT_CONTEXT) as usize
+        } else {
+            self.owners.get(&context).copied().unwrap_or(0)
+        };
+        let data = self.store.data_mut();
+        data.plugin = self.plugins[p].meta.clone();
+        data.root = self.plugins[p].root as u32;
+    }
+
+    /// `proxy_on_tick` on filter `plugin`'s root context.
+    pub fn on_tick(&mut self, plugin: usize, ticks: u64) -> Result<(), Failure> {
+        let Some(f) = self.instance_tick.clone() else {
             return Ok(());
         };
+        let root = self.plugins.get(plugin).map_or(ROOT_CONTEXT, |p| p.root);
+        self.select(root);
         arm(&mut self.store, ticks);
-        self.store.data_mut().context = ROOT_CONTEXT as u32;
-        self.store.data_mut().callback_context = ROOT_CONTEXT as u32;
-        self.store.data_mut().info = None;
-        f.call(&mut self.store, ROOT_CONTEXT)
+        let data = self.store.data_mut();
+        data.context = root as u32;
+        data.callback_context = root as u32;
+        data.info = None;
+        f.call(&mut self.store, root)
             .map_err(|e| failed(&self.store, e, "proxy_on_tick"))
     }
 
-    /// `proxy_on_queue_ready` on the root context.
-    pub fn on_queue_ready(&mut self, ticks: u64, token: u32) -> Result<(), Failure> {
-        let Some(f) = &self.instance_queue_ready else {
+    /// `proxy_on_queue_ready` on root context `root` (the queue's owner).
+    pub fn on_queue_ready(&mut self, ticks: u64, root: u32, token: u32) -> Result<(), Failure> {
+        let Some(f) = self.instance_queue_ready.clone() else {
             return Ok(());
         };
+        let root = root as i32;
+        self.select(root);
         arm(&mut self.store, ticks);
-        self.store.data_mut().context = ROOT_CONTEXT as u32;
-        self.store.data_mut().callback_context = ROOT_CONTEXT as u32;
-        self.store.data_mut().info = None;
-        f.call(&mut self.store, (ROOT_CONTEXT, token as i32))
+        let data = self.store.data_mut();
+        data.context = root as u32;
+        data.callback_context = root as u32;
+        data.info = None;
+        f.call(&mut self.store, (root, token as i32))
             .map_err(|e| failed(&self.store, e, "proxy_on_queue_ready"))
     }
 
-    pub fn new_context(&mut self, ticks: u64) -> Result<i32, Failure> {
+    /// A new stream context of filter `plugin` (`proxy_on_context_create` with its root
+    /// context as parent).
+    pub fn new_context(&mut self, plugin: usize, ticks: u64) -> Result<i32, Failure> {
+        let first = ROOT_CONTEXT + self.plugins.len() as i32;
         let id = self.next_context;
-        self.next_context = self.next_context.wrapping_add(1).max(ROOT_CONTEXT + 1);
+        self.next_context = self.next_context.wrapping_add(1).max(first);
+        let root = self.plugins.get(plugin).map_or(ROOT_CONTEXT, |p| p.root);
+        if self.plugins.len() > 1 {
+            self.owners.insert(id, plugin);
+        }
+        self.select(id);
         arm(&mut self.store, ticks);
         self.store.data_mut().context = id as u32;
         self.store.data_mut().callback_context = id as u32;
         self.exports
             .on_context_create
-            .call(&mut self.store, (id, ROOT_CONTEXT))
+            .call(&mut self.store, (id, root))
             .map_err(|e| failed(&self.store, e, "proxy_on_context_create"))?;
         Ok(id)
     }
@@ -416,6 +508,7 @@ impl FilterInstance {
 
     /// Moves a head into the store and resets the per-callback state.
     fn enter<H: Head>(&mut self, head: &mut H, info: &StreamInfo, context: i32) {
+        self.select(context);
         let data = self.store.data_mut();
         *H::slot(data) = Some(std::mem::replace(head, H::empty()));
         begin_callback(data, info, context);
@@ -503,6 +596,7 @@ impl FilterInstance {
             return Ok(());
         };
         let answer = self.load_answer(outcome);
+        self.select(pending.context as i32);
         let data = self.store.data_mut();
         data.context = pending.context;
         data.callback_context = DETACHED;
@@ -593,10 +687,11 @@ impl FilterInstance {
         event: crate::grpc::Event,
     ) -> Result<bool, Failure> {
         use crate::grpc::Event;
-        let data = self.store.data_mut();
-        let Some(context) = data.streams.get(&token).map(|s| s.context) else {
+        let Some(context) = self.store.data().streams.get(&token).map(|s| s.context) else {
             return Ok(false);
         };
+        self.select(context as i32);
+        let data = self.store.data_mut();
         let g = &self.exports.grpc;
         let (f, arg, name, open) = match event {
             Event::Initial(map) => {
@@ -667,6 +762,7 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
+        self.select(context);
         let Some(f) = &self.exports.on_body[direction as usize] else {
             return Ok(Callback::default());
         };
@@ -696,6 +792,7 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
+        self.select(context);
         let Some(f) = &self.exports.on_trailers[direction as usize] else {
             return Ok(Callback::default());
         };
@@ -725,6 +822,7 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<(), Failure> {
+        self.select(context);
         let data = self.store.data_mut();
         data.info = Some(*info);
         data.context = context as u32;
@@ -738,6 +836,7 @@ impl FilterInstance {
         // (nor sent, if made here), its streams are reset.
         data.callouts.clear();
         data.forget_context(context as u32);
+        self.owners.remove(&context);
         result
     }
 

@@ -16,8 +16,8 @@ const QUEUE_LIMIT: usize = 10_000;
 struct Queue {
     /// Items, oldest first.
     items: VecDeque<Vec<u8>>,
-    /// The owner's worker and slot.
-    owner: (UnboundedSender<(usize, u32)>, usize),
+    /// The owner's worker, slot and root context.
+    owner: (UnboundedSender<Ready>, usize, u32),
 }
 
 /// Every queue of the process.
@@ -29,6 +29,9 @@ struct Registry {
     queues: Vec<Queue>,
 }
 
+/// A queue-ready notification: the owner's slot, its root context, the queue's token.
+pub type Ready = (usize, u32, u32);
+
 /// The process-wide registry.
 fn registry() -> &'static Mutex<Registry> {
     static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
@@ -37,12 +40,12 @@ fn registry() -> &'static Mutex<Registry> {
 
 thread_local! {
     /// This worker's end of the queue-ready channel.
-    static READY_TX: RefCell<Option<UnboundedSender<(usize, u32)>>> = const { RefCell::new(None) };
+    static READY_TX: RefCell<Option<UnboundedSender<Ready>>> = const { RefCell::new(None) };
 }
 
 /// Creates the calling worker's queue-ready channel (once) and returns its receiver, which
 /// the caller drains on this thread.
-pub fn install_worker_channel() -> Option<UnboundedReceiver<(usize, u32)>> {
+pub fn install_worker_channel() -> Option<UnboundedReceiver<Ready>> {
     READY_TX.with(|tx| {
         let mut tx = tx.borrow_mut();
         if tx.is_some() {
@@ -55,21 +58,22 @@ pub fn install_worker_channel() -> Option<UnboundedReceiver<(usize, u32)>> {
 }
 
 /// Registers the queue `name` of `vm_id`, or takes over the one registered before: either
-/// way `slot` on the calling worker owns it now (as in Envoy, the last registrant owns it).
-/// `None` when the calling thread is not a worker.
-pub fn register(vm_id: &str, name: &[u8], slot: usize) -> Option<u32> {
+/// way root context `context` of the instance in `slot` on the calling worker owns it now
+/// (as in Envoy, the last registrant owns it). `None` when the calling thread is not a
+/// worker.
+pub fn register(vm_id: &str, name: &[u8], slot: usize, context: u32) -> Option<u32> {
     let sender = READY_TX.with(|tx| tx.borrow().clone())?;
     let mut reg = registry().lock().ok()?;
     let key = (vm_id.to_owned(), name.to_vec());
     if let Some(token) = reg.tokens.get(&key).copied() {
         if let Some(q) = reg.queues.get_mut(token as usize - 1) {
-            q.owner = (sender, slot);
+            q.owner = (sender, slot, context);
         }
         return Some(token);
     }
     reg.queues.push(Queue {
         items: VecDeque::new(),
-        owner: (sender, slot),
+        owner: (sender, slot, context),
     });
     let token = reg.queues.len() as u32;
     reg.tokens.insert(key, token);
@@ -98,7 +102,7 @@ pub fn enqueue(token: u32, item: Vec<u8>) -> bool {
     }
     q.items.push_back(item);
     // The owner's worker may be gone (draining); the item stays for a later dequeue.
-    let _ = q.owner.0.send((q.owner.1, token));
+    let _ = q.owner.0.send((q.owner.1, q.owner.2, token));
     true
 }
 

@@ -15,7 +15,7 @@ use weft_core::metrics::Metrics;
 
 use crate::cache::ModuleCache;
 use crate::failure::FailureCounters;
-use crate::instance::{self, FilterInstance, FilterSpec};
+use crate::instance::{self, FilterInstance, FilterSpec, OWN_INSTANCE};
 use crate::linker::HostLinker;
 use crate::state::PluginMeta;
 use crate::{EPOCH_TICK_MS, WasmChain, WasmError, hostcalls};
@@ -104,8 +104,8 @@ impl WasmRuntime {
         metrics: &Metrics,
     ) -> Result<WasmChain, WasmError> {
         let clusters: Arc<[String]> = clusters.into();
-        let mut specs = Vec::with_capacity(filters.len());
-        for f in filters {
+        let mut specs: Vec<FilterSpec> = Vec::with_capacity(filters.len());
+        for (i, f) in filters.iter().enumerate() {
             let err = |message: String| WasmError {
                 listener: listener.to_owned(),
                 filter: f.name.clone(),
@@ -113,12 +113,41 @@ impl WasmRuntime {
                 message,
             };
             let bytes = std::fs::read(&f.module).map_err(|e| err(format!("cannot read: {e}")))?;
-            let spec = self
+            let mut spec = self
                 .filter_spec(f, &bytes, &clusters, metrics)
                 .map_err(err)?;
-            // The canary: if this instance cannot start, no worker's would.
-            FilterInstance::start(&spec, usize::MAX, 0).map_err(|failure| err(failure.message))?;
+            // Envoy's VM sharing: a filter with the `vm_id` of an earlier one runs in that
+            // one's instance (per worker), with its own root context and configuration.
+            (spec.vm, spec.plugin) = (i, 0);
+            if !f.vm_id.is_empty()
+                && let Some(owner) = filters[..i].iter().position(|o| o.vm_id == f.vm_id)
+            {
+                let o = &filters[owner];
+                if o.module != f.module || o.vm_config != f.vm_config {
+                    return Err(err(format!(
+                        "shares vm_id `{}` with filter `{}` but not its module and vm_config \
+                         (filters that share an instance run one module, started once)",
+                        f.vm_id, o.name
+                    )));
+                }
+                spec.vm = specs[owner].vm;
+                spec.plugin = specs.iter().filter(|s| s.vm == spec.vm).count();
+            }
             specs.push(spec);
+        }
+        // The canary: each instance (with every filter it runs) must start, or no worker's
+        // would.
+        for (i, f) in filters.iter().enumerate() {
+            if specs[i].vm != i {
+                continue;
+            }
+            let plugins: Vec<&FilterSpec> = specs.iter().filter(|s| s.vm == i).collect();
+            FilterInstance::start(&plugins, usize::MAX, 0).map_err(|failure| WasmError {
+                listener: listener.to_owned(),
+                filter: f.name.clone(),
+                module: f.module.clone(),
+                message: failure.message,
+            })?;
         }
         Ok(WasmChain::new(specs))
     }
@@ -165,7 +194,12 @@ impl WasmRuntime {
             meta: Arc::new(PluginMeta {
                 name: f.name.clone(),
                 root_id: f.root_id.clone(),
-                vm_id: f.name.clone(),
+                // Without a vm_id of its own a filter has its own instance, named after it.
+                vm_id: if f.vm_id.is_empty() {
+                    f.name.clone()
+                } else {
+                    f.vm_id.clone()
+                },
                 config: config_bytes(&f.config),
                 vm_config: config_bytes(&f.vm_config),
             }),
@@ -189,6 +223,9 @@ impl WasmRuntime {
             }),
             buffer_limit: f.limits.buffer_kb as usize * 1024,
             clusters: clusters.clone(),
+            // Its own instance, until the chain says otherwise (`build_chain`).
+            vm: OWN_INSTANCE,
+            plugin: 0,
         })
     }
 }

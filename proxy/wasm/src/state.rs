@@ -230,8 +230,11 @@ pub struct HostState {
     pub callback_context: u32,
     /// What the current callback did to other contexts' streams, to deliver after it.
     pub wakes: Vec<(u32, Wake)>,
-    /// Requested tick period (ticks are not delivered yet).
-    pub tick_period_ms: u32,
+    /// The root context of the filter the current callback is for (several filters may share
+    /// an instance, each with its root context).
+    pub root: u32,
+    /// Tick periods the filters of this instance asked for, by root context.
+    pub tick_periods: Vec<(u32, u32)>,
     /// Partial line written to stdout/stderr.
     pub stdout: Vec<u8>,
     /// A write to a map outside its phase was logged (once per instance).
@@ -299,7 +302,8 @@ impl HostState {
             context: 0,
             callback_context: 0,
             wakes: Vec::new(),
-            tick_period_ms: 0,
+            root: 1,
+            tick_periods: Vec::new(),
             stdout: Vec::new(),
             start_log: None,
             warned_phase: false,

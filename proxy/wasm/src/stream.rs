@@ -211,7 +211,11 @@ impl WasmStream {
         let Ctx::Active(context, generation) = self.contexts[idx] else {
             return;
         };
-        let key = (self.chain as usize + idx, generation, context as u32);
+        let key = (
+            worker::slot_of(self.chain, &self.filters[idx]),
+            generation,
+            context as u32,
+        );
         worker::park(key, std::mem::replace(head, H::empty()).park());
         self.paused = Some(idx);
         self.holding = Some(Holding {
@@ -329,13 +333,14 @@ impl WasmStream {
             return Step::Go;
         }
         let info = &self.info;
-        let slot = self.chain as usize + idx;
-        let outcome = with_instance(self.chain, idx, spec, |inst, generation| {
+        let slot = worker::slot_of(self.chain, spec);
+        let (filters, plugin) = (&self.filters, spec.plugin);
+        let outcome = with_instance(self.chain, filters, idx, |inst, generation| {
             let context = match ctx {
                 Ctx::Active(c, g) if g == generation => c,
                 // Instance replaced mid-stream: the filter is skipped.
                 Ctx::Active(..) => return (None, Ok(Callback::default())),
-                _ => match inst.new_context(ticks) {
+                _ => match inst.new_context(plugin, ticks) {
                     Ok(c) => c,
                     Err(f) => return (None, Err(f)),
                 },
@@ -511,7 +516,7 @@ impl WasmStream {
             return BodyDecision::Continue(buf.as_slice().to_vec().into());
         };
         let spec = &self.filters[idx];
-        let slot = self.chain as usize + idx;
+        let slot = worker::slot_of(self.chain, spec);
         crate::ticks::send_detached_callouts(slot, generation, callouts, spec.callback_ticks);
         let key = (slot, generation, context as u32);
         let kind = crate::instance::body_buffer(direction);
@@ -658,7 +663,7 @@ impl WasmStream {
     fn on_failure(&mut self, idx: usize, failure: Option<Failure>) -> Option<LocalReply> {
         let spec = &self.filters[idx];
         if let Some(f) = &failure {
-            fail(self.chain, idx, spec, f);
+            fail(self.chain, spec, f);
         }
         self.contexts[idx] = Ctx::Skipped;
         policy_reply(spec.policy, &spec.meta.name)
@@ -861,12 +866,12 @@ impl FilterStream for WasmStream {
             let spec = &self.filters[idx];
             let info = &self.info;
             let seen = &mut self.seen;
-            let result = with_instance(self.chain, idx, spec, |inst, g| {
+            let result = with_instance(self.chain, &self.filters, idx, |inst, g| {
                 (g == generation)
                     .then(|| inst.end_context(spec.callback_ticks, context, info, seen))
             });
             if let Ok(Some(Err(f))) = result {
-                fail(self.chain, idx, spec, &f);
+                fail(self.chain, spec, &f);
             }
         }
     }

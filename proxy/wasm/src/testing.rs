@@ -206,6 +206,7 @@ pub fn spec(rt: &WasmRuntime, wasm: &[u8], limits: FilterLimits) -> FilterSpec {
         name: "t".into(),
         module: "t.wasm".into(),
         root_id: String::new(),
+        vm_id: String::new(),
         config: serde_json::Value::Null,
         vm_config: serde_json::Value::Null,
         failure_policy: FailurePolicy::FailClosed,

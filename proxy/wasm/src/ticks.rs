@@ -26,22 +26,25 @@ pub async fn tick_loop(
     let spec = &filters[idx];
     // Ends when the chain is retired (swapped out and its last stream finished).
     while life.strong_count() > 0 {
-        let period = with_instance(chain, idx, spec, |inst, _| inst.tick_period_ms()).unwrap_or(0);
+        let period = with_instance(chain, &filters, idx, |inst, _| {
+            inst.tick_period_ms(spec.plugin)
+        })
+        .unwrap_or(0);
         let wait = if period == 0 { 100 } else { u64::from(period) };
         tokio::time::sleep(Duration::from_millis(wait)).await;
         if period == 0 {
             continue;
         }
-        match with_instance(chain, idx, spec, |inst, generation| {
+        match with_instance(chain, &filters, idx, |inst, generation| {
             (
-                inst.on_tick(spec.callback_ticks),
+                inst.on_tick(spec.plugin, spec.callback_ticks),
                 inst.take_callouts(),
                 generation,
             )
         }) {
-            Ok((Err(failure), _, _)) => fail(chain, idx, spec, &failure),
+            Ok((Err(failure), _, _)) => fail(chain, spec, &failure),
             Ok((Ok(()), callouts, generation)) => send_detached_callouts(
-                chain as usize + idx,
+                worker::slot_of(chain, spec),
                 generation,
                 callouts,
                 spec.callback_ticks,
@@ -53,12 +56,14 @@ pub async fn tick_loop(
 
 /// Calls `proxy_on_queue_ready` on this worker's instances that own a queue, as items
 /// arrive. Runs until the worker's runtime ends.
-pub async fn deliver_queue_ready(mut ready: tokio::sync::mpsc::UnboundedReceiver<(usize, u32)>) {
-    while let Some((slot, token)) = ready.recv().await {
+pub async fn deliver_queue_ready(
+    mut ready: tokio::sync::mpsc::UnboundedReceiver<crate::queues::Ready>,
+) {
+    while let Some((slot, root, token)) = ready.recv().await {
         // Not on a request's path: the queue callback gets the lifecycle deadline.
         let mut callouts = (0, Vec::new());
         worker::with_live_slot(slot, None, |instance, generation| {
-            let result = instance.on_queue_ready(LIFECYCLE_TICKS, token);
+            let result = instance.on_queue_ready(LIFECYCLE_TICKS, root, token);
             callouts = (generation, instance.take_callouts());
             result
         });

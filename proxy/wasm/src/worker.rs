@@ -157,19 +157,26 @@ const RELOAD_BACKOFF_START: Duration = Duration::from_millis(100);
 /// The longest such wait (it doubles after each failed start).
 const RELOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Runs `f` on this worker's live instance of filter `idx` of `chain`, starting it first if
-/// needed. `Err` when the filter is failed on this worker (or fails to start now), or the
-/// chain is retired.
+/// The slot of filter `spec` of the chain whose first slot is `chain`: its instance's (the
+/// slot of the filter that owns the instance it shares, if it shares one).
+pub fn slot_of(chain: u64, spec: &FilterSpec) -> usize {
+    chain as usize + spec.vm
+}
+
+/// Runs `f` on this worker's live instance of filter `idx` of `chain` (whose filters are
+/// `filters`), starting it first if needed — with every filter that shares it. `Err` when
+/// the filter is failed on this worker (or fails to start now), or the chain is retired.
 pub fn with_instance<R>(
     chain: u64,
+    filters: &[FilterSpec],
     idx: usize,
-    spec: &FilterSpec,
     f: impl FnOnce(&mut FilterInstance, u64) -> R,
 ) -> Result<R, ()> {
+    let spec = &filters[idx];
     WORKER.with(|w| {
         let mut w = w.borrow_mut();
         w.refresh();
-        let n = chain as usize + idx;
+        let n = slot_of(chain, spec);
         // A retired chain's filter is not started again.
         let slot = w.slot(n).ok_or(())?;
         if let Slot::Failed {
@@ -181,7 +188,9 @@ pub fn with_instance<R>(
         {
             let now = Instant::now();
             let (backoff, generation) = (*backoff, *generation);
-            *slot = match FilterInstance::start(spec, n, generation + 1) {
+            let owner = &filters[spec.vm];
+            let plugins: Vec<&FilterSpec> = filters.iter().filter(|s| s.vm == spec.vm).collect();
+            *slot = match FilterInstance::start(&plugins, n, generation + 1) {
                 Ok(mut instance) => {
                     // Callouts from on_vm_start / on_configure.
                     crate::ticks::send_detached_callouts(
@@ -193,11 +202,11 @@ pub fn with_instance<R>(
                     Slot::Live {
                         instance: Box::new(instance),
                         generation: generation + 1,
-                        policy: spec.policy,
+                        policy: owner.policy,
                     }
                 }
                 Err(failure) => {
-                    spec.failures.count(&failure);
+                    owner.failures.count(&failure);
                     let next = (backoff * 2).clamp(RELOAD_BACKOFF_START, RELOAD_BACKOFF_MAX);
                     Slot::Failed {
                         retry_at: Some(now + next),
@@ -236,13 +245,13 @@ pub fn unhold(key: HoldKey) {
     WORKER.with(|w| w.borrow_mut().held.remove(&key));
 }
 
-/// Marks this worker's instance of filter `idx` of `chain` failed, per the filter's policy
+/// Marks this worker's instance of filter `spec` of `chain` failed, per the filter's policy
 /// (a failed instance is never called again: it is replaced under `reload`).
-pub fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
+pub fn fail(chain: u64, spec: &FilterSpec, failure: &Failure) {
     spec.failures.count(failure);
     WORKER.with(|w| {
         let mut w = w.borrow_mut();
-        let Some(slot) = w.slot(chain as usize + idx) else {
+        let Some(slot) = w.slot(slot_of(chain, spec)) else {
             return;
         };
         let (Slot::Live { generation, .. } | Slot::Failed { generation, .. }) = slot;
@@ -252,7 +261,7 @@ pub fn fail(chain: u64, idx: usize, spec: &FilterSpec, failure: &Failure) {
             backoff: Duration::ZERO,
             generation,
         };
-        w.release_failed(chain as usize + idx);
+        w.release_failed(slot_of(chain, spec));
     });
 }
 

@@ -19,6 +19,8 @@ pub struct SnapshotFilter {
     pub digest: String,
     /// Root context id.
     pub root_id: String,
+    /// VM id (filters of a chain with the same one share an instance).
+    pub vm_id: String,
     /// Configuration for `on_configure`.
     pub config: serde_json::Value,
     /// What a failure of the filter does.
@@ -97,6 +99,7 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
                             name: f.name,
                             digest: f.digest,
                             root_id: f.root_id,
+                            vm_id: f.vm_id,
                             config,
                             failure_policy,
                         })
@@ -176,6 +179,7 @@ pub fn overlay(base: &Config, snap: &ControlSnapshot, dir: &StateDir) -> Result<
                 name: f.name.clone(),
                 module: dir.module_path(&f.digest),
                 root_id: f.root_id.clone(),
+                vm_id: f.vm_id.clone(),
                 config: f.config.clone(),
                 vm_config: serde_json::Value::Null,
                 failure_policy: f.failure_policy,

@@ -19,10 +19,12 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 Ok(n) => n,
                 Err(s) => return s as i32,
             };
-            let (vm_id, slot) = (c.data().plugin.vm_id.clone(), c.data().slot);
+            let data = c.data();
+            // The owner is the filter's root context, whichever context registers.
+            let (vm_id, slot, context) = (data.plugin.vm_id.clone(), data.slot, data.root);
             // Registering needs a worker to deliver on_queue_ready on; the canary that
             // checks a filter at startup has none, and the SDKs accept only OK here.
-            let token = crate::queues::register(&vm_id, &name, slot).unwrap_or(0);
+            let token = crate::queues::register(&vm_id, &name, slot, context).unwrap_or(0);
             status(write_u32(&mut c, ret, token))
         },
     )?;

@@ -20,7 +20,11 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
         ENV,
         "proxy_set_tick_period_milliseconds",
         |mut c: C<'_>, period: i32| {
-            c.data_mut().tick_period_ms = period as u32;
+            // The period is the calling filter's (its root context's).
+            let data = c.data_mut();
+            let root = data.root;
+            data.tick_periods.retain(|(r, _)| *r != root);
+            data.tick_periods.push((root, period as u32));
             Status::Ok as i32
         },
     )?;

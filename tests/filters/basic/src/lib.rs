@@ -18,6 +18,9 @@
 //! counter `basic_logged_<status>` per final status, and `basic_logged_deny_path` when the
 //! logged request path was `/deny`.
 //!
+//! VM sharing: `x-wasm-vm-<plugin name>` on the request says how many root contexts this
+//! instance has created (one per filter that shares it) and its `plugin_vm_id`.
+//!
 //! Shared queue: the root registers `basic_events`; `/enqueue` puts the path on it (after
 //! resolving it by VM id and name) and `on_queue_ready` drains it, counting
 //! `basic_dequeued`.
@@ -87,9 +90,13 @@ fn metric(kind: MetricType, name: &str) -> u32 {
     hostcalls::define_metric(kind, name).unwrap_or(0)
 }
 
+/// Root contexts this instance created (filters sharing it each have one).
+static ROOTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        ROOTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Box::new(Root { config: String::new(), vm_config: String::new() })
     });
 }}
@@ -250,6 +257,14 @@ impl HttpContext for Stream {
             self.property(&["source", "address"]),
         );
         self.set_http_request_header("x-wasm-properties", Some(&seen));
+        let vm = format!(
+            "roots={} vm={} config={}",
+            ROOTS.load(std::sync::atomic::Ordering::Relaxed),
+            self.property(&["plugin_vm_id"]),
+            self.config,
+        );
+        let name = format!("x-wasm-vm-{}", self.property(&["plugin_name"]));
+        self.set_http_request_header(&name, Some(&vm));
         // Envoy's request and node properties that filters read in practice.
         let int = |v: Option<Vec<u8>>| {
             v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
