@@ -289,12 +289,19 @@ impl FilterInstance {
             .pre
             .instantiate(&mut *store)
             .map_err(|e| failed(store, e, "instantiate"))?;
-        for init in ["_initialize", "_start"] {
-            if let Ok(f) = instance.get_typed_func::<(), ()>(&mut *store, init) {
-                f.call(&mut *store, ())
-                    .map_err(|e| failed(store, e, init))?;
-                break;
+        // A WASI reactor is initialized, then its `main` runs if it has one (as Envoy does, for
+        // Go and TinyGo filters that register themselves there); a WASI command runs
+        // `_start`.
+        if let Ok(f) = instance.get_typed_func::<(), ()>(&mut *store, "_initialize") {
+            f.call(&mut *store, ())
+                .map_err(|e| failed(store, e, "_initialize"))?;
+            if let Ok(main) = instance.get_typed_func::<(i32, i32), i32>(&mut *store, "main") {
+                main.call(&mut *store, (0, 0))
+                    .map_err(|e| failed(store, e, "main"))?;
             }
+        } else if let Ok(f) = instance.get_typed_func::<(), ()>(&mut *store, "_start") {
+            f.call(&mut *store, ())
+                .map_err(|e| failed(store, e, "_start"))?;
         }
         let func = |store: &mut Store<HostState>, name: &str| instance.get_func(&mut *store, name);
         let typed3 = |store: &mut Store<HostState>, name: &str| {
@@ -982,5 +989,144 @@ impl Head for response::Parts {
             Parked::Response(p) => Some(*p),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_config::FilterLimits;
+
+    use super::*;
+    use crate::testing::{self, Func, Import, i32_const};
+
+    /// `i32.load` / `i32.store` at offset 0 (alignment 4).
+    const LOAD: [u8; 3] = [0x28, 0x02, 0x00];
+    const STORE: [u8; 3] = [0x36, 0x02, 0x00];
+
+    /// A filter exporting `abi` whose `proxy_on_configure` returns what `on_configure`
+    /// leaves, with `extra` functions.
+    fn module(
+        abi: &str,
+        imports: &[Import<'_>],
+        on_configure: Vec<u8>,
+        extra: Vec<Func<'_>>,
+    ) -> Vec<u8> {
+        let mut funcs = vec![
+            Func {
+                export: abi,
+                name: "abi",
+                params: 0,
+                results: 0,
+                body: vec![],
+            },
+            Func {
+                export: "proxy_on_context_create",
+                name: "context_create",
+                params: 2,
+                results: 0,
+                body: vec![],
+            },
+            Func {
+                export: "proxy_on_configure",
+                name: "configure",
+                params: 2,
+                results: 1,
+                body: on_configure,
+            },
+        ];
+        funcs.extend(extra);
+        testing::module(imports, &funcs, 1)
+    }
+
+    fn start(wasm: &[u8], config: &[u8]) -> Result<FilterInstance, Failure> {
+        let rt = testing::runtime();
+        let mut spec = testing::spec(&rt, wasm, FilterLimits::default());
+        spec.meta = Arc::new(PluginMeta {
+            name: spec.meta.name.clone(),
+            root_id: String::new(),
+            vm_id: spec.meta.vm_id.clone(),
+            config: config.to_vec(),
+            vm_config: Vec::new(),
+        });
+        FilterInstance::start(&[&spec], 0, 1)
+    }
+
+    #[test]
+    fn a_reactors_main_runs_after_initialize_as_in_envoy() {
+        // `main` stores 1 at address 0; `on_configure` returns what is there.
+        let main = [i32_const(0), i32_const(1), STORE.to_vec(), i32_const(0)].concat();
+        let configure = [i32_const(0), LOAD.to_vec()].concat();
+        let extra = |main_body: Vec<u8>| {
+            vec![
+                Func {
+                    export: "_initialize",
+                    name: "init",
+                    params: 0,
+                    results: 0,
+                    body: vec![],
+                },
+                Func {
+                    export: "main",
+                    name: "main",
+                    params: 2,
+                    results: 1,
+                    body: main_body,
+                },
+            ]
+        };
+        let wasm = module(
+            "proxy_abi_version_0_2_1",
+            &[],
+            configure.clone(),
+            extra(main),
+        );
+        assert!(start(&wasm, b"").is_ok(), "main ran before on_configure");
+        // A `main` that traps fails the start, naming it.
+        let wasm = module("proxy_abi_version_0_2_1", &[], configure, extra(vec![0x00]));
+        let failure = start(&wasm, b"").err().expect("fails");
+        assert!(failure.message.contains("main"), "{}", failure.message);
+    }
+
+    #[test]
+    fn a_module_with_only_malloc_gets_host_data_through_it() {
+        // ABI 0.2.0, `malloc` and no `proxy_on_memory_allocate` (as older SDKs build):
+        // `on_configure` reads its configuration (the host allocates it with `malloc`, which
+        // hands out address 1024) and returns whether the call was OK and the data is at
+        // 1024 holding the configuration.
+        let get = Import {
+            module: "env",
+            name: "proxy_get_buffer_bytes",
+            params: 5,
+            results: 1,
+        };
+        let configure = [
+            i32_const(7), // plugin configuration
+            i32_const(0),
+            i32_const(100),
+            i32_const(0),     // where the pointer goes
+            i32_const(4),     // where the length goes
+            vec![0x10, 0x00], // call the import
+            vec![0x45],       // i32.eqz: OK
+            i32_const(0),
+            LOAD.to_vec(),
+            i32_const(1024),
+            vec![0x46], // i32.eq
+            vec![0x71], // i32.and
+            i32_const(1024),
+            LOAD.to_vec(),
+            i32_const(i32::from_le_bytes(*b"conf")),
+            vec![0x46], // i32.eq
+            vec![0x71], // i32.and
+        ]
+        .concat();
+        let malloc = Func {
+            export: "malloc",
+            name: "malloc",
+            params: 1,
+            results: 1,
+            body: i32_const(1024),
+        };
+        let wasm = module("proxy_abi_version_0_2_0", &[get], configure, vec![malloc]);
+        assert!(start(&wasm, b"config").is_ok());
     }
 }
