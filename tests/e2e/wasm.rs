@@ -814,19 +814,12 @@ async fn filters_with_the_same_vm_id_share_one_instance_with_their_own_configs()
     assert_eq!(h["x-wasm-vm-a"][0], "roots=2 vm=shared config=cfg-a");
     assert_eq!(h["x-wasm-vm-b"][0], "roots=2 vm=shared config=cfg-b");
     assert_eq!(h["x-wasm-vm-c"][0], "roots=1 vm=c config=cfg-c");
-    // A filter sharing the instance that traps takes the instance down for both: the next
-    // request fails closed in `a` as well (as a VM failure does in Envoy).
-    assert_eq!(
-        get(&h1_client(), &proxy.url("/panic"))
-            .await
-            .unwrap()
-            .status,
-        503
-    );
-    assert_eq!(
-        get(&h1_client(), &proxy.url("/")).await.unwrap().status,
-        503
-    );
+    // `b` traps: that takes the shared instance down, so the next request fails closed in
+    // `a` (as a VM failure does in Envoy), while `c` is untouched.
+    let got = get(&h1_client(), &proxy.url("/panic/cfg-b")).await.unwrap();
+    assert_eq!((got.status, got.header("x-weft-filter-failed")), (503, "b"));
+    let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+    assert_eq!((got.status, got.header("x-weft-filter-failed")), (503, "a"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -404,3 +404,30 @@ async fn a_trailers_callback_waits_for_its_callout() {
     }
     assert_eq!(scanner.hits(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_never_taken_up_again_ends_at_the_request_timeout() {
+    let up = Upstream::start("u").await;
+    let scanner = Upstream::start("scanner").await;
+    let yaml = scan_config(&up, &scanner, "http1").replace(
+        &format!("{{ name: svc, endpoints: [ {{ address: \"{}\" }} ], protocol: http1 }}", up.address()),
+        &format!(
+            "{{ name: svc, endpoints: [ {{ address: \"{}\" }} ], protocol: http1, request_timeout_ms: 300 }}",
+            up.address()
+        ),
+    );
+    assert!(yaml.contains("request_timeout_ms: 300"), "{yaml}");
+    let proxy = ProxyProcess::start(&yaml).await;
+    let t0 = std::time::Instant::now();
+    let got = send(
+        &h1_client(),
+        post(proxy.url("/echo"), "scan-ignore", "held"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 504, "{got:?}");
+    assert_eq!(got.body, "body held by a filter past the request timeout\n");
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    assert_eq!(scanner.hits(), 1);
+    assert_eq!(up.hits(), 0);
+}

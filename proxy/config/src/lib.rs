@@ -200,7 +200,7 @@ impl fmt::Display for FailurePolicy {
 }
 
 /// Limits of one filter instance.
-#[derive(Clone, Debug, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FilterLimits {
     /// Linear memory cap in MiB; growing past it fails the filter.

@@ -289,7 +289,8 @@ pub async fn settle(
                 headers: HeaderMap::new(),
                 body: Bytes::from_static(b"body held by a filter past the request timeout\n"),
             };
-            return (BodyDecision::Respond(reply), trailers);
+            let decision = filter::lock(&filters).end_hold(direction, reply);
+            return (decision, trailers);
         }
         decision = filter::lock(&filters).resume_body(direction, trailers.as_mut());
     }

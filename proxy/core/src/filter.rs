@@ -281,6 +281,12 @@ pub trait FilterStream: Send {
     ) -> BodyDecision {
         BodyDecision::Continue(Bytes::new())
     }
+    /// Ends a body hold that went past its time with `reply`: the filter's hold is dropped
+    /// and the stream ends as if the filter had answered (for a request whose head already
+    /// went upstream, the reply is kept for [`FilterStream::take_reply`]).
+    fn end_hold(&mut self, _direction: Direction, reply: LocalReply) -> BodyDecision {
+        BodyDecision::Respond(reply)
+    }
     /// Resolves when the filter holding the stream ([`RequestDecision::Hold`],
     /// [`ResponseDecision::Hold`], [`BodyDecision::Hold`]) takes it up again, however it
     /// does (resumes, answers, fails). The request path bounds the wait with the request's

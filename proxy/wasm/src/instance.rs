@@ -928,6 +928,8 @@ pub struct Callback {
 pub trait Head: Sized {
     /// The export's name.
     const CALLBACK: &'static str;
+    /// The way it goes.
+    const DIRECTION: Direction;
     /// The export to call.
     fn callback(e: &Exports) -> Option<&HeadersFn>;
     /// Where the head lives in the store during the call.
@@ -944,6 +946,7 @@ pub trait Head: Sized {
 
 impl Head for request::Parts {
     const CALLBACK: &'static str = "proxy_on_request_headers";
+    const DIRECTION: Direction = Direction::Request;
     fn callback(e: &Exports) -> Option<&HeadersFn> {
         e.on_request_headers.as_ref()
     }
@@ -969,6 +972,7 @@ impl Head for request::Parts {
 
 impl Head for response::Parts {
     const CALLBACK: &'static str = "proxy_on_response_headers";
+    const DIRECTION: Direction = Direction::Response;
     fn callback(e: &Exports) -> Option<&HeadersFn> {
         e.on_response_headers.as_ref()
     }

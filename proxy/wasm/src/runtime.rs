@@ -130,6 +130,14 @@ impl WasmRuntime {
                         f.vm_id, o.name
                     )));
                 }
+                // One instance fails, restarts and is bounded as one.
+                if o.failure_policy != f.failure_policy || o.limits != f.limits {
+                    return Err(err(format!(
+                        "shares vm_id `{}` with filter `{}` but not its failure_policy and \
+                         limits (filters that share an instance fail and are bounded together)",
+                        f.vm_id, o.name
+                    )));
+                }
                 spec.vm = specs[owner].vm;
                 spec.plugin = specs.iter().filter(|s| s.vm == spec.vm).count();
             }

@@ -377,26 +377,35 @@ impl HostState {
     pub fn borrow_parked(&mut self, context: u32) {
         self.return_borrowed();
         let key = (self.slot, self.generation, context);
-        self.borrowed = crate::worker::unpark(key).map(|p| match p {
-            // A held body is the body buffer of the callback, as in a body callback.
-            Parked::Body(kind, buf) => {
-                self.body = Some((kind, buf));
-                (context, Parked::Body(kind, BodyBuf::default()))
-            }
-            head => (context, head),
-        });
+        self.borrowed = crate::worker::unpark(key).map(|p| (context, p));
+    }
+
+    /// The body buffer a callback sees: the piece of its own body callback, or, for another
+    /// context than the callback's, what that context's filter holds of its body.
+    pub fn body_buf(&self) -> Option<(BufferType, &BodyBuf)> {
+        if self.context != self.callback_context {
+            return match &self.borrowed {
+                Some((c, Parked::Body(kind, buf))) if *c == self.context => Some((*kind, buf)),
+                _ => None,
+            };
+        }
+        self.body.as_ref().map(|(kind, buf)| (*kind, buf))
+    }
+
+    /// [`HostState::body_buf`], writable.
+    pub fn body_buf_mut(&mut self) -> Option<(BufferType, &mut BodyBuf)> {
+        if self.context != self.callback_context {
+            return match &mut self.borrowed {
+                Some((c, Parked::Body(kind, buf))) if *c == self.context => Some((*kind, buf)),
+                _ => None,
+            };
+        }
+        self.body.as_mut().map(|(kind, buf)| (*kind, buf))
     }
 
     /// Returns a borrowed parked head (or body) to its worker.
     pub fn return_borrowed(&mut self) {
         if let Some((context, parked)) = self.borrowed.take() {
-            let parked = match parked {
-                Parked::Body(kind, _) => {
-                    let buf = self.body.take().map(|(_, b)| b).unwrap_or_default();
-                    Parked::Body(kind, buf)
-                }
-                head => head,
-            };
             crate::worker::park((self.slot, self.generation, context), parked);
         }
     }

@@ -24,6 +24,9 @@ use crate::worker::{self, Release, fail, with_instance};
 /// A stream a filter holds: paused with nothing outstanding, until the filter takes it up
 /// again from another context.
 struct Holding {
+    /// What is held: a head (false) or a body (true), of which way.
+    body: bool,
+    direction: Direction,
     /// The filter holding it.
     idx: usize,
     /// Its instance's slot, generation and the stream's context there.
@@ -207,10 +210,17 @@ impl WasmStream {
     /// Holds the stream for filter `idx` until it is taken up again from another context;
     /// its live head waits parked on the worker (callbacks on its context from elsewhere
     /// read and edit it there) until [`WasmStream::release`] puts it back.
-    fn hold<H: Head>(&mut self, idx: usize, head: &mut H) {
+    ///
+    /// False (nothing held) while the stream already waits on another hold (a request body
+    /// held while the response comes): a stream holds one thing at a time.
+    fn hold<H: Head>(&mut self, idx: usize, head: &mut H) -> bool {
         let Ctx::Active(context, generation) = self.contexts[idx] else {
-            return;
+            return false;
         };
+        if self.holding.is_some() {
+            self.overlapping_hold(idx);
+            return false;
+        }
         let key = (
             worker::slot_of(self.chain, &self.filters[idx]),
             generation,
@@ -219,15 +229,29 @@ impl WasmStream {
         worker::park(key, std::mem::replace(head, H::empty()).park());
         self.paused = Some(idx);
         self.holding = Some(Holding {
+            body: false,
+            direction: H::DIRECTION,
             idx,
             key,
             rx: Some(worker::hold(key)),
         });
+        true
     }
 
-    /// How a held stream was released, its head put back; `None` when it is not held.
+    /// Logs a hold refused because the stream already waits on another.
+    fn overlapping_hold(&self, idx: usize) {
+        tracing::warn!(
+            filter = %self.filters[idx].meta.name,
+            "a pause while the stream already waits on another is not held: it goes on"
+        );
+    }
+
+    /// How a held stream was released, its head put back; `None` when its `H` head is not
+    /// held.
     fn release<H: Head>(&mut self, head: &mut H) -> Option<(usize, Release)> {
-        let h = self.holding.take()?;
+        let h = self
+            .holding
+            .take_if(|h| !h.body && h.direction == H::DIRECTION)?;
         worker::unhold(h.key);
         if let Some(parked) = worker::unpark(h.key).and_then(H::unpark) {
             *head = parked;
@@ -261,8 +285,10 @@ impl WasmStream {
                 Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[0] => continue,
                 // Paused with nothing outstanding: held until the filter takes it up again.
                 Step::Hold => {
-                    self.hold(idx, head);
-                    return RequestDecision::Hold;
+                    if self.hold(idx, head) {
+                        return RequestDecision::Hold;
+                    }
+                    continue;
                 }
                 Step::Local(lr) => {
                     return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
@@ -467,8 +493,20 @@ impl WasmStream {
                 Step::Go => None,
                 // Paused with a callout out: the body waits for the filter to take it up
                 // again (from the callout's answer, or any other context).
-                Step::Paused(callouts) => {
+                Step::Paused(callouts) if self.holding.is_none() => {
                     return self.hold_body(direction, k, idx, buf, end_of_stream, after, callouts);
+                }
+                // Already waiting on another hold: this one is not held, what the filter
+                // has goes on (its callouts are still sent and answered).
+                Step::Paused(callouts) => {
+                    if let Ctx::Active(_, generation) = self.contexts[idx] {
+                        let spec = &self.filters[idx];
+                        let slot = worker::slot_of(self.chain, spec);
+                        let ticks = spec.callback_ticks;
+                        crate::ticks::send_detached_callouts(slot, generation, callouts, ticks);
+                    }
+                    self.overlapping_hold(idx);
+                    None
                 }
                 Step::Hold if last => None, // nothing can resume it later: go on
                 Step::Hold => {
@@ -521,8 +559,9 @@ impl WasmStream {
         let key = (slot, generation, context as u32);
         let kind = crate::instance::body_buffer(direction);
         worker::park(key, Parked::Body(kind, buf));
-        self.paused = Some(idx);
         self.holding = Some(Holding {
+            body: true,
+            direction,
             idx,
             key,
             rx: Some(worker::hold(key)),
@@ -577,8 +616,10 @@ impl WasmStream {
                 Step::Go => continue,
                 Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[1] => continue,
                 Step::Hold => {
-                    self.hold(idx, head);
-                    return ResponseDecision::Hold;
+                    if self.hold(idx, head) {
+                        return ResponseDecision::Hold;
+                    }
+                    continue;
                 }
                 Step::Paused(callouts) => {
                     self.paused = Some(idx);
@@ -590,6 +631,9 @@ impl WasmStream {
                     return ResponseDecision::Respond(reply);
                 }
                 Step::Failed(f) => Some(f),
+                // A local reply passes a filter whose instance is gone (it failed making
+                // this very reply, or shares an instance that did) without being replaced.
+                Step::Unavailable if self.replying => continue,
                 Step::Unavailable => None,
             };
             if let Some(reply) = self.on_failure(idx, failure) {
@@ -722,8 +766,10 @@ impl FilterStream for WasmStream {
             }
             Delivered::Resumed => self.request_from(idx + 1, head, end_of_stream),
             Delivered::Hold => {
-                self.hold(idx, head);
-                RequestDecision::Hold
+                if self.hold(idx, head) {
+                    return RequestDecision::Hold;
+                }
+                self.request_from(idx + 1, head, end_of_stream)
             }
         }
     }
@@ -759,8 +805,10 @@ impl FilterStream for WasmStream {
             }
             Delivered::Resumed => self.response_from(idx, head, end_of_stream),
             Delivered::Hold => {
-                self.hold(idx, head);
-                ResponseDecision::Hold
+                if self.hold(idx, head) {
+                    return ResponseDecision::Hold;
+                }
+                self.response_from(idx, head, end_of_stream)
             }
         }
     }
@@ -798,11 +846,10 @@ impl FilterStream for WasmStream {
         let Some(hold) = self.body_hold.take_if(|h| h.direction == direction) else {
             return BodyDecision::Continue(Bytes::new());
         };
-        let Some(h) = self.holding.take() else {
+        let Some(h) = self.holding.take_if(|h| h.body && h.direction == direction) else {
             return BodyDecision::Continue(Bytes::new());
         };
         worker::unhold(h.key);
-        self.paused = None;
         let d = direction as usize;
         if let Some(Parked::Body(_, buf)) = worker::unpark(h.key) {
             self.bodies[d][h.idx] = buf;
@@ -832,6 +879,15 @@ impl FilterStream for WasmStream {
                 None => go_on(self, trailers),
             },
         }
+    }
+
+    fn end_hold(&mut self, direction: Direction, reply: LocalReply) -> BodyDecision {
+        if let Some(h) = self.holding.take_if(|h| h.body && h.direction == direction) {
+            worker::unhold(h.key);
+            worker::unpark(h.key);
+        }
+        self.body_hold = None;
+        self.end_body(direction, reply)
     }
 
     fn take_reply(&mut self) -> Option<LocalReply> {

@@ -58,8 +58,8 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 Ok(d) => d,
                 Err(s) => return s as i32,
             };
-            match c.data_mut().body.as_mut() {
-                Some((k, buf)) if *k as i32 == kind => {
+            match c.data_mut().body_buf_mut() {
+                Some((k, buf)) if k as i32 == kind => {
                     buf.splice(start as u32 as usize, size as u32 as usize, &data);
                     Status::Ok as i32
                 }
@@ -73,10 +73,12 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
 /// The bytes of buffer `kind` (ABI buffer type), when the current callback has it.
 fn buffer(state: &HostState, kind: i32) -> Option<&[u8]> {
     match BufferType::from_i32(kind)? {
-        kind @ (BufferType::HttpRequestBody | BufferType::HttpResponseBody) => match &state.body {
-            Some((k, buf)) if *k == kind => Some(buf.as_slice()),
-            _ => None,
-        },
+        kind @ (BufferType::HttpRequestBody | BufferType::HttpResponseBody) => {
+            match state.body_buf() {
+                Some((k, buf)) if k == kind => Some(buf.as_slice()),
+                _ => None,
+            }
+        }
         BufferType::HttpCallResponseBody => state.callout_response.as_ref().map(|r| &r.body[..]),
         BufferType::VmConfiguration => Some(&state.plugin.vm_config),
         BufferType::PluginConfiguration => Some(&state.plugin.config),

@@ -5,6 +5,7 @@
 //!   (add `x-wasm-added`, replace `x-replace-me`, remove `x-remove-me`);
 //! - `/deny`: local response 403 with a header and a body;
 //! - `/panic`, `/loop`, `/grow`: panic, spin forever, grow memory without bound;
+//!   `/panic/<config>`: panic only in the filter with that plugin configuration;
 //! - `/random`: WASI `random_get` for a few normal lengths, answered locally with the bytes
 //!   (hex) and errnos; `/random/huge`: `random_get` for lengths far past the guest's memory
 //!   (4 GiB - 1 and 2 GiB - 1), answered locally with the errnos.
@@ -213,6 +214,10 @@ impl HttpContext for Stream {
                 return Action::Continue;
             }
             "/panic" => panic!("the filter panicked on purpose"),
+            // Only the filter with this configuration panics.
+            p if p.strip_prefix("/panic/") == Some(self.config.as_str()) => {
+                panic!("the filter panicked on purpose")
+            }
             "/loop" => {
                 let mut i: u64 = 0;
                 loop {

@@ -15,6 +15,8 @@
 //!   else answers 403 `blocked by scanner`.
 //! - `scan-trailers`: the same check, sent from the request trailers callback (the body
 //!   streams untouched).
+//! - `scan-ignore`: sends the body to the scanner like `scan`, then ignores the answer (the
+//!   body stays held).
 //! - `scan-response`: the same for the response body, which goes on as
 //!   `[scanned]<body>` or is replaced by a 502 `blocked by scanner`.
 //! - anything else: streams both bodies untouched, counting bytes in the counter
@@ -88,6 +90,8 @@ impl Context for Stream {
                 self.resume_http_request();
             }
             ("scan-trailers", true) => self.resume_http_request(),
+            // Never takes the body up again: it waits until the request's timeout.
+            ("scan-ignore", _) => {}
             ("scan-response", true) => {
                 let body = self.get_http_response_body(0, usize::MAX).unwrap_or_default();
                 let mut scanned = b"[scanned]".to_vec();
@@ -112,8 +116,8 @@ impl HttpContext for Stream {
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         match self.mode.as_str() {
             "panic" => panic!("body callback panics on purpose"),
-            "upper" | "hold" | "scan" if !end_of_stream => Action::Pause,
-            "scan" => {
+            "upper" | "hold" | "scan" | "scan-ignore" if !end_of_stream => Action::Pause,
+            "scan" | "scan-ignore" => {
                 let body = self.get_http_request_body(0, size).unwrap_or_default();
                 self.scan(body)
             }
@@ -167,7 +171,9 @@ impl HttpContext for Stream {
                 self.set_http_response_body(0, size, &wrapped);
                 Action::Continue
             }
-            "upper" | "hold" | "watch" | "scan" | "scan-trailers" => Action::Continue,
+            "upper" | "hold" | "watch" | "scan" | "scan-ignore" | "scan-trailers" => {
+                Action::Continue
+            }
             _ => {
                 count("body_bytes_seen", size);
                 count("body_pieces_seen", 1);
