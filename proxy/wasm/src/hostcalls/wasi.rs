@@ -1,7 +1,9 @@
 //! A minimal WASI preview 1: `fd_write` to stdout and stderr (lines go to the proxy's log),
 //! empty arguments and environment, clocks, `random_get`, `sched_yield`, and `proc_exit`
-//! (which fails the instance). No filesystem or sockets: anything else a module imports from
-//! WASI answers `ENOSYS` ([`crate::linker`]).
+//! (which fails the instance). The standard streams are character devices (stdin reads as
+//! empty) and there are no preopened directories, as Go and TinyGo runtimes check at start;
+//! no filesystem or sockets otherwise: anything else a module imports from WASI answers
+//! `ENOSYS` ([`crate::linker`]).
 
 use weft_abi::LogLevel;
 
@@ -19,6 +21,10 @@ pub const MODULE: &str = "wasi_snapshot_preview1";
 const ESUCCESS: i32 = 0;
 /// Bad file descriptor.
 const EBADF: i32 = 8;
+/// No such file or directory.
+const ENOENT: i32 = 44;
+/// Invalid seek (on a stream).
+const ESPIPE: i32 = 70;
 /// Bad address: a pointer or length outside the guest's memory.
 const EFAULT: i32 = 21;
 /// Invalid argument.
@@ -139,13 +145,134 @@ fn add_module(l: &mut HostLinker, module: &'static str) -> wasmtime::Result<()> 
         },
     )?;
     l.func_wrap(module, "sched_yield", |_c: C<'_>| ESUCCESS)?;
+    add_descriptors(l, module)
+}
+
+/// The file descriptors: stdin, stdout and stderr only (character devices; stdin at its
+/// end), no preopened directories (`fd_prestat_get` answers `EBADF` from fd 3 on, which is
+/// how Go's and TinyGo's start-up know the list ended), nothing to open.
+fn add_descriptors(l: &mut HostLinker, module: &'static str) -> wasmtime::Result<()> {
+    let standard = |fd: i32| (0..=2).contains(&fd);
+    l.func_wrap(
+        module,
+        "fd_prestat_get",
+        |_c: C<'_>, _fd: i32, _buf: i32| EBADF,
+    )?;
+    l.func_wrap(
+        module,
+        "fd_prestat_dir_name",
+        |_c: C<'_>, _fd: i32, _path: i32, _len: i32| EBADF,
+    )?;
+    l.func_wrap(
+        module,
+        "fd_fdstat_get",
+        move |mut c: C<'_>, fd: i32, buf: i32| {
+            if !standard(fd) {
+                return EBADF;
+            }
+            // fdstat: filetype (character device = 2), flags (append for stdout and stderr),
+            // rights base (read for stdin, write for the others), rights inheriting.
+            let mut stat = [0u8; 24];
+            stat[0] = 2;
+            let (flags, rights): (u16, u64) = if fd == 0 { (0, 1 << 1) } else { (1, 1 << 6) };
+            stat[2..4].copy_from_slice(&flags.to_le_bytes());
+            stat[8..16].copy_from_slice(&rights.to_le_bytes());
+            match write(&mut c, buf, &stat) {
+                Ok(()) => ESUCCESS,
+                Err(_) => EFAULT,
+            }
+        },
+    )?;
+    l.func_wrap(
+        module,
+        "fd_read",
+        move |mut c: C<'_>, fd: i32, _iovs: i32, _iovs_len: i32, nread: i32| {
+            if fd != 0 {
+                return EBADF;
+            }
+            // Standard input is at its end.
+            match write_u32(&mut c, nread, 0) {
+                Ok(()) => ESUCCESS,
+                Err(_) => EFAULT,
+            }
+        },
+    )?;
+    l.func_wrap(
+        module,
+        "fd_seek",
+        move |_c: C<'_>, fd: i32, _offset: i64, _whence: i32, _ret: i32| {
+            if standard(fd) { ESPIPE } else { EBADF }
+        },
+    )?;
+    l.func_wrap(module, "fd_close", move |_c: C<'_>, fd: i32| {
+        if standard(fd) { ESUCCESS } else { EBADF }
+    })?;
+    l.func_wrap(
+        module,
+        "path_open",
+        |_c: C<'_>,
+         _dirfd: i32,
+         _flags: i32,
+         _path: i32,
+         _path_len: i32,
+         _oflags: i32,
+         _base: i64,
+         _inheriting: i64,
+         _fdflags: i32,
+         _ret: i32| ENOENT,
+    )?;
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{self, Func, Import};
+    use crate::testing::{self, Func, Import, i32_const};
+
+    #[test]
+    fn go_and_tinygo_start_up_finds_no_preopened_directories_and_standard_streams() {
+        let rt = testing::runtime();
+        let import = |name, params| Import {
+            module: MODULE,
+            name,
+            params,
+            results: 1,
+        };
+        // As Go's syscall package starts: fd_prestat_get from fd 3 until EBADF (it panics on
+        // anything else); then fd_fdstat_get on stdout.
+        let wasm = testing::module(
+            &[import("fd_prestat_get", 2), import("fd_fdstat_get", 2)],
+            &[
+                Func {
+                    export: "prestat",
+                    name: "prestat",
+                    params: 0,
+                    results: 1,
+                    body: [i32_const(3), i32_const(0), vec![0x10, 0x00]].concat(),
+                },
+                Func {
+                    export: "fdstat",
+                    name: "fdstat",
+                    params: 1,
+                    results: 1,
+                    body: [vec![0x20, 0x00], i32_const(64), vec![0x10, 0x01]].concat(),
+                },
+            ],
+            1,
+        );
+        let (mut store, instance) = testing::instance(&rt, &wasm);
+        let prestat = instance
+            .get_typed_func::<(), i32>(&mut store, "prestat")
+            .unwrap();
+        assert_eq!(prestat.call(&mut store, ()).unwrap(), EBADF);
+        let fdstat = instance
+            .get_typed_func::<i32, i32>(&mut store, "fdstat")
+            .unwrap();
+        assert_eq!(fdstat.call(&mut store, 1).unwrap(), ESUCCESS);
+        let memory = instance.get_memory(&mut store, "memory").unwrap();
+        assert_eq!(memory.data(&store)[64], 2, "a character device");
+        assert_eq!(fdstat.call(&mut store, 7).unwrap(), EBADF);
+    }
 
     #[test]
     fn random_get_fills_guest_memory_in_place_and_refuses_what_is_outside_it() {
