@@ -837,3 +837,21 @@ async fn filters_that_share_a_vm_id_must_share_their_module() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_name_endpoint_reads_as_the_address_its_connection_reached() {
+    let up = Upstream::start("u").await;
+    let host = format!("localhost:{}", up.addr.port());
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter("basic", &guest_filter("compat_basic"), "")],
+        &[crate::cluster("svc", &[host], "")],
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    for _ in 0..2 {
+        let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        // `upstream.address` is the socket address reached, as Envoy reports its hosts'.
+        assert_eq!(got.header("x-wasm-upstream"), up.address(), "{got:?}");
+    }
+}

@@ -299,8 +299,8 @@ pub trait FilterStream: Send {
     fn take_reply(&mut self) -> Option<LocalReply> {
         None
     }
-    /// Tells the stream which cluster (by index) and endpoint (when it has an IP address) the
-    /// request goes to.
+    /// Tells the stream which cluster (by index) and endpoint the request goes to: its socket
+    /// address (for a host name, the one its connection reached; called again once known).
     fn set_upstream(&mut self, _cluster: usize, _address: Option<SocketAddr>) {}
     /// What the filters asked of the request's routing (read after the request phase).
     fn route(&self) -> RouteOverrides {

@@ -76,13 +76,19 @@ impl Exchange {
                 limit,
                 |endpoint| {
                     if let Some(f) = &filters {
-                        filter::lock(f).set_upstream(cluster.index, endpoint.address.ip());
+                        filter::lock(f).set_upstream(cluster.index, endpoint.peer());
                     }
                 },
             )
             .await;
             if let Some(ep) = &dispatched.endpoint {
                 tried.push(ep.id);
+                // A host name's address is known once a connection reached it.
+                if ep.address.ip().is_none()
+                    && let Some(f) = &filters
+                {
+                    filter::lock(f).set_upstream(cluster.index, ep.peer());
+                }
             }
             let (mut rhead, rbody, error) = match dispatched.outcome {
                 Ok((resp, in_flight)) => {

@@ -161,6 +161,9 @@ async fn connect_tcp(cluster: &Cluster, ep: &Endpoint) -> Result<TcpStream, Upst
     let result = match tokio::time::timeout(cluster.connect_timeout, connect).await {
         Ok(Ok(stream)) => {
             let _ = stream.set_nodelay(true);
+            if let Ok(peer) = stream.peer_addr() {
+                endpoint.resolved_to(peer);
+            }
             return Ok(stream);
         }
         Ok(Err(e)) => e,

@@ -2,6 +2,7 @@
 //! about it (active requests, peak-EWMA latency, failures, ejection), and the endpoint sets a
 //! cluster swaps whole.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
@@ -46,6 +47,8 @@ pub struct Endpoint {
     pub(super) ejection_streak: AtomicU32,
     /// Ejections since start.
     pub(super) ejections_total: AtomicU64,
+    /// For a host-name endpoint: the address its last connection reached.
+    resolved: arc_swap::ArcSwapOption<SocketAddr>,
 }
 
 impl Endpoint {
@@ -63,6 +66,22 @@ impl Endpoint {
             ejected_until_ms: AtomicU64::new(0),
             ejection_streak: AtomicU32::new(0),
             ejections_total: AtomicU64::new(0),
+            resolved: arc_swap::ArcSwapOption::empty(),
+        }
+    }
+
+    /// The socket address requests to it reach: its own, or for a host name the one its
+    /// last connection reached (`None` before any).
+    pub fn peer(&self) -> Option<SocketAddr> {
+        self.address
+            .ip()
+            .or_else(|| self.resolved.load().as_deref().copied())
+    }
+
+    /// Records the address a connection to this host-name endpoint reached.
+    pub(super) fn resolved_to(&self, peer: SocketAddr) {
+        if self.address.ip().is_none() {
+            self.resolved.store(Some(std::sync::Arc::new(peer)));
         }
     }
 
