@@ -180,6 +180,14 @@ async fn a_filter_can_answer_locally() {
         stats.contains("weft_filter_basic_logged_deny_path_total 1"),
         "{stats}"
     );
+    // `response.code_details`: the details the filter gave its reply, or `via_upstream`.
+    let got = get(&h1_client(), &proxy.url("/deny/details"))
+        .await
+        .unwrap();
+    assert_eq!(got.status, 403);
+    assert_eq!(got.header("x-wasm-details"), "[denied_by_basic]");
+    let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+    assert_eq!(got.header("x-wasm-details"), "[via_upstream]");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +238,19 @@ async fn envoy_properties_filters_read_in_practice() {
     assert_eq!(
         got.echo()["headers"]["x-wasm-envoy"][0],
         "q=a=1&b=2 ref=https://shop.example/cart ua=weft-test/1 node=edge-1 app=shop dir=0"
+    );
+    // Known in the request phase already (the listener's default cluster), and what one
+    // filter sets read back as filter state and dynamic metadata.
+    let host = proxy
+        .url("/")
+        .replace("http://", "")
+        .trim_end_matches('/')
+        .to_owned();
+    assert_eq!(
+        got.echo()["headers"]["x-wasm-envoy-more"][0],
+        format!(
+            "cluster=svc url_path=/p host={host} scheme=http mtls=[0] sni=[] fs=alice md=alice"
+        )
     );
     assert_eq!(got.header("x-wasm-flags"), "0", "via upstream: no flags");
     assert_eq!(got.header("x-wasm-cluster"), "svc");

@@ -203,9 +203,11 @@ pub struct StreamInfo {
     pub start_unix_ns: u64,
     /// The downstream connection's id.
     pub connection_id: u64,
-    /// The upstream endpoint chosen for the request, once chosen (IP endpoints only).
+    /// The upstream endpoint chosen for the request, once chosen (for a host name, once a
+    /// connection reached it).
     pub upstream: Option<SocketAddr>,
-    /// The cluster the request went to (index into the proxy's clusters), once chosen.
+    /// The cluster the request goes to (index into the proxy's clusters): the listener's
+    /// default until a filter chooses another or the attempt is sent.
     pub cluster: Option<u32>,
     /// The attempt whose response is being processed.
     pub attempt: Attempt,

@@ -61,6 +61,10 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"destination", b"address"] => text(&info?.destination.to_string()),
         [b"destination", b"port"] => int(info?.destination.port().into()),
         [b"connection", b"id"] => int(info?.connection_id as i64),
+        // Plain TCP downstream connections (no TLS yet): not mutual TLS (a bool, one byte, as
+        // Envoy encodes it), no SNI.
+        [b"connection", b"mtls"] => info.map(|_| vec![0]),
+        [b"connection", b"requested_server_name"] => info.and_then(|_| text("")),
         [b"xds", b"cluster_name"] | [b"cluster_name"] => {
             text(state.clusters.get(info?.cluster? as usize)?)
         }
@@ -112,7 +116,15 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
             let resp = state.resp();
             match rest {
                 [b"code"] => int(resp?.status.as_u16().into()),
-                [b"code_details"] => text(info?.attempt.error.code_details()),
+                // A filter's local reply carries its own details.
+                [b"code_details"] => match state
+                    .stream_props
+                    .as_ref()
+                    .and_then(|p| p.get(crate::stream::CODE_DETAILS))
+                {
+                    Some(details) => Some(details.clone()),
+                    None => text(info?.attempt.error.code_details()),
+                },
                 [b"flags"] => int(response_flags(info?.attempt.error)),
                 [b"headers"] => {
                     let pairs = map_pairs(state, MapKind::ResponseHeaders);
@@ -122,6 +134,25 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                 [b"size"] => int(content_length(&resp?.headers)),
                 _ => None,
             }
+        }
+        // What filters set on the stream, under the names Envoy filters read it by: filter
+        // state (`wasm.` + the path a filter set) and dynamic metadata
+        // (`metadata.filter_metadata.<namespace>.<key>` for the path `<namespace>.<key>`).
+        [b"filter_state", key] => {
+            let path = key.strip_prefix(b"wasm.")?;
+            let props = state.stream_props.as_ref()?;
+            // `wasm.a.b` names the path `a`, `b` (or the one segment `a.b`).
+            let dotted: Vec<u8> = path
+                .iter()
+                .map(|b| if *b == b'.' { 0 } else { *b })
+                .collect();
+            props
+                .get(&normalize(path))
+                .or_else(|| props.get(&normalize(&dotted)))
+                .cloned()
+        }
+        [b"metadata", b"filter_metadata", rest @ ..] if !rest.is_empty() => {
+            state.stream_props.as_ref()?.get(&rest.join(&0u8)).cloned()
         }
         _ => match &state.stream_props {
             Some(props) => props.get(&normalize(path)).cloned(),

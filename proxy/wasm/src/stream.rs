@@ -137,6 +137,9 @@ fn overflow_reply(direction: Direction, filter: &str) -> LocalReply {
     }
 }
 
+/// The stream property that carries a local reply's `response.code_details`.
+pub const CODE_DETAILS: &[u8] = b"weft\0code_details";
+
 /// The reply for a filter's local response (invalid headers dropped).
 fn local_reply(lr: LocalResponse) -> LocalReply {
     let mut headers = HeaderMap::new();
@@ -291,7 +294,8 @@ impl WasmStream {
                     continue;
                 }
                 Step::Local(lr) => {
-                    return RequestDecision::Respond(self.seen_reply(head, local_reply(lr)));
+                    let reply = self.local_reply(lr);
+                    return RequestDecision::Respond(self.seen_reply(head, reply));
                 }
                 Step::Paused(callouts) => {
                     self.paused = Some(idx);
@@ -521,7 +525,10 @@ impl WasmStream {
                     }
                     return BodyDecision::Continue(Bytes::new());
                 }
-                Step::Local(lr) => return self.end_body(direction, local_reply(lr)),
+                Step::Local(lr) => {
+                    let reply = self.local_reply(lr);
+                    return self.end_body(direction, reply);
+                }
                 Step::Failed(f) => Some(Some(f)),
                 Step::Unavailable => Some(None),
             };
@@ -626,7 +633,7 @@ impl WasmStream {
                     return ResponseDecision::Pause(callouts);
                 }
                 Step::Local(lr) => {
-                    let reply = local_reply(lr);
+                    let reply = self.local_reply(lr);
                     self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
                     return ResponseDecision::Respond(reply);
                 }
@@ -672,7 +679,7 @@ impl WasmStream {
                     more.extend(callouts);
                     continue;
                 }
-                Step::Local(lr) => return Delivered::Reply(local_reply(lr)),
+                Step::Local(lr) => return Delivered::Reply(self.local_reply(lr)),
                 Step::Failed(f) => Some(f),
                 Step::Unavailable => None,
             };
@@ -689,12 +696,25 @@ impl WasmStream {
         Delivered::Hold
     }
 
+    /// The reply for a filter's local response; its details become the stream's
+    /// `response.code_details`, as in Envoy.
+    fn local_reply(&mut self, lr: LocalResponse) -> LocalReply {
+        self.seen
+            .props
+            .insert(CODE_DETAILS.to_vec(), lr.details.clone().into_bytes());
+        local_reply(lr)
+    }
+
     /// Keeps what a callback asked through `weft.*` extensions (later calls win).
     fn merge(&mut self, ext: Ext) {
         if ext == Ext::default() {
             return;
         }
         self.cluster = ext.cluster.or(self.cluster);
+        if let Some(c) = ext.cluster {
+            // Later filters read the cluster chosen (`cluster_name`).
+            self.info.cluster = Some(c as u32);
+        }
         let r = &mut self.route;
         r.timeout = ext.timeout.or(r.timeout);
         r.try_timeout = ext.try_timeout.or(r.try_timeout);
@@ -747,7 +767,8 @@ impl FilterStream for WasmStream {
             return match release {
                 Release::Resume => self.request_from(idx + 1, head, end_of_stream),
                 Release::Reply(lr) => {
-                    RequestDecision::Respond(self.seen_reply(head, local_reply(lr)))
+                    let reply = self.local_reply(lr);
+                    RequestDecision::Respond(self.seen_reply(head, reply))
                 }
                 Release::Failed => match self.on_failure(idx, None) {
                     Some(reply) => RequestDecision::Respond(self.seen_reply(head, reply)),
@@ -787,7 +808,10 @@ impl FilterStream for WasmStream {
         if let Some((idx, release)) = self.release(head) {
             return match release {
                 Release::Resume => self.response_from(idx, head, end_of_stream),
-                Release::Reply(lr) => respond(self, local_reply(lr)),
+                Release::Reply(lr) => {
+                    let reply = self.local_reply(lr);
+                    respond(self, reply)
+                }
                 Release::Failed => match self.on_failure(idx, None) {
                     Some(reply) => respond(self, reply),
                     None => self.response_from(idx, head, end_of_stream),
@@ -872,7 +896,10 @@ impl FilterStream for WasmStream {
         };
         match release {
             Release::Resume => go_on(self, trailers),
-            Release::Reply(lr) => self.end_body(direction, local_reply(lr)),
+            Release::Reply(lr) => {
+                let reply = self.local_reply(lr);
+                self.end_body(direction, reply)
+            }
             Release::Failed => match self.on_failure(h.idx, None) {
                 Some(reply) => self.end_body(direction, reply),
                 // Fail-open: the filter is skipped; what it held goes on.

@@ -229,7 +229,9 @@ impl Exchange {
                 .map_or(0, |d| d.as_nanos() as u64),
             connection_id: self.conn.id,
             upstream: None,
-            cluster: None,
+            // The listener's default cluster until a filter or the attempt says otherwise
+            // (Envoy knows the route's cluster in the request phase).
+            cluster: Some(self.cluster as u32),
             attempt: Default::default(),
         };
         let filters: SharedFilterStream = Arc::new(std::sync::Mutex::new(chain.start_stream(info)));

@@ -3,7 +3,8 @@
 //! Request path selects behaviour, for the compatibility tests:
 //! - any path: echo the plugin and VM configuration, request properties, and edit headers
 //!   (add `x-wasm-added`, replace `x-replace-me`, remove `x-remove-me`);
-//! - `/deny`: local response 403 with a header and a body;
+//! - `/deny`: local response 403 with a header and a body; `/deny/details`: 403 with
+//!   response code details `denied_by_basic`;
 //! - `/panic`, `/loop`, `/grow`: panic, spin forever, grow memory without bound;
 //!   `/panic/<config>`: panic only in the filter with that plugin configuration;
 //! - `/random`: WASI `random_get` for a few normal lengths, answered locally with the bytes
@@ -179,6 +180,16 @@ unsafe extern "C" {
         value: *const u8,
         value_len: usize,
     ) -> u32;
+    fn proxy_send_local_response(
+        status: u32,
+        details: *const u8,
+        details_len: usize,
+        body: *const u8,
+        body_len: usize,
+        headers: *const u8,
+        headers_len: usize,
+        grpc_status: i32,
+    ) -> u32;
 }
 
 impl Context for Stream {}
@@ -196,6 +207,24 @@ impl HttpContext for Stream {
             "/deny/bad-length" => {
                 // A content-length that does not match the body: the host frames it.
                 self.send_http_response(403, vec![("content-length", "999")], Some(b"short\n"));
+                return Action::Pause;
+            }
+            "/deny/details" => {
+                // The raw call, with response code details (the SDK passes none).
+                let (details, body) = ("denied_by_basic", "no\n");
+                // SAFETY: the pointers and lengths describe live local data; no headers.
+                unsafe {
+                    proxy_send_local_response(
+                        403,
+                        details.as_ptr(),
+                        details.len(),
+                        body.as_ptr(),
+                        body.len(),
+                        std::ptr::null(),
+                        0,
+                        -1,
+                    )
+                };
                 return Action::Pause;
             }
             "/deny/bad-status" => {
@@ -285,6 +314,20 @@ impl HttpContext for Stream {
             int(self.get_property(vec!["listener_direction"])),
         );
         self.set_http_request_header("x-wasm-envoy", Some(&envoy));
+        // As an authentication filter leaves its result for later filters to read.
+        self.set_property(vec!["authn", "principal"], Some(b"alice"));
+        let more = format!(
+            "cluster={} url_path={} host={} scheme={} mtls={:?} sni=[{}] fs={} md={}",
+            self.property(&["cluster_name"]),
+            self.property(&["request", "url_path"]),
+            self.property(&["request", "host"]),
+            self.property(&["request", "scheme"]),
+            self.get_property(vec!["connection", "mtls"]).unwrap_or_default(),
+            self.property(&["connection", "requested_server_name"]),
+            self.property(&["filter_state", "wasm.authn.principal"]),
+            self.property(&["metadata", "filter_metadata", "authn", "principal"]),
+        );
+        self.set_http_request_header("x-wasm-envoy-more", Some(&more));
         let count = self.get_http_request_headers().len();
         let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_requests"), 1);
         let _ = hostcalls::record_metric(metric(MetricType::Histogram, "basic_request_headers"), count as u64);
@@ -332,6 +375,8 @@ impl HttpContext for Stream {
         self.add_http_response_header("x-wasm-flags", &flags);
         let cluster = self.property(&["cluster_name"]);
         self.add_http_response_header("x-wasm-cluster", &cluster);
+        let details = self.property(&["response", "code_details"]);
+        self.add_http_response_header("x-wasm-details", &format!("[{details}]"));
         Action::Continue
     }
 }
