@@ -876,3 +876,28 @@ async fn a_host_name_endpoint_reads_as_the_address_its_connection_reached() {
         assert_eq!(got.header("x-wasm-upstream"), up.address(), "{got:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_reply_to_a_grpc_request_is_a_grpc_status() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;
+    // As Envoy answers gRPC clients: HTTP 200, trailers-only, the status mapped from the
+    // HTTP one (403: PERMISSION_DENIED) or the filter's own, the body as grpc-message.
+    for (path, status, message) in [
+        ("/deny", "7", "denied by filter%0A"),
+        ("/deny/grpc-status", "16", "no%0A"),
+    ] {
+        let req = Request::post(proxy.url(path))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let got = send(&h2_client(), req).await.unwrap();
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.header("grpc-status"), status, "{got:?}");
+        assert_eq!(got.header("grpc-message"), message, "{got:?}");
+        assert_eq!(got.header("content-type"), "application/grpc");
+        assert_eq!(got.body, "");
+    }
+    assert_eq!(up.hits(), 0);
+}

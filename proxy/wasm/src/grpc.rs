@@ -170,17 +170,36 @@ fn percent_decode(v: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The status of a response that is not HTTP 200 (gRPC's HTTP-to-status mapping).
-fn status_from_http(status: StatusCode) -> (u32, String) {
-    let code = match status.as_u16() {
+/// The gRPC status for an HTTP status (gRPC's HTTP-to-status mapping, as Envoy applies it).
+pub fn code_for_http(status: u16) -> u32 {
+    match status {
+        200 => code::OK,
         400 => 13,
         401 => 16,
         403 => 7,
         404 => 12,
         429 | 502..=504 => code::UNAVAILABLE,
         _ => code::UNKNOWN,
-    };
+    }
+}
+
+/// The status of a response that is not HTTP 200 (gRPC's HTTP-to-status mapping).
+fn status_from_http(status: StatusCode) -> (u32, String) {
+    let code = code_for_http(status.as_u16());
     (code, format!("upstream answered HTTP {}", status.as_u16()))
+}
+
+/// `grpc-message` encoding: bytes outside printable ASCII, and `%`, percent-encoded.
+pub fn percent_encode(message: &[u8]) -> String {
+    let mut out = String::with_capacity(message.len());
+    for &b in message {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// The status of a transport failure (`why` from the callout or stream): the deadline (the
@@ -416,6 +435,12 @@ mod tests {
         assert_eq!(grpc_timeout(250), "250m");
         assert_eq!(grpc_timeout(u32::MAX), "4294968S");
         assert_eq!(percent_decode(b"100%"), "100%");
+        let message = "denied: 100% no\n".as_bytes();
+        assert_eq!(percent_encode(message), "denied: 100%25 no%0A");
+        assert_eq!(
+            percent_decode(percent_encode(message).as_bytes()).as_bytes(),
+            message
+        );
     }
 
     #[test]

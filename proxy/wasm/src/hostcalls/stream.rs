@@ -35,6 +35,31 @@ fn close_stream(data: &mut HostState) {
     }
 }
 
+/// A local reply to a gRPC request, as Envoy makes it: HTTP 200, trailers-only, with
+/// `grpc-status` (the filter's `grpc_status`, else mapped from the HTTP status) and the body
+/// as `grpc-message`.
+fn grpc_reply(reply: LocalResponse, grpc_status: i32) -> LocalResponse {
+    let code =
+        u32::try_from(grpc_status).unwrap_or_else(|_| crate::grpc::code_for_http(reply.status));
+    let mut headers: Vec<(Vec<u8>, Vec<u8>)> = reply
+        .headers
+        .into_iter()
+        .filter(|(k, _)| !k.eq_ignore_ascii_case(b"content-type"))
+        .collect();
+    headers.push((b"content-type".to_vec(), b"application/grpc".to_vec()));
+    headers.push((b"grpc-status".to_vec(), code.to_string().into_bytes()));
+    if !reply.body.is_empty() {
+        let message = crate::grpc::percent_encode(&reply.body);
+        headers.push((b"grpc-message".to_vec(), message.into_bytes()));
+    }
+    LocalResponse {
+        status: 200,
+        details: reply.details,
+        body: Vec::new(),
+        headers,
+    }
+}
+
 /// Adds the stream calls.
 pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
     l.func_wrap(
@@ -48,7 +73,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
          blen: i32,
          hptr: i32,
          hlen: i32,
-         _grpc: i32| {
+         grpc_status: i32| {
             let read_all = |c: &mut C<'_>| -> Result<_, Status> {
                 Ok((
                     read(c, dptr, dlen)?,
@@ -95,6 +120,16 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                         headers: Vec::new(),
                     }
                 }
+            };
+            let grpc_request = c.data().req().is_some_and(|r| {
+                r.headers
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+            });
+            let reply = if grpc_request {
+                grpc_reply(reply, grpc_status)
+            } else {
+                reply
             };
             let data = c.data_mut();
             if data.context == data.callback_context {

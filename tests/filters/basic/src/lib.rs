@@ -209,9 +209,11 @@ impl HttpContext for Stream {
                 self.send_http_response(403, vec![("content-length", "999")], Some(b"short\n"));
                 return Action::Pause;
             }
-            "/deny/details" => {
-                // The raw call, with response code details (the SDK passes none).
+            "/deny/details" | "/deny/grpc-status" => {
+                // The raw call, with response code details (the SDK passes none), and a
+                // gRPC status for `/deny/grpc-status`.
                 let (details, body) = ("denied_by_basic", "no\n");
+                let grpc_status = if path == "/deny/grpc-status" { 16 } else { -1 };
                 // SAFETY: the pointers and lengths describe live local data; no headers.
                 unsafe {
                     proxy_send_local_response(
@@ -222,7 +224,7 @@ impl HttpContext for Stream {
                         body.len(),
                         std::ptr::null(),
                         0,
-                        -1,
+                        grpc_status,
                     )
                 };
                 return Action::Pause;
