@@ -901,3 +901,31 @@ async fn a_local_reply_to_a_grpc_request_is_a_grpc_status() {
     }
     assert_eq!(up.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callouts_from_on_configure_a_callout_answer_and_on_queue_ready_are_answered_on_the_root() {
+    let svc = Upstream::start("svc").await;
+    let auth = Upstream::start("auth").await;
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter(
+            "authz",
+            &guest_filter("compat_callout"),
+            "\"auth:warm\"",
+        )],
+        &[
+            crate::cluster("svc", &[svc.address()], ""),
+            crate::cluster("auth", &[auth.address()], ""),
+        ],
+    );
+    // One worker: one instance, so one of each callout.
+    let proxy = ProxyProcess::start_with(&yaml, 1).await;
+    // From on_configure (201), then from its answer's callback (202), with no traffic.
+    until_stat(&proxy, "weft_filter_root_answered_1_201_total 1").await;
+    until_stat(&proxy, "weft_filter_root_answered_2_202_total 1").await;
+    // From on_queue_ready (203), for an item a request queued.
+    let got = get(&h1_client(), &proxy.url("/enqueue")).await.unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    until_stat(&proxy, "weft_filter_root_answered_3_203_total 1").await;
+    assert_eq!(auth.hits(), 3);
+}

@@ -8,6 +8,11 @@
 //! Responses to `/public/audited` are held while the filter asks the same cluster
 //! (`GET /status/202`) and get `x-audit: <its status>` before they go on.
 //!
+//! Configuration `<cluster>:warm`: the root context calls the cluster from `on_configure`
+//! (`GET /status/201`), again from the answer's callback (`/status/202`), and from
+//! `on_queue_ready` for each item a request to `/enqueue` puts on its queue `callout_q`
+//! (`/status/203`); the answers are counted as `root_answered_<n>_<status>`.
+//!
 //! A request whose path contains `/notify` is not held: the filter sends `GET /status/204`
 //! to the cluster and lets the request go on at once; the answer, when it comes while the
 //! stream lives, counts `notify_answered_<status>`.
@@ -19,22 +24,63 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, MetricType};
 
 proxy_wasm::main! {{
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cluster: String::new() }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { cluster: String::new(), answered: 0 }) });
 }}
 
 struct Root {
     cluster: String,
+    /// Root-context callouts answered so far (`warm` mode).
+    answered: u32,
 }
 
-impl Context for Root {}
+impl Root {
+    fn call(&self, path: &str) {
+        let headers = vec![(":method", "GET"), (":path", path), (":authority", "auth")];
+        self.dispatch_http_call(&self.cluster, headers, None, vec![], Duration::from_secs(2))
+            .expect("a root-context callout is sent");
+    }
+}
+
+impl Context for Root {
+    /// `warm` mode: the answers to the root context's own callouts, counted as
+    /// `root_answered_<n>_<status>`; the first answer sends another callout from here.
+    fn on_http_call_response(&mut self, _token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        self.answered += 1;
+        let status = self.get_http_call_response_header(":status").unwrap_or_default();
+        let name = format!("root_answered_{}_{status}", self.answered);
+        if let Ok(id) = hostcalls::define_metric(MetricType::Counter, &name) {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
+        if self.answered == 1 {
+            self.call("/status/202");
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
-        self.cluster = self
+        let config = self
             .get_plugin_configuration()
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
+        let (cluster, warm) = match config.split_once(':') {
+            Some((cluster, "warm")) => (cluster.to_owned(), true),
+            _ => (config.clone(), false),
+        };
+        self.cluster = cluster;
+        if warm {
+            // From on_configure, as filters fetch what they need before traffic.
+            self.call("/status/201");
+            let _ = hostcalls::register_shared_queue("callout_q");
+        }
         !self.cluster.is_empty()
+    }
+
+    /// `warm` mode: each queued item sends a callout from here.
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {
+            self.call("/status/203");
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -102,6 +148,12 @@ impl Context for Auth {
 impl HttpContext for Auth {
     fn on_http_request_headers(&mut self, _: usize, _: bool) -> Action {
         let path = self.get_http_request_header(":path").unwrap_or_default();
+        if path == "/enqueue" {
+            if let Ok(Some(queue)) = hostcalls::resolve_shared_queue("", "callout_q") {
+                let _ = hostcalls::enqueue_shared_queue(queue, Some(b"go"));
+            }
+            return Action::Continue;
+        }
         if path.contains("/notify") {
             let headers = vec![(":method", "GET"), (":path", "/status/204"), (":authority", "auth")];
             self.notifying = self
