@@ -156,3 +156,25 @@ async fn a_failed_root_context_fetch_denies_the_held_requests() {
     }
     assert_eq!(up.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_ended_while_held_is_gone_for_the_filter() {
+    let up = Upstream::start("svc").await;
+    // Held past the request timeout (400 ms): the streams end with 504 before the filter
+    // becomes ready (1.5 s); then it cannot make their contexts effective (BAD_ARGUMENT,
+    // as in Envoy), and knows they are gone.
+    let proxy = held_proxy(&up, "\"allow:1500\"", "request_timeout_ms: 400").await;
+    for (g, _) in concurrent(&proxy, 2).await {
+        assert_eq!(g.status, 504, "{g:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = proxy.stats().await;
+        if metric_value(&stats, "weft_filter_hold_gone_total") == Some(2.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(up.hits(), 0);
+}

@@ -192,8 +192,6 @@ struct Plugin {
 pub struct FilterInstance {
     /// The filters it runs, by their place among them ([`FilterSpec::plugin`]).
     plugins: Vec<Plugin>,
-    /// With several filters: the filter each live stream context belongs to.
-    owners: std::collections::HashMap<i32, usize>,
     /// Its filter's failure counters (for failures outside a stream: queues).
     failures: FailureCounters,
     store: Store<HostState>,
@@ -239,9 +237,9 @@ impl FilterInstance {
                     })
                     .collect();
                 let next_context = ROOT_CONTEXT + plugins.len() as i32;
+                store.data_mut().roots = plugins.len() as u32;
                 Ok(Self {
                     plugins,
-                    owners: Default::default(),
                     failures: spec.failures.clone(),
                     store,
                     exports,
@@ -421,7 +419,8 @@ impl FilterInstance {
         let p = if (ROOT_CONTEXT..ROOT_CONTEXT + n).contains(&context) {
             (context - ROOT_CONTEXT) as usize
         } else {
-            self.owners.get(&context).copied().unwrap_or(0)
+            let contexts = &self.store.data().contexts;
+            contexts.get(&(context as u32)).copied().unwrap_or(0)
         };
         let data = self.store.data_mut();
         data.plugin = self.plugins[p].meta.clone();
@@ -467,9 +466,7 @@ impl FilterInstance {
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(first);
         let root = self.plugins.get(plugin).map_or(ROOT_CONTEXT, |p| p.root);
-        if self.plugins.len() > 1 {
-            self.owners.insert(id, plugin);
-        }
+        self.store.data_mut().contexts.insert(id as u32, plugin);
         self.select(id);
         arm(&mut self.store, ticks);
         self.store.data_mut().context = id as u32;
@@ -843,7 +840,7 @@ impl FilterInstance {
         // (nor sent, if made here), its streams are reset.
         data.callouts.clear();
         data.forget_context(context as u32);
-        self.owners.remove(&context);
+        self.store.data_mut().contexts.remove(&(context as u32));
         result
     }
 

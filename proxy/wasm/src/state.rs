@@ -235,6 +235,10 @@ pub struct HostState {
     pub root: u32,
     /// Tick periods the filters of this instance asked for, by root context.
     pub tick_periods: Vec<(u32, u32)>,
+    /// Number of root contexts (ids 1 to `roots`: one per filter of the instance).
+    pub roots: u32,
+    /// Live stream contexts, with the filter (its place in the instance) each belongs to.
+    pub contexts: HashMap<u32, usize>,
     /// Partial line written to stdout/stderr.
     pub stdout: Vec<u8>,
     /// A write to a map outside its phase was logged (once per instance).
@@ -304,6 +308,8 @@ impl HostState {
             wakes: Vec::new(),
             root: 1,
             tick_periods: Vec::new(),
+            roots: 1,
+            contexts: HashMap::new(),
             stdout: Vec::new(),
             start_log: None,
             warned_phase: false,
@@ -408,6 +414,11 @@ impl HostState {
         if let Some((context, parked)) = self.borrowed.take() {
             crate::worker::park((self.slot, self.generation, context), parked);
         }
+    }
+
+    /// Whether `context` is a live context of this instance (a root, or a stream's).
+    pub fn is_live(&self, context: u32) -> bool {
+        (1..=self.roots).contains(&context) || self.contexts.contains_key(&context)
     }
 
     /// A fresh token for a callout, call or stream.

@@ -169,7 +169,8 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
         ENV,
         "proxy_set_effective_context",
         |mut c: C<'_>, context: i32| {
-            if context <= 0 {
+            // As in Envoy, only a live context (a stream that ended is gone).
+            if context <= 0 || !c.data().is_live(context as u32) {
                 return Status::BadArgument as i32;
             }
             let data = c.data_mut();

@@ -57,7 +57,11 @@ impl Root {
         };
         for context in self.pending.borrow_mut().drain(..) {
             if hostcalls::set_effective_context(context).is_err() {
-                continue; // the request is gone
+                // The request is gone (its client left): counted.
+                if let Ok(id) = hostcalls::define_metric(proxy_wasm::types::MetricType::Counter, "hold_gone") {
+                    let _ = hostcalls::increment_metric(id, 1);
+                }
+                continue;
             }
             if allow {
                 let _ = hostcalls::resume_http_request();
