@@ -929,3 +929,34 @@ async fn callouts_from_on_configure_a_callout_answer_and_on_queue_ready_are_answ
     until_stat(&proxy, "weft_filter_root_answered_3_203_total 1").await;
     assert_eq!(auth.hits(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callouts_trailers_are_sent() {
+    let svc = Upstream::start("svc").await;
+    let auth = Upstream::start("auth").await;
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter(
+            "authz",
+            &guest_filter("compat_callout"),
+            "auth",
+        )],
+        &[
+            crate::cluster("svc", &[svc.address()], ""),
+            crate::cluster("auth", &[auth.address()], "protocol: http2"),
+        ],
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let req = Request::get(proxy.url("/orders"))
+        .header("x-auth-echo", "t1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&h1_client(), req).await.unwrap();
+    assert_eq!(got.status, 200, "{got:?}");
+    // The auth service saw the callout's body and trailer (its echo came back as
+    // `x-auth-body`).
+    let seen: serde_json::Value =
+        serde_json::from_str(got.echo()["headers"]["x-auth-body"][0].as_str().unwrap()).unwrap();
+    assert_eq!(seen["body"], "ping", "{seen}");
+    assert_eq!(seen["trailers"]["x-callout-trailer"], "t1", "{seen}");
+}

@@ -75,6 +75,9 @@ pub struct Callout {
     /// The request (origin-form URI, `host` header set). A request of version HTTP/2 must go
     /// over HTTP/2 (gRPC): to a cluster that speaks HTTP/1.1 it fails.
     pub request: http::Request<Bytes>,
+    /// Trailers to send after the body (over HTTP/2; HTTP/1.1 has no way to carry them with
+    /// a body of known length).
+    pub trailers: Option<HeaderMap>,
     /// Time allowed for the response.
     pub timeout: std::time::Duration,
 }

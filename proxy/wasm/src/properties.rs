@@ -103,7 +103,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                     let pairs = map_pairs(state, MapKind::RequestHeaders);
                     Some(weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v))))
                 }
-                [b"headers", name] => map_get(state, MapKind::RequestHeaders, name),
+                [b"headers", name] => all_of(state, MapKind::RequestHeaders, name),
                 [b"time"] => int(info?.start_unix_ns as i64),
                 [b"duration"] => {
                     int(weft_core::clock::now_ns().saturating_sub(info?.start_ns) as i64)
@@ -130,7 +130,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                     let pairs = map_pairs(state, MapKind::ResponseHeaders);
                     Some(weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v))))
                 }
-                [b"headers", name] => map_get(state, MapKind::ResponseHeaders, name),
+                [b"headers", name] => all_of(state, MapKind::ResponseHeaders, name),
                 [b"size"] => int(content_length(&resp?.headers)),
                 _ => None,
             }
@@ -164,6 +164,18 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
+/// Every value of header `name` in map `kind`, joined with `,` (as Envoy's property reads a
+/// repeated header); `None` when there is none.
+fn all_of(state: &HostState, kind: MapKind, name: &[u8]) -> Option<Vec<u8>> {
+    let name = name.to_ascii_lowercase();
+    let values: Vec<Vec<u8>> = map_pairs(state, kind)
+        .into_iter()
+        .filter(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+        .collect();
+    (!values.is_empty()).then(|| values.join(&b','))
+}
+
 /// The `content-length` header as a number (0 when absent or invalid).
 fn content_length(headers: &HeaderMap) -> i64 {
     headers
@@ -180,7 +192,7 @@ mod tests {
 
     #[test]
     fn properties_use_envoy_encodings() {
-        let s = state();
+        let mut s = state();
         assert_eq!(property(&s, b"request\0path").unwrap(), b"/a/b?q=1");
         assert_eq!(property(&s, b"request\0url_path\0").unwrap(), b"/a/b");
         assert_eq!(property(&s, b"request\0id").unwrap(), b"rid");
@@ -188,6 +200,17 @@ mod tests {
         assert!(property(&s, b"response\0code").is_none(), "no response yet");
         assert!(property(&s, b"nope").is_none());
         assert_eq!(property(&s, b"request\0query").unwrap(), b"q=1");
+        s.request
+            .as_mut()
+            .unwrap()
+            .headers
+            .append("x-many", "a".parse().unwrap());
+        s.request
+            .as_mut()
+            .unwrap()
+            .headers
+            .append("x-many", "b".parse().unwrap());
+        assert_eq!(property(&s, b"request\0headers\0x-many").unwrap(), b"a,b");
         assert_eq!(
             property(&s, b"listener_direction").unwrap(),
             0i64.to_le_bytes()

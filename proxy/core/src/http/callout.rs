@@ -82,7 +82,16 @@ pub async fn run(clusters: &[Arc<Cluster>], callout: Callout) -> CalloutOutcome 
     let deadline = tokio::time::Instant::now() + callout.timeout;
     let response = async {
         let (head, body) = callout.request.into_parts();
-        let req_body = RequestBody::Full { body: body.into() };
+        let req_body = match callout.trailers {
+            Some(trailers) => RequestBody::Filtered {
+                body: crate::body::FilteredBody::whole(
+                    body,
+                    Some(trailers),
+                    crate::filter::Direction::Request,
+                ),
+            },
+            None => RequestBody::Full { body: body.into() },
+        };
         let (resp, in_flight) =
             exchange(clusters, &callout.cluster, head, req_body, Some(deadline)).await?;
         let (head, body) = resp.into_parts();

@@ -6,7 +6,7 @@
 
 use weft_abi::{Status, map};
 
-use super::http_call::{callout_timeout, queue};
+use super::http_call::{Queued, callout_timeout, queue};
 use super::{C, ENV, status};
 use crate::grpc::{self, OpenStream};
 use crate::linker::HostLinker;
@@ -98,7 +98,14 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 let timeout = callout_timeout(timeout_ms);
                 let head = target.head(Some(timeout.as_millis() as u32))?;
                 let request = http::Request::from_parts(head, grpc::frame(&message));
-                queue(c, ret_token, target.cluster, request, timeout, true)
+                let queued = Queued {
+                    cluster: target.cluster,
+                    request,
+                    trailers: None,
+                    timeout,
+                    grpc: true,
+                };
+                queue(c, ret_token, queued)
             };
             status(call(&mut c))
         },

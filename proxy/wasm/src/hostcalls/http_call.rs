@@ -27,8 +27,8 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
          h_len: i32,
          b_ptr: i32,
          b_len: i32,
-         _t_ptr: i32,
-         _t_len: i32,
+         t_ptr: i32,
+         t_len: i32,
          timeout_ms: i32,
          ret_token: i32| {
             let read_all = |c: &mut C<'_>| -> Result<_, Status> {
@@ -36,9 +36,10 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                     read(c, up_ptr, up_len)?,
                     read(c, h_ptr, h_len)?,
                     read(c, b_ptr, b_len)?,
+                    read(c, t_ptr, t_len)?,
                 ))
             };
-            let (cluster, headers, body) = match read_all(&mut c) {
+            let (cluster, headers, body, trailers) = match read_all(&mut c) {
                 Ok(x) => x,
                 Err(s) => return s as i32,
             };
@@ -50,8 +51,19 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             else {
                 return Status::BadArgument as i32;
             };
+            let trailers = match trailer_map(&trailers) {
+                Ok(t) => t,
+                Err(s) => return s as i32,
+            };
             let timeout = callout_timeout(timeout_ms);
-            status(queue(&mut c, ret_token, cluster, request, timeout, false))
+            let request = Queued {
+                cluster,
+                request,
+                trailers,
+                timeout,
+                grpc: false,
+            };
+            status(queue(&mut c, ret_token, request))
         },
     )?;
     // The status of the gRPC call or stream being closed (`proxy_on_grpc_close`); 0 and no
@@ -78,16 +90,45 @@ pub fn callout_timeout(timeout_ms: i32) -> std::time::Duration {
     }
 }
 
+/// A callout (or unary gRPC call) to queue.
+pub struct Queued {
+    /// The cluster it goes to.
+    pub cluster: String,
+    /// The request.
+    pub request: http::Request<bytes::Bytes>,
+    /// Trailers after the body.
+    pub trailers: Option<http::HeaderMap>,
+    /// Time allowed for the answer.
+    pub timeout: std::time::Duration,
+    /// A unary gRPC call.
+    pub grpc: bool,
+}
+
+/// The trailers of a callout from their serialized map (none when empty).
+fn trailer_map(bytes: &[u8]) -> Result<Option<http::HeaderMap>, Status> {
+    if bytes.is_empty() {
+        return Ok(None);
+    }
+    let pairs = map::deserialize(bytes).ok_or(Status::BadArgument)?;
+    let mut trailers = http::HeaderMap::new();
+    for (k, v) in pairs {
+        let name = http::HeaderName::from_bytes(k).map_err(|_| Status::BadArgument)?;
+        let value = http::HeaderValue::from_bytes(v).map_err(|_| Status::BadArgument)?;
+        trailers.append(name, value);
+    }
+    Ok((!trailers.is_empty()).then_some(trailers))
+}
+
 /// Queues a callout (or unary gRPC call) for the current callback to hand on, answered to the
 /// current context, and writes its token at `ret_token`.
-pub fn queue(
-    c: &mut C<'_>,
-    ret_token: i32,
-    cluster: String,
-    request: http::Request<bytes::Bytes>,
-    timeout: std::time::Duration,
-    grpc: bool,
-) -> Result<(), Status> {
+pub fn queue(c: &mut C<'_>, ret_token: i32, queued: Queued) -> Result<(), Status> {
+    let Queued {
+        cluster,
+        request,
+        trailers,
+        timeout,
+        grpc,
+    } = queued;
     let token = c.data_mut().next_token();
     write_u32(c, ret_token, token)?;
     let data = c.data_mut();
@@ -105,6 +146,7 @@ pub fn queue(
         token,
         cluster,
         request,
+        trailers,
         timeout,
     });
     Ok(())

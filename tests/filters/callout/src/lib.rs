@@ -171,7 +171,21 @@ impl HttpContext for Auth {
             .get_http_request_header("x-auth-timeout-ms")
             .and_then(|t| t.parse().ok())
             .map_or(Duration::from_secs(2), Duration::from_millis);
-        let path = format!("/status/{wanted}");
+        // `x-auth-echo: <v>`: the callout goes to `/echo` with the body `ping` and the
+        // trailer `x-callout-trailer: <v>` (the echo comes back as `x-auth-body`).
+        let echo = self.get_http_request_header("x-auth-echo");
+        let path = match &echo {
+            Some(_) => "/echo".to_owned(),
+            None => format!("/status/{wanted}"),
+        };
+        if let Some(v) = echo {
+            let headers = vec![(":method", "POST"), (":path", "/echo"), (":authority", "auth")];
+            let trailers = vec![("x-callout-trailer", v.as_str())];
+            self.outstanding += 1;
+            self.dispatch_http_call(&self.cluster, headers, Some(b"ping"), trailers, timeout)
+                .expect("the callout is sent");
+            return Action::Pause;
+        }
         let parallel: usize = self
             .get_http_request_header("x-auth-parallel")
             .and_then(|n| n.parse().ok())
