@@ -96,6 +96,7 @@ fn filter_chain(c: &mut Criterion) {
         connection_id: 1,
         upstream: None,
         cluster: None,
+        direction: 0,
         attempt: Default::default(),
     };
     let noop1 = chain(&rt, &metrics, "compat_noop", 1);

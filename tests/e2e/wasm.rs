@@ -960,3 +960,22 @@ async fn a_callouts_trailers_are_sent() {
     assert_eq!(seen["body"], "ping", "{seen}");
     assert_eq!(seen["trailers"]["x-callout-trailer"], "t1", "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listener_direction_is_the_listeners_as_envoy_numbers_it() {
+    let up = Upstream::start("u").await;
+    for (direction, number) in [("inbound", "1"), ("outbound", "2")] {
+        let yaml = filtered(&[&up], "").replace(
+            "    default_cluster: svc\n",
+            &format!("    default_cluster: svc\n    direction: {direction}\n"),
+        );
+        assert!(yaml.contains("direction:"), "{yaml}");
+        let proxy = ProxyProcess::start(&yaml).await;
+        let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+        let envoy = got.echo()["headers"]["x-wasm-envoy"][0]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert!(envoy.ends_with(&format!("dir={number}")), "{envoy}");
+    }
+}

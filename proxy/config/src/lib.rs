@@ -95,6 +95,10 @@ pub struct ListenerConfig {
     pub protocol: DownstreamProtocol,
     /// Cluster that requests go to unless a filter chooses another.
     pub default_cluster: String,
+    /// Which way traffic goes through it, for filters (`listener_direction`): a sidecar's
+    /// `inbound` listener receives calls to its service, `outbound` carries its calls out.
+    #[serde(default)]
+    pub direction: TrafficDirection,
     /// The WASM filter chain, in request order.
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
@@ -113,6 +117,30 @@ pub struct ListenerConfig {
     /// (`weft.set_attempts`); a larger body streams and gets one attempt.
     #[serde(default = "defaults::replay_buffer_kb")]
     pub replay_buffer_kb: u32,
+}
+
+/// Which way traffic goes through a listener (Envoy's `TrafficDirection`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum TrafficDirection {
+    /// Not said.
+    #[default]
+    Unspecified,
+    /// Calls to the local service.
+    Inbound,
+    /// Calls from the local service.
+    Outbound,
+}
+
+impl TrafficDirection {
+    /// Envoy's number for it (`listener_direction`).
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Unspecified => 0,
+            Self::Inbound => 1,
+            Self::Outbound => 2,
+        }
+    }
 }
 
 /// One WASM filter of a listener's chain. The filter host that runs these is a separate

@@ -212,6 +212,8 @@ pub struct StreamInfo {
     /// The cluster the request goes to (index into the proxy's clusters): the listener's
     /// default until a filter chooses another or the attempt is sent.
     pub cluster: Option<u32>,
+    /// Which way traffic goes through the listener (0 unspecified, 1 inbound, 2 outbound).
+    pub direction: u8,
     /// The attempt whose response is being processed.
     pub attempt: Attempt,
 }

@@ -78,8 +78,8 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"node", b"metadata", key] => {
             text(NODE.get()?.labels.get(std::str::from_utf8(key).ok()?)?)
         }
-        // No listener here has a direction yet: UNSPECIFIED, as Envoy encodes it.
-        [b"listener_direction"] => int(0),
+        // The listener's `direction` (0 unspecified, 1 inbound, 2 outbound).
+        [b"listener_direction"] => int(info?.direction.into()),
         [b"upstream", b"address"] => text(&info?.upstream?.to_string()),
         [b"upstream", b"port"] => int(info?.upstream?.port().into()),
         [b"request", rest @ ..] => {

@@ -259,6 +259,7 @@ pub fn info() -> StreamInfo {
         connection_id: 1,
         upstream: None,
         cluster: None,
+        direction: 0,
         attempt: Default::default(),
     }
 }

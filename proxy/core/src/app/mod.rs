@@ -186,6 +186,7 @@ impl Proxy {
                     metrics: metrics.listener(&l.name, &cluster_names),
                     chain: ChainSlot::from(chain.map(Arc::new)),
                     replay_limit: l.replay_buffer_kb as usize * 1024,
+                    direction: l.direction.number(),
                 };
                 Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
             })

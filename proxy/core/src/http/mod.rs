@@ -69,6 +69,9 @@ pub struct ListenerCtx {
     pub chain: filter::ChainSlot,
     /// Largest request body kept for replay (retries).
     pub replay_limit: usize,
+    /// Which way traffic goes through it (Envoy's number: 0 unspecified, 1 inbound, 2
+    /// outbound).
+    pub direction: u8,
 }
 
 /// How an exchange ends before (or instead of) an upstream response: the one error funnel of
@@ -232,6 +235,7 @@ impl Exchange {
             // The listener's default cluster until a filter or the attempt says otherwise
             // (Envoy knows the route's cluster in the request phase).
             cluster: Some(self.cluster as u32),
+            direction: self.ctx().direction,
             attempt: Default::default(),
         };
         let filters: SharedFilterStream = Arc::new(std::sync::Mutex::new(chain.start_stream(info)));
@@ -507,6 +511,7 @@ mod tests {
         let ctx = Arc::new(ListenerCtx {
             name: "ingress".into(),
             default_cluster: AtomicUsize::new(0),
+            direction: 0,
             clusters: vec![cluster].into(),
             metrics: metrics.listener("ingress", &["svc"]),
             chain: filter::ChainSlot::empty(),
