@@ -211,9 +211,16 @@ mod tests {
             .headers
             .append("x-many", "b".parse().unwrap());
         assert_eq!(property(&s, b"request\0headers\0x-many").unwrap(), b"a,b");
+        assert!(
+            property(&s, b"listener_direction").is_none(),
+            "outside a stream: no listener"
+        );
+        let mut info = crate::testing::info();
+        info.direction = 2;
+        s.info = Some(info);
         assert_eq!(
             property(&s, b"listener_direction").unwrap(),
-            0i64.to_le_bytes()
+            2i64.to_le_bytes()
         );
     }
 
