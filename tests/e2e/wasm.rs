@@ -594,21 +594,26 @@ async fn a_restart_with_a_warm_cache_does_not_recompile() {
     assert_eq!(call(&second, "/").await, (200, true));
 }
 
-/// A proxy whose listener runs `compat_callout` asking cluster `auth` before `svc`.
-async fn authz_proxy(svc: &Upstream, auth: &Upstream) -> ProxyProcess {
-    let yaml = crate::chain(
+/// A listener running `compat_callout` (configuration `config`) in front of `svc`, with
+/// cluster `auth` (extra fields `auth_extra`).
+fn authz_yaml(svc: &Upstream, auth: &Upstream, config: &str, auth_extra: &str) -> String {
+    crate::chain(
         "svc",
         &[crate::filter(
             "authz",
             &guest_filter("compat_callout"),
-            "auth",
+            config,
         )],
         &[
             crate::cluster("svc", &[svc.address()], ""),
-            crate::cluster("auth", &[auth.address()], ""),
+            crate::cluster("auth", &[auth.address()], auth_extra),
         ],
-    );
-    ProxyProcess::start(&yaml).await
+    )
+}
+
+/// A proxy whose listener runs `compat_callout` asking cluster `auth` before `svc`.
+async fn authz_proxy(svc: &Upstream, auth: &Upstream) -> ProxyProcess {
+    ProxyProcess::start(&authz_yaml(svc, auth, "auth", "")).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -906,18 +911,7 @@ async fn a_local_reply_to_a_grpc_request_is_a_grpc_status() {
 async fn callouts_from_on_configure_a_callout_answer_and_on_queue_ready_are_answered_on_the_root() {
     let svc = Upstream::start("svc").await;
     let auth = Upstream::start("auth").await;
-    let yaml = crate::chain(
-        "svc",
-        &[crate::filter(
-            "authz",
-            &guest_filter("compat_callout"),
-            "\"auth:warm\"",
-        )],
-        &[
-            crate::cluster("svc", &[svc.address()], ""),
-            crate::cluster("auth", &[auth.address()], ""),
-        ],
-    );
+    let yaml = authz_yaml(&svc, &auth, "\"auth:warm\"", "");
     // One worker: one instance, so one of each callout.
     let proxy = ProxyProcess::start_with(&yaml, 1).await;
     // From on_configure (201), then from its answer's callback (202), with no traffic.
@@ -934,19 +928,7 @@ async fn callouts_from_on_configure_a_callout_answer_and_on_queue_ready_are_answ
 async fn a_callouts_trailers_are_sent() {
     let svc = Upstream::start("svc").await;
     let auth = Upstream::start("auth").await;
-    let yaml = crate::chain(
-        "svc",
-        &[crate::filter(
-            "authz",
-            &guest_filter("compat_callout"),
-            "auth",
-        )],
-        &[
-            crate::cluster("svc", &[svc.address()], ""),
-            crate::cluster("auth", &[auth.address()], "protocol: http2"),
-        ],
-    );
-    let proxy = ProxyProcess::start(&yaml).await;
+    let proxy = ProxyProcess::start(&authz_yaml(&svc, &auth, "auth", "protocol: http2")).await;
     let req = Request::get(proxy.url("/orders"))
         .header("x-auth-echo", "t1")
         .body(Full::new(Bytes::new()))

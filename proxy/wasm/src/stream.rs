@@ -260,13 +260,17 @@ impl WasmStream {
             *head = parked;
         }
         self.paused = None;
-        let release = self
-            .released
+        Some((h.idx, self.take_release()))
+    }
+
+    /// How the hold was released (written by the future [`FilterStream::held`] returned);
+    /// failed when nothing was written (the instance went away).
+    fn take_release(&self) -> Release {
+        self.released
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
-            .unwrap_or(Release::Failed);
-        Some((h.idx, release))
+            .unwrap_or(Release::Failed)
     }
 
     /// Runs the request-headers callbacks of filters `start..`.
@@ -878,12 +882,7 @@ impl FilterStream for WasmStream {
         if let Some(Parked::Body(_, buf)) = worker::unpark(h.key) {
             self.bodies[d][h.idx] = buf;
         }
-        let release = self
-            .released
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take()
-            .unwrap_or(Release::Failed);
+        let release = self.take_release();
         let go_on = |this: &mut Self, trailers| {
             this.flow_from(
                 direction,
