@@ -51,6 +51,7 @@ async fn an_upstream_sdk_filter_edits_headers_both_ways() {
             up.address(),
             "upstream.address"
         );
+        assert_eq!(got.header("x-wasm-attempts"), "1", "request_attempt_count");
         assert_eq!(got.header("x-upstream"), "", "removed by the filter");
         assert_eq!(got.header("x-wasm-request-path"), "/hello?x=1");
         let echo = got.echo();
@@ -239,6 +240,37 @@ async fn envoy_properties_filters_read_in_practice() {
         got.echo()["headers"]["x-wasm-envoy"][0],
         "q=a=1&b=2 ref=https://shop.example/cart ua=weft-test/1 node=edge-1 app=shop dir=0"
     );
+    // The node's metadata and the node as Envoy hands messages over: protobuf bytes a
+    // protobuf library decodes (google.protobuf.Struct; envoy.config.core.v3.Node's id is
+    // field 1, its metadata field 3).
+    use prost::Message as _;
+    let unhex = |s: &str| -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let md = unhex(
+        got.echo()["headers"]["x-wasm-node-metadata"][0]
+            .as_str()
+            .unwrap(),
+    );
+    let md = prost_types::Struct::decode(md.as_slice()).unwrap();
+    assert_eq!(
+        md.fields["app"].kind,
+        Some(prost_types::value::Kind::StringValue("shop".into()))
+    );
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Node {
+        #[prost(string, tag = "1")]
+        id: String,
+        #[prost(message, optional, tag = "3")]
+        metadata: Option<prost_types::Struct>,
+    }
+    let node = unhex(got.echo()["headers"]["x-wasm-node"][0].as_str().unwrap());
+    let node = Node::decode(node.as_slice()).unwrap();
+    assert_eq!(node.id, "edge-1");
+    assert_eq!(node.metadata, Some(md));
     // Known in the request phase already (the listener's default cluster), and what one
     // filter sets read back as filter state and dynamic metadata.
     let host = proxy

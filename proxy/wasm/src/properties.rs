@@ -74,14 +74,25 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
             .as_ref()?
             .get(b"weft\0route".as_slice())
             .cloned(),
-        [b"node", b"id"] => text(&NODE.get()?.id),
-        [b"node", b"metadata", key] => {
+        [b"node", b"id"] | [b"xds", b"node", b"id"] => text(&NODE.get()?.id),
+        [b"node", b"metadata", key] | [b"xds", b"node", b"metadata", key] => {
             text(NODE.get()?.labels.get(std::str::from_utf8(key).ok()?)?)
         }
+        // Messages as Envoy serializes them: protobuf bytes (`google.protobuf.Struct`,
+        // `envoy.config.core.v3.Node`).
+        [b"node", b"metadata"] | [b"xds", b"node", b"metadata"] => {
+            Some(metadata_struct(&NODE.get()?.labels))
+        }
+        [b"node"] | [b"xds", b"node"] => Some(node_message(NODE.get()?)),
         // The listener's `direction` (0 unspecified, 1 inbound, 2 outbound).
         [b"listener_direction"] => int(info?.direction.into()),
         [b"upstream", b"address"] => text(&info?.upstream?.to_string()),
         [b"upstream", b"port"] => int(info?.upstream?.port().into()),
+        // Attempts made so far, as Envoy counts them (the first is 1).
+        [b"upstream", b"request_attempt_count"] => match info?.attempt.number {
+            0 => None,
+            n => int(n.into()),
+        },
         [b"request", rest @ ..] => {
             let req = state.req();
             match rest {
@@ -174,6 +185,47 @@ fn all_of(state: &HostState, kind: MapKind, name: &[u8]) -> Option<Vec<u8>> {
         .map(|(_, v)| v)
         .collect();
     (!values.is_empty()).then(|| values.join(&b','))
+}
+
+/// Protobuf: a length-delimited field `field` holding `bytes`.
+fn pb_bytes(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    pb_varint(out, u64::from(field << 3 | 2));
+    pb_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// Protobuf: a varint.
+fn pb_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// `labels` as a `google.protobuf.Struct` of string values (field 1: `map<string, Value>`;
+/// `Value.string_value` is field 3).
+fn metadata_struct(labels: &BTreeMap<String, String>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (k, v) in labels {
+        let mut value = Vec::new();
+        pb_bytes(&mut value, 3, v.as_bytes());
+        let mut entry = Vec::new();
+        pb_bytes(&mut entry, 1, k.as_bytes());
+        pb_bytes(&mut entry, 2, &value);
+        pb_bytes(&mut out, 1, &entry);
+    }
+    out
+}
+
+/// The node as an `envoy.config.core.v3.Node`: `id` (1) and `metadata` (3).
+fn node_message(node: &Node) -> Vec<u8> {
+    let mut out = Vec::new();
+    pb_bytes(&mut out, 1, node.id.as_bytes());
+    if !node.labels.is_empty() {
+        pb_bytes(&mut out, 3, &metadata_struct(&node.labels));
+    }
+    out
 }
 
 /// The `content-length` header as a number (0 when absent or invalid).

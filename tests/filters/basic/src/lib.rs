@@ -330,6 +330,11 @@ impl HttpContext for Stream {
             self.property(&["metadata", "filter_metadata", "authn", "principal"]),
         );
         self.set_http_request_header("x-wasm-envoy-more", Some(&more));
+        // Messages, as protobuf bytes: the node's metadata (a Struct) and the node itself.
+        let md = self.get_property(vec!["node", "metadata"]).unwrap_or_default();
+        self.set_http_request_header("x-wasm-node-metadata", Some(&hex(&md)));
+        let node = self.get_property(vec!["xds", "node"]).unwrap_or_default();
+        self.set_http_request_header("x-wasm-node", Some(&hex(&node)));
         let count = self.get_http_request_headers().len();
         let _ = hostcalls::increment_metric(metric(MetricType::Counter, "basic_requests"), 1);
         let _ = hostcalls::record_metric(metric(MetricType::Histogram, "basic_request_headers"), count as u64);
@@ -377,6 +382,11 @@ impl HttpContext for Stream {
         self.add_http_response_header("x-wasm-flags", &flags);
         let cluster = self.property(&["cluster_name"]);
         self.add_http_response_header("x-wasm-cluster", &cluster);
+        let attempts = self
+            .get_property(vec!["upstream", "request_attempt_count"])
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map_or("<none>".to_owned(), |b| i64::from_le_bytes(b).to_string());
+        self.add_http_response_header("x-wasm-attempts", &attempts);
         let details = self.property(&["response", "code_details"]);
         self.add_http_response_header("x-wasm-details", &format!("[{details}]"));
         Action::Continue
