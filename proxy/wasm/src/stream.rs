@@ -488,13 +488,9 @@ impl WasmStream {
                 && let Some(t) = trailers.as_deref_mut()
             {
                 after = After::Trailers;
-                step = match self.run(idx, |inst, ticks, ctx, info| {
+                step = self.run(idx, |inst, ticks, ctx, info| {
                     inst.trailers(ticks, ctx, direction, t, info, &mut seen)
-                }) {
-                    // Trailers end the body: a filter holding it releases it now.
-                    Step::Hold => Step::Go,
-                    other => other,
-                };
+                });
             }
             self.seen = seen;
             let failure = match step {
@@ -516,7 +512,24 @@ impl WasmStream {
                     self.overlapping_hold(idx);
                     None
                 }
-                Step::Hold if last => None, // nothing can resume it later: go on
+                // Paused at the end of the body (or on its trailers) with nothing outstanding:
+                // as in Envoy, held until the filter takes it up again from another context
+                // (or the request's timeout); no later piece will call it again.
+                Step::Hold if (last || after == After::Trailers) && self.holding.is_none() => {
+                    return self.hold_body(
+                        direction,
+                        k,
+                        idx,
+                        buf,
+                        end_of_stream,
+                        after,
+                        Vec::new(),
+                    );
+                }
+                Step::Hold if last || after == After::Trailers => {
+                    self.overlapping_hold(idx);
+                    None
+                }
                 Step::Hold => {
                     let limit = self.filters[idx].buffer_limit;
                     let held = buf.len();

@@ -17,6 +17,8 @@
 //!   streams untouched).
 //! - `scan-ignore`: sends the body to the scanner like `scan`, then ignores the answer (the
 //!   body stays held).
+//! - `hold-end`: pauses on every request body piece, the last one included, and never takes
+//!   the body up again.
 //! - `scan-response`: the same for the response body, which goes on as
 //!   `[scanned]<body>` or is replaced by a 502 `blocked by scanner`.
 //! - anything else: streams both bodies untouched, counting bytes in the counter
@@ -117,6 +119,8 @@ impl HttpContext for Stream {
         match self.mode.as_str() {
             "panic" => panic!("body callback panics on purpose"),
             "upper" | "hold" | "scan" | "scan-ignore" if !end_of_stream => Action::Pause,
+            // Pauses at the end too, with nothing outstanding: nothing takes it up again.
+            "hold-end" => Action::Pause,
             "scan" | "scan-ignore" => {
                 let body = self.get_http_request_body(0, size).unwrap_or_default();
                 self.scan(body)
