@@ -178,3 +178,16 @@ async fn a_stream_that_ended_while_held_is_gone_for_the_filter() {
     }
     assert_eq!(up.hits(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn continuing_the_way_that_is_not_held_does_not_release_the_stream() {
+    let up = Upstream::start("svc").await;
+    // The filter continues the response of requests it holds in the request phase: as in
+    // Envoy (request and response are continued apart), they stay held until the timeout.
+    let proxy = held_proxy(&up, "\"wrong-way:200\"", "request_timeout_ms: 800").await;
+    for (g, took) in concurrent(&proxy, 2).await {
+        assert_eq!(g.status, 504, "{g:?}");
+        assert!(took >= Duration::from_millis(700), "{took:?}");
+    }
+    assert_eq!(up.hits(), 0);
+}

@@ -516,6 +516,7 @@ impl FilterInstance {
         let data = self.store.data_mut();
         *H::slot(data) = Some(std::mem::replace(head, H::empty()));
         begin_callback(data, info, context);
+        data.phase = Some(H::DIRECTION);
     }
 
     /// Moves the head back out and collects what the callback asked for.
@@ -772,9 +773,14 @@ impl FilterInstance {
         };
         let len = buf.len() as i32;
         self.store.data_mut().body = Some((body_buffer(direction), std::mem::take(buf)));
-        let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {
-            f.call(store, (context, len, end_of_stream as i32))
-        });
+        let result = with_seen(
+            &mut self.store,
+            ticks,
+            (context, direction),
+            info,
+            seen,
+            |store| f.call(store, (context, len, end_of_stream as i32)),
+        );
         if let Some((_, back)) = self.store.data_mut().body.take() {
             *buf = back;
         }
@@ -803,9 +809,14 @@ impl FilterInstance {
         let map = trailers_map(direction);
         let n = trailers.len() as i32;
         self.store.data_mut().trailers = Some((map, std::mem::take(trailers)));
-        let result = with_seen(&mut self.store, ticks, context, info, seen, |store| {
-            f.call(store, (context, n))
-        });
+        let result = with_seen(
+            &mut self.store,
+            ticks,
+            (context, direction),
+            info,
+            seen,
+            |store| f.call(store, (context, n)),
+        );
         if let Some((_, back)) = self.store.data_mut().trailers.take() {
             *trailers = back;
         }
@@ -875,6 +886,7 @@ fn begin_callback(data: &mut HostState, info: &StreamInfo, context: i32) {
     data.local_response = None;
     data.callouts.clear();
     data.resumed = false;
+    data.phase = None;
     data.ext = Default::default();
 }
 
@@ -883,13 +895,14 @@ fn begin_callback(data: &mut HostState, info: &StreamInfo, context: i32) {
 fn with_seen<R>(
     store: &mut Store<HostState>,
     ticks: u64,
-    context: i32,
+    (context, direction): (i32, Direction),
     info: &StreamInfo,
     seen: &mut Seen,
     call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
 ) -> (wasmtime::Result<R>, Callback) {
     let data = store.data_mut();
     begin_callback(data, info, context);
+    data.phase = Some(direction);
     seen.lend(data);
     arm(store, ticks);
     let result = call(store);

@@ -13,7 +13,7 @@ use http::{request, response};
 use wasmtime::{Memory, TypedFunc};
 
 use weft_abi::{BufferType, MapType};
-use weft_core::filter::{RetryAsk, StreamInfo};
+use weft_core::filter::{Direction, RetryAsk, StreamInfo};
 use weft_core::metrics::{FilterMetric, FilterMetricSet};
 
 use crate::limits::Limits;
@@ -188,8 +188,8 @@ pub struct Ext {
 /// (a root context resuming, from `on_tick`, a request it paused).
 #[derive(Debug)]
 pub enum Wake {
-    /// `proxy_continue_stream`: the held stream goes on.
-    Resume,
+    /// `proxy_continue_stream`: the held stream goes on, if what is held goes this way.
+    Resume(Direction),
     /// `proxy_send_local_response` (or `proxy_close_stream`): the held stream gets this reply.
     Reply(LocalResponse),
 }
@@ -276,6 +276,9 @@ pub struct HostState {
     pub callout_response: Option<CalloutResponse>,
     /// Set when the filter asks to continue the stream.
     pub resumed: bool,
+    /// The way the current stream callback's head or body goes (`None` outside one): what
+    /// `proxy_continue_stream` on the callback's own context can continue.
+    pub phase: Option<Direction>,
     /// What the current callback asked through `weft.*` extensions.
     pub ext: Ext,
     /// This instance's slot on its worker (for shared-queue ownership).
@@ -327,6 +330,7 @@ impl HostState {
             borrowed: None,
             callout_response: None,
             resumed: false,
+            phase: None,
             ext: Ext::default(),
             slot: usize::MAX,
         }

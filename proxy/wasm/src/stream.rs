@@ -236,7 +236,7 @@ impl WasmStream {
             direction: H::DIRECTION,
             idx,
             key,
-            rx: Some(worker::hold(key)),
+            rx: Some(worker::hold(key, H::DIRECTION)),
         });
         true
     }
@@ -588,7 +588,7 @@ impl WasmStream {
             direction,
             idx,
             key,
-            rx: Some(worker::hold(key)),
+            rx: Some(worker::hold(key, direction)),
         });
         self.body_hold = Some(BodyHold {
             direction,

@@ -15,6 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use weft_config::FailurePolicy;
+use weft_core::filter::Direction;
 
 use crate::failure::Failure;
 use crate::instance::{FilterInstance, FilterSpec};
@@ -66,8 +67,8 @@ pub struct Worker {
     retired: Retired,
     /// The retirement epoch `retired` reflects.
     epoch: u64,
-    /// Streams held by a filter, by [`HoldKey`].
-    held: HashMap<HoldKey, tokio::sync::oneshot::Sender<Release>>,
+    /// Streams held by a filter, by [`HoldKey`], with the way what is held goes.
+    held: HashMap<HoldKey, (Direction, tokio::sync::oneshot::Sender<Release>)>,
 }
 
 impl Worker {
@@ -92,11 +93,17 @@ impl Worker {
     /// other contexts' held streams.
     fn wake(&mut self, n: usize, generation: u64, wakes: Vec<(u32, Wake)>) {
         for (context, wake) in wakes {
-            if let Some(tx) = self.held.remove(&(n, generation, context)) {
-                let _ = tx.send(match wake {
-                    Wake::Resume => Release::Resume,
-                    Wake::Reply(reply) => Release::Reply(reply),
-                });
+            let key = (n, generation, context);
+            let release = match wake {
+                // Continuing the way that is not held does nothing (as in Envoy).
+                Wake::Resume(d) if self.held.get(&key).is_some_and(|(held, _)| *held == d) => {
+                    Release::Resume
+                }
+                Wake::Resume(_) => continue,
+                Wake::Reply(reply) => Release::Reply(reply),
+            };
+            if let Some((_, tx)) = self.held.remove(&key) {
+                let _ = tx.send(release);
             }
         }
     }
@@ -110,7 +117,7 @@ impl Worker {
             .copied()
             .collect();
         for key in keys {
-            if let Some(tx) = self.held.remove(&key) {
+            if let Some((_, tx)) = self.held.remove(&key) {
                 let _ = tx.send(Release::Failed);
             }
         }
@@ -232,11 +239,11 @@ pub fn with_instance<R>(
     })
 }
 
-/// Holds stream `key` until a callback of its instance takes it up again (or the instance
-/// fails, or the stream ends and drops the receiver).
-pub fn hold(key: HoldKey) -> tokio::sync::oneshot::Receiver<Release> {
+/// Holds stream `key` (its head or body going `direction`) until a callback of its instance
+/// takes it up again (or the instance fails, or the stream ends and drops the receiver).
+pub fn hold(key: HoldKey, direction: Direction) -> tokio::sync::oneshot::Receiver<Release> {
     let (tx, rx) = tokio::sync::oneshot::channel();
-    WORKER.with(|w| w.borrow_mut().held.insert(key, tx));
+    WORKER.with(|w| w.borrow_mut().held.insert(key, (direction, tx)));
     rx
 }
 

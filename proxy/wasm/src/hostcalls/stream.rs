@@ -8,14 +8,29 @@ use super::{C, ENV};
 use crate::linker::HostLinker;
 use crate::memory::read;
 use crate::state::{HostState, LocalResponse, Wake};
+use weft_core::filter::Direction;
 
-/// `proxy_continue_stream` for the effective context.
-fn continue_stream(data: &mut HostState) {
+/// `proxy_continue_stream(direction)` for the effective context. As in Envoy, continuing
+/// the way that is not stopped does nothing (the request and the response are continued
+/// apart).
+fn continue_stream(data: &mut HostState, direction: Direction) {
     if data.context == data.callback_context {
-        data.resumed = true;
+        if data.phase == Some(direction) {
+            data.resumed = true;
+        }
     } else {
         let context = data.context;
-        data.wakes.push((context, Wake::Resume));
+        data.wakes.push((context, Wake::Resume(direction)));
+    }
+}
+
+/// The ABI's stream type: 0 the request, 1 the response (2 and 3, the downstream and upstream
+/// of a network filter, are not an HTTP filter's).
+fn stream_direction(stream: i32) -> Option<Direction> {
+    match stream {
+        0 => Some(Direction::Request),
+        1 => Some(Direction::Response),
+        _ => None,
     }
 }
 
@@ -147,18 +162,25 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
     // after the callback.
     for name in ["proxy_continue_stream", "proxy_close_stream"] {
         let close = name == "proxy_close_stream";
-        l.func_wrap(ENV, name, move |mut c: C<'_>, _stream: i32| {
+        l.func_wrap(ENV, name, move |mut c: C<'_>, stream: i32| {
+            let Some(direction) = stream_direction(stream) else {
+                return Status::BadArgument as i32;
+            };
             if close {
                 close_stream(c.data_mut());
             } else {
-                continue_stream(c.data_mut());
+                continue_stream(c.data_mut(), direction);
             }
             Status::Ok as i32
         })?;
     }
-    for name in ["proxy_continue_request", "proxy_continue_response"] {
-        l.func_wrap(ENV, name, |mut c: C<'_>| {
-            continue_stream(c.data_mut());
+    // ABI 0.1.0's names.
+    for (name, direction) in [
+        ("proxy_continue_request", Direction::Request),
+        ("proxy_continue_response", Direction::Response),
+    ] {
+        l.func_wrap(ENV, name, move |mut c: C<'_>| {
+            continue_stream(c.data_mut(), direction);
             Status::Ok as i32
         })?;
     }

@@ -8,6 +8,8 @@
 //! - `deny`: answers it 403 `denied after discovery`;
 //! - `trap`: traps instead of becoming ready (the held requests must fail, not pass);
 //! - `never`: never becomes ready (the held requests must end at their timeout);
+//! - `wrong-way`: becomes ready, then continues each held request's *response* (not what is
+//!   held: the requests must stay held until their timeout, as in Envoy);
 //! - `fetch`: fetches its "discovery document" from its root context, as OIDC filters do:
 //!   on its first tick it calls cluster `auth` (`GET /status/<n>`, `n` the number in the
 //!   configuration); a 200 makes it ready and resumes the held requests, anything else
@@ -63,7 +65,10 @@ impl Root {
                 }
                 continue;
             }
-            if allow {
+            if self.mode == "wrong-way" {
+                // Continues the response, which is not what is held: nothing goes on.
+                let _ = hostcalls::resume_http_response();
+            } else if allow {
                 let _ = hostcalls::resume_http_request();
             } else {
                 let _ = hostcalls::send_http_response(status, vec![("x-held", "denied")], Some(body));
@@ -94,7 +99,7 @@ impl RootContext for Root {
         self.mode = mode.to_owned();
         self.ready_after = Duration::from_millis(ms);
         self.set_tick_period(Duration::from_millis(50));
-        matches!(mode, "allow" | "deny" | "trap" | "never" | "fetch")
+        matches!(mode, "allow" | "deny" | "trap" | "never" | "fetch" | "wrong-way")
     }
 
     fn on_tick(&mut self) {
