@@ -601,14 +601,27 @@ impl FilterInstance {
             return Ok(());
         };
         let answer = self.load_answer(outcome);
-        self.select(pending.context as i32);
+        self.call_detached(ticks, pending.context, token, answer)
+    }
+
+    /// Calls `answer`'s callback on `context` from outside its stream's path: what the
+    /// callback does to a stream (continue, reply) is a wake, and a held stream's parked head
+    /// or body is what it reads and edits.
+    fn call_detached(
+        &mut self,
+        ticks: u64,
+        context: u32,
+        token: u32,
+        answer: Answer,
+    ) -> Result<(), Failure> {
+        self.select(context as i32);
         let data = self.store.data_mut();
-        data.context = pending.context;
+        data.context = context;
         data.callback_context = DETACHED;
         data.info = None;
-        data.borrow_parked(pending.context);
+        data.borrow_parked(context);
         arm(&mut self.store, ticks);
-        let result = self.call_answer(pending.context as i32, token, answer);
+        let result = self.call_answer(context as i32, token, answer);
         let data = self.store.data_mut();
         data.return_borrowed();
         data.callback_context = data.context;
@@ -695,7 +708,6 @@ impl FilterInstance {
         let Some(context) = self.store.data().streams.get(&token).map(|s| s.context) else {
             return Ok(false);
         };
-        self.select(context as i32);
         let data = self.store.data_mut();
         let g = &self.exports.grpc;
         let (f, arg, name, open) = match event {
@@ -736,16 +748,7 @@ impl FilterInstance {
             Some(f) => Answer::Grpc(f.clone(), arg, name),
             None => Answer::None,
         };
-        data.context = context;
-        data.callback_context = DETACHED;
-        data.info = None;
-        data.borrow_parked(context);
-        arm(&mut self.store, ticks);
-        let result = self.call_answer(context as i32, token, answer);
-        let data = self.store.data_mut();
-        data.return_borrowed();
-        data.callback_context = data.context;
-        result?;
+        self.call_detached(ticks, context, token, answer)?;
         Ok(open && self.store.data().streams.contains_key(&token))
     }
 
@@ -1025,29 +1028,14 @@ mod tests {
         on_configure: Vec<u8>,
         extra: Vec<Func<'_>>,
     ) -> Vec<u8> {
-        let mut funcs = vec![
-            Func {
-                export: abi,
-                name: "abi",
-                params: 0,
-                results: 0,
-                body: vec![],
-            },
-            Func {
-                export: "proxy_on_context_create",
-                name: "context_create",
-                params: 2,
-                results: 0,
-                body: vec![],
-            },
-            Func {
-                export: "proxy_on_configure",
-                name: "configure",
-                params: 2,
-                results: 1,
-                body: on_configure,
-            },
-        ];
+        let mut funcs = testing::proxy_funcs(abi);
+        funcs.push(Func {
+            export: "proxy_on_configure",
+            name: "configure",
+            params: 2,
+            results: 1,
+            body: on_configure,
+        });
         funcs.extend(extra);
         testing::module(imports, &funcs, 1)
     }

@@ -437,8 +437,13 @@ impl HostState {
     /// Forgets what context `context` is owed (it ended): its unanswered calls are not
     /// delivered and its streams are reset.
     pub fn forget_context(&mut self, context: u32) {
-        self.pending.retain(|_, p| p.context != context);
-        self.streams.retain(|_, s| s.context != context);
+        // At every stream's end: nothing to scan in the common case.
+        if !self.pending.is_empty() {
+            self.pending.retain(|_, p| p.context != context);
+        }
+        if !self.streams.is_empty() {
+            self.streams.retain(|_, s| s.context != context);
+        }
     }
 
     /// The filter metric with `id`.

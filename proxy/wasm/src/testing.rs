@@ -163,36 +163,39 @@ pub fn module(imports: &[Import<'_>], funcs: &[Func<'_>], pages: u32) -> Vec<u8>
     out
 }
 
+/// What every proxy-wasm filter exports: the ABI version `abi` and an empty
+/// `proxy_on_context_create`.
+pub fn proxy_funcs(abi: &str) -> Vec<Func<'_>> {
+    vec![
+        Func {
+            export: abi,
+            name: "abi",
+            params: 0,
+            results: 0,
+            body: vec![],
+        },
+        Func {
+            export: "proxy_on_context_create",
+            name: "context_create",
+            params: 2,
+            results: 0,
+            body: vec![],
+        },
+    ]
+}
+
 /// A proxy-wasm filter whose `proxy_on_request_headers` runs `on_request_headers` (which
 /// must leave an `i32` action) under the name `name`; `imports` come first.
 pub fn filter(imports: &[Import<'_>], name: &str, on_request_headers: Vec<u8>) -> Vec<u8> {
-    module(
-        imports,
-        &[
-            Func {
-                export: "proxy_abi_version_0_2_1",
-                name: "abi",
-                params: 0,
-                results: 0,
-                body: vec![],
-            },
-            Func {
-                export: "proxy_on_context_create",
-                name: "context_create",
-                params: 2,
-                results: 0,
-                body: vec![],
-            },
-            Func {
-                export: "proxy_on_request_headers",
-                name,
-                params: 3,
-                results: 1,
-                body: on_request_headers,
-            },
-        ],
-        1,
-    )
+    let mut funcs = proxy_funcs("proxy_abi_version_0_2_1");
+    funcs.push(Func {
+        export: "proxy_on_request_headers",
+        name,
+        params: 3,
+        results: 1,
+        body: on_request_headers,
+    });
+    module(imports, &funcs, 1)
 }
 
 /// A runtime without a module cache.
