@@ -128,6 +128,85 @@ async fn bad_config_is_a_startup_error_naming_file_line_and_field() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_numbers_empty_files_and_yaml_bombs_are_refused_by_field() {
+    let good = config("", "", &[("127.0.0.1:1".into(), 1)])
+        .replace("{admin}", &format!("127.0.0.1:{}", free_port()))
+        .replace("{listen}", &format!("127.0.0.1:{}", free_port()));
+    let listener = |field: &str| {
+        good.replace(
+            "    default_cluster: svc",
+            &format!("    default_cluster: svc\n    {field}"),
+        )
+    };
+    let cluster = |field: &str| format!("{good}    {field}\n");
+    // Each of these used to start: the first request aborted the process (a 137 GB
+    // allocation), or every request got 503.
+    for (yaml, field, range) in [
+        (
+            listener("max_request_headers: 4294967295"),
+            "listeners[0].max_request_headers",
+            "between 1 and 4096 (got 4294967295)",
+        ),
+        (
+            listener("max_request_header_bytes: 1073741824"),
+            "listeners[0].max_request_header_bytes",
+            "between 8192 and 1048576",
+        ),
+        (
+            cluster("limits: { max_connections: 0 }"),
+            "clusters[0].limits.max_connections",
+            "between 1 and 1000000 (got 0)",
+        ),
+        (
+            cluster("limits: { max_requests: 0 }"),
+            "clusters[0].limits.max_requests",
+            "between 1 and 1000000 (got 0)",
+        ),
+        (
+            cluster("outlier: { base_ejection_ms: 60000, max_ejection_ms: 1000 }"),
+            "clusters[0].outlier.max_ejection_ms",
+            "between 60000 and 86400000 (got 1000)",
+        ),
+    ] {
+        let (status, err) = run_proxy_expecting_failure(&yaml, "range.yaml");
+        assert_eq!(status.code(), Some(2), "{err}");
+        assert!(
+            err.contains(&format!("range.yaml: {field}: must be {range}")),
+            "{err}"
+        );
+    }
+
+    // An empty file (or only comments) is not a proxy that serves nothing and says ready.
+    let (status, err) = run_proxy_expecting_failure("# nothing yet\n", "empty.yaml");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("empty.yaml: (file): is empty"), "{err}");
+
+    // A "billion laughs" in a filter's config: refused by the parser's limit, at the alias
+    // where the expansion starts.
+    let mut bomb = String::from("          a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+    for (prev, name) in ["a", "b", "c", "d", "e", "f", "g", "h"]
+        .iter()
+        .zip(["b", "c", "d", "e", "f", "g", "h", "i"])
+    {
+        let refs = vec![format!("*{prev}"); 9].join(", ");
+        bomb.push_str(&format!("          {name}: &{name} [{refs}]\n"));
+    }
+    let yaml = good.replace(
+        "    default_cluster: svc",
+        &format!(
+            "    default_cluster: svc\n    filters:\n      - name: f\n        module: /none.wasm\n        config:\n{bomb}"
+        ),
+    );
+    let line = yaml.lines().position(|l| l.contains("*a")).unwrap() + 1;
+    let (status, err) = run_proxy_expecting_failure(&yaml, "bomb.yaml");
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("bomb.yaml:{line}:18: repetition limit exceeded")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_in_use_is_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `weft-proxy` binary, real upstream servers and real clients,
 //! all on loopback. One test binary with a module per area keeps link time down.
 
+mod abuse;
 mod admin;
 mod bad_input;
 mod cancellation;

@@ -1,6 +1,7 @@
 //! The proxy-wasm compatibility suite: filters written only against the upstream
 //! `proxy-wasm` crate (tests/filters/), built for wasm32-wasip1, run by the real proxy.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -840,7 +841,8 @@ wasm:
     );
 }
 
-/// Three `compat_basic` filters: `a` and `b` with `vm_id: shared`, `c` with none.
+/// Five `compat_basic` filters: `a` and `b` with `vm_id: shared`; `c`, `d` and `e` with none,
+/// `e` with a `vm_config` of its own.
 fn sharing(up: &Upstream, b_extra: &str) -> String {
     let module = guest_filter("compat_basic");
     let f = |name: &str, extra: &str| {
@@ -855,6 +857,8 @@ fn sharing(up: &Upstream, b_extra: &str) -> String {
             f("a", ", vm_id: shared"),
             f("b", &format!(", vm_id: shared{b_extra}")),
             f("c", ""),
+            f("d", ""),
+            f("e", ", vm_config: own"),
         ],
         &[crate::cluster("svc", &[up.address()], "")],
     )
@@ -868,10 +872,14 @@ async fn filters_with_the_same_vm_id_share_one_instance_with_their_own_configs()
     assert_eq!(got.status, 200, "{got:?}");
     let h = &got.echo()["headers"];
     // `a` and `b` run in one instance (two root contexts there), each with its own
-    // configuration and the shared VM id; `c` has an instance of its own.
+    // configuration and the shared VM id. Without a vm_id, filters of one module and
+    // vm_config share too, as Envoy's default does (`c` and `d`, with the empty VM id), but
+    // `e`, configured apart, has an instance of its own.
     assert_eq!(h["x-wasm-vm-a"][0], "roots=2 vm=shared config=cfg-a");
     assert_eq!(h["x-wasm-vm-b"][0], "roots=2 vm=shared config=cfg-b");
-    assert_eq!(h["x-wasm-vm-c"][0], "roots=1 vm=c config=cfg-c");
+    assert_eq!(h["x-wasm-vm-c"][0], "roots=2 vm= config=cfg-c");
+    assert_eq!(h["x-wasm-vm-d"][0], "roots=2 vm= config=cfg-d");
+    assert_eq!(h["x-wasm-vm-e"][0], "roots=1 vm= config=cfg-e");
     // `b` traps: that takes the shared instance down, so the next request fails closed in
     // `a` (as a VM failure does in Envoy), while `c` is untouched.
     let got = get(&h1_client(), &proxy.url("/panic/cfg-b")).await.unwrap();
@@ -992,4 +1000,44 @@ async fn listener_direction_is_the_listeners_as_envoy_numbers_it() {
             .to_owned();
         assert!(envoy.ends_with(&format!("dir={number}")), "{envoy}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_closing_the_stream_resets_it_instead_of_answering() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&filtered(&[&up], "")).await;
+    let (h1, h2) = (h1_client(), h2_client());
+    // HTTP/1.1 has no way to reset one stream: the connection closes without a response.
+    // HTTP/2 resets the stream (RST_STREAM).
+    for (client, version, reset) in [
+        (&h1, "HTTP/1.1", "IncompleteMessage"),
+        (&h2, "HTTP/2", "INTERNAL_ERROR, Remote"),
+    ] {
+        // From the request headers: nothing goes upstream and no response comes back.
+        let hits = up.hits.load(Ordering::SeqCst);
+        let err = get(client, &proxy.url("/reset")).await.unwrap_err();
+        assert!(err.contains(reset), "{version}: {err}");
+        assert_eq!(up.hits.load(Ordering::SeqCst), hits, "{version}");
+        // From the response headers: the request went upstream, its response is not sent.
+        let err = get(client, &proxy.url("/reset/response"))
+            .await
+            .unwrap_err();
+        assert!(err.contains(reset), "{version}: {err}");
+        assert_eq!(up.hits.load(Ordering::SeqCst), hits + 1, "{version}");
+        // The client goes on (HTTP/2 on the same connection: only the stream was reset).
+        assert_eq!(get(client, &proxy.url("/")).await.unwrap().status, 200);
+    }
+    // Each reset stream still ended with `on_log`: with no response code when reset in the
+    // request phase, with the upstream's when reset on its response headers.
+    let stats = proxy.stats().await;
+    assert_eq!(
+        metric_value(&stats, "weft_filter_basic_logged_0_total"),
+        Some(2.0),
+        "{stats}"
+    );
+    assert_eq!(
+        metric_value(&stats, "weft_filter_basic_logged_200_total"),
+        Some(4.0),
+        "{stats}"
+    );
 }

@@ -113,6 +113,11 @@ pub struct ListenerConfig {
     /// closed.
     #[serde(default = "defaults::downstream_idle_timeout_ms")]
     pub idle_timeout_ms: u64,
+    /// Time a client has to send a whole request head (request line and headers; an HTTP/2
+    /// header block), from its first byte — or from the accept, for a connection's first
+    /// head; past it the connection is closed (slowloris). 0 turns it off.
+    #[serde(default = "defaults::request_headers_timeout_ms")]
+    pub request_headers_timeout_ms: u64,
     /// Largest request body kept, in KiB, so that a filter can ask for another attempt
     /// (`weft.set_attempts`); a larger body streams and gets one attempt.
     #[serde(default = "defaults::replay_buffer_kb")]
@@ -155,10 +160,10 @@ pub struct FilterConfig {
     /// The proxy-wasm root id.
     #[serde(default)]
     pub root_id: String,
-    /// The VM id (`plugin_vm_id`): filters of a chain with the same non-empty `vm_id` (and
-    /// the same module and `vm_config`) share one instance per worker, each with its own
-    /// root context and `config`, as Envoy shares VMs; their shared queues are named in it.
-    /// Empty: the filter has an instance of its own, and its VM id is its name.
+    /// The VM id (`plugin_vm_id`): filters of a chain with the same `vm_id` (empty included),
+    /// module and `vm_config` share one instance per worker, each with its own root context
+    /// and `config`, as Envoy shares VMs; their shared queues are named in it. Without one,
+    /// filters whose `failure_policy` or `limits` differ keep instances of their own.
     #[serde(default)]
     pub vm_id: String,
     /// Configuration handed to `on_configure`.
@@ -523,6 +528,9 @@ mod defaults {
     pub fn downstream_idle_timeout_ms() -> u64 {
         3_600_000
     }
+    pub fn request_headers_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn weight() -> u32 {
         1
     }
@@ -562,6 +570,75 @@ mod defaults {
     pub fn replay_buffer_kb() -> u32 {
         64
     }
+}
+
+/// The range of each numeric field, inclusive: `(least, most)`.
+pub mod ranges {
+    /// A range.
+    pub type Range = (u64, u64);
+    /// `drain.timeout_ms`: up to an hour.
+    pub const DRAIN_MS: Range = (0, 3_600_000);
+    /// A timeout that must be on: 1 ms to a day.
+    pub const TIMEOUT_MS: Range = (1, 86_400_000);
+    /// A timeout where 0 turns it off: up to a day.
+    pub const OPTIONAL_MS: Range = (0, 86_400_000);
+    /// Idle timeouts: 1 ms to a week.
+    pub const IDLE_MS: Range = (1, 604_800_000);
+    /// `max_request_header_bytes`: 8 KiB (hyper's smallest read buffer) to 1 MiB (each
+    /// connection may hold that much).
+    pub const HEADER_BYTES: Range = (8192, 1 << 20);
+    /// `max_request_headers`: hyper keeps room for this many per request.
+    pub const HEADERS: Range = (1, 4096);
+    /// `replay_buffer_kb`: up to 64 MiB per request.
+    pub const BUFFER_KB: Range = (0, 65_536);
+    /// Endpoint weights.
+    pub const WEIGHT: Range = (1, 1_000_000);
+    /// A count of events (0 turns the check off).
+    pub const COUNT: Range = (0, 1_000_000);
+    /// A percentage.
+    pub const PERCENT: Range = (0, 100);
+    /// Circuit-breaker limits: 0 would refuse every request.
+    pub const LIMIT: Range = (1, 1_000_000);
+    /// A filter's linear memory: wasm32 addresses 4 GiB.
+    pub const MEMORY_MB: Range = (1, 4096);
+    /// A filter callback's CPU time: up to a minute.
+    pub const CALLBACK_MS: Range = (1, 60_000);
+    /// What a filter may buffer: up to 256 MiB.
+    pub const FILTER_BUFFER_KB: Range = (1, 262_144);
+}
+
+/// The 1-based line and column of the first YAML alias (`*name`) in `text`, outside
+/// comments and quoted scalars.
+fn first_alias(text: &str) -> Option<(usize, usize)> {
+    for (n, line) in text.lines().enumerate() {
+        let mut quote = None;
+        let mut prev = ' ';
+        for (col, ch) in line.chars().enumerate() {
+            match (quote, ch) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(ch),
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '*') if prev.is_whitespace() || "[{,:-".contains(prev) => {
+                    return Some((n + 1, col + 1));
+                }
+                _ => {}
+            }
+            prev = ch;
+        }
+    }
+    None
+}
+
+/// `Err((field, why))` unless `least <= value <= most`.
+fn in_range(field: &str, value: u64, (least, most): ranges::Range) -> Result<(), (String, String)> {
+    if (least..=most).contains(&value) {
+        return Ok(());
+    }
+    Err((
+        field.to_owned(),
+        format!("must be between {least} and {most} (got {value})"),
+    ))
 }
 
 /// Why a configuration could not be loaded.
@@ -628,6 +705,17 @@ impl Config {
 
     /// Parses and validates YAML text; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let blank = |l: &str| {
+            let l = l.trim();
+            l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+        };
+        if text.lines().all(blank) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                field: "(file)".into(),
+                message: "is empty: a config needs at least a listener and a cluster".into(),
+            });
+        }
         let config: Config = serde_yaml_ng::from_str(text).map_err(|e| {
             let loc = e.location();
             let mut message = e.to_string();
@@ -635,11 +723,20 @@ impl Config {
             if let Some(idx) = message.rfind(" at line ") {
                 message.truncate(idx);
             }
+            let mut at = loc.as_ref().map(|l| (l.line(), l.column()));
+            // Alias expansion (a "YAML bomb") fails with no position: point at the first
+            // alias, where the expansion starts.
+            if at.is_none() && message.contains("limit exceeded") {
+                at = first_alias(text);
+                if at.is_some() {
+                    message.push_str(" (YAML aliases expand to too much; the first alias is here)");
+                }
+            }
             ConfigError::Parse {
                 path: path.to_owned(),
                 location: ParseLocation {
-                    line: loc.as_ref().map(|l| l.line()),
-                    column: loc.as_ref().map(|l| l.column()),
+                    line: at.map(|(l, _)| l),
+                    column: at.map(|(_, c)| c),
                     message,
                 },
             }
@@ -654,8 +751,17 @@ impl Config {
         Ok(config)
     }
 
-    /// Checks what serde cannot: references between resources, uniqueness, ranges.
+    /// Checks what serde cannot: references between resources, uniqueness, and that every
+    /// number is in its range ([`ranges`]: a value that would exhaust memory or refuse
+    /// every request is an error naming its field, not a crash or an outage later).
     pub fn validate(&self) -> Result<(), (String, String)> {
+        if self.listeners.is_empty() {
+            return Err((
+                "listeners".into(),
+                "at least one listener is needed (a proxy without one serves nothing)".into(),
+            ));
+        }
+        in_range("drain.timeout_ms", self.drain.timeout_ms, ranges::DRAIN_MS)?;
         let mut service_names = HashSet::new();
         for (i, s) in self.wasm.services.iter().enumerate() {
             if !service_names.insert(s.name.as_str()) {
@@ -675,25 +781,59 @@ impl Config {
                 return Err((at("name"), format!("duplicate cluster name `{}`", c.name)));
             }
             for (j, e) in c.endpoints.iter().enumerate() {
-                if e.weight == 0 {
-                    return Err((
-                        at(&format!("endpoints[{j}].weight")),
-                        "must be at least 1".into(),
-                    ));
-                }
+                let field = at(&format!("endpoints[{j}].weight"));
+                in_range(&field, e.weight.into(), ranges::WEIGHT)?;
             }
-            if c.connect_timeout_ms == 0 {
-                return Err((at("connect_timeout_ms"), "must be at least 1".into()));
+            in_range(
+                &at("connect_timeout_ms"),
+                c.connect_timeout_ms,
+                ranges::TIMEOUT_MS,
+            )?;
+            in_range(
+                &at("request_timeout_ms"),
+                c.request_timeout_ms,
+                ranges::OPTIONAL_MS,
+            )?;
+            in_range(&at("idle_timeout_ms"), c.idle_timeout_ms, ranges::IDLE_MS)?;
+            let o = &c.outlier;
+            in_range(
+                &at("outlier.consecutive_failures"),
+                o.consecutive_failures.into(),
+                ranges::COUNT,
+            )?;
+            if o.consecutive_failures > 0 {
+                in_range(
+                    &at("outlier.base_ejection_ms"),
+                    o.base_ejection_ms,
+                    ranges::TIMEOUT_MS,
+                )?;
+                in_range(
+                    &at("outlier.max_ejection_ms"),
+                    o.max_ejection_ms,
+                    (o.base_ejection_ms, ranges::TIMEOUT_MS.1),
+                )?;
             }
-            if c.outlier.max_ejection_percent > 100 {
-                return Err((
-                    at("outlier.max_ejection_percent"),
-                    "must be between 0 and 100".into(),
-                ));
-            }
-            if c.outlier.base_ejection_ms == 0 && c.outlier.consecutive_failures > 0 {
-                return Err((at("outlier.base_ejection_ms"), "must be at least 1".into()));
-            }
+            in_range(
+                &at("outlier.max_ejection_percent"),
+                o.max_ejection_percent.into(),
+                ranges::PERCENT,
+            )?;
+            let l = &c.limits;
+            in_range(
+                &at("limits.max_connections"),
+                l.max_connections as u64,
+                ranges::LIMIT,
+            )?;
+            in_range(
+                &at("limits.max_pending_requests"),
+                l.max_pending_requests as u64,
+                ranges::LIMIT,
+            )?;
+            in_range(
+                &at("limits.max_requests"),
+                l.max_requests as u64,
+                ranges::LIMIT,
+            )?;
         }
         let mut listener_names = HashSet::new();
         let mut addresses = HashSet::new();
@@ -717,18 +857,27 @@ impl Config {
                     format!("no cluster named `{}`", l.default_cluster),
                 ));
             }
-            if l.max_request_header_bytes < 8192 {
-                return Err((
-                    at("max_request_header_bytes"),
-                    "must be at least 8192".into(),
-                ));
-            }
-            if l.max_request_headers == 0 {
-                return Err((at("max_request_headers"), "must be at least 1".into()));
-            }
-            if l.idle_timeout_ms == 0 {
-                return Err((at("idle_timeout_ms"), "must be at least 1".into()));
-            }
+            in_range(
+                &at("max_request_header_bytes"),
+                l.max_request_header_bytes as u64,
+                ranges::HEADER_BYTES,
+            )?;
+            in_range(
+                &at("max_request_headers"),
+                l.max_request_headers as u64,
+                ranges::HEADERS,
+            )?;
+            in_range(&at("idle_timeout_ms"), l.idle_timeout_ms, ranges::IDLE_MS)?;
+            in_range(
+                &at("request_headers_timeout_ms"),
+                l.request_headers_timeout_ms,
+                ranges::OPTIONAL_MS,
+            )?;
+            in_range(
+                &at("replay_buffer_kb"),
+                l.replay_buffer_kb.into(),
+                ranges::BUFFER_KB,
+            )?;
             let mut filter_names = HashSet::new();
             for (j, f) in l.filters.iter().enumerate() {
                 let at = |x: &str| format!("listeners[{i}].filters[{j}].{x}");
@@ -738,12 +887,22 @@ impl Config {
                         "must be non-empty and unique in the chain".into(),
                     ));
                 }
-                if f.limits.memory_mb == 0 || f.limits.callback_ms == 0 || f.limits.buffer_kb == 0 {
-                    return Err((
-                        at("limits"),
-                        "memory_mb, callback_ms and buffer_kb must be at least 1".into(),
-                    ));
-                }
+                let fl = &f.limits;
+                in_range(
+                    &at("limits.memory_mb"),
+                    fl.memory_mb.into(),
+                    ranges::MEMORY_MB,
+                )?;
+                in_range(
+                    &at("limits.callback_ms"),
+                    fl.callback_ms,
+                    ranges::CALLBACK_MS,
+                )?;
+                in_range(
+                    &at("limits.buffer_kb"),
+                    fl.buffer_kb.into(),
+                    ranges::FILTER_BUFFER_KB,
+                )?;
             }
         }
         Ok(())

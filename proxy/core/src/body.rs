@@ -288,6 +288,7 @@ pub async fn settle(
                 status: http::StatusCode::GATEWAY_TIMEOUT,
                 headers: HeaderMap::new(),
                 body: Bytes::from_static(b"body held by a filter past the request timeout\n"),
+                reset: false,
             };
             let decision = filter::lock(&filters).end_hold(direction, reply);
             return (decision, trailers);

@@ -111,6 +111,10 @@ pub struct LocalReply {
     pub headers: HeaderMap,
     /// Body.
     pub body: Bytes,
+    /// Reset the stream instead of answering (`proxy_close_stream`): HTTP/2 resets the
+    /// stream, HTTP/1.1 closes the connection without a response. The other fields are then
+    /// unused.
+    pub reset: bool,
 }
 
 /// What the chain decided about a response.

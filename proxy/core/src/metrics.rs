@@ -155,6 +155,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     downstream_cx_active: Family<ListenerLabels, Gauge>,
+    downstream_header_timeouts: Family<ListenerLabels, Counter>,
     downstream_cx_total: Family<ListenerLabels, Counter>,
     downstream_rq_active: Family<ListenerLabels, Gauge>,
     upstream_latency: Family<ClusterLabels, AtomicHistogram>,
@@ -187,6 +188,7 @@ impl Metrics {
             registry: Registry::default(),
             requests: Family::default(),
             downstream_cx_active: Family::default(),
+            downstream_header_timeouts: Family::default(),
             downstream_cx_total: Family::default(),
             downstream_rq_active: Family::default(),
             upstream_latency: Family::default(),
@@ -213,6 +215,12 @@ impl Metrics {
             "downstream_connections_active",
             "Open downstream connections",
             m.downstream_cx_active.clone(),
+        );
+        registry.register(
+            "downstream_request_headers_timeouts",
+            "Downstream connections closed because a request head took longer than the \
+             listener's request_headers_timeout_ms",
+            m.downstream_header_timeouts.clone(),
         );
         registry.register(
             "downstream_connections",
@@ -369,6 +377,7 @@ impl Metrics {
         ListenerMetrics {
             connections_active: self.downstream_cx_active.get_or_create(&l).clone(),
             connections_total: self.downstream_cx_total.get_or_create(&l).clone(),
+            request_headers_timeouts: self.downstream_header_timeouts.get_or_create(&l).clone(),
             requests_active: self.downstream_rq_active.get_or_create(&l).clone(),
             requests: clusters.iter().map(|c| by_class(c)).collect(),
         }
@@ -604,6 +613,8 @@ pub struct ListenerMetrics {
     pub connections_active: Gauge,
     /// Accepted downstream connections.
     pub connections_total: Counter,
+    /// Connections closed by the request-headers timeout.
+    pub request_headers_timeouts: Counter,
     /// Requests in flight.
     pub requests_active: Gauge,
     /// Per cluster index, per status class (1xx..5xx).

@@ -139,6 +139,7 @@ fn failure_reply(filter: &str) -> LocalReply {
         status: StatusCode::SERVICE_UNAVAILABLE,
         headers,
         body: Bytes::from_static(b"filter failure\n"),
+        reset: false,
     }
 }
 

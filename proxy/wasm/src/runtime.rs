@@ -105,6 +105,7 @@ impl WasmRuntime {
     ) -> Result<WasmChain, WasmError> {
         let clusters: Arc<[String]> = clusters.into();
         let mut specs: Vec<FilterSpec> = Vec::with_capacity(filters.len());
+        let mut modules: Vec<Vec<u8>> = Vec::with_capacity(filters.len());
         for (i, f) in filters.iter().enumerate() {
             let err = |message: String| WasmError {
                 listener: listener.to_owned(),
@@ -116,31 +117,45 @@ impl WasmRuntime {
             let mut spec = self
                 .filter_spec(f, &bytes, &clusters, metrics)
                 .map_err(err)?;
-            // Envoy's VM sharing: a filter with the `vm_id` of an earlier one runs in that
-            // one's instance (per worker), with its own root context and configuration.
+            // Envoy's VM sharing: a filter runs in the instance (per worker) of an earlier one
+            // with the same `vm_id`, module and `vm_config` — an empty `vm_id` included — with
+            // its own root context and configuration.
             (spec.vm, spec.plugin) = (i, 0);
-            if !f.vm_id.is_empty()
-                && let Some(owner) = filters[..i].iter().position(|o| o.vm_id == f.vm_id)
-            {
-                let o = &filters[owner];
-                if o.module != f.module || o.vm_config != f.vm_config {
+            let same_vm = |o: &FilterConfig, code: &Vec<u8>| {
+                o.vm_id == f.vm_id && *code == bytes && o.vm_config == f.vm_config
+            };
+            let bounded_alike =
+                |o: &FilterConfig| o.failure_policy == f.failure_policy && o.limits == f.limits;
+            let owner = if f.vm_id.is_empty() {
+                // Without a vm_id, sharing is the default where it can be: filters whose
+                // failure policy or limits differ keep instances of their own.
+                (0..i).find(|&o| same_vm(&filters[o], &modules[o]) && bounded_alike(&filters[o]))
+            } else if let Some(o) = (0..i).find(|&o| filters[o].vm_id == f.vm_id) {
+                let other = &filters[o];
+                if !same_vm(other, &modules[o]) {
                     return Err(err(format!(
                         "shares vm_id `{}` with filter `{}` but not its module and vm_config \
                          (filters that share an instance run one module, started once)",
-                        f.vm_id, o.name
+                        f.vm_id, other.name
                     )));
                 }
                 // One instance fails, restarts and is bounded as one.
-                if o.failure_policy != f.failure_policy || o.limits != f.limits {
+                if !bounded_alike(other) {
                     return Err(err(format!(
                         "shares vm_id `{}` with filter `{}` but not its failure_policy and \
                          limits (filters that share an instance fail and are bounded together)",
-                        f.vm_id, o.name
+                        f.vm_id, other.name
                     )));
                 }
+                Some(o)
+            } else {
+                None
+            };
+            if let Some(owner) = owner {
                 spec.vm = specs[owner].vm;
                 spec.plugin = specs.iter().filter(|s| s.vm == spec.vm).count();
             }
+            modules.push(bytes);
             specs.push(spec);
         }
         // The canary: each instance (with every filter it runs) must start, or no worker's
@@ -202,12 +217,7 @@ impl WasmRuntime {
             meta: Arc::new(PluginMeta {
                 name: f.name.clone(),
                 root_id: f.root_id.clone(),
-                // Without a vm_id of its own a filter has its own instance, named after it.
-                vm_id: if f.vm_id.is_empty() {
-                    f.name.clone()
-                } else {
-                    f.vm_id.clone()
-                },
+                vm_id: f.vm_id.clone(),
                 config: config_bytes(&f.config),
                 vm_config: config_bytes(&f.vm_config),
             }),

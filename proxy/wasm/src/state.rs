@@ -47,6 +47,8 @@ pub struct LocalResponse {
     pub body: Vec<u8>,
     /// Extra headers.
     pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// Reset the stream instead (`proxy_close_stream`).
+    pub reset: bool,
 }
 
 /// The response to a callout, while `proxy_on_http_call_response` runs.

@@ -134,6 +134,7 @@ fn overflow_reply(direction: Direction, filter: &str) -> LocalReply {
         body: Bytes::from(format!(
             "{what} body exceeds the buffer limit of filter `{filter}`\n"
         )),
+        reset: false,
     }
 }
 
@@ -152,6 +153,7 @@ fn local_reply(lr: LocalResponse) -> LocalReply {
         status: StatusCode::from_u16(lr.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         headers,
         body: Bytes::from(lr.body),
+        reset: lr.reset,
     }
 }
 
@@ -323,6 +325,10 @@ impl WasmStream {
     /// head or replace it; remembered (with the request it answers) for `on_log`.
     fn seen_reply(&mut self, head: &request::Parts, reply: LocalReply) -> LocalReply {
         self.seen.request = Some(snapshot_request(head));
+        // A reset has no response to show anyone.
+        if reply.reset {
+            return reply;
+        }
         let reply = if self.replying {
             reply
         } else {
@@ -347,10 +353,11 @@ impl WasmStream {
                     status: rhead.status,
                     headers: rhead.headers,
                     body: reply.body,
+                    reset: false,
                 },
             }
         };
-        self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+        self.saw_reply(&reply);
         reply
     }
 
@@ -601,7 +608,7 @@ impl WasmStream {
 
     /// Ends the stream from a body or trailers callback with `reply`.
     fn end_body(&mut self, direction: Direction, reply: LocalReply) -> BodyDecision {
-        self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+        self.saw_reply(&reply);
         for buf in &mut self.bodies[direction as usize] {
             buf.take();
         }
@@ -610,6 +617,7 @@ impl WasmStream {
                 status: reply.status,
                 headers: reply.headers.clone(),
                 body: reply.body.clone(),
+                reset: false,
             });
         }
         BodyDecision::Respond(reply)
@@ -651,7 +659,12 @@ impl WasmStream {
                 }
                 Step::Local(lr) => {
                     let reply = self.local_reply(lr);
-                    self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                    // A reset leaves the response as it came for `on_log`.
+                    let (status, headers) = match reply.reset {
+                        true => (head.status, &head.headers),
+                        false => (reply.status, &reply.headers),
+                    };
+                    self.seen.response = Some(snapshot_response(status, headers));
                     return ResponseDecision::Respond(reply);
                 }
                 Step::Failed(f) => Some(f),
@@ -661,7 +674,7 @@ impl WasmStream {
                 Step::Unavailable => None,
             };
             if let Some(reply) = self.on_failure(idx, failure) {
-                self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+                self.saw_reply(&reply);
                 return ResponseDecision::Respond(reply);
             }
         }
@@ -711,6 +724,14 @@ impl WasmStream {
             return Delivered::More(more);
         }
         Delivered::Hold
+    }
+
+    /// Remembers `reply` as the stream's response for `on_log` (a reset sends none: the
+    /// response seen so far, if any, stays).
+    fn saw_reply(&mut self, reply: &LocalReply) {
+        if !reply.reset {
+            self.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+        }
     }
 
     /// The reply for a filter's local response; its details become the stream's
@@ -819,7 +840,7 @@ impl FilterStream for WasmStream {
         outcomes: Vec<CalloutOutcome>,
     ) -> ResponseDecision {
         let respond = |this: &mut Self, reply: LocalReply| {
-            this.seen.response = Some(snapshot_response(reply.status, &reply.headers));
+            this.saw_reply(&reply);
             ResponseDecision::Respond(reply)
         };
         if let Some((idx, release)) = self.release(head) {

@@ -1,7 +1,6 @@
 //! Downstream connections: the accept loop and the serve loop (HTTP/1.1 and HTTP/2 through hyper, idle timeout,
 //! graceful close when the proxy drains).
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -27,6 +26,8 @@ pub struct ListenerRuntime {
     builder: auto::Builder<TokioExecutor>,
     /// Idle timeout of downstream connections.
     idle_timeout_ms: u64,
+    /// The request-headers timeout, if on.
+    headers_timeout: Option<Duration>,
     /// Whether to scan HTTP/1 request framing (not on HTTP/2-only listeners).
     scan_framing: bool,
 }
@@ -51,6 +52,8 @@ impl ListenerRuntime {
             ctx,
             builder,
             idle_timeout_ms: cfg.idle_timeout_ms,
+            headers_timeout: (cfg.request_headers_timeout_ms > 0)
+                .then(|| Duration::from_millis(cfg.request_headers_timeout_ms)),
             scan_framing: cfg.protocol != DownstreamProtocol::Http2,
         }
     }
@@ -107,11 +110,12 @@ async fn serve_connection<T: Transport>(
         stream,
         shared.clone(),
         listener.scan_framing,
+        listener.headers_timeout,
     ));
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let conn = svc_shared.clone();
-        async move { Ok::<_, Infallible>(proxy::handle(conn, req).await) }
+        async move { proxy::handle(conn, req).await }
     });
     let conn = listener.builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);

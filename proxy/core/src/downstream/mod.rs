@@ -1,10 +1,12 @@
 //! The downstream side: listening sockets ([`bind`]), worker threads and their runtimes
 //! ([`workers`]), accepted connections and their serve loop ([`connection`]), and the byte
-//! stream a connection runs over ([`transport`]: where TLS and TCP plug in). Requests go on
+//! stream a connection runs over ([`transport`]: where TLS and TCP plug in) with its
+//! request-headers timeout ([`head_clock`]). Requests go on
 //! to the request path ([`crate::http`]).
 
 pub mod bind;
 pub mod connection;
+pub mod head_clock;
 pub mod transport;
 pub mod workers;
 

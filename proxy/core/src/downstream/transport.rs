@@ -6,12 +6,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::head_clock::HeadClock;
 use crate::http::ConnShared;
 use crate::http::framing::FramingScanner;
 
@@ -37,22 +39,27 @@ impl Transport for TcpStream {
 pin_project! {
     /// A downstream TCP stream that feeds what it reads to the HTTP/1 framing scanner, which
     /// spots requests carrying both `content-length` and `transfer-encoding` (hyper accepts
-    /// and normalises those, so the request path could not see them otherwise).
+    /// and normalises those, so the request path could not see them otherwise), and to the
+    /// request-headers timeout ([`HeadClock`]): a read that finds a head past its time
+    /// fails with `TimedOut`, which ends the connection.
     pub struct DownstreamIo<T> {
         #[pin]
         stream: T,
         scanner: Option<Box<FramingScanner>>,
         shared: Arc<ConnShared>,
+        heads: Option<HeadClock>,
     }
 }
 
 impl<T: Transport> DownstreamIo<T> {
-    /// Wraps `stream`; `scan`: feed HTTP/1 request bytes to the framing scanner.
-    pub fn new(stream: T, shared: Arc<ConnShared>, scan: bool) -> Self {
+    /// Wraps `stream`; `scan`: feed HTTP/1 request bytes to the framing scanner (else the
+    /// connection speaks only HTTP/2); `heads`: the request-headers timeout, if any.
+    pub fn new(stream: T, shared: Arc<ConnShared>, scan: bool, heads: Option<Duration>) -> Self {
         Self {
             stream,
             scanner: scan.then(Box::default),
             shared,
+            heads: heads.map(|limit| HeadClock::new(limit, !scan)),
         }
     }
 }
@@ -65,13 +72,30 @@ impl<T: Transport> AsyncRead for DownstreamIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
-        ready!(this.stream.poll_read(cx, buf))?;
-        if let Some(scanner) = this.scanner.as_mut() {
-            scanner.feed(&buf.filled()[before..]);
-            this.shared.framing.publish(scanner);
-            if scanner.is_passthrough() {
-                *this.scanner = None;
+        if let Poll::Pending = this.stream.poll_read(cx, buf)? {
+            // A client that stops halfway through a head is cut when its time is up.
+            if let Some(clock) = this.heads.as_mut()
+                && let Poll::Ready(e) = clock.poll_expired(cx)
+            {
+                this.shared.listener.metrics.request_headers_timeouts.inc();
+                return Poll::Ready(Err(e));
             }
+            return Poll::Pending;
+        }
+        let read = &buf.filled()[before..];
+        if let Some(scanner) = this.scanner.as_mut() {
+            scanner.feed(read);
+            this.shared.framing.publish(scanner);
+        }
+        if let Some(clock) = this.heads.as_mut() {
+            let in_head = this.scanner.as_ref().map(|s| s.head_in_progress());
+            if let Err(e) = clock.read(read, in_head) {
+                this.shared.listener.metrics.request_headers_timeouts.inc();
+                return Poll::Ready(Err(e));
+            }
+        }
+        if this.scanner.as_ref().is_some_and(|s| s.is_passthrough()) {
+            *this.scanner = None;
         }
         Poll::Ready(Ok(()))
     }

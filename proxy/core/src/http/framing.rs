@@ -193,6 +193,12 @@ impl FramingScanner {
         }
     }
 
+    /// True while a request head has begun (some of its bytes were read) and is not complete.
+    #[must_use]
+    pub fn head_in_progress(&self) -> bool {
+        matches!(self.state, State::Head(_)) && self.section_bytes > 0
+    }
+
     /// Number of complete request heads seen so far.
     #[must_use]
     pub fn heads_seen(&self) -> u64 {

@@ -129,18 +129,33 @@ pub struct Exchange {
     accepts_trailers: bool,
 }
 
-/// Proxies one request arriving on `conn`.
-pub async fn handle(conn: Arc<ConnShared>, req: Request<Incoming>) -> Response<ResponseBody> {
+/// A filter reset the stream (`proxy_close_stream`): the connection's server resets it
+/// (HTTP/2 `RST_STREAM`) or closes the connection (HTTP/1.1) instead of answering.
+#[derive(Debug, thiserror::Error)]
+#[error("stream reset by a filter")]
+pub struct StreamReset;
+
+/// Proxies one request arriving on `conn`: its response, or [`StreamReset`] when a filter
+/// reset the stream.
+pub async fn handle(
+    conn: Arc<ConnShared>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, StreamReset> {
     let mut ex = Exchange::start(conn, req.version());
     let resp = match ex.run(req).await {
         Ok(resp) => resp,
+        Err(Early::Filter { reply, .. }) if reply.reset => {
+            // The accounting (and the filters' `on_log`) ends here, with no response.
+            drop(ex.take_stream());
+            return Err(StreamReset);
+        }
         Err(early) => ex.answer(early),
     };
     ex.conn
         .listener
         .metrics
         .count_response(ex.cluster, resp.status().as_u16());
-    resp
+    Ok(resp)
 }
 
 impl Exchange {
@@ -617,6 +632,7 @@ mod tests {
             status: StatusCode::FORBIDDEN,
             headers,
             body: "no\n".into(),
+            reset: false,
         };
         let resp = ex.answer(Early::Filter {
             reply: Box::new(reply),

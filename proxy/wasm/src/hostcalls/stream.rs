@@ -34,13 +34,15 @@ fn stream_direction(stream: i32) -> Option<Direction> {
     }
 }
 
-/// `proxy_close_stream` for the effective context: a local 503.
+/// `proxy_close_stream` for the effective context: as in Envoy, the stream is reset (the
+/// request and the response alike: an HTTP filter's stream ends as one).
 fn close_stream(data: &mut HostState) {
     let reply = LocalResponse {
         status: 503,
         details: "closed_by_filter".into(),
-        body: b"stream closed by filter\n".to_vec(),
+        body: Vec::new(),
         headers: Vec::new(),
+        reset: true,
     };
     if data.context != data.callback_context {
         let context = data.context;
@@ -72,6 +74,7 @@ fn grpc_reply(reply: LocalResponse, grpc_status: i32) -> LocalResponse {
         details: reply.details,
         body: Vec::new(),
         headers,
+        reset: false,
     }
 }
 
@@ -118,6 +121,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                     details: String::from_utf8_lossy(&details).into_owned(),
                     body,
                     headers,
+                    reset: false,
                 },
                 None => {
                     let filter = &c.data().plugin.name;
@@ -133,6 +137,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                         )
                         .into_bytes(),
                         headers: Vec::new(),
+                        reset: false,
                     }
                 }
             };

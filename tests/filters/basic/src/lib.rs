@@ -9,7 +9,9 @@
 //!   `/panic/<config>`: panic only in the filter with that plugin configuration;
 //! - `/random`: WASI `random_get` for a few normal lengths, answered locally with the bytes
 //!   (hex) and errnos; `/random/huge`: `random_get` for lengths far past the guest's memory
-//!   (4 GiB - 1 and 2 GiB - 1), answered locally with the errnos.
+//!   (4 GiB - 1 and 2 GiB - 1), answered locally with the errnos;
+//! - `/reset`: resets the stream from the request headers (`proxy_close_stream`);
+//!   `/reset/response`: from the response headers.
 //!
 //! Plugin configuration `refuse` makes `on_configure` return false.
 //!
@@ -24,7 +26,7 @@
 //! instance has created (one per filter that shares it) and its `plugin_vm_id`.
 //!
 //! Shared queue: the root registers `basic_events`; `/enqueue` puts the path on it (after
-//! resolving it by VM id and name) and `on_queue_ready` drains it, counting
+//! resolving it by name in its own VM, whose id is empty) and `on_queue_ready` drains it, counting
 //! `basic_dequeued`.
 
 use std::time::Duration;
@@ -244,6 +246,10 @@ impl HttpContext for Stream {
                 self.set_http_request_header("x-wrong-phase-status", Some(&status.to_string()));
                 return Action::Continue;
             }
+            "/reset" => {
+                let _ = hostcalls::reset_http_request();
+                return Action::Pause;
+            }
             "/panic" => panic!("the filter panicked on purpose"),
             // Only the filter with this configuration panics.
             p if p.strip_prefix("/panic/") == Some(self.config.as_str()) => {
@@ -264,7 +270,7 @@ impl HttpContext for Stream {
                 return Action::Pause;
             }
             "/enqueue" | "/enqueue/poison" => {
-                if let Ok(Some(queue)) = hostcalls::resolve_shared_queue("basic", "basic_events") {
+                if let Ok(Some(queue)) = hostcalls::resolve_shared_queue("", "basic_events") {
                     let _ = hostcalls::enqueue_shared_queue(queue, Some(path.as_bytes()));
                 }
             }
@@ -371,6 +377,10 @@ impl HttpContext for Stream {
         // The request stays readable while the response is processed.
         let path = self.property(&["request", "path"]);
         self.add_http_response_header("x-wasm-request-path", &path);
+        if path == "/reset/response" {
+            let _ = hostcalls::reset_http_response();
+            return Action::Pause;
+        }
         if let Ok(status) = code.parse::<u64>() {
             let _ = hostcalls::record_metric(metric(MetricType::Gauge, "basic_last_status"), status);
         }

@@ -1,0 +1,120 @@
+//! What a hostile or broken client does to the front door: slow heads (slowloris) over
+//! HTTP/1.1 and HTTP/2, silent connections.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_tests::*;
+
+use crate::{config, eps};
+
+/// Reads and drops what `s` receives until the peer closes it; how long that took, or `None`
+/// if it is still open after `limit`.
+async fn closed_within(s: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = limit.checked_sub(started.elapsed())?;
+        match tokio::time::timeout(left, s.read(&mut buf)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// An HTTP/2 frame on stream `stream`.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = (payload.len() as u32).to_be_bytes();
+    let mut f = vec![len[1], len[2], len[3], kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_cut_at_the_request_headers_timeout() {
+    let up = Upstream::start("u").await;
+    let cfg = config("    request_headers_timeout_ms: 600", "", &eps(&[&up]));
+    let proxy = ProxyProcess::start(&cfg).await;
+
+    // HTTP/1.1 slowloris: a head that never ends, a byte every 100 ms. Before the timeout it
+    // would be held until the idle timeout (an hour by default).
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: a\r\nx-slow: ")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut cut = None;
+    for _ in 0..50 {
+        if slow.write_all(b"a").await.is_err() {
+            cut = Some(started.elapsed());
+            break;
+        }
+        if let Some(after) = closed_within(&mut slow, Duration::from_millis(100)).await {
+            cut = Some(started.elapsed().max(after));
+            break;
+        }
+    }
+    let cut = cut.expect("the dribbling client was never cut (5 s)");
+    assert!(
+        cut >= Duration::from_millis(500) && cut < Duration::from_secs(3),
+        "cut after {cut:?}"
+    );
+
+    // A connection that sends nothing at all: its first head is due from the accept.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    let after = closed_within(&mut silent, Duration::from_secs(5))
+        .await
+        .expect("a silent connection is closed");
+    assert!(after >= Duration::from_millis(500), "{after:?}");
+
+    // HTTP/2: a header block that never ends (HEADERS without END_HEADERS).
+    let mut h2 = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut bytes = H2_PREFACE.to_vec();
+    bytes.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
+    bytes.extend(h2_frame(0x1, 0x1, 1, &[0x82, 0x86])); // HEADERS, END_STREAM only
+    h2.write_all(&bytes).await.unwrap();
+    let after = closed_within(&mut h2, Duration::from_secs(5))
+        .await
+        .expect("an unfinished HTTP/2 header block is cut");
+    assert!(after >= Duration::from_millis(400), "{after:?}");
+
+    // Idle is not slow: an HTTP/2 connection that only said hello, and an HTTP/1.1
+    // keep-alive connection after a whole request, both outlive the timeout.
+    let mut idle_h2 = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut hello = H2_PREFACE.to_vec();
+    hello.extend(h2_frame(0x4, 0, 0, &[]));
+    idle_h2.write_all(&hello).await.unwrap();
+    let client = h1_client();
+    assert_eq!(get(&client, &proxy.url("/a")).await.unwrap().status, 200);
+    assert_eq!(
+        closed_within(&mut idle_h2, Duration::from_millis(1500)).await,
+        None,
+        "an idle HTTP/2 connection was closed"
+    );
+    // The same pooled connection serves the next request.
+    assert_eq!(get(&client, &proxy.url("/b")).await.unwrap().status, 200);
+
+    let stats = proxy.stats().await;
+    // slow, silent, h2, idle_h2 and the keep-alive client's one connection.
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_connections_total{listener=\"ingress\"}"
+        ),
+        Some(5.0),
+        "{stats}"
+    );
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_request_headers_timeouts_total{listener=\"ingress\"}"
+        ),
+        Some(3.0),
+        "{stats}"
+    );
+}
