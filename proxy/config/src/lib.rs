@@ -440,9 +440,43 @@ pub struct OutlierConfig {
     #[serde(default = "defaults::max_ejection_ms")]
     pub max_ejection_ms: u64,
     /// Most endpoints of the cluster ejected at once, in percent; at least one endpoint can
-    /// always be ejected.
+    /// always be ejected (but see `eject_last_healthy`).
     #[serde(default = "defaults::max_ejection_percent")]
     pub max_ejection_percent: u32,
+    /// Which responses count as failures (connect failures, resets and timeouts always do).
+    #[serde(default)]
+    pub failures: OutlierFailures,
+    /// Whether the last endpoint not ejected may be ejected too. Off by default: a cluster
+    /// with one endpoint (a sidecar's inbound cluster) never ejects it.
+    #[serde(default)]
+    pub eject_last_healthy: bool,
+    /// Envoy's healthy panic threshold, in percent: while fewer endpoints than this are not
+    /// ejected, the balancer ignores ejections and spreads requests over all of them. 0 turns
+    /// it off.
+    #[serde(default = "defaults::panic_threshold_percent")]
+    pub panic_threshold_percent: u32,
+}
+
+/// Which upstream responses count against an endpoint in outlier detection.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OutlierFailures {
+    /// Every 5xx response (Envoy's `consecutive_5xx`, Istio's `consecutive5xxErrors`).
+    #[default]
+    All5xx,
+    /// Only 502, 503 and 504 (Envoy's `consecutive_gateway_failure`): an application's own
+    /// 500s do not eject it.
+    Gateway,
+}
+
+impl OutlierFailures {
+    /// Whether a response with `status` counts as a failure.
+    pub fn counts(self, status: u16) -> bool {
+        match self {
+            Self::All5xx => (500..600).contains(&status),
+            Self::Gateway => matches!(status, 502..=504),
+        }
+    }
 }
 
 impl Default for OutlierConfig {
@@ -452,6 +486,9 @@ impl Default for OutlierConfig {
             base_ejection_ms: defaults::base_ejection_ms(),
             max_ejection_ms: defaults::max_ejection_ms(),
             max_ejection_percent: defaults::max_ejection_percent(),
+            failures: OutlierFailures::default(),
+            eject_last_healthy: false,
+            panic_threshold_percent: defaults::panic_threshold_percent(),
         }
     }
 }
@@ -542,6 +579,9 @@ mod defaults {
     }
     pub fn max_ejection_ms() -> u64 {
         300_000
+    }
+    pub fn panic_threshold_percent() -> u32 {
+        50
     }
     pub fn max_ejection_percent() -> u32 {
         10
@@ -816,6 +856,11 @@ impl Config {
             in_range(
                 &at("outlier.max_ejection_percent"),
                 o.max_ejection_percent.into(),
+                ranges::PERCENT,
+            )?;
+            in_range(
+                &at("outlier.panic_threshold_percent"),
+                o.panic_threshold_percent.into(),
                 ranges::PERCENT,
             )?;
             let l = &c.limits;

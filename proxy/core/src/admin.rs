@@ -106,6 +106,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                         "active_requests": c.active_requests(),
                         "open_connections": c.open_connections(),
                         "pending_requests": c.pending_requests(),
+                        "panic": c.in_panic(now),
                         "endpoints": c.endpoints().list.iter().map(|e| e.snapshot(now)).collect::<Vec<_>>(),
                     })
                 })

@@ -168,6 +168,7 @@ pub struct Metrics {
     chain_swaps: Counter,
     chain_swap_failures: Counter,
     ejections: Family<ClusterLabels, Counter>,
+    panic_picks: Family<ClusterLabels, Counter>,
     endpoints_ejected: Family<ClusterLabels, Gauge>,
     overflows: Family<OverflowLabels, Counter>,
     filter_failures: Family<FilterFailureLabels, Counter>,
@@ -201,6 +202,7 @@ impl Metrics {
             chain_swaps: Counter::default(),
             chain_swap_failures: Counter::default(),
             ejections: Family::default(),
+            panic_picks: Family::default(),
             endpoints_ejected: Family::default(),
             overflows: Family::default(),
             filter_failures: Family::default(),
@@ -283,6 +285,12 @@ impl Metrics {
             m.ejections.clone(),
         );
         registry.register(
+            "upstream_panic_picks",
+            "Endpoints picked while the cluster was in panic (too few healthy endpoints: \
+             ejections ignored)",
+            m.panic_picks.clone(),
+        );
+        registry.register(
             "endpoints_ejected",
             "Endpoints currently ejected",
             m.endpoints_ejected.clone(),
@@ -323,6 +331,7 @@ impl Metrics {
             resets: self.upstream_resets.get_or_create(&l).clone(),
             retries: self.upstream_retries.get_or_create(&l).clone(),
             ejections_total: self.ejections.get_or_create(&l).clone(),
+            panic_picks: self.panic_picks.get_or_create(&l).clone(),
             endpoints_ejected: self.endpoints_ejected.get_or_create(&l).clone(),
             overflows: [
                 overflow(Limit::MaxConnections),
@@ -584,6 +593,8 @@ pub struct ClusterMetrics {
     pub retries: Counter,
     /// Outlier ejections.
     pub ejections_total: Counter,
+    /// Picks made in panic.
+    pub panic_picks: Counter,
     /// Endpoints ejected now (refreshed on each scrape).
     pub endpoints_ejected: Gauge,
     overflows: [Counter; 3],

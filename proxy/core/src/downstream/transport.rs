@@ -72,7 +72,7 @@ impl<T: Transport> AsyncRead for DownstreamIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
-        if let Poll::Pending = this.stream.poll_read(cx, buf)? {
+        if this.stream.poll_read(cx, buf)?.is_pending() {
             // A client that stops halfway through a head is cut when its time is up.
             if let Some(clock) = this.heads.as_mut()
                 && let Poll::Ready(e) = clock.poll_expired(cx)

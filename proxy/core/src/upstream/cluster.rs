@@ -6,7 +6,7 @@
 //! Per-worker state (connection pools, round-robin positions) lives in [`crate::upstream::pool`].
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -65,6 +65,9 @@ pub struct Cluster {
     /// Woken when a connection closes or returns to a pool, for requests pending on
     /// `max_connections`.
     pub(crate) connection_freed: Notify,
+    /// While too few endpoints are healthy (below `outlier.panic_threshold_percent`): when
+    /// the earliest ejection ends, to look again then; 0 when not in panic.
+    panic_until_ms: AtomicU64,
     /// Prometheus handles.
     pub metrics: ClusterMetrics,
 }
@@ -91,8 +94,45 @@ impl Cluster {
             pending: AtomicUsize::new(0),
             active: AtomicUsize::new(0),
             connection_freed: Notify::new(),
+            panic_until_ms: AtomicU64::new(0),
             metrics,
         }
+    }
+
+    /// Whether the cluster is in panic at `now_ms` (too few healthy endpoints: the balancer
+    /// ignores ejections). One relaxed load while it is not; looked at again, by scanning
+    /// the endpoints, only when an ejection that caused it ends.
+    #[inline]
+    pub fn in_panic(&self, now_ms: u64) -> bool {
+        let until = self.panic_until_ms.load(Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if now_ms < until {
+            return true;
+        }
+        self.update_panic(now_ms);
+        self.panic_until_ms.load(Relaxed) != 0
+    }
+
+    /// Decides again whether the cluster is in panic (after an ejection, an endpoint change,
+    /// or the end of an ejection that caused it).
+    pub(super) fn update_panic(&self, now_ms: u64) {
+        let threshold = u64::from(self.outlier.panic_threshold_percent);
+        let set = self.endpoints.load();
+        let n = set.list.len() as u64;
+        let mut ejected = 0u64;
+        let mut earliest_end = u64::MAX;
+        for e in set.list.iter() {
+            let until = e.ejected_until_ms.load(Relaxed);
+            if until > now_ms {
+                ejected += 1;
+                earliest_end = earliest_end.min(until);
+            }
+        }
+        let panic = n > 0 && (n - ejected) * 100 < n * threshold;
+        self.panic_until_ms
+            .store(if panic { earliest_end } else { 0 }, Relaxed);
     }
 
     /// Open connections across workers.
@@ -131,6 +171,7 @@ impl Cluster {
             .map(|e| new_endpoint(e, &current.list))
             .collect();
         self.endpoints.store(Arc::new(EndpointSet::new(list)));
+        self.update_panic(crate::clock::now_ms());
         tracing::info!(cluster = %self.name, endpoints = endpoints.len(), "endpoints updated");
         true
     }

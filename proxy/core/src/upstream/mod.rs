@@ -159,7 +159,7 @@ pub async fn dispatch(
             let latency = done.saturating_sub(started);
             cluster.metrics.latency.observe_ns(latency);
             endpoint.observe_latency(done, latency);
-            if resp.status().is_server_error() {
+            if cluster.outlier.failures.counts(resp.status().as_u16()) {
                 cluster.record_failure(&endpoint);
             } else {
                 cluster.record_success(&endpoint);

@@ -30,9 +30,12 @@ impl Cluster {
         if ep.is_ejected(now) {
             return;
         }
-        let max_ejected =
-            ((self.endpoints().list.len() * self.outlier.max_ejection_percent as usize) / 100)
-                .max(1);
+        let n = self.endpoints().list.len();
+        let mut max_ejected = ((n * self.outlier.max_ejection_percent as usize) / 100).max(1);
+        if !self.outlier.eject_last_healthy {
+            // Ejecting the last healthy endpoint would leave nothing to send to.
+            max_ejected = max_ejected.min(n.saturating_sub(1));
+        }
         if self.ejected_count(now) >= max_ejected {
             return;
         }
@@ -57,6 +60,7 @@ impl Cluster {
         ep.consecutive_failures.store(0, Relaxed);
         ep.ejections_total.fetch_add(1, Relaxed);
         self.metrics.ejections_total.inc();
+        self.update_panic(now);
         tracing::warn!(
             cluster = %self.name,
             endpoint = %ep.address,
@@ -73,8 +77,12 @@ mod tests {
     use crate::metrics::ClusterMetrics;
 
     fn cluster(n: usize, threshold: u32, percent: u32) -> Cluster {
+        cluster_with(n, threshold, percent, "")
+    }
+
+    fn cluster_with(n: usize, threshold: u32, percent: u32, extra: &str) -> Cluster {
         let yaml = format!(
-            "name: c\nendpoints: [{}]\noutlier: {{ consecutive_failures: {threshold}, base_ejection_ms: 1000, max_ejection_ms: 2500, max_ejection_percent: {percent} }}",
+            "name: c\nendpoints: [{}]\noutlier: {{ consecutive_failures: {threshold}, base_ejection_ms: 1000, max_ejection_ms: 2500, max_ejection_percent: {percent}{extra} }}",
             (0..n)
                 .map(|i| format!("{{ address: \"127.0.0.1:{}\" }}", 9000 + i))
                 .collect::<Vec<_>>()
@@ -123,7 +131,7 @@ mod tests {
 
     #[test]
     fn repeated_ejections_last_longer_up_to_the_cap() {
-        let c = cluster(1, 1, 100);
+        let c = cluster(2, 1, 100);
         let eps = c.endpoints();
         let ep = &eps.list[0];
         let mut lengths = Vec::new();
@@ -137,5 +145,47 @@ mod tests {
         }
         let approx: Vec<u64> = lengths.iter().map(|l| (l + 50) / 100 * 100).collect();
         assert_eq!(approx, vec![1000, 2000, 2500, 2500]);
+    }
+
+    #[test]
+    fn the_last_healthy_endpoint_is_not_ejected_unless_allowed() {
+        let c = cluster(1, 1, 100);
+        c.record_failure(&c.endpoints().list[0]);
+        assert_eq!(
+            c.ejected_count(clock::now_ms()),
+            0,
+            "one endpoint: nowhere else to go"
+        );
+        let c = cluster(3, 1, 100);
+        for ep in &c.endpoints().list {
+            c.record_failure(ep);
+        }
+        assert_eq!(c.ejected_count(clock::now_ms()), 2, "the third stays");
+        let c = cluster_with(1, 1, 100, ", eject_last_healthy: true");
+        c.record_failure(&c.endpoints().list[0]);
+        assert_eq!(c.ejected_count(clock::now_ms()), 1);
+    }
+
+    #[test]
+    fn too_few_healthy_endpoints_put_the_cluster_in_panic_until_an_ejection_ends() {
+        let c = cluster(4, 1, 100);
+        let eps = c.endpoints();
+        let now = clock::now_ms();
+        c.record_failure(&eps.list[0]);
+        c.record_failure(&eps.list[1]);
+        assert!(
+            !c.in_panic(now),
+            "2 of 4 healthy: 50% is not below the threshold"
+        );
+        c.record_failure(&eps.list[2]);
+        assert!(c.in_panic(now), "1 of 4 healthy");
+        // Once the ejection that tipped it ends, the cluster looks again and leaves panic.
+        let first_end = eps.list[0].ejected_until_ms.load(Relaxed);
+        assert!(!c.in_panic(first_end.max(now) + 1));
+        let c = cluster_with(4, 1, 100, ", panic_threshold_percent: 0");
+        for ep in &c.endpoints().list[..3] {
+            c.record_failure(ep);
+        }
+        assert!(!c.in_panic(clock::now_ms()), "threshold 0: never");
     }
 }

@@ -108,7 +108,14 @@ pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<Arc<Endpoint>> {
         if wc.generation != set.generation {
             wc.follow(&set, cluster.lb_policy);
         }
-        let i = wc.balancer.pick(&set.list, now_ms)?;
+        // In panic every endpoint is a candidate, ejected or not (as Envoy's balancers).
+        let seen_at = if cluster.in_panic(now_ms) {
+            cluster.metrics.panic_picks.inc();
+            u64::MAX
+        } else {
+            now_ms
+        };
+        let i = wc.balancer.pick(&set.list, seen_at)?;
         set.list.get(i).cloned()
     })
     .flatten()
