@@ -35,6 +35,39 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_chunk_sizes_are_refused_before_anything_is_forwarded() {
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&config("", "", &eps(&[&up]))).await;
+    // Sizes a lenient parser reads as 5 (or as something): each used to reach the upstream
+    // as a head, then fail as a 502.
+    for size in ["0x5", "-5", "+5", " 5", "5 5", "fffffffffffffffff"] {
+        let req = format!(
+            "POST /chunked HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n{size}\r\nhello\r\n0\r\n\r\n"
+        );
+        let raw = raw_request(proxy.addr, req.as_bytes()).await.unwrap();
+        assert_eq!(status_of(&raw), 400, "{size:?} -> {raw}");
+    }
+    assert_eq!(up.hits(), 0, "a request with bad chunk framing was forwarded");
+    // A well-formed chunked body, and a chunked body that is empty, still go through whole.
+    let raw = raw_request(
+        proxy.addr,
+        b"POST /ok HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert!(raw.contains("hello world"), "{raw}");
+    let raw = raw_request(
+        proxy.addr,
+        b"POST /empty HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_with_transfer_encoding_is_refused_not_forwarded() {
     let up = Upstream::start("u").await;
     let proxy = ProxyProcess::start(&config("", "", &eps(&[&up]))).await;

@@ -34,8 +34,8 @@ pin_project! {
         Full { #[pin] body: Full<Bytes> },
         /// Streamed from downstream through the filter chain's body callbacks.
         Filtered { body: FilteredBody },
-        /// Bytes already read, then the rest of a body.
-        Prefixed { first: Option<Bytes>, rest: Box<RequestBody> },
+        /// A frame already read, then the rest of a body.
+        Prefixed { first: Option<Frame<Bytes>>, rest: Box<RequestBody> },
         /// Pieces sent on a channel as they are made (a filter's gRPC stream): `Some` is
         /// data, `None` the end. A sender dropped before the end fails the body, so the
         /// upstream stream is reset rather than ended cleanly.
@@ -66,7 +66,7 @@ impl Body for RequestBody {
             RequestBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
             RequestBodyProj::Filtered { body } => Pin::new(body).poll_frame(cx),
             RequestBodyProj::Prefixed { first, rest } => match first.take() {
-                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                Some(frame) => Poll::Ready(Some(Ok(frame))),
                 None => Pin::new(rest.as_mut()).poll_frame(cx),
             },
             RequestBodyProj::Channel { rx, ended } => {

@@ -4,6 +4,7 @@
 //! request kept whole for replay ([`Replay`]).
 
 use bytes::Bytes;
+use http_body::Frame;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
@@ -280,7 +281,7 @@ impl Replay {
                     data.extend_from_slice(&d);
                     if data.len() > limit {
                         return Ok(Err(RequestBody::Prefixed {
-                            first: Some(data.freeze()),
+                            first: Some(Frame::data(data.freeze())),
                             rest: Box::new(body),
                         }));
                     }

@@ -33,6 +33,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use http::header::{self, HeaderName};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
@@ -287,11 +288,30 @@ impl Exchange {
     async fn request_body(
         &mut self,
         head: &mut http::request::Parts,
-        body: Incoming,
+        mut body: Incoming,
     ) -> Result<RequestBody, Early> {
         let filters = match &self.filters {
             Some(f) if !body.is_end_stream() && filter::lock(f).wants_body(Direction::Request) => {
                 f.clone()
+            }
+            // An HTTP/1 chunked body: its first chunk is read before anything goes upstream,
+            // so that malformed chunk framing (`0x5`, `-5`) is a 400 with nothing forwarded,
+            // like every other framing error of the head, rather than a 502 after the head
+            // went out. (The filter path below reads it first anyway.)
+            // (Its `transfer-encoding` is gone by now, as hop-by-hop: an HTTP/1 request body
+            // of no known length is chunked.)
+            _ if self.version <= Version::HTTP_11
+                && body.size_hint().exact().is_none()
+                && !body.is_end_stream() =>
+            {
+                return match body.frame().await {
+                    Some(Ok(first)) => Ok(RequestBody::Prefixed {
+                        first: Some(first),
+                        rest: Box::new(RequestBody::Incoming { body }),
+                    }),
+                    None => Ok(RequestBody::empty()),
+                    Some(Err(e)) => Err(Early::bad_request_body(e)),
+                };
             }
             _ => return Ok(RequestBody::Incoming { body }),
         };
