@@ -118,3 +118,98 @@ async fn slow_request_heads_are_cut_at_the_request_headers_timeout() {
         "{stats}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_after_its_request_cap() {
+    let up = Upstream::start("u").await;
+    let cfg = config("    max_requests_per_connection: 5", "", &eps(&[&up]));
+    let proxy = ProxyProcess::start(&cfg).await;
+    // HTTP/1.1: the fifth response says `connection: close`; the client opens another
+    // connection for the rest, and nothing fails.
+    let h1 = h1_client();
+    for i in 1..=10 {
+        let got = get(&h1, &proxy.url("/")).await.unwrap();
+        assert_eq!(got.status, 200, "request {i}");
+        let closes = got.header("connection") == "close";
+        assert_eq!(closes, i % 5 == 0, "request {i}: {:?}", got.headers);
+    }
+    // HTTP/2: GOAWAY after the fifth stream; the client carries on over a new connection.
+    let h2 = h2_client();
+    for i in 1..=10 {
+        assert_eq!(
+            get(&h2, &proxy.url("/")).await.unwrap().status,
+            200,
+            "h2 request {i}"
+        );
+    }
+    let stats = proxy.stats().await;
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_connections_total{listener=\"ingress\"}"
+        ),
+        Some(4.0),
+        "two connections each: {stats}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_resets_its_streams_right_away_is_cut_off() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    // The upstream takes a while, so every stream is still waiting when its client resets
+    // it: HTTP/2 "rapid reset", slowed down to get past the codec's own guard (5 ms between
+    // HEADERS and RST_STREAM).
+    let up = Upstream::start("u").await;
+    let proxy = ProxyProcess::start(&config("", "", &eps(&[&up]))).await;
+    let tcp = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let mut sent = 0;
+    for _ in 0..2000 {
+        if sender.ready().await.is_err() {
+            break;
+        }
+        let req = http::Request::get(proxy.url("/delay/300"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let pending = sender.send_request(req);
+        sent += 1;
+        // Dropping the response future resets the stream (RST_STREAM, CANCEL).
+        if let Ok(Err(_)) = tokio::time::timeout(Duration::from_millis(5), pending).await {
+            break;
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
+    assert!(
+        sent < 200,
+        "{sent} streams before the proxy closed the connection"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    eprintln!(
+        "rapid reset: {sent} streams sent, {} reached the upstream",
+        up.hits()
+    );
+    assert!(
+        up.hits() < 150,
+        "{} requests reached the upstream",
+        up.hits()
+    );
+    let stats = proxy.stats().await;
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_premature_reset_closes_total{listener=\"ingress\"}"
+        ),
+        Some(1.0),
+        "{stats}"
+    );
+    // An honest client on its own connection is served.
+    assert_eq!(
+        get(&h2_client(), &proxy.url("/")).await.unwrap().status,
+        200
+    );
+}

@@ -47,7 +47,11 @@ async fn malformed_chunk_sizes_are_refused_before_anything_is_forwarded() {
         let raw = raw_request(proxy.addr, req.as_bytes()).await.unwrap();
         assert_eq!(status_of(&raw), 400, "{size:?} -> {raw}");
     }
-    assert_eq!(up.hits(), 0, "a request with bad chunk framing was forwarded");
+    assert_eq!(
+        up.hits(),
+        0,
+        "a request with bad chunk framing was forwarded"
+    );
     // A well-formed chunked body, and a chunked body that is empty, still go through whole.
     let raw = raw_request(
         proxy.addr,

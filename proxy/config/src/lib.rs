@@ -118,6 +118,11 @@ pub struct ListenerConfig {
     /// head; past it the connection is closed (slowloris). 0 turns it off.
     #[serde(default = "defaults::request_headers_timeout_ms")]
     pub request_headers_timeout_ms: u64,
+    /// Requests one downstream connection may carry; then it is closed gracefully (HTTP/1.1
+    /// `connection: close` on the last response, HTTP/2 GOAWAY) and the client opens another.
+    /// 0: no limit.
+    #[serde(default = "defaults::max_requests_per_connection")]
+    pub max_requests_per_connection: u64,
     /// Largest request body kept, in KiB, so that a filter can ask for another attempt
     /// (`weft.set_attempts`); a larger body streams and gets one attempt.
     #[serde(default = "defaults::replay_buffer_kb")]
@@ -568,6 +573,9 @@ mod defaults {
     pub fn request_headers_timeout_ms() -> u64 {
         10_000
     }
+    pub fn max_requests_per_connection() -> u64 {
+        1000
+    }
     pub fn weight() -> u32 {
         1
     }
@@ -637,6 +645,8 @@ pub mod ranges {
     pub const COUNT: Range = (0, 1_000_000);
     /// A percentage.
     pub const PERCENT: Range = (0, 100);
+    /// `max_requests_per_connection` (0: no limit).
+    pub const REQUESTS_PER_CONNECTION: Range = (0, 100_000_000);
     /// Circuit-breaker limits: 0 would refuse every request.
     pub const LIMIT: Range = (1, 1_000_000);
     /// A filter's linear memory: wasm32 addresses 4 GiB.
@@ -923,6 +933,11 @@ impl Config {
                 l.replay_buffer_kb.into(),
                 ranges::BUFFER_KB,
             )?;
+            in_range(
+                &at("max_requests_per_connection"),
+                l.max_requests_per_connection,
+                ranges::REQUESTS_PER_CONNECTION,
+            )?;
             let mut filter_names = HashSet::new();
             for (j, f) in l.filters.iter().enumerate() {
                 let at = |x: &str| format!("listeners[{i}].filters[{j}].{x}");
@@ -1079,7 +1094,7 @@ clusters:
         let text = GOOD.replace("weight: 3", "weight: 0");
         let err = parse(&text).unwrap_err().to_string();
         assert!(
-            err.contains("clusters[0].endpoints[1].weight: must be at least 1"),
+            err.contains("clusters[0].endpoints[1].weight: must be between 1 and 1000000 (got 0)"),
             "{err}"
         );
 

@@ -156,6 +156,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     downstream_cx_active: Family<ListenerLabels, Gauge>,
     downstream_header_timeouts: Family<ListenerLabels, Counter>,
+    downstream_premature_reset_closes: Family<ListenerLabels, Counter>,
     downstream_cx_total: Family<ListenerLabels, Counter>,
     downstream_rq_active: Family<ListenerLabels, Gauge>,
     upstream_latency: Family<ClusterLabels, AtomicHistogram>,
@@ -190,6 +191,7 @@ impl Metrics {
             requests: Family::default(),
             downstream_cx_active: Family::default(),
             downstream_header_timeouts: Family::default(),
+            downstream_premature_reset_closes: Family::default(),
             downstream_cx_total: Family::default(),
             downstream_rq_active: Family::default(),
             upstream_latency: Family::default(),
@@ -223,6 +225,12 @@ impl Metrics {
             "Downstream connections closed because a request head took longer than the \
              listener's request_headers_timeout_ms",
             m.downstream_header_timeouts.clone(),
+        );
+        registry.register(
+            "downstream_premature_reset_closes",
+            "Downstream connections closed because their client cancelled most of its requests \
+             right after starting them (HTTP/2 rapid reset)",
+            m.downstream_premature_reset_closes.clone(),
         );
         registry.register(
             "downstream_connections",
@@ -387,6 +395,10 @@ impl Metrics {
             connections_active: self.downstream_cx_active.get_or_create(&l).clone(),
             connections_total: self.downstream_cx_total.get_or_create(&l).clone(),
             request_headers_timeouts: self.downstream_header_timeouts.get_or_create(&l).clone(),
+            premature_reset_closes: self
+                .downstream_premature_reset_closes
+                .get_or_create(&l)
+                .clone(),
             requests_active: self.downstream_rq_active.get_or_create(&l).clone(),
             requests: clusters.iter().map(|c| by_class(c)).collect(),
         }
@@ -626,6 +638,8 @@ pub struct ListenerMetrics {
     pub connections_total: Counter,
     /// Connections closed by the request-headers timeout.
     pub request_headers_timeouts: Counter,
+    /// Connections closed for premature resets.
+    pub premature_reset_closes: Counter,
     /// Requests in flight.
     pub requests_active: Gauge,
     /// Per cluster index, per status class (1xx..5xx).

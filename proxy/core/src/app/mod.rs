@@ -187,6 +187,7 @@ impl Proxy {
                     chain: ChainSlot::from(chain.map(Arc::new)),
                     replay_limit: l.replay_buffer_kb as usize * 1024,
                     direction: l.direction.number(),
+                    max_requests_per_connection: l.max_requests_per_connection,
                 };
                 Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
             })

@@ -136,6 +136,21 @@ async fn serve_connection<T: Transport>(
                 }
                 break;
             }
+            _ = shared.close.notified() => {
+                if shared.abusive.load(Relaxed) {
+                    // Cut at once: a client resetting most of its streams right after opening
+                    // them (HTTP/2 rapid reset) gets no more of the upstreams' time.
+                    metrics.premature_reset_closes.inc();
+                    tracing::debug!(listener = %listener.ctx.name, %peer, "closing: premature resets");
+                    break;
+                }
+                if !closing {
+                    // Its last request: HTTP/1.1 answers it with `connection: close`,
+                    // HTTP/2 sends GOAWAY and finishes the streams open.
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
             _ = drained(&mut drain), if !closing => {
                 // HTTP/1: finish the request in flight, answer with `connection: close`;
                 // HTTP/2: GOAWAY, let open streams finish.

@@ -4,10 +4,10 @@
 //! request kept whole for replay ([`Replay`]).
 
 use bytes::Bytes;
-use http_body::Frame;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
+use http_body::Frame;
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 

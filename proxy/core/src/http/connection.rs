@@ -3,9 +3,11 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 use http::HeaderValue;
+use tokio::sync::Notify;
 
 use super::framing::FramingVerdicts;
 use super::{ListenerCtx, headers};
@@ -32,6 +34,50 @@ pub struct ConnShared {
     pub in_flight: AtomicU32,
     /// When a request last started or ended, in [`clock`] milliseconds.
     pub last_active_ms: AtomicU64,
+    /// Requests started on this connection.
+    pub requests: AtomicU64,
+    /// Requests the client cancelled (reset or left) before their response, within
+    /// [`PREMATURE`] of their start.
+    pub premature_resets: AtomicU64,
+    /// Set when the client's cancellations make it an attacker (HTTP/2 rapid reset and its
+    /// slower variants): the connection is closed at once.
+    pub abusive: AtomicBool,
+    /// Wakes the serve loop when the connection must close: its request cap was reached, or
+    /// it is `abusive`.
+    pub close: Notify,
+}
+
+/// A request cancelled by its client sooner than this after it started counts as a premature
+/// reset (Envoy's `premature_reset_min_stream_lifetime`).
+pub const PREMATURE: Duration = Duration::from_secs(1);
+/// Premature resets a connection may have before its ratio is judged.
+pub const PREMATURE_FLOOR: u64 = 50;
+
+impl ConnShared {
+    /// Counts a request started; wakes the serve loop when it is the connection's last.
+    #[inline]
+    pub fn request_started(&self) {
+        let n = self.requests.fetch_add(1, Relaxed) + 1;
+        if n == self.listener.max_requests_per_connection {
+            self.close.notify_one();
+        }
+    }
+
+    /// Counts a request its client cancelled before its response, `age_ns` after it started.
+    /// Once at least [`PREMATURE_FLOOR`] of them came within [`PREMATURE`] and they are at
+    /// least half of the connection's requests (Envoy's rule), the connection is abusive.
+    pub fn request_cancelled(&self, age_ns: u64) {
+        if age_ns >= PREMATURE.as_nanos() as u64 {
+            return;
+        }
+        let premature = self.premature_resets.fetch_add(1, Relaxed) + 1;
+        if premature >= PREMATURE_FLOOR
+            && premature * 2 >= self.requests.load(Relaxed)
+            && !self.abusive.swap(true, Relaxed)
+        {
+            self.close.notify_one();
+        }
+    }
 }
 
 impl ConnShared {
@@ -48,6 +94,10 @@ impl ConnShared {
             heads: AtomicU64::new(0),
             in_flight: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(clock::now_ms()),
+            requests: AtomicU64::new(0),
+            premature_resets: AtomicU64::new(0),
+            abusive: AtomicBool::new(false),
+            close: Notify::new(),
         }
     }
 }

@@ -73,6 +73,8 @@ pub struct ListenerCtx {
     /// Which way traffic goes through it (Envoy's number: 0 unspecified, 1 inbound, 2
     /// outbound).
     pub direction: u8,
+    /// Requests one downstream connection may carry (0: no limit).
+    pub max_requests_per_connection: u64,
 }
 
 /// How an exchange ends before (or instead of) an upstream response: the one error funnel of
@@ -157,6 +159,17 @@ pub async fn handle(
         .metrics
         .count_response(ex.cluster, resp.status().as_u16());
     Ok(resp)
+}
+
+impl Drop for Exchange {
+    /// An exchange dropped with its accounting still in hand never answered: its client
+    /// cancelled it (an HTTP/2 reset, or a connection closed mid-request).
+    fn drop(&mut self) {
+        if self.stream.is_some() {
+            self.conn
+                .request_cancelled(clock::now_ns().saturating_sub(self.t0));
+        }
+    }
 }
 
 impl Exchange {
@@ -551,6 +564,7 @@ mod tests {
             metrics: metrics.listener("ingress", &["svc"]),
             chain: filter::ChainSlot::empty(),
             replay_limit: 1024,
+            max_requests_per_connection: 0,
         });
         let peer = "10.1.2.3:5555".parse().unwrap();
         let conn = Arc::new(ConnShared::new(
