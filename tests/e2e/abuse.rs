@@ -213,3 +213,186 @@ async fn a_client_that_resets_its_streams_right_away_is_cut_off() {
         200
     );
 }
+
+/// Reads from `s` until `needle` has been seen (5 s at most).
+async fn read_until(s: &mut TcpStream, seen: &mut Vec<u8>, needle: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(seen)))
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// An upstream that answers its first request with a head and 5 of the 100 body bytes it
+/// announced, then says nothing more (the connection stays open).
+async fn stalling_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            let mut seen = Vec::new();
+            read_until(&mut s, &mut seen, "\r\n\r\n").await;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello")
+                .await;
+            held.push(s);
+        }
+        std::future::pending::<()>().await;
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_that_stall_are_ended_at_the_stream_idle_timeout() {
+    // An upstream that stalls after its head used to hold the client forever.
+    let (stalling, task) = stalling_upstream().await;
+    let cfg = config(
+        "    stream_idle_timeout_ms: 500",
+        "",
+        &[(stalling.to_string(), 1)],
+    );
+    let proxy = ProxyProcess::start(&cfg).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /stall HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut seen, "hello").await;
+    let after = closed_within(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the stalled response was never ended");
+    assert!(after >= Duration::from_millis(400), "{after:?}");
+    task.abort();
+
+    // A client that stalls mid-upload: with no request timeout to end it, only the idle
+    // timeout does (the upstream waits for the whole body).
+    let up = Upstream::start("u").await;
+    let cfg = config(
+        "    stream_idle_timeout_ms: 500",
+        "    request_timeout_ms: 0",
+        &eps(&[&up]),
+    );
+    let proxy2 = ProxyProcess::start(&cfg).await;
+    let mut s = TcpStream::connect(proxy2.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\nhello")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+        .await
+        .expect("the stalled upload was never ended")
+        .unwrap_or(0);
+    let text = String::from_utf8_lossy(&answer[..n]);
+    assert!(n == 0 || text.starts_with("HTTP/1.1 5"), "{text}");
+    assert!(started.elapsed() >= Duration::from_millis(400));
+
+    for p in [&proxy, &proxy2] {
+        let stats = p.stats().await;
+        assert_eq!(
+            metric_value(
+                &stats,
+                "weft_stream_idle_timeouts_total{listener=\"ingress\"}"
+            ),
+            Some(1.0),
+            "{stats}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_are_counted_idled_out_and_drained() {
+    let up = Upstream::start("ws").await;
+    let cfg = config("    stream_idle_timeout_ms: 700", "", &eps(&[&up]))
+        .replace("drain: { timeout_ms: 5000 }", "drain: { timeout_ms: 1500 }");
+    let mut proxy = ProxyProcess::start(&cfg).await;
+    let open = |proxy: &ProxyProcess| {
+        let addr = proxy.addr;
+        async move {
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /ws HTTP/1.1\r\nhost: svc\r\nconnection: upgrade\r\nupgrade: weft-echo\r\n\r\n")
+                .await
+                .unwrap();
+            let mut seen = Vec::new();
+            read_until(&mut s, &mut seen, "\r\n\r\n").await;
+            assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 101"));
+            s
+        }
+    };
+    // An idle tunnel is closed at the stream idle timeout; a busy one is not.
+    let mut idle = open(&proxy).await;
+    let mut busy = open(&proxy).await;
+    let stats = proxy.stats().await;
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_tunnels_active{listener=\"ingress\"}"
+        ),
+        Some(2.0),
+        "{stats}"
+    );
+    for i in 0..6 {
+        let msg = format!("ping{i}");
+        busy.write_all(msg.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        read_until(&mut busy, &mut got, &msg).await;
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert!(
+        closed_within(&mut idle, Duration::from_millis(100))
+            .await
+            .is_some(),
+        "the idle tunnel is still open"
+    );
+    let stats = proxy.stats().await;
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_tunnels_active{listener=\"ingress\"}"
+        ),
+        Some(1.0),
+        "{stats}"
+    );
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_tunnels_total{listener=\"ingress\"}"
+        ),
+        Some(2.0),
+        "{stats}"
+    );
+    // The open tunnel counts as one of the cluster's connections.
+    assert_eq!(proxy.clusters().await["clusters"][0]["open_connections"], 1);
+
+    // SIGTERM: the tunnel keeps working through the drain (1.5 s), and is closed at its
+    // deadline. (Each message is within the idle timeout of the one before.)
+    busy.write_all(b"before").await.unwrap();
+    read_until(&mut busy, &mut Vec::new(), "before").await;
+    proxy.sigterm();
+    for i in 0..4 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let msg = format!("draining{i}");
+        busy.write_all(msg.as_bytes()).await.unwrap();
+        read_until(&mut busy, &mut Vec::new(), &msg).await;
+    }
+    let status = proxy.wait_exit(Duration::from_secs(5)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(
+        closed_within(&mut busy, Duration::from_secs(1))
+            .await
+            .is_some()
+    );
+}

@@ -123,6 +123,11 @@ pub struct ListenerConfig {
     /// 0: no limit.
     #[serde(default = "defaults::max_requests_per_connection")]
     pub max_requests_per_connection: u64,
+    /// A request or response body, or an upgraded tunnel, that moves no bytes for this long
+    /// is ended (Envoy's `stream_idle_timeout`): an upstream that stalls after its head, or a
+    /// client that stalls mid-upload, holds nothing forever. 0 turns it off.
+    #[serde(default = "defaults::stream_idle_timeout_ms")]
+    pub stream_idle_timeout_ms: u64,
     /// Largest request body kept, in KiB, so that a filter can ask for another attempt
     /// (`weft.set_attempts`); a larger body streams and gets one attempt.
     #[serde(default = "defaults::replay_buffer_kb")]
@@ -576,6 +581,9 @@ mod defaults {
     pub fn max_requests_per_connection() -> u64 {
         1000
     }
+    pub fn stream_idle_timeout_ms() -> u64 {
+        300_000
+    }
     pub fn weight() -> u32 {
         1
     }
@@ -932,6 +940,11 @@ impl Config {
                 &at("replay_buffer_kb"),
                 l.replay_buffer_kb.into(),
                 ranges::BUFFER_KB,
+            )?;
+            in_range(
+                &at("stream_idle_timeout_ms"),
+                l.stream_idle_timeout_ms,
+                ranges::OPTIONAL_MS,
             )?;
             in_range(
                 &at("max_requests_per_connection"),

@@ -17,6 +17,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 
 use crate::filter::{self, BodyDecision, Direction, LocalReply, SharedFilterStream};
+use crate::idle::{IdleClock, idle_error};
 use pin_project_lite::pin_project;
 
 /// A boxed error crossing the body boundary.
@@ -28,8 +29,8 @@ pin_project! {
     #[project = RequestBodyProj]
     #[allow(missing_docs)] // pin-project-lite takes no docs on variant fields
     pub enum RequestBody {
-        /// Streamed from downstream.
-        Incoming { #[pin] body: Incoming },
+        /// Streamed from downstream, ended if it stalls for the stream idle timeout.
+        Incoming { #[pin] body: Incoming, idle: Option<IdleClock> },
         /// Fully buffered.
         Full { #[pin] body: Full<Bytes> },
         /// Streamed from downstream through the filter chain's body callbacks.
@@ -43,7 +44,34 @@ pin_project! {
     }
 }
 
+/// What a body poll becomes under its idle clock: a frame is activity; waiting past the
+/// limit ends the body with an error (the stream idle timeout).
+#[inline]
+fn watch_idle(
+    polled: Poll<Option<Result<Frame<Bytes>, BoxError>>>,
+    idle: &mut Option<IdleClock>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    let Some(clock) = idle else {
+        return polled;
+    };
+    match polled {
+        Poll::Ready(Some(Ok(_))) => clock.touch(),
+        Poll::Pending if clock.poll_idle(cx).is_ready() => {
+            clock.expired();
+            return Poll::Ready(Some(Err(idle_error(clock.limit()).into())));
+        }
+        _ => {}
+    }
+    polled
+}
+
 impl RequestBody {
+    /// A body streamed from downstream, ended if it stalls for `idle` (if any).
+    pub fn incoming(body: Incoming, idle: Option<IdleClock>) -> Self {
+        Self::Incoming { body, idle }
+    }
+
     /// An empty body.
     pub fn empty() -> Self {
         Self::Full {
@@ -62,7 +90,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            RequestBodyProj::Incoming { body } => body.poll_frame(cx).map_err(Into::into),
+            RequestBodyProj::Incoming { body, idle } => {
+                let polled = body.poll_frame(cx).map_err(Into::into);
+                watch_idle(polled, idle, cx)
+            }
             RequestBodyProj::Full { body } => body.poll_frame(cx).map_err(|e| match e {}),
             RequestBodyProj::Filtered { body } => Pin::new(body).poll_frame(cx),
             RequestBodyProj::Prefixed { first, rest } => match first.take() {
@@ -88,7 +119,7 @@ impl Body for RequestBody {
     #[inline]
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Incoming { body } => body.is_end_stream(),
+            Self::Incoming { body, .. } => body.is_end_stream(),
             Self::Full { body } => body.is_end_stream(),
             Self::Filtered { body } => body.is_end_stream(),
             Self::Prefixed { first, rest } => first.is_none() && rest.is_end_stream(),
@@ -99,7 +130,7 @@ impl Body for RequestBody {
     #[inline]
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Incoming { body } => body.size_hint(),
+            Self::Incoming { body, .. } => body.size_hint(),
             Self::Full { body } => body.size_hint(),
             Self::Filtered { body } => body.size_hint(),
             Self::Prefixed { .. } | Self::Channel { .. } => SizeHint::default(),
@@ -120,6 +151,7 @@ pin_project! {
         #[pin]
         inner: ResponseInner,
         end: Option<Box<dyn StreamEnd>>,
+        idle: Option<IdleClock>,
     }
 
     impl PinnedDrop for ResponseBody {
@@ -158,6 +190,7 @@ impl ResponseBody {
         Self {
             inner: ResponseInner::Upstream { body },
             end,
+            idle: None,
         }
     }
 
@@ -166,7 +199,14 @@ impl ResponseBody {
         Self {
             inner: ResponseInner::Filtered { body },
             end,
+            idle: None,
         }
+    }
+
+    /// Ends the body with an error if it stalls for `idle` (the stream idle timeout).
+    pub fn watched(mut self, idle: Option<IdleClock>) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// A body produced by the proxy itself.
@@ -176,6 +216,7 @@ impl ResponseBody {
                 body: Full::new(bytes.into()),
             },
             end,
+            idle: None,
         }
     }
 }
@@ -195,6 +236,7 @@ impl Body for ResponseBody {
             ResponseInnerProj::Local { body } => body.poll_frame(cx).map_err(|e| match e {}),
             ResponseInnerProj::Filtered { body } => Pin::new(body).poll_frame(cx),
         };
+        let polled = watch_idle(polled, this.idle, cx);
         match &polled {
             Poll::Ready(None) => {
                 if let Some(end) = this.end.take() {

@@ -38,6 +38,7 @@ pub mod control;
 pub mod downstream;
 pub mod filter;
 pub mod http;
+pub mod idle;
 pub mod metrics;
 pub mod upstream;
 

@@ -157,6 +157,9 @@ pub struct Metrics {
     downstream_cx_active: Family<ListenerLabels, Gauge>,
     downstream_header_timeouts: Family<ListenerLabels, Counter>,
     downstream_premature_reset_closes: Family<ListenerLabels, Counter>,
+    stream_idle_timeouts: Family<ListenerLabels, Counter>,
+    tunnels_active: Family<ListenerLabels, Gauge>,
+    tunnels_total: Family<ListenerLabels, Counter>,
     downstream_cx_total: Family<ListenerLabels, Counter>,
     downstream_rq_active: Family<ListenerLabels, Gauge>,
     upstream_latency: Family<ClusterLabels, AtomicHistogram>,
@@ -192,6 +195,9 @@ impl Metrics {
             downstream_cx_active: Family::default(),
             downstream_header_timeouts: Family::default(),
             downstream_premature_reset_closes: Family::default(),
+            stream_idle_timeouts: Family::default(),
+            tunnels_active: Family::default(),
+            tunnels_total: Family::default(),
             downstream_cx_total: Family::default(),
             downstream_rq_active: Family::default(),
             upstream_latency: Family::default(),
@@ -225,6 +231,22 @@ impl Metrics {
             "Downstream connections closed because a request head took longer than the \
              listener's request_headers_timeout_ms",
             m.downstream_header_timeouts.clone(),
+        );
+        registry.register(
+            "downstream_tunnels_active",
+            "Upgraded connections (WebSocket and other 101s) open now",
+            m.tunnels_active.clone(),
+        );
+        registry.register(
+            "downstream_tunnels",
+            "Upgraded connections (WebSocket and other 101s) opened",
+            m.tunnels_total.clone(),
+        );
+        registry.register(
+            "stream_idle_timeouts",
+            "Request and response bodies and tunnels ended by the listener's \
+             stream_idle_timeout_ms",
+            m.stream_idle_timeouts.clone(),
         );
         registry.register(
             "downstream_premature_reset_closes",
@@ -399,6 +421,9 @@ impl Metrics {
                 .downstream_premature_reset_closes
                 .get_or_create(&l)
                 .clone(),
+            stream_idle_timeouts: self.stream_idle_timeouts.get_or_create(&l).clone(),
+            tunnels_active: self.tunnels_active.get_or_create(&l).clone(),
+            tunnels_total: self.tunnels_total.get_or_create(&l).clone(),
             requests_active: self.downstream_rq_active.get_or_create(&l).clone(),
             requests: clusters.iter().map(|c| by_class(c)).collect(),
         }
@@ -640,6 +665,12 @@ pub struct ListenerMetrics {
     pub request_headers_timeouts: Counter,
     /// Connections closed for premature resets.
     pub premature_reset_closes: Counter,
+    /// Bodies and tunnels ended by the stream idle timeout.
+    pub stream_idle_timeouts: Counter,
+    /// Tunnels open now.
+    pub tunnels_active: Gauge,
+    /// Tunnels opened.
+    pub tunnels_total: Counter,
     /// Requests in flight.
     pub requests_active: Gauge,
     /// Per cluster index, per status class (1xx..5xx).

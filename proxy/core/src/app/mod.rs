@@ -188,6 +188,8 @@ impl Proxy {
                     replay_limit: l.replay_buffer_kb as usize * 1024,
                     direction: l.direction.number(),
                     max_requests_per_connection: l.max_requests_per_connection,
+                    stream_idle_timeout: (l.stream_idle_timeout_ms > 0)
+                        .then(|| std::time::Duration::from_millis(l.stream_idle_timeout_ms)),
                 };
                 Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
             })

@@ -169,5 +169,8 @@ async fn serve_connection<T: Transport>(
             }
         }
     }
+    // An upgrade handed the connection to its tunnel: it stays open (and counted, and
+    // waited for by the drain) as long as the tunnel.
+    shared.tunnels_closed().await;
     metrics.connections_active.dec();
 }

@@ -45,6 +45,10 @@ pub struct ConnShared {
     /// Wakes the serve loop when the connection must close: its request cap was reached, or
     /// it is `abusive`.
     pub close: Notify,
+    /// Upgraded tunnels open on this connection (at most one: an upgrade ends HTTP on it).
+    pub tunnels_open: AtomicU32,
+    /// Signalled when the last tunnel closes.
+    pub tunnel_closed: Notify,
 }
 
 /// A request cancelled by its client sooner than this after it started counts as a premature
@@ -60,6 +64,14 @@ impl ConnShared {
         let n = self.requests.fetch_add(1, Relaxed) + 1;
         if n == self.listener.max_requests_per_connection {
             self.close.notify_one();
+        }
+    }
+
+    /// Returns once no upgraded tunnel is open on this connection: the connection (and its
+    /// place in the drain) lasts as long as its tunnel.
+    pub async fn tunnels_closed(&self) {
+        while self.tunnels_open.load(Relaxed) > 0 {
+            self.tunnel_closed.notified().await;
         }
     }
 
@@ -98,6 +110,8 @@ impl ConnShared {
             premature_resets: AtomicU64::new(0),
             abusive: AtomicBool::new(false),
             close: Notify::new(),
+            tunnels_open: AtomicU32::new(0),
+            tunnel_closed: Notify::new(),
         }
     }
 }

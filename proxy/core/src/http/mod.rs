@@ -73,6 +73,8 @@ pub struct ListenerCtx {
     /// Which way traffic goes through it (Envoy's number: 0 unspecified, 1 inbound, 2
     /// outbound).
     pub direction: u8,
+    /// The stream idle timeout, if on.
+    pub stream_idle_timeout: Option<std::time::Duration>,
     /// Requests one downstream connection may carry (0: no limit).
     pub max_requests_per_connection: u64,
 }
@@ -192,6 +194,14 @@ impl Exchange {
 
     fn ctx(&self) -> &ListenerCtx {
         &self.conn.listener
+    }
+
+    /// A clock for one of this stream's bodies under the stream idle timeout, if it is on.
+    fn idle_clock(&self) -> Option<crate::idle::IdleClock> {
+        let ctx = self.ctx();
+        ctx.stream_idle_timeout.map(|limit| {
+            crate::idle::IdleClock::new(limit).counted(ctx.metrics.stream_idle_timeouts.clone())
+        })
     }
 
     /// The phases, in order.
@@ -320,13 +330,13 @@ impl Exchange {
                 return match body.frame().await {
                     Some(Ok(first)) => Ok(RequestBody::Prefixed {
                         first: Some(first),
-                        rest: Box::new(RequestBody::Incoming { body }),
+                        rest: Box::new(RequestBody::incoming(body, self.idle_clock())),
                     }),
                     None => Ok(RequestBody::empty()),
                     Some(Err(e)) => Err(Early::bad_request_body(e)),
                 };
             }
-            _ => return Ok(RequestBody::Incoming { body }),
+            _ => return Ok(RequestBody::incoming(body, self.idle_clock())),
         };
         match prime(&filters, Direction::Request, body, self.hold_limit()).await {
             Ok(Primed::Reply(reply)) => Err(Early::Filter {
@@ -421,7 +431,13 @@ impl Exchange {
             if let (Some(down), Some(up)) =
                 (downstream_upgrade, rhead.extensions.remove::<OnUpgrade>())
             {
-                tokio::spawn(tunnel::tunnel(down, up));
+                tokio::spawn(tunnel::tunnel(
+                    down,
+                    up,
+                    tunnel::Open::new(self.conn.clone()),
+                    self.ctx().clusters[self.cluster].clone(),
+                    self.ctx().stream_idle_timeout,
+                ));
             }
             if let Some(up) = self.stream_mut().upstream.as_mut() {
                 up.reusable = false;
@@ -442,7 +458,8 @@ impl Exchange {
             _ => {
                 return Ok(Response::from_parts(
                     rhead,
-                    ResponseBody::upstream(rbody, Some(self.take_stream())),
+                    ResponseBody::upstream(rbody, Some(self.take_stream()))
+                        .watched(self.idle_clock()),
                 ));
             }
         };
@@ -477,7 +494,7 @@ impl Exchange {
         };
         Ok(Response::from_parts(
             rhead,
-            ResponseBody::filtered(body, Some(self.take_stream())),
+            ResponseBody::filtered(body, Some(self.take_stream())).watched(self.idle_clock()),
         ))
     }
 
@@ -565,6 +582,7 @@ mod tests {
             chain: filter::ChainSlot::empty(),
             replay_limit: 1024,
             max_requests_per_connection: 0,
+            stream_idle_timeout: None,
         });
         let peer = "10.1.2.3:5555".parse().unwrap();
         let conn = Arc::new(ConnShared::new(
