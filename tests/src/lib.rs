@@ -364,7 +364,11 @@ impl ProxyProcess {
     pub async fn admin_get(&self, path: &str) -> std::io::Result<(u16, String)> {
         let resp = raw_request(
             self.admin,
-            format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "GET {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\n\r\n",
+                self.admin
+            )
+            .as_bytes(),
         )
         .await?;
         let status = resp.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);

@@ -39,14 +39,24 @@ pub struct Config {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
-    /// Address of the admin HTTP server. Keep it on loopback: it is unauthenticated.
+    /// Address of the admin HTTP server. Keep it on loopback: it is unauthenticated (the
+    /// proxy warns at startup when it is not).
     pub address: SocketAddr,
+    /// Host names a request may name in its `Host` header besides IP addresses and
+    /// `localhost` (a DNS-rebinding page names its own domain, and is refused).
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Time a client has to send a request head, and the longest an idle connection stays.
+    #[serde(default = "defaults::admin_timeout_ms")]
+    pub timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             address: SocketAddr::from(([127, 0, 0, 1], 9901)),
+            allowed_hosts: Vec::new(),
+            timeout_ms: defaults::admin_timeout_ms(),
         }
     }
 }
@@ -581,6 +591,9 @@ mod defaults {
     pub fn max_requests_per_connection() -> u64 {
         1000
     }
+    pub fn admin_timeout_ms() -> u64 {
+        10_000
+    }
     pub fn stream_idle_timeout_ms() -> u64 {
         300_000
     }
@@ -820,6 +833,11 @@ impl Config {
             ));
         }
         in_range("drain.timeout_ms", self.drain.timeout_ms, ranges::DRAIN_MS)?;
+        in_range(
+            "admin.timeout_ms",
+            self.admin.timeout_ms,
+            ranges::TIMEOUT_MS,
+        )?;
         let mut service_names = HashSet::new();
         for (i, s) in self.wasm.services.iter().enumerate() {
             if !service_names.insert(s.name.as_str()) {

@@ -2,18 +2,24 @@
 //!
 //! It runs on the main thread's runtime, apart from the workers, and keeps answering while
 //! the proxy drains (`/ready` then says 503 so that load balancers stop sending traffic).
+//!
+//! It is unauthenticated, so it defends what it can: a request must name an IP address,
+//! `localhost` or an allowed host in its `Host` header (a DNS-rebinding page in a browser
+//! names its own domain); a slow or idle connection is closed after `admin.timeout_ms`;
+//! values of filter configuration that look like secrets are redacted from `/config_dump`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use tokio::net::TcpListener;
 
@@ -51,23 +57,97 @@ pub async fn serve(socket: TcpListener, state: Arc<AdminState>) {
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let timeout = Duration::from_millis(state.config.load().admin.timeout_ms);
             let service = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = conn.await;
         });
     }
 }
 
+/// Whether `host` (a `Host` header: name or address, and maybe a port) may reach the admin
+/// endpoint: an IP address, `localhost`, or one of `allowed`.
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.strip_prefix('[') {
+        // `[v6]:port`
+        Some(rest) => {
+            return rest
+                .split(']')
+                .next()
+                .is_some_and(|a| a.parse::<std::net::Ipv6Addr>().is_ok());
+        }
+        None => host.rsplit_once(':').map_or(host, |(n, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                n
+            } else {
+                host
+            }
+        }),
+    };
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+}
+
+/// Replaces, anywhere in `v`, the value of every key that names a secret (`token`,
+/// `password`, `secret`, `api_key`, `private_key`, `credential`, `authorization`, in any
+/// case and as part of a longer name) with `"[redacted]"`.
+pub fn redact(v: &mut serde_json::Value) {
+    const SECRET: [&str; 8] = [
+        "secret",
+        "password",
+        "passwd",
+        "token",
+        "api_key",
+        "apikey",
+        "private_key",
+        "credential",
+    ];
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, value) in map.iter_mut() {
+                let k = k.to_ascii_lowercase();
+                if SECRET.iter().any(|s| k.contains(s)) || k == "authorization" {
+                    *value = serde_json::Value::String("[redacted]".into());
+                } else {
+                    redact(value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact),
+        _ => {}
+    }
+}
+
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != Method::GET {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "GET only\n".into(),
+            "GET or HEAD only\n".into(),
+        );
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if let Some(host) = host
+        && !host_allowed(host, &state.config.load().admin.allowed_hosts)
+    {
+        return reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            format!(
+                "host `{host}` is not allowed here: use an IP address or localhost, or list it \
+                 in admin.allowed_hosts\n"
+            ),
         );
     }
     match req.uri().path() {
@@ -120,8 +200,10 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .map(|(name, addr)| json!({ "name": name, "address": addr }))
                 .collect();
             let control = state.control.lock().map(|c| c.clone()).unwrap_or_default();
+            let mut config = serde_json::to_value(&**state.config.load()).unwrap_or_default();
+            redact(&mut config);
             json_reply(&json!({
-                "config": **state.config.load(),
+                "config": config,
                 "listening": listening,
                 "control": control,
             }))

@@ -123,6 +123,14 @@ impl Proxy {
         let admin = std::net::TcpListener::bind(config.admin.address)
             .and_then(|s| s.set_nonblocking(true).map(|_| s))
             .map_err(bind_err("admin".into(), config.admin.address))?;
+        if !config.admin.address.ip().is_loopback() {
+            tracing::warn!(
+                address = %config.admin.address,
+                "the admin endpoint listens beyond loopback and is unauthenticated: anyone \
+                 who reaches it reads the running config and stats; keep it on loopback \
+                 unless a network policy guards it"
+            );
+        }
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let (addr, sockets) = listener::bind_reuseport(l.address, workers)

@@ -58,13 +58,16 @@ pub const PREMATURE: Duration = Duration::from_secs(1);
 pub const PREMATURE_FLOOR: u64 = 50;
 
 impl ConnShared {
-    /// Counts a request started; wakes the serve loop when it is the connection's last.
+    /// Counts a request started; when it is the connection's last, wakes the serve loop
+    /// (HTTP/2: GOAWAY) and returns true (HTTP/1.1: its response says `connection: close`).
     #[inline]
-    pub fn request_started(&self) {
+    pub fn request_started(&self) -> bool {
         let n = self.requests.fetch_add(1, Relaxed) + 1;
-        if n == self.listener.max_requests_per_connection {
+        let last = n == self.listener.max_requests_per_connection;
+        if last {
             self.close.notify_one();
         }
+        last
     }
 
     /// Returns once no upgraded tunnel is open on this connection: the connection (and its

@@ -132,6 +132,8 @@ pub struct Exchange {
     /// The client takes trailers (HTTP/2, or HTTP/1.1 with `te: trailers`): otherwise the
     /// HTTP/1.1 codec drops them, and the response must not announce any.
     accepts_trailers: bool,
+    /// The last request its connection may carry (`max_requests_per_connection`).
+    last: bool,
 }
 
 /// A filter reset the stream (`proxy_close_stream`): the connection's server resets it
@@ -155,6 +157,11 @@ pub async fn handle(
             return Err(StreamReset);
         }
         Err(early) => ex.answer(early),
+    };
+    let resp = if ex.last && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        reply::close_connection(resp, ex.version)
+    } else {
+        resp
     };
     ex.conn
         .listener
@@ -181,7 +188,9 @@ impl Exchange {
         let ctx = &conn.listener;
         let cluster = ctx.default_cluster.load(Relaxed);
         let stream = Stream::begin(conn.clone(), clock::ns_to_ms(t0));
+        let last = conn.request_started();
         Self {
+            last,
             conn,
             stream: Some(stream),
             t0,

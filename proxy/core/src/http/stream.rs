@@ -28,7 +28,6 @@ impl Stream {
     pub fn begin(conn: Arc<ConnShared>, now_ms: u64) -> Box<Self> {
         conn.listener.metrics.requests_active.inc();
         conn.in_flight.fetch_add(1, Relaxed);
-        conn.request_started();
         conn.last_active_ms.store(now_ms, Relaxed);
         Box::new(Self {
             conn,
