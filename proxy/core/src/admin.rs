@@ -95,25 +95,51 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
         || allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
 }
 
-/// Replaces, anywhere in `v`, the value of every key that names a secret (`token`,
-/// `password`, `secret`, `api_key`, `private_key`, `credential`, `authorization`, in any
-/// case and as part of a longer name) with `"[redacted]"`.
-pub fn redact(v: &mut serde_json::Value) {
-    const SECRET: [&str; 8] = [
+/// Whether a configuration key names a secret: one of its words (split at `_`, `-`, `.` and
+/// camelCase) is `secret`, `password`, `passwd`, `token`, `credential(s)`, `authorization`
+/// or `apikey`, or it has `api` or `private` followed by `key` (`api_token`, `clientSecret`,
+/// `private_key`; not `tokens_per_fill`).
+fn names_secret(key: &str) -> bool {
+    let mut words: Vec<String> = Vec::new();
+    let mut word = String::new();
+    let mut prev_lower = false;
+    for c in key.chars() {
+        let boundary = !c.is_ascii_alphanumeric() || (c.is_ascii_uppercase() && prev_lower);
+        if boundary && !word.is_empty() {
+            words.push(std::mem::take(&mut word));
+        }
+        if c.is_ascii_alphanumeric() {
+            word.push(c.to_ascii_lowercase());
+        }
+        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    const SECRET: [&str; 9] = [
         "secret",
         "password",
         "passwd",
         "token",
-        "api_key",
-        "apikey",
-        "private_key",
         "credential",
+        "credentials",
+        "authorization",
+        "apikey",
+        "secrets",
     ];
+    words.iter().any(|w| SECRET.contains(&w.as_str()))
+        || words
+            .windows(2)
+            .any(|p| (p[0] == "api" || p[0] == "private") && p[1] == "key")
+}
+
+/// Replaces, anywhere in `v`, the value of every key that names a secret
+/// ([`names_secret`]) with `"[redacted]"`.
+pub fn redact(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
             for (k, value) in map.iter_mut() {
-                let k = k.to_ascii_lowercase();
-                if SECRET.iter().any(|s| k.contains(s)) || k == "authorization" {
+                if names_secret(k) {
                     *value = serde_json::Value::String("[redacted]".into());
                 } else {
                     redact(value);
@@ -230,4 +256,58 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
         header::HeaderValue::from_static(content_type),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_names_are_words_not_substrings() {
+        for key in [
+            "api_token",
+            "clientSecret",
+            "private_key",
+            "PASSWORD",
+            "db-passwd",
+            "apiKey",
+            "x.credentials",
+            "authorization",
+        ] {
+            assert!(names_secret(key), "{key}");
+        }
+        for key in [
+            "tokens_per_fill",
+            "greeting",
+            "keyspace",
+            "secretary_name",
+            "author",
+        ] {
+            assert!(!names_secret(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn hosts_are_ip_addresses_localhost_or_allowed() {
+        let allowed = vec!["weft-admin".to_owned()];
+        for host in [
+            "127.0.0.1",
+            "127.0.0.1:9901",
+            "[::1]:9901",
+            "localhost:1",
+            "Weft-Admin:80",
+            "10.0.0.7",
+        ] {
+            assert!(host_allowed(host, &allowed), "{host}");
+        }
+        for host in [
+            "evil.example",
+            "evil.example:9901",
+            "127.0.0.1.evil.example",
+            "[nope]:1",
+            "localhost.evil",
+        ] {
+            assert!(!host_allowed(host, &allowed), "{host}");
+        }
+    }
 }
