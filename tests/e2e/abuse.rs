@@ -396,3 +396,84 @@ async fn tunnels_are_counted_idled_out_and_drained() {
             .is_some()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_connection_flood_the_proxy_sheds_and_keeps_serving() {
+    let up = Upstream::start("u").await;
+    let cfg = config("", "", &eps(&[&up])).replace(
+        "drain: { timeout_ms: 5000 }",
+        "drain: { timeout_ms: 5000 }\noverload: { max_connections: 20, keepalive_off_percent: 50 }",
+    );
+    let proxy = ProxyProcess::start(&cfg).await;
+    let stat = |stats: &str, name: &str| metric_value(stats, name).unwrap_or(-1.0);
+
+    // Half the budget held by idle connections: keep-alive goes off, responses close.
+    let mut idle = Vec::new();
+    for _ in 0..10 {
+        idle.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let got = get(&h1_client(), &proxy.url("/")).await.unwrap();
+    assert_eq!((got.status, got.header("connection")), (200, "close"));
+
+    // A flood of idle connections, five times the budget (the usual file limit attack):
+    // past the budget new ones are shed at once and the idle ones closed, so a client with
+    // work still gets through.
+    for _ in 0..100 {
+        if let Ok(s) = TcpStream::connect(proxy.addr).await {
+            idle.push(s);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut ok = 0;
+    for _ in 0..20 {
+        if let Ok(got) = get(&h1_client(), &proxy.url("/")).await
+            && got.status == 200
+        {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 20, "legitimate requests under the flood");
+    let mut closed = 0;
+    for s in &mut idle {
+        if closed_within(s, Duration::from_millis(50)).await.is_some() {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 90,
+        "only {closed} of {} idle connections closed",
+        idle.len()
+    );
+    let stats = proxy.stats().await;
+    assert!(
+        stat(&stats, "weft_overload_shed_connections_total") >= 1.0,
+        "{stats}"
+    );
+    drop(idle);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let stats = proxy.stats().await;
+    assert_eq!(
+        stat(&stats, "weft_overload_level"),
+        0.0,
+        "back to normal: {stats}"
+    );
+
+    // Connections with work in flight are not shed; one more past the budget is.
+    let mut busy = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET /delay/1500 HTTP/1.1\r\nhost: a\r\n\r\n")
+            .await
+            .unwrap();
+        busy.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut extra = TcpStream::connect(proxy.addr).await.unwrap();
+    let after = closed_within(&mut extra, Duration::from_millis(500)).await;
+    assert!(after.is_some(), "the connection past the budget was kept");
+    for s in &mut busy {
+        let mut seen = Vec::new();
+        read_until(s, &mut seen, "HTTP/1.1 200").await;
+    }
+}

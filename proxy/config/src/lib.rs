@@ -33,6 +33,33 @@ pub struct Config {
     /// The WASM filter host.
     #[serde(default)]
     pub wasm: WasmConfig,
+    /// Overload protection.
+    #[serde(default)]
+    pub overload: OverloadConfig,
+}
+
+/// Overload protection: the proxy's downstream connections, across listeners, against a
+/// budget (see `weft_core::overload`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OverloadConfig {
+    /// Downstream connections the proxy keeps open at most, tunnels included; past it new
+    /// connections are shed and idle ones closed. 0: 40% of the open-file limit (which the
+    /// proxy raises to its hard limit at startup), leaving room for upstream connections.
+    #[serde(default)]
+    pub max_connections: u64,
+    /// From this share of `max_connections` on, HTTP/1.1 responses close their connections.
+    #[serde(default = "defaults::keepalive_off_percent")]
+    pub keepalive_off_percent: u32,
+}
+
+impl Default for OverloadConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 0,
+            keepalive_off_percent: defaults::keepalive_off_percent(),
+        }
+    }
 }
 
 /// Where the admin endpoint listens.
@@ -594,6 +621,9 @@ mod defaults {
     pub fn admin_timeout_ms() -> u64 {
         10_000
     }
+    pub fn keepalive_off_percent() -> u32 {
+        80
+    }
     pub fn stream_idle_timeout_ms() -> u64 {
         300_000
     }
@@ -837,6 +867,16 @@ impl Config {
             "admin.timeout_ms",
             self.admin.timeout_ms,
             ranges::TIMEOUT_MS,
+        )?;
+        in_range(
+            "overload.max_connections",
+            self.overload.max_connections,
+            ranges::COUNT,
+        )?;
+        in_range(
+            "overload.keepalive_off_percent",
+            self.overload.keepalive_off_percent.into(),
+            (1, 100),
         )?;
         let mut service_names = HashSet::new();
         for (i, s) in self.wasm.services.iter().enumerate() {

@@ -40,6 +40,7 @@ pub mod filter;
 pub mod http;
 pub mod idle;
 pub mod metrics;
+pub mod overload;
 pub mod upstream;
 
 /// The configuration schema (crate `weft-config`).

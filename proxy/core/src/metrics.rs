@@ -170,6 +170,8 @@ pub struct Metrics {
     upstream_resets: Family<ClusterLabels, Counter>,
     upstream_retries: Family<ClusterLabels, Counter>,
     chain_swaps: Counter,
+    overload_shed: Counter,
+    overload_level: Gauge,
     chain_swap_failures: Counter,
     ejections: Family<ClusterLabels, Counter>,
     panic_picks: Family<ClusterLabels, Counter>,
@@ -208,6 +210,8 @@ impl Metrics {
             upstream_resets: Family::default(),
             upstream_retries: Family::default(),
             chain_swaps: Counter::default(),
+            overload_shed: Counter::default(),
+            overload_level: Gauge::default(),
             chain_swap_failures: Counter::default(),
             ejections: Family::default(),
             panic_picks: Family::default(),
@@ -295,6 +299,17 @@ impl Metrics {
             m.upstream_resets.clone(),
         );
         registry.register(
+            "overload_shed_connections",
+            "Downstream connections shed (accepted and closed at once) because the proxy had \
+             overload.max_connections open",
+            m.overload_shed.clone(),
+        );
+        registry.register(
+            "overload_level",
+            "Overload level: 0 normal, 1 keep-alive off, 2 shedding new and idle connections",
+            m.overload_level.clone(),
+        );
+        registry.register(
             "filter_chain_swaps",
             "Filter chain reloads (SIGHUP) that swapped the chains in",
             m.chain_swaps.clone(),
@@ -374,6 +389,11 @@ impl Metrics {
     /// The metrics WASM filters define.
     pub fn filter_defined(&self) -> Arc<FilterMetricSet> {
         self.filter_defined.clone()
+    }
+
+    /// The overload handles: connections shed, and the level.
+    pub fn overload(&self) -> (Counter, Gauge) {
+        (self.overload_shed.clone(), self.overload_level.clone())
     }
 
     /// Counts a filter chain reload, swapped in (`true`) or refused.

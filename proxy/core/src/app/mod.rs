@@ -176,6 +176,26 @@ impl Proxy {
             .map(|(i, c)| Arc::new(Cluster::new(i, c, metrics.cluster(&c.name))))
             .collect();
         let cluster_names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+        let overload = {
+            let (soft, hard) = crate::overload::raise_file_limit();
+            let limit = match self.config.overload.max_connections {
+                0 => (soft.min(1 << 24) as usize) * 40 / 100,
+                n => n as usize,
+            };
+            tracing::info!(
+                open_file_limit = soft,
+                hard_limit = hard,
+                max_connections = limit,
+                "overload budget"
+            );
+            let (shed, level) = metrics.overload();
+            Arc::new(crate::overload::Overload::new(
+                limit,
+                self.config.overload.keepalive_off_percent,
+                shed,
+                level,
+            ))
+        };
         let mut chains = std::mem::take(&mut self.chains).into_iter();
         let runtimes: Vec<Arc<ListenerRuntime>> = self
             .config
@@ -196,6 +216,7 @@ impl Proxy {
                     replay_limit: l.replay_buffer_kb as usize * 1024,
                     direction: l.direction.number(),
                     max_requests_per_connection: l.max_requests_per_connection,
+                    overload: overload.clone(),
                     stream_idle_timeout: (l.stream_idle_timeout_ms > 0)
                         .then(|| std::time::Duration::from_millis(l.stream_idle_timeout_ms)),
                 };

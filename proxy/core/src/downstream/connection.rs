@@ -17,6 +17,7 @@ use super::workers::{ConnCounter, ConnGuard, drained};
 use crate::clock;
 use crate::config::{DownstreamProtocol, ListenerConfig};
 use crate::http::{self as proxy, ConnShared, ListenerCtx};
+use crate::overload::{Admitted, Level};
 
 /// A listener as the workers run it.
 pub struct ListenerRuntime {
@@ -59,6 +60,29 @@ impl ListenerRuntime {
     }
 }
 
+/// A warning repeated at most every [`RateLimitedLog::EVERY_MS`], with how many were held
+/// back in between.
+#[derive(Default)]
+struct RateLimitedLog {
+    last_ms: u64,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    const EVERY_MS: u64 = 5_000;
+
+    /// `Some(held back since the last one)` when this one should be logged.
+    fn due(&mut self) -> Option<u64> {
+        let now = clock::now_ms();
+        if self.last_ms != 0 && now.saturating_sub(self.last_ms) < Self::EVERY_MS {
+            self.suppressed += 1;
+            return None;
+        }
+        self.last_ms = now;
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
 pub(super) async fn accept_loop(
     socket: TcpListener,
     listener: Arc<ListenerRuntime>,
@@ -66,24 +90,38 @@ pub(super) async fn accept_loop(
     conns: ConnCounter,
 ) {
     let for_connections = drain.clone();
+    let mut failures = RateLimitedLog::default();
     loop {
         tokio::select! {
             biased;
             _ = drained(&mut drain) => break,
             accepted = socket.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    // Over budget: shed at once (the socket closes), so the accept queue
+                    // keeps moving and descriptors never run out.
+                    let Some(admitted) = listener.ctx.overload.admit() else {
+                        drop(stream);
+                        continue;
+                    };
                     let guard = conns.enter();
                     tokio::spawn(serve_connection(
                         stream,
                         peer,
                         listener.clone(),
                         for_connections.clone(),
-                        guard,
+                        (guard, admitted),
                     ));
                 }
                 Err(e) => {
-                    // Typically out of file descriptors: back off instead of spinning.
-                    tracing::warn!(listener = %listener.ctx.name, "accept failed: {e}");
+                    // Typically out of file descriptors: back off instead of spinning, and
+                    // say so once in a while, not 40 times a second.
+                    if let Some(suppressed) = failures.due() {
+                        tracing::warn!(
+                            listener = %listener.ctx.name,
+                            suppressed,
+                            "accept failed: {e}"
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -97,8 +135,9 @@ async fn serve_connection<T: Transport>(
     peer: SocketAddr,
     listener: Arc<ListenerRuntime>,
     mut drain: watch::Receiver<bool>,
-    _guard: ConnGuard,
+    _guards: (ConnGuard, Admitted),
 ) {
+    let mut pressure = listener.ctx.overload.subscribe();
     let _ = stream.set_nodelay(true);
     let metrics = &listener.ctx.metrics;
     metrics.connections_total.inc();
@@ -135,6 +174,17 @@ async fn serve_connection<T: Transport>(
                     tracing::debug!(listener = %listener.ctx.name, %peer, "connection ended: {e}");
                 }
                 break;
+            }
+            Ok(()) = pressure.changed() => {
+                // Shedding: a connection with no request in flight makes room for one with
+                // work (HTTP/1.1 closes now; HTTP/2 says GOAWAY).
+                if *pressure.borrow_and_update() == Level::Shed
+                    && !closing
+                    && shared.in_flight.load(Relaxed) == 0
+                {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
             }
             _ = shared.close.notified() => {
                 if shared.abusive.load(Relaxed) {

@@ -75,6 +75,8 @@ pub struct ListenerCtx {
     pub direction: u8,
     /// The stream idle timeout, if on.
     pub stream_idle_timeout: Option<std::time::Duration>,
+    /// The proxy's overload state (one for all listeners).
+    pub overload: Arc<crate::overload::Overload>,
     /// Requests one downstream connection may carry (0: no limit).
     pub max_requests_per_connection: u64,
 }
@@ -158,7 +160,9 @@ pub async fn handle(
         }
         Err(early) => ex.answer(early),
     };
-    let resp = if ex.last && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+    // The connection's last request, or keep-alive off under overload: HTTP/1.1 closes.
+    let closing = ex.last || ex.ctx().overload.keepalive_off();
+    let resp = if closing && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
         reply::close_connection(resp, ex.version)
     } else {
         resp
@@ -592,6 +596,12 @@ mod tests {
             replay_limit: 1024,
             max_requests_per_connection: 0,
             stream_idle_timeout: None,
+            overload: Arc::new(crate::overload::Overload::new(
+                0,
+                80,
+                Default::default(),
+                Default::default(),
+            )),
         });
         let peer = "10.1.2.3:5555".parse().unwrap();
         let conn = Arc::new(ConnShared::new(
