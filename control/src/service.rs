@@ -47,8 +47,9 @@ fn hash_map(labels: &Labels) -> std::collections::HashMap<String, String> {
     labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
-/// A protobuf resource as the service's own, modules not yet resolved.
-fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
+/// A protobuf resource as the service's own, modules not yet resolved (the first check an
+/// `Apply` makes; public for the fuzz target).
+pub fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
     let kind = Kind::parse(&r.kind).ok_or_else(|| {
         ControlError::Invalid(format!(
             "resource `{}`: unknown kind `{}` (Chain, FilterConfig or Cluster)",

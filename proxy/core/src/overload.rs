@@ -5,8 +5,9 @@
 //! - at `keepalive_off_percent` of the limit, HTTP/1.1 responses close their connections
 //!   (clients reconnect as they need, so idle keep-alive connections stop piling up);
 //! - at the limit, new connections are shed (accepted and closed at once, so the accept queue
-//!   keeps moving and the process never hits `EMFILE`), and connections with no request in
-//!   flight are closed, making room for clients that have work.
+//!   keeps moving and the process never hits `EMFILE`), and the idle timeout of downstream
+//!   connections drops to a second, so that connections holding a slot without sending
+//!   anything make room for clients that have work.
 //!
 //! Levels are published on a `watch` channel that every connection's serve loop listens to;
 //! on the request path a level check is one relaxed load.

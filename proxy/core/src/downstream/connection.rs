@@ -60,6 +60,9 @@ impl ListenerRuntime {
     }
 }
 
+/// The idle timeout of downstream connections while the proxy sheds load.
+const SHED_IDLE_MS: u64 = 1_000;
+
 /// A warning repeated at most every [`RateLimitedLog::EVERY_MS`], with how many were held
 /// back in between.
 #[derive(Default)]
@@ -176,14 +179,11 @@ async fn serve_connection<T: Transport>(
                 break;
             }
             Ok(()) = pressure.changed() => {
-                // Shedding: a connection with no request in flight makes room for one with
-                // work (HTTP/1.1 closes now; HTTP/2 says GOAWAY).
-                if *pressure.borrow_and_update() == Level::Shed
-                    && !closing
-                    && shared.in_flight.load(Relaxed) == 0
-                {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
+                // Shedding: idle connections get a short idle timeout (Envoy's "reduce
+                // timeouts" action), so they make room for clients with work; one just
+                // accepted still has time for its first request.
+                if *pressure.borrow_and_update() == Level::Shed && !closing {
+                    idle.as_mut().reset(tokio::time::Instant::now());
                 }
             }
             _ = shared.close.notified() => {
@@ -209,11 +209,16 @@ async fn serve_connection<T: Transport>(
             }
             _ = &mut idle, if !closing => {
                 let idle_for = clock::now_ms().saturating_sub(shared.last_active_ms.load(Relaxed));
-                if shared.in_flight.load(Relaxed) == 0 && idle_for >= idle_ms {
+                let limit = if *pressure.borrow() == Level::Shed {
+                    idle_ms.min(SHED_IDLE_MS)
+                } else {
+                    idle_ms
+                };
+                if shared.in_flight.load(Relaxed) == 0 && idle_for >= limit {
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 } else {
-                    let left = idle_ms.saturating_sub(idle_for).max(1);
+                    let left = limit.saturating_sub(idle_for).max(1);
                     idle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(left));
                 }
             }
