@@ -4,8 +4,9 @@
 #
 #  1. slowloris: 500 connections sending a request head a byte every 5 s — memory per
 #     connection, and how long until the proxy closes them (70 s window);
-#  2. idle flood: 1,500 connections that send nothing, held — the share of 50 ordinary
-#     requests (a new connection each) that still get a 200 while they are held.
+#  2. flood: 1,500 connections each sending half a head, held — the share of 50 ordinary
+#     requests (a new connection each) that still get a 200 while they are held, and the
+#     proxy's resident memory before, during and 15 s after.
 #
 #   bash benches/abuse/run.sh          (about 3 minutes; installs nginx with apt if missing)
 #

@@ -122,7 +122,11 @@ async fn slow_request_heads_are_cut_at_the_request_headers_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_is_closed_after_its_request_cap() {
     let up = Upstream::start("u").await;
-    let cfg = config("    max_requests_per_connection: 5", "", &eps(&[&up]));
+    let cfg = config(
+        "    max_requests_per_connection: 5\n    max_requests_per_http2_connection: 5",
+        "",
+        &eps(&[&up]),
+    );
     let proxy = ProxyProcess::start(&cfg).await;
     // HTTP/1.1, on one connection: the fifth response says `connection: close`, and the
     // connection ends there.

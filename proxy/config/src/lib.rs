@@ -155,11 +155,16 @@ pub struct ListenerConfig {
     /// head; past it the connection is closed (slowloris). 0 turns it off.
     #[serde(default = "defaults::request_headers_timeout_ms")]
     pub request_headers_timeout_ms: u64,
-    /// Requests one downstream connection may carry; then it is closed gracefully (HTTP/1.1
-    /// `connection: close` on the last response, HTTP/2 GOAWAY) and the client opens another.
-    /// 0: no limit.
+    /// Requests one HTTP/1.1 downstream connection may carry; its last response says
+    /// `connection: close` and the client opens another. 0: no limit.
     #[serde(default = "defaults::max_requests_per_connection")]
     pub max_requests_per_connection: u64,
+    /// The same for an HTTP/2 connection (GOAWAY after its last stream). 0, the default, as
+    /// in Envoy: no limit — HTTP/2 clients keep one connection for all their requests, and a
+    /// GOAWAY fails the requests some clients have in flight; abusive HTTP/2 clients are cut
+    /// by the premature-reset rule instead.
+    #[serde(default)]
+    pub max_requests_per_http2_connection: u64,
     /// A request or response body, or an upgraded tunnel, that moves no bytes for this long
     /// is ended (Envoy's `stream_idle_timeout`): an upstream that stalls after its head, or a
     /// client that stalls mid-upload, holds nothing forever. 0 turns it off.
@@ -1003,6 +1008,11 @@ impl Config {
                 &at("stream_idle_timeout_ms"),
                 l.stream_idle_timeout_ms,
                 ranges::OPTIONAL_MS,
+            )?;
+            in_range(
+                &at("max_requests_per_http2_connection"),
+                l.max_requests_per_http2_connection,
+                ranges::REQUESTS_PER_CONNECTION,
             )?;
             in_range(
                 &at("max_requests_per_connection"),

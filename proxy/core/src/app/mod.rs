@@ -216,6 +216,7 @@ impl Proxy {
                     replay_limit: l.replay_buffer_kb as usize * 1024,
                     direction: l.direction.number(),
                     max_requests_per_connection: l.max_requests_per_connection,
+                    max_requests_per_http2_connection: l.max_requests_per_http2_connection,
                     overload: overload.clone(),
                     stream_idle_timeout: (l.stream_idle_timeout_ms > 0)
                         .then(|| std::time::Duration::from_millis(l.stream_idle_timeout_ms)),

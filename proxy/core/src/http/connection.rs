@@ -61,9 +61,14 @@ impl ConnShared {
     /// Counts a request started; when it is the connection's last, wakes the serve loop
     /// (HTTP/2: GOAWAY) and returns true (HTTP/1.1: its response says `connection: close`).
     #[inline]
-    pub fn request_started(&self) -> bool {
+    pub fn request_started(&self, version: http::Version) -> bool {
         let n = self.requests.fetch_add(1, Relaxed) + 1;
-        let last = n == self.listener.max_requests_per_connection;
+        let cap = if version >= http::Version::HTTP_2 {
+            self.listener.max_requests_per_http2_connection
+        } else {
+            self.listener.max_requests_per_connection
+        };
+        let last = n == cap;
         if last {
             self.close.notify_one();
         }

@@ -79,6 +79,8 @@ pub struct ListenerCtx {
     pub overload: Arc<crate::overload::Overload>,
     /// Requests one downstream connection may carry (0: no limit).
     pub max_requests_per_connection: u64,
+    /// Requests one HTTP/2 downstream connection may carry (0: no limit).
+    pub max_requests_per_http2_connection: u64,
 }
 
 /// How an exchange ends before (or instead of) an upstream response: the one error funnel of
@@ -192,7 +194,7 @@ impl Exchange {
         let ctx = &conn.listener;
         let cluster = ctx.default_cluster.load(Relaxed);
         let stream = Stream::begin(conn.clone(), clock::ns_to_ms(t0));
-        let last = conn.request_started();
+        let last = conn.request_started(version);
         Self {
             last,
             conn,
@@ -595,6 +597,7 @@ mod tests {
             chain: filter::ChainSlot::empty(),
             replay_limit: 1024,
             max_requests_per_connection: 0,
+            max_requests_per_http2_connection: 0,
             stream_idle_timeout: None,
             overload: Arc::new(crate::overload::Overload::new(
                 0,
