@@ -231,24 +231,6 @@ async fn a_client_that_resets_its_streams_right_away_is_cut_off() {
     );
 }
 
-/// Reads from `s` until `needle` has been seen (5 s at most).
-async fn read_until(s: &mut TcpStream, seen: &mut Vec<u8>, needle: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !String::from_utf8_lossy(seen).contains(needle) {
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(seen)))
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before {needle:?}: {:?}",
-            String::from_utf8_lossy(seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
-}
-
 /// An upstream that answers its first request with a head and 5 of the 100 body bytes it
 /// announced, then says nothing more (the connection stays open).
 async fn stalling_upstream() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {

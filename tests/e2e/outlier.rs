@@ -7,17 +7,7 @@ use weft_tests::*;
 use crate::{config, eps};
 
 async fn statuses(proxy: &ProxyProcess, n: usize) -> Vec<u16> {
-    let client = h1_client();
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        out.push(
-            get(&client, &proxy.url("/"))
-                .await
-                .map(|g| g.status)
-                .unwrap_or(0),
-        );
-    }
-    out
+    statuses_of(proxy, "/", n).await
 }
 
 fn endpoint<'a>(clusters: &'a serde_json::Value, addr: &str) -> &'a serde_json::Value {

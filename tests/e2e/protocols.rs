@@ -1,12 +1,10 @@
 //! Both protocols each way, forwarding headers, bodies, 100-continue, gRPC trailers and
 //! upgrades.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use weft_tests::*;
 
@@ -88,24 +86,6 @@ keep-alive: timeout=5\r\nproxy-connection: keep-alive\r\nte: gzip\r\nx-kept: yes
         assert!(!h.contains_key(gone), "{gone} was forwarded: {echo}");
     }
     assert_eq!(h["x-kept"][0], "yes");
-}
-
-/// Reads from `s` until `needle` shows up (bounded to 5 s).
-async fn read_until(s: &mut TcpStream, seen: &mut Vec<u8>, needle: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while !String::from_utf8_lossy(seen).contains(needle) {
-        let mut buf = [0u8; 4096];
-        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
-            .await
-            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(seen)))
-            .unwrap();
-        assert!(
-            n > 0,
-            "closed before {needle:?}: {:?}",
-            String::from_utf8_lossy(seen)
-        );
-        seen.extend_from_slice(&buf[..n]);
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -572,6 +572,26 @@ pub async fn send(
         .map_err(|_| "timed out".to_owned())?
 }
 
+/// Reads from `s` until `needle` has been seen, appending to `seen` (5 s at most; panics when
+/// the peer closes first or time runs out).
+pub async fn read_until(s: &mut tokio::net::TcpStream, seen: &mut Vec<u8>, needle: &str) {
+    use tokio::io::AsyncReadExt;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !String::from_utf8_lossy(seen).contains(needle) {
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .unwrap_or_else(|_| panic!("no {needle:?} in {:?}", String::from_utf8_lossy(seen)))
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before {needle:?}: {:?}",
+            String::from_utf8_lossy(seen)
+        );
+        seen.extend_from_slice(&buf[..n]);
+    }
+}
+
 /// GET `url` with `client`.
 pub async fn get(client: &Client<HttpConnector, Full<Bytes>>, url: &str) -> Result<Got, String> {
     let req = Request::get(url)
