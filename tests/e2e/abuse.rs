@@ -299,14 +299,29 @@ async fn bodies_that_stall_are_ended_at_the_stream_idle_timeout() {
     assert!(n == 0 || text.starts_with("HTTP/1.1 5"), "{text}");
     assert!(started.elapsed() >= Duration::from_millis(400));
 
-    for p in [&proxy, &proxy2] {
+    // A chunked upload whose first chunk never comes: 408, nothing forwarded.
+    let hits = up.hits();
+    let mut s = TcpStream::connect(proxy2.addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut seen, "\r\n\r\n").await;
+    assert!(
+        seen.starts_with(b"HTTP/1.1 408"),
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+    assert_eq!(up.hits(), hits);
+
+    for (p, ended) in [(&proxy, 1.0), (&proxy2, 2.0)] {
         let stats = p.stats().await;
         assert_eq!(
             metric_value(
                 &stats,
                 "weft_stream_idle_timeouts_total{listener=\"ingress\"}"
             ),
-            Some(1.0),
+            Some(ended),
             "{stats}"
         );
     }

@@ -77,7 +77,7 @@ pub struct ListenerCtx {
     pub stream_idle_timeout: Option<std::time::Duration>,
     /// The proxy's overload state (one for all listeners).
     pub overload: Arc<crate::overload::Overload>,
-    /// Requests one downstream connection may carry (0: no limit).
+    /// Requests one HTTP/1.1 downstream connection may carry (0: no limit).
     pub max_requests_per_connection: u64,
     /// Requests one HTTP/2 downstream connection may carry (0: no limit).
     pub max_requests_per_http2_connection: u64,
@@ -342,7 +342,21 @@ impl Exchange {
                 && body.size_hint().exact().is_none()
                 && !body.is_end_stream() =>
             {
-                return match body.frame().await {
+                let first = match self.ctx().stream_idle_timeout {
+                    Some(limit) => match tokio::time::timeout(limit, body.frame()).await {
+                        Ok(first) => first,
+                        Err(_) => {
+                            self.ctx().metrics.stream_idle_timeouts.inc();
+                            return Err(Early::Local {
+                                status: StatusCode::REQUEST_TIMEOUT,
+                                text: "request body idle past the stream idle timeout\n",
+                                close: true,
+                            });
+                        }
+                    },
+                    None => body.frame().await,
+                };
+                return match first {
                     Some(Ok(first)) => Ok(RequestBody::Prefixed {
                         first: Some(first),
                         rest: Box::new(RequestBody::incoming(body, self.idle_clock())),
