@@ -209,12 +209,15 @@ async fn serve_connection<T: Transport>(
             }
             _ = &mut idle, if !closing => {
                 let idle_for = clock::now_ms().saturating_sub(shared.last_active_ms.load(Relaxed));
-                let limit = if *pressure.borrow() == Level::Shed {
-                    idle_ms.min(SHED_IDLE_MS)
-                } else {
-                    idle_ms
-                };
+                let shedding = *pressure.borrow() == Level::Shed;
+                let limit = if shedding { idle_ms.min(SHED_IDLE_MS) } else { idle_ms };
                 if shared.in_flight.load(Relaxed) == 0 && idle_for >= limit {
+                    if shedding {
+                        // Closed outright: with no request in flight nothing is lost, and a
+                        // half-sent head (which a graceful close would wait for) gives its
+                        // slot up too.
+                        break;
+                    }
                     conn.as_mut().graceful_shutdown();
                     closing = true;
                 } else {
