@@ -365,7 +365,11 @@ impl Exchange {
                     Some(Err(e)) => Err(Early::bad_request_body(e)),
                 };
             }
-            _ => return Ok(RequestBody::incoming(body, self.idle_clock())),
+            _ => {
+                // An empty body has nothing to stall on: no clock.
+                let idle = (!body.is_end_stream()).then(|| self.idle_clock()).flatten();
+                return Ok(RequestBody::incoming(body, idle));
+            }
         };
         match prime(&filters, Direction::Request, body, self.hold_limit()).await {
             Ok(Primed::Reply(reply)) => Err(Early::Filter {
@@ -485,10 +489,13 @@ impl Exchange {
                 f.clone()
             }
             _ => {
+                // An empty body has nothing to stall on: no clock.
+                let idle = (!rbody.is_end_stream())
+                    .then(|| self.idle_clock())
+                    .flatten();
                 return Ok(Response::from_parts(
                     rhead,
-                    ResponseBody::upstream(rbody, Some(self.take_stream()))
-                        .watched(self.idle_clock()),
+                    ResponseBody::upstream(rbody, Some(self.take_stream())).watched(idle),
                 ));
             }
         };
