@@ -2,6 +2,8 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncReadExt;
+
 use weft_tests::*;
 
 use crate::{config, eps};
@@ -19,8 +21,16 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_0() {
             get(&client, &url).await
         }));
     }
+    // A connection that has not said anything yet has nothing to finish.
+    let mut silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     tokio::time::sleep(Duration::from_millis(250)).await;
     proxy.sigterm();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_millis(500), silent.read(&mut byte)).await;
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "a silent connection is closed at the drain: {read:?}"
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Draining: not ready any more, and not accepting.
     assert_eq!(proxy.admin_get("/ready").await.unwrap().0, 503);

@@ -107,7 +107,7 @@ pub(super) async fn accept_loop(
                         continue;
                     };
                     let guard = conns.enter();
-                    tokio::spawn(serve_connection(
+                    tokio::spawn(accepted_connection(
                         stream,
                         peer,
                         listener.clone(),
@@ -133,18 +133,80 @@ pub(super) async fn accept_loop(
     // Dropping the socket stops accepting on this worker.
 }
 
-async fn serve_connection<T: Transport>(
+/// A connection from its accept: counted at once, served once its first bytes arrive.
+async fn accepted_connection<T: Transport>(
     stream: T,
     peer: SocketAddr,
     listener: Arc<ListenerRuntime>,
+    drain: watch::Receiver<bool>,
+    guards: (ConnGuard, Admitted),
+) {
+    let metrics = &listener.ctx.metrics;
+    metrics.connections_total.inc();
+    metrics.connections_active.inc();
+    let accepted = tokio::time::Instant::now();
+    if first_bytes(&stream, &listener, drain.clone(), accepted).await {
+        // Boxed: until here a connection costs this small task, not the HTTP server's state
+        // and buffers (a flood of connections that say nothing stays cheap).
+        Box::pin(serve_connection(stream, peer, &listener, drain, accepted)).await;
+    }
+    drop(guards);
+    metrics.connections_active.dec();
+}
+
+/// Waits for a new connection's first bytes; `false` when it should be closed instead: its
+/// first head is past the request-headers timeout or it was idle past the idle timeout (both
+/// counted from `accepted`), the proxy drains, or it sheds load and the connection has
+/// been idle for a second.
+async fn first_bytes<T: Transport>(
+    stream: &T,
+    listener: &ListenerRuntime,
     mut drain: watch::Receiver<bool>,
-    _guards: (ConnGuard, Admitted),
+    accepted: tokio::time::Instant,
+) -> bool {
+    let idle = Duration::from_millis(listener.idle_timeout_ms);
+    let (limit, head_timeout) = match listener.headers_timeout {
+        Some(head) if head <= idle => (head, true),
+        _ => (idle, false),
+    };
+    let mut pressure = listener.ctx.overload.subscribe();
+    let shed_deadline = accepted + Duration::from_millis(SHED_IDLE_MS).min(limit);
+    let timeout = tokio::time::sleep_until(accepted + limit);
+    tokio::pin!(timeout);
+    let ready = std::future::poll_fn(|cx| stream.poll_read_ready(cx));
+    tokio::pin!(ready);
+    if *drain.borrow_and_update() {
+        return false;
+    }
+    loop {
+        let shedding = *pressure.borrow_and_update() == Level::Shed;
+        tokio::select! {
+            biased;
+            // Bytes, or an error or end of stream that the server reports as usual.
+            _ = ready.as_mut() => return true,
+            _ = &mut timeout => {
+                if head_timeout {
+                    listener.ctx.metrics.request_headers_timeouts.inc();
+                }
+                return false;
+            }
+            _ = tokio::time::sleep_until(shed_deadline), if shedding => return false,
+            _ = drained(&mut drain) => return false,
+            Ok(()) = pressure.changed() => {}
+        }
+    }
+}
+
+async fn serve_connection<T: Transport>(
+    stream: T,
+    peer: SocketAddr,
+    listener: &ListenerRuntime,
+    mut drain: watch::Receiver<bool>,
+    accepted: tokio::time::Instant,
 ) {
     let mut pressure = listener.ctx.overload.subscribe();
     let _ = stream.set_nodelay(true);
     let metrics = &listener.ctx.metrics;
-    metrics.connections_total.inc();
-    metrics.connections_active.inc();
 
     let local = stream.local_addr().unwrap_or(peer);
     let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer, local));
@@ -152,7 +214,7 @@ async fn serve_connection<T: Transport>(
         stream,
         shared.clone(),
         listener.scan_framing,
-        listener.headers_timeout,
+        listener.headers_timeout.map(|limit| (limit, accepted)),
     ));
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
@@ -230,5 +292,4 @@ async fn serve_connection<T: Transport>(
     // An upgrade handed the connection to its tunnel: it stays open (and counted, and
     // waited for by the drain) as long as the tunnel.
     shared.tunnels_closed().await;
-    metrics.connections_active.dec();
 }

@@ -130,9 +130,9 @@ pub struct HeadClock {
 }
 
 impl HeadClock {
-    /// The clock of a connection accepted now: its first head is due within `limit`.
-    /// `http2_only`: the connection can only speak HTTP/2 (prior knowledge).
-    pub fn new(limit: Duration, http2_only: bool) -> Self {
+    /// The clock of a connection accepted at `accepted`: its first head is due within
+    /// `limit` of it. `http2_only`: the connection can only speak HTTP/2 (prior knowledge).
+    pub fn new(limit: Duration, accepted: Instant, http2_only: bool) -> Self {
         let mode = if http2_only {
             Mode::Http2(H2Frames::new(H2_PREFACE.len()))
         } else {
@@ -141,7 +141,7 @@ impl HeadClock {
         Self {
             limit,
             mode,
-            deadline: Some(Box::pin(tokio::time::sleep(limit))),
+            deadline: Some(Box::pin(tokio::time::sleep_until(accepted + limit))),
         }
     }
 
@@ -251,7 +251,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_head_dribbled_past_the_limit_fails_the_read() {
-        let mut c = HeadClock::new(LIMIT, false);
+        let mut c = HeadClock::new(LIMIT, Instant::now(), false);
         assert!(c.deadline().is_some(), "the first head is due from accept");
         c.read(b"GET / HT", Some(true)).unwrap();
         tokio::time::sleep(STEP).await;
@@ -263,7 +263,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_next_head_is_timed_from_its_first_byte() {
-        let mut c = HeadClock::new(LIMIT, false);
+        let mut c = HeadClock::new(LIMIT, Instant::now(), false);
         c.read(b"GET / HTTP/1.1\r\n\r\n", Some(false)).unwrap();
         assert!(c.deadline().is_none(), "no head under way: no timer");
         tokio::time::sleep(STEP * 2).await;
@@ -276,7 +276,7 @@ mod tests {
 
     #[tokio::test]
     async fn h2_prior_knowledge_is_recognised_from_the_preface() {
-        let mut c = HeadClock::new(LIMIT, false);
+        let mut c = HeadClock::new(LIMIT, Instant::now(), false);
         let mut bytes = H2_PREFACE.to_vec();
         bytes.extend(frame(0x4, 0, &[]));
         // The framing scanner gives up on HTTP/2: its word is not needed.

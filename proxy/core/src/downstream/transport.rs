@@ -12,6 +12,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use super::head_clock::HeadClock;
 use crate::http::ConnShared;
@@ -24,6 +25,9 @@ pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     fn local_addr(&self) -> io::Result<SocketAddr>;
     /// Disables Nagle's algorithm where the transport has it.
     fn set_nodelay(&self, nodelay: bool) -> io::Result<()>;
+    /// Ready once the peer has sent something (or closed, or the socket failed): a new
+    /// connection waits for it before the HTTP server is set up.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
 impl Transport for TcpStream {
@@ -33,6 +37,10 @@ impl Transport for TcpStream {
 
     fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
         TcpStream::set_nodelay(self, nodelay)
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
     }
 }
 
@@ -53,13 +61,19 @@ pin_project! {
 
 impl<T: Transport> DownstreamIo<T> {
     /// Wraps `stream`; `scan`: feed HTTP/1 request bytes to the framing scanner (else the
-    /// connection speaks only HTTP/2); `heads`: the request-headers timeout, if any.
-    pub fn new(stream: T, shared: Arc<ConnShared>, scan: bool, heads: Option<Duration>) -> Self {
+    /// connection speaks only HTTP/2); `heads`: the request-headers timeout, if any, and
+    /// when the connection was accepted (its first head is due from then).
+    pub fn new(
+        stream: T,
+        shared: Arc<ConnShared>,
+        scan: bool,
+        heads: Option<(Duration, Instant)>,
+    ) -> Self {
         Self {
             stream,
             scanner: scan.then(Box::default),
             shared,
-            heads: heads.map(|limit| HeadClock::new(limit, !scan)),
+            heads: heads.map(|(limit, accepted)| HeadClock::new(limit, accepted, !scan)),
         }
     }
 }
