@@ -6,6 +6,12 @@ cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "tests: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 
+# The TLS tests probe the proxy with curl (client certificates, SNI).
+if ! command -v curl >/dev/null; then
+  SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
+fi
+
 # The end-to-end tests start the binaries and load guest filters, so build them first:
 # the proxy binaries for the host, the filters of tests/filters/ for wasm32-wasip1.
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1

@@ -77,7 +77,7 @@ fn heads() -> (http::request::Parts, http::response::Parts) {
 
 fn one_stream(chain: &WasmChain, info: &StreamInfo) {
     let (mut req, mut resp) = heads();
-    let mut stream = chain.start_stream(*info);
+    let mut stream = chain.start_stream(info.clone());
     black_box(stream.on_request_headers(&mut req, true));
     black_box(stream.on_response_headers(&mut resp, false));
     black_box(stream.on_body(Direction::Response, BODY.clone(), true));
@@ -98,6 +98,7 @@ fn filter_chain(c: &mut Criterion) {
         cluster: None,
         direction: 0,
         attempt: Default::default(),
+        tls: None,
     };
     let noop1 = chain(&rt, &metrics, "compat_noop", 1);
     let noop4 = chain(&rt, &metrics, "compat_noop", 4);

@@ -5,6 +5,8 @@
 //! or at `$WEFT_PROXY_BIN`; build it first with `cargo build --bins` (the README's test
 //! command does).
 
+pub mod pki;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};

@@ -14,6 +14,12 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub mod tls;
+pub use tls::{
+    CertificateFiles, ClusterTls, ClusterTlsMode, IdentityConfig, ListenerTls, ListenerTlsMode,
+    SpiffeId,
+};
+
 /// The whole configuration of one proxy process.
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +42,10 @@ pub struct Config {
     /// Overload protection.
     #[serde(default)]
     pub overload: OverloadConfig,
+    /// The proxy's mesh identity (certificate, key, trust bundle), which mesh mTLS
+    /// listeners and clusters use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityConfig>,
 }
 
 /// Overload protection: the proxy's downstream connections, across listeners, against a
@@ -174,6 +184,9 @@ pub struct ListenerConfig {
     /// (`weft.set_attempts`); a larger body streams and gets one attempt.
     #[serde(default = "defaults::replay_buffer_kb")]
     pub replay_buffer_kb: u32,
+    /// TLS on this listener; without it, plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
 }
 
 /// Which way traffic goes through a listener (Envoy's `TrafficDirection`).
@@ -366,6 +379,9 @@ pub struct EndpointConfig {
     /// Relative weight, at least 1.
     #[serde(default = "defaults::weight")]
     pub weight: u32,
+    /// The SPIFFE ID the endpoint must prove on a `mesh` TLS cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// Where an endpoint lives: an IP literal (no lookup) or a host name resolved per connect.
@@ -602,6 +618,9 @@ pub struct ClusterConfig {
     /// Circuit-breaker limits.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// TLS towards the endpoints; without it, plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTls>,
 }
 
 mod defaults {
@@ -904,6 +923,14 @@ impl Config {
             for (j, e) in c.endpoints.iter().enumerate() {
                 let field = at(&format!("endpoints[{j}].weight"));
                 in_range(&field, e.weight.into(), ranges::WEIGHT)?;
+                if let Some(id) = &e.identity {
+                    SpiffeId::parse(id)
+                        .map_err(|m| (at(&format!("endpoints[{j}].identity")), m))?;
+                }
+            }
+            if let Some(tls) = &c.tls {
+                tls.validate(self.identity.is_some())
+                    .map_err(|(f, m)| (at(&format!("tls.{f}")), m))?;
             }
             in_range(
                 &at("connect_timeout_ms"),
@@ -982,6 +1009,10 @@ impl Config {
                     at("default_cluster"),
                     format!("no cluster named `{}`", l.default_cluster),
                 ));
+            }
+            if let Some(tls) = &l.tls {
+                tls.validate(self.identity.is_some())
+                    .map_err(|(f, m)| (at(&format!("tls.{f}")), m))?;
             }
             in_range(
                 &at("max_request_header_bytes"),

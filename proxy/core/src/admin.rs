@@ -42,6 +42,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// Set once the proxy starts draining.
     pub draining: AtomicBool,
+    /// The proxy's mesh identity.
+    pub identity: Arc<crate::tls::IdentityStore>,
 }
 
 /// Serves the admin endpoint until the task is dropped.
@@ -219,6 +221,19 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .collect();
             json_reply(&json!({ "clusters": clusters }))
         }
+        "/certs" => {
+            let identity = state.identity.held().map(|id| {
+                json!({
+                    "spiffe_id": id.id.to_string(),
+                    "serial": id.leaf.serial,
+                    "not_before": id.leaf.not_before,
+                    "not_after": id.leaf.not_after,
+                    "expired": id.expired(),
+                    "trust_bundle_roots": id.root_count,
+                })
+            });
+            json_reply(&json!({ "identity": identity }))
+        }
         "/config_dump" => {
             let listening: Vec<_> = state
                 .listeners
@@ -237,7 +252,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found; try /ready /stats/prometheus /clusters /config_dump\n".into(),
+            "not found; try /ready /stats/prometheus /clusters /certs /config_dump\n".into(),
         ),
     }
 }

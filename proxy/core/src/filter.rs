@@ -198,7 +198,7 @@ pub struct RetryAsk {
 }
 
 /// Facts about a stream that filters can read (as proxy-wasm properties).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct StreamInfo {
     /// The downstream peer.
     pub source: SocketAddr,
@@ -220,6 +220,8 @@ pub struct StreamInfo {
     pub direction: u8,
     /// The attempt whose response is being processed.
     pub attempt: Attempt,
+    /// The downstream connection's TLS, when it has TLS.
+    pub tls: Option<std::sync::Arc<crate::tls::PeerTls>>,
 }
 
 /// A listener's filter chain.

@@ -41,6 +41,7 @@ pub mod http;
 pub mod idle;
 pub mod metrics;
 pub mod overload;
+pub mod tls;
 pub mod upstream;
 
 /// The configuration schema (crate `weft-config`).

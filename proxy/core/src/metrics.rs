@@ -157,6 +157,8 @@ pub struct Metrics {
     downstream_cx_active: Family<ListenerLabels, Gauge>,
     downstream_header_timeouts: Family<ListenerLabels, Counter>,
     downstream_premature_reset_closes: Family<ListenerLabels, Counter>,
+    downstream_tls_handshake_failures: Family<ListenerLabels, Counter>,
+    downstream_tls_connections: Family<ListenerLabels, Counter>,
     stream_idle_timeouts: Family<ListenerLabels, Counter>,
     tunnels_active: Family<ListenerLabels, Gauge>,
     tunnels_total: Family<ListenerLabels, Counter>,
@@ -166,6 +168,7 @@ pub struct Metrics {
     upstream_rq_active: Family<ClusterLabels, Gauge>,
     upstream_cx_active: Family<ClusterLabels, Gauge>,
     upstream_connect_failures: Family<ClusterLabels, Counter>,
+    upstream_tls_failures: Family<ClusterLabels, Counter>,
     upstream_timeouts: Family<ClusterLabels, Counter>,
     upstream_resets: Family<ClusterLabels, Counter>,
     upstream_retries: Family<ClusterLabels, Counter>,
@@ -197,6 +200,8 @@ impl Metrics {
             downstream_cx_active: Family::default(),
             downstream_header_timeouts: Family::default(),
             downstream_premature_reset_closes: Family::default(),
+            downstream_tls_handshake_failures: Family::default(),
+            downstream_tls_connections: Family::default(),
             stream_idle_timeouts: Family::default(),
             tunnels_active: Family::default(),
             tunnels_total: Family::default(),
@@ -206,6 +211,7 @@ impl Metrics {
             upstream_rq_active: Family::default(),
             upstream_cx_active: Family::default(),
             upstream_connect_failures: Family::default(),
+            upstream_tls_failures: Family::default(),
             upstream_timeouts: Family::default(),
             upstream_resets: Family::default(),
             upstream_retries: Family::default(),
@@ -259,6 +265,18 @@ impl Metrics {
             m.downstream_premature_reset_closes.clone(),
         );
         registry.register(
+            "downstream_tls_handshake_failures",
+            "Downstream TLS handshakes that failed or timed out (bad or missing client \
+             certificate, a plaintext client on a strict listener, a peer of another trust \
+             domain)",
+            m.downstream_tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "downstream_tls_connections",
+            "Downstream connections that completed a TLS handshake",
+            m.downstream_tls_connections.clone(),
+        );
+        registry.register(
             "downstream_connections",
             "Downstream connections accepted",
             m.downstream_cx_total.clone(),
@@ -287,6 +305,12 @@ impl Metrics {
             "upstream_connect_failures",
             "Upstream connection attempts that failed or timed out",
             m.upstream_connect_failures.clone(),
+        );
+        registry.register(
+            "upstream_tls_failures",
+            "Upstream TLS handshakes that failed or timed out, or reached a server that is not \
+             the identity expected (also counted in upstream_connect_failures)",
+            m.upstream_tls_failures.clone(),
         );
         registry.register(
             "upstream_request_timeouts",
@@ -372,6 +396,7 @@ impl Metrics {
             upstream_requests_active: self.upstream_rq_active.get_or_create(&l).clone(),
             upstream_connections_active: self.upstream_cx_active.get_or_create(&l).clone(),
             connect_failures: self.upstream_connect_failures.get_or_create(&l).clone(),
+            tls_failures: self.upstream_tls_failures.get_or_create(&l).clone(),
             timeouts: self.upstream_timeouts.get_or_create(&l).clone(),
             resets: self.upstream_resets.get_or_create(&l).clone(),
             retries: self.upstream_retries.get_or_create(&l).clone(),
@@ -441,6 +466,11 @@ impl Metrics {
                 .downstream_premature_reset_closes
                 .get_or_create(&l)
                 .clone(),
+            tls_handshake_failures: self
+                .downstream_tls_handshake_failures
+                .get_or_create(&l)
+                .clone(),
+            tls_connections: self.downstream_tls_connections.get_or_create(&l).clone(),
             stream_idle_timeouts: self.stream_idle_timeouts.get_or_create(&l).clone(),
             tunnels_active: self.tunnels_active.get_or_create(&l).clone(),
             tunnels_total: self.tunnels_total.get_or_create(&l).clone(),
@@ -642,6 +672,8 @@ pub struct ClusterMetrics {
     pub upstream_connections_active: Gauge,
     /// Failed connection attempts.
     pub connect_failures: Counter,
+    /// Failed TLS handshakes (also in `connect_failures`).
+    pub tls_failures: Counter,
     /// Requests that timed out.
     pub timeouts: Counter,
     /// Requests whose connection failed mid-exchange.
@@ -685,6 +717,10 @@ pub struct ListenerMetrics {
     pub request_headers_timeouts: Counter,
     /// Connections closed for premature resets.
     pub premature_reset_closes: Counter,
+    /// Failed downstream TLS handshakes.
+    pub tls_handshake_failures: Counter,
+    /// Downstream connections over TLS.
+    pub tls_connections: Counter,
     /// Bodies and tunnels ended by the stream idle timeout.
     pub stream_idle_timeouts: Counter,
     /// Tunnels open now.

@@ -842,7 +842,7 @@ impl FilterInstance {
     ) -> Result<(), Failure> {
         self.select(context);
         let data = self.store.data_mut();
-        data.info = Some(*info);
+        data.info = Some(info.clone());
         data.context = context as u32;
         data.callback_context = context as u32;
         seen.lend(data);
@@ -883,7 +883,7 @@ fn failed(store: &Store<HostState>, e: wasmtime::Error, during: &str) -> Failure
 
 /// Resets the per-callback state of the store for a callback on `context`.
 fn begin_callback(data: &mut HostState, info: &StreamInfo, context: i32) {
-    data.info = Some(*info);
+    data.info = Some(info.clone());
     data.context = context as u32;
     data.callback_context = context as u32;
     data.local_response = None;

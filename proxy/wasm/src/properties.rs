@@ -61,10 +61,22 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"destination", b"address"] => text(&info?.destination.to_string()),
         [b"destination", b"port"] => int(info?.destination.port().into()),
         [b"connection", b"id"] => int(info?.connection_id as i64),
-        // Plain TCP downstream connections (no TLS yet): not mutual TLS (a bool, one byte, as
-        // Envoy encodes it), no SNI.
-        [b"connection", b"mtls"] => info.map(|_| vec![0]),
-        [b"connection", b"requested_server_name"] => info.and_then(|_| text("")),
+        // The downstream connection's TLS, as Envoy names and encodes it (a bool is one
+        // byte); a plaintext connection is not mutual TLS and has no SNI.
+        [b"connection", b"mtls"] => {
+            info.map(|i| vec![u8::from(i.tls.as_ref().is_some_and(|t| t.mtls))])
+        }
+        [b"connection", b"requested_server_name"] => text(
+            info?
+                .tls
+                .as_ref()
+                .and_then(|t| t.sni.as_deref())
+                .unwrap_or(""),
+        ),
+        [b"connection", b"tls_version"] => text(info?.tls.as_ref()?.version),
+        [b"connection", b"uri_san_peer_certificate"] => text(info?.tls.as_ref()?.uri_sans.first()?),
+        // Istio's name for the verified peer identity: its SPIFFE ID.
+        [b"source", b"principal"] => text(&info?.tls.as_ref()?.peer_id.as_ref()?.to_string()),
         [b"xds", b"cluster_name"] | [b"cluster_name"] => {
             text(state.clusters.get(info?.cluster? as usize)?)
         }
@@ -102,7 +114,11 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                 [b"referer"] => map_get(state, MapKind::RequestHeaders, b"referer"),
                 [b"useragent"] => map_get(state, MapKind::RequestHeaders, b"user-agent"),
                 [b"host"] => authority(req?).map(<[u8]>::to_vec),
-                [b"scheme"] => text("http"),
+                [b"scheme"] => text(if info.is_some_and(|i| i.tls.is_some()) {
+                    "https"
+                } else {
+                    "http"
+                }),
                 [b"method"] => text(req?.method.as_str()),
                 [b"protocol"] => text(match req?.version {
                     http::Version::HTTP_2 => "HTTP/2",

@@ -264,6 +264,7 @@ pub fn info() -> StreamInfo {
         cluster: None,
         direction: 0,
         attempt: Default::default(),
+        tls: None,
     }
 }
 

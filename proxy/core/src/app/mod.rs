@@ -16,6 +16,7 @@ use crate::downstream::{self as listener, ListenerRuntime, WorkerSpec};
 use crate::filter::{ChainError, ChainSlot, FilterChain, FilterHost};
 use crate::http::ListenerCtx;
 use crate::metrics::Metrics;
+use crate::tls::{ClientTls, IdentityStore, MeshIdentity, ServerTls, TlsError};
 use crate::upstream::Cluster;
 use crate::{admin, control};
 use reload::Reloader;
@@ -55,6 +56,15 @@ pub enum StartError {
     /// A runtime or thread could not be created.
     #[error("cannot start: {0}")]
     Runtime(#[from] std::io::Error),
+    /// TLS material could not be loaded (a missing or bad file, a key that does not go with
+    /// its certificate, an expired identity).
+    #[error("{what}: {source}")]
+    Tls {
+        /// Whose (`identity`, `listener inbound`, `cluster api`).
+        what: String,
+        /// The cause, naming the file.
+        source: TlsError,
+    },
 }
 
 /// A proxy with its sockets bound, ready to run.
@@ -70,7 +80,66 @@ pub struct Proxy {
     snapshot: Option<control::ControlSnapshot>,
     admin: std::net::TcpListener,
     listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
+    tls: TlsSetup,
 }
+
+/// The proxy's TLS, loaded at startup: its mesh identity, each listener's and each
+/// cluster's TLS (`None` where plaintext).
+struct TlsSetup {
+    identity: Arc<IdentityStore>,
+    listeners: Vec<Option<Arc<ServerTls>>>,
+    clusters: Vec<Option<Arc<ClientTls>>>,
+}
+
+impl TlsSetup {
+    fn load(config: &Config) -> Result<Self, StartError> {
+        let err = |what: String| move |source| StartError::Tls { what, source };
+        let identity = match &config.identity {
+            Some(cfg) => Some(MeshIdentity::from_files(cfg).map_err(err("identity".into()))?),
+            None => None,
+        };
+        if let Some(id) = &identity {
+            tracing::info!(
+                id = %id.id,
+                serial = %id.leaf.serial,
+                not_after = id.leaf.not_after,
+                roots = id.root_count,
+                "mesh identity"
+            );
+        }
+        let identity = Arc::new(IdentityStore::new(identity));
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                l.tls
+                    .as_ref()
+                    .map(|t| ServerTls::new(t, l.protocol, &identity).map(Arc::new))
+                    .transpose()
+                    .map_err(err(format!("listener `{}`", l.name)))
+            })
+            .collect::<Result<_, _>>()?;
+        let clusters = config
+            .clusters
+            .iter()
+            .map(|c| {
+                c.tls
+                    .as_ref()
+                    .map(|t| ClientTls::new(t, c.protocol, &identity).map(Arc::new))
+                    .transpose()
+                    .map_err(err(format!("cluster `{}`", c.name)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            identity,
+            listeners,
+            clusters,
+        })
+    }
+}
+
+/// How often certificate files are looked at for changes.
+const TLS_FILES_EVERY: Duration = Duration::from_secs(1);
 
 impl Proxy {
     /// Binds the admin socket and every listener's per-worker sockets.
@@ -131,6 +200,7 @@ impl Proxy {
                  unless a network policy guards it"
             );
         }
+        let tls = TlsSetup::load(&config)?;
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let (addr, sockets) = listener::bind_reuseport(l.address, workers)
@@ -147,6 +217,7 @@ impl Proxy {
             snapshot,
             admin,
             listeners,
+            tls,
         })
     }
 
@@ -173,7 +244,10 @@ impl Proxy {
             .clusters
             .iter()
             .enumerate()
-            .map(|(i, c)| Arc::new(Cluster::new(i, c, metrics.cluster(&c.name))))
+            .map(|(i, c)| {
+                let cluster = Cluster::new(i, c, metrics.cluster(&c.name));
+                Arc::new(cluster.with_tls(self.tls.clusters.get(i).cloned().flatten()))
+            })
             .collect();
         let cluster_names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
         let overload = {
@@ -201,7 +275,8 @@ impl Proxy {
             .config
             .listeners
             .iter()
-            .map(|l| {
+            .enumerate()
+            .map(|(i, l)| {
                 let chain = chains.next().flatten();
                 let ctx = ListenerCtx {
                     name: l.name.clone(),
@@ -221,7 +296,8 @@ impl Proxy {
                     stream_idle_timeout: (l.stream_idle_timeout_ms > 0)
                         .then(|| std::time::Duration::from_millis(l.stream_idle_timeout_ms)),
                 };
-                Arc::new(ListenerRuntime::new(Arc::new(ctx), l))
+                let tls = self.tls.listeners.get(i).cloned().flatten();
+                Arc::new(ListenerRuntime::new(Arc::new(ctx), l, tls))
             })
             .collect();
 
@@ -247,6 +323,7 @@ impl Proxy {
             clusters: clusters.clone(),
             metrics,
             draining: AtomicBool::new(false),
+            identity: self.tls.identity.clone(),
         });
         let drain_timeout = Duration::from_millis(self.config.drain.timeout_ms);
         let timer_anchor = clusters
@@ -289,6 +366,13 @@ impl Proxy {
                 tokio::net::TcpListener::from_std(self.admin)?,
                 state.clone(),
             ));
+            if let Some(cfg) = self.config.identity.clone() {
+                tokio::spawn(self.tls.identity.clone().follow_files(cfg, TLS_FILES_EVERY));
+            }
+            for tls in self.tls.listeners.iter().flatten() {
+                let tls = tls.clone();
+                tokio::spawn(async move { tls.follow_files(TLS_FILES_EVERY).await });
+            }
             tracing::info!(workers = handles.len(), "weft-proxy ready");
 
             let reloader = Arc::new(tokio::sync::Mutex::new(Reloader {

@@ -122,6 +122,7 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
                             .into_iter()
                             .map(|e| {
                                 Ok(EndpointConfig {
+                                    identity: None,
                                     address: e.address.parse().map_err(|m| {
                                         format!("cluster `{}`: endpoint {m}", c.name)
                                     })?,

@@ -18,6 +18,7 @@ use crate::clock;
 use crate::config::{DownstreamProtocol, ListenerConfig};
 use crate::http::{self as proxy, ConnShared, ListenerCtx};
 use crate::overload::{Admitted, Level};
+use crate::tls::{PeerTls, ServerTls, Stream, server::is_tls_record};
 
 /// A listener as the workers run it.
 pub struct ListenerRuntime {
@@ -31,11 +32,14 @@ pub struct ListenerRuntime {
     headers_timeout: Option<Duration>,
     /// Whether to scan HTTP/1 request framing (not on HTTP/2-only listeners).
     scan_framing: bool,
+    /// TLS, if the listener has it.
+    tls: Option<Arc<ServerTls>>,
 }
 
 impl ListenerRuntime {
-    /// Server settings from the listener's config.
-    pub fn new(ctx: Arc<ListenerCtx>, cfg: &ListenerConfig) -> Self {
+    /// Server settings from the listener's config, with its TLS (built at startup, where
+    /// bad certificate files stop the proxy).
+    pub fn new(ctx: Arc<ListenerCtx>, cfg: &ListenerConfig, tls: Option<Arc<ServerTls>>) -> Self {
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
@@ -56,6 +60,7 @@ impl ListenerRuntime {
             headers_timeout: (cfg.request_headers_timeout_ms > 0)
                 .then(|| Duration::from_millis(cfg.request_headers_timeout_ms)),
             scan_framing: cfg.protocol != DownstreamProtocol::Http2,
+            tls,
         }
     }
 }
@@ -134,8 +139,8 @@ pub(super) async fn accept_loop(
 }
 
 /// A connection from its accept: counted at once, served once its first bytes arrive.
-async fn accepted_connection<T: Transport>(
-    stream: T,
+async fn accepted_connection(
+    stream: tokio::net::TcpStream,
     peer: SocketAddr,
     listener: Arc<ListenerRuntime>,
     drain: watch::Receiver<bool>,
@@ -148,7 +153,7 @@ async fn accepted_connection<T: Transport>(
     if first_bytes(&stream, &listener, drain.clone(), accepted).await {
         // Boxed: until here a connection costs this small task, not the HTTP server's state
         // and buffers (a flood of connections that say nothing stays cheap).
-        Box::pin(serve_connection(stream, peer, &listener, drain, accepted)).await;
+        Box::pin(secure_and_serve(stream, peer, &listener, drain, accepted)).await;
     }
     drop(guards);
     metrics.connections_active.dec();
@@ -197,8 +202,60 @@ async fn first_bytes<T: Transport>(
     }
 }
 
-async fn serve_connection<T: Transport>(
-    stream: T,
+/// Time a TLS handshake gets when the request-headers timeout is off.
+const HANDSHAKE_MS: u64 = 10_000;
+
+/// The TLS handshake, when the listener has TLS (and the client speaks it, on a permissive
+/// listener), then the HTTP server.
+async fn secure_and_serve(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerRuntime,
+    drain: watch::Receiver<bool>,
+    accepted: tokio::time::Instant,
+) {
+    let Some(tls) = &listener.tls else {
+        return serve_connection(Stream::Plain(stream), None, peer, listener, drain, accepted)
+            .await;
+    };
+    if tls.permissive {
+        let mut first = [0u8; 1];
+        let tls_hello = matches!(stream.peek(&mut first).await, Ok(1) if is_tls_record(first[0]));
+        if !tls_hello {
+            return serve_connection(Stream::Plain(stream), None, peer, listener, drain, accepted)
+                .await;
+        }
+    }
+    // The handshake is part of the first head's time.
+    let limit = listener
+        .headers_timeout
+        .unwrap_or(Duration::from_millis(HANDSHAKE_MS))
+        .saturating_sub(accepted.elapsed());
+    let metrics = &listener.ctx.metrics;
+    match tls.accept(stream, limit).await {
+        Ok((stream, peer_tls)) => {
+            metrics.tls_connections.inc();
+            let stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream)));
+            serve_connection(
+                stream,
+                Some(Arc::new(peer_tls)),
+                peer,
+                listener,
+                drain,
+                accepted,
+            )
+            .await;
+        }
+        Err(e) => {
+            metrics.tls_handshake_failures.inc();
+            tracing::debug!(listener = %listener.ctx.name, %peer, "TLS handshake failed: {e}");
+        }
+    }
+}
+
+async fn serve_connection(
+    stream: Stream,
+    peer_tls: Option<Arc<PeerTls>>,
     peer: SocketAddr,
     listener: &ListenerRuntime,
     mut drain: watch::Receiver<bool>,
@@ -209,7 +266,7 @@ async fn serve_connection<T: Transport>(
     let metrics = &listener.ctx.metrics;
 
     let local = stream.local_addr().unwrap_or(peer);
-    let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer, local));
+    let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer, local, peer_tls));
     let io = TokioIo::new(DownstreamIo::new(
         stream,
         shared.clone(),

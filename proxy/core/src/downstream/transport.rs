@@ -12,14 +12,15 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::tls::Stream;
 use tokio::time::Instant;
 
 use super::head_clock::HeadClock;
 use crate::http::ConnShared;
 use crate::http::framing::FramingScanner;
 
-/// A downstream byte stream: plain TCP today; TLS (and a stream whose first bytes were
-/// peeked for protocol detection) implement it too.
+/// A downstream byte stream: plain TCP, or a [`Stream`] (plain TCP or TLS over it).
 pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     /// The address the connection arrived on.
     fn local_addr(&self) -> io::Result<SocketAddr>;
@@ -41,6 +42,20 @@ impl Transport for TcpStream {
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl Transport for Stream {
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.tcp().local_addr()
+    }
+
+    fn set_nodelay(&self, nodelay: bool) -> io::Result<()> {
+        self.tcp().set_nodelay(nodelay)
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.tcp().poll_read_ready(cx)
     }
 }
 

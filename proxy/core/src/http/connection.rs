@@ -26,6 +26,8 @@ pub struct ConnShared {
     pub local: SocketAddr,
     /// Unique id of the connection in this process.
     pub id: u64,
+    /// What its TLS handshake established, when it is TLS.
+    pub tls: Option<Arc<crate::tls::PeerTls>>,
     /// Request-framing verdicts published by the IO wrapper (HTTP/1 only).
     pub framing: FramingVerdicts,
     /// HTTP/1 requests handed to the service so far (the index of the next head).
@@ -102,7 +104,12 @@ impl ConnShared {
 
 impl ConnShared {
     /// State for a connection from `peer` accepted on `listener` at `local`.
-    pub fn new(listener: Arc<ListenerCtx>, peer: SocketAddr, local: SocketAddr) -> Self {
+    pub fn new(
+        listener: Arc<ListenerCtx>,
+        peer: SocketAddr,
+        local: SocketAddr,
+        tls: Option<Arc<crate::tls::PeerTls>>,
+    ) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
             listener,
@@ -120,6 +127,7 @@ impl ConnShared {
             close: Notify::new(),
             tunnels_open: AtomicU32::new(0),
             tunnel_closed: Notify::new(),
+            tls,
         }
     }
 }

@@ -273,7 +273,12 @@ impl Exchange {
         });
         headers::strip_hop_by_hop(&mut head.headers, upgrade);
         headers::ensure_request_id(&mut head.headers);
-        headers::set_forwarded(&mut head.headers, &self.conn.peer_ip, "http");
+        let proto = if self.conn.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        headers::set_forwarded(&mut head.headers, &self.conn.peer_ip, proto);
         let Some(chain) = self.ctx().chain.load_full() else {
             return Ok(());
         };
@@ -291,6 +296,7 @@ impl Exchange {
             cluster: Some(self.cluster as u32),
             direction: self.ctx().direction,
             attempt: Default::default(),
+            tls: self.conn.tls.clone(),
         };
         let filters: SharedFilterStream = Arc::new(std::sync::Mutex::new(chain.start_stream(info)));
         self.filters = Some(filters.clone());
@@ -632,6 +638,7 @@ mod tests {
             ctx,
             peer,
             "127.0.0.1:15001".parse().unwrap(),
+            None,
         ));
         Exchange::start(conn, Version::HTTP_11)
     }

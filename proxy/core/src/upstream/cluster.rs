@@ -12,25 +12,29 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
 
+use crate::config::SpiffeId;
 use crate::config::{
     ClusterConfig, EndpointConfig, LbPolicy, LimitsConfig, OutlierConfig, UpstreamProtocol,
 };
 use crate::metrics::ClusterMetrics;
+use crate::tls::ClientTls;
 
 pub use super::endpoint::{Endpoint, EndpointAddress, EndpointSet, EndpointSnapshot};
 #[cfg(doc)]
 use super::limits::{ConnectionSlot, EndpointRequest, PendingSlot};
 pub use super::limits::{Limit, RequestPermit};
 
-/// The endpoint for `e`: the one of `existing` with its address and weight, or a new one.
+/// The endpoint for `e`: the one of `existing` with its address, weight and identity, or a
+/// new one.
 fn new_endpoint(e: &EndpointConfig, existing: &[Arc<Endpoint>]) -> Arc<Endpoint> {
+    let identity = e.identity.as_deref().and_then(|i| SpiffeId::parse(i).ok());
     if let Some(old) = existing
         .iter()
-        .find(|o| o.address == e.address && o.weight == e.weight.max(1))
+        .find(|o| o.address == e.address && o.weight == e.weight.max(1) && o.identity == identity)
     {
         return old.clone();
     }
-    Arc::new(Endpoint::new(e.address.clone(), e.weight))
+    Arc::new(Endpoint::new(e.address.clone(), e.weight).with_identity(identity))
 }
 
 /// A cluster: its endpoints, policy and the counters its limits are enforced on.
@@ -70,6 +74,8 @@ pub struct Cluster {
     panic_until_ms: AtomicU64,
     /// Prometheus handles.
     pub metrics: ClusterMetrics,
+    /// TLS towards the endpoints, if the cluster has it.
+    pub tls: Option<Arc<ClientTls>>,
 }
 
 impl Cluster {
@@ -96,7 +102,14 @@ impl Cluster {
             connection_freed: Notify::new(),
             panic_until_ms: AtomicU64::new(0),
             metrics,
+            tls: None,
         }
+    }
+
+    /// The cluster with its TLS (built at startup, where bad files stop the proxy).
+    pub fn with_tls(mut self, tls: Option<Arc<ClientTls>>) -> Self {
+        self.tls = tls;
+        self
     }
 
     /// Whether the cluster is in panic at `now_ms` (too few healthy endpoints: the balancer

@@ -21,6 +21,7 @@ use super::{Cluster, Endpoint, EndpointAddress, Limit};
 use crate::body::RequestBody;
 use crate::clock;
 use crate::config::UpstreamProtocol;
+use crate::tls::Stream;
 
 /// Why a request could not be exchanged with an upstream.
 #[derive(Debug, thiserror::Error)]
@@ -173,13 +174,36 @@ async fn connect_tcp(cluster: &Cluster, ep: &Endpoint) -> Result<TcpStream, Upst
     Err(UpstreamError::Connect(result))
 }
 
+/// Opens a connection to the endpoint: TCP within the connect timeout, then the cluster's
+/// TLS handshake, if it has TLS, within the same time again.
+async fn connect_stream(cluster: &Cluster, ep: &Endpoint) -> Result<Stream, UpstreamError> {
+    let tcp = connect_tcp(cluster, ep).await?;
+    let Some(tls) = &cluster.tls else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let handshake = tls.connect(tcp, &ep.address, ep.identity.as_ref());
+    let error = match tokio::time::timeout(cluster.connect_timeout, handshake).await {
+        Ok(Ok(stream)) => {
+            return Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(
+                stream,
+            ))));
+        }
+        Ok(Err(e)) => e,
+        Err(_) => io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"),
+    };
+    tracing::debug!(cluster = %cluster.name, endpoint = %ep.address, "TLS to the endpoint failed: {error}");
+    cluster.metrics.connect_failures.inc();
+    cluster.metrics.tls_failures.inc();
+    Err(UpstreamError::Connect(error))
+}
+
 /// Makes a new HTTP/1.1 connection in `slot`, which its connection task then holds.
 async fn connect_h1(
     cluster: &Arc<Cluster>,
     ep: &Endpoint,
     slot: ConnectionSlot,
 ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-    let stream = connect_tcp(cluster, ep).await?;
+    let stream = connect_stream(cluster, ep).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake::<_, RequestBody>(TokioIo::new(stream))
         .await
@@ -220,7 +244,7 @@ async fn connect_h2(
     ep: &Endpoint,
     slot: ConnectionSlot,
 ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-    let stream = connect_tcp(cluster, ep).await?;
+    let stream = connect_stream(cluster, ep).await?;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new());
     let (sender, conn) = builder

@@ -49,6 +49,8 @@ pub struct Endpoint {
     pub(super) ejections_total: AtomicU64,
     /// For a host-name endpoint: the address its last connection reached.
     resolved: arc_swap::ArcSwapOption<SocketAddr>,
+    /// The SPIFFE ID it must prove on a mesh TLS cluster, when known.
+    pub identity: Option<weft_config::SpiffeId>,
 }
 
 impl Endpoint {
@@ -67,7 +69,14 @@ impl Endpoint {
             ejection_streak: AtomicU32::new(0),
             ejections_total: AtomicU64::new(0),
             resolved: arc_swap::ArcSwapOption::empty(),
+            identity: None,
         }
+    }
+
+    /// The endpoint with the SPIFFE ID it must prove (mesh TLS).
+    pub fn with_identity(mut self, identity: Option<weft_config::SpiffeId>) -> Self {
+        self.identity = identity;
+        self
     }
 
     /// The socket address requests to it reach: its own, or for a host name the one its

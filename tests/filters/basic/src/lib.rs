@@ -348,6 +348,16 @@ impl HttpContext for Stream {
         // The names of the map the filter saw, in order.
         let names: Vec<String> = self.get_http_request_headers().into_iter().map(|(k, _)| k).collect();
         self.set_http_request_header("x-wasm-map", Some(&names.join(",")));
+        // The downstream connection's TLS, as an authorization filter reads it.
+        let tls = format!(
+            "principal={} san={} version={} mtls={:?} scheme={}",
+            self.property(&["source", "principal"]),
+            self.property(&["connection", "uri_san_peer_certificate"]),
+            self.property(&["connection", "tls_version"]),
+            self.get_property(vec!["connection", "mtls"]).unwrap_or_default(),
+            self.property(&["request", "scheme"]),
+        );
+        self.set_http_request_header("x-wasm-tls", Some(&tls));
         log::debug!("request {path} passed");
         Action::Continue
     }

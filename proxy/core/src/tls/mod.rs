@@ -1,0 +1,35 @@
+//! TLS on both sides of the proxy, with rustls and one crypto provider (*ring*), chosen
+//! here once: the proxy's mesh identity ([`identity`]: a SPIFFE certificate, its key and the
+//! trust bundle, replaced while traffic flows), SPIFFE peer checks ([`verify`]), listeners
+//! that terminate TLS ([`server`]: mesh mTLS strict or permissive, edge TLS with SNI) and
+//! clusters that originate it ([`client`]: mesh mTLS, or TLS to an external service).
+//! `docs/security.md` explains the model.
+
+pub mod client;
+mod files;
+pub mod identity;
+pub mod server;
+mod stream;
+mod verify;
+
+use std::sync::Arc;
+
+use rustls::crypto::CryptoProvider;
+
+pub use client::ClientTls;
+pub use files::TlsError;
+pub use identity::{IdentityStore, MeshIdentity};
+pub use server::{PeerTls, ServerTls};
+pub use stream::Stream;
+
+/// The crypto provider every TLS config of the process uses.
+pub fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: std::sync::OnceLock<Arc<CryptoProvider>> = std::sync::OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// ALPN protocol ids.
+pub(crate) const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_HTTP11: &[u8] = b"http/1.1";
