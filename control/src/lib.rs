@@ -12,12 +12,21 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let store: Arc<dyn Store> = Arc::new(RedbStore::open("data".as_ref())?);
 //! let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
-//! let state = Arc::new(ControlState::load(store, registry)?);
+//! let state = Arc::new(ControlState::load(store.clone(), registry)?);
+//! let ca = weft_control::MeshCa::load_or_create(
+//!     "data".as_ref(),
+//!     "weft.local",
+//!     None,
+//!     std::time::Duration::from_secs(86_400),
+//! )?;
+//! let identity = weft_control::IdentityService::new(Arc::new(ca), store);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
-//! weft_control::serve(state, listener, None, std::future::pending()).await?;
+//! weft_control::serve(state, identity, listener, None, std::future::pending()).await?;
 //! # Ok(()) }
 //! ```
 
+pub mod ca;
+pub mod identity;
 pub mod manifest;
 pub mod model;
 pub mod module_check;
@@ -27,6 +36,8 @@ pub mod snapshot;
 pub mod state;
 pub mod store;
 
+pub use ca::MeshCa;
+pub use identity::IdentityService;
 pub use registry::{EmbeddedRegistry, Registry};
 pub use service::serve;
 pub use state::{ControlError, ControlState};

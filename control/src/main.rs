@@ -22,6 +22,20 @@ struct Args {
     /// client that reaches the address is trusted: keep it on loopback.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// The mesh's trust domain: identities are `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long, default_value = "weft.local")]
+    trust_domain: String,
+    /// Sign with this intermediate CA (PEM: the CA certificate, then its chain up to the
+    /// root, which becomes the trust bundle) instead of a root made in the data dir.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The intermediate CA's private key (PEM).
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of the certificates signed for proxies, in seconds (they renew at about
+    /// 70% of it).
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+    cert_ttl_seconds: u64,
     /// Log filter (`info`, `debug`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -58,7 +72,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .filter(|t| !t.is_empty());
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&args.data_dir)?);
     let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
-    let state = Arc::new(ControlState::load(store, registry)?);
+    let state = Arc::new(ControlState::load(store.clone(), registry)?);
+    let ca = weft_control::MeshCa::load_or_create(
+        &args.data_dir,
+        &args.trust_domain,
+        args.ca_cert.as_deref().zip(args.ca_key.as_deref()),
+        std::time::Duration::from_secs(args.cert_ttl_seconds),
+    )?;
+    let identity = weft_control::IdentityService::new(Arc::new(ca), store);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -72,6 +93,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             data_dir = %args.data_dir.display(),
             version = state.version(),
             auth = token.is_some(),
+            trust_domain = %args.trust_domain,
             "weft-control ready"
         );
         let shutdown = async {
@@ -87,7 +109,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             tracing::info!("shutting down");
         };
-        weft_control::serve(state, listener, token, shutdown).await?;
+        weft_control::serve(state, identity, listener, token, shutdown).await?;
         Ok(())
     })
 }

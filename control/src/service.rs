@@ -643,6 +643,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// instances in the background.
 pub async fn serve(
     state: Arc<ControlState>,
+    identity: crate::identity::IdentityService,
     listener: tokio::net::TcpListener,
     token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send,
@@ -692,6 +693,10 @@ pub async fn serve(
         ))
         .add_service(v1::registry_server::RegistryServer::with_interceptor(
             svc.clone(),
+            auth.clone(),
+        ))
+        .add_service(v1::identity_server::IdentityServer::with_interceptor(
+            identity,
             auth.clone(),
         ))
         .add_service(v1::discovery_server::DiscoveryServer::with_interceptor(

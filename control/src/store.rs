@@ -46,6 +46,22 @@ pub trait Store: Send + Sync + 'static {
     fn put_instance(&self, instance: &Instance) -> Result<(), StoreError>;
     /// Removes instances.
     fn delete_instances(&self, ids: &[String]) -> Result<(), StoreError>;
+    /// Stores a join token's record under the hash of the token.
+    fn put_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError>;
+    /// Redeems a join token, atomically: its record as it was (`used_ms` set if it had been
+    /// redeemed before), now marked used at `now_ms`; `None` for an unknown token.
+    fn redeem_token(&self, hash: &str, now_ms: u64) -> Result<Option<TokenRecord>, StoreError>;
+}
+
+/// A join token as stored (the token itself is not: only its hash is the key).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct TokenRecord {
+    /// The identity it gives.
+    pub spiffe_id: String,
+    /// Until when it may be redeemed, in Unix milliseconds.
+    pub expires_ms: u64,
+    /// When it was redeemed, if it was.
+    pub used_ms: Option<u64>,
 }
 
 const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");
@@ -54,6 +70,7 @@ const MODULE_NAMES: TableDefinition<&str, &str> = TableDefinition::new("module_n
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
 
 /// The embedded store: `<data-dir>/weft-control.redb`.
 pub struct RedbStore {
@@ -76,6 +93,7 @@ impl RedbStore {
             txn.open_table(RESOURCES).map_err(err)?;
             txn.open_table(META).map_err(err)?;
             txn.open_table(INSTANCES).map_err(err)?;
+            txn.open_table(TOKENS).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         Ok(RedbStore { db })
@@ -239,6 +257,38 @@ impl Store for RedbStore {
             }
             Ok(())
         })
+    }
+
+    fn put_token(&self, hash: &str, record: &TokenRecord) -> Result<(), StoreError> {
+        let v = json(record)?;
+        self.write(|txn| {
+            let mut t = txn.open_table(TOKENS).map_err(err)?;
+            t.insert(hash, v.as_slice()).map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn redeem_token(&self, hash: &str, now_ms: u64) -> Result<Option<TokenRecord>, StoreError> {
+        let mut found = None;
+        self.write(|txn| {
+            let mut t = txn.open_table(TOKENS).map_err(err)?;
+            let record: Option<TokenRecord> = match t.get(hash).map_err(err)? {
+                Some(v) => Some(serde_json::from_slice(v.value()).map_err(err)?),
+                None => None,
+            };
+            if let Some(record) = record {
+                if record.used_ms.is_none() {
+                    let used = TokenRecord {
+                        used_ms: Some(now_ms),
+                        ..record.clone()
+                    };
+                    t.insert(hash, json(&used)?.as_slice()).map_err(err)?;
+                }
+                found = Some(record);
+            }
+            Ok(())
+        })?;
+        Ok(found)
     }
 }
 

@@ -2,9 +2,10 @@
 # Weft mesh demo on the embedded defaults (no external dependency: the control service keeps
 # its state in an embedded database under a temp dir):
 #
-#   client ─► service1's sidecar (outbound :18001) ─► service2-a's sidecar (:18111) ─► service2-a
-#                                                 └─► service2-b's sidecar (:18112) ─► service2-b
+#   client ─► service1's sidecar (outbound :18001) ═mTLS═► service2-a's sidecar (:18111) ─► service2-a
+#                                                 ╚═mTLS═► service2-b's sidecar (:18112) ─► service2-b
 #   weft-control (:18070) ─ discovery stream ─► service1's sidecar
+#                        └ mesh CA: each sidecar's certificate, from a join token
 #
 # The standard filters (telemetry, router, fault, ratelimit, retry: WASM built from filters/)
 # are pushed with weftctl and applied as service1's chain (examples/demo/mesh.yaml); service2's
@@ -12,7 +13,8 @@
 # Shows weighted balancing (1:3), trace context and request ids, injected faults, a chain
 # swapped live under traffic, an instance dying without a failed call (retries, outlier
 # ejection, then its registration expiring), labelled metrics, an access log line, and a
-# graceful drain. Every process it starts is stopped by PID on exit.
+# graceful drain. Sidecars speak mutual TLS with SPIFFE identities issued by weft-control (the
+# mesh CA) from join tokens. Every process it starts is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 here=examples/demo
@@ -51,12 +53,22 @@ start register-2a "$bin/weftctl" register service2 127.0.0.1:18111 --weight 1 --
 start register-2b "$bin/weftctl" register service2 127.0.0.1:18112 --weight 3 --ttl 3 --keep-alive
 register_b_pid=${pids[-1]}
 
+echo "-- join tokens for the sidecars' identities (the control service is the mesh CA)"
+ctl identity token --service-account service1 > "$logs/service1.token"
+ctl identity token --service-account service2 > "$logs/service2-a.token"
+ctl identity token --service-account service2 > "$logs/service2-b.token"
+for f in service1 service2-a service2-b; do
+  sed "s|TOKEN_DIR|$logs|" "$here/$f-sidecar.yaml" > "$logs/$f-sidecar.yaml"
+done
+
 start service2-a "$bin/demo-service" --name service2-a --listen 127.0.0.1:18101
 start service2-b "$bin/demo-service" --name service2-b --listen 127.0.0.1:18102
 svc_b_pid=${pids[-1]}
-start sidecar-2a "$bin/weft-proxy" --config $here/service2-a-sidecar.yaml --workers 1
-start sidecar-2b "$bin/weft-proxy" --config $here/service2-b-sidecar.yaml --workers 1
-start sidecar-1 "$bin/weft-proxy" --config $here/service1-sidecar.yaml --workers 2 \
+start sidecar-2a "$bin/weft-proxy" --config "$logs/service2-a-sidecar.yaml" --workers 1 \
+  --control $WEFT_CONTROL --id service2-a --label app=service2 --state-dir "$logs/sidecar-2a-state"
+start sidecar-2b "$bin/weft-proxy" --config "$logs/service2-b-sidecar.yaml" --workers 1 \
+  --control $WEFT_CONTROL --id service2-b --label app=service2 --state-dir "$logs/sidecar-2b-state"
+start sidecar-1 "$bin/weft-proxy" --config "$logs/service1-sidecar.yaml" --workers 2 \
   --control $WEFT_CONTROL --id service1-0 --label app=service1 --state-dir "$logs/sidecar-1-state"
 sidecar1_pid=${pids[-1]}
 
@@ -85,6 +97,13 @@ ctl get services
 
 section "1. service1 calls service2 through two sidecars (the answer shows the mesh headers: request id, trace context)"
 curl -s http://127.0.0.1:18001/hello
+
+section "1b. between the sidecars: mutual TLS with SPIFFE identities from the mesh CA"
+for admin in 18090 18191; do curl -s "http://127.0.0.1:$admin/certs"; echo; done
+echo -n "a plaintext call straight to service2-a's sidecar is refused: "
+curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:18111/ || true
+echo -n "TLS connections service2-a's sidecar accepted: "
+curl -s http://127.0.0.1:18191/stats/prometheus | grep -o 'weft_downstream_tls_connections_total{[^}]*} [0-9]*'
 
 section "2. 400 calls: weights 1:3 give service2-a ~25%, service2-b ~75%"
 for _ in $(seq 1 400); do curl -s http://127.0.0.1:18001/; done \

@@ -10,6 +10,7 @@ mod drain;
 mod fault;
 mod lb;
 mod limits;
+mod mesh_ca;
 mod mtls;
 mod outlier;
 mod protocols;

@@ -88,6 +88,21 @@ impl ControlProcess {
         port: u16,
         token: Option<&str>,
     ) -> ControlProcess {
+        Self::start_full(data_dir, port, token, &[]).await
+    }
+
+    /// Starts it on a free port with extra arguments (`--cert-ttl-seconds 4`).
+    pub async fn start_with(data_dir: &std::path::Path, args: &[&str]) -> ControlProcess {
+        Self::start_full(data_dir, free_port(), None, args).await
+    }
+
+    /// Starts it on `port`, with a bearer token if given and extra arguments.
+    pub async fn start_full(
+        data_dir: &std::path::Path,
+        port: u16,
+        token: Option<&str>,
+        args: &[&str],
+    ) -> ControlProcess {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = data_dir.with_extension(format!("{port}.log"));
         let mut cmd = Command::new(workspace_bin("weft-control"));
@@ -95,6 +110,7 @@ impl ControlProcess {
             .arg(data_dir)
             .arg("--listen")
             .arg(addr.to_string())
+            .args(args)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         if let Some(t) = token {

@@ -22,6 +22,7 @@ use weft_client::{AuthChannel, Bearer};
 use weft_control::manifest;
 use weft_proto::v1::config_client::ConfigClient;
 use weft_proto::v1::discovery_client::DiscoveryClient;
+use weft_proto::v1::identity_client::IdentityClient;
 use weft_proto::v1::modules_client::ModulesClient;
 use weft_proto::v1::registry_client::RegistryClient;
 use weft_proto::v1::resource::Spec;
@@ -31,6 +32,7 @@ use weft_proto::v1::{
     ListModulesRequest, ListResourcesRequest, ListServicesRequest, Module, ProxyStatus, PushChunk,
     RegisterRequest, Resource, StatusRequest,
 };
+use weft_proto::v1::{CreateTokenRequest, TrustBundleRequest};
 
 /// Where the control service listens unless `--server` or `WEFT_CONTROL` says otherwise.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
@@ -102,6 +104,38 @@ enum Command {
         /// The id `register` printed (`<service>/<address>`).
         id: String,
     },
+    /// Workload identities: mint join tokens.
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+    /// The mesh CA: its trust bundle.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+/// `weftctl identity ...`.
+#[derive(Subcommand, Debug)]
+enum IdentityCommand {
+    /// Mint a single-use join token for one identity and print it (only the token, on
+    /// stdout, so it can go straight into a file); a proxy given it (`identity: {
+    /// token_file }`) gets a certificate for that identity.
+    Token {
+        /// The workload's namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// The workload's service account.
+        #[arg(long)]
+        service_account: String,
+        /// How long the token may be redeemed, in seconds [default: one day]
+        #[arg(long, default_value_t = 0)]
+        ttl_seconds: u64,
+    },
+}
+
+/// `weftctl ca ...`.
+#[derive(Subcommand, Debug)]
+enum CaCommand {
+    /// Print the trust bundle (PEM).
+    Bundle,
 }
 
 /// `weftctl module ...`.
@@ -312,6 +346,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .rpc()?;
             print_instance(output, &instance)
+        }
+        Command::Identity(IdentityCommand::Token {
+            namespace,
+            service_account,
+            ttl_seconds,
+        }) => {
+            let minted = IdentityClient::new(server.connect().await?)
+                .create_token(CreateTokenRequest {
+                    namespace,
+                    service_account,
+                    ttl_seconds,
+                })
+                .await
+                .rpc()?;
+            show(
+                output,
+                || json!({"token": minted.token, "spiffe_id": minted.spiffe_id, "expires_unix": minted.expires_unix}),
+                || {
+                    eprintln!("join token for {}", minted.spiffe_id);
+                    println!("{}", minted.token);
+                },
+            )
+        }
+        Command::Ca(CaCommand::Bundle) => {
+            let bundle = IdentityClient::new(server.connect().await?)
+                .trust_bundle(TrustBundleRequest {})
+                .await
+                .rpc()?;
+            for der in &bundle.roots_der {
+                print!(
+                    "{}",
+                    pem::encode(&pem::Pem::new("CERTIFICATE", der.clone()))
+                );
+            }
+            Ok(())
         }
         Command::Deregister { id } => {
             let instance = RegistryClient::new(server.connect().await?)

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 pub mod tls;
 pub use tls::{
-    CertificateFiles, ClusterTls, ClusterTlsMode, IdentityConfig, ListenerTls, ListenerTlsMode,
-    SpiffeId,
+    CertificateFiles, ClusterTls, ClusterTlsMode, IdentityConfig, IdentitySource, ListenerTls,
+    ListenerTlsMode, SpiffeId,
 };
 
 /// The whole configuration of one proxy process.
@@ -902,6 +902,11 @@ impl Config {
             self.overload.keepalive_off_percent.into(),
             (1, 100),
         )?;
+        if let Some(identity) = &self.identity {
+            identity
+                .source()
+                .map_err(|(f, m)| (format!("identity.{f}"), m))?;
+        }
         let mut service_names = HashSet::new();
         for (i, s) in self.wasm.services.iter().enumerate() {
             if !service_names.insert(s.name.as_str()) {

@@ -2,23 +2,79 @@
 //! permissive, and ordinary TLS at the edge) and on clusters (mesh mTLS, or TLS to an
 //! external service). `docs/security.md` explains the model.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-/// The proxy's workload identity, from files (a SPIFFE SVID as SPIRE's helper or
-/// cert-manager writes them). Files are read again when they change, so a rotated
-/// certificate is used for new handshakes without a restart.
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+/// The proxy's workload identity: from the control service, the mesh CA (`token_file`), or
+/// from files (a SPIFFE SVID as SPIRE's helper or cert-manager writes them: `cert_file`,
+/// `key_file`, `trust_bundle_file`). Files are read again when they change, and a
+/// certificate from the CA is renewed before it expires, so new handshakes use a new
+/// certificate without a restart.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     /// PEM certificate chain, leaf first; the leaf's only URI SAN is the proxy's SPIFFE ID
     /// (`spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`).
-    pub cert_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
     /// PEM private key of the leaf (PKCS#8, SEC1 or PKCS#1).
-    pub key_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
     /// PEM roots the mesh trusts (the trust bundle); peers must chain to one of them.
-    pub trust_bundle_file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle_file: Option<PathBuf>,
+    /// A file holding a join token (`weftctl identity token`): the proxy generates its key,
+    /// and the control service it follows (`--control`) signs its certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Where an identity comes from.
+#[derive(Clone, Copy, Debug)]
+pub enum IdentitySource<'a> {
+    /// Certificate, key and bundle files.
+    Files {
+        /// The certificate chain.
+        cert: &'a Path,
+        /// The key.
+        key: &'a Path,
+        /// The trust bundle.
+        bundle: &'a Path,
+    },
+    /// The control service, with a join token from this file.
+    Control {
+        /// The token file.
+        token_file: &'a Path,
+    },
+}
+
+impl IdentityConfig {
+    /// Where the identity comes from; `Err((field, why))` unless exactly one source is
+    /// given whole.
+    pub fn source(&self) -> Result<IdentitySource<'_>, (String, String)> {
+        match (
+            &self.cert_file,
+            &self.key_file,
+            &self.trust_bundle_file,
+            &self.token_file,
+        ) {
+            (Some(cert), Some(key), Some(bundle), None) => {
+                Ok(IdentitySource::Files { cert, key, bundle })
+            }
+            (None, None, None, Some(token_file)) => Ok(IdentitySource::Control { token_file }),
+            (_, _, _, Some(_)) => Err((
+                "token_file".into(),
+                "an identity comes from the control service (token_file) or from files \
+                 (cert_file, key_file, trust_bundle_file), not both"
+                    .into(),
+            )),
+            _ => Err((
+                "cert_file".into(),
+                "give cert_file, key_file and trust_bundle_file together, or token_file".into(),
+            )),
+        }
+    }
 }
 
 /// TLS on a listener.

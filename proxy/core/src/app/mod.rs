@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::config::Config;
 
 use crate::admin::AdminState;
+use crate::config::IdentitySource;
 use crate::downstream::{self as listener, ListenerRuntime, WorkerSpec};
 use crate::filter::{ChainError, ChainSlot, FilterChain, FilterHost};
 use crate::http::ListenerCtx;
@@ -87,16 +88,52 @@ pub struct Proxy {
 /// cluster's TLS (`None` where plaintext).
 struct TlsSetup {
     identity: Arc<IdentityStore>,
+    /// Where the identity comes from, to follow it: files, or renewals from the mesh CA.
+    follow: Option<IdentityFollow>,
     listeners: Vec<Option<Arc<ServerTls>>>,
     clusters: Vec<Option<Arc<ClientTls>>>,
 }
 
+/// How the identity held is kept fresh.
+enum IdentityFollow {
+    /// Its files are watched.
+    Files([std::path::PathBuf; 3]),
+    /// It is renewed from the mesh CA.
+    Ca(Box<crate::tls::enroll::Enrolled>),
+}
+
 impl TlsSetup {
-    fn load(config: &Config) -> Result<Self, StartError> {
+    fn load(
+        config: &Config,
+        control: Option<&control::ControlOptions>,
+    ) -> Result<Self, StartError> {
         let err = |what: String| move |source| StartError::Tls { what, source };
-        let identity = match &config.identity {
-            Some(cfg) => Some(MeshIdentity::from_files(cfg).map_err(err("identity".into()))?),
-            None => None,
+        let (identity, follow) = match config.identity.as_ref().map(|c| c.source()) {
+            None => (None, None),
+            // Validation has refused a config whose identity has no one source.
+            Some(Err((field, why))) => {
+                return Err(StartError::Tls {
+                    what: format!("identity.{field}"),
+                    source: TlsError::Invalid(why),
+                });
+            }
+            Some(Ok(IdentitySource::Files { cert, key, bundle })) => {
+                let id =
+                    MeshIdentity::from_files(cert, key, bundle).map_err(err("identity".into()))?;
+                let paths = [cert, key, bundle].map(ToOwned::to_owned);
+                (Some(id), Some(IdentityFollow::Files(paths)))
+            }
+            Some(Ok(IdentitySource::Control { token_file })) => {
+                let control = control.ok_or_else(|| StartError::Tls {
+                    what: "identity.token_file".into(),
+                    source: TlsError::Invalid(
+                        "an identity from the mesh CA needs the control service (--control)".into(),
+                    ),
+                })?;
+                let (id, enrolled) = crate::tls::enroll::enroll(token_file, control)
+                    .map_err(err("identity".into()))?;
+                (Some(id), Some(IdentityFollow::Ca(Box::new(enrolled))))
+            }
         };
         if let Some(id) = &identity {
             tracing::info!(
@@ -132,6 +169,7 @@ impl TlsSetup {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             identity,
+            follow,
             listeners,
             clusters,
         })
@@ -200,7 +238,7 @@ impl Proxy {
                  unless a network policy guards it"
             );
         }
-        let tls = TlsSetup::load(&config)?;
+        let tls = TlsSetup::load(&config, options.control.as_ref())?;
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let (addr, sockets) = listener::bind_reuseport(l.address, workers)
@@ -366,8 +404,19 @@ impl Proxy {
                 tokio::net::TcpListener::from_std(self.admin)?,
                 state.clone(),
             ));
-            if let Some(cfg) = self.config.identity.clone() {
-                tokio::spawn(self.tls.identity.clone().follow_files(cfg, TLS_FILES_EVERY));
+            match self.tls.follow.take() {
+                Some(IdentityFollow::Files(paths)) => {
+                    tokio::spawn(
+                        self.tls
+                            .identity
+                            .clone()
+                            .follow_files(paths, TLS_FILES_EVERY),
+                    );
+                }
+                Some(IdentityFollow::Ca(enrolled)) => {
+                    tokio::spawn((*enrolled).renew_forever(self.tls.identity.clone()));
+                }
+                None => {}
             }
             for tls in self.tls.listeners.iter().flatten() {
                 let tls = tls.clone();

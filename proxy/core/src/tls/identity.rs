@@ -2,6 +2,7 @@
 //! an [`IdentityStore`] that handshakes read and a new certificate or bundle replaces
 //! (new handshakes use it; connections already up are untouched).
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -10,7 +11,7 @@ use rustls::RootCertStore;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
-use weft_config::{IdentityConfig, SpiffeId};
+use weft_config::SpiffeId;
 
 use super::files::{self, TlsError};
 use super::verify::{CertInfo, cert_info, spiffe_id};
@@ -68,13 +69,13 @@ impl MeshIdentity {
         })
     }
 
-    /// Loads an identity from its files.
-    pub fn from_files(cfg: &IdentityConfig) -> Result<Self, TlsError> {
-        let certified = files::certified_key(&cfg.cert_file, &cfg.key_file)?;
-        let roots = files::roots(&cfg.trust_bundle_file)?;
+    /// Loads an identity from its certificate, key and bundle files.
+    pub fn from_files(cert: &Path, key: &Path, bundle: &Path) -> Result<Self, TlsError> {
+        let certified = files::certified_key(cert, key)?;
+        let roots = files::roots(bundle)?;
         Self::new(certified, roots).map_err(|e| match e {
             TlsError::Invalid(why) => TlsError::File {
-                path: cfg.cert_file.clone(),
+                path: cert.to_owned(),
                 why,
             },
             e => e,
@@ -126,14 +127,10 @@ impl IdentityStore {
 
     /// Follows the identity's files: when they change and make a valid identity, it
     /// replaces the one held; otherwise the one held stays (see [`files::on_change`]).
-    pub async fn follow_files(self: Arc<Self>, cfg: IdentityConfig, every: Duration) {
-        let paths = vec![
-            cfg.cert_file.clone(),
-            cfg.key_file.clone(),
-            cfg.trust_bundle_file.clone(),
-        ];
+    pub async fn follow_files(self: Arc<Self>, [cert, key, bundle]: [PathBuf; 3], every: Duration) {
+        let paths = vec![cert.clone(), key.clone(), bundle.clone()];
         files::on_change(paths, every, "mesh identity", || {
-            let identity = MeshIdentity::from_files(&cfg)?;
+            let identity = MeshIdentity::from_files(&cert, &key, &bundle)?;
             tracing::info!(
                 id = %identity.id,
                 serial = %identity.leaf.serial,

@@ -6,6 +6,7 @@
 //! `docs/security.md` explains the model.
 
 pub mod client;
+pub mod enroll;
 mod files;
 pub mod identity;
 pub mod server;

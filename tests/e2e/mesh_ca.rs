@@ -1,0 +1,363 @@
+//! The control service as the mesh CA: proxies enrolled with join tokens speak mTLS, renew
+//! certificates of a few seconds under traffic without a failed request, keep serving
+//! while the CA is away until their certificate expires, and tokens and CSRs that do not
+//! match are refused.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, KeyPair, SanType};
+use weft_proto::v1;
+use weft_tests::*;
+
+const A_ID: &str = "spiffe://weft.local/ns/default/sa/a";
+const B_ID: &str = "spiffe://weft.local/ns/default/sa/b";
+
+/// Mints a join token for service account `sa` and writes it to `dir/<sa>.token`.
+fn token_file(control: &ControlProcess, sa: &str, dir: &Path) -> std::path::PathBuf {
+    let (code, token, err) = control.weftctl(&["identity", "token", "--service-account", sa]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("spiffe://weft.local/ns/default/sa/{sa}")),
+        "{err}"
+    );
+    let path = dir.join(format!("{sa}.token"));
+    std::fs::write(&path, token.trim()).unwrap();
+    path
+}
+
+/// The inbound sidecar of `app`: strict mTLS, identity from the CA; twenty requests a
+/// connection, so that handshakes happen all along.
+fn inbound(token: &Path, app: &Upstream) -> String {
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+identity: {{ token_file: \"{}\" }}
+listeners:
+  - name: inbound
+    address: \"{{listen}}\"
+    default_cluster: app
+    max_requests_per_connection: 20
+    tls: {{ mode: strict }}
+clusters:
+  - name: app
+    endpoints: [ {{ address: \"{}\" }} ]
+",
+        token.display(),
+        app.address()
+    )
+}
+
+/// The outbound sidecar calling `to` over mesh mTLS, expecting it to be B.
+fn outbound(token: &Path, to: std::net::SocketAddr) -> String {
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+identity: {{ token_file: \"{}\" }}
+listeners:
+  - name: outbound
+    address: \"{{listen}}\"
+    default_cluster: b
+clusters:
+  - name: b
+    endpoints: [ {{ address: \"{to}\", identity: \"{B_ID}\" }} ]
+    tls: {{ mode: mesh }}
+",
+        token.display()
+    )
+}
+
+async fn serial(proxy: &ProxyProcess) -> String {
+    let (_, body) = proxy.admin_get("/certs").await.unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["identity"]["serial"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+async fn start(yaml: &str, args: Vec<String>) -> ProxyProcess {
+    ProxyProcess::start_args(yaml, 1, &args, free_port(), free_port()).await
+}
+
+/// Requests through `proxy` from `clients` loops for `run`: (answered 200, failures).
+async fn traffic(proxy: &ProxyProcess, clients: usize, run: Duration) -> (usize, Vec<String>) {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let url = proxy.url("/steady");
+        tasks.push(tokio::spawn(async move {
+            let client = h1_client();
+            let until = Instant::now() + run;
+            let (mut ok, mut failed) = (0, Vec::new());
+            // Bounded: `run` and 100,000 requests per client, whichever comes first.
+            for _ in 0..100_000 {
+                if Instant::now() >= until {
+                    break;
+                }
+                match get(&client, &url).await {
+                    Ok(g) if g.status == 200 => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let mut total = (0, Vec::new());
+    for t in tasks {
+        let (ok, failed) = t.await.unwrap();
+        total.0 += ok;
+        total.1.extend(failed);
+    }
+    total
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_enrolled_with_the_mesh_ca_renew_under_traffic_without_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let control =
+        ControlProcess::start_with(&d.join("control"), &["--cert-ttl-seconds", "4"]).await;
+    let app = Upstream::start("app").await;
+    let b_token = token_file(&control, "b", d);
+    let b_args = control.proxy_args("b", &[], &d.join("b-state"));
+    let b = start(&inbound(&b_token, &app), b_args.clone()).await;
+    let a_token = token_file(&control, "a", d);
+    let a = start(
+        &outbound(&a_token, b.addr),
+        control.proxy_args("a", &[], &d.join("a-state")),
+    )
+    .await;
+
+    // Serials seen on both sides while traffic flows for 12 s (certificates of 4 s renew
+    // about every 3 s).
+    let watch = async {
+        let mut seen = (Vec::new(), Vec::new());
+        for _ in 0..48 {
+            for (proxy, serials) in [(&a, &mut seen.0), (&b, &mut seen.1)] {
+                let s = serial(proxy).await;
+                if !s.is_empty() && serials.last() != Some(&s) {
+                    serials.push(s);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        seen
+    };
+    let ((ok, failed), (a_serials, b_serials)) =
+        tokio::join!(traffic(&a, 4, Duration::from_secs(12)), watch);
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 500, "only {ok} requests in 12 s");
+    assert!(
+        a_serials.len() >= 3,
+        "A's certificate renewed: {a_serials:?}\n{}",
+        a.log()
+    );
+    assert!(
+        b_serials.len() >= 3,
+        "B's certificate renewed: {b_serials:?}\n{}",
+        b.log()
+    );
+    let stats = b.stats().await;
+    assert!(
+        metric_value(
+            &stats,
+            "weft_downstream_tls_connections_total{listener=\"inbound\"}"
+        )
+        .unwrap_or(0.0)
+            >= 10.0,
+        "{stats}"
+    );
+
+    // A used token does not give a second proxy the identity; an unknown one neither.
+    for (token, why) in [
+        (&a_token, "already used"),
+        (&d.join("bogus.token"), "unknown join token"),
+    ] {
+        if !token.exists() {
+            std::fs::write(token, "00ff").unwrap();
+        }
+        let err = ProxyProcess::try_start_args(
+            &outbound(token, b.addr),
+            1,
+            &control.proxy_args("thief", &[], &d.join("thief-state")),
+            free_port(),
+            free_port(),
+        )
+        .await
+        .err()
+        .expect("a proxy started with a bad token");
+        assert!(err.contains(why), "{why}: {err}");
+        assert!(err.contains("exit status: 2"), "{err}");
+    }
+
+    // A restarted proxy keeps its identity (from its state dir): no new token needed.
+    let (admin, listen) = (b.admin.port(), b.addr.port());
+    drop(b);
+    let b = ProxyProcess::start_args(&inbound(&b_token, &app), 1, &b_args, admin, listen).await;
+    assert_eq!(
+        get(&h1_client(), &a.url("/again")).await.unwrap().status,
+        200,
+        "{}",
+        b.log()
+    );
+
+    // The trust bundle, as PEM, names the mesh root.
+    let (code, bundle, err) = control.weftctl(&["ca", "bundle"]);
+    assert_eq!(code, 0, "{err}");
+    let bundle_file = d.join("bundle.pem");
+    std::fs::write(&bundle_file, &bundle).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["x509", "-noout", "-subject", "-in"])
+        .arg(&bundle_file)
+        .output()
+        .unwrap();
+    let subject = String::from_utf8_lossy(&out.stdout);
+    assert!(subject.contains("weft mesh root weft.local"), "{subject}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_ca_a_proxy_serves_until_its_certificate_expires_then_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = free_port();
+    let control_dir = d.join("control");
+    let mut control =
+        ControlProcess::start_full(&control_dir, port, None, &["--cert-ttl-seconds", "6"]).await;
+    let app = Upstream::start("app").await;
+    let b_token = token_file(&control, "b", d);
+    let b = start(
+        &inbound(&b_token, &app),
+        control.proxy_args("b", &[], &d.join("b")),
+    )
+    .await;
+    let a_token = token_file(&control, "a", d);
+    let a = start(
+        &outbound(&a_token, b.addr),
+        control.proxy_args("a", &[], &d.join("a")),
+    )
+    .await;
+    assert_eq!(get(&h1_client(), &a.url("/x")).await.unwrap().status, 200);
+
+    // The CA goes away: both keep serving with what they hold, and say they cannot renew.
+    control.kill();
+    let served = traffic(&a, 1, Duration::from_secs(2)).await;
+    assert!(served.1.is_empty(), "{:?}", served.1);
+    // Past expiry (6 s after the last renewal at most), mesh TLS is refused: new
+    // connections (B closes each after 20 requests) fail.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let mut refused = 0;
+    for _ in 0..30 {
+        if get(&h1_client(), &a.url("/late")).await.map(|g| g.status) != Ok(200) {
+            refused += 1;
+        }
+    }
+    assert!(
+        refused >= 10,
+        "an expired identity kept being served ({refused} of 30 refused)"
+    );
+    assert!(
+        a.log().contains("cannot renew the mesh certificate"),
+        "{}",
+        a.log()
+    );
+    assert!(a.log().contains("has expired"), "{}", a.log());
+
+    // The CA is back, with new tokens in the token files: both enroll again and recover.
+    let control =
+        ControlProcess::start_full(&control_dir, port, None, &["--cert-ttl-seconds", "6"]).await;
+    token_file(&control, "a", d);
+    token_file(&control, "b", d);
+    let mut status = 0;
+    for _ in 0..100 {
+        status = get(&h1_client(), &a.url("/back"))
+            .await
+            .map(|g| g.status)
+            .unwrap_or(0);
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, 200, "{}\n{}", a.log(), b.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_signs_only_the_identity_of_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(&dir.path().join("control")).await;
+    let (code, token, err) = control.weftctl(&["identity", "token", "--service-account", "a"]);
+    assert_eq!(code, 0, "{err}");
+    let key = KeyPair::generate().unwrap();
+    let csr = |uris: &[&str]| {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = uris
+            .iter()
+            .map(|u| SanType::URI((*u).try_into().unwrap()))
+            .collect();
+        p.serialize_request(&key).unwrap().der().to_vec()
+    };
+    let mut client = v1::identity_client::IdentityClient::connect(control.url())
+        .await
+        .unwrap();
+    let sign = |csr_der: Vec<u8>, token: &str| v1::SignRequest {
+        csr_der,
+        credential: Some(v1::sign_request::Credential::JoinToken(
+            token.trim().to_owned(),
+        )),
+    };
+    // Garbage is not a CSR (and does not spend the token).
+    let err = client
+        .sign(sign(b"junk".to_vec(), &token))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("not a valid CSR"), "{err:?}");
+    // A CSR for another identity is refused, and the token is spent.
+    let err = client
+        .sign(sign(
+            csr(&["spiffe://weft.local/ns/default/sa/admin"]),
+            &token,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    assert!(
+        err.message().contains("but the credential is for"),
+        "{err:?}"
+    );
+    let err = client.sign(sign(csr(&[A_ID]), &token)).await.unwrap_err();
+    assert!(err.message().contains("already used"), "{err:?}");
+    // A fresh token with a CSR naming its own identity (or none) gets exactly that.
+    let (_, token, _) = control.weftctl(&["identity", "token", "--service-account", "a"]);
+    let signed = client
+        .sign(sign(csr(&[A_ID]), &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signed.spiffe_id, A_ID);
+    assert_eq!(signed.cert_chain_der.len(), 1);
+    assert_eq!(signed.trust_bundle_der.len(), 1);
+    // A renewal with someone else's certificate is refused.
+    let other = KeyPair::generate().unwrap();
+    let foreign = CertificateParams::default()
+        .serialize_request(&other)
+        .unwrap()
+        .der()
+        .to_vec();
+    let err = client
+        .sign(v1::SignRequest {
+            csr_der: foreign,
+            credential: Some(v1::sign_request::Credential::CurrentCertDer(
+                signed.cert_chain_der[0].clone(),
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().contains("key of the current certificate"),
+        "{err:?}"
+    );
+}
