@@ -19,7 +19,7 @@ cargo build --locked --workspace --bins
 cargo build --locked --release --target wasm32-wasip1 \
   --manifest-path tests/filters/Cargo.toml --target-dir target
 # The standard filters (filters/), as they ship.
-cargo build --locked --profile filter --target wasm32-wasip1 -p weft-filter-router -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit
+cargo build --locked --profile filter --target wasm32-wasip1 -p weft-filter-router -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit -p weft-filter-authz
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

@@ -26,7 +26,7 @@ echo "== building weft-proxy, weft-control, weftctl, demo-service and the standa
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
 cargo build --locked -q -p weft-proxy -p weft-control -p demo-service
 cargo build --locked -q --profile filter --target wasm32-wasip1 -p weft-filter-router \
-  -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit
+  -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit -p weft-filter-authz
 bin=target/debug
 logs=$(mktemp -d)
 
@@ -44,7 +44,7 @@ start control "$bin/weft-control" --data-dir "$logs/control-data" --listen $WEFT
 for _ in $(seq 1 100); do ctl module ls >/dev/null 2>&1 && break; sleep 0.1; done
 
 echo "== pushing the standard filters and the mesh config to the control service"
-for f in telemetry router fault ratelimit retry; do
+for f in telemetry router fault ratelimit retry authz; do
   ctl module push target/wasm32-wasip1/filter/weft_filter_$f.wasm --name $f
 done
 ctl apply -f $here/mesh.yaml
@@ -86,8 +86,9 @@ done
 section() { printf '\n== %s\n' "$*"; }
 call() { curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:18001/; }
 
-echo "== waiting for service1's sidecar to run the chain (weftctl rollout status)"
+echo "== waiting for the sidecars to run their chains (weftctl rollout status)"
 ctl rollout status --selector app=service1 --timeout 120
+ctl rollout status --selector app=service2 --timeout 120
 for _ in $(seq 1 100); do
   [[ $(ctl get services | grep -c 127.0.0.1:1811) == 2 ]] && [[ $(curl -s http://127.0.0.1:18090/clusters | grep -c '"address"') == 2 ]] && break
   sleep 0.1
@@ -102,12 +103,17 @@ section "1b. between the sidecars: mutual TLS with SPIFFE identities from the me
 for admin in 18090 18191; do curl -s "http://127.0.0.1:$admin/certs"; echo; done
 echo -n "a plaintext call straight to service2-a's sidecar is refused: "
 curl -s -o /dev/null -w '%{http_code}\n' http://127.0.0.1:18111/ || true
-echo -n "TLS connections service2-a's sidecar accepted: "
-curl -s http://127.0.0.1:18191/stats/prometheus | grep -o 'weft_downstream_tls_connections_total{[^}]*} [0-9]*'
+echo -n "service1 calling service2's /admin: denied by service2's authz filter: "
+curl -s -D - -o /dev/null http://127.0.0.1:18001/admin | grep -iE '^HTTP|^x-weft-authz' | tr -d '\r' | tr '\n' ' '; echo
 
 section "2. 400 calls: weights 1:3 give service2-a ~25%, service2-b ~75%"
 for _ in $(seq 1 400); do curl -s http://127.0.0.1:18001/; done \
   | grep -o '"service":"[^"]*"' | sort | uniq -c
+echo "-- mutual TLS connections service2's sidecars accepted (service1's sidecar pools them) and refused:"
+for i in a:18191 b:18192; do
+  echo "service2-${i%%:*}'s sidecar:"
+  curl -s "http://127.0.0.1:${i#*:}/stats/prometheus" | grep -E '^weft_downstream_tls_(connections|handshake_failures)_total' || true
+done
 
 section "3. faults injected by the fault filter (asked for with request headers here)"
 echo -n "abort 503: "; curl -s -o /dev/null -w '%{http_code}\n' -H 'x-weft-fault-abort: 503' http://127.0.0.1:18001/

@@ -572,3 +572,85 @@ async fn identity_files_rotate_under_traffic_without_a_failed_request() {
         "{stats}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_authz_filter_allows_one_identity_and_denies_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ca = Ca::new("mesh root");
+    let bundle = ca.write_bundle(d, "bundle.pem");
+    let a = ca.issue(&Leaf::spiffe(A_ID), d, "a");
+    let b = ca.issue(&Leaf::spiffe(B_ID), d, "b");
+    let c_id = "spiffe://weft.local/ns/default/sa/c";
+    let c = ca.issue(&Leaf::spiffe(c_id), d, "c");
+    let app = Upstream::start("app").await;
+    // B's inbound: only A may call, and not /admin.
+    let rules = format!(
+        "{{ rules: [ {{ name: a-only, action: allow, from: {{ principals: [\"{A_ID}\"] }} }}, \
+         {{ name: no-admin, action: deny, to: {{ paths: [\"/admin\", \"/admin/*\"] }} }} ] }}"
+    );
+    let cfg = format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{cache}\" }}
+{identity}listeners:
+  - name: inbound
+    address: \"{{listen}}\"
+    direction: inbound
+    default_cluster: app
+    tls: {{ mode: strict }}
+    filters:
+      - {{ name: authz, module: \"{module}\", config: {rules} }}
+clusters:
+  - name: app
+    endpoints: [ {{ address: \"{app}\" }} ]
+",
+        cache = shared_module_cache().display(),
+        identity = identity(&b, &bundle),
+        module = standard_filter("weft_filter_authz").display(),
+        app = app.address(),
+    );
+    let sidecar_b = ProxyProcess::start(&cfg).await;
+    let towards_b = |leaf: &LeafFiles| {
+        outbound(
+            &identity(leaf, &bundle),
+            sidecar_b.addr,
+            &format!(", identity: \"{B_ID}\""),
+            "    tls: { mode: mesh }",
+        )
+    };
+    let sidecar_a = ProxyProcess::start(&towards_b(&a)).await;
+    let sidecar_c = ProxyProcess::start(&towards_b(&c)).await;
+
+    let got = get(&h1_client(), &sidecar_a.url("/items")).await.unwrap();
+    assert_eq!(got.status, 200, "{}", got.body);
+    let got = get(&h1_client(), &sidecar_a.url("/admin/users"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (got.status, got.header("x-weft-authz")),
+        (403, "denied by no-admin")
+    );
+    let got = get(&h1_client(), &sidecar_c.url("/items")).await.unwrap();
+    assert_eq!(
+        (got.status, got.header("x-weft-authz"), got.body.as_str()),
+        (403, "no allow rule matched", "RBAC: access denied\n")
+    );
+    assert_eq!(app.hits(), 1, "denied requests never reach the app");
+    let stats = sidecar_b.stats().await;
+    for (series, want) in [
+        (
+            "weft_filter_authz_decisions_total{decision=\"allow\",rule=\"a-only\"}",
+            1.0,
+        ),
+        (
+            "weft_filter_authz_decisions_total{decision=\"deny\",rule=\"no-admin\"}",
+            1.0,
+        ),
+        (
+            "weft_filter_authz_decisions_total{decision=\"deny\",rule=\"\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(stat(&stats, series), want, "{series}\n{stats}");
+    }
+}
