@@ -214,6 +214,53 @@ impl MeshCa {
         Ok(())
     }
 
+    /// A certificate for the control service itself (its TLS endpoint), with a new key:
+    /// `names` as DNS or IP SANs and the SPIFFE ID
+    /// `spiffe://<trust-domain>/ns/weft-system/sa/weft-control`, valid for a year. PEM chain
+    /// and PEM key.
+    pub fn server_certificate(&self, names: &[String]) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Refused(e.to_string()))?;
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, "weft-control");
+        let id = format!(
+            "spiffe://{}/ns/weft-system/sa/weft-control",
+            self.trust_domain
+        );
+        let mut sans = vec![SanType::URI(
+            id.as_str()
+                .try_into()
+                .map_err(|e| CaError::Refused(format!("{id}: {e}")))?,
+        )];
+        for n in names {
+            sans.push(match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    n.as_str()
+                        .try_into()
+                        .map_err(|e| CaError::Refused(format!("--tls-name {n}: {e}")))?,
+                ),
+            });
+        }
+        p.subject_alt_names = sans;
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.use_authority_key_identifier_extension = true;
+        let now = unix_now();
+        p.not_before = at(now - SKEW.as_secs() as i64);
+        p.not_after = at(now + 365 * 86_400);
+        p.serial_number = Some(random_serial());
+        let cert = p
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Refused(format!("cannot sign: {e}")))?;
+        let mut chain = cert.pem();
+        for c in &self.above {
+            chain.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", c.to_vec())));
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+
     /// The trust domain.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain

@@ -21,7 +21,7 @@
 //! )?;
 //! let identity = weft_control::IdentityService::new(Arc::new(ca), store);
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:7070").await?;
-//! weft_control::serve(state, identity, listener, None, std::future::pending()).await?;
+//! weft_control::serve(state, identity, listener, None, None, std::future::pending()).await?;
 //! # Ok(()) }
 //! ```
 

@@ -36,6 +36,15 @@ struct Args {
     /// 70% of it).
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     cert_ttl_seconds: u64,
+    /// Serve over TLS, with a certificate the mesh CA signs at startup (its root, the
+    /// trust bundle, is `<data-dir>/ca/root.pem`: clients verify against it); clients then
+    /// use `https://`.
+    #[arg(long)]
+    tls: bool,
+    /// A name the TLS certificate is for (DNS name or IP address), repeatable; the listen
+    /// address's IP, `localhost` and `127.0.0.1` are always in it.
+    #[arg(long = "tls-name", requires = "tls")]
+    tls_names: Vec<String>,
     /// Log filter (`info`, `debug`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -79,6 +88,28 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.ca_cert.as_deref().zip(args.ca_key.as_deref()),
         std::time::Duration::from_secs(args.cert_ttl_seconds),
     )?;
+    let tls = if args.tls {
+        let mut names = args.tls_names.clone();
+        names.extend(["localhost".to_owned(), "127.0.0.1".to_owned()]);
+        if !args.listen.ip().is_unspecified() {
+            names.push(args.listen.ip().to_string());
+        }
+        names.sort();
+        names.dedup();
+        let (cert, key) = ca.server_certificate(&names)?;
+        Some(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(cert, key)),
+        )
+    } else {
+        if !args.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %args.listen,
+                "the control service listens beyond loopback without TLS: join tokens, CSRs and the bearer token travel in clear; start it with --tls"
+            );
+        }
+        None
+    };
     let identity = weft_control::IdentityService::new(Arc::new(ca), store);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -94,6 +125,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             version = state.version(),
             auth = token.is_some(),
             trust_domain = %args.trust_domain,
+            tls = args.tls,
             "weft-control ready"
         );
         let shutdown = async {
@@ -109,7 +141,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             tracing::info!("shutting down");
         };
-        weft_control::serve(state, identity, listener, token, shutdown).await?;
+        weft_control::serve(state, identity, listener, tls, token, shutdown).await?;
         Ok(())
     })
 }

@@ -645,6 +645,7 @@ pub async fn serve(
     state: Arc<ControlState>,
     identity: crate::identity::IdentityService,
     listener: tokio::net::TcpListener,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -680,7 +681,11 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let server = builder
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(v1::modules_server::ModulesServer::with_interceptor(

@@ -4,8 +4,8 @@
 #
 #   client ─► service1's sidecar (outbound :18001) ═mTLS═► service2-a's sidecar (:18111) ─► service2-a
 #                                                 ╚═mTLS═► service2-b's sidecar (:18112) ─► service2-b
-#   weft-control (:18070) ─ discovery stream ─► service1's sidecar
-#                        └ mesh CA: each sidecar's certificate, from a join token
+#   weft-control (:18070, TLS) ─ discovery streams ─► the sidecars
+#                             └ mesh CA: each sidecar's certificate, from a join token
 #
 # The standard filters (telemetry, router, fault, ratelimit, retry: WASM built from filters/)
 # are pushed with weftctl and applied as service1's chain (examples/demo/mesh.yaml); service2's
@@ -38,9 +38,12 @@ cleanup() {
 trap cleanup EXIT
 start() { local name=$1; shift; "$@" >"$logs/$name.log" 2>&1 & pids+=($!); }
 
-export WEFT_CONTROL=127.0.0.1:18070
+# The control channel is TLS too: weftctl and the sidecars verify the control service
+# against the mesh root it makes in its data dir (WEFT_CONTROL_CA).
+export WEFT_CONTROL=https://127.0.0.1:18070
+export WEFT_CONTROL_CA=$logs/control-data/ca/root.pem
 ctl() { "$bin/weftctl" "$@"; }
-start control "$bin/weft-control" --data-dir "$logs/control-data" --listen $WEFT_CONTROL
+start control "$bin/weft-control" --data-dir "$logs/control-data" --listen 127.0.0.1:18070 --tls
 for _ in $(seq 1 100); do ctl module ls >/dev/null 2>&1 && break; sleep 0.1; done
 
 echo "== pushing the standard filters and the mesh config to the control service"

@@ -50,6 +50,10 @@ struct Args {
     /// token itself.
     #[arg(long)]
     control_token_file: Option<PathBuf>,
+    /// For an https:// control service: the CA its certificate chains to (the mesh's trust
+    /// bundle); `WEFT_CONTROL_CA` may name it.
+    #[arg(long)]
+    control_ca_file: Option<PathBuf>,
     /// Log filter (`info`, `debug`, `weft_proxy=trace`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -152,6 +156,14 @@ fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String>
     let id = node_id(args);
     let token =
         weft_core::control::token(args.control_token_file.as_deref(), "WEFT_CONTROL_TOKEN")?;
+    let ca_file = args.control_ca_file.clone().or_else(|| {
+        std::env::var_os("WEFT_CONTROL_CA")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
+    // An https:// service without a CA (or a CA with http://) is refused here, at startup.
+    weft_core::control::endpoint(&address, ca_file.as_deref())
+        .map_err(|e| format!("--control: {e}"))?;
     Ok(ControlOptions {
         address,
         state_dir: args
@@ -161,5 +173,6 @@ fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String>
         id,
         labels: args.labels.iter().cloned().collect(),
         token,
+        ca_file,
     })
 }

@@ -889,19 +889,24 @@ fn a_bad_control_address_is_a_startup_error() {
         ),
     )
     .expect("write");
-    for address in ["https://127.0.0.1:7070", "a b"] {
+    // A bad address; https without the CA to verify it (never plaintext instead).
+    for (address, why) in [
+        (
+            "a b",
+            "expected host:port, http://host:port or https://host:port",
+        ),
+        ("https://127.0.0.1:7070", "is https: give the CA"),
+    ] {
         let out = std::process::Command::new(proxy_bin())
             .arg("--config")
             .arg(&config)
             .args(["--control", address])
+            .env_remove("WEFT_CONTROL_CA")
             .output()
             .expect("weft-proxy");
         assert_eq!(out.status.code(), Some(2), "{address}");
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains("expected host:port or http://host:port"),
-            "{err}"
-        );
+        assert!(err.contains(why), "{err}");
     }
 }
 

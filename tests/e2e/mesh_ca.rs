@@ -361,3 +361,77 @@ async fn the_ca_signs_only_the_identity_of_the_token() {
         "{err:?}"
     );
 }
+
+/// `weftctl` with exactly `args` (no defaults from the harness): exit code and stderr.
+fn weftctl_raw(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(workspace_bin("weftctl"))
+        .args(args)
+        .env_remove("WEFT_CONTROL_CA")
+        .env_remove("WEFT_TOKEN")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_channel_runs_over_tls_and_https_is_never_plaintext() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let control = ControlProcess::start_with(&d.join("control"), &["--tls"]).await;
+    let https = format!("https://{}", control.addr);
+    let http = format!("http://{}", control.addr);
+    let root = control.root_ca().display().to_string();
+
+    // Verified against the mesh root: works.
+    let (code, _, err) = control.weftctl(&["module", "ls"]);
+    assert_eq!(code, 0, "{err}");
+    // https without a CA is refused before anything is sent, saying why.
+    let (code, err) = weftctl_raw(&["--server", &https, "module", "ls"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is https: give the CA"), "{err}");
+    // Plaintext to the TLS endpoint does not work, and a CA file with http:// is an error.
+    let (code, err) = weftctl_raw(&["--server", &http, "module", "ls"]);
+    assert_ne!(code, 0, "plaintext reached a TLS endpoint: {err}");
+    let (code, err) = weftctl_raw(&["--server", &http, "--ca-file", &root, "module", "ls"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("is plaintext: use https://"), "{err}");
+    // A CA that did not sign the service's certificate: refused.
+    let stranger = weft_tests::pki::Ca::new("stranger").write_bundle(d, "stranger.pem");
+    let stranger = stranger.display().to_string();
+    let (code, err) = weftctl_raw(&["--server", &https, "--ca-file", &stranger, "module", "ls"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot reach the control service"), "{err}");
+
+    // Proxies follow it over TLS and get their identities through it.
+    let app = Upstream::start("app").await;
+    let b_token = token_file(&control, "b", d);
+    let b = start(
+        &inbound(&b_token, &app),
+        control.proxy_args("b", &[], &d.join("b")),
+    )
+    .await;
+    let a_token = token_file(&control, "a", d);
+    let a = start(
+        &outbound(&a_token, b.addr),
+        control.proxy_args("a", &[], &d.join("a")),
+    )
+    .await;
+    assert_eq!(
+        get(&h1_client(), &a.url("/over-tls")).await.unwrap().status,
+        200
+    );
+    let (code, out, err) = control.weftctl(&["get", "proxies"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("a ") && out.contains("b "), "{out}");
+
+    // A proxy given https:// without a CA stops at startup.
+    let (status, err) = run_proxy_args_expecting_failure(
+        &inbound(&b_token, &app),
+        &["--control", &https, "--id", "c"],
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("is https: give the CA"), "{err}");
+}

@@ -74,6 +74,8 @@ pub struct ControlProcess {
     pub data_dir: PathBuf,
     log: PathBuf,
     token: Option<String>,
+    /// Started with `--tls`: clients use https:// and its root.
+    tls: bool,
 }
 
 impl ControlProcess {
@@ -122,6 +124,7 @@ impl ControlProcess {
             data_dir: data_dir.to_owned(),
             log,
             token: token.map(str::to_owned),
+            tls: args.contains(&"--tls"),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -145,9 +148,15 @@ impl ControlProcess {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// `http://<addr>`.
+    /// `http://<addr>`, or `https://` when it serves TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
+    }
+
+    /// The mesh root it made in its data dir (what TLS clients verify it against).
+    pub fn root_ca(&self) -> PathBuf {
+        self.data_dir.join("ca").join("root.pem")
     }
 
     /// Arguments that make a proxy follow this control service as `id` with `labels`,
@@ -160,7 +169,7 @@ impl ControlProcess {
     ) -> Vec<String> {
         let mut args = vec![
             "--control".to_owned(),
-            self.addr.to_string(),
+            self.url(),
             "--id".to_owned(),
             id.to_owned(),
             "--state-dir".to_owned(),
@@ -169,6 +178,10 @@ impl ControlProcess {
         for l in labels {
             args.push("--label".to_owned());
             args.push((*l).to_owned());
+        }
+        if self.tls {
+            args.push("--control-ca-file".to_owned());
+            args.push(self.root_ca().display().to_string());
         }
         args
     }
@@ -182,10 +195,13 @@ impl ControlProcess {
     pub fn weftctl_stdin(&self, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
         use std::io::Write;
         let mut cmd = Command::new(workspace_bin("weftctl"));
-        cmd.arg("--server")
-            .arg(self.url())
-            .args(args)
+        cmd.arg("--server").arg(self.url());
+        if self.tls {
+            cmd.arg("--ca-file").arg(self.root_ca());
+        }
+        cmd.args(args)
             .env_remove("WEFT_TOKEN")
+            .env_remove("WEFT_CONTROL_CA")
             .stdin(if stdin.is_some() {
                 Stdio::piped()
             } else {
@@ -467,12 +483,24 @@ impl Drop for ProxyProcess {
 /// Runs `weft-proxy` on a config and returns its exit status and stderr (for startup
 /// errors).
 pub fn run_proxy_expecting_failure(yaml: &str, file_name: &str) -> (ExitStatus, String) {
+    run_proxy_failing(yaml, file_name, &[])
+}
+
+/// Like [`run_proxy_expecting_failure`] with extra arguments (`--control ...`); the config's
+/// `{admin}` and `{listen}` are free ports.
+pub fn run_proxy_args_expecting_failure(yaml: &str, args: &[&str]) -> (ExitStatus, String) {
+    run_proxy_failing(&render(yaml, free_port(), free_port()), "proxy.yaml", args)
+}
+
+fn run_proxy_failing(yaml: &str, file_name: &str, args: &[&str]) -> (ExitStatus, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join(file_name);
     std::fs::write(&config, yaml).expect("write config");
     let mut child = Command::new(proxy_bin())
         .arg("--config")
         .arg(&config)
+        .args(args)
+        .env_remove("WEFT_CONTROL_CA")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -1,16 +1,18 @@
 //! Reaching the Weft control service, written once for its two kinds of client: `weftctl`
 //! and proxies following the service (`weft-proxy --control`).
 //!
-//! - [`control_url`]: `host:port` or `http://host:port`, checked and normalised;
+//! - [`control_url`]: `host:port`, `http://host:port` or `https://host:port`, checked and
+//!   normalised;
 //! - [`Bearer`]: the interceptor that adds `authorization: Bearer <token>` to every call;
 //! - [`token`]: the token from a file or an environment variable;
-//! - [`endpoint`] and [`connect`]: a channel with the timeouts both clients use.
+//! - [`endpoint`] and [`connect`]: a channel with the timeouts both clients use, over TLS
+//!   verified against a CA file for an `https://` URL (never in plaintext).
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! let url = weft_client::control_url("127.0.0.1:7070")?;
 //! let bearer = weft_client::Bearer::new(weft_client::token(None, "WEFT_TOKEN")?.as_deref())?;
-//! let channel = weft_client::connect(weft_client::endpoint(&url)?, bearer).await?;
+//! let channel = weft_client::connect(weft_client::endpoint(&url, None)?, bearer).await?;
 //! # drop(channel); Ok(()) }
 //! ```
 
@@ -19,7 +21,7 @@ use std::time::Duration;
 
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// How long a connection attempt to the control service may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,7 +29,7 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A channel to the control service that authenticates every call.
 pub type AuthChannel = InterceptedService<Channel, Bearer>;
 
-/// The control service's URL from `host:port` or `http://host:port`.
+/// The control service's URL from `host:port`, `http://host:port` or `https://host:port`.
 pub fn control_url(address: &str) -> Result<String, String> {
     let url = if address.contains("://") {
         address.to_owned()
@@ -35,9 +37,14 @@ pub fn control_url(address: &str) -> Result<String, String> {
         format!("http://{address}")
     };
     match url.parse::<http::Uri>() {
-        Ok(uri) if uri.scheme_str() == Some("http") && uri.authority().is_some() => Ok(url),
+        Ok(uri)
+            if matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some() =>
+        {
+            Ok(url)
+        }
         _ => Err(format!(
-            "control service address `{address}`: expected host:port or http://host:port"
+            "control service address `{address}`: expected host:port, http://host:port or \
+             https://host:port"
         )),
     }
 }
@@ -89,16 +96,37 @@ impl tonic::service::Interceptor for Bearer {
 }
 
 /// The endpoint of `url` with the connect timeout, TCP_NODELAY and HTTP/2 keep-alives (a
-/// dead service is noticed within seconds on a long-lived stream).
-pub fn endpoint(url: &str) -> Result<Endpoint, String> {
-    Endpoint::from_shared(url.to_owned())
+/// dead service is noticed within seconds on a long-lived stream). An `https://` URL is
+/// TLS verified against the roots in `ca_file` (the mesh's trust bundle), which it needs:
+/// it is never reached in plaintext; a CA file with an `http://` URL is an error too, so
+/// that nobody believes a plaintext channel is verified.
+pub fn endpoint(url: &str, ca_file: Option<&Path>) -> Result<Endpoint, String> {
+    let endpoint = Endpoint::from_shared(url.to_owned())
         .map(|e| {
             e.connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(5))
         })
-        .map_err(|e| format!("invalid control service URL `{url}`: {e}"))
+        .map_err(|e| format!("invalid control service URL `{url}`: {e}"))?;
+    match (url.starts_with("https://"), ca_file) {
+        (true, Some(ca)) => {
+            let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
+            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            endpoint
+                .tls_config(tls)
+                .map_err(|e| format!("{}: not a usable CA: {e}", ca.display()))
+        }
+        (true, None) => Err(format!(
+            "`{url}` is https: give the CA its certificate chains to (the mesh's trust bundle: \
+             `weftctl ca bundle`, or the control service's <data-dir>/ca/root.pem) with a CA \
+             file option or WEFT_CONTROL_CA"
+        )),
+        (false, Some(_)) => Err(format!(
+            "a CA file was given, but `{url}` is plaintext: use https://"
+        )),
+        (false, None) => Ok(endpoint),
+    }
 }
 
 /// Connects now; fails when the service cannot be reached.
@@ -128,6 +156,12 @@ mod tests {
             control_url("http://control:7070").as_deref(),
             Ok("http://control:7070")
         );
+        assert_eq!(
+            control_url("https://control:7070").as_deref(),
+            Ok("https://control:7070")
+        );
+        assert!(endpoint("https://control:7070", None).is_err());
+        assert!(endpoint("http://control:7070", Some(Path::new("/ca.pem"))).is_err());
         for bad in ["ftp://x:1", "http://", "a b:7070"] {
             assert!(control_url(bad).is_err(), "{bad}");
         }

@@ -55,6 +55,10 @@ struct Cli {
     /// The bearer token the control service was started with [env: WEFT_TOKEN]
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// For an https:// server: the CA its certificate chains to (the mesh's trust bundle)
+    /// [env: WEFT_CONTROL_CA]
+    #[arg(long, global = true, value_name = "FILE")]
+    ca_file: Option<PathBuf>,
     /// The output format (`get chains|filterconfigs|clusters -o yaml` prints a manifest `apply -f` takes back)
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
@@ -903,6 +907,8 @@ struct Server {
     url: String,
     /// What every request carries.
     auth: Bearer,
+    /// The CA an https:// server's certificate chains to.
+    ca_file: Option<PathBuf>,
 }
 
 impl Server {
@@ -920,12 +926,17 @@ impl Server {
             None => weft_client::token(None, "WEFT_TOKEN").map_err(|e| anyhow!(e))?,
         };
         let auth = Bearer::new(token.as_deref()).map_err(|e| anyhow!(e))?;
-        Ok(Server { url, auth })
+        let ca_file = cli.ca_file.clone().or_else(|| {
+            std::env::var_os("WEFT_CONTROL_CA")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        });
+        Ok(Server { url, auth, ca_file })
     }
 
     /// The endpoint of the URL.
     fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        weft_client::endpoint(&self.url).map_err(|e| anyhow!(e))
+        weft_client::endpoint(&self.url, self.ca_file.as_deref()).map_err(|e| anyhow!(e))
     }
 
     /// Connects now, failing when the service cannot be reached.

@@ -27,7 +27,7 @@ use weft_proto::v1;
 pub use backoff::Backoff;
 pub use snapshot::{ControlSnapshot, SnapshotChain, SnapshotCluster, SnapshotFilter, overlay};
 pub use state_dir::StateDir;
-pub use weft_client::{control_url, token};
+pub use weft_client::{control_url, endpoint, token};
 
 use state_dir::{digest_of, write_atomic};
 
@@ -44,6 +44,8 @@ pub struct ControlOptions {
     pub state_dir: PathBuf,
     /// Bearer token for the control API.
     pub token: Option<String>,
+    /// The CA an `https://` control service's certificate chains to.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// What the follower needs of the running proxy: the app's reloader implements it, so that
@@ -103,7 +105,8 @@ pub async fn follow<T: Target>(opts: ControlOptions, reloader: Arc<Mutex<T>>) {
 /// One discovery stream, until it ends.
 async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> Result<(), String> {
     let bearer = weft_client::Bearer::new(opts.token.as_deref())?;
-    let channel = weft_client::connect(weft_client::endpoint(&opts.address)?, bearer)
+    let endpoint = weft_client::endpoint(&opts.address, opts.ca_file.as_deref())?;
+    let channel = weft_client::connect(endpoint, bearer)
         .await
         .map_err(|e| format!("cannot connect: {e}"))?;
     let mut discovery = v1::discovery_client::DiscoveryClient::new(channel.clone());

@@ -125,7 +125,9 @@ impl Enrolled {
     ) -> Result<v1::SignResponse, Refusal> {
         let bearer =
             weft_client::Bearer::new(self.control.token.as_deref()).map_err(Refusal::Final)?;
-        let endpoint = weft_client::endpoint(&self.control.address).map_err(Refusal::Final)?;
+        let endpoint =
+            weft_client::endpoint(&self.control.address, self.control.ca_file.as_deref())
+                .map_err(Refusal::Final)?;
         let channel = weft_client::connect(endpoint, bearer)
             .await
             .map_err(|e| Refusal::Unreachable(format!("cannot reach the control service: {e}")))?;
