@@ -43,6 +43,16 @@ WEFT4_PORT=18084
 WEFT4_ADMIN_PORT=18904
 WEFTSTD_PORT=18085
 WEFTSTD_ADMIN_PORT=18905
+# Two sidecar hops in one process each (outbound listener -> inbound listener -> origin):
+# plaintext, mesh mTLS (Weft), and nginx's proxy_ssl to its own ssl_verify_client server.
+WEFTPAIR_PORT=18086
+WEFTPAIR_IN_PORT=18096
+WEFTPAIR_ADMIN_PORT=18906
+WEFTMTLS_PORT=18087
+WEFTMTLS_IN_PORT=18097
+WEFTMTLS_ADMIN_PORT=18907
+NGINXTLS_PORT=18088
+NGINXTLS_IN_PORT=18098
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -114,7 +124,8 @@ for f in router retry fault telemetry; do
   [[ -f $STD/weft_filter_$f.wasm ]] || die "$STD/weft_filter_$f.wasm missing; run without NO_BUILD=1"
 done
 for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT $WEFT4_PORT $WEFT4_ADMIN_PORT \
-  $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT; do
+  $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT $WEFTPAIR_PORT $WEFTPAIR_IN_PORT $WEFTPAIR_ADMIN_PORT \
+  $WEFTMTLS_PORT $WEFTMTLS_IN_PORT $WEFTMTLS_ADMIN_PORT $NGINXTLS_PORT $NGINXTLS_IN_PORT; do
   port_in_use "$p" && die "127.0.0.1:$p is already in use"
 done
 
@@ -288,10 +299,96 @@ weft_config $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT "$(cat <<EOF
 EOF
 )" >"$TMP/weftstd.yaml"
 
+# --- mesh TLS: certificates (openssl, ECDSA P-256) and the two-hop configs -------------------
+# A mesh root; the outbound side's SPIFFE certificate (a) and the inbound side's (b, which
+# also names inbound.mesh so that nginx's proxy_ssl_verify has a name to check).
+PKI=$TMP/pki
+mkdir -p "$PKI"
+openssl_quiet() { openssl "$@" >/dev/null 2>&1 || die "openssl $1 failed"; }
+openssl_quiet req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+  -subj "/CN=bench mesh root" -keyout "$PKI/ca.key" -out "$PKI/ca.pem" \
+  -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign
+leaf() { # leaf NAME SAN
+  openssl_quiet req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -subj "/CN=$1" -keyout "$PKI/$1.key" -out "$PKI/$1.csr" -addext "subjectAltName=$2" \
+    -addext extendedKeyUsage=serverAuth,clientAuth -addext keyUsage=critical,digitalSignature
+  openssl_quiet x509 -req -in "$PKI/$1.csr" -CA "$PKI/ca.pem" -CAkey "$PKI/ca.key" \
+    -CAcreateserial -days 30 -copy_extensions copy -out "$PKI/$1.pem"
+}
+leaf a "URI:spiffe://bench.local/ns/default/sa/a"
+leaf b "URI:spiffe://bench.local/ns/default/sa/b,DNS:inbound.mesh"
+
+# weft_pair PORT IN_PORT ADMIN_PORT MTLS : one Weft process playing both sidecars of a hop;
+# MTLS=1: mesh mTLS between them (identity b for both roles: a process has one identity).
+weft_pair() {
+  local mtls=$4
+  printf 'admin: { address: 127.0.0.1:%s }\ndrain: { timeout_ms: 5000 }\n' "$3"
+  ((mtls)) && printf 'identity: { cert_file: %s, key_file: %s, trust_bundle_file: %s }\n' \
+    "$PKI/b.pem" "$PKI/b.key" "$PKI/ca.pem"
+  printf 'listeners:\n  - name: outbound\n    address: 127.0.0.1:%s\n    default_cluster: inbound\n' "$1"
+  printf '  - name: inbound\n    address: 127.0.0.1:%s\n    default_cluster: origin\n' "$2"
+  ((mtls)) && printf '    tls: { mode: strict }\n'
+  printf 'clusters:\n  - name: inbound\n    endpoints: [ { address: 127.0.0.1:%s } ]\n' "$2"
+  printf '    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }\n'
+  ((mtls)) && printf '    tls: { mode: mesh, identities: ["spiffe://bench.local/ns/default/sa/b"] }\n'
+  printf '  - name: origin\n    endpoints: [ { address: 127.0.0.1:%s } ]\n' "$ORIGIN_PORT"
+  printf '    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }\n'
+}
+weft_pair $WEFTPAIR_PORT $WEFTPAIR_IN_PORT $WEFTPAIR_ADMIN_PORT 0 >"$TMP/weftpair.yaml"
+weft_pair $WEFTMTLS_PORT $WEFTMTLS_IN_PORT $WEFTMTLS_ADMIN_PORT 1 >"$TMP/weftmtls.yaml"
+
+{
+  nginx_common nginxtls
+  echo "http {"
+  nginx_http_common nginxtls
+  cat <<EOF
+    upstream origin {
+        server 127.0.0.1:$ORIGIN_PORT;
+        keepalive 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    upstream inbound {
+        server 127.0.0.1:$NGINXTLS_IN_PORT;
+        keepalive 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$NGINXTLS_PORT;
+        location / {
+            proxy_pass https://inbound;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_certificate $PKI/a.pem;
+            proxy_ssl_certificate_key $PKI/a.key;
+            proxy_ssl_trusted_certificate $PKI/ca.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_name inbound.mesh;
+            proxy_ssl_session_reuse on;
+        }
+    }
+    server {
+        listen 127.0.0.1:$NGINXTLS_IN_PORT ssl;
+        ssl_certificate $PKI/b.pem;
+        ssl_certificate_key $PKI/b.key;
+        ssl_client_certificate $PKI/ca.pem;
+        ssl_verify_client on;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
+}
+EOF
+} >"$TMP/nginxtls.conf"
+
 # --- start everything ------------------------------------------------------------------------
-mkdir -p "$TMP/origin-tmp" "$TMP/nginx-tmp"
+mkdir -p "$TMP/origin-tmp" "$TMP/nginx-tmp" "$TMP/nginxtls-tmp"
 "$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/check.log" -c "$TMP/origin.conf" || die "origin config"
 "$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/check.log" -c "$TMP/nginx.conf" || die "nginx config"
+"$NGINX_BIN" -t -q -p "$TMP" -e "$TMP/check.log" -c "$TMP/nginxtls.conf" || die "nginxtls config"
 "$HAPROXY_BIN" -c -q -f "$TMP/haproxy.cfg" || die "haproxy config"
 
 start origin 0 "$NGINX_BIN" -p "$TMP" -e "$TMP/origin.error.log" -c "$TMP/origin.conf"
@@ -307,6 +404,14 @@ start nginx 1 "$NGINX_BIN" -p "$TMP" -e "$TMP/nginx.error.log" -c "$TMP/nginx.co
 NGINX_PID=$LAST_PID
 start haproxy 1 "$HAPROXY_BIN" -db -f "$TMP/haproxy.cfg"
 HAPROXY_PID=$LAST_PID
+start weftpair 1 "$WEFT_BIN" --config "$TMP/weftpair.yaml" --workers 1 --log-level warn
+WEFTPAIR_PID=$LAST_PID
+start weftmtls 1 "$WEFT_BIN" --config "$TMP/weftmtls.yaml" --workers 1 --log-level warn
+WEFTMTLS_PID=$LAST_PID
+start nginxtls 1 "$NGINX_BIN" -p "$TMP" -e "$TMP/nginxtls.error.log" -c "$TMP/nginxtls.conf"
+NGINXTLS_PID=$LAST_PID
+wait_ok "http://127.0.0.1:$WEFTPAIR_ADMIN_PORT/ready" || die "weftpair did not become ready (see $TMP/weftpair.log)"
+wait_ok "http://127.0.0.1:$WEFTMTLS_ADMIN_PORT/ready" || die "weftmtls did not become ready (see $TMP/weftmtls.log)"
 wait_ok "http://127.0.0.1:$WEFT_ADMIN_PORT/ready" || die "weft did not become ready (see $TMP/weft.log)"
 wait_ok "http://127.0.0.1:$WEFT4_ADMIN_PORT/ready" || die "weft4 did not become ready (see $TMP/weft4.log)"
 wait_ok "http://127.0.0.1:$WEFTSTD_ADMIN_PORT/ready" || die "weftstd did not become ready (see $TMP/weftstd.log)"
@@ -318,10 +423,13 @@ declare -A URL=(
   [weftstd]="http://127.0.0.1:$WEFTSTD_PORT/"
   [nginx]="http://127.0.0.1:$NGINX_PORT/"
   [haproxy]="http://127.0.0.1:$HAPROXY_PORT/"
+  [weftpair]="http://127.0.0.1:$WEFTPAIR_PORT/"
+  [weftmtls]="http://127.0.0.1:$WEFTMTLS_PORT/"
+  [nginxtls]="http://127.0.0.1:$NGINXTLS_PORT/"
 )
 declare -A ROOT_PID=([weft]=$WEFT_PID [weft4]=$WEFT4_PID [weftstd]=$WEFTSTD_PID [nginx]=$NGINX_PID
-  [haproxy]=$HAPROXY_PID)
-TARGETS=(direct weft weft4 weftstd nginx haproxy)
+  [haproxy]=$HAPROXY_PID [weftpair]=$WEFTPAIR_PID [weftmtls]=$WEFTMTLS_PID [nginxtls]=$NGINXTLS_PID)
+TARGETS=(direct weft weft4 weftstd nginx haproxy weftpair weftmtls nginxtls)
 
 for t in "${TARGETS[@]}"; do
   wait_ok "${URL[$t]}" || die "$t does not answer 2xx on ${URL[$t]} (see $TMP/$t.log)"
@@ -362,6 +470,29 @@ for t in "${TARGETS[@]}"; do
   sleep 1
 done
 
+# --- new TLS handshakes ------------------------------------------------------------------------
+# openssl s_time (pinned to core 0) opens a new mTLS connection per request to each inbound
+# side (client certificate a), for HS_SECS seconds: handshakes per second on the proxy's one
+# core, and the proxy's CPU per handshake.
+HS_SECS=${HS_SECS:-5}
+((QUICK)) && HS_SECS=2
+declare -A HS_RATE HS_CPU
+handshakes() { # handshakes TARGET PORT
+  local pids before after out n secs
+  mapfile -t pids < <(tree_pids "${ROOT_PID[$1]}")
+  before=$(cpu_ticks "${pids[@]}")
+  out=$(taskset -c 0 timeout $((HS_SECS + 30)) openssl s_time -connect "127.0.0.1:$2" -new \
+    -time "$HS_SECS" -cert "$PKI/a.pem" -key "$PKI/a.key" -CAfile "$PKI/ca.pem" -www / 2>&1 || true)
+  after=$(cpu_ticks "${pids[@]}")
+  read -r n secs < <(sed -nE 's/^([0-9]+) connections in ([0-9.]+) real seconds.*/\1 \2/p' <<<"$out" | head -1)
+  [[ -n ${n:-} && $n -gt 0 ]] || die "openssl s_time against $1 made no connection: $out"
+  HS_RATE[$1]=$(awk -v n="$n" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')
+  HS_CPU[$1]=$(awk -v t=$((after - before)) -v c="$CLK_TCK" -v n="$n" 'BEGIN { printf "%.0f", t / c * 1e6 / n }')
+}
+log "new mTLS handshakes: ${HS_SECS}s of openssl s_time -new against each inbound side"
+handshakes weftmtls $WEFTMTLS_IN_PORT
+handshakes nginxtls $NGINXTLS_IN_PORT
+
 # --- results ---------------------------------------------------------------------------------
 # One JSON document: per target the two raw reports plus derived figures, and the ratios.
 jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$RATE" \
@@ -373,7 +504,10 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
   --slurpfile fm "$TMP/weft4.max.json" --slurpfile fr "$TMP/weft4.rate.json" \
   --slurpfile sm "$TMP/weftstd.max.json" --slurpfile sr "$TMP/weftstd.rate.json" \
   --slurpfile nm "$TMP/nginx.max.json" --slurpfile nr "$TMP/nginx.rate.json" \
-  --slurpfile hm "$TMP/haproxy.max.json" --slurpfile hr "$TMP/haproxy.rate.json" '
+  --slurpfile hm "$TMP/haproxy.max.json" --slurpfile hr "$TMP/haproxy.rate.json" \
+  --slurpfile pm "$TMP/weftpair.max.json" --slurpfile pr "$TMP/weftpair.rate.json" \
+  --slurpfile tm "$TMP/weftmtls.max.json" --slurpfile tr "$TMP/weftmtls.rate.json" \
+  --slurpfile xm "$TMP/nginxtls.max.json" --slurpfile xr "$TMP/nginxtls.rate.json" '
   def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
                       else $r.cpu_ticks / $clk * 1e6 / $r.requests end;
   def util($r): if $r.cpu_pids == 0 then null else $r.cpu_ticks / $clk / $r.elapsed_secs end;
@@ -389,7 +523,9 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
   ($dr[0].latency_ms.p50) as $d50
   | { direct: row($dm[0]; $dr[0]; null), weft: row($wm[0]; $wr[0]; $d50),
       weft4: row($fm[0]; $fr[0]; $d50), weftstd: row($sm[0]; $sr[0]; $d50),
-      nginx: row($nm[0]; $nr[0]; $d50), haproxy: row($hm[0]; $hr[0]; $d50) } as $rows
+      nginx: row($nm[0]; $nr[0]; $d50), haproxy: row($hm[0]; $hr[0]; $d50),
+      weftpair: row($pm[0]; $pr[0]; $d50), weftmtls: row($tm[0]; $tr[0]; $d50),
+      nginxtls: row($xm[0]; $xr[0]; $d50) } as $rows
   | { setup: { host: $host, nginx: $nginx, haproxy: $haproxy, duration_secs: $duration,
                max_connections: $max_conns, rate: $rate, rate_connections: $rate_conns,
                clk_tck: $clk,
@@ -407,6 +543,15 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
         added_p50: ratio($rows.weftstd.added_p50_ms; $rows.nginx.added_p50_ms) },
       weftstd_per_filter_us_at_max: (if $rows.weftstd.cpu_us_per_req_at_max == null then null
         else ($rows.weftstd.cpu_us_per_req_at_max - $rows.weft.cpu_us_per_req_at_max) / 4 end),
+      weftmtls_vs_nginxtls: {
+        max_rps: ratio($rows.weftmtls.max_rps; $rows.nginxtls.max_rps),
+        cpu_per_req_at_rate: ratio($rows.weftmtls.cpu_us_per_req_at_rate; $rows.nginxtls.cpu_us_per_req_at_rate),
+        cpu_per_req_at_max: ratio($rows.weftmtls.cpu_us_per_req_at_max; $rows.nginxtls.cpu_us_per_req_at_max),
+        added_p50: ratio($rows.weftmtls.added_p50_ms; $rows.nginxtls.added_p50_ms) },
+      weftmtls_vs_weftpair: {
+        max_rps: ratio($rows.weftmtls.max_rps; $rows.weftpair.max_rps),
+        cpu_per_req_at_rate: ratio($rows.weftmtls.cpu_us_per_req_at_rate; $rows.weftpair.cpu_us_per_req_at_rate),
+        cpu_per_req_at_max: ratio($rows.weftmtls.cpu_us_per_req_at_max; $rows.weftpair.cpu_us_per_req_at_max) },
       weft4_vs_weft: {
         cpu_per_req_at_rate: ratio($rows.weft4.cpu_us_per_req_at_rate; $rows.weft.cpu_us_per_req_at_rate),
         cpu_per_req_at_max: ratio($rows.weft4.cpu_us_per_req_at_max; $rows.weft.cpu_us_per_req_at_max),
@@ -452,6 +597,25 @@ printf '| **weftstd ÷ nginx** | %s | | | %s | %s | %s | | |\n' \
   "$(fmt "$(get .weftstd_vs_nginx.added_p50)" '%.2f×')" \
   "$(fmt "$(get .weftstd_vs_nginx.cpu_per_req_at_rate)" '%.2f×')" \
   "$(fmt "$(get .weftstd_vs_nginx.cpu_per_req_at_max)" '%.2f×')"
+printf '| **weftmtls ÷ nginxtls** | %s | | | %s | %s | %s | | |\n' \
+  "$(fmt "$(get .weftmtls_vs_nginxtls.max_rps)" '%.2f×')" \
+  "$(fmt "$(get .weftmtls_vs_nginxtls.added_p50)" '%.2f×')" \
+  "$(fmt "$(get .weftmtls_vs_nginxtls.cpu_per_req_at_rate)" '%.2f×')" \
+  "$(fmt "$(get .weftmtls_vs_nginxtls.cpu_per_req_at_max)" '%.2f×')"
+printf '| **weftmtls ÷ weftpair** | %s | | | | %s | %s | | |\n' \
+  "$(fmt "$(get .weftmtls_vs_weftpair.max_rps)" '%.2f×')" \
+  "$(fmt "$(get .weftmtls_vs_weftpair.cpu_per_req_at_rate)" '%.2f×')" \
+  "$(fmt "$(get .weftmtls_vs_weftpair.cpu_per_req_at_max)" '%.2f×')"
+echo
+echo "weftpair, weftmtls, nginxtls = one process playing both sidecars of a hop (outbound" \
+  "listener -> inbound listener -> origin): plaintext; mesh mTLS (SPIFFE certificates," \
+  "keep-alive pool); nginx proxy_ssl with a client certificate to its own ssl_verify_client server."
+echo
+echo "| new mTLS handshakes (openssl s_time -new, one core) | handshakes/s | proxy CPU µs/handshake |"
+echo "|---|---:|---:|"
+for t in weftmtls nginxtls; do
+  echo "| $t | ${HS_RATE[$t]} | ${HS_CPU[$t]} |"
+done
 echo
 echo "weft4 = Weft with a chain of 4 no-op proxy-wasm filters (tests/filters/noop)."
 echo "weftstd = Weft with the standard chain: telemetry (metrics, tracing), router, fault at 0%," \

@@ -72,6 +72,27 @@ fn mesh_peer(der: &[u8], trust_domain: &str) -> Result<SpiffeId, Error> {
     Ok(id)
 }
 
+/// A handshake signature checked with the provider's algorithms (`verify`: rustls' TLS 1.2
+/// or TLS 1.3 check), the same on both sides.
+fn signature(
+    verify: fn(
+        &[u8],
+        &CertificateDer<'_>,
+        &DigitallySignedStruct,
+        &rustls::crypto::WebPkiSupportedAlgorithms,
+    ) -> Result<HandshakeSignatureValid, Error>,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, Error> {
+    verify(
+        message,
+        cert,
+        dss,
+        &super::provider().signature_verification_algorithms,
+    )
+}
+
 fn no_identity() -> Error {
     Error::General("this proxy has no usable mesh identity".into())
 }
@@ -107,8 +128,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = super::provider().signature_verification_algorithms;
-        verify_tls12_signature(message, cert, dss, &algs)
+        signature(verify_tls12_signature, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -117,8 +137,7 @@ impl ClientCertVerifier for MeshClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = super::provider().signature_verification_algorithms;
-        verify_tls13_signature(message, cert, dss, &algs)
+        signature(verify_tls13_signature, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -163,8 +182,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = super::provider().signature_verification_algorithms;
-        verify_tls12_signature(message, cert, dss, &algs)
+        signature(verify_tls12_signature, message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -173,8 +191,7 @@ impl ServerCertVerifier for MeshServerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        let algs = super::provider().signature_verification_algorithms;
-        verify_tls13_signature(message, cert, dss, &algs)
+        signature(verify_tls13_signature, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
