@@ -214,6 +214,8 @@ struct EndpointDocument {
     address: String,
     #[serde(default, skip_serializing_if = "is_zero")]
     weight: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    identity: Option<String>,
 }
 
 /// Reads a document in the second pass.
@@ -324,6 +326,7 @@ impl From<EndpointDocument> for Endpoint {
         Endpoint {
             address: endpoint.address,
             weight: endpoint.weight,
+            identity: endpoint.identity.unwrap_or_default(),
         }
     }
 }
@@ -379,6 +382,7 @@ impl<'a> From<&'a Resource> for OutputDocument<'a> {
                     .map(|e| EndpointDocument {
                         address: e.address.clone(),
                         weight: e.weight,
+                        identity: (!e.identity.is_empty()).then(|| e.identity.clone()),
                     })
                     .collect(),
                 service: &cluster.service,

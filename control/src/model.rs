@@ -101,6 +101,9 @@ pub struct Endpoint {
     pub address: String,
     /// Weight, at least 1.
     pub weight: u32,
+    /// The SPIFFE ID it proves on a mesh TLS cluster; empty when not known.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 /// The endpoints a cluster gets.
@@ -217,6 +220,9 @@ pub struct Instance {
     pub weight: u32,
     /// Last registration or heartbeat, milliseconds since the Unix epoch.
     pub last_seen_ms: u64,
+    /// Its SPIFFE ID; empty when none was given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub identity: String,
 }
 
 /// Milliseconds since the Unix epoch.

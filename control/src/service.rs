@@ -99,6 +99,7 @@ pub fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                 .map(|e| model::Endpoint {
                     address: e.address,
                     weight: e.weight,
+                    identity: e.identity,
                 })
                 .collect(),
             service: c.service,
@@ -144,6 +145,7 @@ fn endpoint_msg(e: &model::Endpoint) -> v1::Endpoint {
     v1::Endpoint {
         address: e.address.clone(),
         weight: e.weight,
+        identity: e.identity.clone(),
     }
 }
 
@@ -201,6 +203,7 @@ fn instance_msg(i: model::Instance) -> v1::Instance {
         ttl_seconds: i.ttl_seconds,
         weight: i.weight,
         last_seen_ms: i.last_seen_ms,
+        identity: i.identity,
     }
 }
 
@@ -406,6 +409,7 @@ impl v1::registry_server::Registry for ControlService {
             ttl_seconds: r.ttl_seconds,
             weight: r.weight,
             last_seen_ms: 0,
+            identity: r.identity,
         };
         let i = self.blocking(move |s| s.register(instance)).await?;
         tracing::info!(instance = %i.id, ttl_s = i.ttl_seconds, "instance registered");

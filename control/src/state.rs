@@ -426,6 +426,10 @@ impl ControlState {
             )));
         }
         check_address(&instance.address).map_err(ControlError::Invalid)?;
+        if !instance.identity.is_empty() {
+            weft_config::SpiffeId::parse(&instance.identity)
+                .map_err(|e| ControlError::Invalid(format!("identity: {e}")))?;
+        }
         let i = self.registry.register(Instance {
             ttl_seconds: if instance.ttl_seconds == 0 {
                 30
@@ -523,6 +527,7 @@ impl ControlState {
                         .map(|i| Endpoint {
                             address: i.address.clone(),
                             weight: i.weight,
+                            identity: i.identity.clone(),
                         }),
                 );
                 eps.sort();
@@ -792,6 +797,7 @@ mod tests {
                 ttl_seconds: 1,
                 weight: 0,
                 last_seen_ms: 0,
+                identity: String::new(),
             })
             .expect("register");
         assert_eq!(i.id, "svc/127.0.0.1:9");

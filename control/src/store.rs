@@ -334,6 +334,7 @@ mod tests {
             ttl_seconds: 5,
             weight: 1,
             last_seen_ms: 9,
+            identity: "spiffe://weft.local/ns/default/sa/s2".into(),
         };
         {
             let s = RedbStore::open(dir.path()).expect("open");

@@ -435,3 +435,74 @@ async fn the_control_channel_runs_over_tls_and_https_is_never_plaintext() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("is https: give the CA"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registered_instance_must_prove_the_identity_it_registered_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let control = ControlProcess::start(&d.join("control")).await;
+    let app = Upstream::start("app").await;
+    let b_token = token_file(&control, "b", d);
+    let b = start(
+        &inbound(&b_token, &app),
+        control.proxy_args("b", &[], &d.join("b")),
+    )
+    .await;
+    // A's cluster `b` gets its endpoints from the registry (service `svc-b`).
+    let manifest = "kind: Cluster\nname: b\nselector: { app: a }\nspec:\n  service: svc-b\n";
+    let (code, _, err) = control.weftctl_stdin(&["apply", "-f", "-"], Some(manifest));
+    assert_eq!(code, 0, "{err}");
+    let a_token = token_file(&control, "a", d);
+    let a_cfg = outbound(&a_token, b.addr).replace(
+        &format!(
+            "endpoints: [ {{ address: \"{}\", identity: \"{B_ID}\" }} ]",
+            b.addr
+        ),
+        "endpoints: []",
+    );
+    let a = start(&a_cfg, control.proxy_args("a", &["app=a"], &d.join("a"))).await;
+    let register = |identity: &str| {
+        let addr = b.addr.to_string();
+        let (code, _, err) = control.weftctl(&[
+            "register",
+            "svc-b",
+            &addr,
+            "--ttl",
+            "60",
+            "--identity",
+            identity,
+        ]);
+        assert_eq!(code, 0, "{err}");
+    };
+    let status_soon = |want: u16| {
+        let url = a.url("/x");
+        async move {
+            let mut got = 0;
+            for _ in 0..100 {
+                got = get(&h1_client(), &url).await.map(|g| g.status).unwrap_or(0);
+                if got == want {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            got
+        }
+    };
+    register(B_ID);
+    assert_eq!(status_soon(200).await, 200, "{}", a.log());
+    // The same address registered as someone else: B cannot prove that, so A refuses it.
+    register("spiffe://weft.local/ns/default/sa/c");
+    assert_eq!(status_soon(503).await, 503, "{}", a.log());
+    let stats = a.stats().await;
+    assert!(
+        metric_value(&stats, "weft_upstream_tls_failures_total{cluster=\"b\"}").unwrap_or(0.0)
+            >= 1.0,
+        "{stats}"
+    );
+    // A bad SPIFFE ID is refused at registration.
+    let addr = b.addr.to_string();
+    let (code, _, err) =
+        control.weftctl(&["register", "svc-b", &addr, "--identity", "https://nope"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("identity"), "{err}");
+}

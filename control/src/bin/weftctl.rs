@@ -206,6 +206,10 @@ struct RegisterArgs {
     /// The weight for the weighted balancing policy [default: 1]
     #[arg(long)]
     weight: Option<u32>,
+    /// The instance's SPIFFE ID (`spiffe://weft.local/ns/default/sa/service2`): proxies
+    /// calling it over mesh TLS require it to prove this identity.
+    #[arg(long)]
+    identity: Option<String>,
     /// Stay running: heartbeat every ttl/3 seconds (registering again when the instance
     /// expired, retrying while the service is unreachable) and deregister on SIGINT or
     /// SIGTERM.
@@ -341,6 +345,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 labels: args.labels.into_iter().collect(),
                 ttl_seconds: args.ttl,
                 weight: args.weight.unwrap_or(0),
+                identity: args.identity.unwrap_or_default(),
             };
             if keep_alive {
                 return register_and_keep_alive(&server, request, output).await;

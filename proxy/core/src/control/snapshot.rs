@@ -122,7 +122,7 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
                             .into_iter()
                             .map(|e| {
                                 Ok(EndpointConfig {
-                                    identity: None,
+                                    identity: (!e.identity.is_empty()).then_some(e.identity),
                                     address: e.address.parse().map_err(|m| {
                                         format!("cluster `{}`: endpoint {m}", c.name)
                                     })?,

@@ -24,17 +24,24 @@ pub use super::endpoint::{Endpoint, EndpointAddress, EndpointSet, EndpointSnapsh
 use super::limits::{ConnectionSlot, EndpointRequest, PendingSlot};
 pub use super::limits::{Limit, RequestPermit};
 
-/// The endpoint for `e`: the one of `existing` with its address, weight and identity, or a
-/// new one.
+/// The SPIFFE ID an endpoint's config names, if any (validated with the config).
+fn identity_of(e: &EndpointConfig) -> Option<SpiffeId> {
+    e.identity.as_deref().and_then(|i| SpiffeId::parse(i).ok())
+}
+
+/// Whether `endpoint` is what `e` describes: the same address, weight and identity.
+fn is(endpoint: &Endpoint, e: &EndpointConfig) -> bool {
+    endpoint.address == e.address
+        && endpoint.weight == e.weight.max(1)
+        && endpoint.identity == identity_of(e)
+}
+
+/// The endpoint for `e`: the one of `existing` that is what `e` describes, or a new one.
 fn new_endpoint(e: &EndpointConfig, existing: &[Arc<Endpoint>]) -> Arc<Endpoint> {
-    let identity = e.identity.as_deref().and_then(|i| SpiffeId::parse(i).ok());
-    if let Some(old) = existing
-        .iter()
-        .find(|o| o.address == e.address && o.weight == e.weight.max(1) && o.identity == identity)
-    {
+    if let Some(old) = existing.iter().find(|o| is(o, e)) {
         return old.clone();
     }
-    Arc::new(Endpoint::new(e.address.clone(), e.weight).with_identity(identity))
+    Arc::new(Endpoint::new(e.address.clone(), e.weight).with_identity(identity_of(e)))
 }
 
 /// A cluster: its endpoints, policy and the counters its limits are enforced on.
@@ -164,18 +171,14 @@ impl Cluster {
         self.endpoints.load()
     }
 
-    /// Replaces the endpoints. An endpoint whose address and weight stay keeps its
+    /// Replaces the endpoints. An endpoint whose address, weight and identity stay keeps its
     /// statistics, ejection and pooled connections; requests in flight to a removed one
     /// finish, and its connections close as they come back. Returns whether anything
     /// changed.
     pub fn set_endpoints(&self, endpoints: &[EndpointConfig]) -> bool {
         let current = self.endpoints.load();
         let same = current.list.len() == endpoints.len()
-            && current
-                .list
-                .iter()
-                .zip(endpoints)
-                .all(|(a, b)| a.address == b.address && a.weight == b.weight.max(1));
+            && current.list.iter().zip(endpoints).all(|(a, b)| is(a, b));
         if same {
             return false;
         }
