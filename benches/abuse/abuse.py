@@ -83,17 +83,23 @@ def slowloris(port, pid, n=500, window=70.0):
     return len(socks), per_conn, all_closed, len(open_socks)
 
 
-def idle_flood(port, pid, n=1500, legit=50):
-    before = rss_kb(pid)
+def half_heads(port, n):
+    """`n` connections (those the proxy takes) each sending half a request head, so that
+    every one costs the proxy a head buffer."""
     socks = []
     for _ in range(n):
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=1)
-            # Each says something, so that every connection costs the proxy a head buffer.
             s.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n")
             socks.append(s)
         except OSError:
             pass
+    return socks
+
+
+def idle_flood(port, pid, n=1500, legit=50):
+    before = rss_kb(pid)
+    socks = half_heads(port, n)
     time.sleep(3)
     ok = sum(ok_request(port) for _ in range(legit))
     peak = rss_kb(pid)
@@ -185,14 +191,7 @@ def rapid_reset(port, origin_log, window=10.0, batch=20):
 def churn(port, pid, n=5000):
     """Many connections with half a head each, held, then gone: memory before, held, after."""
     before = rss_kb(pid)
-    socks = []
-    for _ in range(n):
-        try:
-            s = socket.create_connection(("127.0.0.1", port), timeout=1)
-            s.sendall(b"GET / HTTP/1.1\r\nhost: a\r\n")
-            socks.append(s)
-        except OSError:
-            pass
+    socks = half_heads(port, n)
     time.sleep(3)
     peak = rss_kb(pid)
     for s in socks:
