@@ -65,6 +65,32 @@ clusters:
     )
 }
 
+/// Two sidecars enrolled with `control`: B (inbound, in front of `app`) and A (outbound,
+/// calling B over mesh mTLS), with their token files and B's arguments (to restart it).
+struct Pair {
+    a: ProxyProcess,
+    b: ProxyProcess,
+    a_token: std::path::PathBuf,
+    b_token: std::path::PathBuf,
+    b_args: Vec<String>,
+}
+
+async fn enrolled_pair(control: &ControlProcess, app: &Upstream, d: &Path) -> Pair {
+    let b_token = token_file(control, "b", d);
+    let b_args = control.proxy_args("b", &[], &d.join("b"));
+    let b = start(&inbound(&b_token, app), b_args.clone()).await;
+    let a_token = token_file(control, "a", d);
+    let a_args = control.proxy_args("a", &[], &d.join("a"));
+    let a = start(&outbound(&a_token, b.addr), a_args).await;
+    Pair {
+        a,
+        b,
+        a_token,
+        b_token,
+        b_args,
+    }
+}
+
 async fn serial(proxy: &ProxyProcess) -> String {
     let (_, body) = proxy.admin_get("/certs").await.unwrap();
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -116,15 +142,13 @@ async fn proxies_enrolled_with_the_mesh_ca_renew_under_traffic_without_a_failure
     let control =
         ControlProcess::start_with(&d.join("control"), &["--cert-ttl-seconds", "4"]).await;
     let app = Upstream::start("app").await;
-    let b_token = token_file(&control, "b", d);
-    let b_args = control.proxy_args("b", &[], &d.join("b-state"));
-    let b = start(&inbound(&b_token, &app), b_args.clone()).await;
-    let a_token = token_file(&control, "a", d);
-    let a = start(
-        &outbound(&a_token, b.addr),
-        control.proxy_args("a", &[], &d.join("a-state")),
-    )
-    .await;
+    let Pair {
+        a,
+        b,
+        a_token,
+        b_token,
+        b_args,
+    } = enrolled_pair(&control, &app, d).await;
 
     // Serials seen on both sides while traffic flows for 12 s (certificates of 4 s renew
     // about every 3 s).
@@ -228,18 +252,7 @@ async fn without_the_ca_a_proxy_serves_until_its_certificate_expires_then_refuse
     let mut control =
         ControlProcess::start_full(&control_dir, port, None, &["--cert-ttl-seconds", "6"]).await;
     let app = Upstream::start("app").await;
-    let b_token = token_file(&control, "b", d);
-    let b = start(
-        &inbound(&b_token, &app),
-        control.proxy_args("b", &[], &d.join("b")),
-    )
-    .await;
-    let a_token = token_file(&control, "a", d);
-    let a = start(
-        &outbound(&a_token, b.addr),
-        control.proxy_args("a", &[], &d.join("a")),
-    )
-    .await;
+    let Pair { a, b, .. } = enrolled_pair(&control, &app, d).await;
     assert_eq!(get(&h1_client(), &a.url("/x")).await.unwrap().status, 200);
 
     // The CA goes away: both keep serving with what they hold, and say they cannot renew.
@@ -407,18 +420,9 @@ async fn the_control_channel_runs_over_tls_and_https_is_never_plaintext() {
 
     // Proxies follow it over TLS and get their identities through it.
     let app = Upstream::start("app").await;
-    let b_token = token_file(&control, "b", d);
-    let b = start(
-        &inbound(&b_token, &app),
-        control.proxy_args("b", &[], &d.join("b")),
-    )
-    .await;
-    let a_token = token_file(&control, "a", d);
-    let a = start(
-        &outbound(&a_token, b.addr),
-        control.proxy_args("a", &[], &d.join("a")),
-    )
-    .await;
+    let Pair {
+        a, b: _b, b_token, ..
+    } = enrolled_pair(&control, &app, d).await; // `_b` holds B's process until the end
     assert_eq!(
         get(&h1_client(), &a.url("/over-tls")).await.unwrap().status,
         200

@@ -198,17 +198,7 @@ async fn a_strict_listener_refuses_plaintext_and_every_bad_client_certificate() 
 
     let other_ca = Ca::new("another root");
     let bad: Vec<(&str, LeafFiles)> = vec![
-        (
-            "expired",
-            ca.issue(
-                &Leaf {
-                    valid: ((2020, 1, 1), (2021, 1, 1)),
-                    ..Leaf::spiffe(A_ID)
-                },
-                d,
-                "expired",
-            ),
-        ),
+        ("expired", ca.issue(&Leaf::expired(A_ID), d, "expired")),
         (
             "not yet valid",
             ca.issue(
@@ -410,14 +400,7 @@ async fn bad_tls_files_stop_the_proxy_naming_the_file() {
     let bundle = ca.write_bundle(d, "bundle.pem");
     let a = ca.issue(&Leaf::spiffe(A_ID), d, "a");
     let b = ca.issue(&Leaf::spiffe(B_ID), d, "b");
-    let expired = ca.issue(
-        &Leaf {
-            valid: ((2020, 1, 1), (2021, 1, 1)),
-            ..Leaf::spiffe(A_ID)
-        },
-        d,
-        "expired",
-    );
+    let expired = ca.issue(&Leaf::expired(A_ID), d, "expired");
     let base = |identity: &str, tls: &str| {
         format!(
             "{identity}listeners:
@@ -527,14 +510,7 @@ async fn identity_files_rotate_under_traffic_without_a_failed_request() {
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // A bad rotation (an expired certificate) is refused: the identity held stays.
-    let expired = ca.issue(
-        &Leaf {
-            valid: ((2020, 1, 1), (2021, 1, 1)),
-            ..Leaf::spiffe(B_ID)
-        },
-        d,
-        "b-expired",
-    );
+    let expired = ca.issue(&Leaf::expired(B_ID), d, "b-expired");
     std::fs::copy(&expired.key, &b.key).unwrap();
     std::fs::copy(&expired.cert, &b.cert).unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;

@@ -45,6 +45,14 @@ impl<'a> Leaf<'a> {
         }
     }
 
+    /// A SPIFFE leaf that expired in 2021.
+    pub fn expired(id: &'a str) -> Self {
+        Self {
+            valid: ((2020, 1, 1), (2021, 1, 1)),
+            ..Self::spiffe(id)
+        }
+    }
+
     /// A server certificate for DNS names, valid from 2020 to 2100.
     pub fn dns(names: &[&'a str]) -> Self {
         Self {
