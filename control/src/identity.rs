@@ -46,6 +46,7 @@ impl From<CaError> for Status {
         match e {
             CaError::Refused(m) => Status::permission_denied(m),
             CaError::File { .. } => Status::internal(e.to_string()),
+            CaError::Precondition(m) => Status::failed_precondition(m),
         }
     }
 }
@@ -56,6 +57,44 @@ fn signed(ca: &MeshCa, s: crate::ca::Signed) -> v1::SignResponse {
         trust_bundle_der: ca.roots(),
         spiffe_id: s.spiffe_id.to_string(),
         not_after_unix: s.not_after,
+    }
+}
+
+fn status_msg(s: crate::ca::CaStatus) -> v1::CaStatus {
+    v1::CaStatus {
+        trust_domain: s.trust_domain,
+        roots: s
+            .roots
+            .into_iter()
+            .map(|r| v1::CaRoot {
+                der: r.der,
+                subject: r.subject,
+                fingerprint: r.fingerprint,
+                signing: r.signing,
+                not_after_unix: r.not_after,
+            })
+            .collect(),
+        phase: s.phase.map(|p| p.name().to_owned()).unwrap_or_default(),
+        next_step_unix: s.next_step_unix,
+        step_seconds: s.phase_length.as_secs(),
+    }
+}
+
+/// Takes the steps of a CA rotation as they fall due, for ever (checking every second).
+pub async fn drive_rotation(ca: Arc<MeshCa>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        let step = {
+            let ca = ca.clone();
+            tokio::task::spawn_blocking(move || ca.step(crate::ca::unix_now())).await
+        };
+        match step {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("CA rotation step (tried again in a second): {e}"),
+            Err(e) => tracing::error!("CA rotation step: {e}"),
+        }
     }
 }
 
@@ -137,6 +176,24 @@ impl v1::identity_server::Identity for IdentityService {
         .await
         .map_err(|e| Status::internal(e.to_string()))?;
         result.map(Response::new)
+    }
+
+    async fn rotate_ca(
+        &self,
+        _request: Request<v1::RotateCaRequest>,
+    ) -> Result<Response<v1::CaStatus>, Status> {
+        let ca = self.ca.clone();
+        let status = tokio::task::spawn_blocking(move || ca.rotate())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(status_msg(status)))
+    }
+
+    async fn get_ca_status(
+        &self,
+        _request: Request<v1::CaStatusRequest>,
+    ) -> Result<Response<v1::CaStatus>, Status> {
+        Ok(Response::new(status_msg(self.ca.status())))
     }
 
     async fn trust_bundle(

@@ -35,6 +35,7 @@ pub mod service;
 pub mod snapshot;
 pub mod state;
 pub mod store;
+pub mod tls;
 
 pub use ca::MeshCa;
 pub use identity::IdentityService;

@@ -36,9 +36,9 @@ struct Args {
     /// 70% of it).
     #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
     cert_ttl_seconds: u64,
-    /// Serve over TLS, with a certificate the mesh CA signs at startup (its root, the
-    /// trust bundle, is `<data-dir>/ca/root.pem`: clients verify against it); clients then
-    /// use `https://`.
+    /// Serve over TLS, with a certificate from the mesh CA's signing root, issued at startup
+    /// and again when a CA rotation moves signing to a new root (clients verify against the
+    /// trust bundle, kept in `<data-dir>/ca/bundle.pem`); clients then use `https://`.
     #[arg(long)]
     tls: bool,
     /// A name the TLS certificate is for (DNS name or IP address), repeatable; the listen
@@ -96,11 +96,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         names.sort();
         names.dedup();
-        let (cert, key) = ca.server_certificate(&names)?;
-        Some(
-            tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(cert, key)),
-        )
+        Some(names)
     } else {
         if !args.listen.ip().is_loopback() {
             tracing::warn!(
@@ -110,7 +106,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         None
     };
-    let identity = weft_control::IdentityService::new(Arc::new(ca), store);
+    let ca = Arc::new(ca);
+    let identity = weft_control::IdentityService::new(ca.clone(), store);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -141,6 +138,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             }
             tracing::info!("shutting down");
         };
+        let tls = match tls {
+            Some(names) => Some(weft_control::tls::server_config(ca.clone(), names)?),
+            None => None,
+        };
+        tokio::spawn(weft_control::identity::drive_rotation(ca));
         weft_control::serve(state, identity, listener, tls, token, shutdown).await?;
         Ok(())
     })

@@ -649,7 +649,7 @@ pub async fn serve(
     state: Arc<ControlState>,
     identity: crate::identity::IdentityService,
     listener: tokio::net::TcpListener,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     token: Option<String>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -669,15 +669,6 @@ pub async fn serve(
     let auth = Auth {
         token: token.map(Into::into),
     };
-    // Small messages both ways (snapshots, ACKs): no Nagle delay.
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            conn.inspect(|c| {
-                let _ = c.set_nodelay(true);
-            })
-        },
-    );
     // Discovery streams never end on their own: once shutdown is asked for, open streams
     // get a moment, then the server stops (proxies reconnect to the next instance).
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -685,11 +676,7 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     };
-    let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder.tls_config(tls)?;
-    }
-    let server = builder
+    let router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(v1::modules_server::ModulesServer::with_interceptor(
@@ -710,8 +697,25 @@ pub async fn serve(
         ))
         .add_service(v1::discovery_server::DiscoveryServer::with_interceptor(
             svc, auth,
-        ))
-        .serve_with_incoming_shutdown(incoming, shutdown);
+        ));
+    // TLS is ours (rustls, a certificate swapped on CA rotation), not tonic's.
+    let server: Pin<Box<dyn std::future::Future<Output = _> + Send>> = match tls {
+        Some(config) => Box::pin(
+            router.serve_with_incoming_shutdown(crate::tls::accept(listener, config), shutdown),
+        ),
+        None => {
+            // Small messages both ways (snapshots, ACKs): no Nagle delay.
+            let incoming = tokio_stream::StreamExt::map(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                |conn| {
+                    conn.inspect(|c| {
+                        let _ = c.set_nodelay(true);
+                    })
+                },
+            );
+            Box::pin(router.serve_with_incoming_shutdown(incoming, shutdown))
+        }
+    };
     let grace = async {
         let _ = stop_rx.wait_for(|s| *s).await;
         tokio::time::sleep(Duration::from_secs(1)).await;

@@ -41,7 +41,7 @@ start() { local name=$1; shift; "$@" >"$logs/$name.log" 2>&1 & pids+=($!); }
 # The control channel is TLS too: weftctl and the sidecars verify the control service
 # against the mesh root it makes in its data dir (WEFT_CONTROL_CA).
 export WEFT_CONTROL=https://127.0.0.1:18070
-export WEFT_CONTROL_CA=$logs/control-data/ca/root.pem
+export WEFT_CONTROL_CA=$logs/control-data/ca/bundle.pem
 ctl() { "$bin/weftctl" "$@"; }
 start control "$bin/weft-control" --data-dir "$logs/control-data" --listen 127.0.0.1:18070 --tls
 for _ in $(seq 1 100); do ctl module ls >/dev/null 2>&1 && break; sleep 0.1; done

@@ -243,6 +243,205 @@ async fn proxies_enrolled_with_the_mesh_ca_renew_under_traffic_without_a_failure
     assert!(subject.contains("weft mesh root weft.local"), "{subject}");
 }
 
+/// `rate` requests a second through `proxy` for `run`, from 25 clients each on its own
+/// clock (a late request is sent at once, to keep the rate): (answered 200, failures).
+async fn paced(proxy: &ProxyProcess, rate: u32, run: Duration) -> (usize, Vec<String>) {
+    const CLIENTS: u32 = 25;
+    let each = rate / CLIENTS;
+    let count = (run.as_secs_f64() * f64::from(each)) as usize;
+    let mut tasks = Vec::new();
+    for _ in 0..CLIENTS {
+        let url = proxy.url("/paced");
+        tasks.push(tokio::spawn(async move {
+            let client = h1_client();
+            let mut clock = tokio::time::interval(Duration::from_secs(1) / each);
+            let give_up = Instant::now() + run + Duration::from_secs(20);
+            let (mut ok, mut failed) = (0, Vec::new());
+            // Bounded by count, and by time should the proxies fall far behind.
+            for _ in 0..count {
+                clock.tick().await;
+                if Instant::now() > give_up {
+                    failed.push("not sent: the run fell 20 s behind".to_owned());
+                    break;
+                }
+                match get(&client, &url).await {
+                    Ok(g) if g.status == 200 => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    let mut total = (0, Vec::new());
+    for t in tasks {
+        let (ok, failed) = t.await.unwrap();
+        total.0 += ok;
+        total.1.extend(failed);
+    }
+    total
+}
+
+async fn certs(proxy: &ProxyProcess) -> serde_json::Value {
+    let (_, body) = proxy.admin_get("/certs").await.unwrap();
+    serde_json::from_str::<serde_json::Value>(&body).unwrap()["identity"].clone()
+}
+
+fn ca_status(control: &ControlProcess) -> serde_json::Value {
+    let (code, out, err) = control.weftctl(&["ca", "status", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The run: certificates of 4 s, 1,000 requests a second for a minute from A to B
+/// over mesh mTLS (B closes connections every 20 requests, so handshakes go on all along),
+/// and a CA rotation in the middle. The proxies trust only the first root for the control
+/// channel (their CA file): they follow the control service's move to the new root with
+/// the bundle the CA hands them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_minute_at_1000_requests_a_second_through_renewals_and_a_ca_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let control =
+        ControlProcess::start_with(&d.join("control"), &["--cert-ttl-seconds", "4", "--tls"]).await;
+    let first_root = d.join("first-root.pem");
+    std::fs::copy(control.root_ca(), &first_root).unwrap();
+    let args = |id: &str| {
+        let mut a = control.proxy_args(id, &[], &d.join(id));
+        let at = a.iter().position(|x| x == "--control-ca-file").unwrap();
+        a[at + 1] = first_root.display().to_string();
+        a
+    };
+    let app = Upstream::start("app").await;
+    let b_token = token_file(&control, "b", d);
+    let b = start(&inbound(&b_token, &app), args("b")).await;
+    let a_token = token_file(&control, "a", d);
+    let a = start(&outbound(&a_token, b.addr), args("a")).await;
+
+    let before = ca_status(&control);
+    assert_eq!(before["phase"], "", "{before}");
+    let old = before["roots"][0]["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let step = before["step_seconds"].as_u64().unwrap();
+    assert_eq!(step, 6, "a step is a lifetime and a margin: {before}");
+
+    // Watches serials, issuers and the CA's phases while the traffic flows; rotates at 10 s.
+    let watch = async {
+        let (mut serials, mut issuers, mut phases) = (
+            (Vec::<String>::new(), Vec::<String>::new()),
+            Vec::<String>::new(),
+            Vec::<String>::new(),
+        );
+        let started = Instant::now();
+        let mut rotated = false;
+        for _ in 0..240 {
+            if started.elapsed() > Duration::from_secs(60) {
+                break;
+            }
+            if !rotated && started.elapsed() > Duration::from_secs(10) {
+                let (code, out, err) = control.weftctl(&["ca", "rotate"]);
+                assert_eq!(code, 0, "{err}");
+                assert!(out.contains("distributing"), "{out}");
+                // One rotation at a time.
+                let (code, _, err) = control.weftctl(&["ca", "rotate"]);
+                assert_ne!(code, 0);
+                assert!(err.contains("a rotation is under way"), "{err}");
+                rotated = true;
+            }
+            for (proxy, seen) in [(&a, &mut serials.0), (&b, &mut serials.1)] {
+                let c = certs(proxy).await;
+                let s = c["serial"].as_str().unwrap_or_default().to_owned();
+                if !s.is_empty() && seen.last() != Some(&s) {
+                    seen.push(s);
+                }
+                let i = c["issuer"].as_str().unwrap_or_default().to_owned();
+                if !issuers.contains(&i) {
+                    issuers.push(i);
+                }
+            }
+            let phase = ca_status(&control)["phase"].as_str().unwrap().to_owned();
+            if phases.last() != Some(&phase) {
+                phases.push(phase);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        (serials, issuers, phases)
+    };
+    let ((ok, failed), ((a_serials, b_serials), issuers, phases)) =
+        tokio::join!(paced(&a, 1000, Duration::from_secs(60)), watch);
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed: {:?}\nA: {}\nB: {}",
+        failed.len(),
+        ok + failed.len(),
+        &failed[..failed.len().min(5)],
+        a.log(),
+        b.log()
+    );
+    assert!(ok >= 59_000, "only {ok} requests answered");
+    // Renewals about every 3 s on both sides.
+    for (who, serials) in [("A", &a_serials), ("B", &b_serials)] {
+        assert!(serials.len() >= 10, "{who} renewed: {serials:?}");
+    }
+    assert_eq!(
+        phases,
+        ["", "distributing", "switching", ""],
+        "{}",
+        control.log()
+    );
+    assert!(
+        issuers
+            .iter()
+            .any(|i| i.ends_with("weft mesh root weft.local"))
+            && issuers
+                .iter()
+                .any(|i| i.ends_with("weft mesh root weft.local #2")),
+        "{issuers:?}"
+    );
+    // Both renewed from the new root over a control channel that had moved to it, with a
+    // CA file of the old root only: the bundle from the CA is what let them.
+    for proxy in [&a, &b] {
+        let c = certs(proxy).await;
+        assert!(
+            c["issuer"].as_str().unwrap().ends_with("#2"),
+            "{c}\n{}",
+            proxy.log()
+        );
+        assert_eq!(c["trust_bundle_roots"], 1, "{c}");
+    }
+    // The old root is gone from the bundle, its key from the disk; the new root signs.
+    let after = ca_status(&control);
+    let roots = after["roots"].as_array().unwrap();
+    assert_eq!(roots.len(), 1, "{after}");
+    assert_ne!(roots[0]["fingerprint"], old.as_str());
+    assert_eq!(roots[0]["signing"], true);
+    let ca_dir = d.join("control").join("ca");
+    assert!(
+        ca_dir.join("root.pem").exists(),
+        "the retired root stays as a record"
+    );
+    assert!(
+        !ca_dir.join("root-key.pem").exists(),
+        "the retired root's key is deleted"
+    );
+    let (_, bundle, _) = control.weftctl(&["ca", "bundle"]);
+    assert_eq!(bundle, std::fs::read_to_string(control.root_ca()).unwrap());
+
+    // The control service's own certificate moved to the new root: a client trusting only
+    // the retired one is refused.
+    let (code, err) = weftctl_raw(&[
+        "--server",
+        &control.url(),
+        "--ca-file",
+        first_root.to_str().unwrap(),
+        "ca",
+        "status",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("UnknownIssuer"), "{err}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_ca_a_proxy_serves_until_its_certificate_expires_then_refuses() {
     let dir = tempfile::tempdir().unwrap();

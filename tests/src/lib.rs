@@ -154,9 +154,9 @@ impl ControlProcess {
         format!("{scheme}://{}", self.addr)
     }
 
-    /// The mesh root it made in its data dir (what TLS clients verify it against).
+    /// The trust bundle it keeps in its data dir (what TLS clients verify it against).
     pub fn root_ca(&self) -> PathBuf {
-        self.data_dir.join("ca").join("root.pem")
+        self.data_dir.join("ca").join("bundle.pem")
     }
 
     /// Arguments that make a proxy follow this control service as `id` with `labels`,

@@ -101,6 +101,18 @@ impl tonic::service::Interceptor for Bearer {
 /// it is never reached in plaintext; a CA file with an `http://` URL is an error too, so
 /// that nobody believes a plaintext channel is verified.
 pub fn endpoint(url: &str, ca_file: Option<&Path>) -> Result<Endpoint, String> {
+    endpoint_trusting(url, ca_file, None)
+}
+
+/// [`endpoint`], also trusting the roots in `bundle` when it is readable: a proxy's mesh
+/// trust bundle, which the CA hands it with every certificate, so that a proxy follows a
+/// CA rotation (the control service's certificate moves to the new root) without a new CA
+/// file or a restart. Both files are read at each call: call it per connection attempt.
+pub fn endpoint_trusting(
+    url: &str,
+    ca_file: Option<&Path>,
+    bundle: Option<&Path>,
+) -> Result<Endpoint, String> {
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map(|e| {
             e.connect_timeout(CONNECT_TIMEOUT)
@@ -112,14 +124,17 @@ pub fn endpoint(url: &str, ca_file: Option<&Path>) -> Result<Endpoint, String> {
     match (url.starts_with("https://"), ca_file) {
         (true, Some(ca)) => {
             let pem = std::fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-            let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+            if let Some(pem) = bundle.and_then(|b| std::fs::read(b).ok()) {
+                tls = tls.ca_certificate(Certificate::from_pem(pem));
+            }
             endpoint
                 .tls_config(tls)
                 .map_err(|e| format!("{}: not a usable CA: {e}", ca.display()))
         }
         (true, None) => Err(format!(
             "`{url}` is https: give the CA its certificate chains to (the mesh's trust bundle: \
-             `weftctl ca bundle`, or the control service's <data-dir>/ca/root.pem) with a CA \
+             `weftctl ca bundle`, or the control service's <data-dir>/ca/bundle.pem) with a CA \
              file option or WEFT_CONTROL_CA"
         )),
         (false, Some(_)) => Err(format!(
@@ -127,6 +142,22 @@ pub fn endpoint(url: &str, ca_file: Option<&Path>) -> Result<Endpoint, String> {
         )),
         (false, None) => Ok(endpoint),
     }
+}
+
+/// `e` and its causes, `: `-separated (a tonic transport error alone says only
+/// "transport error").
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
 }
 
 /// Connects now; fails when the service cannot be reached.

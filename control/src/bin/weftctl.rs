@@ -32,7 +32,7 @@ use weft_proto::v1::{
     ListModulesRequest, ListResourcesRequest, ListServicesRequest, Module, ProxyStatus, PushChunk,
     RegisterRequest, Resource, StatusRequest,
 };
-use weft_proto::v1::{CreateTokenRequest, TrustBundleRequest};
+use weft_proto::v1::{CaStatusRequest, CreateTokenRequest, RotateCaRequest, TrustBundleRequest};
 
 /// Where the control service listens unless `--server` or `WEFT_CONTROL` says otherwise.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
@@ -111,7 +111,7 @@ enum Command {
     /// Workload identities: mint join tokens.
     #[command(subcommand)]
     Identity(IdentityCommand),
-    /// The mesh CA: its trust bundle.
+    /// The mesh CA: its trust bundle, its status, root rotation.
     #[command(subcommand)]
     Ca(CaCommand),
 }
@@ -140,6 +140,72 @@ enum IdentityCommand {
 enum CaCommand {
     /// Print the trust bundle (PEM).
     Bundle,
+    /// Show the roots, which one signs, and the rotation under way.
+    Status,
+    /// Rotate to a new root with no restart and no failed connection: the new root is
+    /// trusted beside the old one, which signs until every proxy has renewed and holds the
+    /// new bundle; then the new root signs until every proxy holds a certificate from it;
+    /// then the old root leaves the bundle. Each step lasts a certificate lifetime and a
+    /// margin; the control service takes them itself.
+    Rotate,
+}
+
+fn print_ca_status(output: Output, s: &weft_proto::v1::CaStatus) -> anyhow::Result<()> {
+    let roots = || {
+        s.roots
+            .iter()
+            .map(|r| {
+                json!({
+                    "subject": r.subject,
+                    "fingerprint": r.fingerprint,
+                    "signing": r.signing,
+                    "not_after_unix": r.not_after_unix,
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    show(
+        output,
+        || {
+            json!({
+                "trust_domain": s.trust_domain,
+                "roots": roots(),
+                "phase": s.phase,
+                "next_step_unix": s.next_step_unix,
+                "step_seconds": s.step_seconds,
+            })
+        },
+        || {
+            println!("TRUST DOMAIN  {}", s.trust_domain);
+            match s.phase.as_str() {
+                "" => println!("ROTATION      none"),
+                phase => {
+                    let left = s.next_step_unix - unix_now_secs();
+                    println!(
+                        "ROTATION      {phase} (next step in {}s; steps of {}s)",
+                        left.max(0),
+                        s.step_seconds
+                    );
+                }
+            }
+            println!("{:<8} {:<40} FINGERPRINT", "SIGNING", "SUBJECT");
+            for r in &s.roots {
+                println!(
+                    "{:<8} {:<40} {}",
+                    if r.signing { "yes" } else { "no" },
+                    r.subject,
+                    r.fingerprint
+                );
+            }
+        },
+    )
+}
+
+fn unix_now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// `weftctl module ...`.
@@ -377,6 +443,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     println!("{}", minted.token);
                 },
             )
+        }
+        Command::Ca(CaCommand::Status) => {
+            let status = IdentityClient::new(server.connect().await?)
+                .get_ca_status(CaStatusRequest {})
+                .await
+                .rpc()?;
+            print_ca_status(output, &status)
+        }
+        Command::Ca(CaCommand::Rotate) => {
+            let status = IdentityClient::new(server.connect().await?)
+                .rotate_ca(RotateCaRequest {})
+                .await
+                .rpc()?;
+            print_ca_status(output, &status)
         }
         Command::Ca(CaCommand::Bundle) => {
             let bundle = IdentityClient::new(server.connect().await?)

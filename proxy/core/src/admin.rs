@@ -226,6 +226,12 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 json!({
                     "spiffe_id": id.id.to_string(),
                     "serial": id.leaf.serial,
+                    "issuer": id
+                        .certified
+                        .cert
+                        .first()
+                        .and_then(|c| x509_parser::parse_x509_certificate(c).ok())
+                        .map(|(_, c)| c.issuer().to_string()),
                     "not_before": id.leaf.not_before,
                     "not_after": id.leaf.not_after,
                     "expired": id.expired(),

@@ -48,6 +48,15 @@ pub struct ControlOptions {
     pub ca_file: Option<PathBuf>,
 }
 
+impl ControlOptions {
+    /// The mesh trust bundle a proxy enrolled with the CA keeps in its state dir (renewed
+    /// with every certificate); also trusted for the control channel, so that the proxy
+    /// follows a CA rotation.
+    pub fn mesh_bundle(&self) -> PathBuf {
+        self.state_dir.join("identity").join("bundle.pem")
+    }
+}
+
 /// What the follower needs of the running proxy: the app's reloader implements it, so that
 /// following the control service does not depend on how the proxy applies a config.
 pub trait Target: Send + 'static {
@@ -105,10 +114,14 @@ pub async fn follow<T: Target>(opts: ControlOptions, reloader: Arc<Mutex<T>>) {
 /// One discovery stream, until it ends.
 async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> Result<(), String> {
     let bearer = weft_client::Bearer::new(opts.token.as_deref())?;
-    let endpoint = weft_client::endpoint(&opts.address, opts.ca_file.as_deref())?;
+    let endpoint = weft_client::endpoint_trusting(
+        &opts.address,
+        opts.ca_file.as_deref(),
+        Some(&opts.mesh_bundle()),
+    )?;
     let channel = weft_client::connect(endpoint, bearer)
         .await
-        .map_err(|e| format!("cannot connect: {e}"))?;
+        .map_err(|e| format!("cannot connect: {}", weft_client::error_chain(&e)))?;
     let mut discovery = v1::discovery_client::DiscoveryClient::new(channel.clone());
     let mut modules = v1::modules_client::ModulesClient::new(channel);
     let (tx, rx) = mpsc::channel(4);

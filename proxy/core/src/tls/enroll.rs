@@ -125,12 +125,18 @@ impl Enrolled {
     ) -> Result<v1::SignResponse, Refusal> {
         let bearer =
             weft_client::Bearer::new(self.control.token.as_deref()).map_err(Refusal::Final)?;
-        let endpoint =
-            weft_client::endpoint(&self.control.address, self.control.ca_file.as_deref())
-                .map_err(Refusal::Final)?;
-        let channel = weft_client::connect(endpoint, bearer)
-            .await
-            .map_err(|e| Refusal::Unreachable(format!("cannot reach the control service: {e}")))?;
+        let endpoint = weft_client::endpoint_trusting(
+            &self.control.address,
+            self.control.ca_file.as_deref(),
+            Some(&self.control.mesh_bundle()),
+        )
+        .map_err(Refusal::Final)?;
+        let channel = weft_client::connect(endpoint, bearer).await.map_err(|e| {
+            Refusal::Unreachable(format!(
+                "cannot reach the control service: {}",
+                weft_client::error_chain(&e)
+            ))
+        })?;
         let request = v1::SignRequest {
             csr_der: self.csr().map_err(|e| Refusal::Final(e.to_string()))?,
             credential: Some(credential),
