@@ -45,6 +45,11 @@ struct Args {
     /// address's IP, `localhost` and `127.0.0.1` are always in it.
     #[arg(long = "tls-name", requires = "tls")]
     tls_names: Vec<String>,
+    /// A public key (PEM, ed25519) whose module signatures are trusted, repeatable; with
+    /// any, a module pushed without a signature by one of them is refused
+    /// (`weftctl module push --sign KEY`).
+    #[arg(long = "module-trusted-key", value_name = "FILE")]
+    module_trusted_keys: Vec<PathBuf>,
     /// Log filter (`info`, `debug`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -81,7 +86,12 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     .filter(|t| !t.is_empty());
     let store: Arc<dyn Store> = Arc::new(RedbStore::open(&args.data_dir)?);
     let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
-    let state = Arc::new(ControlState::load(store.clone(), registry)?);
+    let module_keys = weft_client::signing::TrustedKeys::from_files(&args.module_trusted_keys)?;
+    if !module_keys.is_empty() {
+        tracing::info!(keys = ?module_keys.ids(), "modules must be signed by a trusted key");
+    }
+    let state =
+        Arc::new(ControlState::load(store.clone(), registry)?.with_module_keys(module_keys));
     let ca = weft_control::MeshCa::load_or_create(
         &args.data_dir,
         &args.trust_domain,

@@ -22,6 +22,12 @@ pub struct ModuleRecord {
     pub abi_version: String,
     /// First stored, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// Its signature (`ed25519 <key-id> <hex>`), empty if none.
+    #[serde(default)]
+    pub signature: String,
+    /// The trusted key its signature was verified with, empty if not verified.
+    #[serde(default)]
+    pub verified_by: String,
 }
 
 /// The kinds of config resource.

@@ -24,6 +24,7 @@ impl From<ControlError> for Status {
             ControlError::Invalid(m) => Status::invalid_argument(m),
             ControlError::NotFound(m) => Status::not_found(format!("{m} not found")),
             ControlError::Conflict(m) => Status::failed_precondition(m),
+            ControlError::Denied(m) => Status::permission_denied(m),
             ControlError::Store(e) => Status::internal(e.to_string()),
         }
     }
@@ -36,6 +37,8 @@ fn module_msg(m: model::ModuleRecord) -> v1::Module {
         size: m.size,
         abi_version: m.abi_version,
         created_ms: m.created_ms,
+        signature: m.signature,
+        verified_by: m.verified_by,
     }
 }
 
@@ -273,10 +276,11 @@ impl v1::modules_server::Modules for ControlService {
         request: Request<Streaming<v1::PushChunk>>,
     ) -> Result<Response<v1::Module>, Status> {
         let mut chunks = request.into_inner();
-        let (mut name, mut bytes) = (None, Vec::new());
+        let (mut name, mut bytes, mut signature) = (None, Vec::new(), String::new());
         while let Some(chunk) = chunks.message().await? {
             if name.is_none() {
                 name = Some(chunk.name);
+                signature = chunk.signature;
             }
             if bytes.len() + chunk.data.len() > MAX_MODULE_BYTES {
                 return Err(Status::resource_exhausted(format!(
@@ -289,9 +293,11 @@ impl v1::modules_server::Modules for ControlService {
         let name = name.unwrap_or_default();
         let state = self.state.clone();
         // Compiling a module takes a while: off the async threads.
-        let record = tokio::task::spawn_blocking(move || state.push_module(&name, &bytes))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        let record = tokio::task::spawn_blocking(move || {
+            state.push_signed_module(&name, &bytes, &signature)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
         tracing::info!(module = %record.name, digest = %record.digest, size = record.size, "module stored");
         Ok(Response::new(module_msg(record)))
     }
@@ -311,10 +317,24 @@ impl v1::modules_server::Modules for ControlService {
         &self,
         request: Request<v1::FetchModuleRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
-        let bytes = self.state.module_bytes(&request.into_inner().module)?;
+        let reference = request.into_inner().module;
+        let bytes = self.state.module_bytes(&reference)?;
+        let digest = self.state.resolve_module(&reference)?;
+        let mut signature = self
+            .state
+            .modules()
+            .into_iter()
+            .find(|m| m.digest == digest)
+            .map(|m| m.signature)
+            .unwrap_or_default();
         let chunks: Vec<Result<v1::ModuleChunk, Status>> = bytes
             .chunks(1 << 20)
-            .map(|c| Ok(v1::ModuleChunk { data: c.to_vec() }))
+            .map(|c| {
+                Ok(v1::ModuleChunk {
+                    data: c.to_vec(),
+                    signature: std::mem::take(&mut signature),
+                })
+            })
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }

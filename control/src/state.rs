@@ -13,6 +13,8 @@ use crate::model::{
 };
 use crate::registry::Registry;
 use crate::snapshot::{Snapshot, SnapshotChain, SnapshotCluster};
+use weft_client::signing::{ModuleSignature, TrustedKeys};
+
 use crate::store::{Store, StoreError};
 
 /// Largest module accepted.
@@ -30,6 +32,9 @@ pub enum ControlError {
     /// Refused in the current state (e.g. deleting a module in use).
     #[error("{0}")]
     Conflict(String),
+    /// Not allowed (a module without a trusted signature).
+    #[error("{0}")]
+    Denied(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -96,6 +101,9 @@ pub struct ControlState {
     proxies: Mutex<BTreeMap<String, ProxyState>>,
     changes: watch::Sender<u64>,
     streams: std::sync::atomic::AtomicU64,
+    /// Keys a module must be signed by to be stored (none: signatures are kept, not
+    /// required).
+    module_keys: TrustedKeys,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -137,7 +145,14 @@ impl ControlState {
             proxies: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
             streams: 0.into(),
+            module_keys: TrustedKeys::default(),
         })
+    }
+
+    /// Requires every module pushed from now on to be signed by one of `keys`.
+    pub fn with_module_keys(mut self, keys: TrustedKeys) -> Self {
+        self.module_keys = keys;
+        self
     }
 
     /// A receiver that sees a new value after every change that may alter a snapshot.
@@ -156,20 +171,52 @@ impl ControlState {
 
     // ---- modules -------------------------------------------------------------------
 
-    /// Validates and stores a module under `name`.
+    /// Validates and stores an unsigned module under `name`.
     pub fn push_module(&self, name: &str, bytes: &[u8]) -> Result<ModuleRecord, ControlError> {
+        self.push_signed_module(name, bytes, "")
+    }
+
+    /// Validates and stores a module under `name` with its `signature` (one line, or
+    /// empty), which must verify with a trusted key when the service has any.
+    pub fn push_signed_module(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        signature: &str,
+    ) -> Result<ModuleRecord, ControlError> {
         if !valid_name(name) {
             return Err(ControlError::Invalid(format!(
                 "module name `{name}`: use 1 to 253 letters, digits, `.`, `_` or `-`"
             )));
         }
+        let parsed = match signature.trim() {
+            "" => None,
+            line => Some(ModuleSignature::parse(line).map_err(|e| {
+                ControlError::Invalid(format!("module `{name}`: its signature: {e}"))
+            })?),
+        };
+        let verified_by = if self.module_keys.is_empty() {
+            String::new()
+        } else {
+            self.module_keys
+                .verify(bytes, parsed.as_ref())
+                .map_err(|e| ControlError::Denied(format!("module `{name}` refused: {e}")))?
+        };
+        let signature = parsed.map(|s| s.to_line()).unwrap_or_default();
         let abi_version = crate::module_check::inspect_module(bytes)
             .map_err(|e| ControlError::Invalid(format!("module `{name}` rejected: {e}")))?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
         let mut modules = lock(&self.modules);
         let record = match modules.records.get(&digest) {
+            // A new signature replaces the one kept; none keeps it.
+            Some(existing) if signature.is_empty() => ModuleRecord {
+                name: name.to_owned(),
+                ..existing.clone()
+            },
             Some(existing) => ModuleRecord {
                 name: name.to_owned(),
+                signature,
+                verified_by,
                 ..existing.clone()
             },
             None => ModuleRecord {
@@ -178,6 +225,8 @@ impl ControlState {
                 size: bytes.len() as u64,
                 abi_version,
                 created_ms: now_ms(),
+                signature,
+                verified_by,
             },
         };
         self.store.put_module(&record, bytes)?;

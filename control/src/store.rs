@@ -306,6 +306,8 @@ mod tests {
             size: 3,
             abi_version: "0.2.1".into(),
             created_ms: 1,
+            signature: String::new(),
+            verified_by: String::new(),
         };
         let chain = Resource {
             kind: Kind::Chain,

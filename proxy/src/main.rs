@@ -54,6 +54,12 @@ struct Args {
     /// bundle); `WEFT_CONTROL_CA` may name it.
     #[arg(long)]
     control_ca_file: Option<PathBuf>,
+    /// A public key (PEM, ed25519) whose module signatures are trusted, repeatable; with
+    /// any, the proxy runs only modules signed by one of them (a `<module>.sig` beside a
+    /// module file: `weftctl module sign`; modules from the control service carry theirs),
+    /// checking each before it runs.
+    #[arg(long = "module-trusted-key", value_name = "FILE")]
+    module_trusted_keys: Vec<PathBuf>,
     /// Log filter (`info`, `debug`, `weft_proxy=trace`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -105,7 +111,18 @@ fn main() -> ExitCode {
         id: node_id(&args),
         labels: args.labels.iter().cloned().collect(),
     });
-    let filter_host = Arc::new(WasmHost::new(cache_dir));
+    let module_keys = match weft_client::signing::TrustedKeys::from_files(&args.module_trusted_keys)
+    {
+        Ok(keys) => keys,
+        Err(e) => {
+            eprintln!("weft-proxy: --module-trusted-key {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !module_keys.is_empty() {
+        tracing::info!(keys = ?module_keys.ids(), "only modules signed by a trusted key run");
+    }
+    let filter_host = Arc::new(WasmHost::new(cache_dir).with_module_keys(module_keys));
     let options = ProxyOptions {
         workers,
         config_path: Some(args.config.clone()),
@@ -174,5 +191,6 @@ fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String>
         labels: args.labels.iter().cloned().collect(),
         token,
         ca_file,
+        signed_modules: !args.module_trusted_keys.is_empty(),
     })
 }

@@ -714,6 +714,7 @@ impl v1::modules_server::Modules for Liar {
     ) -> Result<tonic::Response<Self::FetchStream>, tonic::Status> {
         let chunk = v1::ModuleChunk {
             data: self.bytes.lock().expect("lock").clone(),
+            signature: String::new(),
         };
         Ok(tonic::Response::new(Box::pin(tokio_stream::iter([Ok(
             chunk,
@@ -956,4 +957,177 @@ async fn a_filter_failing_at_request_time_shows_as_degraded_until_the_next_apply
         || async { proxy_status(&control, "d1-a")["state"] == "ACK" },
     )
     .await;
+}
+
+/// Runs `cmd` (openssl) and asserts it worked.
+fn run(cmd: &mut std::process::Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The module supply chain: a control service with a trusted key stores only modules
+/// signed by it; a proxy with the key runs only signed modules, checking again itself — a
+/// control service without keys cannot make it run an unsigned one — and files on disk need
+/// their `.sig`. One key is OpenSSL's, to show the file formats are the usual ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_run_only_when_signed_by_a_trusted_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let (trusted, trusted_pub) = (d.join("k1.pem"), d.join("k1.pub.pem"));
+    run(std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ed25519", "-out"])
+        .arg(&trusted));
+    run(std::process::Command::new("openssl")
+        .arg("pkey")
+        .arg("-in")
+        .arg(&trusted)
+        .arg("-pubout")
+        .arg("-out")
+        .arg(&trusted_pub));
+    let keyed = ControlProcess::start_with(
+        &d.join("keyed"),
+        &["--module-trusted-key", trusted_pub.to_str().unwrap()],
+    )
+    .await;
+    let (code, untrusted_id, err) =
+        keyed.weftctl(&["module", "keygen", "--out", d.join("k2").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(untrusted_id.starts_with("ed25519:"), "{untrusted_id}");
+    let untrusted = d.join("k2.pem");
+    let module = guest_filter("compat_basic");
+    let push = |control: &ControlProcess, key: Option<&std::path::Path>| {
+        let mut args = vec![
+            "module".to_owned(),
+            "push".to_owned(),
+            module.display().to_string(),
+            "--name".to_owned(),
+            "basic".to_owned(),
+        ];
+        if let Some(k) = key {
+            args.extend(["--sign".to_owned(), k.display().to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        control.weftctl(&args)
+    };
+
+    // The control service with a trusted key: unsigned and wrongly signed modules are refused.
+    let (code, _, err) = push(&keyed, None);
+    assert_eq!(code, 1);
+    assert!(err.contains("not signed"), "{err}");
+    let (code, _, err) = push(&keyed, Some(&untrusted));
+    assert_eq!(code, 1);
+    assert!(err.contains("not a trusted key"), "{err}");
+    assert!(err.contains(untrusted_id.trim()), "{err}");
+    let (code, out, err) = push(&keyed, Some(&trusted));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ed25519:"), "the table names the key: {out}");
+    let (_, out, _) = keyed.weftctl(&["module", "ls", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        listed[0]["verified_by"]
+            .as_str()
+            .is_some_and(|k| k.starts_with("ed25519:")),
+        "{listed}"
+    );
+
+    // A proxy with the key runs the signed module.
+    let up = Upstream::start("svc").await;
+    let boot = bootstrap(&[up.address()]);
+    let key_args = |control: &ControlProcess, id: &str| {
+        let mut args = control.proxy_args(id, &["app=s1"], &d.join(id));
+        args.extend([
+            "--module-trusted-key".to_owned(),
+            trusted_pub.display().to_string(),
+        ]);
+        args
+    };
+    let p1 =
+        ProxyProcess::start_args(&boot, 1, &key_args(&keyed, "p1"), free_port(), free_port()).await;
+    apply(&keyed, &basic_chain("s1", "{ greeting: signed }"));
+    let (code, out, err) = keyed.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", p1.log());
+    assert_eq!(greeting_via(&p1).await, "signed");
+
+    // A control service without keys stores an unsigned module; the proxy refuses to run
+    // it (NACK naming why) and keeps serving what it had.
+    let open = ControlProcess::start(&d.join("open")).await;
+    let p2 =
+        ProxyProcess::start_args(&boot, 1, &key_args(&open, "p2"), free_port(), free_port()).await;
+    let (code, _, err) = push(&open, None);
+    assert_eq!(code, 0, "{err}");
+    apply(&open, &basic_chain("s1", "{ greeting: unsigned }"));
+    let (code, out, err) = open.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let st = proxy_status(&open, "p2");
+    let nack = st["nack_error"].as_str().unwrap_or_default().to_owned();
+    assert!(nack.contains("not signed"), "{st}");
+    assert_eq!(greeting_via(&p2).await, "");
+    // The same bytes pushed again signed: the proxy fetches the signature and runs them.
+    let (code, _, err) = push(&open, Some(&trusted));
+    assert_eq!(code, 0, "{err}");
+    apply(&open, &basic_chain("s1", "{ greeting: now-signed }"));
+    let (code, out, err) = open.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", p2.log());
+    assert_eq!(greeting_via(&p2).await, "now-signed");
+
+    // A module file on disk: refused at startup without its `.sig`, run with it.
+    let local = d.join("basic.wasm");
+    std::fs::copy(&module, &local).unwrap();
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter("basic", &local, "{ greeting: local }")],
+        &[crate::cluster("svc", &[up.address()], "")],
+    );
+    let keys = vec![
+        "--module-trusted-key".to_owned(),
+        trusted_pub.display().to_string(),
+    ];
+    let err = ProxyProcess::try_start_args(&yaml, 1, &keys, free_port(), free_port())
+        .await
+        .err()
+        .expect("an unsigned local module ran");
+    assert!(
+        err.contains("not signed") && err.contains("basic.wasm"),
+        "{err}"
+    );
+    let (code, _, err) = open.weftctl(&[
+        "module",
+        "sign",
+        local.to_str().unwrap(),
+        "--key",
+        untrusted.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let err = ProxyProcess::try_start_args(&yaml, 1, &keys, free_port(), free_port())
+        .await
+        .err()
+        .expect("a module signed by an untrusted key ran");
+    assert!(err.contains("not a trusted key"), "{err}");
+    let (code, _, err) = open.weftctl(&[
+        "module",
+        "sign",
+        local.to_str().unwrap(),
+        "--key",
+        trusted.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let p3 = ProxyProcess::start_args(&yaml, 1, &keys, free_port(), free_port()).await;
+    assert_eq!(greeting_via(&p3).await, "local");
+    // A trusted-key file that is not a public key stops the proxy, naming it.
+    let bad = vec![
+        "--module-trusted-key".to_owned(),
+        trusted.display().to_string(),
+    ];
+    let err = ProxyProcess::try_start_args(&yaml, 1, &bad, free_port(), free_port())
+        .await
+        .err()
+        .expect("a private key taken as a trusted public key");
+    assert!(
+        err.contains("k1.pem") && err.contains("exit status: 2"),
+        "{err}"
+    );
 }

@@ -300,6 +300,7 @@ async fn main() {
     let push = tokio_stream::iter([v1::PushChunk {
         name: "basic".into(),
         data: bytes,
+        signature: String::new(),
     }]);
     modules.push(push).await.expect("push module");
     let upstream = origin().await;

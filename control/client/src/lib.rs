@@ -16,6 +16,8 @@
 //! # drop(channel); Ok(()) }
 //! ```
 
+pub mod signing;
+
 use std::path::Path;
 use std::time::Duration;
 

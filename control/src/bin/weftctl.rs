@@ -18,6 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
+use weft_client::signing::SigningKey;
 use weft_client::{AuthChannel, Bearer};
 use weft_control::manifest;
 use weft_proto::v1::config_client::ConfigClient;
@@ -218,6 +219,27 @@ enum ModuleCommand {
         /// The module's name [default: the file name without its extension]
         #[arg(long)]
         name: Option<String>,
+        /// Sign the module with this ed25519 private key (PEM, PKCS#8: `weftctl module
+        /// keygen` or `openssl genpkey -algorithm ed25519`); a control service with trusted
+        /// keys refuses unsigned modules, and proxies with trusted keys check again.
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+    },
+    /// Sign a module file for proxies that load it from disk: writes `<file>.sig` beside it
+    /// (and prints the signature).
+    Sign {
+        /// The module file.
+        file: PathBuf,
+        /// The ed25519 private key (PEM, PKCS#8).
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+    },
+    /// Make an ed25519 key pair for signing modules: `<out>.pem` (private, mode 0600) and
+    /// `<out>.pub.pem` (public: give it to `--module-trusted-key`); prints the key id.
+    Keygen {
+        /// Path and name of the files, without extension.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
     },
     /// List the stored modules.
     #[command(alias = "list")]
@@ -351,8 +373,52 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let server = Server::from_cli(&cli)?;
     let output = cli.output;
     match cli.command {
-        Command::Module(ModuleCommand::Push { file, name }) => {
-            push_module(&server, &file, name, output).await
+        Command::Module(ModuleCommand::Push { file, name, sign }) => {
+            push_module(&server, &file, name, sign.as_deref(), output).await
+        }
+        Command::Module(ModuleCommand::Sign { file, key }) => {
+            let key = SigningKey::from_file(&key).map_err(|e| anyhow!(e))?;
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let line = key.sign(&bytes).to_line();
+            let sig = weft_client::signing::sig_path(&file);
+            std::fs::write(&sig, format!("{line}\n"))
+                .with_context(|| format!("cannot write {}", sig.display()))?;
+            eprintln!(
+                "signed {} with {}: {}",
+                file.display(),
+                key.key_id(),
+                sig.display()
+            );
+            println!("{line}");
+            Ok(())
+        }
+        Command::Module(ModuleCommand::Keygen { out }) => {
+            use std::io::Write as _;
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let (private, public, id) = SigningKey::generate().map_err(|e| anyhow!(e))?;
+            let with = |ext: &str| {
+                let mut p = out.as_os_str().to_owned();
+                p.push(ext);
+                PathBuf::from(p)
+            };
+            let (key_file, pub_file) = (with(".pem"), with(".pub.pem"));
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&key_file)
+                .and_then(|mut f| f.write_all(private.as_bytes()))
+                .with_context(|| format!("cannot write {}", key_file.display()))?;
+            std::fs::write(&pub_file, public)
+                .with_context(|| format!("cannot write {}", pub_file.display()))?;
+            eprintln!(
+                "private key {}, public key {}",
+                key_file.display(),
+                pub_file.display()
+            );
+            println!("{id}");
+            Ok(())
         }
         Command::Module(ModuleCommand::Ls) => list_modules(&server, output).await,
         Command::Module(ModuleCommand::Get { module, file }) => {
@@ -494,8 +560,13 @@ async fn push_module(
     server: &Server,
     file: &Path,
     name: Option<String>,
+    sign: Option<&Path>,
     output: Output,
 ) -> anyhow::Result<()> {
+    let key = sign
+        .map(SigningKey::from_file)
+        .transpose()
+        .map_err(|e| anyhow!(e))?;
     let name = match name {
         Some(name) => name,
         None => file
@@ -511,11 +582,20 @@ async fn push_module(
         .map(|data| PushChunk {
             name: String::new(),
             data: data.to_vec(),
+            signature: String::new(),
         })
         .collect();
+    let signature = key.map(|k| k.sign(&bytes).to_line()).unwrap_or_default();
     match chunks.first_mut() {
-        Some(first) => first.name = name,
-        None => chunks.push(PushChunk { name, data: vec![] }),
+        Some(first) => {
+            first.name = name;
+            first.signature = signature;
+        }
+        None => chunks.push(PushChunk {
+            name,
+            data: vec![],
+            signature,
+        }),
     }
     let module = ModulesClient::new(server.connect().await?)
         .push(tokio_stream::iter(chunks))
@@ -1152,13 +1232,21 @@ fn print_modules(modules: &[Module]) {
                 m.digest.clone(),
                 human_size(m.size),
                 m.abi_version.clone(),
+                match (m.verified_by.as_str(), m.signature.as_str()) {
+                    ("", "") => "-".to_owned(),
+                    ("", sig) => format!(
+                        "{} (unverified)",
+                        sig.split_whitespace().nth(1).unwrap_or("?")
+                    ),
+                    (key, _) => key.to_owned(),
+                },
                 ago(m.created_ms),
             ]
         })
         .collect();
     print_table(
         "modules",
-        ["NAME", "DIGEST", "SIZE", "ABI", "CREATED"],
+        ["NAME", "DIGEST", "SIZE", "ABI", "SIGNED BY", "CREATED"],
         rows,
     );
 }
@@ -1372,6 +1460,8 @@ fn module_view(module: &Module) -> Value {
         "size": module.size,
         "abi_version": module.abi_version,
         "created_ms": module.created_ms,
+        "signature": module.signature,
+        "verified_by": module.verified_by,
     })
 }
 

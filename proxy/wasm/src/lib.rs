@@ -76,6 +76,8 @@ pub struct WasmHost {
     runtime: std::sync::OnceLock<WasmRuntime>,
     /// Held while the runtime is created, so that it is created once.
     starting: std::sync::Mutex<()>,
+    /// Keys every module must be signed by (none: no signature needed).
+    module_keys: weft_client::signing::TrustedKeys,
 }
 
 impl WasmHost {
@@ -87,7 +89,16 @@ impl WasmHost {
             cache_dir,
             runtime: std::sync::OnceLock::new(),
             starting: std::sync::Mutex::new(()),
+            module_keys: Default::default(),
         }
+    }
+
+    /// Runs only modules signed by one of `keys` (their `<module>.sig` beside them, which
+    /// a proxy following a control service writes with each module it fetches): a module
+    /// without a good signature fails its chain, naming the module.
+    pub fn with_module_keys(mut self, keys: weft_client::signing::TrustedKeys) -> Self {
+        self.module_keys = keys;
+        self
     }
 
     /// The runtime, created on first use.
@@ -102,7 +113,8 @@ impl WasmHost {
         if let Some(rt) = self.runtime.get() {
             return Ok(rt);
         }
-        let rt = WasmRuntime::new(self.cache_dir.clone())?;
+        let mut rt = WasmRuntime::new(self.cache_dir.clone())?;
+        rt.module_keys = self.module_keys.clone();
         Ok(self.runtime.get_or_init(|| rt))
     }
 }

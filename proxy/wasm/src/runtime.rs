@@ -30,6 +30,8 @@ pub struct WasmRuntime {
     cache: ModuleCache,
     /// Stops the epoch ticker thread when the runtime is dropped.
     ticker_stop: Arc<AtomicBool>,
+    /// Keys every module must be signed by (none: no signature needed).
+    pub(crate) module_keys: weft_client::signing::TrustedKeys,
 }
 
 impl Drop for WasmRuntime {
@@ -90,6 +92,7 @@ impl WasmRuntime {
             linker,
             cache,
             ticker_stop,
+            module_keys: Default::default(),
         })
     }
 
@@ -114,6 +117,14 @@ impl WasmRuntime {
                 message,
             };
             let bytes = std::fs::read(&f.module).map_err(|e| err(format!("cannot read: {e}")))?;
+            // The bytes that run are the bytes checked.
+            if !self.module_keys.is_empty() {
+                let signature = weft_client::signing::ModuleSignature::beside(&f.module)
+                    .map_err(|e| err(format!("its signature: {e}")))?;
+                self.module_keys
+                    .verify(&bytes, signature.as_ref())
+                    .map_err(err)?;
+            }
             let mut spec = self
                 .filter_spec(f, &bytes, &clusters, metrics)
                 .map_err(err)?;

@@ -46,6 +46,9 @@ pub struct ControlOptions {
     pub token: Option<String>,
     /// The CA an `https://` control service's certificate chains to.
     pub ca_file: Option<PathBuf>,
+    /// Whether modules must be signed (the proxy has trusted keys): a module kept without
+    /// its signature is fetched again, with it.
+    pub signed_modules: bool,
 }
 
 impl ControlOptions {
@@ -194,7 +197,7 @@ async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> 
         let kept = msg.clone();
         let result = async {
             let snap = ControlSnapshot::try_from(msg)?;
-            fetch_modules(&mut modules, &snap, &dir).await?;
+            fetch_modules(&mut modules, &snap, &dir, opts.signed_modules).await?;
             reloader.lock().await.apply(snap).await
         }
         .await;
@@ -243,11 +246,14 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 /// Largest module fetched.
 const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
 
-/// Fetches the snapshot's modules this proxy does not have, verifying each digest.
+/// Fetches the snapshot's modules this proxy does not have (or, with `signed`, has without
+/// a signature), verifying each digest, and keeps each with its signature
+/// (`<module>.sig`), which the filter host checks before running it.
 async fn fetch_modules<S>(
     client: &mut v1::modules_client::ModulesClient<S>,
     snap: &ControlSnapshot,
     dir: &StateDir,
+    signed: bool,
 ) -> Result<(), String>
 where
     S: tonic::client::GrpcService<tonic::body::Body>,
@@ -261,7 +267,8 @@ where
         .flat_map(|c| c.filters.iter().map(|f| f.digest.as_str()))
         .collect();
     for digest in digests {
-        if dir.has_module(digest) {
+        let sig_path = weft_client::signing::sig_path(&dir.module_path(digest));
+        if dir.has_module(digest) && (!signed || sig_path.exists()) {
             continue;
         }
         let started = Instant::now();
@@ -272,7 +279,7 @@ where
             .await
             .map_err(|s| format!("module {digest}: {}", s.message()))?
             .into_inner();
-        let mut bytes = Vec::new();
+        let (mut bytes, mut signature) = (Vec::new(), String::new());
         while let Some(chunk) = stream
             .message()
             .await
@@ -282,6 +289,9 @@ where
                 return Err(format!("module {digest}: larger than 64 MiB"));
             }
             bytes.extend_from_slice(&chunk.data);
+            if signature.is_empty() {
+                signature = chunk.signature;
+            }
         }
         let got = digest_of(&bytes);
         if got != digest {
@@ -293,6 +303,10 @@ where
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
                 .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        if !signature.is_empty() {
+            write_atomic(&sig_path, format!("{signature}\n").as_bytes())
+                .map_err(|e| format!("cannot write {}: {e}", sig_path.display()))?;
         }
         write_atomic(&path, &bytes).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         tracing::info!(
