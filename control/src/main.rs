@@ -45,6 +45,10 @@ struct Args {
     /// address's IP, `localhost` and `127.0.0.1` are always in it.
     #[arg(long = "tls-name", requires = "tls")]
     tls_names: Vec<String>,
+    /// Listen beyond loopback without TLS all the same (join tokens, CSRs and the bearer
+    /// token then travel in clear): without it, a non-loopback `--listen` needs `--tls`.
+    #[arg(long, conflicts_with = "tls")]
+    plaintext: bool,
     /// A public key (PEM, ed25519) whose module signatures are trusted, repeatable; with
     /// any, a module pushed without a signature by one of them is refused
     /// (`weftctl module push --sign KEY`).
@@ -109,9 +113,17 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(names)
     } else {
         if !args.listen.ip().is_loopback() {
+            if !args.plaintext {
+                return Err(format!(
+                    "--listen {} is beyond loopback: serve it with --tls (join tokens, CSRs \
+                     and the bearer token travel on this channel), or say --plaintext",
+                    args.listen
+                )
+                .into());
+            }
             tracing::warn!(
                 listen = %args.listen,
-                "the control service listens beyond loopback without TLS: join tokens, CSRs and the bearer token travel in clear; start it with --tls"
+                "the control service listens beyond loopback without TLS (--plaintext): join tokens, CSRs and the bearer token travel in clear"
             );
         }
         None

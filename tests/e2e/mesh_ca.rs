@@ -47,7 +47,9 @@ clusters:
     )
 }
 
-/// The outbound sidecar calling `to` over mesh mTLS, expecting it to be B.
+/// The outbound sidecar calling `to` over mesh mTLS, expecting it to be B. The connect
+/// timeout (TCP and handshake) is 5 s: a test machine running other tests beside these can
+/// stall a handshake past the default second, while a refused certificate fails at once.
 fn outbound(token: &Path, to: std::net::SocketAddr) -> String {
     format!(
         "admin: {{ address: \"{{admin}}\" }}
@@ -60,6 +62,7 @@ clusters:
   - name: b
     endpoints: [ {{ address: \"{to}\", identity: \"{B_ID}\" }} ]
     tls: {{ mode: mesh }}
+    connect_timeout_ms: 5000
 ",
         token.display()
     )
@@ -616,6 +619,21 @@ async fn the_control_channel_runs_over_tls_and_https_is_never_plaintext() {
     let (code, err) = weftctl_raw(&["--server", &https, "--ca-file", &stranger, "module", "ls"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("cannot reach the control service"), "{err}");
+    assert!(err.contains("UnknownIssuer"), "the cause is named: {err}");
+
+    // Beyond loopback, plaintext only when asked for by name.
+    let out = std::process::Command::new(workspace_bin("weft-control"))
+        .arg("--data-dir")
+        .arg(d.join("beyond"))
+        .args(["--listen", &format!("0.0.0.0:{}", free_port())])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("is beyond loopback: serve it with --tls"),
+        "{err}"
+    );
 
     // Proxies follow it over TLS and get their identities through it.
     let app = Upstream::start("app").await;
