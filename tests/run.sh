@@ -6,10 +6,14 @@ cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "tests: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 
-# The TLS tests probe the proxy with curl (client certificates, SNI).
-if ! command -v curl >/dev/null; then
+# The TLS tests probe the proxy with curl (client certificates, SNI); the DNS discovery
+# tests run a real DNS server, dnsmasq, on loopback.
+missing=()
+command -v curl >/dev/null || missing+=(curl)
+command -v dnsmasq >/dev/null || [[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)
+if (( ${#missing[@]} )); then
   SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # The end-to-end tests start the binaries and load guest filters, so build them first:

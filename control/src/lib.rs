@@ -26,6 +26,7 @@
 //! ```
 
 pub mod ca;
+pub mod dns;
 pub mod identity;
 pub mod manifest;
 pub mod model;

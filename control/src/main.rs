@@ -54,6 +54,10 @@ struct Args {
     /// (`weftctl module push --sign KEY`).
     #[arg(long = "module-trusted-key", value_name = "FILE")]
     module_trusted_keys: Vec<PathBuf>,
+    /// A DNS server (`ip:port`) that resolves clusters' `dns` names, repeatable; without
+    /// one, the system's (`/etc/resolv.conf`).
+    #[arg(long = "dns-server", value_name = "ADDR")]
+    dns_servers: Vec<std::net::SocketAddr>,
     /// Log filter (`info`, `debug`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -165,6 +169,8 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             None => None,
         };
         tokio::spawn(weft_control::identity::drive_rotation(ca));
+        let dns = weft_control::dns::DnsDiscovery::new(&args.dns_servers)?;
+        tokio::spawn(dns.run(state.clone()));
         weft_control::serve(state, identity, listener, tls, token, shutdown).await?;
         Ok(())
     })

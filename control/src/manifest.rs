@@ -187,6 +187,8 @@ struct ClusterInput {
     endpoints: Vec<EndpointDocument>,
     #[serde(default)]
     service: String,
+    #[serde(default)]
+    dns: String,
 }
 
 /// A filter of a chain, as written in a manifest.
@@ -281,6 +283,7 @@ fn cluster(document: InputDocument<ClusterInput>) -> Resource {
     let spec = Spec::Cluster(ClusterSpec {
         endpoints: spec.endpoints.into_iter().map(Endpoint::from).collect(),
         service: spec.service,
+        dns: spec.dns,
     });
     resource("Cluster", document.name, document.selector, spec)
 }
@@ -364,6 +367,8 @@ enum OutputSpec<'a> {
         endpoints: Vec<EndpointDocument>,
         #[serde(skip_serializing_if = "str::is_empty")]
         service: &'a str,
+        #[serde(skip_serializing_if = "str::is_empty")]
+        dns: &'a str,
     },
 }
 
@@ -386,6 +391,7 @@ impl<'a> From<&'a Resource> for OutputDocument<'a> {
                     })
                     .collect(),
                 service: &cluster.service,
+                dns: &cluster.dns,
             },
             Spec::FilterConfig(filter_config) => OutputSpec::FilterConfig {
                 config: config_value(&filter_config.config_json).unwrap_or(serde_json::Value::Null),
@@ -569,7 +575,8 @@ name: empty
 
         let e = error("kind: Cluster\nname: b\nspec: {listener: x}\n");
         assert!(
-            e.message.contains("expected `endpoints` or `service`"),
+            e.message
+                .contains("expected one of `endpoints`, `service`, `dns`"),
             "{e}"
         );
 

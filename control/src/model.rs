@@ -121,6 +121,9 @@ pub struct ClusterSpec {
     /// Registry service whose live instances are added.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub service: String,
+    /// DNS name whose addresses are added (`name:port` or an SRV name).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dns: String,
 }
 
 /// A filter configuration of its own.
@@ -331,6 +334,7 @@ mod tests {
             spec: Spec::Cluster(ClusterSpec {
                 endpoints: vec![],
                 service: String::new(),
+                dns: String::new(),
             }),
         };
         let mut labels: Labels = [("app".to_string(), "s2".to_string())].into();

@@ -106,6 +106,7 @@ pub fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                 })
                 .collect(),
             service: c.service,
+            dns: c.dns,
         }),
         Some(v1::resource::Spec::FilterConfig(c)) => Spec::FilterConfig(FilterConfigSpec {
             config: if c.config_json.trim().is_empty() {
@@ -174,6 +175,7 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
         Spec::Cluster(c) => v1::resource::Spec::Cluster(v1::ClusterSpec {
             endpoints: c.endpoints.iter().map(endpoint_msg).collect(),
             service: c.service,
+            dns: c.dns,
         }),
         Spec::FilterConfig(c) => v1::resource::Spec::FilterConfig(v1::FilterConfigSpec {
             config_json: config_json(&c.config),

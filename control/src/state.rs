@@ -104,6 +104,8 @@ pub struct ControlState {
     /// Keys a module must be signed by to be stored (none: signatures are kept, not
     /// required).
     module_keys: TrustedKeys,
+    /// What the `dns` names of clusters resolve to now (`dns.rs` keeps it).
+    dns: Mutex<BTreeMap<String, Vec<Endpoint>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -146,7 +148,48 @@ impl ControlState {
             changes: watch::channel(0).0,
             streams: 0.into(),
             module_keys: TrustedKeys::default(),
+            dns: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// The `dns` names of the Cluster resources.
+    pub fn dns_names(&self) -> std::collections::BTreeSet<String> {
+        lock(&self.config)
+            .resources
+            .values()
+            .filter_map(|r| match &r.spec {
+                Spec::Cluster(c) if !c.dns.is_empty() => Some(c.dns.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Records what DNS name `name` resolves to; proxies get new snapshots if it changed.
+    pub fn set_dns_endpoints(&self, name: &str, mut endpoints: Vec<Endpoint>) {
+        endpoints.sort();
+        endpoints.dedup();
+        let changed = {
+            let mut dns = lock(&self.dns);
+            if dns.get(name) == Some(&endpoints) {
+                false
+            } else {
+                tracing::info!(
+                    name,
+                    endpoints = ?endpoints.iter().map(|e| e.address.as_str()).collect::<Vec<_>>(),
+                    "DNS answer changed"
+                );
+                dns.insert(name.to_owned(), endpoints);
+                true
+            }
+        };
+        if changed {
+            self.changed();
+        }
+    }
+
+    /// Forgets the DNS names no cluster names any more.
+    pub fn retain_dns(&self, wanted: &std::collections::BTreeSet<String>) {
+        lock(&self.dns).retain(|name, _| wanted.contains(name));
     }
 
     /// Requires every module pushed from now on to be signed by one of `keys`.
@@ -335,8 +378,14 @@ impl ControlState {
                 }
             }
             (Spec::Cluster(c), Kind::Cluster) => {
-                if c.endpoints.is_empty() && c.service.is_empty() {
-                    return Err(invalid("spec needs endpoints, a service, or both".into()));
+                if c.endpoints.is_empty() && c.service.is_empty() && c.dns.is_empty() {
+                    return Err(invalid(
+                        "spec needs endpoints, a service or a dns name".into(),
+                    ));
+                }
+                if !c.dns.is_empty() {
+                    crate::dns::DnsTarget::parse(&c.dns)
+                        .map_err(|m| invalid(format!("dns: {m}")))?;
                 }
                 for e in &mut c.endpoints {
                     check_address(&e.address).map_err(|m| invalid(format!("endpoint: {m}")))?;
@@ -565,27 +614,40 @@ impl ControlState {
         } else {
             Vec::new()
         };
+        let dns = lock(&self.dns);
         let clusters = clusters
             .into_iter()
-            .map(|(name, ClusterSpec { endpoints, service })| {
-                let mut eps: Vec<Endpoint> = endpoints;
-                eps.extend(
-                    instances
-                        .iter()
-                        .filter(|i| !service.is_empty() && i.service == service)
-                        .map(|i| Endpoint {
-                            address: i.address.clone(),
-                            weight: i.weight,
-                            identity: i.identity.clone(),
-                        }),
-                );
-                eps.sort();
-                eps.dedup_by(|a, b| a.address == b.address);
-                SnapshotCluster {
+            .map(
+                |(
                     name,
-                    endpoints: eps,
-                }
-            })
+                    ClusterSpec {
+                        endpoints,
+                        service,
+                        dns: dns_name,
+                    },
+                )| {
+                    let mut eps: Vec<Endpoint> = endpoints;
+                    if let Some(resolved) = dns.get(&dns_name) {
+                        eps.extend(resolved.iter().cloned());
+                    }
+                    eps.extend(
+                        instances
+                            .iter()
+                            .filter(|i| !service.is_empty() && i.service == service)
+                            .map(|i| Endpoint {
+                                address: i.address.clone(),
+                                weight: i.weight,
+                                identity: i.identity.clone(),
+                            }),
+                    );
+                    eps.sort();
+                    eps.dedup_by(|a, b| a.address == b.address);
+                    SnapshotCluster {
+                        name,
+                        endpoints: eps,
+                    }
+                },
+            )
             .collect();
         Snapshot::new(version, chains, clusters)
     }
@@ -834,6 +896,7 @@ mod tests {
             spec: Spec::Cluster(ClusterSpec {
                 endpoints: vec![],
                 service: "svc".into(),
+                dns: String::new(),
             }),
         };
         s.apply(vec![cluster], false).expect("apply");

@@ -6,6 +6,7 @@ mod admin;
 mod bad_input;
 mod cancellation;
 mod control;
+mod dns;
 mod drain;
 mod fault;
 mod lb;

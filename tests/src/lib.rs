@@ -680,6 +680,11 @@ impl Upstream {
         Self::start_on(name, any, Arc::default(), delay).await
     }
 
+    /// Starts on `addr` (another loopback address, a fixed port).
+    pub async fn start_at(name: &str, addr: SocketAddr) -> Upstream {
+        Self::start_on(name, addr, Arc::default(), Duration::ZERO).await
+    }
+
     async fn start_on(
         name: &str,
         addr: SocketAddr,

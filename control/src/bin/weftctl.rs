@@ -1346,12 +1346,13 @@ fn print_clusters(resources: &[Resource]) {
                 r.name.clone(),
                 or_none(endpoints.join(",")),
                 or_none(cluster.service.clone()),
+                or_none(cluster.dns.clone()),
                 labels_text(&r.selector),
                 r.version.to_string(),
             ]
         })
         .collect();
-    let header = ["NAME", "ENDPOINTS", "SERVICE", "SELECTOR", "VERSION"];
+    let header = ["NAME", "ENDPOINTS", "SERVICE", "DNS", "SELECTOR", "VERSION"];
     print_table("clusters", header, rows);
 }
 
