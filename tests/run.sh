@@ -7,10 +7,11 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "tests: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 
 # The TLS tests probe the proxy with curl (client certificates, SNI); the DNS discovery
-# tests run a real DNS server, dnsmasq, on loopback.
+# tests run a real DNS server, dnsmasq, on loopback; the store tests a real etcd.
 missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v dnsmasq >/dev/null || [[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)
+command -v etcd >/dev/null || missing+=(etcd-server)
 if (( ${#missing[@]} )); then
   SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -27,6 +27,7 @@
 
 pub mod ca;
 pub mod dns;
+pub mod etcd;
 pub mod identity;
 pub mod manifest;
 pub mod model;

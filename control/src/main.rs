@@ -11,9 +11,14 @@ use weft_control::{ControlState, EmbeddedRegistry, RedbStore, Store};
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Directory of the embedded database (created if missing).
+    /// Directory of the embedded database (created if missing), and of the mesh CA's files.
     #[arg(long, default_value = "weft-control-data")]
     data_dir: PathBuf,
+    /// Keep modules, resources, registered instances and join tokens in etcd instead of
+    /// the data dir: `etcd://host:2379[,host:2379...][/prefix]` (default prefix `/weft`).
+    /// One control service per prefix.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
     /// Address of the gRPC endpoint.
     #[arg(long, default_value = weft_control::service::DEFAULT_LISTEN)]
     listen: std::net::SocketAddr,
@@ -92,7 +97,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => std::env::var("WEFT_CONTROL_TOKEN").ok(),
     }
     .filter(|t| !t.is_empty());
-    let store: Arc<dyn Store> = Arc::new(RedbStore::open(&args.data_dir)?);
+    let store: Arc<dyn Store> = match &args.store {
+        Some(url) => {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            let holder = format!("{} {} pid {}", host.trim(), args.listen, std::process::id());
+            Arc::new(weft_control::etcd::EtcdStore::open(url, &holder)?)
+        }
+        None => Arc::new(RedbStore::open(&args.data_dir)?),
+    };
     let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
     let module_keys = weft_client::signing::TrustedKeys::from_files(&args.module_trusted_keys)?;
     if !module_keys.is_empty() {

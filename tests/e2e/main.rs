@@ -8,6 +8,7 @@ mod cancellation;
 mod control;
 mod dns;
 mod drain;
+mod etcd;
 mod fault;
 mod lb;
 mod limits;

@@ -105,6 +105,27 @@ impl ControlProcess {
         token: Option<&str>,
         args: &[&str],
     ) -> ControlProcess {
+        match Self::try_start_full(data_dir, port, token, args).await {
+            Ok(p) => p,
+            Err(log) => panic!("weft-control exited at startup:\n{log}"),
+        }
+    }
+
+    /// Starts it on a free port with extra arguments, or its log if it exits at startup.
+    pub async fn try_start(
+        data_dir: &std::path::Path,
+        args: &[&str],
+    ) -> Result<ControlProcess, String> {
+        Self::try_start_full(data_dir, free_port(), None, args).await
+    }
+
+    /// [`ControlProcess::start_full`], or its log if it exits at startup.
+    pub async fn try_start_full(
+        data_dir: &std::path::Path,
+        port: u16,
+        token: Option<&str>,
+        args: &[&str],
+    ) -> Result<ControlProcess, String> {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = data_dir.with_extension(format!("{port}.log"));
         let mut cmd = Command::new(workspace_bin("weft-control"));
@@ -129,10 +150,10 @@ impl ControlProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(Some(status)) = p.child.try_wait() {
-                panic!("weft-control exited at startup ({status}):\n{}", p.log());
+                return Err(format!("({status})\n{}", p.log()));
             }
             if TcpStream::connect(addr).await.is_ok() {
-                return p;
+                return Ok(p);
             }
             assert!(
                 Instant::now() < deadline,
@@ -928,5 +949,79 @@ impl hyper::body::Body for FramesBody {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
         std::task::Poll::Ready(self.0.next().map(Ok))
+    }
+}
+
+/// A real etcd member (Debian's etcd-server) on loopback ports of its own, with its data in
+/// `dir`; killed by PID when dropped.
+pub struct Etcd {
+    child: std::process::Child,
+    /// The client address (`127.0.0.1:port`).
+    pub client: SocketAddr,
+    log: PathBuf,
+}
+
+impl Etcd {
+    /// Starts a one-member cluster and waits until it answers.
+    pub async fn start(dir: &std::path::Path) -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        std::fs::create_dir_all(dir).expect("etcd dir");
+        let log = dir.join("etcd.log");
+        let child = Command::new("etcd")
+            .args(["--name", "n1", "--data-dir"])
+            .arg(dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("n1=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("etcd log"))
+            .spawn()
+            .expect("etcd (the test command installs it: apt-get install etcd-server)");
+        let mut e = Etcd {
+            child,
+            client: SocketAddr::from(([127, 0, 0, 1], client)),
+            log,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = e.child.try_wait() {
+                panic!("etcd exited ({status}):\n{}", e.log());
+            }
+            // Serving once its health endpoint says so.
+            if let Ok(g) = get(&h1_client(), &format!("http://{}/health", e.client)).await
+                && g.status == 200
+                && g.body.contains("true")
+            {
+                return e;
+            }
+            assert!(Instant::now() < deadline, "etcd not up:\n{}", e.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
