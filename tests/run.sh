@@ -12,6 +12,8 @@ missing=()
 command -v curl >/dev/null || missing+=(curl)
 command -v dnsmasq >/dev/null || [[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq-base)
 command -v etcd >/dev/null || missing+=(etcd-server)
+# etcd-client's build compiles etcd's API with protoc.
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 if (( ${#missing[@]} )); then
   SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

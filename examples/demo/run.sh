@@ -21,6 +21,12 @@ here=examples/demo
 
 command -v cargo >/dev/null || { echo "demo: needs a Rust toolchain (https://rustup.rs)" >&2; exit 1; }
 command -v curl >/dev/null || { echo "demo: needs curl" >&2; exit 1; }
+# weft-control's etcd client compiles etcd's API with protoc: install it if it is missing.
+if ! command -v protoc >/dev/null; then
+  SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
+  command -v apt-get >/dev/null || { echo "demo: needs protoc (protobuf-compiler)" >&2; exit 1; }
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq protobuf-compiler >/dev/null
+fi
 
 echo "== building weft-proxy, weft-control, weftctl, demo-service and the standard filters (wasm32-wasip1)"
 rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasip1
