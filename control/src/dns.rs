@@ -13,9 +13,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_resolver::config::{
-    ConnectionConfig, LookupIpStrategy, NameServerConfig, ResolverConfig,
-};
+use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
 use hickory_resolver::{Resolver, TokioResolver};
@@ -130,7 +128,6 @@ impl DnsDiscovery {
         };
         let opts = builder.options_mut();
         opts.cache_size = 0;
-        opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
         opts.timeout = Duration::from_secs(2);
         opts.attempts = 1;
         let resolver = builder
@@ -139,51 +136,89 @@ impl DnsDiscovery {
         Ok(Self { resolver })
     }
 
+    /// The addresses of `name` (A and AAAA records, asked apart so that a failure of one
+    /// is never taken for an empty answer of the other) and until when they hold; empty
+    /// when it has neither.
+    async fn addresses(&self, name: &str) -> Result<(Vec<IpAddr>, Option<Instant>), String> {
+        let (v4, v6) = tokio::join!(
+            self.resolver.ipv4_lookup(name),
+            self.resolver.ipv6_lookup(name)
+        );
+        let mut ips = Vec::new();
+        let mut until: Option<Instant> = None;
+        for answer in [v4, v6] {
+            match answer {
+                Ok(lookup) => {
+                    let t = Instant::from_std(lookup.valid_until());
+                    until = Some(until.map_or(t, |u| u.min(t)));
+                    ips.extend(lookup.answers().iter().filter_map(|r| match &r.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    }));
+                }
+                Err(e) if e.is_no_records_found() || e.is_nx_domain() => {}
+                Err(e) => return Err(format!("{name}: {e}")),
+            }
+        }
+        Ok((ips, until))
+    }
+
     /// The endpoints `target` resolves to now, and until when they hold. `Ok(None)`: the
     /// name has no records.
     async fn resolve(&self, target: &DnsTarget) -> Resolved {
-        let no_records =
-            |e: &hickory_resolver::net::NetError| e.is_no_records_found() || e.is_nx_domain();
         match target {
-            DnsTarget::Host { name, port } => match self.resolver.lookup_ip(name.as_str()).await {
-                Ok(ips) => {
-                    let until = Instant::from_std(ips.valid_until());
-                    let eps = ips
-                        .iter()
-                        .map(|ip| Endpoint {
-                            address: address(ip, *port),
-                            weight: 1,
-                            identity: String::new(),
-                        })
-                        .collect();
-                    Ok(Some((eps, until)))
-                }
-                Err(e) if no_records(&e) => Ok(None),
-                Err(e) => Err(e.to_string()),
-            },
+            DnsTarget::Host { name, port } => {
+                let (ips, until) = self.addresses(name).await?;
+                let Some(until) = until.filter(|_| !ips.is_empty()) else {
+                    return Ok(None);
+                };
+                let eps = ips
+                    .into_iter()
+                    .map(|ip| Endpoint {
+                        address: address(ip, *port),
+                        weight: 1,
+                        identity: String::new(),
+                    })
+                    .collect();
+                Ok(Some((eps, until)))
+            }
             DnsTarget::Srv { name } => {
                 let srv = match self.resolver.srv_lookup(name.as_str()).await {
                     Ok(srv) => srv,
-                    Err(e) if no_records(&e) => return Ok(None),
+                    Err(e) if e.is_no_records_found() || e.is_nx_domain() => return Ok(None),
                     Err(e) => return Err(e.to_string()),
                 };
                 let mut until = Instant::from_std(srv.valid_until());
                 let mut eps = Vec::new();
+                // Only the best (lowest) priority serves; the others are backups.
+                let best = srv
+                    .answers()
+                    .iter()
+                    .filter_map(|r| match &r.data {
+                        RData::SRV(s) => Some(s.priority),
+                        _ => None,
+                    })
+                    .min();
                 for record in srv.answers() {
                     let RData::SRV(s) = &record.data else {
                         continue;
                     };
-                    let ips = match self.resolver.lookup_ip(s.target.clone()).await {
-                        Ok(ips) => ips,
-                        Err(e) if no_records(&e) => continue,
-                        Err(e) => return Err(format!("{}: {e}", s.target)),
-                    };
-                    until = until.min(Instant::from_std(ips.valid_until()));
-                    eps.extend(ips.iter().map(|ip| Endpoint {
+                    if Some(s.priority) != best {
+                        continue;
+                    }
+                    let (ips, valid) = self.addresses(&s.target.to_string()).await?;
+                    if let Some(v) = valid {
+                        until = until.min(v);
+                    }
+                    eps.extend(ips.into_iter().map(|ip| Endpoint {
                         address: address(ip, s.port),
                         weight: u32::from(s.weight.max(1)),
                         identity: String::new(),
                     }));
+                }
+                if eps.is_empty() {
+                    return Ok(None);
                 }
                 Ok(Some((eps, until)))
             }
@@ -206,8 +241,19 @@ impl DnsDiscovery {
             tokio::select! {
                 _ = tick.tick() => {}
                 Some(done) = running.join_next() => {
-                    let Ok((name, result)) = done else { continue };
+                    let (name, result) = match done {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // A resolution that panicked: start over for every name.
+                            tracing::error!("DNS: a resolution failed: {e}");
+                            in_flight.clear();
+                            continue;
+                        }
+                    };
                     in_flight.remove(&name);
+                    if !due.contains_key(&name) {
+                        continue; // no cluster names it any more
+                    }
                     let now = Instant::now();
                     let backoff = due.get(&name).map(|d| d.1).unwrap_or(MIN_REFRESH);
                     let next = match result {
@@ -225,9 +271,7 @@ impl DnsDiscovery {
                             (now + backoff, (backoff * 2).min(MAX_BACKOFF))
                         }
                     };
-                    if due.contains_key(&name) {
-                        due.insert(name, next);
-                    }
+                    due.insert(name, next);
                     continue;
                 }
             }

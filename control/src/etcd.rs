@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 
-use crate::model::{Instance, Kind, ModuleRecord, Resource};
+use crate::model::{Endpoint, Instance, Kind, ModuleRecord, Resource};
 use crate::store::{Store, StoreError, TokenRecord};
 
 /// A key and its value.
@@ -454,6 +454,29 @@ impl Store for EtcdStore {
         let txn = Txn::new().and_then([TxnOp::put(
             self.key(&format!("tokens/{hash}")),
             json(record)?,
+            None,
+        )]);
+        self.txn(txn).map(drop)
+    }
+
+    fn dns_answers(&self) -> Result<Vec<(String, Vec<Endpoint>)>, StoreError> {
+        let base = self.key("dns/");
+        self.get_prefix("dns/")?
+            .iter()
+            .map(|(k, v)| {
+                let name = String::from_utf8_lossy(k);
+                Ok((
+                    name.strip_prefix(&base).unwrap_or(&name).to_owned(),
+                    parse(k, v)?,
+                ))
+            })
+            .collect()
+    }
+
+    fn put_dns_answer(&self, name: &str, endpoints: &[Endpoint]) -> Result<(), StoreError> {
+        let txn = Txn::new().and_then([TxnOp::put(
+            self.key(&format!("dns/{name}")),
+            json(&endpoints)?,
             None,
         )]);
         self.txn(txn).map(drop)

@@ -134,7 +134,6 @@ impl ControlState {
             .collect();
         let names = store.module_names()?.into_iter().collect();
         Ok(ControlState {
-            store,
             registry,
             config: Mutex::new(Config {
                 version,
@@ -148,7 +147,8 @@ impl ControlState {
             changes: watch::channel(0).0,
             streams: 0.into(),
             module_keys: TrustedKeys::default(),
-            dns: Mutex::new(BTreeMap::new()),
+            dns: Mutex::new(store.dns_answers()?.into_iter().collect()),
+            store,
         })
     }
 
@@ -178,11 +178,22 @@ impl ControlState {
                     endpoints = ?endpoints.iter().map(|e| e.address.as_str()).collect::<Vec<_>>(),
                     "DNS answer changed"
                 );
-                dns.insert(name.to_owned(), endpoints);
+                dns.insert(name.to_owned(), endpoints.clone());
                 true
             }
         };
         if changed {
+            // Kept, so that a restart while DNS is down starts from this answer.
+            let persist = || self.store.put_dns_answer(name, &endpoints);
+            let kept = match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(persist)
+                }
+                _ => persist(),
+            };
+            if let Err(e) = kept {
+                tracing::warn!(name, "DNS: cannot keep the answer in the store: {e}");
+            }
             self.changed();
         }
     }

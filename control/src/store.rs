@@ -8,7 +8,7 @@ use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::model::{Instance, Kind, ModuleRecord, Resource};
+use crate::model::{Endpoint, Instance, Kind, ModuleRecord, Resource};
 
 /// Why the store failed.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,11 @@ pub trait Store: Send + Sync + 'static {
     /// Redeems a join token, atomically: its record as it was (`used_ms` set if it had been
     /// redeemed before), now marked used at `now_ms`; `None` for an unknown token.
     fn redeem_token(&self, hash: &str, now_ms: u64) -> Result<Option<TokenRecord>, StoreError>;
+    /// The last answer kept for every DNS name (so that a restart while DNS is down does
+    /// not empty clusters).
+    fn dns_answers(&self) -> Result<Vec<(String, Vec<Endpoint>)>, StoreError>;
+    /// Keeps the last answer for DNS name `name`.
+    fn put_dns_answer(&self, name: &str, endpoints: &[Endpoint]) -> Result<(), StoreError>;
 }
 
 /// A join token as stored (the token itself is not: only its hash is the key).
@@ -71,6 +76,7 @@ const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources"
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const INSTANCES: TableDefinition<&str, &[u8]> = TableDefinition::new("instances");
 const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("join_tokens");
+const DNS: TableDefinition<&str, &[u8]> = TableDefinition::new("dns_answers");
 
 /// The embedded store: `<data-dir>/weft-control.redb`.
 pub struct RedbStore {
@@ -94,6 +100,7 @@ impl RedbStore {
             txn.open_table(META).map_err(err)?;
             txn.open_table(INSTANCES).map_err(err)?;
             txn.open_table(TOKENS).map_err(err)?;
+            txn.open_table(DNS).map_err(err)?;
         }
         txn.commit().map_err(err)?;
         Ok(RedbStore { db })
@@ -264,6 +271,29 @@ impl Store for RedbStore {
         self.write(|txn| {
             let mut t = txn.open_table(TOKENS).map_err(err)?;
             t.insert(hash, v.as_slice()).map_err(err)?;
+            Ok(())
+        })
+    }
+
+    fn dns_answers(&self) -> Result<Vec<(String, Vec<Endpoint>)>, StoreError> {
+        let txn = self.db.begin_read().map_err(err)?;
+        let t = txn.open_table(DNS).map_err(err)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(err)? {
+            let (k, v) = row.map_err(err)?;
+            out.push((
+                k.value().to_owned(),
+                serde_json::from_slice(v.value()).map_err(err)?,
+            ));
+        }
+        Ok(out)
+    }
+
+    fn put_dns_answer(&self, name: &str, endpoints: &[Endpoint]) -> Result<(), StoreError> {
+        let value = json(&endpoints)?;
+        self.write(|txn| {
+            let mut t = txn.open_table(DNS).map_err(err)?;
+            t.insert(name, value.as_slice()).map_err(err)?;
             Ok(())
         })
     }

@@ -241,6 +241,35 @@ async fn clusters_follow_a_dns_name_as_its_records_change() {
     for _ in 0..10 {
         assert_eq!(who(&proxy).await.0, 200);
     }
+    // The control service restarts while DNS is still down: it starts from the answer it
+    // kept, so the proxy (reconnected, resynced) keeps its endpoints.
+    let port_c = control.addr.port();
+    drop(control);
+    let control = ControlProcess::start_full(
+        &d.join("control"),
+        port_c,
+        None,
+        &["--dns-server", &dead.to_string()],
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, out, _) = control.weftctl(&["status", "-o", "json"]);
+        if out.contains("\"connected\": true") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not reconnect: {out}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "{out}{err}\n{}", proxy.log());
+    for _ in 0..20 {
+        assert_eq!(who(&proxy).await.0, 200, "{}", control.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // It comes back without the name: the cluster is emptied (503, no healthy upstream).
     std::fs::write(&hosts, "127.0.0.9 other.mesh.test\n").unwrap();
