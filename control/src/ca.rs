@@ -91,6 +91,33 @@ struct Roots {
     /// When the phase began, in seconds since the Unix epoch.
     #[serde(default)]
     since_unix: i64,
+    /// The longest certificate lifetime that may still be live, in seconds: the lifetime
+    /// of an earlier start when `--cert-ttl-seconds` was lowered since, so that rotation
+    /// steps wait for the certificates it signed.
+    #[serde(default)]
+    issued_ttl: u64,
+    /// Until when certificates of `issued_ttl` may be live (0: while it is the lifetime
+    /// configured now).
+    #[serde(default)]
+    issued_ttl_until: i64,
+}
+
+impl Roots {
+    /// Records that certificates of `ttl` seconds are signed from `now` on; whether the
+    /// state changed.
+    fn signing_with(&mut self, ttl: u64, now: i64) -> bool {
+        let before = (self.issued_ttl, self.issued_ttl_until);
+        if self.issued_ttl_until != 0 && now >= self.issued_ttl_until {
+            (self.issued_ttl, self.issued_ttl_until) = (0, 0);
+        }
+        if ttl >= self.issued_ttl {
+            (self.issued_ttl, self.issued_ttl_until) = (ttl, 0);
+        } else if self.issued_ttl_until == 0 {
+            // Lowered now: what the earlier lifetime signed lives until then at most.
+            self.issued_ttl_until = now + self.issued_ttl as i64;
+        }
+        before != (self.issued_ttl, self.issued_ttl_until)
+    }
 }
 
 impl Default for Roots {
@@ -100,6 +127,8 @@ impl Default for Roots {
             trusted: vec![1],
             phase: None,
             since_unix: 0,
+            issued_ttl: 0,
+            issued_ttl_until: 0,
         }
     }
 }
@@ -203,19 +232,23 @@ fn at(unix: i64) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp(unix).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// Writes `contents` to `path` (which must not exist), readable by the owner only.
+/// Writes `contents` to `path` at once (a temporary file renamed over it: a crash never
+/// leaves half a file), readable by the owner only.
 fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .mode(0o600)
-        .open(path)
-        .map_err(|e| file_err(path, e))?;
+        .open(&tmp)
+        .map_err(|e| file_err(&tmp, e))?;
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
-        .map_err(|e| file_err(path, e))
+        .map_err(|e| file_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| file_err(path, e))
 }
 
 /// Replaces `path` with `contents` at once (a temporary file renamed over it).
@@ -340,6 +373,21 @@ impl MeshCa {
                     }
                     Roots::default()
                 };
+                let mut state = state;
+                if state.signing_with(cert_ttl.as_secs(), unix_now()) {
+                    let json = serde_json::to_vec_pretty(&state)
+                        .map_err(|e| CaError::Refused(e.to_string()))?;
+                    replace_file(&state_file, &json)?;
+                }
+                // Keys of retired roots that a crash (or a failed delete) left behind go now.
+                let oldest = state.trusted.iter().copied().min().unwrap_or(1);
+                for generation in 1..oldest {
+                    let (_, key) = root_files(&dir, generation);
+                    if key.exists() {
+                        std::fs::remove_file(&key).map_err(|e| file_err(&key, e))?;
+                        tracing::warn!(key = %key.display(), "deleted the key of a retired root");
+                    }
+                }
                 let signer = Signer::load(&dir, state)?;
                 replace_file(&dir.join("bundle.pem"), pem_of(&signer.roots).as_bytes())?;
                 (signer, Some(dir))
@@ -476,8 +524,17 @@ impl MeshCa {
 
     /// How long each step of a rotation lasts: a certificate's lifetime and a margin, so
     /// that every live proxy renews (at about 70% of it) within the step.
+    /// The lifetime is the longest that may still be live: a `--cert-ttl-seconds` lowered
+    /// since an earlier start counts until the certificates of that start have expired.
     pub fn phase_length(&self) -> Duration {
-        self.cert_ttl + (self.cert_ttl / 5).max(Duration::from_secs(2))
+        let state = &self.signer.load().state;
+        let earlier = if state.issued_ttl_until == 0 || unix_now() < state.issued_ttl_until {
+            Duration::from_secs(state.issued_ttl)
+        } else {
+            Duration::ZERO
+        };
+        let ttl = self.cert_ttl.max(earlier);
+        ttl + (ttl / 5).max(Duration::from_secs(2))
     }
 
     /// Where the CA stands.
@@ -541,6 +598,7 @@ impl MeshCa {
                 trusted: vec![old, new],
                 phase: Some(Phase::Distributing),
                 since_unix: unix_now(),
+                ..current.state.clone()
             },
         )?;
         tracing::warn!(
@@ -577,6 +635,7 @@ impl MeshCa {
                         trusted: vec![old, new],
                         phase: Some(Phase::Switching),
                         since_unix: now_unix,
+                        ..state.clone()
                     },
                 )?;
                 tracing::warn!(
@@ -592,6 +651,7 @@ impl MeshCa {
                         trusted: vec![new],
                         phase: None,
                         since_unix: now_unix,
+                        ..state.clone()
                     },
                 )?;
                 // The retired root's certificate stays as a record; its key goes.
@@ -611,8 +671,9 @@ impl MeshCa {
         let signer = Signer::load(dir, state)?;
         let json = serde_json::to_vec_pretty(&signer.state)
             .map_err(|e| CaError::Refused(e.to_string()))?;
-        replace_file(&dir.join("state.json"), &json)?;
+        // The bundle first: a start after a crash here writes it again from the state.
         replace_file(&dir.join("bundle.pem"), pem_of(&signer.roots).as_bytes())?;
+        replace_file(&dir.join("state.json"), &json)?;
         let active = signer.state.active;
         self.signer.store(Arc::new(signer));
         self.active.send_replace(active);
@@ -863,6 +924,24 @@ mod tests {
         assert_eq!(ca.roots().len(), 1);
         ca.rotate().unwrap();
         assert!(dir.path().join("ca/root-3.pem").exists());
+    }
+
+    #[test]
+    fn a_lowered_lifetime_does_not_shorten_rotation_steps_while_longer_certificates_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |ttl| {
+            MeshCa::load_or_create(dir.path(), "weft.local", None, Duration::from_secs(ttl))
+                .unwrap()
+        };
+        assert_eq!(open(100).phase_length(), Duration::from_secs(120));
+        // Restarted with shorter certificates: those of 100 s may live 100 s more.
+        let ca = open(10);
+        assert_eq!(ca.phase_length(), Duration::from_secs(120));
+        // Again: the deadline is not pushed further.
+        let until = ca.signer.load().state.issued_ttl_until;
+        assert_eq!(open(10).signer.load().state.issued_ttl_until, until);
+        // Raised: the new lifetime counts.
+        assert_eq!(open(200).phase_length(), Duration::from_secs(240));
     }
 
     #[test]

@@ -111,7 +111,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tracing::info!(keys = ?module_keys.ids(), "modules must be signed by a trusted key");
     }
     let state =
-        Arc::new(ControlState::load(store.clone(), registry)?.with_module_keys(module_keys));
+        Arc::new(ControlState::load(store.clone(), registry)?.with_module_keys(module_keys)?);
     let ca = weft_control::MeshCa::load_or_create(
         &args.data_dir,
         &args.trust_domain,

@@ -90,6 +90,8 @@ struct Config {
 struct Modules {
     records: BTreeMap<String, ModuleRecord>,
     names: BTreeMap<String, String>,
+    /// Whether chains may only use modules verified with a trusted key.
+    signed_only: bool,
 }
 
 /// The shared state behind every gRPC service.
@@ -142,7 +144,11 @@ impl ControlState {
                     .map(|r| ((r.kind, r.name.clone()), r))
                     .collect(),
             }),
-            modules: Mutex::new(Modules { records, names }),
+            modules: Mutex::new(Modules {
+                records,
+                names,
+                signed_only: false,
+            }),
             proxies: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
             streams: 0.into(),
@@ -203,10 +209,35 @@ impl ControlState {
         lock(&self.dns).retain(|name, _| wanted.contains(name));
     }
 
-    /// Requires every module pushed from now on to be signed by one of `keys`.
-    pub fn with_module_keys(mut self, keys: TrustedKeys) -> Self {
-        self.module_keys = keys;
-        self
+    /// Requires every module pushed from now on to be signed by one of `keys`, and every
+    /// chain applied to use only such modules. The modules stored already are verified
+    /// again now, with these keys: those that fail stay stored (chains running them keep
+    /// running) but no chain can be applied with them, and each is named in the log.
+    pub fn with_module_keys(self, keys: TrustedKeys) -> Result<Self, ControlError> {
+        if keys.is_empty() {
+            return Ok(self);
+        }
+        {
+            let mut modules = lock(&self.modules);
+            modules.signed_only = true;
+            let digests: Vec<String> = modules.records.keys().cloned().collect();
+            for digest in digests {
+                let bytes = self.store.module_bytes(&digest)?.unwrap_or_default();
+                let record = modules.records.get_mut(&digest).expect("listed");
+                let signature = ModuleSignature::parse(&record.signature).ok();
+                match keys.verify(&bytes, signature.as_ref()) {
+                    Ok(key) => record.verified_by = key,
+                    Err(e) => {
+                        tracing::warn!(module = %record.name, %digest, "stored module not usable in new chains: {e}");
+                        record.verified_by.clear();
+                    }
+                }
+            }
+        }
+        Ok(ControlState {
+            module_keys: keys,
+            ..self
+        })
     }
 
     /// A receiver that sees a new value after every change that may alter a snapshot.
@@ -369,6 +400,18 @@ impl ControlState {
                             f.name
                         ))
                     })?;
+                    if modules.signed_only
+                        && modules
+                            .records
+                            .get(&f.module)
+                            .is_none_or(|m| m.verified_by.is_empty())
+                    {
+                        return Err(ControlError::Denied(format!(
+                            "{what}: filter `{}`: module {} is not signed by a trusted key; \
+                             push it with `weftctl module push --sign KEY`",
+                            f.name, f.module
+                        )));
+                    }
                     if !f.config_ref.is_empty() && !f.config.is_null() {
                         return Err(invalid(format!(
                             "filter `{}`: set `config` or `config_ref`, not both",

@@ -55,18 +55,25 @@ pub fn server_config(
     let follower = cert.clone();
     tokio::spawn(async move {
         while active.changed().await.is_ok() {
-            let generation = *active.borrow_and_update();
-            match issue(&ca, &names) {
-                Ok(c) => {
-                    follower.current.store(Arc::new(c));
-                    tracing::info!(
-                        generation,
-                        "control TLS certificate issued from the new signing root"
-                    );
+            // Until it works: after a rotation, clients may trust only the new root.
+            loop {
+                let generation = *active.borrow_and_update();
+                match issue(&ca, &names) {
+                    Ok(c) => {
+                        follower.current.store(Arc::new(c));
+                        tracing::info!(
+                            generation,
+                            "control TLS certificate issued from the new signing root"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::error!(
+                            "cannot issue the control TLS certificate from the new root (the old one is kept; tried again in 5 s): {e}"
+                        );
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                 }
-                Err(e) => tracing::error!(
-                    "cannot issue the control TLS certificate from the new root (the old one is kept): {e}"
-                ),
             }
         }
     });

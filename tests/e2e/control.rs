@@ -1074,6 +1074,39 @@ async fn modules_run_only_when_signed_by_a_trusted_key() {
     assert_eq!(code, 0, "{out}{err}\n{}", p2.log());
     assert_eq!(greeting_via(&p2).await, "now-signed");
 
+    // Keys given to a control service later: stored modules are verified again, and a
+    // chain can use only those that pass.
+    let unsigned = d.join("unsigned.wasm");
+    let mut bytes = std::fs::read(&module).unwrap();
+    bytes.extend_from_slice(&[0, 2, 1, b'x']); // an empty custom section: other bytes
+    std::fs::write(&unsigned, bytes).unwrap();
+    let (code, _, err) = open.weftctl(&[
+        "module",
+        "push",
+        unsigned.to_str().unwrap(),
+        "--name",
+        "other",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    drop(p2);
+    drop(open);
+    let open = ControlProcess::start_with(
+        &d.join("open"),
+        &["--module-trusted-key", trusted_pub.to_str().unwrap()],
+    )
+    .await;
+    let (code, _, err) = open.weftctl_stdin(
+        &["apply", "-f", "-"],
+        Some(&basic_chain("s1", "{ greeting: x }").replace("module: basic", "module: other")),
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("not signed by a trusted key"), "{err}");
+    let (code, _, err) = open.weftctl_stdin(
+        &["apply", "-f", "-"],
+        Some(&basic_chain("s1", "{ greeting: y }")),
+    );
+    assert_eq!(code, 0, "the signed module stays usable: {err}");
+
     // A module file on disk: refused at startup without its `.sig`, run with it.
     let local = d.join("basic.wasm");
     std::fs::copy(&module, &local).unwrap();
