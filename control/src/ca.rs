@@ -964,13 +964,15 @@ mod tests {
         let (cert, key) = (dir.path().join("mid.pem"), dir.path().join("mid-key.pem"));
         std::fs::write(&cert, format!("{}{}", mid.pem(), root.pem())).unwrap();
         std::fs::write(&key, mid_key.serialize_pem()).unwrap();
-        let ca = MeshCa::load_or_create(
-            dir.path(),
-            "weft.local",
-            Some((&cert, &key)),
-            Duration::from_secs(60),
-        )
-        .unwrap();
+        let from_files = || {
+            MeshCa::load_or_create(
+                dir.path(),
+                "weft.local",
+                Some((&cert, &key)),
+                Duration::from_secs(60),
+            )
+        };
+        let ca = from_files().unwrap();
         assert_eq!(ca.roots(), vec![root.der().to_vec()]);
         let id = SpiffeId::parse("spiffe://weft.local/ns/default/sa/a").unwrap();
         let leaf_key = KeyPair::generate().unwrap();
@@ -979,23 +981,13 @@ mod tests {
         assert!(ca.renew(&signed.chain[0], &csr(&leaf_key, &[])).is_ok());
         // A key file that is not a key is an error naming it.
         std::fs::write(&key, "junk").unwrap();
-        let err = MeshCa::load_or_create(
-            dir.path(),
-            "weft.local",
-            Some((&cert, &key)),
-            Duration::from_secs(60),
-        )
-        .unwrap_err();
+        let err = from_files().unwrap_err();
         assert!(err.to_string().contains("mid-key.pem"), "{err}");
         // An intermediate from files is rotated by its own parent, not here.
         std::fs::write(&key, mid_key.serialize_pem()).unwrap();
-        let ca = MeshCa::load_or_create(
-            dir.path(),
-            "weft.local",
-            Some((&cert, &key)),
-            Duration::from_secs(60),
-        )
-        .unwrap();
-        assert!(matches!(ca.rotate(), Err(CaError::Precondition(_))));
+        assert!(matches!(
+            from_files().unwrap().rotate(),
+            Err(CaError::Precondition(_))
+        ));
     }
 }

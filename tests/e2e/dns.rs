@@ -108,6 +108,24 @@ clusters:
     .to_owned()
 }
 
+/// A control service resolving with `dns`, and a proxy following it.
+async fn control_and_proxy(d: &Path, dns: &Dnsmasq) -> (ControlProcess, ProxyProcess) {
+    let control = ControlProcess::start_with(
+        &d.join("control"),
+        &["--dns-server", &dns.addr().to_string()],
+    )
+    .await;
+    let proxy = ProxyProcess::start_args(
+        &bootstrap(),
+        1,
+        &control.proxy_args("p", &[], &d.join("p")),
+        free_port(),
+        free_port(),
+    )
+    .await;
+    (control, proxy)
+}
+
 fn cluster(dns: &str) -> String {
     format!("kind: Cluster\nname: svc\nspec:\n  dns: \"{dns}\"\n")
 }
@@ -161,19 +179,7 @@ async fn clusters_follow_a_dns_name_as_its_records_change() {
     let hosts = d.join("hosts");
     std::fs::write(&hosts, "127.0.0.2 echo.mesh.test\n").unwrap();
     let dns = Dnsmasq::start(free_port(), &hosts, &[]).await;
-    let control = ControlProcess::start_with(
-        &d.join("control"),
-        &["--dns-server", &dns.addr().to_string()],
-    )
-    .await;
-    let proxy = ProxyProcess::start_args(
-        &bootstrap(),
-        1,
-        &control.proxy_args("p", &[], &d.join("p")),
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let (control, proxy) = control_and_proxy(d, &dns).await;
     assert_eq!(who(&proxy).await.0, 503, "no endpoints yet");
 
     // A bad name is refused when applied.
@@ -295,19 +301,7 @@ async fn srv_records_give_ports_and_weights() {
     };
     let port = free_port();
     let dns = Dnsmasq::start(port, &hosts, &srv(&[("a.mesh.test", a.addr.port(), 1)])).await;
-    let control = ControlProcess::start_with(
-        &d.join("control"),
-        &["--dns-server", &dns.addr().to_string()],
-    )
-    .await;
-    let proxy = ProxyProcess::start_args(
-        &bootstrap(),
-        1,
-        &control.proxy_args("p", &[], &d.join("p")),
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let (control, proxy) = control_and_proxy(d, &dns).await;
     let (code, _, err) = control.weftctl_stdin(
         &["apply", "-f", "-"],
         Some(&cluster("_http._tcp.echo.mesh.test")),

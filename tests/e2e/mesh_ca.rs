@@ -107,6 +107,17 @@ async fn start(yaml: &str, args: Vec<String>) -> ProxyProcess {
     ProxyProcess::start_args(yaml, 1, &args, free_port(), free_port()).await
 }
 
+/// The answered and failed requests of the client tasks, added up.
+async fn sum(tasks: Vec<tokio::task::JoinHandle<(usize, Vec<String>)>>) -> (usize, Vec<String>) {
+    let mut total = (0, Vec::new());
+    for t in tasks {
+        let (ok, failed) = t.await.unwrap();
+        total.0 += ok;
+        total.1.extend(failed);
+    }
+    total
+}
+
 /// Requests through `proxy` from `clients` loops for `run`: (answered 200, failures).
 async fn traffic(proxy: &ProxyProcess, clients: usize, run: Duration) -> (usize, Vec<String>) {
     let mut tasks = Vec::new();
@@ -129,13 +140,7 @@ async fn traffic(proxy: &ProxyProcess, clients: usize, run: Duration) -> (usize,
             (ok, failed)
         }));
     }
-    let mut total = (0, Vec::new());
-    for t in tasks {
-        let (ok, failed) = t.await.unwrap();
-        total.0 += ok;
-        total.1.extend(failed);
-    }
-    total
+    sum(tasks).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -275,13 +280,7 @@ async fn paced(proxy: &ProxyProcess, rate: u32, run: Duration) -> (usize, Vec<St
             (ok, failed)
         }));
     }
-    let mut total = (0, Vec::new());
-    for t in tasks {
-        let (ok, failed) = t.await.unwrap();
-        total.0 += ok;
-        total.1.extend(failed);
-    }
-    total
+    sum(tasks).await
 }
 
 async fn certs(proxy: &ProxyProcess) -> serde_json::Value {
