@@ -319,9 +319,10 @@ impl v1::modules_server::Modules for ControlService {
         &self,
         request: Request<v1::FetchModuleRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
-        let reference = request.into_inner().module;
-        let bytes = self.state.module_bytes(&reference)?;
-        let digest = self.state.resolve_module(&reference)?;
+        // Resolved once: a push under the same name meanwhile cannot pair these bytes with
+        // another module's signature.
+        let digest = self.state.resolve_module(&request.into_inner().module)?;
+        let bytes = self.state.module_bytes(&digest)?;
         let mut signature = self
             .state
             .modules()

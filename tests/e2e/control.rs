@@ -1073,6 +1073,12 @@ async fn modules_run_only_when_signed_by_a_trusted_key() {
     let (code, out, err) = open.weftctl(&["rollout", "status", "--timeout", "30"]);
     assert_eq!(code, 0, "{out}{err}\n{}", p2.log());
     assert_eq!(greeting_via(&p2).await, "now-signed");
+    // It kept the bytes it had fetched; only the signature was new.
+    assert!(
+        p2.log().contains("module signature updated"),
+        "{}",
+        p2.log()
+    );
 
     // Keys given to a control service later: stored modules are verified again, and a
     // chain can use only those that pass.

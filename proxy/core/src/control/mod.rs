@@ -266,9 +266,33 @@ where
         .iter()
         .flat_map(|c| c.filters.iter().map(|f| f.digest.as_str()))
         .collect();
+    // With signatures required, the service's current signature of each module (a module
+    // may have been signed again since it was kept): one listing, no bytes.
+    let signatures: std::collections::BTreeMap<String, String> = if signed {
+        client
+            .list(v1::ListModulesRequest {})
+            .await
+            .map_err(|s| format!("listing modules: {}", s.message()))?
+            .into_inner()
+            .modules
+            .into_iter()
+            .map(|m| (m.digest, m.signature))
+            .collect()
+    } else {
+        Default::default()
+    };
     for digest in digests {
         let sig_path = weft_client::signing::sig_path(&dir.module_path(digest));
-        if dir.has_module(digest) && (!signed || sig_path.exists()) {
+        if dir.has_module(digest) {
+            let current = signatures.get(digest).filter(|s| !s.is_empty());
+            if let Some(current) = current {
+                let kept = std::fs::read_to_string(&sig_path).unwrap_or_default();
+                if kept.trim() != current.trim() {
+                    write_atomic(&sig_path, format!("{current}\n").as_bytes())
+                        .map_err(|e| format!("cannot write {}: {e}", sig_path.display()))?;
+                    tracing::info!(module = digest, "module signature updated");
+                }
+            }
             continue;
         }
         let started = Instant::now();
