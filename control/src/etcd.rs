@@ -85,8 +85,9 @@ struct StoredModule {
 impl EtcdStore {
     /// Connects to `url` (`etcd://host:port[,host:port...][/prefix]`), checks that etcd
     /// answers, and takes the writer key of the prefix for `holder` (this service: host
-    /// and listen address), refusing if another service holds it.
-    pub fn open(url: &str, holder: &str) -> Result<EtcdStore, StoreError> {
+    /// and listen address). If another service holds it: refuses, or with `standby` waits
+    /// until it is free (that service stopped, or its lease ran out).
+    pub fn open(url: &str, holder: &str, standby: bool) -> Result<EtcdStore, StoreError> {
         let rest = url.strip_prefix("etcd://").ok_or_else(|| {
             StoreError(format!(
                 "--store `{url}`: use etcd://host:port[,host:port]/prefix"
@@ -130,7 +131,23 @@ impl EtcdStore {
             fenced: Arc::new(AtomicBool::new(false)),
             lease: 0.into(),
         };
-        store.take_writer(holder)?;
+        let mut said = false;
+        loop {
+            match store.take_writer(holder) {
+                Ok(()) => break,
+                Err(e) if standby && e.0.contains("another control service") => {
+                    if !said {
+                        tracing::warn!("standing by: {e}");
+                        said = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if said {
+            tracing::warn!(prefix = %store.prefix, "the prefix is free: taking over");
+        }
         Ok(store)
     }
 

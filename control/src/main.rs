@@ -19,6 +19,11 @@ struct Args {
     /// One control service per prefix.
     #[arg(long, value_name = "URL")]
     store: Option<String>,
+    /// With `--store etcd://...`: if another control service holds the prefix, wait until
+    /// it stops (or its lease runs out) and take over, instead of exiting. Nothing listens
+    /// until then; proxies given both addresses fail over.
+    #[arg(long, requires = "store")]
+    standby: bool,
     /// Address of the gRPC endpoint.
     #[arg(long, default_value = weft_control::service::DEFAULT_LISTEN)]
     listen: std::net::SocketAddr,
@@ -101,7 +106,11 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         Some(url) => {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             let holder = format!("{} {} pid {}", host.trim(), args.listen, std::process::id());
-            Arc::new(weft_control::etcd::EtcdStore::open(url, &holder)?)
+            Arc::new(weft_control::etcd::EtcdStore::open(
+                url,
+                &holder,
+                args.standby,
+            )?)
         }
         None => Arc::new(RedbStore::open(&args.data_dir)?),
     };

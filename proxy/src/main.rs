@@ -31,8 +31,10 @@ struct Args {
     /// Worker threads; defaults to the number of cores.
     #[arg(long)]
     workers: Option<usize>,
-    /// Follow this control service (`host:port` or `http://host:port`): chains, default
-    /// clusters and endpoints come from it, over the `--config` bootstrap.
+    /// Follow this control service (`host:port`, `http://host:port` or `https://...`):
+    /// chains, default clusters and endpoints come from it, over the `--config` bootstrap.
+    /// Several, comma-separated, are replicas tried in turn (the next at once when one
+    /// fails).
     #[arg(long)]
     control: Option<String>,
     /// This proxy's id at the control service; defaults to the host name (a pod's name in
@@ -168,8 +170,7 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 }
 
 fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String> {
-    let address =
-        weft_core::control::control_url(address).map_err(|e| format!("--control: {e}"))?;
+    let addresses = weft_client::control_urls(address).map_err(|e| format!("--control: {e}"))?;
     let id = node_id(args);
     let token =
         weft_core::control::token(args.control_token_file.as_deref(), "WEFT_CONTROL_TOKEN")?;
@@ -179,10 +180,12 @@ fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String>
             .map(PathBuf::from)
     });
     // An https:// service without a CA (or a CA with http://) is refused here, at startup.
-    weft_core::control::endpoint(&address, ca_file.as_deref())
-        .map_err(|e| format!("--control: {e}"))?;
+    for address in &addresses {
+        weft_core::control::endpoint(address, ca_file.as_deref())
+            .map_err(|e| format!("--control: {e}"))?;
+    }
     Ok(ControlOptions {
-        address,
+        addresses,
         state_dir: args
             .state_dir
             .clone()

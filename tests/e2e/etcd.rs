@@ -177,3 +177,175 @@ async fn an_unreachable_etcd_stops_the_control_service_at_startup_naming_it() {
         .expect("a store URL that is not etcd");
     assert!(err.contains("use etcd://"), "{err}");
 }
+
+/// A standby `weft-control` (nothing listens until it holds the prefix), killed by PID
+/// when dropped.
+struct Standby {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    log: std::path::PathBuf,
+}
+
+impl Standby {
+    fn start(dir: &Path, store: &str) -> Standby {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = dir.with_extension("log");
+        let child = std::process::Command::new(workspace_bin("weft-control"))
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--listen", &addr.to_string(), "--store", store, "--standby"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Standby { child, addr, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `weftctl --server <servers> apply -f -` with `manifest`: exit code and stderr.
+fn apply_at(servers: &str, manifest: &str) -> (i32, String) {
+    use std::io::Write;
+    let mut child = std::process::Command::new(workspace_bin("weftctl"))
+        .args(["--server", servers, "apply", "-f", "-"])
+        .env_remove("WEFT_TOKEN")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(manifest.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn chain(greeting: &str) -> String {
+    format!(
+        "kind: Chain
+name: s1-ingress
+spec:
+  listener: ingress
+  filters:
+    - {{ name: basic, module: basic, config: {{ greeting: {greeting} }} }}
+"
+    )
+}
+
+/// Active and standby control services on one etcd prefix: the active one is killed, the
+/// standby takes the prefix over with everything in it, proxies given both addresses fail
+/// over to it and weftctl too, and traffic never notices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_control_service_takes_over_and_proxies_fail_over_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let etcd = Etcd::start(&d.join("etcd")).await;
+    let store = format!("etcd://{}/ha", etcd.client);
+    let mut active = control_on(&d.join("active"), &store).await;
+    let standby = Standby::start(&d.join("standby"), &store);
+    let both = format!("{},http://{}", active.url(), standby.addr);
+
+    let (code, _, err) = active.weftctl(&[
+        "module",
+        "push",
+        guest_filter("compat_basic").to_str().unwrap(),
+        "--name",
+        "basic",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, err) = apply_at(&both, &chain("from-active"));
+    assert_eq!(code, 0, "{err}");
+    let up = Upstream::start("svc").await;
+    let boot = format!(
+        "admin: {{ address: \"{{admin}}\" }}
+listeners:
+  - name: ingress
+    address: \"{{listen}}\"
+    default_cluster: svc
+clusters:
+  - name: svc
+    endpoints: [ {{ address: \"{}\" }} ]
+",
+        up.address()
+    );
+    let mut args = active.proxy_args("p", &[], &d.join("p"));
+    args[1] = both.clone();
+    let proxy = ProxyProcess::start_args(&boot, 1, &args, free_port(), free_port()).await;
+    let greeting = |proxy: &ProxyProcess| {
+        let url = proxy.url("/x");
+        async move {
+            match get(&h1_client(), &url).await {
+                Ok(g) if g.status == 200 => crate::reload::greeting(&g),
+                other => format!("{other:?}"),
+            }
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while greeting(&proxy).await != "from-active" {
+        assert!(Instant::now() < deadline, "{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Traffic all along: the proxy serves with or without a control service.
+    let traffic = {
+        let url = proxy.url("/steady");
+        tokio::spawn(async move {
+            let client = h1_client();
+            let mut failed = Vec::new();
+            let until = Instant::now() + Duration::from_secs(25);
+            for _ in 0..5_000 {
+                if Instant::now() > until {
+                    break;
+                }
+                match get(&client, &url).await {
+                    Ok(g) if g.status == 200 => {}
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            failed
+        })
+    };
+
+    // The active service dies without a word; the standby takes over once its lease
+    // runs out, with everything it stored.
+    active.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(standby.addr).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the standby never took over:\n{}",
+            standby.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(standby.log().contains("taking over"), "{}", standby.log());
+    // weftctl given both addresses reaches the one alive; the proxy follows it there.
+    let (code, err) = apply_at(&both, &chain("from-standby"));
+    assert_eq!(code, 0, "{err}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while greeting(&proxy).await != "from-standby" {
+        assert!(Instant::now() < deadline, "{}", proxy.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let failed = traffic.await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    drop(etcd);
+}

@@ -51,6 +51,21 @@ pub fn control_url(address: &str) -> Result<String, String> {
     }
 }
 
+/// Several addresses, comma-separated (`https://a:7070,https://b:7070`), each checked as
+/// [`control_url`] does: replicas of the control service, tried in turn.
+pub fn control_urls(list: &str) -> Result<Vec<String>, String> {
+    let urls = list
+        .split(',')
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(control_url)
+        .collect::<Result<Vec<_>, _>>()?;
+    if urls.is_empty() {
+        return Err(format!("control service address `{list}`: none given"));
+    }
+    Ok(urls)
+}
+
 /// The bearer token: the trimmed contents of `file` if given, else the environment variable
 /// `env`; `None` when neither holds one.
 pub fn token(file: Option<&Path>, env: &str) -> Result<Option<String>, String> {

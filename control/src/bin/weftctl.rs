@@ -50,7 +50,7 @@ const KEEP_ALIVE_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Parser, Debug)]
 #[command(name = "weftctl", version)]
 struct Cli {
-    /// The control service: a URL or `host:port` [env: WEFT_CONTROL] [default: http://127.0.0.1:7070]
+    /// The control service: a URL or `host:port`, or several comma-separated (replicas, tried in turn) [env: WEFT_CONTROL] [default: http://127.0.0.1:7070]
     #[arg(long, global = true, value_name = "URL")]
     server: Option<String>,
     /// The bearer token the control service was started with [env: WEFT_TOKEN]
@@ -1068,8 +1068,10 @@ async fn shutdown_signal() -> std::io::Result<()> {
 
 /// The control service to talk to.
 struct Server {
-    /// Its URL, with a scheme.
+    /// Its URL, with a scheme: the first of `urls` that answered (the first until then).
     url: String,
+    /// Every address given (replicas), tried in turn.
+    urls: Vec<String>,
     /// What every request carries.
     auth: Bearer,
     /// The CA an https:// server's certificate chains to.
@@ -1085,7 +1087,8 @@ impl Server {
             .or_else(|| std::env::var("WEFT_CONTROL").ok())
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
-        let url = weft_client::control_url(&server).map_err(|e| anyhow!(e))?;
+        let urls = weft_client::control_urls(&server).map_err(|e| anyhow!(e))?;
+        let url = urls[0].clone();
         let token = match cli.token.clone().filter(|t| !t.is_empty()) {
             Some(token) => Some(token),
             None => weft_client::token(None, "WEFT_TOKEN").map_err(|e| anyhow!(e))?,
@@ -1096,7 +1099,12 @@ impl Server {
                 .filter(|v| !v.is_empty())
                 .map(PathBuf::from)
         });
-        Ok(Server { url, auth, ca_file })
+        Ok(Server {
+            url,
+            urls,
+            auth,
+            ca_file,
+        })
     }
 
     /// The endpoint of the URL.
@@ -1104,14 +1112,21 @@ impl Server {
         weft_client::endpoint(&self.url, self.ca_file.as_deref()).map_err(|e| anyhow!(e))
     }
 
-    /// Connects now, failing when the service cannot be reached.
+    /// Connects now to the first address that answers, failing when none does.
     async fn connect(&self) -> anyhow::Result<AuthChannel> {
-        weft_client::connect(self.endpoint()?, self.auth.clone())
-            .await
-            .map_err(|e| {
-                let cause = causes(&e);
-                anyhow!("cannot reach the control service at {}: {cause}", self.url)
-            })
+        let mut failures = Vec::new();
+        for url in &self.urls {
+            let endpoint =
+                weft_client::endpoint(url, self.ca_file.as_deref()).map_err(|e| anyhow!(e))?;
+            match weft_client::connect(endpoint, self.auth.clone()).await {
+                Ok(channel) => return Ok(channel),
+                Err(e) => failures.push(format!("{url}: {}", causes(&e))),
+            }
+        }
+        Err(anyhow!(
+            "cannot reach the control service at {}",
+            failures.join("; ")
+        ))
     }
 
     /// A channel that connects on first use and reconnects after failures; each call times

@@ -347,7 +347,7 @@ impl Proxy {
             config: arc_swap::ArcSwap::from_pointee(self.config.clone()),
             control: std::sync::Mutex::new(match &self.options.control {
                 Some(c) => serde_json::json!({
-                    "address": c.address,
+                    "address": c.address_list(),
                     "id": c.id,
                     "labels": c.labels,
                     "connected": false,

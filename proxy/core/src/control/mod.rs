@@ -34,8 +34,8 @@ use state_dir::{digest_of, write_atomic};
 /// How to reach and identify with the control service.
 #[derive(Clone, Debug)]
 pub struct ControlOptions {
-    /// `http://host:port` of `weft-control`.
-    pub address: String,
+    /// `http(s)://host:port` of `weft-control`, one per replica, tried in turn.
+    pub addresses: Vec<String>,
     /// This proxy's id.
     pub id: String,
     /// This proxy's labels; resources select on them.
@@ -52,6 +52,11 @@ pub struct ControlOptions {
 }
 
 impl ControlOptions {
+    /// The addresses, comma-separated (logs, `/config_dump`).
+    pub fn address_list(&self) -> String {
+        self.addresses.join(",")
+    }
+
     /// The mesh trust bundle a proxy enrolled with the CA keeps in its state dir (renewed
     /// with every certificate); also trusted for the control channel, so that the proxy
     /// follows a CA rotation.
@@ -94,16 +99,26 @@ fn failures_msg(failures: &[(String, String, u64)]) -> Vec<v1::FilterFailures> {
 /// Follows the control service forever: one session after another, backing off between.
 pub async fn follow<T: Target>(opts: ControlOptions, reloader: Arc<Mutex<T>>) {
     let mut backoff = Backoff::default();
+    // The address of the next session: after a session ends, the next replica's, at once;
+    // after every replica failed in a row, the first again after a backoff.
+    let mut at = 0;
     loop {
         let started = Instant::now();
-        let error = match session(&opts, &reloader).await {
-            Ok(()) => "the control service closed the discovery stream".to_owned(),
-            Err(e) => format!("control service {}: {e}", opts.address),
+        let address = &opts.addresses[at];
+        let error = match session(&opts, address, &reloader).await {
+            Ok(()) => format!("control service {address} closed the discovery stream"),
+            Err(e) => format!("control service {address}: {e}"),
         };
         tracing::warn!("{error}");
         reloader.lock().await.status(false, Some(&error));
         if started.elapsed() > Duration::from_secs(30) {
             backoff.reset();
+        }
+        at = (at + 1) % opts.addresses.len();
+        if at != 0 {
+            tracing::info!(next = %opts.addresses[at], "trying the next control service");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
         let delay = backoff.next_delay();
         tracing::info!(
@@ -115,10 +130,14 @@ pub async fn follow<T: Target>(opts: ControlOptions, reloader: Arc<Mutex<T>>) {
 }
 
 /// One discovery stream, until it ends.
-async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> Result<(), String> {
+async fn session<T: Target>(
+    opts: &ControlOptions,
+    address: &str,
+    reloader: &Arc<Mutex<T>>,
+) -> Result<(), String> {
     let bearer = weft_client::Bearer::new(opts.token.as_deref())?;
     let endpoint = weft_client::endpoint_trusting(
-        &opts.address,
+        address,
         opts.ca_file.as_deref(),
         Some(&opts.mesh_bundle()),
     )?;
@@ -146,7 +165,7 @@ async fn session<T: Target>(opts: &ControlOptions, reloader: &Arc<Mutex<T>>) -> 
         .await
         .map_err(|s| format!("subscribe: {}", s.message()))?
         .into_inner();
-    tracing::info!(address = %opts.address, id = %opts.id, "connected to the control service");
+    tracing::info!(address, id = %opts.id, "connected to the control service");
     reloader.lock().await.status(true, None);
     let dir = StateDir::new(opts.state_dir.clone());
     // The last refused snapshot, tried again after a growing delay (2 s to 60 s) until a newer

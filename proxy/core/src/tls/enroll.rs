@@ -123,10 +123,26 @@ impl Enrolled {
         &self,
         credential: v1::sign_request::Credential,
     ) -> Result<v1::SignResponse, Refusal> {
+        // Each replica in turn, until one answers.
+        let mut unreachable = Vec::new();
+        for address in &self.control.addresses {
+            match self.sign_at(address, credential.clone()).await {
+                Err(Refusal::Unreachable(why)) => unreachable.push(format!("{address}: {why}")),
+                done => return done,
+            }
+        }
+        Err(Refusal::Unreachable(unreachable.join("; ")))
+    }
+
+    async fn sign_at(
+        &self,
+        address: &str,
+        credential: v1::sign_request::Credential,
+    ) -> Result<v1::SignResponse, Refusal> {
         let bearer =
             weft_client::Bearer::new(self.control.token.as_deref()).map_err(Refusal::Final)?;
         let endpoint = weft_client::endpoint_trusting(
-            &self.control.address,
+            address,
             self.control.ca_file.as_deref(),
             Some(&self.control.mesh_bundle()),
         )
