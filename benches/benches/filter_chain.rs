@@ -51,7 +51,7 @@ fn chain(rt: &WasmRuntime, metrics: &Metrics, module: &str, n: usize) -> WasmCha
             limits: FilterLimits::default(),
         })
         .collect();
-    rt.build_chain("bench", &filters, &[], metrics)
+    rt.build_chain("bench", &filters, &Default::default(), metrics)
         .expect("chain")
 }
 
@@ -96,6 +96,7 @@ fn filter_chain(c: &mut Criterion) {
         connection_id: 1,
         upstream: None,
         cluster: None,
+        clusters: Default::default(),
         direction: 0,
         attempt: Default::default(),
         tls: None,

@@ -33,6 +33,11 @@
 //! spec:
 //!   endpoints: [{address: "127.0.0.1:8081", weight: 2}]  # optional
 //!   service: service2                                     # optional registry service
+//!   dns: service2.example:8080                            # optional DNS name
+//!   settings:                    # optional: the proxy cluster's settings, fields as in the
+//!     protocol: http2            # proxy's config file (all but name and endpoints)
+//!     lb_policy: least_request
+//!     tls: {mode: mesh}
 //! ```
 //!
 //! `version` is written by [`to_yaml`] and ignored by [`parse`], so what `get` prints applies
@@ -189,6 +194,8 @@ struct ClusterInput {
     service: String,
     #[serde(default)]
     dns: String,
+    #[serde(default)]
+    settings: Option<serde_json::Value>,
 }
 
 /// A filter of a chain, as written in a manifest.
@@ -284,6 +291,11 @@ fn cluster(document: InputDocument<ClusterInput>) -> Resource {
         endpoints: spec.endpoints.into_iter().map(Endpoint::from).collect(),
         service: spec.service,
         dns: spec.dns,
+        settings_json: spec
+            .settings
+            .filter(|s| !s.is_null())
+            .map(|s| s.to_string())
+            .unwrap_or_default(),
     });
     resource("Cluster", document.name, document.selector, spec)
 }
@@ -369,6 +381,8 @@ enum OutputSpec<'a> {
         service: &'a str,
         #[serde(skip_serializing_if = "str::is_empty")]
         dns: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        settings: Option<serde_json::Value>,
     },
 }
 
@@ -392,6 +406,7 @@ impl<'a> From<&'a Resource> for OutputDocument<'a> {
                     .collect(),
                 service: &cluster.service,
                 dns: &cluster.dns,
+                settings: config_value(&cluster.settings_json),
             },
             Spec::FilterConfig(filter_config) => OutputSpec::FilterConfig {
                 config: config_value(&filter_config.config_json).unwrap_or(serde_json::Value::Null),

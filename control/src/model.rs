@@ -113,7 +113,7 @@ pub struct Endpoint {
 }
 
 /// The endpoints a cluster gets.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClusterSpec {
     /// Fixed endpoints.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -124,6 +124,11 @@ pub struct ClusterSpec {
     /// DNS name whose addresses are added (`name:port` or an SRV name).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub dns: String,
+    /// The proxy cluster's settings (a proxy config file cluster's fields but `name` and
+    /// `endpoints`); `None`: a proxy's bootstrap cluster of that name keeps its own, a new
+    /// one gets the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
 }
 
 /// A filter configuration of its own.
@@ -335,6 +340,7 @@ mod tests {
                 endpoints: vec![],
                 service: String::new(),
                 dns: String::new(),
+                settings: None,
             }),
         };
         let mut labels: Labels = [("app".to_string(), "s2".to_string())].into();

@@ -107,6 +107,13 @@ pub fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                 .collect(),
             service: c.service,
             dns: c.dns,
+            settings: if c.settings_json.trim().is_empty() {
+                None
+            } else {
+                Some(serde_json::from_str(&c.settings_json).map_err(|e| {
+                    ControlError::Invalid(format!("cluster settings are not JSON: {e}"))
+                })?)
+            },
         }),
         Some(v1::resource::Spec::FilterConfig(c)) => Spec::FilterConfig(FilterConfigSpec {
             config: if c.config_json.trim().is_empty() {
@@ -176,6 +183,7 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
             endpoints: c.endpoints.iter().map(endpoint_msg).collect(),
             service: c.service,
             dns: c.dns,
+            settings_json: c.settings.as_ref().map(config_json).unwrap_or_default(),
         }),
         Spec::FilterConfig(c) => v1::resource::Spec::FilterConfig(v1::FilterConfigSpec {
             config_json: config_json(&c.config),
@@ -243,6 +251,8 @@ fn snapshot_msg(s: &Snapshot) -> v1::Snapshot {
             .map(|c| v1::SnapshotCluster {
                 name: c.name.clone(),
                 endpoints: c.endpoints.iter().map(endpoint_msg).collect(),
+                settings_json: c.settings.as_ref().map(config_json).unwrap_or_default(),
+                implicit: c.implicit,
             })
             .collect(),
     }

@@ -19,13 +19,19 @@ pub struct SnapshotChain {
     pub filters: Vec<FilterSpec>,
 }
 
-/// A cluster's endpoints as of the snapshot.
+/// A cluster as of the snapshot.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SnapshotCluster {
     /// The cluster.
     pub name: String,
     /// Fixed endpoints and live registry instances, sorted.
     pub endpoints: Vec<Endpoint>,
+    /// Its settings, if its resource has some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
+    /// Made for a registry service no Cluster resource names.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub implicit: bool,
 }
 
 /// Everything one proxy should run.

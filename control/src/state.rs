@@ -445,6 +445,13 @@ impl ControlState {
                     check_address(&e.address).map_err(|m| invalid(format!("endpoint: {m}")))?;
                     e.weight = e.weight.max(1);
                 }
+                // Checked as a proxy with an identity checks it (mesh TLS needs one: a
+                // proxy without refuses the snapshot, and says why).
+                weft_config::ClusterConfig::from_settings(&r.name, c.settings.as_ref(), true)
+                    .map_err(invalid)?;
+                if c.settings.as_ref().is_some_and(|s| s.is_null()) {
+                    c.settings = None;
+                }
             }
             _ => return Err(invalid("spec does not match the kind".into())),
         }
@@ -628,7 +635,7 @@ impl ControlState {
 
     /// What a proxy with `labels` should run now.
     pub fn snapshot(&self, labels: &Labels) -> Snapshot {
-        let (chains, clusters, version) = {
+        let (chains, mut clusters, version) = {
             let config = lock(&self.config);
             let mut chains = Vec::new();
             let mut clusters = Vec::new();
@@ -657,17 +664,39 @@ impl ControlState {
                             })
                             .collect(),
                     }),
-                    Spec::Cluster(c) => clusters.push((r.name.clone(), c.clone())),
+                    Spec::Cluster(c) => clusters.push((r.name.clone(), c.clone(), false)),
                     Spec::FilterConfig(_) => {}
                 }
             }
             (chains, clusters, config.version)
         };
-        let instances = if clusters.iter().any(|(_, c)| !c.service.is_empty()) {
-            self.registry.instances()
-        } else {
-            Vec::new()
-        };
+        let instances = self.registry.instances();
+        // Every registry service no Cluster resource states becomes a cluster of its name:
+        // a service that registers is callable by name with no config at all. Its
+        // instances all proving an identity, it takes mesh TLS.
+        let stated: std::collections::BTreeSet<&str> = clusters
+            .iter()
+            .flat_map(|(name, c, _)| [name.as_str(), c.service.as_str()])
+            .collect();
+        let mut implicit: BTreeMap<&str, bool> = BTreeMap::new();
+        for i in &instances {
+            if !stated.contains(i.service.as_str()) {
+                let all_identified = implicit.entry(i.service.as_str()).or_insert(true);
+                *all_identified &= !i.identity.is_empty();
+            }
+        }
+        let implicit: Vec<_> = implicit
+            .into_iter()
+            .map(|(service, mesh)| {
+                let spec = ClusterSpec {
+                    service: service.to_owned(),
+                    settings: mesh.then(|| serde_json::json!({"tls": {"mode": "mesh"}})),
+                    ..ClusterSpec::default()
+                };
+                (service.to_owned(), spec, true)
+            })
+            .collect();
+        clusters.extend(implicit);
         let dns = lock(&self.dns);
         let clusters = clusters
             .into_iter()
@@ -678,7 +707,9 @@ impl ControlState {
                         endpoints,
                         service,
                         dns: dns_name,
+                        settings,
                     },
+                    implicit,
                 )| {
                     let mut eps: Vec<Endpoint> = endpoints;
                     if let Some(resolved) = dns.get(&dns_name) {
@@ -699,6 +730,8 @@ impl ControlState {
                     SnapshotCluster {
                         name,
                         endpoints: eps,
+                        settings,
+                        implicit,
                     }
                 },
             )
@@ -951,6 +984,7 @@ mod tests {
                 endpoints: vec![],
                 service: "svc".into(),
                 dns: String::new(),
+                settings: None,
             }),
         };
         s.apply(vec![cluster], false).expect("apply");

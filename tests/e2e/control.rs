@@ -36,7 +36,7 @@ spec:
 }
 
 /// Starts a proxy with bootstrap `boot` following `control` as `id` with one label.
-async fn follower(
+pub(crate) async fn follower(
     control: &ControlProcess,
     boot: &str,
     workers: usize,
@@ -49,7 +49,7 @@ async fn follower(
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+pub(crate) async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
@@ -62,7 +62,7 @@ where
 }
 
 /// `weftctl status -o json`: one object per proxy.
-fn status(control: &ControlProcess) -> Vec<serde_json::Value> {
+pub(crate) fn status(control: &ControlProcess) -> Vec<serde_json::Value> {
     let (code, out, err) = control.weftctl(&["status", "-o", "json"]);
     assert_eq!(code, 0, "weftctl status: {err}");
     let v: serde_json::Value = serde_json::from_str(&out).expect("status json");
@@ -73,7 +73,7 @@ fn status(control: &ControlProcess) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-fn proxy_status(control: &ControlProcess, id: &str) -> serde_json::Value {
+pub(crate) fn proxy_status(control: &ControlProcess, id: &str) -> serde_json::Value {
     status(control)
         .into_iter()
         .find(|p| p["id"] == id)
@@ -99,7 +99,7 @@ fn push_basic(control: &ControlProcess) {
     assert_eq!(code, 0, "push: {out}{err}");
 }
 
-fn apply(control: &ControlProcess, manifest: &str) -> String {
+pub(crate) fn apply(control: &ControlProcess, manifest: &str) -> String {
     let (code, out, err) = control.weftctl_stdin(&["apply", "-f", "-"], Some(manifest));
     assert_eq!(code, 0, "apply: {out}{err}");
     out

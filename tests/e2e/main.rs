@@ -20,6 +20,7 @@ mod ratelimit;
 mod reload;
 mod retry;
 mod router;
+mod services;
 mod telemetry;
 mod wasm;
 mod wasm_body;

@@ -140,7 +140,10 @@ pub struct ListenerConfig {
     /// Downstream protocols accepted.
     #[serde(default)]
     pub protocol: DownstreamProtocol,
-    /// Cluster that requests go to unless a filter chooses another.
+    /// Cluster that requests go to unless a filter chooses another. Empty (or left out):
+    /// each request goes to the cluster its authority names (`echo`, `echo:80`,
+    /// `echo.<namespace>`, `echo.<namespace>.svc.cluster.local`); one naming none gets 404.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub default_cluster: String,
     /// Which way traffic goes through it, for filters (`listener_direction`): a sidecar's
     /// `inbound` listener receives calls to its service, `outbound` carries its calls out.
@@ -623,6 +626,114 @@ pub struct ClusterConfig {
     pub tls: Option<ClusterTls>,
 }
 
+impl ClusterConfig {
+    /// The cluster `name` with `settings`: a JSON object of a config file cluster's fields
+    /// other than `name` and `endpoints` (`None`: the defaults), checked as the file's
+    /// clusters are (`identity`: the proxy has a mesh identity). This is how the control
+    /// service states clusters.
+    pub fn from_settings(
+        name: &str,
+        settings: Option<&serde_json::Value>,
+        identity: bool,
+    ) -> Result<ClusterConfig, String> {
+        let mut object = match settings {
+            None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+            Some(serde_json::Value::Object(o)) => o.clone(),
+            Some(_) => return Err("settings must be an object".into()),
+        };
+        for reserved in ["name", "endpoints"] {
+            if object.contains_key(reserved) {
+                return Err(format!("settings must not set `{reserved}`"));
+            }
+        }
+        object.insert("name".into(), name.into());
+        // Read as YAML text, whose errors name the field (`lb_policy: unknown variant`).
+        let text = serde_yaml_ng::to_string(&object).map_err(|e| format!("settings: {e}"))?;
+        let c: ClusterConfig = serde_yaml_ng::from_str(&text).map_err(|e| {
+            let e = e.to_string();
+            let e = e.split(" at line ").next().unwrap_or(&e).to_owned();
+            format!("settings: {e}")
+        })?;
+        c.validate(identity)
+            .map_err(|(field, m)| format!("settings.{field}: {m}"))?;
+        Ok(c)
+    }
+
+    /// `Err((field, why))` for a setting out of range or that does not fit (field paths
+    /// relative to the cluster); `identity`: the proxy has a mesh identity.
+    pub fn validate(&self, identity: bool) -> Result<(), (String, String)> {
+        let c = self;
+        let at = |f: &str| f.to_owned();
+        for (j, e) in c.endpoints.iter().enumerate() {
+            let field = at(&format!("endpoints[{j}].weight"));
+            in_range(&field, e.weight.into(), ranges::WEIGHT)?;
+            if let Some(id) = &e.identity {
+                SpiffeId::parse(id).map_err(|m| (at(&format!("endpoints[{j}].identity")), m))?;
+            }
+        }
+        if let Some(tls) = &c.tls {
+            tls.validate(identity)
+                .map_err(|(f, m)| (at(&format!("tls.{f}")), m))?;
+        }
+        in_range(
+            &at("connect_timeout_ms"),
+            c.connect_timeout_ms,
+            ranges::TIMEOUT_MS,
+        )?;
+        in_range(
+            &at("request_timeout_ms"),
+            c.request_timeout_ms,
+            ranges::OPTIONAL_MS,
+        )?;
+        in_range(&at("idle_timeout_ms"), c.idle_timeout_ms, ranges::IDLE_MS)?;
+        let o = &c.outlier;
+        in_range(
+            &at("outlier.consecutive_failures"),
+            o.consecutive_failures.into(),
+            ranges::COUNT,
+        )?;
+        if o.consecutive_failures > 0 {
+            in_range(
+                &at("outlier.base_ejection_ms"),
+                o.base_ejection_ms,
+                ranges::TIMEOUT_MS,
+            )?;
+            in_range(
+                &at("outlier.max_ejection_ms"),
+                o.max_ejection_ms,
+                (o.base_ejection_ms, ranges::TIMEOUT_MS.1),
+            )?;
+        }
+        in_range(
+            &at("outlier.max_ejection_percent"),
+            o.max_ejection_percent.into(),
+            ranges::PERCENT,
+        )?;
+        in_range(
+            &at("outlier.panic_threshold_percent"),
+            o.panic_threshold_percent.into(),
+            ranges::PERCENT,
+        )?;
+        let l = &c.limits;
+        in_range(
+            &at("limits.max_connections"),
+            l.max_connections as u64,
+            ranges::LIMIT,
+        )?;
+        in_range(
+            &at("limits.max_pending_requests"),
+            l.max_pending_requests as u64,
+            ranges::LIMIT,
+        )?;
+        in_range(
+            &at("limits.max_requests"),
+            l.max_requests as u64,
+            ranges::LIMIT,
+        )?;
+        Ok(())
+    }
+}
+
 mod defaults {
     pub fn drain_timeout_ms() -> u64 {
         5_000
@@ -925,73 +1036,8 @@ impl Config {
             if !cluster_names.insert(c.name.as_str()) {
                 return Err((at("name"), format!("duplicate cluster name `{}`", c.name)));
             }
-            for (j, e) in c.endpoints.iter().enumerate() {
-                let field = at(&format!("endpoints[{j}].weight"));
-                in_range(&field, e.weight.into(), ranges::WEIGHT)?;
-                if let Some(id) = &e.identity {
-                    SpiffeId::parse(id)
-                        .map_err(|m| (at(&format!("endpoints[{j}].identity")), m))?;
-                }
-            }
-            if let Some(tls) = &c.tls {
-                tls.validate(self.identity.is_some())
-                    .map_err(|(f, m)| (at(&format!("tls.{f}")), m))?;
-            }
-            in_range(
-                &at("connect_timeout_ms"),
-                c.connect_timeout_ms,
-                ranges::TIMEOUT_MS,
-            )?;
-            in_range(
-                &at("request_timeout_ms"),
-                c.request_timeout_ms,
-                ranges::OPTIONAL_MS,
-            )?;
-            in_range(&at("idle_timeout_ms"), c.idle_timeout_ms, ranges::IDLE_MS)?;
-            let o = &c.outlier;
-            in_range(
-                &at("outlier.consecutive_failures"),
-                o.consecutive_failures.into(),
-                ranges::COUNT,
-            )?;
-            if o.consecutive_failures > 0 {
-                in_range(
-                    &at("outlier.base_ejection_ms"),
-                    o.base_ejection_ms,
-                    ranges::TIMEOUT_MS,
-                )?;
-                in_range(
-                    &at("outlier.max_ejection_ms"),
-                    o.max_ejection_ms,
-                    (o.base_ejection_ms, ranges::TIMEOUT_MS.1),
-                )?;
-            }
-            in_range(
-                &at("outlier.max_ejection_percent"),
-                o.max_ejection_percent.into(),
-                ranges::PERCENT,
-            )?;
-            in_range(
-                &at("outlier.panic_threshold_percent"),
-                o.panic_threshold_percent.into(),
-                ranges::PERCENT,
-            )?;
-            let l = &c.limits;
-            in_range(
-                &at("limits.max_connections"),
-                l.max_connections as u64,
-                ranges::LIMIT,
-            )?;
-            in_range(
-                &at("limits.max_pending_requests"),
-                l.max_pending_requests as u64,
-                ranges::LIMIT,
-            )?;
-            in_range(
-                &at("limits.max_requests"),
-                l.max_requests as u64,
-                ranges::LIMIT,
-            )?;
+            c.validate(self.identity.is_some())
+                .map_err(|(f, m)| (at(&f), m))?;
         }
         let mut listener_names = HashSet::new();
         let mut addresses = HashSet::new();
@@ -1009,7 +1055,8 @@ impl Config {
                     format!("{} is used by another listener", l.address),
                 ));
             }
-            if !cluster_names.contains(l.default_cluster.as_str()) {
+            if !l.default_cluster.is_empty() && !cluster_names.contains(l.default_cluster.as_str())
+            {
                 return Err((
                     at("default_cluster"),
                     format!("no cluster named `{}`", l.default_cluster),
@@ -1089,6 +1136,53 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cluster_settings_are_read_and_checked_as_a_file_s_clusters() {
+        let json = |t: &str| serde_json::from_str::<serde_json::Value>(t).unwrap();
+        let c = ClusterConfig::from_settings(
+            "echo",
+            Some(&json(
+                r#"{"lb_policy": "least_request", "request_timeout_ms": 3000}"#,
+            )),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.lb_policy),
+            ("echo", LbPolicy::LeastRequest)
+        );
+        assert_eq!(c.request_timeout_ms, 3000);
+        assert!(c.endpoints.is_empty());
+        let defaults = ClusterConfig::from_settings("echo", None, false).unwrap();
+        assert_eq!(defaults.connect_timeout_ms, defaults::connect_timeout_ms());
+        let err = |t: &str, identity| {
+            ClusterConfig::from_settings("echo", Some(&json(t)), identity).unwrap_err()
+        };
+        let e = err(r#"{"lb_policy": "fastest"}"#, true);
+        assert!(
+            e.starts_with("settings: lb_policy: unknown variant `fastest`"),
+            "{e}"
+        );
+        let e = err(r#"{"connect_timeout": 5}"#, true);
+        assert!(e.contains("unknown field `connect_timeout`"), "{e}");
+        assert_eq!(
+            err(r#"{"name": "x"}"#, true),
+            "settings must not set `name`"
+        );
+        assert_eq!(err("[1]", true), "settings must be an object");
+        let e = err(r#"{"connect_timeout_ms": 0}"#, true);
+        assert!(e.starts_with("settings.connect_timeout_ms: "), "{e}");
+        let e = err(r#"{"tls": {"mode": "mesh"}}"#, false);
+        assert!(
+            e.starts_with("settings.tls.mode: ") && e.contains("identity"),
+            "{e}"
+        );
+        assert!(
+            ClusterConfig::from_settings("e", Some(&json(r#"{"tls": {"mode": "mesh"}}"#)), true)
+                .is_ok()
+        );
+    }
 
     const GOOD: &str = r#"
 admin:

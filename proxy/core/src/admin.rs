@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use crate::clock;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::upstream::Cluster;
+use crate::upstream::ClusterTable;
 
 /// What the admin endpoint reports on.
 pub struct AdminState {
@@ -36,8 +36,8 @@ pub struct AdminState {
     pub control: std::sync::Mutex<serde_json::Value>,
     /// Where each listener actually listens (port 0 resolved).
     pub listeners: Vec<(String, SocketAddr)>,
-    /// All clusters.
-    pub clusters: Arc<[Arc<Cluster>]>,
+    /// The proxy's clusters now.
+    pub clusters: Arc<ClusterTable>,
     /// All metrics.
     pub metrics: Arc<Metrics>,
     /// Set once the proxy starts draining.
@@ -192,7 +192,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/stats/prometheus" => {
             let now = clock::now_ms();
-            for c in state.clusters.iter() {
+            for c in state.clusters.load().list.iter() {
                 c.metrics.endpoints_ejected.set(c.ejected_count(now) as i64);
             }
             reply(
@@ -205,6 +205,8 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let now = clock::now_ms();
             let clusters: Vec<_> = state
                 .clusters
+                .load()
+                .list
                 .iter()
                 .map(|c| {
                     json!({

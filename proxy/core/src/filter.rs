@@ -20,13 +20,14 @@ use crate::metrics::Metrics;
 /// stream. The WASM host (crate `weft-wasm`) implements it; the core never sees what runs
 /// behind it.
 pub trait FilterHost: Send + Sync {
-    /// Builds the chain of `listener` from `filters`; `clusters` are the proxy's cluster
-    /// names (a filter may send requests or callouts to them by name).
+    /// Builds the chain of `listener` from `filters`; `clusters` are the proxy's clusters as
+    /// they are at each moment (a filter may send callouts to them by name; a stream's
+    /// requests go to the clusters of [`StreamInfo::clusters`]).
     fn build_chain(
         &self,
         listener: &str,
         filters: &[FilterConfig],
-        clusters: &[String],
+        clusters: &std::sync::Arc<crate::upstream::ClusterTable>,
         metrics: &Metrics,
     ) -> Result<Box<dyn FilterChain>, ChainError>;
 }
@@ -47,7 +48,7 @@ pub struct ChainError {
 
 /// What the chain decided about a request.
 pub enum RequestDecision {
-    /// Go on to the upstream, to cluster `cluster` (an index into the proxy's clusters) or to
+    /// Go on to the upstream, to cluster `cluster` (an index into [`StreamInfo::clusters`]) or to
     /// the listener's default cluster when `None`.
     Continue {
         /// The chosen cluster.
@@ -213,9 +214,11 @@ pub struct StreamInfo {
     /// The upstream endpoint chosen for the request, once chosen (for a host name, once a
     /// connection reached it).
     pub upstream: Option<SocketAddr>,
-    /// The cluster the request goes to (index into the proxy's clusters): the listener's
-    /// default until a filter chooses another or the attempt is sent.
+    /// The cluster the request goes to (index into `clusters`): the listener's default
+    /// until a filter chooses another or the attempt is sent.
     pub cluster: Option<u32>,
+    /// The proxy's clusters as of the stream's start: what a filter chooses from.
+    pub clusters: std::sync::Arc<crate::upstream::Clusters>,
     /// Which way traffic goes through the listener (0 unspecified, 1 inbound, 2 outbound).
     pub direction: u8,
     /// The attempt whose response is being processed.

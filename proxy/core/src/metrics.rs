@@ -442,23 +442,15 @@ impl Metrics {
         })
     }
 
-    /// Handles for one listener, with request counters for each cluster it may route to.
-    pub fn listener(&self, name: &str, clusters: &[&str]) -> ListenerMetrics {
+    /// Handles for one listener (its request counters by cluster are made as clusters are
+    /// first used: [`ListenerMetrics::requests`]).
+    pub fn listener(&self, name: &str) -> ListenerMetrics {
         let l = ListenerLabels {
             listener: name.to_owned(),
         };
-        let by_class = |cluster: &str| {
-            STATUS_CLASSES.map(|class| {
-                self.requests
-                    .get_or_create(&RequestLabels {
-                        listener: name.to_owned(),
-                        cluster: cluster.to_owned(),
-                        status_class: class,
-                    })
-                    .clone()
-            })
-        };
         ListenerMetrics {
+            name: name.to_owned(),
+            requests: self.requests.clone(),
             connections_active: self.downstream_cx_active.get_or_create(&l).clone(),
             connections_total: self.downstream_cx_total.get_or_create(&l).clone(),
             request_headers_timeouts: self.downstream_header_timeouts.get_or_create(&l).clone(),
@@ -475,7 +467,6 @@ impl Metrics {
             tunnels_active: self.tunnels_active.get_or_create(&l).clone(),
             tunnels_total: self.tunnels_total.get_or_create(&l).clone(),
             requests_active: self.downstream_rq_active.get_or_create(&l).clone(),
-            requests: clusters.iter().map(|c| by_class(c)).collect(),
         }
     }
 
@@ -729,19 +720,37 @@ pub struct ListenerMetrics {
     pub tunnels_total: Counter,
     /// Requests in flight.
     pub requests_active: Gauge,
-    /// Per cluster index, per status class (1xx..5xx).
-    requests: Vec<[Counter; 5]>,
+    /// The listener's name.
+    name: String,
+    /// Answered requests, by listener, cluster and status class.
+    requests: Family<RequestLabels, Counter>,
 }
 
+/// Answered requests of one listener and one cluster, by status class (1xx..5xx).
+pub type ResponseCounters = [Counter; 5];
+
 impl ListenerMetrics {
-    /// Counts an answered request.
-    #[inline]
-    pub fn count_response(&self, cluster: usize, status: u16) {
-        let class = (status / 100).clamp(1, 5) as usize - 1;
-        if let Some(c) = self.requests.get(cluster) {
-            c[class].inc();
-        }
+    /// The counters of answered requests to `cluster` (`""`: requests no cluster was found
+    /// for). Takes the family's lock: resolved once per cluster and listener state, not
+    /// per request.
+    pub fn requests(&self, cluster: &str) -> ResponseCounters {
+        STATUS_CLASSES.map(|class| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    listener: self.name.clone(),
+                    cluster: cluster.to_owned(),
+                    status_class: class,
+                })
+                .clone()
+        })
     }
+}
+
+/// Counts an answered request with `status` on `counters`.
+#[inline]
+pub fn count_response(counters: &ResponseCounters, status: u16) {
+    let class = (status / 100).clamp(1, 5) as usize - 1;
+    counters[class].inc();
 }
 
 #[cfg(test)]
@@ -784,10 +793,10 @@ mod tests {
     fn exposition_has_families_labels_and_histogram_buckets() {
         let m = Metrics::new();
         let c = m.cluster("svc");
-        let l = m.listener("outbound", &["svc"]);
-        l.count_response(0, 204);
-        l.count_response(0, 503);
-        l.count_response(0, 503);
+        let l = m.listener("outbound").requests("svc");
+        count_response(&l, 204);
+        count_response(&l, 503);
+        count_response(&l, 503);
         c.latency.observe_ns(3_000_000); // 3 ms
         c.latency.observe_ns(20_000_000_000); // 20 s: only +Inf
         c.overflow(Limit::MaxPendingRequests);

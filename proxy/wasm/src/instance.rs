@@ -14,6 +14,7 @@ use wasmtime::{Engine, InstancePre, Store, TypedFunc};
 use weft_abi::{BufferType, MapType};
 use weft_config::FailurePolicy;
 use weft_core::filter::{Callout, CalloutOutcome, Direction, StreamInfo};
+use weft_core::upstream::ClusterTable;
 
 use crate::failure::{Failure, FailureCounters, classify};
 use crate::limits::{self, LIFECYCLE_TICKS, arm};
@@ -48,8 +49,8 @@ pub struct FilterSpec {
     pub body_callbacks: [bool; 2],
     /// Most body bytes the filter may buffer.
     pub buffer_limit: usize,
-    /// Names of the clusters callouts may go to.
-    pub clusters: Arc<[String]>,
+    /// The proxy's clusters (callouts go to them by name).
+    pub clusters: Arc<ClusterTable>,
     /// The place in its chain of the filter whose instance this one runs in: its own, unless
     /// it shares an instance with earlier filters of the same `vm_id` (Envoy's VM sharing).
     pub vm: usize,

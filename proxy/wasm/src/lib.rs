@@ -124,7 +124,7 @@ impl FilterHost for WasmHost {
         &self,
         listener: &str,
         filters: &[FilterConfig],
-        clusters: &[String],
+        clusters: &std::sync::Arc<weft_core::upstream::ClusterTable>,
         metrics: &Metrics,
     ) -> Result<Box<dyn FilterChain>, ChainError> {
         let rt = self.runtime().map_err(|e| ChainError {

@@ -78,7 +78,8 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         // Istio's name for the verified peer identity: its SPIFFE ID.
         [b"source", b"principal"] => text(&info?.tls.as_ref()?.peer_id.as_ref()?.to_string()),
         [b"xds", b"cluster_name"] | [b"cluster_name"] => {
-            text(state.clusters.get(info?.cluster? as usize)?)
+            let info = info?;
+            text(info.clusters.names.get(info.cluster? as usize)?)
         }
         // The route a router filter matched (its `weft.route` stream property).
         [b"route_name"] | [b"xds", b"route_name"] => state

@@ -12,6 +12,7 @@ use wasmtime::{Config, Engine};
 
 use weft_config::FilterConfig;
 use weft_core::metrics::Metrics;
+use weft_core::upstream::ClusterTable;
 
 use crate::cache::ModuleCache;
 use crate::failure::FailureCounters;
@@ -103,10 +104,9 @@ impl WasmRuntime {
         &self,
         listener: &str,
         filters: &[FilterConfig],
-        clusters: &[String],
+        clusters: &Arc<ClusterTable>,
         metrics: &Metrics,
     ) -> Result<WasmChain, WasmError> {
-        let clusters: Arc<[String]> = clusters.into();
         let mut specs: Vec<FilterSpec> = Vec::with_capacity(filters.len());
         let mut modules: Vec<Vec<u8>> = Vec::with_capacity(filters.len());
         for (i, f) in filters.iter().enumerate() {
@@ -126,7 +126,7 @@ impl WasmRuntime {
                     .map_err(err)?;
             }
             let mut spec = self
-                .filter_spec(f, &bytes, &clusters, metrics)
+                .filter_spec(f, &bytes, clusters, metrics)
                 .map_err(err)?;
             // Envoy's VM sharing: a filter runs in the instance (per worker) of an earlier one
             // with the same `vm_id`, module and `vm_config` — an empty `vm_id` included — with
@@ -192,7 +192,7 @@ impl WasmRuntime {
         &self,
         f: &FilterConfig,
         bytes: &[u8],
-        clusters: &Arc<[String]>,
+        clusters: &Arc<ClusterTable>,
         metrics: &Metrics,
     ) -> Result<FilterSpec, String> {
         let started = Instant::now();

@@ -15,6 +15,7 @@ use wasmtime::{Memory, TypedFunc};
 use weft_abi::{BufferType, MapType};
 use weft_core::filter::{Direction, RetryAsk, StreamInfo};
 use weft_core::metrics::{FilterMetric, FilterMetricSet};
+use weft_core::upstream::ClusterTable;
 
 use crate::limits::Limits;
 
@@ -256,8 +257,8 @@ pub struct HostState {
     pub metrics: Arc<FilterMetricSet>,
     /// Metrics this instance has used, by id.
     pub metric_cache: HashMap<u32, Arc<FilterMetric>>,
-    /// Clusters a callout may go to.
-    pub clusters: Arc<[String]>,
+    /// The proxy's clusters (callouts go to them by name).
+    pub clusters: Arc<ClusterTable>,
     /// Callouts asked for during the current callback.
     pub callouts: Vec<weft_core::filter::Callout>,
     /// Last callout token handed out.
@@ -293,7 +294,7 @@ impl HostState {
         plugin: Arc<PluginMeta>,
         memory_bytes: usize,
         metrics: Arc<FilterMetricSet>,
-        clusters: Arc<[String]>,
+        clusters: Arc<ClusterTable>,
     ) -> Self {
         Self {
             limits: Limits::new(memory_bytes),
@@ -501,7 +502,7 @@ pub mod tests {
             config: vec![],
             vm_config: vec![],
         });
-        let mut s = HostState::new(meta, 1 << 20, Arc::default(), Arc::from(Vec::new()));
+        let mut s = HostState::new(meta, 1 << 20, Arc::default(), Arc::default());
         let (parts, ()) = http::Request::get("/a/b?q=1")
             .header("host", "svc:8080")
             .header("x-request-id", "rid")

@@ -215,7 +215,7 @@ pub fn spec(rt: &WasmRuntime, wasm: &[u8], limits: FilterLimits) -> FilterSpec {
         failure_policy: FailurePolicy::FailClosed,
         limits,
     };
-    rt.filter_spec(&config, wasm, &Arc::from(Vec::new()), &Metrics::new())
+    rt.filter_spec(&config, wasm, &Arc::default(), &Metrics::new())
         .expect("spec")
 }
 
@@ -231,7 +231,7 @@ pub fn instance(rt: &WasmRuntime, wasm: &[u8]) -> (Store<HostState>, Instance) {
         config: Vec::new(),
         vm_config: Vec::new(),
     });
-    let state = HostState::new(meta, 1 << 20, Arc::default(), Arc::from(Vec::new()));
+    let state = HostState::new(meta, 1 << 20, Arc::default(), Arc::default());
     let mut store = Store::new(rt.engine(), state);
     limits::install(&mut store);
     limits::arm(&mut store, limits::LIFECYCLE_TICKS);
@@ -262,6 +262,7 @@ pub fn info() -> StreamInfo {
         connection_id: 1,
         upstream: None,
         cluster: None,
+        clusters: Default::default(),
         direction: 0,
         attempt: Default::default(),
         tls: None,

@@ -14,11 +14,11 @@ use crate::config::Config;
 use crate::admin::AdminState;
 use crate::config::IdentitySource;
 use crate::downstream::{self as listener, ListenerRuntime, WorkerSpec};
-use crate::filter::{ChainError, ChainSlot, FilterChain, FilterHost};
-use crate::http::ListenerCtx;
+use crate::filter::{ChainError, FilterChain, FilterHost};
+use crate::http::{ListenerCtx, Live};
 use crate::metrics::Metrics;
 use crate::tls::{ClientTls, IdentityStore, MeshIdentity, ServerTls, TlsError};
-use crate::upstream::Cluster;
+use crate::upstream::{Cluster, ClusterTable, Clusters};
 use crate::{admin, control};
 use reload::Reloader;
 
@@ -82,16 +82,17 @@ pub struct Proxy {
     admin: std::net::TcpListener,
     listeners: Vec<(String, SocketAddr, Vec<std::net::TcpListener>)>,
     tls: TlsSetup,
+    /// The proxy's clusters (built for `config`).
+    clusters: Arc<ClusterTable>,
 }
 
-/// The proxy's TLS, loaded at startup: its mesh identity, each listener's and each
-/// cluster's TLS (`None` where plaintext).
+/// The proxy's TLS, loaded at startup: its mesh identity and each listener's TLS (`None`
+/// where plaintext). Clusters' TLS is built with the clusters ([`build_clusters`]).
 struct TlsSetup {
     identity: Arc<IdentityStore>,
     /// Where the identity comes from, to follow it: files, or renewals from the mesh CA.
     follow: Option<IdentityFollow>,
     listeners: Vec<Option<Arc<ServerTls>>>,
-    clusters: Vec<Option<Arc<ClientTls>>>,
 }
 
 /// How the identity held is kept fresh.
@@ -156,22 +157,10 @@ impl TlsSetup {
                     .map_err(err(format!("listener `{}`", l.name)))
             })
             .collect::<Result<_, _>>()?;
-        let clusters = config
-            .clusters
-            .iter()
-            .map(|c| {
-                c.tls
-                    .as_ref()
-                    .map(|t| ClientTls::new(t, c.protocol, &identity).map(Arc::new))
-                    .transpose()
-                    .map_err(err(format!("cluster `{}`", c.name)))
-            })
-            .collect::<Result<_, _>>()?;
         Ok(Self {
             identity,
             follow,
             listeners,
-            clusters,
         })
     }
 }
@@ -201,8 +190,18 @@ impl Proxy {
             }
         });
         let host = options.filter_host.as_deref();
+        // Identity and listener TLS come from the bootstrap alone (snapshots do not change
+        // them); clusters and chains from the config that runs.
+        let tls = TlsSetup::load(&base, options.control.as_ref())?;
+        let table = Arc::new(ClusterTable::from_pointee(Clusters::default()));
+        let start = |config: &Config| -> Result<_, StartError> {
+            let clusters = build_clusters(config, &tls.identity, &metrics, &Clusters::default())
+                .map_err(|(what, source)| StartError::Tls { what, source })?;
+            table.store(Arc::new(clusters));
+            build_chains(config, &metrics, host, &table)
+        };
         let (config, snapshot, chains) = match persisted {
-            Some((config, snap)) => match build_chains(&config, &metrics, host) {
+            Some((config, snap)) => match start(&config) {
                 Ok(built) => {
                     tracing::info!(
                         version = snap.version,
@@ -214,12 +213,12 @@ impl Proxy {
                     tracing::warn!(
                         "the persisted control snapshot does not start, starting from the bootstrap config: {e}"
                     );
-                    (base.clone(), None, build_chains(&base, &metrics, host)?)
+                    (base.clone(), None, start(&base)?)
                 }
             },
-            None => (base.clone(), None, build_chains(&base, &metrics, host)?),
+            None => (base.clone(), None, start(&base)?),
         };
-        let services = build_services(&config, &metrics, host)?;
+        let services = build_services(&config, &metrics, host, &table)?;
         let bind_err = |what: String, address: SocketAddr| {
             move |source: std::io::Error| StartError::Bind {
                 what,
@@ -238,7 +237,6 @@ impl Proxy {
                  unless a network policy guards it"
             );
         }
-        let tls = TlsSetup::load(&config, options.control.as_ref())?;
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let (addr, sockets) = listener::bind_reuseport(l.address, workers)
@@ -256,6 +254,7 @@ impl Proxy {
             admin,
             listeners,
             tls,
+            clusters: table,
         })
     }
 
@@ -277,17 +276,7 @@ impl Proxy {
     /// connections a GOAWAY) and returns.
     pub fn run(mut self) -> Result<(), StartError> {
         let metrics = self.metrics.clone();
-        let clusters: Arc<[Arc<Cluster>]> = self
-            .config
-            .clusters
-            .iter()
-            .enumerate()
-            .map(|(i, c)| {
-                let cluster = Cluster::new(i, c, metrics.cluster(&c.name));
-                Arc::new(cluster.with_tls(self.tls.clusters.get(i).cloned().flatten()))
-            })
-            .collect();
-        let cluster_names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+        let clusters = self.clusters.clone();
         let overload = {
             let (soft, hard) = crate::overload::raise_file_limit();
             let limit = match self.config.overload.max_connections {
@@ -316,16 +305,19 @@ impl Proxy {
             .enumerate()
             .map(|(i, l)| {
                 let chain = chains.next().flatten();
+                // Validation has checked the default cluster against these clusters.
+                let live = Live::new(
+                    chain.map(Arc::new),
+                    clusters.load_full(),
+                    &l.default_cluster,
+                )
+                .unwrap_or_else(|_| {
+                    Live::new(None, clusters.load_full(), "").expect("no default cluster")
+                });
                 let ctx = ListenerCtx {
                     name: l.name.clone(),
-                    default_cluster: cluster_names
-                        .iter()
-                        .position(|c| *c == l.default_cluster)
-                        .unwrap_or(0)
-                        .into(),
-                    clusters: clusters.clone(),
-                    metrics: metrics.listener(&l.name, &cluster_names),
-                    chain: ChainSlot::from(chain.map(Arc::new)),
+                    live: arc_swap::ArcSwap::from_pointee(live),
+                    metrics: metrics.listener(&l.name),
                     replay_limit: l.replay_buffer_kb as usize * 1024,
                     direction: l.direction.number(),
                     max_requests_per_connection: l.max_requests_per_connection,
@@ -365,6 +357,8 @@ impl Proxy {
         });
         let drain_timeout = Duration::from_millis(self.config.drain.timeout_ms);
         let timer_anchor = clusters
+            .load()
+            .list
             .iter()
             .filter_map(|c| c.request_timeout)
             .fold(Duration::from_secs(1), Duration::min)
@@ -438,6 +432,7 @@ impl Proxy {
                 metrics: state.metrics.clone(),
                 listeners: runtimes.clone(),
                 clusters: clusters.clone(),
+                identity: self.tls.identity.clone(),
                 admin: state.clone(),
                 failure_baseline: Default::default(),
             }));
@@ -482,8 +477,8 @@ fn build_chains(
     config: &Config,
     metrics: &Metrics,
     host: Option<&dyn FilterHost>,
+    clusters: &Arc<ClusterTable>,
 ) -> Result<Vec<Option<Box<dyn FilterChain>>>, StartError> {
-    let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
     let mut chains = Vec::new();
     for l in &config.listeners {
         if l.filters.is_empty() {
@@ -492,7 +487,7 @@ fn build_chains(
         }
         let host = host.ok_or_else(|| StartError::NoFilterHost(l.name.clone()))?;
         chains.push(Some(
-            host.build_chain(&l.name, &l.filters, &clusters, metrics)?,
+            host.build_chain(&l.name, &l.filters, clusters, metrics)?,
         ));
     }
     Ok(chains)
@@ -504,20 +499,51 @@ fn build_services(
     config: &Config,
     metrics: &Metrics,
     host: Option<&dyn FilterHost>,
+    clusters: &Arc<ClusterTable>,
 ) -> Result<Vec<Arc<Box<dyn FilterChain>>>, StartError> {
     if config.wasm.services.is_empty() {
         return Ok(Vec::new());
     }
     let host = host.ok_or_else(|| StartError::NoFilterHost("wasm.services".into()))?;
-    let clusters: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
     config
         .wasm
         .services
         .iter()
         .map(|s| {
             let chain =
-                host.build_chain("wasm.services", std::slice::from_ref(s), &clusters, metrics)?;
+                host.build_chain("wasm.services", std::slice::from_ref(s), clusters, metrics)?;
             Ok(Arc::new(chain))
         })
         .collect()
+}
+
+/// The clusters of `config`: a cluster of `old` whose settings stay is kept (its endpoints,
+/// pools, statistics and counts; its endpoints follow the config when the caller publishes
+/// the table, by [`Cluster::set_endpoints`]); a new or changed one is built, with its TLS.
+/// An error names the cluster whose TLS could not be built.
+pub(crate) fn build_clusters(
+    config: &Config,
+    identity: &Arc<IdentityStore>,
+    metrics: &Metrics,
+    old: &Clusters,
+) -> Result<Clusters, (String, TlsError)> {
+    let list = config
+        .clusters
+        .iter()
+        .map(|c| {
+            if let Some(kept) = old.get(&c.name).filter(|k| k.same_settings(c)) {
+                return Ok(kept.clone());
+            }
+            let tls = c
+                .tls
+                .as_ref()
+                .map(|t| ClientTls::new(t, c.protocol, identity).map(Arc::new))
+                .transpose()
+                .map_err(|e| (format!("cluster `{}`", c.name), e))?;
+            Ok(Arc::new(
+                Cluster::new(c, metrics.cluster(&c.name)).with_tls(tls),
+            ))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(Clusters::new(list))
 }

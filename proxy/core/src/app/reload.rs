@@ -1,21 +1,23 @@
-//! Changing a running proxy in place: filter chains, default clusters and cluster endpoints,
-//! from a re-read config file (SIGHUP) or a control service snapshot ([`crate::control`]).
+//! Changing a running proxy in place: filter chains, default clusters and clusters (added,
+//! changed, removed, or their endpoints), from a re-read config file (SIGHUP) or a control
+//! service snapshot ([`crate::control`]).
 //!
 //! Every change is all or nothing: each new chain is built off the request path (compile,
 //! link, canary start) and only when all are ready is each published with one atomic swap.
-//! New streams take the new chain; streams in flight finish on the chain they started with,
-//! whose instances are freed when the last of them ends. Any error leaves everything as it
-//! was.
+//! New streams take the new chain and clusters; streams in flight finish on the chain and
+//! the clusters they started with (a removed cluster lives on until its last request ends),
+//! whose instances are freed when the last of them ends. A cluster whose settings stay keeps
+//! its pools, statistics and counts. Any error leaves everything as it was.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 
 use crate::config::Config;
 use crate::control::{ControlSnapshot, StateDir, overlay};
 use crate::downstream::ListenerRuntime;
 use crate::filter::FilterHost;
+use crate::http::Live;
 use crate::metrics::Metrics;
-use crate::upstream::Cluster;
+use crate::upstream::{Cluster, ClusterTable};
 
 /// Applies config changes to the running proxy.
 pub(crate) struct Reloader {
@@ -33,7 +35,10 @@ pub(crate) struct Reloader {
     pub filter_host: Option<Arc<dyn FilterHost>>,
     pub metrics: Arc<Metrics>,
     pub listeners: Vec<Arc<ListenerRuntime>>,
-    pub clusters: Arc<[Arc<Cluster>]>,
+    /// The proxy's clusters, replaced whole when any is added, changed or removed.
+    pub clusters: Arc<ClusterTable>,
+    /// The mesh identity (new clusters' TLS is built over it).
+    pub identity: Arc<crate::tls::IdentityStore>,
     /// What `/config_dump` shows.
     pub admin: Arc<crate::admin::AdminState>,
     /// Filter failure counts, by (filter, kind), when what runs was applied.
@@ -119,9 +124,9 @@ impl Reloader {
             .unwrap_or_default()
     }
 
-    /// Applies `next`: the chains that changed (all with `rebuild_all`), default clusters and
-    /// endpoints. Returns the number of chains swapped. Listeners and cluster settings other
-    /// than endpoints need a restart and are left as they are (with a warning).
+    /// Applies `next`: the chains that changed (all with `rebuild_all`), default clusters,
+    /// clusters and their endpoints. Returns the number of chains swapped. Listeners added
+    /// or removed need a restart and are left as they are (with a warning).
     async fn apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {
         let result = self.try_apply(next, rebuild_all).await;
         self.metrics.chain_swap(result.is_ok());
@@ -147,28 +152,25 @@ impl Reloader {
     }
 
     async fn try_apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {
-        let same_shape = next.listeners.len() == self.running.listeners.len()
+        let same_listeners = next.listeners.len() == self.running.listeners.len()
             && next
                 .listeners
                 .iter()
                 .zip(&self.running.listeners)
-                .all(|(a, b)| a.name == b.name && a.address == b.address)
-            && next.clusters.len() == self.running.clusters.len()
-            && next
-                .clusters
-                .iter()
-                .zip(&self.running.clusters)
-                .all(|(a, b)| a.name == b.name);
-        if !same_shape {
+                .all(|(a, b)| a.name == b.name && a.address == b.address);
+        if !same_listeners {
             tracing::warn!(
-                "listeners or clusters were added, removed or renamed: that needs a restart; \
-                 chains and endpoints of the existing ones are applied"
+                "listeners were added, removed or renamed: that needs a restart; chains, \
+                 default clusters and clusters of the existing ones are applied"
             );
         }
-        let cluster_names: Vec<String> = self.clusters.iter().map(|c| c.name.clone()).collect();
         // Check and build everything first: all or nothing.
-        let mut defaults = Vec::new();
+        let clusters = Arc::new(
+            super::build_clusters(&next, &self.identity, &self.metrics, &self.clusters.load())
+                .map_err(|(what, e)| format!("{what}: {e}"))?,
+        );
         let mut built = Vec::new();
+        let mut lives = Vec::new();
         for l in &next.listeners {
             let Some((i, rt)) = self
                 .listeners
@@ -179,64 +181,67 @@ impl Reloader {
             else {
                 continue;
             };
-            let default = cluster_names
-                .iter()
-                .position(|c| *c == l.default_cluster)
-                .ok_or_else(|| {
-                    format!(
-                        "listener `{}`: default cluster `{}` is not a cluster of this proxy",
-                        l.name, l.default_cluster
-                    )
-                })?;
-            defaults.push((rt.clone(), default));
             let running = &self.running.listeners[i].filters;
             let changed =
                 serde_json::to_value(&l.filters).ok() != serde_json::to_value(running).ok();
-            if !(changed || rebuild_all && !l.filters.is_empty()) {
-                continue;
-            }
-            if l.filters.is_empty() {
-                built.push((i, rt.clone(), None, Vec::new()));
-                continue;
-            }
-            let host = self
-                .filter_host
-                .clone()
-                .ok_or("this proxy has no filter host")?;
-            let (name, filters, clusters, metrics) = (
-                l.name.clone(),
-                l.filters.clone(),
-                cluster_names.clone(),
-                self.metrics.clone(),
-            );
-            let chain = tokio::task::spawn_blocking(move || {
-                host.build_chain(&name, &filters, &clusters, &metrics)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
-            built.push((i, rt.clone(), Some(chain), l.filters.clone()));
+            let chain = if !(changed || rebuild_all && !l.filters.is_empty()) {
+                rt.ctx.live.load().chain.clone()
+            } else if l.filters.is_empty() {
+                built.push((i, Vec::new()));
+                None
+            } else {
+                let host = self
+                    .filter_host
+                    .clone()
+                    .ok_or("this proxy has no filter host")?;
+                let (name, filters, table, metrics) = (
+                    l.name.clone(),
+                    l.filters.clone(),
+                    self.clusters.clone(),
+                    self.metrics.clone(),
+                );
+                let chain = tokio::task::spawn_blocking(move || {
+                    host.build_chain(&name, &filters, &table, &metrics)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+                built.push((i, l.filters.clone()));
+                Some(Arc::new(chain))
+            };
+            let live = Live::new(chain, clusters.clone(), &l.default_cluster)
+                .map_err(|e| format!("listener `{}`: default cluster: {e}", l.name))?;
+            lives.push((rt, live));
         }
-        // Publish.
+        // Publish: the clusters first (endpoints of kept ones follow the config), then each
+        // listener's chain and clusters in one swap.
+        let (added, removed) = {
+            let old = self.clusters.load();
+            let kept = |c: &Arc<Cluster>, other: &crate::upstream::Clusters| {
+                other.list.iter().any(|o| Arc::ptr_eq(o, c))
+            };
+            (
+                clusters.list.iter().filter(|c| !kept(c, &old)).count(),
+                old.list.iter().filter(|c| !kept(c, &clusters)).count(),
+            )
+        };
+        for (c, cfg) in clusters.list.iter().zip(&next.clusters) {
+            c.set_endpoints(&cfg.endpoints);
+        }
+        self.clusters.store(clusters);
+        crate::upstream::pool::table_replaced();
+        if added + removed > 0 {
+            tracing::info!(added, removed, "clusters changed");
+        }
         let swapped = built.len();
-        for (i, rt, chain, filters) in built {
-            rt.ctx.chain.store(chain.map(Arc::new));
+        for (rt, live) in lives {
+            rt.ctx.live.store(Arc::new(live));
+        }
+        for (i, filters) in built {
             self.running.listeners[i].filters = filters;
         }
-        for (rt, default) in defaults {
-            rt.ctx.default_cluster.store(default, Relaxed);
-        }
-        for c in &next.clusters {
-            if let Some(cluster) = self.clusters.iter().find(|k| k.name == c.name) {
-                cluster.set_endpoints(&c.endpoints);
-            }
-        }
         // What runs now, matched by name (a re-read file may list them in another order).
-        for c in &next.clusters {
-            if let Some(running) = self.running.clusters.iter_mut().find(|r| r.name == c.name) {
-                running.endpoints = c.endpoints.clone();
-            }
-        }
+        self.running.clusters = next.clusters.clone();
         for l in &next.listeners {
             if let Some(running) = self.running.listeners.iter_mut().find(|r| r.name == l.name) {
                 running.default_cluster = l.default_cluster.clone();

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use weft_proto::v1;
 
 use super::state_dir::StateDir;
-use crate::config::{Config, EndpointConfig, FailurePolicy, FilterConfig, FilterLimits};
+use crate::config::{
+    ClusterConfig, Config, EndpointConfig, FailurePolicy, FilterConfig, FilterLimits,
+};
 
 /// A filter of a control snapshot.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -40,13 +42,22 @@ pub struct SnapshotChain {
     pub filters: Vec<SnapshotFilter>,
 }
 
-/// A cluster's endpoints in a control snapshot.
+/// A cluster in a control snapshot.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotCluster {
     /// The cluster.
     pub name: String,
     /// Its endpoints.
     pub endpoints: Vec<EndpointConfig>,
+    /// Its settings (a cluster of the config file without `name` and `endpoints`); `None`:
+    /// the bootstrap's cluster of that name keeps its own, a new one gets the defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
+    /// Made by the control service for a registry service: left out, with a warning, where
+    /// it cannot run (mesh TLS without an identity) or where the bootstrap has a cluster of
+    /// that name.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub implicit: bool,
 }
 
 /// What the control service says this proxy should run.
@@ -130,9 +141,18 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
                                 })
                             })
                             .collect::<Result<_, String>>()?;
+                    let settings = if c.settings_json.is_empty() {
+                        None
+                    } else {
+                        Some(serde_json::from_str(&c.settings_json).map_err(|e| {
+                            format!("cluster `{}`: settings are not JSON: {e}", c.name)
+                        })?)
+                    };
                     Ok(SnapshotCluster {
                         name: c.name,
                         endpoints,
+                        settings,
+                        implicit: c.implicit,
                     })
                 })
                 .collect::<Result<_, String>>()?;
@@ -146,10 +166,11 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
 }
 
 /// `base` with `snap` over it: each chain replaces its listener's filters (and default
-/// cluster, when it names one), each cluster its endpoints. Listeners and clusters the
-/// snapshot does not mention keep the bootstrap's. A chain for a listener or a cluster this
-/// proxy does not have, or two for the same one, is an error. The module files are not read
-/// here: see [`StateDir::check_modules`].
+/// cluster, when it names one); each cluster replaces the bootstrap's cluster of its name
+/// (its endpoints, and its settings when it has some) or is added. Listeners and clusters
+/// the snapshot does not mention keep the bootstrap's. A chain for a listener this proxy
+/// does not have, two chains for one listener or two clusters of one name is an error. The
+/// module files are not read here: see [`StateDir::check_modules`].
 pub fn overlay(base: &Config, snap: &ControlSnapshot, dir: &StateDir) -> Result<Config, String> {
     let mut next = base.clone();
     let mut seen = BTreeMap::new();
@@ -193,17 +214,50 @@ pub fn overlay(base: &Config, snap: &ControlSnapshot, dir: &StateDir) -> Result<
         if !seen.insert(c.name.as_str()) {
             return Err(format!("cluster `{}` appears twice", c.name));
         }
-        let cluster = next
-            .clusters
-            .iter_mut()
-            .find(|k| k.name == c.name)
-            .ok_or_else(|| {
-                format!(
-                    "cluster `{}` is not in this proxy's bootstrap config (adding clusters needs a restart)",
-                    c.name
+        let bootstrap = next.clusters.iter_mut().find(|k| k.name == c.name);
+        if c.implicit {
+            let mesh = |k: &ClusterConfig| {
+                k.tls
+                    .as_ref()
+                    .is_some_and(|t| t.mode == crate::config::ClusterTlsMode::Mesh)
+            };
+            // An identity is assumed here: the check that matters comes next.
+            let cluster = ClusterConfig::from_settings(&c.name, c.settings.as_ref(), true)
+                .map_err(|e| format!("cluster `{}`: {e}", c.name))?;
+            if bootstrap.is_some() {
+                tracing::debug!(cluster = %c.name, "the bootstrap's cluster of this name wins over the service's");
+            } else if mesh(&cluster) && base.identity.is_none() {
+                tracing::warn!(cluster = %c.name, "service left out: it takes mesh TLS and this proxy has no identity");
+            } else {
+                next.clusters.push(ClusterConfig {
+                    endpoints: c.endpoints.clone(),
+                    ..cluster
+                });
+            }
+            continue;
+        }
+        match bootstrap {
+            Some(cluster) => {
+                if c.settings.is_some() {
+                    *cluster = ClusterConfig::from_settings(
+                        &c.name,
+                        c.settings.as_ref(),
+                        base.identity.is_some(),
+                    )
+                    .map_err(|e| format!("cluster `{}`: {e}", c.name))?;
+                }
+                cluster.endpoints = c.endpoints.clone();
+            }
+            None => next.clusters.push(ClusterConfig {
+                endpoints: c.endpoints.clone(),
+                ..ClusterConfig::from_settings(
+                    &c.name,
+                    c.settings.as_ref(),
+                    base.identity.is_some(),
                 )
-            })?;
-        cluster.endpoints = c.endpoints.clone();
+                .map_err(|e| format!("cluster `{}`: {e}", c.name))?
+            }),
+        }
     }
     next.validate()
         .map_err(|(field, message)| format!("{field}: {message}"))?;

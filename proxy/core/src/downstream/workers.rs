@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
 use super::connection::{ListenerRuntime, accept_loop};
-use crate::upstream::Cluster;
+use crate::upstream::ClusterTable;
 use crate::upstream::pool as worker;
 
 /// What one worker thread runs.
@@ -19,8 +19,8 @@ pub struct WorkerSpec {
     pub id: usize,
     /// Its socket of each listener.
     pub listeners: Vec<(std::net::TcpListener, Arc<ListenerRuntime>)>,
-    /// All clusters.
-    pub clusters: Arc<[Arc<Cluster>]>,
+    /// The proxy's clusters.
+    pub clusters: Arc<ClusterTable>,
     /// Becomes true when the proxy drains.
     pub drain: watch::Receiver<bool>,
     /// How long in-flight requests get once draining.
@@ -42,7 +42,7 @@ pub fn spawn_worker(spec: WorkerSpec) -> io::Result<std::thread::JoinHandle<()>>
 }
 
 async fn run_worker(spec: WorkerSpec) {
-    worker::install(spec.id, &spec.clusters);
+    worker::install(spec.id, spec.clusters.clone());
     crate::http::callout::install(spec.clusters.clone());
     // tokio wakes its own driver with an eventfd write whenever a newly registered timer is
     // earlier than every other one (tokio-rs/tokio#5207): on a quiet worker that is every
@@ -62,7 +62,7 @@ async fn run_worker(spec: WorkerSpec) {
         service.warm();
     }
     for (_, listener) in &spec.listeners {
-        if let Some(chain) = listener.ctx.chain.load_full() {
+        if let Some(chain) = listener.ctx.live.load().chain.clone() {
             chain.warm();
         }
     }

@@ -36,7 +36,8 @@ impl Exchange {
         sendable: Sendable,
         route: &RouteOverrides,
     ) -> Result<(http::response::Parts, Incoming), Early> {
-        let cluster = self.ctx().clusters[self.cluster].clone();
+        let cluster = self.target()?.clone();
+        let index = self.cluster.unwrap_or_default();
         let (max_attempts, replay, mut once) = match sendable {
             Sendable::Replay(r) => (route.max_attempts, Some(r), None),
             Sendable::Once(body) => (1, None, Some(body)),
@@ -77,7 +78,7 @@ impl Exchange {
                 limit,
                 |endpoint| {
                     if let Some(f) = &filters {
-                        filter::lock(f).set_upstream(cluster.index, endpoint.peer());
+                        filter::lock(f).set_upstream(index, endpoint.peer());
                     }
                 },
             )
@@ -88,7 +89,7 @@ impl Exchange {
                 if ep.address.ip().is_none()
                     && let Some(f) = &filters
                 {
-                    filter::lock(f).set_upstream(cluster.index, ep.peer());
+                    filter::lock(f).set_upstream(index, ep.peer());
                 }
             }
             let (mut rhead, rbody, error) = match dispatched.outcome {
@@ -137,7 +138,7 @@ impl Exchange {
                         });
                     }
                     ResponseDecision::Pause(callouts) => {
-                        let outcomes = super::callout::run_all(self.ctx(), callouts).await;
+                        let outcomes = super::callout::run_all(&self.live.clusters, callouts).await;
                         decision = filter::lock(&filters).resume_response(
                             &mut rhead,
                             end_of_stream,

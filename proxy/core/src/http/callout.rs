@@ -20,12 +20,11 @@ use http::{Request, Version, request, response};
 use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 
-use super::ListenerCtx;
 use super::attempt::set_upstream_target;
 use crate::body::RequestBody;
 use crate::config::UpstreamProtocol;
 use crate::filter::{Callout, CalloutOutcome, CalloutResponse};
-use crate::upstream::{self, Cluster, InFlight};
+use crate::upstream::{self, ClusterTable, Clusters, InFlight};
 
 /// Why a callout failed when its timeout passed.
 pub const TIMED_OUT: &str = "callout timed out";
@@ -35,24 +34,31 @@ const CALLOUT_BODY_LIMIT: usize = 1024 * 1024;
 
 thread_local! {
     /// The proxy's clusters, on a worker thread (for callouts outside a stream).
-    static CLUSTERS: RefCell<Option<Arc<[Arc<Cluster>]>>> = const { RefCell::new(None) };
+    static CLUSTERS: RefCell<Option<Arc<ClusterTable>>> = const { RefCell::new(None) };
 }
 
-/// Makes the calling worker thread able to send callouts outside a stream to `clusters`.
-pub fn install(clusters: Arc<[Arc<Cluster>]>) {
-    CLUSTERS.with(|c| *c.borrow_mut() = Some(clusters));
+/// Makes the calling worker thread able to send callouts outside a stream to the clusters
+/// of `table` (as they are when each is sent).
+pub fn install(table: Arc<ClusterTable>) {
+    CLUSTERS.with(|c| *c.borrow_mut() = Some(table));
 }
 
-/// Sends the callouts a filter paused on, side by side, and returns their outcomes (in the
-/// order they complete). Dropping the future drops the callouts.
-pub async fn run_all(ctx: &ListenerCtx, callouts: Vec<Callout>) -> Vec<CalloutOutcome> {
+/// The clusters now, on a worker thread.
+fn worker_clusters() -> Option<Arc<Clusters>> {
+    CLUSTERS.with(|c| Some(c.borrow().as_ref()?.load_full()))
+}
+
+/// Sends the callouts a filter paused on to `clusters` (the stream's), side by side, and
+/// returns their outcomes (in the order they complete). Dropping the future drops the
+/// callouts.
+pub async fn run_all(clusters: &Arc<Clusters>, callouts: Vec<Callout>) -> Vec<CalloutOutcome> {
     if callouts.len() == 1 {
         let callout = callouts.into_iter().next().expect("one callout");
-        return vec![run(&ctx.clusters, callout).await];
+        return vec![run(clusters, callout).await];
     }
     let mut set = tokio::task::JoinSet::new();
     for callout in callouts {
-        let clusters = ctx.clusters.clone();
+        let clusters = clusters.clone();
         set.spawn(async move { run(&clusters, callout).await });
     }
     let mut outcomes = Vec::with_capacity(set.len());
@@ -67,7 +73,7 @@ pub async fn run_all(ctx: &ListenerCtx, callouts: Vec<Callout>) -> Vec<CalloutOu
 /// Sends a callout made outside a stream (a filter's root context) to the proxy's clusters
 /// as the calling worker knows them; off a worker it fails with a reason.
 pub async fn run_on_worker(callout: Callout) -> CalloutOutcome {
-    match CLUSTERS.with(|c| c.borrow().clone()) {
+    match worker_clusters() {
         Some(clusters) => run(&clusters, callout).await,
         None => CalloutOutcome {
             token: callout.token,
@@ -77,7 +83,7 @@ pub async fn run_on_worker(callout: Callout) -> CalloutOutcome {
 }
 
 /// Sends one callout to its cluster and reads the whole response within its timeout.
-pub async fn run(clusters: &[Arc<Cluster>], callout: Callout) -> CalloutOutcome {
+pub async fn run(clusters: &Clusters, callout: Callout) -> CalloutOutcome {
     let token = callout.token;
     let deadline = tokio::time::Instant::now() + callout.timeout;
     let response = async {
@@ -119,15 +125,14 @@ pub async fn run(clusters: &[Arc<Cluster>], callout: Callout) -> CalloutOutcome 
 /// the response head with what it holds. A request of version HTTP/2 needs a cluster that
 /// speaks HTTP/2.
 async fn exchange(
-    clusters: &[Arc<Cluster>],
+    clusters: &Clusters,
     cluster: &str,
     mut head: request::Parts,
     body: RequestBody,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<(http::Response<Incoming>, InFlight), String> {
     let cluster = clusters
-        .iter()
-        .find(|c| c.name == cluster)
+        .get(cluster)
         .ok_or_else(|| format!("no cluster `{cluster}`"))?;
     if head.version == Version::HTTP_2 && cluster.protocol != UpstreamProtocol::Http2 {
         return Err(format!(
@@ -168,7 +173,7 @@ pub async fn open_on_worker(
     body: tokio::sync::mpsc::UnboundedReceiver<Option<Bytes>>,
     deadline: Option<tokio::time::Instant>,
 ) -> Result<Streaming, String> {
-    let Some(clusters) = CLUSTERS.with(|c| c.borrow().clone()) else {
+    let Some(clusters) = worker_clusters() else {
         return Err("no worker to open the stream from".into());
     };
     let open = exchange(

@@ -42,8 +42,8 @@ use crate::clock;
 use crate::filter::{
     self, Direction, LocalReply, RequestDecision, RouteOverrides, SharedFilterStream, StreamInfo,
 };
-use crate::metrics::ListenerMetrics;
-use crate::upstream::Cluster;
+use crate::metrics::{ListenerMetrics, ResponseCounters};
+use crate::upstream::{Cluster, Clusters};
 pub use connection::ConnShared;
 use stream::Stream;
 
@@ -56,18 +56,103 @@ pub const MAX_HOLD: std::time::Duration = std::time::Duration::from_secs(60);
 /// `x-weft-attempt`: the attempt number, sent upstream on requests that may be retried.
 pub static X_WEFT_ATTEMPT: HeaderName = HeaderName::from_static("x-weft-attempt");
 
+/// `x-weft-reason`: why the proxy answered a request itself (no cluster for its authority).
+pub static X_WEFT_REASON: HeaderName = HeaderName::from_static("x-weft-reason");
+
+/// What a listener routes with now: its chain, the proxy's clusters and its default
+/// cluster. Replaced whole when any of them changes; a stream keeps the one it started with,
+/// so the chain it runs through and the cluster indexes it holds stay valid to its end.
+pub struct Live {
+    /// The filter chain, if the listener has filters.
+    pub chain: Option<Arc<Box<dyn filter::FilterChain>>>,
+    /// The proxy's clusters.
+    pub clusters: Arc<Clusters>,
+    /// The default cluster's index; `None`: each request goes to the cluster its authority
+    /// names (when no filter chose one).
+    pub default_cluster: Option<usize>,
+    /// Answered-request counters by cluster index, made at a cluster's first answer; the
+    /// last one counts requests no cluster was found for.
+    requests: Box<[std::sync::OnceLock<ResponseCounters>]>,
+}
+
+impl Live {
+    /// What a listener runs with `chain`, `clusters` and the default cluster named
+    /// `default_cluster` (empty: route by authority). A default cluster `clusters` does not
+    /// have is an error.
+    pub fn new(
+        chain: Option<Arc<Box<dyn filter::FilterChain>>>,
+        clusters: Arc<Clusters>,
+        default_cluster: &str,
+    ) -> Result<Self, String> {
+        let default_cluster = match default_cluster {
+            "" => None,
+            name => Some(
+                clusters
+                    .find(name)
+                    .ok_or_else(|| format!("no cluster named `{name}`"))?,
+            ),
+        };
+        let requests = (0..=clusters.list.len())
+            .map(|_| std::sync::OnceLock::new())
+            .collect();
+        Ok(Self {
+            chain,
+            clusters,
+            default_cluster,
+            requests,
+        })
+    }
+
+    /// Counts an answer to a request for `cluster` (by index; `None`: none was found).
+    fn count_response(&self, metrics: &ListenerMetrics, cluster: Option<usize>, status: u16) {
+        let i = cluster.unwrap_or(self.clusters.list.len());
+        let Some(slot) = self.requests.get(i) else {
+            return;
+        };
+        let counters = slot.get_or_init(|| {
+            metrics.requests(cluster.map_or("", |c| self.clusters.names[c].as_str()))
+        });
+        crate::metrics::count_response(counters, status);
+    }
+
+    /// The cluster `authority` names: a cluster of that exact name, else of its host (the
+    /// port left out), else of the host's first label when the rest is a Kubernetes-style
+    /// namespace suffix (`echo.default`, `echo.default.svc`,
+    /// `echo.default.svc.cluster.local`).
+    pub fn cluster_for_authority(&self, authority: &str) -> Option<usize> {
+        let c = &self.clusters;
+        if let Some(i) = c.find(authority) {
+            return Some(i);
+        }
+        let host = match authority.rsplit_once(':') {
+            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(']') => h,
+            _ => authority,
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if let Some(i) = c.find(host) {
+            return Some(i);
+        }
+        let (first, rest) = host.split_once('.')?;
+        let namespaced = !rest.is_empty()
+            && (!rest.contains('.')
+                || rest
+                    .strip_suffix(".svc")
+                    .is_some_and(|ns| !ns.contains('.'))
+                || rest
+                    .strip_suffix(".svc.cluster.local")
+                    .is_some_and(|ns| !ns.contains('.')));
+        if namespaced { c.find(first) } else { None }
+    }
+}
+
 /// What the request path needs to know about its listener.
 pub struct ListenerCtx {
     /// Listener name (metrics, logs).
     pub name: String,
-    /// Index of the default cluster.
-    pub default_cluster: std::sync::atomic::AtomicUsize,
-    /// All clusters of the proxy, by index.
-    pub clusters: Arc<[Arc<Cluster>]>,
+    /// Chain, clusters and default cluster now.
+    pub live: arc_swap::ArcSwap<Live>,
     /// Metric handles.
     pub metrics: ListenerMetrics,
-    /// The filter chain.
-    pub chain: filter::ChainSlot,
     /// Largest request body kept for replay (retries).
     pub replay_limit: usize,
     /// Which way traffic goes through it (Envoy's number: 0 unspecified, 1 inbound, 2
@@ -105,6 +190,13 @@ pub enum Early {
     },
     /// The proxy's answer to a failed attempt, with the head the response filters left.
     Proxy(Box<http::response::Parts>),
+    /// No cluster for the request's authority: 404, the authority named in `x-weft-reason`.
+    NoCluster {
+        /// The authority (or `host`) asked for.
+        authority: String,
+        /// Whether the HTTP/1 connection must close (the request body was not read).
+        close: bool,
+    },
 }
 
 impl Early {
@@ -129,8 +221,10 @@ pub struct Exchange {
     t0: u64,
     /// The HTTP version the client speaks.
     version: Version,
-    /// The cluster the request goes to (index into the listener's clusters).
-    cluster: usize,
+    /// What the listener routes with, as of the request's start.
+    live: Arc<Live>,
+    /// The cluster the request goes to (index into `live.clusters`), once known.
+    cluster: Option<usize>,
     /// The stream through the filter chain, if the listener has one.
     filters: Option<SharedFilterStream>,
     /// The client takes trailers (HTTP/2, or HTTP/1.1 with `te: trailers`): otherwise the
@@ -169,10 +263,11 @@ pub async fn handle(
     } else {
         resp
     };
-    ex.conn
-        .listener
-        .metrics
-        .count_response(ex.cluster, resp.status().as_u16());
+    ex.live.count_response(
+        &ex.conn.listener.metrics,
+        ex.cluster,
+        resp.status().as_u16(),
+    );
     Ok(resp)
 }
 
@@ -191,8 +286,8 @@ impl Exchange {
     /// Starts the accounting of a request.
     fn start(conn: Arc<ConnShared>, version: Version) -> Self {
         let t0 = clock::now_ns();
-        let ctx = &conn.listener;
-        let cluster = ctx.default_cluster.load(Relaxed);
+        let live = conn.listener.live.load_full();
+        let cluster = live.default_cluster;
         let stream = Stream::begin(conn.clone(), clock::ns_to_ms(t0));
         let last = conn.request_started(version);
         Self {
@@ -201,6 +296,7 @@ impl Exchange {
             stream: Some(stream),
             t0,
             version,
+            live,
             cluster,
             filters: None,
             accepts_trailers: version >= Version::HTTP_2,
@@ -279,8 +375,8 @@ impl Exchange {
             "http"
         };
         headers::set_forwarded(&mut head.headers, &self.conn.peer_ip, proto);
-        let Some(chain) = self.ctx().chain.load_full() else {
-            return Ok(());
+        let Some(chain) = self.live.chain.clone() else {
+            return self.route_by_authority(head, end_of_stream);
         };
         let info = StreamInfo {
             source: self.conn.peer,
@@ -293,7 +389,8 @@ impl Exchange {
             upstream: None,
             // The listener's default cluster until a filter or the attempt says otherwise
             // (Envoy knows the route's cluster in the request phase).
-            cluster: Some(self.cluster as u32),
+            cluster: self.cluster.map(|c| c as u32),
+            clusters: self.live.clusters.clone(),
             direction: self.ctx().direction,
             attempt: Default::default(),
             tls: self.conn.tls.clone(),
@@ -304,11 +401,15 @@ impl Exchange {
         let mut decision = filter::lock(&filters).on_request_headers(head, end_of_stream);
         loop {
             match decision {
-                RequestDecision::Continue { cluster: Some(c) } if c < self.ctx().clusters.len() => {
-                    self.cluster = c;
+                RequestDecision::Continue { cluster: Some(c) }
+                    if c < self.live.clusters.list.len() =>
+                {
+                    self.cluster = Some(c);
                     return Ok(());
                 }
-                RequestDecision::Continue { .. } => return Ok(()),
+                RequestDecision::Continue { .. } => {
+                    return self.route_by_authority(head, end_of_stream);
+                }
                 RequestDecision::Respond(reply) => {
                     return Err(Early::Filter {
                         reply: Box::new(reply),
@@ -316,7 +417,7 @@ impl Exchange {
                     });
                 }
                 RequestDecision::Pause(callouts) => {
-                    let outcomes = callout::run_all(self.ctx(), callouts).await;
+                    let outcomes = callout::run_all(&self.live.clusters, callouts).await;
                     decision = filter::lock(&filters).resume_request(head, end_of_stream, outcomes);
                 }
                 RequestDecision::Hold => {
@@ -324,6 +425,34 @@ impl Exchange {
                     decision = filter::lock(&filters).resume_request(head, end_of_stream, vec![]);
                 }
             }
+        }
+    }
+
+    /// With no cluster chosen (no default cluster, no filter's choice), the cluster the
+    /// request's authority names; none is a 404 that names the authority.
+    fn route_by_authority(
+        &mut self,
+        head: &http::request::Parts,
+        end_of_stream: bool,
+    ) -> Result<(), Early> {
+        if self.cluster.is_some() {
+            return Ok(());
+        }
+        let authority = head
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| head.headers.get(header::HOST)?.to_str().ok())
+            .unwrap_or("");
+        match self.live.cluster_for_authority(authority) {
+            Some(c) => {
+                self.cluster = Some(c);
+                Ok(())
+            }
+            None => Err(Early::NoCluster {
+                authority: authority.to_owned(),
+                close: !end_of_stream,
+            }),
         }
     }
 
@@ -431,7 +560,7 @@ impl Exchange {
         headers::strip_hop_by_hop(&mut head.headers, upgrade);
         // The proxy answers `expect: 100-continue` itself when it starts reading the body.
         head.headers.remove(header::EXPECT);
-        let protocol = self.ctx().clusters[self.cluster].protocol;
+        let protocol = self.target()?.protocol;
         attempt::set_upstream_target(&mut head, protocol).map_err(|(status, text)| {
             Early::Local {
                 status,
@@ -474,7 +603,7 @@ impl Exchange {
                     down,
                     up,
                     tunnel::Open::new(self.conn.clone()),
-                    self.ctx().clusters[self.cluster].clone(),
+                    self.target()?.clone(),
                     self.ctx().stream_idle_timeout,
                 ));
             }
@@ -524,7 +653,7 @@ impl Exchange {
                 self.hold_limit(),
             ),
             Err(e) => {
-                let cluster = &self.ctx().clusters[self.cluster];
+                let cluster = self.target()?;
                 tracing::debug!(cluster = %cluster.name, "reading the response body: {e}");
                 cluster.metrics.resets.inc();
                 return Err(Early::Local {
@@ -557,9 +686,21 @@ impl Exchange {
     /// How long a filter may hold the stream or its body: the cluster's request timeout,
     /// else [`MAX_HOLD`].
     fn hold_limit(&self) -> std::time::Duration {
-        self.ctx().clusters[self.cluster]
-            .request_timeout
+        self.target()
+            .ok()
+            .and_then(|c| c.request_timeout)
             .unwrap_or(MAX_HOLD)
+    }
+
+    /// The cluster the request goes to: known once the request phase has passed (a request
+    /// with none has ended with [`Early::NoCluster`] there).
+    fn target(&self) -> Result<&Arc<Cluster>, Early> {
+        self.cluster
+            .and_then(|c| self.live.clusters.list.get(c))
+            .ok_or_else(|| Early::NoCluster {
+                authority: String::new(),
+                close: true,
+            })
     }
 
     /// The one funnel: an early end of the exchange as its response.
@@ -573,6 +714,18 @@ impl Exchange {
             } => (reply::local_reply(status, text, stream), close),
             Early::Filter { reply, close } => (reply::filter_reply(*reply, stream), close),
             Early::Proxy(head) => (reply::proxy_answer(*head, stream), false),
+            Early::NoCluster { authority, close } => {
+                let mut resp = reply::local_reply(
+                    StatusCode::NOT_FOUND,
+                    "no cluster for this authority\n",
+                    stream,
+                );
+                let reason = format!("no cluster for authority \"{authority}\"");
+                if let Ok(v) = http::HeaderValue::from_str(&reason) {
+                    resp.headers_mut().insert(X_WEFT_REASON.clone(), v);
+                }
+                (resp, close)
+            }
         };
         if close {
             reply::close_connection(resp, self.version)
@@ -600,13 +753,45 @@ impl Exchange {
 mod tests {
     //! Phases tested on their own, on an exchange built without a connection.
 
-    use std::sync::atomic::AtomicUsize;
-
     use http::HeaderValue;
 
     use super::*;
     use crate::config::ClusterConfig;
     use crate::metrics::Metrics;
+
+    #[test]
+    fn authorities_name_clusters_with_or_without_port_and_namespace() {
+        let metrics = Metrics::new();
+        let cluster = |name: &str| {
+            let cfg: ClusterConfig = serde_yaml_ng::from_str(&format!("name: {name}")).unwrap();
+            Arc::new(Cluster::new(&cfg, metrics.cluster(name)))
+        };
+        let clusters = Clusters::new(vec![cluster("echo"), cluster("api.example.com")]);
+        let live = Live::new(None, Arc::new(clusters), "").unwrap();
+        for hit in [
+            "echo",
+            "echo:80",
+            "echo.default",
+            "echo.prod:8080",
+            "echo.default.svc",
+            "echo.default.svc.cluster.local",
+            "echo.default.svc.cluster.local.:80",
+        ] {
+            assert_eq!(live.cluster_for_authority(hit), Some(0), "{hit}");
+        }
+        assert_eq!(live.cluster_for_authority("api.example.com:443"), Some(1));
+        for miss in [
+            "",
+            "other",
+            "echo.a.b",
+            "echo.default.svc.cluster.other",
+            "echox",
+            "[::1]:80",
+        ] {
+            assert_eq!(live.cluster_for_authority(miss), None, "{miss}");
+        }
+        assert!(Live::new(None, live.clusters.clone(), "nope").is_err());
+    }
 
     fn exchange(protocol: &str) -> Exchange {
         let metrics = Metrics::new();
@@ -614,14 +799,13 @@ mod tests {
             "name: svc\nprotocol: {protocol}\nendpoints: [{{ address: \"127.0.0.1:9\" }}]"
         ))
         .unwrap();
-        let cluster = Arc::new(Cluster::new(0, &cfg, metrics.cluster("svc")));
+        let cluster = Arc::new(Cluster::new(&cfg, metrics.cluster("svc")));
+        let clusters = Arc::new(Clusters::new(vec![cluster]));
         let ctx = Arc::new(ListenerCtx {
             name: "ingress".into(),
-            default_cluster: AtomicUsize::new(0),
+            live: arc_swap::ArcSwap::from_pointee(Live::new(None, clusters, "svc").unwrap()),
             direction: 0,
-            clusters: vec![cluster].into(),
-            metrics: metrics.listener("ingress", &["svc"]),
-            chain: filter::ChainSlot::empty(),
+            metrics: metrics.listener("ingress"),
             replay_limit: 1024,
             max_requests_per_connection: 0,
             max_requests_per_http2_connection: 0,

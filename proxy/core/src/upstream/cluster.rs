@@ -44,13 +44,20 @@ fn new_endpoint(e: &EndpointConfig, existing: &[Arc<Endpoint>]) -> Arc<Endpoint>
     Arc::new(Endpoint::new(e.address.clone(), e.weight).with_identity(identity_of(e)))
 }
 
+/// Process-unique cluster ids (per-worker state is keyed by them).
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
 /// A cluster: its endpoints, policy and the counters its limits are enforced on.
 #[derive(Debug)]
 pub struct Cluster {
-    /// Position in the proxy's cluster table (indexes per-worker state).
-    pub index: usize,
+    /// Process-unique id: per-worker balancers and pools are keyed by it. A cluster whose
+    /// settings change is a new cluster with a new id.
+    pub id: u64,
     /// Name from the config.
     pub name: String,
+    /// The settings it was built from (endpoints as at build time), to tell a change of
+    /// settings (a new cluster) from a change of endpoints (the same one).
+    settings: ClusterConfig,
     /// Protocol to the endpoints.
     pub protocol: UpstreamProtocol,
     /// Balancing policy (each worker runs its own balancer of this policy).
@@ -87,13 +94,17 @@ pub struct Cluster {
 
 impl Cluster {
     /// Builds a cluster from its config.
-    pub fn new(index: usize, c: &ClusterConfig, metrics: ClusterMetrics) -> Self {
+    pub fn new(c: &ClusterConfig, metrics: ClusterMetrics) -> Self {
         let endpoints = ArcSwap::from_pointee(EndpointSet::new(
             c.endpoints.iter().map(|e| new_endpoint(e, &[])).collect(),
         ));
         Self {
-            index,
+            id: NEXT_ID.fetch_add(1, Relaxed),
             name: c.name.clone(),
+            settings: ClusterConfig {
+                endpoints: Vec::new(),
+                ..c.clone()
+            },
             protocol: c.protocol,
             lb_policy: c.lb_policy,
             endpoints,
@@ -117,6 +128,19 @@ impl Cluster {
     pub fn with_tls(mut self, tls: Option<Arc<ClientTls>>) -> Self {
         self.tls = tls;
         self
+    }
+
+    /// Whether `c` has this cluster's settings (its endpoints aside): then the cluster
+    /// follows `c` by [`Cluster::set_endpoints`], keeping its pools, statistics and counts.
+    pub fn same_settings(&self, c: &ClusterConfig) -> bool {
+        let Self { settings, .. } = self;
+        settings.name == c.name
+            && serde_json::to_value(settings).ok()
+                == serde_json::to_value(ClusterConfig {
+                    endpoints: Vec::new(),
+                    ..c.clone()
+                })
+                .ok()
     }
 
     /// Whether the cluster is in panic at `now_ms` (too few healthy endpoints: the balancer
@@ -202,3 +226,48 @@ impl Cluster {
             .count()
     }
 }
+
+/// The proxy's clusters at one moment: what a stream routes over, from its start to its
+/// end. Replaced whole (behind a [`ClusterTable`]) when clusters are added, changed or
+/// removed; a stream keeps the one it started with, so its cluster index stays valid.
+#[derive(Debug, Default)]
+pub struct Clusters {
+    /// The clusters, by index.
+    pub list: Vec<Arc<Cluster>>,
+    /// Their names, by the same index.
+    pub names: Arc<[String]>,
+    /// Index by name (filters and authorities name clusters).
+    by_name: std::collections::HashMap<String, usize>,
+}
+
+impl Clusters {
+    /// The table of `list`.
+    pub fn new(list: Vec<Arc<Cluster>>) -> Self {
+        let names: Arc<[String]> = list.iter().map(|c| c.name.clone()).collect();
+        let by_name = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.clone(), i))
+            .collect();
+        Self {
+            list,
+            names,
+            by_name,
+        }
+    }
+
+    /// The index of the cluster named `name`.
+    #[inline]
+    pub fn find(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The cluster named `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Cluster>> {
+        self.find(name).map(|i| &self.list[i])
+    }
+}
+
+/// The proxy's clusters now, shared by listeners, callouts, the admin endpoint and the
+/// filter host; swapped whole by a reload.
+pub type ClusterTable = ArcSwap<Clusters>;

@@ -52,7 +52,7 @@ impl UpstreamError {
 /// when the response has been read to its end.
 #[derive(Debug)]
 pub struct PooledH1 {
-    cluster: usize,
+    cluster: u64,
     endpoint: u64,
     sender: http1::SendRequest<RequestBody>,
 }
@@ -93,7 +93,7 @@ async fn send_h1(
         match sender.try_send_request(req).await {
             Ok(resp) => {
                 let pooled = PooledH1 {
-                    cluster: cluster.index,
+                    cluster: cluster.id,
                     endpoint: ep.id,
                     sender,
                 };
@@ -118,12 +118,9 @@ async fn acquire_h1(
     ep: &Endpoint,
 ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
     loop {
-        if let Some(s) = worker::take_h1(
-            cluster.index,
-            ep.id,
-            clock::now_ms(),
-            cluster.idle_timeout_ms,
-        ) {
+        if let Some(s) =
+            worker::take_h1(cluster.id, ep.id, clock::now_ms(), cluster.idle_timeout_ms)
+        {
             return Ok(s);
         }
         if let Some(slot) = cluster.try_reserve_connection() {
@@ -220,16 +217,16 @@ async fn send_h2(
     ep: &Endpoint,
     req: Request<RequestBody>,
 ) -> Result<Response<Incoming>, UpstreamError> {
-    let mut sender = match worker::h2(cluster.index, ep.id) {
+    let mut sender = match worker::h2(cluster.id, ep.id) {
         Some(s) => s,
         None => loop {
             if let Some(slot) = cluster.try_reserve_connection() {
                 let s = connect_h2(cluster, ep, slot).await?;
-                worker::add_h2(cluster.index, ep.id, s.clone());
+                worker::add_h2(cluster.id, ep.id, s.clone());
                 break s;
             }
             wait_for_connection(cluster).await?;
-            if let Some(s) = worker::h2(cluster.index, ep.id) {
+            if let Some(s) = worker::h2(cluster.id, ep.id) {
                 break s;
             }
         },

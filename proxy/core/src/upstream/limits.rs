@@ -139,7 +139,7 @@ mod tests {
         let yaml =
             format!("name: c\nendpoints: [{{ address: \"127.0.0.1:9\" }}]\nlimits: {{ {limits} }}");
         let cfg: ClusterConfig = serde_yaml_ng::from_str(&yaml).unwrap();
-        Arc::new(Cluster::new(0, &cfg, ClusterMetrics::detached()))
+        Arc::new(Cluster::new(&cfg, ClusterMetrics::detached()))
     }
 
     #[test]

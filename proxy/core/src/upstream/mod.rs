@@ -18,7 +18,9 @@ use std::sync::Arc;
 use http::{Request, Response};
 use hyper::body::Incoming;
 
-pub use cluster::{Cluster, Endpoint, EndpointAddress, EndpointSet, EndpointSnapshot};
+pub use cluster::{
+    Cluster, ClusterTable, Clusters, Endpoint, EndpointAddress, EndpointSet, EndpointSnapshot,
+};
 pub use connect::{PooledH1, UpstreamError};
 pub use limits::{EndpointRequest, Limit, RequestPermit};
 

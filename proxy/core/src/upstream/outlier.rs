@@ -89,7 +89,7 @@ mod tests {
                 .join(",")
         );
         let cfg: ClusterConfig = serde_yaml_ng::from_str(&yaml).unwrap();
-        Cluster::new(0, &cfg, ClusterMetrics::detached())
+        Cluster::new(&cfg, ClusterMetrics::detached())
     }
 
     #[test]

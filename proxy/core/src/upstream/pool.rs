@@ -4,13 +4,15 @@
 //! lock is taken; other per-worker state (such as filter instances) can live beside them.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use hyper::client::conn::{http1, http2};
 
 use crate::body::RequestBody;
 use crate::upstream::lb::{LoadBalancer, new_balancer};
-use crate::upstream::{Cluster, Endpoint, EndpointSet};
+use crate::upstream::{Cluster, ClusterTable, Endpoint, EndpointSet};
 
 /// An idle HTTP/1 connection in a pool.
 struct IdleH1 {
@@ -70,29 +72,58 @@ impl WorkerCluster {
 /// What one worker thread owns.
 struct WorkerState {
     id: usize,
-    clusters: Vec<WorkerCluster>,
+    /// By cluster id: made at a cluster's first pick on this worker.
+    clusters: HashMap<u64, WorkerCluster>,
+    /// The proxy's clusters, to let go of the state of removed ones.
+    table: Arc<ClusterTable>,
+    /// The [`TABLES`] count this worker last pruned at.
+    pruned_at: u64,
+}
+
+/// How many times the cluster table was replaced: workers look at it on every pick and
+/// let go of removed clusters' state when it moved.
+static TABLES: AtomicU64 = AtomicU64::new(0);
+
+/// Tells the workers that the cluster table was replaced.
+pub fn table_replaced() {
+    TABLES.fetch_add(1, Relaxed);
+}
+
+impl WorkerState {
+    /// Drops the balancers and pools of clusters the table no longer has (their idle
+    /// connections close), once per table.
+    #[inline]
+    fn prune(&mut self) {
+        let now = TABLES.load(Relaxed);
+        if now == self.pruned_at {
+            return;
+        }
+        self.pruned_at = now;
+        let table = self.table.load();
+        let live: std::collections::HashSet<u64> = table.list.iter().map(|c| c.id).collect();
+        self.clusters.retain(|id, _| live.contains(id));
+    }
 }
 
 thread_local! {
     static WORKER: RefCell<Option<WorkerState>> = const { RefCell::new(None) };
 }
 
-/// Sets up the calling thread as worker `id` for `clusters`.
-pub fn install(id: usize, clusters: &[Arc<Cluster>]) {
+/// Sets up the calling thread as worker `id` for the clusters of `table`.
+pub fn install(id: usize, table: Arc<ClusterTable>) {
     let state = WorkerState {
         id,
-        clusters: clusters
-            .iter()
-            .map(|c| WorkerCluster::new(&c.endpoints(), c.lb_policy))
-            .collect(),
+        clusters: HashMap::new(),
+        table,
+        pruned_at: TABLES.load(Relaxed),
     };
     WORKER.with(|w| *w.borrow_mut() = Some(state));
 }
 
-fn with_cluster<R>(cluster: usize, f: impl FnOnce(&mut WorkerCluster) -> R) -> Option<R> {
+fn with_cluster<R>(cluster: u64, f: impl FnOnce(&mut WorkerCluster) -> R) -> Option<R> {
     WORKER.with(|w| {
         let mut w = w.borrow_mut();
-        w.as_mut()?.clusters.get_mut(cluster).map(f)
+        w.as_mut()?.clusters.get_mut(&cluster).map(f)
     })
 }
 
@@ -104,7 +135,14 @@ pub fn id() -> Option<usize> {
 /// Picks an endpoint of `cluster` with this worker's balancer.
 pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<Arc<Endpoint>> {
     let set = cluster.endpoints();
-    with_cluster(cluster.index, |wc| {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        let w = w.as_mut()?;
+        w.prune();
+        let wc = w
+            .clusters
+            .entry(cluster.id)
+            .or_insert_with(|| WorkerCluster::new(&set, cluster.lb_policy));
         if wc.generation != set.generation {
             wc.follow(&set, cluster.lb_policy);
         }
@@ -118,13 +156,12 @@ pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<Arc<Endpoint>> {
         let i = wc.balancer.pick(&set.list, seen_at)?;
         set.list.get(i).cloned()
     })
-    .flatten()
 }
 
 /// Takes the most recently used idle HTTP/1 connection to an endpoint that is neither closed
 /// nor idle for longer than `idle_timeout_ms`.
 pub fn take_h1(
-    cluster: usize,
+    cluster: u64,
     endpoint: u64,
     now_ms: u64,
     idle_timeout_ms: u64,
@@ -143,7 +180,7 @@ pub fn take_h1(
 }
 
 /// Returns an HTTP/1 connection whose last response was read to the end.
-pub fn put_h1(cluster: usize, endpoint: u64, sender: http1::SendRequest<RequestBody>, now_ms: u64) {
+pub fn put_h1(cluster: u64, endpoint: u64, sender: http1::SendRequest<RequestBody>, now_ms: u64) {
     if sender.is_closed() {
         return;
     }
@@ -159,7 +196,7 @@ pub fn put_h1(cluster: usize, endpoint: u64, sender: http1::SendRequest<RequestB
 }
 
 /// A live shared HTTP/2 connection to an endpoint, if this worker has one.
-pub fn h2(cluster: usize, endpoint: u64) -> Option<http2::SendRequest<RequestBody>> {
+pub fn h2(cluster: u64, endpoint: u64) -> Option<http2::SendRequest<RequestBody>> {
     with_cluster(cluster, |wc| {
         let conns = &mut wc.pool(endpoint)?.h2;
         conns.retain(|c| !c.is_closed());
@@ -169,7 +206,7 @@ pub fn h2(cluster: usize, endpoint: u64) -> Option<http2::SendRequest<RequestBod
 }
 
 /// Adds a new HTTP/2 connection to an endpoint's pool.
-pub fn add_h2(cluster: usize, endpoint: u64, sender: http2::SendRequest<RequestBody>) {
+pub fn add_h2(cluster: u64, endpoint: u64, sender: http2::SendRequest<RequestBody>) {
     with_cluster(cluster, |wc| {
         if let Some(pool) = wc.pool(endpoint) {
             pool.h2.push(sender)

@@ -61,10 +61,12 @@ pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option
             if !request_phase {
                 return Err(Status::BadArgument);
             }
+            // By the clusters the stream started with: its index is into them.
+            let name = std::str::from_utf8(args).map_err(|_| Status::NotFound)?;
             let i = state
-                .clusters
-                .iter()
-                .position(|c| c.as_bytes() == args)
+                .info
+                .as_ref()
+                .and_then(|info| info.clusters.find(name))
                 .ok_or(Status::NotFound)?;
             state.ext.cluster = Some(i);
             Ok(None)

@@ -44,7 +44,7 @@ impl Target {
         }
         // The cluster must be one of the proxy's (Envoy also takes a serialized GrpcService
         // here; this host takes cluster names only).
-        if !c.data().clusters.contains(&target.cluster) {
+        if c.data().clusters.load().find(&target.cluster).is_none() {
             return Err(Status::InternalFailure);
         }
         Ok(target)

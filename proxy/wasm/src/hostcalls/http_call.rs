@@ -44,7 +44,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 Err(s) => return s as i32,
             };
             let cluster = String::from_utf8_lossy(&cluster).into_owned();
-            if !c.data().clusters.contains(&cluster) {
+            if c.data().clusters.load().find(&cluster).is_none() {
                 return Status::BadArgument as i32;
             }
             let Some(request) = map::deserialize(&headers).and_then(|h| callout_request(&h, body))

@@ -1,0 +1,304 @@
+//! Live services end to end: real `weft-control`, `weftctl` and `weft-proxy` processes on
+//! loopback. A proxy whose outbound listener has no default cluster and whose bootstrap has
+//! no cluster at all learns services from the control service while traffic flows: a
+//! service that registers is callable by name (with or without port and namespace), a
+//! Cluster resource changes its settings and endpoints live, a setting the proxy cannot run
+//! is NACKed while the last good config serves, and a removed cluster lets its requests in
+//! flight finish before its name answers 404 again.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use weft_tests::*;
+
+use crate::control::{apply, eventually, follower, proxy_status};
+
+/// A bootstrap with one outbound listener routing by authority and no cluster.
+fn outbound_only() -> String {
+    "admin: { address: \"{admin}\" }
+listeners:
+  - name: outbound
+    address: \"{listen}\"
+    direction: outbound
+clusters: []
+"
+    .to_owned()
+}
+
+/// `GET path` through `proxy` with `host` as the authority.
+async fn call(proxy: &ProxyProcess, host: &str, path: &str) -> Result<Got, String> {
+    let req = http::Request::get(proxy.url(path))
+        .header(http::header::HOST, host)
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    send(&h1_client(), req).await
+}
+
+/// `weftctl register <service> <address>` with a TTL long enough for the test.
+fn register(control: &ControlProcess, service: &str, address: &str) {
+    let (code, out, err) = control.weftctl(&["register", service, address, "--ttl", "300"]);
+    assert_eq!(code, 0, "register: {out}{err}");
+}
+
+/// Clients calling `echo` through the proxy until stopped (bounded to two minutes), each
+/// paced at 10 ms; a call fails unless it gets 200 from an upstream named `echo-*`.
+struct Calls {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicUsize>,
+    failed: Arc<AtomicUsize>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Calls {
+    fn start(proxy: Arc<ProxyProcess>, hosts: &[&'static str]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let tasks = hosts
+            .iter()
+            .map(|&host| {
+                let (proxy, stop, sent, failed) =
+                    (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_millis(10));
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                        tick.tick().await;
+                        sent.fetch_add(1, Ordering::SeqCst);
+                        match call(&proxy, host, "/x").await {
+                            Ok(g)
+                                if g.status == 200
+                                    && g.header("x-upstream").starts_with("echo-") => {}
+                            other => {
+                                failed.fetch_add(1, Ordering::SeqCst);
+                                eprintln!("failed: {other:?}");
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            sent,
+            failed,
+            tasks,
+        }
+    }
+
+    async fn finish(self) -> (usize, usize) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            t.await.expect("client");
+        }
+        (
+            self.sent.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// The `/clusters` entry named `name`, if the proxy has it.
+async fn cluster_named(proxy: &ProxyProcess, name: &str) -> Option<serde_json::Value> {
+    proxy.clusters().await["clusters"]
+        .as_array()?
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_come_and_go_on_a_running_proxy_routed_by_authority_with_no_failed_call() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let (a, b) = (
+        Upstream::start("echo-a").await,
+        Upstream::start("echo-b").await,
+    );
+    let proxy = Arc::new(
+        follower(
+            &control,
+            &outbound_only(),
+            2,
+            "client-1",
+            "app=client",
+            &dir.path().join("p"),
+        )
+        .await,
+    );
+
+    // Nothing is known yet: a clear 404 that names the authority.
+    let got = call(&proxy, "echo", "/x").await.expect("call");
+    assert_eq!(got.status, 404, "{got:?}");
+    assert_eq!(
+        got.header("x-weft-reason"),
+        "no cluster for authority \"echo\""
+    );
+
+    // An instance registers: the service is callable by every form of its name, with no
+    // bootstrap entry and no restart.
+    register(&control, "echo", &a.address());
+    let p = &proxy;
+    eventually(
+        "the echo service on the proxy",
+        Duration::from_secs(20),
+        || async move { call(p, "echo", "/x").await.is_ok_and(|g| g.status == 200) },
+    )
+    .await;
+    for host in [
+        "echo",
+        "echo:80",
+        "echo.default",
+        "echo.default.svc.cluster.local",
+        "echo.default.svc.cluster.local:8080",
+    ] {
+        let got = call(&proxy, host, "/x").await.expect("call");
+        assert_eq!(got.status, 200, "{host}: {got:?}");
+        assert_eq!(got.header("x-upstream"), "echo-a", "{host}");
+    }
+    let implicit = cluster_named(&proxy, "echo").await.expect("cluster echo");
+    assert_eq!(implicit["lb_policy"], "round_robin", "{implicit}");
+
+    // Under paced calls (three spellings of the name): a Cluster resource takes over the
+    // service with its own settings and one more fixed endpoint. No call fails.
+    let calls = Calls::start(
+        proxy.clone(),
+        &["echo", "echo:80", "echo.default.svc.cluster.local"],
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    apply(
+        &control,
+        &format!(
+            "kind: Cluster
+name: echo
+spec:
+  service: echo
+  endpoints: [{{address: \"{}\"}}]
+  settings:
+    lb_policy: least_request
+    request_timeout_ms: 3000
+    limits: {{max_requests: 500}}
+",
+            b.address()
+        ),
+    );
+    eventually(
+        "the cluster's new settings",
+        Duration::from_secs(20),
+        || async move {
+            cluster_named(p, "echo").await.is_some_and(|c| {
+                c["lb_policy"] == "least_request"
+                    && c["endpoints"].as_array().is_some_and(|e| e.len() == 2)
+            })
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (b0, a0) = (b.hits(), a.hits());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(b.hits() > b0 && a.hits() > a0, "both endpoints serve");
+
+    // A setting this proxy cannot run (mesh TLS, and it has no identity) is NACKed with the
+    // reason; the running cluster keeps serving.
+    let version = control.weftctl_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            "kind: Cluster\nname: echo\nspec:\n  service: echo\n  settings: {tls: {mode: mesh}}\n",
+        ),
+    );
+    assert_eq!(version.0, 0, "{version:?}");
+    let c = &control;
+    eventually("the NACK", Duration::from_secs(20), || async move {
+        proxy_status(c, "client-1")["nack_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("identity"))
+    })
+    .await;
+    assert_eq!(
+        cluster_named(&proxy, "echo").await.expect("echo")["lb_policy"],
+        "least_request"
+    );
+    // Back to settings it runs: the proxy takes the snapshot again.
+    apply(
+        &control,
+        "kind: Cluster\nname: echo\nspec:\n  service: echo\n  settings: {lb_policy: random}\n",
+    );
+    eventually(
+        "the random policy",
+        Duration::from_secs(20),
+        || async move {
+            cluster_named(p, "echo")
+                .await
+                .is_some_and(|c| c["lb_policy"] == "random")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (sent, failed) = calls.finish().await;
+    assert!(sent > 150, "calls sent: {sent}");
+    assert_eq!(failed, 0, "{failed} of {sent} calls failed");
+
+    // Settings the control service can tell are wrong never reach a proxy.
+    let (code, out, err) = control.weftctl_stdin(
+        &["apply", "-f", "-"],
+        Some(
+            "kind: Cluster\nname: echo\nspec:\n  service: echo\n  settings: {lb_policy: fastest}\n",
+        ),
+    );
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        err.contains("lb_policy") && err.contains("fastest"),
+        "{err}"
+    );
+    let (code, _, err) = control.weftctl_stdin(
+        &["apply", "-f", "-"],
+        Some("kind: Cluster\nname: echo\nspec:\n  service: echo\n  settings: {endpoints: []}\n"),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("must not set `endpoints`"), "{err}");
+
+    // A removed cluster: a call in flight on it finishes; new calls to its name get 404.
+    apply(
+        &control,
+        &format!(
+            "kind: Cluster\nname: slow\nspec:\n  endpoints: [{{address: \"{}\"}}]\n",
+            a.address()
+        ),
+    );
+    eventually("cluster slow", Duration::from_secs(20), || async move {
+        cluster_named(p, "slow").await.is_some()
+    })
+    .await;
+    let in_flight = {
+        let proxy = proxy.clone();
+        tokio::spawn(async move { call(&proxy, "slow", "/delay/1500").await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, out, err) = control.weftctl(&["delete", "cluster", "slow"]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually("slow removed", Duration::from_secs(20), || async move {
+        cluster_named(p, "slow").await.is_none()
+    })
+    .await;
+    let got = call(&proxy, "slow", "/x").await.expect("call");
+    assert_eq!(got.status, 404, "{got:?}");
+    let finished = in_flight.await.expect("task").expect("in-flight call");
+    assert_eq!(
+        finished.status, 200,
+        "the call in flight finishes: {finished:?}"
+    );
+    assert_eq!(finished.header("x-upstream"), "echo-a");
+
+    // The proxy counted the 404s apart from any cluster.
+    let stats = proxy.stats().await;
+    assert!(
+        metric_value(
+            &stats,
+            "weft_requests_total{listener=\"outbound\",cluster=\"\",status_class=\"4xx\"}"
+        )
+        .is_some_and(|n| n >= 2.0),
+        "{stats}"
+    );
+}
