@@ -38,6 +38,19 @@
 //!     protocol: http2            # proxy's config file (all but name and endpoints)
 //!     lb_policy: least_request
 //!     tls: {mode: mesh}
+//! ---
+//! kind: Listener                 # a proxy listener, live; its filters come from a Chain
+//! name: outbound-http
+//! selector: {app: service1}
+//! spec:                          # the listener's fields as in the proxy's config file,
+//!   address: 127.0.0.1:15001     # all but name and filters
+//!   direction: outbound          # no default_cluster: routes by authority
+//! ---
+//! kind: Scope                    # what the proxies it selects may call
+//! name: service1
+//! selector: {app: service1}
+//! spec:
+//!   services: [service2, payments-*]   # names, or prefixes ending in `*`
 //! ```
 //!
 //! `version` is written by [`to_yaml`] and ignored by [`parse`], so what `get` prints applies
@@ -48,7 +61,10 @@ use std::collections::{BTreeMap, HashMap};
 use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use weft_proto::v1::resource::Spec;
-use weft_proto::v1::{ChainSpec, ClusterSpec, Endpoint, FilterConfigSpec, FilterRef, Resource};
+use weft_proto::v1::{
+    ChainSpec, ClusterSpec, Endpoint, FilterConfigSpec, FilterRef, ListenerSpec, Resource,
+    ScopeSpec,
+};
 
 /// Why a manifest cannot be read: the document at fault and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -86,8 +102,10 @@ pub fn parse(text: &str) -> Result<Vec<Resource>, ManifestError> {
             Some("Chain") => read(document).and_then(chain),
             Some("FilterConfig") => read(document).and_then(filter_config),
             Some("Cluster") => read(document).map(cluster),
+            Some("Listener") => read(document).and_then(listener),
+            Some("Scope") => read(document).map(scope),
             Some(other) => Err(format!(
-                "unknown kind `{other}` (expected `Chain`, `FilterConfig` or `Cluster`)"
+                "unknown kind `{other}` (expected `Chain`, `FilterConfig`, `Cluster`, `Listener` or `Scope`)"
             )),
             None => Err("missing field `kind`".to_owned()),
         }
@@ -284,6 +302,37 @@ fn filter_config(document: InputDocument<FilterConfigInput>) -> Result<Resource,
     Ok(resource("FilterConfig", name, None, spec))
 }
 
+/// The spec of a `Scope`, as read.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ScopeInput {
+    services: Vec<String>,
+}
+
+/// Builds the resource of a `Listener` document: its spec is the listener's settings.
+fn listener(document: InputDocument<serde_json::Value>) -> Result<Resource, String> {
+    let settings = match document.spec {
+        Some(settings @ serde_json::Value::Object(_)) => settings,
+        _ => {
+            return Err(
+                "spec: the listener's settings (a mapping with `address`) are required".into(),
+            );
+        }
+    };
+    let spec = Spec::Listener(ListenerSpec {
+        settings_json: settings.to_string(),
+    });
+    Ok(resource("Listener", document.name, document.selector, spec))
+}
+
+/// Builds the resource of a `Scope` document.
+fn scope(document: InputDocument<ScopeInput>) -> Resource {
+    let spec = Spec::Scope(ScopeSpec {
+        services: document.spec.unwrap_or_default().services,
+    });
+    resource("Scope", document.name, document.selector, spec)
+}
+
 /// Builds the resource of a `Cluster` document.
 fn cluster(document: InputDocument<ClusterInput>) -> Resource {
     let spec = document.spec.unwrap_or_default();
@@ -384,6 +433,10 @@ enum OutputSpec<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         settings: Option<serde_json::Value>,
     },
+    /// A listener's: its settings.
+    Listener(serde_json::Value),
+    /// A scope's.
+    Scope { services: &'a [String] },
 }
 
 impl<'a> From<&'a Resource> for OutputDocument<'a> {
@@ -410,6 +463,12 @@ impl<'a> From<&'a Resource> for OutputDocument<'a> {
             },
             Spec::FilterConfig(filter_config) => OutputSpec::FilterConfig {
                 config: config_value(&filter_config.config_json).unwrap_or(serde_json::Value::Null),
+            },
+            Spec::Listener(l) => OutputSpec::Listener(
+                config_value(&l.settings_json).unwrap_or(serde_json::Value::Null),
+            ),
+            Spec::Scope(s) => OutputSpec::Scope {
+                services: &s.services,
             },
         });
         let selector =
@@ -495,12 +554,49 @@ spec:
 ---
 kind: Cluster
 name: empty
+---
+kind: Listener
+name: outbound-http
+selector: {app: service1}
+spec:
+  address: 127.0.0.1:15001
+  direction: outbound
+  idle_timeout_ms: 30000
+---
+kind: Scope
+name: service1
+selector: {app: service1}
+spec:
+  services: [service2, pay-*]
+---
+kind: Cluster
+name: tuned
+spec:
+  service: tuned
+  settings: {lb_policy: least_request, limits: {max_requests: 9}}
 "#;
 
     #[test]
     fn reads_every_document() {
         let resources = parse(MANIFEST).unwrap();
-        assert_eq!(resources.len(), 3);
+        assert_eq!(resources.len(), 6);
+        let Some(Spec::Listener(l)) = &resources[3].spec else {
+            panic!("not a listener: {:?}", resources[3]);
+        };
+        let settings: serde_json::Value = serde_json::from_str(&l.settings_json).unwrap();
+        assert_eq!(settings["address"], "127.0.0.1:15001");
+        assert_eq!(settings["idle_timeout_ms"], 30000);
+        assert_eq!(
+            resources[4].spec,
+            Some(Spec::Scope(ScopeSpec {
+                services: vec!["service2".into(), "pay-*".into()]
+            }))
+        );
+        let Some(Spec::Cluster(tuned)) = &resources[5].spec else {
+            panic!("not a cluster: {:?}", resources[5]);
+        };
+        let settings: serde_json::Value = serde_json::from_str(&tuned.settings_json).unwrap();
+        assert_eq!(settings["limits"]["max_requests"], 9);
         let Some(Spec::Chain(chain)) = &resources[0].spec else {
             panic!("not a chain: {:?}", resources[0]);
         };
@@ -555,12 +651,21 @@ name: empty
     #[test]
     fn errors_name_the_document() {
         let valid = "kind: Cluster\nname: a\n---\n";
-        let e = error(&format!("{valid}kind: Listener\nname: b\n"));
+        let e = error(&format!("{valid}kind: Gateway\nname: b\n"));
         assert_eq!(e.document, 2);
         assert_eq!(
             e.to_string(),
-            "document 2: unknown kind `Listener` (expected `Chain`, `FilterConfig` or `Cluster`)"
+            "document 2: unknown kind `Gateway` (expected `Chain`, `FilterConfig`, `Cluster`, `Listener` or `Scope`)"
         );
+        let e = error(&format!("{valid}kind: Listener\nname: b\nspec: 3\n"));
+        assert_eq!(
+            e.to_string(),
+            "document 2: spec: the listener's settings (a mapping with `address`) are required"
+        );
+        let e = error(&format!(
+            "{valid}kind: Scope\nname: b\nspec: {{hosts: [a]}}\n"
+        ));
+        assert!(e.to_string().contains("unknown field `hosts`"), "{e}");
 
         let e = error(&format!("{valid}kind: Cluster\nname: b\nlabels: {{}}\n"));
         assert_eq!(e.document, 2);

@@ -39,10 +39,15 @@ pub enum Kind {
     Cluster,
     /// A filter configuration that chains refer to.
     FilterConfig,
+    /// A proxy listener.
+    Listener,
+    /// What the proxies it selects may call.
+    Scope,
 }
 
 impl Kind {
-    /// Parses `Chain`, `Cluster`, `FilterConfig`, case-insensitively, singular or plural.
+    /// Parses `Chain`, `Cluster`, `FilterConfig`, `Listener`, `Scope`, case-insensitively,
+    /// singular or plural.
     pub fn parse(s: &str) -> Option<Kind> {
         match s.to_ascii_lowercase().as_str() {
             "chain" | "chains" => Some(Kind::Chain),
@@ -50,16 +55,20 @@ impl Kind {
             "filterconfig" | "filterconfigs" | "filter-config" | "filter-configs" | "fc" => {
                 Some(Kind::FilterConfig)
             }
+            "listener" | "listeners" => Some(Kind::Listener),
+            "scope" | "scopes" => Some(Kind::Scope),
             _ => None,
         }
     }
 
-    /// `Chain`, `Cluster` or `FilterConfig`.
+    /// `Chain`, `Cluster`, `FilterConfig`, `Listener` or `Scope`.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Chain => "Chain",
             Kind::Cluster => "Cluster",
             Kind::FilterConfig => "FilterConfig",
+            Kind::Listener => "Listener",
+            Kind::Scope => "Scope",
         }
     }
 }
@@ -131,6 +140,31 @@ pub struct ClusterSpec {
     pub settings: Option<serde_json::Value>,
 }
 
+/// A proxy listener: its settings (a proxy config file listener's fields but `name` and
+/// `filters`; `address` required).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ListenerSpec {
+    /// The settings.
+    pub settings: serde_json::Value,
+}
+
+/// What the proxies a Scope selects may call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ScopeSpec {
+    /// Cluster (service) names; one ending in `*` is a prefix.
+    pub services: Vec<String>,
+}
+
+impl ScopeSpec {
+    /// Whether the scope lets a proxy call `cluster`.
+    pub fn allows(&self, cluster: &str) -> bool {
+        self.services.iter().any(|s| match s.strip_suffix('*') {
+            Some(prefix) => cluster.starts_with(prefix),
+            None => s == cluster,
+        })
+    }
+}
+
 /// A filter configuration of its own.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FilterConfigSpec {
@@ -148,6 +182,10 @@ pub enum Spec {
     Cluster(ClusterSpec),
     /// A filter configuration.
     FilterConfig(FilterConfigSpec),
+    /// A listener.
+    Listener(ListenerSpec),
+    /// A scope.
+    Scope(ScopeSpec),
 }
 
 /// A named, selected resource.
@@ -187,7 +225,7 @@ impl Resource {
     fn filters(&self) -> &[FilterSpec] {
         match &self.spec {
             Spec::Chain(c) => c.filters.as_slice(),
-            Spec::Cluster(_) | Spec::FilterConfig(_) => &[],
+            Spec::Cluster(_) | Spec::FilterConfig(_) | Spec::Listener(_) | Spec::Scope(_) => &[],
         }
     }
 
@@ -205,6 +243,8 @@ impl Resource {
             Spec::Chain(c) => serde_json::to_value(c),
             Spec::Cluster(c) => serde_json::to_value(c),
             Spec::FilterConfig(c) => serde_json::to_value(c),
+            Spec::Listener(c) => Ok(c.settings.clone()),
+            Spec::Scope(c) => serde_json::to_value(c),
         }
         .unwrap_or_default();
         serde_yaml_ng::to_string(&View {

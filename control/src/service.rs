@@ -127,6 +127,14 @@ pub fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
                 })?
             },
         }),
+        Some(v1::resource::Spec::Listener(l)) => Spec::Listener(model::ListenerSpec {
+            settings: serde_json::from_str(&l.settings_json).map_err(|e| {
+                ControlError::Invalid(format!("listener `{}`: settings are not JSON: {e}", r.name))
+            })?,
+        }),
+        Some(v1::resource::Spec::Scope(s)) => Spec::Scope(model::ScopeSpec {
+            services: s.services,
+        }),
         None => {
             return Err(ControlError::Invalid(format!(
                 "{} `{}`: no spec",
@@ -188,6 +196,12 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
         Spec::FilterConfig(c) => v1::resource::Spec::FilterConfig(v1::FilterConfigSpec {
             config_json: config_json(&c.config),
         }),
+        Spec::Listener(l) => v1::resource::Spec::Listener(v1::ListenerSpec {
+            settings_json: config_json(&l.settings),
+        }),
+        Spec::Scope(s) => v1::resource::Spec::Scope(v1::ScopeSpec {
+            services: s.services,
+        }),
     };
     v1::Resource {
         kind: r.kind.as_str().into(),
@@ -222,6 +236,14 @@ fn instance_msg(i: model::Instance) -> v1::Instance {
 
 fn snapshot_msg(s: &Snapshot) -> v1::Snapshot {
     v1::Snapshot {
+        listeners: s
+            .listeners
+            .iter()
+            .map(|l| v1::SnapshotListener {
+                name: l.name.clone(),
+                settings_json: config_json(&l.settings),
+            })
+            .collect(),
         version: s.version,
         hash: s.hash.clone(),
         chains: s

@@ -34,6 +34,15 @@ pub struct SnapshotCluster {
     pub implicit: bool,
 }
 
+/// A listener as of the snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SnapshotListener {
+    /// The listener.
+    pub name: String,
+    /// Its settings.
+    pub settings: serde_json::Value,
+}
+
 /// Everything one proxy should run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
@@ -45,17 +54,32 @@ pub struct Snapshot {
     pub chains: Vec<SnapshotChain>,
     /// The clusters.
     pub clusters: Vec<SnapshotCluster>,
+    /// The listeners.
+    pub listeners: Vec<SnapshotListener>,
 }
 
 impl Snapshot {
     /// A snapshot and its hash.
-    pub fn new(version: u64, chains: Vec<SnapshotChain>, clusters: Vec<SnapshotCluster>) -> Self {
-        let content = serde_json::to_vec(&(&chains, &clusters)).unwrap_or_default();
+    pub fn new(
+        version: u64,
+        chains: Vec<SnapshotChain>,
+        clusters: Vec<SnapshotCluster>,
+        listeners: Vec<SnapshotListener>,
+    ) -> Self {
+        // Listeners hash only when there are some: snapshots without them keep the hash
+        // they had before listeners could be in one.
+        let content = if listeners.is_empty() {
+            serde_json::to_vec(&(&chains, &clusters))
+        } else {
+            serde_json::to_vec(&(&chains, &clusters, &listeners))
+        }
+        .unwrap_or_default();
         Snapshot {
             version,
             hash: hex::encode(Sha256::digest(content)),
             chains,
             clusters,
+            listeners,
         }
     }
 }

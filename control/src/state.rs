@@ -12,7 +12,7 @@ use crate::model::{
     ClusterSpec, Endpoint, Instance, Kind, Labels, ModuleRecord, Resource, Spec, diff, now_ms,
 };
 use crate::registry::Registry;
-use crate::snapshot::{Snapshot, SnapshotChain, SnapshotCluster};
+use crate::snapshot::{Snapshot, SnapshotChain, SnapshotCluster, SnapshotListener};
 use weft_client::signing::{ModuleSignature, TrustedKeys};
 
 use crate::store::{Store, StoreError};
@@ -453,6 +453,27 @@ impl ControlState {
                     c.settings = None;
                 }
             }
+            (Spec::Listener(l), Kind::Listener) => {
+                // Checked as a proxy with an identity checks it; its default cluster is
+                // checked by each proxy against the clusters it has.
+                weft_config::ListenerConfig::from_settings(&r.name, Some(&l.settings), true)
+                    .map_err(invalid)?;
+            }
+            (Spec::Scope(s), Kind::Scope) => {
+                if s.services.is_empty() {
+                    return Err(invalid(
+                        "spec.services must name at least one service (`*` for all)".into(),
+                    ));
+                }
+                if let Some(bad) = s.services.iter().find(|n| {
+                    let name = n.strip_suffix('*').unwrap_or(n);
+                    !(name.is_empty() || valid_name(name))
+                }) {
+                    return Err(invalid(format!(
+                        "spec.services: `{bad}` is not a service name (or a prefix ending in `*`)"
+                    )));
+                }
+            }
             _ => return Err(invalid("spec does not match the kind".into())),
         }
         Ok(r)
@@ -635,10 +656,12 @@ impl ControlState {
 
     /// What a proxy with `labels` should run now.
     pub fn snapshot(&self, labels: &Labels) -> Snapshot {
-        let (chains, mut clusters, version) = {
+        let (chains, mut clusters, listeners, scopes, version) = {
             let config = lock(&self.config);
             let mut chains = Vec::new();
             let mut clusters = Vec::new();
+            let mut listeners = Vec::new();
+            let mut scopes = Vec::new();
             for r in config.resources.values().filter(|r| r.selects(labels)) {
                 match &r.spec {
                     Spec::Chain(c) => chains.push(SnapshotChain {
@@ -665,10 +688,15 @@ impl ControlState {
                             .collect(),
                     }),
                     Spec::Cluster(c) => clusters.push((r.name.clone(), c.clone(), false)),
+                    Spec::Listener(l) => listeners.push(SnapshotListener {
+                        name: r.name.clone(),
+                        settings: l.settings.clone(),
+                    }),
+                    Spec::Scope(s) => scopes.push(s.clone()),
                     Spec::FilterConfig(_) => {}
                 }
             }
-            (chains, clusters, config.version)
+            (chains, clusters, listeners, scopes, config.version)
         };
         let instances = self.registry.instances();
         // Every registry service no Cluster resource states becomes a cluster of its name:
@@ -697,6 +725,22 @@ impl ControlState {
             })
             .collect();
         clusters.extend(implicit);
+        // Scoped: only the clusters the scopes allow, and those the proxy's chains and
+        // listeners name as their default.
+        if !scopes.is_empty() {
+            let defaults: BTreeSet<&str> = chains
+                .iter()
+                .map(|c| c.default_cluster.as_str())
+                .chain(
+                    listeners
+                        .iter()
+                        .filter_map(|l| l.settings.get("default_cluster")?.as_str()),
+                )
+                .collect();
+            clusters.retain(|(name, _, _)| {
+                defaults.contains(name.as_str()) || scopes.iter().any(|s| s.allows(name))
+            });
+        }
         let dns = lock(&self.dns);
         let clusters = clusters
             .into_iter()
@@ -736,7 +780,7 @@ impl ControlState {
                 },
             )
             .collect();
-        Snapshot::new(version, chains, clusters)
+        Snapshot::new(version, chains, clusters, listeners)
     }
 
     /// Opens a stream for proxy `id`: returns the stream's number.

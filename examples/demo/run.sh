@@ -11,7 +11,7 @@
 # are pushed with weftctl and applied as service1's chain (examples/demo/mesh.yaml); service2's
 # instances register with the control service, which feeds them to service1's sidecar.
 # Shows weighted balancing (1:3), trace context and request ids, injected faults, a chain
-# swapped live under traffic, an instance dying without a failed call (retries, outlier
+# swapped live under traffic, a new service joining under traffic, an instance dying without a failed call (retries, outlier
 # ejection, then its registration expiring), labelled metrics, an access log line, and a
 # graceful drain. Sidecars speak mutual TLS with SPIFFE identities issued by weft-control (the
 # mesh CA) from join tokens. Every process it starts is stopped by PID on exit.
@@ -138,6 +138,21 @@ ctl rollout status --selector app=service1 --timeout 60
 wait $traffic
 cat "$logs/during-swap.txt"
 curl -s http://127.0.0.1:18001/version
+
+section "4b. a new service joins while calls flow: service3 registers, service1's sidecar learns it with no restart"
+echo -n "before: a call for host service3: "
+curl -s -H 'host: service3' -w ' (%{http_code})\n' http://127.0.0.1:18001/
+(for _ in $(seq 1 300); do call; done | sort | uniq -c > "$logs/during-join.txt") &
+traffic=$!
+start service3 "$bin/demo-service" --name service3 --listen 127.0.0.1:18103
+start register-3 "$bin/weftctl" register service3 127.0.0.1:18103 --ttl 3 --keep-alive
+for _ in $(seq 1 100); do
+  curl -s http://127.0.0.1:18090/clusters | grep -q '"name":"service3"' && break
+  sleep 0.1
+done
+echo -n "after: "; curl -s -H 'host: service3' http://127.0.0.1:18001/hello
+wait $traffic
+echo "-- the calls to service2 meanwhile:"; cat "$logs/during-join.txt"
 
 section "5. service2-b dies: retries keep every call succeeding, outlier detection ejects it, its registration expires"
 kill -TERM "$svc_b_pid"

@@ -753,6 +753,7 @@ async fn module_bytes_that_do_not_match_their_digest_are_nacked_never_run_and_re
                 }],
             }],
             clusters: vec![],
+            listeners: vec![],
         },
         bytes: Arc::new(std::sync::Mutex::new(noop)),
         answers: Default::default(),

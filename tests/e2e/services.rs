@@ -30,7 +30,12 @@ clusters: []
 
 /// `GET path` through `proxy` with `host` as the authority.
 async fn call(proxy: &ProxyProcess, host: &str, path: &str) -> Result<Got, String> {
-    let req = http::Request::get(proxy.url(path))
+    call_url(&proxy.url(path), host).await
+}
+
+/// `GET url` with `host` as the authority.
+async fn call_url(url: &str, host: &str) -> Result<Got, String> {
+    let req = http::Request::get(url)
         .header(http::header::HOST, host)
         .body(Full::new(Bytes::new()))
         .expect("request");
@@ -54,20 +59,26 @@ struct Calls {
 
 impl Calls {
     fn start(proxy: Arc<ProxyProcess>, hosts: &[&'static str]) -> Self {
+        let url = proxy.url("/x");
+        Self::start_url(&url, hosts)
+    }
+
+    /// Calls to `url` (any listener), one client per host.
+    fn start_url(url: &str, hosts: &[&'static str]) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let tasks = hosts
             .iter()
             .map(|&host| {
-                let (proxy, stop, sent, failed) =
-                    (proxy.clone(), stop.clone(), sent.clone(), failed.clone());
+                let (url, stop, sent, failed) =
+                    (url.to_owned(), stop.clone(), sent.clone(), failed.clone());
                 tokio::spawn(async move {
                     let mut tick = tokio::time::interval(Duration::from_millis(10));
                     let deadline = Instant::now() + Duration::from_secs(120);
                     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
                         tick.tick().await;
                         sent.fetch_add(1, Ordering::SeqCst);
-                        match call(&proxy, host, "/x").await {
+                        match call_url(&url, host).await {
                             Ok(g)
                                 if g.status == 200
                                     && g.header("x-upstream").starts_with("echo-") => {}
@@ -301,4 +312,262 @@ spec:
         .is_some_and(|n| n >= 2.0),
         "{stats}"
     );
+}
+
+/// `weftctl apply` of a Listener `name` with `settings` (YAML flow mapping).
+fn apply_listener(control: &ControlProcess, name: &str, settings: &str) {
+    apply(
+        control,
+        &format!("kind: Listener\nname: {name}\nselector: {{app: client}}\nspec: {settings}\n"),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_are_added_changed_moved_and_removed_live_and_a_removed_one_drains() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let a = Upstream::start("echo-a").await;
+    register(&control, "echo", &a.address());
+    let proxy = Arc::new(
+        follower(
+            &control,
+            &outbound_only(),
+            2,
+            "client-1",
+            "app=client",
+            &dir.path().join("p"),
+        )
+        .await,
+    );
+    let (p1, p2) = (free_port(), free_port());
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+
+    // A listener of the control service's: it listens, with no restart, and its default
+    // cluster is a service the proxy learned.
+    apply_listener(
+        &control,
+        "extra",
+        &format!("{{address: \"127.0.0.1:{p1}\", direction: inbound, default_cluster: echo}}"),
+    );
+    let u = url(p1, "/x");
+    eventually("listener extra", Duration::from_secs(20), || {
+        let u = u.clone();
+        async move {
+            call_url(&u, "anything")
+                .await
+                .is_ok_and(|g| g.status == 200)
+        }
+    })
+    .await;
+    let got = call_url(&url(p1, "/x"), "anything").await.expect("call");
+    assert_eq!(got.header("x-upstream"), "echo-a");
+
+    // Its settings change under paced calls: the sockets stay, new connections get the new
+    // settings, no call fails.
+    let calls = Calls::start_url(&url(p1, "/x"), &["h1", "h2", "h3"]);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    apply_listener(
+        &control,
+        "extra",
+        &format!(
+            "{{address: \"127.0.0.1:{p1}\", direction: inbound, default_cluster: echo, \
+             protocol: http1, idle_timeout_ms: 20000, max_requests_per_connection: 5}}"
+        ),
+    );
+    let px = &proxy;
+    eventually("the new settings", Duration::from_secs(20), || async move {
+        let (_, dump) = px.admin_get("/config_dump").await.unwrap_or_default();
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap_or_default();
+        dump["config"]["listeners"]
+            .as_array()
+            .and_then(|l| l.iter().find(|l| l["name"] == "extra").cloned())
+            .is_some_and(|l| l["max_requests_per_connection"] == 5)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (sent, failed) = calls.finish().await;
+    assert!(sent > 60, "calls sent: {sent}");
+    assert_eq!(failed, 0, "{failed} of {sent} calls failed");
+    // The new limit holds: the 5th request on a connection is its last.
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", p1))
+        .await
+        .expect("connect");
+    let mut seen = Vec::new();
+    use tokio::io::AsyncWriteExt;
+    for _ in 0..5 {
+        conn.write_all(b"GET /x HTTP/1.1\r\nhost: e\r\n\r\n")
+            .await
+            .expect("write");
+    }
+    read_until(&mut conn, &mut seen, "connection: close").await;
+    assert_eq!(
+        String::from_utf8_lossy(&seen)
+            .matches("HTTP/1.1 200")
+            .count(),
+        5,
+        "{}",
+        String::from_utf8_lossy(&seen)
+    );
+
+    // It moves: the new address listens, the old one closes.
+    apply_listener(
+        &control,
+        "extra",
+        &format!("{{address: \"127.0.0.1:{p2}\", default_cluster: echo}}"),
+    );
+    let u = url(p2, "/x");
+    eventually("the new address", Duration::from_secs(20), || {
+        let u = u.clone();
+        async move { call_url(&u, "e").await.is_ok_and(|g| g.status == 200) }
+    })
+    .await;
+    eventually(
+        "the old address closed",
+        Duration::from_secs(20),
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", p1))
+                .await
+                .is_err()
+        },
+    )
+    .await;
+
+    // An address another process holds: NACKed with the reason; the listener stays.
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = holder.local_addr().expect("addr").port();
+    apply_listener(
+        &control,
+        "extra",
+        &format!("{{address: \"127.0.0.1:{held}\", default_cluster: echo}}"),
+    );
+    let c = &control;
+    eventually("the NACK", Duration::from_secs(20), || async move {
+        proxy_status(c, "client-1")["nack_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(&format!("127.0.0.1:{held}")) && e.contains("in use"))
+    })
+    .await;
+    let got = call_url(&url(p2, "/x"), "e").await.expect("still serving");
+    assert_eq!(got.status, 200);
+    drop(holder);
+
+    // Removed while a call is in flight: that call finishes; the address closes.
+    apply_listener(
+        &control,
+        "extra",
+        &format!("{{address: \"127.0.0.1:{p2}\", default_cluster: echo}}"),
+    );
+    eventually("back on p2", Duration::from_secs(20), || async move {
+        proxy_status(c, "client-1")["nack_error"]
+            .as_str()
+            .is_none_or(str::is_empty)
+    })
+    .await;
+    let slow = url(p2, "/delay/1500");
+    let in_flight = tokio::spawn(async move { call_url(&slow, "e").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, out, err) = control.weftctl(&["delete", "listener", "extra"]);
+    assert_eq!(code, 0, "{out}{err}");
+    eventually("extra closed", Duration::from_secs(20), || async move {
+        tokio::net::TcpStream::connect(("127.0.0.1", p2))
+            .await
+            .is_err()
+    })
+    .await;
+    let finished = in_flight.await.expect("task").expect("the call in flight");
+    assert_eq!(finished.status, 200, "{finished:?}");
+    // The bootstrap listener served throughout.
+    let got = call(&proxy, "echo", "/x").await.expect("call");
+    assert_eq!(got.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scope_narrows_what_a_proxy_receives_to_the_services_it_calls() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let a = Upstream::start("echo-a").await;
+    for service in ["echo", "billing", "search-1", "search-2", "users"] {
+        register(&control, service, &a.address());
+    }
+    apply(
+        &control,
+        "kind: Scope\nname: frontend\nselector: {app: frontend}\nspec:\n  services: [echo, search-*]\n",
+    );
+    let scoped = follower(
+        &control,
+        &outbound_only(),
+        1,
+        "fe",
+        "app=frontend",
+        &dir.path().join("fe"),
+    )
+    .await;
+    let whole = follower(
+        &control,
+        &outbound_only(),
+        1,
+        "be",
+        "app=backend",
+        &dir.path().join("be"),
+    )
+    .await;
+    let cluster_names = |v: serde_json::Value| {
+        let mut n: Vec<String> = v["clusters"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .filter_map(|c| c["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        n.sort();
+        n
+    };
+    let (s, w) = (&scoped, &whole);
+    eventually(
+        "both proxies synced",
+        Duration::from_secs(20),
+        || async move {
+            cluster_names(s.clusters().await).len() == 3
+                && cluster_names(w.clusters().await).len() == 5
+        },
+    )
+    .await;
+    assert_eq!(
+        cluster_names(scoped.clusters().await),
+        ["echo", "search-1", "search-2"]
+    );
+    assert_eq!(
+        cluster_names(whole.clusters().await),
+        ["billing", "echo", "search-1", "search-2", "users"]
+    );
+    // Out of scope is out of reach: 404, as for a service that does not exist.
+    let got = call(&scoped, "billing", "/x").await.expect("call");
+    assert_eq!(got.status, 404, "{got:?}");
+    assert_eq!(
+        call(&scoped, "search-2", "/x").await.expect("call").status,
+        200
+    );
+    assert_eq!(
+        call(&whole, "billing", "/x").await.expect("call").status,
+        200
+    );
+
+    // A service registering later reaches a scoped proxy only when the scope allows it.
+    register(&control, "search-3", &a.address());
+    register(&control, "ledger", &a.address());
+    eventually(
+        "search-3 on the scoped proxy",
+        Duration::from_secs(20),
+        || async move { cluster_names(s.clusters().await).contains(&"search-3".to_owned()) },
+    )
+    .await;
+    assert!(!cluster_names(scoped.clusters().await).contains(&"ledger".to_owned()));
+    // Bad scopes are refused.
+    let (code, _, err) = control.weftctl_stdin(
+        &["apply", "-f", "-"],
+        Some("kind: Scope\nname: bad\nspec:\n  services: []\n"),
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("at least one service"), "{err}");
 }

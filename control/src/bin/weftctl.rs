@@ -325,6 +325,10 @@ enum ResourceKind {
     FilterConfig,
     #[value(alias = "clusters")]
     Cluster,
+    #[value(alias = "listeners")]
+    Listener,
+    #[value(alias = "scopes")]
+    Scope,
 }
 
 impl ResourceKind {
@@ -334,6 +338,8 @@ impl ResourceKind {
             ResourceKind::Chain => "Chain",
             ResourceKind::FilterConfig => "FilterConfig",
             ResourceKind::Cluster => "Cluster",
+            ResourceKind::Listener => "Listener",
+            ResourceKind::Scope => "Scope",
         }
     }
 }
@@ -350,6 +356,10 @@ enum Listing {
     FilterConfigs,
     #[value(alias = "cluster")]
     Clusters,
+    #[value(alias = "listener")]
+    Listeners,
+    #[value(alias = "scope")]
+    Scopes,
     #[value(alias = "proxy")]
     Proxies,
     #[value(alias = "service")]
@@ -807,6 +817,8 @@ async fn get(server: &Server, what: Listing, output: Output) -> anyhow::Result<(
         Listing::Chains => ("Chain", print_chains),
         Listing::FilterConfigs => ("FilterConfig", print_filter_configs),
         Listing::Clusters => ("Cluster", print_clusters),
+        Listing::Listeners => ("Listener", print_listeners),
+        Listing::Scopes => ("Scope", print_scopes),
         Listing::Proxies => {
             let proxies = DiscoveryClient::new(channel.clone())
                 .status(StatusRequest {})
@@ -1369,6 +1381,64 @@ fn print_clusters(resources: &[Resource]) {
         .collect();
     let header = ["NAME", "ENDPOINTS", "SERVICE", "DNS", "SELECTOR", "VERSION"];
     print_table("clusters", header, rows);
+}
+
+/// Prints listener resources as a table.
+fn print_listeners(resources: &[Resource]) {
+    let rows = resources
+        .iter()
+        .map(|r| {
+            let settings: serde_json::Value = match &r.spec {
+                Some(Spec::Listener(l)) => {
+                    serde_json::from_str(&l.settings_json).unwrap_or_default()
+                }
+                _ => serde_json::Value::Null,
+            };
+            let field = |k: &str| {
+                settings
+                    .get(k)
+                    .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                    .unwrap_or_default()
+            };
+            [
+                r.name.clone(),
+                or_none(field("address")),
+                or_none(field("direction")),
+                or_none(field("default_cluster")),
+                labels_text(&r.selector),
+                r.version.to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME",
+        "ADDRESS",
+        "DIRECTION",
+        "DEFAULT CLUSTER",
+        "SELECTOR",
+        "VERSION",
+    ];
+    print_table("listeners", header, rows);
+}
+
+/// Prints scope resources as a table.
+fn print_scopes(resources: &[Resource]) {
+    let rows = resources
+        .iter()
+        .map(|r| {
+            let services = match &r.spec {
+                Some(Spec::Scope(s)) => s.services.join(","),
+                _ => String::new(),
+            };
+            [
+                r.name.clone(),
+                or_none(services),
+                labels_text(&r.selector),
+                r.version.to_string(),
+            ]
+        })
+        .collect();
+    print_table("scopes", ["NAME", "SERVICES", "SELECTOR", "VERSION"], rows);
 }
 
 /// Prints proxies as a table.

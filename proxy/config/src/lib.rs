@@ -626,6 +626,97 @@ pub struct ClusterConfig {
     pub tls: Option<ClusterTls>,
 }
 
+/// A named item (`name`) from `settings`: a JSON object of its fields but `reserved` (and
+/// `None` for all defaults), read as YAML text so that errors name the field.
+fn from_settings<T: serde::de::DeserializeOwned>(
+    name: &str,
+    settings: Option<&serde_json::Value>,
+    reserved: &[&str],
+) -> Result<T, String> {
+    let mut object = match settings {
+        None | Some(serde_json::Value::Null) => serde_json::Map::new(),
+        Some(serde_json::Value::Object(o)) => o.clone(),
+        Some(_) => return Err("settings must be an object".into()),
+    };
+    for r in reserved {
+        if object.contains_key(*r) {
+            return Err(format!("settings must not set `{r}`"));
+        }
+    }
+    object.insert("name".into(), name.into());
+    let text = serde_yaml_ng::to_string(&object).map_err(|e| format!("settings: {e}"))?;
+    serde_yaml_ng::from_str(&text).map_err(|e| {
+        let e = e.to_string();
+        let e = e.split(" at line ").next().unwrap_or(&e).to_owned();
+        format!("settings: {e}")
+    })
+}
+
+impl ListenerConfig {
+    /// The listener `name` with `settings`: a JSON object of a config file listener's
+    /// fields other than `name` and `filters` (`address` is required), checked as the
+    /// file's listeners are (`identity`: the proxy has a mesh identity); its default
+    /// cluster is checked against the clusters once it is in a config.
+    pub fn from_settings(
+        name: &str,
+        settings: Option<&serde_json::Value>,
+        identity: bool,
+    ) -> Result<ListenerConfig, String> {
+        let l: ListenerConfig = from_settings(name, settings, &["name", "filters"])?;
+        l.validate(identity)
+            .map_err(|(field, m)| format!("settings.{field}: {m}"))?;
+        Ok(l)
+    }
+
+    /// `Err((field, why))` for a setting out of range or that does not fit (field paths
+    /// relative to the listener); `identity`: the proxy has a mesh identity.
+    pub fn validate(&self, identity: bool) -> Result<(), (String, String)> {
+        let l = self;
+        let at = |f: &str| f.to_owned();
+        if let Some(tls) = &l.tls {
+            tls.validate(identity)
+                .map_err(|(f, m)| (at(&format!("tls.{f}")), m))?;
+        }
+        in_range(
+            &at("max_request_header_bytes"),
+            l.max_request_header_bytes as u64,
+            ranges::HEADER_BYTES,
+        )?;
+        in_range(
+            &at("max_request_headers"),
+            l.max_request_headers as u64,
+            ranges::HEADERS,
+        )?;
+        in_range(&at("idle_timeout_ms"), l.idle_timeout_ms, ranges::IDLE_MS)?;
+        in_range(
+            &at("request_headers_timeout_ms"),
+            l.request_headers_timeout_ms,
+            ranges::OPTIONAL_MS,
+        )?;
+        in_range(
+            &at("replay_buffer_kb"),
+            l.replay_buffer_kb.into(),
+            ranges::BUFFER_KB,
+        )?;
+        in_range(
+            &at("stream_idle_timeout_ms"),
+            l.stream_idle_timeout_ms,
+            ranges::OPTIONAL_MS,
+        )?;
+        in_range(
+            &at("max_requests_per_http2_connection"),
+            l.max_requests_per_http2_connection,
+            ranges::REQUESTS_PER_CONNECTION,
+        )?;
+        in_range(
+            &at("max_requests_per_connection"),
+            l.max_requests_per_connection,
+            ranges::REQUESTS_PER_CONNECTION,
+        )?;
+        Ok(())
+    }
+}
+
 impl ClusterConfig {
     /// The cluster `name` with `settings`: a JSON object of a config file cluster's fields
     /// other than `name` and `endpoints` (`None`: the defaults), checked as the file's
@@ -636,24 +727,7 @@ impl ClusterConfig {
         settings: Option<&serde_json::Value>,
         identity: bool,
     ) -> Result<ClusterConfig, String> {
-        let mut object = match settings {
-            None | Some(serde_json::Value::Null) => serde_json::Map::new(),
-            Some(serde_json::Value::Object(o)) => o.clone(),
-            Some(_) => return Err("settings must be an object".into()),
-        };
-        for reserved in ["name", "endpoints"] {
-            if object.contains_key(reserved) {
-                return Err(format!("settings must not set `{reserved}`"));
-            }
-        }
-        object.insert("name".into(), name.into());
-        // Read as YAML text, whose errors name the field (`lb_policy: unknown variant`).
-        let text = serde_yaml_ng::to_string(&object).map_err(|e| format!("settings: {e}"))?;
-        let c: ClusterConfig = serde_yaml_ng::from_str(&text).map_err(|e| {
-            let e = e.to_string();
-            let e = e.split(" at line ").next().unwrap_or(&e).to_owned();
-            format!("settings: {e}")
-        })?;
+        let c: ClusterConfig = from_settings(name, settings, &["name", "endpoints"])?;
         c.validate(identity)
             .map_err(|(field, m)| format!("settings.{field}: {m}"))?;
         Ok(c)
@@ -1062,46 +1136,8 @@ impl Config {
                     format!("no cluster named `{}`", l.default_cluster),
                 ));
             }
-            if let Some(tls) = &l.tls {
-                tls.validate(self.identity.is_some())
-                    .map_err(|(f, m)| (at(&format!("tls.{f}")), m))?;
-            }
-            in_range(
-                &at("max_request_header_bytes"),
-                l.max_request_header_bytes as u64,
-                ranges::HEADER_BYTES,
-            )?;
-            in_range(
-                &at("max_request_headers"),
-                l.max_request_headers as u64,
-                ranges::HEADERS,
-            )?;
-            in_range(&at("idle_timeout_ms"), l.idle_timeout_ms, ranges::IDLE_MS)?;
-            in_range(
-                &at("request_headers_timeout_ms"),
-                l.request_headers_timeout_ms,
-                ranges::OPTIONAL_MS,
-            )?;
-            in_range(
-                &at("replay_buffer_kb"),
-                l.replay_buffer_kb.into(),
-                ranges::BUFFER_KB,
-            )?;
-            in_range(
-                &at("stream_idle_timeout_ms"),
-                l.stream_idle_timeout_ms,
-                ranges::OPTIONAL_MS,
-            )?;
-            in_range(
-                &at("max_requests_per_http2_connection"),
-                l.max_requests_per_http2_connection,
-                ranges::REQUESTS_PER_CONNECTION,
-            )?;
-            in_range(
-                &at("max_requests_per_connection"),
-                l.max_requests_per_connection,
-                ranges::REQUESTS_PER_CONNECTION,
-            )?;
+            l.validate(self.identity.is_some())
+                .map_err(|(f, m)| (at(&f), m))?;
             let mut filter_names = HashSet::new();
             for (j, f) in l.filters.iter().enumerate() {
                 let at = |x: &str| format!("listeners[{i}].filters[{j}].{x}");

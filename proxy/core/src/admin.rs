@@ -35,7 +35,7 @@ pub struct AdminState {
     /// The control service this proxy follows and where it stands (`null` without one).
     pub control: std::sync::Mutex<serde_json::Value>,
     /// Where each listener actually listens (port 0 resolved).
-    pub listeners: Vec<(String, SocketAddr)>,
+    pub listeners: arc_swap::ArcSwap<Vec<(String, SocketAddr)>>,
     /// The proxy's clusters now.
     pub clusters: Arc<ClusterTable>,
     /// All metrics.
@@ -245,6 +245,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/config_dump" => {
             let listening: Vec<_> = state
                 .listeners
+                .load()
                 .iter()
                 .map(|(name, addr)| json!({ "name": name, "address": addr }))
                 .collect();

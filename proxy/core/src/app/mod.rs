@@ -13,7 +13,7 @@ use crate::config::Config;
 
 use crate::admin::AdminState;
 use crate::config::IdentitySource;
-use crate::downstream::{self as listener, ListenerRuntime, WorkerSpec};
+use crate::downstream::{self as listener, ListenerRuntime, ListenerSlot, WorkerSpec};
 use crate::filter::{ChainError, FilterChain, FilterHost};
 use crate::http::{ListenerCtx, Live};
 use crate::metrics::Metrics;
@@ -298,12 +298,13 @@ impl Proxy {
             ))
         };
         let mut chains = std::mem::take(&mut self.chains).into_iter();
-        let runtimes: Vec<Arc<ListenerRuntime>> = self
+        let slots: Vec<Arc<ListenerSlot>> = self
             .config
             .listeners
             .iter()
+            .zip(&self.listeners)
             .enumerate()
-            .map(|(i, l)| {
+            .map(|(i, (l, (_, address, _)))| {
                 let chain = chains.next().flatten();
                 // Validation has checked the default cluster against these clusters.
                 let live = Live::new(
@@ -314,20 +315,11 @@ impl Proxy {
                 .unwrap_or_else(|_| {
                     Live::new(None, clusters.load_full(), "").expect("no default cluster")
                 });
-                let ctx = ListenerCtx {
-                    name: l.name.clone(),
-                    live: arc_swap::ArcSwap::from_pointee(live),
-                    metrics: metrics.listener(&l.name),
-                    replay_limit: l.replay_buffer_kb as usize * 1024,
-                    direction: l.direction.number(),
-                    max_requests_per_connection: l.max_requests_per_connection,
-                    max_requests_per_http2_connection: l.max_requests_per_http2_connection,
-                    overload: overload.clone(),
-                    stream_idle_timeout: (l.stream_idle_timeout_ms > 0)
-                        .then(|| std::time::Duration::from_millis(l.stream_idle_timeout_ms)),
-                };
                 let tls = self.tls.listeners.get(i).cloned().flatten();
-                Arc::new(ListenerRuntime::new(Arc::new(ctx), l, tls))
+                ListenerSlot::new(
+                    listener_runtime(l, live, &metrics, &overload, tls),
+                    *address,
+                )
             })
             .collect();
 
@@ -349,7 +341,7 @@ impl Proxy {
                 }),
                 None => serde_json::Value::Null,
             }),
-            listeners: self.listener_addrs(),
+            listeners: arc_swap::ArcSwap::from_pointee(self.listener_addrs()),
             clusters: clusters.clone(),
             metrics,
             draining: AtomicBool::new(false),
@@ -373,16 +365,20 @@ impl Proxy {
             // Hand each worker its own socket of every listener.
             let mut per_worker: Vec<Vec<_>> =
                 (0..self.options.workers).map(|_| Vec::new()).collect();
-            for ((_, _, sockets), rt) in self.listeners.into_iter().zip(&runtimes) {
+            for ((_, _, sockets), slot) in self.listeners.into_iter().zip(&slots) {
                 for (w, socket) in sockets.into_iter().enumerate() {
-                    per_worker[w].push((socket, rt.clone()));
+                    per_worker[w].push((socket, slot.clone()));
                 }
             }
             let mut handles = Vec::new();
+            let mut workers = Vec::new();
             for (id, listeners) in per_worker.into_iter().enumerate() {
+                let (commands_tx, commands) = tokio::sync::mpsc::unbounded_channel();
+                workers.push(commands_tx);
                 handles.push(listener::spawn_worker(WorkerSpec {
                     id,
                     listeners,
+                    commands,
                     clusters: clusters.clone(),
                     drain: drain_rx.clone(),
                     drain_timeout,
@@ -430,7 +426,9 @@ impl Proxy {
                     .map(|c| control::StateDir::new(c.state_dir.clone())),
                 filter_host: self.options.filter_host.clone(),
                 metrics: state.metrics.clone(),
-                listeners: runtimes.clone(),
+                listeners: slots,
+                workers,
+                overload,
                 clusters: clusters.clone(),
                 identity: self.tls.identity.clone(),
                 admin: state.clone(),
@@ -454,6 +452,9 @@ impl Proxy {
             state
                 .draining
                 .store(true, std::sync::atomic::Ordering::Relaxed);
+            for slot in &reloader.lock().await.listeners {
+                slot.close();
+            }
             let _ = drain_tx.send(true);
             let joined = tokio::task::spawn_blocking(move || {
                 for h in handles {
@@ -546,4 +547,27 @@ pub(crate) fn build_clusters(
         })
         .collect::<Result<_, _>>()?;
     Ok(Clusters::new(list))
+}
+
+/// The runtime of listener `l` running `live`, with its TLS (`None` for plaintext).
+pub(crate) fn listener_runtime(
+    l: &crate::config::ListenerConfig,
+    live: Live,
+    metrics: &Metrics,
+    overload: &Arc<crate::overload::Overload>,
+    tls: Option<Arc<ServerTls>>,
+) -> ListenerRuntime {
+    let ctx = ListenerCtx {
+        name: l.name.clone(),
+        live: arc_swap::ArcSwap::from_pointee(live),
+        metrics: metrics.listener(&l.name),
+        replay_limit: l.replay_buffer_kb as usize * 1024,
+        direction: l.direction.number(),
+        max_requests_per_connection: l.max_requests_per_connection,
+        max_requests_per_http2_connection: l.max_requests_per_http2_connection,
+        overload: overload.clone(),
+        stream_idle_timeout: (l.stream_idle_timeout_ms > 0)
+            .then(|| std::time::Duration::from_millis(l.stream_idle_timeout_ms)),
+    };
+    ListenerRuntime::new(Arc::new(ctx), l, tls)
 }

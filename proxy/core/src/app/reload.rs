@@ -12,11 +12,13 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::config::ListenerConfig;
 use crate::control::{ControlSnapshot, StateDir, overlay};
-use crate::downstream::ListenerRuntime;
+use crate::downstream::{ListenerRuntime, ListenerSlot, WorkerCommand};
 use crate::filter::FilterHost;
 use crate::http::Live;
 use crate::metrics::Metrics;
+use crate::tls::ServerTls;
 use crate::upstream::{Cluster, ClusterTable};
 
 /// Applies config changes to the running proxy.
@@ -34,7 +36,12 @@ pub(crate) struct Reloader {
     /// Builds filter chains (the WASM host), if the proxy has one.
     pub filter_host: Option<Arc<dyn FilterHost>>,
     pub metrics: Arc<Metrics>,
-    pub listeners: Vec<Arc<ListenerRuntime>>,
+    /// The listeners now, in config order.
+    pub listeners: Vec<Arc<ListenerSlot>>,
+    /// Each worker's command channel (new listeners' sockets go to them).
+    pub workers: Vec<tokio::sync::mpsc::UnboundedSender<WorkerCommand>>,
+    /// The proxy's overload state (new listeners share it).
+    pub overload: Arc<crate::overload::Overload>,
     /// The proxy's clusters, replaced whole when any is added, changed or removed.
     pub clusters: Arc<ClusterTable>,
     /// The mesh identity (new clusters' TLS is built over it).
@@ -125,8 +132,8 @@ impl Reloader {
     }
 
     /// Applies `next`: the chains that changed (all with `rebuild_all`), default clusters,
-    /// clusters and their endpoints. Returns the number of chains swapped. Listeners added
-    /// or removed need a restart and are left as they are (with a warning).
+    /// clusters and their endpoints, listeners added, changed or removed. Returns the
+    /// number of chains swapped.
     async fn apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {
         let result = self.try_apply(next, rebuild_all).await;
         self.metrics.chain_swap(result.is_ok());
@@ -152,69 +159,66 @@ impl Reloader {
     }
 
     async fn try_apply(&mut self, next: Config, rebuild_all: bool) -> Result<usize, String> {
-        let same_listeners = next.listeners.len() == self.running.listeners.len()
-            && next
-                .listeners
-                .iter()
-                .zip(&self.running.listeners)
-                .all(|(a, b)| a.name == b.name && a.address == b.address);
-        if !same_listeners {
-            tracing::warn!(
-                "listeners were added, removed or renamed: that needs a restart; chains, \
-                 default clusters and clusters of the existing ones are applied"
-            );
-        }
         // Check and build everything first: all or nothing.
         let clusters = Arc::new(
             super::build_clusters(&next, &self.identity, &self.metrics, &self.clusters.load())
                 .map_err(|(what, e)| format!("{what}: {e}"))?,
         );
-        let mut built = Vec::new();
-        let mut lives = Vec::new();
+        let mut plans = Vec::new();
+        let mut swapped = 0;
         for l in &next.listeners {
-            let Some((i, rt)) = self
-                .listeners
-                .iter()
-                .enumerate()
-                .find(|(_, r)| r.ctx.name == l.name)
-                .map(|(i, r)| (i, r.clone()))
-            else {
-                continue;
-            };
-            let running = &self.running.listeners[i].filters;
-            let changed =
-                serde_json::to_value(&l.filters).ok() != serde_json::to_value(running).ok();
-            let chain = if !(changed || rebuild_all && !l.filters.is_empty()) {
-                rt.ctx.live.load().chain.clone()
-            } else if l.filters.is_empty() {
-                built.push((i, Vec::new()));
-                None
-            } else {
-                let host = self
-                    .filter_host
-                    .clone()
-                    .ok_or("this proxy has no filter host")?;
-                let (name, filters, table, metrics) = (
-                    l.name.clone(),
-                    l.filters.clone(),
-                    self.clusters.clone(),
-                    self.metrics.clone(),
-                );
-                let chain = tokio::task::spawn_blocking(move || {
-                    host.build_chain(&name, &filters, &table, &metrics)
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-                built.push((i, l.filters.clone()));
-                Some(Arc::new(chain))
+            let slot = self.listeners.iter().find(|s| s.name() == l.name).cloned();
+            let running = self.running.listeners.iter().find(|r| r.name == l.name);
+            let changed = running.is_none_or(|r| {
+                serde_json::to_value(&l.filters).ok() != serde_json::to_value(&r.filters).ok()
+            });
+            let chain = match &slot {
+                Some(slot) if !(changed || rebuild_all && !l.filters.is_empty()) => {
+                    slot.runtime.load().ctx.live.load().chain.clone()
+                }
+                _ if l.filters.is_empty() => None,
+                _ => {
+                    let host = self
+                        .filter_host
+                        .clone()
+                        .ok_or("this proxy has no filter host")?;
+                    let (name, filters, table, metrics) = (
+                        l.name.clone(),
+                        l.filters.clone(),
+                        self.clusters.clone(),
+                        self.metrics.clone(),
+                    );
+                    let chain = tokio::task::spawn_blocking(move || {
+                        host.build_chain(&name, &filters, &table, &metrics)
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                    swapped += 1;
+                    Some(Arc::new(chain))
+                }
             };
             let live = Live::new(chain, clusters.clone(), &l.default_cluster)
                 .map_err(|e| format!("listener `{}`: default cluster: {e}", l.name))?;
-            lives.push((rt, live));
+            let plan = match (slot, running) {
+                (Some(slot), Some(r)) if same_settings(l, r) => Plan::Keep(slot, live),
+                (Some(slot), Some(r)) if l.address == r.address => {
+                    let runtime = self.runtime(l, live)?;
+                    Plan::Replace(slot, runtime)
+                }
+                (old, _) => {
+                    let runtime = self.runtime(l, live)?;
+                    let (address, sockets) =
+                        crate::downstream::bind_reuseport(l.address, self.workers.len())
+                            .map_err(|e| format!("listener `{}`: {}: {e}", l.name, l.address))?;
+                    Plan::Add(old, runtime, address, sockets)
+                }
+            };
+            plans.push(plan);
         }
         // Publish: the clusters first (endpoints of kept ones follow the config), then each
-        // listener's chain and clusters in one swap.
+        // listener: its chain and clusters in one swap, its new settings (the sockets stay),
+        // or its new sockets; listeners no longer there close (their connections drain).
         let (added, removed) = {
             let old = self.clusters.load();
             let kept = |c: &Arc<Cluster>, other: &crate::upstream::Clusters| {
@@ -233,22 +237,97 @@ impl Reloader {
         if added + removed > 0 {
             tracing::info!(added, removed, "clusters changed");
         }
-        let swapped = built.len();
-        for (rt, live) in lives {
-            rt.ctx.live.store(Arc::new(live));
-        }
-        for (i, filters) in built {
-            self.running.listeners[i].filters = filters;
-        }
-        // What runs now, matched by name (a re-read file may list them in another order).
-        self.running.clusters = next.clusters.clone();
-        for l in &next.listeners {
-            if let Some(running) = self.running.listeners.iter_mut().find(|r| r.name == l.name) {
-                running.default_cluster = l.default_cluster.clone();
+        let mut slots = Vec::new();
+        for plan in plans {
+            match plan {
+                Plan::Keep(slot, live) => {
+                    slot.runtime.load().ctx.live.store(Arc::new(live));
+                    slots.push(slot);
+                }
+                Plan::Replace(slot, runtime) => {
+                    tracing::info!(listener = %slot.name(), "listener settings changed");
+                    slot.runtime.store(Arc::new(runtime));
+                    slots.push(slot);
+                }
+                Plan::Add(old, runtime, address, sockets) => {
+                    let slot = ListenerSlot::new(runtime, address);
+                    for (worker, socket) in self.workers.iter().zip(sockets) {
+                        let _ = worker.send(WorkerCommand::Listen(socket, slot.clone()));
+                    }
+                    tracing::info!(listener = %slot.name(), %address, "listening");
+                    if let Some(old) = old {
+                        tracing::info!(listener = %old.name(), address = %old.address, "closing the old address");
+                        old.close();
+                    }
+                    slots.push(slot);
+                }
             }
         }
+        for gone in self
+            .listeners
+            .iter()
+            .filter(|s| !slots.iter().any(|k| k.name() == s.name()))
+        {
+            tracing::info!(listener = %gone.name(), address = %gone.address, "listener removed: closing");
+            gone.close();
+        }
+        self.admin.listeners.store(Arc::new(
+            slots.iter().map(|s| (s.name(), s.address)).collect(),
+        ));
+        self.listeners = slots;
+        self.running = next;
         Ok(swapped)
     }
+
+    /// The runtime of listener `l` running `live`, with its TLS.
+    fn runtime(&self, l: &ListenerConfig, live: Live) -> Result<ListenerRuntime, String> {
+        let tls = l
+            .tls
+            .as_ref()
+            .map(|t| ServerTls::new(t, l.protocol, &self.identity).map(Arc::new))
+            .transpose()
+            .map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        if let Some(tls) = &tls {
+            let tls = tls.clone();
+            tokio::spawn(async move { tls.follow_files(super::TLS_FILES_EVERY).await });
+        }
+        Ok(super::listener_runtime(
+            l,
+            live,
+            &self.metrics,
+            &self.overload,
+            tls,
+        ))
+    }
+}
+
+/// What happens to one listener of the config applied.
+enum Plan {
+    /// Same settings: only its chain, clusters and default cluster ([`Live`]) change.
+    Keep(Arc<ListenerSlot>, Live),
+    /// New settings on the same address: new connections get the new runtime.
+    Replace(Arc<ListenerSlot>, ListenerRuntime),
+    /// A new listener, or one that moved (the old slot, closed once the new one listens).
+    Add(
+        Option<Arc<ListenerSlot>>,
+        ListenerRuntime,
+        std::net::SocketAddr,
+        Vec<std::net::TcpListener>,
+    ),
+}
+
+/// Whether `a` and `b` are the same listener but for their filters and default cluster
+/// (which a [`Live`] swap changes).
+fn same_settings(a: &ListenerConfig, b: &ListenerConfig) -> bool {
+    let settings = |l: &ListenerConfig| {
+        serde_json::to_value(ListenerConfig {
+            filters: Vec::new(),
+            default_cluster: String::new(),
+            ..l.clone()
+        })
+        .ok()
+    };
+    settings(a) == settings(b)
 }
 
 impl crate::control::Target for Reloader {

@@ -10,6 +10,7 @@ use weft_proto::v1;
 use super::state_dir::StateDir;
 use crate::config::{
     ClusterConfig, Config, EndpointConfig, FailurePolicy, FilterConfig, FilterLimits,
+    ListenerConfig,
 };
 
 /// A filter of a control snapshot.
@@ -60,6 +61,15 @@ pub struct SnapshotCluster {
     pub implicit: bool,
 }
 
+/// A listener in a control snapshot.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotListener {
+    /// The listener.
+    pub name: String,
+    /// Its settings (a listener of the config file without `name` and `filters`).
+    pub settings: serde_json::Value,
+}
+
 /// What the control service says this proxy should run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ControlSnapshot {
@@ -71,6 +81,9 @@ pub struct ControlSnapshot {
     pub chains: Vec<SnapshotChain>,
     /// Clusters.
     pub clusters: Vec<SnapshotCluster>,
+    /// Listeners.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub listeners: Vec<SnapshotListener>,
 }
 
 /// The hex part of a `sha256:<hex>` digest, if it is one.
@@ -156,23 +169,56 @@ impl TryFrom<v1::Snapshot> for ControlSnapshot {
                     })
                 })
                 .collect::<Result<_, String>>()?;
+        let listeners = s
+            .listeners
+            .into_iter()
+            .map(|l| {
+                let settings = serde_json::from_str(&l.settings_json)
+                    .map_err(|e| format!("listener `{}`: settings are not JSON: {e}", l.name))?;
+                Ok(SnapshotListener {
+                    name: l.name,
+                    settings,
+                })
+            })
+            .collect::<Result<_, String>>()?;
         Ok(ControlSnapshot {
             version: s.version,
             hash: s.hash,
             chains,
             clusters,
+            listeners,
         })
     }
 }
 
-/// `base` with `snap` over it: each chain replaces its listener's filters (and default
-/// cluster, when it names one); each cluster replaces the bootstrap's cluster of its name
+/// `base` with `snap` over it: each listener replaces the bootstrap's listener of its name
+/// (keeping the bootstrap's filters unless a chain replaces them) or is added; each chain
+/// replaces its listener's filters (and default cluster, when it names one); each cluster replaces the bootstrap's cluster of its name
 /// (its endpoints, and its settings when it has some) or is added. Listeners and clusters
 /// the snapshot does not mention keep the bootstrap's. A chain for a listener this proxy
 /// does not have, two chains for one listener or two clusters of one name is an error. The
 /// module files are not read here: see [`StateDir::check_modules`].
 pub fn overlay(base: &Config, snap: &ControlSnapshot, dir: &StateDir) -> Result<Config, String> {
     let mut next = base.clone();
+    // Listeners first: chains may run on the snapshot's listeners.
+    let mut seen = std::collections::BTreeSet::new();
+    for l in &snap.listeners {
+        if !seen.insert(l.name.as_str()) {
+            return Err(format!("listener `{}` appears twice", l.name));
+        }
+        let listener =
+            ListenerConfig::from_settings(&l.name, Some(&l.settings), base.identity.is_some())
+                .map_err(|e| format!("listener `{}`: {e}", l.name))?;
+        match next.listeners.iter_mut().find(|k| k.name == l.name) {
+            Some(bootstrap) => {
+                *bootstrap = ListenerConfig {
+                    filters: std::mem::take(&mut bootstrap.filters),
+                    ..listener
+                }
+            }
+            None => next.listeners.push(listener),
+        }
+    }
     let mut seen = BTreeMap::new();
     for c in &snap.chains {
         if let Some(other) = seen.insert(c.listener.as_str(), c.name.as_str()) {

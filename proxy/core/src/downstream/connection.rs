@@ -65,6 +65,44 @@ impl ListenerRuntime {
     }
 }
 
+/// A listener's place on the workers: the runtime new connections get (replaced whole when
+/// the listener's settings change; a connection keeps the one it was accepted with) and
+/// the signal that closes it (the listener removed, or the proxy draining).
+pub struct ListenerSlot {
+    /// What new connections get.
+    pub runtime: arc_swap::ArcSwap<ListenerRuntime>,
+    /// Where it listens.
+    pub address: SocketAddr,
+    close: watch::Sender<bool>,
+}
+
+impl ListenerSlot {
+    /// A slot for `runtime`, listening on `address`.
+    pub fn new(runtime: ListenerRuntime, address: SocketAddr) -> Arc<Self> {
+        Arc::new(Self {
+            runtime: arc_swap::ArcSwap::from_pointee(runtime),
+            address,
+            close: watch::channel(false).0,
+        })
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> String {
+        self.runtime.load().ctx.name.clone()
+    }
+
+    /// Closes the listener: every worker stops accepting on it (its sockets close), and
+    /// its connections close gracefully (HTTP/1.1 after the exchange in flight, with
+    /// `connection: close`; HTTP/2 with GOAWAY), as when the proxy drains.
+    pub fn close(&self) {
+        self.close.send_replace(true);
+    }
+
+    fn closing(&self) -> watch::Receiver<bool> {
+        self.close.subscribe()
+    }
+}
+
 /// The idle timeout of downstream connections while the proxy sheds load.
 const SHED_IDLE_MS: u64 = 1_000;
 
@@ -91,12 +129,8 @@ impl RateLimitedLog {
     }
 }
 
-pub(super) async fn accept_loop(
-    socket: TcpListener,
-    listener: Arc<ListenerRuntime>,
-    mut drain: watch::Receiver<bool>,
-    conns: ConnCounter,
-) {
+pub(super) async fn accept_loop(socket: TcpListener, slot: Arc<ListenerSlot>, conns: ConnCounter) {
+    let mut drain = slot.closing();
     let for_connections = drain.clone();
     let mut failures = RateLimitedLog::default();
     loop {
@@ -105,6 +139,7 @@ pub(super) async fn accept_loop(
             _ = drained(&mut drain) => break,
             accepted = socket.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let listener = slot.runtime.load_full();
                     // Over budget: shed at once (the socket closes), so the accept queue
                     // keeps moving and descriptors never run out.
                     let Some(admitted) = listener.ctx.overload.admit() else {
@@ -125,7 +160,7 @@ pub(super) async fn accept_loop(
                     // say so once in a while, not 40 times a second.
                     if let Some(suppressed) = failures.due() {
                         tracing::warn!(
-                            listener = %listener.ctx.name,
+                            listener = %slot.name(),
                             suppressed,
                             "accept failed: {e}"
                         );

@@ -11,5 +11,5 @@ pub mod transport;
 pub mod workers;
 
 pub use bind::bind_reuseport;
-pub use connection::ListenerRuntime;
-pub use workers::{WorkerSpec, spawn_worker};
+pub use connection::{ListenerRuntime, ListenerSlot};
+pub use workers::{WorkerCommand, WorkerSpec, spawn_worker};

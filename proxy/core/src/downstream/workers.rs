@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, watch};
 
-use super::connection::{ListenerRuntime, accept_loop};
+use super::connection::{ListenerSlot, accept_loop};
 use crate::upstream::ClusterTable;
 use crate::upstream::pool as worker;
 
@@ -18,7 +18,9 @@ pub struct WorkerSpec {
     /// Worker number.
     pub id: usize,
     /// Its socket of each listener.
-    pub listeners: Vec<(std::net::TcpListener, Arc<ListenerRuntime>)>,
+    pub listeners: Vec<(std::net::TcpListener, Arc<ListenerSlot>)>,
+    /// What the proxy asks of the worker while it runs (listeners added live).
+    pub commands: tokio::sync::mpsc::UnboundedReceiver<WorkerCommand>,
     /// The proxy's clusters.
     pub clusters: Arc<ClusterTable>,
     /// Becomes true when the proxy drains.
@@ -29,6 +31,12 @@ pub struct WorkerSpec {
     pub timer_anchor: Duration,
     /// Singleton background services this worker runs (the first worker runs them all).
     pub services: Vec<Arc<Box<dyn crate::filter::FilterChain>>>,
+}
+
+/// What a running worker is asked to do.
+pub enum WorkerCommand {
+    /// Accept on its socket of a listener added live.
+    Listen(std::net::TcpListener, Arc<ListenerSlot>),
 }
 
 /// Starts a worker thread with its own single-threaded runtime.
@@ -62,25 +70,31 @@ async fn run_worker(spec: WorkerSpec) {
         service.warm();
     }
     for (_, listener) in &spec.listeners {
-        if let Some(chain) = listener.ctx.live.load().chain.clone() {
+        if let Some(chain) = listener.runtime.load().ctx.live.load().chain.clone() {
             chain.warm();
         }
     }
-    for (socket, listener) in spec.listeners {
+    let listen = |socket: std::net::TcpListener, slot: Arc<ListenerSlot>| {
         match TcpListener::from_std(socket) {
             Ok(socket) => {
-                tokio::spawn(accept_loop(
-                    socket,
-                    listener,
-                    spec.drain.clone(),
-                    conns.clone(),
-                ));
+                tokio::spawn(accept_loop(socket, slot, conns.clone()));
             }
             Err(e) => tracing::error!("worker {}: cannot register listener: {e}", spec.id),
         }
+    };
+    for (socket, slot) in spec.listeners {
+        listen(socket, slot);
     }
     let mut drain = spec.drain;
-    drained(&mut drain).await;
+    let mut commands = spec.commands;
+    loop {
+        tokio::select! {
+            _ = drained(&mut drain) => break,
+            Some(command) = commands.recv() => match command {
+                WorkerCommand::Listen(socket, slot) => listen(socket, slot),
+            },
+        }
+    }
     if tokio::time::timeout(spec.drain_timeout, conns.wait_zero())
         .await
         .is_err()
