@@ -141,7 +141,7 @@ curl -s http://127.0.0.1:18001/version
 
 section "4b. a new service joins while calls flow: service3 registers, service1's sidecar learns it with no restart"
 echo -n "before: a call for host service3: "
-curl -s -H 'host: service3' -w ' (%{http_code})\n' http://127.0.0.1:18001/
+curl -s -H 'host: service3' -w ' (%{http_code})' http://127.0.0.1:18001/ | tr '\n' ' '; echo
 (for _ in $(seq 1 300); do call; done | sort | uniq -c > "$logs/during-join.txt") &
 traffic=$!
 start service3 "$bin/demo-service" --name service3 --listen 127.0.0.1:18103

@@ -12,6 +12,12 @@
 //! - **scale**: 1,000 simulated proxy streams (a few lines of tonic client each, ACKing every
 //!   snapshot): time from an apply until all 1,000 have received and ACKed it, and the
 //!   control service's resident memory;
+//! - **a new service, push to live**: a registry instance of a service nobody knew, until
+//!   every real proxy has it as a cluster (`/clusters`), with 10 and 100 proxies, and until
+//!   all 1,000 simulated streams have received a snapshot with it;
+//! - **services at scale**: 1,000 registered services; the snapshot each simulated proxy
+//!   receives (bytes, clusters) without and with a `Scope` of 10 services, and the control
+//!   service's memory;
 //! - **swaps under load**: 100 chain swaps on one proxy while `weft-load` sends it 2,000
 //!   requests a second: failed requests and latency.
 //!
@@ -49,6 +55,82 @@ struct Args {
     /// Requests per second during the swaps under load.
     #[arg(long, default_value_t = 2000)]
     rate: u64,
+    /// Services registered for the services-at-scale run.
+    #[arg(long, default_value_t = 1000)]
+    services: usize,
+}
+
+/// What a simulated proxy saw last.
+#[derive(Default)]
+struct Seen {
+    /// The highest config version received.
+    version: AtomicU64,
+    /// The last snapshot's encoded size, in bytes.
+    bytes: AtomicU64,
+    /// The last snapshot's cluster count.
+    clusters: AtomicU64,
+    /// Snapshots received.
+    snapshots: AtomicU64,
+}
+
+/// Registers one instance of `service` at `address` (an hour's TTL).
+async fn register(
+    registry: &mut v1::registry_client::RegistryClient<Channel>,
+    service: &str,
+    address: &str,
+) {
+    registry
+        .register(v1::RegisterRequest {
+            service: service.into(),
+            address: address.into(),
+            ttl_seconds: 3600,
+            ..Default::default()
+        })
+        .await
+        .expect("register");
+}
+
+/// Whether the proxy whose admin endpoint is on `admin` has a cluster named `name`.
+async fn has_cluster(admin: u16, name: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", admin)).await else {
+        return false;
+    };
+    if s.write_all(b"GET /clusters HTTP/1.0\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = Vec::new();
+    let _ = s.read_to_end(&mut body).await;
+    String::from_utf8_lossy(&body).contains(&format!("\"name\":\"{name}\""))
+}
+
+/// Registers `service` and waits until every proxy (by admin port) has it as a cluster;
+/// returns the milliseconds it took.
+async fn new_service_to_live(
+    registry: &mut v1::registry_client::RegistryClient<Channel>,
+    admins: &[u16],
+    service: &str,
+    address: &str,
+) -> f64 {
+    let t = Instant::now();
+    register(registry, service, address).await;
+    let waits = admins.iter().map(|&admin| {
+        let service = service.to_owned();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !has_cluster(admin, &service).await {
+                assert!(Instant::now() < deadline, "{service} not live on {admin}");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    });
+    for w in waits.collect::<Vec<_>>() {
+        w.await.expect("wait");
+    }
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 /// A child process killed (by PID) when dropped.
@@ -236,7 +318,7 @@ async fn origin() -> u16 {
 
 /// One simulated proxy: subscribes as `id` with `app=sim` and ACKs every snapshot, noting
 /// the highest version received.
-async fn simulated(channel: Channel, id: String, seen: Arc<AtomicU64>) {
+async fn simulated(channel: Channel, id: String, seen: Arc<Seen>) {
     let mut client = v1::discovery_client::DiscoveryClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     let hello = v1::DiscoveryRequest {
@@ -254,7 +336,12 @@ async fn simulated(channel: Channel, id: String, seen: Arc<AtomicU64>) {
     };
     let mut snapshots = resp.into_inner();
     while let Ok(Some(s)) = snapshots.message().await {
-        seen.fetch_max(s.version, Ordering::SeqCst);
+        use prost::Message as _;
+        seen.bytes.store(s.encoded_len() as u64, Ordering::SeqCst);
+        seen.clusters
+            .store(s.clusters.len() as u64, Ordering::SeqCst);
+        seen.snapshots.fetch_add(1, Ordering::SeqCst);
+        seen.version.fetch_max(s.version, Ordering::SeqCst);
         let ack = v1::DiscoveryRequest {
             version: s.version,
             hash: s.hash,
@@ -296,6 +383,7 @@ async fn main() {
     let mut modules = v1::modules_client::ModulesClient::new(channel.clone());
     let mut config = v1::config_client::ConfigClient::new(channel.clone());
     let mut discovery = v1::discovery_client::DiscoveryClient::new(channel.clone());
+    let mut registry = v1::registry_client::RegistryClient::new(channel.clone());
     let bytes = std::fs::read(&args.module).expect("read module");
     let push = tokio_stream::iter([v1::PushChunk {
         name: "basic".into(),
@@ -332,22 +420,49 @@ async fn main() {
             percentile(&ms, 0.5),
             percentile(&ms, 1.0)
         );
+        let admins: Vec<u16> = procs.iter().map(|(_, admin, _)| *admin).collect();
+        let mut new_ms = Vec::new();
+        for round in 0..args.rounds {
+            let service = format!("new-{app}-{round}");
+            let address = format!("127.0.0.1:{upstream}");
+            new_ms.push(new_service_to_live(&mut registry, &admins, &service, &address).await);
+        }
+        new_ms.sort_by(f64::total_cmp);
+        eprintln!(
+            "{n} proxies: a new service live p50 {:.1} ms, max {:.1} ms",
+            percentile(&new_ms, 0.5),
+            percentile(&new_ms, 1.0)
+        );
         push_to_live.push(json!({
             "proxies": n,
             "rounds": ms.len(),
             "p50_ms": percentile(&ms, 0.5),
             "p90_ms": percentile(&ms, 0.9),
             "max_ms": percentile(&ms, 1.0),
+            "new_service_p50_ms": percentile(&new_ms, 0.5),
+            "new_service_max_ms": percentile(&new_ms, 1.0),
             "proxies_started_and_first_chain_live_ms": startup.as_millis() as u64,
         }));
         drop(procs);
     }
 
+    // Services at scale: registered before the simulated streams connect.
+    let rss_no_services = rss_kib(control_pid);
+    let register_started = Instant::now();
+    for i in 0..args.services {
+        register(
+            &mut registry,
+            &format!("svc-{i}"),
+            &format!("10.0.{}.{}:80", i / 250, i % 250 + 1),
+        )
+        .await;
+    }
+    let register_ms = register_started.elapsed().as_millis() as u64;
+    eprintln!("{} services registered in {register_ms} ms", args.services);
+
     // Scale: simulated streams.
     let rss_before = rss_kib(control_pid);
-    let seen: Vec<Arc<AtomicU64>> = (0..args.streams)
-        .map(|_| Arc::new(AtomicU64::new(0)))
-        .collect();
+    let seen: Vec<Arc<Seen>> = (0..args.streams).map(|_| Arc::default()).collect();
     let connect_started = Instant::now();
     // Each simulated proxy has its own connection, as real ones do.
     for (i, s) in seen.iter().enumerate() {
@@ -368,7 +483,7 @@ async fn main() {
         let t = Instant::now();
         let v = apply(&mut config, chain("sim", &format!("s{round}"))).await;
         // Delivered: every stream has received it.
-        while seen.iter().any(|s| s.load(Ordering::SeqCst) < v) {
+        while seen.iter().any(|s| s.version.load(Ordering::SeqCst) < v) {
             assert!(t.elapsed() < Duration::from_secs(60), "not delivered");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -379,6 +494,53 @@ async fn main() {
     converge.sort_by(f64::total_cmp);
     delivered.sort_by(f64::total_cmp);
     let rss_after = rss_kib(control_pid);
+    let per_proxy = |seen: &[Arc<Seen>]| {
+        let bytes: u64 = seen.iter().map(|s| s.bytes.load(Ordering::SeqCst)).sum();
+        let clusters: u64 = seen.iter().map(|s| s.clusters.load(Ordering::SeqCst)).sum();
+        let n = seen.len().max(1) as u64;
+        (bytes / n, clusters / n)
+    };
+    let (unscoped_bytes, unscoped_clusters) = per_proxy(&seen);
+    // A new service reaching every stream (unscoped: each snapshot grows by it).
+    let delivered_with = |seen: &[Arc<Seen>], clusters: u64| {
+        seen.iter()
+            .all(|s| s.clusters.load(Ordering::SeqCst) >= clusters)
+    };
+    let t = Instant::now();
+    register(&mut registry, "svc-new", "10.9.9.9:80").await;
+    while !delivered_with(&seen, unscoped_clusters + 1) {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "svc-new not delivered"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let new_service_all_streams_ms = t.elapsed().as_secs_f64() * 1e3;
+    // Scoped: the streams may call 10 services.
+    let scope = v1::Resource {
+        kind: "Scope".into(),
+        name: "sim".into(),
+        selector: [("app".to_string(), "sim".to_string())].into(),
+        version: 0,
+        spec: Some(v1::resource::Spec::Scope(v1::ScopeSpec {
+            services: vec!["svc-1*".into(), "svc-new".into()],
+        })),
+    };
+    let t = Instant::now();
+    let v = apply(&mut config, scope).await;
+    while seen.iter().any(|s| s.version.load(Ordering::SeqCst) < v) {
+        assert!(t.elapsed() < Duration::from_secs(60), "scope not delivered");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let scope_delivered_ms = t.elapsed().as_secs_f64() * 1e3;
+    let (scoped_bytes, scoped_clusters) = per_proxy(&seen);
+    let rss_scoped = rss_kib(control_pid);
+    eprintln!(
+        "{} services: snapshot per proxy {unscoped_bytes} B ({unscoped_clusters} clusters) unscoped, \
+         {scoped_bytes} B ({scoped_clusters} clusters) scoped; a new service on all {} streams in \
+         {new_service_all_streams_ms:.0} ms; the scope on all in {scope_delivered_ms:.0} ms",
+        args.services, args.streams
+    );
     eprintln!(
         "{} streams: all delivered p50 {:.0} ms, all ACKed p50 {:.0} ms (max {:.0}); control RSS {} -> {} KiB",
         args.streams,
@@ -434,6 +596,18 @@ async fn main() {
         "{}",
         json!({
             "push_to_live": push_to_live,
+            "services": {
+                "services": args.services,
+                "registered_in_ms": register_ms,
+                "control_rss_kib_before_services": rss_no_services,
+                "snapshot_bytes_per_proxy_unscoped": unscoped_bytes,
+                "clusters_per_proxy_unscoped": unscoped_clusters,
+                "snapshot_bytes_per_proxy_scoped": scoped_bytes,
+                "clusters_per_proxy_scoped": scoped_clusters,
+                "new_service_on_all_streams_ms": new_service_all_streams_ms,
+                "scope_on_all_streams_ms": scope_delivered_ms,
+                "control_rss_kib_scoped": rss_scoped,
+            },
             "scale": {
                 "streams": args.streams,
                 "all_connected_and_acked_ms": connected_ms,
