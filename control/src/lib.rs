@@ -28,6 +28,7 @@
 pub mod ca;
 pub mod dns;
 pub mod etcd;
+pub mod gateway;
 pub mod identity;
 pub mod manifest;
 pub mod model;

@@ -62,7 +62,7 @@ use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use weft_proto::v1::resource::Spec;
 use weft_proto::v1::{
-    ChainSpec, ClusterSpec, Endpoint, FilterConfigSpec, FilterRef, ListenerSpec, Resource,
+    self, ChainSpec, ClusterSpec, Endpoint, FilterConfigSpec, FilterRef, ListenerSpec, Resource,
     ScopeSpec,
 };
 
@@ -104,8 +104,9 @@ pub fn parse(text: &str) -> Result<Vec<Resource>, ManifestError> {
             Some("Cluster") => read(document).map(cluster),
             Some("Listener") => read(document).and_then(listener),
             Some("Scope") => read(document).map(scope),
+            Some(kind @ ("HTTPRoute" | "GRPCRoute")) => gateway_route(kind, document),
             Some(other) => Err(format!(
-                "unknown kind `{other}` (expected `Chain`, `FilterConfig`, `Cluster`, `Listener` or `Scope`)"
+                "unknown kind `{other}` (expected `Chain`, `FilterConfig`, `Cluster`, `Listener`, `Scope`, `HTTPRoute` or `GRPCRoute`)"
             )),
             None => Err("missing field `kind`".to_owned()),
         }
@@ -139,7 +140,11 @@ pub fn to_yaml(resources: &[Resource]) -> String {
     resources
         .iter()
         .map(|resource| {
-            serde_yaml_ng::to_string(&OutputDocument::from(resource)).unwrap_or_else(|e| {
+            let written = match RouteDocument::of(resource) {
+                Some(route) => serde_yaml_ng::to_string(&route),
+                None => serde_yaml_ng::to_string(&OutputDocument::from(resource)),
+            };
+            written.unwrap_or_else(|e| {
                 format!("# cannot write {} {}: {e}\n", resource.kind, resource.name)
             })
         })
@@ -150,14 +155,119 @@ pub fn to_yaml(resources: &[Resource]) -> String {
 /// Writes resources as a pretty JSON array of the documents [`to_yaml`] writes, fields in the
 /// same order.
 pub fn to_json(resources: &[Resource]) -> String {
-    let documents: Vec<_> = resources.iter().map(OutputDocument::from).collect();
+    let documents: Vec<_> = resources.iter().map(to_value).collect();
     serde_json::to_string_pretty(&documents).unwrap_or_default()
 }
 
 /// The document [`to_yaml`] writes for a resource, as a JSON value (the filters' `config_json`
 /// parsed back into values).
 pub fn to_value(resource: &Resource) -> serde_json::Value {
-    serde_json::to_value(OutputDocument::from(resource)).unwrap_or_default()
+    match RouteDocument::of(resource) {
+        Some(route) => serde_json::to_value(route),
+        None => serde_json::to_value(OutputDocument::from(resource)),
+    }
+    .unwrap_or_default()
+}
+
+/// The Gateway API group and version routes are read in.
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";
+
+/// A Gateway API route document, as read.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RouteInput {
+    api_version: String,
+    #[serde(rename = "kind")]
+    _kind: IgnoredAny,
+    metadata: Metadata,
+    spec: Option<serde_json::Value>,
+    /// Written by controllers: accepted and ignored.
+    #[serde(default, rename = "status")]
+    _status: IgnoredAny,
+}
+
+/// A route's `metadata`.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
+    /// Kept by Kubernetes: accepted and ignored.
+    #[serde(default, rename = "labels", skip_serializing)]
+    _labels: Option<IgnoredAny>,
+    /// Kept by Kubernetes: accepted and ignored.
+    #[serde(default, rename = "annotations", skip_serializing)]
+    _annotations: Option<IgnoredAny>,
+}
+
+/// Builds the resource of an `HTTPRoute` or `GRPCRoute` document.
+fn gateway_route(
+    kind: &str,
+    document: serde_yaml_ng::Deserializer<'_>,
+) -> Result<Resource, String> {
+    let route = RouteInput::deserialize(document).map_err(|e| e.to_string())?;
+    if route.api_version != GATEWAY_API_VERSION {
+        return Err(format!(
+            "apiVersion `{}`: {kind} is read as `{GATEWAY_API_VERSION}`",
+            route.api_version
+        ));
+    }
+    if route.metadata.name.is_empty() {
+        return Err("`metadata.name` is empty".into());
+    }
+    let Some(spec) = route.spec else {
+        return Err(format!("{kind} `{}` has no `spec`", route.metadata.name));
+    };
+    let spec = v1::GatewayRouteSpec {
+        namespace: route.metadata.namespace.unwrap_or_else(|| "default".into()),
+        spec_json: spec.to_string(),
+    };
+    let spec = if kind == "GRPCRoute" {
+        Spec::GrpcRoute(spec)
+    } else {
+        Spec::HttpRoute(spec)
+    };
+    Ok(resource(kind, route.metadata.name, None, spec))
+}
+
+/// A route as written: a Gateway API document, with its status when the service gave one.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct RouteDocument<'a> {
+    api_version: &'static str,
+    kind: &'a str,
+    metadata: Metadata,
+    spec: serde_json::Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<serde_json::Value>,
+}
+
+impl<'a> RouteDocument<'a> {
+    /// The document of `resource`, if it is a route.
+    fn of(resource: &'a Resource) -> Option<Self> {
+        let route = match &resource.spec {
+            Some(Spec::HttpRoute(r) | Spec::GrpcRoute(r)) => r,
+            _ => return None,
+        };
+        let status = (!resource.conditions.is_empty()).then(|| {
+            serde_json::json!({ "conditions": resource.conditions.iter().map(|c| serde_json::json!({
+                "type": c.r#type, "status": c.status, "reason": c.reason, "message": c.message,
+            })).collect::<Vec<_>>() })
+        });
+        Some(RouteDocument {
+            api_version: GATEWAY_API_VERSION,
+            kind: &resource.kind,
+            metadata: Metadata {
+                name: resource.name.clone(),
+                namespace: Some(route.namespace.clone()),
+                _labels: None,
+                _annotations: None,
+            },
+            spec: serde_json::from_str(&route.spec_json).unwrap_or_default(),
+            status,
+        })
+    }
 }
 
 /// What the first pass reads of a document.
@@ -362,6 +472,7 @@ fn resource(
         selector: selector.unwrap_or_default(),
         version: 0,
         spec: Some(spec),
+        conditions: Vec::new(),
     }
 }
 
@@ -470,6 +581,10 @@ impl<'a> From<&'a Resource> for OutputDocument<'a> {
             Spec::Scope(s) => OutputSpec::Scope {
                 services: &s.services,
             },
+            // Written by `RouteDocument`.
+            Spec::HttpRoute(r) | Spec::GrpcRoute(r) => {
+                OutputSpec::Listener(config_value(&r.spec_json).unwrap_or(serde_json::Value::Null))
+            }
         });
         let selector =
             (resource.kind != "FilterConfig" || !resource.selector.is_empty()).then(|| {
@@ -655,7 +770,7 @@ spec:
         assert_eq!(e.document, 2);
         assert_eq!(
             e.to_string(),
-            "document 2: unknown kind `Gateway` (expected `Chain`, `FilterConfig`, `Cluster`, `Listener` or `Scope`)"
+            "document 2: unknown kind `Gateway` (expected `Chain`, `FilterConfig`, `Cluster`, `Listener`, `Scope`, `HTTPRoute` or `GRPCRoute`)"
         );
         let e = error(&format!("{valid}kind: Listener\nname: b\nspec: 3\n"));
         assert_eq!(

@@ -43,6 +43,10 @@ pub enum Kind {
     Listener,
     /// What the proxies it selects may call.
     Scope,
+    /// A Gateway API HTTPRoute.
+    HttpRoute,
+    /// A Gateway API GRPCRoute.
+    GrpcRoute,
 }
 
 impl Kind {
@@ -57,6 +61,8 @@ impl Kind {
             }
             "listener" | "listeners" => Some(Kind::Listener),
             "scope" | "scopes" => Some(Kind::Scope),
+            "httproute" | "httproutes" => Some(Kind::HttpRoute),
+            "grpcroute" | "grpcroutes" => Some(Kind::GrpcRoute),
             _ => None,
         }
     }
@@ -69,6 +75,8 @@ impl Kind {
             Kind::FilterConfig => "FilterConfig",
             Kind::Listener => "Listener",
             Kind::Scope => "Scope",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
         }
     }
 }
@@ -165,6 +173,15 @@ impl ScopeSpec {
     }
 }
 
+/// A Gateway API route (HTTPRoute or GRPCRoute, by the resource's kind).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// The route's `spec`, as written.
+    pub spec: serde_json::Value,
+}
+
 /// A filter configuration of its own.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FilterConfigSpec {
@@ -186,6 +203,8 @@ pub enum Spec {
     Listener(ListenerSpec),
     /// A scope.
     Scope(ScopeSpec),
+    /// A Gateway API route.
+    Route(RouteSpec),
 }
 
 /// A named, selected resource.
@@ -225,7 +244,11 @@ impl Resource {
     fn filters(&self) -> &[FilterSpec] {
         match &self.spec {
             Spec::Chain(c) => c.filters.as_slice(),
-            Spec::Cluster(_) | Spec::FilterConfig(_) | Spec::Listener(_) | Spec::Scope(_) => &[],
+            Spec::Cluster(_)
+            | Spec::FilterConfig(_)
+            | Spec::Listener(_)
+            | Spec::Scope(_)
+            | Spec::Route(_) => &[],
         }
     }
 
@@ -245,6 +268,7 @@ impl Resource {
             Spec::FilterConfig(c) => serde_json::to_value(c),
             Spec::Listener(c) => Ok(c.settings.clone()),
             Spec::Scope(c) => serde_json::to_value(c),
+            Spec::Route(c) => serde_json::to_value(c),
         }
         .unwrap_or_default();
         serde_yaml_ng::to_string(&View {

@@ -135,6 +135,18 @@ pub fn resource_from(r: v1::Resource) -> Result<model::Resource, ControlError> {
         Some(v1::resource::Spec::Scope(s)) => Spec::Scope(model::ScopeSpec {
             services: s.services,
         }),
+        Some(v1::resource::Spec::HttpRoute(g) | v1::resource::Spec::GrpcRoute(g)) => {
+            Spec::Route(model::RouteSpec {
+                namespace: if g.namespace.is_empty() {
+                    "default".into()
+                } else {
+                    g.namespace
+                },
+                spec: serde_json::from_str(&g.spec_json).map_err(|e| {
+                    ControlError::Invalid(format!("{} `{}`: spec is not JSON: {e}", r.kind, r.name))
+                })?,
+            })
+        }
         None => {
             return Err(ControlError::Invalid(format!(
                 "{} `{}`: no spec",
@@ -202,6 +214,17 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
         Spec::Scope(s) => v1::resource::Spec::Scope(v1::ScopeSpec {
             services: s.services,
         }),
+        Spec::Route(route) => {
+            let spec = v1::GatewayRouteSpec {
+                namespace: route.namespace,
+                spec_json: route.spec.to_string(),
+            };
+            if r.kind == Kind::GrpcRoute {
+                v1::resource::Spec::GrpcRoute(spec)
+            } else {
+                v1::resource::Spec::HttpRoute(spec)
+            }
+        }
     };
     v1::Resource {
         kind: r.kind.as_str().into(),
@@ -209,6 +232,7 @@ fn resource_msg(r: model::Resource) -> v1::Resource {
         selector: hash_map(&r.selector),
         version: r.version,
         spec: Some(spec),
+        conditions: Vec::new(),
     }
 }
 
@@ -418,13 +442,30 @@ impl v1::config_server::Config for ControlService {
         } else {
             Some(Kind::parse(&kind).ok_or_else(|| {
                 Status::invalid_argument(format!(
-                    "unknown kind `{kind}` (Chain, FilterConfig or Cluster)"
+                    "unknown kind `{kind}` (Chain, FilterConfig, Cluster, Listener, Scope, HTTPRoute or GRPCRoute)"
                 ))
             })?)
         };
         let (resources, version) = self.state.resources(kind);
+        let resources = resources
+            .into_iter()
+            .map(|r| {
+                let conditions = self.state.route_conditions(&r);
+                let mut msg = resource_msg(r);
+                msg.conditions = conditions
+                    .into_iter()
+                    .map(|c| v1::RouteCondition {
+                        r#type: c.kind,
+                        status: c.status,
+                        reason: c.reason,
+                        message: c.message,
+                    })
+                    .collect();
+                msg
+            })
+            .collect();
         Ok(Response::new(v1::ListResourcesResponse {
-            resources: resources.into_iter().map(resource_msg).collect(),
+            resources,
             version,
         }))
     }
@@ -436,7 +477,7 @@ impl v1::config_server::Config for ControlService {
         let req = request.into_inner();
         let kind = Kind::parse(&req.kind).ok_or_else(|| {
             Status::invalid_argument(format!(
-                "unknown kind `{}` (Chain, FilterConfig or Cluster)",
+                "unknown kind `{}` (Chain, FilterConfig, Cluster, Listener, Scope, HTTPRoute or GRPCRoute)",
                 req.kind
             ))
         })?;

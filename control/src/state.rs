@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use crate::gateway;
 use crate::model::{
     ClusterSpec, Endpoint, Instance, Kind, Labels, ModuleRecord, Resource, Spec, diff, now_ms,
 };
@@ -420,6 +421,14 @@ impl ControlState {
                     }
                 }
             }
+            (Spec::FilterConfig(_), Kind::FilterConfig)
+                if r.name == gateway::MESH_ROUTES || r.name == gateway::MESH_RETRIES =>
+            {
+                return Err(invalid(
+                    "the name is reserved: the control service makes it from the HTTPRoutes and GRPCRoutes"
+                        .into(),
+                ));
+            }
             (Spec::FilterConfig(c), Kind::FilterConfig) => {
                 if !r.selector.is_empty() {
                     return Err(invalid(
@@ -458,6 +467,20 @@ impl ControlState {
                 // checked by each proxy against the clusters it has.
                 weft_config::ListenerConfig::from_settings(&r.name, Some(&l.settings), true)
                     .map_err(invalid)?;
+            }
+            (Spec::Route(route), Kind::HttpRoute | Kind::GrpcRoute) => {
+                if !r.selector.is_empty() {
+                    return Err(invalid(
+                        "a route has no selector: it applies to every proxy calling its Services"
+                            .into(),
+                    ));
+                }
+                let kind = if r.kind == Kind::GrpcRoute {
+                    gateway::RouteKind::Grpc
+                } else {
+                    gateway::RouteKind::Http
+                };
+                gateway::check(kind, &route.spec).map_err(invalid)?;
             }
             (Spec::Scope(s), Kind::Scope) => {
                 if s.services.is_empty() {
@@ -505,7 +528,8 @@ impl ControlState {
         for r in &checked {
             for name in r.config_refs() {
                 let key = (Kind::FilterConfig, name.to_owned());
-                if !keys.contains(&key) && !config.resources.contains_key(&key) {
+                let generated = name == gateway::MESH_ROUTES || name == gateway::MESH_RETRIES;
+                if !generated && !keys.contains(&key) && !config.resources.contains_key(&key) {
                     return Err(ControlError::Invalid(format!(
                         "chain `{}`: no FilterConfig `{name}`; apply it first or with the chain",
                         r.name
@@ -595,6 +619,31 @@ impl ControlState {
         (list, config.version)
     }
 
+    /// A route's `Accepted` and `ResolvedRefs` conditions against the services the mesh
+    /// knows now (Cluster resources and registry services); none for other resources.
+    pub fn route_conditions(&self, r: &Resource) -> Vec<gateway::Condition> {
+        let Some(route) = stored_routes(&BTreeMap::from([((r.kind, r.name.clone()), r.clone())]))
+            .into_iter()
+            .next()
+        else {
+            return Vec::new();
+        };
+        let mut services: BTreeSet<String> = self
+            .registry
+            .instances()
+            .into_iter()
+            .map(|i| i.service)
+            .collect();
+        services.extend(
+            lock(&self.config)
+                .resources
+                .values()
+                .filter(|r| r.kind == Kind::Cluster)
+                .map(|r| r.name.clone()),
+        );
+        gateway::status(&route, &services)
+    }
+
     // ---- registry ------------------------------------------------------------------
 
     /// Registers an instance.
@@ -656,7 +705,7 @@ impl ControlState {
 
     /// What a proxy with `labels` should run now.
     pub fn snapshot(&self, labels: &Labels) -> Snapshot {
-        let (chains, mut clusters, listeners, scopes, version) = {
+        let (mut chains, mut clusters, listeners, scopes, routes, version) = {
             let config = lock(&self.config);
             let mut chains = Vec::new();
             let mut clusters = Vec::new();
@@ -674,7 +723,12 @@ impl ControlState {
                             .map(|f| {
                                 let mut f = f.clone();
                                 // The referenced configuration, inlined.
-                                if !f.config_ref.is_empty() {
+                                // (The mesh's routes are made below, once the clusters
+                                // the proxy gets are known.)
+                                if !f.config_ref.is_empty()
+                                    && f.config_ref != gateway::MESH_ROUTES
+                                    && f.config_ref != gateway::MESH_RETRIES
+                                {
                                     let key =
                                         (Kind::FilterConfig, std::mem::take(&mut f.config_ref));
                                     if let Some(Spec::FilterConfig(fc)) =
@@ -693,10 +747,18 @@ impl ControlState {
                         settings: l.settings.clone(),
                     }),
                     Spec::Scope(s) => scopes.push(s.clone()),
-                    Spec::FilterConfig(_) => {}
+                    Spec::FilterConfig(_) | Spec::Route(_) => {}
                 }
             }
-            (chains, clusters, listeners, scopes, config.version)
+            let routes: Vec<gateway::StoredRoute> = if chains
+                .iter()
+                .any(|c: &SnapshotChain| c.filters.iter().any(|f| !f.config_ref.is_empty()))
+            {
+                stored_routes(&config.resources)
+            } else {
+                Vec::new()
+            };
+            (chains, clusters, listeners, scopes, routes, config.version)
         };
         let instances = self.registry.instances();
         // Every registry service no Cluster resource states becomes a cluster of its name:
@@ -742,7 +804,7 @@ impl ControlState {
             });
         }
         let dns = lock(&self.dns);
-        let clusters = clusters
+        let clusters: Vec<SnapshotCluster> = clusters
             .into_iter()
             .map(
                 |(
@@ -780,6 +842,29 @@ impl ControlState {
                 },
             )
             .collect();
+        // The mesh's routes, for chains that run them, over the clusters this proxy gets.
+        if chains
+            .iter()
+            .any(|c| c.filters.iter().any(|f| !f.config_ref.is_empty()))
+        {
+            let names: BTreeSet<String> = clusters.iter().map(|c| c.name.clone()).collect();
+            let mesh = gateway::MeshRoutes::new(&routes, &names);
+            for f in chains.iter_mut().flat_map(|c| c.filters.iter_mut()) {
+                match std::mem::take(&mut f.config_ref).as_str() {
+                    gateway::MESH_ROUTES => f.config = mesh.router.clone(),
+                    gateway::MESH_RETRIES => {
+                        // Merged over what the filter says itself (its default, budget).
+                        let mut config = match std::mem::take(&mut f.config) {
+                            serde_json::Value::Object(o) => o,
+                            _ => serde_json::Map::new(),
+                        };
+                        config.insert("routes".into(), mesh.retry["routes"].clone());
+                        f.config = serde_json::Value::Object(config);
+                    }
+                    _ => {}
+                }
+            }
+        }
         Snapshot::new(version, chains, clusters, listeners)
     }
 
@@ -835,6 +920,27 @@ fn resolve(modules: &Modules, reference: &str) -> Result<String, ControlError> {
 /// `host:port`), so that the service never hands out an address every proxy would refuse.
 pub fn check_address(address: &str) -> Result<(), String> {
     weft_config::EndpointAddress::parse(address).map(drop)
+}
+
+/// The Gateway API routes among `resources`.
+fn stored_routes(resources: &BTreeMap<(Kind, String), Resource>) -> Vec<gateway::StoredRoute> {
+    resources
+        .values()
+        .filter_map(|r| match (&r.spec, r.kind) {
+            (Spec::Route(route), Kind::HttpRoute | Kind::GrpcRoute) => Some(gateway::StoredRoute {
+                kind: if r.kind == Kind::GrpcRoute {
+                    gateway::RouteKind::Grpc
+                } else {
+                    gateway::RouteKind::Http
+                },
+                name: r.name.clone(),
+                namespace: route.namespace.clone(),
+                spec: route.spec.clone(),
+                version: r.version,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -147,12 +147,31 @@ traffic=$!
 start service3 "$bin/demo-service" --name service3 --listen 127.0.0.1:18103
 start register-3 "$bin/weftctl" register service3 127.0.0.1:18103 --ttl 3 --keep-alive
 for _ in $(seq 1 100); do
-  curl -s http://127.0.0.1:18090/clusters | grep -q '"name":"service3"' && break
+  curl -s http://127.0.0.1:18090/clusters | grep -q '"service3"' && break
   sleep 0.1
 done
 echo -n "after: "; curl -s -H 'host: service3' http://127.0.0.1:18001/hello
 wait $traffic
 echo "-- the calls to service2 meanwhile:"; cat "$logs/during-join.txt"
+
+section "4c. a canary for service3 with a Gateway API HTTPRoute: service3-v2 joins and takes 25% of service3's calls"
+start service3-v2 "$bin/demo-service" --name service3-v2 --listen 127.0.0.1:18104
+start register-3v2 "$bin/weftctl" register service3-v2 127.0.0.1:18104 --ttl 3 --keep-alive
+cat > "$logs/canary.yaml" <<'YAML'
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: service3-canary, namespace: default}
+spec:
+  parentRefs: [{group: "", kind: Service, name: service3}]
+  rules:
+    - backendRefs: [{name: service3, port: 80, weight: 75}, {name: service3-v2, port: 80, weight: 25}]
+YAML
+for _ in $(seq 1 100); do ctl get services 2>/dev/null | grep -q service3-v2 && break; sleep 0.1; done
+ctl apply -f "$logs/canary.yaml"
+ctl rollout status --selector app=service1 --timeout 60
+ctl get httproutes
+for _ in $(seq 1 200); do curl -s -H 'host: service3' http://127.0.0.1:18001/; done \
+  | grep -o '"service":"[^"]*"' | sort | uniq -c
 
 section "5. service2-b dies: retries keep every call succeeding, outlier detection ejects it, its registration expires"
 kill -TERM "$svc_b_pid"

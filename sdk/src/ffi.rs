@@ -84,18 +84,6 @@ unsafe extern "C" {
         ret_ptr: *mut *mut u8,
         ret_len: *mut usize,
     ) -> u32;
-    fn proxy_http_call(
-        upstream_ptr: *const u8,
-        upstream_len: usize,
-        headers_ptr: *const u8,
-        headers_len: usize,
-        body_ptr: *const u8,
-        body_len: usize,
-        trailers_ptr: *const u8,
-        trailers_len: usize,
-        timeout_ms: u32,
-        ret_token: *mut u32,
-    ) -> u32;
     fn proxy_define_metric(
         kind: u32,
         name_ptr: *const u8,
@@ -302,35 +290,6 @@ pub fn call_foreign(name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> 
         )
     })?;
     Ok((!ptr.is_null()).then(|| take(ptr, len)))
-}
-
-/// `proxy_http_call`: the callout's token.
-pub fn http_call(
-    cluster: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-    timeout_ms: u32,
-) -> Result<u32, Status> {
-    let h = serialize_map(headers);
-    let t = serialize_map(&[]);
-    let body = body.unwrap_or(&[]);
-    let mut token = 0u32;
-    // SAFETY: every pointer describes a buffer alive for the call; `token` is valid.
-    check(unsafe {
-        proxy_http_call(
-            cluster.as_ptr(),
-            cluster.len(),
-            h.as_ptr(),
-            h.len(),
-            body.as_ptr(),
-            body.len(),
-            t.as_ptr(),
-            t.len(),
-            timeout_ms,
-            &mut token,
-        )
-    })?;
-    Ok(token)
 }
 
 /// `proxy_define_metric` (0 counter, 1 gauge, 2 histogram).

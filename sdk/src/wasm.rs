@@ -205,8 +205,22 @@ impl Host for WasmHost {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<u32, Status> {
-        let ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
-        ffi::http_call(cluster, headers, body, ms)
+        // Through proxy-wasm's own call, which records the token with the calling context:
+        // its dispatcher delivers `proxy_on_http_call_response` only for tokens it knows
+        // (and traps on others). The statuses it does not expect (it panics on them) are
+        // never returned by a call with a cluster name and a header map: the host answers
+        // OK, BadArgument or InternalFailure, as Envoy does.
+        proxy_wasm::hostcalls::dispatch_http_call(
+            cluster,
+            headers.to_vec(),
+            body,
+            Vec::new(),
+            timeout.min(Duration::from_millis(u64::from(u32::MAX))),
+        )
+        .map_err(|s| match s {
+            pw::Status::BadArgument => Status::BadArgument,
+            _ => Status::InternalFailure,
+        })
     }
     fn define_metric(&mut self, kind: MetricKind, name: &str) -> Result<u32, Status> {
         let kind = match kind {

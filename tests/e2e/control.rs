@@ -193,6 +193,7 @@ async fn apply_and_wait(
         name: "s1-ingress".into(),
         selector: [("app".to_string(), "s1".to_string())].into(),
         version: 0,
+        conditions: Vec::new(),
         spec: Some(v1::resource::Spec::Chain(v1::ChainSpec {
             listener: "ingress".into(),
             default_cluster: String::new(),

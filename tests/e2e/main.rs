@@ -10,6 +10,7 @@ mod dns;
 mod drain;
 mod etcd;
 mod fault;
+mod gateway;
 mod lb;
 mod limits;
 mod mesh_ca;

@@ -102,9 +102,20 @@ async fn has_cluster(admin: u16, name: &str) -> bool {
     {
         return false;
     }
-    let mut body = Vec::new();
-    let _ = s.read_to_end(&mut body).await;
-    String::from_utf8_lossy(&body).contains(&format!("\"name\":\"{name}\""))
+    let mut response = Vec::new();
+    let _ = s.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    let Some((_, body)) = text.split_once("\r\n\r\n") else {
+        return false;
+    };
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v["clusters"]
+                .as_array()
+                .map(|c| c.iter().any(|c| c["name"] == name))
+        })
+        .unwrap_or(false)
 }
 
 /// Registers `service` and waits until every proxy (by admin port) has it as a cluster;
@@ -185,6 +196,7 @@ fn chain(app: &str, greeting: &str) -> v1::Resource {
         name: format!("{app}-ingress"),
         selector: [("app".to_string(), app.to_string())].into(),
         version: 0,
+        conditions: Vec::new(),
         spec: Some(v1::resource::Spec::Chain(v1::ChainSpec {
             listener: "ingress".into(),
             default_cluster: String::new(),
@@ -522,6 +534,7 @@ async fn main() {
         name: "sim".into(),
         selector: [("app".to_string(), "sim".to_string())].into(),
         version: 0,
+        conditions: Vec::new(),
         spec: Some(v1::resource::Spec::Scope(v1::ScopeSpec {
             services: vec!["svc-1*".into(), "svc-new".into()],
         })),

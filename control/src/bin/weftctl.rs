@@ -329,6 +329,10 @@ enum ResourceKind {
     Listener,
     #[value(alias = "scopes")]
     Scope,
+    #[value(name = "httproute", alias = "httproutes")]
+    HttpRoute,
+    #[value(name = "grpcroute", alias = "grpcroutes")]
+    GrpcRoute,
 }
 
 impl ResourceKind {
@@ -340,6 +344,8 @@ impl ResourceKind {
             ResourceKind::Cluster => "Cluster",
             ResourceKind::Listener => "Listener",
             ResourceKind::Scope => "Scope",
+            ResourceKind::HttpRoute => "HTTPRoute",
+            ResourceKind::GrpcRoute => "GRPCRoute",
         }
     }
 }
@@ -360,6 +366,10 @@ enum Listing {
     Listeners,
     #[value(alias = "scope")]
     Scopes,
+    #[value(name = "httproutes", alias = "httproute")]
+    HttpRoutes,
+    #[value(name = "grpcroutes", alias = "grpcroute")]
+    GrpcRoutes,
     #[value(alias = "proxy")]
     Proxies,
     #[value(alias = "service")]
@@ -819,6 +829,8 @@ async fn get(server: &Server, what: Listing, output: Output) -> anyhow::Result<(
         Listing::Clusters => ("Cluster", print_clusters),
         Listing::Listeners => ("Listener", print_listeners),
         Listing::Scopes => ("Scope", print_scopes),
+        Listing::HttpRoutes => ("HTTPRoute", print_routes),
+        Listing::GrpcRoutes => ("GRPCRoute", print_routes),
         Listing::Proxies => {
             let proxies = DiscoveryClient::new(channel.clone())
                 .status(StatusRequest {})
@@ -1419,6 +1431,66 @@ fn print_listeners(resources: &[Resource]) {
         "VERSION",
     ];
     print_table("listeners", header, rows);
+}
+
+/// Prints Gateway API routes as a table, with their conditions.
+fn print_routes(resources: &[Resource]) {
+    let rows = resources
+        .iter()
+        .map(|r| {
+            let (namespace, spec): (String, serde_json::Value) = match &r.spec {
+                Some(Spec::HttpRoute(g) | Spec::GrpcRoute(g)) => (
+                    g.namespace.clone(),
+                    serde_json::from_str(&g.spec_json).unwrap_or_default(),
+                ),
+                _ => Default::default(),
+            };
+            let parents: Vec<String> = spec["parentRefs"]
+                .as_array()
+                .map(|p| {
+                    p.iter()
+                        .map(|p| match p["port"].as_u64() {
+                            Some(port) => format!("{}:{port}", p["name"].as_str().unwrap_or("")),
+                            None => p["name"].as_str().unwrap_or("").to_owned(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let rules = spec["rules"].as_array().map_or(0, Vec::len);
+            let condition = |kind: &str| {
+                r.conditions
+                    .iter()
+                    .find(|c| c.r#type == kind)
+                    .map(|c| {
+                        if c.message.is_empty() {
+                            format!("{} ({})", c.status, c.reason)
+                        } else {
+                            format!("{} ({}: {})", c.status, c.reason, c.message)
+                        }
+                    })
+                    .unwrap_or_default()
+            };
+            [
+                r.name.clone(),
+                namespace,
+                or_none(parents.join(",")),
+                rules.to_string(),
+                condition("Accepted"),
+                condition("ResolvedRefs"),
+                r.version.to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME",
+        "NAMESPACE",
+        "PARENTS",
+        "RULES",
+        "ACCEPTED",
+        "RESOLVED REFS",
+        "VERSION",
+    ];
+    print_table("routes", header, rows);
 }
 
 /// Prints scope resources as a table.

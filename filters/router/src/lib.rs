@@ -24,6 +24,21 @@ weft_sdk::export_filter!(Router);
 pub struct Config {
     /// Routes, tried in order.
     pub routes: Vec<Route>,
+    /// What a request no route matches gets.
+    #[serde(default)]
+    pub no_match: NoMatch,
+}
+
+/// What happens to a request no route matches.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum NoMatch {
+    /// `404 no route`.
+    #[default]
+    Respond,
+    /// It goes on as if there were no router: to the listener's default cluster, or to the
+    /// cluster its authority names.
+    Continue,
 }
 
 /// One route.
@@ -55,9 +70,61 @@ pub struct Route {
     /// Redirect instead.
     #[serde(default)]
     pub redirect: Option<Redirect>,
+    /// Bounds each attempt.
+    #[serde(default)]
+    pub try_timeout_ms: Option<u64>,
+    /// Header edits of the request, before it goes upstream.
+    #[serde(default)]
+    pub request_headers: Option<HeaderEdits>,
+    /// Header edits of the response, before it goes downstream.
+    #[serde(default)]
+    pub response_headers: Option<HeaderEdits>,
+    /// Clusters that get a copy of the request (its head, and its body when the request
+    /// has none to stream), their answers ignored.
+    #[serde(default)]
+    pub mirror: Vec<Mirror>,
     /// Requests sent so far (drives the split).
     #[serde(skip)]
     pub sent: Cell<u64>,
+    /// Requests considered for mirroring so far (drives the mirror percentage).
+    #[serde(skip)]
+    pub mirrored: Cell<u64>,
+}
+
+/// Header edits, in this order: set (replace), add (append), remove.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderEdits {
+    /// Headers set, replacing any of the same name.
+    #[serde(default)]
+    pub set: Vec<HeaderValue>,
+    /// Headers added beside any of the same name.
+    #[serde(default)]
+    pub add: Vec<HeaderValue>,
+    /// Header names removed.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A header and its value.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValue {
+    /// Name.
+    pub name: String,
+    /// Value.
+    pub value: String,
+}
+
+/// A mirror target.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    /// The cluster that gets the copy.
+    pub cluster: String,
+    /// Percentage of requests mirrored (100 when absent).
+    #[serde(default)]
+    pub percent: Option<f64>,
 }
 
 /// A cluster of a split.
@@ -77,6 +144,21 @@ pub struct Match {
     /// The authority, exactly (port included if the client sent one), case-insensitive.
     #[serde(default)]
     pub host: Option<String>,
+    /// The authority names this mesh service, as the proxy's routing by authority reads it:
+    /// `echo`, `echo:80`, `echo.<ns>`, `echo.<ns>.svc`, `echo.<ns>.svc.cluster.local`.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// With `service`: the namespace a qualified authority must name (`echo.<namespace>…`;
+    /// a bare `echo` matches too).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// With `service`: the port the authority must name (a request without a port matches
+    /// port 80).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Query parameter conditions.
+    #[serde(default)]
+    pub query: Vec<QueryMatch>,
     /// The path (query excluded).
     #[serde(default)]
     pub path: Option<PathMatch>,
@@ -88,6 +170,20 @@ pub struct Match {
     pub headers: Vec<HeaderMatch>,
 }
 
+/// A query parameter condition (the first parameter of that name counts).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatch {
+    /// Parameter name (exact, case-sensitive).
+    pub name: String,
+    /// Value equal to this.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Value matching this (whole value).
+    #[serde(default)]
+    pub regex: Option<Pattern>,
+}
+
 /// How a path matches.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
@@ -96,6 +192,9 @@ pub enum PathMatch {
     Exact(String),
     /// Starts with.
     Prefix(String),
+    /// Starts with these whole path segments (`/foo` matches `/foo` and `/foo/bar`, not
+    /// `/foobar`; a trailing `/` is ignored): Gateway API's `PathPrefix`.
+    Segments(String),
     /// Matches the whole path.
     Regex(Pattern),
 }
@@ -141,9 +240,12 @@ impl<'de> Deserialize<'de> for Pattern {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rewrite {
-    /// Replaces the matched path prefix (prefix routes only).
+    /// Replaces the matched path prefix (prefix and segments routes only).
     #[serde(default)]
     pub prefix: Option<String>,
+    /// Replaces the whole path (the query is kept).
+    #[serde(default)]
+    pub path: Option<String>,
     /// Replaces the authority.
     #[serde(default)]
     pub host: Option<String>,
@@ -160,12 +262,29 @@ pub struct DirectResponse {
     pub body: String,
 }
 
-/// A redirect.
+/// A redirect: a fixed `location`, or one made from the request with the parts given
+/// replaced (none: the request's own URL).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Redirect {
-    /// The `location`.
-    pub location: String,
+    /// The `location`, as is.
+    #[serde(default)]
+    pub location: Option<String>,
+    /// The scheme (`http` or `https`; the request's otherwise).
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// The host (the request's otherwise).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// The port (left out when it is the scheme's default; the request's otherwise).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The whole path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Replaces the matched prefix (prefix and segments routes).
+    #[serde(default)]
+    pub prefix: Option<String>,
     /// 301, 302, 303, 307 or 308.
     #[serde(default = "default_redirect")]
     pub status: u16,
@@ -190,6 +309,59 @@ impl Config {
             if !r.split.is_empty() && r.split.iter().all(|b| b.weight == 0) {
                 return Err(format!("routes[{i}].split: all weights are 0"));
             }
+            let prefix_route = matches!(
+                r.matcher.path,
+                Some(PathMatch::Prefix(_) | PathMatch::Segments(_))
+            );
+            if let Some(rw) = &r.rewrite {
+                if rw.prefix.is_some() && rw.path.is_some() {
+                    return Err(format!("routes[{i}].rewrite: prefix or path, not both"));
+                }
+                if rw.prefix.is_some() && !prefix_route {
+                    return Err(format!(
+                        "routes[{i}].rewrite.prefix: needs a prefix path match"
+                    ));
+                }
+            }
+            if let Some(rd) = &r.redirect {
+                let parts = rd.scheme.is_some()
+                    || rd.host.is_some()
+                    || rd.port.is_some()
+                    || rd.path.is_some()
+                    || rd.prefix.is_some();
+                if rd.location.is_some() && parts {
+                    return Err(format!(
+                        "routes[{i}].redirect: a location, or parts (scheme, host, port, path, prefix)"
+                    ));
+                }
+                if rd.path.is_some() && rd.prefix.is_some() {
+                    return Err(format!("routes[{i}].redirect: path or prefix, not both"));
+                }
+                if rd.prefix.is_some() && !prefix_route {
+                    return Err(format!(
+                        "routes[{i}].redirect.prefix: needs a prefix path match"
+                    ));
+                }
+                if let Some(s) = &rd.scheme
+                    && s != "http"
+                    && s != "https"
+                {
+                    return Err(format!("routes[{i}].redirect.scheme: http or https"));
+                }
+                if ![301, 302, 303, 307, 308].contains(&rd.status) {
+                    return Err(format!(
+                        "routes[{i}].redirect.status: 301, 302, 303, 307 or 308"
+                    ));
+                }
+            }
+            if r.matcher.port.is_some() && r.matcher.service.is_none() {
+                return Err(format!("routes[{i}].match.port: needs match.service"));
+            }
+            for m in &r.mirror {
+                if m.percent.is_some_and(|p| !(0.0..=100.0).contains(&p)) {
+                    return Err(format!("routes[{i}].mirror: percent between 0 and 100"));
+                }
+            }
         }
         Ok(())
     }
@@ -200,6 +372,11 @@ impl Route {
         let m = &self.matcher;
         if let Some(host) = &m.host
             && !cx.authority().eq_ignore_ascii_case(host)
+        {
+            return None;
+        }
+        if let Some(service) = &m.service
+            && !names_service(&cx.authority(), service, m.namespace.as_deref(), m.port)
         {
             return None;
         }
@@ -236,11 +413,31 @@ impl Route {
             }
         }
         let full = cx.path();
-        let path = full.split('?').next().unwrap_or("");
+        let (path, query) = full.split_once('?').unwrap_or((&full, ""));
+        for q in &m.query {
+            let value = query
+                .split('&')
+                .filter_map(|kv| {
+                    let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                    (k == q.name).then_some(v)
+                })
+                .next();
+            let v = value?;
+            if !(q.exact.as_ref().is_none_or(|e| v == e)
+                && q.regex.as_ref().is_none_or(|r| r.0.is_match(v)))
+            {
+                return None;
+            }
+        }
         match &m.path {
             None => Some(0),
             Some(PathMatch::Exact(p)) => (path == p).then_some(p.len()),
             Some(PathMatch::Prefix(p)) => path.starts_with(p.as_str()).then_some(p.len()),
+            Some(PathMatch::Segments(p)) => {
+                let p = p.trim_end_matches('/');
+                let rest = path.strip_prefix(p)?;
+                (rest.is_empty() || rest.starts_with('/')).then_some(p.len())
+            }
             Some(PathMatch::Regex(r)) => r.0.is_match(path).then_some(0),
         }
     }
@@ -269,9 +466,67 @@ impl Route {
     }
 }
 
+/// Whether `authority` names mesh service `service` (in `namespace`, when given) on `port`
+/// (when given; no port is 80).
+pub fn names_service(
+    authority: &str,
+    service: &str,
+    namespace: Option<&str>,
+    port: Option<u16>,
+) -> bool {
+    let (host, p) = match authority.rsplit_once(':') {
+        Some((h, p))
+            if !h.ends_with(']') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()) =>
+        {
+            (h, p.parse::<u16>().ok())
+        }
+        _ => (authority, None),
+    };
+    if let Some(want) = port
+        && p.unwrap_or(80) != want
+    {
+        return false;
+    }
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    let service = service.to_ascii_lowercase();
+    if host == service {
+        return true;
+    }
+    let Some(rest) = host
+        .strip_prefix(&service)
+        .and_then(|r| r.strip_prefix('.'))
+    else {
+        return false;
+    };
+    let ns = rest
+        .strip_suffix(".svc.cluster.local")
+        .or_else(|| rest.strip_suffix(".svc"))
+        .unwrap_or(rest);
+    !ns.is_empty() && !ns.contains('.') && namespace.is_none_or(|n| n.eq_ignore_ascii_case(ns))
+}
+
 /// The router's per-stream state.
 pub struct Router {
     config: Rc<Config>,
+    /// The route the request took (its response header edits apply).
+    route: Option<usize>,
+}
+
+/// Applies `edits` through `set` (name, `Some(value)` or `None` to remove) and `add`.
+fn edit_headers(
+    edits: &HeaderEdits,
+    mut set: impl FnMut(&str, Option<&str>),
+    mut add: impl FnMut(&str, &str),
+) {
+    for h in &edits.set {
+        set(&h.name, Some(&h.value));
+    }
+    for h in &edits.add {
+        add(&h.name, &h.value);
+    }
+    for name in &edits.remove {
+        set(name, None);
+    }
 }
 
 impl Filter for Router {
@@ -284,19 +539,42 @@ impl Filter for Router {
     fn new(config: &Rc<Config>) -> Self {
         Router {
             config: config.clone(),
+            route: None,
         }
+    }
+
+    fn on_response_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
+        let config = self.config.clone();
+        if let Some(edits) = self
+            .route
+            .and_then(|i| config.routes.get(i))
+            .and_then(|r| r.response_headers.as_ref())
+        {
+            let cx = std::cell::RefCell::new(cx);
+            edit_headers(
+                edits,
+                |n, v| cx.borrow_mut().set_response_header(n, v),
+                |n, v| cx.borrow_mut().add_response_header(n, v),
+            );
+        }
+        Action::Continue
     }
 
     fn on_request_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
         let config = self.config.clone();
-        let Some((route, matched)) = config
+        let Some((index, route, matched)) = config
             .routes
             .iter()
-            .find_map(|r| r.matches(cx).map(|n| (r, n)))
+            .enumerate()
+            .find_map(|(i, r)| r.matches(cx).map(|n| (i, r, n)))
         else {
+            if config.no_match == NoMatch::Continue {
+                return Action::Continue;
+            }
             cx.send_response(404, &[("content-type", "text/plain")], b"no route\n");
             return Action::Pause;
         };
+        self.route = Some(index);
         if !route.name.is_empty() {
             cx.set_property(&["weft", "route"], &route.name);
         }
@@ -309,7 +587,8 @@ impl Filter for Router {
             return Action::Pause;
         }
         if let Some(r) = &route.redirect {
-            cx.send_response(r.status, &[("location", &r.location)], b"");
+            let location = redirect_location(r, cx, matched);
+            cx.send_response(r.status, &[("location", &location)], b"");
             return Action::Pause;
         }
         let Some(cluster) = route.pick() else {
@@ -327,25 +606,125 @@ impl Filter for Router {
         if let Some(ms) = route.timeout_ms {
             let _ = cx.set_timeout(Duration::from_millis(ms));
         }
+        if let Some(ms) = route.try_timeout_ms {
+            let _ = cx.set_try_timeout(Duration::from_millis(ms));
+        }
+        if !route.mirror.is_empty() {
+            mirror(route, cx);
+        }
         if let Some(rw) = &route.rewrite {
-            if let (Some(prefix), Some(PathMatch::Prefix(_))) = (&rw.prefix, &route.matcher.path) {
-                let path = cx.path();
-                let rest = path.get(matched..).unwrap_or("");
-                let mut new = prefix.clone();
-                if new.ends_with('/') && rest.starts_with('/') {
-                    new.pop();
-                }
-                new.push_str(rest);
-                if new.is_empty() || !new.starts_with('/') {
-                    new.insert(0, '/');
-                }
+            if let Some(prefix) = &rw.prefix {
+                let new = replace_prefix(&cx.path(), matched, prefix);
+                cx.set_request_header(":path", Some(&new));
+            }
+            if let Some(path) = &rw.path {
+                let full = cx.path();
+                let new = match full.split_once('?') {
+                    Some((_, query)) => format!("{path}?{query}"),
+                    None => path.clone(),
+                };
                 cx.set_request_header(":path", Some(&new));
             }
             if let Some(host) = &rw.host {
                 cx.set_request_header(":authority", Some(host));
             }
         }
+        if let Some(edits) = &route.request_headers {
+            let cx = std::cell::RefCell::new(cx);
+            edit_headers(
+                edits,
+                |n, v| cx.borrow_mut().set_request_header(n, v),
+                |n, v| cx.borrow_mut().add_request_header(n, v),
+            );
+        }
         Action::Continue
+    }
+}
+
+/// `path` (query kept) with its first `matched` bytes replaced by `prefix`.
+fn replace_prefix(path: &str, matched: usize, prefix: &str) -> String {
+    let rest = path.get(matched..).unwrap_or("");
+    let mut new = prefix.to_owned();
+    if new.ends_with('/') && rest.starts_with('/') {
+        new.pop();
+    }
+    new.push_str(rest);
+    if new.is_empty() || !new.starts_with('/') {
+        new.insert(0, '/');
+    }
+    new
+}
+
+/// Where a redirect sends the client.
+fn redirect_location(r: &Redirect, cx: &Ctx<'_>, matched: usize) -> String {
+    if let Some(location) = &r.location {
+        return location.clone();
+    }
+    let authority = cx.authority();
+    let (req_host, req_port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') && p.bytes().all(|b| b.is_ascii_digit()) => {
+            (h.to_owned(), p.parse::<u16>().ok())
+        }
+        _ => (authority.clone(), None),
+    };
+    let request_scheme = cx
+        .request_header(":scheme")
+        .unwrap_or_else(|| "http".to_owned());
+    let scheme = r.scheme.clone().unwrap_or(request_scheme);
+    let host = r.host.clone().unwrap_or(req_host);
+    // A new scheme without a port goes to that scheme's default port.
+    let port = r.port.or(if r.scheme.is_some() { None } else { req_port });
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    let full = cx.path();
+    let path = match (&r.path, &r.prefix) {
+        (Some(p), _) => p.clone(),
+        (None, Some(prefix)) => {
+            let (path, _) = full.split_once('?').unwrap_or((&full, ""));
+            replace_prefix(path, matched, prefix)
+        }
+        (None, None) => full
+            .split_once('?')
+            .map_or(full.as_str(), |(p, _)| p)
+            .to_owned(),
+    };
+    let query = full
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    match port {
+        Some(p) if p != default_port => format!("{scheme}://{host}:{p}{path}{query}"),
+        _ => format!("{scheme}://{host}{path}{query}"),
+    }
+}
+
+/// Sends copies of the request to the route's mirror clusters, fire and forget (a request
+/// whose body is still to come is mirrored without it, as `content-length: 0`).
+fn mirror(route: &Route, cx: &mut Ctx<'_>) {
+    let headers = cx.request_headers();
+    for m in &route.mirror {
+        if let Some(p) = m.percent {
+            let n = route.mirrored.get();
+            route.mirrored.set(n.wrapping_add(1));
+            let x = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 11) as f64 / (1u64 << 53) as f64;
+            if x * 100.0 >= p {
+                continue;
+            }
+        }
+        let mut h: Vec<(&str, &str)> = headers
+            .iter()
+            .filter(|(n, _)| {
+                !n.eq_ignore_ascii_case("content-length")
+                    && !n.eq_ignore_ascii_case("transfer-encoding")
+            })
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        h.push(("content-length", "0"));
+        if let Err(e) = cx.dispatch_call(&m.cluster, &h, None, Duration::from_secs(5)) {
+            cx.log(
+                LogLevel::Warn,
+                &format!("route `{}`: mirror to `{}`: {e}", route.name, m.cluster),
+            );
+        }
     }
 }
 
@@ -470,6 +849,122 @@ mod tests {
                 .contains("all weights are 0")
         );
         assert!(err(r#"{"routes": [{"clustr": "a"}]}"#).contains("unknown field `clustr`"));
+    }
+
+    #[test]
+    fn services_queries_and_segment_prefixes_match_as_the_gateway_api_reads_them() {
+        let mut h = harness(
+            r#"{"routes": [
+                {"match": {"service": "echo", "port": 8080, "path": {"segments": "/v2/"}}, "cluster": "b"},
+                {"match": {"service": "echo", "namespace": "prod", "query": [{"name": "canary", "exact": "1"}]}, "cluster": "c"},
+                {"match": {"service": "echo", "query": [{"name": "id", "regex": "[0-9]+"}]}, "cluster": "b"},
+                {"match": {"service": "echo"}, "cluster": "a"}
+            ], "no_match": "continue"}"#,
+        );
+        let host = |h: &'static str| [("host", h)];
+        for (authority, path, want) in [
+            ("echo", "/x", "a"),
+            ("echo:80", "/x", "a"),
+            ("echo.prod.svc.cluster.local", "/x", "a"),
+            ("ECHO.default", "/x", "a"),
+            ("echo:8080", "/v2", "b"),
+            ("echo:8080", "/v2/items", "b"),
+            ("echo:8080", "/v2items", "a"),
+            ("echo", "/v2/items", "a"),
+            ("echo.prod", "/x?canary=1", "c"),
+            ("echo", "/x?a=b&canary=1", "c"),
+            ("echo.staging", "/x?canary=1", "a"),
+            ("echo", "/x?id=42", "b"),
+            ("echo", "/x?id=4x2", "a"),
+            ("echo", "/x?ID=42", "a"),
+            ("echox", "/x", ""),
+            ("echo.a.b", "/x", ""),
+            ("other", "/x", ""),
+        ] {
+            assert_eq!(
+                route(&mut h, "GET", path, &host(authority)),
+                want,
+                "{authority}{path}"
+            );
+        }
+        // No match goes on with no cluster chosen (the proxy routes by authority).
+        let mut s = h.stream();
+        s.request("GET", "/", &[("host", "other")]);
+        assert_eq!(s.request_headers(true), Action::Continue);
+        assert_eq!(s.routing().cluster, None);
+    }
+
+    #[test]
+    fn header_edits_full_path_rewrites_try_timeouts_and_mirrors() {
+        let mut h = harness(
+            r#"{"routes": [
+                {"name": "r", "match": {"path": {"segments": "/api"}}, "cluster": "a",
+                 "rewrite": {"path": "/v1/all"}, "try_timeout_ms": 100,
+                 "request_headers": {"set": [{"name": "x-env", "value": "prod"}],
+                                     "add": [{"name": "x-tag", "value": "2"}],
+                                     "remove": ["x-secret"]},
+                 "response_headers": {"set": [{"name": "server", "value": "weft"}],
+                                      "remove": ["x-internal"]},
+                 "mirror": [{"cluster": "b"}]}
+            ]}"#,
+        );
+        let mut s = h.stream();
+        s.request(
+            "GET",
+            "/api/users?id=1",
+            &[("x-env", "dev"), ("x-tag", "1"), ("x-secret", "s")],
+        );
+        assert_eq!(s.request_headers(true), Action::Continue);
+        assert_eq!(s.request_header(":path").as_deref(), Some("/v1/all?id=1"));
+        assert_eq!(s.request_header("x-env").as_deref(), Some("prod"));
+        assert_eq!(s.request_header("x-secret"), None);
+        assert_eq!(s.routing().try_timeout, Some(Duration::from_millis(100)));
+        assert_eq!(s.calls().len(), 1, "one mirror call");
+        assert_eq!(s.calls()[0].cluster, "b");
+        s.response(200, &[("server", "upstream"), ("x-internal", "1")]);
+        assert_eq!(s.response_headers(true), Action::Continue);
+        assert_eq!(s.response_header("server").as_deref(), Some("weft"));
+        assert_eq!(s.response_header("x-internal"), None);
+    }
+
+    #[test]
+    fn redirects_are_made_from_the_request_with_parts_replaced() {
+        let mut h = harness(
+            r#"{"routes": [
+                {"match": {"path": {"segments": "/old"}}, "redirect": {"prefix": "/new", "status": 301}},
+                {"match": {"path": {"exact": "/s"}}, "redirect": {"scheme": "https"}},
+                {"match": {"path": {"exact": "/h"}}, "redirect": {"host": "example.com", "port": 8443, "path": "/p"}}
+            ]}"#,
+        );
+        let location = |h: &mut Harness<Router>, path: &str| {
+            let mut s = h.stream();
+            s.request("GET", path, &[("host", "echo:8080")]);
+            assert_eq!(s.request_headers(true), Action::Pause);
+            let r = s.local_response().unwrap().clone();
+            (r.status, r.headers[0].1.clone())
+        };
+        assert_eq!(
+            location(&mut h, "/old/page?q=1"),
+            (301, "http://echo:8080/new/page?q=1".to_owned())
+        );
+        assert_eq!(location(&mut h, "/s"), (302, "https://echo/s".to_owned()));
+        assert_eq!(
+            location(&mut h, "/h"),
+            (302, "http://example.com:8443/p".to_owned())
+        );
+        let err = |c: &str| Harness::<Router>::new(c).err().unwrap_or_default();
+        assert!(
+            err(r#"{"routes": [{"redirect": {"location": "/", "scheme": "https"}}]}"#)
+                .contains("a location, or parts")
+        );
+        assert!(
+            err(r#"{"routes": [{"redirect": {"prefix": "/x"}}]}"#)
+                .contains("needs a prefix path match")
+        );
+        assert!(
+            err(r#"{"routes": [{"match": {"port": 80}, "cluster": "a"}]}"#)
+                .contains("needs match.service")
+        );
     }
 
     #[test]
