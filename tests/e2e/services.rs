@@ -302,8 +302,17 @@ spec:
     );
     assert_eq!(finished.header("x-upstream"), "echo-a");
 
-    // The proxy counted the 404s apart from any cluster.
+    // The removed cluster's series are no longer exported (the requests counted by the
+    // listener stay: the call in flight was counted as it ended).
     let stats = proxy.stats().await;
+    let lingering: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.contains("cluster=\"slow\"") && !l.starts_with("weft_requests_total"))
+        .collect();
+    assert!(lingering.is_empty(), "{lingering:?}");
+    assert!(stats.contains("cluster=\"echo\""), "{stats}");
+
+    // The proxy counted the 404s apart from any cluster.
     assert!(
         metric_value(
             &stats,

@@ -411,6 +411,45 @@ impl Metrics {
         }
     }
 
+    /// Stops exporting the series of cluster `name` (removed from the proxy), its request
+    /// counts on `listeners` included. Handles still held (by requests in flight) go on
+    /// working, unexported; a cluster of that name added again starts from zero.
+    pub fn forget_cluster(&self, name: &str, listeners: &[String]) {
+        let l = ClusterLabels {
+            cluster: name.to_owned(),
+        };
+        self.upstream_latency.remove(&l);
+        self.upstream_rq_active.remove(&l);
+        self.upstream_cx_active.remove(&l);
+        self.upstream_connect_failures.remove(&l);
+        self.upstream_tls_failures.remove(&l);
+        self.upstream_timeouts.remove(&l);
+        self.upstream_resets.remove(&l);
+        self.upstream_retries.remove(&l);
+        self.ejections.remove(&l);
+        self.panic_picks.remove(&l);
+        self.endpoints_ejected.remove(&l);
+        for limit in [
+            Limit::MaxConnections,
+            Limit::MaxPendingRequests,
+            Limit::MaxRequests,
+        ] {
+            self.overflows.remove(&OverflowLabels {
+                cluster: name.to_owned(),
+                limit: limit.as_str(),
+            });
+        }
+        for listener in listeners {
+            for class in STATUS_CLASSES {
+                self.requests.remove(&RequestLabels {
+                    listener: listener.clone(),
+                    cluster: name.to_owned(),
+                    status_class: class,
+                });
+            }
+        }
+    }
+
     /// The metrics WASM filters define.
     pub fn filter_defined(&self) -> Arc<FilterMetricSet> {
         self.filter_defined.clone()

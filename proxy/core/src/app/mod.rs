@@ -408,9 +408,8 @@ impl Proxy {
                 }
                 None => {}
             }
-            for tls in self.tls.listeners.iter().flatten() {
-                let tls = tls.clone();
-                tokio::spawn(async move { tls.follow_files(TLS_FILES_EVERY).await });
+            for slot in &slots {
+                slot.runtime.load().follow_tls_files(TLS_FILES_EVERY);
             }
             tracing::info!(workers = handles.len(), "weft-proxy ready");
 

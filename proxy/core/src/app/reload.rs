@@ -232,8 +232,20 @@ impl Reloader {
         for (c, cfg) in clusters.list.iter().zip(&next.clusters) {
             c.set_endpoints(&cfg.endpoints);
         }
+        let gone: Vec<String> = {
+            let old = self.clusters.load();
+            old.names
+                .iter()
+                .filter(|n| clusters.find(n).is_none())
+                .cloned()
+                .collect()
+        };
         self.clusters.store(clusters);
         crate::upstream::pool::table_replaced();
+        let listeners: Vec<String> = next.listeners.iter().map(|l| l.name.clone()).collect();
+        for name in &gone {
+            self.metrics.forget_cluster(name, &listeners);
+        }
         if added + removed > 0 {
             tracing::info!(added, removed, "clusters changed");
         }
@@ -287,17 +299,9 @@ impl Reloader {
             .map(|t| ServerTls::new(t, l.protocol, &self.identity).map(Arc::new))
             .transpose()
             .map_err(|e| format!("listener `{}`: {e}", l.name))?;
-        if let Some(tls) = &tls {
-            let tls = tls.clone();
-            tokio::spawn(async move { tls.follow_files(super::TLS_FILES_EVERY).await });
-        }
-        Ok(super::listener_runtime(
-            l,
-            live,
-            &self.metrics,
-            &self.overload,
-            tls,
-        ))
+        let runtime = super::listener_runtime(l, live, &self.metrics, &self.overload, tls);
+        runtime.follow_tls_files(super::TLS_FILES_EVERY);
+        Ok(runtime)
     }
 }
 

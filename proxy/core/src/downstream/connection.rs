@@ -34,6 +34,16 @@ pub struct ListenerRuntime {
     scan_framing: bool,
     /// TLS, if the listener has it.
     tls: Option<Arc<ServerTls>>,
+    /// The task following the TLS certificate files, stopped with the runtime.
+    tls_follower: std::sync::OnceLock<tokio::task::AbortHandle>,
+}
+
+impl Drop for ListenerRuntime {
+    fn drop(&mut self) {
+        if let Some(follower) = self.tls_follower.get() {
+            follower.abort();
+        }
+    }
 }
 
 impl ListenerRuntime {
@@ -61,6 +71,17 @@ impl ListenerRuntime {
                 .then(|| Duration::from_millis(cfg.request_headers_timeout_ms)),
             scan_framing: cfg.protocol != DownstreamProtocol::Http2,
             tls,
+            tls_follower: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Starts following the listener's certificate files (edge TLS), on the calling tokio
+    /// runtime, for as long as this runtime lives (a listener whose settings changed, or
+    /// that was removed, stops following its old files once its last connection ends).
+    pub fn follow_tls_files(&self, every: Duration) {
+        if let Some(tls) = self.tls.clone() {
+            let task = tokio::spawn(async move { tls.follow_files(every).await });
+            let _ = self.tls_follower.set(task.abort_handle());
         }
     }
 }
