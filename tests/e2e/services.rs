@@ -580,3 +580,51 @@ async fn a_scope_narrows_what_a_proxy_receives_to_the_services_it_calls() {
     assert_ne!(code, 0);
     assert!(err.contains("at least one service"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_with_the_control_service_down_serves_persisted_listeners_or_falls_back() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut control = ControlProcess::start(&dir.path().join("data")).await;
+    let a = Upstream::start("echo-a").await;
+    register(&control, "echo", &a.address());
+    let extra = free_port();
+    apply_listener(
+        &control,
+        "extra",
+        &format!("{{address: \"127.0.0.1:{extra}\", default_cluster: echo}}"),
+    );
+    let boot = outbound_only();
+    let args = control.proxy_args("client-1", &["app=client"], &dir.path().join("p"));
+    let (admin, listen) = (free_port(), free_port());
+    let proxy = ProxyProcess::start_args(&boot, 1, &args, admin, listen).await;
+    let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let u = format!("http://127.0.0.1:{extra}/x");
+    assert_eq!(call_url(&u, "e").await.expect("call").status, 200);
+    drop(proxy);
+    control.kill();
+
+    // Restarted with the control service gone: the persisted listener and service serve.
+    let proxy = ProxyProcess::start_args(&boot, 1, &args, admin, listen).await;
+    assert_eq!(
+        call_url(&u, "e").await.expect("call").status,
+        200,
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(call(&proxy, "echo", "/x").await.expect("call").status, 200);
+    drop(proxy);
+
+    // Its port taken meanwhile: the proxy still starts, on its bootstrap, and says why.
+    let _holder = std::net::TcpListener::bind(("127.0.0.1", extra)).expect("hold the port");
+    let proxy = ProxyProcess::start_args(&boot, 1, &args, admin, listen).await;
+    let got = call(&proxy, "echo", "/x").await.expect("call");
+    assert_eq!(got.status, 404, "the bootstrap knows no service: {got:?}");
+    assert!(
+        proxy
+            .log()
+            .contains("listeners do not bind, starting from the bootstrap config"),
+        "{}",
+        proxy.log()
+    );
+}

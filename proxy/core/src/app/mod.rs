@@ -200,7 +200,7 @@ impl Proxy {
             table.store(Arc::new(clusters));
             build_chains(config, &metrics, host, &table)
         };
-        let (config, snapshot, chains) = match persisted {
+        let (mut config, mut snapshot, mut chains) = match persisted {
             Some((config, snap)) => match start(&config) {
                 Ok(built) => {
                     tracing::info!(
@@ -218,7 +218,6 @@ impl Proxy {
             },
             None => (base.clone(), None, start(&base)?),
         };
-        let services = build_services(&config, &metrics, host, &table)?;
         let bind_err = |what: String, address: SocketAddr| {
             move |source: std::io::Error| StartError::Bind {
                 what,
@@ -237,12 +236,31 @@ impl Proxy {
                  unless a network policy guards it"
             );
         }
-        let mut listeners = Vec::new();
-        for l in &config.listeners {
-            let (addr, sockets) = listener::bind_reuseport(l.address, workers)
-                .map_err(bind_err(format!("listener `{}`", l.name), l.address))?;
-            listeners.push((l.name.clone(), addr, sockets));
-        }
+        let bind_all = |config: &Config| -> Result<Vec<_>, StartError> {
+            let mut listeners = Vec::new();
+            for l in &config.listeners {
+                let (addr, sockets) = listener::bind_reuseport(l.address, workers)
+                    .map_err(bind_err(format!("listener `{}`", l.name), l.address))?;
+                listeners.push((l.name.clone(), addr, sockets));
+            }
+            Ok(listeners)
+        };
+        let listeners = match bind_all(&config) {
+            Ok(listeners) => listeners,
+            // A listener of the persisted snapshot whose address is taken now: the
+            // bootstrap's listeners still serve (the control service says the rest).
+            Err(e) if snapshot.is_some() => {
+                tracing::warn!(
+                    "the persisted control snapshot's listeners do not bind, starting from the bootstrap config: {e}"
+                );
+                chains = start(&base)?;
+                config = base.clone();
+                snapshot = None;
+                bind_all(&config)?
+            }
+            Err(e) => return Err(e),
+        };
+        let services = build_services(&config, &metrics, host, &table)?;
         Ok(Proxy {
             config,
             options: ProxyOptions { workers, ..options },
