@@ -109,7 +109,13 @@ pub struct ControlState {
     module_keys: TrustedKeys,
     /// What the `dns` names of clusters resolve to now (`dns.rs` keeps it).
     dns: Mutex<BTreeMap<String, Vec<Endpoint>>>,
+    /// The last snapshot made for each label set, with the change count it was made at:
+    /// proxies with the same labels share one (a thousand of them cost one build).
+    snapshots: Mutex<std::collections::HashMap<Labels, (u64, Arc<Snapshot>)>>,
 }
+
+/// Label sets whose snapshots are kept; past it the cache starts over.
+const SNAPSHOT_CACHE: usize = 4096;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -152,6 +158,7 @@ impl ControlState {
             }),
             proxies: Mutex::new(BTreeMap::new()),
             changes: watch::channel(0).0,
+            snapshots: Mutex::default(),
             streams: 0.into(),
             module_keys: TrustedKeys::default(),
             dns: Mutex::new(store.dns_answers()?.into_iter().collect()),
@@ -703,8 +710,33 @@ impl ControlState {
 
     // ---- discovery -----------------------------------------------------------------
 
-    /// What a proxy with `labels` should run now.
-    pub fn snapshot(&self, labels: &Labels) -> Snapshot {
+    /// What a proxy with `labels` should run now: made once per label set and change.
+    pub fn snapshot(&self, labels: &Labels) -> Arc<Snapshot> {
+        // The count first: a change made while the snapshot is made bumps it, so the next
+        // caller makes it again.
+        let seq = *self.changes.borrow();
+        if let Some((at, snap)) = lock(&self.snapshots).get(labels)
+            && *at == seq
+        {
+            return snap.clone();
+        }
+        let snap = Arc::new(self.make_snapshot(labels));
+        let mut cache = lock(&self.snapshots);
+        if cache.len() >= SNAPSHOT_CACHE {
+            cache.clear();
+        }
+        match cache.get(labels) {
+            // Another caller made a newer one meanwhile.
+            Some((at, _)) if *at > seq => {}
+            _ => {
+                cache.insert(labels.clone(), (seq, snap.clone()));
+            }
+        }
+        snap
+    }
+
+    /// Makes what a proxy with `labels` should run now.
+    fn make_snapshot(&self, labels: &Labels) -> Snapshot {
         let (mut chains, mut clusters, listeners, scopes, routes, version) = {
             let config = lock(&self.config);
             let mut chains = Vec::new();
