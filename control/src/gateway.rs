@@ -531,13 +531,8 @@ fn value_match(kind: &Option<String>, value: &str, field: &str) -> Result<Value,
     }
 }
 
-/// The router match of an HTTPRoute match for requests to `service`.
-fn router_match(
-    m: &HttpMatch,
-    service: &str,
-    namespace: Option<&str>,
-    port: Option<u16>,
-) -> Result<Value, String> {
+/// The router match of requests to a parent Service (`service` in `namespace`, on `port`).
+fn parent_match(service: &str, namespace: Option<&str>, port: Option<u16>) -> Value {
     let mut out = json!({ "service": service });
     if let Some(ns) = namespace {
         out["namespace"] = ns.into();
@@ -545,6 +540,28 @@ fn router_match(
     if let Some(p) = port {
         out["port"] = p.into();
     }
+    out
+}
+
+/// The router's header conditions of a route's header matches.
+fn header_matches(headers: &[ValueMatch]) -> Result<Value, String> {
+    let mut out = Vec::new();
+    for (i, h) in headers.iter().enumerate() {
+        let mut v = value_match(&h.kind, &h.value, &format!("headers[{i}]"))?;
+        v["name"] = h.name.to_ascii_lowercase().into();
+        out.push(v);
+    }
+    Ok(out.into())
+}
+
+/// The router match of an HTTPRoute match for requests to `service`.
+fn router_match(
+    m: &HttpMatch,
+    service: &str,
+    namespace: Option<&str>,
+    port: Option<u16>,
+) -> Result<Value, String> {
+    let mut out = parent_match(service, namespace, port);
     let (kind, value) = match &m.path {
         None => ("PathPrefix", "/".to_owned()),
         Some(p) => (
@@ -568,13 +585,7 @@ fn router_match(
             ));
         }
     };
-    let mut headers = Vec::new();
-    for (i, h) in m.headers.iter().enumerate() {
-        let mut v = value_match(&h.kind, &h.value, &format!("headers[{i}]"))?;
-        v["name"] = h.name.to_ascii_lowercase().into();
-        headers.push(v);
-    }
-    out["headers"] = headers.into();
+    out["headers"] = header_matches(&m.headers)?;
     let mut query = Vec::new();
     for (i, q) in m.query_params.iter().enumerate() {
         let mut v = value_match(&q.kind, &q.value, &format!("queryParams[{i}]"))?;
@@ -601,13 +612,8 @@ fn grpc_match(
     namespace: Option<&str>,
     port: Option<u16>,
 ) -> Result<Value, String> {
-    let mut out = json!({ "service": service, "method": "POST" });
-    if let Some(ns) = namespace {
-        out["namespace"] = ns.into();
-    }
-    if let Some(p) = port {
-        out["port"] = p.into();
-    }
+    let mut out = parent_match(service, namespace, port);
+    out["method"] = "POST".into();
     if let Some(method) = &m.method {
         let (svc, name) = (method.service.as_deref(), method.method.as_deref());
         if svc.is_none() && name.is_none() {
@@ -634,13 +640,7 @@ fn grpc_match(
             }
         };
     }
-    let mut headers = Vec::new();
-    for (i, h) in m.headers.iter().enumerate() {
-        let mut v = value_match(&h.kind, &h.value, &format!("headers[{i}]"))?;
-        v["name"] = h.name.to_ascii_lowercase().into();
-        headers.push(v);
-    }
-    out["headers"] = headers.into();
+    out["headers"] = header_matches(&m.headers)?;
     Ok(out)
 }
 

@@ -28,6 +28,23 @@ clusters: []
     .to_owned()
 }
 
+/// The client sidecar of these tests: `client-1`, label `app=client`, two workers, the
+/// outbound-only bootstrap, its state under `dir`.
+async fn client(control: &ControlProcess, dir: &std::path::Path) -> Arc<ProxyProcess> {
+    let state = dir.join("p");
+    Arc::new(
+        follower(
+            control,
+            &outbound_only(),
+            2,
+            "client-1",
+            "app=client",
+            &state,
+        )
+        .await,
+    )
+}
+
 /// `GET path` through `proxy` with `host` as the authority.
 async fn call(proxy: &ProxyProcess, host: &str, path: &str) -> Result<Got, String> {
     call_url(&proxy.url(path), host).await
@@ -128,17 +145,7 @@ async fn services_come_and_go_on_a_running_proxy_routed_by_authority_with_no_fai
         Upstream::start("echo-a").await,
         Upstream::start("echo-b").await,
     );
-    let proxy = Arc::new(
-        follower(
-            &control,
-            &outbound_only(),
-            2,
-            "client-1",
-            "app=client",
-            &dir.path().join("p"),
-        )
-        .await,
-    );
+    let proxy = client(&control, dir.path()).await;
 
     // Nothing is known yet: a clear 404 that names the authority.
     let got = call(&proxy, "echo", "/x").await.expect("call");
@@ -337,17 +344,7 @@ async fn listeners_are_added_changed_moved_and_removed_live_and_a_removed_one_dr
     let control = ControlProcess::start(&dir.path().join("data")).await;
     let a = Upstream::start("echo-a").await;
     register(&control, "echo", &a.address());
-    let proxy = Arc::new(
-        follower(
-            &control,
-            &outbound_only(),
-            2,
-            "client-1",
-            "app=client",
-            &dir.path().join("p"),
-        )
-        .await,
-    );
+    let proxy = client(&control, dir.path()).await;
     let (p1, p2) = (free_port(), free_port());
     let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
 
