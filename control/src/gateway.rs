@@ -749,8 +749,8 @@ struct Made {
 }
 
 /// The router and retry configs of `routes` (valid ones; an invalid one is left out) for
-/// a proxy with the clusters `clusters` (a backend the proxy does not have answers 500, as
-/// the Gateway API asks).
+/// a proxy with the clusters `clusters`: routes apply to parents the proxy has, and a
+/// backend the proxy does not have answers 500, as the Gateway API asks.
 pub struct MeshRoutes {
     /// The router's config.
     pub router: Value,
@@ -767,6 +767,11 @@ impl MeshRoutes {
                 continue;
             };
             for (pi, parent) in spec.parent_refs.iter().enumerate() {
+                // A parent this proxy does not have (unknown to the mesh, or outside the
+                // proxy's Scope) is not reachable through its routes either.
+                if !clusters.contains(&parent.name) {
+                    continue;
+                }
                 let namespace = parent.namespace.as_deref().unwrap_or(&r.namespace);
                 for (ri, rule) in spec.rules.iter().enumerate() {
                     let base = format!(
@@ -1060,7 +1065,11 @@ rules:
 ",
             2,
         );
-        let clusters: BTreeSet<String> = ["echo-v1", "echo-v2"].map(String::from).into();
+        let clusters: BTreeSet<String> = ["echo", "echo-v1", "echo-v2"].map(String::from).into();
+        // Without the parent (unknown, or out of the proxy's scope): no route at all.
+        let without_parent: BTreeSet<String> = ["echo-v1", "echo-v2"].map(String::from).into();
+        let none = MeshRoutes::new(std::slice::from_ref(&canary), &without_parent);
+        assert_eq!(none.router["routes"], json!([]));
         let mesh = MeshRoutes::new(&[canary], &clusters);
         let routes = mesh.router["routes"].as_array().unwrap();
         let names: Vec<&str> = routes.iter().map(|r| r["name"].as_str().unwrap()).collect();
@@ -1108,6 +1117,42 @@ rules:
     }
 
     #[test]
+    fn parents_on_several_ports_and_weightless_backends() {
+        let r = route(
+            RouteKind::Http,
+            "ports",
+            "
+parentRefs: [{kind: Service, name: echo, port: 80}, {kind: Service, name: echo, port: 8080}]
+rules:
+  - backendRefs: [{name: echo-v1, weight: 0}, {name: echo-v2, weight: 3}]
+  - matches: [{path: {value: /off}}]
+    backendRefs: [{name: echo-v1, weight: 0}]
+",
+            1,
+        );
+        let clusters: BTreeSet<String> = ["echo", "echo-v1", "echo-v2"].map(String::from).into();
+        let mesh = MeshRoutes::new(&[r], &clusters);
+        let routes = mesh.router["routes"].as_array().unwrap();
+        // One route per rule and parent, each with its port.
+        let ports: Vec<(&str, u64)> = routes
+            .iter()
+            .map(|r| (r["name"].as_str().unwrap(), r["match"]["port"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                ("httproute/default/ports/1/0", 80),
+                ("httproute/default/ports/1/1", 8080),
+                ("httproute/default/ports/0/0", 80),
+                ("httproute/default/ports/0/1", 8080)
+            ]
+        );
+        // A weight of 0 takes no traffic; all of them 0 is a 500.
+        assert_eq!(routes[2]["cluster"], "echo-v2");
+        assert_eq!(routes[0]["direct_response"]["status"], 500);
+    }
+
+    #[test]
     fn grpc_methods_become_paths() {
         let r = route(
             RouteKind::Grpc,
@@ -1122,6 +1167,7 @@ rules:
             1,
         );
         let clusters: BTreeSet<String> = ["greeter", "greeter-v2"].map(String::from).into();
+        // (greeter is both the parent and a backend.)
         let mesh = MeshRoutes::new(&[r], &clusters);
         let routes = mesh.router["routes"].as_array().unwrap();
         assert_eq!(
