@@ -1136,7 +1136,12 @@ rules:
         // One route per rule and parent, each with its port.
         let ports: Vec<(&str, u64)> = routes
             .iter()
-            .map(|r| (r["name"].as_str().unwrap(), r["match"]["port"].as_u64().unwrap()))
+            .map(|r| {
+                (
+                    r["name"].as_str().unwrap(),
+                    r["match"]["port"].as_u64().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(
             ports,
