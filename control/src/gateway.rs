@@ -894,12 +894,7 @@ fn rule_target(rule: &Rule, clusters: &BTreeSet<String>) -> Value {
                 v["host"] = h.clone().into();
             }
             if let Some(p) = &rw.path {
-                if let Some(full) = &p.replace_full_path {
-                    v["path"] = full.clone().into();
-                }
-                if let Some(prefix) = &p.replace_prefix_match {
-                    v["prefix"] = prefix.clone().into();
-                }
+                path_modifier(&mut v, p);
             }
             route["rewrite"] = v;
         }
@@ -911,8 +906,7 @@ fn rule_target(rule: &Rule, clusters: &BTreeSet<String>) -> Value {
                 }
                 (None, None) => 100.0,
             };
-            let mirrors = route["mirror"].as_array().cloned().unwrap_or_default();
-            let mut mirrors = mirrors;
+            let mut mirrors = route["mirror"].as_array().cloned().unwrap_or_default();
             mirrors.push(json!({ "cluster": m.backend_ref.name, "percent": percent }));
             route["mirror"] = mirrors.into();
         }
@@ -928,12 +922,7 @@ fn rule_target(rule: &Rule, clusters: &BTreeSet<String>) -> Value {
                 v["port"] = p.into();
             }
             if let Some(p) = &rd.path {
-                if let Some(full) = &p.replace_full_path {
-                    v["path"] = full.clone().into();
-                }
-                if let Some(prefix) = &p.replace_prefix_match {
-                    v["prefix"] = prefix.clone().into();
-                }
+                path_modifier(&mut v, p);
             }
             route["redirect"] = v;
             return finish_redirect(route);
@@ -984,6 +973,17 @@ fn rule_target(rule: &Rule, clusters: &BTreeSet<String>) -> Value {
             .into();
     }
     route
+}
+
+/// A path modifier as the router's rewrite or redirect reads it: `path` (the whole path)
+/// or `prefix` (the matched prefix).
+fn path_modifier(out: &mut Value, p: &PathModifier) {
+    if let Some(full) = &p.replace_full_path {
+        out["path"] = full.clone().into();
+    }
+    if let Some(prefix) = &p.replace_prefix_match {
+        out["prefix"] = prefix.clone().into();
+    }
 }
 
 /// A redirect route carries only what a redirect uses (plus response header edits).
