@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The control-path benchmark: push-to-live latency with 1, 10 and 100 real proxies,
-# convergence of 1,000 simulated proxy streams with the control service's memory, and 100
-# chain swaps under 2,000 req/s. Builds what it needs in release; prints one JSON object
-# (and a summary on stderr).
+# convergence of 1,000 simulated proxy streams with the control service's memory, 100
+# chain swaps under 2,000 req/s, and replica failover on etcd with 10 and 100 proxies
+# (skipped without `etcd` on PATH: apt-get install etcd-server). Builds what it needs in
+# release; prints one JSON object (and a summary on stderr).
 #
 #   bash benches/control/run.sh [--out FILE] [-- extra weft-control-bench args]
 set -euo pipefail

@@ -202,6 +202,8 @@ pub struct MeshCa {
     active: tokio::sync::watch::Sender<u32>,
     /// Serialises rotation steps.
     stepping: std::sync::Mutex<()>,
+    /// Why `rotate` is refused here, if it is (replicas sharing the CA).
+    no_rotation: Option<String>,
 }
 
 impl std::fmt::Debug for MeshCa {
@@ -401,7 +403,16 @@ impl MeshCa {
             signer: ArcSwap::from_pointee(signer),
             active,
             stepping: std::sync::Mutex::new(()),
+            no_rotation: None,
         })
+    }
+
+    /// Refuses `rotate` from now on, saying `why`.
+    pub fn without_rotation(self, why: &str) -> Self {
+        MeshCa {
+            no_rotation: Some(why.to_owned()),
+            ..self
+        }
     }
 
     /// Makes the root of `generation` in `dir` (replacing leftovers of a step that did
@@ -580,6 +591,9 @@ impl MeshCa {
                     .into(),
             ));
         };
+        if let Some(why) = &self.no_rotation {
+            return Err(CaError::Precondition(why.clone()));
+        }
         let _step = self.stepping.lock().unwrap_or_else(|e| e.into_inner());
         let current = self.signer.load();
         if let Some(phase) = current.state.phase {

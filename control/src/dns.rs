@@ -275,6 +275,12 @@ impl DnsDiscovery {
                     continue;
                 }
             }
+            if !state.leads() {
+                // Another replica resolves; its answers come through the store. Should
+                // this one be elected, it resolves every name at once.
+                due.clear();
+                continue;
+            }
             let wanted = state.dns_names();
             due.retain(|name, _| wanted.contains(name));
             state.retain_dns(&wanted);

@@ -925,8 +925,12 @@ fn rule_target(rule: &Rule, clusters: &BTreeSet<String>) -> Value {
                 path_modifier(&mut v, p);
             }
             route["redirect"] = v;
-            return finish_redirect(route);
         }
+    }
+    // A redirect answers itself: only the response header edits (of any filter of the
+    // rule, before or after it) go with it.
+    if route.get("redirect").is_some() {
+        return finish_redirect(route);
     }
     if let Some(t) = &rule.timeouts {
         if let Some(ms) = t.request.as_deref().and_then(|d| duration_ms(d).ok()) {

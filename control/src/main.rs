@@ -14,16 +14,12 @@ struct Args {
     /// Directory of the embedded database (created if missing), and of the mesh CA's files.
     #[arg(long, default_value = "weft-control-data")]
     data_dir: PathBuf,
-    /// Keep modules, resources, registered instances and join tokens in etcd instead of
-    /// the data dir: `etcd://host:2379[,host:2379...][/prefix]` (default prefix `/weft`).
-    /// One control service per prefix.
+    /// Keep modules, resources, registered instances, join tokens and DNS answers in etcd
+    /// instead of the data dir: `etcd://host:2379[,host:2379...][/prefix]` (default prefix
+    /// `/weft`). Any number of control services (replicas) may share a prefix, all serving
+    /// at once; one of them, elected, does the singleton work.
     #[arg(long, value_name = "URL")]
     store: Option<String>,
-    /// With `--store etcd://...`: if another control service holds the prefix, wait until
-    /// it stops (or its lease runs out) and take over, instead of exiting. Nothing listens
-    /// until then; proxies given both addresses fail over.
-    #[arg(long, requires = "store")]
-    standby: bool,
     /// Address of the gRPC endpoint.
     #[arg(long, default_value = weft_control::service::DEFAULT_LISTEN)]
     listen: std::net::SocketAddr,
@@ -91,6 +87,30 @@ fn main() -> ExitCode {
     }
 }
 
+/// Replicas on one etcd prefix sign with one root: the one in the store, else this
+/// replica's (made now if it has none), put there unless another replica's came first.
+fn share_ca(
+    store: &weft_control::etcd::EtcdStore,
+    args: &Args,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dir = args.data_dir.join("ca");
+    if store.fetch_ca(&dir)? {
+        return Ok(());
+    }
+    weft_control::MeshCa::load_or_create(
+        &args.data_dir,
+        &args.trust_domain,
+        None,
+        std::time::Duration::from_secs(args.cert_ttl_seconds),
+    )?;
+    if store.offer_ca(&dir)? {
+        tracing::info!("this replica's mesh root CA is the one in the store now");
+    } else {
+        store.fetch_ca(&dir)?;
+    }
+    Ok(())
+}
+
 fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     let token = match &args.token_file {
         Some(path) => Some(
@@ -102,19 +122,26 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         None => std::env::var("WEFT_CONTROL_TOKEN").ok(),
     }
     .filter(|t| !t.is_empty());
-    let store: Arc<dyn Store> = match &args.store {
+    let mut shared = false;
+    let (store, registry): (Arc<dyn Store>, Box<dyn weft_control::Registry>) = match &args.store {
         Some(url) => {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             let holder = format!("{} {} pid {}", host.trim(), args.listen, std::process::id());
-            Arc::new(weft_control::etcd::EtcdStore::open(
-                url,
-                &holder,
-                args.standby,
-            )?)
+            let store = Arc::new(weft_control::etcd::EtcdStore::open(url, &holder)?);
+            let registry = Box::new(weft_control::etcd::EtcdRegistry::load(store.clone())?);
+            if args.ca_cert.is_none() {
+                share_ca(&store, &args)?;
+            }
+            shared = true;
+            (store, registry)
         }
-        None => Arc::new(RedbStore::open(&args.data_dir)?),
+        None => {
+            let store: Arc<dyn Store> = Arc::new(RedbStore::open(&args.data_dir)?);
+            let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
+            (store, registry)
+        }
     };
-    let registry = Box::new(EmbeddedRegistry::load(store.clone())?);
+    let changes = store.take_changes();
     let module_keys = weft_client::signing::TrustedKeys::from_files(&args.module_trusted_keys)?;
     if !module_keys.is_empty() {
         tracing::info!(keys = ?module_keys.ids(), "modules must be signed by a trusted key");
@@ -127,6 +154,14 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         args.ca_cert.as_deref().zip(args.ca_key.as_deref()),
         std::time::Duration::from_secs(args.cert_ttl_seconds),
     )?;
+    let ca = if shared && args.ca_cert.is_none() {
+        ca.without_rotation(
+            "replicas on etcd share this CA: a rotation is not supported there yet (rotate a \
+             CA given with --ca-cert/--ca-key by restarting every replica with new files)",
+        )
+    } else {
+        ca
+    };
     let tls = if args.tls {
         let mut names = args.tls_names.clone();
         names.extend(["localhost".to_owned(), "127.0.0.1".to_owned()]);
@@ -189,6 +224,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             Some(names) => Some(weft_control::tls::server_config(ca.clone(), names)?),
             None => None,
         };
+        if let Some(changes) = changes {
+            tokio::spawn(weft_control::state::follow_store(state.clone(), changes));
+        }
         tokio::spawn(weft_control::identity::drive_rotation(ca));
         let dns = weft_control::dns::DnsDiscovery::new(&args.dns_servers)?;
         tokio::spawn(dns.run(state.clone()));

@@ -25,6 +25,11 @@ pub trait Registry: Send + Sync + 'static {
     fn instances(&self) -> Vec<Instance>;
     /// Removes the instances whose TTL ran out by `now_ms`; returns them.
     fn expire(&self, now_ms: u64) -> Result<Vec<Instance>, ControlError>;
+    /// Reads the instances again from a shared store (other replicas register too);
+    /// whether they changed.
+    fn refresh(&self) -> Result<bool, ControlError> {
+        Ok(false)
+    }
 }
 
 /// The embedded registry.

@@ -16,7 +16,7 @@ use crate::registry::Registry;
 use crate::snapshot::{Snapshot, SnapshotChain, SnapshotCluster, SnapshotListener};
 use weft_client::signing::{ModuleSignature, TrustedKeys};
 
-use crate::store::{Store, StoreError};
+use crate::store::{Changed, Store, StoreError};
 
 /// Largest module accepted.
 pub const MAX_MODULE_BYTES: usize = 64 * 1024 * 1024;
@@ -112,6 +112,52 @@ pub struct ControlState {
     /// The last snapshot made for each label set, with the change count it was made at:
     /// proxies with the same labels share one (a thousand of them cost one build).
     snapshots: Mutex<std::collections::HashMap<Labels, (u64, Arc<Snapshot>)>>,
+}
+
+/// Reads again what `changes` says changed in a shared store (another replica wrote it),
+/// until the store stops watching. Changes that come while one is read are read together.
+pub async fn follow_store(
+    state: Arc<ControlState>,
+    mut changes: tokio::sync::mpsc::UnboundedReceiver<Changed>,
+) {
+    while let Some(mut what) = changes.recv().await {
+        let mut said = false;
+        loop {
+            while let Ok(more) = changes.try_recv() {
+                what = what.merge(more);
+            }
+            let s = state.clone();
+            match tokio::task::spawn_blocking(move || s.refresh(what)).await {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) => {
+                    // Read everything again until the store answers: nothing seen may be
+                    // dropped (proxies keep what they run meanwhile).
+                    if !said {
+                        tracing::warn!("cannot read the store's changes: {e}; trying again");
+                        said = true;
+                    }
+                    what = Changed::ALL;
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    tracing::error!("reading the store's changes failed: {e}");
+                    break;
+                }
+            }
+        }
+        if said {
+            tracing::info!("read the store's changes");
+        }
+    }
+}
+
+/// Tries of an apply or delete that other replicas keep committing before.
+const COMMIT_TRIES: usize = 8;
+
+fn contended() -> ControlError {
+    ControlError::Conflict(
+        "other control services kept changing the config during this apply; try again".into(),
+    )
 }
 
 /// Label sets whose snapshots are kept; past it the cache starts over.
@@ -342,7 +388,14 @@ impl ControlState {
 
     /// A module's bytes.
     pub fn module_bytes(&self, reference: &str) -> Result<Vec<u8>, ControlError> {
-        let digest = self.resolve_module(reference)?;
+        let digest = match self.resolve_module(reference) {
+            // Pushed through another replica a moment ago?
+            Err(ControlError::NotFound(_)) if self.store.shared() => {
+                self.refresh_modules()?;
+                self.resolve_module(reference)?
+            }
+            r => r?,
+        };
         self.store
             .module_bytes(&digest)?
             .ok_or_else(|| ControlError::NotFound(format!("module {digest}")))
@@ -350,6 +403,7 @@ impl ControlState {
 
     /// Deletes a module no chain refers to.
     pub fn delete_module(&self, reference: &str) -> Result<ModuleRecord, ControlError> {
+        self.catch_up()?;
         // Same lock order as `apply`.
         let mut modules = lock(&self.modules);
         let digest = resolve(&modules, reference)?;
@@ -510,11 +564,48 @@ impl ControlState {
     }
 
     /// Creates or replaces resources, all or nothing; a dry run only reports.
+    ///
+    /// On a shared store this replica first reads what others wrote, and commits with
+    /// compare-and-swap on the version: when another replica committed first, it reads
+    /// again and checks the apply against that, a few times.
     pub fn apply(
         &self,
         resources: Vec<Resource>,
         dry_run: bool,
     ) -> Result<(u64, Vec<Change>), ControlError> {
+        self.catch_up()?;
+        for _ in 0..COMMIT_TRIES {
+            if let Some(done) = self.try_apply(resources.clone(), dry_run)? {
+                return Ok(done);
+            }
+            self.refresh(Changed {
+                config: true,
+                modules: true,
+                ..Changed::default()
+            })?;
+        }
+        Err(contended())
+    }
+
+    /// On a shared store: reads config and modules again, so that checks see what other
+    /// replicas committed.
+    fn catch_up(&self) -> Result<(), ControlError> {
+        if self.store.shared() {
+            self.refresh(Changed {
+                config: true,
+                modules: true,
+                ..Changed::default()
+            })?;
+        }
+        Ok(())
+    }
+
+    /// One try of `apply`: `None` when another replica committed first.
+    fn try_apply(
+        &self,
+        resources: Vec<Resource>,
+        dry_run: bool,
+    ) -> Result<Option<(u64, Vec<Change>)>, ControlError> {
         // Modules, then config, held to the end: a module cannot be deleted between the
         // check that a chain's module exists and the commit of that chain.
         let modules = lock(&self.modules);
@@ -568,20 +659,37 @@ impl ControlState {
             }
         }
         if dry_run || put.is_empty() {
-            return Ok((config.version, changes));
+            return Ok(Some((config.version, changes)));
         }
-        self.store.commit_config(next, &put, &[])?;
+        if !self.store.commit_config(next, &put, &[])? {
+            return Ok(None);
+        }
         config.version = next;
         for r in put {
             config.resources.insert((r.kind, r.name.clone()), r);
         }
         drop(config);
         self.changed();
-        Ok((next, changes))
+        Ok(Some((next, changes)))
     }
 
     /// Deletes one resource.
     pub fn delete(&self, kind: Kind, name: &str) -> Result<(u64, Change), ControlError> {
+        self.catch_up()?;
+        for _ in 0..COMMIT_TRIES {
+            if let Some(done) = self.try_delete(kind, name)? {
+                return Ok(done);
+            }
+            self.refresh(Changed {
+                config: true,
+                ..Changed::default()
+            })?;
+        }
+        Err(contended())
+    }
+
+    /// One try of `delete`: `None` when another replica committed first.
+    fn try_delete(&self, kind: Kind, name: &str) -> Result<Option<(u64, Change)>, ControlError> {
         let mut config = lock(&self.config);
         let key = (kind, name.to_owned());
         let old = config.resources.get(&key).ok_or_else(|| {
@@ -605,13 +713,129 @@ impl ControlState {
             diff: diff(&old.to_yaml(), ""),
         };
         let next = config.version + 1;
-        self.store
-            .commit_config(next, &[], std::slice::from_ref(&key))?;
+        if !self
+            .store
+            .commit_config(next, &[], std::slice::from_ref(&key))?
+        {
+            return Ok(None);
+        }
         config.resources.remove(&key);
         config.version = next;
         drop(config);
         self.changed();
-        Ok((next, change))
+        Ok(Some((next, change)))
+    }
+
+    // ---- a shared store ------------------------------------------------------------
+
+    /// Whether this replica does the singleton work (always, on a store of its own).
+    pub fn leads(&self) -> bool {
+        self.store.leads()
+    }
+
+    /// Reads again from the store what `what` says changed (written by another replica of
+    /// a shared store), and tells discovery streams when anything did.
+    pub fn refresh(&self, what: Changed) -> Result<(), ControlError> {
+        let mut changed = false;
+        if what.modules {
+            changed |= self.refresh_modules()?;
+        }
+        let config = what.config && self.refresh_config()?;
+        changed |= config;
+        if what.instances {
+            changed |= self.registry.refresh()?;
+        }
+        // New config may name DNS names whose answers are stored already.
+        if what.dns || config {
+            changed |= self.refresh_dns()?;
+        }
+        if changed {
+            self.changed();
+        }
+        Ok(())
+    }
+
+    fn refresh_config(&self) -> Result<bool, ControlError> {
+        let mut config = lock(&self.config);
+        let (resources, version) = self.store.config()?;
+        // Versions are committed by compare-and-swap: the same version is the same config.
+        if version == config.version {
+            return Ok(false);
+        }
+        tracing::info!(
+            from = config.version,
+            to = version,
+            "config changed in the store"
+        );
+        config.version = version;
+        config.resources = resources
+            .into_iter()
+            .map(|r| ((r.kind, r.name.clone()), r))
+            .collect();
+        Ok(true)
+    }
+
+    fn refresh_modules(&self) -> Result<bool, ControlError> {
+        let mut modules = lock(&self.modules);
+        let mut records: BTreeMap<String, ModuleRecord> = self
+            .store
+            .modules()?
+            .into_iter()
+            .map(|m| (m.digest.clone(), m))
+            .collect();
+        let names: BTreeMap<String, String> = self.store.module_names()?.into_iter().collect();
+        if names == modules.names
+            && records.len() == modules.records.len()
+            && records.iter().all(|(d, r)| {
+                modules
+                    .records
+                    .get(d)
+                    .is_some_and(|m| m.signature == r.signature && m.name == r.name)
+            })
+        {
+            return Ok(false);
+        }
+        // Whether a module may be used is this replica's call, with its own keys.
+        for (digest, record) in records.iter_mut() {
+            match modules.records.get(digest) {
+                Some(known) if known.signature == record.signature => {
+                    record.verified_by = known.verified_by.clone();
+                }
+                _ if modules.signed_only => {
+                    let bytes = self.store.module_bytes(digest)?.unwrap_or_default();
+                    let signature = ModuleSignature::parse(&record.signature).ok();
+                    record.verified_by = self
+                        .module_keys
+                        .verify(&bytes, signature.as_ref())
+                        .unwrap_or_default();
+                }
+                _ => record.verified_by.clear(),
+            }
+        }
+        modules.records = records;
+        modules.names = names;
+        Ok(true)
+    }
+
+    fn refresh_dns(&self) -> Result<bool, ControlError> {
+        let wanted = self.dns_names();
+        let stored: BTreeMap<String, Vec<Endpoint>> = self
+            .store
+            .dns_answers()?
+            .into_iter()
+            .filter(|(name, _)| wanted.contains(name))
+            .map(|(name, mut eps)| {
+                eps.sort();
+                eps.dedup();
+                (name, eps)
+            })
+            .collect();
+        let mut dns = lock(&self.dns);
+        if *dns == stored {
+            return Ok(false);
+        }
+        *dns = stored;
+        Ok(true)
     }
 
     /// Resources of `kind` (all when `None`), by kind then name, and the config version.

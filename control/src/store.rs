@@ -33,13 +33,15 @@ pub trait Store: Send + Sync + 'static {
     fn module_names(&self) -> Result<Vec<(String, String)>, StoreError>;
     /// Every config resource and the config version.
     fn config(&self) -> Result<(Vec<Resource>, u64), StoreError>;
-    /// Writes resource changes and the new config version in one transaction.
+    /// Writes resource changes and the new config version in one transaction, if the
+    /// stored version is still below `version`; `false` (nothing written) when another
+    /// replica committed `version` or later first.
     fn commit_config(
         &self,
         version: u64,
         put: &[Resource],
         delete: &[(Kind, String)],
-    ) -> Result<(), StoreError>;
+    ) -> Result<bool, StoreError>;
     /// Every registered instance.
     fn instances(&self) -> Result<Vec<Instance>, StoreError>;
     /// Stores or replaces an instance.
@@ -56,6 +58,54 @@ pub trait Store: Send + Sync + 'static {
     fn dns_answers(&self) -> Result<Vec<(String, Vec<Endpoint>)>, StoreError>;
     /// Keeps the last answer for DNS name `name`.
     fn put_dns_answer(&self, name: &str, endpoints: &[Endpoint]) -> Result<(), StoreError>;
+    /// Whether other control services (replicas) write the same store, so that what this
+    /// one holds in memory may be behind it.
+    fn shared(&self) -> bool {
+        false
+    }
+    /// Whether this replica is the one elected to do singleton work (DNS resolution); a
+    /// store of one writer always is.
+    fn leads(&self) -> bool {
+        true
+    }
+    /// For a shared store: what changes, as they are seen (written by any replica,
+    /// this one included). Taken once; `None` for a store of one writer.
+    fn take_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<Changed>> {
+        None
+    }
+}
+
+/// Which parts of a shared store changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Config resources or the config version.
+    pub config: bool,
+    /// Modules or their names.
+    pub modules: bool,
+    /// Registered instances.
+    pub instances: bool,
+    /// DNS answers.
+    pub dns: bool,
+}
+
+impl Changed {
+    /// Everything (after a watch was lost: events may have been missed).
+    pub const ALL: Changed = Changed {
+        config: true,
+        modules: true,
+        instances: true,
+        dns: true,
+    };
+
+    /// Both changes.
+    pub fn merge(self, other: Changed) -> Changed {
+        Changed {
+            config: self.config || other.config,
+            modules: self.modules || other.modules,
+            instances: self.instances || other.instances,
+            dns: self.dns || other.dns,
+        }
+    }
 }
 
 /// A join token as stored (the token itself is not: only its hash is the key).
@@ -222,12 +272,25 @@ impl Store for RedbStore {
         version: u64,
         put: &[Resource],
         delete: &[(Kind, String)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<bool, StoreError> {
         let rows = put
             .iter()
             .map(|r| Ok((resource_key(r.kind, &r.name), json(r)?)))
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let mut committed = false;
         self.write(|txn| {
+            {
+                let m = txn.open_table(META).map_err(err)?;
+                let stored = m
+                    .get("config_version")
+                    .map_err(err)?
+                    .map(|v| v.value())
+                    .unwrap_or(0);
+                if stored >= version {
+                    return Ok(());
+                }
+            }
+            committed = true;
             let mut t = txn.open_table(RESOURCES).map_err(err)?;
             for (k, v) in &rows {
                 t.insert(k.as_str(), v.as_slice()).map_err(err)?;
@@ -240,7 +303,8 @@ impl Store for RedbStore {
                 m.insert("config_version", version).map_err(err)?;
                 Ok(())
             }
-        })
+        })?;
+        Ok(committed)
     }
 
     fn instances(&self) -> Result<Vec<Instance>, StoreError> {
@@ -371,8 +435,10 @@ mod tests {
         {
             let s = RedbStore::open(dir.path()).expect("open");
             s.put_module(&module, b"abc").expect("module");
-            s.commit_config(4, std::slice::from_ref(&chain), &[])
-                .expect("config");
+            assert!(
+                s.commit_config(4, std::slice::from_ref(&chain), &[])
+                    .expect("config")
+            );
             s.put_instance(&instance).expect("instance");
         }
         let s = RedbStore::open(dir.path()).expect("reopen");
@@ -387,8 +453,15 @@ mod tests {
         );
         assert_eq!(s.config().expect("config"), (vec![chain], 4));
         assert_eq!(s.instances().expect("instances"), vec![instance]);
-        s.commit_config(5, &[], &[(Kind::Chain, "outbound".into())])
-            .expect("delete");
+        // A version not above the stored one is another writer's: nothing is written.
+        assert!(
+            !s.commit_config(4, &[], &[(Kind::Chain, "outbound".into())])
+                .expect("stale")
+        );
+        assert!(
+            s.commit_config(5, &[], &[(Kind::Chain, "outbound".into())])
+                .expect("delete")
+        );
         s.delete_module("sha256:ab").expect("delete module");
         s.delete_instances(&["s2/127.0.0.1:1".into()])
             .expect("delete instance");

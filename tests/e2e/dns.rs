@@ -339,3 +339,63 @@ async fn srv_records_give_ports_and_weights() {
     }
     assert!(nb > na * 2, "weights 1 and 3: a {na}, b {nb}");
 }
+
+/// Two control replicas on etcd: only the elected one resolves DNS names, and the other's
+/// proxies get its answers through the store; when the elected one dies, the other is
+/// elected and resolves, and its proxies follow the records again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_elected_replica_resolves_and_another_takes_over_when_it_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let two = Upstream::start_at("two", SocketAddr::from(([127, 0, 0, 2], 0))).await;
+    let port = two.addr.port();
+    let three = Upstream::start_at("three", SocketAddr::from(([127, 0, 0, 3], port))).await;
+    let hosts = d.join("hosts");
+    std::fs::write(&hosts, "127.0.0.2 echo.mesh.test\n").unwrap();
+    let dns = Dnsmasq::start(free_port(), &hosts, &[]).await;
+    let etcd = Etcd::start(&d.join("etcd")).await;
+    let store = format!("etcd://{}/dns", etcd.client);
+    let server = dns.addr().to_string();
+    let args = ["--store", store.as_str(), "--dns-server", server.as_str()];
+    let mut a = ControlProcess::start_with(&d.join("a"), &args).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !a.log().contains("elected to do singleton work") {
+        assert!(Instant::now() < deadline, "A never elected:\n{}", a.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = ControlProcess::start_with(&d.join("b"), &args).await;
+    // The proxy follows B alone: what A resolves reaches it through etcd.
+    let proxy = ProxyProcess::start_args(
+        &bootstrap(),
+        1,
+        &b.proxy_args("p", &[], &d.join("p")),
+        free_port(),
+        free_port(),
+    )
+    .await;
+    let (code, _, err) = b.weftctl_stdin(
+        &["apply", "-f", "-"],
+        Some(&cluster(&format!("echo.mesh.test:{port}"))),
+    );
+    assert_eq!(code, 0, "{err}");
+    until_answers(&proxy, |a| *a == (200, "two".into())).await;
+    assert!(a.log().contains("DNS answer changed"), "{}", a.log());
+    assert!(!b.log().contains("DNS answer changed"), "{}", b.log());
+
+    // A dies without a word: B is elected once A's lease runs out, resolves, and its
+    // proxy follows the record's move.
+    a.kill();
+    let killed = Instant::now();
+    dns.set_hosts("127.0.0.3 echo.mesh.test\n");
+    until_answers(&proxy, |a| *a == (200, "three".into())).await;
+    eprintln!(
+        "DNS followed again {} ms after the elected replica died",
+        killed.elapsed().as_millis()
+    );
+    assert!(
+        b.log().contains("elected to do singleton work"),
+        "{}",
+        b.log()
+    );
+    drop((two, three, etcd));
+}

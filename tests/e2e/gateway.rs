@@ -106,6 +106,8 @@ spec:
       filters:
         - type: RequestRedirect
           requestRedirect: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /new}, statusCode: 301}
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {set: [{name: cache-control, value: no-store}]}
     - matches: [{path: {type: PathPrefix, value: /slow}}]
       timeouts: {request: 300ms}
       filters:
@@ -144,19 +146,19 @@ async fn httproutes_and_grpcroutes_for_services_are_enforced_by_client_sidecars(
     let v1 = Upstream::start("echo-v1").await;
     let v2 = Upstream::start("echo-v2").await;
     let flaky = Upstream::start("flaky").await;
-    let shadow = Upstream::start("shadow").await;
+    let shadow = Recorder::start().await;
     let other = Upstream::start("other").await;
     for (service, u) in [
         ("echo", &v1),
         ("echo-v1", &v1),
         ("echo-v2", &v2),
         ("flaky", &flaky),
-        ("shadow", &shadow),
         ("greeter", &v1),
         ("other", &other),
     ] {
         register(&control, service, &u.address());
     }
+    register(&control, "shadow", &shadow.addr.to_string());
     push(&control, "router");
     push(&control, "retry");
     apply(&control, CHAIN);
@@ -247,6 +249,11 @@ async fn httproutes_and_grpcroutes_for_services_are_enforced_by_client_sidecars(
     let got = call(&proxy, "GET", "echo", "/old/page?q=1", &[]).await;
     assert_eq!(got.status, 301);
     assert_eq!(got.header("location"), "http://echo/new/page?q=1");
+    assert_eq!(
+        got.header("cache-control"),
+        "no-store",
+        "the rule's response headers"
+    );
 
     // Request timeout.
     let started = std::time::Instant::now();
@@ -266,9 +273,40 @@ async fn httproutes_and_grpcroutes_for_services_are_enforced_by_client_sidecars(
     eventually(
         "the mirrored copy",
         Duration::from_secs(10),
-        || async move { s.hits() == 1 },
+        || async move { s.seen().len() == 1 },
     )
     .await;
+    // A request with a body: the copy carries it whole, and the upstream got it too.
+    let payload = "x".repeat(100_000);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(proxy.url("/shadowed/upload"))
+        .header(http::header::HOST, "echo")
+        .body(Full::new(Bytes::from(payload.clone())))
+        .expect("request");
+    let got = send(&h1_client(), req).await.expect("call");
+    assert_eq!(upstream(&got), "echo-v1", "{got:?}");
+    assert_eq!(
+        got.echo()["body"].as_str(),
+        Some(payload.as_str()),
+        "the upstream's body"
+    );
+    eventually(
+        "the mirrored POST",
+        Duration::from_secs(10),
+        || async move { s.seen().len() == 2 },
+    )
+    .await;
+    let (method, path, body) = shadow.seen()[1].clone();
+    assert_eq!(
+        (method.as_str(), path.as_str()),
+        ("POST", "/shadowed/upload")
+    );
+    assert!(
+        body == payload.as_bytes(),
+        "the copy's body: {} bytes",
+        body.len()
+    );
 
     // A backend the mesh does not have: 500, and the status says why.
     assert_eq!(

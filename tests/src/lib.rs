@@ -1025,3 +1025,270 @@ impl Drop for Etcd {
         self.kill();
     }
 }
+
+/// One member of an [`EtcdCluster`]: killed and started again on the same ports and data.
+pub struct EtcdMember {
+    /// Its name (`n1`, `n2`, ...).
+    pub name: String,
+    /// The client address (`127.0.0.1:port`).
+    pub client: SocketAddr,
+    peer: u16,
+    dir: PathBuf,
+    cluster: String,
+    child: Option<Child>,
+}
+
+impl EtcdMember {
+    fn spawn(&mut self) {
+        let log = self.dir.join("etcd.log");
+        let mut prior = std::fs::read_to_string(&log).unwrap_or_default();
+        prior.push_str("\n--- started again ---\n");
+        std::fs::write(&log, prior).expect("etcd log");
+        let child = Command::new("etcd")
+            .args(["--name", &self.name, "--data-dir"])
+            .arg(self.dir.join("data"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://{}", self.client),
+                "--advertise-client-urls",
+                &format!("http://{}", self.client),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{}", self.peer),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{}", self.peer),
+                "--initial-cluster",
+                &self.cluster,
+                "--initial-cluster-state",
+                "new",
+                "--initial-cluster-token",
+                "weft-test",
+                // Loopback: elections in a second, not in the default's few.
+                "--heartbeat-interval",
+                "50",
+                "--election-timeout",
+                "500",
+            ])
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .append(true)
+                    .open(&log)
+                    .expect("etcd log"),
+            )
+            .spawn()
+            .expect("etcd (the test command installs it: apt-get install etcd-server)");
+        self.child = Some(child);
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("etcd.log")).unwrap_or_default()
+    }
+
+    /// Kills it (SIGKILL) and waits for it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again (same name, ports and data) and waits until it serves.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+        self.wait_healthy().await;
+    }
+
+    /// Whether it runs.
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("etcd {} exited ({status}):\n{}", self.name, self.log());
+            }
+            if let Ok(g) = get(&h1_client(), &format!("http://{}/health", self.client)).await
+                && g.status == 200
+                && g.body.contains("true")
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "etcd {} not up:\n{}",
+                self.name,
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether it is the Raft leader now (its `/metrics` say so).
+    pub async fn is_leader(&self) -> bool {
+        match get(&h1_client(), &format!("http://{}/metrics", self.client)).await {
+            Ok(g) => g
+                .body
+                .lines()
+                .any(|l| l.trim() == "etcd_server_is_leader 1"),
+            Err(_) => false,
+        }
+    }
+}
+
+impl Drop for EtcdMember {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real etcd cluster of several members (Debian's etcd-server) on loopback ports.
+pub struct EtcdCluster {
+    /// Its members.
+    pub members: Vec<EtcdMember>,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members with their data under `dir` and waits until all serve.
+    pub async fn start(dir: &std::path::Path, n: usize) -> EtcdCluster {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let cluster = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, peer))| format!("n{}=http://127.0.0.1:{peer}", i + 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<EtcdMember> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (client, peer))| {
+                let dir = dir.join(format!("n{}", i + 1));
+                std::fs::create_dir_all(&dir).expect("etcd dir");
+                EtcdMember {
+                    name: format!("n{}", i + 1),
+                    client: SocketAddr::from(([127, 0, 0, 1], *client)),
+                    peer: *peer,
+                    dir,
+                    cluster: cluster.clone(),
+                    child: None,
+                }
+            })
+            .collect();
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &mut members {
+            m.wait_healthy().await;
+        }
+        EtcdCluster { members }
+    }
+
+    /// `host:port,host:port,...` of every member, for `etcd://`.
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.client.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Kills every member, then starts them all again (a member alone has no quorum to
+    /// serve with) and waits until all serve.
+    pub async fn restart_all(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+        for m in &mut self.members {
+            m.spawn();
+        }
+        for m in &mut self.members {
+            m.wait_healthy().await;
+        }
+    }
+
+    /// The index of the leader, waiting (up to 30 s) until there is one.
+    pub async fn leader(&self) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for (i, m) in self.members.iter().enumerate() {
+                if m.running() && m.is_leader().await {
+                    return i;
+                }
+            }
+            assert!(Instant::now() < deadline, "no etcd leader");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What a [`Recorder`] received: method, path, body.
+pub type Recorded = (String, String, Vec<u8>);
+
+/// An HTTP server (HTTP/1.1 and h2) on a free loopback port that answers `200` and keeps
+/// every request it got, body included; stopped when dropped.
+pub struct Recorder {
+    /// Its address.
+    pub addr: SocketAddr,
+    seen: Arc<std::sync::Mutex<Vec<Recorded>>>,
+    stop: watch::Sender<bool>,
+}
+
+impl Recorder {
+    /// Starts it.
+    pub async fn start() -> Recorder {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen: Arc<std::sync::Mutex<Vec<Recorded>>> = Arc::default();
+        let (stop, mut stopped) = watch::channel(false);
+        let kept = seen.clone();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stopped.changed() => break,
+                    a = listener.accept() => a,
+                };
+                let Ok((stream, _)) = accepted else { continue };
+                let kept = kept.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let kept = kept.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes().to_vec())
+                                .unwrap_or_default();
+                            kept.lock().unwrap_or_else(|p| p.into_inner()).push((
+                                parts.method.to_string(),
+                                parts.uri.path().to_owned(),
+                                body,
+                            ));
+                            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(
+                                b"recorded\n",
+                            ))))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Recorder { addr, seen, stop }
+    }
+
+    /// Every request received so far.
+    pub fn seen(&self) -> Vec<Recorded> {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}

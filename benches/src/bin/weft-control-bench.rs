@@ -18,6 +18,9 @@
 //! - **services at scale**: 1,000 registered services; the snapshot each simulated proxy
 //!   receives (bytes, clusters) without and with a `Scope` of 10 services, and the control
 //!   service's memory;
+//! - **replica failover**: two replicas on one etcd, 10 and 100 real proxies given both and
+//!   following the first; it is killed and a change applied through the second at once:
+//!   time until every proxy is on the second, and until every proxy runs the change;
 //! - **swaps under load**: 100 chain swaps on one proxy while `weft-load` sends it 2,000
 //!   requests a second: failed requests and latency.
 //!
@@ -58,6 +61,12 @@ struct Args {
     /// Services registered for the services-at-scale run.
     #[arg(long, default_value_t = 1000)]
     services: usize,
+    /// Real proxy counts for the replica failover run (0 skips it; it needs `etcd` on PATH).
+    #[arg(long, value_delimiter = ',', default_value = "10,100")]
+    failover_proxies: Vec<usize>,
+    /// Replica failovers measured.
+    #[arg(long, default_value_t = 5)]
+    failover_rounds: usize,
 }
 
 /// What a simulated proxy saw last.
@@ -285,13 +294,14 @@ clusters:
     (path, admin, listen)
 }
 
-fn start_proxy(dir: &Path, control: u16, upstream: u16, id: &str, app: &str) -> (Proc, u16, u16) {
+/// A proxy following `control` (one address, or several: replicas it fails over between).
+fn start_proxy(dir: &Path, control: &str, upstream: u16, id: &str, app: &str) -> (Proc, u16, u16) {
     let (config, admin, listen) = bootstrap(dir, upstream);
     let child = Command::new(bin("weft-proxy"))
         .arg("--config")
         .arg(&config)
         .args(["--workers", "1", "--log-level", "warn"])
-        .args(["--control", &format!("127.0.0.1:{control}"), "--id", id])
+        .args(["--control", control, "--id", id])
         .args(["--label", &format!("app={app}")])
         .arg("--state-dir")
         .arg(dir.join("state").join(id))
@@ -300,6 +310,198 @@ fn start_proxy(dir: &Path, control: u16, upstream: u16, id: &str, app: &str) -> 
         .spawn()
         .expect("spawn weft-proxy");
     (Proc(child), admin, listen)
+}
+
+/// A `weft-control` replica on `port` keeping its state in etcd at `store`.
+fn replica(dir: &Path, port: u16, store: &str) -> Proc {
+    Proc(
+        Command::new(bin("weft-control"))
+            .arg("--data-dir")
+            .arg(dir.join(format!("replica-{port}")))
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--store", store])
+            .args(["--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn weft-control"),
+    )
+}
+
+async fn clients(
+    port: u16,
+) -> (
+    v1::config_client::ConfigClient<Channel>,
+    v1::discovery_client::DiscoveryClient<Channel>,
+) {
+    wait_port(port).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .expect("url")
+        .connect()
+        .await
+        .expect("connect");
+    (
+        v1::config_client::ConfigClient::new(channel.clone()),
+        v1::discovery_client::DiscoveryClient::new(channel),
+    )
+}
+
+/// Replica failover: two replicas on one etcd; real proxies given both addresses follow
+/// the first; it is killed (SIGKILL) and a changed chain applied through the second at
+/// once. Measured from the kill: until every proxy's stream is on the second replica, and
+/// until every proxy runs the change.
+async fn failover(dir: &Path, args: &Args, n: usize, upstream: u16) -> serde_json::Value {
+    std::fs::create_dir_all(dir).expect("failover dir");
+    if Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_err()
+    {
+        eprintln!("replica failover: skipped (no etcd on PATH)");
+        return json!("skipped: no etcd on PATH");
+    }
+    let (client, peer) = (free_port(), free_port());
+    let _etcd = Proc(
+        Command::new("etcd")
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer}"),
+                "--initial-cluster",
+                &format!("bench=http://127.0.0.1:{peer}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn etcd"),
+    );
+    wait_port(client).await;
+    let store = format!("etcd://127.0.0.1:{client}/bench");
+    let port_b = free_port();
+    let _b = replica(dir, port_b, &store);
+    let (mut config_b, mut discovery_b) = clients(port_b).await;
+    let (mut reconnected, mut live, mut on_a_at_kill) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..args.failover_rounds {
+        let port_a = free_port();
+        let a = replica(dir, port_a, &store);
+        let (mut config_a, mut discovery_a) = clients(port_a).await;
+        if round == 0 {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port_a}"))
+                    .expect("url")
+                    .connect()
+                    .await
+                    .expect("connect");
+            let push = tokio_stream::iter([v1::PushChunk {
+                name: "basic".into(),
+                data: std::fs::read(&args.module).expect("read module"),
+                signature: String::new(),
+            }]);
+            v1::modules_client::ModulesClient::new(channel)
+                .push(push)
+                .await
+                .expect("push module");
+        }
+        let app = format!("fo{round}");
+        let both = format!("127.0.0.1:{port_a},127.0.0.1:{port_b}");
+        let mut procs: Vec<_> = (0..n)
+            .map(|i| start_proxy(dir, &both, upstream, &format!("{app}-{i}"), &app))
+            .collect();
+        let v = apply(&mut config_a, chain(&app, "before")).await;
+        // Every proxy runs it, on A (or on B, when A was slow to answer it at start).
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let on_a = loop {
+            let (mut on_a, mut synced, mut connected) = (0, 0, 0);
+            let mut nacks = Vec::new();
+            for (replica, discovery) in [(0, &mut discovery_a), (1, &mut discovery_b)] {
+                let st = discovery
+                    .status(v1::StatusRequest {})
+                    .await
+                    .expect("status")
+                    .into_inner();
+                for p in st
+                    .proxies
+                    .iter()
+                    .filter(|p| p.connected && p.id.starts_with(&format!("{app}-")))
+                {
+                    synced += usize::from(p.synced_version >= v);
+                    on_a += usize::from(replica == 0);
+                    connected += 1;
+                    if !p.nack_error.is_empty() {
+                        nacks.push(format!("{}: {}", p.id, p.nack_error));
+                    }
+                }
+            }
+            if synced == n {
+                break on_a;
+            }
+            if Instant::now() > deadline {
+                let exited: Vec<String> = procs
+                    .iter_mut()
+                    .filter_map(|(p, _, _)| p.0.try_wait().ok().flatten().map(|s| s.to_string()))
+                    .collect();
+                panic!(
+                    "version {v} not live on {app}-*: {connected} connected ({on_a} on A), \
+                     {synced} synced, NACKs: {nacks:?}, proxies exited: {exited:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        on_a_at_kill.push(on_a);
+        let killed = Instant::now();
+        drop(a);
+        let v = apply(&mut config_b, chain(&app, "after")).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut all_connected = None;
+        loop {
+            let st = discovery_b
+                .status(v1::StatusRequest {})
+                .await
+                .expect("status")
+                .into_inner();
+            let on_b: Vec<_> = st
+                .proxies
+                .iter()
+                .filter(|p| p.connected && p.id.starts_with(&format!("{app}-")))
+                .collect();
+            if on_b.len() == n && all_connected.is_none() {
+                all_connected = Some(killed.elapsed().as_secs_f64() * 1e3);
+            }
+            if on_b.len() == n && on_b.iter().all(|p| p.synced_version >= v) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the proxies never failed over");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        live.push(killed.elapsed().as_secs_f64() * 1e3);
+        reconnected.push(all_connected.unwrap_or(0.0));
+        drop(procs);
+    }
+    reconnected.sort_by(f64::total_cmp);
+    live.sort_by(f64::total_cmp);
+    eprintln!(
+        "replica failover, {n} proxies: all on the other replica in {:.1} ms p50, running a change applied there in {:.1} ms p50 ({:.1} max)",
+        percentile(&reconnected, 0.5),
+        percentile(&live, 0.5),
+        percentile(&live, 1.0)
+    );
+    json!({
+        "proxies": n,
+        "rounds": args.failover_rounds,
+        "proxies_on_the_killed_replica": on_a_at_kill,
+        "all_reconnected_p50_ms": percentile(&reconnected, 0.5),
+        "all_reconnected_max_ms": percentile(&reconnected, 1.0),
+        "change_live_on_all_p50_ms": percentile(&live, 0.5),
+        "change_live_on_all_max_ms": percentile(&live, 1.0),
+    })
 }
 
 /// A trivial origin: answers every request `200 ok`.
@@ -411,7 +613,10 @@ async fn main() {
         let app = format!("p{n}");
         let started = Instant::now();
         let procs: Vec<_> = (0..n)
-            .map(|i| start_proxy(dir.path(), port, upstream, &format!("{app}-{i}"), &app))
+            .map(|i| {
+                let control = format!("127.0.0.1:{port}");
+                start_proxy(dir.path(), &control, upstream, &format!("{app}-{i}"), &app)
+            })
             .collect();
         for (_, admin, _) in &procs {
             wait_port(*admin).await;
@@ -565,7 +770,8 @@ async fn main() {
     );
 
     // Swaps under load, with a release proxy and weft-load at `rate`.
-    let (proxy, admin, listen) = start_proxy(dir.path(), port, upstream, "load-0", "load");
+    let control_addr = format!("127.0.0.1:{port}");
+    let (proxy, admin, listen) = start_proxy(dir.path(), &control_addr, upstream, "load-0", "load");
     wait_port(admin).await;
     let v = apply(&mut config, chain("load", "l0")).await;
     rollout(&mut discovery, "load-", 1, v).await;
@@ -605,6 +811,19 @@ async fn main() {
     );
     drop(proxy);
 
+    let mut failovers = Vec::new();
+    for &n in args.failover_proxies.iter().filter(|&&n| n > 0) {
+        failovers.push(
+            failover(
+                &dir.path().join(format!("failover-{n}")),
+                &args,
+                n,
+                upstream,
+            )
+            .await,
+        );
+    }
+
     println!(
         "{}",
         json!({
@@ -630,6 +849,7 @@ async fn main() {
                 "control_rss_kib_before_streams": rss_before,
                 "control_rss_kib_with_streams": rss_after,
             },
+            "replica_failover": failovers,
             "swaps_under_load": {
                 "swaps": 100,
                 "swaps_ms": swaps_ms,

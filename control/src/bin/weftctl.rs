@@ -16,7 +16,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 use weft_client::signing::SigningKey;
 use weft_client::{AuthChannel, Bearer};
@@ -964,15 +963,20 @@ fn rollout<'a>(
 }
 
 /// `register --keep-alive`: registers, then heartbeats every ttl/3 until SIGINT or SIGTERM,
-/// and deregisters. Registers again when a heartbeat finds the instance expired; retries with
-/// backoff while the service is unreachable or failing; stops only on an error retrying
-/// cannot fix (invalid request, bad token).
+/// and deregisters. Registers again when a heartbeat finds the instance expired; moves to
+/// the next address given (a replica) when one is unreachable, and retries with backoff;
+/// stops only on an error retrying cannot fix (invalid request, bad token).
 async fn register_and_keep_alive(
     server: &Server,
     request: RegisterRequest,
     output: Output,
 ) -> anyhow::Result<()> {
-    let mut registry = RegistryClient::new(server.connect_lazy()?);
+    let registries = server
+        .urls
+        .iter()
+        .map(|url| Ok(RegistryClient::new(server.connect_lazy_to(url)?)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut current = 0;
     let interval = Duration::from_millis(u64::from(request.ttl_seconds) * 1000 / 3);
     let max_backoff = interval.min(Duration::from_secs(5));
     let shutdown = shutdown_signal();
@@ -981,6 +985,7 @@ async fn register_and_keep_alive(
     let mut printed = false;
     let mut backoff = Duration::ZERO;
     loop {
+        let registry = &mut registries[current].clone();
         let call = async {
             match &id {
                 None => registry.register(request.clone()).await,
@@ -1001,7 +1006,7 @@ async fn register_and_keep_alive(
                 if !backoff.is_zero() {
                     eprintln!(
                         "weftctl: the control service at {} answers again",
-                        server.url
+                        server.urls[current]
                     );
                     backoff = Duration::ZERO;
                 }
@@ -1033,7 +1038,9 @@ async fn register_and_keep_alive(
                 };
                 let failure = match status.code() {
                     Code::Unavailable => {
-                        format!("cannot reach the control service at {}", server.url)
+                        let failed = &server.urls[current];
+                        current = (current + 1) % registries.len();
+                        format!("cannot reach the control service at {failed}")
                     }
                     _ => format!("{call} failed"),
                 };
@@ -1051,7 +1058,8 @@ async fn register_and_keep_alive(
         }
     }
     if let Some(id) = id {
-        match registry
+        match registries[current]
+            .clone()
             .deregister(HeartbeatRequest { id: id.clone() })
             .await
         {
@@ -1092,8 +1100,6 @@ async fn shutdown_signal() -> std::io::Result<()> {
 
 /// The control service to talk to.
 struct Server {
-    /// Its URL, with a scheme: the first of `urls` that answered (the first until then).
-    url: String,
     /// Every address given (replicas), tried in turn.
     urls: Vec<String>,
     /// What every request carries.
@@ -1112,7 +1118,6 @@ impl Server {
             .filter(|s| !s.is_empty())
             .unwrap_or_else(|| DEFAULT_SERVER.to_owned());
         let urls = weft_client::control_urls(&server).map_err(|e| anyhow!(e))?;
-        let url = urls[0].clone();
         let token = match cli.token.clone().filter(|t| !t.is_empty()) {
             Some(token) => Some(token),
             None => weft_client::token(None, "WEFT_TOKEN").map_err(|e| anyhow!(e))?,
@@ -1124,16 +1129,10 @@ impl Server {
                 .map(PathBuf::from)
         });
         Ok(Server {
-            url,
             urls,
             auth,
             ca_file,
         })
-    }
-
-    /// The endpoint of the URL.
-    fn endpoint(&self) -> anyhow::Result<Endpoint> {
-        weft_client::endpoint(&self.url, self.ca_file.as_deref()).map_err(|e| anyhow!(e))
     }
 
     /// Connects now to the first address that answers, failing when none does.
@@ -1153,10 +1152,12 @@ impl Server {
         ))
     }
 
-    /// A channel that connects on first use and reconnects after failures; each call times
-    /// out after [`KEEP_ALIVE_CALL_TIMEOUT`].
-    fn connect_lazy(&self) -> anyhow::Result<AuthChannel> {
-        let endpoint = self.endpoint()?.timeout(KEEP_ALIVE_CALL_TIMEOUT);
+    /// A channel to `url` that connects on first use and reconnects after failures; each
+    /// call times out after [`KEEP_ALIVE_CALL_TIMEOUT`].
+    fn connect_lazy_to(&self, url: &str) -> anyhow::Result<AuthChannel> {
+        let endpoint = weft_client::endpoint(url, self.ca_file.as_deref())
+            .map_err(|e| anyhow!(e))?
+            .timeout(KEEP_ALIVE_CALL_TIMEOUT);
         Ok(weft_client::connect_lazy(endpoint, self.auth.clone()))
     }
 }

@@ -510,7 +510,20 @@ pub struct Router {
     config: Rc<Config>,
     /// The route the request took (its response header edits apply).
     route: Option<usize>,
+    /// Mirrors waiting for the request body: their clusters, the request's headers, and
+    /// the body copied so far (the request itself is not held).
+    mirrors: Option<PendingMirror>,
 }
+
+/// Mirror copies sent once the request body has been seen whole.
+struct PendingMirror {
+    clusters: Vec<String>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+/// The largest request body copied to mirrors; a larger request is not mirrored (logged).
+pub const MIRROR_BODY_MAX: usize = 1 << 20;
 
 /// Applies `edits` through `set` (name, `Some(value)` or `None` to remove) and `add`.
 fn edit_headers(
@@ -540,7 +553,32 @@ impl Filter for Router {
         Router {
             config: config.clone(),
             route: None,
+            mirrors: None,
         }
+    }
+
+    fn on_request_body(&mut self, cx: &mut Ctx<'_>, _body_size: usize, end: bool) -> Action {
+        let Some(pending) = &mut self.mirrors else {
+            return Action::Continue;
+        };
+        // Each piece is forwarded as it comes: what is buffered now is this piece.
+        let piece = cx.request_body();
+        if pending.body.len() + piece.len() > MIRROR_BODY_MAX {
+            cx.log(
+                LogLevel::Warn,
+                &format!(
+                    "request not mirrored to {}: its body is over {MIRROR_BODY_MAX} bytes",
+                    pending.clusters.join(", ")
+                ),
+            );
+            self.mirrors = None;
+            return Action::Continue;
+        }
+        pending.body.extend_from_slice(&piece);
+        if end && let Some(pending) = self.mirrors.take() {
+            send_mirrors(cx, &pending.clusters, &pending.headers, &pending.body);
+        }
+        Action::Continue
     }
 
     fn on_response_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
@@ -560,7 +598,7 @@ impl Filter for Router {
         Action::Continue
     }
 
-    fn on_request_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
+    fn on_request_headers(&mut self, cx: &mut Ctx<'_>, end_of_stream: bool) -> Action {
         let config = self.config.clone();
         let Some((index, route, matched)) = config
             .routes
@@ -588,7 +626,19 @@ impl Filter for Router {
         }
         if let Some(r) = &route.redirect {
             let location = redirect_location(r, cx, matched);
-            cx.send_response(r.status, &[("location", &location)], b"");
+            // The route's response header edits apply to the redirect too.
+            let mut headers: Vec<(&str, &str)> = vec![("location", &location)];
+            if let Some(edits) = &route.response_headers {
+                for h in &edits.set {
+                    headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&h.name));
+                    headers.push((&h.name, &h.value));
+                }
+                for h in &edits.add {
+                    headers.push((&h.name, &h.value));
+                }
+                headers.retain(|(n, _)| !edits.remove.iter().any(|r| r.eq_ignore_ascii_case(n)));
+            }
+            cx.send_response(r.status, &headers, b"");
             return Action::Pause;
         }
         let Some(cluster) = route.pick() else {
@@ -610,7 +660,19 @@ impl Filter for Router {
             let _ = cx.set_try_timeout(Duration::from_millis(ms));
         }
         if !route.mirror.is_empty() {
-            mirror(route, cx);
+            let clusters = mirror_targets(route);
+            if !clusters.is_empty() {
+                let headers = cx.request_headers();
+                if end_of_stream {
+                    send_mirrors(cx, &clusters, &headers, b"");
+                } else {
+                    self.mirrors = Some(PendingMirror {
+                        clusters,
+                        headers,
+                        body: Vec::new(),
+                    });
+                }
+            }
         }
         if let Some(rw) = &route.rewrite {
             if let Some(prefix) = &rw.prefix {
@@ -697,10 +759,9 @@ fn redirect_location(r: &Redirect, cx: &Ctx<'_>, matched: usize) -> String {
     }
 }
 
-/// Sends copies of the request to the route's mirror clusters, fire and forget (a request
-/// whose body is still to come is mirrored without it, as `content-length: 0`).
-fn mirror(route: &Route, cx: &mut Ctx<'_>) {
-    let headers = cx.request_headers();
+/// The route's mirror clusters this request goes to (each by its percentage).
+fn mirror_targets(route: &Route) -> Vec<String> {
+    let mut clusters = Vec::new();
     for m in &route.mirror {
         if let Some(p) = m.percent {
             let n = route.mirrored.get();
@@ -710,20 +771,28 @@ fn mirror(route: &Route, cx: &mut Ctx<'_>) {
                 continue;
             }
         }
-        let mut h: Vec<(&str, &str)> = headers
-            .iter()
-            .filter(|(n, _)| {
-                !n.eq_ignore_ascii_case("content-length")
-                    && !n.eq_ignore_ascii_case("transfer-encoding")
-            })
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect();
-        h.push(("content-length", "0"));
-        if let Err(e) = cx.dispatch_call(&m.cluster, &h, None, Duration::from_secs(5)) {
-            cx.log(
-                LogLevel::Warn,
-                &format!("route `{}`: mirror to `{}`: {e}", route.name, m.cluster),
-            );
+        clusters.push(m.cluster.clone());
+    }
+    clusters
+}
+
+/// Sends a copy of the request (`headers` as it came, `body` whole) to each of `clusters`,
+/// fire and forget.
+fn send_mirrors(cx: &mut Ctx<'_>, clusters: &[String], headers: &[(String, String)], body: &[u8]) {
+    let length = body.len().to_string();
+    let mut h: Vec<(&str, &str)> = headers
+        .iter()
+        .filter(|(n, _)| {
+            !n.eq_ignore_ascii_case("content-length")
+                && !n.eq_ignore_ascii_case("transfer-encoding")
+        })
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    h.push(("content-length", &length));
+    let body = (!body.is_empty()).then_some(body);
+    for cluster in clusters {
+        if let Err(e) = cx.dispatch_call(cluster, &h, body, Duration::from_secs(5)) {
+            cx.log(LogLevel::Warn, &format!("mirror to `{cluster}`: {e}"));
         }
     }
 }
@@ -895,6 +964,44 @@ mod tests {
     }
 
     #[test]
+    fn mirrors_carry_the_whole_body_without_holding_the_request() {
+        let mut h = harness(
+            r#"{"routes": [{"match": {"path": {"prefix": "/"}}, "cluster": "a",
+                            "mirror": [{"cluster": "b"}, {"cluster": "c"}]}]}"#,
+        );
+        let mut s = h.stream();
+        s.request("POST", "/upload", &[("content-length", "6")]);
+        assert_eq!(s.request_headers(false), Action::Continue);
+        assert!(s.calls().is_empty(), "sent only once the body is whole");
+        assert_eq!(s.request_body(b"abc", false), Action::Continue);
+        assert!(s.calls().is_empty());
+        assert_eq!(s.request_body(b"def", true), Action::Continue);
+        assert_eq!(
+            s.forwarded_request_body(),
+            b"abcdef",
+            "the request flows on"
+        );
+        let calls = s.calls();
+        assert_eq!(calls.len(), 2);
+        for (call, cluster) in calls.iter().zip(["b", "c"]) {
+            assert_eq!(call.cluster, cluster);
+            assert_eq!(call.body.as_deref(), Some(&b"abcdef"[..]));
+            let length = call.headers.iter().find(|(n, _)| n == "content-length");
+            assert_eq!(length.map(|(_, v)| v.as_str()), Some("6"));
+        }
+
+        // Over the cap: the request goes on, unmirrored.
+        let mut s = h.stream();
+        s.request("POST", "/upload", &[]);
+        assert_eq!(s.request_headers(false), Action::Continue);
+        let big = vec![b'x'; MIRROR_BODY_MAX];
+        assert_eq!(s.request_body(&big, false), Action::Continue);
+        assert_eq!(s.request_body(b"y", true), Action::Continue);
+        assert!(s.calls().is_empty());
+        assert_eq!(s.forwarded_request_body().len(), MIRROR_BODY_MAX + 1);
+    }
+
+    #[test]
     fn header_edits_full_path_rewrites_try_timeouts_and_mirrors() {
         let mut h = harness(
             r#"{"routes": [
@@ -951,6 +1058,29 @@ mod tests {
         assert_eq!(
             location(&mut h, "/h"),
             (302, "http://example.com:8443/p".to_owned())
+        );
+        // The route's response header edits apply to its redirect.
+        let mut h = harness(
+            r#"{"routes": [{"redirect": {"scheme": "https"},
+                            "response_headers": {"set": [{"name": "cache-control", "value": "no-store"}],
+                                                 "add": [{"name": "x-moved", "value": "1"}]}}]}"#,
+        );
+        let mut s = h.stream();
+        s.request("GET", "/a", &[("host", "echo")]);
+        assert_eq!(s.request_headers(true), Action::Pause);
+        let r = s.local_response().unwrap();
+        let headers: Vec<(&str, &str)> = r
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            headers,
+            [
+                ("location", "https://echo/a"),
+                ("cache-control", "no-store"),
+                ("x-moved", "1")
+            ]
         );
         let err = |c: &str| Harness::<Router>::new(c).err().unwrap_or_default();
         assert!(
