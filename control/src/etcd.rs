@@ -7,7 +7,10 @@
 //! the number of byte chunks), `modules/bytes/<digest>/<n>` (chunks of 1 MiB: etcd refuses
 //! requests over 1.5 MiB), `modules/names/<name>` (a digest), `config/version` (20 digits),
 //! `config/resources/<kind>/<name>`, `instances/<id>` (each on an etcd lease of its TTL),
-//! `tokens/<hash>`, `dns/<name>` (JSON), `leader` (the elected replica, on its lease).
+//! `tokens/<hash>`, `dns/<name>` (JSON), `leader` (the elected replica, on its lease),
+//! `ca/files/<name>` (the mesh CA a replica made, shared by all), `config/commit` and
+//! `redeemed/<hash>` (nonces that tell a replica its write went through after an answer was
+//! lost).
 //!
 //! Replicas are all active: each serves its own proxies and weftctl, and watches the prefix
 //! ([`Store::take_changes`]) to read again what any replica wrote. Config commits are
@@ -321,6 +324,26 @@ impl EtcdStore {
         })
     }
 
+    /// Runs `ops` if `when` holds, with `marker` set to a fresh nonce in the same
+    /// transaction: whether they were applied, also when an answer was lost and `call` sent
+    /// the transaction again (which then fails its comparisons against its own write).
+    fn txn_marked(
+        &self,
+        when: Vec<Compare>,
+        mut ops: Vec<TxnOp>,
+        marker: &str,
+    ) -> Result<bool, StoreError> {
+        let mut bytes = [0u8; 16];
+        getrandom::fill(&mut bytes).map_err(|e| err(format!("no randomness: {e}")))?;
+        let nonce = hex::encode(bytes);
+        ops.push(TxnOp::put(self.key(marker), nonce.as_str(), None));
+        if self.txn(Txn::new().when(when).and_then(ops))? {
+            return Ok(true);
+        }
+        let (stored, _) = self.get(marker)?;
+        Ok(stored.as_deref() == Some(nonce.as_bytes()))
+    }
+
     /// Writes the mesh CA's files kept in the store (`ca/files/<name>`) into `dir`
     /// (created, owner only); whether there were any.
     pub fn fetch_ca(&self, dir: &std::path::Path) -> Result<bool, StoreError> {
@@ -441,8 +464,8 @@ impl EtcdStore {
     /// Renews `lease` once: whether it was still alive.
     fn renew(&self, lease: i64) -> Result<bool, StoreError> {
         self.call(move |mut c| async move {
-            let (mut keeper, mut answers) = c.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
+            // Opening the stream sends the one renewal.
+            let (_keeper, mut answers) = c.lease_keep_alive(lease).await?;
             Ok(matches!(answers.message().await?, Some(a) if a.ttl() > 0))
         })
     }
@@ -577,23 +600,26 @@ async fn campaign(
     }
 }
 
-/// Keeps `lease` alive until it is lost (not renewed within its TTL); why it was.
+/// Keeps `lease` alive until it may be lost; why it stopped. Leading stops a margin before
+/// the lease could have run out in etcd, counting from when the last renewal that
+/// succeeded was *sent*, so that no two replicas lead at once.
 async fn keep_leading(members: &Members, lease: i64) -> String {
     let ttl = Duration::from_secs(LEADER_TTL as u64);
+    let safe = ttl - Duration::from_secs(1);
     let mut renewed = tokio::time::Instant::now();
     loop {
+        let sent = tokio::time::Instant::now();
         let (i, mut c) = members.get();
         let once = async {
-            let (mut keeper, mut answers) = c.lease_keep_alive(lease).await?;
-            keeper.keep_alive().await?;
+            // Opening the stream sends the one renewal.
+            let (_keeper, mut answers) = c.lease_keep_alive(lease).await?;
             Ok::<_, etcd_client::Error>(answers.message().await?.map(|a| a.ttl()))
         };
-        // A failed renewal (an etcd member died) is tried again while the lease may
-        // still be alive; leading stops when it may not be.
-        let why = match tokio::time::timeout(ttl / 3, once).await {
+        let left = (renewed + safe).saturating_duration_since(sent);
+        let why = match tokio::time::timeout(left.min(ttl / 3), once).await {
             Ok(Ok(Some(left))) if left > 0 => {
-                renewed = tokio::time::Instant::now();
-                tokio::time::sleep(ttl / 3).await;
+                renewed = sent;
+                tokio::time::sleep(ttl / 4).await;
                 continue;
             }
             Ok(Ok(_)) => return "the lease expired".to_owned(),
@@ -601,10 +627,10 @@ async fn keep_leading(members: &Members, lease: i64) -> String {
             Err(_) => "etcd did not answer".to_owned(),
         };
         members.failed(i, &why);
-        if renewed.elapsed() >= ttl {
-            return format!("the lease could not be renewed within its TTL: {why}");
+        if renewed.elapsed() >= safe {
+            return format!("the lease could not be renewed in time: {why}");
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -644,13 +670,16 @@ impl Registry for EtcdRegistry {
     fn register(&self, mut instance: Instance) -> Result<Instance, ControlError> {
         instance.id = format!("{}/{}", instance.service, instance.address);
         instance.last_seen_ms = now_ms();
+        // etcd first, with no lock held (listing instances must not wait on etcd).
         let lease = self.store.grant(instance.ttl_seconds.max(1))?;
-        let mut instances = self.lock();
         if let Err(e) = self.store.put_leased(&instance, lease) {
             self.store.revoke(lease);
             return Err(e.into());
         }
-        if let Some((_, old)) = instances.insert(instance.id.clone(), (instance.clone(), lease))
+        let old = self
+            .lock()
+            .insert(instance.id.clone(), (instance.clone(), lease));
+        if let Some((_, old)) = old
             && old != lease
         {
             // The key moved to the new lease; the old one holds nothing of it now.
@@ -673,10 +702,26 @@ impl Registry for EtcdRegistry {
                 .into_iter()
                 .next(),
         };
-        let (mut instance, lease) = found.ok_or_else(expired)?;
+        let (mut instance, mut lease) = found.ok_or_else(expired)?;
         if !self.store.renew(lease)? {
-            self.lock().remove(id);
-            return Err(expired());
+            // Registered again (through another replica) on a new lease? Renew that one.
+            let current = self
+                .store
+                .leased(&format!("instances/{id}"), false)?
+                .into_iter()
+                .next();
+            match current {
+                Some((now, l)) if l != lease && self.store.renew(l)? => {
+                    (instance, lease) = (now, l);
+                }
+                _ => {
+                    let mut instances = self.lock();
+                    if instances.get(id).is_some_and(|(_, l)| *l == lease) {
+                        instances.remove(id);
+                    }
+                    return Err(expired());
+                }
+            }
         }
         instance.last_seen_ms = now_ms();
         if let Some(entry) = self.lock().get_mut(id)
@@ -688,14 +733,23 @@ impl Registry for EtcdRegistry {
     }
 
     fn deregister(&self, id: &str) -> Result<Instance, ControlError> {
-        let mut instances = self.lock();
-        let (instance, lease) = instances
-            .get(id)
-            .cloned()
-            .ok_or_else(|| ControlError::NotFound(format!("instance `{id}`")))?;
+        let known = self.lock().get(id).cloned();
+        let (instance, lease) = match known {
+            Some(found) => found,
+            // Registered through another replica a moment ago?
+            None => self
+                .store
+                .leased(&format!("instances/{id}"), false)?
+                .into_iter()
+                .next()
+                .ok_or_else(|| ControlError::NotFound(format!("instance `{id}`")))?,
+        };
         self.store.delete_instances(&[id.to_owned()])?;
         self.store.revoke(lease);
-        instances.remove(id);
+        let mut instances = self.lock();
+        if instances.get(id).is_some_and(|(_, l)| *l == lease) {
+            instances.remove(id);
+        }
         Ok(instance)
     }
 
@@ -824,7 +878,7 @@ impl Store for EtcdStore {
         self.txn(txn).map(drop)
     }
 
-    fn delete_module(&self, digest: &str) -> Result<(), StoreError> {
+    fn delete_module(&self, digest: &str, config_version: u64) -> Result<bool, StoreError> {
         let mut ops = vec![
             TxnOp::delete(self.key(&format!("modules/meta/{digest}")), None),
             TxnOp::delete(
@@ -840,7 +894,14 @@ impl Store for EtcdStore {
                 ));
             }
         }
-        self.txn(Txn::new().and_then(ops)).map(drop)
+        // Only if no config was committed since the caller checked that none uses it.
+        let vkey = self.key("config/version");
+        let unchanged = if config_version == 0 {
+            Compare::create_revision(vkey, CompareOp::Equal, 0)
+        } else {
+            Compare::value(vkey, CompareOp::Equal, version_text(config_version))
+        };
+        self.txn(Txn::new().when([unchanged]).and_then(ops))
     }
 
     fn module_names(&self) -> Result<Vec<(String, String)>, StoreError> {
@@ -859,12 +920,33 @@ impl Store for EtcdStore {
     }
 
     fn config(&self) -> Result<(Vec<Resource>, u64), StoreError> {
-        let resources = self
-            .get_prefix("config/resources/")?
+        // The version, then the resources as of the same revision: one consistent state.
+        let (vkey, rkey) = (self.key("config/version"), self.key("config/resources/"));
+        let (version, kvs) = self.call(move |c| {
+            let (vkey, rkey) = (vkey.clone(), rkey.clone());
+            async move {
+                let mut kv = c.kv_client();
+                let v = kv.get(vkey, None).await?;
+                let at = v.header().map(|h| h.revision()).unwrap_or(0);
+                let r = kv
+                    .get(
+                        rkey,
+                        Some(GetOptions::new().with_prefix().with_revision(at)),
+                    )
+                    .await?;
+                Ok((
+                    v.kvs().first().map(|kv| kv.value().to_vec()),
+                    r.kvs()
+                        .iter()
+                        .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+                        .collect::<Vec<_>>(),
+                ))
+            }
+        })?;
+        let resources = kvs
             .iter()
             .map(|(k, v)| parse(k, v))
             .collect::<Result<_, _>>()?;
-        let (version, _) = self.get("config/version")?;
         let version = match version {
             Some(v) => String::from_utf8_lossy(&v)
                 .parse()
@@ -903,10 +985,19 @@ impl Store for EtcdStore {
                 None,
             ));
         }
-        let txn = Txn::new()
-            .when([Compare::mod_revision(vkey, CompareOp::Equal, revision)])
-            .and_then(ops);
-        self.txn(txn)
+        // Every module the new resources use is still stored (another replica may be
+        // deleting one right now).
+        let mut when = vec![Compare::mod_revision(vkey, CompareOp::Equal, revision)];
+        let digests: std::collections::BTreeSet<&str> =
+            put.iter().flat_map(|r| r.modules()).collect();
+        for digest in digests {
+            when.push(Compare::create_revision(
+                self.key(&format!("modules/meta/{digest}")),
+                CompareOp::Greater,
+                0,
+            ));
+        }
+        self.txn_marked(when, ops, "config/commit")
     }
 
     fn instances(&self) -> Result<Vec<Instance>, StoreError> {
@@ -986,14 +1077,13 @@ impl Store for EtcdStore {
                 ..record.clone()
             };
             let key = self.key(&rest);
-            let txn = Txn::new()
-                .when([Compare::mod_revision(
-                    key.clone(),
-                    CompareOp::Equal,
-                    revision,
-                )])
-                .and_then([TxnOp::put(key, json(&used)?, None)]);
-            if self.txn(txn)? {
+            let when = vec![Compare::mod_revision(
+                key.clone(),
+                CompareOp::Equal,
+                revision,
+            )];
+            let ops = vec![TxnOp::put(key, json(&used)?, None)];
+            if self.txn_marked(when, ops, &format!("redeemed/{hash}"))? {
                 return Ok(Some(record));
             }
         }

@@ -377,8 +377,15 @@ impl v1::modules_server::Modules for ControlService {
     ) -> Result<Response<Self::FetchStream>, Status> {
         // Resolved once: a push under the same name meanwhile cannot pair these bytes with
         // another module's signature.
-        let digest = self.state.resolve_module(&request.into_inner().module)?;
-        let bytes = self.state.module_bytes(&digest)?;
+        // The bytes may come from etcd: not on the async threads.
+        let module = request.into_inner().module;
+        let (digest, bytes) = self
+            .blocking(move |s| {
+                let digest = s.resolve_module(&module)?;
+                let bytes = s.module_bytes(&digest)?;
+                Ok((digest, bytes))
+            })
+            .await?;
         let mut signature = self
             .state
             .modules()
@@ -516,8 +523,10 @@ impl v1::registry_server::Registry for ControlService {
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> Result<Response<v1::Instance>, Status> {
+        // On etcd a heartbeat renews a lease there: not on the async threads.
+        let id = request.into_inner().id;
         Ok(Response::new(instance_msg(
-            self.state.heartbeat(&request.into_inner().id)?,
+            self.blocking(move |s| s.heartbeat(&id)).await?,
         )))
     }
 

@@ -323,6 +323,13 @@ impl ControlState {
         bytes: &[u8],
         signature: &str,
     ) -> Result<ModuleRecord, ControlError> {
+        if self.store.shared() {
+            // A signature another replica stored must be known here to be kept.
+            self.refresh(Changed {
+                modules: true,
+                ..Changed::default()
+            })?;
+        }
         if !valid_name(name) {
             return Err(ControlError::Invalid(format!(
                 "module name `{name}`: use 1 to 253 letters, digits, `.`, `_` or `-`"
@@ -381,21 +388,24 @@ impl ControlState {
         v
     }
 
-    /// Resolves `sha256:<hex>` or a name to a stored digest.
+    /// Resolves `sha256:<hex>` or a name to a stored digest (on a shared store, reading
+    /// the modules again first when it is not known here: pushed through another replica a
+    /// moment ago).
     pub fn resolve_module(&self, reference: &str) -> Result<String, ControlError> {
+        match resolve(&lock(&self.modules), reference) {
+            Err(ControlError::NotFound(_)) if self.store.shared() => {}
+            r => return r,
+        }
+        self.refresh(Changed {
+            modules: true,
+            ..Changed::default()
+        })?;
         resolve(&lock(&self.modules), reference)
     }
 
     /// A module's bytes.
     pub fn module_bytes(&self, reference: &str) -> Result<Vec<u8>, ControlError> {
-        let digest = match self.resolve_module(reference) {
-            // Pushed through another replica a moment ago?
-            Err(ControlError::NotFound(_)) if self.store.shared() => {
-                self.refresh_modules()?;
-                self.resolve_module(reference)?
-            }
-            r => r?,
-        };
+        let digest = self.resolve_module(reference)?;
         self.store
             .module_bytes(&digest)?
             .ok_or_else(|| ControlError::NotFound(format!("module {digest}")))
@@ -404,10 +414,25 @@ impl ControlState {
     /// Deletes a module no chain refers to.
     pub fn delete_module(&self, reference: &str) -> Result<ModuleRecord, ControlError> {
         self.catch_up()?;
+        for _ in 0..COMMIT_TRIES {
+            if let Some(done) = self.try_delete_module(reference)? {
+                return Ok(done);
+            }
+            self.refresh(Changed {
+                config: true,
+                modules: true,
+                ..Changed::default()
+            })?;
+        }
+        Err(contended())
+    }
+
+    /// One try of `delete_module`: `None` when another replica committed config first.
+    fn try_delete_module(&self, reference: &str) -> Result<Option<ModuleRecord>, ControlError> {
         // Same lock order as `apply`.
         let mut modules = lock(&self.modules);
         let digest = resolve(&modules, reference)?;
-        {
+        let checked_at = {
             let config = lock(&self.config);
             if let Some(r) = config
                 .resources
@@ -420,12 +445,16 @@ impl ControlState {
                     r.name
                 )));
             }
+            config.version
+        };
+        if !self.store.delete_module(&digest, checked_at)? {
+            return Ok(None);
         }
-        self.store.delete_module(&digest)?;
         modules.names.retain(|_, d| *d != digest);
         modules
             .records
             .remove(&digest)
+            .map(Some)
             .ok_or_else(|| ControlError::NotFound(format!("module {digest}")))
     }
 

@@ -27,8 +27,10 @@ pub trait Store: Send + Sync + 'static {
     fn module_bytes(&self, digest: &str) -> Result<Option<Vec<u8>>, StoreError>;
     /// Stores a module (metadata and bytes) and points `record.name` at it.
     fn put_module(&self, record: &ModuleRecord, bytes: &[u8]) -> Result<(), StoreError>;
-    /// Deletes a module (and any name pointing at it).
-    fn delete_module(&self, digest: &str) -> Result<(), StoreError>;
+    /// Deletes a module (and any name pointing at it), if the config version is still
+    /// `config_version` (the one the caller found no resource using it in); `false`
+    /// (nothing deleted) when another replica committed config since.
+    fn delete_module(&self, digest: &str, config_version: u64) -> Result<bool, StoreError>;
     /// Module names and the digest each points at.
     fn module_names(&self) -> Result<Vec<(String, String)>, StoreError>;
     /// Every config resource and the config version.
@@ -220,7 +222,8 @@ impl Store for RedbStore {
         })
     }
 
-    fn delete_module(&self, digest: &str) -> Result<(), StoreError> {
+    fn delete_module(&self, digest: &str, _config_version: u64) -> Result<bool, StoreError> {
+        // One process writes this store, and it checks under its own locks.
         let names: Vec<String> = self
             .module_names()?
             .into_iter()
@@ -241,7 +244,8 @@ impl Store for RedbStore {
                 t.remove(n.as_str()).map_err(err)?;
             }
             Ok(())
-        })
+        })?;
+        Ok(true)
     }
 
     fn module_names(&self) -> Result<Vec<(String, String)>, StoreError> {
@@ -462,7 +466,7 @@ mod tests {
             s.commit_config(5, &[], &[(Kind::Chain, "outbound".into())])
                 .expect("delete")
         );
-        s.delete_module("sha256:ab").expect("delete module");
+        assert!(s.delete_module("sha256:ab", 5).expect("delete module"));
         s.delete_instances(&["s2/127.0.0.1:1".into()])
             .expect("delete instance");
         assert_eq!(s.config().expect("config"), (vec![], 5));

@@ -525,6 +525,40 @@ struct PendingMirror {
 /// The largest request body copied to mirrors; a larger request is not mirrored (logged).
 pub const MIRROR_BODY_MAX: usize = 1 << 20;
 
+/// The most request body bytes all streams of one filter instance hold for mirrors at
+/// once; past it a request is not mirrored (logged), so that mirrors never take the memory
+/// real traffic needs.
+pub const MIRROR_HELD_MAX: usize = 8 << 20;
+
+thread_local! {
+    /// Body bytes held for mirrors by this instance's streams now.
+    static MIRROR_HELD: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl Drop for PendingMirror {
+    fn drop(&mut self) {
+        MIRROR_HELD.with(|h| h.set(h.get().saturating_sub(self.body.len())));
+    }
+}
+
+impl PendingMirror {
+    /// Copies `piece`; why not, when it would hold too much.
+    fn keep(&mut self, piece: &[u8]) -> Result<(), String> {
+        if self.body.len() + piece.len() > MIRROR_BODY_MAX {
+            return Err(format!("its body is over {MIRROR_BODY_MAX} bytes"));
+        }
+        let held = MIRROR_HELD.with(|h| h.get());
+        if held + piece.len() > MIRROR_HELD_MAX {
+            return Err(format!(
+                "{held} bytes are held for mirrors already (at most {MIRROR_HELD_MAX})"
+            ));
+        }
+        MIRROR_HELD.with(|h| h.set(held + piece.len()));
+        self.body.extend_from_slice(piece);
+        Ok(())
+    }
+}
+
 /// Applies `edits` through `set` (name, `Some(value)` or `None` to remove) and `add`.
 fn edit_headers(
     edits: &HeaderEdits,
@@ -563,19 +597,26 @@ impl Filter for Router {
         };
         // Each piece is forwarded as it comes: what is buffered now is this piece.
         let piece = cx.request_body();
-        if pending.body.len() + piece.len() > MIRROR_BODY_MAX {
+        if let Err(why) = pending.keep(&piece) {
             cx.log(
                 LogLevel::Warn,
                 &format!(
-                    "request not mirrored to {}: its body is over {MIRROR_BODY_MAX} bytes",
+                    "request not mirrored to {}: {why}",
                     pending.clusters.join(", ")
                 ),
             );
             self.mirrors = None;
             return Action::Continue;
         }
-        pending.body.extend_from_slice(&piece);
         if end && let Some(pending) = self.mirrors.take() {
+            send_mirrors(cx, &pending.clusters, &pending.headers, &pending.body);
+        }
+        Action::Continue
+    }
+
+    fn on_request_trailers(&mut self, cx: &mut Ctx<'_>) -> Action {
+        // A body that ends with trailers never ends in `on_request_body`.
+        if let Some(pending) = self.mirrors.take() {
             send_mirrors(cx, &pending.clusters, &pending.headers, &pending.body);
         }
         Action::Continue
@@ -628,15 +669,27 @@ impl Filter for Router {
             let location = redirect_location(r, cx, matched);
             // The route's response header edits apply to the redirect too.
             let mut headers: Vec<(&str, &str)> = vec![("location", &location)];
+            // (Edits of `location` do not touch the redirect's own.)
             if let Some(edits) = &route.response_headers {
-                for h in &edits.set {
+                for h in edits
+                    .set
+                    .iter()
+                    .filter(|h| !h.name.eq_ignore_ascii_case("location"))
+                {
                     headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&h.name));
                     headers.push((&h.name, &h.value));
                 }
-                for h in &edits.add {
+                for h in edits
+                    .add
+                    .iter()
+                    .filter(|h| !h.name.eq_ignore_ascii_case("location"))
+                {
                     headers.push((&h.name, &h.value));
                 }
-                headers.retain(|(n, _)| !edits.remove.iter().any(|r| r.eq_ignore_ascii_case(n)));
+                headers.retain(|(n, _)| {
+                    n.eq_ignore_ascii_case("location")
+                        || !edits.remove.iter().any(|r| r.eq_ignore_ascii_case(n))
+                });
             }
             cx.send_response(r.status, &headers, b"");
             return Action::Pause;
@@ -989,6 +1042,16 @@ mod tests {
             let length = call.headers.iter().find(|(n, _)| n == "content-length");
             assert_eq!(length.map(|(_, v)| v.as_str()), Some("6"));
         }
+
+        // A body that ends with trailers: mirrored when they come.
+        let mut s = h.stream();
+        s.request("POST", "/upload", &[]);
+        assert_eq!(s.request_headers(false), Action::Continue);
+        assert_eq!(s.request_body(b"grpc", false), Action::Continue);
+        assert!(s.calls().is_empty());
+        assert_eq!(s.request_trailers(&[("x-sum", "1")]), Action::Continue);
+        assert_eq!(s.calls().len(), 2);
+        assert_eq!(s.calls()[0].body.as_deref(), Some(&b"grpc"[..]));
 
         // Over the cap: the request goes on, unmirrored.
         let mut s = h.stream();
