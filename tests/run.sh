@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs Weft's whole test suite: unit tests, end-to-end tests (real weft-proxy processes
-# against real servers on loopback) and doc tests. Needs only a Rust toolchain (rustup).
+# against real servers on loopback, and the container images in Docker) and doc tests.
+# Needs a Rust toolchain (rustup) and a Docker engine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,9 @@ command -v dnsmasq >/dev/null || [[ -x /usr/sbin/dnsmasq ]] || missing+=(dnsmasq
 command -v etcd >/dev/null || missing+=(etcd-server)
 # etcd-client's build compiles etcd's API with protoc.
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+# The images' static binaries compile C (ring, jemalloc) for musl.
+command -v musl-gcc >/dev/null || missing+=(musl-tools)
+[[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
 if (( ${#missing[@]} )); then
   SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -25,6 +29,9 @@ rustup target add wasm32-wasip1 >/dev/null 2>&1 || rustup target add wasm32-wasi
 cargo build --locked --workspace --bins
 cargo build --locked --release --target wasm32-wasip1 \
   --manifest-path tests/filters/Cargo.toml --target-dir target
+# The container images, FROM scratch (tests/e2e/images.rs runs them).
+command -v docker >/dev/null || { echo "tests: needs a Docker engine (the image tests)" >&2; exit 1; }
+bash deploy/images/build.sh
 # The standard filters (filters/), as they ship.
 cargo build --locked --profile filter --target wasm32-wasip1 -p weft-filter-router -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit -p weft-filter-authz
 

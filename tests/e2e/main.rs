@@ -11,6 +11,7 @@ mod drain;
 mod etcd;
 mod fault;
 mod gateway;
+mod images;
 mod lb;
 mod limits;
 mod mesh_ca;
