@@ -463,11 +463,15 @@ impl EtcdStore {
 
     /// Renews `lease` once: whether it was still alive.
     fn renew(&self, lease: i64) -> Result<bool, StoreError> {
-        self.call(move |mut c| async move {
+        match self.call(move |mut c| async move {
             // Opening the stream sends the one renewal.
             let (_keeper, mut answers) = c.lease_keep_alive(lease).await?;
             Ok(matches!(answers.message().await?, Some(a) if a.ttl() > 0))
-        })
+        }) {
+            // etcd says so of a lease that ran out (or was revoked).
+            Err(e) if e.0.contains("lease not found") => Ok(false),
+            r => r,
+        }
     }
 
     /// Revokes `lease` (and deletes the keys on it); one that is gone already is no error.
@@ -641,6 +645,9 @@ pub struct EtcdRegistry {
     store: Arc<EtcdStore>,
     /// Instance id → (instance, its lease).
     instances: Mutex<BTreeMap<String, (Instance, i64)>>,
+    /// Registrations and removals made through this replica: a refresh that read etcd
+    /// before one of them is not applied (the write's own watch event reads it again).
+    writes: std::sync::atomic::AtomicU64,
 }
 
 impl EtcdRegistry {
@@ -658,6 +665,7 @@ impl EtcdRegistry {
         Ok(EtcdRegistry {
             store,
             instances: Mutex::new(instances),
+            writes: 0.into(),
         })
     }
 
@@ -676,9 +684,11 @@ impl Registry for EtcdRegistry {
             self.store.revoke(lease);
             return Err(e.into());
         }
-        let old = self
-            .lock()
-            .insert(instance.id.clone(), (instance.clone(), lease));
+        let old = {
+            let mut instances = self.lock();
+            self.writes.fetch_add(1, Ordering::AcqRel);
+            instances.insert(instance.id.clone(), (instance.clone(), lease))
+        };
         if let Some((_, old)) = old
             && old != lease
         {
@@ -747,6 +757,7 @@ impl Registry for EtcdRegistry {
         self.store.delete_instances(&[id.to_owned()])?;
         self.store.revoke(lease);
         let mut instances = self.lock();
+        self.writes.fetch_add(1, Ordering::AcqRel);
         if instances.get(id).is_some_and(|(_, l)| *l == lease) {
             instances.remove(id);
         }
@@ -764,8 +775,13 @@ impl Registry for EtcdRegistry {
     }
 
     fn refresh(&self) -> Result<bool, ControlError> {
+        let before = self.writes.load(Ordering::Acquire);
         let stored = self.store.leased_instances()?;
         let mut instances = self.lock();
+        if self.writes.load(Ordering::Acquire) != before {
+            // A write here since the read: what was read may be older than this map.
+            return Ok(false);
+        }
         let same = stored.len() == instances.len()
             && stored.iter().all(|(i, lease)| {
                 instances.get(&i.id).is_some_and(|(known, l)| {

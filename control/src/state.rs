@@ -413,18 +413,7 @@ impl ControlState {
 
     /// Deletes a module no chain refers to.
     pub fn delete_module(&self, reference: &str) -> Result<ModuleRecord, ControlError> {
-        self.catch_up()?;
-        for _ in 0..COMMIT_TRIES {
-            if let Some(done) = self.try_delete_module(reference)? {
-                return Ok(done);
-            }
-            self.refresh(Changed {
-                config: true,
-                modules: true,
-                ..Changed::default()
-            })?;
-        }
-        Err(contended())
+        self.committing(|| self.try_delete_module(reference))
     }
 
     /// One try of `delete_module`: `None` when another replica committed config first.
@@ -602,9 +591,19 @@ impl ControlState {
         resources: Vec<Resource>,
         dry_run: bool,
     ) -> Result<(u64, Vec<Change>), ControlError> {
+        self.committing(|| self.try_apply(resources.clone(), dry_run))
+    }
+
+    /// Runs `try_once` (a change checked against what this replica holds, then committed
+    /// with compare-and-swap) until no other replica committed before it (`None`), reading
+    /// config and modules again before the first try and between tries.
+    fn committing<T>(
+        &self,
+        mut try_once: impl FnMut() -> Result<Option<T>, ControlError>,
+    ) -> Result<T, ControlError> {
         self.catch_up()?;
         for _ in 0..COMMIT_TRIES {
-            if let Some(done) = self.try_apply(resources.clone(), dry_run)? {
+            if let Some(done) = try_once()? {
                 return Ok(done);
             }
             self.refresh(Changed {
@@ -704,17 +703,7 @@ impl ControlState {
 
     /// Deletes one resource.
     pub fn delete(&self, kind: Kind, name: &str) -> Result<(u64, Change), ControlError> {
-        self.catch_up()?;
-        for _ in 0..COMMIT_TRIES {
-            if let Some(done) = self.try_delete(kind, name)? {
-                return Ok(done);
-            }
-            self.refresh(Changed {
-                config: true,
-                ..Changed::default()
-            })?;
-        }
-        Err(contended())
+        self.committing(|| self.try_delete(kind, name))
     }
 
     /// One try of `delete`: `None` when another replica committed first.

@@ -247,37 +247,30 @@ fn apply_until_done(servers: &str, manifest: &str) -> usize {
     unreachable!()
 }
 
+/// The first `greeting` value in `text` ("" when none).
+fn greeting_in(text: &str) -> String {
+    text.split("greeting")
+        .nth(1)
+        .map(|rest| {
+            rest.trim_start_matches(|c: char| !c.is_alphanumeric())
+                .split(|c: char| !(c.is_alphanumeric() || c == '-'))
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
 /// What replica `servers` stores: the greetings of chain `s1-ingress` and FilterConfig
 /// `marker` ("" when absent) and the config version.
 fn stored_at(servers: &str) -> (String, String, u64) {
-    let (code, out, err) = weftctl_at(servers, &["get", "chains", "-o", "json"]);
-    assert_eq!(code, 0, "{err}");
-    let chains: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let text = chains.to_string();
-    let chain = text
-        .split("greeting")
-        .nth(1)
-        .map(|rest| {
-            rest.trim_start_matches(|c: char| !c.is_alphanumeric())
-                .split(|c: char| !(c.is_alphanumeric() || c == '-'))
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .unwrap_or_default();
-    let (code, out, err) = weftctl_at(servers, &["get", "filterconfigs", "-o", "json"]);
-    assert_eq!(code, 0, "{err}");
-    let marker = out
-        .split("greeting")
-        .nth(1)
-        .map(|rest| {
-            rest.trim_start_matches(|c: char| !c.is_alphanumeric())
-                .split(|c: char| !(c.is_alphanumeric() || c == '-'))
-                .next()
-                .unwrap_or_default()
-                .to_owned()
-        })
-        .unwrap_or_default();
+    let listed = |what: &str| {
+        let (code, out, err) = weftctl_at(servers, &["get", what, "-o", "json"]);
+        assert_eq!(code, 0, "{err}");
+        out
+    };
+    let chain = greeting_in(&listed("chains"));
+    let marker = greeting_in(&listed("filterconfigs"));
     let (code, out, err) = weftctl_at(servers, &["status", "-o", "json"]);
     assert_eq!(code, 0, "{err}");
     let status: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -61,7 +61,8 @@ struct Args {
     /// Services registered for the services-at-scale run.
     #[arg(long, default_value_t = 1000)]
     services: usize,
-    /// Real proxy counts for the replica failover run (0 skips it; it needs `etcd` on PATH).
+    /// Real proxy counts for the replica failover run (it needs `etcd` on PATH; 0 leaves
+    /// the run out).
     #[arg(long, value_delimiter = ',', default_value = "10,100")]
     failover_proxies: Vec<usize>,
     /// Replica failovers measured.
@@ -358,8 +359,9 @@ async fn failover(dir: &Path, args: &Args, n: usize, upstream: u16) -> serde_jso
         .status()
         .is_err()
     {
-        eprintln!("replica failover: skipped (no etcd on PATH)");
-        return json!("skipped: no etcd on PATH");
+        panic!(
+            "replica failover needs etcd on PATH (apt-get install etcd-server), or --failover-proxies 0"
+        );
     }
     let (client, peer) = (free_port(), free_port());
     let _etcd = Proc(

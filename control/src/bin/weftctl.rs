@@ -1037,7 +1037,8 @@ async fn register_and_keep_alive(
                     "register"
                 };
                 let failure = match status.code() {
-                    Code::Unavailable => {
+                    // Unreachable, or the connection broke (a transport error).
+                    Code::Unavailable | Code::Unknown => {
                         let failed = &server.urls[current];
                         current = (current + 1) % registries.len();
                         format!("cannot reach the control service at {failed}")
