@@ -161,9 +161,10 @@ async fn a_failed_root_context_fetch_denies_the_held_requests() {
 async fn a_stream_that_ended_while_held_is_gone_for_the_filter() {
     let up = Upstream::start("svc").await;
     // Held past the request timeout (400 ms): the streams end with 504 before the filter
-    // becomes ready (1.5 s); then it cannot make their contexts effective (BAD_ARGUMENT,
-    // as in Envoy), and knows they are gone.
-    let proxy = held_proxy(&up, "\"allow:1500\"", "request_timeout_ms: 400").await;
+    // becomes ready (3 s after it started: well after the requests' deadline even when a
+    // loaded machine makes the proxy slow to start); then it cannot make their contexts
+    // effective (BAD_ARGUMENT, as in Envoy), and knows they are gone.
+    let proxy = held_proxy(&up, "\"allow:3000\"", "request_timeout_ms: 400").await;
     for (g, _) in concurrent(&proxy, 2).await {
         assert_eq!(g.status, 504, "{g:?}");
     }
