@@ -236,7 +236,7 @@ fn at(unix: i64) -> time::OffsetDateTime {
 
 /// Writes `contents` to `path` at once (a temporary file renamed over it: a crash never
 /// leaves half a file), readable by the owner only.
-fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
+pub(crate) fn write_private(path: &Path, contents: &str) -> Result<(), CaError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");

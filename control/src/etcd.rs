@@ -347,8 +347,7 @@ impl EtcdStore {
     /// Writes the mesh CA's files kept in the store (`ca/files/<name>`) into `dir`
     /// (created, owner only); whether there were any.
     pub fn fetch_ca(&self, dir: &std::path::Path) -> Result<bool, StoreError> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let base = self.key("ca/files/");
         let files = self.get_prefix("ca/files/")?;
         if files.is_empty() {
@@ -368,18 +367,9 @@ impl EtcdStore {
             if name.is_empty() || name.contains('/') || name.starts_with('.') {
                 return Err(err(format!("a CA file named `{name}` in the store")));
             }
-            let (path, tmp) = (dir.join(name), dir.join(format!(".{name}.tmp")));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(|e| io(&tmp, e))?;
-            f.write_all(&value)
-                .and_then(|()| f.sync_all())
-                .map_err(|e| io(&tmp, e))?;
-            std::fs::rename(&tmp, &path).map_err(|e| io(&path, e))?;
+            let text = String::from_utf8(value)
+                .map_err(|_| err(format!("the CA file `{name}` in the store is not text")))?;
+            crate::ca::write_private(&dir.join(name), &text).map_err(err)?;
         }
         Ok(true)
     }
