@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Weft's whole test suite: unit tests, end-to-end tests (real weft-proxy processes
 # against real servers on loopback, and the container images in Docker) and doc tests.
-# Needs a Rust toolchain (rustup) and a Docker engine.
+# Needs a Rust toolchain (rustup), a Docker engine, and root (the capture tests make network
+# namespaces and iptables rules).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +19,12 @@ command -v protoc >/dev/null || missing+=(protobuf-compiler)
 # The images' static binaries compile C (ring, jemalloc) for musl.
 command -v musl-gcc >/dev/null || missing+=(musl-tools)
 [[ -f /etc/ssl/certs/ca-certificates.crt ]] || missing+=(ca-certificates)
+# The capture tests make network namespaces linked by veth pairs (iproute2), install
+# `weft-proxy init`'s iptables rules in them, and run the sidecars as the proxy's own user
+# (setpriv); they need root, as istio-init does.
+command -v ip >/dev/null || missing+=(iproute2)
+command -v iptables-restore >/dev/null || missing+=(iptables)
+command -v setpriv >/dev/null || missing+=(util-linux)
 if (( ${#missing[@]} )); then
   SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

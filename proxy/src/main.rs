@@ -10,6 +10,8 @@ use weft_core::control::ControlOptions;
 use weft_core::{Config, Proxy, ProxyOptions};
 use weft_wasm::WasmHost;
 
+mod init;
+
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -23,11 +25,18 @@ pub static malloc_conf: &[u8; 60] =
 
 /// Weft sidecar proxy.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// The YAML config file.
-    #[arg(long, short)]
-    config: PathBuf,
+    #[arg(long, short, required = true)]
+    config: Option<PathBuf>,
     /// Worker threads; defaults to the number of cores.
     #[arg(long)]
     workers: Option<usize>,
@@ -67,8 +76,23 @@ struct Args {
     log_level: String,
 }
 
+/// What else `weft-proxy` does.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Installs (or with `--undo` removes) the rules that send the pod's or container's TCP
+    /// through the sidecar (run as root, or with NET_ADMIN, in its network namespace).
+    Init(init::InitArgs),
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Init(init)) = &args.command {
+        return init::run(init);
+    }
+    let Some(config_path) = args.config.clone() else {
+        eprintln!("weft-proxy: --config is needed");
+        return ExitCode::from(2);
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -78,7 +102,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
 
-    let config = match Config::load(&args.config) {
+    let config = match Config::load(&config_path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("weft-proxy: {e}");
@@ -127,7 +151,7 @@ fn main() -> ExitCode {
     let filter_host = Arc::new(WasmHost::new(cache_dir).with_module_keys(module_keys));
     let options = ProxyOptions {
         workers,
-        config_path: Some(args.config.clone()),
+        config_path: Some(config_path),
         control,
         filter_host: Some(filter_host),
     };

@@ -5,6 +5,7 @@
 //! or at `$WEFT_PROXY_BIN`; build it first with `cargo build --bins` (the README's test
 //! command does).
 
+pub mod netns;
 pub mod pki;
 
 use std::collections::BTreeMap;
@@ -1291,4 +1292,85 @@ impl Drop for Recorder {
     fn drop(&mut self) {
         let _ = self.stop.send(true);
     }
+}
+
+/// A TCP server where the server speaks first (as SMTP and MySQL do), on the current
+/// runtime: on each connection it sends `220 <name>\r\n`, sends back in capitals whatever
+/// it reads, and after the client's end of stream (half-close) sends `bye <name>\r\n` and
+/// closes. Returns its address; it serves until the runtime ends.
+pub async fn greeter(addr: SocketAddr, name: &str) -> SocketAddr {
+    let listener = bind_retrying(addr).await;
+    let addr = listener.local_addr().expect("addr");
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                continue;
+            };
+            let name = name.clone();
+            tokio::spawn(async move {
+                if s.write_all(format!("220 {name}\r\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            let up = buf[..n].to_ascii_uppercase();
+                            if s.write_all(&up).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.write_all(format!("bye {name}\r\n").as_bytes()).await;
+            });
+        }
+    });
+    addr
+}
+
+/// One conversation with a [`greeter`] at `addr`: the greeting (and how long it took),
+/// then `message` sent, the write side closed, and everything read until the server
+/// closes. Bounded to 10 s.
+pub async fn converse(
+    addr: SocketAddr,
+    message: &str,
+) -> std::io::Result<(String, Duration, String)> {
+    let started = Instant::now();
+    let mut s = TcpStream::connect(addr).await?;
+    let mut seen = Vec::new();
+    let greeting = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut buf = [0u8; 256];
+        while !seen.ends_with(b"\r\n") {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed before the greeting",
+                ));
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&seen).into_owned())
+    })
+    .await
+    .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no greeting"))??;
+    let waited = started.elapsed();
+    s.write_all(message.as_bytes()).await?;
+    s.shutdown().await?;
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut rest))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no close"))??;
+    Ok((
+        greeting,
+        waited,
+        String::from_utf8_lossy(&rest).into_owned(),
+    ))
 }

@@ -127,6 +127,11 @@ pub enum DownstreamProtocol {
     /// Both on one port: a connection opening with the HTTP/2 preface is HTTP/2.
     #[default]
     Auto,
+    /// Opaque TCP: every connection is relayed byte for byte to an endpoint of the default
+    /// cluster (or, on a capture listener, of the cluster its original destination names),
+    /// balanced per connection; the upstream is connected at once, so protocols where the
+    /// server speaks first work.
+    Tcp,
 }
 
 /// One listening socket and what it does with requests.
@@ -190,6 +195,54 @@ pub struct ListenerConfig {
     /// TLS on this listener; without it, plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ListenerTls>,
+    /// Transparent capture: connections redirected here by `weft-proxy init`'s rules are
+    /// routed by their original destination, and their protocol is detected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture: Option<CaptureConfig>,
+}
+
+/// What a capture listener does with a redirected connection (`listeners[].capture`).
+///
+/// The original destination (`SO_ORIGINAL_DST`) picks the cluster: `ports` first, then
+/// the cluster one of whose endpoints is that address. With none, the connection goes
+/// straight to the original destination (`passthrough`), or is closed. Its protocol is then
+/// detected from its first bytes: HTTP/1, the HTTP/2 preface and TLS are served as such;
+/// anything else, or nothing within `detect_timeout_ms`, is relayed as opaque TCP.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// A connection whose original destination no cluster owns goes straight there, as
+    /// opaque TCP (Istio's `PassthroughCluster`); `false` closes it instead.
+    #[serde(default = "defaults::yes")]
+    pub passthrough: bool,
+    /// How long to wait for a client's first bytes before relaying the connection as
+    /// opaque TCP (a protocol where the server speaks first sends none).
+    #[serde(default = "defaults::detect_timeout_ms")]
+    pub detect_timeout_ms: u64,
+    /// Original destination ports relayed as opaque TCP at once, with no detection
+    /// (Linkerd's default opaque ports: SMTP, MySQL, Galera, PostgreSQL, Redis,
+    /// Elasticsearch, memcached).
+    #[serde(default = "defaults::opaque_ports")]
+    pub opaque_ports: Vec<u16>,
+    /// Original destination port → cluster, checked before the clusters' endpoints (an
+    /// inbound listener: the local service's ports).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub ports: std::collections::BTreeMap<u16, String>,
+    /// Connect timeout of passthrough connections.
+    #[serde(default = "defaults::connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            passthrough: true,
+            detect_timeout_ms: defaults::detect_timeout_ms(),
+            opaque_ports: defaults::opaque_ports(),
+            ports: Default::default(),
+            connect_timeout_ms: defaults::connect_timeout_ms(),
+        }
+    }
 }
 
 /// Which way traffic goes through a listener (Envoy's `TrafficDirection`).
@@ -809,6 +862,15 @@ impl ClusterConfig {
 }
 
 mod defaults {
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn detect_timeout_ms() -> u64 {
+        100
+    }
+    pub fn opaque_ports() -> Vec<u16> {
+        vec![25, 587, 3306, 4444, 5432, 6379, 9300, 11211]
+    }
     pub fn drain_timeout_ms() -> u64 {
         5_000
     }
@@ -890,6 +952,8 @@ pub mod ranges {
     pub const TIMEOUT_MS: Range = (1, 86_400_000);
     /// A timeout where 0 turns it off: up to a day.
     pub const OPTIONAL_MS: Range = (0, 86_400_000);
+    /// `capture.detect_timeout_ms`: 1 ms to 10 s (Linkerd's fixed wait).
+    pub const DETECT_MS: Range = (1, 10_000);
     /// Idle timeouts: 1 ms to a week.
     pub const IDLE_MS: Range = (1, 604_800_000);
     /// `max_request_header_bytes`: 8 KiB (hyper's smallest read buffer) to 1 MiB (each
@@ -1135,6 +1199,40 @@ impl Config {
                     at("default_cluster"),
                     format!("no cluster named `{}`", l.default_cluster),
                 ));
+            }
+            if let Some(capture) = &l.capture {
+                for (port, cluster) in &capture.ports {
+                    if !cluster_names.contains(cluster.as_str()) {
+                        return Err((
+                            at(&format!("capture.ports.{port}")),
+                            format!("no cluster named `{cluster}`"),
+                        ));
+                    }
+                }
+                in_range(
+                    &at("capture.detect_timeout_ms"),
+                    capture.detect_timeout_ms,
+                    ranges::DETECT_MS,
+                )?;
+                in_range(
+                    &at("capture.connect_timeout_ms"),
+                    capture.connect_timeout_ms,
+                    ranges::TIMEOUT_MS,
+                )?;
+            }
+            if l.protocol == DownstreamProtocol::Tcp {
+                if l.default_cluster.is_empty() && l.capture.is_none() {
+                    return Err((
+                        at("default_cluster"),
+                        "a `tcp` listener needs a default cluster (or `capture`)".into(),
+                    ));
+                }
+                if !l.filters.is_empty() {
+                    return Err((
+                        at("filters"),
+                        "a `tcp` listener relays bytes: HTTP filters cannot run on it".into(),
+                    ));
+                }
             }
             l.validate(self.identity.is_some())
                 .map_err(|(f, m)| (at(&f), m))?;

@@ -41,6 +41,8 @@ pub mod http;
 pub mod idle;
 pub mod metrics;
 pub mod overload;
+pub mod relay;
+pub mod tcp;
 pub mod tls;
 pub mod upstream;
 

@@ -135,6 +135,31 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpLabels {
+    listener: String,
+    /// The cluster, or `passthrough` (straight to the original destination).
+    cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DetectionLabels {
+    listener: String,
+    protocol: &'static str,
+}
+
+/// The metric families of opaque TCP connections, by listener and cluster.
+#[derive(Clone, Debug, Default)]
+struct TcpFamilies {
+    connections: Family<TcpLabels, Counter>,
+    active: Family<TcpLabels, Gauge>,
+    sent: Family<TcpLabels, Counter>,
+    received: Family<TcpLabels, Counter>,
+    duration: Family<TcpLabels, AtomicHistogram>,
+    refused: Family<TcpLabels, Counter>,
+    detections: Family<DetectionLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct FilterFailureLabels {
     filter: String,
     kind: &'static str,
@@ -182,6 +207,7 @@ pub struct Metrics {
     overflows: Family<OverflowLabels, Counter>,
     filter_failures: Family<FilterFailureLabels, Counter>,
     filter_defined: Arc<FilterMetricSet>,
+    tcp: TcpFamilies,
 }
 
 impl Default for Metrics {
@@ -225,6 +251,7 @@ impl Metrics {
             overflows: Family::default(),
             filter_failures: Family::default(),
             filter_defined: Arc::default(),
+            tcp: TcpFamilies::default(),
         };
         registry.register(
             "requests",
@@ -374,6 +401,41 @@ impl Metrics {
             "WASM filter failures, by filter and kind (trap, deadline, memory, start)",
             m.filter_failures.clone(),
         );
+        registry.register(
+            "tcp_connections",
+            "Opaque TCP connections relayed, by listener and cluster (`passthrough`: straight to the original destination)",
+            m.tcp.connections.clone(),
+        );
+        registry.register(
+            "tcp_connections_active",
+            "Opaque TCP connections open, by listener and cluster",
+            m.tcp.active.clone(),
+        );
+        registry.register(
+            "tcp_sent_bytes",
+            "Bytes relayed from downstream clients to upstreams on opaque TCP connections",
+            m.tcp.sent.clone(),
+        );
+        registry.register(
+            "tcp_received_bytes",
+            "Bytes relayed from upstreams to downstream clients on opaque TCP connections",
+            m.tcp.received.clone(),
+        );
+        registry.register(
+            "tcp_connection_duration_seconds",
+            "Lifetime of opaque TCP connections",
+            m.tcp.duration.clone(),
+        );
+        registry.register(
+            "tcp_refused",
+            "Opaque TCP connections closed without an upstream (no endpoint answered, a limit, or passthrough off)",
+            m.tcp.refused.clone(),
+        );
+        registry.register(
+            "protocol_detections",
+            "Connections on capture listeners by the protocol detected (http1, http2, tls, opaque: bytes that are none of these, silent: nothing within the detection timeout, declared: an opaque port)",
+            m.tcp.detections.clone(),
+        );
         registry.register_collector(Box::new(m.filter_defined.clone()));
         Metrics { registry, ..m }
     }
@@ -506,6 +568,7 @@ impl Metrics {
             tunnels_active: self.tunnels_active.get_or_create(&l).clone(),
             tunnels_total: self.tunnels_total.get_or_create(&l).clone(),
             requests_active: self.downstream_rq_active.get_or_create(&l).clone(),
+            tcp: self.tcp.clone(),
         }
     }
 
@@ -763,6 +826,55 @@ pub struct ListenerMetrics {
     name: String,
     /// Answered requests, by listener, cluster and status class.
     requests: Family<RequestLabels, Counter>,
+    tcp: TcpFamilies,
+}
+
+/// Pre-resolved metric handles of opaque TCP connections of one listener to one cluster.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    /// Connections relayed (counted once connected upstream).
+    pub connections: Counter,
+    /// Connections open now.
+    pub active: Gauge,
+    /// Bytes from the client to the upstream.
+    pub sent: Counter,
+    /// Bytes from the upstream to the client.
+    pub received: Counter,
+    /// Connection lifetimes.
+    pub duration: AtomicHistogram,
+    /// Connections closed without an upstream.
+    pub refused: Counter,
+}
+
+impl ListenerMetrics {
+    /// The handles of opaque TCP connections to `cluster` (`passthrough`: to the original
+    /// destination). Takes the families' locks: once per connection.
+    pub fn tcp(&self, cluster: &str) -> TcpMetrics {
+        let l = TcpLabels {
+            listener: self.name.clone(),
+            cluster: cluster.to_owned(),
+        };
+        let t = &self.tcp;
+        TcpMetrics {
+            connections: t.connections.get_or_create(&l).clone(),
+            active: t.active.get_or_create(&l).clone(),
+            sent: t.sent.get_or_create(&l).clone(),
+            received: t.received.get_or_create(&l).clone(),
+            duration: t.duration.get_or_create(&l).clone(),
+            refused: t.refused.get_or_create(&l).clone(),
+        }
+    }
+
+    /// Counts a connection of a capture listener whose protocol was found to be `protocol`.
+    pub fn detected(&self, protocol: &'static str) {
+        self.tcp
+            .detections
+            .get_or_create(&DetectionLabels {
+                listener: self.name.clone(),
+                protocol,
+            })
+            .inc();
+    }
 }
 
 /// Answered requests of one listener and one cluster, by status class (1xx..5xx).

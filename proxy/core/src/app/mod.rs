@@ -152,7 +152,9 @@ impl TlsSetup {
             .map(|l| {
                 l.tls
                     .as_ref()
-                    .map(|t| ServerTls::new(t, l.protocol, &identity).map(Arc::new))
+                    .map(|t| {
+                        ServerTls::new(t, l.protocol, l.capture.is_some(), &identity).map(Arc::new)
+                    })
                     .transpose()
                     .map_err(err(format!("listener `{}`", l.name)))
             })

@@ -296,7 +296,9 @@ impl Reloader {
         let tls = l
             .tls
             .as_ref()
-            .map(|t| ServerTls::new(t, l.protocol, &self.identity).map(Arc::new))
+            .map(|t| {
+                ServerTls::new(t, l.protocol, l.capture.is_some(), &self.identity).map(Arc::new)
+            })
             .transpose()
             .map_err(|e| format!("listener `{}`: {e}", l.name))?;
         let runtime = super::listener_runtime(l, live, &self.metrics, &self.overload, tls);

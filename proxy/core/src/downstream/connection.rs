@@ -15,7 +15,7 @@ use tokio::sync::watch;
 use super::transport::{DownstreamIo, Transport};
 use super::workers::{ConnCounter, ConnGuard, drained};
 use crate::clock;
-use crate::config::{DownstreamProtocol, ListenerConfig};
+use crate::config::{CaptureConfig, DownstreamProtocol, ListenerConfig};
 use crate::http::{self as proxy, ConnShared, ListenerCtx};
 use crate::overload::{Admitted, Level};
 use crate::tls::{PeerTls, ServerTls, Stream, server::is_tls_record};
@@ -26,14 +26,18 @@ pub struct ListenerRuntime {
     pub ctx: Arc<ListenerCtx>,
     /// The HTTP server settings.
     builder: auto::Builder<TokioExecutor>,
-    /// Idle timeout of downstream connections.
-    idle_timeout_ms: u64,
+    /// Idle timeout of downstream connections (and of opaque TCP relays).
+    pub(super) idle_timeout_ms: u64,
     /// The request-headers timeout, if on.
-    headers_timeout: Option<Duration>,
+    pub(super) headers_timeout: Option<Duration>,
     /// Whether to scan HTTP/1 request framing (not on HTTP/2-only listeners).
     scan_framing: bool,
     /// TLS, if the listener has it.
-    tls: Option<Arc<ServerTls>>,
+    pub(super) tls: Option<Arc<ServerTls>>,
+    /// The protocols it accepts.
+    pub(super) protocol: DownstreamProtocol,
+    /// Transparent capture, if on.
+    pub(super) capture: Option<CaptureConfig>,
     /// The task following the TLS certificate files, stopped with the runtime.
     tls_follower: std::sync::OnceLock<tokio::task::AbortHandle>,
 }
@@ -61,7 +65,7 @@ impl ListenerRuntime {
         let builder = match cfg.protocol {
             DownstreamProtocol::Http1 => builder.http1_only(),
             DownstreamProtocol::Http2 => builder.http2_only(),
-            DownstreamProtocol::Auto => builder,
+            DownstreamProtocol::Auto | DownstreamProtocol::Tcp => builder,
         };
         Self {
             ctx,
@@ -71,6 +75,8 @@ impl ListenerRuntime {
                 .then(|| Duration::from_millis(cfg.request_headers_timeout_ms)),
             scan_framing: cfg.protocol != DownstreamProtocol::Http2,
             tls,
+            protocol: cfg.protocol,
+            capture: cfg.capture.clone(),
             tls_follower: std::sync::OnceLock::new(),
         }
     }
@@ -206,13 +212,31 @@ async fn accepted_connection(
     metrics.connections_total.inc();
     metrics.connections_active.inc();
     let accepted = tokio::time::Instant::now();
-    if first_bytes(&stream, &listener, drain.clone(), accepted).await {
-        // Boxed: until here a connection costs this small task, not the HTTP server's state
-        // and buffers (a flood of connections that say nothing stays cheap).
-        Box::pin(secure_and_serve(stream, peer, &listener, drain, accepted)).await;
+    if listener.capture.is_some() || listener.protocol == DownstreamProtocol::Tcp {
+        Box::pin(super::capture::serve(
+            stream, peer, &listener, drain, accepted,
+        ))
+        .await;
+    } else {
+        serve_http(stream, peer, &listener, drain, accepted).await;
     }
     drop(guards);
     metrics.connections_active.dec();
+}
+
+/// Serves an HTTP connection once its first bytes arrive.
+pub(super) async fn serve_http(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    listener: &ListenerRuntime,
+    drain: watch::Receiver<bool>,
+    accepted: tokio::time::Instant,
+) {
+    if first_bytes(&stream, listener, drain.clone(), accepted).await {
+        // Boxed: until here a connection costs this small task, not the HTTP server's state
+        // and buffers (a flood of connections that say nothing stays cheap).
+        Box::pin(secure_and_serve(stream, peer, listener, drain, accepted)).await;
+    }
 }
 
 /// Waits for a new connection's first bytes; `false` when it should be closed instead: its
@@ -259,7 +283,7 @@ async fn first_bytes<T: Transport>(
 }
 
 /// Time a TLS handshake gets when the request-headers timeout is off.
-const HANDSHAKE_MS: u64 = 10_000;
+pub(super) const HANDSHAKE_MS: u64 = 10_000;
 
 /// The TLS handshake, when the listener has TLS (and the client speaks it, on a permissive
 /// listener), then the HTTP server.
@@ -270,16 +294,31 @@ async fn secure_and_serve(
     drain: watch::Receiver<bool>,
     accepted: tokio::time::Instant,
 ) {
+    let local = stream.local_addr().unwrap_or(peer);
     let Some(tls) = &listener.tls else {
-        return serve_connection(Stream::Plain(stream), None, peer, listener, drain, accepted)
-            .await;
+        return serve_connection(
+            Stream::Plain(stream),
+            None,
+            (peer, local, None),
+            listener,
+            drain,
+            accepted,
+        )
+        .await;
     };
     if tls.permissive {
         let mut first = [0u8; 1];
         let tls_hello = matches!(stream.peek(&mut first).await, Ok(1) if is_tls_record(first[0]));
         if !tls_hello {
-            return serve_connection(Stream::Plain(stream), None, peer, listener, drain, accepted)
-                .await;
+            return serve_connection(
+                Stream::Plain(stream),
+                None,
+                (peer, local, None),
+                listener,
+                drain,
+                accepted,
+            )
+            .await;
         }
     }
     // The handshake is part of the first head's time.
@@ -295,7 +334,7 @@ async fn secure_and_serve(
             serve_connection(
                 stream,
                 Some(Arc::new(peer_tls)),
-                peer,
+                (peer, local, None),
                 listener,
                 drain,
                 accepted,
@@ -309,10 +348,13 @@ async fn secure_and_serve(
     }
 }
 
-async fn serve_connection(
+/// Serves HTTP on `stream`; `(peer, local, route)`: the client, the address it reached (the
+/// original destination of a captured connection) and the cluster its requests go to
+/// unless a filter chooses (`None`: the listener's default cluster).
+pub(super) async fn serve_connection(
     stream: Stream,
     peer_tls: Option<Arc<PeerTls>>,
-    peer: SocketAddr,
+    (peer, local, route): (SocketAddr, SocketAddr, Option<Box<str>>),
     listener: &ListenerRuntime,
     mut drain: watch::Receiver<bool>,
     accepted: tokio::time::Instant,
@@ -321,8 +363,8 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let metrics = &listener.ctx.metrics;
 
-    let local = stream.local_addr().unwrap_or(peer);
-    let shared = Arc::new(ConnShared::new(listener.ctx.clone(), peer, local, peer_tls));
+    let shared =
+        Arc::new(ConnShared::new(listener.ctx.clone(), peer, local, peer_tls).routed_to(route));
     let io = TokioIo::new(DownstreamIo::new(
         stream,
         shared.clone(),

@@ -5,6 +5,7 @@
 //! to the request path ([`crate::http`]).
 
 pub mod bind;
+pub mod capture;
 pub mod connection;
 pub mod head_clock;
 pub mod transport;

@@ -51,6 +51,10 @@ pub struct ConnShared {
     pub tunnels_open: AtomicU32,
     /// Signalled when the last tunnel closes.
     pub tunnel_closed: Notify,
+    /// The cluster a capture listener chose for this connection by its original
+    /// destination: its requests go there unless a filter chooses another (instead of the
+    /// listener's default cluster).
+    pub route_to: Option<Box<str>>,
 }
 
 /// A request cancelled by its client sooner than this after it started counts as a premature
@@ -128,6 +132,13 @@ impl ConnShared {
             tunnels_open: AtomicU32::new(0),
             tunnel_closed: Notify::new(),
             tls,
+            route_to: None,
         }
+    }
+
+    /// The same, its requests going to cluster `route_to` when it is set.
+    pub fn routed_to(mut self, route_to: Option<Box<str>>) -> Self {
+        self.route_to = route_to;
+        self
     }
 }

@@ -287,7 +287,11 @@ impl Exchange {
     fn start(conn: Arc<ConnShared>, version: Version) -> Self {
         let t0 = clock::now_ns();
         let live = conn.listener.live.load_full();
-        let cluster = live.default_cluster;
+        let cluster = match &conn.route_to {
+            // Gone since the connection was routed (removed live): by authority instead.
+            Some(name) => live.clusters.find(name),
+            None => live.default_cluster,
+        };
         let stream = Stream::begin(conn.clone(), clock::ns_to_ms(t0));
         let last = conn.request_started(version);
         Self {

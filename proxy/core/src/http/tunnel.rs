@@ -7,19 +7,14 @@
 //! connection open for the drain (the proxy waits for it until the drain deadline, as for any
 //! connection, instead of cutting it at SIGTERM).
 
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::task::{Context, Poll};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::ConnShared;
-use crate::clock;
 use crate::upstream::Cluster;
 
 /// While it lives, the connection has an open tunnel (see [`ConnShared::tunnel_closed`]).
@@ -61,30 +56,12 @@ pub async fn tunnel(
     let _slot = cluster.try_reserve_connection();
     match tokio::join!(down, up) {
         (Ok(down), Ok(up)) => {
-            let last = Arc::new(AtomicU64::new(clock::now_ms()));
-            let mut down = Watched {
-                io: TokioIo::new(down),
-                last: last.clone(),
-            };
-            let mut up = Watched {
-                io: TokioIo::new(up),
-                last: last.clone(),
-            };
-            let relay = tokio::io::copy_bidirectional(&mut down, &mut up);
-            let idle_for = async {
-                match idle {
-                    Some(limit) => idle_past(&last, limit).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                res = relay => if let Err(e) = res {
-                    tracing::debug!("upgraded connection ended: {e}");
-                },
-                () = idle_for => {
-                    conn.listener.metrics.stream_idle_timeouts.inc();
-                    tracing::debug!("upgraded connection idle: closed");
-                }
+            let done = crate::relay::relay(TokioIo::new(down), TokioIo::new(up), idle).await;
+            if done.idle {
+                conn.listener.metrics.stream_idle_timeouts.inc();
+                tracing::debug!("upgraded connection idle: closed");
+            } else if let Some(e) = done.error {
+                tracing::debug!("upgraded connection ended: {e}");
             }
         }
         (d, u) => tracing::debug!(
@@ -92,63 +69,5 @@ pub async fn tunnel(
             upstream_ok = u.is_ok(),
             "upgrade failed"
         ),
-    }
-}
-
-/// Returns once no byte moved for `limit` since `last` (milliseconds of [`clock`]).
-async fn idle_past(last: &AtomicU64, limit: Duration) {
-    let limit_ms = limit.as_millis().max(1) as u64;
-    loop {
-        let due = last.load(Relaxed).saturating_add(limit_ms);
-        let now = clock::now_ms();
-        if now >= due {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(due - now)).await;
-    }
-}
-
-/// One side of a tunnel, noting when bytes move either way.
-struct Watched<T> {
-    io: T,
-    last: Arc<AtomicU64>,
-}
-
-impl<T> Watched<T> {
-    fn moved(&self) {
-        self.last.store(clock::now_ms(), Relaxed);
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.moved();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -18,12 +18,14 @@ use weft_config::{ClusterTls, ClusterTlsMode, EndpointAddress, SpiffeId, Upstrea
 use super::files::{self, TlsError};
 use super::identity::IdentityStore;
 use super::verify::{MeshServerVerifier, spiffe_id};
-use super::{ALPN_H2, ALPN_HTTP11};
+use super::{ALPN_H2, ALPN_HTTP11, ALPN_WEFT_TCP};
 
 /// A cluster's TLS: how it opens a connection to one endpoint.
 #[derive(Clone)]
 pub struct ClientTls {
     connector: TlsConnector,
+    /// The same, offering only `weft-tcp` (opaque TCP relayed over the cluster's TLS).
+    opaque: TlsConnector,
     mesh: bool,
     /// The name sent as SNI and checked (ordinary TLS).
     server_name: Option<ServerName<'static>>,
@@ -66,6 +68,8 @@ impl ClientTls {
                 }
             }
         };
+        let mut opaque = config.clone();
+        opaque.alpn_protocols = vec![ALPN_WEFT_TCP.to_vec()];
         config.alpn_protocols = vec![
             match protocol {
                 UpstreamProtocol::Http1 => ALPN_HTTP11,
@@ -83,6 +87,7 @@ impl ClientTls {
             .transpose()?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(config)),
+            opaque: TlsConnector::from(Arc::new(opaque)),
             mesh: cfg.mode == ClusterTlsMode::Mesh,
             server_name,
             identities: cfg
@@ -94,12 +99,14 @@ impl ClientTls {
     }
 
     /// Runs the handshake on `tcp` to the endpoint at `address`, which must prove
-    /// `identity` (mesh) when it has one.
+    /// `identity` (mesh) when it has one; `opaque`: the connection relays opaque TCP (ALPN
+    /// `weft-tcp` instead of the cluster's HTTP version).
     pub async fn connect(
         &self,
         tcp: TcpStream,
         address: &EndpointAddress,
         identity: Option<&SpiffeId>,
+        opaque: bool,
     ) -> io::Result<TlsStream<TcpStream>> {
         let name = match (&self.server_name, address) {
             (Some(n), _) => n.clone(),
@@ -107,7 +114,12 @@ impl ClientTls {
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
             (None, EndpointAddress::Ip(addr)) => ServerName::IpAddress(addr.ip().into()),
         };
-        let tls = self.connector.connect(name, tcp).await?;
+        let connector = if opaque {
+            &self.opaque
+        } else {
+            &self.connector
+        };
+        let tls = connector.connect(name, tcp).await?;
         if self.mesh {
             let (_, conn) = tls.get_ref();
             let cert = conn

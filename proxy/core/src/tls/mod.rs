@@ -34,3 +34,6 @@ pub fn provider() -> Arc<CryptoProvider> {
 /// ALPN protocol ids.
 pub(crate) const ALPN_H2: &[u8] = b"h2";
 pub(crate) const ALPN_HTTP11: &[u8] = b"http/1.1";
+/// Offered by a proxy relaying opaque TCP over mesh TLS, so that the receiving sidecar relays
+/// the bytes instead of reading HTTP (Istio's `istio` ALPN value).
+pub(crate) const ALPN_WEFT_TCP: &[u8] = b"weft-tcp";

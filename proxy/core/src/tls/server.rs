@@ -19,7 +19,7 @@ use weft_config::{CertificateFiles, DownstreamProtocol, ListenerTls, ListenerTls
 use super::files::{self, TlsError};
 use super::identity::IdentityStore;
 use super::verify::{MeshClientVerifier, cert_info, spiffe_id};
-use super::{ALPN_H2, ALPN_HTTP11};
+use super::{ALPN_H2, ALPN_HTTP11, ALPN_WEFT_TCP};
 
 /// What a downstream TLS connection established: filters read it as properties
 /// (`connection.mtls`, `connection.tls_version`, `source.principal`, ...).
@@ -48,20 +48,33 @@ pub struct ServerTls {
     edge: Option<Arc<EdgeCerts>>,
 }
 
-/// The ALPN protocols a listener offers.
-fn alpn(protocol: DownstreamProtocol) -> Vec<Vec<u8>> {
-    match protocol {
+/// The ALPN protocols a listener offers; a capture listener also takes opaque TCP
+/// (`weft-tcp`) from other sidecars.
+fn alpn(protocol: DownstreamProtocol, capture: bool) -> Vec<Vec<u8>> {
+    let mut offered = match protocol {
         DownstreamProtocol::Http1 => vec![ALPN_HTTP11.to_vec()],
         DownstreamProtocol::Http2 => vec![ALPN_H2.to_vec()],
         DownstreamProtocol::Auto => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
+        DownstreamProtocol::Tcp => vec![],
+    };
+    if capture || protocol == DownstreamProtocol::Tcp {
+        offered.push(ALPN_WEFT_TCP.to_vec());
     }
+    offered
+}
+
+/// Whether a handshake agreed on opaque TCP (`weft-tcp`).
+pub fn is_opaque(alpn: Option<&[u8]>) -> bool {
+    alpn == Some(ALPN_WEFT_TCP)
 }
 
 impl ServerTls {
-    /// The TLS of a listener with `cfg`; `store`: the proxy's mesh identity.
+    /// The TLS of a listener with `cfg`, speaking `protocol` (and opaque TCP too when it
+    /// `capture`s); `store`: the proxy's mesh identity.
     pub fn new(
         cfg: &ListenerTls,
         protocol: DownstreamProtocol,
+        capture: bool,
         store: &Arc<IdentityStore>,
     ) -> Result<Self, TlsError> {
         let builder = ServerConfig::builder_with_provider(super::provider())
@@ -97,7 +110,7 @@ impl ServerTls {
                 (builder.with_cert_resolver(edge.clone()), Some(edge))
             }
         };
-        config.alpn_protocols = alpn(protocol);
+        config.alpn_protocols = alpn(protocol, capture);
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             permissive: cfg.mode == ListenerTlsMode::Permissive,

@@ -172,13 +172,18 @@ async fn connect_tcp(cluster: &Cluster, ep: &Endpoint) -> Result<TcpStream, Upst
 }
 
 /// Opens a connection to the endpoint: TCP within the connect timeout, then the cluster's
-/// TLS handshake, if it has TLS, within the same time again.
-async fn connect_stream(cluster: &Cluster, ep: &Endpoint) -> Result<Stream, UpstreamError> {
+/// TLS handshake, if it has TLS, within the same time again; `opaque`: for relaying opaque
+/// TCP (the TLS handshake says so with ALPN `weft-tcp`).
+pub(crate) async fn connect_stream(
+    cluster: &Cluster,
+    ep: &Endpoint,
+    opaque: bool,
+) -> Result<Stream, UpstreamError> {
     let tcp = connect_tcp(cluster, ep).await?;
     let Some(tls) = &cluster.tls else {
         return Ok(Stream::Plain(tcp));
     };
-    let handshake = tls.connect(tcp, &ep.address, ep.identity.as_ref());
+    let handshake = tls.connect(tcp, &ep.address, ep.identity.as_ref(), opaque);
     let error = match tokio::time::timeout(cluster.connect_timeout, handshake).await {
         Ok(Ok(stream)) => {
             return Ok(Stream::Tls(Box::new(tokio_rustls::TlsStream::Client(
@@ -200,7 +205,7 @@ async fn connect_h1(
     ep: &Endpoint,
     slot: ConnectionSlot,
 ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-    let stream = connect_stream(cluster, ep).await?;
+    let stream = connect_stream(cluster, ep, false).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake::<_, RequestBody>(TokioIo::new(stream))
         .await
@@ -241,7 +246,7 @@ async fn connect_h2(
     ep: &Endpoint,
     slot: ConnectionSlot,
 ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-    let stream = connect_stream(cluster, ep).await?;
+    let stream = connect_stream(cluster, ep, false).await?;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new());
     let (sender, conn) = builder

@@ -1,0 +1,284 @@
+//! Capture and opaque listeners: a connection redirected by `weft-proxy init`'s rules is
+//! routed by its original destination (`SO_ORIGINAL_DST`), its protocol is detected from its
+//! first bytes, and it is served as HTTP (through the filter chain) or relayed as opaque TCP;
+//! a `tcp` listener relays every connection to its default cluster.
+//!
+//! Detection peeks, so the bytes it looked at are still there for whoever serves the
+//! connection. It never waits longer than `detect_timeout_ms` (100 ms by default): a client
+//! that says nothing by then is relayed as opaque TCP, so protocols where the server speaks
+//! first start after that wait, and not at all on a port declared opaque.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use super::connection::{ListenerRuntime, serve_connection};
+use crate::config::{CaptureConfig, DownstreamProtocol};
+use crate::http::Live;
+use crate::tcp::{self, Target};
+use crate::tls::{Stream, server::is_opaque};
+use crate::upstream::EndpointAddress;
+
+/// The original destination of a redirected connection; `None` when it was not redirected
+/// (the socket has none, or it is the listener's own address).
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let dst = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    };
+    let dst = dst.ok()?.as_socket()?;
+    (dst != local).then_some(dst)
+}
+
+/// What a connection's first bytes say it speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detected {
+    /// An HTTP/1 request line.
+    Http1,
+    /// The HTTP/2 connection preface (prior knowledge).
+    Http2,
+    /// A TLS handshake record.
+    Tls,
+    /// Bytes that are none of these.
+    Opaque,
+    /// Nothing within the detection timeout.
+    Silent,
+}
+
+impl Detected {
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+            Self::Tls => "tls",
+            Self::Opaque => "opaque",
+            Self::Silent => "silent",
+        }
+    }
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: [&[u8]; 9] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+/// What `first` bytes are; `None` while more are needed to tell.
+pub fn classify(first: &[u8]) -> Option<Detected> {
+    match first {
+        [] => None,
+        [0x16] => None,
+        [0x16, 0x03, ..] => Some(Detected::Tls),
+        _ if first.starts_with(PREFACE) => Some(Detected::Http2),
+        _ if PREFACE.starts_with(first) => None,
+        _ if METHODS.iter().any(|m| first.starts_with(m)) => Some(Detected::Http1),
+        _ if METHODS.iter().any(|m| m.starts_with(first)) => None,
+        _ => Some(Detected::Opaque),
+    }
+}
+
+/// Peeks at a connection's first bytes for up to `limit`.
+pub async fn detect(stream: &TcpStream, limit: Duration) -> Detected {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = [0u8; PREFACE.len()];
+    let mut seen = 0;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            // The client closed, or the socket failed: nothing more will come.
+            Ok(Ok(0)) | Ok(Err(_)) => return Detected::Opaque,
+            Ok(Ok(n)) => {
+                if let Some(d) = classify(&buf[..n]) {
+                    return d;
+                }
+                if n == seen {
+                    // A partial request line or preface: the rest is on its way.
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                seen = n;
+            }
+            Err(_) if seen == 0 => return Detected::Silent,
+            Err(_) => return Detected::Opaque,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Detected::Opaque;
+        }
+    }
+}
+
+/// The cluster a captured connection to `dst` goes to: `ports` first, then the cluster one
+/// of whose endpoints is `dst` (a mesh service is reached by any of its instances'
+/// addresses and balanced over all of them, as a Kubernetes ClusterIP would be).
+fn cluster_for(live: &Live, capture: &CaptureConfig, dst: SocketAddr) -> Option<usize> {
+    let clusters = &live.clusters;
+    if let Some(name) = capture.ports.get(&dst.port()) {
+        return clusters.find(name);
+    }
+    clusters.list.iter().position(|c| {
+        c.endpoints().list.iter().any(|ep| match &ep.address {
+            EndpointAddress::Ip(a) => *a == dst,
+            EndpointAddress::Host { .. } => ep.peer() == Some(dst),
+        })
+    })
+}
+
+/// Serves a connection of a capture or `tcp` listener (see the module docs).
+pub(super) async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &Arc<ListenerRuntime>,
+    drain: watch::Receiver<bool>,
+    accepted: tokio::time::Instant,
+) {
+    let ctx = &listener.ctx;
+    let capture = listener.capture.as_ref();
+    let original = capture.and_then(|_| original_dst(&stream));
+    let live = ctx.live.load_full();
+    let (target, cluster) = match (original, capture) {
+        (Some(dst), Some(capture)) => match cluster_for(&live, capture, dst) {
+            Some(i) => (
+                Target::Cluster(live.clusters.list[i].clone()),
+                Some(live.clusters.names[i].clone()),
+            ),
+            None if capture.passthrough => (
+                Target::Passthrough {
+                    address: dst,
+                    connect_timeout: Duration::from_millis(capture.connect_timeout_ms),
+                },
+                None,
+            ),
+            None => {
+                ctx.metrics.tcp(tcp::PASSTHROUGH).refused.inc();
+                tracing::debug!(listener = %ctx.name, %peer, %dst, "captured connection closed: no cluster owns its destination and passthrough is off");
+                return;
+            }
+        },
+        _ => match live.default_cluster {
+            Some(i) => (
+                Target::Cluster(live.clusters.list[i].clone()),
+                Some(live.clusters.names[i].clone()),
+            ),
+            // A capture listener reached directly (not redirected): an ordinary HTTP
+            // listener, routing by authority.
+            None if listener.protocol != DownstreamProtocol::Tcp => {
+                return super::connection::serve_http(stream, peer, listener, drain, accepted)
+                    .await;
+            }
+            None => return,
+        },
+    };
+    drop(live);
+    let idle = Some(Duration::from_millis(listener.idle_timeout_ms));
+    let declared = match (original, capture) {
+        (Some(dst), Some(c)) => c.opaque_ports.contains(&dst.port()),
+        _ => false,
+    };
+    let passthrough = matches!(target, Target::Passthrough { .. });
+    // Passthrough is opaque whatever it speaks (no filters), but a TLS listener still
+    // terminates mesh TLS (and a strict one refuses plaintext).
+    let tls = listener.tls.as_ref();
+    let opaque = listener.protocol == DownstreamProtocol::Tcp || declared || passthrough;
+    let detected = if opaque && tls.is_none() {
+        if declared {
+            ctx.metrics.detected("declared");
+        }
+        None
+    } else {
+        // Also on an opaque port of a TLS listener: mesh TLS from another sidecar starts at
+        // once, whatever the protocol inside.
+        let limit = Duration::from_millis(capture.map_or(100, |c| c.detect_timeout_ms));
+        let d = detect(&stream, limit).await;
+        ctx.metrics.detected(d.label());
+        Some(d)
+    };
+    let local = original.unwrap_or_else(|| stream.local_addr().unwrap_or(peer));
+    match detected {
+        Some(Detected::Tls) if tls.is_some() => {}
+        // Plaintext where the listener takes mesh TLS only.
+        _ if tls.is_some_and(|t| !t.permissive) => {
+            ctx.metrics.tls_handshake_failures.inc();
+            tracing::debug!(listener = %ctx.name, %peer, "plaintext on a strict mTLS listener: closed");
+            return;
+        }
+        Some(Detected::Http1 | Detected::Http2) if !opaque => {
+            let route = cluster.map(String::into_boxed_str);
+            return serve_connection(
+                Stream::Plain(stream),
+                None,
+                (peer, local, route),
+                listener,
+                drain,
+                accepted,
+            )
+            .await;
+        }
+        _ => return tcp::relay(stream, peer, target, ctx, idle).await,
+    }
+    // Mesh TLS from another sidecar: terminated here; the handshake's ALPN says whether the
+    // bytes inside are HTTP or opaque TCP.
+    let Some(tls) = tls else { return };
+    let limit = listener
+        .headers_timeout
+        .unwrap_or(Duration::from_millis(super::connection::HANDSHAKE_MS))
+        .saturating_sub(accepted.elapsed());
+    let (stream, peer_tls) = match tls.accept(stream, limit).await {
+        Ok(accepted) => accepted,
+        Err(e) => {
+            ctx.metrics.tls_handshake_failures.inc();
+            tracing::debug!(listener = %ctx.name, %peer, "TLS handshake failed: {e}");
+            return;
+        }
+    };
+    ctx.metrics.tls_connections.inc();
+    let stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream)));
+    if is_opaque(peer_tls.alpn.as_deref()) || opaque {
+        return tcp::relay(stream, peer, target, ctx, idle).await;
+    }
+    let route = cluster.map(String::into_boxed_str);
+    serve_connection(
+        stream,
+        Some(Arc::new(peer_tls)),
+        (peer, local, route),
+        listener,
+        drain,
+        accepted,
+    )
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_bytes_are_classified_as_soon_as_they_can_be() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"DELETE /x"), Some(Detected::Http1));
+        assert_eq!(classify(b"GE"), None, "a method's start needs more");
+        assert_eq!(classify(b"GEX"), Some(Detected::Opaque));
+        assert_eq!(classify(PREFACE), Some(Detected::Http2));
+        assert_eq!(classify(b"PRI * HTTP/2"), None);
+        assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02]), Some(Detected::Tls));
+        assert_eq!(classify(&[0x16]), None);
+        assert_eq!(classify(&[0x16, 0x20]), Some(Detected::Opaque));
+        // A Redis command, a PostgreSQL startup message.
+        assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Some(Detected::Opaque));
+        assert_eq!(
+            classify(&[0, 0, 0, 8, 4, 210, 22, 47]),
+            Some(Detected::Opaque)
+        );
+    }
+}

@@ -1,0 +1,311 @@
+//! Transparent capture, as a pod runs it: two hosts (network namespaces made by the test,
+//! linked by a veth pair), each with `weft-proxy init`'s iptables rules and a sidecar running
+//! as the proxy's own user. The client knows nothing of Weft: it calls the other host's
+//! address, and the call crosses both sidecars (mesh mTLS between them) — HTTP, a protocol
+//! where the server speaks first on an ordinary port and on a declared opaque one, and a
+//! port no cluster owns (passthrough, then blocked by config). `--undo` takes the rules out.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use weft_tests::netns::{Netns, NsProxy, PROXY_UID, world_readable};
+use weft_tests::pki::{Ca, Leaf, LeafFiles};
+use weft_tests::*;
+
+const CLIENT_IP: &str = "10.77.0.1";
+const SERVER_IP: &str = "10.77.0.2";
+const A_ID: &str = "spiffe://weft.local/ns/default/sa/client";
+const B_ID: &str = "spiffe://weft.local/ns/default/sa/server";
+
+fn identity(leaf: &LeafFiles, bundle: &Path) -> String {
+    for f in [&leaf.cert, &leaf.key, &bundle.to_path_buf()] {
+        world_readable(f);
+    }
+    format!(
+        "identity: {{ cert_file: \"{}\", key_file: \"{}\", trust_bundle_file: \"{}\" }}\n",
+        leaf.cert.display(),
+        leaf.key.display(),
+        bundle.display()
+    )
+}
+
+/// The client host's sidecar: outbound capture, the server's services as mesh clusters.
+fn client_sidecar(identity: &str, passthrough: bool) -> String {
+    let mesh = "    tls: { mode: mesh }\n    connect_timeout_ms: 2000\n";
+    format!(
+        "admin: {{ address: \"127.0.0.1:15000\" }}
+{identity}listeners:
+  - name: outbound
+    address: \"0.0.0.0:15001\"
+    direction: outbound
+    capture: {{ passthrough: {passthrough} }}
+clusters:
+  - name: web
+    endpoints: [ {{ address: \"{SERVER_IP}:8080\", identity: \"{B_ID}\" }} ]
+{mesh}  - name: smtp
+    endpoints: [ {{ address: \"{SERVER_IP}:2525\", identity: \"{B_ID}\" }} ]
+{mesh}  - name: mysql
+    endpoints: [ {{ address: \"{SERVER_IP}:3306\", identity: \"{B_ID}\" }} ]
+{mesh}"
+    )
+}
+
+/// The server host's sidecar: inbound capture with permissive mesh TLS; its web port goes to
+/// the local app through a cluster, the rest straight to where it was going.
+fn server_sidecar(identity: &str) -> String {
+    format!(
+        "admin: {{ address: \"127.0.0.1:15000\" }}
+{identity}listeners:
+  - name: inbound
+    address: \"0.0.0.0:15006\"
+    direction: inbound
+    tls: {{ mode: permissive }}
+    capture: {{ ports: {{ 8080: app }} }}
+clusters:
+  - name: app
+    endpoints: [ {{ address: \"127.0.0.1:8080\" }} ]
+"
+    )
+}
+
+fn stat(stats: &str, series: &str) -> f64 {
+    metric_value(stats, series).unwrap_or(0.0)
+}
+
+fn init(ns: &Netns, args: &[&str]) {
+    let out = ns
+        .command(&proxy_bin())
+        .arg("init")
+        .args(["--proxy-uid", &PROXY_UID.to_string()])
+        .args(args)
+        .output()
+        .expect("weft-proxy init");
+    assert!(
+        out.status.success(),
+        "weft-proxy init {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
+    let dir = tempfile::tempdir().unwrap();
+    world_readable(dir.path());
+    let ca = Ca::new("mesh root");
+    let bundle = ca.write_bundle(dir.path(), "bundle.pem");
+    let a_id = identity(&ca.issue(&Leaf::spiffe(A_ID), dir.path(), "a"), &bundle);
+    let b_id = identity(&ca.issue(&Leaf::spiffe(B_ID), dir.path(), "b"), &bundle);
+
+    let (client, server) = (Netns::new(), Netns::new());
+    client.link(CLIENT_IP, &server, SERVER_IP);
+    let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+    let app = server
+        .run(async move {
+            let app = Upstream::start_at("web", any(8080)).await;
+            let addr = app.addr;
+            // Serves for as long as the namespace's runtime runs.
+            std::mem::forget(app);
+            addr
+        })
+        .await;
+    assert_eq!(app.port(), 8080);
+    server.run(greeter(any(2525), "smtp")).await;
+    server.run(greeter(any(3306), "mysql")).await;
+    server.run(greeter(any(9000), "unlisted")).await;
+
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let b = NsProxy::start(&server, &server_sidecar(&b_id), admin).await;
+    let a = NsProxy::start(&client, &client_sidecar(&a_id, true), admin).await;
+    init(&server, &[]);
+    init(&client, &[]);
+    let rules = client.nat_rules();
+    assert!(rules.contains("-A OUTPUT -p tcp -j WEFT_OUTPUT"), "{rules}");
+    assert!(
+        rules.contains(&format!("--uid-owner {PROXY_UID} -j RETURN")),
+        "{rules}"
+    );
+
+    // HTTP: the app calls 10.77.0.2:8080 as if there were no mesh.
+    let url = format!("http://{SERVER_IP}:8080/hello");
+    let got = client
+        .run(async move { get(&h1_client(), &url).await })
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "{e}\nclient sidecar:\n{}\nserver sidecar:\n{}",
+                a.log(),
+                b.log()
+            )
+        });
+    assert_eq!(got.status, 200, "{}", b.log());
+    assert_eq!(got.header("x-upstream"), "web");
+    let echo = got.echo();
+    assert_eq!(
+        echo["headers"]["x-forwarded-proto"][0], "https",
+        "the hop between the sidecars was mesh TLS: {echo}"
+    );
+    let a_stats = a.stats(&client).await;
+    let b_stats = b.stats(&server).await;
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_requests_total{listener=\"outbound\",cluster=\"web\",status_class=\"2xx\"}"
+        ),
+        1.0,
+        "{a_stats}"
+    );
+    assert_eq!(
+        stat(
+            &b_stats,
+            "weft_requests_total{listener=\"inbound\",cluster=\"app\",status_class=\"2xx\"}"
+        ),
+        1.0,
+        "{b_stats}"
+    );
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_protocol_detections_total{listener=\"outbound\",protocol=\"http1\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        stat(
+            &b_stats,
+            "weft_protocol_detections_total{listener=\"inbound\",protocol=\"tls\"}"
+        ),
+        1.0
+    );
+
+    // The server speaks first on an ordinary port: detection gives up after its short wait
+    // (the client says nothing) and the bytes flow, over mesh TLS, both ways with half-close.
+    let smtp = SocketAddr::new(SERVER_IP.parse().unwrap(), 2525);
+    let (greeting, waited, rest) = client
+        .run(converse(smtp, "ehlo client\r\n"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", a.log(), b.log()));
+    assert_eq!(greeting, "220 smtp\r\n");
+    assert_eq!(rest, "EHLO CLIENT\r\nbye smtp\r\n");
+    println!("server-first greeting on a detected port after {waited:?}");
+    assert!(
+        waited < Duration::from_secs(3),
+        "Linkerd's 10 s wait is not ours: {waited:?}"
+    );
+    // On a declared opaque port there is no wait at all.
+    let mysql = SocketAddr::new(SERVER_IP.parse().unwrap(), 3306);
+    let (greeting, waited_opaque, rest) = client.run(converse(mysql, "select 1")).await.unwrap();
+    assert_eq!(
+        (greeting.as_str(), rest.as_str()),
+        ("220 mysql\r\n", "SELECT 1bye mysql\r\n")
+    );
+    println!("server-first greeting on a declared opaque port after {waited_opaque:?}");
+
+    let a_stats = a.stats(&client).await;
+    let b_stats = b.stats(&server).await;
+    for cluster in ["smtp", "mysql"] {
+        assert_eq!(
+            stat(
+                &a_stats,
+                &format!(
+                    "weft_tcp_connections_total{{listener=\"outbound\",cluster=\"{cluster}\"}}"
+                )
+            ),
+            1.0,
+            "{a_stats}"
+        );
+    }
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_protocol_detections_total{listener=\"outbound\",protocol=\"silent\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_protocol_detections_total{listener=\"outbound\",protocol=\"declared\"}"
+        ),
+        1.0
+    );
+    // The server's sidecar took both as opaque TCP inside mesh TLS (ALPN weft-tcp), and sent
+    // them on to where they were going.
+    assert_eq!(
+        stat(
+            &b_stats,
+            "weft_tcp_connections_total{listener=\"inbound\",cluster=\"passthrough\"}"
+        ),
+        2.0,
+        "{b_stats}"
+    );
+    assert_eq!(
+        stat(
+            &b_stats,
+            "weft_downstream_tls_connections_total{listener=\"inbound\"}"
+        ),
+        3.0
+    );
+
+    // A port no cluster owns: straight through (passthrough), plaintext, on both sides.
+    let unlisted = SocketAddr::new(SERVER_IP.parse().unwrap(), 9000);
+    let (greeting, _, rest) = client.run(converse(unlisted, "hi")).await.unwrap();
+    assert_eq!(
+        (greeting.as_str(), rest.as_str()),
+        ("220 unlisted\r\n", "HIbye unlisted\r\n")
+    );
+    let a_stats = a.stats(&client).await;
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_tcp_connections_total{listener=\"outbound\",cluster=\"passthrough\"}"
+        ),
+        1.0,
+        "{a_stats}"
+    );
+
+    // Passthrough off: the same call is closed, and counted.
+    a.reload(&client_sidecar(&a_id, false));
+    let mut blocked = None;
+    for _ in 0..100 {
+        match client.run(converse(unlisted, "hi")).await {
+            Err(e) => {
+                blocked = Some(e);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let e = blocked.unwrap_or_else(|| panic!("passthrough stayed on:\n{}", a.log()));
+    assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof, "{e}");
+    let a_stats = a.stats(&client).await;
+    assert!(
+        stat(
+            &a_stats,
+            "weft_tcp_refused_total{listener=\"outbound\",cluster=\"passthrough\"}"
+        ) >= 1.0,
+        "{a_stats}"
+    );
+    // Mesh services still work after the reload.
+    let url = format!("http://{SERVER_IP}:8080/again");
+    let got = client
+        .run(async move { get(&h1_client(), &url).await })
+        .await
+        .unwrap();
+    assert_eq!(got.status, 200);
+
+    // Undo: the client's rules are gone, and its calls no longer go through its sidecar.
+    let passthrough = "weft_tcp_connections_total{listener=\"outbound\",cluster=\"passthrough\"}";
+    let before = stat(&a.stats(&client).await, passthrough);
+    init(&client, &["--undo"]);
+    let rules = client.nat_rules();
+    assert!(!rules.contains("WEFT"), "{rules}");
+    let (greeting, _, _) = client.run(converse(unlisted, "direct")).await.unwrap();
+    assert_eq!(greeting, "220 unlisted\r\n");
+    let after = a.stats(&client).await;
+    assert_eq!(
+        stat(&after, passthrough),
+        before,
+        "the direct call did not cross the client's sidecar"
+    );
+}
