@@ -878,6 +878,8 @@ async fn rollout_status(
     let mut discovery = DiscoveryClient::new(server.connect().await?);
     let mut target = version;
     let mut reported = None;
+    let mut last_report = None;
+    let started = Instant::now();
     loop {
         let status = tokio::time::timeout_at(deadline, discovery.status(StatusRequest {}))
             .await
@@ -902,9 +904,13 @@ async fn rollout_status(
             (0, Some(selector)) => format!("no connected proxy matches {selector}"),
             _ => format!("{synced}/{total} proxies at version >= {target}"),
         };
-        if reported != Some((synced, total)) {
+        // On change, and every 5 s while nothing changes (a proxy compiling a large module
+        // for the first time is slow: say that it is still being waited for).
+        let due = last_report.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(5));
+        if reported != Some((synced, total)) || due {
             reported = Some((synced, total));
-            eprintln!("waiting: {progress}");
+            last_report = Some(Instant::now());
+            eprintln!("waiting: {progress} ({} s)", started.elapsed().as_secs());
         }
         if Instant::now() + ROLLOUT_POLL > deadline {
             return Err(timed_out(&progress));
