@@ -25,10 +25,20 @@ command -v musl-gcc >/dev/null || missing+=(musl-tools)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v setpriv >/dev/null || missing+=(util-linux)
+# The compose mesh test runs deploy/compose with Docker Compose.
+command -v docker-compose >/dev/null || missing+=(docker-compose)
+# The Kubernetes manifests are validated against the OpenAPI schema with kubernetes-validate.
+python3 -c 'import kubernetes_validate' 2>/dev/null \
+  || python3 -m pip install -q kubernetes-validate 2>/dev/null \
+  || { command -v pip3 >/dev/null || missing+=(python3-pip); }
 if (( ${#missing[@]} )); then
   SUDO=""; [[ $EUID -ne 0 ]] && SUDO=sudo
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+python3 -c 'import kubernetes_validate' 2>/dev/null \
+  || python3 -m pip install -q --break-system-packages kubernetes-validate >/dev/null \
+  || python3 -m pip install -q kubernetes-validate
 
 # The end-to-end tests start the binaries and load guest filters, so build them first:
 # the proxy binaries for the host, the filters of tests/filters/ for wasm32-wasip1.

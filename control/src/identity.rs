@@ -119,6 +119,7 @@ impl v1::identity_server::Identity for IdentityService {
             spiffe_id: id.to_string(),
             expires_ms,
             used_ms: None,
+            reusable: r.reusable,
         };
         let store = self.store.clone();
         let hash = token_hash(&token);
@@ -126,7 +127,7 @@ impl v1::identity_server::Identity for IdentityService {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
-        tracing::info!(%id, "join token minted");
+        tracing::info!(%id, reusable = r.reusable, "join token minted");
         Ok(Response::new(v1::CreateTokenResponse {
             token,
             spiffe_id: id.to_string(),
@@ -151,7 +152,7 @@ impl v1::identity_server::Identity for IdentityService {
                         .redeem_token(&token_hash(token.trim()), now)
                         .map_err(|e| Status::internal(e.to_string()))?
                         .ok_or_else(|| Status::unauthenticated("unknown join token"))?;
-                    if record.used_ms.is_some() {
+                    if record.used_ms.is_some() && !record.reusable {
                         tracing::warn!(id = %record.spiffe_id, "a join token was presented again");
                         return Err(Status::unauthenticated("this join token was already used"));
                     }

@@ -30,6 +30,7 @@ pub mod dns;
 pub mod etcd;
 pub mod gateway;
 pub mod identity;
+pub mod inject;
 pub mod manifest;
 pub mod model;
 pub mod module_check;

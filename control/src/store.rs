@@ -119,6 +119,9 @@ pub struct TokenRecord {
     pub expires_ms: u64,
     /// When it was redeemed, if it was.
     pub used_ms: Option<u64>,
+    /// Redeemable again and again until it expires.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reusable: bool,
 }
 
 const MODULES: TableDefinition<&str, &[u8]> = TableDefinition::new("modules");

@@ -15,6 +15,8 @@ use weft_tests::*;
 
 const CLIENT_IP: &str = "10.77.0.1";
 const SERVER_IP: &str = "10.77.0.2";
+/// A service's virtual address (a ClusterIP): no host has it.
+const VIP: &str = "10.77.0.100:80";
 const A_ID: &str = "spiffe://weft.local/ns/default/sa/client";
 const B_ID: &str = "spiffe://weft.local/ns/default/sa/server";
 
@@ -42,6 +44,9 @@ fn client_sidecar(identity: &str, passthrough: bool) -> String {
     capture: {{ passthrough: {passthrough} }}
 clusters:
   - name: web
+    endpoints: [ {{ address: \"{SERVER_IP}:8080\", identity: \"{B_ID}\" }} ]
+{mesh}  - name: web-vip
+    addresses: [ \"{VIP}\" ]
     endpoints: [ {{ address: \"{SERVER_IP}:8080\", identity: \"{B_ID}\" }} ]
 {mesh}  - name: smtp
     endpoints: [ {{ address: \"{SERVER_IP}:2525\", identity: \"{B_ID}\" }} ]
@@ -178,6 +183,23 @@ async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
         1.0
     );
 
+    // A virtual address no host has (a Kubernetes ClusterIP): the cluster that lists it.
+    let url = format!("http://{VIP}/vip");
+    let got = client
+        .run(async move { get(&h1_client(), &url).await })
+        .await
+        .unwrap();
+    assert_eq!((got.status, got.header("x-upstream")), (200, "web"));
+    let a_stats = a.stats(&client).await;
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_requests_total{listener=\"outbound\",cluster=\"web-vip\",status_class=\"2xx\"}"
+        ),
+        1.0,
+        "{a_stats}"
+    );
+
     // The server speaks first on an ordinary port: detection gives up after its short wait
     // (the client says nothing) and the bytes flow, over mesh TLS, both ways with half-close.
     let smtp = SocketAddr::new(SERVER_IP.parse().unwrap(), 2525);
@@ -244,7 +266,8 @@ async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
             &b_stats,
             "weft_downstream_tls_connections_total{listener=\"inbound\"}"
         ),
-        3.0
+        4.0,
+        "one mesh TLS connection each: web, web-vip, smtp, mysql"
     );
 
     // A port no cluster owns: straight through (passthrough), plaintext, on both sides.

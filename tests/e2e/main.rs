@@ -6,6 +6,7 @@ mod admin;
 mod bad_input;
 mod cancellation;
 mod capture;
+mod compose;
 mod control;
 mod dns;
 mod drain;

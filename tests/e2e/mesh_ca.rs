@@ -726,3 +726,49 @@ async fn a_registered_instance_must_prove_the_identity_it_registered_with() {
     assert_eq!(code, 1);
     assert!(err.contains("identity"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reusable_token_enrolls_every_replica_until_it_expires() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = ControlProcess::start(&dir.path().join("control")).await;
+    let mint = |extra: &[&str]| {
+        let mut args = vec!["identity", "token", "--service-account", "a"];
+        args.extend_from_slice(extra);
+        let (code, token, err) = control.weftctl(&args);
+        assert_eq!(code, 0, "{err}");
+        token.trim().to_owned()
+    };
+    let mut client = v1::identity_client::IdentityClient::connect(control.url())
+        .await
+        .unwrap();
+    let csr = || {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = vec![SanType::URI(A_ID.try_into().unwrap())];
+        p.serialize_request(&key).unwrap().der().to_vec()
+    };
+    let sign = |token: &str| v1::SignRequest {
+        csr_der: csr(),
+        credential: Some(v1::sign_request::Credential::JoinToken(token.to_owned())),
+    };
+    // Three replicas of one workload, one Secret: each gets the identity, with its own key.
+    let shared = mint(&["--reusable"]);
+    let mut serials = std::collections::BTreeSet::new();
+    for _ in 0..3 {
+        let signed = client.sign(sign(&shared)).await.unwrap().into_inner();
+        assert_eq!(signed.spiffe_id, A_ID);
+        serials.insert(signed.cert_chain_der[0].clone());
+    }
+    assert_eq!(serials.len(), 3, "three distinct certificates");
+    // An ordinary token still works once.
+    let once = mint(&[]);
+    client.sign(sign(&once)).await.unwrap();
+    let err = client.sign(sign(&once)).await.unwrap_err();
+    assert!(err.message().contains("already used"), "{err:?}");
+    // A reusable token stops at its expiry like any other.
+    let short = mint(&["--reusable", "--ttl-seconds", "1"]);
+    client.sign(sign(&short)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let err = client.sign(sign(&short)).await.unwrap_err();
+    assert!(err.message().contains("expired"), "{err:?}");
+}

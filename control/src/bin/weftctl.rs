@@ -114,6 +114,23 @@ enum Command {
     /// The mesh CA: its trust bundle, its status, root rotation.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Add the Weft sidecar to Kubernetes workloads (offline): prints the manifest with a
+    /// capture init container, the proxy as a native sidecar, and each workload's sidecar
+    /// ConfigMap (docs/deploy.md).
+    Inject {
+        /// The manifest (YAML documents); `-` reads stdin.
+        #[arg(short = 'f', long = "filename", value_name = "FILE")]
+        file: PathBuf,
+        /// The sidecar's image.
+        #[arg(long)]
+        proxy_image: Option<String>,
+        /// The capture init container's image.
+        #[arg(long)]
+        init_image: Option<String>,
+        /// The control service the sidecars follow.
+        #[arg(long, default_value = "https://weft-control.weft-system.svc:7070")]
+        control_url: String,
+    },
 }
 
 /// `weftctl identity ...`.
@@ -132,6 +149,10 @@ enum IdentityCommand {
         /// How long the token may be redeemed, in seconds [default: one day]
         #[arg(long, default_value_t = 0)]
         ttl_seconds: u64,
+        /// Redeemable by any number of proxies until it expires (one Secret for every
+        /// replica of a Kubernetes workload); whoever reads it can get the identity.
+        #[arg(long)]
+        reusable: bool,
     },
 }
 
@@ -392,6 +413,30 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let server = Server::from_cli(&cli)?;
     let output = cli.output;
     match cli.command {
+        Command::Inject {
+            file,
+            proxy_image,
+            init_image,
+            control_url,
+        } => {
+            let input = if file.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                text
+            } else {
+                std::fs::read_to_string(&file)
+                    .with_context(|| format!("cannot read {}", file.display()))?
+            };
+            let defaults = weft_control::inject::InjectOptions::default();
+            let options = weft_control::inject::InjectOptions {
+                proxy_image: proxy_image.unwrap_or(defaults.proxy_image),
+                init_image: init_image.unwrap_or(defaults.init_image),
+                control: control_url,
+            };
+            let out = weft_control::inject::inject(&input, &options).map_err(|e| anyhow!(e))?;
+            print!("{out}");
+            Ok(())
+        }
         Command::Module(ModuleCommand::Push { file, name, sign }) => {
             push_module(&server, &file, name, sign.as_deref(), output).await
         }
@@ -511,12 +556,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             namespace,
             service_account,
             ttl_seconds,
+            reusable,
         }) => {
             let minted = IdentityClient::new(server.connect().await?)
                 .create_token(CreateTokenRequest {
                     namespace,
                     service_account,
                     ttl_seconds,
+                    reusable,
                 })
                 .await
                 .rpc()?;

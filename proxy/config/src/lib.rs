@@ -677,6 +677,11 @@ pub struct ClusterConfig {
     /// TLS towards the endpoints; without it, plaintext.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTls>,
+    /// Virtual addresses of the service (`ip:port`: a Kubernetes Service's ClusterIP and
+    /// port): a captured connection to one goes to this cluster, balanced over its
+    /// endpoints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub addresses: Vec<SocketAddr>,
 }
 
 /// A named item (`name`) from `settings`: a JSON object of its fields but `reserved` (and

@@ -119,13 +119,21 @@ pub async fn detect(stream: &TcpStream, limit: Duration) -> Detected {
     }
 }
 
-/// The cluster a captured connection to `dst` goes to: `ports` first, then the cluster one
-/// of whose endpoints is `dst` (a mesh service is reached by any of its instances'
-/// addresses and balanced over all of them, as a Kubernetes ClusterIP would be).
+/// The cluster a captured connection to `dst` goes to: `ports` first, then the cluster with
+/// `dst` among its virtual `addresses` (a ClusterIP), then the one one of whose endpoints is
+/// `dst` (a mesh service is reached by any of its instances' addresses and balanced over all
+/// of them, as a ClusterIP would be).
 fn cluster_for(live: &Live, capture: &CaptureConfig, dst: SocketAddr) -> Option<usize> {
     let clusters = &live.clusters;
     if let Some(name) = capture.ports.get(&dst.port()) {
         return clusters.find(name);
+    }
+    if let Some(i) = clusters
+        .list
+        .iter()
+        .position(|c| c.addresses().contains(&dst))
+    {
+        return Some(i);
     }
     clusters.list.iter().position(|c| {
         c.endpoints().list.iter().any(|ep| match &ep.address {

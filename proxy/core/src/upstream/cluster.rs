@@ -130,6 +130,11 @@ impl Cluster {
         self
     }
 
+    /// The service's virtual addresses (`addresses`), which capture listeners route by.
+    pub fn addresses(&self) -> &[std::net::SocketAddr] {
+        &self.settings.addresses
+    }
+
     /// Whether `c` has this cluster's settings (its endpoints aside): then the cluster
     /// follows `c` by [`Cluster::set_endpoints`], keeping its pools, statistics and counts.
     pub fn same_settings(&self, c: &ClusterConfig) -> bool {
