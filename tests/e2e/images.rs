@@ -102,6 +102,139 @@ fn the_images_are_small_static_non_root_and_labelled() {
     }
 }
 
+#[test]
+fn the_init_image_applies_and_removes_the_capture_rules_in_a_container() {
+    let labels = docker(&[
+        "image",
+        "inspect",
+        "-f",
+        "{{json .Config.Labels}}",
+        "weft-init:dev",
+    ]);
+    assert!(
+        labels.contains("\"org.opencontainers.image.title\":\"weft-init\""),
+        "{labels}"
+    );
+    let rules = docker(&["run", "--rm", "weft-init:dev", "--dry-run"]);
+    assert!(
+        rules.contains("-A WEFT_OUTPUT -m owner --uid-owner 65532 -j RETURN"),
+        "{rules}"
+    );
+    // Applied for real in another container's network namespace (as a pod's init container
+    // does), with the image's own iptables and extensions; listed; removed.
+    let name = format!("weft-init-test-{}", std::process::id());
+    let _made = Made {
+        containers: vec![name.clone()],
+        network: String::new(),
+    };
+    docker(&[
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "weft-demo:dev",
+        "--name",
+        "app",
+        "--listen",
+        "0.0.0.0:8080",
+    ]);
+    let netns = format!("container:{name}");
+    let in_app = |args: &[&str]| {
+        let mut all = vec!["run", "--rm", "--network", &netns, "--cap-add", "NET_ADMIN"];
+        all.extend_from_slice(args);
+        docker(&all)
+    };
+    in_app(&["weft-init:dev"]);
+    let listed = in_app(&[
+        "--entrypoint",
+        "/usr/sbin/iptables-nft-save",
+        "weft-init:dev",
+        "-t",
+        "nat",
+    ]);
+    assert!(
+        listed.contains("-A OUTPUT -p tcp -j WEFT_OUTPUT"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("-A WEFT_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"),
+        "{listed}"
+    );
+    in_app(&["weft-init:dev", "--undo"]);
+    let listed = in_app(&[
+        "--entrypoint",
+        "/usr/sbin/iptables-nft-save",
+        "weft-init:dev",
+        "-t",
+        "nat",
+    ]);
+    assert!(!listed.contains("WEFT"), "{listed}");
+    let out = Command::new("docker")
+        .args([
+            "run",
+            "--rm",
+            "--entrypoint",
+            "/bin/sh",
+            "weft-init:dev",
+            "-c",
+            "true",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the init image has no shell");
+    let without = Command::new("docker")
+        .args(["run", "--rm", "weft-init:dev"])
+        .output()
+        .unwrap();
+    assert!(
+        !without.status.success(),
+        "without NET_ADMIN the rules cannot be applied"
+    );
+    assert!(
+        String::from_utf8_lossy(&without.stderr).contains("weft-proxy init:"),
+        "a clear error: {}",
+        String::from_utf8_lossy(&without.stderr)
+    );
+}
+
+#[test]
+fn the_demo_image_runs_its_service_as_a_user_whose_traffic_is_captured() {
+    assert_eq!(
+        docker(&[
+            "image",
+            "inspect",
+            "-f",
+            "{{.Config.User}}",
+            "weft-demo:dev"
+        ]),
+        "1000:1000"
+    );
+    let version = docker(&["run", "--rm", "weft-demo:dev", "--version"]);
+    assert!(version.starts_with("demo-service"), "{version}");
+    let filters = docker(&[
+        "run",
+        "--rm",
+        "--entrypoint",
+        "/bin/busybox",
+        "weft-demo:dev",
+        "ls",
+        "/filters",
+    ]);
+    for f in [
+        "router",
+        "retry",
+        "fault",
+        "telemetry",
+        "ratelimit",
+        "authz",
+    ] {
+        assert!(
+            filters.contains(&format!("weft_filter_{f}.wasm")),
+            "{filters}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_image_serves_a_mounted_config_in_a_docker_network() {
     let dir = tempfile::tempdir().unwrap();
