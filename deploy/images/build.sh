@@ -57,7 +57,7 @@ cp "$bin/weft-proxy" "$bin/weft-control" "$bin/weftctl" "$ctx/"
 init="$ctx/init"
 mkdir -p "$init/usr/local/bin" "$init/usr/sbin" "$init/run" "$init/etc"
 cp "$bin/weft-proxy" "$init/usr/local/bin/"
-for name in iptables-nft iptables-nft-restore iptables-nft-save; do
+for name in iptables-nft iptables-nft-restore iptables-nft-save ip6tables-nft ip6tables-nft-restore ip6tables-nft-save; do
   cp /usr/sbin/xtables-nft-multi "$init/usr/sbin/$name"   # it dispatches on its name
 done
 for lib in $(ldd /usr/sbin/xtables-nft-multi | grep -o '/[^ ]*'); do

@@ -41,9 +41,13 @@ pub struct InitArgs {
     /// Outbound destination ports never captured, comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_ports: Vec<u16>,
-    /// Outbound destination CIDRs never captured (`10.0.0.0/8`), comma-separated.
+    /// Outbound destination CIDRs never captured (`10.0.0.0/8`, `fd00::/8`), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub exclude_outbound_cidrs: Vec<String>,
+    /// Capture IPv6 too (ip6tables): the proxy's capture listeners must then listen on `[::]`
+    /// (dual-stack), or IPv6 connections find nobody on the ports they are sent to.
+    #[arg(long)]
+    pub ipv6: bool,
     /// Remove the rules instead.
     #[arg(long)]
     pub undo: bool,
@@ -60,8 +64,27 @@ const CHAINS: [&str; 4] = [
 ];
 const HOOKS: [(&str, &str); 2] = [("PREROUTING", "WEFT_INBOUND"), ("OUTPUT", "WEFT_OUTPUT")];
 
-/// The rules, in `iptables-restore --noflush` form; `Err` names a bad option.
-pub fn rules(a: &InitArgs) -> Result<String, String> {
+/// The address families rules are made for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    /// iptables.
+    V4,
+    /// ip6tables.
+    V6,
+}
+
+impl Family {
+    /// The tools' base name.
+    fn tool(self) -> &'static str {
+        match self {
+            Self::V4 => "iptables",
+            Self::V6 => "ip6tables",
+        }
+    }
+}
+
+/// The rules of `family`, in `iptables-restore --noflush` form; `Err` names a bad option.
+pub fn rules(a: &InitArgs, family: Family) -> Result<String, String> {
     let inbound: Option<Vec<u16>> = match a.inbound_ports.trim() {
         "*" => None,
         "" => Some(vec![]),
@@ -75,14 +98,27 @@ pub fn rules(a: &InitArgs) -> Result<String, String> {
                 .collect::<Result<_, _>>()?,
         ),
     };
+    let mut cidrs = Vec::new();
     for cidr in &a.exclude_outbound_cidrs {
-        let (ip, bits) = cidr.split_once('/').unwrap_or((cidr, "32"));
-        let ok =
-            ip.parse::<std::net::Ipv4Addr>().is_ok() && bits.parse::<u8>().is_ok_and(|b| b <= 32);
-        if !ok {
+        let ip = cidr.split_once('/').map_or(cidr.as_str(), |(ip, _)| ip);
+        let (v6, max) = match ip.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(_)) => (false, 32),
+            Ok(std::net::IpAddr::V6(_)) => (true, 128),
+            Err(_) => return Err(format!("--exclude-outbound-cidrs: `{cidr}` is not a CIDR")),
+        };
+        let bits_ok = cidr
+            .split_once('/')
+            .is_none_or(|(_, bits)| bits.parse::<u8>().is_ok_and(|b| b <= max));
+        if !bits_ok {
+            return Err(format!("--exclude-outbound-cidrs: `{cidr}` is not a CIDR"));
+        }
+        if v6 && !a.ipv6 {
             return Err(format!(
-                "--exclude-outbound-cidrs: `{cidr}` is not an IPv4 CIDR"
+                "--exclude-outbound-cidrs: `{cidr}` is IPv6: add --ipv6 to capture IPv6"
             ));
+        }
+        if v6 == (family == Family::V6) {
+            cidrs.push(cidr);
         }
     }
     if a.inbound_port == a.outbound_port {
@@ -126,7 +162,7 @@ pub fn rules(a: &InitArgs) -> Result<String, String> {
         r += &format!("-A WEFT_OUTPUT -m owner --gid-owner {gid} -j RETURN\n");
     }
     r += "-A WEFT_OUTPUT -o lo -j RETURN\n";
-    for cidr in &a.exclude_outbound_cidrs {
+    for cidr in cidrs {
         r += &format!("-A WEFT_OUTPUT -d {cidr} -j RETURN\n");
     }
     for port in &a.exclude_outbound_ports {
@@ -137,14 +173,19 @@ pub fn rules(a: &InitArgs) -> Result<String, String> {
     Ok(r)
 }
 
-/// The `iptables` tools: the nft backend's where present.
-fn tool(name: &str) -> String {
-    let nft = name.replacen("iptables", "iptables-nft", 1);
-    let on_path = |n: &str| {
-        std::env::var_os("PATH")
-            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(n).is_file()))
-    };
-    if on_path(&nft) { nft } else { name.to_owned() }
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+}
+
+/// A tool of `family` (`suffix`: `""` or `"-restore"`): the nft backend's where present.
+fn tool(family: Family, suffix: &str) -> String {
+    let nft = format!("{}-nft{suffix}", family.tool());
+    if on_path(&nft) {
+        nft
+    } else {
+        format!("{}{suffix}", family.tool())
+    }
 }
 
 /// Removes the rules: the hooks, then the chains; what is not there is skipped.
@@ -176,67 +217,91 @@ fn undo(iptables: &str) -> Result<(), String> {
 
 /// Runs `weft-proxy init`.
 pub fn run(a: &InitArgs) -> ExitCode {
-    let rules = match rules(a) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("weft-proxy init: {e}");
-            return ExitCode::from(2);
+    let mut families = vec![Family::V4];
+    if a.ipv6 {
+        families.push(Family::V6);
+    }
+    let mut all = Vec::new();
+    for family in &families {
+        match rules(a, *family) {
+            Ok(r) => all.push((*family, r)),
+            Err(e) => {
+                eprintln!("weft-proxy init: {e}");
+                return ExitCode::from(2);
+            }
         }
-    };
+    }
     if a.dry_run {
-        if a.undo {
-            println!("# remove the PREROUTING and OUTPUT hooks and the chains {CHAINS:?}");
-        } else {
-            print!("{rules}");
+        for (family, rules) in &all {
+            if a.undo {
+                println!(
+                    "# {}: remove the PREROUTING and OUTPUT hooks and the chains {CHAINS:?}",
+                    family.tool()
+                );
+            } else {
+                println!("# {}", family.tool());
+                print!("{rules}");
+            }
         }
         return ExitCode::SUCCESS;
     }
-    let iptables = tool("iptables");
-    if let Err(e) = undo(&iptables) {
-        eprintln!("weft-proxy init: {e}");
-        return ExitCode::FAILURE;
+    // Undo takes the IPv6 rules out too where the tools are, with or without --ipv6.
+    for family in [Family::V4, Family::V6] {
+        let iptables = tool(family, "");
+        if family == Family::V6 && !a.ipv6 && !on_path(&iptables) {
+            continue;
+        }
+        if let Err(e) = undo(&iptables) {
+            eprintln!("weft-proxy init: {e}");
+            return ExitCode::FAILURE;
+        }
     }
     if a.undo {
         eprintln!("weft-proxy init: capture rules removed");
         return ExitCode::SUCCESS;
     }
-    let restore = tool("iptables-restore");
-    let child = Command::new(&restore)
+    for (family, rules) in &all {
+        if let Err(e) = apply(*family, rules) {
+            eprintln!("weft-proxy init: {e}");
+            // Nothing half-applied stays behind.
+            for (family, _) in &all {
+                let _ = undo(&tool(*family, ""));
+            }
+            return ExitCode::FAILURE;
+        }
+    }
+    eprintln!(
+        "weft-proxy init: inbound TCP → :{}, outbound TCP → :{} (uid {} left alone){}",
+        a.inbound_port,
+        a.outbound_port,
+        a.proxy_uid,
+        if a.ipv6 { ", IPv4 and IPv6" } else { "" }
+    );
+    ExitCode::SUCCESS
+}
+
+/// Applies `rules` with the `iptables-restore` of `family`.
+fn apply(family: Family, rules: &str) -> Result<(), String> {
+    let restore = tool(family, "-restore");
+    let mut child = Command::new(&restore)
         .args(["--noflush", "-w"])
         .stdin(Stdio::piped())
         .stderr(Stdio::piped())
-        .spawn();
-    let mut child = match child {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("weft-proxy init: cannot run {restore}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+        .spawn()
+        .map_err(|e| format!("cannot run {restore}: {e}"))?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(rules.as_bytes());
     }
-    match child.wait_with_output() {
-        Ok(out) if out.status.success() => {
-            eprintln!(
-                "weft-proxy init: inbound TCP → :{}, outbound TCP → :{} (uid {} left alone)",
-                a.inbound_port, a.outbound_port, a.proxy_uid
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(out) => {
-            eprintln!(
-                "weft-proxy init: {restore} refused the rules: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            // Nothing half-applied stays behind.
-            let _ = undo(&iptables);
-            ExitCode::FAILURE
-        }
-        Err(e) => {
-            eprintln!("weft-proxy init: {restore}: {e}");
-            ExitCode::FAILURE
-        }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("{restore}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{restore} refused the rules: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -258,15 +323,16 @@ mod tests {
 
     #[test]
     fn rules_leave_the_proxy_loopback_and_exclusions_alone() {
-        let r = rules(&args(&[
+        let a = args(&[
             "--exclude-outbound-cidrs",
-            "10.96.0.0/12",
+            "10.96.0.0/12,fd00::/8",
             "--exclude-outbound-ports",
             "5432",
             "--inbound-ports",
             "8080,9090",
-        ]))
-        .unwrap();
+            "--ipv6",
+        ]);
+        let r = rules(&a, Family::V4).unwrap();
         let out: Vec<&str> = r
             .lines()
             .filter(|l| l.starts_with("-A WEFT_OUTPUT"))
@@ -284,13 +350,20 @@ mod tests {
         assert!(r.contains("-A WEFT_INBOUND -p tcp --dport 15000 -j RETURN"));
         assert!(r.contains("-A WEFT_INBOUND -p tcp --dport 8080 -j WEFT_IN_REDIRECT"));
         assert!(!r.contains("-A WEFT_INBOUND -p tcp -j WEFT_IN_REDIRECT"));
+        // Each family gets its own CIDRs.
+        let r6 = rules(&a, Family::V6).unwrap();
+        assert!(r6.contains("-A WEFT_OUTPUT -d fd00::/8 -j RETURN"), "{r6}");
+        assert!(!r6.contains("10.96.0.0/12") && !r.contains("fd00::/8"));
     }
 
     #[test]
     fn bad_options_are_named() {
-        let e = rules(&args(&["--exclude-outbound-cidrs", "10.0.0.0/40"])).unwrap_err();
+        let bad = |extra: &[&str]| rules(&args(extra), Family::V4).unwrap_err();
+        let e = bad(&["--exclude-outbound-cidrs", "10.0.0.0/40"]);
         assert!(e.contains("`10.0.0.0/40`"), "{e}");
-        let e = rules(&args(&["--inbound-ports", "80,http"])).unwrap_err();
+        let e = bad(&["--inbound-ports", "80,http"]);
         assert!(e.contains("`http`"), "{e}");
+        let e = bad(&["--exclude-outbound-cidrs", "fd00::/8"]);
+        assert!(e.contains("add --ipv6"), "{e}");
     }
 }

@@ -332,3 +332,102 @@ async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
         "the direct call did not cross the client's sidecar"
     );
 }
+
+#[tokio::test]
+async fn ipv6_calls_are_captured_on_dual_stack_listeners_with_ipv4_alongside() {
+    let dir = tempfile::tempdir().unwrap();
+    world_readable(dir.path());
+    let ca = Ca::new("mesh root");
+    let bundle = ca.write_bundle(dir.path(), "bundle.pem");
+    let a_id = identity(&ca.issue(&Leaf::spiffe(A_ID), dir.path(), "a"), &bundle);
+    let b_id = identity(&ca.issue(&Leaf::spiffe(B_ID), dir.path(), "b"), &bundle);
+    let (client, server) = (Netns::new(), Netns::new());
+    client.link_with(
+        &["10.78.0.1/24", "fd78::1/64"],
+        &server,
+        &["10.78.0.2/24", "fd78::2/64"],
+    );
+    // The app and a server-first service listen on both families (`[::]`, dual-stack).
+    let any6 = |port| SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+    server
+        .run(async move { std::mem::forget(Upstream::start_at("web", any6(8080)).await) })
+        .await;
+    server.run(greeter(any6(2525), "smtp")).await;
+
+    let mesh = "    tls: { mode: mesh }\n    connect_timeout_ms: 2000\n";
+    let client_yaml = format!(
+        "admin: {{ address: \"127.0.0.1:15000\" }}
+{a_id}listeners:
+  - name: outbound
+    address: \"[::]:15001\"
+    direction: outbound
+    capture: {{}}
+clusters:
+  - name: web6
+    endpoints: [ {{ address: \"[fd78::2]:8080\", identity: \"{B_ID}\" }} ]
+{mesh}  - name: web4
+    endpoints: [ {{ address: \"10.78.0.2:8080\", identity: \"{B_ID}\" }} ]
+{mesh}  - name: smtp6
+    endpoints: [ {{ address: \"[fd78::2]:2525\", identity: \"{B_ID}\" }} ]
+{mesh}"
+    );
+    let server_yaml = server_sidecar(&b_id).replace("\"0.0.0.0:15006\"", "\"[::]:15006\"");
+    assert!(server_yaml.contains("[::]:15006"));
+    let admin = SocketAddr::from(([127, 0, 0, 1], 15000));
+    let b = NsProxy::start(&server, &server_yaml, admin).await;
+    let a = NsProxy::start(&client, &client_yaml, admin).await;
+    init(&server, &["--ipv6"]);
+    init(&client, &["--ipv6"]);
+    let rules6 = client.nat_rules6();
+    assert!(
+        rules6.contains("-A OUTPUT -p tcp -j WEFT_OUTPUT"),
+        "{rules6}"
+    );
+
+    for (url, cluster) in [
+        ("http://[fd78::2]:8080/six", "web6"),
+        ("http://10.78.0.2:8080/four", "web4"),
+    ] {
+        let u = url.to_owned();
+        let got = client
+            .run(async move { get(&h1_client(), &u).await })
+            .await
+            .unwrap_or_else(|e| panic!("{url}: {e}\n{}\n{}", a.log(), b.log()));
+        assert_eq!(
+            (got.status, got.header("x-upstream")),
+            (200, "web"),
+            "{url}"
+        );
+        assert_eq!(
+            got.echo()["headers"]["x-forwarded-proto"][0],
+            "https",
+            "{url}"
+        );
+        let stats = a.stats(&client).await;
+        let series = format!(
+            "weft_requests_total{{listener=\"outbound\",cluster=\"{cluster}\",status_class=\"2xx\"}}"
+        );
+        assert_eq!(stat(&stats, &series), 1.0, "{url}: {stats}");
+    }
+    // Opaque TCP over IPv6, the server speaking first.
+    let smtp = SocketAddr::new("fd78::2".parse().unwrap(), 2525);
+    let (greeting, _, rest) = client.run(converse(smtp, "v6\r\n")).await.unwrap();
+    assert_eq!(
+        (greeting.as_str(), rest.as_str()),
+        ("220 smtp\r\n", "V6\r\nbye smtp\r\n")
+    );
+    let stats = a.stats(&client).await;
+    assert_eq!(
+        stat(
+            &stats,
+            "weft_tcp_connections_total{listener=\"outbound\",cluster=\"smtp6\"}"
+        ),
+        1.0,
+        "{stats}"
+    );
+
+    // Undo without --ipv6 still takes the IPv6 rules out.
+    init(&client, &["--undo"]);
+    assert!(!client.nat_rules6().contains("WEFT"));
+    assert!(!client.nat_rules().contains("WEFT"));
+}

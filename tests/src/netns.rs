@@ -74,6 +74,16 @@ impl Netns {
 
     /// Links this namespace (`ip`/24 here) with `other` (`other_ip`/24 there).
     pub fn link(&self, ip_here: &str, other: &Netns, ip_there: &str) {
+        self.link_with(
+            &[&format!("{ip_here}/24")],
+            other,
+            &[&format!("{ip_there}/24")],
+        );
+    }
+
+    /// Links this namespace with `other` by a veth pair with these addresses (`ip/prefix`,
+    /// IPv4 or IPv6) at each end.
+    pub fn link_with(&self, here: &[&str], other: &Netns, there: &[&str]) {
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let (a, b) = (format!("wv{n}a"), format!("wv{n}b"));
         ip(&[
@@ -90,8 +100,15 @@ impl Netns {
             "netns",
             &other.name,
         ]);
-        for (ns, dev, addr) in [(&self.name, &a, ip_here), (&other.name, &b, ip_there)] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+        for (ns, dev, addrs) in [(&self.name, &a, here), (&other.name, &b, there)] {
+            for addr in addrs {
+                // IPv6: usable at once, without duplicate address detection's wait.
+                let mut args = vec!["-n", ns, "addr", "add", addr, "dev", dev];
+                if addr.contains(':') {
+                    args.push("nodad");
+                }
+                ip(&args);
+            }
             ip(&["-n", ns, "link", "set", dev, "up"]);
         }
     }
@@ -117,8 +134,17 @@ impl Netns {
 
     /// `iptables-save` of the namespace's nat table.
     pub fn nat_rules(&self) -> String {
+        self.saved("iptables-save")
+    }
+
+    /// `ip6tables-save` of the namespace's nat table.
+    pub fn nat_rules6(&self) -> String {
+        self.saved("ip6tables-save")
+    }
+
+    fn saved(&self, tool: &str) -> String {
         let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "iptables-save", "-t", "nat"])
+            .args(["netns", "exec", &self.name, tool, "-t", "nat"])
             .output()
             .expect("iptables-save");
         String::from_utf8_lossy(&out.stdout).into_owned()

@@ -23,17 +23,30 @@ use crate::tls::{Stream, server::is_opaque};
 use crate::upstream::EndpointAddress;
 
 /// The original destination of a redirected connection; `None` when it was not redirected
-/// (the socket has none, or it is the listener's own address).
+/// (the socket has none, or it is the listener's own address). IPv4 and IPv6 (`[::]`
+/// listeners are dual-stack: an IPv4 connection on one arrives as an IPv4-mapped address,
+/// and is answered with its IPv4 destination).
 pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr().ok()?;
+    let local = unmapped(stream.local_addr().ok()?);
     let dst = if local.is_ipv4() {
         sock.original_dst_v4()
     } else {
         sock.original_dst_v6()
     };
-    let dst = dst.ok()?.as_socket()?;
+    let dst = unmapped(dst.ok()?.as_socket()?);
     (dst != local).then_some(dst)
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (`::ffff:10.0.0.1`) as the IPv4 address it is.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), a.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
 }
 
 /// What a connection's first bytes say it speaks.
