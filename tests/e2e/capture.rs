@@ -270,6 +270,72 @@ async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
         "one mesh TLS connection each: web, web-vip, smtp, mysql"
     );
 
+    // An app that terminates its own TLS (here an edge-TLS proxy in front of the web app):
+    // its clients' TLS, which is not a sidecar's, passes the permissive inbound listener
+    // untouched (told apart by the ClientHello: no `weft-mesh` offered).
+    let app_ca = Ca::new("the app's own root");
+    let app_ca_file = app_ca.write_bundle(dir.path(), "app-ca.pem");
+    let app_cert = app_ca.issue(&Leaf::dns(&["app.test"]), dir.path(), "app");
+    for f in [&app_cert.cert, &app_cert.key, &app_ca_file] {
+        world_readable(f);
+    }
+    let tls_app = NsProxy::start(
+        &server,
+        &format!(
+            "admin: {{ address: \"127.0.0.1:15100\" }}
+listeners:
+  - name: tls-app
+    address: \"0.0.0.0:8443\"
+    default_cluster: web
+    tls: {{ mode: simple, certificates: [ {{ cert_file: \"{}\", key_file: \"{}\" }} ] }}
+clusters:
+  - name: web
+    endpoints: [ {{ address: \"127.0.0.1:8080\" }} ]
+",
+            app_cert.cert.display(),
+            app_cert.key.display()
+        ),
+        SocketAddr::from(([127, 0, 0, 1], 15100)),
+    )
+    .await;
+    let curl = client
+        .command(std::path::Path::new("curl"))
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(&app_ca_file)
+        .args([
+            "--resolve",
+            &format!("app.test:8443:{SERVER_IP}"),
+            "https://app.test:8443/own-tls",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "200",
+        "{}\n{}\n{}",
+        String::from_utf8_lossy(&curl.stderr),
+        b.log(),
+        tls_app.log()
+    );
+    let b_stats = b.stats(&server).await;
+    assert_eq!(
+        stat(
+            &b_stats,
+            "weft_protocol_detections_total{listener=\"inbound\",protocol=\"tls_passthrough\"}"
+        ),
+        1.0,
+        "{b_stats}"
+    );
+
     // A port no cluster owns: straight through (passthrough), plaintext, on both sides.
     let unlisted = SocketAddr::new(SERVER_IP.parse().unwrap(), 9000);
     let (greeting, _, rest) = client.run(converse(unlisted, "hi")).await.unwrap();
@@ -283,8 +349,8 @@ async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
             &a_stats,
             "weft_tcp_connections_total{listener=\"outbound\",cluster=\"passthrough\"}"
         ),
-        1.0,
-        "{a_stats}"
+        2.0,
+        "the app's own TLS and this: {a_stats}"
     );
 
     // Passthrough off: the same call is closed, and counted.

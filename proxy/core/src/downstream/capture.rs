@@ -58,6 +58,9 @@ pub enum Detected {
     Http2,
     /// A TLS handshake record.
     Tls,
+    /// A TLS handshake that is not a sidecar's (no `weft-mesh` or `weft-tcp` offered), on a
+    /// permissive listener: relayed as it is, for the app to terminate.
+    TlsPassthrough,
     /// Bytes that are none of these.
     Opaque,
     /// Nothing within the detection timeout.
@@ -71,6 +74,7 @@ impl Detected {
             Self::Http1 => "http1",
             Self::Http2 => "http2",
             Self::Tls => "tls",
+            Self::TlsPassthrough => "tls_passthrough",
             Self::Opaque => "opaque",
             Self::Silent => "silent",
         }
@@ -130,6 +134,115 @@ pub async fn detect(stream: &TcpStream, limit: Duration) -> Detected {
             return Detected::Opaque;
         }
     }
+}
+
+/// What a ClientHello says, as far as routing cares.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ClientHello {
+    /// The ALPN protocols offered.
+    pub alpn: Vec<Vec<u8>>,
+    /// The server name asked for (SNI).
+    pub sni: Option<String>,
+}
+
+/// Peeks at a whole first TLS record (up to 16 KiB, within `limit`) and reads the
+/// ClientHello in it; `None` when it is not one, or does not arrive whole in time.
+pub async fn peek_client_hello(stream: &TcpStream, limit: Duration) -> Option<ClientHello> {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut buf = vec![0u8; 5 + (16 << 10)];
+    let mut seen = 0;
+    loop {
+        let n = tokio::time::timeout_at(deadline, stream.peek(&mut buf))
+            .await
+            .ok()?
+            .ok()?;
+        if n >= 5 {
+            let want = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+            if want > buf.len() {
+                return None;
+            }
+            if n >= want {
+                return parse_client_hello(&buf[5..want]);
+            }
+        }
+        if n == 0 {
+            return None;
+        }
+        if n == seen {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        seen = n;
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+    }
+}
+
+/// Reads a ClientHello handshake message (the body of its first record).
+pub fn parse_client_hello(msg: &[u8]) -> Option<ClientHello> {
+    struct R<'a>(&'a [u8]);
+    impl<'a> R<'a> {
+        fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+            if self.0.len() < n {
+                return None;
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Some(a)
+        }
+        fn u8(&mut self) -> Option<usize> {
+            self.take(1).map(|b| usize::from(b[0]))
+        }
+        fn u16(&mut self) -> Option<usize> {
+            self.take(2)
+                .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        }
+        fn vec8(&mut self) -> Option<&'a [u8]> {
+            let n = self.u8()?;
+            self.take(n)
+        }
+        fn vec16(&mut self) -> Option<&'a [u8]> {
+            let n = self.u16()?;
+            self.take(n)
+        }
+    }
+    let mut r = R(msg);
+    if r.u8()? != 1 {
+        return None; // not a ClientHello
+    }
+    let len = r.take(3)?;
+    let len = (usize::from(len[0]) << 16) | (usize::from(len[1]) << 8) | usize::from(len[2]);
+    let mut r = R(r.take(len)?);
+    r.take(2 + 32)?; // version, random
+    r.vec8()?; // session id
+    r.vec16()?; // cipher suites
+    r.vec8()?; // compression methods
+    let mut hello = ClientHello::default();
+    let mut exts = R(r.vec16().unwrap_or_default());
+    while !exts.0.is_empty() {
+        let kind = exts.u16()?;
+        let mut data = R(exts.vec16()?);
+        match kind {
+            0 => {
+                let mut names = R(data.vec16()?);
+                while !names.0.is_empty() {
+                    let name_type = names.u8()?;
+                    let name = names.vec16()?;
+                    if name_type == 0 {
+                        hello.sni = std::str::from_utf8(name).ok().map(str::to_owned);
+                    }
+                }
+            }
+            16 => {
+                let mut list = R(data.vec16()?);
+                while !list.0.is_empty() {
+                    hello.alpn.push(list.vec8()?.to_vec());
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(hello)
 }
 
 /// The cluster a captured connection to `dst` goes to: `ports` first, then the cluster with
@@ -222,11 +335,26 @@ pub(super) async fn serve(
         // once, whatever the protocol inside.
         let limit = Duration::from_millis(capture.map_or(100, |c| c.detect_timeout_ms));
         let d = detect(&stream, limit).await;
+        // TLS that is not a sidecar's (the app's own, terminated by the app) passes through
+        // a permissive listener untouched; a strict one takes mesh TLS only.
+        let d = match (d, tls) {
+            (Detected::Tls, Some(t)) if t.permissive => {
+                match peek_client_hello(&stream, limit).await {
+                    Some(hello) if !crate::tls::is_mesh_hello(&hello.alpn) => {
+                        tracing::debug!(listener = %ctx.name, %peer, sni = ?hello.sni, "TLS not from the mesh: passed through");
+                        Detected::TlsPassthrough
+                    }
+                    _ => d,
+                }
+            }
+            _ => d,
+        };
         ctx.metrics.detected(d.label());
         Some(d)
     };
     let local = original.unwrap_or_else(|| stream.local_addr().unwrap_or(peer));
     match detected {
+        Some(Detected::TlsPassthrough) => return tcp::relay(stream, peer, target, ctx, idle).await,
         Some(Detected::Tls) if tls.is_some() => {}
         // Plaintext where the listener takes mesh TLS only.
         _ if tls.is_some_and(|t| !t.permissive) => {
@@ -301,5 +429,35 @@ mod tests {
             classify(&[0, 0, 0, 8, 4, 210, 22, 47]),
             Some(Detected::Opaque)
         );
+    }
+
+    /// The first record a rustls client sends with `alpn`, to `name`.
+    fn hello_bytes(alpn: &[&[u8]], name: &str) -> Vec<u8> {
+        let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        let name = rustls_pki_types::ServerName::try_from(name.to_owned()).unwrap();
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name).unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_client_hello_tells_its_server_name_and_protocols() {
+        let bytes = hello_bytes(&[b"h2", b"http/1.1"], "app.example.com");
+        assert_eq!(classify(&bytes), Some(Detected::Tls));
+        let hello = parse_client_hello(&bytes[5..]).unwrap();
+        assert_eq!(hello.sni.as_deref(), Some("app.example.com"));
+        assert_eq!(hello.alpn, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert!(!crate::tls::is_mesh_hello(&hello.alpn));
+        let mesh = parse_client_hello(&hello_bytes(&[b"h2", b"weft-mesh"], "x.test")[5..]).unwrap();
+        assert!(crate::tls::is_mesh_hello(&mesh.alpn));
+        // Cut short or not a ClientHello: nothing.
+        assert_eq!(parse_client_hello(&bytes[5..40]), None);
+        assert_eq!(parse_client_hello(&[2, 0, 0, 0]), None);
     }
 }

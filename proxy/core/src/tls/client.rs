@@ -18,7 +18,7 @@ use weft_config::{ClusterTls, ClusterTlsMode, EndpointAddress, SpiffeId, Upstrea
 use super::files::{self, TlsError};
 use super::identity::IdentityStore;
 use super::verify::{MeshServerVerifier, spiffe_id};
-use super::{ALPN_H2, ALPN_HTTP11, ALPN_WEFT_TCP};
+use super::{ALPN_H2, ALPN_HTTP11, ALPN_WEFT_MESH, ALPN_WEFT_TCP};
 
 /// A cluster's TLS: how it opens a connection to one endpoint.
 #[derive(Clone)]
@@ -77,6 +77,12 @@ impl ClientTls {
             }
             .to_vec(),
         ];
+        if cfg.mode == ClusterTlsMode::Mesh {
+            // The marker a capture listener knows a sidecar's handshake by (the server never
+            // picks it: it is not in any listener's list).
+            config.alpn_protocols.push(ALPN_WEFT_MESH.to_vec());
+            opaque.alpn_protocols.push(ALPN_WEFT_MESH.to_vec());
+        }
         let server_name = cfg
             .server_name
             .as_ref()

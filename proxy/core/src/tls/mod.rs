@@ -37,3 +37,12 @@ pub(crate) const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// Offered by a proxy relaying opaque TCP over mesh TLS, so that the receiving sidecar relays
 /// the bytes instead of reading HTTP (Istio's `istio` ALPN value).
 pub(crate) const ALPN_WEFT_TCP: &[u8] = b"weft-tcp";
+/// Offered (never chosen) by every mesh TLS client, so that a capture listener tells a
+/// sidecar's handshake, which it terminates, from an app's own TLS, which it passes through.
+pub(crate) const ALPN_WEFT_MESH: &[u8] = b"weft-mesh";
+
+/// Whether a ClientHello offering `alpn` comes from a mesh sidecar.
+pub fn is_mesh_hello(alpn: &[Vec<u8>]) -> bool {
+    alpn.iter()
+        .any(|p| p == ALPN_WEFT_MESH || p == ALPN_WEFT_TCP)
+}
