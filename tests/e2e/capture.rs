@@ -45,7 +45,9 @@ fn client_sidecar(identity: &str, passthrough: bool) -> String {
 clusters:
   - name: web
     endpoints: [ {{ address: \"{SERVER_IP}:8080\", identity: \"{B_ID}\" }} ]
-{mesh}  - name: web-vip
+{mesh}  - name: app.test
+    endpoints: [ {{ address: \"{SERVER_IP}:8443\" }} ]
+  - name: web-vip
     addresses: [ \"{VIP}\" ]
     endpoints: [ {{ address: \"{SERVER_IP}:8080\", identity: \"{B_ID}\" }} ]
 {mesh}  - name: smtp
@@ -336,6 +338,53 @@ clusters:
         "{b_stats}"
     );
 
+    // Egress by server name: the client resolved app.test to an address nobody has, and the
+    // TLS it sends names app.test, a cluster of the client's sidecar: it goes there.
+    let curl = client
+        .command(std::path::Path::new("curl"))
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(&app_ca_file)
+        .args([
+            "--resolve",
+            "app.test:8443:10.77.0.99",
+            "https://app.test:8443/by-sni",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&curl.stdout),
+        "200",
+        "{}\n{}",
+        String::from_utf8_lossy(&curl.stderr),
+        a.log()
+    );
+    let a_stats = a.stats(&client).await;
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_protocol_detections_total{listener=\"outbound\",protocol=\"tls_sni\"}"
+        ),
+        1.0,
+        "{a_stats}"
+    );
+    assert_eq!(
+        stat(
+            &a_stats,
+            "weft_tcp_connections_total{listener=\"outbound\",cluster=\"app.test\"}"
+        ),
+        2.0,
+        "the call before by its address (an endpoint of app.test), this one by its name: {a_stats}"
+    );
+
     // A port no cluster owns: straight through (passthrough), plaintext, on both sides.
     let unlisted = SocketAddr::new(SERVER_IP.parse().unwrap(), 9000);
     let (greeting, _, rest) = client.run(converse(unlisted, "hi")).await.unwrap();
@@ -349,8 +398,8 @@ clusters:
             &a_stats,
             "weft_tcp_connections_total{listener=\"outbound\",cluster=\"passthrough\"}"
         ),
-        2.0,
-        "the app's own TLS and this: {a_stats}"
+        1.0,
+        "{a_stats}"
     );
 
     // Passthrough off: the same call is closed, and counted.

@@ -281,23 +281,48 @@ pub(super) async fn serve(
     let capture = listener.capture.as_ref();
     let original = capture.and_then(|_| original_dst(&stream));
     let live = ctx.live.load_full();
+    let idle = Some(Duration::from_millis(listener.idle_timeout_ms));
     let (target, cluster) = match (original, capture) {
         (Some(dst), Some(capture)) => match cluster_for(&live, capture, dst) {
             Some(i) => (
                 Target::Cluster(live.clusters.list[i].clone()),
                 Some(live.clusters.names[i].clone()),
             ),
-            None if capture.passthrough => (
-                Target::Passthrough {
-                    address: dst,
-                    connect_timeout: Duration::from_millis(capture.connect_timeout_ms),
-                },
-                None,
-            ),
             None => {
-                ctx.metrics.tcp(tcp::PASSTHROUGH).refused.inc();
-                tracing::debug!(listener = %ctx.name, %peer, %dst, "captured connection closed: no cluster owns its destination and passthrough is off");
-                return;
+                // No cluster owns the address; TLS may still name one by its server name
+                // (an external service the mesh knows as a cluster: egress by SNI).
+                if listener.tls.is_none()
+                    && listener.protocol != DownstreamProtocol::Tcp
+                    && !capture.opaque_ports.contains(&dst.port())
+                {
+                    let limit = Duration::from_millis(capture.detect_timeout_ms);
+                    let d = detect(&stream, limit).await;
+                    let sni = match d {
+                        Detected::Tls => {
+                            peek_client_hello(&stream, limit).await.and_then(|h| h.sni)
+                        }
+                        _ => None,
+                    };
+                    if let Some(i) = sni.as_deref().and_then(|n| live.cluster_for_authority(n)) {
+                        ctx.metrics.detected("tls_sni");
+                        let cluster = live.clusters.list[i].clone();
+                        drop(live);
+                        return tcp::relay(stream, peer, Target::Cluster(cluster), ctx, idle).await;
+                    }
+                    ctx.metrics.detected(d.label());
+                }
+                if !capture.passthrough {
+                    ctx.metrics.tcp(tcp::PASSTHROUGH).refused.inc();
+                    tracing::debug!(listener = %ctx.name, %peer, %dst, "captured connection closed: no cluster owns its destination and passthrough is off");
+                    return;
+                }
+                (
+                    Target::Passthrough {
+                        address: dst,
+                        connect_timeout: Duration::from_millis(capture.connect_timeout_ms),
+                    },
+                    None,
+                )
             }
         },
         _ => match live.default_cluster {
@@ -315,7 +340,6 @@ pub(super) async fn serve(
         },
     };
     drop(live);
-    let idle = Some(Duration::from_millis(listener.idle_timeout_ms));
     let declared = match (original, capture) {
         (Some(dst), Some(c)) => c.opaque_ports.contains(&dst.port()),
         _ => false,
