@@ -154,7 +154,9 @@ pub struct ListenerConfig {
     /// `inbound` listener receives calls to its service, `outbound` carries its calls out.
     #[serde(default)]
     pub direction: TrafficDirection,
-    /// The WASM filter chain, in request order.
+    /// The WASM filter chain, in request order. On a `tcp` listener they are network filters
+    /// (proxy-wasm stream contexts: `proxy_on_new_connection`, `proxy_on_downstream_data`,
+    /// ...); elsewhere HTTP filters, which never see opaque bytes.
     #[serde(default)]
     pub filters: Vec<FilterConfig>,
     /// Largest request header block accepted (request line and headers), in bytes; larger
@@ -1225,19 +1227,14 @@ impl Config {
                     ranges::TIMEOUT_MS,
                 )?;
             }
-            if l.protocol == DownstreamProtocol::Tcp {
-                if l.default_cluster.is_empty() && l.capture.is_none() {
-                    return Err((
-                        at("default_cluster"),
-                        "a `tcp` listener needs a default cluster (or `capture`)".into(),
-                    ));
-                }
-                if !l.filters.is_empty() {
-                    return Err((
-                        at("filters"),
-                        "a `tcp` listener relays bytes: HTTP filters cannot run on it".into(),
-                    ));
-                }
+            if l.protocol == DownstreamProtocol::Tcp
+                && l.default_cluster.is_empty()
+                && l.capture.is_none()
+            {
+                return Err((
+                    at("default_cluster"),
+                    "a `tcp` listener needs a default cluster (or `capture`)".into(),
+                ));
             }
             l.validate(self.identity.is_some())
                 .map_err(|(f, m)| (at(&f), m))?;

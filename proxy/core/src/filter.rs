@@ -231,6 +231,11 @@ pub struct StreamInfo {
 pub trait FilterChain: Send + Sync {
     /// Starts a stream through the chain.
     fn start_stream(&self, info: StreamInfo) -> Box<dyn FilterStream>;
+    /// Starts an opaque TCP connection through the chain's network filters (proxy-wasm
+    /// `StreamContext`s); `None` when the chain cannot run on connections.
+    fn start_connection(&self, _info: StreamInfo) -> Option<Box<dyn ConnectionFilter>> {
+        None
+    }
     /// Prepares the calling worker's state for the chain ahead of the first stream.
     fn warm(&self) {}
 }
@@ -343,3 +348,38 @@ pub fn lock(stream: &SharedFilterStream) -> std::sync::MutexGuard<'_, Box<dyn Fi
 
 /// The chain slot of a listener: `None` when the listener has no filters.
 pub type ChainSlot = arc_swap::ArcSwapOption<Box<dyn FilterChain>>;
+
+/// Which way bytes of an opaque connection go through network filters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    /// From the client towards the upstream (`proxy_on_downstream_data`, buffer 2).
+    Downstream,
+    /// From the upstream back to the client (`proxy_on_upstream_data`, buffer 3).
+    Upstream,
+}
+
+/// What the network filters say of bytes they were given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkAction {
+    /// Pass on what the filters made of them.
+    Continue,
+    /// A filter holds them until more arrive (they are given to it again with the rest).
+    Pause,
+    /// Close the connection (a failed filter under `fail_closed`).
+    Close,
+}
+
+/// One opaque connection's passage through a chain of network filters. It lives on the
+/// worker thread that accepted the connection.
+pub trait ConnectionFilter: Send {
+    /// The connection is up (`proxy_on_new_connection`, chain order).
+    fn on_new_connection(&mut self) -> NetworkAction;
+    /// Bytes read from one side, in `flow`'s order (downstream: chain order; upstream:
+    /// reverse); `data` becomes what goes on (empty while a filter pauses).
+    fn on_data(&mut self, flow: Flow, data: &mut Vec<u8>, end_of_stream: bool) -> NetworkAction;
+    /// A side closed (`proxy_on_downstream_connection_close` /
+    /// `proxy_on_upstream_connection_close`).
+    fn on_close(&mut self, flow: Flow);
+    /// The connection ended: `on_done`, `on_log`, `on_delete`.
+    fn finish(&mut self);
+}

@@ -14,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::clock;
+use crate::filter::{ConnectionFilter, Flow, NetworkAction, StreamInfo};
 use crate::http::ListenerCtx;
 use crate::metrics::TcpMetrics;
 use crate::relay;
@@ -39,11 +40,14 @@ pub const PASSTHROUGH: &str = "passthrough";
 /// Endpoints tried for one connection before it is closed.
 const CONNECT_TRIES: usize = 3;
 
-/// Relays `down` (from `peer`) to `target` until both sides end or neither moves a byte for
-/// `idle`; a connection no upstream takes is closed, and counted in `weft_tcp_refused_total`.
+/// Relays `down` (from `peer`, to `local`) to `target` until both sides end or neither moves
+/// a byte for `idle`, through the listener's chain as network filters when `network` (a
+/// `tcp` listener's filters are network filters; an HTTP listener's never see opaque
+/// bytes); a connection no upstream takes is closed, and counted in
+/// `weft_tcp_refused_total`.
 pub async fn relay<D>(
     down: D,
-    peer: SocketAddr,
+    (peer, local, network): (SocketAddr, SocketAddr, bool),
     target: Target,
     ctx: &ListenerCtx,
     idle: Option<Duration>,
@@ -51,6 +55,32 @@ pub async fn relay<D>(
     D: AsyncRead + AsyncWrite + Unpin,
 {
     let started = clock::now_ns();
+    let live = ctx.live.load();
+    let filters = live
+        .chain
+        .clone()
+        .filter(|_| network)
+        .map(|chain| (chain, live.clusters.clone()));
+    drop(live);
+    let start_filters = move || {
+        let (chain, clusters) = filters?;
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1 << 48);
+        chain.start_connection(StreamInfo {
+            source: peer,
+            destination: local,
+            start_ns: started,
+            start_unix_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            connection_id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            upstream: None,
+            cluster: None,
+            clusters,
+            direction: ctx.direction,
+            attempt: Default::default(),
+            tls: None,
+        })
+    };
     match target {
         Target::Cluster(cluster) => {
             let metrics = ctx.metrics.tcp(&cluster.name);
@@ -93,7 +123,7 @@ pub async fn relay<D>(
                 return;
             };
             cluster.metrics.upstream_connections_active.inc();
-            relay_counted(down, up, &metrics, idle, started).await;
+            relay_counted(down, up, &metrics, idle, started, start_filters()).await;
             cluster.metrics.upstream_connections_active.dec();
         }
         Target::Passthrough {
@@ -111,7 +141,15 @@ pub async fn relay<D>(
                 }
             };
             let _ = up.set_nodelay(true);
-            relay_counted(down, Stream::Plain(up), &metrics, idle, started).await;
+            relay_counted(
+                down,
+                Stream::Plain(up),
+                &metrics,
+                idle,
+                started,
+                start_filters(),
+            )
+            .await;
         }
     }
 }
@@ -127,12 +165,16 @@ async fn relay_counted<D>(
     metrics: &TcpMetrics,
     idle: Option<Duration>,
     started: u64,
+    filters: Option<Box<dyn ConnectionFilter>>,
 ) where
     D: AsyncRead + AsyncWrite + Unpin,
 {
     metrics.connections.inc();
     metrics.active.inc();
-    let done = relay::relay(down, up, idle).await;
+    let done = match filters {
+        Some(f) => filtered(down, up, f, idle).await,
+        None => relay::relay(down, up, idle).await,
+    };
     metrics.active.dec();
     metrics.sent.inc_by(done.from_first);
     metrics.received.inc_by(done.from_second);
@@ -142,4 +184,92 @@ async fn relay_counted<D>(
     if let Some(e) = done.error {
         tracing::debug!("opaque connection ended: {e}");
     }
+}
+
+/// The relay through network filters: each piece read goes through them (downstream in chain
+/// order, upstream in reverse), and what they make of it is written to the other side; a
+/// filter that pauses holds its bytes until more come (or the side ends).
+async fn filtered<D>(
+    down: D,
+    up: Stream,
+    mut f: Box<dyn ConnectionFilter>,
+    idle: Option<Duration>,
+) -> relay::Relayed
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncReadExt;
+    let mut out = relay::Relayed::default();
+    if f.on_new_connection() == NetworkAction::Close {
+        f.finish();
+        return out;
+    }
+    let (mut down_r, mut down_w) = tokio::io::split(down);
+    let (mut up_r, mut up_w) = tokio::io::split(up);
+    let (mut down_open, mut up_open) = (true, true);
+    let mut from_down = vec![0u8; 16 << 10];
+    let mut from_up = vec![0u8; 16 << 10];
+    let idle = idle.unwrap_or(Duration::from_secs(86_400 * 365));
+    let mut deadline = tokio::time::Instant::now() + idle;
+    while down_open || up_open {
+        let (flow, read) = tokio::select! {
+            r = down_r.read(&mut from_down), if down_open => (Flow::Downstream, r),
+            r = up_r.read(&mut from_up), if up_open => (Flow::Upstream, r),
+            () = tokio::time::sleep_until(deadline) => {
+                out.idle = true;
+                break;
+            }
+        };
+        let n = match read {
+            Ok(n) => n,
+            Err(e) => {
+                out.error = Some(e);
+                break;
+            }
+        };
+        deadline = tokio::time::Instant::now() + idle;
+        let end = n == 0;
+        let mut data = match flow {
+            Flow::Downstream => {
+                out.from_first += n as u64;
+                from_down[..n].to_vec()
+            }
+            Flow::Upstream => {
+                out.from_second += n as u64;
+                from_up[..n].to_vec()
+            }
+        };
+        if f.on_data(flow, &mut data, end) == NetworkAction::Close {
+            break;
+        }
+        let passed = match flow {
+            Flow::Downstream => pass(&mut up_w, &data, end).await,
+            Flow::Upstream => pass(&mut down_w, &data, end).await,
+        };
+        if let Err(e) = passed {
+            out.error = Some(e);
+            break;
+        }
+        if end {
+            f.on_close(flow);
+            match flow {
+                Flow::Downstream => down_open = false,
+                Flow::Upstream => up_open = false,
+            }
+        }
+    }
+    f.finish();
+    out
+}
+
+/// Writes `data` to `w`, and its end as a half-close when `end`: the other way keeps flowing.
+async fn pass<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8], end: bool) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    if !data.is_empty() {
+        w.write_all(data).await?;
+    }
+    if end {
+        w.shutdown().await?;
+    }
+    Ok(())
 }

@@ -73,6 +73,21 @@ impl FilterChain for WasmChain {
             info,
         ))
     }
+
+    fn start_connection(
+        &self,
+        info: StreamInfo,
+    ) -> Option<Box<dyn weft_core::filter::ConnectionFilter>> {
+        if !worker::is_warmed(self.id) {
+            self.warm();
+        }
+        Some(Box::new(crate::connection::WasmConnection::new(
+            self.life.clone(),
+            self.id,
+            self.filters.clone(),
+            info,
+        )))
+    }
 }
 
 #[cfg(test)]

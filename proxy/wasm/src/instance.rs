@@ -13,7 +13,7 @@ use wasmtime::{Engine, InstancePre, Store, TypedFunc};
 
 use weft_abi::{BufferType, MapType};
 use weft_config::FailurePolicy;
-use weft_core::filter::{Callout, CalloutOutcome, Direction, StreamInfo};
+use weft_core::filter::{Callout, CalloutOutcome, Direction, Flow, StreamInfo};
 use weft_core::upstream::ClusterTable;
 
 use crate::failure::{Failure, FailureCounters, classify};
@@ -178,6 +178,26 @@ pub struct Exports {
     on_done: Option<TypedFunc<i32, i32>>,
     on_log: Option<TypedFunc<i32, ()>>,
     on_delete: Option<TypedFunc<i32, ()>>,
+    /// Network filters: `proxy_on_new_connection(context)`.
+    on_new_connection: Option<TypedFunc<i32, i32>>,
+    /// `proxy_on_{downstream,upstream}_data(context, length, end of stream)`, by [`Flow`].
+    on_data: [Option<StreamFn>; 2],
+    /// `proxy_on_{downstream,upstream}_connection_close(context, peer type)`, by [`Flow`].
+    on_connection_close: [Option<TypedFunc<(i32, i32), ()>>; 2],
+}
+
+/// The export names of the network callbacks of `flow`: data, close.
+fn network_callbacks(flow: Flow) -> (&'static str, &'static str) {
+    match flow {
+        Flow::Downstream => (
+            "proxy_on_downstream_data",
+            "proxy_on_downstream_connection_close",
+        ),
+        Flow::Upstream => (
+            "proxy_on_upstream_data",
+            "proxy_on_upstream_connection_close",
+        ),
+    }
 }
 
 /// [`FilterSpec::vm`] of a filter not placed in a chain yet: it gets an instance of its own.
@@ -334,6 +354,13 @@ impl FilterInstance {
             on_done: func(store, "proxy_on_done").and_then(|f| f.typed(&*store).ok()),
             on_log: func(store, "proxy_on_log").and_then(|f| f.typed(&*store).ok()),
             on_delete: func(store, "proxy_on_delete").and_then(|f| f.typed(&*store).ok()),
+            on_new_connection: func(store, "proxy_on_new_connection")
+                .and_then(|f| f.typed(&*store).ok()),
+            on_data: [Flow::Downstream, Flow::Upstream]
+                .map(|flow| typed3(store, network_callbacks(flow).0)),
+            on_connection_close: [Flow::Downstream, Flow::Upstream].map(|flow| {
+                func(store, network_callbacks(flow).1).and_then(|f| f.typed(&*store).ok())
+            }),
         };
         // Each filter gets its root context; the instance's first also `on_vm_start`.
         for (p, spec) in specs.iter().enumerate() {
@@ -830,6 +857,74 @@ impl FilterInstance {
             paused: action == 1,
             ..callback
         })
+    }
+
+    /// `proxy_on_new_connection` for a connection's context; the action it returned (1:
+    /// pause, which a new connection cannot: taken as continue by the caller).
+    pub fn new_connection(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        info: &StreamInfo,
+    ) -> Result<i32, Failure> {
+        self.select(context);
+        let Some(f) = self.exports.on_new_connection.clone() else {
+            return Ok(0);
+        };
+        begin_callback(self.store.data_mut(), info, context);
+        arm(&mut self.store, ticks);
+        f.call(&mut self.store, context)
+            .map_err(|e| failed(&self.store, e, "proxy_on_new_connection"))
+    }
+
+    /// `proxy_on_{downstream,upstream}_data` with `buf` as buffer 2 or 3 (readable and
+    /// writable by the filter); the action it returned.
+    pub fn network_data(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        flow: Flow,
+        buf: &mut BodyBuf,
+        end_of_stream: bool,
+        info: &StreamInfo,
+    ) -> Result<i32, Failure> {
+        self.select(context);
+        let Some(f) = self.exports.on_data[flow as usize].clone() else {
+            return Ok(0);
+        };
+        let kind = match flow {
+            Flow::Downstream => BufferType::DownstreamData,
+            Flow::Upstream => BufferType::UpstreamData,
+        };
+        let len = buf.len() as i32;
+        let data = self.store.data_mut();
+        begin_callback(data, info, context);
+        data.body = Some((kind, std::mem::take(buf)));
+        arm(&mut self.store, ticks);
+        let result = f.call(&mut self.store, (context, len, end_of_stream as i32));
+        if let Some((_, back)) = self.store.data_mut().body.take() {
+            *buf = back;
+        }
+        result.map_err(|e| failed(&self.store, e, network_callbacks(flow).0))
+    }
+
+    /// `proxy_on_{downstream,upstream}_connection_close` (peer type 1: the remote end
+    /// closed).
+    pub fn connection_close(
+        &mut self,
+        ticks: u64,
+        context: i32,
+        flow: Flow,
+        info: &StreamInfo,
+    ) -> Result<(), Failure> {
+        self.select(context);
+        let Some(f) = self.exports.on_connection_close[flow as usize].clone() else {
+            return Ok(());
+        };
+        begin_callback(self.store.data_mut(), info, context);
+        arm(&mut self.store, ticks);
+        f.call(&mut self.store, (context, 1))
+            .map_err(|e| failed(&self.store, e, network_callbacks(flow).1))
     }
 
     /// `on_done`, `on_log`, `on_delete` for a finished stream's context, with the request

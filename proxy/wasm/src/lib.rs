@@ -31,6 +31,7 @@
 
 mod cache;
 mod chain;
+mod connection;
 mod failure;
 mod grpc;
 mod hostcalls;

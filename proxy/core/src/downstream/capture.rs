@@ -307,7 +307,14 @@ pub(super) async fn serve(
                         ctx.metrics.detected("tls_sni");
                         let cluster = live.clusters.list[i].clone();
                         drop(live);
-                        return tcp::relay(stream, peer, Target::Cluster(cluster), ctx, idle).await;
+                        return tcp::relay(
+                            stream,
+                            (peer, dst, false),
+                            Target::Cluster(cluster),
+                            ctx,
+                            idle,
+                        )
+                        .await;
                     }
                     ctx.metrics.detected(d.label());
                 }
@@ -377,8 +384,13 @@ pub(super) async fn serve(
         Some(d)
     };
     let local = original.unwrap_or_else(|| stream.local_addr().unwrap_or(peer));
+    // A `tcp` listener's filters are network filters; an HTTP listener's chain never sees
+    // opaque bytes.
+    let network = listener.protocol == DownstreamProtocol::Tcp;
     match detected {
-        Some(Detected::TlsPassthrough) => return tcp::relay(stream, peer, target, ctx, idle).await,
+        Some(Detected::TlsPassthrough) => {
+            return tcp::relay(stream, (peer, local, network), target, ctx, idle).await;
+        }
         Some(Detected::Tls) if tls.is_some() => {}
         // Plaintext where the listener takes mesh TLS only.
         _ if tls.is_some_and(|t| !t.permissive) => {
@@ -398,7 +410,7 @@ pub(super) async fn serve(
             )
             .await;
         }
-        _ => return tcp::relay(stream, peer, target, ctx, idle).await,
+        _ => return tcp::relay(stream, (peer, local, network), target, ctx, idle).await,
     }
     // Mesh TLS from another sidecar: terminated here; the handshake's ALPN says whether the
     // bytes inside are HTTP or opaque TCP.
@@ -418,7 +430,7 @@ pub(super) async fn serve(
     ctx.metrics.tls_connections.inc();
     let stream = Stream::Tls(Box::new(tokio_rustls::TlsStream::Server(stream)));
     if is_opaque(peer_tls.alpn.as_deref()) || opaque {
-        return tcp::relay(stream, peer, target, ctx, idle).await;
+        return tcp::relay(stream, (peer, local, network), target, ctx, idle).await;
     }
     let route = cluster.map(String::into_boxed_str);
     serve_connection(

@@ -48,7 +48,8 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             )
         },
     )?;
-    // Only the body being called back for can be written (Envoy's rule); the callout
+    // Only the body (or, in a network filter, the connection data) being called back for can be
+    // written (Envoy's rule); the callout
     // response and the configurations are read-only.
     l.func_wrap(
         ENV,
@@ -73,16 +74,16 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
 /// The bytes of buffer `kind` (ABI buffer type), when the current callback has it.
 fn buffer(state: &HostState, kind: i32) -> Option<&[u8]> {
     match BufferType::from_i32(kind)? {
-        kind @ (BufferType::HttpRequestBody | BufferType::HttpResponseBody) => {
-            match state.body_buf() {
-                Some((k, buf)) if k == kind => Some(buf.as_slice()),
-                _ => None,
-            }
-        }
+        kind @ (BufferType::HttpRequestBody
+        | BufferType::HttpResponseBody
+        | BufferType::DownstreamData
+        | BufferType::UpstreamData) => match state.body_buf() {
+            Some((k, buf)) if k == kind => Some(buf.as_slice()),
+            _ => None,
+        },
         BufferType::HttpCallResponseBody => state.callout_response.as_ref().map(|r| &r.body[..]),
         BufferType::VmConfiguration => Some(&state.plugin.vm_config),
         BufferType::PluginConfiguration => Some(&state.plugin.config),
         BufferType::GrpcReceiveBuffer => state.received.message.as_deref(),
-        BufferType::DownstreamData | BufferType::UpstreamData => None,
     }
 }
