@@ -80,6 +80,32 @@ fn stat(stats: &str, series: &str) -> f64 {
     metric_value(stats, series).unwrap_or(0.0)
 }
 
+/// `curl https://app.test:8443{path}` from `ns`, app.test resolved to `ip` and verified
+/// against `ca`: the status code ("000" when none) and what curl said.
+fn curl_https(ns: &Netns, ca: &Path, ip: &str, path: &str) -> (String, String) {
+    let out = ns
+        .command(Path::new("curl"))
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .args(["--resolve", &format!("app.test:8443:{ip}")])
+        .arg(format!("https://app.test:8443{path}"))
+        .output()
+        .expect("curl");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 fn init(ns: &Netns, args: &[&str]) {
     let out = ns
         .command(&proxy_bin())
@@ -300,34 +326,8 @@ clusters:
         SocketAddr::from(([127, 0, 0, 1], 15100)),
     )
     .await;
-    let curl = client
-        .command(std::path::Path::new("curl"))
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-        ])
-        .arg("--cacert")
-        .arg(&app_ca_file)
-        .args([
-            "--resolve",
-            &format!("app.test:8443:{SERVER_IP}"),
-            "https://app.test:8443/own-tls",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&curl.stdout),
-        "200",
-        "{}\n{}\n{}",
-        String::from_utf8_lossy(&curl.stderr),
-        b.log(),
-        tls_app.log()
-    );
+    let (code, err) = curl_https(&client, &app_ca_file, SERVER_IP, "/own-tls");
+    assert_eq!(code, "200", "{err}\n{}\n{}", b.log(), tls_app.log());
     let b_stats = b.stats(&server).await;
     assert_eq!(
         stat(
@@ -340,33 +340,8 @@ clusters:
 
     // Egress by server name: the client resolved app.test to an address nobody has, and the
     // TLS it sends names app.test, a cluster of the client's sidecar: it goes there.
-    let curl = client
-        .command(std::path::Path::new("curl"))
-        .args([
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
-        ])
-        .arg("--cacert")
-        .arg(&app_ca_file)
-        .args([
-            "--resolve",
-            "app.test:8443:10.77.0.99",
-            "https://app.test:8443/by-sni",
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&curl.stdout),
-        "200",
-        "{}\n{}",
-        String::from_utf8_lossy(&curl.stderr),
-        a.log()
-    );
+    let (code, err) = curl_https(&client, &app_ca_file, "10.77.0.99", "/by-sni");
+    assert_eq!(code, "200", "{err}\n{}", a.log());
     let a_stats = a.stats(&client).await;
     assert_eq!(
         stat(
