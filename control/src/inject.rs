@@ -187,11 +187,37 @@ fn inject_pod(
     {
         return Ok(None);
     }
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        // Its capture rules would go into the node's own network namespace.
+        return Err(
+            "a pod on the host's network (hostNetwork: true) cannot have a sidecar; \
+                    annotate it weft.dev/inject: \"false\""
+                .into(),
+        );
+    }
     let containers = spec
         .get("containers")
         .and_then(Value::as_sequence)
         .filter(|c| !c.is_empty())
         .ok_or("the pod template has no containers")?;
+    // An app running as the proxy's user would have its traffic left alone by the rules.
+    let pod_user = get(spec, &["securityContext", "runAsUser"]).and_then(Value::as_i64);
+    for c in containers.iter().chain(
+        spec.get("initContainers")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten(),
+    ) {
+        let user = get(c, &["securityContext", "runAsUser"])
+            .and_then(Value::as_i64)
+            .or(pod_user);
+        if user == Some(PROXY_UID) {
+            let name = c.get("name").and_then(Value::as_str).unwrap_or("?");
+            return Err(format!(
+                "container `{name}` runs as uid {PROXY_UID}, the proxy's: its traffic would not be captured"
+            ));
+        }
+    }
     // The app's TCP ports: each becomes an inbound cluster to 127.0.0.1:<port>.
     let mut ports = BTreeSet::new();
     for c in containers {
@@ -427,5 +453,17 @@ mod tests {
             e.contains("containerPort 15001 is one of the sidecar's ports"),
             "{e}"
         );
+        let e = inject(
+            "kind: Pod\nmetadata: { name: p }\nspec:\n  hostNetwork: true\n  containers: [ { name: a, image: a } ]\n",
+            &InjectOptions::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("hostNetwork: true"), "{e}");
+        let e = inject(
+            "kind: Pod\nmetadata: { name: p }\nspec:\n  securityContext: { runAsUser: 65532 }\n  containers: [ { name: a, image: a } ]\n",
+            &InjectOptions::default(),
+        )
+        .unwrap_err();
+        assert!(e.contains("container `a` runs as uid 65532"), "{e}");
     }
 }

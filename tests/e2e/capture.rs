@@ -159,6 +159,18 @@ async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
         "{rules}"
     );
 
+    // A capture listener reached directly (not redirected) is no open proxy into the mesh.
+    let direct = client
+        .run(raw_request(
+            SocketAddr::from(([127, 0, 0, 1], 15001)),
+            b"GET / HTTP/1.1\r\nhost: web\r\n\r\n",
+        ))
+        .await;
+    assert!(
+        direct.as_deref().is_ok_and(str::is_empty) || direct.is_err(),
+        "closed with no answer: {direct:?}"
+    );
+
     // HTTP: the app calls 10.77.0.2:8080 as if there were no mesh.
     let url = format!("http://{SERVER_IP}:8080/hello");
     let got = client

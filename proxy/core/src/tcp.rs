@@ -52,7 +52,7 @@ pub async fn relay<D>(
     ctx: &ListenerCtx,
     idle: Option<Duration>,
 ) where
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let started = clock::now_ns();
     let live = ctx.live.load();
@@ -167,7 +167,7 @@ async fn relay_counted<D>(
     started: u64,
     filters: Option<Box<dyn ConnectionFilter>>,
 ) where
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Send,
 {
     metrics.connections.inc();
     metrics.active.inc();
@@ -188,82 +188,128 @@ async fn relay_counted<D>(
 
 /// The relay through network filters: each piece read goes through them (downstream in chain
 /// order, upstream in reverse), and what they make of it is written to the other side; a
-/// filter that pauses holds its bytes until more come (or the side ends).
+/// filter that pauses holds its bytes until more come (or the side ends). The two ways run
+/// at once (a side that does not read never stops the other way), and the relay ends when
+/// both have, when one fails or a filter closes it, or when no byte moves for `idle`.
 async fn filtered<D>(
     down: D,
     up: Stream,
-    mut f: Box<dyn ConnectionFilter>,
+    f: Box<dyn ConnectionFilter>,
     idle: Option<Duration>,
 ) -> relay::Relayed
 where
-    D: AsyncRead + AsyncWrite + Unpin,
+    D: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    use tokio::io::AsyncReadExt;
     let mut out = relay::Relayed::default();
-    if f.on_new_connection() == NetworkAction::Close {
-        f.finish();
+    let filter = std::sync::Mutex::new(f);
+    let lock = || {
+        filter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    if lock().on_new_connection() == NetworkAction::Close {
+        lock().finish();
         return out;
     }
     let (mut down_r, mut down_w) = tokio::io::split(down);
     let (mut up_r, mut up_w) = tokio::io::split(up);
-    let (mut down_open, mut up_open) = (true, true);
-    let mut from_down = vec![0u8; 16 << 10];
-    let mut from_up = vec![0u8; 16 << 10];
-    let idle = idle.unwrap_or(Duration::from_secs(86_400 * 365));
-    let mut deadline = tokio::time::Instant::now() + idle;
-    while down_open || up_open {
-        let (flow, read) = tokio::select! {
-            r = down_r.read(&mut from_down), if down_open => (Flow::Downstream, r),
-            r = up_r.read(&mut from_up), if up_open => (Flow::Upstream, r),
-            () = tokio::time::sleep_until(deadline) => {
-                out.idle = true;
-                break;
-            }
-        };
-        let n = match read {
-            Ok(n) => n,
-            Err(e) => {
-                out.error = Some(e);
-                break;
-            }
-        };
-        deadline = tokio::time::Instant::now() + idle;
-        let end = n == 0;
-        let mut data = match flow {
-            Flow::Downstream => {
-                out.from_first += n as u64;
-                from_down[..n].to_vec()
-            }
-            Flow::Upstream => {
-                out.from_second += n as u64;
-                from_up[..n].to_vec()
-            }
-        };
-        if f.on_data(flow, &mut data, end) == NetworkAction::Close {
-            break;
+    let last = std::sync::atomic::AtomicU64::new(clock::now_ms());
+    let (from_down, from_up) = (
+        std::sync::atomic::AtomicU64::new(0),
+        std::sync::atomic::AtomicU64::new(0),
+    );
+    let both = async {
+        tokio::try_join!(
+            one_way(
+                Flow::Downstream,
+                (&mut down_r, &mut up_w),
+                &from_down,
+                &last,
+                &filter
+            ),
+            one_way(
+                Flow::Upstream,
+                (&mut up_r, &mut down_w),
+                &from_up,
+                &last,
+                &filter
+            ),
+        )
+    };
+    let idle_for = async {
+        match idle {
+            Some(limit) => idle_past(&last, limit).await,
+            None => std::future::pending().await,
         }
-        let passed = match flow {
-            Flow::Downstream => pass(&mut up_w, &data, end).await,
-            Flow::Upstream => pass(&mut down_w, &data, end).await,
-        };
-        if let Err(e) = passed {
+    };
+    tokio::select! {
+        r = both => if let Err(e) = r {
             out.error = Some(e);
-            break;
-        }
-        if end {
-            f.on_close(flow);
-            match flow {
-                Flow::Downstream => down_open = false,
-                Flow::Upstream => up_open = false,
-            }
-        }
+        },
+        () = idle_for => out.idle = true,
     }
-    f.finish();
+    out.from_first = from_down.load(std::sync::atomic::Ordering::Relaxed);
+    out.from_second = from_up.load(std::sync::atomic::Ordering::Relaxed);
+    lock().finish();
     out
 }
 
+/// One way of a filtered relay: read, through the filters, written on; its end passed on as
+/// a half-close.
+async fn one_way(
+    flow: Flow,
+    (from, to): (
+        &mut (dyn AsyncRead + Unpin + Send),
+        &mut (dyn AsyncWrite + Unpin + Send),
+    ),
+    count: &std::sync::atomic::AtomicU64,
+    last: &std::sync::atomic::AtomicU64,
+    filter: &std::sync::Mutex<Box<dyn ConnectionFilter>>,
+) -> io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    use tokio::io::AsyncReadExt;
+    let lock = || {
+        filter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    };
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = from.read(&mut buf).await?;
+        last.store(clock::now_ms(), Relaxed);
+        count.fetch_add(n as u64, Relaxed);
+        let end = n == 0;
+        let mut data = buf[..n].to_vec();
+        // Locked for the filters' synchronous call only, never across an await.
+        let action = lock().on_data(flow, &mut data, end);
+        if action == NetworkAction::Close {
+            return Err(io::Error::other("closed by a network filter"));
+        }
+        pass(to, &data, end).await?;
+        if end {
+            lock().on_close(flow);
+            return Ok(());
+        }
+    }
+}
+
+/// Returns once no byte moved for `limit` since `last` (milliseconds of [`clock`]).
+async fn idle_past(last: &std::sync::atomic::AtomicU64, limit: Duration) {
+    let limit_ms = limit.as_millis().max(1) as u64;
+    loop {
+        let due = last
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(limit_ms);
+        let now = clock::now_ms();
+        if now >= due {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(due - now)).await;
+    }
+}
+
 /// Writes `data` to `w`, and its end as a half-close when `end`: the other way keeps flowing.
-async fn pass<W: AsyncWrite + Unpin>(w: &mut W, data: &[u8], end: bool) -> io::Result<()> {
+async fn pass<W: AsyncWrite + Unpin + ?Sized>(w: &mut W, data: &[u8], end: bool) -> io::Result<()> {
     use tokio::io::AsyncWriteExt;
     if !data.is_empty() {
         w.write_all(data).await?;

@@ -130,6 +130,12 @@ impl ConnectionFilter for WasmConnection {
         let mut carry = std::mem::take(data);
         for idx in order {
             if matches!(self.contexts[idx], Ctx::Skipped) {
+                // Skipped since it paused (failed open): what it held goes on first.
+                let mut held = std::mem::take(&mut self.held[flow as usize][idx]);
+                if !held.is_empty() {
+                    held.append(&mut carry);
+                    carry = held;
+                }
                 continue;
             }
             // What it held, then what comes now: given to it whole again.

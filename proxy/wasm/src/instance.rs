@@ -872,6 +872,7 @@ impl FilterInstance {
             return Ok(0);
         };
         begin_callback(self.store.data_mut(), info, context);
+        self.store.data_mut().network = true;
         arm(&mut self.store, ticks);
         f.call(&mut self.store, context)
             .map_err(|e| failed(&self.store, e, "proxy_on_new_connection"))
@@ -899,6 +900,7 @@ impl FilterInstance {
         let len = buf.len() as i32;
         let data = self.store.data_mut();
         begin_callback(data, info, context);
+        data.network = true;
         data.body = Some((kind, std::mem::take(buf)));
         arm(&mut self.store, ticks);
         let result = f.call(&mut self.store, (context, len, end_of_stream as i32));
@@ -908,7 +910,7 @@ impl FilterInstance {
         result.map_err(|e| failed(&self.store, e, network_callbacks(flow).0))
     }
 
-    /// `proxy_on_{downstream,upstream}_connection_close` (peer type 1: the remote end
+    /// `proxy_on_{downstream,upstream}_connection_close` (peer type 2: the remote end
     /// closed).
     pub fn connection_close(
         &mut self,
@@ -922,8 +924,9 @@ impl FilterInstance {
             return Ok(());
         };
         begin_callback(self.store.data_mut(), info, context);
+        self.store.data_mut().network = true;
         arm(&mut self.store, ticks);
-        f.call(&mut self.store, (context, 1))
+        f.call(&mut self.store, (context, 2))
             .map_err(|e| failed(&self.store, e, network_callbacks(flow).1))
     }
 
@@ -987,6 +990,7 @@ fn begin_callback(data: &mut HostState, info: &StreamInfo, context: i32) {
     data.resumed = false;
     data.phase = None;
     data.ext = Default::default();
+    data.network = false;
 }
 
 /// Runs `call` with the stream's recorded heads in the store (read-only copies) and the

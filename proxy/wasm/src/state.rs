@@ -284,6 +284,9 @@ pub struct HostState {
     pub phase: Option<Direction>,
     /// What the current callback asked through `weft.*` extensions.
     pub ext: Ext,
+    /// The current callback is a network filter's: callouts cannot be made from it (nothing
+    /// would send them), so they are refused with `Unimplemented`.
+    pub network: bool,
     /// This instance's slot on its worker (for shared-queue ownership).
     pub slot: usize,
 }
@@ -335,6 +338,7 @@ impl HostState {
             resumed: false,
             phase: None,
             ext: Ext::default(),
+            network: false,
             slot: usize::MAX,
         }
     }

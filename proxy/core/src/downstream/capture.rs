@@ -82,17 +82,54 @@ impl Detected {
 }
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-const METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"HEAD ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
+/// Longest method token looked for.
+const MAX_METHOD: usize = 24;
+
+/// Whether `b` is a `tchar` of RFC 9110 (a method token's characters).
+fn tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// An HTTP/1 request line's start: empty lines (which servers skip), a method token — any,
+/// not only the nine common ones: WebDAV's, custom ones — then a space and the start of a
+/// request target (`/`, `*`, `http://`, `https://`; anything after `CONNECT`). A text
+/// protocol's command (`SET k v`, `get key`) is not one. `None` while more bytes are needed.
+fn http1_request_line(first: &[u8]) -> Option<bool> {
+    let mut rest = first;
+    while let Some(r) = rest
+        .strip_prefix(b"\r\n")
+        .or_else(|| rest.strip_prefix(b"\n"))
+    {
+        rest = r;
+    }
+    if rest.is_empty() || rest == b"\r" {
+        return None;
+    }
+    let token = rest.iter().take_while(|b| tchar(**b)).count();
+    if token == rest.len() {
+        return (token > MAX_METHOD).then_some(false);
+    }
+    if token == 0 || token > MAX_METHOD || rest[token] != b' ' {
+        return Some(false);
+    }
+    if &rest[..token] == b"CONNECT" {
+        return Some(true);
+    }
+    let target = &rest[token + 1..];
+    if target.is_empty() {
+        return None;
+    }
+    if target[0] == b'/' || target[0] == b'*' {
+        return Some(true);
+    }
+    for scheme in [&b"http://"[..], b"https://"] {
+        let n = target.len().min(scheme.len());
+        if target[..n].eq_ignore_ascii_case(&scheme[..n]) {
+            return (n == scheme.len()).then_some(true);
+        }
+    }
+    Some(false)
+}
 
 /// What `first` bytes are; `None` while more are needed to tell.
 pub fn classify(first: &[u8]) -> Option<Detected> {
@@ -102,16 +139,17 @@ pub fn classify(first: &[u8]) -> Option<Detected> {
         [0x16, 0x03, ..] => Some(Detected::Tls),
         _ if first.starts_with(PREFACE) => Some(Detected::Http2),
         _ if PREFACE.starts_with(first) => None,
-        _ if METHODS.iter().any(|m| first.starts_with(m)) => Some(Detected::Http1),
-        _ if METHODS.iter().any(|m| m.starts_with(first)) => None,
-        _ => Some(Detected::Opaque),
+        _ => match http1_request_line(first)? {
+            true => Some(Detected::Http1),
+            false => Some(Detected::Opaque),
+        },
     }
 }
 
 /// Peeks at a connection's first bytes for up to `limit`.
 pub async fn detect(stream: &TcpStream, limit: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + limit;
-    let mut buf = [0u8; PREFACE.len()];
+    let mut buf = [0u8; 64];
     let mut seen = 0;
     loop {
         match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
@@ -337,13 +375,16 @@ pub(super) async fn serve(
                 Target::Cluster(live.clusters.list[i].clone()),
                 Some(live.clusters.names[i].clone()),
             ),
-            // A capture listener reached directly (not redirected): an ordinary HTTP
-            // listener, routing by authority.
-            None if listener.protocol != DownstreamProtocol::Tcp => {
-                return super::connection::serve_http(stream, peer, listener, drain, accepted)
-                    .await;
+            // A capture listener reached directly (not redirected) has no destination to
+            // route by: closed, or it would be an open proxy into the mesh with this
+            // sidecar's identity (Istio's blackhole).
+            None => {
+                if capture.is_some() {
+                    ctx.metrics.detected("not_redirected");
+                    tracing::debug!(listener = %ctx.name, %peer, "a connection not redirected to a capture listener: closed");
+                }
+                return;
             }
-            None => return,
         },
     };
     drop(live);
@@ -453,7 +494,34 @@ mod tests {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
         assert_eq!(classify(b"DELETE /x"), Some(Detected::Http1));
         assert_eq!(classify(b"GE"), None, "a method's start needs more");
-        assert_eq!(classify(b"GEX"), Some(Detected::Opaque));
+        assert_eq!(classify(b"GEX"), None, "a token's start: more is needed");
+        assert_eq!(
+            classify(b"GEX /"),
+            Some(Detected::Http1),
+            "any method token"
+        );
+        assert_eq!(classify(b"PROPFIND /dav HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(
+            classify(b"\r\nGET /admin HTTP/1.1"),
+            Some(Detected::Http1),
+            "leading empty lines"
+        );
+        assert_eq!(classify(b"GET http://x/ HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(
+            classify(b"CONNECT example.com:443 HTTP/1.1"),
+            Some(Detected::Http1)
+        );
+        assert_eq!(
+            classify(b"SET key value\r\n"),
+            Some(Detected::Opaque),
+            "Redis inline"
+        );
+        assert_eq!(
+            classify(b"get key\r\n"),
+            Some(Detected::Opaque),
+            "memcached"
+        );
+        assert_eq!(classify(b"PING\r\n"), Some(Detected::Opaque));
         assert_eq!(classify(PREFACE), Some(Detected::Http2));
         assert_eq!(classify(b"PRI * HTTP/2"), None);
         assert_eq!(classify(&[0x16, 0x03, 0x01, 0x02]), Some(Detected::Tls));

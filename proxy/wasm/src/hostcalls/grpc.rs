@@ -86,6 +86,10 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
          message_len: i32,
          timeout_ms: i32,
          ret_token: i32| {
+            if c.data().network {
+                // A network filter's callback: nothing would send it.
+                return Status::Unimplemented as i32;
+            }
             let call = |c: &mut C<'_>| -> Result<(), Status> {
                 let target = Target::read(
                     c,
@@ -123,6 +127,10 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
          metadata_ptr: i32,
          metadata_len: i32,
          ret_token: i32| {
+            if c.data().network {
+                // A network filter's callback: nothing would send it.
+                return Status::Unimplemented as i32;
+            }
             let open = |c: &mut C<'_>| -> Result<(), Status> {
                 let target = Target::read(
                     c,
