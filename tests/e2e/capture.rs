@@ -106,6 +106,18 @@ fn curl_https(ns: &Netns, ca: &Path, ip: &str, path: &str) -> (String, String) {
     )
 }
 
+/// A mesh root and the two hosts' identities (the `identity` sections of their sidecars), in
+/// a directory their user can read.
+fn identities() -> (tempfile::TempDir, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    world_readable(dir.path());
+    let ca = Ca::new("mesh root");
+    let bundle = ca.write_bundle(dir.path(), "bundle.pem");
+    let a_id = identity(&ca.issue(&Leaf::spiffe(A_ID), dir.path(), "a"), &bundle);
+    let b_id = identity(&ca.issue(&Leaf::spiffe(B_ID), dir.path(), "b"), &bundle);
+    (dir, a_id, b_id)
+}
+
 fn init(ns: &Netns, args: &[&str]) {
     let out = ns
         .command(&proxy_bin())
@@ -123,12 +135,7 @@ fn init(ns: &Netns, args: &[&str]) {
 
 #[tokio::test]
 async fn an_app_calls_another_by_address_and_the_call_crosses_both_sidecars() {
-    let dir = tempfile::tempdir().unwrap();
-    world_readable(dir.path());
-    let ca = Ca::new("mesh root");
-    let bundle = ca.write_bundle(dir.path(), "bundle.pem");
-    let a_id = identity(&ca.issue(&Leaf::spiffe(A_ID), dir.path(), "a"), &bundle);
-    let b_id = identity(&ca.issue(&Leaf::spiffe(B_ID), dir.path(), "b"), &bundle);
+    let (dir, a_id, b_id) = identities();
 
     let (client, server) = (Netns::new(), Netns::new());
     client.link(CLIENT_IP, &server, SERVER_IP);
@@ -437,12 +444,7 @@ clusters:
 
 #[tokio::test]
 async fn ipv6_calls_are_captured_on_dual_stack_listeners_with_ipv4_alongside() {
-    let dir = tempfile::tempdir().unwrap();
-    world_readable(dir.path());
-    let ca = Ca::new("mesh root");
-    let bundle = ca.write_bundle(dir.path(), "bundle.pem");
-    let a_id = identity(&ca.issue(&Leaf::spiffe(A_ID), dir.path(), "a"), &bundle);
-    let b_id = identity(&ca.issue(&Leaf::spiffe(B_ID), dir.path(), "b"), &bundle);
+    let (_dir, a_id, b_id) = identities();
     let (client, server) = (Netns::new(), Netns::new());
     client.link_with(
         &["10.78.0.1/24", "fd78::1/64"],

@@ -14,18 +14,8 @@ use crate::failure::Failure;
 use crate::instance::{FilterInstance, FilterSpec};
 use crate::retired::ChainLife;
 use crate::state::{BodyBuf, Seen};
+use crate::stream::Ctx;
 use crate::worker::{self, with_instance};
-
-/// A connection's context in one filter.
-#[derive(Clone, Copy)]
-enum Ctx {
-    /// Not made yet.
-    None,
-    /// On the instance of this generation.
-    Active(i32, u64),
-    /// Skipped for this connection (fail-open, or its instance replaced).
-    Skipped,
-}
 
 /// One connection's passage through a chain of network filters.
 pub struct WasmConnection {

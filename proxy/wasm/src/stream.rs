@@ -53,14 +53,14 @@ struct BodyHold {
     after: After,
 }
 
-/// A stream's context in one filter's instance.
+/// A stream's (or a network filter's connection's) context in one filter's instance.
 #[derive(Clone, Copy)]
-enum Ctx {
+pub(crate) enum Ctx {
     /// Not reached yet.
     None,
     /// A context on the instance of this generation.
     Active(i32, u64),
-    /// The filter is skipped for this stream (fail-open).
+    /// The filter is skipped for this stream (fail-open, or its instance replaced).
     Skipped,
 }
 
