@@ -7,10 +7,13 @@
 //! - `filter_chain/baseline`: building the request and response heads only (subtract it);
 //! - `filter_chain/noop_x1`, `noop_x4`: one and four no-op filters (upstream proxy-wasm SDK);
 //! - `filter_chain/hostcalls_x100`: one filter reading a request header 100 times through
-//!   `proxy_get_header_map_value`; (this − noop_x1) / 100 is one host call.
+//!   `proxy_get_header_map_value`; (this − noop_x1) / 100 is one host call;
+//! - `filter_chain/std_{telemetry,router,fault,retry}`: each standard filter alone, configured
+//!   as the load benchmark's `weftstd` configures it;
+//! - `filter_chain/std_chain`: the four of them as one chain, as `weftstd` runs it.
 //!
 //! The guests come from `tests/filters/` built for wasm32-wasip1 (`tests/run.sh` or
-//! `benches/load/run.sh` build them).
+//! `benches/load/run.sh` build them), the standard filters from `filters/` (profile `filter`).
 
 use std::hint::black_box;
 
@@ -26,33 +29,62 @@ static BODY: bytes::Bytes =
 use weft_core::metrics::Metrics;
 use weft_wasm::{WasmChain, WasmRuntime};
 
-fn guest(name: &str) -> std::path::PathBuf {
+/// `target/wasm32-wasip1/{profile}/{name}.wasm`, which must exist.
+fn wasm(profile: &str, name: &str) -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let target = exe.ancestors().nth(3).expect("target dir");
-    let path = target.join(format!("wasm32-wasip1/release/{name}.wasm"));
+    let path = target.join(format!("wasm32-wasip1/{profile}/{name}.wasm"));
     assert!(
         path.exists(),
-        "{} missing: build tests/filters for wasm32-wasip1 first (tests/run.sh does)",
+        "{} missing: build tests/filters (release) and filters/ (profile filter) for \
+         wasm32-wasip1 first (tests/run.sh does)",
         path.display()
     );
     path
 }
 
+fn filter(name: String, module: std::path::PathBuf, config: serde_json::Value) -> FilterConfig {
+    FilterConfig {
+        name,
+        module,
+        root_id: String::new(),
+        vm_id: String::new(),
+        config,
+        vm_config: serde_json::Value::Null,
+        failure_policy: FailurePolicy::FailClosed,
+        limits: FilterLimits::default(),
+    }
+}
+
 fn chain(rt: &WasmRuntime, metrics: &Metrics, module: &str, n: usize) -> WasmChain {
     let filters: Vec<FilterConfig> = (0..n)
-        .map(|i| FilterConfig {
-            name: format!("{module}-{i}"),
-            module: guest(module),
-            root_id: String::new(),
-            vm_id: String::new(),
-            config: serde_json::Value::Null,
-            vm_config: serde_json::Value::Null,
-            failure_policy: FailurePolicy::FailClosed,
-            limits: FilterLimits::default(),
+        .map(|i| {
+            let path = wasm("release", module);
+            filter(format!("{module}-{i}"), path, serde_json::Value::Null)
         })
         .collect();
     rt.build_chain("bench", &filters, &Default::default(), metrics)
         .expect("chain")
+}
+
+/// The standard filters as the load benchmark's `weftstd` configures them, in its order.
+fn standard(which: &[&str]) -> Vec<FilterConfig> {
+    let config = |name: &str| match name {
+        "telemetry" => serde_json::json!({ "access_log": false }),
+        "router" => serde_json::json!({ "routes": [
+            { "name": "origin", "match": { "path": { "prefix": "/" } }, "cluster": "origin" } ] }),
+        "fault" => serde_json::json!({ "default": {
+            "delay": { "percent": 0, "ms": 100 }, "abort": { "percent": 0 } } }),
+        "retry" => serde_json::json!({ "default": { "attempts": 2 } }),
+        other => panic!("no standard filter {other}"),
+    };
+    which
+        .iter()
+        .map(|&name| {
+            let path = wasm("filter", &format!("weft_filter_{name}"));
+            filter(name.to_owned(), path, config(name))
+        })
+        .collect()
 }
 
 fn heads() -> (http::request::Parts, http::response::Parts) {
@@ -101,6 +133,24 @@ fn filter_chain(c: &mut Criterion) {
         attempt: Default::default(),
         tls: None,
     };
+    let origin: weft_core::config::ClusterConfig =
+        serde_json::from_value(serde_json::json!({ "name": "origin" })).expect("cluster");
+    let clusters = std::sync::Arc::new(weft_core::upstream::Clusters::new(vec![
+        std::sync::Arc::new(weft_core::upstream::Cluster::new(
+            &origin,
+            metrics.cluster("origin"),
+        )),
+    ]));
+    let table = std::sync::Arc::new(weft_core::upstream::ClusterTable::from(clusters.clone()));
+    let info = StreamInfo {
+        cluster: Some(0),
+        clusters,
+        ..info
+    };
+    let std_chain = |which: &[&str]| {
+        rt.build_chain("bench", &standard(which), &table, &metrics)
+            .expect("standard chain")
+    };
     let noop1 = chain(&rt, &metrics, "compat_noop", 1);
     let noop4 = chain(&rt, &metrics, "compat_noop", 4);
     let calls = chain(&rt, &metrics, "compat_hostcalls", 1);
@@ -110,6 +160,14 @@ fn filter_chain(c: &mut Criterion) {
     group.bench_function("noop_x1", |b| b.iter(|| one_stream(&noop1, &info)));
     group.bench_function("noop_x4", |b| b.iter(|| one_stream(&noop4, &info)));
     group.bench_function("hostcalls_x100", |b| b.iter(|| one_stream(&calls, &info)));
+    for name in ["telemetry", "router", "fault", "retry"] {
+        let alone = std_chain(&[name]);
+        group.bench_function(format!("std_{name}"), |b| {
+            b.iter(|| one_stream(&alone, &info))
+        });
+    }
+    let all = std_chain(&["telemetry", "router", "fault", "retry"]);
+    group.bench_function("std_chain", |b| b.iter(|| one_stream(&all, &info)));
     group.finish();
 }
 

@@ -83,7 +83,6 @@ fi
 NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
 [[ -x $NGINX_BIN && -x $HAPROXY_BIN ]] || die "nginx or haproxy is missing after install"
-CLK_TCK=$(getconf CLK_TCK)
 (($(nproc) >= 2)) || die "needs at least 2 cores (load + origin on core 0, proxy on core 1)"
 
 # --- build ---------------------------------------------------------------------------------
@@ -157,15 +156,17 @@ tree_pids() {
   for child in $(pgrep -P "$pid" || true); do tree_pids "$child"; done
 }
 
-# cpu_ticks PID... : utime + stime of these processes (all their threads), in clock ticks.
-cpu_ticks() {
-  local total=0 pid stat rest
-  local -a f
+# cpu_ns PID... : CPU time of these processes, all their threads, in nanoseconds: the
+# scheduler's own account (/proc/PID/task/*/schedstat, first field), not /proc/PID/stat's
+# 10 ms ticks.
+cpu_ns() {
+  local total=0 pid task run rest
   for pid in "$@"; do
-    stat=$(<"/proc/$pid/stat") || die "process $pid is gone"
-    rest=${stat##*) } # the command name may contain spaces; fields restart at `state`
-    read -ra f <<<"$rest"
-    total=$((total + f[11] + f[12]))
+    [[ -d /proc/$pid/task ]] || die "process $pid is gone"
+    for task in /proc/"$pid"/task/*/schedstat; do
+      read -r run rest <"$task" 2>/dev/null || continue # a thread that just ended
+      total=$((total + run))
+    done
   done
   echo "$total"
 }
@@ -446,19 +447,19 @@ load() {
     >"$TMP/$name.json" 2>"$TMP/$name.err" || die "weft-load $name failed: $(cat "$TMP/$name.err")"
 }
 
-# measure TARGET KIND ARGS... : a run with the proxy's CPU ticks read around it; writes
-# $TMP/TARGET.KIND.json = the load report + {"cpu_ticks": N}.
+# measure TARGET KIND ARGS... : a run with the proxy's CPU time read around it; writes
+# $TMP/TARGET.KIND.json = the load report + {"cpu_ns": N}.
 measure() {
   local t=$1 kind=$2 pids=() before after
   shift 2
   [[ $t != direct ]] && mapfile -t pids < <(tree_pids "${ROOT_PID[$t]}")
   before=0
-  ((${#pids[@]})) && before=$(cpu_ticks "${pids[@]}")
+  ((${#pids[@]})) && before=$(cpu_ns "${pids[@]}")
   load "$t.$kind.raw" "${URL[$t]}" "$@"
   after=0
-  ((${#pids[@]})) && after=$(cpu_ticks "${pids[@]}")
-  jq -c --argjson ticks $((after - before)) --argjson pids "${#pids[@]}" \
-    '. + {cpu_ticks: $ticks, cpu_pids: $pids}' "$TMP/$t.$kind.raw.json" >"$TMP/$t.$kind.json"
+  ((${#pids[@]})) && after=$(cpu_ns "${pids[@]}")
+  jq -c --argjson ns $((after - before)) --argjson pids "${#pids[@]}" \
+    '. + {cpu_ns: $ns, cpu_pids: $pids}' "$TMP/$t.$kind.raw.json" >"$TMP/$t.$kind.json"
 }
 
 for t in "${TARGETS[@]}"; do
@@ -480,14 +481,14 @@ declare -A HS_RATE HS_CPU
 handshakes() { # handshakes TARGET PORT
   local pids before after out n secs
   mapfile -t pids < <(tree_pids "${ROOT_PID[$1]}")
-  before=$(cpu_ticks "${pids[@]}")
+  before=$(cpu_ns "${pids[@]}")
   out=$(taskset -c 0 timeout $((HS_SECS + 30)) openssl s_time -connect "127.0.0.1:$2" -new \
     -time "$HS_SECS" -cert "$PKI/a.pem" -key "$PKI/a.key" -CAfile "$PKI/ca.pem" -www / 2>&1 || true)
-  after=$(cpu_ticks "${pids[@]}")
+  after=$(cpu_ns "${pids[@]}")
   read -r n secs < <(sed -nE 's/^([0-9]+) connections in ([0-9.]+) real seconds.*/\1 \2/p' <<<"$out" | head -1)
   [[ -n ${n:-} && $n -gt 0 ]] || die "openssl s_time against $1 made no connection: $out"
   HS_RATE[$1]=$(awk -v n="$n" -v s="$secs" 'BEGIN { printf "%.0f", n / s }')
-  HS_CPU[$1]=$(awk -v t=$((after - before)) -v c="$CLK_TCK" -v n="$n" 'BEGIN { printf "%.0f", t / c * 1e6 / n }')
+  HS_CPU[$1]=$(awk -v t=$((after - before)) -v n="$n" 'BEGIN { printf "%.0f", t / 1e3 / n }')
 }
 log "new mTLS handshakes: ${HS_SECS}s of openssl s_time -new against each inbound side"
 handshakes weftmtls $WEFTMTLS_IN_PORT
@@ -495,7 +496,7 @@ handshakes nginxtls $NGINXTLS_IN_PORT
 
 # --- results ---------------------------------------------------------------------------------
 # One JSON document: per target the two raw reports plus derived figures, and the ratios.
-jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$RATE" \
+jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
   --argjson max_conns "$MAX_CONNS" --argjson rate_conns "$RATE_CONNS" \
   --arg host "$(uname -srm)" --arg nginx "$("$NGINX_BIN" -v 2>&1)" \
   --arg haproxy "$("$HAPROXY_BIN" -v | head -1)" \
@@ -509,8 +510,8 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
   --slurpfile tm "$TMP/weftmtls.max.json" --slurpfile tr "$TMP/weftmtls.rate.json" \
   --slurpfile xm "$TMP/nginxtls.max.json" --slurpfile xr "$TMP/nginxtls.rate.json" '
   def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
-                      else $r.cpu_ticks / $clk * 1e6 / $r.requests end;
-  def util($r): if $r.cpu_pids == 0 then null else $r.cpu_ticks / $clk / $r.elapsed_secs end;
+                      else $r.cpu_ns / 1e3 / $r.requests end;
+  def util($r): if $r.cpu_pids == 0 then null else $r.cpu_ns / 1e9 / $r.elapsed_secs end;
   def row($m; $r; $direct_p50): {
     max_rps: $m.rps, p50_ms: $r.latency_ms.p50, p90_ms: $r.latency_ms.p90,
     p99_ms: $r.latency_ms.p99, max_ms: $r.latency_ms.max,
@@ -528,7 +529,7 @@ jq -n --argjson clk "$CLK_TCK" --argjson duration "$DURATION" --argjson rate "$R
       nginxtls: row($xm[0]; $xr[0]; $d50) } as $rows
   | { setup: { host: $host, nginx: $nginx, haproxy: $haproxy, duration_secs: $duration,
                max_connections: $max_conns, rate: $rate, rate_connections: $rate_conns,
-               clk_tck: $clk,
+               cpu_clock: "schedstat (ns, all threads)",
                pinning: "load generator + origin nginx on core 0, proxy under test on core 1" },
       results: $rows,
       weft_vs_nginx: {

@@ -300,6 +300,15 @@ impl<'a> Ctx<'a> {
 
     // --- Weft extensions ----------------------------------------------------------------------
 
+    /// Tells the host that this filter does nothing in callback `export` (one of
+    /// [`weft_abi::ext::SKIPPABLE`]), so that it can stop calling it (`weft.unused`). The
+    /// [`crate::Filter`] defaults say it; a filter never needs to. Hosts without the
+    /// extension ignore it.
+    #[doc(hidden)]
+    pub fn unused(&mut self, export: &str) {
+        let _ = self.host.call_foreign(ext::UNUSED, export.as_bytes());
+    }
+
     /// Sends the request to `cluster` (`weft.set_cluster`; request headers phase).
     /// `NotFound` for a cluster the proxy does not have, or on a host without Weft's
     /// extensions.

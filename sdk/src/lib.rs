@@ -62,7 +62,9 @@ pub enum Action {
 /// An HTTP filter: one value per stream.
 ///
 /// Every phase has a default that continues, so a filter implements only the phases it
-/// needs. Response phases run in reverse chain order.
+/// needs; on Weft, a phase left to its default costs nothing after the first stream (the
+/// default tells the host it need not call it). Response phases run in reverse chain
+/// order.
 pub trait Filter: Sized + 'static {
     /// The filter's configuration, parsed from the JSON the proxy hands to `on_configure`
     /// (a YAML map in the proxy's config arrives as JSON).
@@ -78,43 +80,49 @@ pub trait Filter: Sized + 'static {
     fn new(config: &Rc<Self::Config>) -> Self;
 
     /// Request headers (`:method`, `:path`, `:authority`, `:scheme` included).
-    fn on_request_headers(&mut self, _cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
+    fn on_request_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
+        cx.unused("proxy_on_request_headers");
         Action::Continue
     }
 
     /// A piece of request body; `body_size` is what is buffered so far ([`Ctx::request_body`]).
     fn on_request_body(
         &mut self,
-        _cx: &mut Ctx<'_>,
+        cx: &mut Ctx<'_>,
         _body_size: usize,
         _end_of_stream: bool,
     ) -> Action {
+        cx.unused("proxy_on_request_body");
         Action::Continue
     }
 
     /// Response headers (`:status` included). Also called for the proxy's own answer to a
     /// failed upstream attempt (see [`Ctx::attempt`]).
-    fn on_response_headers(&mut self, _cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
+    fn on_response_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
+        cx.unused("proxy_on_response_headers");
         Action::Continue
     }
 
     /// A piece of response body.
     fn on_response_body(
         &mut self,
-        _cx: &mut Ctx<'_>,
+        cx: &mut Ctx<'_>,
         _body_size: usize,
         _end_of_stream: bool,
     ) -> Action {
+        cx.unused("proxy_on_response_body");
         Action::Continue
     }
 
     /// Request trailers (they end the request body).
-    fn on_request_trailers(&mut self, _cx: &mut Ctx<'_>) -> Action {
+    fn on_request_trailers(&mut self, cx: &mut Ctx<'_>) -> Action {
+        cx.unused("proxy_on_request_trailers");
         Action::Continue
     }
 
     /// Response trailers (gRPC's `grpc-status` arrives here).
-    fn on_response_trailers(&mut self, _cx: &mut Ctx<'_>) -> Action {
+    fn on_response_trailers(&mut self, cx: &mut Ctx<'_>) -> Action {
+        cx.unused("proxy_on_response_trailers");
         Action::Continue
     }
 
@@ -132,7 +140,9 @@ pub trait Filter: Sized + 'static {
 
     /// The stream has ended (access logs, metrics): the request and response read as they
     /// went out.
-    fn on_log(&mut self, _cx: &mut Ctx<'_>) {}
+    fn on_log(&mut self, cx: &mut Ctx<'_>) {
+        cx.unused("proxy_on_log");
+    }
 }
 
 /// Turns a [`Filter`] into a proxy-wasm module when built for `wasm32`; expands to nothing

@@ -216,6 +216,11 @@ impl Host for TestHost {
                 }
                 self.routing.retry = Some((Duration::from_millis(r.delay_ms), r.exclude_tried));
             }
+            // The harness calls every phase anyway: a filter's tests see all of them.
+            ext::UNUSED => {
+                let name = std::str::from_utf8(args).map_err(|_| Status::BadArgument)?;
+                ext::skippable_bit(name).ok_or(Status::BadArgument)?;
+            }
             _ => return Err(Status::NotFound),
         }
         Ok(None)

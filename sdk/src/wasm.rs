@@ -76,6 +76,12 @@ fn action(a: Action) -> pw::Action {
 }
 
 impl<F: Filter> Context for Stream<F> {
+    fn on_done(&mut self) -> bool {
+        // A filter's stream ends when the proxy says: nothing to do here, ever.
+        let _ = ffi::call_foreign(weft_abi::ext::UNUSED, b"proxy_on_done");
+        true
+    }
+
     fn on_http_call_response(&mut self, token: u32, headers: usize, _body: usize, _t: usize) {
         let mut host = WasmHost;
         let mut cx = Ctx::new(&mut host);

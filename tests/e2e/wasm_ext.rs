@@ -210,3 +210,56 @@ async fn a_body_over_the_replay_cap_gets_a_single_attempt() {
     assert_eq!(got.echo()["body"], "small");
     assert_eq!(up.hits(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
+    let svc = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
+    let client = h1_client();
+    let send_with = |headers: &'static [(&'static str, &'static str)]| {
+        let (client, url) = (client.clone(), proxy.url("/a"));
+        async move { send(&client, request(url, headers, "")).await.unwrap() }
+    };
+    // The upstream echoes the request as JSON: lowercase keys, unless a filter upper-cased it.
+    let upper = |body: &str| body == body.to_uppercase();
+    let plain = send_with(&[]).await;
+    assert!(!upper(&plain.body), "{:?}", plain.body);
+    let got = send_with(&[("x-upper-body", "1")]).await;
+    assert!(upper(&got.body), "the body callback runs: {:?}", got.body);
+
+    // Not a callback the host can skip: BAD_ARGUMENT, and nothing changes.
+    let got = send_with(&[("x-unused", "proxy_on_tick"), ("x-upper-body", "1")]).await;
+    assert_eq!(got.header("x-unused-status"), "bad_argument");
+    assert!(upper(&got.body), "{:?}", got.body);
+
+    // The filter says it does nothing in response bodies: from this stream on, bodies pass
+    // it by (its response headers callback still runs).
+    let got = send_with(&[
+        ("x-unused", "proxy_on_response_body"),
+        ("x-upper-body", "1"),
+    ])
+    .await;
+    assert_eq!(got.header("x-unused-status"), "ok");
+    for _ in 0..3 {
+        let got = send_with(&[("x-upper-body", "1")]).await;
+        assert_eq!(got.status, 200);
+        assert!(
+            !upper(&got.body),
+            "the body passed the filter by: {:?}",
+            got.body
+        );
+        assert!(got.body.contains("\"x-upper-body\""), "{:?}", got.body);
+        assert_eq!(got.header("x-attempts-made"), "1");
+    }
+
+    // Likewise response heads; request heads still go through it (it still routes).
+    send_with(&[("x-unused", "proxy_on_response_headers")]).await;
+    let got = send_with(&[("x-route-cluster", "other")]).await;
+    assert_eq!(got.header("x-upstream"), "other");
+    assert_eq!(
+        got.header("x-attempts-made"),
+        "",
+        "response heads pass it by"
+    );
+}

@@ -264,6 +264,28 @@ pub mod ext {
     pub const ATTEMPT: &str = "weft.attempt";
     /// `weft.retry`: a [`RetryArgs`] (9 bytes); response headers phase.
     pub const RETRY: &str = "weft.retry";
+    /// `weft.unused`: the export name of a stream callback (one of [`SKIPPABLE`]) as UTF-8. The
+    /// filter's implementation of it does nothing but continue (an SDK's default), so the
+    /// host may stop calling it for this filter: a call saved per stream and phase. Any
+    /// phase; answers nothing.
+    pub const UNUSED: &str = "weft.unused";
+
+    /// The callbacks [`UNUSED`] can name, in the order of their bits in a mask.
+    pub const SKIPPABLE: &[&str] = &[
+        "proxy_on_request_headers",
+        "proxy_on_response_headers",
+        "proxy_on_request_body",
+        "proxy_on_response_body",
+        "proxy_on_request_trailers",
+        "proxy_on_response_trailers",
+        "proxy_on_done",
+        "proxy_on_log",
+    ];
+
+    /// The bit of callback `export` in a mask of [`SKIPPABLE`] callbacks.
+    pub fn skippable_bit(export: &str) -> Option<u16> {
+        SKIPPABLE.iter().position(|&n| n == export).map(|i| 1 << i)
+    }
 
     /// Every extension name.
     pub const ALL: &[&str] = &[
@@ -274,6 +296,7 @@ pub mod ext {
         DELAY,
         ATTEMPT,
         RETRY,
+        UNUSED,
     ];
 
     /// Most attempts `weft.set_attempts` grants a request.

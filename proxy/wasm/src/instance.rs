@@ -19,7 +19,7 @@ use weft_core::upstream::ClusterTable;
 use crate::failure::{Failure, FailureCounters, classify};
 use crate::limits::{self, LIFECYCLE_TICKS, arm};
 use crate::state::{
-    BodyBuf, CalloutResponse, Ext, HostState, LocalResponse, Parked, PluginMeta, Seen,
+    BodyBuf, CalloutResponse, Ext, HostState, LocalResponse, Parked, PluginMeta, Seen, callback_bit,
 };
 
 /// The root context's id in every instance.
@@ -45,8 +45,9 @@ pub struct FilterSpec {
     pub defined_metrics: Arc<weft_core::metrics::FilterMetricSet>,
     /// Whether the module exports `proxy_on_tick`.
     pub has_tick: bool,
-    /// Whether the module exports body or trailers callbacks, by [`Direction`].
-    pub body_callbacks: [bool; 2],
+    /// The body and trailers callbacks the module exports, by [`Direction`] (a mask of
+    /// [`callback_bit`]s).
+    pub body_exports: [u16; 2],
     /// Most body bytes the filter may buffer.
     pub buffer_limit: usize,
     /// The proxy's clusters (callouts go to them by name).
@@ -56,6 +57,16 @@ pub struct FilterSpec {
     pub vm: usize,
     /// Its place among the filters of that instance (0: the one that owns it).
     pub plugin: usize,
+}
+
+impl FilterSpec {
+    /// Whether the filter runs body or trailers callbacks for `direction`: it exports one
+    /// that it has not said it does nothing in (`weft.unused`).
+    #[inline]
+    pub fn body_callbacks(&self, direction: Direction) -> bool {
+        let unused = self.meta.unused.load(std::sync::atomic::Ordering::Relaxed);
+        self.body_exports[direction as usize] & !unused != 0
+    }
 }
 
 /// A `(context, count or size, end of stream) -> action` callback: headers and bodies.
@@ -455,6 +466,19 @@ impl FilterInstance {
         data.root = self.plugins[p].root as u32;
     }
 
+    /// Whether the filter that `context` belongs to said it does nothing in the callback of
+    /// `bit` (`weft.unused`): the call is skipped, as if it had continued.
+    #[inline]
+    fn skips(&self, context: i32, bit: u16) -> bool {
+        let p = if self.plugins.len() == 1 {
+            0
+        } else {
+            let contexts = &self.store.data().contexts;
+            contexts.get(&(context as u32)).copied().unwrap_or(0)
+        };
+        self.plugins[p].meta.skips(bit)
+    }
+
     /// `proxy_on_tick` on filter `plugin`'s root context.
     pub fn on_tick(&mut self, plugin: usize, ticks: u64) -> Result<(), Failure> {
         let Some(f) = self.instance_tick.clone() else {
@@ -517,7 +541,7 @@ impl FilterInstance {
         end_of_stream: bool,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
-        if H::callback(&self.exports).is_none() {
+        if H::callback(&self.exports).is_none() || self.skips(context, H::UNUSED_BIT) {
             return Ok(Callback::default());
         }
         let n = head.pairs();
@@ -525,7 +549,9 @@ impl FilterInstance {
         // The request as it went upstream stays readable from the response callbacks.
         seen.lend(self.store.data_mut());
         arm(&mut self.store, ticks);
-        let result = match H::callback(&self.exports).cloned() {
+        // Called through the reference: cloning a `TypedFunc` clones its registered type
+        // (a lock and a reference count), which showed in profiles at a few % per request.
+        let result = match H::callback(&self.exports) {
             Some(f) => f.call(&mut self.store, context, n, end_of_stream),
             None => Ok(0),
         };
@@ -798,6 +824,9 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
+        if self.skips(context, callback_bit::BODY[direction as usize]) {
+            return Ok(Callback::default());
+        }
         self.select(context);
         let Some(f) = &self.exports.on_body[direction as usize] else {
             return Ok(Callback::default());
@@ -833,6 +862,9 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<Callback, Failure> {
+        if self.skips(context, callback_bit::TRAILERS[direction as usize]) {
+            return Ok(Callback::default());
+        }
         self.select(context);
         let Some(f) = &self.exports.on_trailers[direction as usize] else {
             return Ok(Callback::default());
@@ -868,7 +900,7 @@ impl FilterInstance {
         info: &StreamInfo,
     ) -> Result<i32, Failure> {
         self.select(context);
-        let Some(f) = self.exports.on_new_connection.clone() else {
+        let Some(f) = &self.exports.on_new_connection else {
             return Ok(0);
         };
         begin_callback(self.store.data_mut(), info, context);
@@ -890,7 +922,7 @@ impl FilterInstance {
         info: &StreamInfo,
     ) -> Result<i32, Failure> {
         self.select(context);
-        let Some(f) = self.exports.on_data[flow as usize].clone() else {
+        let Some(f) = &self.exports.on_data[flow as usize] else {
             return Ok(0);
         };
         let kind = match flow {
@@ -920,7 +952,7 @@ impl FilterInstance {
         info: &StreamInfo,
     ) -> Result<(), Failure> {
         self.select(context);
-        let Some(f) = self.exports.on_connection_close[flow as usize].clone() else {
+        let Some(f) = &self.exports.on_connection_close[flow as usize] else {
             return Ok(());
         };
         begin_callback(self.store.data_mut(), info, context);
@@ -946,7 +978,8 @@ impl FilterInstance {
         data.callback_context = context as u32;
         seen.lend(data);
         arm(&mut self.store, ticks);
-        let result = self.end_callbacks(context);
+        let skip = [callback_bit::DONE, callback_bit::LOG].map(|b| self.skips(context, b));
+        let result = self.end_callbacks(context, skip);
         let data = self.store.data_mut();
         seen.take_back(data);
         // As in Envoy, what the context was owed goes with it: its calls are not answered
@@ -957,12 +990,21 @@ impl FilterInstance {
         result
     }
 
-    fn end_callbacks(&mut self, context: i32) -> Result<(), Failure> {
-        if let Some(f) = &self.exports.on_done {
+    /// `on_done`, `on_log` (each unless `skip` says so) and `on_delete`.
+    fn end_callbacks(
+        &mut self,
+        context: i32,
+        [skip_done, skip_log]: [bool; 2],
+    ) -> Result<(), Failure> {
+        if let Some(f) = &self.exports.on_done
+            && !skip_done
+        {
             f.call(&mut self.store, context)
                 .map_err(|e| failed(&self.store, e, "proxy_on_done"))?;
         }
-        if let Some(f) = &self.exports.on_log {
+        if let Some(f) = &self.exports.on_log
+            && !skip_log
+        {
             f.call(&mut self.store, context)
                 .map_err(|e| failed(&self.store, e, "proxy_on_log"))?;
         }
@@ -1043,6 +1085,8 @@ pub trait Head: Sized {
     const CALLBACK: &'static str;
     /// The way it goes.
     const DIRECTION: Direction;
+    /// The callback's bit among those a filter can say it does nothing in.
+    const UNUSED_BIT: u16;
     /// The export to call.
     fn callback(e: &Exports) -> Option<&HeadersFn>;
     /// Where the head lives in the store during the call.
@@ -1060,6 +1104,7 @@ pub trait Head: Sized {
 impl Head for request::Parts {
     const CALLBACK: &'static str = "proxy_on_request_headers";
     const DIRECTION: Direction = Direction::Request;
+    const UNUSED_BIT: u16 = callback_bit::REQUEST_HEADERS;
     fn callback(e: &Exports) -> Option<&HeadersFn> {
         e.on_request_headers.as_ref()
     }
@@ -1086,6 +1131,7 @@ impl Head for request::Parts {
 impl Head for response::Parts {
     const CALLBACK: &'static str = "proxy_on_response_headers";
     const DIRECTION: Direction = Direction::Response;
+    const UNUSED_BIT: u16 = callback_bit::RESPONSE_HEADERS;
     fn callback(e: &Exports) -> Option<&HeadersFn> {
         e.on_response_headers.as_ref()
     }
@@ -1149,6 +1195,7 @@ mod tests {
             vm_id: spec.meta.vm_id.clone(),
             config: config.to_vec(),
             vm_config: Vec::new(),
+            unused: Default::default(),
         });
         FilterInstance::start(&[&spec], 0, 1)
     }

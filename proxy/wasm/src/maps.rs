@@ -60,97 +60,116 @@ pub fn authority(parts: &request::Parts) -> Option<&[u8]> {
         .or_else(|| parts.headers.get(http::header::HOST).map(|v| v.as_bytes()))
 }
 
+/// A map as filters see it, borrowed from the state: its pseudo-headers (up to four, in
+/// order) and its headers. Reading one value or serializing the map walks it without
+/// copying it first.
+pub struct View<'a> {
+    pseudo: [(&'static [u8], &'a [u8]); 4],
+    n: usize,
+    headers: Option<&'a HeaderMap>,
+    /// Request headers: `host` is `:authority` (as Envoy presents HTTP/1.1 requests), not a
+    /// second entry beside it.
+    skip_host: bool,
+}
+
+impl<'a> View<'a> {
+    /// The map `kind` of `state` (empty when the state has no such map now).
+    pub fn of(state: &'a HostState, kind: MapKind) -> Self {
+        let mut v = View {
+            pseudo: [(b"", b""); 4],
+            n: 0,
+            headers: None,
+            skip_host: kind == MapKind::RequestHeaders,
+        };
+        let push = |v: &mut View<'a>, k: &'static [u8], val: &'a [u8]| {
+            v.pseudo[v.n] = (k, val);
+            v.n += 1;
+        };
+        match kind {
+            MapKind::RequestHeaders => {
+                if let Some(p) = state.req() {
+                    push(&mut v, b":method", p.method.as_str().as_bytes());
+                    let path = p
+                        .uri
+                        .path_and_query()
+                        .map_or(&b"/"[..], |pq| pq.as_str().as_bytes());
+                    push(&mut v, b":path", path);
+                    if let Some(a) = authority(p) {
+                        push(&mut v, b":authority", a);
+                    }
+                    push(&mut v, b":scheme", b"http");
+                    v.headers = Some(&p.headers);
+                }
+            }
+            MapKind::ResponseHeaders | MapKind::CalloutHeaders => {
+                let head = if kind == MapKind::ResponseHeaders {
+                    state.resp()
+                } else {
+                    state
+                        .callout_response
+                        .as_ref()
+                        .and_then(|r| r.head.as_ref())
+                };
+                if let Some(p) = head {
+                    push(&mut v, b":status", p.status.as_str().as_bytes());
+                    v.headers = Some(&p.headers);
+                }
+            }
+            MapKind::Trailers(t) => {
+                if let Some((kind, map)) = &state.trailers
+                    && *kind == t
+                {
+                    v.headers = Some(map);
+                }
+            }
+            MapKind::Received(t) => v.headers = received(state, t),
+        }
+        v
+    }
+
+    /// The pairs, pseudo-headers first.
+    pub fn pairs(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
+        let skip_host = self.skip_host;
+        self.pseudo[..self.n].iter().copied().chain(
+            self.headers
+                .into_iter()
+                .flatten()
+                .filter(move |(k, _)| !(skip_host && *k == http::header::HOST))
+                .map(|(k, v)| (k.as_str().as_bytes(), v.as_bytes())),
+        )
+    }
+
+    /// The first value of `key` (lowercase).
+    pub fn get(&self, key: &[u8]) -> Option<&'a [u8]> {
+        if key.starts_with(b":") {
+            return self.pseudo[..self.n]
+                .iter()
+                .find(|(k, _)| *k == key)
+                .map(|(_, v)| *v);
+        }
+        self.headers?
+            .get(HeaderName::from_bytes(key).ok()?)
+            .map(|v| v.as_bytes())
+    }
+
+    /// The map in the ABI's serialized format.
+    pub fn serialize(&self) -> Vec<u8> {
+        let pairs: Vec<(&[u8], &[u8])> = self.pairs().collect();
+        weft_abi::map::serialize(pairs.iter().map(|(k, v)| (*k, *v)))
+    }
+}
+
 /// The pairs of a map, pseudo-headers first.
 pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut out = Vec::new();
-    let headers = match kind {
-        MapKind::RequestHeaders => {
-            let Some(p) = state.req() else { return out };
-            out.push((b":method".to_vec(), p.method.as_str().as_bytes().to_vec()));
-            out.push((
-                b":path".to_vec(),
-                p.uri
-                    .path_and_query()
-                    .map_or(b"/".to_vec(), |pq| pq.as_str().as_bytes().to_vec()),
-            ));
-            if let Some(a) = authority(p) {
-                out.push((b":authority".to_vec(), a.to_vec()));
-            }
-            out.push((b":scheme".to_vec(), b"http".to_vec()));
-            &p.headers
-        }
-        MapKind::ResponseHeaders | MapKind::CalloutHeaders => {
-            let head = if kind == MapKind::ResponseHeaders {
-                state.resp()
-            } else {
-                state
-                    .callout_response
-                    .as_ref()
-                    .and_then(|r| r.head.as_ref())
-            };
-            let Some(p) = head else { return out };
-            out.push((b":status".to_vec(), p.status.as_str().as_bytes().to_vec()));
-            &p.headers
-        }
-        MapKind::Trailers(t) => match &state.trailers {
-            Some((kind, map)) if *kind == t => map,
-            _ => return out,
-        },
-        MapKind::Received(t) => match received(state, t) {
-            Some(map) => map,
-            None => return out,
-        },
-    };
-    for (k, v) in headers {
-        // The authority is `:authority` (as Envoy presents HTTP/1.1 requests), not a second
-        // `host` entry beside it.
-        if kind == MapKind::RequestHeaders && k == http::header::HOST {
-            continue;
-        }
-        out.push((k.as_str().as_bytes().to_vec(), v.as_bytes().to_vec()));
-    }
-    out
+    View::of(state, kind)
+        .pairs()
+        .map(|(k, v)| (k.to_vec(), v.to_vec()))
+        .collect()
 }
 
 /// One value of a map (the first, for repeated headers).
 pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> {
-    match (kind, key) {
-        (MapKind::RequestHeaders | MapKind::ResponseHeaders | MapKind::CalloutHeaders, k)
-            if k.starts_with(b":") =>
-        {
-            map_pairs(state, kind)
-                .into_iter()
-                .find(|(name, _)| name == key)
-                .map(|(_, v)| v)
-        }
-        (MapKind::RequestHeaders, k) => state
-            .req()?
-            .headers
-            .get(HeaderName::from_bytes(k).ok()?)
-            .map(|v| v.as_bytes().to_vec()),
-        (MapKind::ResponseHeaders, k) => state
-            .resp()?
-            .headers
-            .get(HeaderName::from_bytes(k).ok()?)
-            .map(|v| v.as_bytes().to_vec()),
-        (MapKind::CalloutHeaders, k) => state
-            .callout_response
-            .as_ref()?
-            .head
-            .as_ref()?
-            .headers
-            .get(HeaderName::from_bytes(k).ok()?)
-            .map(|v| v.as_bytes().to_vec()),
-        (MapKind::Trailers(t), k) => match &state.trailers {
-            Some((kind, map)) if *kind == t => map
-                .get(HeaderName::from_bytes(k).ok()?)
-                .map(|v| v.as_bytes().to_vec()),
-            _ => None,
-        },
-        (MapKind::Received(t), k) => received(state, t)?
-            .get(HeaderName::from_bytes(k).ok()?)
-            .map(|v| v.as_bytes().to_vec()),
-    }
+    View::of(state, kind).get(key).map(<[u8]>::to_vec)
 }
 
 /// How a map is changed.
@@ -322,6 +341,43 @@ fn set_request_pseudo(p: &mut request::Parts, key: &[u8], value: &[u8]) -> bool 
 mod tests {
     use super::*;
     use crate::state::tests::state;
+
+    #[test]
+    fn a_view_reads_what_the_pairs_hold_without_a_second_host_entry() {
+        let s = state();
+        let view = View::of(&s, MapKind::RequestHeaders);
+        let pairs = map_pairs(&s, MapKind::RequestHeaders);
+        let names: Vec<&[u8]> = pairs.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(
+            names,
+            [
+                &b":method"[..],
+                b":path",
+                b":authority",
+                b":scheme",
+                b"x-request-id"
+            ]
+        );
+        assert_eq!(
+            view.serialize(),
+            weft_abi::map::serialize(pairs.iter().map(|(k, v)| (k, v)))
+        );
+        for (k, v) in &pairs {
+            assert_eq!(
+                view.get(k),
+                Some(v.as_slice()),
+                "{}",
+                String::from_utf8_lossy(k)
+            );
+        }
+        // `host` is `:authority` in the pairs, yet still readable by its own name.
+        assert_eq!(view.get(b"host"), Some(&b"svc:8080"[..]));
+        assert_eq!(view.get(b":status"), None);
+        assert_eq!(
+            View::of(&s, MapKind::ResponseHeaders).serialize(),
+            weft_abi::map::serialize::<[u8], [u8]>(std::iter::empty())
+        );
+    }
 
     #[test]
     fn pseudo_headers_read_and_write_through_to_the_request() {

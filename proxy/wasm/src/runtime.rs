@@ -18,7 +18,7 @@ use crate::cache::ModuleCache;
 use crate::failure::FailureCounters;
 use crate::instance::{self, FilterInstance, FilterSpec, OWN_INSTANCE};
 use crate::linker::HostLinker;
-use crate::state::PluginMeta;
+use crate::state::{PluginMeta, callback_bit};
 use crate::{EPOCH_TICK_MS, WasmChain, WasmError, hostcalls};
 
 /// The engine, linker and module cache shared by every filter of the proxy.
@@ -231,6 +231,7 @@ impl WasmRuntime {
                 vm_id: f.vm_id.clone(),
                 config: config_bytes(&f.config),
                 vm_config: config_bytes(&f.vm_config),
+                unused: Default::default(),
             }),
             pre,
             engine: self.engine.clone(),
@@ -240,14 +241,21 @@ impl WasmRuntime {
             failures: FailureCounters::new(&f.name, metrics.filter_failures(&f.name)),
             defined_metrics: metrics.filter_defined(),
             has_tick: module.exports().any(|e| e.name() == "proxy_on_tick"),
-            body_callbacks: [
+            body_exports: [
                 weft_core::filter::Direction::Request,
                 weft_core::filter::Direction::Response,
             ]
             .map(|d| {
-                module.exports().any(|e| {
-                    e.name() == instance::body_callback(d)
-                        || e.name() == instance::trailers_callback(d)
+                let has = |name: &str| module.exports().any(|e| e.name() == name);
+                let d_ = d as usize;
+                (if has(instance::body_callback(d)) {
+                    callback_bit::BODY[d_]
+                } else {
+                    0
+                }) | (if has(instance::trailers_callback(d)) {
+                    callback_bit::TRAILERS[d_]
+                } else {
+                    0
                 })
             }),
             buffer_limit: f.limits.buffer_kb as usize * 1024,

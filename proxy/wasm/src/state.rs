@@ -33,6 +33,35 @@ pub struct PluginMeta {
     pub config: Vec<u8>,
     /// Handed to `on_vm_start`.
     pub vm_config: Vec<u8>,
+    /// The stream callbacks the filter said it does nothing in (`weft.unused`), as a mask of
+    /// [`weft_abi::ext::SKIPPABLE`] bits: the host stops calling them. What a module's code
+    /// does is the same in all its instances, so one instance's word holds for all.
+    pub unused: std::sync::atomic::AtomicU16,
+}
+
+impl PluginMeta {
+    /// Whether the filter said it does nothing in the callback of `bit`
+    /// ([`weft_abi::ext::skippable_bit`]).
+    #[inline]
+    pub fn skips(&self, bit: u16) -> bool {
+        self.unused.load(std::sync::atomic::Ordering::Relaxed) & bit != 0
+    }
+}
+
+/// The [`weft_abi::ext::SKIPPABLE`] bits of the callbacks the host calls, by name.
+pub mod callback_bit {
+    /// `proxy_on_request_headers`.
+    pub const REQUEST_HEADERS: u16 = 1 << 0;
+    /// `proxy_on_response_headers`.
+    pub const RESPONSE_HEADERS: u16 = 1 << 1;
+    /// `proxy_on_{request,response}_body`, by `Direction`.
+    pub const BODY: [u16; 2] = [1 << 2, 1 << 3];
+    /// `proxy_on_{request,response}_trailers`, by `Direction`.
+    pub const TRAILERS: [u16; 2] = [1 << 4, 1 << 5];
+    /// `proxy_on_done`.
+    pub const DONE: u16 = 1 << 6;
+    /// `proxy_on_log`.
+    pub const LOG: u16 = 1 << 7;
 }
 
 /// A local response a filter asked for.
@@ -505,6 +534,7 @@ pub mod tests {
             vm_id: "v".into(),
             config: vec![],
             vm_config: vec![],
+            unused: Default::default(),
         });
         let mut s = HostState::new(meta, 1 << 20, Arc::default(), Arc::default());
         let (parts, ()) = http::Request::get("/a/b?q=1")

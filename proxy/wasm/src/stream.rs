@@ -291,7 +291,11 @@ impl WasmStream {
             let failure = match step {
                 Step::Go => continue,
                 // Paused with a body to come through its body callbacks: they decide.
-                Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[0] => continue,
+                Step::Hold
+                    if !end_of_stream && self.filters[idx].body_callbacks(Direction::Request) =>
+                {
+                    continue;
+                }
                 // Paused with nothing outstanding: held until the filter takes it up again.
                 Step::Hold => {
                     if self.hold(idx, head) {
@@ -477,7 +481,7 @@ impl WasmStream {
             let mut buf = std::mem::take(&mut self.bodies[d][idx]);
             buf.append(data);
             if !matches!(self.contexts[idx], Ctx::Active(..))
-                || !self.filters[idx].body_callbacks[d]
+                || !self.filters[idx].body_callbacks(direction)
             {
                 data = buf.take();
                 continue;
@@ -646,7 +650,11 @@ impl WasmStream {
             }
             let failure = match step {
                 Step::Go => continue,
-                Step::Hold if !end_of_stream && self.filters[idx].body_callbacks[1] => continue,
+                Step::Hold
+                    if !end_of_stream && self.filters[idx].body_callbacks(Direction::Response) =>
+                {
+                    continue;
+                }
                 Step::Hold => {
                     if self.hold(idx, head) {
                         return ResponseDecision::Hold;
@@ -889,7 +897,7 @@ impl FilterStream for WasmStream {
                 .filters
                 .iter()
                 .zip(&self.contexts)
-                .any(|(f, c)| f.body_callbacks[direction as usize] && matches!(c, Ctx::Active(..)))
+                .any(|(f, c)| f.body_callbacks(direction) && matches!(c, Ctx::Active(..)))
     }
 
     fn on_body(&mut self, direction: Direction, data: Bytes, end_of_stream: bool) -> BodyDecision {

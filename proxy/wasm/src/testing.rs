@@ -230,6 +230,7 @@ pub fn instance(rt: &WasmRuntime, wasm: &[u8]) -> (Store<HostState>, Instance) {
         vm_id: "t".into(),
         config: Vec::new(),
         vm_config: Vec::new(),
+        unused: Default::default(),
     });
     let state = HostState::new(meta, 1 << 20, Arc::default(), Arc::default());
     let mut store = Store::new(rt.engine(), state);

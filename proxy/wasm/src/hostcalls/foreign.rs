@@ -119,6 +119,17 @@ pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option
             });
             Ok(None)
         }
+        ext::UNUSED => {
+            let bit = std::str::from_utf8(args)
+                .ok()
+                .and_then(ext::skippable_bit)
+                .ok_or(Status::BadArgument)?;
+            state
+                .plugin
+                .unused
+                .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
+            Ok(None)
+        }
         _ => Err(Status::NotFound),
     }
 }

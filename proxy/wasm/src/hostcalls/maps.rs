@@ -18,8 +18,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             let Some(kind) = MapKind::from_abi(map) else {
                 return Ok(Status::BadArgument as i32);
             };
-            let pairs = maps::map_pairs(c.data(), kind);
-            let bytes = map::serialize(pairs.iter().map(|(k, v)| (k, v)));
+            let bytes = maps::View::of(c.data(), kind).serialize();
             Ok::<_, wasmtime::Error>(give(&mut c, &bytes, ret_ptr, ret_len)? as i32)
         },
     )?;
@@ -30,8 +29,7 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             let Some(kind) = MapKind::from_abi(map) else {
                 return Status::BadArgument as i32;
             };
-            let pairs = maps::map_pairs(c.data(), kind);
-            let size = map::serialize(pairs.iter().map(|(k, v)| (k, v))).len();
+            let size = maps::View::of(c.data(), kind).serialize().len();
             status(write_u32(&mut c, ret, size as u32))
         },
     )?;

@@ -6,6 +6,10 @@
 //! - `x-retry-on: 5xx | connect-failure`: on such an outcome (read with `weft.attempt`), ask
 //!   `weft.retry` (no delay, other endpoints first).
 //!
+//! - `x-upper-body: 1`: the response body is upper-cased (buffered to its end);
+//! - `x-unused: <callback>`: `weft.unused` for that callback (the filter says it does
+//!   nothing there, so the host may stop calling it), the status in `x-unused-status`.
+//!
 //! Every response gets `x-attempts-made` (the attempt number) and `x-code-details` (the
 //! `response.code_details` property), and `x-basic-seen` with the stream property
 //! `basic.seen` when an earlier filter set it.
@@ -24,7 +28,7 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(Stream { retry_on: String::new() }))
+        Some(Box::new(Stream { retry_on: String::new(), upper: false, unused: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -34,6 +38,8 @@ impl RootContext for Root {
 
 struct Stream {
     retry_on: String,
+    upper: bool,
+    unused: Option<&'static str>,
 }
 
 fn call(name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
@@ -62,6 +68,14 @@ impl HttpContext for Stream {
             let _ = call("weft.set_attempts", &n.to_le_bytes());
         }
         self.retry_on = self.get_http_request_header("x-retry-on").unwrap_or_default();
+        self.upper = self.get_http_request_header("x-upper-body").is_some();
+        if let Some(callback) = self.get_http_request_header("x-unused") {
+            self.unused = Some(match call("weft.unused", callback.as_bytes()) {
+                Ok(_) => "ok",
+                Err(Status::BadArgument) => "bad_argument",
+                Err(_) => "other",
+            });
+        }
         Action::Continue
     }
 
@@ -88,6 +102,9 @@ impl HttpContext for Stream {
             }
         }
         self.set_http_response_header("x-attempts-made", Some(&number.to_string()));
+        if let Some(status) = self.unused {
+            self.set_http_response_header("x-unused-status", Some(status));
+        }
         let details = self
             .get_property(vec!["response", "code_details"])
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -97,6 +114,18 @@ impl HttpContext for Stream {
         if let Some(seen) = self.get_property(vec!["basic", "seen"]) {
             self.set_http_response_header("x-basic-seen", Some(&String::from_utf8_lossy(&seen)));
         }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, size: usize, end_of_stream: bool) -> Action {
+        if !self.upper {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        let body = self.get_http_response_body(0, size).unwrap_or_default();
+        self.set_http_response_body(0, size, &body.to_ascii_uppercase());
         Action::Continue
     }
 }
