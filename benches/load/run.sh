@@ -4,15 +4,16 @@
 #
 #   bash benches/load/run.sh [--quick] [--out FILE]
 #
-# Env knobs: DURATION (seconds per measured run, default 10; --quick makes it 3),
+# Env knobs: DURATION (seconds per measured run, default 10; --quick makes it 3), REPEAT
+# (rounds over all targets, the median run kept; default 3, --quick makes it 1),
 # MAX_CONNS (default 64), RATE (req/s of the fixed-rate run, default 2000),
 # RATE_CONNS (default 16), NO_BUILD=1 to reuse the release binaries as they are.
 #
 # Layout on a 2-core machine: load generator + origin on core 0, the proxy under test on
-# core 1. Everything listens on 127.0.0.1 only, ports 18080-18083 and 18901.
+# core 1. Everything listens on 127.0.0.1 only, ports 18080-18099 and 18901-18910.
 set -euo pipefail
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
 
 QUICK=0
 OUT=/tmp/weft-bench.json
@@ -28,7 +29,8 @@ while (($#)); do
 done
 
 DURATION=${DURATION:-10}
-((QUICK)) && DURATION=3
+REPEAT=${REPEAT:-3}
+((QUICK)) && DURATION=3 && REPEAT=1
 MAX_CONNS=${MAX_CONNS:-64}
 RATE=${RATE:-2000}
 RATE_CONNS=${RATE_CONNS:-16}
@@ -43,6 +45,13 @@ WEFT4_PORT=18084
 WEFT4_ADMIN_PORT=18904
 WEFTSTD_PORT=18085
 WEFTSTD_ADMIN_PORT=18905
+# HTTP/2 (h2c, prior knowledge): nginx and HAProxy need a listener of their own; Weft's
+# `auto` listeners take both.
+NGINXH2_PORT=18089
+HAPROXYH2_PORT=18099
+# Idle memory: the standard chain on two workers, started for that alone.
+WEFTIDLE_PORT=18090
+WEFTIDLE_ADMIN_PORT=18910
 # Two sidecar hops in one process each (outbound listener -> inbound listener -> origin):
 # plaintext, mesh mTLS (Weft), and nginx's proxy_ssl to its own ssl_verify_client server.
 WEFTPAIR_PORT=18086
@@ -70,6 +79,7 @@ command -v nginx >/dev/null || missing+=(nginx-light)
 command -v haproxy >/dev/null || missing+=(haproxy)
 command -v jq >/dev/null || missing+=(jq)
 command -v curl >/dev/null || missing+=(curl)
+command -v h2load >/dev/null || missing+=(nghttp2-client)
 command -v taskset >/dev/null || missing+=(util-linux)
 if ((${#missing[@]})); then
   log "installing ${missing[*]}"
@@ -124,7 +134,8 @@ for f in router retry fault telemetry; do
 done
 for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT $WEFT4_PORT $WEFT4_ADMIN_PORT \
   $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT $WEFTPAIR_PORT $WEFTPAIR_IN_PORT $WEFTPAIR_ADMIN_PORT \
-  $WEFTMTLS_PORT $WEFTMTLS_IN_PORT $WEFTMTLS_ADMIN_PORT $NGINXTLS_PORT $NGINXTLS_IN_PORT; do
+  $WEFTMTLS_PORT $WEFTMTLS_IN_PORT $WEFTMTLS_ADMIN_PORT $NGINXTLS_PORT $NGINXTLS_IN_PORT \
+  $NGINXH2_PORT $HAPROXYH2_PORT $WEFTIDLE_PORT $WEFTIDLE_ADMIN_PORT; do
   port_in_use "$p" && die "127.0.0.1:$p is already in use"
 done
 
@@ -227,6 +238,15 @@ EOF
             proxy_set_header Connection "";
         }
     }
+    server {
+        listen 127.0.0.1:$NGINXH2_PORT http2;
+        http2_max_requests 100000000;
+        location / {
+            proxy_pass http://origin;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }
+    }
 }
 EOF
 } >"$TMP/nginx.conf"
@@ -247,6 +267,10 @@ defaults
 
 frontend bench
     bind 127.0.0.1:$HAPROXY_PORT
+    default_backend origin
+
+frontend bench_h2
+    bind 127.0.0.1:$HAPROXYH2_PORT proto h2
     default_backend origin
 
 backend origin
@@ -299,6 +323,8 @@ weft_config $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT "$(cat <<EOF
         config: { default: { attempts: 2 } }
 EOF
 )" >"$TMP/weftstd.yaml"
+sed -e "s/127.0.0.1:$WEFTSTD_PORT/127.0.0.1:$WEFTIDLE_PORT/" \
+  -e "s/127.0.0.1:$WEFTSTD_ADMIN_PORT/127.0.0.1:$WEFTIDLE_ADMIN_PORT/" "$TMP/weftstd.yaml" >"$TMP/weftidle.yaml"
 
 # --- mesh TLS: certificates (openssl, ECDSA P-256) and the two-hop configs -------------------
 # A mesh root; the outbound side's SPIFFE certificate (a) and the inbound side's (b, which
@@ -416,6 +442,11 @@ wait_ok "http://127.0.0.1:$WEFTMTLS_ADMIN_PORT/ready" || die "weftmtls did not b
 wait_ok "http://127.0.0.1:$WEFT_ADMIN_PORT/ready" || die "weft did not become ready (see $TMP/weft.log)"
 wait_ok "http://127.0.0.1:$WEFT4_ADMIN_PORT/ready" || die "weft4 did not become ready (see $TMP/weft4.log)"
 wait_ok "http://127.0.0.1:$WEFTSTD_ADMIN_PORT/ready" || die "weftstd did not become ready (see $TMP/weftstd.log)"
+# Started once the others are ready: its modules come from the warm cache, as a restarted
+# sidecar's do (compiling them leaves the compiler's pages touched).
+start weftidle 1 "$WEFT_BIN" --config "$TMP/weftidle.yaml" --workers 2 --log-level warn
+WEFTIDLE_PID=$LAST_PID
+wait_ok "http://127.0.0.1:$WEFTIDLE_ADMIN_PORT/ready" || die "weftidle did not become ready (see $TMP/weftidle.log)"
 
 declare -A URL=(
   [direct]="http://127.0.0.1:$ORIGIN_PORT/"
@@ -459,16 +490,29 @@ measure() {
   after=0
   ((${#pids[@]})) && after=$(cpu_ns "${pids[@]}")
   jq -c --argjson ns $((after - before)) --argjson pids "${#pids[@]}" \
-    '. + {cpu_ns: $ns, cpu_pids: $pids}' "$TMP/$t.$kind.raw.json" >"$TMP/$t.$kind.json"
+    '. + {cpu_ns: $ns, cpu_pids: $pids}' "$TMP/$t.$kind.raw.json" >"$TMP/$t.$kind.$round.json"
 }
 
+# REPEAT rounds, each over every target in turn, so that a noisy minute of the machine hits
+# every target alike; per target and kind the run with the median CPU per request (the
+# median req/s for `direct`) is the result, and every run is kept in the JSON.
+for ((round = 1; round <= REPEAT; round++)); do
+  for t in "${TARGETS[@]}"; do
+    log "round $round/$REPEAT, $t: warm-up ${WARMUP_SECS}s, max ($MAX_CONNS conns, ${DURATION}s), rate $RATE/s ($RATE_CONNS conns, ${DURATION}s)"
+    load "$t.warmup" "${URL[$t]}" --mode max --connections "$MAX_CONNS" --duration-secs "$WARMUP_SECS"
+    measure "$t" max --mode max --connections "$MAX_CONNS" --duration-secs "$DURATION"
+    sleep 1
+    measure "$t" rate --mode rate --rate "$RATE" --connections "$RATE_CONNS" --duration-secs "$DURATION"
+    sleep 1
+  done
+done
 for t in "${TARGETS[@]}"; do
-  log "$t: warm-up ${WARMUP_SECS}s, max ($MAX_CONNS conns, ${DURATION}s), rate $RATE/s ($RATE_CONNS conns, ${DURATION}s)"
-  load "$t.warmup" "${URL[$t]}" --mode max --connections "$MAX_CONNS" --duration-secs "$WARMUP_SECS"
-  measure "$t" max --mode max --connections "$MAX_CONNS" --duration-secs "$DURATION"
-  sleep 1
-  measure "$t" rate --mode rate --rate "$RATE" --connections "$RATE_CONNS" --duration-secs "$DURATION"
-  sleep 1
+  for kind in max rate; do
+    jq -s 'def cost: if .cpu_pids == 0 then -.rps else .cpu_ns / ([.requests, 1] | max) end;
+           (sort_by(cost) | .[length / 2 | floor]) + {runs: [.[] | {rps, cpu_ns, requests,
+             p50_ms: .latency_ms.p50, p99_ms: .latency_ms.p99}]}' \
+      "$TMP/$t.$kind".[0-9]*.json >"$TMP/$t.$kind.json"
+  done
 done
 
 # --- new TLS handshakes ------------------------------------------------------------------------
@@ -494,6 +538,51 @@ log "new mTLS handshakes: ${HS_SECS}s of openssl s_time -new against each inboun
 handshakes weftmtls $WEFTMTLS_IN_PORT
 handshakes nginxtls $NGINXTLS_IN_PORT
 
+# --- HTTP/2 -------------------------------------------------------------------------------------
+# h2load (pinned to core 0): H2_REQUESTS requests over 10 connections of 100 streams each
+# (h2c, prior knowledge), to each proxy's HTTP/2 listener; the origin stays HTTP/1.1.
+H2_REQUESTS=${H2_REQUESTS:-300000}
+((QUICK)) && H2_REQUESTS=60000
+declare -A H2_URL=([weft]="http://127.0.0.1:$WEFT_PORT/" [weftstd]="http://127.0.0.1:$WEFTSTD_PORT/"
+  [nginx]="http://127.0.0.1:$NGINXH2_PORT/" [haproxy]="http://127.0.0.1:$HAPROXYH2_PORT/")
+H2_TARGETS=(weft weftstd nginx haproxy)
+echo "{}" >"$TMP/h2.json"
+for t in "${H2_TARGETS[@]}"; do
+  log "$t: HTTP/2, h2load -n $H2_REQUESTS -c 10 -m 100"
+  mapfile -t pids < <(tree_pids "${ROOT_PID[$t]}")
+  taskset -c 0 h2load -n $((H2_REQUESTS / 10)) -c 10 -m 100 "${H2_URL[$t]}" >/dev/null 2>&1 || true # warm-up
+  before=$(cpu_ns "${pids[@]}")
+  out=$(taskset -c 0 timeout 300 h2load -n "$H2_REQUESTS" -c 10 -m 100 "${H2_URL[$t]}" 2>&1) ||
+    die "h2load against $t failed: $out"
+  after=$(cpu_ns "${pids[@]}")
+  rps=$(sed -nE 's/^finished in .*, ([0-9.]+) req\/s.*/\1/p' <<<"$out")
+  ok=$(sed -nE 's/^status codes: ([0-9]+) 2xx.*/\1/p' <<<"$out")
+  [[ -n $rps && -n $ok ]] || die "cannot read h2load's report for $t: $out"
+  jq --arg t "$t" --argjson rps "$rps" --argjson ok "$ok" --argjson n "$H2_REQUESTS" \
+    --argjson ns $((after - before)) \
+    '. + {($t): {rps: $rps, ok: $ok, failed: ($n - $ok),
+       cpu_us_per_req: (if $ok > 0 then $ns / 1e3 / $ok else null end)}}' \
+    "$TMP/h2.json" >"$TMP/h2.next.json"
+  mv "$TMP/h2.next.json" "$TMP/h2.json"
+done
+
+# --- idle memory -------------------------------------------------------------------------------
+# weftidle: the standard chain on two workers, after 20 requests (every worker's instances
+# made), then 3 s of quiet; nginx (master + 1 worker) for comparison.
+rss_kb() { # the summed VmRSS of these PIDs
+  local total=0 pid kb
+  for pid in "$@"; do
+    kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status") || die "process $pid is gone"
+    total=$((total + kb))
+  done
+  echo "$total"
+}
+for ((i = 0; i < 20; i++)); do curl -sf -o /dev/null "http://127.0.0.1:$WEFTIDLE_PORT/" || die "weftidle failed a request"; done
+sleep 3
+IDLE_WEFT_KB=$(rss_kb "$WEFTIDLE_PID")
+mapfile -t nginx_pids < <(tree_pids "$NGINX_PID")
+IDLE_NGINX_KB=$(rss_kb "${nginx_pids[@]}")
+
 # --- results ---------------------------------------------------------------------------------
 # One JSON document: per target the two raw reports plus derived figures, and the ratios.
 jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
@@ -508,7 +597,8 @@ jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
   --slurpfile hm "$TMP/haproxy.max.json" --slurpfile hr "$TMP/haproxy.rate.json" \
   --slurpfile pm "$TMP/weftpair.max.json" --slurpfile pr "$TMP/weftpair.rate.json" \
   --slurpfile tm "$TMP/weftmtls.max.json" --slurpfile tr "$TMP/weftmtls.rate.json" \
-  --slurpfile xm "$TMP/nginxtls.max.json" --slurpfile xr "$TMP/nginxtls.rate.json" '
+  --slurpfile xm "$TMP/nginxtls.max.json" --slurpfile xr "$TMP/nginxtls.rate.json" \
+  --slurpfile h2 "$TMP/h2.json" --argjson idle_weft "$IDLE_WEFT_KB" --argjson idle_nginx "$IDLE_NGINX_KB" '
   def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
                       else $r.cpu_ns / 1e3 / $r.requests end;
   def util($r): if $r.cpu_pids == 0 then null else $r.cpu_ns / 1e9 / $r.elapsed_secs end;
@@ -553,6 +643,12 @@ jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
         max_rps: ratio($rows.weftmtls.max_rps; $rows.weftpair.max_rps),
         cpu_per_req_at_rate: ratio($rows.weftmtls.cpu_us_per_req_at_rate; $rows.weftpair.cpu_us_per_req_at_rate),
         cpu_per_req_at_max: ratio($rows.weftmtls.cpu_us_per_req_at_max; $rows.weftpair.cpu_us_per_req_at_max) },
+      http2: { results: $h2[0],
+        weft_vs_nginx: { rps: ratio($h2[0].weft.rps; $h2[0].nginx.rps),
+          cpu_per_req: ratio($h2[0].weft.cpu_us_per_req; $h2[0].nginx.cpu_us_per_req) },
+        weftstd_vs_nginx: { rps: ratio($h2[0].weftstd.rps; $h2[0].nginx.rps),
+          cpu_per_req: ratio($h2[0].weftstd.cpu_us_per_req; $h2[0].nginx.cpu_us_per_req) } },
+      idle_rss_kb: { weft_standard_chain_two_workers: $idle_weft, nginx_master_and_worker: $idle_nginx },
       weft4_vs_weft: {
         cpu_per_req_at_rate: ratio($rows.weft4.cpu_us_per_req_at_rate; $rows.weft.cpu_us_per_req_at_rate),
         cpu_per_req_at_max: ratio($rows.weft4.cpu_us_per_req_at_max; $rows.weft.cpu_us_per_req_at_max),
@@ -621,9 +717,27 @@ echo
 echo "weft4 = Weft with a chain of 4 no-op proxy-wasm filters (tests/filters/noop)."
 echo "weftstd = Weft with the standard chain: telemetry (metrics, tracing), router, fault at 0%," \
   "retry; $(fmt "$(get .weftstd_per_filter_us_at_max)" '%.1f') µs of CPU per filter per request at max."
+echo
+echo "HTTP/2 (h2c): h2load -n $H2_REQUESTS -c 10 -m 100 on core 0; the origin stays HTTP/1.1."
+echo
+echo "| target | req/s | CPU µs/req | failed |"
+echo "|---|---:|---:|---:|"
+for t in "${H2_TARGETS[@]}"; do
+  printf '| %s | %s | %s | %s |\n' "$t" \
+    "$(fmt "$(get ".http2.results.$t.rps")" '%.0f')" \
+    "$(fmt "$(get ".http2.results.$t.cpu_us_per_req")" '%.1f')" \
+    "$(get ".http2.results.$t.failed")"
+done
+printf '| **weft ÷ nginx** | %s | %s | |\n' \
+  "$(fmt "$(get .http2.weft_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .http2.weft_vs_nginx.cpu_per_req)" '%.2f×')"
+printf '| **weftstd ÷ nginx** | %s | %s | |\n' \
+  "$(fmt "$(get .http2.weftstd_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .http2.weftstd_vs_nginx.cpu_per_req)" '%.2f×')"
+echo
+echo "Idle RSS: Weft with the standard chain and two workers $(get .idle_rss_kb.weft_standard_chain_two_workers) KiB" \
+  "(after 20 requests and 3 s of quiet); nginx master + worker $(get .idle_rss_kb.nginx_master_and_worker) KiB."
 echo "JSON: $OUT"
 
-failed=$(get '[.results[].failed] | add')
+failed=$(get '[.results[].failed, .http2.results[].failed] | add')
 if ((failed > 0)); then
   log "WARNING: $failed requests failed (non-2xx, errors or timeouts); see $OUT"
 fi
