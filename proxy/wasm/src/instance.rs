@@ -470,12 +470,16 @@ impl FilterInstance {
     /// `bit` (`weft.unused`): the call is skipped, as if it had continued.
     #[inline]
     fn skips(&self, context: i32, bit: u16) -> bool {
-        let p = if self.plugins.len() == 1 {
-            0
-        } else {
-            let contexts = &self.store.data().contexts;
-            contexts.get(&(context as u32)).copied().unwrap_or(0)
-        };
+        if self.plugins.len() == 1 {
+            return self.plugins[0].meta.skips(bit);
+        }
+        // Several filters share the instance: which one the context is of matters only if
+        // one of them skips this callback (the lookup is not free).
+        if !self.plugins.iter().any(|p| p.meta.skips(bit)) {
+            return false;
+        }
+        let contexts = &self.store.data().contexts;
+        let p = contexts.get(&(context as u32)).copied().unwrap_or(0);
         self.plugins[p].meta.skips(bit)
     }
 

@@ -169,7 +169,32 @@ pub fn map_pairs(state: &HostState, kind: MapKind) -> Vec<(Vec<u8>, Vec<u8>)> {
 
 /// One value of a map (the first, for repeated headers).
 pub fn map_get(state: &HostState, kind: MapKind, key: &[u8]) -> Option<Vec<u8>> {
-    View::of(state, kind).get(key).map(<[u8]>::to_vec)
+    if key.starts_with(b":") {
+        return View::of(state, kind).get(key).map(<[u8]>::to_vec);
+    }
+    // An ordinary header: straight to its map, without the pseudo-headers' lookups.
+    headers_of(state, kind)?
+        .get(HeaderName::from_bytes(key).ok()?)
+        .map(|v| v.as_bytes().to_vec())
+}
+
+/// The header map behind `kind` in `state`, if there is one now.
+fn headers_of(state: &HostState, kind: MapKind) -> Option<&HeaderMap> {
+    match kind {
+        MapKind::RequestHeaders => state.req().map(|p| &p.headers),
+        MapKind::ResponseHeaders => state.resp().map(|p| &p.headers),
+        MapKind::CalloutHeaders => state
+            .callout_response
+            .as_ref()?
+            .head
+            .as_ref()
+            .map(|p| &p.headers),
+        MapKind::Trailers(t) => match &state.trailers {
+            Some((kind, map)) if *kind == t => Some(map),
+            _ => None,
+        },
+        MapKind::Received(t) => received(state, t),
+    }
 }
 
 /// How a map is changed.
