@@ -246,17 +246,18 @@ impl WasmRuntime {
                 weft_core::filter::Direction::Response,
             ]
             .map(|d| {
-                let has = |name: &str| module.exports().any(|e| e.name() == name);
-                let d_ = d as usize;
-                (if has(instance::body_callback(d)) {
-                    callback_bit::BODY[d_]
-                } else {
-                    0
-                }) | (if has(instance::trailers_callback(d)) {
-                    callback_bit::TRAILERS[d_]
-                } else {
-                    0
-                })
+                let bit_if_exported = |name: &str, bit: u16| {
+                    if module.exports().any(|e| e.name() == name) {
+                        bit
+                    } else {
+                        0
+                    }
+                };
+                bit_if_exported(instance::body_callback(d), callback_bit::BODY[d as usize])
+                    | bit_if_exported(
+                        instance::trailers_callback(d),
+                        callback_bit::TRAILERS[d as usize],
+                    )
             }),
             buffer_limit: f.limits.buffer_kb as usize * 1024,
             clusters: clusters.clone(),
