@@ -65,6 +65,10 @@ pub enum Action {
 /// needs; on Weft, a phase left to its default costs nothing after the first stream (the
 /// default tells the host it need not call it). Response phases run in reverse chain
 /// order.
+///
+/// That word holds for the whole module: a filter that hands a phase on to another
+/// [`Filter`] value (a wrapper, a choice of filters per stream) implements that phase
+/// itself and calls the inner one's, never the inner one's default alone.
 pub trait Filter: Sized + 'static {
     /// The filter's configuration, parsed from the JSON the proxy hands to `on_configure`
     /// (a YAML map in the proxy's config arrives as JSON).

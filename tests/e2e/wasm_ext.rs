@@ -253,6 +253,34 @@ async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
         assert_eq!(got.header("x-attempts-made"), "1");
     }
 
+    // A head paused with a body to come is the body callback's to release, as in Envoy:
+    // still so once the filter said it does nothing in request bodies (a skipped callback
+    // continues).
+    let got = send(
+        &client,
+        request(proxy.url("/a"), &[("x-pause-head", "1")], "payload"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200);
+    send_with(&[("x-unused", "proxy_on_request_body")]).await;
+    let started = Instant::now();
+    let got = send(
+        &client,
+        request(proxy.url("/a"), &[("x-pause-head", "1")], "payload"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (got.status, got.echo()["body"].as_str()),
+        (200, Some("payload"))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
     // Likewise response heads; request heads still go through it (it still routes).
     send_with(&[("x-unused", "proxy_on_response_headers")]).await;
     let got = send_with(&[("x-route-cluster", "other")]).await;

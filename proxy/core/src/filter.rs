@@ -272,9 +272,10 @@ pub trait FilterStream: Send {
     ) -> ResponseDecision {
         ResponseDecision::Continue
     }
-    /// Whether the chain wants to see the body (and trailers) flowing in `direction`. When
-    /// false, the body streams through untouched.
-    fn wants_body(&self, _direction: Direction) -> bool {
+    /// Whether the chain wants to see the body (and trailers) flowing in `direction`;
+    /// `trailers`: the body may end with trailers (an HTTP/1 body of known length cannot).
+    /// When false, the body streams through untouched.
+    fn wants_body(&self, _direction: Direction, _trailers: bool) -> bool {
         false
     }
     /// Passes a piece of body through the chain. `end_of_stream` is set on the last piece

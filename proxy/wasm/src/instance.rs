@@ -64,8 +64,16 @@ impl FilterSpec {
     /// that it has not said it does nothing in (`weft.unused`).
     #[inline]
     pub fn body_callbacks(&self, direction: Direction) -> bool {
+        let d = direction as usize;
+        self.runs(callback_bit::BODY[d] | callback_bit::TRAILERS[d])
+    }
+
+    /// Whether the filter runs any of the body and trailers callbacks of `bits` (a mask of
+    /// [`callback_bit`]s): it exports one that it has not said it does nothing in.
+    #[inline]
+    pub fn runs(&self, bits: u16) -> bool {
         let unused = self.meta.unused.load(std::sync::atomic::Ordering::Relaxed);
-        self.body_exports[direction as usize] & !unused != 0
+        (self.body_exports[0] | self.body_exports[1]) & bits & !unused != 0
     }
 }
 

@@ -18,7 +18,7 @@ use weft_core::filter::{
 use crate::failure::{Failure, policy_reply};
 use crate::instance::{Callback, FilterInstance, FilterSpec, Head};
 use crate::retired::ChainLife;
-use crate::state::{BodyBuf, Ext, LocalResponse, Parked, Seen};
+use crate::state::{BodyBuf, Ext, LocalResponse, Parked, Seen, callback_bit};
 use crate::worker::{self, Release, fail, with_instance};
 
 /// A stream a filter holds: paused with nothing outstanding, until the filter takes it up
@@ -291,11 +291,9 @@ impl WasmStream {
             let failure = match step {
                 Step::Go => continue,
                 // Paused with a body to come through its body callbacks: they decide.
-                Step::Hold
-                    if !end_of_stream && self.filters[idx].body_callbacks(Direction::Request) =>
-                {
-                    continue;
-                }
+                // (Exported is what counts, as in Envoy: a body callback the filter does nothing
+                // in continues, which releases the head.)
+                Step::Hold if !end_of_stream && self.filters[idx].body_exports[0] != 0 => continue,
                 // Paused with nothing outstanding: held until the filter takes it up again.
                 Step::Hold => {
                     if self.hold(idx, head) {
@@ -650,11 +648,7 @@ impl WasmStream {
             }
             let failure = match step {
                 Step::Go => continue,
-                Step::Hold
-                    if !end_of_stream && self.filters[idx].body_callbacks(Direction::Response) =>
-                {
-                    continue;
-                }
+                Step::Hold if !end_of_stream && self.filters[idx].body_exports[1] != 0 => continue,
                 Step::Hold => {
                     if self.hold(idx, head) {
                         return ResponseDecision::Hold;
@@ -891,13 +885,20 @@ impl FilterStream for WasmStream {
         self.response_from(self.filters.len(), head, end_of_stream)
     }
 
-    fn wants_body(&self, direction: Direction) -> bool {
+    fn wants_body(&self, direction: Direction, trailers: bool) -> bool {
+        let d = direction as usize;
+        let callbacks = callback_bit::BODY[d]
+            | if trailers {
+                callback_bit::TRAILERS[d]
+            } else {
+                0
+            };
         !self.finished
             && self
                 .filters
                 .iter()
                 .zip(&self.contexts)
-                .any(|(f, c)| f.body_callbacks(direction) && matches!(c, Ctx::Active(..)))
+                .any(|(f, c)| f.runs(callbacks) && matches!(c, Ctx::Active(..)))
     }
 
     fn on_body(&mut self, direction: Direction, data: Bytes, end_of_stream: bool) -> BodyDecision {

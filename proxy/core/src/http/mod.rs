@@ -468,7 +468,11 @@ impl Exchange {
         mut body: Incoming,
     ) -> Result<RequestBody, Early> {
         let filters = match &self.filters {
-            Some(f) if !body.is_end_stream() && filter::lock(f).wants_body(Direction::Request) => {
+            Some(f)
+                if !body.is_end_stream()
+                    && filter::lock(f)
+                        .wants_body(Direction::Request, may_have_trailers(self.version, &body)) =>
+            {
                 f.clone()
             }
             // An HTTP/1 chunked body: its first chunk is read before anything goes upstream,
@@ -623,7 +627,10 @@ impl Exchange {
             Some(f)
                 if !rbody.is_end_stream()
                     && !switching
-                    && filter::lock(f).wants_body(Direction::Response) =>
+                    && filter::lock(f).wants_body(
+                        Direction::Response,
+                        may_have_trailers(rhead.version, &rbody),
+                    ) =>
             {
                 f.clone()
             }
@@ -751,6 +758,13 @@ impl Exchange {
             .take()
             .expect("the stream leaves the exchange only with its response")
     }
+}
+
+/// Whether `body` may end with trailers: an HTTP/1 body of known length cannot (trailers
+/// need chunked coding there); an HTTP/2 body always may.
+fn may_have_trailers(version: Version, body: &Incoming) -> bool {
+    use http_body::Body as _;
+    version >= Version::HTTP_2 || body.size_hint().exact().is_none()
 }
 
 #[cfg(test)]

@@ -8,7 +8,9 @@
 //!
 //! - `x-upper-body: 1`: the response body is upper-cased (buffered to its end);
 //! - `x-unused: <callback>`: `weft.unused` for that callback (the filter says it does
-//!   nothing there, so the host may stop calling it), the status in `x-unused-status`.
+//!   nothing there, so the host may stop calling it), the status in `x-unused-status`;
+//! - `x-pause-head: 1`: the request headers callback returns `Pause` with nothing
+//!   outstanding (a request with a body: the body callback, which continues, decides).
 //!
 //! Every response gets `x-attempts-made` (the attempt number) and `x-code-details` (the
 //! `response.code_details` property), and `x-basic-seen` with the stream property
@@ -75,6 +77,9 @@ impl HttpContext for Stream {
                 Err(Status::BadArgument) => "bad_argument",
                 Err(_) => "other",
             });
+        }
+        if self.get_http_request_header("x-pause-head").is_some() {
+            return Action::Pause;
         }
         Action::Continue
     }
