@@ -183,6 +183,28 @@ fn filter_chain(c: &mut Criterion) {
             b.iter(|| one_stream(&alone, &info))
         });
     }
+    // The router alone with n routes, the request's the last: `/r{i}/` prefixes, then
+    // `/api/v1/` (what a scan of every route would try last).
+    for n in [10, 1_000, 10_000] {
+        let routes: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                let prefix = if i + 1 == n { "/api/v1/".to_owned() } else { format!("/r{i}/") };
+                serde_json::json!({ "match": { "path": { "prefix": prefix } }, "cluster": "origin" })
+            })
+            .collect();
+        let router = filter(
+            "router".to_owned(),
+            wasm("filter", "weft_filter_router"),
+            serde_json::json!({ "routes": routes }),
+        );
+        let chain = rt
+            .build_chain("bench", &[router], &table, &metrics)
+            .expect("router chain");
+        let chain = primed(chain, &info);
+        group.bench_function(format!("router_routes_{n}"), |b| {
+            b.iter(|| one_stream(&chain, &info))
+        });
+    }
     let all = std_chain(&["telemetry", "router", "fault", "retry"]);
     group.bench_function("std_chain", |b| b.iter(|| one_stream(&all, &info)));
     group.finish();

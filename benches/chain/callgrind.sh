@@ -6,7 +6,7 @@
 #
 # CASE: the filter_chain bench cases (benches/benches/filter_chain.rs) to count, default
 # all: noop_x1 noop_x4 hostcalls_x100 std_telemetry std_router std_fault std_retry
-# std_chain. Each runs under `valgrind --tool=callgrind`, collecting only inside
+# std_chain router_routes_10 router_routes_1000 router_routes_10000. Each runs under `valgrind --tool=callgrind`, collecting only inside
 # `one_stream` (building heads, the callbacks, finishing; module compilation and criterion
 # are left out), and the count is divided by the streams started. NO_BUILD=1 reuses the
 # built bench and filters. JSON (default /tmp/weft-chain-callgrind.json): {case: Ir}.
@@ -24,7 +24,8 @@ while (($#)); do
   esac
   shift
 done
-((${#CASES[@]})) || CASES=(noop_x1 noop_x4 hostcalls_x100 std_telemetry std_router std_fault std_retry std_chain)
+((${#CASES[@]})) || CASES=(noop_x1 noop_x4 hostcalls_x100 std_telemetry std_router std_fault std_retry std_chain
+  router_routes_10 router_routes_1000 router_routes_10000)
 
 log() { printf '[callgrind.sh] %s\n' "$*" >&2; }
 command -v valgrind >/dev/null || { log "installing valgrind"; apt-get install -y -qq valgrind >/dev/null; }

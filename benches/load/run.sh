@@ -10,7 +10,7 @@
 # RATE_CONNS (default 16), NO_BUILD=1 to reuse the release binaries as they are.
 #
 # Layout on a 2-core machine: load generator + origin on core 0, the proxy under test on
-# core 1. Everything listens on 127.0.0.1 only, ports 18080-18099 and 18901-18910.
+# core 1. Everything listens on 127.0.0.1 only, ports 18079-18099 and 18901-18910.
 set -euo pipefail
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; }
@@ -49,6 +49,13 @@ WEFTSTD_ADMIN_PORT=18905
 # `auto` listeners take both.
 NGINXH2_PORT=18089
 HAPROXYH2_PORT=18099
+# gRPC unary (h2c both ways): the echo origin, and a listener of its own on each proxy (the
+# Weft ones on the weft and weftstd processes).
+GRPC_ORIGIN_PORT=18079
+WEFTGRPC_PORT=18091
+WEFTSTDGRPC_PORT=18092
+NGINXGRPC_PORT=18093
+HAPROXYGRPC_PORT=18094
 # Idle memory: the standard chain on two workers, started for that alone.
 WEFTIDLE_PORT=18090
 WEFTIDLE_ADMIN_PORT=18910
@@ -63,43 +70,16 @@ WEFTMTLS_ADMIN_PORT=18907
 NGINXTLS_PORT=18088
 NGINXTLS_IN_PORT=18098
 
-ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
-LOAD_BIN=$TARGET_DIR/release/weft-load
-WEFT_BIN=$TARGET_DIR/release/weft-proxy
-
-log() { printf '[run.sh] %s\n' "$*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# --- tools ---------------------------------------------------------------------------------
-SUDO=""
-[[ $EUID -ne 0 ]] && SUDO=sudo
-missing=()
-command -v nginx >/dev/null || missing+=(nginx-light)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v jq >/dev/null || missing+=(jq)
-command -v curl >/dev/null || missing+=(curl)
-command -v h2load >/dev/null || missing+=(nghttp2-client)
-command -v taskset >/dev/null || missing+=(util-linux)
-if ((${#missing[@]})); then
-  log "installing ${missing[*]}"
-  $SUDO apt-get update -qq
-  if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; then
-    # Newer Debian and Ubuntu dropped nginx-light; plain nginx is the same binary for this.
-    missing=("${missing[@]/nginx-light/nginx}")
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
-fi
-NGINX_BIN=$(command -v nginx || echo /usr/sbin/nginx)
-HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
-[[ -x $NGINX_BIN && -x $HAPROXY_BIN ]] || die "nginx or haproxy is missing after install"
-(($(nproc) >= 2)) || die "needs at least 2 cores (load + origin on core 0, proxy on core 1)"
+BENCH_NAME=run.sh
+# shellcheck source=../lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../lib.sh"
+need_tools
 
 # --- build ---------------------------------------------------------------------------------
 if [[ ${NO_BUILD:-0} != 1 ]]; then
   log "building weft-proxy and weft-load (release)"
   (cd "$ROOT" && cargo build --release --quiet -p weft-proxy -p weft-benches \
-    --bin weft-proxy --bin weft-load)
+    --bin weft-proxy --bin weft-load --bin weft-grpc-origin)
   log "building the no-op proxy-wasm filter (wasm32-wasip1)"
   rustup target add wasm32-wasip1 >/dev/null 2>&1 || true
   (cd "$ROOT" && cargo build --release --quiet --target wasm32-wasip1 \
@@ -110,22 +90,11 @@ if [[ ${NO_BUILD:-0} != 1 ]]; then
 fi
 [[ -x $LOAD_BIN && -x $WEFT_BIN ]] || die "release binaries missing; run without NO_BUILD=1"
 
-# --- processes, stopped by PID on exit -----------------------------------------------------
+# --- processes, stopped by PID on exit (lib.sh) -------------------------------------------
 TMP=$(mktemp -d /tmp/weft-bench.XXXXXX)
 chmod 755 "$TMP" # nginx workers run as an unprivileged user
-PIDS=()
-cleanup() {
-  local rc=$? pid i
-  for pid in "${PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do
-    for ((i = 0; i < 50; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-  done
-  if ((rc == 0)); then rm -rf "$TMP"; else log "logs and configs kept in $TMP"; fi
-}
 trap cleanup EXIT
 
-port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 NOOP_WASM=$TARGET_DIR/wasm32-wasip1/release/compat_noop.wasm
 [[ -f $NOOP_WASM ]] || die "$NOOP_WASM missing; run without NO_BUILD=1"
 STD=$TARGET_DIR/wasm32-wasip1/filter
@@ -135,77 +104,12 @@ done
 for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $HAPROXY_PORT $WEFT_ADMIN_PORT $WEFT4_PORT $WEFT4_ADMIN_PORT \
   $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT $WEFTPAIR_PORT $WEFTPAIR_IN_PORT $WEFTPAIR_ADMIN_PORT \
   $WEFTMTLS_PORT $WEFTMTLS_IN_PORT $WEFTMTLS_ADMIN_PORT $NGINXTLS_PORT $NGINXTLS_IN_PORT \
-  $NGINXH2_PORT $HAPROXYH2_PORT $WEFTIDLE_PORT $WEFTIDLE_ADMIN_PORT; do
+  $NGINXH2_PORT $HAPROXYH2_PORT $WEFTIDLE_PORT $WEFTIDLE_ADMIN_PORT $GRPC_ORIGIN_PORT \
+  $WEFTGRPC_PORT $WEFTSTDGRPC_PORT $NGINXGRPC_PORT $HAPROXYGRPC_PORT; do
   port_in_use "$p" && die "127.0.0.1:$p is already in use"
 done
 
-# start NAME CORE CMD... : runs CMD pinned to CORE in the background; its PID goes to
-# LAST_PID and to PIDS (stopped by the EXIT trap). taskset execs CMD, so the PID is CMD's.
-LAST_PID=
-start() {
-  local name=$1 core=$2
-  shift 2
-  taskset -c "$core" "$@" >"$TMP/$name.log" 2>&1 &
-  LAST_PID=$!
-  PIDS+=("$LAST_PID")
-}
-
-# wait_ok URL : until URL answers 2xx (10 s at most).
-wait_ok() {
-  local i
-  for ((i = 0; i < 100; i++)); do
-    curl -sf -o /dev/null --max-time 1 "$1" && return 0
-    sleep 0.1
-  done
-  return 1
-}
-
-# All PIDs of a process tree rooted at $1 (nginx: master + workers).
-tree_pids() {
-  local pid=$1 child
-  echo "$pid"
-  for child in $(pgrep -P "$pid" || true); do tree_pids "$child"; done
-}
-
-# cpu_ns PID... : CPU time of these processes, all their threads, in nanoseconds: the
-# scheduler's own account (/proc/PID/task/*/schedstat, first field), not /proc/PID/stat's
-# 10 ms ticks.
-cpu_ns() {
-  local total=0 pid task run rest
-  for pid in "$@"; do
-    [[ -d /proc/$pid/task ]] || die "process $pid is gone"
-    for task in /proc/"$pid"/task/*/schedstat; do
-      read -r run rest <"$task" 2>/dev/null || continue # a thread that just ended
-      total=$((total + run))
-    done
-  done
-  echo "$total"
-}
-
 # --- configs ---------------------------------------------------------------------------------
-nginx_common() { # $1 = name
-  cat <<EOF
-daemon off;
-master_process on;
-worker_processes 1;
-pid $TMP/$1.pid;
-error_log $TMP/$1.error.log warn;
-events { worker_connections 8192; }
-EOF
-}
-nginx_http_common() { # $1 = name
-  cat <<EOF
-    access_log off;
-    keepalive_requests 100000000;
-    keepalive_timeout 300s;
-    client_body_temp_path $TMP/$1-tmp/body;
-    proxy_temp_path $TMP/$1-tmp/proxy;
-    fastcgi_temp_path $TMP/$1-tmp/fastcgi;
-    uwsgi_temp_path $TMP/$1-tmp/uwsgi;
-    scgi_temp_path $TMP/$1-tmp/scgi;
-EOF
-}
-
 {
   nginx_common origin
   echo "http {"
@@ -238,9 +142,18 @@ EOF
             proxy_set_header Connection "";
         }
     }
+    upstream grpc_origin {
+        server 127.0.0.1:$GRPC_ORIGIN_PORT;
+        keepalive 256;
+        keepalive_requests 100000000;
+        keepalive_timeout 300s;
+    }
+    server {
+        listen 127.0.0.1:$NGINXGRPC_PORT http2;
+        location / { grpc_pass grpc://grpc_origin; }
+    }
     server {
         listen 127.0.0.1:$NGINXH2_PORT http2;
-        http2_max_requests 100000000;
         location / {
             proxy_pass http://origin;
             proxy_http_version 1.1;
@@ -273,12 +186,21 @@ frontend bench_h2
     bind 127.0.0.1:$HAPROXYH2_PORT proto h2
     default_backend origin
 
+frontend bench_grpc
+    bind 127.0.0.1:$HAPROXYGRPC_PORT proto h2
+    default_backend grpc_origin
+
 backend origin
     server origin1 127.0.0.1:$ORIGIN_PORT
+
+backend grpc_origin
+    server grpc1 127.0.0.1:$GRPC_ORIGIN_PORT proto h2
 EOF
 
-# weft_config PORT ADMIN_PORT [FILTERS] : a Weft config on stdout, one listener in front of
-# the origin; FILTERS is the listener's `filters:` list (YAML, indented 6 spaces).
+# weft_config PORT ADMIN_PORT [FILTERS [GRPC_PORT]] : a Weft config on stdout, one listener
+# in front of the origin; FILTERS is the listener's `filters:` list (YAML, indented 6
+# spaces). With GRPC_PORT, a second listener there in front of the gRPC origin, with the
+# same filters (routes to `origin` go to `grpc` there).
 weft_config() {
   cat <<EOF
 admin: { address: 127.0.0.1:$2 }
@@ -291,8 +213,16 @@ listeners:
     default_cluster: origin
 EOF
   [[ -n ${3:-} ]] && printf '    filters:\n%s\n' "$3"
+  if [[ -n ${4:-} ]]; then
+    printf '  - name: grpc\n    address: 127.0.0.1:%s\n    protocol: auto\n    default_cluster: grpc\n' "$4"
+    [[ -n ${3:-} ]] && printf '    filters:\n%s\n' "${3//cluster: origin/cluster: grpc}"
+  fi
   cat <<EOF
 clusters:
+  - name: grpc
+    protocol: http2
+    endpoints: [ { address: 127.0.0.1:$GRPC_ORIGIN_PORT } ]
+    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }
   - name: origin
     protocol: http1
     lb_policy: round_robin
@@ -301,7 +231,7 @@ clusters:
 EOF
 }
 
-weft_config $WEFT_PORT $WEFT_ADMIN_PORT >"$TMP/weft.yaml"
+weft_config $WEFT_PORT $WEFT_ADMIN_PORT "" $WEFTGRPC_PORT >"$TMP/weft.yaml"
 
 # The same proxy with a chain of four no-op proxy-wasm filters.
 weft_config $WEFT4_PORT $WEFT4_ADMIN_PORT "$(for i in 1 2 3 4; do
@@ -310,7 +240,7 @@ done)" >"$TMP/weft4.yaml"
 
 # The same proxy with the standard chain: telemetry (metrics and tracing; access log off),
 # router, fault at 0%, retry.
-weft_config $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT "$(cat <<EOF
+STD_FILTERS=$(cat <<EOF
       - { name: telemetry, module: "$STD/weft_filter_telemetry.wasm", config: { access_log: false } }
       - name: router
         module: "$STD/weft_filter_router.wasm"
@@ -322,9 +252,9 @@ weft_config $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT "$(cat <<EOF
         module: "$STD/weft_filter_retry.wasm"
         config: { default: { attempts: 2 } }
 EOF
-)" >"$TMP/weftstd.yaml"
-sed -e "s/127.0.0.1:$WEFTSTD_PORT/127.0.0.1:$WEFTIDLE_PORT/" \
-  -e "s/127.0.0.1:$WEFTSTD_ADMIN_PORT/127.0.0.1:$WEFTIDLE_ADMIN_PORT/" "$TMP/weftstd.yaml" >"$TMP/weftidle.yaml"
+)
+weft_config $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT "$STD_FILTERS" $WEFTSTDGRPC_PORT >"$TMP/weftstd.yaml"
+weft_config $WEFTIDLE_PORT $WEFTIDLE_ADMIN_PORT "$STD_FILTERS" >"$TMP/weftidle.yaml"
 
 # --- mesh TLS: certificates (openssl, ECDSA P-256) and the two-hop configs -------------------
 # A mesh root; the outbound side's SPIFFE certificate (a) and the inbound side's (b, which
@@ -420,6 +350,7 @@ mkdir -p "$TMP/origin-tmp" "$TMP/nginx-tmp" "$TMP/nginxtls-tmp"
 
 start origin 0 "$NGINX_BIN" -p "$TMP" -e "$TMP/origin.error.log" -c "$TMP/origin.conf"
 ORIGIN_PID=$LAST_PID
+start grpcorigin 0 "$TARGET_DIR/release/weft-grpc-origin" --listen 127.0.0.1:$GRPC_ORIGIN_PORT
 wait_ok "http://127.0.0.1:$ORIGIN_PORT/" || die "origin did not start (see $TMP/origin.log)"
 start weft 1 "$WEFT_BIN" --config "$TMP/weft.yaml" --workers 1 --log-level warn
 WEFT_PID=$LAST_PID
@@ -546,24 +477,56 @@ H2_REQUESTS=${H2_REQUESTS:-300000}
 declare -A H2_URL=([weft]="http://127.0.0.1:$WEFT_PORT/" [weftstd]="http://127.0.0.1:$WEFTSTD_PORT/"
   [nginx]="http://127.0.0.1:$NGINXH2_PORT/" [haproxy]="http://127.0.0.1:$HAPROXYH2_PORT/")
 H2_TARGETS=(weft weftstd nginx haproxy)
-echo "{}" >"$TMP/h2.json"
-for t in "${H2_TARGETS[@]}"; do
-  log "$t: HTTP/2, h2load -n $H2_REQUESTS -c 10 -m 100"
+# h2run KIND TARGET URL [H2LOAD-ARG...] : a warm-up of a tenth, then H2_REQUESTS requests
+# measured; the result goes into $TMP/KIND.json under TARGET.
+h2run() {
+  local kind=$1 t=$2 url=$3 pids before after out rps ok
+  shift 3
   mapfile -t pids < <(tree_pids "${ROOT_PID[$t]}")
-  taskset -c 0 h2load -n $((H2_REQUESTS / 10)) -c 10 -m 100 "${H2_URL[$t]}" >/dev/null 2>&1 || true # warm-up
+  taskset -c 0 timeout 300 h2load -n $((H2_REQUESTS / 10)) -c 10 -m 100 "$@" "$url" >/dev/null 2>&1 || true
   before=$(cpu_ns "${pids[@]}")
-  out=$(taskset -c 0 timeout 300 h2load -n "$H2_REQUESTS" -c 10 -m 100 "${H2_URL[$t]}" 2>&1) ||
-    die "h2load against $t failed: $out"
+  out=$(taskset -c 0 timeout 300 h2load -n "$H2_REQUESTS" -c 10 -m 100 "$@" "$url" 2>&1) ||
+    die "h2load ($kind) against $t failed: $out"
   after=$(cpu_ns "${pids[@]}")
   rps=$(sed -nE 's/^finished in .*, ([0-9.]+) req\/s.*/\1/p' <<<"$out")
   ok=$(sed -nE 's/^status codes: ([0-9]+) 2xx.*/\1/p' <<<"$out")
-  [[ -n $rps && -n $ok ]] || die "cannot read h2load's report for $t: $out"
+  [[ -n $rps && -n $ok ]] || die "cannot read h2load's report ($kind) for $t: $out"
+  [[ -f $TMP/$kind.json ]] || echo "{}" >"$TMP/$kind.json"
   jq --arg t "$t" --argjson rps "$rps" --argjson ok "$ok" --argjson n "$H2_REQUESTS" \
     --argjson ns $((after - before)) \
     '. + {($t): {rps: $rps, ok: $ok, failed: ($n - $ok),
        cpu_us_per_req: (if $ok > 0 then $ns / 1e3 / $ok else null end)}}' \
-    "$TMP/h2.json" >"$TMP/h2.next.json"
-  mv "$TMP/h2.next.json" "$TMP/h2.json"
+    "$TMP/$kind.json" >"$TMP/$kind.next.json"
+  mv "$TMP/$kind.next.json" "$TMP/$kind.json"
+}
+for t in "${H2_TARGETS[@]}"; do
+  log "$t: HTTP/2, h2load -n $H2_REQUESTS -c 10 -m 100"
+  h2run h2 "$t" "${H2_URL[$t]}"
+done
+
+# --- gRPC unary ----------------------------------------------------------------------------------
+# The same h2load run as calls: POST of one 32-byte message (5-byte gRPC frame header), `te:
+# trailers`, to each proxy's gRPC listener, in front of weft-grpc-origin (h2c), which echoes
+# it with `grpc-status: 0`. One call through each is checked first: the message comes back
+# and the status trailer says 0.
+declare -A GRPC_URL=([weft]="http://127.0.0.1:$WEFTGRPC_PORT/bench.Echo/Unary"
+  [weftstd]="http://127.0.0.1:$WEFTSTDGRPC_PORT/bench.Echo/Unary"
+  [nginx]="http://127.0.0.1:$NGINXGRPC_PORT/bench.Echo/Unary"
+  [haproxy]="http://127.0.0.1:$HAPROXYGRPC_PORT/bench.Echo/Unary")
+{
+  printf '\x00\x00\x00\x00\x20'
+  printf 'weft-bench-grpc-unary-message-32'
+} >"$TMP/grpc.msg"
+for t in "${H2_TARGETS[@]}"; do
+  reply=$(curl -s --http2-prior-knowledge --max-time 5 -H 'content-type: application/grpc' \
+    -H 'te: trailers' --data-binary @"$TMP/grpc.msg" -D "$TMP/grpc.$t.head" "${GRPC_URL[$t]}" |
+    tail -c 32) || true
+  [[ $reply == weft-bench-grpc-unary-message-32 ]] &&
+    grep -qi '^grpc-status: 0' "$TMP/grpc.$t.head" ||
+    die "a gRPC call through $t did not come back whole with grpc-status 0 (see $TMP/grpc.$t.head)"
+  log "$t: gRPC unary, h2load -n $H2_REQUESTS -c 10 -m 100"
+  h2run grpc "$t" "${GRPC_URL[$t]}" -d "$TMP/grpc.msg" -H 'content-type: application/grpc' \
+    -H 'te: trailers'
 done
 
 # --- idle memory -------------------------------------------------------------------------------
@@ -598,7 +561,7 @@ jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
   --slurpfile pm "$TMP/weftpair.max.json" --slurpfile pr "$TMP/weftpair.rate.json" \
   --slurpfile tm "$TMP/weftmtls.max.json" --slurpfile tr "$TMP/weftmtls.rate.json" \
   --slurpfile xm "$TMP/nginxtls.max.json" --slurpfile xr "$TMP/nginxtls.rate.json" \
-  --slurpfile h2 "$TMP/h2.json" --argjson idle_weft "$IDLE_WEFT_KB" --argjson idle_nginx "$IDLE_NGINX_KB" '
+  --slurpfile h2 "$TMP/h2.json" --slurpfile grpc "$TMP/grpc.json" --argjson idle_weft "$IDLE_WEFT_KB" --argjson idle_nginx "$IDLE_NGINX_KB" '
   def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
                       else $r.cpu_ns / 1e3 / $r.requests end;
   def util($r): if $r.cpu_pids == 0 then null else $r.cpu_ns / 1e9 / $r.elapsed_secs end;
@@ -648,6 +611,11 @@ jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
           cpu_per_req: ratio($h2[0].weft.cpu_us_per_req; $h2[0].nginx.cpu_us_per_req) },
         weftstd_vs_nginx: { rps: ratio($h2[0].weftstd.rps; $h2[0].nginx.rps),
           cpu_per_req: ratio($h2[0].weftstd.cpu_us_per_req; $h2[0].nginx.cpu_us_per_req) } },
+      grpc_unary: { results: $grpc[0],
+        weft_vs_nginx: { rps: ratio($grpc[0].weft.rps; $grpc[0].nginx.rps),
+          cpu_per_req: ratio($grpc[0].weft.cpu_us_per_req; $grpc[0].nginx.cpu_us_per_req) },
+        weftstd_vs_nginx: { rps: ratio($grpc[0].weftstd.rps; $grpc[0].nginx.rps),
+          cpu_per_req: ratio($grpc[0].weftstd.cpu_us_per_req; $grpc[0].nginx.cpu_us_per_req) } },
       idle_rss_kb: { weft_standard_chain_two_workers: $idle_weft, nginx_master_and_worker: $idle_nginx },
       weft4_vs_weft: {
         cpu_per_req_at_rate: ratio($rows.weft4.cpu_us_per_req_at_rate; $rows.weft.cpu_us_per_req_at_rate),
@@ -733,11 +701,27 @@ printf '| **weft ÷ nginx** | %s | %s | |\n' \
 printf '| **weftstd ÷ nginx** | %s | %s | |\n' \
   "$(fmt "$(get .http2.weftstd_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .http2.weftstd_vs_nginx.cpu_per_req)" '%.2f×')"
 echo
+echo "gRPC unary (h2c both ways): the same h2load run, each request a call with a 32-byte message," \
+  "to weft-grpc-origin (echo)."
+echo
+echo "| target | calls/s | CPU µs/call | failed |"
+echo "|---|---:|---:|---:|"
+for t in "${H2_TARGETS[@]}"; do
+  printf '| %s | %s | %s | %s |\n' "$t" \
+    "$(fmt "$(get ".grpc_unary.results.$t.rps")" '%.0f')" \
+    "$(fmt "$(get ".grpc_unary.results.$t.cpu_us_per_req")" '%.1f')" \
+    "$(get ".grpc_unary.results.$t.failed")"
+done
+printf '| **weft ÷ nginx** | %s | %s | |\n' \
+  "$(fmt "$(get .grpc_unary.weft_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .grpc_unary.weft_vs_nginx.cpu_per_req)" '%.2f×')"
+printf '| **weftstd ÷ nginx** | %s | %s | |\n' \
+  "$(fmt "$(get .grpc_unary.weftstd_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .grpc_unary.weftstd_vs_nginx.cpu_per_req)" '%.2f×')"
+echo
 echo "Idle RSS: Weft with the standard chain and two workers $(get .idle_rss_kb.weft_standard_chain_two_workers) KiB" \
   "(after 20 requests and 3 s of quiet); nginx master + worker $(get .idle_rss_kb.nginx_master_and_worker) KiB."
 echo "JSON: $OUT"
 
-failed=$(get '[.results[].failed, .http2.results[].failed] | add')
+failed=$(get '[.results[].failed, .http2.results[].failed, .grpc_unary.results[].failed] | add')
 if ((failed > 0)); then
   log "WARNING: $failed requests failed (non-2xx, errors or timeouts); see $OUT"
 fi

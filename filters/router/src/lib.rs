@@ -9,12 +9,16 @@
 //!
 //! Configuration reference: `filters/router/README.md`.
 
-use std::cell::Cell;
+use std::cell::{Cell, OnceCell};
 use std::rc::Rc;
 use std::time::Duration;
 
 use serde::Deserialize;
 use weft_sdk::{Action, Ctx, Filter, LogLevel};
+
+mod index;
+
+use index::RouteIndex;
 
 weft_sdk::export_filter!(Router);
 
@@ -27,6 +31,47 @@ pub struct Config {
     /// What a request no route matches gets.
     #[serde(default)]
     pub no_match: NoMatch,
+    /// The routes filed by host and path, made at the first request.
+    #[serde(skip)]
+    index: OnceCell<RouteIndex>,
+}
+
+/// Up to this many routes, a request tries them all in order; past it, only those the
+/// [`RouteIndex`] files under its host and path (the index costs a few hash lookups, which
+/// a short list does not repay).
+const SCAN_UP_TO: usize = 8;
+
+/// What routes match on, read from the host at most once per request (each read is a host
+/// call, and a request may be tried against many routes).
+struct Request<'c, 'a> {
+    cx: &'c Ctx<'a>,
+    authority: OnceCell<String>,
+    path: OnceCell<String>,
+    method: OnceCell<String>,
+}
+
+impl<'c, 'a> Request<'c, 'a> {
+    fn new(cx: &'c Ctx<'a>) -> Self {
+        Self {
+            cx,
+            authority: OnceCell::new(),
+            path: OnceCell::new(),
+            method: OnceCell::new(),
+        }
+    }
+
+    fn authority(&self) -> &str {
+        self.authority.get_or_init(|| self.cx.authority())
+    }
+
+    /// The path with its query.
+    fn path(&self) -> &str {
+        self.path.get_or_init(|| self.cx.path())
+    }
+
+    fn method(&self) -> &str {
+        self.method.get_or_init(|| self.cx.method())
+    }
 }
 
 /// What happens to a request no route matches.
@@ -368,25 +413,25 @@ impl Config {
 }
 
 impl Route {
-    fn matches(&self, cx: &Ctx<'_>) -> Option<usize> {
+    fn matches(&self, req: &Request<'_, '_>) -> Option<usize> {
         let m = &self.matcher;
         if let Some(host) = &m.host
-            && !cx.authority().eq_ignore_ascii_case(host)
+            && !req.authority().eq_ignore_ascii_case(host)
         {
             return None;
         }
         if let Some(service) = &m.service
-            && !names_service(&cx.authority(), service, m.namespace.as_deref(), m.port)
+            && !names_service(req.authority(), service, m.namespace.as_deref(), m.port)
         {
             return None;
         }
         if let Some(method) = &m.method
-            && cx.method() != *method
+            && req.method() != method
         {
             return None;
         }
         for h in &m.headers {
-            let value = cx.request_header(&h.name);
+            let value = req.cx.request_header(&h.name);
             let ok = match (&value, h) {
                 (
                     v,
@@ -412,8 +457,8 @@ impl Route {
                 return None;
             }
         }
-        let full = cx.path();
-        let (path, query) = full.split_once('?').unwrap_or((&full, ""));
+        let full = req.path();
+        let (path, query) = full.split_once('?').unwrap_or((full, ""));
         for q in &m.query {
             let value = query
                 .split('&')
@@ -641,12 +686,26 @@ impl Filter for Router {
 
     fn on_request_headers(&mut self, cx: &mut Ctx<'_>, end_of_stream: bool) -> Action {
         let config = self.config.clone();
-        let Some((index, route, matched)) = config
-            .routes
-            .iter()
-            .enumerate()
-            .find_map(|(i, r)| r.matches(cx).map(|n| (i, r, n)))
-        else {
+        let found = {
+            let req = Request::new(cx);
+            let try_route = |i: usize| {
+                let r = config.routes.get(i)?;
+                r.matches(&req).map(|n| (i, r, n))
+            };
+            if config.routes.len() <= SCAN_UP_TO {
+                (0..config.routes.len()).find_map(try_route)
+            } else {
+                let path = req.path();
+                let path = path.split_once('?').map_or(path, |(p, _)| p);
+                let mut candidates = Vec::new();
+                config
+                    .index
+                    .get_or_init(|| RouteIndex::new(&config.routes))
+                    .candidates(|| req.authority(), path, &mut candidates);
+                candidates.iter().find_map(|&i| try_route(i as usize))
+            }
+        };
+        let Some((index, route, matched)) = found else {
             if config.no_match == NoMatch::Continue {
                 return Action::Continue;
             }
@@ -911,6 +970,72 @@ mod tests {
         assert_eq!(route(&mut h, "GET", "/x", &[("x-canary", "2")]), "404");
         assert_eq!(route(&mut h, "GET", "/x", &[("x-debug", "")]), "c");
         assert_eq!(route(&mut h, "GET", "/api/users", &[]), "a");
+    }
+
+    #[test]
+    fn the_first_route_in_order_wins_whatever_the_index_files_it_under() {
+        // Routes filed under every kind of key, interleaved (more than `SCAN_UP_TO`, so
+        // that the index picks the candidates): the order of the list decides.
+        const { assert!(SCAN_UP_TO < 10) };
+        let mut h = harness(
+            r#"{"routes": [
+                {"match": {"path": {"prefix": "/api/v1"}, "method": "POST"}, "cluster": "a"},
+                {"match": {"host": "Shop.example:8080", "path": {"prefix": "/api"}}, "cluster": "b"},
+                {"match": {"service": "echo", "path": {"segments": "/api/"}}, "cluster": "c"},
+                {"match": {"path": {"exact": "/api/v1/x"}}, "cluster": "a"},
+                {"match": {"path": {"regex": "/api/[a-z0-9/]*"}}, "cluster": "b"},
+                {"match": {"host": "shop.example:8080"}, "cluster": "c"},
+                {"match": {"service": "echo.other"}, "cluster": "a"},
+                {"match": {"path": {"segments": "/"}}, "cluster": "b"},
+                {"match": {"path": {"exact": "/never"}}, "cluster": "c"},
+                {"match": {"host": "never.example"}, "cluster": "c"}
+            ]}"#,
+        );
+        let shop = [("host", "shop.EXAMPLE:8080")];
+        assert_eq!(route(&mut h, "POST", "/api/v1/x", &shop), "a");
+        assert_eq!(route(&mut h, "GET", "/api/v1/x", &shop), "b");
+        assert_eq!(route(&mut h, "GET", "/other", &shop), "c");
+        let echo = [("host", "echo.default.svc.cluster.local:80")];
+        assert_eq!(route(&mut h, "GET", "/api/v1/x", &echo), "c");
+        assert_eq!(route(&mut h, "GET", "/apiary", &echo), "b", "not a segment");
+        let plain = [("host", "other")];
+        assert_eq!(route(&mut h, "GET", "/api/v1/x", &plain), "a");
+        assert_eq!(route(&mut h, "GET", "/api/v1/y?q", &plain), "b");
+        assert_eq!(
+            route(&mut h, "GET", "/z", &[("host", "echo.other.svc")]),
+            "a",
+            "a service name with a dot is tried for every host"
+        );
+        assert_eq!(route(&mut h, "GET", "/z", &plain), "b");
+    }
+
+    #[test]
+    fn ten_thousand_routes_route_to_the_one_that_matches() {
+        let routes: Vec<String> = (0..10_000)
+            .map(|i| {
+                let cluster = ["a", "b", "c"][i % 3];
+                match i % 4 {
+                    0 => format!(r#"{{"match": {{"path": {{"prefix": "/p{i}/"}}}}, "cluster": "{cluster}"}}"#),
+                    1 => format!(r#"{{"match": {{"path": {{"exact": "/e{i}"}}}}, "cluster": "{cluster}"}}"#),
+                    2 => format!(r#"{{"match": {{"host": "h{i}.example"}}, "cluster": "{cluster}"}}"#),
+                    _ => format!(r#"{{"match": {{"service": "s{i}", "path": {{"segments": "/s"}}}}, "cluster": "{cluster}"}}"#),
+                }
+            })
+            .collect();
+        let mut h = harness(&format!(r#"{{"routes": [{}]}}"#, routes.join(",")));
+        assert_eq!(route(&mut h, "GET", "/p9996/x", &[]), "a");
+        assert_eq!(route(&mut h, "GET", "/e9997", &[]), "b");
+        assert_eq!(route(&mut h, "GET", "/e9997/", &[]), "404");
+        assert_eq!(route(&mut h, "GET", "/", &[("host", "h9998.example")]), "c");
+        assert_eq!(
+            route(&mut h, "GET", "/s/1", &[("host", "s9999.ns:80")]),
+            "a"
+        );
+        assert_eq!(
+            route(&mut h, "GET", "/t", &[("host", "s9999.ns:80")]),
+            "404"
+        );
+        assert_eq!(route(&mut h, "GET", "/p9997/x", &[]), "404");
     }
 
     #[test]

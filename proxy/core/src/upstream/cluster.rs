@@ -5,6 +5,7 @@
 //! Everything here is updated with relaxed atomics from all workers; nothing takes a lock.
 //! Per-worker state (connection pools, round-robin positions) lives in [`crate::upstream::pool`].
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
@@ -36,10 +37,17 @@ fn is(endpoint: &Endpoint, e: &EndpointConfig) -> bool {
         && endpoint.identity == identity_of(e)
 }
 
+/// Endpoints by address: where [`new_endpoint`] looks for one to keep (a map, so that an
+/// update of a cluster of thousands of endpoints stays linear).
+type ByAddress<'a> = HashMap<&'a EndpointAddress, Vec<&'a Arc<Endpoint>>>;
+
 /// The endpoint for `e`: the one of `existing` that is what `e` describes, or a new one.
-fn new_endpoint(e: &EndpointConfig, existing: &[Arc<Endpoint>]) -> Arc<Endpoint> {
-    if let Some(old) = existing.iter().find(|o| is(o, e)) {
-        return old.clone();
+fn new_endpoint(e: &EndpointConfig, existing: &ByAddress<'_>) -> Arc<Endpoint> {
+    if let Some(old) = existing
+        .get(&e.address)
+        .and_then(|same| same.iter().find(|o| is(o, e)))
+    {
+        return Arc::clone(old);
     }
     Arc::new(Endpoint::new(e.address.clone(), e.weight).with_identity(identity_of(e)))
 }
@@ -96,7 +104,10 @@ impl Cluster {
     /// Builds a cluster from its config.
     pub fn new(c: &ClusterConfig, metrics: ClusterMetrics) -> Self {
         let endpoints = ArcSwap::from_pointee(EndpointSet::new(
-            c.endpoints.iter().map(|e| new_endpoint(e, &[])).collect(),
+            c.endpoints
+                .iter()
+                .map(|e| new_endpoint(e, &ByAddress::new()))
+                .collect(),
         ));
         Self {
             id: NEXT_ID.fetch_add(1, Relaxed),
@@ -211,9 +222,13 @@ impl Cluster {
         if same {
             return false;
         }
+        let mut existing = ByAddress::with_capacity(current.list.len());
+        for old in &current.list {
+            existing.entry(&old.address).or_default().push(old);
+        }
         let list = endpoints
             .iter()
-            .map(|e| new_endpoint(e, &current.list))
+            .map(|e| new_endpoint(e, &existing))
             .collect();
         self.endpoints.store(Arc::new(EndpointSet::new(list)));
         self.update_panic(crate::clock::now_ms());
@@ -276,3 +291,54 @@ impl Clusters {
 /// The proxy's clusters now, shared by listeners, callouts, the admin endpoint and the
 /// filter host; swapped whole by a reload.
 pub type ClusterTable = ArcSwap<Clusters>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    fn config(endpoints: &[(&str, u32)]) -> ClusterConfig {
+        let eps: Vec<serde_json::Value> = endpoints
+            .iter()
+            .map(|(a, w)| serde_json::json!({ "address": a, "weight": w }))
+            .collect();
+        serde_json::from_value(serde_json::json!({ "name": "c", "endpoints": eps }))
+            .expect("cluster config")
+    }
+
+    #[test]
+    fn an_endpoint_set_update_keeps_the_endpoints_that_stay_and_only_those() {
+        let mut addresses: Vec<(String, u32)> = (0..5_000)
+            .map(|i| (format!("10.0.{}.{}:80", i / 250, i % 250), 1))
+            .collect();
+        let refs: Vec<(&str, u32)> = addresses.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        let cluster = Cluster::new(&config(&refs), Metrics::new().cluster("c"));
+        let before = cluster.endpoints().list.clone();
+
+        // One endpoint changes weight, one leaves, one arrives; the rest stay.
+        addresses[10].1 = 3;
+        addresses.remove(20);
+        addresses.push(("10.9.9.9:80".to_owned(), 1));
+        let refs: Vec<(&str, u32)> = addresses.iter().map(|(a, w)| (a.as_str(), *w)).collect();
+        assert!(cluster.set_endpoints(&config(&refs).endpoints));
+        let after = cluster.endpoints().list.clone();
+        assert_eq!(after.len(), 5_000);
+        let same = |a: &Arc<Endpoint>| before.iter().any(|b| Arc::ptr_eq(a, b));
+        assert!(
+            Arc::ptr_eq(&after[0], &before[0]),
+            "kept: its state goes on"
+        );
+        assert!(!same(&after[10]), "a new weight is a new endpoint");
+        assert_eq!(after[10].weight, 3);
+        assert!(
+            Arc::ptr_eq(&after[20], &before[21]),
+            "the one after the removed one stays"
+        );
+        assert!(!same(&after[4_999]), "the new one is new");
+        assert_eq!(after.iter().filter(|e| same(e)).count(), 4_998);
+        assert!(
+            !cluster.set_endpoints(&config(&refs).endpoints),
+            "the same list again changes nothing"
+        );
+    }
+}

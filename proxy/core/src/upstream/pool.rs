@@ -32,8 +32,9 @@ struct WorkerCluster {
     /// The endpoint set generation the balancer was built for.
     generation: u64,
     balancer: Box<dyn LoadBalancer>,
-    /// Pools by endpoint id, for the endpoints of `generation`.
-    pools: Vec<(u64, EndpointPool)>,
+    /// Pools by endpoint id, for the endpoints of `generation` (a map: a cluster may have
+    /// thousands of endpoints, and every request looks its endpoint's pool up twice).
+    pools: HashMap<u64, EndpointPool>,
 }
 
 impl WorkerCluster {
@@ -54,18 +55,15 @@ impl WorkerCluster {
     fn follow(&mut self, set: &EndpointSet, policy: crate::config::LbPolicy) {
         let mut next = Self::new(set, policy);
         for (id, pool) in &mut next.pools {
-            if let Some(old) = self.pools.iter_mut().find(|(i, _)| i == id) {
-                *pool = std::mem::take(&mut old.1);
+            if let Some(old) = self.pools.remove(id) {
+                *pool = old;
             }
         }
         *self = next;
     }
 
     fn pool(&mut self, endpoint: u64) -> Option<&mut EndpointPool> {
-        self.pools
-            .iter_mut()
-            .find(|(id, _)| *id == endpoint)
-            .map(|(_, p)| p)
+        self.pools.get_mut(&endpoint)
     }
 }
 
