@@ -9,9 +9,11 @@
 # 2. scale/run.sh: CPU per request against routes, endpoints, connections and body size,
 #    Weft and nginx, plotted.
 # 3. chain/callgrind.sh: instructions per stream through each filter chain.
+# 4. profile/run.sh: where the CPU goes at max load (perf), Weft plain, Weft with the
+#    standard chain, and nginx (skipped if perf cannot sample here).
 #
 # Results (default benches/results/): load.json, load.md, scale.json, scale.md, scale.png,
-# chain-callgrind.json, chain-callgrind.md. --quick passes --quick to the first two (a
+# chain-callgrind.json, chain-callgrind.md, profile-{plain,std,nginx}.md. --quick passes --quick to the first two (a
 # smoke test: 1 round of short runs).
 set -euo pipefail
 
@@ -33,3 +35,7 @@ bash "$HERE/load/run.sh" "${QUICK[@]}" --out "$DIR/load.json" | tee "$DIR/load.m
 NO_BUILD=1 bash "$HERE/scale/run.sh" "${QUICK[@]}" --out "$DIR/scale.json" --plot "$DIR/scale.png" |
   tee "$DIR/scale.md"
 bash "$HERE/chain/callgrind.sh" --out "$DIR/chain-callgrind.json" | tee "$DIR/chain-callgrind.md"
+for kind in plain std nginx; do
+  bash "$HERE/profile/run.sh" "$kind" --out "$DIR/profile-$kind.md" ||
+    echo "run.sh: no profile of $kind (perf cannot sample here?)" >&2
+done

@@ -379,6 +379,20 @@ start weftidle 1 "$WEFT_BIN" --config "$TMP/weftidle.yaml" --workers 2 --log-lev
 WEFTIDLE_PID=$LAST_PID
 wait_ok "http://127.0.0.1:$WEFTIDLE_ADMIN_PORT/ready" || die "weftidle did not become ready (see $TMP/weftidle.log)"
 
+# nginx's idle memory, before any load (see "idle memory" below).
+rss_kb() { # the summed VmRSS of these PIDs
+  local total=0 pid kb
+  for pid in "$@"; do
+    kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status") || die "process $pid is gone"
+    total=$((total + kb))
+  done
+  echo "$total"
+}
+for ((i = 0; i < 20; i++)); do curl -sf -o /dev/null "http://127.0.0.1:$NGINX_PORT/" || die "nginx failed a request"; done
+sleep 3
+mapfile -t nginx_pids < <(tree_pids "$NGINX_PID")
+IDLE_NGINX_KB=$(rss_kb "${nginx_pids[@]}")
+
 declare -A URL=(
   [direct]="http://127.0.0.1:$ORIGIN_PORT/"
   [weft]="http://127.0.0.1:$WEFT_PORT/"
@@ -531,20 +545,14 @@ done
 
 # --- idle memory -------------------------------------------------------------------------------
 # weftidle: the standard chain on two workers, after 20 requests (every worker's instances
-# made), then 3 s of quiet; nginx (master + 1 worker) for comparison.
-rss_kb() { # the summed VmRSS of these PIDs
-  local total=0 pid kb
-  for pid in "$@"; do
-    kb=$(awk '/^VmRSS:/ { print $2 }' "/proc/$pid/status") || die "process $pid is gone"
-    total=$((total + kb))
-  done
-  echo "$total"
-}
+# made), then 3 s of quiet; nginx (master + 1 worker) for comparison, measured the same way
+# before the load runs (after them it holds what the HTTP/2 and gRPC runs made it allocate).
 for ((i = 0; i < 20; i++)); do curl -sf -o /dev/null "http://127.0.0.1:$WEFTIDLE_PORT/" || die "weftidle failed a request"; done
 sleep 3
 IDLE_WEFT_KB=$(rss_kb "$WEFTIDLE_PID")
-mapfile -t nginx_pids < <(tree_pids "$NGINX_PID")
-IDLE_NGINX_KB=$(rss_kb "${nginx_pids[@]}")
+# Of which anonymous (heap, stacks, instance memories): the rest is file pages (the binary's
+# code and data, libc) that every Weft process on a host shares.
+IDLE_WEFT_ANON_KB=$(awk '/^Anonymous:/ { print $2 }' "/proc/$WEFTIDLE_PID/smaps_rollup")
 
 # --- results ---------------------------------------------------------------------------------
 # One JSON document: per target the two raw reports plus derived figures, and the ratios.
@@ -561,7 +569,8 @@ jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
   --slurpfile pm "$TMP/weftpair.max.json" --slurpfile pr "$TMP/weftpair.rate.json" \
   --slurpfile tm "$TMP/weftmtls.max.json" --slurpfile tr "$TMP/weftmtls.rate.json" \
   --slurpfile xm "$TMP/nginxtls.max.json" --slurpfile xr "$TMP/nginxtls.rate.json" \
-  --slurpfile h2 "$TMP/h2.json" --slurpfile grpc "$TMP/grpc.json" --argjson idle_weft "$IDLE_WEFT_KB" --argjson idle_nginx "$IDLE_NGINX_KB" '
+  --slurpfile h2 "$TMP/h2.json" --slurpfile grpc "$TMP/grpc.json" --argjson idle_weft "$IDLE_WEFT_KB" --argjson idle_nginx "$IDLE_NGINX_KB" \
+  --argjson idle_weft_anon "${IDLE_WEFT_ANON_KB:-null}" '
   def us_per_req($r): if $r.cpu_pids == 0 or $r.requests == 0 then null
                       else $r.cpu_ns / 1e3 / $r.requests end;
   def util($r): if $r.cpu_pids == 0 then null else $r.cpu_ns / 1e9 / $r.elapsed_secs end;
@@ -616,7 +625,9 @@ jq -n --argjson duration "$DURATION" --argjson rate "$RATE" \
           cpu_per_req: ratio($grpc[0].weft.cpu_us_per_req; $grpc[0].nginx.cpu_us_per_req) },
         weftstd_vs_nginx: { rps: ratio($grpc[0].weftstd.rps; $grpc[0].nginx.rps),
           cpu_per_req: ratio($grpc[0].weftstd.cpu_us_per_req; $grpc[0].nginx.cpu_us_per_req) } },
-      idle_rss_kb: { weft_standard_chain_two_workers: $idle_weft, nginx_master_and_worker: $idle_nginx },
+      idle_rss_kb: { weft_standard_chain_two_workers: $idle_weft,
+        weft_standard_chain_two_workers_anonymous: $idle_weft_anon,
+        nginx_master_and_worker: $idle_nginx },
       weft4_vs_weft: {
         cpu_per_req_at_rate: ratio($rows.weft4.cpu_us_per_req_at_rate; $rows.weft.cpu_us_per_req_at_rate),
         cpu_per_req_at_max: ratio($rows.weft4.cpu_us_per_req_at_max; $rows.weft.cpu_us_per_req_at_max),
@@ -718,7 +729,8 @@ printf '| **weftstd ÷ nginx** | %s | %s | |\n' \
   "$(fmt "$(get .grpc_unary.weftstd_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .grpc_unary.weftstd_vs_nginx.cpu_per_req)" '%.2f×')"
 echo
 echo "Idle RSS: Weft with the standard chain and two workers $(get .idle_rss_kb.weft_standard_chain_two_workers) KiB" \
-  "(after 20 requests and 3 s of quiet); nginx master + worker $(get .idle_rss_kb.nginx_master_and_worker) KiB."
+  "($(get .idle_rss_kb.weft_standard_chain_two_workers_anonymous) KiB of it anonymous; after 20 requests and 3 s of quiet);" \
+  "nginx master + worker $(get .idle_rss_kb.nginx_master_and_worker) KiB (the same, before any load)."
 echo "JSON: $OUT"
 
 failed=$(get '[.results[].failed, .http2.results[].failed, .grpc_unary.results[].failed] | add')
