@@ -7,13 +7,16 @@
 //!   an error; the per-user default (`$XDG_CACHE_HOME/weft/modules`, else
 //!   `$HOME/.cache/weft/modules`) that fails it means no cache, with one warning;
 //! - an entry is named by the module's sha256 and the engine's compatibility hash, and ends
-//!   with a sha256 over its name and its compiled bytes. An entry is read into memory, its
-//!   file checked like the directory, its digest verified, and only then deserialized; one
-//!   that fails is ignored (with a warning), compiled again and rewritten. An entry copied
-//!   under another module's name does not verify.
+//!   with a sha256 over its name and its compiled bytes. An entry is opened, its file checked
+//!   like the directory, its digest verified through that open file, and only then is that
+//!   same file mapped (not read into memory: only the code a filter runs becomes resident,
+//!   and the pages are the page cache's, shared by every proxy on the host); one that fails
+//!   is ignored (with a warning), compiled again and rewritten. An entry copied under
+//!   another module's name does not verify.
 //!
 //! Entries are written to a temporary file (mode 0600) and renamed into place, so a reader
-//! never sees a partial one.
+//! never sees a partial one, and a file a proxy has mapped is never written again (a new
+//! entry is a new file).
 
 use std::fs::{DirBuilder, File, Metadata, OpenOptions};
 use std::io::{Read, Write};
@@ -81,7 +84,7 @@ impl ModuleCache {
         let path = dir.join(&key);
         match read_entry(&path, &key) {
             Ok(None) => {}
-            Ok(Some(compiled)) => match deserialize(engine, &compiled) {
+            Ok(Some(file)) => match deserialize(engine, file) {
                 Ok(module) => return Ok((module, true)),
                 Err(e) => ignored(&path, &format!("{e:#}")),
             },
@@ -184,9 +187,9 @@ fn trailer(key: &str, compiled: &[u8]) -> [u8; TRAILER] {
     h.finalize().into()
 }
 
-/// The verified compiled bytes of entry `key` at `path`; `None` when there is none; the
-/// reason when it cannot be trusted.
-fn read_entry(path: &Path, key: &str) -> Result<Option<Vec<u8>>, String> {
+/// Entry `key` at `path`, opened and verified; `None` when there is none; the reason when it
+/// cannot be trusted.
+fn read_entry(path: &Path, key: &str) -> Result<Option<File>, String> {
     let mut file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -209,8 +212,7 @@ fn read_entry(path: &Path, key: &str) -> Result<Option<Vec<u8>>, String> {
     if bytes[split..] != trailer(key, &bytes[..split]) {
         return Err("its digest does not match (altered, truncated, or not this module's)".into());
     }
-    bytes.truncate(split);
-    Ok(Some(bytes))
+    Ok(Some(file))
 }
 
 /// Writes entry `key` at `path`: `compiled` and its trailer, to a temporary file renamed into
@@ -234,17 +236,21 @@ fn write_entry(path: &Path, key: &str, compiled: &[u8]) -> std::io::Result<()> {
     written
 }
 
-/// Deserializes compiled code read from the cache.
+/// Maps a verified cache entry as a module (the trailer after the compiled bytes is left
+/// alone: wasmtime reads the object's sections by their offsets).
 #[allow(unsafe_code)]
-fn deserialize(engine: &Engine, compiled: &[u8]) -> wasmtime::Result<Module> {
-    // SAFETY: wasmtime requires that `compiled` was produced by `Module::serialize` of a
-    // compatible engine and was not tampered with, as it is run as machine code. It was read
-    // from a directory and a file owned by this process's user and writable by no one else
-    // (so only this user can have written it), and it ends with a sha256 over the entry's
-    // name and these bytes, which `write_entry` computed when this proxy serialized the
-    // module: the bytes are what a proxy of this user compiled from the module the name
-    // names, for an engine of the same compatibility hash. wasmtime checks the header too.
-    unsafe { Module::deserialize(engine, compiled) }
+fn deserialize(engine: &Engine, file: File) -> wasmtime::Result<Module> {
+    // SAFETY: wasmtime requires that the file holds what `Module::serialize` of a compatible
+    // engine wrote, untampered, as it is run as machine code, and that it does not change
+    // while the module lives. It is in a directory and a file owned by this process's user
+    // and writable by no one else (so only this user can have written it); its contents,
+    // read through this same open file, end with a sha256 over the entry's name and the
+    // compiled bytes, which `write_entry` computed when a proxy serialized the module: they
+    // are what a proxy of this user compiled from the module the name names, for an engine
+    // of the same compatibility hash. Entries are only ever replaced by renaming a new file
+    // over the name, never written in place, so the file mapped here keeps its contents.
+    // wasmtime checks the header too.
+    unsafe { Module::deserialize_open_file(engine, file) }
 }
 
 #[cfg(test)]
@@ -284,7 +290,13 @@ mod tests {
         assert!(!cache.load_or_compile(&engine, &wasm(0)).unwrap().1);
         let entry = only_entry(&cache_dir);
         assert_eq!(std::fs::metadata(&entry).unwrap().mode() & 0o777, 0o600);
-        assert!(cache.load_or_compile(&engine, &wasm(0)).unwrap().1, "warm");
+        let (warm, cached) = cache.load_or_compile(&engine, &wasm(0)).unwrap();
+        assert!(cached, "warm");
+        // Mapped from the entry (its trailer after the object) and whole: the same exports.
+        let fresh = Module::new(&engine, wasm(0)).unwrap();
+        let names = |m: &Module| m.exports().map(|e| e.name().to_owned()).collect::<Vec<_>>();
+        assert_eq!(names(&warm), names(&fresh));
+        drop(warm);
 
         // One byte of the compiled code changed: not loaded; compiled and rewritten.
         let mut bytes = std::fs::read(&entry).unwrap();
