@@ -130,3 +130,22 @@ nginx_http_common() { # $1 = name
     scgi_temp_path $TMP/$1-tmp/scgi;
 EOF
 }
+
+# std_filters : the standard chain as a listener's `filters:` list (YAML, indented 6
+# spaces): telemetry (metrics and tracing; access log off), router (everything to `origin`),
+# fault at 0%, retry. The filters are the `filter` profile's builds.
+std_filters() {
+  local std=$TARGET_DIR/wasm32-wasip1/filter
+  cat <<EOF
+      - { name: telemetry, module: "$std/weft_filter_telemetry.wasm", config: { access_log: false } }
+      - name: router
+        module: "$std/weft_filter_router.wasm"
+        config: { routes: [ { name: origin, match: { path: { prefix: / } }, cluster: origin } ] }
+      - name: fault
+        module: "$std/weft_filter_fault.wasm"
+        config: { default: { delay: { percent: 0, ms: 100 }, abort: { percent: 0 } } }
+      - name: retry
+        module: "$std/weft_filter_retry.wasm"
+        config: { default: { attempts: 2 } }
+EOF
+}

@@ -240,19 +240,7 @@ done)" >"$TMP/weft4.yaml"
 
 # The same proxy with the standard chain: telemetry (metrics and tracing; access log off),
 # router, fault at 0%, retry.
-STD_FILTERS=$(cat <<EOF
-      - { name: telemetry, module: "$STD/weft_filter_telemetry.wasm", config: { access_log: false } }
-      - name: router
-        module: "$STD/weft_filter_router.wasm"
-        config: { routes: [ { name: origin, match: { path: { prefix: / } }, cluster: origin } ] }
-      - name: fault
-        module: "$STD/weft_filter_fault.wasm"
-        config: { default: { delay: { percent: 0, ms: 100 }, abort: { percent: 0 } } }
-      - name: retry
-        module: "$STD/weft_filter_retry.wasm"
-        config: { default: { attempts: 2 } }
-EOF
-)
+STD_FILTERS=$(std_filters)
 weft_config $WEFTSTD_PORT $WEFTSTD_ADMIN_PORT "$STD_FILTERS" $WEFTSTDGRPC_PORT >"$TMP/weftstd.yaml"
 weft_config $WEFTIDLE_PORT $WEFTIDLE_ADMIN_PORT "$STD_FILTERS" >"$TMP/weftidle.yaml"
 
@@ -640,6 +628,22 @@ fmt() { # fmt VALUE PRINTF-FORMAT : "–" for null
 }
 get() { jq -r "$1" "$OUT"; }
 
+# h2_table KEY UNIT : the table of an h2load section of the JSON (.http2 or .grpc_unary).
+h2_table() {
+  local t
+  echo "| target | $2/s | CPU µs/$2 | failed |"
+  echo "|---|---:|---:|---:|"
+  for t in "${H2_TARGETS[@]}"; do
+    printf '| %s | %s | %s | %s |\n' "$t" \
+      "$(fmt "$(get ".$1.results.$t.rps")" '%.0f')" \
+      "$(fmt "$(get ".$1.results.$t.cpu_us_per_req")" '%.1f')" \
+      "$(get ".$1.results.$t.failed")"
+  done
+  for t in weft weftstd; do
+    printf '| **%s ÷ nginx** | %s | %s | |\n' "$t" \
+      "$(fmt "$(get ".$1.${t}_vs_nginx.rps")" '%.2f×')" "$(fmt "$(get ".$1.${t}_vs_nginx.cpu_per_req")" '%.2f×')"
+  done
+}
 echo
 echo "Weft load benchmark: ${DURATION}s runs; max = $MAX_CONNS connections closed loop;" \
   "latency at $RATE req/s open loop over $RATE_CONNS connections. Proxy pinned to core 1," \
@@ -699,34 +703,12 @@ echo "weftstd = Weft with the standard chain: telemetry (metrics, tracing), rout
 echo
 echo "HTTP/2 (h2c): h2load -n $H2_REQUESTS -c 10 -m 100 on core 0; the origin stays HTTP/1.1."
 echo
-echo "| target | req/s | CPU µs/req | failed |"
-echo "|---|---:|---:|---:|"
-for t in "${H2_TARGETS[@]}"; do
-  printf '| %s | %s | %s | %s |\n' "$t" \
-    "$(fmt "$(get ".http2.results.$t.rps")" '%.0f')" \
-    "$(fmt "$(get ".http2.results.$t.cpu_us_per_req")" '%.1f')" \
-    "$(get ".http2.results.$t.failed")"
-done
-printf '| **weft ÷ nginx** | %s | %s | |\n' \
-  "$(fmt "$(get .http2.weft_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .http2.weft_vs_nginx.cpu_per_req)" '%.2f×')"
-printf '| **weftstd ÷ nginx** | %s | %s | |\n' \
-  "$(fmt "$(get .http2.weftstd_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .http2.weftstd_vs_nginx.cpu_per_req)" '%.2f×')"
+h2_table http2 req
 echo
 echo "gRPC unary (h2c both ways): the same h2load run, each request a call with a 32-byte message," \
   "to weft-grpc-origin (echo)."
 echo
-echo "| target | calls/s | CPU µs/call | failed |"
-echo "|---|---:|---:|---:|"
-for t in "${H2_TARGETS[@]}"; do
-  printf '| %s | %s | %s | %s |\n' "$t" \
-    "$(fmt "$(get ".grpc_unary.results.$t.rps")" '%.0f')" \
-    "$(fmt "$(get ".grpc_unary.results.$t.cpu_us_per_req")" '%.1f')" \
-    "$(get ".grpc_unary.results.$t.failed")"
-done
-printf '| **weft ÷ nginx** | %s | %s | |\n' \
-  "$(fmt "$(get .grpc_unary.weft_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .grpc_unary.weft_vs_nginx.cpu_per_req)" '%.2f×')"
-printf '| **weftstd ÷ nginx** | %s | %s | |\n' \
-  "$(fmt "$(get .grpc_unary.weftstd_vs_nginx.rps)" '%.2f×')" "$(fmt "$(get .grpc_unary.weftstd_vs_nginx.cpu_per_req)" '%.2f×')"
+h2_table grpc_unary call
 echo
 echo "Idle RSS: Weft with the standard chain and two workers $(get .idle_rss_kb.weft_standard_chain_two_workers) KiB" \
   "($(get .idle_rss_kb.weft_standard_chain_two_workers_anonymous) KiB of it anonymous; after 20 requests and 3 s of quiet);" \

@@ -37,7 +37,6 @@ command -v perf >/dev/null || {
   log "installing linux-perf"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
 }
-STD=$TARGET_DIR/wasm32-wasip1/filter
 [[ -x $LOAD_BIN && -x $WEFT_BIN ]] || die "release binaries missing: run bash benches/load/run.sh first"
 for p in $ORIGIN_PORT $WEFT_PORT $WEFT_ADMIN_PORT; do
   port_in_use "$p" && die "127.0.0.1:$p is already in use"
@@ -57,21 +56,7 @@ mkdir -p "$TMP/origin-tmp"
 {
   printf 'admin: { address: 127.0.0.1:%s }\nwasm: { cache_dir: "%s/modules" }\n' $WEFT_ADMIN_PORT "$TMP"
   printf 'listeners:\n  - name: bench\n    address: 127.0.0.1:%s\n    default_cluster: origin\n' $WEFT_PORT
-  if [[ $KIND == std ]]; then
-    cat <<EOF
-    filters:
-      - { name: telemetry, module: "$STD/weft_filter_telemetry.wasm", config: { access_log: false } }
-      - name: router
-        module: "$STD/weft_filter_router.wasm"
-        config: { routes: [ { name: origin, match: { path: { prefix: / } }, cluster: origin } ] }
-      - name: fault
-        module: "$STD/weft_filter_fault.wasm"
-        config: { default: { delay: { percent: 0, ms: 100 }, abort: { percent: 0 } } }
-      - name: retry
-        module: "$STD/weft_filter_retry.wasm"
-        config: { default: { attempts: 2 } }
-EOF
-  fi
+  [[ $KIND == std ]] && printf '    filters:\n%s\n' "$(std_filters)"
   printf 'clusters:\n  - name: origin\n    endpoints: [ { address: 127.0.0.1:%s } ]\n' $ORIGIN_PORT
   printf '    limits: { max_connections: 100000, max_pending_requests: 100000, max_requests: 100000 }\n'
 } >"$TMP/weft.yaml"
