@@ -62,6 +62,14 @@ cleanup() {
 }
 
 port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# ports_free PORT... : dies naming the first of these loopback ports something listens on.
+ports_free() {
+  local p
+  for p in "$@"; do
+    port_in_use "$p" && die "127.0.0.1:$p is already in use"
+  done
+  return 0
+}
 
 # start NAME CORE CMD... : runs CMD pinned to CORE in the background; its PID goes to
 # LAST_PID and to PIDS (stopped by the EXIT trap). taskset execs CMD, so the PID is CMD's.

@@ -38,9 +38,7 @@ command -v perf >/dev/null || {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null
 }
 [[ -x $LOAD_BIN && -x $WEFT_BIN ]] || die "release binaries missing: run bash benches/load/run.sh first"
-for p in $ORIGIN_PORT $WEFT_PORT $WEFT_ADMIN_PORT; do
-  port_in_use "$p" && die "127.0.0.1:$p is already in use"
-done
+ports_free $ORIGIN_PORT $WEFT_PORT $WEFT_ADMIN_PORT
 
 TMP=$(mktemp -d /tmp/weft-profile.XXXXXX)
 chmod 755 "$TMP"

@@ -58,9 +58,7 @@ fi
 ROUTER_WASM=$TARGET_DIR/wasm32-wasip1/filter/weft_filter_router.wasm
 [[ -x $LOAD_BIN && -x $WEFT_BIN && -f $ROUTER_WASM ]] ||
   die "release binaries or the router filter missing; run without NO_BUILD=1"
-for p in $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $WEFT_ADMIN_PORT; do
-  port_in_use "$p" && die "127.0.0.1:$p is already in use"
-done
+ports_free $ORIGIN_PORT $WEFT_PORT $NGINX_PORT $WEFT_ADMIN_PORT
 
 TMP=$(mktemp -d /tmp/weft-scale.XXXXXX)
 chmod 755 "$TMP" # nginx workers run as an unprivileged user
