@@ -38,6 +38,7 @@ pub mod registry;
 pub mod service;
 pub mod snapshot;
 pub mod state;
+pub mod stats;
 pub mod store;
 pub mod tls;
 

@@ -616,9 +616,67 @@ impl v1::discovery_server::Discovery for ControlService {
                             count,
                         })
                         .collect(),
+                    filters: p
+                        .filters
+                        .into_iter()
+                        .map(
+                            |(listener, filter, digest, failure_policy)| v1::RunningFilter {
+                                listener,
+                                filter,
+                                digest,
+                                failure_policy,
+                            },
+                        )
+                        .collect(),
+                    spiffe_id: p.identity.clone().map(|i| i.0).unwrap_or_default(),
+                    cert_not_after_unix: p.identity.map_or(0, |i| i.1),
+                    last_report_ms: p.last_report_ms,
                 })
                 .collect(),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl v1::observe_server::Observe for ControlService {
+    async fn stat(
+        &self,
+        request: Request<v1::StatRequest>,
+    ) -> Result<Response<v1::StatResponse>, Status> {
+        let req = request.into_inner();
+        let kind: crate::stats::StatKind = req.kind.parse().map_err(Status::invalid_argument)?;
+        let window = match req.window_seconds {
+            0 => crate::stats::DEFAULT_WINDOW_S,
+            w if w <= (crate::stats::KEEP_MS / 1000) as u32 => w,
+            w => {
+                return Err(Status::invalid_argument(format!(
+                    "window_seconds {w}: at most {}",
+                    crate::stats::KEEP_MS / 1000
+                )));
+            }
+        };
+        let rows = self.state.stats.stat(kind, window, model::now_ms());
+        Ok(Response::new(v1::StatResponse {
+            window_seconds: window,
+            rows: rows.into_iter().map(stat_row_msg).collect(),
+        }))
+    }
+}
+
+fn stat_row_msg(r: crate::stats::Row) -> v1::StatRow {
+    v1::StatRow {
+        service: r.service,
+        route: r.route,
+        source: r.source,
+        proxy: r.proxy,
+        requests: r.requests,
+        failures: r.failures,
+        rps: r.rps,
+        success_rate: r.success_rate,
+        p50_ms: r.p50_ms,
+        p95_ms: r.p95_ms,
+        p99_ms: r.p99_ms,
+        proxies: r.proxies,
     }
 }
 
@@ -680,6 +738,9 @@ async fn serve_proxy(
                         .collect();
                     if m.report {
                         // Not an answer: what the proxy runs is unchanged.
+                        if let Some(report) = m.stats {
+                            record_report(&state, &id, &labels, stream, now, report);
+                        }
                         state.with_proxy(&id, stream, |p| {
                             p.failures = failures;
                             p.last_seen_ms = now;
@@ -716,6 +777,45 @@ async fn serve_proxy(
         p.last_seen_ms = model::now_ms();
     });
     tracing::info!(proxy = %id, "proxy disconnected");
+}
+
+/// Keeps a proxy's traffic report and what it says the proxy runs.
+fn record_report(
+    state: &ControlState,
+    id: &str,
+    labels: &Labels,
+    stream: u64,
+    now: u64,
+    report: v1::ProxyReport,
+) {
+    let traffic = report
+        .traffic
+        .into_iter()
+        .map(|t| crate::stats::Counts {
+            listener: t.listener,
+            direction: t.direction,
+            cluster: t.cluster,
+            route: t.route,
+            requests: t.requests,
+            failures: t.failures,
+            latency: t.latency.into_iter().collect(),
+        })
+        .collect();
+    state
+        .stats
+        .record(id, labels, now, report.interval_ms, traffic);
+    let filters = report
+        .filters
+        .into_iter()
+        .map(|f| (f.listener, f.filter, f.digest, f.failure_policy))
+        .collect();
+    let identity =
+        (!report.spiffe_id.is_empty()).then_some((report.spiffe_id, report.cert_not_after_unix));
+    state.with_proxy(id, stream, |p| {
+        p.filters = filters;
+        p.identity = identity;
+        p.last_report_ms = now;
+    });
 }
 
 /// Checks `authorization: Bearer <token>` on every call when a token is set.
@@ -798,6 +898,10 @@ pub async fn serve(
         ))
         .add_service(v1::identity_server::IdentityServer::with_interceptor(
             identity,
+            auth.clone(),
+        ))
+        .add_service(v1::observe_server::ObserveServer::with_interceptor(
+            svc.clone(),
             auth.clone(),
         ))
         .add_service(v1::discovery_server::DiscoveryServer::with_interceptor(

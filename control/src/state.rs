@@ -81,6 +81,14 @@ pub struct ProxyState {
     pub last_seen_ms: u64,
     /// Filter failures since it applied what it runs: (filter, kind, count).
     pub failures: Vec<(String, String, u64)>,
+    /// Its running chains' filters (from its last report): (listener, filter, module,
+    /// failure policy).
+    pub filters: Vec<(String, String, String, String)>,
+    /// Its mesh identity and when its certificate expires (seconds since the epoch), from
+    /// its last report.
+    pub identity: Option<(String, i64)>,
+    /// When its last traffic report came, ms since the epoch (0: none yet).
+    pub last_report_ms: u64,
 }
 
 struct Config {
@@ -112,6 +120,8 @@ pub struct ControlState {
     /// The last snapshot made for each label set, with the change count it was made at:
     /// proxies with the same labels share one (a thousand of them cost one build).
     snapshots: Mutex<std::collections::HashMap<Labels, (u64, Arc<Snapshot>)>>,
+    /// The proxies' traffic reports (golden metrics).
+    pub stats: crate::stats::MeshStats,
 }
 
 /// Reads again what `changes` says changed in a shared store (another replica wrote it),
@@ -208,6 +218,7 @@ impl ControlState {
             streams: 0.into(),
             module_keys: TrustedKeys::default(),
             dns: Mutex::new(store.dns_answers()?.into_iter().collect()),
+            stats: Default::default(),
             store,
         })
     }

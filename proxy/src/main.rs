@@ -71,6 +71,10 @@ struct Args {
     /// checking each before it runs.
     #[arg(long = "module-trusted-key", value_name = "FILE")]
     module_trusted_keys: Vec<PathBuf>,
+    /// How often, in milliseconds, the proxy reports its traffic (requests, failures,
+    /// latency by listener, cluster and route) and what it runs to the control service.
+    #[arg(long, value_name = "MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    report_interval_ms: u64,
     /// Log filter (`info`, `debug`, `weft_proxy=trace`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -219,5 +223,6 @@ fn control_options(args: &Args, address: &str) -> Result<ControlOptions, String>
         token,
         ca_file,
         signed_modules: !args.module_trusted_keys.is_empty(),
+        report_interval: std::time::Duration::from_millis(args.report_interval_ms),
     })
 }

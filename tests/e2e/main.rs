@@ -18,6 +18,7 @@ mod lb;
 mod limits;
 mod mesh_ca;
 mod mtls;
+mod observe;
 mod outlier;
 mod protocols;
 mod ratelimit;

@@ -330,6 +330,11 @@ pub trait FilterStream: Send {
     }
     /// Tells the stream how the current attempt ended, before its response callbacks.
     fn set_attempt(&mut self, _attempt: Attempt) {}
+    /// The name of the route a router filter matched (its `weft.route` property), for the
+    /// golden metrics.
+    fn route_name(&self) -> Option<&str> {
+        None
+    }
 
     /// Called once when the stream has ended (for logging and cleanup).
     fn finish(&mut self);

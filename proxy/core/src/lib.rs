@@ -25,7 +25,8 @@
 //! - [`upstream`]: clusters, endpoints, limits held by drop guards, balancers, pools,
 //!   connecting, and [`upstream::dispatch`], the one way a request reaches an endpoint;
 //! - [`control`]: following a control service (snapshots, state dir, backoff);
-//! - [`app`]: startup, reload, drain; [`admin`]: the admin endpoint; [`metrics`], [`clock`].
+//! - [`app`]: startup, reload, drain; [`admin`]: the admin endpoint; [`metrics`], [`clock`];
+//!   [`golden`]: the traffic counts reported to the control service.
 //!
 //! Module dependencies point one way (`app` → `downstream` → `http` → `upstream` → `body` →
 //! `filter`); see `docs/ARCHITECTURE.md` for the code map and invariants.
@@ -37,6 +38,7 @@ pub mod clock;
 pub mod control;
 pub mod downstream;
 pub mod filter;
+pub mod golden;
 pub mod http;
 pub mod idle;
 pub mod metrics;

@@ -208,6 +208,7 @@ pub struct Metrics {
     filter_failures: Family<FilterFailureLabels, Counter>,
     filter_defined: Arc<FilterMetricSet>,
     tcp: TcpFamilies,
+    golden: Arc<crate::golden::Golden>,
 }
 
 impl Default for Metrics {
@@ -251,6 +252,7 @@ impl Metrics {
             overflows: Family::default(),
             filter_failures: Family::default(),
             filter_defined: Arc::default(),
+            golden: Arc::default(),
             tcp: TcpFamilies::default(),
         };
         registry.register(
@@ -569,7 +571,13 @@ impl Metrics {
             tunnels_total: self.tunnels_total.get_or_create(&l).clone(),
             requests_active: self.downstream_rq_active.get_or_create(&l).clone(),
             tcp: self.tcp.clone(),
+            golden: self.golden.clone(),
         }
+    }
+
+    /// The golden metrics the control follower reports ([`crate::golden`]).
+    pub fn golden(&self) -> &Arc<crate::golden::Golden> {
+        &self.golden
     }
 
     /// The Prometheus text exposition of every metric.
@@ -827,6 +835,7 @@ pub struct ListenerMetrics {
     /// Answered requests, by listener, cluster and status class.
     requests: Family<RequestLabels, Counter>,
     tcp: TcpFamilies,
+    golden: Arc<crate::golden::Golden>,
 }
 
 /// Pre-resolved metric handles of opaque TCP connections of one listener to one cluster.
@@ -881,6 +890,13 @@ impl ListenerMetrics {
 pub type ResponseCounters = [Counter; 5];
 
 impl ListenerMetrics {
+    /// The golden-metric cells of this listener's requests to `cluster` (`""`: none found),
+    /// for a listener going `direction` (0 unspecified, 1 inbound, 2 outbound). Resolved
+    /// once per cluster and listener state, like [`ListenerMetrics::requests`].
+    pub fn golden(&self, direction: u8, cluster: &str) -> crate::golden::ClusterCells {
+        self.golden.cluster(&self.name, direction, cluster)
+    }
+
     /// The counters of answered requests to `cluster` (`""`: requests no cluster was found
     /// for). Takes the family's lock: resolved once per cluster and listener state, not
     /// per request.

@@ -85,7 +85,7 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
         [b"route_name"] | [b"xds", b"route_name"] => state
             .stream_props
             .as_ref()?
-            .get(b"weft\0route".as_slice())
+            .get(crate::stream::ROUTE_PROPERTY)
             .cloned(),
         [b"node", b"id"] | [b"xds", b"node", b"id"] => text(&NODE.get()?.id),
         [b"node", b"metadata", key] | [b"xds", b"node", b"metadata", key] => {

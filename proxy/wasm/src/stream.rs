@@ -141,6 +141,9 @@ fn overflow_reply(direction: Direction, filter: &str) -> LocalReply {
 /// The stream property that carries a local reply's `response.code_details`.
 pub const CODE_DETAILS: &[u8] = b"weft\0code_details";
 
+/// The stream property a router filter names its matched route in (`weft.route`).
+pub const ROUTE_PROPERTY: &[u8] = b"weft\0route";
+
 /// The reply for a filter's local response (invalid headers dropped).
 fn local_reply(lr: LocalResponse) -> LocalReply {
     let mut headers = HeaderMap::new();
@@ -787,6 +790,11 @@ impl FilterStream for WasmStream {
     fn set_attempt(&mut self, attempt: weft_core::filter::Attempt) {
         self.info.attempt = attempt;
         self.retry = None;
+    }
+
+    fn route_name(&self) -> Option<&str> {
+        let name = self.seen.props.get(ROUTE_PROPERTY)?;
+        std::str::from_utf8(name).ok()
     }
 
     fn on_request_headers(

@@ -352,6 +352,42 @@ impl crate::control::Target for Reloader {
         self.control_status(connected, error)
     }
 
+    fn report(&self) -> crate::control::Report {
+        let digest = |listener: &str, filter: &str| {
+            self.snapshot.as_ref().and_then(|s| {
+                s.chains
+                    .iter()
+                    .filter(|c| c.listener == listener)
+                    .flat_map(|c| &c.filters)
+                    .find(|f| f.name == filter)
+                    .map(|f| f.digest.clone())
+            })
+        };
+        let filters = self
+            .running
+            .listeners
+            .iter()
+            .flat_map(|l| l.filters.iter().map(move |f| (l, f)))
+            .map(|(l, f)| {
+                let policy = serde_json::to_value(f.failure_policy)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
+                let module = digest(&l.name, &f.name)
+                    .unwrap_or_else(|| format!("file:{}", f.module.display()));
+                (l.name.clone(), f.name.clone(), module, policy)
+            })
+            .collect();
+        crate::control::Report {
+            traffic: self.metrics.golden().take(),
+            filters,
+            identity: self
+                .identity
+                .held()
+                .map(|id| (id.id.to_string(), id.leaf.not_after)),
+        }
+    }
+
     fn failures(&self) -> Vec<(String, String, u64)> {
         self.filter_failures()
             .into_iter()

@@ -49,6 +49,21 @@ pub struct ControlOptions {
     /// Whether modules must be signed (the proxy has trusted keys): a module kept without
     /// its signature is fetched again, with it.
     pub signed_modules: bool,
+    /// How often the proxy reports its traffic (golden metrics) and what it runs.
+    pub report_interval: Duration,
+}
+
+/// What a proxy reports every [`ControlOptions::report_interval`] besides its failures.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// The traffic since the last report.
+    pub traffic: Vec<crate::golden::TrafficCounts>,
+    /// The running chains' filters: (listener, filter, module digest or `file:<path>`,
+    /// failure policy).
+    pub filters: Vec<(String, String, String, String)>,
+    /// The mesh identity held, if any: its SPIFFE ID and when its certificate expires
+    /// (seconds since the Unix epoch).
+    pub identity: Option<(String, i64)>,
 }
 
 impl ControlOptions {
@@ -79,10 +94,47 @@ pub trait Target: Send + 'static {
     fn status(&self, connected: bool, error: Option<&str>);
     /// Filter failures since what runs was applied: (filter, kind, count), non-zero only.
     fn failures(&self) -> Vec<(String, String, u64)>;
+    /// The traffic since the last call (taken: counted once) and what runs.
+    fn report(&self) -> Report;
 }
 
 /// How often a proxy looks whether its filters failed since the last report.
 const FAILURE_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// A report as the control API carries it.
+fn report_msg(report: Report, interval: Duration) -> v1::ProxyReport {
+    let (spiffe_id, cert_not_after_unix) = report.identity.unwrap_or_default();
+    v1::ProxyReport {
+        interval_ms: interval.as_millis() as u64,
+        traffic: report
+            .traffic
+            .into_iter()
+            .map(|t| v1::TrafficCounts {
+                listener: t.key.listener,
+                direction: t.key.direction.into(),
+                cluster: t.key.cluster,
+                route: t.key.route,
+                requests: t.requests,
+                failures: t.failures,
+                latency: t.latency.into_iter().collect(),
+            })
+            .collect(),
+        filters: report
+            .filters
+            .into_iter()
+            .map(
+                |(listener, filter, digest, failure_policy)| v1::RunningFilter {
+                    listener,
+                    filter,
+                    digest,
+                    failure_policy,
+                },
+            )
+            .collect(),
+        spiffe_id,
+        cert_not_after_unix,
+    }
+}
 
 /// Failures as the control API carries them.
 fn failures_msg(failures: &[(String, String, u64)]) -> Vec<v1::FilterFailures> {
@@ -158,6 +210,7 @@ async fn session<T: Target>(
         error: String::new(),
         failures: Vec::new(),
         report: false,
+        stats: None,
     };
     tx.send(hello).await.map_err(|_| "stream closed")?;
     let mut snapshots = discovery
@@ -176,9 +229,35 @@ async fn session<T: Target>(
     let mut reported: Vec<(String, String, u64)> = Vec::new();
     let mut report_tick = tokio::time::interval(FAILURE_REPORT_EVERY);
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The traffic report: counts since the last one (the first one, a full interval after
+    // connecting, also carries what was counted while disconnected).
+    let every = opts.report_interval;
+    let mut stats_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_stats = tokio::time::Instant::now();
     loop {
         let retry_at = refused.as_ref().map(|(_, _, at)| *at);
         let msg = tokio::select! {
+            _ = stats_tick.tick() => {
+                let (failures, (version, hash), report) = {
+                    let r = reloader.lock().await;
+                    (r.failures(), r.running(), r.report())
+                };
+                let now = tokio::time::Instant::now();
+                let report = v1::DiscoveryRequest {
+                    node: None,
+                    version,
+                    hash,
+                    error: String::new(),
+                    failures: failures_msg(&failures),
+                    report: true,
+                    stats: Some(report_msg(report, now - last_stats)),
+                };
+                last_stats = now;
+                tx.send(report).await.map_err(|_| "stream closed")?;
+                reported = failures;
+                continue;
+            }
             _ = report_tick.tick() => {
                 let (failures, (version, hash)) = {
                     let r = reloader.lock().await;
@@ -192,6 +271,7 @@ async fn session<T: Target>(
                         error: String::new(),
                         failures: failures_msg(&failures),
                         report: true,
+                        stats: None,
                     };
                     tx.send(report).await.map_err(|_| "stream closed")?;
                     reported = failures;
@@ -248,6 +328,7 @@ async fn session<T: Target>(
             error,
             failures: failures_msg(&failures),
             report: false,
+            stats: None,
         };
         reported = failures;
         tx.send(answer).await.map_err(|_| "stream closed")?;

@@ -70,9 +70,17 @@ pub struct Live {
     /// The default cluster's index; `None`: each request goes to the cluster its authority
     /// names (when no filter chose one).
     pub default_cluster: Option<usize>,
-    /// Answered-request counters by cluster index, made at a cluster's first answer; the
-    /// last one counts requests no cluster was found for.
-    requests: Box<[std::sync::OnceLock<ResponseCounters>]>,
+    /// Answered-request counters and golden-metric cells by cluster index, made at a
+    /// cluster's first answer; the last one counts requests no cluster was found for.
+    requests: Box<[std::sync::OnceLock<Answered>]>,
+}
+
+/// Where a listener counts the answers to one cluster's requests.
+struct Answered {
+    /// Prometheus counters by status class.
+    counters: ResponseCounters,
+    /// The golden metrics the control service gets.
+    golden: crate::golden::ClusterCells,
 }
 
 impl Live {
@@ -103,16 +111,31 @@ impl Live {
         })
     }
 
-    /// Counts an answer to a request for `cluster` (by index; `None`: none was found).
-    fn count_response(&self, metrics: &ListenerMetrics, cluster: Option<usize>, status: u16) {
+    /// Counts an answer (`status` 0: a reset) to a request for `cluster` (by index; `None`:
+    /// none was found) matched by `route`, `latency_ns` after it arrived.
+    fn count_response(
+        &self,
+        ctx: &ListenerCtx,
+        cluster: Option<usize>,
+        route: Option<&str>,
+        status: u16,
+        latency_ns: u64,
+    ) {
         let i = cluster.unwrap_or(self.clusters.list.len());
         let Some(slot) = self.requests.get(i) else {
             return;
         };
-        let counters = slot.get_or_init(|| {
-            metrics.requests(cluster.map_or("", |c| self.clusters.names[c].as_str()))
+        let answered = slot.get_or_init(|| {
+            let name = cluster.map_or("", |c| self.clusters.names[c].as_str());
+            Answered {
+                counters: ctx.metrics.requests(name),
+                golden: ctx.metrics.golden(ctx.direction, name),
+            }
         });
-        crate::metrics::count_response(counters, status);
+        if status != 0 {
+            crate::metrics::count_response(&answered.counters, status);
+        }
+        answered.golden.record(route, status, latency_ns);
     }
 
     /// The cluster `authority` names: a cluster of that exact name, else of its host (the
@@ -250,6 +273,7 @@ pub async fn handle(
     let resp = match ex.run(req).await {
         Ok(resp) => resp,
         Err(Early::Filter { reply, .. }) if reply.reset => {
+            ex.count_response(0);
             // The accounting (and the filters' `on_log`) ends here, with no response.
             drop(ex.take_stream());
             return Err(StreamReset);
@@ -263,11 +287,7 @@ pub async fn handle(
     } else {
         resp
     };
-    ex.live.count_response(
-        &ex.conn.listener.metrics,
-        ex.cluster,
-        resp.status().as_u16(),
-    );
+    ex.count_response(resp.status().as_u16());
     Ok(resp)
 }
 
@@ -309,6 +329,15 @@ impl Exchange {
 
     fn ctx(&self) -> &ListenerCtx {
         &self.conn.listener
+    }
+
+    /// Counts the answer (`status` 0: a reset), with the route a filter matched.
+    fn count_response(&self, status: u16) {
+        let latency = clock::now_ns().saturating_sub(self.t0);
+        let filters = self.filters.as_ref().map(filter::lock);
+        let route = filters.as_ref().and_then(|f| f.route_name());
+        self.live
+            .count_response(self.ctx(), self.cluster, route, status, latency);
     }
 
     /// A clock for one of this stream's bodies under the stream idle timeout, if it is on.

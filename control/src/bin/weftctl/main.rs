@@ -34,6 +34,8 @@ use weft_proto::v1::{
 };
 use weft_proto::v1::{CaStatusRequest, CreateTokenRequest, RotateCaRequest, TrustBundleRequest};
 
+mod observe;
+
 /// Where the control service listens unless `--server` or `WEFT_CONTROL` says otherwise.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
 /// The size of the chunks a module is pushed in.
@@ -98,6 +100,13 @@ enum Command {
     },
     /// Show the config version and what every proxy runs.
     Status,
+    /// Golden metrics over a recent window: requests per second, success rate and latency
+    /// percentiles per service, route, edge (source workload -> destination service) or
+    /// proxy, from the proxies' reports.
+    Stat(observe::StatArgs),
+    /// A live table of the mesh's services, edges and busiest routes, refreshed until
+    /// interrupted.
+    Top(observe::TopArgs),
     /// Follow the rollout of a config version.
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -516,6 +525,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
         Command::Get { what } => get(&server, what, output).await,
+        Command::Stat(args) => observe::stat(&server, args, output).await,
+        Command::Top(args) => observe::top(&server, args).await,
         Command::Status => {
             let status = DiscoveryClient::new(server.connect().await?)
                 .status(StatusRequest {})
@@ -1700,6 +1711,15 @@ fn proxy_views(proxies: &[ProxyStatus]) -> Value {
                     "kind": f.kind,
                     "count": f.count,
                 })).collect::<Vec<_>>(),
+                "filters": p.filters.iter().map(|f| json!({
+                    "listener": f.listener,
+                    "filter": f.filter,
+                    "digest": f.digest,
+                    "failure_policy": f.failure_policy,
+                })).collect::<Vec<_>>(),
+                "spiffe_id": p.spiffe_id,
+                "cert_not_after_unix": p.cert_not_after_unix,
+                "last_report_ms": p.last_report_ms,
             })
         })
         .collect()

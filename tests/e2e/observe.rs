@@ -1,0 +1,234 @@
+//! Seeing the mesh end to end: real `weft-control`, `weftctl` and two `weft-proxy` sidecars
+//! (a caller's outbound, a service's inbound) on loopback, with the standard router pushed
+//! from the control service. The proxies report their traffic; `weftctl stat` and `top`
+//! show the numbers the test sent: requests, failures, latency, per service, route, edge
+//! and proxy.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use weft_tests::*;
+
+use crate::control::{apply, eventually, proxy_status};
+
+/// The service's sidecar: an inbound listener to its local app.
+fn inbound(app: &Upstream) -> String {
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+listeners:
+  - name: inbound
+    address: \"{{listen}}\"
+    direction: inbound
+    default_cluster: local
+clusters:
+  - {{ name: local, endpoints: [ {{ address: \"{}\" }} ] }}
+",
+        app.address()
+    )
+}
+
+/// The caller's sidecar: an outbound listener, the service `api` behind its sidecar.
+fn outbound(api_sidecar: &ProxyProcess) -> String {
+    format!(
+        "admin: {{ address: \"{{admin}}\" }}
+wasm: {{ cache_dir: \"{}\" }}
+listeners:
+  - name: outbound
+    address: \"{{listen}}\"
+    direction: outbound
+clusters:
+  - {{ name: api, endpoints: [ {{ address: \"{}\" }} ] }}
+",
+        shared_module_cache().display(),
+        api_sidecar.addr
+    )
+}
+
+/// The caller's chain: the standard router, with named routes.
+const CHAIN: &str = r#"kind: Chain
+name: web-outbound
+selector: { app: web }
+spec:
+  listener: outbound
+  filters:
+    - name: router
+      module: router
+      config:
+        routes:
+          - { name: slow, match: { path: { prefix: "/delay/" } }, cluster: api }
+          - { name: status, match: { path: { prefix: "/status/" } }, cluster: api }
+"#;
+
+/// `weftctl stat KIND -o json`: its rows.
+fn stat(control: &ControlProcess, kind: &str) -> Vec<Value> {
+    let (code, out, err) = control.weftctl(&["stat", kind, "-o", "json"]);
+    assert_eq!(code, 0, "weftctl stat {kind}: {out}{err}");
+    let v: Value = serde_json::from_str(&out).expect("stat json");
+    v["rows"].as_array().cloned().unwrap_or_default()
+}
+
+fn row<'a>(rows: &'a [Value], key: &[(&str, &str)]) -> &'a Value {
+    rows.iter()
+        .find(|r| key.iter().all(|(k, v)| r[*k] == *v))
+        .unwrap_or_else(|| panic!("no row {key:?} in {rows:#?}"))
+}
+
+fn n(v: &Value, field: &str) -> f64 {
+    v[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} in {v}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weftctl_stat_and_top_show_the_traffic_the_proxies_carried() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let app = Upstream::start("api").await;
+    let report = ["--report-interval-ms".to_owned(), "300".to_owned()];
+    let mut args = control.proxy_args("api-1", &["app=api"], &dir.path().join("api"));
+    args.extend(report.clone());
+    let api = ProxyProcess::start_args(&inbound(&app), 1, &args, free_port(), free_port()).await;
+    let mut args = control.proxy_args("web-1", &["app=web"], &dir.path().join("web"));
+    args.extend(report);
+    let web = ProxyProcess::start_args(&outbound(&api), 1, &args, free_port(), free_port()).await;
+    let router = standard_filter("weft_filter_router");
+    let (code, out, err) = control.weftctl(&[
+        "module",
+        "push",
+        router.to_str().expect("path"),
+        "--name",
+        "router",
+    ]);
+    assert_eq!(code, 0, "push: {out}{err}");
+    apply(&control, CHAIN);
+    let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "rollout: {out}{err}\n{}", web.log());
+
+    // Through the caller's sidecar: 30 slow (30 ms), 30 fine and 20 failing requests.
+    let client = h1_client();
+    let mut sent = 0;
+    for (path, times, want) in [
+        ("/delay/30", 30, 200),
+        ("/status/200", 30, 200),
+        ("/status/503", 20, 503),
+    ] {
+        for _ in 0..times {
+            let got = get(&client, &web.url(path)).await.expect("request");
+            assert_eq!(got.status, want, "{path}: {got:?}");
+            sent += 1;
+        }
+    }
+    // And 10 straight to the service's sidecar, from a caller without one.
+    for _ in 0..10 {
+        let got = get(&client, &api.url("/status/200"))
+            .await
+            .expect("request");
+        assert_eq!(got.status, 200);
+    }
+
+    // The reports come every 300 ms.
+    eventually(
+        "the reports of every request",
+        Duration::from_secs(20),
+        || async {
+            let services = stat(&control, "services");
+            let edges = stat(&control, "edges");
+            services
+                .iter()
+                .any(|r| r["service"] == "api" && r["requests"] == sent + 10)
+                && edges.iter().any(|r| r["requests"] == sent)
+        },
+    )
+    .await;
+
+    // The service, as its own sidecar saw it: every request, whoever sent it.
+    let services = stat(&control, "services");
+    assert_eq!(
+        services.len(),
+        1,
+        "one service carried traffic: {services:#?}"
+    );
+    let api_row = row(&services, &[("service", "api")]);
+    assert_eq!(api_row["failures"], 20, "{api_row}");
+    let success = n(api_row, "success_rate");
+    assert!((success - 70.0 / 90.0).abs() < 1e-9, "{api_row}");
+    assert!(n(api_row, "rps") > 0.0, "{api_row}");
+    // 60 of 90 answer at once, 30 after 30 ms: the median is fast, the tail is not.
+    assert!(n(api_row, "p50_ms") < 20.0, "{api_row}");
+    assert!(n(api_row, "p95_ms") >= 25.0, "{api_row}");
+    assert!(n(api_row, "p99_ms") < 1000.0, "{api_row}");
+
+    // The edge, as the caller's sidecar saw it.
+    let edges = stat(&control, "edges");
+    assert_eq!(edges.len(), 1, "{edges:#?}");
+    let edge = row(&edges, &[("source", "web"), ("destination", "api")]);
+    assert_eq!(edge["failures"], 20, "{edge}");
+    assert!(
+        (n(edge, "success_rate") - 60.0 / 80.0).abs() < 1e-9,
+        "{edge}"
+    );
+
+    // Routes, named by the caller's router.
+    let routes = stat(&control, "routes");
+    let slow = row(&routes, &[("service", "api"), ("route", "slow")]);
+    assert_eq!(
+        (slow["requests"].as_u64(), slow["failures"].as_u64()),
+        (Some(30), Some(0))
+    );
+    assert!(n(slow, "p50_ms") >= 25.0, "{slow}");
+    let status = row(&routes, &[("service", "api"), ("route", "status")]);
+    assert_eq!(
+        (status["requests"].as_u64(), status["failures"].as_u64()),
+        (Some(50), Some(20))
+    );
+    assert!((n(status, "success_rate") - 0.6).abs() < 1e-9, "{status}");
+
+    // Per proxy: each counts what crossed it.
+    let proxies = stat(&control, "proxies");
+    assert_eq!(row(&proxies, &[("proxy", "api-1")])["requests"], sent + 10);
+    assert_eq!(row(&proxies, &[("proxy", "web-1")])["requests"], sent);
+
+    // What each proxy runs, from its reports.
+    let st = proxy_status(&control, "web-1");
+    assert!(st["last_report_ms"].as_u64() > Some(0), "{st}");
+    let filters = st["filters"].as_array().expect("filters");
+    assert_eq!(filters.len(), 1, "{st}");
+    assert_eq!(filters[0]["filter"], "router");
+    assert!(
+        filters[0]["digest"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{st}"
+    );
+
+    // The table: `stat` and one refresh of `top`.
+    let (code, out, err) = control.weftctl(&["stat", "routes"]);
+    assert_eq!(code, 0, "{err}");
+    let header = out.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("SERVICE") && header.contains("P99"),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("api") && l.contains("slow")),
+        "{out}"
+    );
+    let (code, out, err) = control.weftctl(&["top", "--iterations", "1", "--interval", "1"]);
+    assert_eq!(code, 0, "{err}");
+    for needle in ["SERVICES", "EDGES", "ROUTES", "77.78%", "75.00%"] {
+        assert!(out.contains(needle), "`{needle}` in:\n{out}");
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("web") && l.contains("api")),
+        "the edge in:\n{out}"
+    );
+
+    // A kind that is not one is a usage error naming the ones that are.
+    let (code, out, err) = control.weftctl(&["stat", "nodes"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("services"), "{err}");
+    drop(web);
+    drop(api);
+}
