@@ -35,6 +35,7 @@ pub mod manifest;
 pub mod model;
 pub mod module_check;
 pub mod registry;
+pub mod rollout;
 pub mod service;
 pub mod snapshot;
 pub mod state;

@@ -15,6 +15,7 @@ use weft_proto::v1;
 use crate::model::{
     self, ChainSpec, ClusterSpec, FilterConfigSpec, FilterSpec, Kind, Labels, Spec,
 };
+use crate::rollout;
 use crate::snapshot::Snapshot;
 use crate::state::{Change, ControlError, ControlState, MAX_MODULE_BYTES};
 
@@ -39,6 +40,8 @@ fn module_msg(m: model::ModuleRecord) -> v1::Module {
         created_ms: m.created_ms,
         signature: m.signature,
         verified_by: m.verified_by,
+        current: false,
+        chains: Vec::new(),
     }
 }
 
@@ -364,9 +367,33 @@ impl v1::modules_server::Modules for ControlService {
         &self,
         _: Request<v1::ListModulesRequest>,
     ) -> Result<Response<v1::ListModulesResponse>, Status> {
-        Ok(Response::new(v1::ListModulesResponse {
-            modules: self.state.modules().into_iter().map(module_msg).collect(),
-        }))
+        // Which build each name points to, and which chains run which.
+        let mut runs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for r in self.state.resources(Some(Kind::Chain)).0 {
+            if let model::Spec::Chain(c) = &r.spec {
+                for f in &c.filters {
+                    let chains = runs.entry(f.module.clone()).or_default();
+                    if !chains.contains(&r.name) {
+                        chains.push(r.name.clone());
+                    }
+                }
+            }
+        }
+        let modules = self
+            .state
+            .modules()
+            .into_iter()
+            .map(|m| {
+                let current = self.state.resolve_module(&m.name).ok() == Some(m.digest.clone());
+                let chains = runs.remove(&m.digest).unwrap_or_default();
+                v1::Module {
+                    current,
+                    chains,
+                    ..module_msg(m)
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListModulesResponse { modules }))
     }
 
     type FetchStream = BoxStream<v1::ModuleChunk>;
@@ -429,6 +456,17 @@ impl v1::config_server::Config for ControlService {
             .map(resource_from)
             .collect::<Result<Vec<_>, _>>()?;
         let dry_run = req.dry_run;
+        if let Some(r) = resources
+            .iter()
+            .find(|r| self.state.rollouts.moving(r.kind, &r.name))
+        {
+            return Err(Status::failed_precondition(format!(
+                "{} `{}` is being rolled out; wait for the rollout or abort it \
+                 (`weftctl rollout abort`)",
+                r.kind.as_str().to_lowercase(),
+                r.name
+            )));
+        }
         let (version, changes) = self.blocking(move |s| s.apply(resources, dry_run)).await?;
         if !req.dry_run {
             tracing::info!(version, "config applied");
@@ -680,6 +718,127 @@ fn stat_row_msg(r: crate::stats::Row) -> v1::StatRow {
     }
 }
 
+#[tonic::async_trait]
+impl v1::rollouts_server::Rollouts for ControlService {
+    async fn start(
+        &self,
+        request: Request<v1::StartRolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        let req = request.into_inner();
+        let gates = rollout::Gates::new(
+            req.steps,
+            req.interval_ms,
+            req.max_error_rate,
+            req.max_p99_ms,
+            req.min_requests,
+        )
+        .map_err(Status::invalid_argument)?;
+        let target = match (req.module.is_empty(), req.resources.is_empty()) {
+            (false, true) => rollout::Target::Module(req.module),
+            (true, false) => rollout::Target::Resources(
+                req.resources
+                    .into_iter()
+                    .map(resource_from)
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give either resources or a module to roll out",
+                ));
+            }
+        };
+        let now = req.now;
+        let record = self
+            .blocking(move |s| rollout::start(s, target, gates, now))
+            .await?;
+        Ok(Response::new(rollout_msg(record)))
+    }
+
+    async fn get(
+        &self,
+        _: Request<v1::GetRolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        let record = self
+            .state
+            .rollouts
+            .current()
+            .ok_or_else(|| Status::not_found("no rollout has run"))?;
+        Ok(Response::new(rollout_msg(record)))
+    }
+
+    async fn list(
+        &self,
+        _: Request<v1::ListRolloutsRequest>,
+    ) -> Result<Response<v1::ListRolloutsResponse>, Status> {
+        Ok(Response::new(v1::ListRolloutsResponse {
+            rollouts: self
+                .state
+                .rollouts
+                .list()
+                .into_iter()
+                .map(rollout_msg)
+                .collect(),
+        }))
+    }
+
+    async fn abort(
+        &self,
+        request: Request<v1::AbortRolloutRequest>,
+    ) -> Result<Response<v1::Rollout>, Status> {
+        let reason = request.into_inner().reason;
+        let record = self.blocking(move |s| rollout::abort(s, &reason)).await?;
+        Ok(Response::new(rollout_msg(record)))
+    }
+}
+
+fn sample_msg(s: Option<crate::stats::Sample>) -> Option<v1::RolloutSample> {
+    s.map(|s| v1::RolloutSample {
+        error_rate: s.error_rate(),
+        requests: s.requests,
+        failures: s.failures,
+        p99_ms: s.p99_ms,
+    })
+}
+
+fn rollout_msg(r: rollout::Record) -> v1::Rollout {
+    let (module, digest) = r.module.unwrap_or_default();
+    v1::Rollout {
+        id: r.id,
+        state: r.state.as_str().into(),
+        resources: r.resources,
+        module: if module.is_empty() {
+            String::new()
+        } else {
+            format!("{module}@{digest}")
+        },
+        steps: r.gates.steps,
+        step: r.step as u32,
+        proxies: r.proxies as u32,
+        share: r.share,
+        interval_ms: r.gates.interval_ms,
+        max_error_rate: r.gates.max_error_rate,
+        max_p99_ms: r.gates.max_p99_ms,
+        min_requests: r.gates.min_requests,
+        started_ms: r.started_ms,
+        updated_ms: r.updated_ms,
+        step_live_ms: r.step_live_ms,
+        reason: r.reason,
+        decisions: r
+            .decisions
+            .into_iter()
+            .map(|d| v1::RolloutDecision {
+                at_ms: d.at_ms,
+                step_percent: d.step_percent,
+                action: d.action.into(),
+                reason: d.reason,
+                canary: sample_msg(d.canary),
+                baseline: sample_msg(d.baseline),
+            })
+            .collect(),
+        version: r.version,
+    }
+}
+
 /// One proxy's discovery stream: sends its snapshot whenever what it should run changes,
 /// records every ACK and NACK, and marks it disconnected when the stream ends.
 async fn serve_proxy(
@@ -702,7 +861,7 @@ async fn serve_proxy(
         if dirty {
             dirty = false;
             changes.borrow_and_update();
-            let snap = state.snapshot(&labels);
+            let snap = state.snapshot_for(&id, &labels);
             // Runs it already, with nothing else on its way to it.
             if snap.hash == acked_hash && (sent_hash.is_empty() || sent_hash == acked_hash) {
                 state.with_proxy(&id, stream, |p| {
@@ -764,6 +923,7 @@ async fn serve_proxy(
                         state.with_proxy(&id, stream, |p| {
                             p.nack_error = m.error.clone();
                             p.nacked_version = m.version;
+                            p.nacked_hash = m.hash.clone();
                             p.last_seen_ms = now;
                         });
                     }
@@ -870,6 +1030,7 @@ pub async fn serve(
             }
         })
     };
+    let driver = tokio::spawn(rollout::drive(state.clone()));
     let svc = ControlService { state };
     let auth = Auth {
         token: token.map(Into::into),
@@ -898,6 +1059,10 @@ pub async fn serve(
         ))
         .add_service(v1::identity_server::IdentityServer::with_interceptor(
             identity,
+            auth.clone(),
+        ))
+        .add_service(v1::rollouts_server::RolloutsServer::with_interceptor(
+            svc.clone(),
             auth.clone(),
         ))
         .add_service(v1::observe_server::ObserveServer::with_interceptor(
@@ -934,6 +1099,7 @@ pub async fn serve(
         _ = grace => Ok(()),
     };
     expirer.abort();
+    driver.abort();
     result
 }
 

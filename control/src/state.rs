@@ -77,6 +77,8 @@ pub struct ProxyState {
     pub nack_error: String,
     /// The version NACKed.
     pub nacked_version: u64,
+    /// The hash of the snapshot NACKed.
+    pub nacked_hash: String,
     /// Last message, ms since the epoch.
     pub last_seen_ms: u64,
     /// Filter failures since it applied what it runs: (filter, kind, count).
@@ -119,10 +121,19 @@ pub struct ControlState {
     dns: Mutex<BTreeMap<String, Vec<Endpoint>>>,
     /// The last snapshot made for each label set, with the change count it was made at:
     /// proxies with the same labels share one (a thousand of them cost one build).
-    snapshots: Mutex<std::collections::HashMap<Labels, (u64, Arc<Snapshot>)>>,
+    snapshots: Mutex<std::collections::HashMap<SnapshotKey, (u64, Arc<Snapshot>)>>,
     /// The proxies' traffic reports (golden metrics).
     pub stats: crate::stats::MeshStats,
+    /// The rollout running, if any, and those that ran.
+    pub rollouts: crate::rollout::Rollouts,
 }
+
+/// What a cached snapshot was made for: a label set, and the overlay generation (0: none).
+type SnapshotKey = (Labels, u64);
+
+/// Resources that replace (or add to) the stored ones in some proxies' snapshots: a
+/// rollout's new version, with the generation that tells its snapshots apart.
+pub type Overlay = (u64, Arc<BTreeMap<(Kind, String), Resource>>);
 
 /// Reads again what `changes` says changed in a shared store (another replica wrote it),
 /// until the store stops watching. Changes that come while one is read are read together.
@@ -219,6 +230,7 @@ impl ControlState {
             module_keys: TrustedKeys::default(),
             dns: Mutex::new(store.dns_answers()?.into_iter().collect()),
             stats: Default::default(),
+            rollouts: Default::default(),
             store,
         })
     }
@@ -312,6 +324,12 @@ impl ControlState {
 
     fn changed(&self) {
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Tells every proxy stream to look again at what its proxy should run (a rollout's
+    /// share changed).
+    pub fn reconsider(&self) {
+        self.changed();
     }
 
     /// The current config version.
@@ -712,6 +730,63 @@ impl ControlState {
         Ok(Some((next, changes)))
     }
 
+    /// Resources as an apply would store them (module names resolved to digests), checked
+    /// as an apply checks them, with what an apply would change; nothing is stored.
+    pub fn checked(
+        &self,
+        resources: Vec<Resource>,
+    ) -> Result<(Vec<Resource>, Vec<Change>), ControlError> {
+        let (_, changes) = self.apply(resources.clone(), true)?;
+        let modules = lock(&self.modules);
+        let checked = resources
+            .into_iter()
+            .map(|r| Self::check(&modules, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((checked, changes))
+    }
+
+    /// The chains whose filters run an older build of module `name`, with those filters
+    /// moved to the build the name points to now; and that build's digest.
+    pub fn module_candidates(&self, name: &str) -> Result<(String, Vec<Resource>), ControlError> {
+        let (current, older) = {
+            let modules = lock(&self.modules);
+            let current = modules
+                .names
+                .get(name)
+                .cloned()
+                .ok_or_else(|| ControlError::NotFound(format!("module `{name}`")))?;
+            let older: BTreeSet<String> = modules
+                .records
+                .values()
+                .filter(|m| m.name == name && m.digest != current)
+                .map(|m| m.digest.clone())
+                .collect();
+            (current, older)
+        };
+        let mut chains = Vec::new();
+        for mut r in self.resources(Some(Kind::Chain)).0 {
+            let Spec::Chain(c) = &mut r.spec else {
+                continue;
+            };
+            let mut moved = false;
+            for f in &mut c.filters {
+                if older.contains(&f.module) {
+                    f.module = current.clone();
+                    moved = true;
+                }
+            }
+            if moved {
+                chains.push(r);
+            }
+        }
+        if chains.is_empty() {
+            return Err(ControlError::Invalid(format!(
+                "no chain runs an older build of module `{name}` than {current}"
+            )));
+        }
+        Ok((current, chains))
+    }
+
     /// Deletes one resource.
     pub fn delete(&self, kind: Kind, name: &str) -> Result<(u64, Change), ControlError> {
         self.committing(|| self.try_delete(kind, name))
@@ -965,38 +1040,63 @@ impl ControlState {
 
     /// What a proxy with `labels` should run now: made once per label set and change.
     pub fn snapshot(&self, labels: &Labels) -> Arc<Snapshot> {
+        self.snapshot_with(labels, None)
+    }
+
+    /// What proxy `id` with `labels` should run now: with the running rollout's new
+    /// version when the proxy is in its share.
+    pub fn snapshot_for(&self, id: &str, labels: &Labels) -> Arc<Snapshot> {
+        self.snapshot_with(labels, self.rollouts.overlay_for(id).as_ref())
+    }
+
+    /// What a proxy with `labels` should run with `overlay` over the stored resources: made
+    /// once per label set, overlay and change.
+    pub fn snapshot_with(&self, labels: &Labels, overlay: Option<&Overlay>) -> Arc<Snapshot> {
         // The count first: a change made while the snapshot is made bumps it, so the next
         // caller makes it again.
         let seq = *self.changes.borrow();
-        if let Some((at, snap)) = lock(&self.snapshots).get(labels)
+        let key = (labels.clone(), overlay.map_or(0, |o| o.0));
+        if let Some((at, snap)) = lock(&self.snapshots).get(&key)
             && *at == seq
         {
             return snap.clone();
         }
-        let snap = Arc::new(self.make_snapshot(labels));
+        let snap = Arc::new(self.make_snapshot(labels, overlay.map(|o| &*o.1)));
         let mut cache = lock(&self.snapshots);
         if cache.len() >= SNAPSHOT_CACHE {
             cache.clear();
         }
-        match cache.get(labels) {
+        match cache.get(&key) {
             // Another caller made a newer one meanwhile.
             Some((at, _)) if *at > seq => {}
             _ => {
-                cache.insert(labels.clone(), (seq, snap.clone()));
+                cache.insert(key, (seq, snap.clone()));
             }
         }
         snap
     }
 
-    /// Makes what a proxy with `labels` should run now.
-    fn make_snapshot(&self, labels: &Labels) -> Snapshot {
+    /// Makes what a proxy with `labels` should run now, with `overlay` over the stored
+    /// resources.
+    fn make_snapshot(
+        &self,
+        labels: &Labels,
+        overlay: Option<&BTreeMap<(Kind, String), Resource>>,
+    ) -> Snapshot {
         let (mut chains, mut clusters, listeners, scopes, routes, version) = {
             let config = lock(&self.config);
+            let empty = BTreeMap::new();
+            let overlay = overlay.unwrap_or(&empty);
+            let get = |key: &(Kind, String)| overlay.get(key).or_else(|| config.resources.get(key));
             let mut chains = Vec::new();
             let mut clusters = Vec::new();
             let mut listeners = Vec::new();
             let mut scopes = Vec::new();
-            for r in config.resources.values().filter(|r| r.selects(labels)) {
+            // In key order either way, so that equal content makes an equal snapshot.
+            let mut resources: BTreeMap<&(Kind, String), &Resource> =
+                config.resources.iter().collect();
+            resources.extend(overlay.iter());
+            for r in resources.into_values().filter(|r| r.selects(labels)) {
                 match &r.spec {
                     Spec::Chain(c) => chains.push(SnapshotChain {
                         name: r.name.clone(),
@@ -1016,8 +1116,7 @@ impl ControlState {
                                 {
                                     let key =
                                         (Kind::FilterConfig, std::mem::take(&mut f.config_ref));
-                                    if let Some(Spec::FilterConfig(fc)) =
-                                        config.resources.get(&key).map(|r| &r.spec)
+                                    if let Some(Spec::FilterConfig(fc)) = get(&key).map(|r| &r.spec)
                                     {
                                         f.config = fc.config.clone();
                                     }

@@ -177,6 +177,28 @@ impl Acc {
     }
 }
 
+/// The traffic of some proxies over some time, summed (a rollout's canary or baseline).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sample {
+    /// Requests answered.
+    pub requests: u64,
+    /// Failed ones.
+    pub failures: u64,
+    /// The 99th percentile latency, ms (0 without requests).
+    pub p99_ms: f64,
+}
+
+impl Sample {
+    /// failures / requests; 0 without requests.
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            0.0
+        } else {
+            self.failures as f64 / self.requests as f64
+        }
+    }
+}
+
 /// The workload a proxy belongs to: its `app` label, else its id.
 pub fn workload(id: &str, labels: &Labels) -> String {
     labels.get("app").cloned().unwrap_or_else(|| id.to_owned())
@@ -221,6 +243,32 @@ impl MeshStats {
             p.reports.pop_front();
         }
         proxies.retain(|_, p| p.reports.back().is_some_and(|r| r.at_ms >= oldest));
+    }
+
+    /// The traffic of the proxies `ids` reported for time wholly after `since_ms` (a report
+    /// that covers earlier time too is left out: it may count requests of what ran before).
+    pub fn sample(&self, ids: &BTreeSet<String>, since_ms: u64) -> Sample {
+        let proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sample = Sample::default();
+        let mut buckets = vec![0u64; latency::BUCKETS];
+        for id in ids {
+            let Some(p) = proxies.get(id) else { continue };
+            let after = p
+                .reports
+                .iter()
+                .filter(|r| r.at_ms.saturating_sub(r.interval_ms) >= since_ms);
+            for c in after.flat_map(|r| &r.traffic) {
+                sample.requests += c.requests;
+                sample.failures += c.failures;
+                for &(i, n) in &c.latency {
+                    if let Some(b) = buckets.get_mut(i as usize) {
+                        *b += n;
+                    }
+                }
+            }
+        }
+        sample.p99_ms = latency::quantile(&buckets, 0.99).map_or(0.0, |us| us / 1000.0);
+        sample
     }
 
     /// The rows of `kind` over the `window_s` seconds before `now_ms`, sorted.

@@ -24,6 +24,7 @@ mod protocols;
 mod ratelimit;
 mod reload;
 mod retry;
+mod rollout;
 mod router;
 mod services;
 mod tcp;

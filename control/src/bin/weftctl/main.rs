@@ -35,6 +35,7 @@ use weft_proto::v1::{
 use weft_proto::v1::{CaStatusRequest, CreateTokenRequest, RotateCaRequest, TrustBundleRequest};
 
 mod observe;
+mod rollouts;
 
 /// Where the control service listens unless `--server` or `WEFT_CONTROL` says otherwise.
 const DEFAULT_SERVER: &str = "http://127.0.0.1:7070";
@@ -293,7 +294,13 @@ enum ModuleCommand {
 /// `weftctl rollout ...`.
 #[derive(Subcommand, Debug)]
 enum RolloutCommand {
-    /// Wait until every connected proxy (of a selector) runs a config version.
+    /// Move a new version of chains or filter configs (`-f FILE`), or the chains running an
+    /// older build of a module (`module NAME`), onto a growing share of the proxies; each
+    /// step is promoted while the new version's error rate and latency hold against the
+    /// old one's, and rolled back by itself when they do not or a proxy refuses it.
+    Start(rollouts::StartArgs),
+    /// Follow the staged rollout in progress, if any, until it ends; then wait until every
+    /// connected proxy (of a selector) runs a config version.
     Status {
         /// The config version to wait for [default: the current one]
         #[arg(long)]
@@ -304,6 +311,14 @@ enum RolloutCommand {
         /// Seconds to wait before giving up.
         #[arg(long, value_name = "SECS", default_value_t = 60)]
         timeout: u64,
+    },
+    /// The rollouts this control service ran, newest first, with why each ended.
+    History,
+    /// Stop the staged rollout in progress: every proxy goes back to the old version.
+    Abort {
+        /// Why (recorded in the history).
+        #[arg(long, default_value = "")]
+        reason: String,
     },
 }
 
@@ -543,7 +558,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             version,
             selector,
             timeout,
-        }) => rollout_status(&server, version, &selector, timeout).await,
+        }) => {
+            // A staged rollout first (a failed one fails the command), then the version.
+            if version.is_none() && selector.is_empty() {
+                rollouts::follow_running(&server, output).await?;
+            }
+            rollout_status(&server, version, &selector, timeout).await
+        }
+        Command::Rollout(RolloutCommand::Start(args)) => {
+            rollouts::start(&server, args, output).await
+        }
+        Command::Rollout(RolloutCommand::History) => rollouts::history(&server, output).await,
+        Command::Rollout(RolloutCommand::Abort { reason }) => {
+            rollouts::abort(&server, reason, output).await
+        }
         Command::Register(args) => {
             let keep_alive = args.keep_alive;
             let request = RegisterRequest {
@@ -1346,12 +1374,23 @@ fn print_modules(modules: &[Module]) {
                     (key, _) => key.to_owned(),
                 },
                 ago(m.created_ms),
+                if m.current { "*" } else { "" }.to_owned(),
+                or_none(m.chains.join(",")),
             ]
         })
         .collect();
     print_table(
         "modules",
-        ["NAME", "DIGEST", "SIZE", "ABI", "SIGNED BY", "CREATED"],
+        [
+            "NAME",
+            "DIGEST",
+            "SIZE",
+            "ABI",
+            "SIGNED BY",
+            "CREATED",
+            "CURRENT",
+            "CHAINS",
+        ],
         rows,
     );
 }
@@ -1686,6 +1725,8 @@ fn module_view(module: &Module) -> Value {
         "created_ms": module.created_ms,
         "signature": module.signature,
         "verified_by": module.verified_by,
+        "current": module.current,
+        "chains": module.chains,
     })
 }
 
