@@ -25,6 +25,8 @@ command -v musl-gcc >/dev/null || missing+=(musl-tools)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v iptables-restore >/dev/null || missing+=(iptables)
 command -v setpriv >/dev/null || missing+=(util-linux)
+# The dashboard test loads the page in a real headless Chromium.
+command -v chromium >/dev/null || missing+=(chromium)
 # The compose mesh test runs deploy/compose with Docker Compose.
 command -v docker-compose >/dev/null || missing+=(docker-compose)
 # The Kubernetes manifests are validated against the OpenAPI schema with kubernetes-validate.

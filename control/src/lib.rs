@@ -26,6 +26,7 @@
 //! ```
 
 pub mod ca;
+pub mod dashboard;
 pub mod dns;
 pub mod etcd;
 pub mod gateway;

@@ -23,6 +23,11 @@ struct Args {
     /// Address of the gRPC endpoint.
     #[arg(long, default_value = weft_control::service::DEFAULT_LISTEN)]
     listen: std::net::SocketAddr,
+    /// Serve the web dashboard here (`127.0.0.1:7071`): the mesh's topology, golden
+    /// metrics, proxies and rollouts, behind the same bearer token as the API, over TLS
+    /// with `--tls`.
+    #[arg(long, value_name = "ADDR")]
+    dashboard: Option<std::net::SocketAddr>,
     /// A file holding the bearer token every client must present (`authorization: Bearer
     /// <token>`); `WEFT_CONTROL_TOKEN` may give the token itself. Without either, any
     /// client that reaches the address is trusted: keep it on loopback.
@@ -230,6 +235,26 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         tokio::spawn(weft_control::identity::drive_rotation(ca));
         let dns = weft_control::dns::DnsDiscovery::new(&args.dns_servers)?;
         tokio::spawn(dns.run(state.clone()));
+        if let Some(addr) = args.dashboard {
+            if !addr.ip().is_loopback() && tls.is_none() && !args.plaintext {
+                return Err(format!(
+                    "--dashboard {addr} is beyond loopback: serve it with --tls (the bearer \
+                     token travels on it), or say --plaintext"
+                )
+                .into());
+            }
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot listen on {addr} (--dashboard): {e}"))?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!(url = %format!("{scheme}://{}/", listener.local_addr()?), "dashboard ready");
+            tokio::spawn(weft_control::dashboard::serve(
+                state.clone(),
+                listener,
+                tls.clone(),
+                token.clone(),
+            ));
+        }
         weft_control::serve(state, identity, listener, tls, token, shutdown).await?;
         Ok(())
     })

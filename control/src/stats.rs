@@ -274,13 +274,45 @@ impl MeshStats {
     /// The rows of `kind` over the `window_s` seconds before `now_ms`, sorted.
     pub fn stat(&self, kind: StatKind, window_s: u32, now_ms: u64) -> Vec<Row> {
         let since = now_ms.saturating_sub(u64::from(window_s) * 1000);
-        let window_ms = u64::from(window_s) * 1000;
+        self.stat_between(kind, since, now_ms)
+    }
+
+    /// The rows of `kind` for `slots` consecutive slots of `slot_s` seconds ending at
+    /// `now_ms`, oldest first (the dashboard's charts).
+    pub fn series(
+        &self,
+        kind: StatKind,
+        slot_s: u32,
+        slots: u32,
+        now_ms: u64,
+    ) -> Vec<(u64, Vec<Row>)> {
+        let slot = u64::from(slot_s) * 1000;
+        (0..u64::from(slots))
+            .rev()
+            .map(|i| {
+                let until = now_ms.saturating_sub(i * slot);
+                (
+                    until,
+                    self.stat_between(kind, until.saturating_sub(slot), until),
+                )
+            })
+            .collect()
+    }
+
+    /// The rows of `kind` from the reports that came after `since` and by `until` (ms since
+    /// the epoch), sorted.
+    pub fn stat_between(&self, kind: StatKind, since: u64, until: u64) -> Vec<Row> {
+        let window_ms = until.saturating_sub(since);
         let proxies = self.proxies.lock().unwrap_or_else(|p| p.into_inner());
         // Each proxy's counts in the window, summed per (listener, direction, cluster,
         // route), with the span its reports cover (its rate's denominator).
         let mut per_proxy: Vec<(&str, &Labels, f64, Vec<Counts>)> = Vec::new();
         for (id, p) in proxies.iter() {
-            let recent: Vec<&Kept> = p.reports.iter().filter(|r| r.at_ms > since).collect();
+            let recent: Vec<&Kept> = p
+                .reports
+                .iter()
+                .filter(|r| r.at_ms > since && r.at_ms <= until)
+                .collect();
             if recent.is_empty() {
                 continue;
             }

@@ -2,8 +2,10 @@
 //! (a caller's outbound, a service's inbound) on loopback, with the standard router pushed
 //! from the control service. The proxies report their traffic; `weftctl stat` and `top`
 //! show the numbers the test sent: requests, failures, latency, per service, route, edge
-//! and proxy.
+//! and proxy; and so does the web dashboard, loaded in a real headless Chromium (its
+//! screenshot is left in `target/e2e-output/dashboard.png`).
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -82,9 +84,22 @@ fn n(v: &Value, field: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weftctl_stat_and_top_show_the_traffic_the_proxies_carried() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let dashboard = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let dashboard_arg = dashboard.to_string();
+    let control = ControlProcess::start_full(
+        &dir.path().join("data"),
+        free_port(),
+        Some(TOKEN),
+        &["--dashboard", &dashboard_arg],
+    )
+    .await;
     let app = Upstream::start("api").await;
-    let report = ["--report-interval-ms".to_owned(), "300".to_owned()];
+    let report = [
+        "--report-interval-ms".to_owned(),
+        "300".to_owned(),
+        "--control-token-file".to_owned(),
+        token_file(dir.path()),
+    ];
     let mut args = control.proxy_args("api-1", &["app=api"], &dir.path().join("api"));
     args.extend(report.clone());
     let api = ProxyProcess::start_args(&inbound(&app), 1, &args, free_port(), free_port()).await;
@@ -229,6 +244,109 @@ async fn weftctl_stat_and_top_show_the_traffic_the_proxies_carried() {
     let (code, out, err) = control.weftctl(&["stat", "nodes"]);
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("services"), "{err}");
+
+    // The dashboard: its data behind the token, its page in a real browser.
+    let raw = raw_request(
+        dashboard,
+        b"GET /api/overview HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .expect("dashboard");
+    assert_eq!(status_of(&raw), 401, "{raw}");
+    let raw = raw_request(
+        dashboard,
+        format!(
+            "GET /api/overview?window=120 HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {TOKEN}\r\nconnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .expect("dashboard");
+    assert_eq!(status_of(&raw), 200, "{raw}");
+    let url = format!("http://{dashboard}/#token={TOKEN}");
+    let dom = chromium(dir.path(), &["--dump-dom", &url]);
+    let service = tag(&dom, r#"data-service="api""#);
+    assert!(service.contains(r#"data-requests="90""#), "{service}");
+    assert!(service.contains(r#"data-failures="20""#), "{service}");
+    let edge = tag(&dom, r#"data-edge="web-&gt;api""#);
+    assert!(edge.contains(r#"data-requests="80""#), "{edge}");
+    assert!(edge.contains(r#"data-success="0.7500""#), "{edge}");
+    assert!(
+        tag(&dom, r#"data-node="web""#).contains("<g"),
+        "the caller is drawn"
+    );
+    let route = tag(&dom, r#"data-route="api/slow""#);
+    assert!(route.contains(r#"data-requests="30""#), "{route}");
+    let proxy = tag(&dom, r#"data-proxy="web-1""#);
+    assert!(proxy.contains(r#"data-connected="true""#), "{proxy}");
+    assert!(dom.contains("router"), "the running filters are listed");
+    // A page without the token asks for it and shows no data.
+    let dom = chromium(dir.path(), &["--dump-dom", &format!("http://{dashboard}/")]);
+    assert!(!dom.contains("data-service="), "no data without the token");
+    assert!(dom.contains("token needed"), "{dom}");
+    // A screenshot for a person to look at.
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/e2e-output");
+    std::fs::create_dir_all(&out).expect("output dir");
+    let shot = out.join("dashboard.png");
+    let _ = std::fs::remove_file(&shot);
+    chromium(
+        dir.path(),
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1400,2200",
+            &url,
+        ],
+    );
+    let png = std::fs::read(&shot).expect("the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
     drop(web);
     drop(api);
+}
+
+const TOKEN: &str = "observe-token";
+
+/// A file holding [`TOKEN`], for the proxies.
+fn token_file(dir: &std::path::Path) -> String {
+    let path = dir.join("token");
+    std::fs::write(&path, TOKEN).expect("token file");
+    path.display().to_string()
+}
+
+/// Runs headless Chromium with `args` (its page's scripts given five seconds of virtual
+/// time); its stdout.
+fn chromium(dir: &std::path::Path, args: &[&str]) -> String {
+    let profile = tempfile::tempdir_in(dir).expect("profile dir");
+    let out = std::process::Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .args(args)
+        .output()
+        .expect("chromium (the Debian package `chromium`)");
+    assert!(
+        out.status.success(),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The opening tag of the element with `attr` in `dom`.
+fn tag<'a>(dom: &'a str, attr: &str) -> &'a str {
+    let at = dom
+        .find(attr)
+        .unwrap_or_else(|| panic!("no element with {attr} in the page:\n{dom}"));
+    let start = dom[..at].rfind('<').expect("tag start");
+    let end = at + dom[at..].find('>').expect("tag end");
+    &dom[start..=end]
 }
