@@ -45,6 +45,38 @@ fn module_msg(m: model::ModuleRecord) -> v1::Module {
     }
 }
 
+/// The chains that run each module digest.
+fn chains_by_module(state: &ControlState) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut runs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for r in state.resources(Some(Kind::Chain)).0 {
+        if let model::Spec::Chain(c) = &r.spec {
+            for f in &c.filters {
+                let chains = runs.entry(f.module.clone()).or_default();
+                if !chains.contains(&r.name) {
+                    chains.push(r.name.clone());
+                }
+            }
+        }
+    }
+    runs
+}
+
+/// A module with whether its name points to it and the chains that run it (taken from
+/// `runs`).
+fn annotated(
+    state: &ControlState,
+    m: model::ModuleRecord,
+    runs: &mut std::collections::BTreeMap<String, Vec<String>>,
+) -> v1::Module {
+    let current = state.resolve_module(&m.name).ok() == Some(m.digest.clone());
+    let chains = runs.remove(&m.digest).unwrap_or_default();
+    v1::Module {
+        current,
+        chains,
+        ..module_msg(m)
+    }
+}
+
 fn labels(map: std::collections::HashMap<String, String>) -> Labels {
     map.into_iter().collect()
 }
@@ -360,38 +392,20 @@ impl v1::modules_server::Modules for ControlService {
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
         tracing::info!(module = %record.name, digest = %record.digest, size = record.size, "module stored");
-        Ok(Response::new(module_msg(record)))
+        let mut runs = chains_by_module(&self.state);
+        Ok(Response::new(annotated(&self.state, record, &mut runs)))
     }
 
     async fn list(
         &self,
         _: Request<v1::ListModulesRequest>,
     ) -> Result<Response<v1::ListModulesResponse>, Status> {
-        // Which build each name points to, and which chains run which.
-        let mut runs: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-        for r in self.state.resources(Some(Kind::Chain)).0 {
-            if let model::Spec::Chain(c) = &r.spec {
-                for f in &c.filters {
-                    let chains = runs.entry(f.module.clone()).or_default();
-                    if !chains.contains(&r.name) {
-                        chains.push(r.name.clone());
-                    }
-                }
-            }
-        }
+        let mut runs = chains_by_module(&self.state);
         let modules = self
             .state
             .modules()
             .into_iter()
-            .map(|m| {
-                let current = self.state.resolve_module(&m.name).ok() == Some(m.digest.clone());
-                let chains = runs.remove(&m.digest).unwrap_or_default();
-                v1::Module {
-                    current,
-                    chains,
-                    ..module_msg(m)
-                }
-            })
+            .map(|m| annotated(&self.state, m, &mut runs))
             .collect();
         Ok(Response::new(v1::ListModulesResponse { modules }))
     }

@@ -4,16 +4,19 @@
 #
 #   client ─► service1's sidecar (outbound :18001) ═mTLS═► service2-a's sidecar (:18111) ─► service2-a
 #                                                 ╚═mTLS═► service2-b's sidecar (:18112) ─► service2-b
-#   weft-control (:18070, TLS) ─ discovery streams ─► the sidecars
-#                             └ mesh CA: each sidecar's certificate, from a join token
+#   weft-control (:18070, TLS) ─ discovery streams ─► the sidecars (and their traffic reports)
+#                             ├ mesh CA: each sidecar's certificate, from a join token
+#                             └ web dashboard (:18071, TLS)
 #
 # The standard filters (telemetry, router, fault, ratelimit, retry: WASM built from filters/)
 # are pushed with weftctl and applied as service1's chain (examples/demo/mesh.yaml); service2's
 # instances register with the control service, which feeds them to service1's sidecar.
 # Shows weighted balancing (1:3), trace context and request ids, injected faults, a chain
 # swapped live under traffic, a new service joining under traffic, an instance dying without a failed call (retries, outlier
-# ejection, then its registration expiring), labelled metrics, an access log line, and a
-# graceful drain. Sidecars speak mutual TLS with SPIFFE identities issued by weft-control (the
+# ejection, then its registration expiring), the mesh's golden metrics (`weftctl top`, `stat`,
+# the dashboard), a bad filter version rolled back by itself in a staged rollout, labelled
+# metrics, an access log line, and a graceful drain. WEFT_DEMO_KEEP=SECONDS keeps the mesh up
+# (with traffic) that long before the drain, for a look at the dashboard. Sidecars speak mutual TLS with SPIFFE identities issued by weft-control (the
 # mesh CA) from join tokens. Every process it starts is stopped by PID on exit.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -31,6 +34,7 @@ fi
 # Every port the demo uses, in one place (the sidecars' YAML files get theirs from here).
 OUT=18001           # service1's sidecar, outbound: where the client calls
 CONTROL_PORT=18070  # weft-control
+DASHBOARD=18071     # weft-control's web dashboard
 ADMIN1=18090        # service1's sidecar, admin
 APP2A=18101         # service2-a
 APP2B=18102         # service2-b
@@ -40,7 +44,7 @@ IN2A=18111          # service2-a's sidecar, inbound (mTLS)
 IN2B=18112          # service2-b's sidecar, inbound (mTLS)
 ADMIN2A=18191       # service2-a's sidecar, admin
 ADMIN2B=18192       # service2-b's sidecar, admin
-for p in $OUT $CONTROL_PORT $ADMIN1 $APP2A $APP2B $APP3 $APP3V2 $IN2A $IN2B $ADMIN2A $ADMIN2B; do
+for p in $OUT $CONTROL_PORT $DASHBOARD $ADMIN1 $APP2A $APP2B $APP3 $APP3V2 $IN2A $IN2B $ADMIN2A $ADMIN2B; do
   # Something answering there would take the demo's calls: stop before starting anything.
   if (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
     name=$(grep -E "^[A-Z0-9]+=$p " "$0" | sed 's/.*# //')
@@ -81,7 +85,8 @@ listening() {
 export WEFT_CONTROL=https://127.0.0.1:$CONTROL_PORT
 export WEFT_CONTROL_CA=$logs/control-data/ca/bundle.pem
 ctl() { "$bin/weftctl" "$@"; }
-start control "$bin/weft-control" --data-dir "$logs/control-data" --listen 127.0.0.1:$CONTROL_PORT --tls
+start control "$bin/weft-control" --data-dir "$logs/control-data" --listen 127.0.0.1:$CONTROL_PORT --tls \
+  --dashboard 127.0.0.1:$DASHBOARD
 listening control $CONTROL_PORT
 for _ in $(seq 1 100); do ctl module ls >/dev/null 2>&1 && break; sleep 0.1; done
 
@@ -112,13 +117,16 @@ listening service2-b $APP2B
 svc_b_pid=${pids[-1]}
 declare -A sidecar_pid
 start sidecar-2a "$bin/weft-proxy" --config "$logs/service2-a-sidecar.yaml" --workers 1 \
-  --control $WEFT_CONTROL --id service2-a --label app=service2 --state-dir "$logs/sidecar-2a-state"
+  --control $WEFT_CONTROL --id service2-a --label app=service2 --state-dir "$logs/sidecar-2a-state" \
+  --report-interval-ms 1000
 sidecar_pid[sidecar-2a]=${pids[-1]}
 start sidecar-2b "$bin/weft-proxy" --config "$logs/service2-b-sidecar.yaml" --workers 1 \
-  --control $WEFT_CONTROL --id service2-b --label app=service2 --state-dir "$logs/sidecar-2b-state"
+  --control $WEFT_CONTROL --id service2-b --label app=service2 --state-dir "$logs/sidecar-2b-state" \
+  --report-interval-ms 1000
 sidecar_pid[sidecar-2b]=${pids[-1]}
 start sidecar-1 "$bin/weft-proxy" --config "$logs/service1-sidecar.yaml" --workers 2 \
-  --control $WEFT_CONTROL --id service1-0 --label app=service1 --state-dir "$logs/sidecar-1-state"
+  --control $WEFT_CONTROL --id service1-0 --label app=service1 --state-dir "$logs/sidecar-1-state" \
+  --report-interval-ms 1000
 sidecar1_pid=${pids[-1]}
 sidecar_pid[sidecar-1]=$sidecar1_pid
 
@@ -224,6 +232,28 @@ ctl get httproutes
 for _ in $(seq 1 200); do curl -s -H 'host: service3' http://127.0.0.1:$OUT/; done \
   | grep -o '"service":"[^"]*"' | sort | uniq -c
 
+section "4d. the mesh's golden metrics, from the sidecars' reports: weftctl top, weftctl stat, the dashboard"
+sleep 1.5   # the sidecars report every second
+ctl top --iterations 1 --window 60
+ctl stat edges --window 60
+echo "-- the dashboard: https://127.0.0.1:$DASHBOARD/ (its certificate is from the mesh CA: $WEFT_CONTROL_CA)"
+curl -s --cacert "$WEFT_CONTROL_CA" "https://127.0.0.1:$DASHBOARD/api/overview?window=60" \
+  | grep -o '"services":\[{[^}]*}' || true
+
+section "4e. a bad filter version, rolled out in steps, is rolled back by itself"
+echo "-- service2's new inbound chain fails 20% of requests ($here/service2-bad.yaml); steps 50%, 100%; 4 s each; at most +1% errors"
+(for _ in $(seq 1 3000); do [[ -e "$logs/rollout-done" ]] && break; call; done | sort | uniq -c > "$logs/during-rollout.txt") &
+traffic=$!
+if ctl rollout start -f $here/service2-bad.yaml --steps 50,100 --interval 4s --max-error-rate 1% --wait; then
+  echo "demo: the bad version was promoted; logs in $logs" >&2; exit 1
+fi
+touch "$logs/rollout-done"; wait "$traffic"
+echo "-- the calls meanwhile (500s only from the first step's sidecar, until the rollback):"
+cat "$logs/during-rollout.txt"
+ctl rollout history
+sleep 1   # the first step's sidecar swaps back
+echo -n "after the rollback, 100 calls: "; for _ in $(seq 1 100); do call; done | sort | uniq -c | tr '\n' ' '; echo
+
 section "5. service2-b dies: retries keep every call succeeding, outlier detection ejects it, its registration expires"
 kill -TERM "$svc_b_pid"
 { kill -KILL "$register_b_pid"; wait "$register_b_pid"; } 2>/dev/null || true   # its heartbeats stop (no goodbye)
@@ -241,6 +271,12 @@ curl -s http://127.0.0.1:$ADMIN1/stats/prometheus \
 
 section "7. an access log line (telemetry filter, JSON)"
 grep -m1 -o '{"authority".*}' "$logs/sidecar-1.log" || true
+
+if (( ${WEFT_DEMO_KEEP:-0} > 0 )); then
+  section "the mesh stays up for ${WEFT_DEMO_KEEP} s with traffic: https://127.0.0.1:$DASHBOARD/ (CA: $WEFT_CONTROL_CA)"
+  end=$((SECONDS + WEFT_DEMO_KEEP))
+  while (( SECONDS < end )); do call >/dev/null; sleep 0.05; done
+fi
 
 section "8. graceful drain: SIGTERM service1's sidecar"
 kill -TERM "$sidecar1_pid"
