@@ -42,6 +42,7 @@ pub mod snapshot;
 pub mod state;
 pub mod stats;
 pub mod store;
+pub mod tap;
 pub mod tls;
 
 pub use ca::MeshCa;

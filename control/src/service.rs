@@ -636,6 +636,31 @@ impl v1::discovery_server::Discovery for ControlService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
+    type TapsStream = BoxStream<v1::TapCommand>;
+
+    async fn taps(
+        &self,
+        request: Request<Streaming<v1::TapEvent>>,
+    ) -> Result<Response<Self::TapsStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .filter(|m| !m.proxy.is_empty())
+            .ok_or_else(|| Status::invalid_argument("the first message must name the proxy"))?;
+        let id = first.proxy;
+        let (n, commands) = self.state.taps.proxy_connected(&id);
+        let state = self.state.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(event)) = inbound.message().await {
+                state.taps.deliver(event);
+            }
+            state.taps.proxy_gone(&id, n);
+        });
+        let commands = tokio_stream::StreamExt::map(ReceiverStream::new(commands), Ok);
+        Ok(Response::new(Box::pin(commands)))
+    }
+
     async fn status(
         &self,
         _: Request<v1::StatusRequest>,
@@ -689,8 +714,76 @@ impl v1::discovery_server::Discovery for ControlService {
     }
 }
 
+/// A tap call's samples, stopping the tap on the proxies when the call ends.
+struct TapStream {
+    events: ReceiverStream<v1::TapEvent>,
+    _guard: crate::tap::TapGuard,
+}
+
+impl Stream for TapStream {
+    type Item = Result<v1::TapEvent, Status>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        Pin::new(&mut self.events).poll_next(cx).map(|e| e.map(Ok))
+    }
+}
+
+/// The most samples a second a tap may ask of each proxy.
+const TAP_MAX_RPS: u32 = 100;
+
 #[tonic::async_trait]
 impl v1::observe_server::Observe for ControlService {
+    type TapStream = BoxStream<v1::TapEvent>;
+
+    async fn tap(
+        &self,
+        request: Request<v1::TapRequest>,
+    ) -> Result<Response<Self::TapStream>, Status> {
+        let req = request.into_inner();
+        let max_rps = match req.max_rps {
+            0 => 10,
+            n if n <= TAP_MAX_RPS => n,
+            n => {
+                return Err(Status::invalid_argument(format!(
+                    "max_rps {n}: at most {TAP_MAX_RPS} samples a second per proxy"
+                )));
+            }
+        };
+        if req.duration_seconds > 3600 {
+            return Err(Status::invalid_argument("duration_seconds: at most 3600"));
+        }
+        let selector = labels(req.selector);
+        let proxies: Vec<String> = self
+            .state
+            .proxies()
+            .into_iter()
+            .filter(|p| p.connected && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .map(|p| p.id)
+            .collect();
+        let (id, events, on) = self.state.taps.start(&proxies, &req.path_prefix, max_rps);
+        if on.is_empty() {
+            return Err(Status::failed_precondition(
+                "no connected proxy matches the selector (or none takes taps)",
+            ));
+        }
+        tracing::info!(tap = id, proxies = on.len(), "tap started");
+        if req.duration_seconds > 0 {
+            let state = self.state.clone();
+            let after = Duration::from_secs(req.duration_seconds.into());
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                state.taps.stop(id);
+            });
+        }
+        Ok(Response::new(Box::pin(TapStream {
+            events: ReceiverStream::new(events),
+            _guard: crate::tap::TapHub::guard(self.state.clone(), id),
+        })))
+    }
+
     async fn stat(
         &self,
         request: Request<v1::StatRequest>,

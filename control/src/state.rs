@@ -126,6 +126,8 @@ pub struct ControlState {
     pub stats: crate::stats::MeshStats,
     /// The rollout running, if any, and those that ran.
     pub rollouts: crate::rollout::Rollouts,
+    /// The proxies' taps streams and the running tap calls.
+    pub taps: crate::tap::TapHub,
 }
 
 /// What a cached snapshot was made for: a label set, and the overlay generation (0: none).
@@ -231,6 +233,7 @@ impl ControlState {
             dns: Mutex::new(store.dns_answers()?.into_iter().collect()),
             stats: Default::default(),
             rollouts: Default::default(),
+            taps: Default::default(),
             store,
         })
     }

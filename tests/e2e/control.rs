@@ -689,6 +689,15 @@ impl v1::discovery_server::Discovery for Liar {
     ) -> Result<tonic::Response<v1::StatusResponse>, tonic::Status> {
         Err(tonic::Status::unimplemented("liar"))
     }
+
+    type TapsStream = Stream<v1::TapCommand>;
+
+    async fn taps(
+        &self,
+        _: tonic::Request<tonic::Streaming<v1::TapEvent>>,
+    ) -> Result<tonic::Response<Self::TapsStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("liar"))
+    }
 }
 
 #[tonic::async_trait]

@@ -350,3 +350,107 @@ fn tag<'a>(dom: &'a str, attr: &str) -> &'a str {
     let end = at + dom[at..].find('>').expect("tag end");
     &dom[start..=end]
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weftctl_tap_samples_the_selected_proxies_requests_at_the_rate_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let control = ControlProcess::start(&dir.path().join("data")).await;
+    let up = Upstream::start("svc").await;
+    let boot = crate::chain("svc", &[], &[crate::cluster("svc", &[up.address()], "")])
+        .replace("    filters:\n", "");
+    let mut proxies = Vec::new();
+    for app in ["a", "b"] {
+        let args = control.proxy_args(
+            &format!("{app}-1"),
+            &[&format!("app={app}")],
+            &dir.path().join(app),
+        );
+        proxies.push(ProxyProcess::start_args(&boot, 1, &args, free_port(), free_port()).await);
+    }
+    let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Nobody to tap: a clear error.
+    let (code, _, err) = control.weftctl(&["tap", "--selector", "app=nobody"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("no connected proxy matches"), "{err}");
+
+    // Tap a's requests under /tapped, 5 a second, until 8 came.
+    let mut tap = std::process::Command::new(workspace_bin("weftctl"))
+        .args([
+            "--server",
+            &control.url(),
+            "tap",
+            "--selector",
+            "app=a",
+            "--path",
+            "/tapped",
+        ])
+        .args([
+            "--max-rps",
+            "5",
+            "--count",
+            "8",
+            "--duration",
+            "30",
+            "-o",
+            "json",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("weftctl tap");
+    // Traffic to both proxies, tapped paths and others, until the tap has its samples
+    // (bounded: 20 s).
+    let client = h1_client();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while tap.try_wait().expect("wait").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tap got no 8 samples in 20 s"
+        );
+        for (proxy, path) in [
+            (&proxies[0], "/tapped/x?q=1"),
+            (&proxies[0], "/other"),
+            (&proxies[1], "/tapped/y"),
+        ] {
+            let got = get(&client, &proxy.url(path)).await.expect("request");
+            assert_eq!(got.status, 200);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let out = tap.wait_with_output().expect("weftctl tap");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let samples: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(samples.len(), 8, "{stdout}");
+    for s in &samples {
+        assert_eq!(s["proxy"], "a-1", "only the selected proxy: {s}");
+        assert_eq!(s["path"], "/tapped/x?q=1", "only the tapped path: {s}");
+        assert_eq!(
+            (s["method"].as_str(), s["status"].as_u64()),
+            (Some("GET"), Some(200))
+        );
+        assert_eq!(s["destination"], "svc", "{s}");
+        assert!(
+            s["source"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:")),
+            "{s}"
+        );
+        assert!(s["latency_ms"].as_f64() > Some(0.0), "{s}");
+    }
+    // A hundred tapped requests a second, 5 samples a second: the 8 span well over half a
+    // second (a burst of 5, then one every 200 ms).
+    let at: Vec<u64> = samples.iter().filter_map(|s| s["at_ms"].as_u64()).collect();
+    let span = at.iter().max().unwrap() - at.iter().min().unwrap();
+    assert!(
+        span >= 500,
+        "8 samples within {span} ms: the rate limit did not hold"
+    );
+}

@@ -172,6 +172,15 @@ impl v1::discovery_server::Discovery for Server {
     ) -> Result<Response<v1::StatusResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    type TapsStream = Pin<Box<dyn Stream<Item = Result<v1::TapCommand, Status>> + Send>>;
+
+    async fn taps(
+        &self,
+        _: Request<Streaming<v1::TapEvent>>,
+    ) -> Result<Response<Self::TapsStream>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// A running gRPC server on a loopback port.

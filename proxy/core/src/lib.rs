@@ -26,7 +26,8 @@
 //!   connecting, and [`upstream::dispatch`], the one way a request reaches an endpoint;
 //! - [`control`]: following a control service (snapshots, state dir, backoff);
 //! - [`app`]: startup, reload, drain; [`admin`]: the admin endpoint; [`metrics`], [`clock`];
-//!   [`golden`]: the traffic counts reported to the control service.
+//!   [`golden`]: the traffic counts reported to the control service; [`tap`]: live request
+//!   samples for `weftctl tap`.
 //!
 //! Module dependencies point one way (`app` → `downstream` → `http` → `upstream` → `body` →
 //! `filter`); see `docs/ARCHITECTURE.md` for the code map and invariants.
@@ -44,6 +45,7 @@ pub mod idle;
 pub mod metrics;
 pub mod overload;
 pub mod relay;
+pub mod tap;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;

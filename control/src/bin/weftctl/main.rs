@@ -108,6 +108,9 @@ enum Command {
     /// A live table of the mesh's services, edges and busiest routes, refreshed until
     /// interrupted.
     Top(observe::TopArgs),
+    /// A live sample of the requests the selected proxies answer (method, path, status,
+    /// latency, source, destination, route), rate-limited at each proxy, until interrupted.
+    Tap(observe::TapArgs),
     /// Follow the rollout of a config version.
     #[command(subcommand)]
     Rollout(RolloutCommand),
@@ -542,6 +545,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Get { what } => get(&server, what, output).await,
         Command::Stat(args) => observe::stat(&server, args, output).await,
         Command::Top(args) => observe::top(&server, args).await,
+        Command::Tap(args) => observe::tap(&server, args, output).await,
         Command::Status => {
             let status = DiscoveryClient::new(server.connect().await?)
                 .status(StatusRequest {})

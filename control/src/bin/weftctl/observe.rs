@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use weft_proto::v1::observe_client::ObserveClient;
-use weft_proto::v1::{StatRequest, StatRow};
+use weft_proto::v1::{StatRequest, StatRow, TapEvent, TapRequest};
 
 use super::{Output, Rpc, Server, show};
 
@@ -47,6 +47,103 @@ pub struct StatArgs {
     /// The window, in seconds back from now (at most 600).
     #[arg(long, value_name = "SECS", default_value_t = 60)]
     window: u32,
+}
+
+/// `weftctl tap ...`.
+#[derive(clap::Args, Debug)]
+pub struct TapArgs {
+    /// Only proxies with this label, `key=value`; repeat or separate with commas.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = super::parse_label, value_delimiter = ',')]
+    selector: Vec<(String, String)>,
+    /// Only requests whose path starts with this.
+    #[arg(long, default_value = "")]
+    path: String,
+    /// At most this many samples a second from each proxy (1 to 100).
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_rps: u32,
+    /// Stop after this many seconds (0: at Ctrl-C).
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    duration: u32,
+    /// Stop after this many samples (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    count: u64,
+}
+
+/// `weftctl tap`: a line per sampled request (`-o json`: one JSON object per line).
+pub async fn tap(server: &Server, args: TapArgs, output: Output) -> anyhow::Result<()> {
+    let mut stream = ObserveClient::new(server.connect().await?)
+        .tap(TapRequest {
+            selector: args.selector.into_iter().collect(),
+            path_prefix: args.path,
+            max_rps: args.max_rps,
+            duration_seconds: args.duration,
+        })
+        .await
+        .rpc()?;
+    let mut seen = 0u64;
+    loop {
+        let event = tokio::select! {
+            e = stream.message() => e,
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        };
+        let Some(e) = event.map_err(|s| anyhow::anyhow!(super::status_message(&s)))? else {
+            return Ok(());
+        };
+        match output {
+            Output::Table => println!("{}", tap_line(&e)),
+            _ => println!("{}", tap_view(&e)),
+        }
+        seen += 1;
+        if args.count != 0 && seen >= args.count {
+            return Ok(());
+        }
+    }
+}
+
+fn tap_line(e: &TapEvent) -> String {
+    let source = match e.source_identity.as_str() {
+        "" => e.source.clone(),
+        id => format!("{} ({id})", e.source),
+    };
+    let mut line = format!(
+        "{} {} {} {}{} {} {} src={} dst={}",
+        e.proxy,
+        e.listener,
+        e.method,
+        e.authority,
+        e.path,
+        match e.status {
+            0 => "reset".to_owned(),
+            s => s.to_string(),
+        },
+        ms(e.latency_ms),
+        source,
+        match e.destination.as_str() {
+            "" => "-",
+            d => d,
+        },
+    );
+    if !e.route.is_empty() {
+        line.push_str(&format!(" route={}", e.route));
+    }
+    line
+}
+
+fn tap_view(e: &TapEvent) -> Value {
+    json!({
+        "proxy": e.proxy,
+        "at_ms": e.at_ms,
+        "listener": e.listener,
+        "method": e.method,
+        "authority": e.authority,
+        "path": e.path,
+        "status": e.status,
+        "latency_ms": e.latency_ms,
+        "source": e.source,
+        "source_identity": e.source_identity,
+        "destination": e.destination,
+        "route": e.route,
+    })
 }
 
 /// `weftctl top ...`.

@@ -220,6 +220,32 @@ async fn session<T: Target>(
         .into_inner();
     tracing::info!(address, id = %opts.id, "connected to the control service");
     reloader.lock().await.status(true, None);
+    // Live taps, beside: what to sample comes in, samples go out (a service without taps
+    // leaves them off).
+    let (tap_tx, tap_rx) = mpsc::channel(256);
+    let _ = tap_tx
+        .send(v1::TapEvent {
+            proxy: opts.id.clone(),
+            ..Default::default()
+        })
+        .await;
+    let mut tap_commands = match discovery.taps(ReceiverStream::new(tap_rx)).await {
+        Ok(s) => Some(s.into_inner()),
+        Err(s) => {
+            tracing::debug!("no live taps: {}", s.message());
+            None
+        }
+    };
+    let (sample_tx, mut samples) = mpsc::channel::<crate::tap::TapSample>(256);
+    let mut taps: Vec<crate::tap::TapSpec> = Vec::new();
+    // Taps end with the session that carried them.
+    struct EndTaps;
+    impl Drop for EndTaps {
+        fn drop(&mut self) {
+            crate::tap::set(Vec::new(), None);
+        }
+    }
+    let _end_taps = EndTaps;
     let dir = StateDir::new(opts.state_dir.clone());
     // The last refused snapshot, tried again after a growing delay (2 s to 60 s) until a newer
     // one comes: a NACK may have had a passing cause (a fetch cut short, a full disk).
@@ -238,6 +264,30 @@ async fn session<T: Target>(
     loop {
         let retry_at = refused.as_ref().map(|(_, _, at)| *at);
         let msg = tokio::select! {
+            command = next_tap_command(&mut tap_commands) => {
+                match command {
+                    Some(c) if c.stop => taps.retain(|t| t.id != c.tap_id),
+                    Some(c) => {
+                        tracing::info!(tap = c.tap_id, path = %c.path_prefix, max_rps = c.max_rps, "live tap started");
+                        taps.push(crate::tap::TapSpec {
+                            id: c.tap_id,
+                            path_prefix: c.path_prefix,
+                            max_rps: c.max_rps.clamp(1, 100),
+                        });
+                    }
+                    None => {
+                        tap_commands = None;
+                        taps.clear();
+                    }
+                }
+                crate::tap::set(taps.clone(), Some(sample_tx.clone()));
+                continue;
+            }
+            Some(sample) = samples.recv() => {
+                // Behind: drop samples rather than wait (a tap never slows the proxy).
+                let _ = tap_tx.try_send(tap_event(&opts.id, sample));
+                continue;
+            }
             _ = stats_tick.tick() => {
                 let (failures, (version, hash), report) = {
                     let r = reloader.lock().await;
@@ -332,6 +382,35 @@ async fn session<T: Target>(
         };
         reported = failures;
         tx.send(answer).await.map_err(|_| "stream closed")?;
+    }
+}
+
+/// The next command of the taps stream: `None` when it ended; pending forever without one.
+async fn next_tap_command(
+    commands: &mut Option<tonic::Streaming<v1::TapCommand>>,
+) -> Option<v1::TapCommand> {
+    match commands {
+        Some(s) => s.message().await.ok().flatten(),
+        None => std::future::pending().await,
+    }
+}
+
+/// A sample as the control API carries it.
+fn tap_event(proxy: &str, s: crate::tap::TapSample) -> v1::TapEvent {
+    v1::TapEvent {
+        tap_id: s.tap_id,
+        proxy: proxy.to_owned(),
+        at_ms: s.at_ms,
+        listener: s.listener,
+        method: s.method,
+        authority: s.authority,
+        path: s.path,
+        status: s.status.into(),
+        latency_ms: s.latency_ms,
+        source: s.source,
+        source_identity: s.source_identity,
+        destination: s.destination,
+        route: s.route,
     }
 }
 

@@ -255,6 +255,8 @@ pub struct Exchange {
     accepts_trailers: bool,
     /// The last request its connection may carry (`max_requests_per_connection`).
     last: bool,
+    /// What a live tap keeps of the request, when one samples it.
+    tap: Option<Box<crate::tap::Probe>>,
 }
 
 /// A filter reset the stream (`proxy_close_stream`): the connection's server resets it
@@ -324,6 +326,7 @@ impl Exchange {
             cluster,
             filters: None,
             accepts_trailers: version >= Version::HTTP_2,
+            tap: None,
         }
     }
 
@@ -331,13 +334,36 @@ impl Exchange {
         &self.conn.listener
     }
 
-    /// Counts the answer (`status` 0: a reset), with the route a filter matched.
-    fn count_response(&self, status: u16) {
+    /// Counts the answer (`status` 0: a reset), with the route a filter matched; hands it to
+    /// the taps sampling it.
+    fn count_response(&mut self, status: u16) {
         let latency = clock::now_ns().saturating_sub(self.t0);
         let filters = self.filters.as_ref().map(filter::lock);
         let route = filters.as_ref().and_then(|f| f.route_name());
         self.live
             .count_response(self.ctx(), self.cluster, route, status, latency);
+        if let Some(probe) = self.tap.take() {
+            let conn = &self.conn;
+            crate::tap::emit(
+                &probe,
+                crate::tap::Answered {
+                    listener: &conn.listener.name,
+                    status,
+                    latency_ns: latency,
+                    source: conn.peer,
+                    source_identity: conn
+                        .tls
+                        .as_ref()
+                        .and_then(|t| t.peer_id.as_ref())
+                        .map(|id| id.to_string()),
+                    destination: self
+                        .cluster
+                        .and_then(|c| self.live.clusters.names.get(c))
+                        .map_or("", |n| n.as_str()),
+                    route,
+                },
+            );
+        }
     }
 
     /// A clock for one of this stream's bodies under the stream idle timeout, if it is on.
@@ -352,6 +378,7 @@ impl Exchange {
     async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Early> {
         let (mut head, body) = req.into_parts();
         self.admit(&head)?;
+        self.tap = crate::tap::probe(&head);
         self.request_headers(&mut head, body.is_end_stream())
             .await?;
         let body = self.request_body(&mut head, body).await?;
