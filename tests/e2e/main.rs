@@ -19,6 +19,7 @@ mod limits;
 mod mesh_ca;
 mod mtls;
 mod observe;
+mod otlp;
 mod outlier;
 mod protocols;
 mod ratelimit;

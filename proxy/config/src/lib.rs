@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub mod tls;
+pub mod tracing;
 pub use tls::{
     CertificateFiles, ClusterTls, ClusterTlsMode, IdentityConfig, IdentitySource, ListenerTls,
     ListenerTlsMode, SpiffeId,
@@ -46,6 +47,9 @@ pub struct Config {
     /// listeners and clusters use.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityConfig>,
+    /// Exporting the spans of traced requests to an OpenTelemetry collector (OTLP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<tracing::TracingConfig>,
 }
 
 /// Overload protection: the proxy's downstream connections, across listeners, against a
@@ -1162,6 +1166,9 @@ impl Config {
             identity
                 .source()
                 .map_err(|(f, m)| (format!("identity.{f}"), m))?;
+        }
+        if let Some(t) = &self.tracing {
+            t.validate()?;
         }
         let mut service_names = HashSet::new();
         for (i, s) in self.wasm.services.iter().enumerate() {

@@ -27,7 +27,7 @@
 //! - [`control`]: following a control service (snapshots, state dir, backoff);
 //! - [`app`]: startup, reload, drain; [`admin`]: the admin endpoint; [`metrics`], [`clock`];
 //!   [`golden`]: the traffic counts reported to the control service; [`tap`]: live request
-//!   samples for `weftctl tap`.
+//!   samples for `weftctl tap`; [`otlp`]: spans exported to an OpenTelemetry collector.
 //!
 //! Module dependencies point one way (`app` → `downstream` → `http` → `upstream` → `body` →
 //! `filter`); see `docs/ARCHITECTURE.md` for the code map and invariants.
@@ -43,6 +43,7 @@ pub mod golden;
 pub mod http;
 pub mod idle;
 pub mod metrics;
+pub mod otlp;
 pub mod overload;
 pub mod relay;
 pub mod tap;

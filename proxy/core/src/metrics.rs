@@ -198,6 +198,7 @@ pub struct Metrics {
     upstream_resets: Family<ClusterLabels, Counter>,
     upstream_retries: Family<ClusterLabels, Counter>,
     chain_swaps: Counter,
+    otlp: OtlpMetrics,
     overload_shed: Counter,
     overload_level: Gauge,
     chain_swap_failures: Counter,
@@ -243,6 +244,7 @@ impl Metrics {
             upstream_resets: Family::default(),
             upstream_retries: Family::default(),
             chain_swaps: Counter::default(),
+            otlp: OtlpMetrics::default(),
             overload_shed: Counter::default(),
             overload_level: Gauge::default(),
             chain_swap_failures: Counter::default(),
@@ -259,6 +261,21 @@ impl Metrics {
             "requests",
             "Requests answered, by listener, cluster and status class",
             m.requests.clone(),
+        );
+        registry.register(
+            "otlp_spans_exported",
+            "Spans the OTLP collector accepted",
+            m.otlp.exported.clone(),
+        );
+        registry.register(
+            "otlp_spans_dropped",
+            "Spans dropped: the export queue was full, or their export failed or timed out",
+            m.otlp.dropped.clone(),
+        );
+        registry.register(
+            "otlp_export_failures",
+            "OTLP exports that failed or timed out",
+            m.otlp.failures.clone(),
         );
         registry.register(
             "downstream_connections_active",
@@ -575,6 +592,11 @@ impl Metrics {
         }
     }
 
+    /// The counters of span export ([`crate::otlp`]).
+    pub fn otlp(&self) -> OtlpMetrics {
+        self.otlp.clone()
+    }
+
     /// The golden metrics the control follower reports ([`crate::golden`]).
     pub fn golden(&self) -> &Arc<crate::golden::Golden> {
         &self.golden
@@ -760,6 +782,17 @@ impl Collector for FilterMetricSet {
         }
         Ok(())
     }
+}
+
+/// The counters of span export over OTLP.
+#[derive(Clone, Debug, Default)]
+pub struct OtlpMetrics {
+    /// Spans the collector accepted.
+    pub exported: Counter,
+    /// Spans dropped (queue full, export failed or timed out).
+    pub dropped: Counter,
+    /// Exports that failed or timed out.
+    pub failures: Counter,
 }
 
 /// Pre-resolved metric handles of one cluster.

@@ -410,6 +410,24 @@ impl Proxy {
                     },
                 })?);
             }
+            if let Some(tracing_config) = &self.config.tracing {
+                let control = self.options.control.as_ref();
+                let workload = control.and_then(|c| c.labels.get("app").cloned());
+                let resource = crate::otlp::ResourceInfo {
+                    service_name: tracing_config
+                        .service_name
+                        .clone()
+                        .or_else(|| workload.clone())
+                        .unwrap_or_else(|| "weft-proxy".into()),
+                    proxy_id: control.map(|c| c.id.clone()),
+                    workload,
+                };
+                if let Some(exporter) =
+                    crate::otlp::start(tracing_config, resource, state.metrics.otlp())
+                {
+                    tokio::spawn(exporter);
+                }
+            }
             let admin = tokio::spawn(admin::serve(
                 tokio::net::TcpListener::from_std(self.admin)?,
                 state.clone(),

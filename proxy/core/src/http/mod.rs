@@ -257,6 +257,8 @@ pub struct Exchange {
     last: bool,
     /// What a live tap keeps of the request, when one samples it.
     tap: Option<Box<crate::tap::Probe>>,
+    /// What its span keeps, when tracing is on.
+    span: Option<Box<crate::otlp::SpanProbe>>,
 }
 
 /// A filter reset the stream (`proxy_close_stream`): the connection's server resets it
@@ -327,6 +329,7 @@ impl Exchange {
             filters: None,
             accepts_trailers: version >= Version::HTTP_2,
             tap: None,
+            span: None,
         }
     }
 
@@ -342,6 +345,22 @@ impl Exchange {
         let route = filters.as_ref().and_then(|f| f.route_name());
         self.live
             .count_response(self.ctx(), self.cluster, route, status, latency);
+        if let Some(span) = self.span.take() {
+            crate::otlp::end(
+                span,
+                crate::otlp::Answered {
+                    inbound: self.ctx().direction == 1,
+                    listener: &self.conn.listener.name,
+                    cluster: self
+                        .cluster
+                        .and_then(|c| self.live.clusters.names.get(c))
+                        .map_or("", |n| n.as_str()),
+                    route,
+                    status,
+                    peer: self.conn.peer,
+                },
+            );
+        }
         if let Some(probe) = self.tap.take() {
             let conn = &self.conn;
             crate::tap::emit(
@@ -379,8 +398,12 @@ impl Exchange {
         let (mut head, body) = req.into_parts();
         self.admit(&head)?;
         self.tap = crate::tap::probe(&head);
+        self.span = crate::otlp::begin(&head);
         self.request_headers(&mut head, body.is_end_stream())
             .await?;
+        if let Some(span) = &mut self.span {
+            span.filtered(&head);
+        }
         let body = self.request_body(&mut head, body).await?;
         let route = self.route().await;
         let (head, upgrade) = self.upstream_head(head)?;
