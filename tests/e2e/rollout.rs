@@ -2,7 +2,8 @@
 //! processes with traffic through every one. A new filter config that fails 20% of requests
 //! is rolled back by itself within one step, its failures confined to the first step's
 //! proxy; a good chain reaches every proxy and becomes the stored config; a new build pushed
-//! under a module's name rolls out to the chains that use it, staged or at once.
+//! under a module's name rolls out to the chains that use it, staged or at once; a version
+//! the proxies refuse is rolled back at its first NACK.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -319,6 +320,28 @@ async fn a_failing_version_rolls_back_by_itself_and_a_good_one_reaches_every_pro
     let (code, _, err) = control.weftctl(&["rollout", "start", "module", "basic"]);
     assert_eq!(code, 1);
     assert!(err.contains("no chain runs an older build"), "{err}");
+
+    // A version the proxies refuse (the fault filter rejects an unknown field when it
+    // starts): the first NACK rolls it back, and nothing changed for the traffic.
+    let refused = dir.path().join("refused.yaml");
+    std::fs::write(
+        &refused,
+        "kind: FilterConfig\nname: shop-faults\nspec:\n  config: { bogus: 1 }\n",
+    )
+    .expect("write");
+    let (code, out, err) = control.weftctl(&[
+        "rollout",
+        "start",
+        "-f",
+        refused.to_str().expect("path"),
+        "--interval",
+        "30s",
+        "--wait",
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("refused the new version"), "{err}");
+    assert!(err.contains("bogus"), "the proxy's reason is kept: {err}");
+    assert_eq!(greetings(&proxies).await, vec!["v2"; PROXIES]);
 
     let total: u64 = traffic
         .counts()
