@@ -16,10 +16,11 @@
 //! `ceil(p × n / 100)` (at least one) the overlay ([`Rollouts::overlay_for`], read when
 //! their snapshots are made). The step goes live once every connected proxy of the share
 //! ACKed it; after `interval_ms` live, [`decide`] compares the canary's traffic (reports that
-//! cover only time after the step went live) with the baseline's: promote, wait for traffic,
-//! or roll back. A NACK, or a share that does not go live in time, rolls back at once. After
+//! cover only time after the step went live) with the baseline's (at the last step, the
+//! step before's): promote, wait for traffic (for a while), or roll back. A NACK from the
+//! share at any time, or a share that does not go live in time, rolls back at once. After
 //! the last step the overlay is applied as an ordinary config change, so every proxy keeps
-//! running what it runs.
+//! running what it runs (an abort is refused from then on).
 //!
 //! Rollouts live in memory: a restart of the service ends one by rolling it back (the stored
 //! resources are still the old version).
@@ -113,6 +114,11 @@ impl Gates {
     fn live_timeout_ms(&self) -> u64 {
         (2 * self.interval_ms).max(30_000)
     }
+
+    /// How long a live step may wait for `min_requests` before the rollout gives up, ms.
+    pub fn traffic_deadline_ms(&self) -> u64 {
+        (10 * self.interval_ms).max(600_000)
+    }
 }
 
 /// What to do with a step.
@@ -143,6 +149,15 @@ pub fn decide(gates: &Gates, live_ms: u64, canary: &Sample, baseline: &Sample) -
         ));
     }
     if canary.requests < gates.min_requests {
+        if live_ms >= gates.traffic_deadline_ms() {
+            return Verdict::Rollback(format!(
+                "not enough traffic to judge it: the new version answered {} requests in {} s \
+                 (a step needs {})",
+                canary.requests,
+                live_ms / 1000,
+                gates.min_requests
+            ));
+        }
         return Verdict::Wait(format!(
             "waiting for traffic: the new version answered {} of the {} requests a step needs",
             canary.requests, gates.min_requests
@@ -265,6 +280,11 @@ struct Active {
     selected: Vec<String>,
     share: BTreeSet<String>,
     step_started_ms: u64,
+    /// The old version's traffic over the last judged step: what the last step (with no
+    /// proxy left on the old version) is held to.
+    last_baseline: Option<Sample>,
+    /// The last step's promotion is being applied: an abort now would be overtaken by it.
+    promoting: bool,
 }
 
 #[derive(Default)]
@@ -490,6 +510,8 @@ pub fn start(
             selected,
             share,
             step_started_ms: at,
+            last_baseline: None,
+            promoting: false,
         });
     }
     tracing::info!(rollout = %id, proxies = record.proxies, "rollout started");
@@ -507,6 +529,11 @@ fn finish(inner: &mut Inner, record: Record) {
 pub fn abort(state: &ControlState, reason: &str) -> Result<Record, ControlError> {
     let record = {
         let mut inner = state.rollouts.lock();
+        if inner.active.as_ref().is_some_and(|a| a.promoting) {
+            return Err(ControlError::Conflict(
+                "the rollout is being promoted to every proxy; too late to abort".into(),
+            ));
+        }
         let Some(mut active) = inner.active.take() else {
             return Err(ControlError::NotFound("a rollout in progress".into()));
         };
@@ -560,7 +587,7 @@ enum Outcome {
 /// Looks at the running rollout once, at `now`: its step goes live, is judged, moves on,
 /// or rolls back.
 pub fn step(state: &ControlState, now: u64) {
-    let (id, overlay, share, selected, step_live, step_started, gates) = {
+    let (id, overlay, share, selected, step_live, step_started, gates, last_baseline) = {
         let inner = state.rollouts.lock();
         let Some(a) = &inner.active else { return };
         (
@@ -571,39 +598,48 @@ pub fn step(state: &ControlState, now: u64) {
             a.record.step_live_ms,
             a.step_started_ms,
             a.record.gates.clone(),
+            a.last_baseline.clone(),
         )
     };
-    let outcome = if step_live == 0 {
-        // Live once every connected proxy of the share runs the overlay.
-        let proxies = state.proxies();
-        let mut pending = 0;
-        let mut refused = None;
-        for p in proxies
-            .iter()
-            .filter(|p| share.contains(&p.id) && p.connected)
-        {
-            let want = state.snapshot_with(&p.labels, Some(&overlay)).hash.clone();
-            if p.acked_hash == want {
-                continue;
-            }
-            if p.nacked_hash == want && !p.nack_error.is_empty() {
-                refused = Some(format!(
-                    "proxy {} refused the new version: {}",
-                    p.id, p.nack_error
-                ));
-                break;
-            }
+    // Where the share stands, live or not: a proxy of it may NACK at any time (a restart,
+    // a reconnect, another change making its snapshot again).
+    let proxies = state.proxies();
+    let (mut pending, mut running, mut refused) = (0, 0, None);
+    for p in proxies
+        .iter()
+        .filter(|p| share.contains(&p.id) && p.connected)
+    {
+        let want = state.snapshot_with(&p.labels, Some(&overlay)).hash.clone();
+        if p.acked_hash == want {
+            running += 1;
+        } else if p.nacked_hash == want && !p.nack_error.is_empty() {
+            refused = Some(format!(
+                "proxy {} refused the new version: {}",
+                p.id, p.nack_error
+            ));
+            break;
+        } else {
             pending += 1;
         }
-        if let Some(why) = refused {
-            Outcome::Failed(why)
-        } else if pending == 0 {
+    }
+    let outcome = if let Some(why) = refused {
+        Outcome::Failed(why)
+    } else if step_live == 0 {
+        // Live once every connected proxy of the share runs the overlay, and one at least.
+        if pending == 0 && running > 0 {
             Outcome::Live
         } else if now.saturating_sub(step_started) > gates.live_timeout_ms() {
-            Outcome::Failed(format!(
-                "{pending} proxies did not run the new version within {} s",
-                gates.live_timeout_ms() / 1000
-            ))
+            Outcome::Failed(if running + pending == 0 {
+                format!(
+                    "no proxy of the step was connected for {} s",
+                    gates.live_timeout_ms() / 1000
+                )
+            } else {
+                format!(
+                    "{pending} proxies did not run the new version within {} s",
+                    gates.live_timeout_ms() / 1000
+                )
+            })
         } else {
             Outcome::Nothing
         }
@@ -614,7 +650,13 @@ pub fn step(state: &ControlState, now: u64) {
             .cloned()
             .collect();
         let canary = state.stats.sample(&share, step_live);
-        let baseline = state.stats.sample(&others, step_live);
+        // The last step leaves no proxy on the old version: it is held to the old
+        // version's traffic over the step before.
+        let baseline = if others.is_empty() {
+            last_baseline.unwrap_or_default()
+        } else {
+            state.stats.sample(&others, step_live)
+        };
         let verdict = decide(&gates, now.saturating_sub(step_live), &canary, &baseline);
         Outcome::Judged(verdict, canary, baseline)
     };
@@ -623,11 +665,15 @@ pub fn step(state: &ControlState, now: u64) {
     let mut applied = None;
     if let Outcome::Judged(Verdict::Promote(_), ..) = &outcome {
         let last = {
-            let inner = state.rollouts.lock();
-            inner
-                .active
-                .as_ref()
-                .is_some_and(|a| a.record.id == id && a.record.step + 1 == gates.steps.len())
+            let mut inner = state.rollouts.lock();
+            match inner.active.as_mut() {
+                Some(a) if a.record.id == id && a.record.step + 1 == gates.steps.len() => {
+                    // From here an abort is refused: the apply below would overtake it.
+                    a.promoting = true;
+                    true
+                }
+                _ => false,
+            }
         };
         if last {
             let resources: Vec<Resource> = overlay.1.values().cloned().collect();
@@ -670,7 +716,10 @@ pub fn step(state: &ControlState, now: u64) {
                 ended = Some((why, Some(canary), Some(baseline)));
             }
             Outcome::Judged(Verdict::Promote(why), canary, baseline) => match applied {
-                Some(Err(e)) => ended = Some((format!("the promotion failed: {e}"), None, None)),
+                Some(Err(e)) => {
+                    a.promoting = false;
+                    ended = Some((format!("the promotion failed: {e}"), None, None))
+                }
                 Some(Ok(version)) => {
                     r.state = State::Succeeded;
                     r.version = version;
@@ -688,8 +737,13 @@ pub fn step(state: &ControlState, now: u64) {
                 }
                 None => {
                     // The next step: its share joins from the same order.
-                    r.decisions
-                        .push(decision("promote", why, Some(canary), Some(baseline)));
+                    r.decisions.push(decision(
+                        "promote",
+                        why,
+                        Some(canary),
+                        Some(baseline.clone()),
+                    ));
+                    a.last_baseline = Some(baseline);
                     r.step += 1;
                     let next = gates.steps[r.step];
                     let k = share_size(next, a.selected.len());
@@ -771,6 +825,17 @@ mod tests {
         assert!(
             matches!(&quiet, Verdict::Wait(w) if w.contains("19 of the 20")),
             "{quiet:?}"
+        );
+        // Not forever: past the traffic deadline a quiet step is rolled back.
+        let late = decide(
+            &g,
+            g.traffic_deadline_ms(),
+            &sample(3, 0, 1.0),
+            &sample(0, 0, 0.0),
+        );
+        assert!(
+            matches!(&late, Verdict::Rollback(w) if w.contains("not enough traffic")),
+            "{late:?}"
         );
     }
 

@@ -540,6 +540,14 @@ impl v1::config_server::Config for ControlService {
                 req.kind
             ))
         })?;
+        if self.state.rollouts.moving(kind, &req.name) {
+            return Err(Status::failed_precondition(format!(
+                "{} `{}` is being rolled out; wait for the rollout or abort it \
+                 (`weftctl rollout abort`)",
+                kind.as_str().to_lowercase(),
+                req.name
+            )));
+        }
         let name = req.name.clone();
         let (version, change) = self.blocking(move |s| s.delete(kind, &name)).await?;
         Ok(Response::new(v1::ApplyResponse {
@@ -652,7 +660,9 @@ impl v1::discovery_server::Discovery for ControlService {
         let (n, commands) = self.state.taps.proxy_connected(&id);
         let state = self.state.clone();
         tokio::spawn(async move {
-            while let Ok(Some(event)) = inbound.message().await {
+            while let Ok(Some(mut event)) = inbound.message().await {
+                // The stream's proxy, whatever the event says.
+                event.proxy.clone_from(&id);
                 state.taps.deliver(event);
             }
             state.taps.proxy_gone(&id, n);
@@ -1013,6 +1023,9 @@ async fn serve_proxy(
                         });
                     } else if m.error.is_empty() {
                         acked_hash = m.hash.clone();
+                        // A refusal stands until the proxy runs something else: what it
+                        // refused may be offered again later (a rollout started again).
+                        nacked_hash.clear();
                         state.with_proxy(&id, stream, |p| {
                             p.acked_version = m.version;
                             p.acked_hash = m.hash.clone();

@@ -126,6 +126,8 @@ struct ProxyTraffic {
 #[derive(Default)]
 pub struct MeshStats {
     proxies: Mutex<HashMap<String, ProxyTraffic>>,
+    /// The minute proxies without recent reports were last dropped in.
+    pruned_minute: std::sync::atomic::AtomicU64,
 }
 
 /// A row being summed.
@@ -194,7 +196,7 @@ impl Sample {
         if self.requests == 0 {
             0.0
         } else {
-            self.failures as f64 / self.requests as f64
+            self.failures.min(self.requests) as f64 / self.requests as f64
         }
     }
 }
@@ -242,7 +244,15 @@ impl MeshStats {
         while p.reports.front().is_some_and(|r| r.at_ms < oldest) {
             p.reports.pop_front();
         }
-        proxies.retain(|_, p| p.reports.back().is_some_and(|r| r.at_ms >= oldest));
+        // Proxies gone quiet, dropped once a minute (not at every report).
+        let minute = at_ms / 60_000;
+        if self
+            .pruned_minute
+            .swap(minute, std::sync::atomic::Ordering::Relaxed)
+            != minute
+        {
+            proxies.retain(|_, p| p.reports.back().is_some_and(|r| r.at_ms >= oldest));
+        }
     }
 
     /// The traffic of the proxies `ids` reported for time wholly after `since_ms` (a report

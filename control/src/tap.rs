@@ -50,7 +50,8 @@ impl TapHub {
     /// Registers proxy `id`'s taps stream: the commands for it come out of the receiver.
     /// Returns the stream's number, for [`TapHub::proxy_gone`].
     pub fn proxy_connected(&self, id: &str) -> (u64, mpsc::Receiver<TapCommand>) {
-        let (tx, rx) = mpsc::channel(16);
+        // Room for every start and stop a busy operator makes between two reads.
+        let (tx, rx) = mpsc::channel(256);
         let mut inner = self.lock();
         inner.next += 1;
         let n = inner.next;
@@ -66,9 +67,12 @@ impl TapHub {
         }
     }
 
-    /// A sample from a proxy, to its tap's caller (dropped when it is behind or gone).
+    /// A sample from a proxy, to its tap's caller (dropped when it is behind or gone, or
+    /// when the tap does not run on that proxy).
     pub fn deliver(&self, event: TapEvent) {
-        if let Some((sink, _)) = self.lock().taps.get(&event.tap_id) {
+        if let Some((sink, on)) = self.lock().taps.get(&event.tap_id)
+            && on.contains(&event.proxy)
+        {
             let _ = sink.try_send(event);
         }
     }

@@ -128,7 +128,11 @@ function drawProxies(data) {
       const behind = p.synced_version < p.latest_version;
       const state = p.nack_error ? el("span", { class: "bad" }, "NACK: " + p.nack_error) : behind ? el("span", { class: "warn" }, "syncing") : el("span", { class: "ok" }, "ACK");
       const filters = p.filters.map((f) => el("div", {}, `${f.listener}/${f.filter} `, el("code", { title: f.digest }, f.digest.slice(0, 19)), f.failure_policy === "fail_open" ? " (fail open)" : ""));
-      const failures = p.failures.length ? p.failures.map((f) => el("div", { class: "bad" }, `${f.filter}: ${f.count} ${f.kind}`)) : "none";
+      // A fail-open filter's failures were skipped (the request went on without it); a
+      // fail-closed one's were answered with an error.
+      const policy = Object.fromEntries(p.filters.map((f) => [f.filter, f.failure_policy]));
+      const failures = p.failures.length ? p.failures.map((f) => el("div", { class: "bad", "data-failures": f.filter },
+        `${f.filter}: ${f.count} ${f.kind}${policy[f.filter] === "fail_open" ? " (fail open: skipped)" : ""}`)) : "none";
       const cert = p.spiffe_id ? `${p.spiffe_id} (expires in ${Math.round((p.cert_not_after_unix * 1000 - data.now_ms) / 60000)} min)` : "–";
       return el("tr", { "data-proxy": p.id, "data-connected": p.connected },
         el("td", {}, p.id), el("td", {}, labels),

@@ -66,14 +66,13 @@ impl Cell {
         self.latency[latency::bucket(latency_ns / 1_000)].fetch_add(1, Relaxed);
     }
 
-    /// The counts since the last take, zeroing them; `None` when there were none.
+    /// The counts since the last take, zeroing them; `None` when there were none. Every
+    /// field is taken (a request counted during the take may show in this one or the next,
+    /// but its fields are never split across a dropped cell).
     fn take(&self) -> Option<TrafficCounts> {
         let requests = self.requests.swap(0, Relaxed);
-        if requests == 0 {
-            return None;
-        }
         let failures = self.failures.swap(0, Relaxed);
-        let latency = self
+        let latency: Vec<(u32, u64)> = self
             .latency
             .iter()
             .enumerate()
@@ -82,6 +81,9 @@ impl Cell {
                 n => Some((i as u32, n)),
             })
             .collect();
+        if requests == 0 && failures == 0 && latency.is_empty() {
+            return None;
+        }
         Some(TrafficCounts {
             key: self.key.clone(),
             requests,
@@ -95,6 +97,10 @@ impl Cell {
 #[derive(Default)]
 pub struct Golden {
     cells: Mutex<Vec<Arc<Cell>>>,
+    /// Someone drains the cells (a control follower). Until then, cells nothing else holds
+    /// are dropped as new ones come (a proxy without a control service, reloaded a thousand
+    /// times, keeps only the cells of what runs).
+    drained: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Golden {
@@ -107,10 +113,11 @@ impl std::fmt::Debug for Golden {
 impl Golden {
     fn cell(&self, key: TrafficKey) -> Arc<Cell> {
         let cell = Arc::new(Cell::new(key));
-        self.cells
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(cell.clone());
+        let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.drained.load(Relaxed) {
+            cells.retain(|c| Arc::strong_count(c) > 1);
+        }
+        cells.push(cell.clone());
         cell
     }
 
@@ -135,6 +142,7 @@ impl Golden {
     /// again for a new listener state count under the same key), sorted by key. Cells
     /// nothing else holds any more are dropped once drained.
     pub fn take(&self) -> Vec<TrafficCounts> {
+        self.drained.store(true, Relaxed);
         let mut cells = self.cells.lock().unwrap_or_else(|p| p.into_inner());
         // Cells only this registry holds: their listener state is gone, so nothing counts
         // into them any more; drained below for the last time.
@@ -164,8 +172,16 @@ impl Golden {
     }
 }
 
+/// Route names counted apart per cluster and listener state; later ones count as
+/// [`OTHER_ROUTES`] (a filter names routes: it must not make the proxy's memory or its
+/// reports grow without bound).
+pub const MAX_ROUTES: usize = 256;
+
+/// The route of requests past [`MAX_ROUTES`] names.
+pub const OTHER_ROUTES: &str = "[other]";
+
 /// The cells of one listener's requests to one cluster: one for requests no route named,
-/// one per route name, made at the route's first request.
+/// one per route name (up to [`MAX_ROUTES`]), made at the route's first request.
 pub struct ClusterCells {
     unrouted: Arc<Cell>,
     routes: RwLock<HashMap<Box<str>, Arc<Cell>>>,
@@ -192,6 +208,11 @@ impl ClusterCells {
             Some(cell) => cell,
             None => {
                 let mut routes = self.routes.write().unwrap_or_else(|p| p.into_inner());
+                let route = if routes.len() >= MAX_ROUTES && !routes.contains_key(route) {
+                    OTHER_ROUTES
+                } else {
+                    route
+                };
                 routes
                     .entry(route.into())
                     .or_insert_with(|| {
@@ -238,6 +259,34 @@ mod tests {
         assert!(golden.take().is_empty());
         a.record(Some("api"), 200, 1_000);
         assert_eq!(golden.take()[0].requests, 1);
+    }
+
+    #[test]
+    fn route_names_past_the_cap_count_together() {
+        let golden = Arc::new(Golden::default());
+        let cells = golden.cluster("outbound", 2, "svc");
+        for i in 0..MAX_ROUTES + 50 {
+            cells.record(Some(&format!("r{i}")), 200, 1_000);
+        }
+        let took = golden.take();
+        assert_eq!(
+            took.len(),
+            MAX_ROUTES + 1,
+            "every name up to the cap, and [other]"
+        );
+        let other = took.iter().find(|t| t.key.route == OTHER_ROUTES).unwrap();
+        assert_eq!(other.requests, 50);
+    }
+
+    #[test]
+    fn without_anyone_draining_cells_of_states_gone_do_not_pile_up() {
+        let golden = Arc::new(Golden::default());
+        for _ in 0..1000 {
+            // A reload: a new listener state, its cells made at its first request.
+            let cells = golden.cluster("ingress", 0, "svc");
+            cells.record(None, 200, 1_000);
+        }
+        assert!(golden.cells.lock().unwrap().len() <= 1);
     }
 
     #[test]

@@ -154,10 +154,13 @@ pub async fn follow<T: Target>(opts: ControlOptions, reloader: Arc<Mutex<T>>) {
     // The address of the next session: after a session ends, the next replica's, at once;
     // after every replica failed in a row, the first again after a backoff.
     let mut at = 0;
+    // When the traffic counts were last taken: a report covers the time since, across
+    // sessions (the first report after a reconnect carries what was counted meanwhile).
+    let mut last_take = tokio::time::Instant::now();
     loop {
         let started = Instant::now();
         let address = &opts.addresses[at];
-        let error = match session(&opts, address, &reloader).await {
+        let error = match session(&opts, address, &reloader, &mut last_take).await {
             Ok(()) => format!("control service {address} closed the discovery stream"),
             Err(e) => format!("control service {address}: {e}"),
         };
@@ -186,6 +189,7 @@ async fn session<T: Target>(
     opts: &ControlOptions,
     address: &str,
     reloader: &Arc<Mutex<T>>,
+    last_take: &mut tokio::time::Instant,
 ) -> Result<(), String> {
     let bearer = weft_client::Bearer::new(opts.token.as_deref())?;
     let endpoint = weft_client::endpoint_trusting(
@@ -255,12 +259,11 @@ async fn session<T: Target>(
     let mut reported: Vec<(String, String, u64)> = Vec::new();
     let mut report_tick = tokio::time::interval(FAILURE_REPORT_EVERY);
     report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    // The traffic report: counts since the last one (the first one, a full interval after
-    // connecting, also carries what was counted while disconnected).
+    // The traffic report: counts since the last take (the first one, a full interval after
+    // connecting, also carries what was counted while disconnected, and says so).
     let every = opts.report_interval;
     let mut stats_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     stats_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_stats = tokio::time::Instant::now();
     loop {
         let retry_at = refused.as_ref().map(|(_, _, at)| *at);
         let msg = tokio::select! {
@@ -301,9 +304,9 @@ async fn session<T: Target>(
                     error: String::new(),
                     failures: failures_msg(&failures),
                     report: true,
-                    stats: Some(report_msg(report, now - last_stats)),
+                    stats: Some(report_msg(report, now - *last_take)),
                 };
-                last_stats = now;
+                *last_take = now;
                 tx.send(report).await.map_err(|_| "stream closed")?;
                 reported = failures;
                 continue;
