@@ -19,8 +19,9 @@ const SINK: usize = 1024;
 struct Inner {
     /// Each proxy's command stream, with the number of the stream (a reconnect replaces it).
     proxies: HashMap<String, (u64, mpsc::Sender<TapCommand>)>,
-    /// Each running tap: where its samples go, and the proxies it runs on.
-    taps: HashMap<u64, (mpsc::Sender<TapEvent>, Vec<String>)>,
+    /// Each running tap: where its samples go, the proxies it runs on, and what it asks
+    /// of them (its start command).
+    taps: HashMap<u64, (mpsc::Sender<TapEvent>, Vec<String>, TapCommand)>,
     next: u64,
 }
 
@@ -47,12 +48,18 @@ impl TapHub {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers proxy `id`'s taps stream: the commands for it come out of the receiver.
+    /// Registers proxy `id`'s taps stream: the commands for it come out of the receiver,
+    /// starting with the taps that run on it (a proxy reconnecting picks them up again).
     /// Returns the stream's number, for [`TapHub::proxy_gone`].
     pub fn proxy_connected(&self, id: &str) -> (u64, mpsc::Receiver<TapCommand>) {
         // Room for every start and stop a busy operator makes between two reads.
         let (tx, rx) = mpsc::channel(256);
         let mut inner = self.lock();
+        for (_, on, start) in inner.taps.values() {
+            if on.iter().any(|p| p == id) {
+                let _ = tx.try_send(start.clone());
+            }
+        }
         inner.next += 1;
         let n = inner.next;
         inner.proxies.insert(id.to_owned(), (n, tx));
@@ -70,7 +77,7 @@ impl TapHub {
     /// A sample from a proxy, to its tap's caller (dropped when it is behind or gone, or
     /// when the tap does not run on that proxy).
     pub fn deliver(&self, event: TapEvent) {
-        if let Some((sink, on)) = self.lock().taps.get(&event.tap_id)
+        if let Some((sink, on, _)) = self.lock().taps.get(&event.tap_id)
             && on.contains(&event.proxy)
         {
             let _ = sink.try_send(event);
@@ -89,22 +96,22 @@ impl TapHub {
         let mut inner = self.lock();
         inner.next += 1;
         let id = inner.next;
+        let start = TapCommand {
+            tap_id: id,
+            path_prefix: path_prefix.to_owned(),
+            max_rps,
+            stop: false,
+        };
         let mut on = Vec::new();
         for p in proxies {
-            if let Some((_, commands)) = inner.proxies.get(p) {
-                let sent = commands.try_send(TapCommand {
-                    tap_id: id,
-                    path_prefix: path_prefix.to_owned(),
-                    max_rps,
-                    stop: false,
-                });
-                if sent.is_ok() {
-                    on.push(p.clone());
-                }
+            if let Some((_, commands)) = inner.proxies.get(p)
+                && commands.try_send(start.clone()).is_ok()
+            {
+                on.push(p.clone());
             }
         }
         if !on.is_empty() {
-            inner.taps.insert(id, (tx, on.clone()));
+            inner.taps.insert(id, (tx, on.clone(), start));
         }
         (id, rx, on)
     }
@@ -112,7 +119,7 @@ impl TapHub {
     /// Stops tap `id` on its proxies; its caller's stream ends.
     pub fn stop(&self, id: u64) {
         let mut inner = self.lock();
-        let Some((_, on)) = inner.taps.remove(&id) else {
+        let Some((_, on, _)) = inner.taps.remove(&id) else {
             return;
         };
         for p in on {
@@ -129,5 +136,42 @@ impl TapHub {
     /// The guard that stops tap `id` when its call ends.
     pub fn guard(state: Arc<crate::state::ControlState>, id: u64) -> TapGuard {
         TapGuard { hub: state, id }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_reaches_only_its_proxies_and_follows_one_that_reconnects() {
+        let hub = TapHub::default();
+        let (_, mut a) = hub.proxy_connected("a");
+        let (_, mut b) = hub.proxy_connected("b");
+        let (id, mut samples, on) = hub.start(&["a".into()], "/x", 5);
+        assert_eq!(on, ["a"]);
+        assert_eq!(a.try_recv().expect("a start").path_prefix, "/x");
+        assert!(b.try_recv().is_err(), "b is not tapped");
+        // Samples count only from the proxies the tap runs on.
+        for proxy in ["a", "b"] {
+            hub.deliver(TapEvent {
+                tap_id: id,
+                proxy: proxy.into(),
+                ..Default::default()
+            });
+        }
+        assert_eq!(samples.try_recv().expect("a sample").proxy, "a");
+        assert!(samples.try_recv().is_err(), "not b's");
+        // a reconnects: its new stream starts with the tap.
+        let (n, mut again) = hub.proxy_connected("a");
+        assert_eq!(again.try_recv().expect("the tap again").tap_id, id);
+        // The call ends: a is told to stop, and the caller's stream ends.
+        hub.stop(id);
+        assert!(again.try_recv().expect("stop").stop);
+        hub.proxy_gone("a", n);
+        assert!(matches!(
+            samples.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        ));
     }
 }
