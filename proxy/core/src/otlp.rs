@@ -124,17 +124,7 @@ fn unix_ns() -> u64 {
 #[inline]
 pub fn begin(head: &http::request::Parts) -> Option<Box<SpanProbe>> {
     TRACER.get()?;
-    let authority = head
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            head.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let authority = crate::http::headers::request_authority(head).to_owned();
     Some(Box::new(SpanProbe {
         start_unix_ns: unix_ns(),
         incoming: TraceParent::of(head),

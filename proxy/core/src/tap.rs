@@ -139,17 +139,7 @@ pub fn probe(head: &http::request::Parts) -> Option<Box<Probe>> {
     if taps.is_empty() {
         return None;
     }
-    let authority = head
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            head.headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
-        .unwrap_or_default();
+    let authority = crate::http::headers::request_authority(head).to_owned();
     Some(Box::new(Probe {
         taps,
         at_ms: std::time::SystemTime::now()

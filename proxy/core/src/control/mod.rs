@@ -101,6 +101,25 @@ pub trait Target: Send + 'static {
 /// How often a proxy looks whether its filters failed since the last report.
 const FAILURE_REPORT_EVERY: Duration = Duration::from_secs(1);
 
+/// A status report (not an answer to a snapshot): what runs, its filter failures, and the
+/// traffic report when one is due.
+fn status_report(
+    version: u64,
+    hash: String,
+    failures: &[(String, String, u64)],
+    stats: Option<v1::ProxyReport>,
+) -> v1::DiscoveryRequest {
+    v1::DiscoveryRequest {
+        node: None,
+        version,
+        hash,
+        error: String::new(),
+        failures: failures_msg(failures),
+        report: true,
+        stats,
+    }
+}
+
 /// A report as the control API carries it.
 fn report_msg(report: Report, interval: Duration) -> v1::ProxyReport {
     let (spiffe_id, cert_not_after_unix) = report.identity.unwrap_or_default();
@@ -297,17 +316,11 @@ async fn session<T: Target>(
                     (r.failures(), r.running(), r.report())
                 };
                 let now = tokio::time::Instant::now();
-                let report = v1::DiscoveryRequest {
-                    node: None,
-                    version,
-                    hash,
-                    error: String::new(),
-                    failures: failures_msg(&failures),
-                    report: true,
-                    stats: Some(report_msg(report, now - *last_take)),
-                };
+                let stats = report_msg(report, now - *last_take);
                 *last_take = now;
-                tx.send(report).await.map_err(|_| "stream closed")?;
+                tx.send(status_report(version, hash, &failures, Some(stats)))
+                    .await
+                    .map_err(|_| "stream closed")?;
                 reported = failures;
                 continue;
             }
@@ -317,16 +330,9 @@ async fn session<T: Target>(
                     (r.failures(), r.running())
                 };
                 if failures != reported {
-                    let report = v1::DiscoveryRequest {
-                        node: None,
-                        version,
-                        hash,
-                        error: String::new(),
-                        failures: failures_msg(&failures),
-                        report: true,
-                        stats: None,
-                    };
-                    tx.send(report).await.map_err(|_| "stream closed")?;
+                    tx.send(status_report(version, hash, &failures, None))
+                        .await
+                        .map_err(|_| "stream closed")?;
                     reported = failures;
                 }
                 continue;

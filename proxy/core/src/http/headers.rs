@@ -105,6 +105,16 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     id
 }
 
+/// The authority a request names: its URI's (HTTP/2, absolute form), else its `host`
+/// header; empty when neither.
+pub fn request_authority(head: &http::request::Parts) -> &str {
+    head.uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| head.headers.get(http::header::HOST)?.to_str().ok())
+        .unwrap_or("")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

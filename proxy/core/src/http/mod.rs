@@ -521,12 +521,7 @@ impl Exchange {
         if self.cluster.is_some() {
             return Ok(());
         }
-        let authority = head
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| head.headers.get(header::HOST)?.to_str().ok())
-            .unwrap_or("");
+        let authority = headers::request_authority(head);
         match self.live.cluster_for_authority(authority) {
             Some(c) => {
                 self.cluster = Some(c);
