@@ -14,7 +14,7 @@ use weft_tests::*;
 use crate::reload::{Traffic, greeting};
 
 /// A proxy bootstrap: listener `ingress` to cluster `svc` over `endpoints`, no filters.
-fn bootstrap(endpoints: &[String]) -> String {
+pub(crate) fn bootstrap(endpoints: &[String]) -> String {
     crate::chain("svc", &[], &[crate::cluster("svc", endpoints, "")]).replace("    filters:\n", "")
 }
 

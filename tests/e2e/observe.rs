@@ -356,8 +356,7 @@ async fn weftctl_tap_samples_the_selected_proxies_requests_at_the_rate_asked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let control = ControlProcess::start(&dir.path().join("data")).await;
     let up = Upstream::start("svc").await;
-    let boot = crate::chain("svc", &[], &[crate::cluster("svc", &[up.address()], "")])
-        .replace("    filters:\n", "");
+    let boot = crate::control::bootstrap(&[up.address()]);
     let mut proxies = Vec::new();
     for app in ["a", "b"] {
         let args = control.proxy_args(

@@ -136,8 +136,7 @@ async fn a_failing_version_rolls_back_by_itself_and_a_good_one_reaches_every_pro
     let dir = tempfile::tempdir().expect("tempdir");
     let control = ControlProcess::start(&dir.path().join("data")).await;
     let up = Upstream::start("svc").await;
-    let boot = crate::chain("svc", &[], &[crate::cluster("svc", &[up.address()], "")])
-        .replace("    filters:\n", "");
+    let boot = crate::control::bootstrap(&[up.address()]);
     let mut proxies = Vec::new();
     for i in 0..PROXIES {
         let id = format!("shop-{i}");
