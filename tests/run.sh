@@ -51,8 +51,8 @@ cargo build --locked --release --target wasm32-wasip1 \
 # The container images, FROM scratch (tests/e2e/images.rs runs them).
 command -v docker >/dev/null || { echo "tests: needs a Docker engine (the image tests)" >&2; exit 1; }
 bash deploy/images/build.sh
-# The standard filters (filters/), as they ship.
-cargo build --locked --profile filter --target wasm32-wasip1 -p weft-filter-router -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit -p weft-filter-authz
+# The standard filters (filters/), as they ship, and the SDK's example filter.
+cargo build --locked --profile filter --target wasm32-wasip1 -p weft-filter-router -p weft-filter-retry -p weft-filter-fault -p weft-filter-telemetry -p weft-filter-ratelimit -p weft-filter-authz -p filter-template
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --locked --workspace --no-fail-fast

@@ -3,8 +3,9 @@
 //! is not UTF-8): every status maps to a `Result`, every text is read lossily. wasm32 only.
 //!
 //! Memory the host hands back was allocated through the module's
-//! `proxy_on_memory_allocate` (exported by the `proxy-wasm` crate, a `Vec` leaked with
-//! capacity = length), so it is taken back with `Vec::from_raw_parts`, as that crate does.
+//! `proxy_on_memory_allocate` ([`crate::wasm::proxy_on_memory_allocate`], a boxed slice of
+//! exactly the size asked), so it is taken back with `Vec::from_raw_parts` (capacity =
+//! length).
 #![allow(unsafe_code)]
 
 use std::ptr::null_mut;
@@ -106,6 +107,18 @@ unsafe extern "C" {
         value_len: usize,
         cas: u32,
     ) -> u32;
+    fn proxy_http_call(
+        upstream_ptr: *const u8,
+        upstream_len: usize,
+        headers_ptr: *const u8,
+        headers_len: usize,
+        body_ptr: *const u8,
+        body_len: usize,
+        trailers_ptr: *const u8,
+        trailers_len: usize,
+        timeout_ms: u32,
+        ret_token: *mut u32,
+    ) -> u32;
 }
 
 /// A status as a `Result` (0 is OK); a status this SDK has no name for is an internal
@@ -119,6 +132,12 @@ fn check(status: u32) -> Result<(), Status> {
         Some(S::CasMismatch) => Err(Status::CasMismatch),
         _ => Err(Status::InternalFailure),
     }
+}
+
+/// Bytes the host returned as text: moved, not copied, when they are UTF-8 (they nearly
+/// always are); lossily otherwise.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
 }
 
 /// Takes ownership of bytes the host returned (null: none).
@@ -201,7 +220,7 @@ pub fn map_value(map: u32, key: &str) -> Result<Option<String>, Status> {
     let r =
         returned(|p, l| unsafe { proxy_get_header_map_value(map, key.as_ptr(), key.len(), p, l) });
     match r {
-        Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
+        Ok(b) => Ok(Some(text(b))),
         Err(Status::NotFound) => Ok(None),
         Err(e) => Err(e),
     }
@@ -228,16 +247,41 @@ pub fn add_map_value(map: u32, key: &str, value: &str) -> Result<(), Status> {
     })
 }
 
-/// A property path as the ABI takes it: segments separated by NUL.
-fn property_path(path: &[&str]) -> Vec<u8> {
-    path.join("\0").into_bytes()
+/// Calls `f` with a property path as the ABI takes it (segments separated by NUL), built
+/// on the stack when it fits (every path the standard filters read does).
+fn with_property_path<T>(path: &[&str], f: impl FnOnce(&[u8]) -> T) -> T {
+    let len = path
+        .iter()
+        .map(|s| s.len() + 1)
+        .sum::<usize>()
+        .saturating_sub(1);
+    let mut stack = [0u8; 64];
+    let mut heap = Vec::new();
+    let buf: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    let mut at = 0;
+    for (i, segment) in path.iter().enumerate() {
+        if i > 0 {
+            buf[at] = 0;
+            at += 1;
+        }
+        buf[at..at + segment.len()].copy_from_slice(segment.as_bytes());
+        at += segment.len();
+    }
+    f(buf)
 }
 
 /// `proxy_get_property`: `Ok(None)` when absent.
 pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
-    let p = property_path(path);
-    // SAFETY: `p` is alive for the call; the return places are valid.
-    match returned(|rp, rl| unsafe { proxy_get_property(p.as_ptr(), p.len(), rp, rl) }) {
+    let r = with_property_path(path, |p| {
+        // SAFETY: `p` is alive for the call; the return places are valid.
+        returned(|rp, rl| unsafe { proxy_get_property(p.as_ptr(), p.len(), rp, rl) })
+    });
+    match r {
         Ok(b) => Ok(Some(b)),
         Err(Status::NotFound) => Ok(None),
         Err(e) => Err(e),
@@ -246,9 +290,38 @@ pub fn property(path: &[&str]) -> Result<Option<Vec<u8>>, Status> {
 
 /// `proxy_set_property`.
 pub fn set_property(path: &[&str], value: &[u8]) -> Result<(), Status> {
-    let p = property_path(path);
-    // SAFETY: `p` and `value` are alive for the call.
-    check(unsafe { proxy_set_property(p.as_ptr(), p.len(), value.as_ptr(), value.len()) })
+    with_property_path(path, |p| {
+        // SAFETY: `p` and `value` are alive for the call.
+        check(unsafe { proxy_set_property(p.as_ptr(), p.len(), value.as_ptr(), value.len()) })
+    })
+}
+
+/// `proxy_http_call` with no trailers: the callout's token.
+pub fn http_call(
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout_ms: u32,
+) -> Result<u32, Status> {
+    let h = serialize_map(headers);
+    let body = body.unwrap_or_default();
+    let mut token = 0u32;
+    // SAFETY: every pointer describes a buffer alive for the call; `token` is valid.
+    check(unsafe {
+        proxy_http_call(
+            cluster.as_ptr(),
+            cluster.len(),
+            h.as_ptr(),
+            h.len(),
+            body.as_ptr(),
+            body.len(),
+            std::ptr::null(),
+            0,
+            timeout_ms,
+            &mut token,
+        )
+    })?;
+    Ok(token)
 }
 
 /// `proxy_send_local_response`.

@@ -164,12 +164,9 @@ pub trait Filter: Sized + 'static {
 macro_rules! export_filter {
     ($filter:ty) => {
         #[cfg(target_arch = "wasm32")]
+        #[allow(unsafe_code)]
         const _: () = {
-            #[allow(unsafe_code)]
-            #[unsafe(no_mangle)]
-            pub extern "C" fn _initialize() {
-                $crate::wasm::install::<$filter>();
-            }
+            $crate::__weft_exports!($filter);
         };
     };
 }

@@ -27,6 +27,7 @@ mod reload;
 mod retry;
 mod rollout;
 mod router;
+mod sdk;
 mod services;
 mod tcp;
 mod telemetry;

@@ -41,6 +41,35 @@ pub struct Config {
     /// Metric handles by label set, defined once per instance.
     #[serde(skip)]
     series: RefCell<HashMap<String, Series>>,
+    /// The label values of the last stream counted and their handles: a stream like the
+    /// one before (the common case) skips building the label set and looking it up.
+    #[serde(skip)]
+    last: RefCell<Option<LastSeries>>,
+}
+
+/// The series the last stream was counted in, by the values its labels came from.
+#[derive(Debug)]
+struct LastSeries {
+    route: String,
+    cluster: String,
+    method: String,
+    class: &'static str,
+    series: Series,
+}
+
+/// Appends `v` as 16 lowercase hex digits.
+fn push_hex(out: &mut String, v: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..16).rev() {
+        out.push(char::from(DIGITS[(v >> (shift * 4) & 0xf) as usize]));
+    }
+}
+
+/// `v` as 16 lowercase hex digits.
+fn hex(v: u64) -> String {
+    let mut s = String::with_capacity(16);
+    push_hex(&mut s, v);
+    s
 }
 
 fn yes() -> bool {
@@ -84,8 +113,14 @@ pub struct TraceParent {
 impl TraceParent {
     /// Parses `00-<trace id>-<span id>-<flags>`; all-zero ids are invalid.
     pub fn parse(v: &str) -> Option<TraceParent> {
-        let parts: Vec<&str> = v.trim().split('-').collect();
-        let [version, trace, span, flags] = parts.as_slice() else {
+        let mut parts = v.trim().split('-');
+        let (Some(version), Some(trace), Some(span), Some(flags), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
             return None;
         };
         let hex = |s: &str, n: usize| {
@@ -93,22 +128,28 @@ impl TraceParent {
                 && s.bytes()
                     .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         };
-        if *version != "00" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
+        if version != "00" || !hex(trace, 32) || !hex(span, 16) || !hex(flags, 2) {
             return None;
         }
         if trace.bytes().all(|b| b == b'0') || span.bytes().all(|b| b == b'0') {
             return None;
         }
         Some(TraceParent {
-            trace_id: (*trace).to_owned(),
-            span_id: (*span).to_owned(),
-            flags: (*flags).to_owned(),
+            trace_id: trace.to_owned(),
+            span_id: span.to_owned(),
+            flags: flags.to_owned(),
         })
     }
 
     /// The header value.
     pub fn header(&self) -> String {
-        format!("00-{}-{}-{}", self.trace_id, self.span_id, self.flags)
+        let mut h = String::with_capacity(
+            3 + self.trace_id.len() + 1 + self.span_id.len() + 1 + self.flags.len(),
+        );
+        for part in ["00-", &self.trace_id, "-", &self.span_id, "-", &self.flags] {
+            h.push_str(part);
+        }
+        h
     }
 }
 
@@ -146,6 +187,38 @@ fn label(v: &str) -> String {
         .collect()
 }
 
+impl Telemetry {
+    /// The handles of the series with these label values, defined on first use.
+    fn series(
+        &self,
+        cx: &mut Ctx<'_>,
+        route: &str,
+        cluster: &str,
+        method: &str,
+        class: &str,
+    ) -> Series {
+        let labels = format!(
+            r#"{{route="{}",cluster="{}",method="{method}",status_class="{class}"}}"#,
+            label(route),
+            label(cluster),
+        );
+        if let Some(handles) = self.config.series.borrow().get(&labels) {
+            return *handles;
+        }
+        let handles = (
+            cx.counter(&format!("requests{labels}")),
+            cx.histogram(&format!("request_duration_ms{labels}")),
+        );
+        let mut series = self.config.series.borrow_mut();
+        // Label sets come from config (routes, clusters) and a few methods and classes; the
+        // cap guards against unbounded methods.
+        if series.len() < 10_000 {
+            series.insert(labels, handles);
+        }
+        handles
+    }
+}
+
 impl Filter for Telemetry {
     type Config = Config;
 
@@ -164,18 +237,18 @@ impl Filter for Telemetry {
         let incoming = cx
             .request_header("traceparent")
             .and_then(|v| TraceParent::parse(&v));
-        let span_id = format!("{:016x}", self.config.random(cx) | 1);
+        let span_id = hex(self.config.random(cx) | 1);
         let next = match incoming {
             Some(parent) => {
                 self.parent_span = parent.span_id.clone();
                 TraceParent { span_id, ..parent }
             }
             None => TraceParent {
-                trace_id: format!(
-                    "{:016x}{:016x}",
-                    self.config.random(cx),
-                    self.config.random(cx) | 1
-                ),
+                trace_id: {
+                    let mut t = hex(self.config.random(cx));
+                    push_hex(&mut t, self.config.random(cx) | 1);
+                    t
+                },
                 span_id,
                 flags: "01".into(),
             },
@@ -196,28 +269,26 @@ impl Filter for Telemetry {
         let cluster = cx.property(&["xds", "cluster_name"]).unwrap_or_default();
         let method = cx.property(&["request", "method"]).unwrap_or_default();
         if self.config.metrics {
-            let labels = format!(
-                r#"{{route="{}",cluster="{}",method="{}",status_class="{}"}}"#,
-                label(&route),
-                label(&cluster),
-                method_label(&method),
-                class(status)
-            );
-            let cached = self.config.series.borrow().get(&labels).copied();
-            let (count, duration) = match cached {
-                Some(handles) => handles,
+            let (method_l, class_l) = (method_label(&method), class(status));
+            let hit = self.config.last.borrow().as_ref().and_then(|l| {
+                (l.route == route
+                    && l.cluster == cluster
+                    && l.method == method_l
+                    && l.class == class_l)
+                    .then_some(l.series)
+            });
+            let (count, duration) = match hit {
+                Some(series) => series,
                 None => {
-                    let handles = (
-                        cx.counter(&format!("requests{labels}")),
-                        cx.histogram(&format!("request_duration_ms{labels}")),
-                    );
-                    let mut series = self.config.series.borrow_mut();
-                    // Label sets come from config (routes, clusters) and a few methods and
-                    // classes; the cap guards against unbounded methods.
-                    if series.len() < 10_000 {
-                        series.insert(labels, handles);
-                    }
-                    handles
+                    let series = self.series(cx, &route, &cluster, method_l, class_l);
+                    *self.config.last.borrow_mut() = Some(LastSeries {
+                        route: route.clone(),
+                        cluster: cluster.clone(),
+                        method: method_l.to_owned(),
+                        class: class_l,
+                        series,
+                    });
+                    series
                 }
             };
             if let Some(m) = count {
@@ -283,14 +354,16 @@ mod tests {
         finished(&mut h, &[], 200);
         finished(&mut h, &[], 204);
         finished(&mut h, &[], 503);
+        // Back to a series counted before (the last-series cache must follow the change).
+        finished(&mut h, &[], 200);
         let labels = |c: &str| {
             format!(r#"{{route="items",cluster="catalog",method="GET",status_class="{c}"}}"#)
         };
-        assert_eq!(h.metric(&format!("requests{}", labels("2xx"))), Some(2));
+        assert_eq!(h.metric(&format!("requests{}", labels("2xx"))), Some(3));
         assert_eq!(h.metric(&format!("requests{}", labels("5xx"))), Some(1));
         assert_eq!(
             h.recorded(&format!("request_duration_ms{}", labels("2xx"))),
-            vec![12, 12]
+            vec![12, 12, 12]
         );
     }
 

@@ -35,6 +35,24 @@ pub fn read(caller: &mut Caller<'_, HostState>, ptr: i32, len: i32) -> MemResult
         .ok_or(Status::InvalidMemoryAccess)
 }
 
+/// Runs `f` on the `len` bytes at `ptr` in guest memory (borrowed, not copied) and on the
+/// host state beside them, bounds-checked.
+pub fn with_bytes<R>(
+    caller: &mut Caller<'_, HostState>,
+    ptr: i32,
+    len: i32,
+    f: impl FnOnce(&[u8], &HostState) -> R,
+) -> MemResult<R> {
+    let mem = memory(caller)?;
+    let (ptr, len) = (ptr as u32 as usize, len as u32 as usize);
+    let end = ptr.checked_add(len).ok_or(Status::InvalidMemoryAccess)?;
+    let bytes = mem
+        .data(&*caller)
+        .get(ptr..end)
+        .ok_or(Status::InvalidMemoryAccess)?;
+    Ok(f(bytes, caller.data()))
+}
+
 /// Writes `bytes` at `ptr` in guest memory, bounds-checked.
 pub fn write(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> MemResult<()> {
     let mem = memory(caller)?;
@@ -81,7 +99,11 @@ pub fn give(
     ret_ptr: i32,
     ret_len: i32,
 ) -> wasmtime::Result<Status> {
-    let alloc = match caller.data().alloc.clone() {
+    let len = i32::try_from(bytes.len()).map_err(|_| wasmtime::format_err!("value too large"))?;
+    // Taken out of the state for the call and put back after, not cloned: cloning a
+    // `TypedFunc` clones its registered type (a lock and a reference count), and this runs
+    // for every value a filter reads.
+    let alloc = match caller.data_mut().alloc.take() {
         Some(a) => a,
         None => {
             let f = caller
@@ -91,13 +113,12 @@ pub fn give(
             let Some(f) = f else {
                 return Ok(Status::InternalFailure);
             };
-            let typed = f.typed::<i32, i32>(&caller)?;
-            caller.data_mut().alloc = Some(typed.clone());
-            typed
+            f.typed::<i32, i32>(&caller)?
         }
     };
-    let len = i32::try_from(bytes.len()).map_err(|_| wasmtime::format_err!("value too large"))?;
-    let ptr = alloc.call(&mut *caller, len)?;
+    let ptr = alloc.call(&mut *caller, len);
+    caller.data_mut().alloc = Some(alloc);
+    let ptr = ptr?;
     if ptr == 0 && !bytes.is_empty() {
         return Ok(Status::InternalFailure);
     }

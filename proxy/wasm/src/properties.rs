@@ -48,11 +48,26 @@ pub fn normalize(path: &[u8]) -> Vec<u8> {
 
 /// A property value in Envoy's encodings: strings as bytes, integers as 8-byte little-endian.
 pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
-    let segments: Vec<&[u8]> = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+    // The segments, on the stack for every path short enough (all the named ones are).
+    let mut stack: [&[u8]; 8] = [&[]; 8];
+    let mut n = 0;
+    for s in path.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        if n < stack.len() {
+            stack[n] = s;
+        }
+        n += 1;
+    }
+    let heap: Vec<&[u8]>;
+    let segments: &[&[u8]] = if n <= stack.len() {
+        &stack[..n]
+    } else {
+        heap = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
+        &heap
+    };
     let int = |v: i64| Some(v.to_le_bytes().to_vec());
     let text = |s: &str| Some(s.as_bytes().to_vec());
     let info = state.info.as_ref();
-    match segments.as_slice() {
+    match segments {
         [b"plugin_name"] => text(&state.plugin.name),
         [b"plugin_root_id"] => text(&state.plugin.root_id),
         [b"plugin_vm_id"] => text(&state.plugin.vm_id),

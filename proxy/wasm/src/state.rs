@@ -4,6 +4,11 @@
 //! `weft.*` requests in [`Ext`]). [`Seen`] is the stream's side of what is lent.
 
 use std::collections::HashMap;
+
+/// The host's maps keyed by context ids, tokens and property paths: a filter's own keys,
+/// never a client's, so FxHash (a multiply per word) rather than SipHash, which showed at
+/// about 2,000 instructions a stream.
+pub type FastMap<K, V> = HashMap<K, V, rustc_hash::FxBuildHasher>;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -250,10 +255,10 @@ pub struct HostState {
     /// Facts about the stream being called back for.
     pub info: Option<StreamInfo>,
     /// Properties set outside stream callbacks (root context), per context.
-    pub properties: HashMap<(u32, Vec<u8>), Vec<u8>>,
+    pub properties: FastMap<(u32, Vec<u8>), Vec<u8>>,
     /// The stream's own properties, lent for the duration of a stream callback: shared by
     /// every filter of the stream's chain, as Envoy's filter state.
-    pub stream_props: Option<HashMap<Vec<u8>, Vec<u8>>>,
+    pub stream_props: Option<FastMap<Vec<u8>, Vec<u8>>>,
     /// A local response asked for during the current callback.
     pub local_response: Option<LocalResponse>,
     /// The context the current callback is for (`proxy_set_effective_context` changes it).
@@ -270,7 +275,7 @@ pub struct HostState {
     /// Number of root contexts (ids 1 to `roots`: one per filter of the instance).
     pub roots: u32,
     /// Live stream contexts, with the filter (its place in the instance) each belongs to.
-    pub contexts: HashMap<u32, usize>,
+    pub contexts: FastMap<u32, usize>,
     /// Partial line written to stdout/stderr.
     pub stdout: Vec<u8>,
     /// A write to a map outside its phase was logged (once per instance).
@@ -285,7 +290,7 @@ pub struct HostState {
     /// Metrics the filter defines (shared by all instances).
     pub metrics: Arc<FilterMetricSet>,
     /// Metrics this instance has used, by id.
-    pub metric_cache: HashMap<u32, Arc<FilterMetric>>,
+    pub metric_cache: FastMap<u32, Arc<FilterMetric>>,
     /// The proxy's clusters (callouts go to them by name).
     pub clusters: Arc<ClusterTable>,
     /// Callouts asked for during the current callback.
@@ -294,9 +299,9 @@ pub struct HostState {
     pub last_token: u32,
     /// Callouts and gRPC calls not answered yet, by token (an answer whose token is gone —
     /// cancelled, or its context ended — is not delivered).
-    pub pending: HashMap<u32, Pending>,
+    pub pending: FastMap<u32, Pending>,
     /// Open gRPC streams, by token (dropping one resets it).
-    pub streams: HashMap<u32, crate::grpc::OpenStream>,
+    pub streams: FastMap<u32, crate::grpc::OpenStream>,
     /// What the gRPC callback being delivered reads.
     pub received: crate::grpc::Received,
     /// The instance's generation in its slot (for events that arrive later).
@@ -338,7 +343,7 @@ impl HostState {
             body: None,
             trailers: None,
             info: None,
-            properties: HashMap::new(),
+            properties: FastMap::default(),
             stream_props: None,
             local_response: None,
             context: 0,
@@ -347,19 +352,19 @@ impl HostState {
             root: 1,
             tick_periods: Vec::new(),
             roots: 1,
-            contexts: HashMap::new(),
+            contexts: FastMap::default(),
             stdout: Vec::new(),
             start_log: None,
             warned_phase: false,
             alloc: None,
             memory: None,
             metrics,
-            metric_cache: HashMap::new(),
+            metric_cache: FastMap::default(),
             clusters,
             callouts: Vec::new(),
             last_token: 0,
-            pending: HashMap::new(),
-            streams: HashMap::new(),
+            pending: FastMap::default(),
+            streams: FastMap::default(),
             received: Default::default(),
             generation: 0,
             borrowed: None,
@@ -502,7 +507,7 @@ pub struct Seen {
     /// The response as it went downstream.
     pub response: Option<Box<response::Parts>>,
     /// Properties the filters set on the stream (`proxy_set_property`).
-    pub props: std::collections::HashMap<Vec<u8>, Vec<u8>>,
+    pub props: FastMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Seen {

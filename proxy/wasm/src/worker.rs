@@ -11,7 +11,8 @@
 //! delivered to them, and an instance that fails releases its held streams as failed.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::hash_map::Entry;
+use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use weft_config::FailurePolicy;
@@ -21,7 +22,7 @@ use crate::failure::Failure;
 use crate::instance::{FilterInstance, FilterSpec};
 use crate::limits::LIFECYCLE_TICKS;
 use crate::retired::{self, Retired};
-use crate::state::{LocalResponse, Parked, Wake};
+use crate::state::{FastMap, LocalResponse, Parked, Wake};
 
 /// How a held stream is taken up again.
 #[derive(Debug)]
@@ -60,7 +61,7 @@ pub enum Slot {
 #[derive(Default)]
 pub struct Worker {
     /// Instances by slot number.
-    slots: BTreeMap<usize, Slot>,
+    slots: FastMap<usize, Slot>,
     /// Chains whose instances (and tick loops) this worker has started, by first slot.
     warmed: BTreeSet<u64>,
     /// The retired set as of `epoch`.
@@ -126,14 +127,16 @@ impl Worker {
     /// The slot of `n` (started as a due `reload` if it has none yet); `None` when `n`
     /// belongs to a retired chain.
     fn slot(&mut self, n: usize) -> Option<&mut Slot> {
-        if self.retired.contains(n as u64) {
-            return None;
+        match self.slots.entry(n) {
+            // A slot still here is live: `refresh` drops the retired ones.
+            Entry::Occupied(e) => Some(e.into_mut()),
+            Entry::Vacant(_) if self.retired.contains(n as u64) => None,
+            Entry::Vacant(e) => Some(e.insert(Slot::Failed {
+                retry_at: Some(Instant::now()),
+                backoff: Duration::ZERO,
+                generation: 0,
+            })),
         }
-        Some(self.slots.entry(n).or_insert_with(|| Slot::Failed {
-            retry_at: Some(Instant::now()),
-            backoff: Duration::ZERO,
-            generation: 0,
-        }))
     }
 }
 
@@ -258,6 +261,7 @@ pub fn fail(chain: u64, spec: &FilterSpec, failure: &Failure) {
     spec.failures.count(failure);
     WORKER.with(|w| {
         let mut w = w.borrow_mut();
+        w.refresh();
         let Some(slot) = w.slot(slot_of(chain, spec)) else {
             return;
         };

@@ -7,7 +7,7 @@ use weft_abi::{Status, map};
 use super::{C, ENV, status};
 use crate::linker::HostLinker;
 use crate::maps::{self, MapEdit, MapKind};
-use crate::memory::{give, read, write_u32};
+use crate::memory::{give, read, with_bytes, write_u32};
 
 /// Adds the header-map calls.
 pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
@@ -58,11 +58,18 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
             let Some(kind) = MapKind::from_abi(map) else {
                 return Ok(Status::BadArgument as i32);
             };
-            let key = match read(&mut c, kptr, klen) {
-                Ok(k) => k.to_ascii_lowercase(),
+            let value = with_bytes(&mut c, kptr, klen, |key, state| {
+                if key.iter().any(u8::is_ascii_uppercase) {
+                    maps::map_get(state, kind, &key.to_ascii_lowercase())
+                } else {
+                    maps::map_get(state, kind, key)
+                }
+            });
+            let value = match value {
+                Ok(v) => v,
                 Err(s) => return Ok(s as i32),
             };
-            match maps::map_get(c.data(), kind, &key) {
+            match value {
                 Some(v) => Ok::<_, wasmtime::Error>(give(&mut c, &v, ret_ptr, ret_len)? as i32),
                 None => Ok(Status::NotFound as i32),
             }

@@ -5,7 +5,7 @@ use weft_abi::Status;
 
 use super::{C, ENV};
 use crate::linker::HostLinker;
-use crate::memory::{give, read};
+use crate::memory::{give, read, with_bytes};
 
 /// Adds the property calls.
 pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
@@ -13,11 +13,13 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
         ENV,
         "proxy_get_property",
         |mut c: C<'_>, ptr: i32, len: i32, ret_ptr: i32, ret_len: i32| {
-            let path = match read(&mut c, ptr, len) {
-                Ok(p) => p,
+            let value = match with_bytes(&mut c, ptr, len, |path, state| {
+                crate::properties::property(state, path)
+            }) {
+                Ok(v) => v,
                 Err(s) => return Ok(s as i32),
             };
-            match crate::properties::property(c.data(), &path) {
+            match value {
                 Some(v) => Ok::<_, wasmtime::Error>(give(&mut c, &v, ret_ptr, ret_len)? as i32),
                 None => Ok(Status::NotFound as i32),
             }

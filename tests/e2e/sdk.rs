@@ -1,0 +1,97 @@
+//! A filter built on `weft-sdk` (`examples/filter-template`, built for wasm32-wasip1 with
+//! the `filter` profile) in the real proxy: the SDK's own exports and context dispatch —
+//! request headers, a callout made from a stream, its answer delivered to that stream among
+//! many in flight, a resume or a local reply.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use weft_tests::*;
+
+/// The template with a check against cluster `auth`, in front of cluster `app`.
+fn checked(app: &str, auth: &str) -> String {
+    crate::chain(
+        "app",
+        &[crate::filter(
+            "template",
+            &standard_filter("filter_template"),
+            "{ add_header: [x-team, payments], check_cluster: auth, check_timeout_ms: 500 }",
+        )],
+        &[
+            crate::cluster("app", &[app.to_owned()], ""),
+            crate::cluster("auth", &[auth.to_owned()], ""),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_filter_waits_for_its_callout_and_acts_on_the_answer() {
+    let app = Upstream::start("app").await;
+    let auth = Upstream::start("auth").await;
+    let proxy = ProxyProcess::start(&checked(&app.address(), &auth.address())).await;
+    let client = h1_client();
+
+    // The check answers 200 (the auth server echoes `/items/1`): the request goes on, with
+    // the header the filter added.
+    let got = get(&client, &proxy.url("/items/1")).await.unwrap();
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.header("x-upstream"), "app");
+    assert_eq!(got.echo()["headers"]["x-team"][0], "payments");
+    assert_eq!(auth.hits.load(Ordering::SeqCst), 1, "one check per request");
+
+    // The check answers 401: the filter's own 403, and the app never sees the request.
+    let app_before = app.hits.load(Ordering::SeqCst);
+    let got = get(&client, &proxy.url("/status/401")).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (403, "denied\n"));
+    assert_eq!(app.hits.load(Ordering::SeqCst), app_before);
+
+    // The check takes longer than the filter waits: 503 after about 500 ms.
+    let t = Instant::now();
+    let got = get(&client, &proxy.url("/delay/3000")).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (503, "no check\n"));
+    assert!(
+        t.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(app.hits.load(Ordering::SeqCst), app_before);
+
+    // Many streams at once, each waiting on its own callout: every answer reaches the stream
+    // that asked (a 401 for one must not deny another).
+    let app_before = app.hits.load(Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let (client, path) = if i % 3 == 0 {
+            (client.clone(), format!("/status/401?i={i}"))
+        } else {
+            (client.clone(), format!("/items/{i}"))
+        };
+        let url = proxy.url(&path);
+        tasks.push(tokio::spawn(async move {
+            (i, get(&client, &url).await.unwrap())
+        }));
+    }
+    for t in tasks {
+        let (i, got) = t.await.unwrap();
+        if i % 3 == 0 {
+            assert_eq!(got.status, 403, "request {i} is denied");
+        } else {
+            assert_eq!(got.status, 200, "request {i} passes: {}", got.body);
+            assert_eq!(got.echo()["uri"], format!("/items/{i}"));
+        }
+    }
+    assert_eq!(app.hits.load(Ordering::SeqCst) - app_before, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_filter_whose_check_service_is_down_answers_503() {
+    let app = Upstream::start("app").await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let proxy = ProxyProcess::start(&checked(&app.address(), &dead)).await;
+    let client = h1_client();
+    for _ in 0..3 {
+        let got = get(&client, &proxy.url("/items/1")).await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (503, "no check\n"));
+    }
+    assert_eq!(app.hits.load(Ordering::SeqCst), 0);
+}
