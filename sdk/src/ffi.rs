@@ -5,7 +5,8 @@
 //! Memory the host hands back was allocated through the module's
 //! `proxy_on_memory_allocate` ([`crate::wasm::proxy_on_memory_allocate`], a boxed slice of
 //! exactly the size asked), so it is taken back with `Vec::from_raw_parts` (capacity =
-//! length).
+//! length); or, from a Weft host, written into the module's scratch area
+//! ([`crate::wasm::SCRATCH`]), and then copied out at once.
 #![allow(unsafe_code)]
 
 use std::ptr::null_mut;
@@ -144,6 +145,13 @@ fn text(bytes: Vec<u8>) -> String {
 fn take(ptr: *mut u8, len: usize) -> Vec<u8> {
     if ptr.is_null() {
         return Vec::new();
+    }
+    let scratch = crate::wasm::SCRATCH.0.get().cast::<u8>();
+    if ptr == scratch {
+        // SAFETY: the host wrote `len` bytes into the scratch area (bounded by its size
+        // here whatever the host said); nothing else writes it before this copy.
+        return unsafe { std::slice::from_raw_parts(scratch, len.min(crate::wasm::SCRATCH_LEN)) }
+            .to_vec();
     }
     // SAFETY: the host wrote a pointer it got from this module's allocator for exactly
     // `len` bytes (capacity = length), and hands ownership to the caller; it is taken once.

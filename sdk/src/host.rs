@@ -103,6 +103,11 @@ pub trait Host {
     ) -> Result<(), Status>;
     /// A property (`["request", "path"]`, `["source", "address"]`, …).
     fn property(&self, path: &[&str]) -> Option<Vec<u8>>;
+    /// Several properties, in the order asked (`None`: absent). One call each unless the
+    /// host reads them together.
+    fn properties(&self, paths: &[&[&str]]) -> Vec<Option<Vec<u8>>> {
+        paths.iter().map(|p| self.property(p)).collect()
+    }
     /// Sets a stream property.
     fn set_property(&mut self, path: &[&str], value: &[u8]);
     /// Answers the stream locally.

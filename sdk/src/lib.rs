@@ -47,7 +47,7 @@ pub mod testing;
 #[doc(hidden)]
 pub mod wasm;
 
-pub use ctx::{Attempt, AttemptError, Ctx, Metric};
+pub use ctx::{Attempt, AttemptError, Ctx, Metric, Property};
 pub use host::{BufferType, Host, LogLevel, MapType, MetricKind, Status};
 
 /// What a phase tells the proxy to do next.

@@ -34,6 +34,30 @@ pub extern "C" fn proxy_on_memory_allocate(size: usize) -> *mut u8 {
     Box::into_raw(Box::<[u8]>::new_uninit_slice(size)).cast::<u8>()
 }
 
+/// Size of [`SCRATCH`].
+pub(crate) const SCRATCH_LEN: usize = 1024;
+
+/// Where a Weft host writes returned values of up to [`SCRATCH_LEN`] bytes instead of
+/// calling [`proxy_on_memory_allocate`] (one call into the module fewer per value);
+/// [`crate::ffi`] copies a value out of it as soon as the host call returns. Other hosts
+/// never write here.
+#[repr(align(8))]
+pub(crate) struct Scratch(pub(crate) std::cell::UnsafeCell<[u8; SCRATCH_LEN]>);
+
+// SAFETY: a wasm32 module runs on one thread; only the host and `ffi::take` touch the area,
+// one host call at a time.
+unsafe impl Sync for Scratch {}
+
+/// The scratch area.
+pub(crate) static SCRATCH: Scratch = Scratch(std::cell::UnsafeCell::new([0; SCRATCH_LEN]));
+
+/// `weft_scratch_area_v1` ([`weft_abi::SCRATCH_AREA_EXPORT`]): names [`SCRATCH`] to a Weft
+/// host, address in the upper 32 bits and size in the lower (wasm32 addresses fit).
+#[unsafe(no_mangle)]
+pub extern "C" fn weft_scratch_area_v1() -> u64 {
+    ((SCRATCH.0.get() as usize as u64) << 32) | SCRATCH_LEN as u64
+}
+
 /// Called from `_initialize`: a panic's message goes to the proxy's log before the trap.
 pub fn install() {
     std::panic::set_hook(Box::new(|info| {
@@ -401,6 +425,18 @@ impl Host for WasmHost {
     }
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         ffi::property(path).ok().flatten()
+    }
+    fn properties(&self, paths: &[&[&str]]) -> Vec<Option<Vec<u8>>> {
+        // One host call on Weft (`weft.properties`); one per property on a host without it.
+        if paths.len() > 1 && paths.len() <= weft_abi::ext::MAX_PROPERTIES {
+            let args = weft_abi::ext::encode_property_paths(paths);
+            if let Ok(Some(answer)) = ffi::call_foreign(weft_abi::ext::PROPERTIES, &args)
+                && let Ok(values) = weft_abi::ext::decode_property_values(&answer, paths.len())
+            {
+                return values;
+            }
+        }
+        paths.iter().map(|p| self.property(p)).collect()
     }
     fn set_property(&mut self, path: &[&str], value: &[u8]) {
         let _ = ffi::set_property(path, value);

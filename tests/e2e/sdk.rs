@@ -6,6 +6,8 @@
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::Full;
 use weft_tests::*;
 
 /// The template with a check against cluster `auth`, in front of cluster `app`.
@@ -94,4 +96,38 @@ async fn an_sdk_filter_whose_check_service_is_down_answers_503() {
         assert_eq!((got.status, got.body.as_str()), (503, "no check\n"));
     }
     assert_eq!(app.hits.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_larger_than_the_sdk_scratch_area_reach_the_filter_whole() {
+    // The host writes values of up to 1 KiB into the SDK's scratch area and larger ones into
+    // memory from the module's allocator: a 3 KB configuration takes the second way, the
+    // request's short values the first, and the filter sees both whole.
+    let app = Upstream::start("app").await;
+    let long: String = (0..3000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let config = crate::chain(
+        "app",
+        &[crate::filter(
+            "template",
+            &standard_filter("filter_template"),
+            &format!("{{ add_header: [x-team, {long}], require_header: x-pass }}"),
+        )],
+        &[crate::cluster("app", &[app.address()], "")],
+    );
+    let proxy = ProxyProcess::start(&config).await;
+    let client = h1_client();
+
+    let got = get(&client, &proxy.url("/items/1")).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (403, "missing header\n"));
+
+    let req = http::Request::get(proxy.url("/items/2"))
+        .header("x-pass", "1")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&client, req).await.unwrap();
+    assert_eq!(got.status, 200, "{}", got.body);
+    let echo = got.echo();
+    assert_eq!(echo["headers"]["x-team"][0].as_str(), Some(long.as_str()));
 }

@@ -125,6 +125,26 @@ async fn the_standard_chain_counts_logs_and_traces_requests() {
     assert_eq!(first["cluster"], "catalog");
     assert_eq!(first["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(first["upstream"], up.address());
+    // Every field comes from one batched property read (`weft.properties`).
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["protocol"], "HTTP/1.1");
+    assert_eq!(
+        first["request_id"].as_str().map(str::len),
+        Some(36),
+        "{first}"
+    );
+    assert!(
+        first["source"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("127.0.0.1:")),
+        "{first}"
+    );
+    assert!(
+        first["start_ms"]
+            .as_i64()
+            .is_some_and(|t| t > 1_700_000_000_000),
+        "{first}"
+    );
     let broken_line = lines
         .iter()
         .find(|v| v["path"] == "/broken")

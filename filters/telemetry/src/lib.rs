@@ -259,15 +259,19 @@ impl Filter for Telemetry {
     }
 
     fn on_log(&mut self, cx: &mut Ctx<'_>) {
-        let status = cx
-            .property_int(&["response", "code"])
-            .map_or(0, |c| c as u16);
-        let duration_ms = cx
-            .property_int(&["request", "duration"])
-            .map_or(0, |ns| (ns / 1_000_000) as u64);
-        let route = cx.property(&["weft", "route"]).unwrap_or_default();
-        let cluster = cx.property(&["xds", "cluster_name"]).unwrap_or_default();
-        let method = cx.property(&["request", "method"]).unwrap_or_default();
+        // What the metrics need, read in one host call.
+        let [status, duration, route, cluster, method] = cx.properties([
+            &["response", "code"],
+            &["request", "duration"],
+            &["weft", "route"],
+            &["xds", "cluster_name"],
+            &["request", "method"],
+        ]);
+        let status = status.int().map_or(0, |c| c as u16);
+        let duration_ms = duration.int().map_or(0, |ns| (ns / 1_000_000) as u64);
+        let route = route.text().unwrap_or_default();
+        let cluster = cluster.text().unwrap_or_default();
+        let method = method.text().unwrap_or_default();
         if self.config.metrics {
             let (method_l, class_l) = (method_label(&method), class(status));
             let hit = self.config.last.borrow().as_ref().and_then(|l| {
@@ -299,26 +303,46 @@ impl Filter for Telemetry {
             }
         }
         if self.config.access_log {
-            let start_ms = cx
-                .property_int(&["request", "time"])
-                .map_or(0, |ns| ns / 1_000_000);
+            // The rest of the access log's fields, in one more host call.
+            let [
+                time,
+                path,
+                host,
+                protocol,
+                upstream,
+                details,
+                source,
+                id,
+                agent,
+            ] = cx.properties([
+                &["request", "time"],
+                &["request", "path"],
+                &["request", "host"],
+                &["request", "protocol"],
+                &["upstream", "address"],
+                &["response", "code_details"],
+                &["source", "address"],
+                &["request", "id"],
+                &["request", "headers", "user-agent"],
+            ]);
+            let text = |p: weft_sdk::Property| p.text().unwrap_or_default();
             let line = serde_json::json!({
-                "start_ms": start_ms,
+                "start_ms": time.int().map_or(0, |ns| ns / 1_000_000),
                 "method": method,
-                "path": cx.property(&["request", "path"]).unwrap_or_default(),
-                "authority": cx.property(&["request", "host"]).unwrap_or_default(),
-                "protocol": cx.property(&["request", "protocol"]).unwrap_or_default(),
+                "path": text(path),
+                "authority": text(host),
+                "protocol": text(protocol),
                 "status": status,
                 "duration_ms": duration_ms,
                 "route": route,
                 "cluster": cluster,
-                "upstream": cx.property(&["upstream", "address"]).unwrap_or_default(),
-                "code_details": cx.property(&["response", "code_details"]).unwrap_or_default(),
-                "source": cx.property(&["source", "address"]).unwrap_or_default(),
-                "request_id": cx.property(&["request", "id"]).unwrap_or_default(),
+                "upstream": text(upstream),
+                "code_details": text(details),
+                "source": text(source),
+                "request_id": text(id),
                 "trace_id": self.trace_id,
                 "parent_span_id": self.parent_span,
-                "user_agent": cx.property(&["request", "headers", "user-agent"]).unwrap_or_default(),
+                "user_agent": text(agent),
             });
             cx.log(LogLevel::Info, &line.to_string());
         }

@@ -181,6 +181,13 @@ pub const ABI_VERSION_EXPORTS: &[(&str, &str)] = &[
     ("proxy_abi_version_0_1_0", "0.1.0"),
 ];
 
+/// Weft's scratch-area export (an extension: other hosts never call it). A module that
+/// exports it, `() -> i64`, returns the address of an area of its memory in the upper 32 bits
+/// and the area's size in the lower; the host then writes each value it returns that fits
+/// there, instead of into memory from `proxy_on_memory_allocate`, and the module copies the
+/// value out before its next host call. One call into the module fewer per value read.
+pub const SCRATCH_AREA_EXPORT: &str = "weft_scratch_area_v1";
+
 /// The import modules a filter may import functions from: the proxy-wasm ABI (`env`) and WASI
 /// preview 1. The host links these (with stubs for functions it lacks) and refuses any other.
 pub const IMPORT_MODULES: &[&str] = &["env", "wasi_snapshot_preview1", "wasi_unstable"];
@@ -269,6 +276,19 @@ pub mod ext {
     /// host may stop calling it for this filter: a call saved per stream and phase. Any
     /// phase; answers nothing.
     pub const UNUSED: &str = "weft.unused";
+    /// `weft.properties`: several properties in one call, any phase. Arguments: a `u32`
+    /// count, then each property path (its segments joined by NULs, as
+    /// `proxy_get_property` takes it) as a `u32` length and the bytes
+    /// ([`encode_property_paths`]). Answer: each value in the same order, as a `u32` length
+    /// and the bytes, [`ABSENT`] as the length of one the host does not have
+    /// ([`decode_property_values`]).
+    pub const PROPERTIES: &str = "weft.properties";
+
+    /// The length [`PROPERTIES`] answers for a property that is not there.
+    pub const ABSENT: u32 = u32::MAX;
+
+    /// Most paths one [`PROPERTIES`] call may ask for.
+    pub const MAX_PROPERTIES: usize = 64;
 
     /// The callbacks [`UNUSED`] can name, in the order of their bits in a mask.
     pub const SKIPPABLE: &[&str] = &[
@@ -297,7 +317,82 @@ pub mod ext {
         ATTEMPT,
         RETRY,
         UNUSED,
+        PROPERTIES,
     ];
+
+    /// Reads a `u32` length and that many bytes from the front of `b`.
+    fn take_chunk<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], BadEncoding> {
+        let (len, rest) = b.split_first_chunk::<4>().ok_or(BadEncoding)?;
+        let len = u32::from_le_bytes(*len) as usize;
+        let chunk = rest.get(..len).ok_or(BadEncoding)?;
+        *b = rest.get(len..).ok_or(BadEncoding)?;
+        Ok(chunk)
+    }
+
+    /// [`PROPERTIES`]' arguments for `paths` (each a list of segments).
+    pub fn encode_property_paths(paths: &[&[&str]]) -> Vec<u8> {
+        let size: usize = paths
+            .iter()
+            .map(|p| 4 + p.iter().map(|s| s.len() + 1).sum::<usize>())
+            .sum();
+        let mut out = Vec::with_capacity(4 + size);
+        out.extend_from_slice(&(paths.len() as u32).to_le_bytes());
+        for path in paths {
+            let len = path.iter().map(|s| s.len()).sum::<usize>() + path.len().saturating_sub(1);
+            out.extend_from_slice(&(len as u32).to_le_bytes());
+            for (i, segment) in path.iter().enumerate() {
+                if i > 0 {
+                    out.push(0);
+                }
+                out.extend_from_slice(segment.as_bytes());
+            }
+        }
+        out
+    }
+
+    /// Reads [`encode_property_paths`]' bytes: each path's bytes (segments NUL-joined). More
+    /// than [`MAX_PROPERTIES`] paths, or bytes left over, is a bad encoding.
+    pub fn decode_property_paths(mut b: &[u8]) -> Result<Vec<&[u8]>, BadEncoding> {
+        let (count, rest) = b.split_first_chunk::<4>().ok_or(BadEncoding)?;
+        let count = u32::from_le_bytes(*count) as usize;
+        if count > MAX_PROPERTIES {
+            return Err(BadEncoding);
+        }
+        b = rest;
+        let paths = (0..count)
+            .map(|_| take_chunk(&mut b))
+            .collect::<Result<Vec<_>, _>>()?;
+        b.is_empty().then_some(paths).ok_or(BadEncoding)
+    }
+
+    /// Appends one value of a [`PROPERTIES`] answer (`None`: absent).
+    pub fn encode_property_value(out: &mut Vec<u8>, value: Option<&[u8]>) {
+        match value {
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as u32).to_le_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.extend_from_slice(&ABSENT.to_le_bytes()),
+        }
+    }
+
+    /// Reads a [`PROPERTIES`] answer holding `count` values.
+    pub fn decode_property_values(
+        mut b: &[u8],
+        count: usize,
+    ) -> Result<Vec<Option<Vec<u8>>>, BadEncoding> {
+        let mut out = Vec::with_capacity(count);
+        for _ in 0..count {
+            let (len, rest) = b.split_first_chunk::<4>().ok_or(BadEncoding)?;
+            if u32::from_le_bytes(*len) == ABSENT {
+                b = rest;
+                out.push(None);
+            } else {
+                out.push(Some(take_chunk(&mut b)?.to_vec()));
+            }
+        }
+        b.is_empty().then_some(out).ok_or(BadEncoding)
+    }
 
     /// Most attempts `weft.set_attempts` grants a request.
     pub const MAX_ATTEMPTS: u32 = 10;
@@ -526,5 +621,28 @@ mod tests {
         }
         assert!(ext::RetryArgs::decode(&[0; 8]).is_err());
         assert!(ext::ALL.iter().all(|n| n.starts_with("weft.")));
+    }
+
+    #[test]
+    fn property_batches_round_trip_and_refuse_what_is_malformed() {
+        let paths: [&[&str]; 3] = [&["request", "path"], &["weft", "route"], &[]];
+        let args = ext::encode_property_paths(&paths);
+        let decoded = ext::decode_property_paths(&args).unwrap();
+        assert_eq!(decoded, [&b"request\0path"[..], b"weft\0route", b""]);
+        assert!(ext::decode_property_paths(&args[..args.len() - 1]).is_err());
+        assert!(ext::decode_property_paths(&[args.as_slice(), b"x"].concat()).is_err());
+        let too_many = vec![&["a"][..]; ext::MAX_PROPERTIES + 1];
+        assert!(ext::decode_property_paths(&ext::encode_property_paths(&too_many)).is_err());
+        assert!(ext::decode_property_paths(&u32::MAX.to_le_bytes()).is_err());
+
+        let mut answer = Vec::new();
+        ext::encode_property_value(&mut answer, Some(b"/items"));
+        ext::encode_property_value(&mut answer, None);
+        ext::encode_property_value(&mut answer, Some(b""));
+        let values = ext::decode_property_values(&answer, 3).unwrap();
+        assert_eq!(values, [Some(b"/items".to_vec()), None, Some(Vec::new())]);
+        assert!(ext::decode_property_values(&answer, 4).is_err());
+        assert!(ext::decode_property_values(&answer, 2).is_err());
+        assert!(ext::decode_property_values(&answer[..answer.len() - 1], 3).is_err());
     }
 }

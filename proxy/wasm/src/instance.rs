@@ -22,6 +22,18 @@ use crate::state::{
     BodyBuf, CalloutResponse, Ext, HostState, LocalResponse, Parked, PluginMeta, Seen, callback_bit,
 };
 
+// The export through which a module names its scratch area (the Weft SDK defines it):
+// values that fit are written there (`crate::memory::give`). A module without it is served
+// as usual.
+use weft_abi::SCRATCH_AREA_EXPORT as SCRATCH_EXPORT;
+
+/// The scratch area `area` names, if it is a usable one (not empty, not at address 0).
+fn scratch_area(area: i64) -> Option<(u32, u32)> {
+    let area = area as u64;
+    let (at, len) = ((area >> 32) as u32, area as u32);
+    (at != 0 && len != 0 && at.checked_add(len).is_some()).then_some((at, len))
+}
+
 /// The root context's id in every instance.
 const ROOT_CONTEXT: i32 = 1;
 
@@ -340,6 +352,13 @@ impl FilterInstance {
         } else if let Ok(f) = instance.get_typed_func::<(), ()>(&mut *store, "_start") {
             f.call(&mut *store, ())
                 .map_err(|e| failed(store, e, "_start"))?;
+        }
+        // Weft's extension: a module may name a scratch area for small returned values.
+        if let Ok(f) = instance.get_typed_func::<(), i64>(&mut *store, SCRATCH_EXPORT) {
+            let area = f
+                .call(&mut *store, ())
+                .map_err(|e| failed(store, e, SCRATCH_EXPORT))?;
+            store.data_mut().scratch = scratch_area(area);
         }
         let func = |store: &mut Store<HostState>, name: &str| instance.get_func(&mut *store, name);
         let typed3 = |store: &mut Store<HostState>, name: &str| {

@@ -93,6 +93,10 @@ pub fn write_u32(caller: &mut Caller<'_, HostState>, ptr: i32, v: u32) -> MemRes
 /// Hands `bytes` to the guest: allocates them with the guest's allocator, copies them in and
 /// stores pointer and length at `ret_ptr` / `ret_len`, as the SDKs expect (they take
 /// ownership of the allocation). A trap inside the guest allocator is returned as an error.
+///
+/// When the module named a scratch area ([`weft_abi::SCRATCH_AREA_EXPORT`]) and the value
+/// fits, it is written there instead and the pointer returned is the area's: the module
+/// copies it out before its next host call. No call into the module is made.
 pub fn give(
     caller: &mut Caller<'_, HostState>,
     bytes: &[u8],
@@ -100,6 +104,28 @@ pub fn give(
     ret_len: i32,
 ) -> wasmtime::Result<Status> {
     let len = i32::try_from(bytes.len()).map_err(|_| wasmtime::format_err!("value too large"))?;
+    if let Some((at, size)) = caller.data().scratch
+        && bytes.len() <= size as usize
+    {
+        // One look at the memory for the value and both return places.
+        let mem = match memory(caller) {
+            Ok(m) => m,
+            Err(s) => return Ok(s),
+        };
+        let data = mem.data_mut(&mut *caller);
+        let mut put = |at: u32, value: &[u8]| {
+            let at = at as usize;
+            data.get_mut(at..at.checked_add(value.len())?)
+                .map(|dst| dst.copy_from_slice(value))
+        };
+        let done = put(at, bytes)
+            .and_then(|_| put(ret_ptr as u32, &at.to_le_bytes()))
+            .and_then(|_| put(ret_len as u32, &(len as u32).to_le_bytes()));
+        return Ok(match done {
+            Some(()) => Status::Ok,
+            None => Status::InvalidMemoryAccess,
+        });
+    }
     // Taken out of the state for the call and put back after, not cloned: cloning a
     // `TypedFunc` clones its registered type (a lock and a reference count), and this runs
     // for every value a filter reads.

@@ -285,6 +285,9 @@ pub struct HostState {
     pub start_log: Option<std::collections::VecDeque<String>>,
     /// The guest's allocator (`proxy_on_memory_allocate`, or `malloc`).
     pub alloc: Option<TypedFunc<i32, i32>>,
+    /// The module's scratch area for returned values (address, size), if it names one
+    /// ([`weft_abi::SCRATCH_AREA_EXPORT`]).
+    pub scratch: Option<(u32, u32)>,
     /// The guest's memory.
     pub memory: Option<Memory>,
     /// Metrics the filter defines (shared by all instances).
@@ -357,6 +360,7 @@ impl HostState {
             start_log: None,
             warned_phase: false,
             alloc: None,
+            scratch: None,
             memory: None,
             metrics,
             metric_cache: FastMap::default(),

@@ -266,6 +266,9 @@ impl FramingScanner {
                 b'\r' => self.state = State::Head(Line::EmptyCr),
                 b'\n' => self.empty_line(),
                 _ => {
+                    if let Some(used) = self.line_start_whole(bytes) {
+                        return used;
+                    }
                     self.prefix_len = 0;
                     self.prefix_byte(b);
                 }
@@ -289,6 +292,53 @@ impl FramingScanner {
             Line::Skip => {}
         }
         1
+    }
+
+    /// The start of a head line when its first bytes are all in `bytes` (the usual case): the
+    /// request line's first 14 bytes, or a header name and its colon, classified at once
+    /// rather than byte by byte. Returns the bytes consumed, or `None` to go byte by byte
+    /// (a line end comes first, or the line is split across reads). The first byte has
+    /// already been counted against the section limit.
+    fn line_start_whole(&mut self, bytes: &[u8]) -> Option<usize> {
+        let (used, next) = if self.head.request_line_seen {
+            // A name of interest is at most PREFIX_CAP bytes; its colon comes right after.
+            let window = bytes.get(..bytes.len().min(PREFIX_CAP + 1))?;
+            let colon = memchr::memchr2(b':', b'\n', window)?;
+            if window.get(colon) != Some(&b':') {
+                return None;
+            }
+            let name = window.get(..colon)?;
+            let next = if name.eq_ignore_ascii_case(b"content-length") {
+                self.head.has_content_length = true;
+                Line::ContentLength(Value::Before)
+            } else {
+                if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                    self.head.has_transfer_encoding = true;
+                } else if name.eq_ignore_ascii_case(b"upgrade") {
+                    self.head.has_upgrade = true;
+                }
+                Line::Skip
+            };
+            (colon.saturating_add(1), next)
+        } else {
+            let first = bytes.get(..H2_PREFACE_LINE.len())?;
+            if memchr::memchr(b'\n', first).is_some() {
+                return None;
+            }
+            if first == H2_PREFACE_LINE {
+                self.passthrough();
+                return Some(1);
+            }
+            if first.starts_with(CONNECT_METHOD) {
+                self.head.is_connect = true;
+            }
+            (first.len(), Line::Skip)
+        };
+        // The first byte was counted by the caller.
+        if self.account(used.saturating_sub(1)) {
+            self.state = State::Head(next);
+        }
+        Some(used)
     }
 
     /// Handles one byte of the line prefix (not LF).
@@ -547,7 +597,7 @@ fn hex_value(b: u8) -> Option<u64> {
 
 /// Bytes up to and including the next LF: `(consumed, found_lf)`.
 fn skip_line(bytes: &[u8]) -> (usize, bool) {
-    match bytes.iter().position(|&c| c == b'\n') {
+    match memchr::memchr(b'\n', bytes) {
         Some(i) => (i.saturating_add(1), true),
         None => (bytes.len(), false),
     }

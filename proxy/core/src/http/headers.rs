@@ -22,6 +22,15 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `upgrade` header and `connection: upgrade` are kept, for protocol upgrades such as
 /// WebSocket.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none of these: one pass over the names (standard names compare as
+    // enum tags) is cheaper than a hashed removal per name.
+    if !upgrade
+        && !headers
+            .iter()
+            .any(|(name, value)| is_hop_by_hop(name, value))
+    {
+        return;
+    }
     if let Some(conn) = headers.remove(header::CONNECTION) {
         // Names listed in Connection are hop-by-hop too.
         if let Ok(list) = conn.to_str() {
@@ -51,6 +60,19 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     {
         headers.remove(header::TE);
     }
+}
+
+/// Whether [`strip_hop_by_hop`] has anything to do for this header: a hop-by-hop name, or
+/// `te` other than `trailers`. (Names listed in `connection` need a `connection` header.)
+fn is_hop_by_hop(name: &HeaderName, value: &HeaderValue) -> bool {
+    if name == header::TE {
+        return value.as_bytes() != b"trailers";
+    }
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// Whether a request asks for a protocol upgrade (`connection: upgrade` + `upgrade: x`).
@@ -145,6 +167,33 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, vec!["x-kept"]);
+    }
+
+    #[test]
+    fn ordinary_heads_are_left_as_they_are_and_lone_hop_by_hop_headers_still_go() {
+        let pairs = [
+            ("host", "a"),
+            ("te", "trailers"),
+            ("accept", "*/*"),
+            ("x-connection", "not hop-by-hop"),
+        ];
+        let mut h = map(&pairs);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, map(&pairs));
+
+        for lone in [
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+        ] {
+            let mut h = map(&[("host", "a"), (lone, "x")]);
+            strip_hop_by_hop(&mut h, false);
+            assert_eq!(h, map(&[("host", "a")]), "{lone}");
+        }
+        let mut h = map(&[("host", "a"), ("te", "gzip")]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, map(&[("host", "a")]));
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! path reaches them with short synchronous borrows, never held across an `.await`, so no
 //! lock is taken; other per-worker state (such as filter instances) can live beside them.
 
+use rustc_hash::FxHashMap as HashMap;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
@@ -33,7 +33,8 @@ struct WorkerCluster {
     generation: u64,
     balancer: Box<dyn LoadBalancer>,
     /// Pools by endpoint id, for the endpoints of `generation` (a map: a cluster may have
-    /// thousands of endpoints, and every request looks its endpoint's pool up twice).
+    /// thousands of endpoints, and every request looks its endpoint's pool up twice; keyed by
+    /// ids the proxy makes, so FxHash).
     pools: HashMap<u64, EndpointPool>,
 }
 
@@ -111,7 +112,7 @@ thread_local! {
 pub fn install(id: usize, table: Arc<ClusterTable>) {
     let state = WorkerState {
         id,
-        clusters: HashMap::new(),
+        clusters: HashMap::default(),
         table,
         pruned_at: TABLES.load(Relaxed),
     };

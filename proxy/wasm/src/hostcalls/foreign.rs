@@ -1,6 +1,7 @@
 //! `proxy_call_foreign_function` and Weft's extensions behind it (`weft.*`, names and
 //! encodings from [`weft_abi::ext`]): the cluster, timeouts, attempts and delay a request
-//! gets, and the attempt facts and retries a response callback sees.
+//! gets, the attempt facts and retries a response callback sees, and properties read several
+//! at a time.
 
 use std::time::Duration;
 
@@ -130,6 +131,70 @@ pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option
                 .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
             Ok(None)
         }
+        ext::PROPERTIES => {
+            // What `proxy_get_property` would answer for each path, in one call.
+            let paths = ext::decode_property_paths(args).map_err(|_| Status::BadArgument)?;
+            let mut out = Vec::with_capacity(paths.len() * 16);
+            for path in paths {
+                let value = crate::properties::property(state, path);
+                ext::encode_property_value(&mut out, value.as_deref());
+            }
+            Ok(Some(out))
+        }
         _ => Err(Status::NotFound),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use weft_abi::ext;
+
+    use super::foreign;
+    use crate::state::tests::state;
+
+    #[test]
+    fn properties_are_read_together_in_order_and_bad_arguments_are_refused() {
+        let mut s = state();
+        let paths: [&[&str]; 4] = [
+            &["request", "path"],
+            &["request", "no_such_thing"],
+            &["request", "headers", "x-request-id"],
+            &["request", "method"],
+        ];
+        let answer = foreign(
+            &mut s,
+            ext::PROPERTIES.as_bytes(),
+            &ext::encode_property_paths(&paths),
+        )
+        .unwrap()
+        .unwrap();
+        let values = ext::decode_property_values(&answer, paths.len()).unwrap();
+        assert_eq!(
+            values,
+            [
+                Some(b"/a/b?q=1".to_vec()),
+                None,
+                Some(b"rid".to_vec()),
+                Some(b"GET".to_vec())
+            ]
+        );
+        // Each the same as one `proxy_get_property` call would give.
+        for (path, value) in paths.iter().zip(&values) {
+            let joined = path.join("\0");
+            assert_eq!(&crate::properties::property(&s, joined.as_bytes()), value);
+        }
+        // Truncated, trailing bytes, too many paths: BAD_ARGUMENT, nothing answered.
+        let args = ext::encode_property_paths(&paths);
+        for bad in [
+            &args[..args.len() - 2],
+            &[args.as_slice(), b"!"].concat()[..],
+            &ext::encode_property_paths(&vec![&["request", "path"][..]; ext::MAX_PROPERTIES + 1])[..],
+            b"",
+        ] {
+            assert_eq!(
+                foreign(&mut s, ext::PROPERTIES.as_bytes(), bad),
+                Err(weft_abi::Status::BadArgument)
+            );
+        }
     }
 }
