@@ -215,10 +215,7 @@ impl<'a> Ctx<'a> {
 
     /// A property as text (`["source", "address"]`, `["request", "id"]`, …).
     pub fn property(&self, path: &[&str]) -> Option<String> {
-        self.host.property(path).map(|b| {
-            String::from_utf8(b)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-        })
+        Property(self.host.property(path)).text()
     }
 
     /// Sets a property on the stream: every filter of the chain can read it (the router
