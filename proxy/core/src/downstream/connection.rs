@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -387,23 +388,62 @@ pub(super) async fn serve_connection(
         conn.as_mut().graceful_shutdown();
         closing = true;
     }
+    // The control futures (pressure, close, drain, idle) are polled only when one of them
+    // woke the task, not on every read and write of the connection.
+    let control = ControlWake::new();
+    let mut pressure_gone = false;
     loop {
-        tokio::select! {
-            res = conn.as_mut() => {
+        let event = {
+            let pressure_changed = pressure.changed();
+            let close = shared.close.notified();
+            let drain_now = drained(&mut drain);
+            tokio::pin!(pressure_changed, close, drain_now);
+            control.armed();
+            std::future::poll_fn(|cx| {
+                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Ended(res));
+                }
+                if !control.woken(cx.waker()) {
+                    return Poll::Pending;
+                }
+                let mut cx = Context::from_waker(control.waker());
+                if !pressure_gone && let Poll::Ready(res) = pressure_changed.as_mut().poll(&mut cx)
+                {
+                    return Poll::Ready(Event::Pressure(res.is_ok()));
+                }
+                if close.as_mut().poll(&mut cx).is_ready() {
+                    return Poll::Ready(Event::Close);
+                }
+                if !closing {
+                    if drain_now.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::Drained);
+                    }
+                    if idle.as_mut().poll(&mut cx).is_ready() {
+                        return Poll::Ready(Event::Idle);
+                    }
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        match event {
+            Event::Ended(res) => {
                 if let Err(e) = res {
                     tracing::debug!(listener = %listener.ctx.name, %peer, "connection ended: {e}");
                 }
                 break;
             }
-            Ok(()) = pressure.changed() => {
+            Event::Pressure(changed) => {
                 // Shedding: idle connections get a short idle timeout (Envoy's "reduce
                 // timeouts" action), so they make room for clients with work; one just
                 // accepted still has time for its first request.
-                if *pressure.borrow_and_update() == Level::Shed && !closing {
+                if changed && *pressure.borrow_and_update() == Level::Shed && !closing {
                     idle.as_mut().reset(tokio::time::Instant::now());
                 }
+                // The overload state is gone (the proxy is exiting): stop watching it.
+                pressure_gone |= !changed;
             }
-            _ = shared.close.notified() => {
+            Event::Close => {
                 if shared.abusive.load(Relaxed) {
                     // Cut at once: a client resetting most of its streams right after opening
                     // them (HTTP/2 rapid reset) gets no more of the upstreams' time.
@@ -418,16 +458,20 @@ pub(super) async fn serve_connection(
                     closing = true;
                 }
             }
-            _ = drained(&mut drain), if !closing => {
+            Event::Drained => {
                 // HTTP/1: finish the request in flight, answer with `connection: close`;
                 // HTTP/2: GOAWAY, let open streams finish.
                 conn.as_mut().graceful_shutdown();
                 closing = true;
             }
-            _ = &mut idle, if !closing => {
+            Event::Idle => {
                 let idle_for = clock::now_ms().saturating_sub(shared.last_active_ms.load(Relaxed));
                 let shedding = *pressure.borrow() == Level::Shed;
-                let limit = if shedding { idle_ms.min(SHED_IDLE_MS) } else { idle_ms };
+                let limit = if shedding {
+                    idle_ms.min(SHED_IDLE_MS)
+                } else {
+                    idle_ms
+                };
                 if shared.in_flight.load(Relaxed) == 0 && idle_for >= limit {
                     if shedding {
                         // Closed outright: with no request in flight nothing is lost, and a
@@ -439,7 +483,8 @@ pub(super) async fn serve_connection(
                     closing = true;
                 } else {
                     let left = limit.saturating_sub(idle_for).max(1);
-                    idle.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(left));
+                    idle.as_mut()
+                        .reset(tokio::time::Instant::now() + Duration::from_millis(left));
                 }
             }
         }
@@ -447,4 +492,73 @@ pub(super) async fn serve_connection(
     // An upgrade handed the connection to its tunnel: it stays open (and counted, and
     // waited for by the drain) as long as the tunnel.
     shared.tunnels_closed().await;
+}
+
+/// What ended one wait of the serve loop.
+enum Event {
+    /// The connection ended (with hyper's error, if any).
+    Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
+    /// The overload level changed (`false`: its sender is gone).
+    Pressure(bool),
+    /// `ConnShared::close` was notified.
+    Close,
+    /// The proxy drains.
+    Drained,
+    /// The idle timer fired.
+    Idle,
+}
+
+/// The serve loop's second waker: its control futures (pressure, close, drain, idle timer)
+/// are polled with it, so they are polled again only when one of them fired, while the
+/// connection, woken by every read and write, is polled with the task's own waker.
+struct ControlWake {
+    shared: Arc<ControlShared>,
+    waker: std::task::Waker,
+}
+
+#[derive(Default)]
+struct ControlShared {
+    /// Set when a control future woke (and when the futures are new: they must be polled
+    /// once to register).
+    woken: std::sync::atomic::AtomicBool,
+    /// The task to wake.
+    task: atomic_waker::AtomicWaker,
+}
+
+impl std::task::Wake for ControlShared {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, std::sync::atomic::Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl ControlWake {
+    fn new() -> Self {
+        let shared = Arc::new(ControlShared::default());
+        let waker = std::task::Waker::from(shared.clone());
+        Self { shared, waker }
+    }
+
+    /// New control futures: the next poll polls them.
+    fn armed(&self) {
+        self.shared
+            .woken
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Registers the task's waker and tells (and clears) whether a control future woke.
+    fn woken(&self, task: &std::task::Waker) -> bool {
+        self.shared.task.register(task);
+        self.shared
+            .woken
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    fn waker(&self) -> &std::task::Waker {
+        &self.waker
+    }
 }

@@ -22,68 +22,145 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// `upgrade` header and `connection: upgrade` are kept, for protocol upgrades such as
 /// WebSocket.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none of these: one pass over the names (standard names compare as
-    // enum tags) is cheaper than a hashed removal per name.
-    if !upgrade
-        && !headers
-            .iter()
-            .any(|(name, value)| is_hop_by_hop(name, value))
-    {
-        return;
-    }
-    if let Some(conn) = headers.remove(header::CONNECTION) {
-        // Names listed in Connection are hop-by-hop too.
-        if let Ok(list) = conn.to_str() {
-            for name in list.split(',') {
-                let name = name.trim();
-                if upgrade && name.eq_ignore_ascii_case("upgrade") {
-                    continue;
-                }
-                if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                    headers.remove(name);
-                }
-            }
-        }
-        // Other Connection values are dropped with their header; `conn` itself is gone.
-        drop(conn);
-    }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TRANSFER_ENCODING);
-    if upgrade {
-        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::UPGRADE);
-    }
-    if let Some(te) = headers.get(header::TE)
-        && te.as_bytes() != b"trailers"
-    {
-        headers.remove(header::TE);
-    }
-}
-
-/// Whether [`strip_hop_by_hop`] has anything to do for this header: a hop-by-hop name, or
-/// `te` other than `trailers`. (Names listed in `connection` need a `connection` header.)
-fn is_hop_by_hop(name: &HeaderName, value: &HeaderValue) -> bool {
-    if name == header::TE {
-        return value.as_bytes() != b"trailers";
-    }
-    name == header::CONNECTION
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+    HopByHop::scan(headers).strip(headers, upgrade);
 }
 
 /// Whether a request asks for a protocol upgrade (`connection: upgrade` + `upgrade: x`).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
-        && headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.to_str().is_ok_and(|s| {
-                s.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
-        })
+    HopByHop::scan(headers).wants_upgrade(headers)
+}
+
+/// Which hop-by-hop headers a head carries, found in one pass over its names (standard
+/// names compare as enum tags): most heads carry none, or only `connection: keep-alive`,
+/// and then [`HopByHop::strip`] removes just what is there instead of making a hashed
+/// lookup per hop-by-hop name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HopByHop(u8);
+
+impl HopByHop {
+    const CONNECTION: u8 = 1;
+    const KEEP_ALIVE: u8 = 1 << 1;
+    const PROXY_CONNECTION: u8 = 1 << 2;
+    const TRANSFER_ENCODING: u8 = 1 << 3;
+    const UPGRADE: u8 = 1 << 4;
+    /// A `te` other than exactly `trailers`.
+    const TE: u8 = 1 << 5;
+    /// Any `te` (not hop-by-hop when it is exactly `trailers`).
+    const ANY_TE: u8 = 1 << 6;
+    /// An `expect` (not hop-by-hop, but the proxy answers `100-continue` itself).
+    const EXPECT: u8 = 1 << 7;
+
+    /// Scans `headers` once.
+    pub fn scan(headers: &HeaderMap) -> Self {
+        let mut found = 0;
+        for (name, value) in headers {
+            found |= if name == header::CONNECTION {
+                Self::CONNECTION
+            } else if name == header::TRANSFER_ENCODING {
+                Self::TRANSFER_ENCODING
+            } else if name == header::UPGRADE {
+                Self::UPGRADE
+            } else if name == header::TE {
+                if value.as_bytes() == b"trailers" {
+                    Self::ANY_TE
+                } else {
+                    Self::TE | Self::ANY_TE
+                }
+            } else if name == header::EXPECT {
+                Self::EXPECT
+            } else if name == KEEP_ALIVE {
+                Self::KEEP_ALIVE
+            } else if name == PROXY_CONNECTION {
+                Self::PROXY_CONNECTION
+            } else {
+                0
+            };
+        }
+        Self(found)
+    }
+
+    /// Whether the head (the one scanned) asks for a protocol upgrade: an `upgrade` header
+    /// and `upgrade` among the `connection` options.
+    pub fn wants_upgrade(self, headers: &HeaderMap) -> bool {
+        self.0 & (Self::UPGRADE | Self::CONNECTION) == Self::UPGRADE | Self::CONNECTION
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| connection_options(v).any(|t| t.eq_ignore_ascii_case("upgrade")))
+    }
+
+    /// Whether the head has a `te` header.
+    pub fn has_te(self) -> bool {
+        self.0 & Self::ANY_TE != 0
+    }
+
+    /// Whether the head has an `expect` header.
+    pub fn has_expect(self) -> bool {
+        self.0 & Self::EXPECT != 0
+    }
+
+    /// Removes the hop-by-hop headers of the head scanned, as [`strip_hop_by_hop`] says.
+    pub fn strip(self, headers: &mut HeaderMap, upgrade: bool) {
+        let found = self.0 & !(Self::ANY_TE | Self::EXPECT);
+        if found == 0 && !upgrade {
+            return;
+        }
+        if found & Self::CONNECTION != 0 {
+            // Headers named in (every) `connection` are hop-by-hop too. Found by a scan of
+            // the names rather than by parsing each option into a name (which allocates for
+            // names the `http` crate does not know, such as `close`); `keep-alive` was seen
+            // above.
+            let mut named: Vec<HeaderName> = Vec::new();
+            for option in headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(connection_options)
+            {
+                if (upgrade && option.eq_ignore_ascii_case("upgrade"))
+                    || option.eq_ignore_ascii_case("keep-alive")
+                {
+                    continue;
+                }
+                if let Some(name) = headers
+                    .keys()
+                    .find(|n| n.as_str().eq_ignore_ascii_case(option))
+                {
+                    named.push(name.clone());
+                }
+            }
+            for name in named {
+                headers.remove(name);
+            }
+            headers.remove(header::CONNECTION);
+        }
+        if found & Self::KEEP_ALIVE != 0 {
+            headers.remove(&KEEP_ALIVE);
+        }
+        if found & Self::PROXY_CONNECTION != 0 {
+            headers.remove(&PROXY_CONNECTION);
+        }
+        if found & Self::TRANSFER_ENCODING != 0 {
+            headers.remove(header::TRANSFER_ENCODING);
+        }
+        if upgrade {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        } else if found & Self::UPGRADE != 0 {
+            headers.remove(header::UPGRADE);
+        }
+        if found & Self::TE != 0 {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// The comma-separated options of one `connection` value, trimmed (none if it is not text).
+fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &str> {
+    value
+        .to_str()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
 }
 
 /// The peer address as a header value; made once per connection.
@@ -194,6 +271,35 @@ mod tests {
         let mut h = map(&[("host", "a"), ("te", "gzip")]);
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h, map(&[("host", "a")]));
+    }
+
+    #[test]
+    fn every_connection_header_counts_and_keep_alive_alone_costs_no_more_than_its_removal() {
+        // Two `connection` headers: the options of both are hop-by-hop.
+        let mut h = map(&[
+            ("connection", "x-a"),
+            ("connection", "X-B, close"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+            ("close", "a header named by an option"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h, map(&[("x-kept", "yes")]));
+
+        // The usual HTTP/1 response: only `connection: keep-alive`.
+        let mut h = map(&[("content-length", "3"), ("connection", "keep-alive")]);
+        let hop = HopByHop::scan(&h);
+        assert!(!hop.wants_upgrade(&h) && !hop.has_te() && !hop.has_expect());
+        hop.strip(&mut h, false);
+        assert_eq!(h, map(&[("content-length", "3")]));
+
+        let h = map(&[("expect", "100-continue"), ("te", "trailers")]);
+        let hop = HopByHop::scan(&h);
+        assert!(hop.has_expect() && hop.has_te());
+        // `upgrade` without `connection: upgrade` is no upgrade.
+        assert!(!wants_upgrade(&map(&[("upgrade", "websocket")])));
+        assert!(!wants_upgrade(&map(&[("connection", "upgrade")])));
     }
 
     #[test]

@@ -259,6 +259,10 @@ pub struct Exchange {
     tap: Option<Box<crate::tap::Probe>>,
     /// What its span keeps, when tracing is on.
     span: Option<Box<crate::otlp::SpanProbe>>,
+    /// Set when no filter can change the request head after the proxy stripped it: whether
+    /// it asks for an upgrade and has an `expect` header (`upstream_head` then needs no
+    /// second scan).
+    clean_head: Option<(bool, bool)>,
 }
 
 /// A filter reset the stream (`proxy_close_stream`): the connection's server resets it
@@ -330,6 +334,7 @@ impl Exchange {
             accepts_trailers: version >= Version::HTTP_2,
             tap: None,
             span: None,
+            clean_head: None,
         }
     }
 
@@ -445,12 +450,19 @@ impl Exchange {
         // As in Envoy, filters see the request with its hop-by-hop headers gone (so a
         // client's `connection:` cannot remove what the proxy adds next) and with the request
         // id and x-forwarded-* already set.
-        let upgrade = self.version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
-        self.accepts_trailers |= head.headers.get_all(header::TE).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.to_ascii_lowercase().contains("trailers"))
-        });
-        headers::strip_hop_by_hop(&mut head.headers, upgrade);
+        let hop = headers::HopByHop::scan(&head.headers);
+        let upgrade = self.version == Version::HTTP_11 && hop.wants_upgrade(&head.headers);
+        self.accepts_trailers |= hop.has_te()
+            && head.headers.get_all(header::TE).iter().any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("trailers"))
+            });
+        hop.strip(&mut head.headers, upgrade);
+        // Without filters nothing changes the head before `upstream_head`: what this scan
+        // found is still true there.
+        if self.live.chain.is_none() {
+            self.clean_head = Some((upgrade, hop.has_expect()));
+        }
         headers::ensure_request_id(&mut head.headers);
         let proto = if self.conn.tls.is_some() {
             "https"
@@ -632,16 +644,25 @@ impl Exchange {
         &self,
         mut head: http::request::Parts,
     ) -> Result<(http::request::Parts, Option<OnUpgrade>), Early> {
-        let upgrade = self.version == Version::HTTP_11 && headers::wants_upgrade(&head.headers);
+        let (upgrade, expect) = match self.clean_head {
+            Some(seen) => seen,
+            None => {
+                // Again: hop-by-hop headers a filter may have added do not go upstream.
+                let hop = headers::HopByHop::scan(&head.headers);
+                let upgrade = self.version == Version::HTTP_11 && hop.wants_upgrade(&head.headers);
+                hop.strip(&mut head.headers, upgrade);
+                (upgrade, hop.has_expect())
+            }
+        };
         let downstream_upgrade = if upgrade {
             head.extensions.remove::<OnUpgrade>()
         } else {
             None
         };
-        // Again: hop-by-hop headers a filter may have added do not go upstream.
-        headers::strip_hop_by_hop(&mut head.headers, upgrade);
         // The proxy answers `expect: 100-continue` itself when it starts reading the body.
-        head.headers.remove(header::EXPECT);
+        if expect {
+            head.headers.remove(header::EXPECT);
+        }
         let protocol = self.target()?.protocol;
         attempt::set_upstream_target(&mut head, protocol).map_err(|(status, text)| {
             Early::Local {
