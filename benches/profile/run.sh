@@ -77,7 +77,9 @@ if [[ $KIND == nginx ]]; then
   WEFT_PID=$(pgrep -P "$LAST_PID" | head -1) # the worker
   [[ -n $WEFT_PID ]] || die "no nginx worker"
 else
-  start weft 1 "$WEFT_BIN" --config "$TMP/weft.yaml" --workers 1 --log-level warn
+  # WEFT_WASM_PERFMAP=1: wasmtime writes /tmp/perf-<pid>.map, which names the filters'
+  # compiled functions for perf (taskset execs, so the pid is Weft's).
+  start weft 1 env WEFT_WASM_PERFMAP=1 "$WEFT_BIN" --config "$TMP/weft.yaml" --workers 1 --log-level warn
   WEFT_PID=$LAST_PID
   wait_ok "http://127.0.0.1:$WEFT_ADMIN_PORT/ready" || die "weft did not become ready (see $TMP/weft.log)"
 fi
@@ -102,12 +104,16 @@ for line in open(sys.argv[1]):
     m = re.match(r"\s*([0-9.]+)%\s+(.+?)\s+\[(.)\]\s+(.*)$", line)
     if m:
         rows.append((float(m.group(1)), m.group(2), m.group(3), m.group(4).strip()))
+def is_guest(dso, sym):
+    # Named from wasmtime's perf map (`wasm[N]::function[M]::name`), else unnamed code.
+    return ("[JIT]" in dso or "/modules/" in dso or dso.startswith("jitted") or dso.startswith("perf-")
+            or "wasm-function" in sym or sym.startswith("wasm[") or (dso == "[unknown]" and sym.startswith("0x")))
 # Where a symbol's code comes from, first match wins.
 GROUPS = [
     ("kernel (syscalls, TCP, scheduling)", lambda d, k, s: k == "k" or d.startswith("[kernel")),
     # Compiled modules run from the module cache's files (or anonymous memory): no symbols.
     ("nginx", lambda d, k, s: d == "nginx"),
-    ("filters' wasm code (compiled modules)", lambda d, k, s: "[JIT]" in d or "/modules/" in d or d.startswith("jitted") or "wasm-function" in s or (d == "[unknown]" and s.startswith("0x"))),
+    ("filters' wasm code (compiled modules)", lambda d, k, s: is_guest(d, s)),
     ("wasmtime (runtime, trampolines)", lambda d, k, s: "wasmtime" in s or "cranelift" in s),
     ("weft-wasm (the filter host)", lambda d, k, s: "weft_wasm" in s),
     ("hyper + h2 + http (codecs)", lambda d, k, s: re.search(r"\b(hyper|h2|http|httparse|hyper_util)::", s) or s.startswith("<hyper") or s.startswith("<h2") or s.startswith("<http")),
@@ -134,4 +140,14 @@ print("|---:|---|---|")
 for pct, dso, kind, sym in rows[:25]:
     sym = sym if len(sym) < 110 else sym[:107] + "..."
     print(f"| {pct:.1f}% | {dso} | `{sym}` |")
+guest = [(pct, sym) for pct, dso, kind, sym in rows if is_guest(dso, sym)]
+if guest:
+    print()
+    print("The filters' own functions (named by wasmtime's perf map; `wasm[N]` is the Nth module compiled):")
+    print()
+    print("| share | function |")
+    print("|---:|---|")
+    for pct, sym in guest[:25]:
+        sym = sym if len(sym) < 110 else sym[:107] + "..."
+        print(f"| {pct:.1f}% | `{sym}` |")
 PY

@@ -229,9 +229,8 @@ impl<'a> Ctx<'a> {
         Property(self.host.property(path)).int()
     }
 
-    /// Several properties at once, in the order asked: on Weft one host call for them all
-    /// (`weft.properties`), elsewhere one each. Cheaper than [`Ctx::property`] in a loop
-    /// when a phase reads many (an access log in `on_log`).
+    /// Several properties at once, in the order asked (one host call each: reading them
+    /// through Weft's `weft.properties` in one call measured slower, see `docs/filter-abi.md`).
     pub fn properties<const N: usize>(&self, paths: [&[&str]; N]) -> [Property; N] {
         let mut values = self.host.properties(&paths).into_iter();
         std::array::from_fn(|_| Property(values.next().flatten()))

@@ -426,18 +426,10 @@ impl Host for WasmHost {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         ffi::property(path).ok().flatten()
     }
-    fn properties(&self, paths: &[&[&str]]) -> Vec<Option<Vec<u8>>> {
-        // One host call on Weft (`weft.properties`); one per property on a host without it.
-        if paths.len() > 1 && paths.len() <= weft_abi::ext::MAX_PROPERTIES {
-            let args = weft_abi::ext::encode_property_paths(paths);
-            if let Ok(Some(answer)) = ffi::call_foreign(weft_abi::ext::PROPERTIES, &args)
-                && let Ok(values) = weft_abi::ext::decode_property_values(&answer, paths.len())
-            {
-                return values;
-            }
-        }
-        paths.iter().map(|p| self.property(p)).collect()
-    }
+    // `properties`: the trait's one call per property. Weft's `weft.properties` reads them
+    // in one call, but measured slower through this SDK (benches/README.md, fourth pass):
+    // encoding the paths, decoding the answer and their allocations, on both sides, cost
+    // more than the host calls they save.
     fn set_property(&mut self, path: &[&str], value: &[u8]) {
         let _ = ffi::set_property(path, value);
     }

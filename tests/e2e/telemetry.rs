@@ -125,7 +125,7 @@ async fn the_standard_chain_counts_logs_and_traces_requests() {
     assert_eq!(first["cluster"], "catalog");
     assert_eq!(first["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
     assert_eq!(first["upstream"], up.address());
-    // Every field comes from one batched property read (`weft.properties`).
+    // The fields read in `on_log` from the stream's properties.
     assert_eq!(first["method"], "GET");
     assert_eq!(first["protocol"], "HTTP/1.1");
     assert_eq!(

@@ -181,6 +181,30 @@ async fn properties_set_on_a_stream_are_shared_by_the_chain_and_not_by_other_str
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_properties_are_read_in_one_call_with_absent_ones_marked() {
+    let up = Upstream::start("svc").await;
+    let yaml = crate::chain(
+        "svc",
+        &[crate::filter("ext", &guest_filter("compat_ext"), "")],
+        &[crate::cluster("svc", &[up.address()], "")],
+    );
+    let proxy = ProxyProcess::start(&yaml).await;
+    let got = send(
+        &h1_client(),
+        request(proxy.url("/p/q?x=1"), &[("x-properties", "1")], ""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200);
+    // What the filter read, as the upstream saw it: the values in order, the absent one
+    // marked absent (POST: `request()` here posts).
+    assert_eq!(
+        got.echo()["headers"]["x-properties"],
+        serde_json::json!(["/p/q?x=1|POST|-"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_replay_cap_gets_a_single_attempt() {
     let up = Upstream::start("svc").await;
     let other = Upstream::start("other").await;

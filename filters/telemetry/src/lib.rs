@@ -259,7 +259,7 @@ impl Filter for Telemetry {
     }
 
     fn on_log(&mut self, cx: &mut Ctx<'_>) {
-        // What the metrics need, read in one host call.
+        // What the metrics need.
         let [status, duration, route, cluster, method] = cx.properties([
             &["response", "code"],
             &["request", "duration"],
@@ -303,7 +303,7 @@ impl Filter for Telemetry {
             }
         }
         if self.config.access_log {
-            // The rest of the access log's fields, in one more host call.
+            // The rest of the access log's fields.
             let [
                 time,
                 path,

@@ -75,6 +75,11 @@ impl WasmRuntime {
         }
         let mut config = Config::new();
         config.epoch_interruption(true);
+        // `WEFT_WASM_PERFMAP=1`: wasmtime writes /tmp/perf-<pid>.map, so that `perf report`
+        // names the filters' compiled functions (benches/profile/run.sh sets it).
+        if std::env::var_os("WEFT_WASM_PERFMAP").is_some_and(|v| v == "1") {
+            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&config)?;
         let mut linker = HostLinker::new(&engine);
         hostcalls::add_to_linker(&mut linker)?;

@@ -10,7 +10,11 @@
 //! - `x-unused: <callback>`: `weft.unused` for that callback (the filter says it does
 //!   nothing there, so the host may stop calling it), the status in `x-unused-status`;
 //! - `x-pause-head: 1`: the request headers callback returns `Pause` with nothing
-//!   outstanding (a request with a body: the body callback, which continues, decides).
+//!   outstanding (a request with a body: the body callback, which continues, decides);
+//! - `x-properties: 1`: `weft.properties` for `request.path`, `request.method` and
+//!   `request.no_such_thing`, encoded by hand from `docs/filter-abi.md`; the answer in
+//!   `x-properties` on the request upstream (`path|method|-`, `-` for an absent value), or
+//!   `error` when the call or its answer is bad.
 //!
 //! Every response gets `x-attempts-made` (the attempt number) and `x-code-details` (the
 //! `response.code_details` property), and `x-basic-seen` with the stream property
@@ -48,6 +52,32 @@ fn call(name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
     hostcalls::call_foreign_function(name, Some(args))
 }
 
+/// `weft.properties` as the ABI document gives it: u32 count, then u32 length and bytes per
+/// path; the answer is each value as u32 length (`0xFFFFFFFF`: absent) and bytes.
+fn read_properties(paths: &[&[u8]]) -> Option<String> {
+    let mut args = (paths.len() as u32).to_le_bytes().to_vec();
+    for p in paths {
+        args.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        args.extend_from_slice(p);
+    }
+    let answer = call("weft.properties", &args).ok()??;
+    let mut rest = answer.as_slice();
+    let mut values = Vec::new();
+    for _ in paths {
+        let (len, tail) = rest.split_first_chunk::<4>()?;
+        let len = u32::from_le_bytes(*len);
+        if len == u32::MAX {
+            values.push("-".to_owned());
+            rest = tail;
+            continue;
+        }
+        let (value, tail) = tail.split_at_checked(len as usize)?;
+        values.push(String::from_utf8_lossy(value).into_owned());
+        rest = tail;
+    }
+    rest.is_empty().then(|| values.join("|"))
+}
+
 impl Context for Stream {}
 
 impl HttpContext for Stream {
@@ -77,6 +107,10 @@ impl HttpContext for Stream {
                 Err(Status::BadArgument) => "bad_argument",
                 Err(_) => "other",
             });
+        }
+        if self.get_http_request_header("x-properties").is_some() {
+            let answer = read_properties(&[b"request\0path", b"request\0method", b"request\0no_such_thing"]);
+            self.set_http_request_header("x-properties", Some(answer.as_deref().unwrap_or("error")));
         }
         if self.get_http_request_header("x-pause-head").is_some() {
             return Action::Pause;
