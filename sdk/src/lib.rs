@@ -38,6 +38,7 @@
 
 use std::rc::Rc;
 
+pub mod alloc;
 mod ctx;
 #[cfg(target_arch = "wasm32")]
 mod ffi;
@@ -46,6 +47,11 @@ pub mod testing;
 #[cfg(target_arch = "wasm32")]
 #[doc(hidden)]
 pub mod wasm;
+
+/// The module's allocator ([`alloc::Pool`]); the `allocator` feature (on by default) sets it.
+#[cfg(all(target_arch = "wasm32", feature = "allocator"))]
+#[global_allocator]
+static ALLOCATOR: alloc::Pool = alloc::Pool::new();
 
 pub use ctx::{Attempt, AttemptError, Ctx, Metric, Property};
 pub use host::{BufferType, Host, LogLevel, MapType, MetricKind, Status};

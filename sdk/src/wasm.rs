@@ -58,8 +58,23 @@ pub extern "C" fn weft_scratch_area_v1() -> u64 {
     ((SCRATCH.0.get() as usize as u64) << 32) | SCRATCH_LEN as u64
 }
 
-/// Called from `_initialize`: a panic's message goes to the proxy's log before the trap.
+unsafe extern "C" {
+    /// The module's static constructors (wasi-libc's and the Rust runtime's), made by the
+    /// linker.
+    fn __wasm_call_ctors();
+}
+
+/// Called from `_initialize`, once, before any other export: runs the static constructors,
+/// and a panic's message goes to the proxy's log before the trap.
+///
+/// Calling `__wasm_call_ctors` here is what makes the module a reactor: when nothing
+/// calls it, wasm-ld takes the module for a command and wraps every export in a call to the
+/// constructors before and to the destructors after (about 100 instructions a callback,
+/// and libc's state set up again each time).
 pub fn install() {
+    // SAFETY: the linker-made constructor function takes nothing and returns nothing; it
+    // runs once, from `_initialize`, as the reactor ABI says.
+    unsafe { __wasm_call_ctors() };
     std::panic::set_hook(Box::new(|info| {
         ffi::log(weft_abi::LogLevel::Critical as u32, &info.to_string());
     }));

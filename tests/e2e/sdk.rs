@@ -131,3 +131,49 @@ async fn values_larger_than_the_sdk_scratch_area_reach_the_filter_whole() {
     let echo = got.echo();
     assert_eq!(echo["headers"]["x-team"][0].as_str(), Some(long.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sdk_filter_serves_many_requests_of_every_size_in_little_memory() {
+    // The SDK's allocator keeps freed blocks for reuse, by size class, up to 4 KiB, and hands
+    // larger ones to dlmalloc. 1,500 requests whose header the filter copies out run from 1
+    // byte to 7 KB (every class and past the largest) through an instance capped at 2 MiB of
+    // memory, which its stack and data nearly fill: an allocator that never reused a small
+    // block ran it out (a memory-limit failure answers 500) at the 597th request.
+    let app = Upstream::start("app").await;
+    let config = crate::chain(
+        "app",
+        &[format!(
+            "{{ name: template, module: \"{}\", limits: {{ memory_mb: 2 }}, \
+             config: {{ add_header: [x-team, payments], require_header: x-pass }} }}",
+            standard_filter("filter_template").display()
+        )],
+        &[crate::cluster("app", &[app.address()], "")],
+    );
+    let proxy = ProxyProcess::start(&config).await;
+    let client = h1_client();
+
+    for i in 0..1500usize {
+        let len = 1 + (i * 977) % 7000;
+        let value = "p".repeat(len);
+        let req = http::Request::get(proxy.url(&format!("/items/{i}")))
+            .header("x-pass", value.as_str())
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let got = send(&client, req).await.unwrap();
+        assert_eq!(got.status, 200, "request {i} ({len} bytes): {}", got.body);
+        let echo = got.echo();
+        assert_eq!(echo["headers"]["x-team"][0].as_str(), Some("payments"));
+        assert_eq!(
+            echo["headers"]["x-pass"][0].as_str().map(str::len),
+            Some(len)
+        );
+    }
+    assert_eq!(app.hits.load(Ordering::SeqCst), 1500);
+    let stats = proxy.stats().await;
+    let failures: Vec<&str> = stats
+        .lines()
+        .filter(|l| l.starts_with("weft_filter_failures_total{filter=\"template\""))
+        .filter(|l| !l.ends_with(" 0"))
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+}
