@@ -45,7 +45,7 @@ pub(crate) async fn follower(
     state_dir: &std::path::Path,
 ) -> ProxyProcess {
     let args = control.proxy_args(id, &[label], state_dir);
-    ProxyProcess::start_args(boot, workers, &args, free_port(), free_port()).await
+    ProxyProcess::start_args_any(boot, workers, &args).await
 }
 
 /// Polls `check` every 50 ms until it holds, for at most `timeout`.
@@ -632,14 +632,7 @@ async fn the_control_api_needs_the_token_when_it_has_one() {
         "--control-token-file".to_owned(),
         token_file.display().to_string(),
     ]);
-    let proxy = ProxyProcess::start_args(
-        &bootstrap(&[up.address()]),
-        1,
-        &args,
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let proxy = ProxyProcess::start_args_any(&bootstrap(&[up.address()]), 1, &args).await;
     let p = &proxy;
     eventually(
         "the chain via an authenticated stream",
@@ -788,14 +781,7 @@ async fn module_bytes_that_do_not_match_their_digest_are_nacked_never_run_and_re
         "--state-dir".to_owned(),
         dir.path().display().to_string(),
     ];
-    let proxy = ProxyProcess::start_args(
-        &bootstrap(&[up.address()]),
-        1,
-        &args,
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let proxy = ProxyProcess::start_args_any(&bootstrap(&[up.address()]), 1, &args).await;
     let answers = liar.answers.clone();
     eventually("the proxy's answer", Duration::from_secs(20), || {
         let answers = answers.clone();
@@ -1056,8 +1042,7 @@ async fn modules_run_only_when_signed_by_a_trusted_key() {
         ]);
         args
     };
-    let p1 =
-        ProxyProcess::start_args(&boot, 1, &key_args(&keyed, "p1"), free_port(), free_port()).await;
+    let p1 = ProxyProcess::start_args_any(&boot, 1, &key_args(&keyed, "p1")).await;
     apply(&keyed, &basic_chain("s1", "{ greeting: signed }"));
     let (code, out, err) = keyed.weftctl(&["rollout", "status", "--timeout", "30"]);
     assert_eq!(code, 0, "{out}{err}\n{}", p1.log());
@@ -1066,8 +1051,7 @@ async fn modules_run_only_when_signed_by_a_trusted_key() {
     // A control service without keys stores an unsigned module; the proxy refuses to run
     // it (NACK naming why) and keeps serving what it had.
     let open = ControlProcess::start(&d.join("open")).await;
-    let p2 =
-        ProxyProcess::start_args(&boot, 1, &key_args(&open, "p2"), free_port(), free_port()).await;
+    let p2 = ProxyProcess::start_args_any(&boot, 1, &key_args(&open, "p2")).await;
     let (code, _, err) = push(&open, None);
     assert_eq!(code, 0, "{err}");
     apply(&open, &basic_chain("s1", "{ greeting: unsigned }"));
@@ -1165,7 +1149,7 @@ async fn modules_run_only_when_signed_by_a_trusted_key() {
         trusted.to_str().unwrap(),
     ]);
     assert_eq!(code, 0, "{err}");
-    let p3 = ProxyProcess::start_args(&yaml, 1, &keys, free_port(), free_port()).await;
+    let p3 = ProxyProcess::start_args_any(&yaml, 1, &keys).await;
     assert_eq!(greeting_via(&p3).await, "local");
     // A trusted-key file that is not a public key stops the proxy, naming it.
     let bad = vec![

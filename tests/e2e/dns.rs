@@ -115,14 +115,9 @@ async fn control_and_proxy(d: &Path, dns: &Dnsmasq) -> (ControlProcess, ProxyPro
         &["--dns-server", &dns.addr().to_string()],
     )
     .await;
-    let proxy = ProxyProcess::start_args(
-        &bootstrap(),
-        1,
-        &control.proxy_args("p", &[], &d.join("p")),
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let proxy =
+        ProxyProcess::start_args_any(&bootstrap(), 1, &control.proxy_args("p", &[], &d.join("p")))
+            .await;
     (control, proxy)
 }
 
@@ -365,14 +360,8 @@ async fn one_elected_replica_resolves_and_another_takes_over_when_it_dies() {
     }
     let b = ControlProcess::start_with(&d.join("b"), &args).await;
     // The proxy follows B alone: what A resolves reaches it through etcd.
-    let proxy = ProxyProcess::start_args(
-        &bootstrap(),
-        1,
-        &b.proxy_args("p", &[], &d.join("p")),
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let proxy =
+        ProxyProcess::start_args_any(&bootstrap(), 1, &b.proxy_args("p", &[], &d.join("p"))).await;
     let (code, _, err) = b.weftctl_stdin(
         &["apply", "-f", "-"],
         Some(&cluster(&format!("echo.mesh.test:{port}"))),

@@ -111,14 +111,9 @@ clusters:
     endpoints: []
 "
     .replace("TOKEN", token_file.to_str().unwrap());
-    let proxy = ProxyProcess::start_args(
-        &boot,
-        1,
-        &second.proxy_args("p", &["app=s1"], &d.join("p")),
-        free_port(),
-        free_port(),
-    )
-    .await;
+    let proxy =
+        ProxyProcess::start_args_any(&boot, 1, &second.proxy_args("p", &["app=s1"], &d.join("p")))
+            .await;
     let (code, out, err) = second.weftctl(&["rollout", "status", "--timeout", "30"]);
     assert_eq!(code, 0, "{out}{err}\n{}", proxy.log());
     let got = get(&h1_client(), &proxy.url("/x")).await.unwrap();
@@ -356,8 +351,8 @@ clusters:
     args1[1] = ab.clone();
     let mut args2 = b.proxy_args("p2", &[], &d.join("p2"));
     args2[1] = ba.clone();
-    let p1 = ProxyProcess::start_args(&boot, 1, &args1, free_port(), free_port()).await;
-    let p2 = ProxyProcess::start_args(&boot, 1, &args2, free_port(), free_port()).await;
+    let p1 = ProxyProcess::start_args_any(&boot, 1, &args1).await;
+    let p2 = ProxyProcess::start_args_any(&boot, 1, &args2).await;
     until_greeting(&p1, "v1").await;
     until_greeting(&p2, "v1").await;
 

@@ -102,10 +102,10 @@ async fn weftctl_stat_and_top_show_the_traffic_the_proxies_carried() {
     ];
     let mut args = control.proxy_args("api-1", &["app=api"], &dir.path().join("api"));
     args.extend(report.clone());
-    let api = ProxyProcess::start_args(&inbound(&app), 1, &args, free_port(), free_port()).await;
+    let api = ProxyProcess::start_args_any(&inbound(&app), 1, &args).await;
     let mut args = control.proxy_args("web-1", &["app=web"], &dir.path().join("web"));
     args.extend(report);
-    let web = ProxyProcess::start_args(&outbound(&api), 1, &args, free_port(), free_port()).await;
+    let web = ProxyProcess::start_args_any(&outbound(&api), 1, &args).await;
     let router = standard_filter("weft_filter_router");
     let (code, out, err) = control.weftctl(&[
         "module",
@@ -364,7 +364,7 @@ async fn weftctl_tap_samples_the_selected_proxies_requests_at_the_rate_asked() {
             &[&format!("app={app}")],
             &dir.path().join(app),
         );
-        proxies.push(ProxyProcess::start_args(&boot, 1, &args, free_port(), free_port()).await);
+        proxies.push(ProxyProcess::start_args_any(&boot, 1, &args).await);
     }
     let (code, out, err) = control.weftctl(&["rollout", "status", "--timeout", "30"]);
     assert_eq!(code, 0, "{out}{err}");

@@ -143,7 +143,7 @@ async fn a_failing_version_rolls_back_by_itself_and_a_good_one_reaches_every_pro
         let mut args = control.proxy_args(&id, &["app=shop"], &dir.path().join(&id));
         args.extend(["--report-interval-ms".to_owned(), "250".to_owned()]);
         proxies.push(Arc::new(
-            ProxyProcess::start_args(&boot, 1, &args, free_port(), free_port()).await,
+            ProxyProcess::start_args_any(&boot, 1, &args).await,
         ));
     }
     push(&control, &standard_filter("weft_filter_fault"), "fault");

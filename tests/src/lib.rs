@@ -338,6 +338,21 @@ impl ProxyProcess {
         }
     }
 
+    /// Like [`ProxyProcess::start`] with a worker count and extra arguments (`--control
+    /// ...`), on free ports; started again on other ports, up to 5 times, when one was taken
+    /// between the probe and the bind (as [`ProxyProcess::start_with`]).
+    pub async fn start_args_any(yaml: &str, workers: usize, args: &[String]) -> ProxyProcess {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match Self::try_start_args(yaml, workers, args, free_port(), free_port()).await {
+                Ok(p) => return p,
+                Err(log) if tries < 5 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("weft-proxy exited at startup:\n{log}"),
+            }
+        }
+    }
+
     /// Like [`ProxyProcess::start`] with a worker count, extra arguments (`--control ...`)
     /// and given admin and listener ports (to restart a proxy where it was).
     pub async fn start_args(
