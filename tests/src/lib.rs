@@ -327,15 +327,7 @@ impl ProxyProcess {
     /// socket between the probe and the proxy's bind (another test's outbound connection):
     /// then the proxy starts again on other ports, up to 5 times.
     pub async fn start_with(yaml: &str, workers: usize) -> ProxyProcess {
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            match Self::try_start_args(yaml, workers, &[], free_port(), free_port()).await {
-                Ok(p) => return p,
-                Err(log) if tries < 5 && log.contains("Address already in use") => continue,
-                Err(log) => panic!("weft-proxy exited at startup:\n{log}"),
-            }
-        }
+        Self::start_args_any(yaml, workers, &[]).await
     }
 
     /// Like [`ProxyProcess::start`] with a worker count and extra arguments (`--control
