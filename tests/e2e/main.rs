@@ -31,6 +31,7 @@ mod sdk;
 mod services;
 mod tcp;
 mod telemetry;
+mod upstream_h1;
 mod wasm;
 mod wasm_body;
 mod wasm_ext;

@@ -18,10 +18,69 @@ use hyper::body::Incoming;
 
 use crate::filter::{self, BodyDecision, Direction, LocalReply, SharedFilterStream};
 use crate::idle::{IdleClock, idle_error};
+use crate::upstream::h1;
 use pin_project_lite::pin_project;
 
 /// A boxed error crossing the body boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    /// A body the proxy reads from a peer: hyper's (a downstream request, an upstream
+    /// response over HTTP/2 or through hyper's HTTP/1.1 client) or an upstream response read
+    /// by the inline HTTP/1.1 codec ([`h1::ResponseBody`]).
+    #[project = InboundProj]
+    #[allow(missing_docs)] // pin-project-lite takes no docs on variant fields
+    pub enum Inbound {
+        /// Read by hyper.
+        Hyper { #[pin] body: Incoming },
+        /// Read inline.
+        H1 { body: h1::ResponseBody },
+    }
+}
+
+impl From<Incoming> for Inbound {
+    fn from(body: Incoming) -> Self {
+        Self::Hyper { body }
+    }
+}
+
+impl From<h1::ResponseBody> for Inbound {
+    fn from(body: h1::ResponseBody) -> Self {
+        Self::H1 { body }
+    }
+}
+
+impl Body for Inbound {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    #[inline]
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            InboundProj::Hyper { body } => body.poll_frame(cx).map_err(Into::into),
+            InboundProj::H1 { body } => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    #[inline]
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper { body } => body.is_end_stream(),
+            Self::H1 { body } => body.is_end_stream(),
+        }
+    }
+
+    #[inline]
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Hyper { body } => body.size_hint(),
+            Self::H1 { body } => body.size_hint(),
+        }
+    }
+}
 
 pin_project! {
     /// A request body sent upstream: the downstream body streamed through, or a body a
@@ -168,7 +227,7 @@ pin_project! {
 pin_project! {
     #[project = ResponseInnerProj]
     enum ResponseInner {
-        Upstream { #[pin] body: Incoming },
+        Upstream { #[pin] body: Inbound },
         Local { #[pin] body: Full<Bytes> },
         Filtered { body: FilteredBody },
     }
@@ -186,7 +245,7 @@ impl ResponseInner {
 
 impl ResponseBody {
     /// An upstream response body streamed through.
-    pub fn upstream(body: Incoming, end: Option<Box<dyn StreamEnd>>) -> Self {
+    pub fn upstream(body: Inbound, end: Option<Box<dyn StreamEnd>>) -> Self {
         Self {
             inner: ResponseInner::Upstream { body },
             end,
@@ -232,7 +291,7 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         let polled = match this.inner.project() {
-            ResponseInnerProj::Upstream { body } => body.poll_frame(cx).map_err(BoxError::from),
+            ResponseInnerProj::Upstream { body } => body.poll_frame(cx),
             ResponseInnerProj::Local { body } => body.poll_frame(cx).map_err(|e| match e {}),
             ResponseInnerProj::Filtered { body } => Pin::new(body).poll_frame(cx),
         };
@@ -346,7 +405,7 @@ pub async fn settle(
 /// an error (the peer sees a reset); for requests the reply is kept for the request path.
 pub struct FilteredBody {
     /// The body being read; `None` once it ended.
-    inner: Option<Incoming>,
+    inner: Option<Inbound>,
     /// Frames ready to yield.
     ready: VecDeque<Frame<Bytes>>,
     /// The stream's chain (absent for a body that was filtered whole before it was sent).
@@ -367,7 +426,7 @@ impl FilteredBody {
     /// A filter may hold the body up to `hold_limit`.
     pub fn streaming(
         first: Bytes,
-        inner: Incoming,
+        inner: Inbound,
         filters: SharedFilterStream,
         direction: Direction,
         hold_limit: std::time::Duration,
@@ -478,7 +537,7 @@ impl Body for FilteredBody {
             let polled = match polled {
                 Some(Err(e)) => {
                     this.inner = None;
-                    return Poll::Ready(Some(Err(e.into())));
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Some(Ok(frame)) => Some(frame),
                 None => None,
@@ -520,7 +579,7 @@ pub enum Primed {
     /// The whole body went through the chain: its bytes and trailers.
     Whole(Bytes, Option<HeaderMap>),
     /// The first bytes came out of the chain; the rest is still to read.
-    Streaming(Bytes, Incoming),
+    Streaming(Bytes, Inbound),
 }
 
 /// Reads `body` through the chain's body callbacks until something comes out of the chain,
@@ -528,9 +587,9 @@ pub enum Primed {
 pub async fn prime(
     filters: &SharedFilterStream,
     direction: Direction,
-    mut body: Incoming,
+    mut body: Inbound,
     hold_limit: std::time::Duration,
-) -> Result<Primed, hyper::Error> {
+) -> Result<Primed, BoxError> {
     loop {
         let polled = body.frame().await.transpose()?;
         let ended = body.is_end_stream();

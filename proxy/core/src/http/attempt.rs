@@ -9,10 +9,9 @@ use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use http_body::Frame;
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 
 use super::{Early, Exchange, X_WEFT_ATTEMPT, X_WEFT_OVERLOADED, headers};
-use crate::body::{FilteredBody, RequestBody};
+use crate::body::{FilteredBody, Inbound, RequestBody};
 use crate::config::UpstreamProtocol;
 use crate::filter::{self, Attempt, AttemptError, Direction, ResponseDecision, RouteOverrides};
 use crate::upstream::{self, DispatchError};
@@ -35,7 +34,7 @@ impl Exchange {
         head: http::request::Parts,
         sendable: Sendable,
         route: &RouteOverrides,
-    ) -> Result<(http::response::Parts, Incoming), Early> {
+    ) -> Result<(http::response::Parts, Inbound), Early> {
         let cluster = self.target()?.clone();
         let index = self.cluster.unwrap_or_default();
         let (max_attempts, replay, mut once) = match sendable {
@@ -175,8 +174,8 @@ impl Exchange {
 /// The last attempt's response, or the proxy's answer as the filters left it.
 fn finish_attempts(
     rhead: http::response::Parts,
-    rbody: Option<Incoming>,
-) -> Result<(http::response::Parts, Incoming), Early> {
+    rbody: Option<Inbound>,
+) -> Result<(http::response::Parts, Inbound), Early> {
     match rbody {
         Some(body) => Ok((rhead, body)),
         None => Err(Early::Proxy(Box::new(rhead))),

@@ -18,10 +18,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{Request, Version, request, response};
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 
 use super::attempt::set_upstream_target;
-use crate::body::RequestBody;
+use crate::body::{Inbound, RequestBody};
 use crate::config::UpstreamProtocol;
 use crate::filter::{Callout, CalloutOutcome, CalloutResponse};
 use crate::upstream::{self, ClusterTable, Clusters, InFlight};
@@ -130,7 +129,7 @@ async fn exchange(
     mut head: request::Parts,
     body: RequestBody,
     deadline: Option<tokio::time::Instant>,
-) -> Result<(http::Response<Incoming>, InFlight), String> {
+) -> Result<(http::Response<Inbound>, InFlight), String> {
     let cluster = clusters
         .get(cluster)
         .ok_or_else(|| format!("no cluster `{cluster}`"))?;
@@ -153,7 +152,7 @@ pub struct Streaming {
     /// The response head.
     pub head: response::Parts,
     /// The response body, read as it arrives.
-    pub body: Incoming,
+    pub body: Inbound,
     in_flight: InFlight,
 }
 

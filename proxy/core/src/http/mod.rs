@@ -37,7 +37,7 @@ use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
-use crate::body::{FilteredBody, Primed, RequestBody, ResponseBody, prime};
+use crate::body::{FilteredBody, Inbound, Primed, RequestBody, ResponseBody, prime};
 use crate::clock;
 use crate::filter::{
     self, Direction, LocalReply, RequestDecision, RouteOverrides, SharedFilterStream, StreamInfo,
@@ -600,7 +600,7 @@ impl Exchange {
                 return Ok(RequestBody::incoming(body, idle));
             }
         };
-        match prime(&filters, Direction::Request, body, self.hold_limit()).await {
+        match prime(&filters, Direction::Request, body.into(), self.hold_limit()).await {
             Ok(Primed::Reply(reply)) => Err(Early::Filter {
                 reply: Box::new(reply),
                 close: true,
@@ -694,7 +694,7 @@ impl Exchange {
     async fn response_body(
         &mut self,
         mut rhead: http::response::Parts,
-        rbody: Incoming,
+        rbody: Inbound,
         downstream_upgrade: Option<OnUpgrade>,
     ) -> Result<Response<ResponseBody>, Early> {
         let switching = rhead.status == StatusCode::SWITCHING_PROTOCOLS;
@@ -857,8 +857,7 @@ impl Exchange {
 
 /// Whether `body` may end with trailers: an HTTP/1 body of known length cannot (trailers
 /// need chunked coding there); an HTTP/2 body always may.
-fn may_have_trailers(version: Version, body: &Incoming) -> bool {
-    use http_body::Body as _;
+fn may_have_trailers(version: Version, body: &impl http_body::Body) -> bool {
     version >= Version::HTTP_2 || body.size_hint().exact().is_none()
 }
 

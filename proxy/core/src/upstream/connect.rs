@@ -1,9 +1,10 @@
 //! Getting a request onto a connection to one endpoint: an idle pooled connection, a new one
 //! within `max_connections`, or one that frees up while the request waits as pending (within
-//! `max_pending_requests` and the connect timeout); HTTP/1.1 or HTTP/2.
+//! `max_pending_requests` and the connect timeout); HTTP/1.1 (a request with an empty body
+//! through the inline codec, [`h1`], any other through hyper's client) or HTTP/2.
 //!
 //! Slots are guards ([`ConnectionSlot`], [`PendingSlot`]): a connection's slot lives in its
-//! connection task, a pending request's place in its future, so a request whose client goes
+//! connection task (or its inline [`Conn`]), a pending request's place in its future, so a request whose client goes
 //! away while it connects or waits gives everything back.
 
 use std::io;
@@ -15,10 +16,11 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use super::h1::{self, Conn};
 use super::limits::ConnectionSlot;
-use super::pool as worker;
+use super::pool::{self as worker, Idle};
 use super::{Cluster, Endpoint, EndpointAddress, Limit};
-use crate::body::RequestBody;
+use crate::body::{BoxError, Inbound, RequestBody};
 use crate::clock;
 use crate::config::UpstreamProtocol;
 use crate::tls::Stream;
@@ -34,7 +36,7 @@ pub enum UpstreamError {
     Overflow(Limit),
     /// The connection failed after it was established (reset, protocol error, closed).
     #[error("upstream reset: {0}")]
-    Reset(#[source] hyper::Error),
+    Reset(#[source] BoxError),
     /// No response before the deadline.
     #[error("upstream request timeout")]
     Timeout,
@@ -60,7 +62,12 @@ pub struct PooledH1 {
 impl PooledH1 {
     /// Hands the connection back to this worker's pool.
     pub fn release(self) {
-        worker::put_h1(self.cluster, self.endpoint, self.sender, clock::now_ms());
+        worker::put_h1(
+            self.cluster,
+            self.endpoint,
+            Idle::Hyper(self.sender),
+            clock::now_ms(),
+        );
     }
 }
 
@@ -70,40 +77,57 @@ pub async fn send(
     cluster: &Arc<Cluster>,
     ep: &Endpoint,
     req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
+) -> Result<(Response<Inbound>, Option<PooledH1>), UpstreamError> {
     match cluster.protocol {
         UpstreamProtocol::Http1 => send_h1(cluster, ep, req).await,
-        UpstreamProtocol::Http2 => send_h2(cluster, ep, req).await.map(|r| (r, None)),
+        UpstreamProtocol::Http2 => send_h2(cluster, ep, req)
+            .await
+            .map(|r| (r.map(Inbound::from), None)),
     }
+}
+
+/// A connection for an HTTP/1.1 request: idle in the pool, or new.
+enum H1Conn {
+    Idle(Idle),
+    New(Stream, ConnectionSlot),
 }
 
 async fn send_h1(
     cluster: &Arc<Cluster>,
     ep: &Endpoint,
     mut req: Request<RequestBody>,
-) -> Result<(Response<Incoming>, Option<PooledH1>), UpstreamError> {
-    // A pooled connection the upstream closed meanwhile fails before the request is written;
-    // then the request comes back and goes out on another connection, without counting as
-    // an endpoint failure. Bounded: each round consumes a pooled connection or opens one.
+) -> Result<(Response<Inbound>, Option<PooledH1>), UpstreamError> {
+    let inline = h1::suits(&req);
+    // A pooled connection the upstream closed meanwhile fails before the request is written
+    // (hyper's client), or with nothing received (inline); then the request goes out on
+    // another connection, without counting as an endpoint failure (inline: only a method
+    // that may be replayed, `h1::replayable`). Bounded: each round consumes a pooled
+    // connection or opens one.
     for _ in 0..8 {
-        let mut sender = acquire_h1(cluster, ep).await?;
-        if sender.ready().await.is_err() {
-            continue;
-        }
-        match sender.try_send_request(req).await {
-            Ok(resp) => {
-                let pooled = PooledH1 {
-                    cluster: cluster.id,
-                    endpoint: ep.id,
-                    sender,
+        let (mut conn, reused) = match acquire_h1(cluster, ep, inline).await? {
+            H1Conn::Idle(Idle::Inline(conn)) if inline => (conn, true),
+            H1Conn::New(stream, slot) if inline => (Conn::new(stream, slot, ep.id), false),
+            acquired => {
+                let sender = match acquired {
+                    H1Conn::Idle(Idle::Hyper(sender)) => sender,
+                    // A request with a body on a connection last used inline.
+                    H1Conn::Idle(Idle::Inline(conn)) => conn.into_hyper().await.map_err(reset)?,
+                    H1Conn::New(stream, slot) => handshake_h1(stream, slot).await?,
                 };
-                return Ok((resp, Some(pooled)));
+                match send_hyper(cluster, ep, sender, req).await {
+                    Ok(sent) => return Ok(sent),
+                    Err(back) => {
+                        req = back?;
+                        continue;
+                    }
+                }
             }
-            Err(mut e) => match e.take_message() {
-                // The request was not written: safe to send again whatever the error.
-                Some(back) => req = back,
-                None => return Err(UpstreamError::Reset(e.into_error())),
-            },
+        };
+        conn.prepare(&req);
+        match conn.exchange(req.method().clone()).await {
+            Ok(resp) => return Ok((resp.map(Inbound::from), None)),
+            Err((_, false)) if reused && h1::replayable(req.method()) => continue,
+            Err((e, _)) => return Err(reset(e)),
         }
     }
     Err(UpstreamError::Connect(io::Error::other(
@@ -111,20 +135,55 @@ async fn send_h1(
     )))
 }
 
+fn reset(e: impl Into<BoxError>) -> UpstreamError {
+    UpstreamError::Reset(e.into())
+}
+
+/// Sends `req` through hyper's client on `sender`; `Err(Ok(req))`: the request was not
+/// written, and may go out on another connection.
+async fn send_hyper(
+    cluster: &Arc<Cluster>,
+    ep: &Endpoint,
+    mut sender: http1::SendRequest<RequestBody>,
+    req: Request<RequestBody>,
+) -> Result<(Response<Inbound>, Option<PooledH1>), Result<Request<RequestBody>, UpstreamError>> {
+    if sender.ready().await.is_err() {
+        return Err(Ok(req));
+    }
+    match sender.try_send_request(req).await {
+        Ok(resp) => {
+            let pooled = PooledH1 {
+                cluster: cluster.id,
+                endpoint: ep.id,
+                sender,
+            };
+            Ok((resp.map(Inbound::from), Some(pooled)))
+        }
+        Err(mut e) => match e.take_message() {
+            // The request was not written: safe to send again whatever the error.
+            Some(back) => Err(Ok(back)),
+            None => Err(Err(reset(e.into_error()))),
+        },
+    }
+}
+
 /// An idle pooled connection, a new one within `max_connections`, or one that frees up
 /// while pending (within `max_pending_requests` and the connect timeout).
 async fn acquire_h1(
     cluster: &Arc<Cluster>,
     ep: &Endpoint,
-) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
+    inline: bool,
+) -> Result<H1Conn, UpstreamError> {
     loop {
-        if let Some(s) =
-            worker::take_h1(cluster.id, ep.id, clock::now_ms(), cluster.idle_timeout_ms)
+        let now_ms = clock::now_ms();
+        if let Some(idle) =
+            worker::take_h1(cluster.id, ep.id, now_ms, cluster.idle_timeout_ms, inline)
         {
-            return Ok(s);
+            return Ok(H1Conn::Idle(idle));
         }
         if let Some(slot) = cluster.try_reserve_connection() {
-            return connect_h1(cluster, ep, slot).await;
+            let stream = connect_stream(cluster, ep, false).await?;
+            return Ok(H1Conn::New(stream, slot));
         }
         wait_for_connection(cluster).await?;
     }
@@ -199,17 +258,16 @@ pub(crate) async fn connect_stream(
     Err(UpstreamError::Connect(error))
 }
 
-/// Makes a new HTTP/1.1 connection in `slot`, which its connection task then holds.
-async fn connect_h1(
-    cluster: &Arc<Cluster>,
-    ep: &Endpoint,
+/// Makes a new HTTP/1.1 connection of hyper's client over `stream`, in `slot`, which its
+/// connection task then holds.
+async fn handshake_h1(
+    stream: Stream,
     slot: ConnectionSlot,
 ) -> Result<http1::SendRequest<RequestBody>, UpstreamError> {
-    let stream = connect_stream(cluster, ep, false).await?;
     let (sender, conn) = http1::Builder::new()
         .handshake::<_, RequestBody>(TokioIo::new(stream))
         .await
-        .map_err(UpstreamError::Reset)?;
+        .map_err(reset)?;
     tokio::spawn(async move {
         let _slot = slot;
         let _ = conn.with_upgrades().await;
@@ -236,8 +294,8 @@ async fn send_h2(
             }
         },
     };
-    sender.ready().await.map_err(UpstreamError::Reset)?;
-    sender.send_request(req).await.map_err(UpstreamError::Reset)
+    sender.ready().await.map_err(reset)?;
+    sender.send_request(req).await.map_err(reset)
 }
 
 /// Makes a new HTTP/2 connection in `slot`, which its connection task then holds.
@@ -252,7 +310,7 @@ async fn connect_h2(
     let (sender, conn) = builder
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(UpstreamError::Reset)?;
+        .map_err(reset)?;
     tokio::spawn(async move {
         let _slot = slot;
         let _ = conn.await;

@@ -34,6 +34,13 @@ pub struct ConnectionSlot {
     cluster: Arc<Cluster>,
 }
 
+impl ConnectionSlot {
+    /// The cluster the slot is counted in.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+}
+
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.cluster.connections.fetch_sub(1, Relaxed);

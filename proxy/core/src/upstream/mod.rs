@@ -7,6 +7,7 @@
 pub mod cluster;
 pub mod connect;
 pub mod endpoint;
+pub mod h1;
 pub mod lb;
 pub mod limits;
 pub mod outlier;
@@ -16,7 +17,6 @@ use std::io;
 use std::sync::Arc;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 
 pub use cluster::{
     Cluster, ClusterTable, Clusters, Endpoint, EndpointAddress, EndpointSet, EndpointSnapshot,
@@ -24,7 +24,7 @@ pub use cluster::{
 pub use connect::{PooledH1, UpstreamError};
 pub use limits::{EndpointRequest, Limit, RequestPermit};
 
-use crate::body::RequestBody;
+use crate::body::{BoxError, Inbound, RequestBody};
 use crate::clock;
 use crate::filter::AttemptError;
 
@@ -80,7 +80,7 @@ pub enum DispatchError {
     Connect(io::Error),
     /// The connection failed or was reset before a response.
     #[error("upstream reset: {0}")]
-    Reset(hyper::Error),
+    Reset(BoxError),
     /// No response before the deadline.
     #[error("upstream request timeout")]
     Timeout,
@@ -104,7 +104,7 @@ pub struct Dispatched {
     /// The endpoint the request was sent to.
     pub endpoint: Option<Arc<Endpoint>>,
     /// The response with what it holds, or why there is none.
-    pub outcome: Result<(Response<Incoming>, InFlight), DispatchError>,
+    pub outcome: Result<(Response<Inbound>, InFlight), DispatchError>,
 }
 
 /// Sends `req` to an endpoint of `cluster`: admits it under `max_requests`, picks an endpoint

@@ -11,12 +11,32 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use hyper::client::conn::{http1, http2};
 
 use crate::body::RequestBody;
+use crate::upstream::h1::Conn;
 use crate::upstream::lb::{LoadBalancer, new_balancer};
 use crate::upstream::{Cluster, ClusterTable, Endpoint, EndpointSet};
 
+/// An idle HTTP/1 connection: driven by hyper's client (its last request had a body) or
+/// inline (`h1.rs`).
+pub enum Idle {
+    /// hyper's client connection, its task reading the socket.
+    Hyper(http1::SendRequest<RequestBody>),
+    /// An inline connection (nothing reads it while it idles).
+    Inline(Box<Conn>),
+}
+
+impl Idle {
+    /// Whether the connection can carry another request.
+    fn is_usable(&mut self) -> bool {
+        match self {
+            Self::Hyper(sender) => !sender.is_closed(),
+            Self::Inline(conn) => conn.is_usable(),
+        }
+    }
+}
+
 /// An idle HTTP/1 connection in a pool.
 struct IdleH1 {
-    sender: http1::SendRequest<RequestBody>,
+    conn: Idle,
     since_ms: u64,
 }
 
@@ -158,36 +178,46 @@ pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<Arc<Endpoint>> {
 }
 
 /// Takes the most recently used idle HTTP/1 connection to an endpoint that is neither closed
-/// nor idle for longer than `idle_timeout_ms`.
+/// nor idle for longer than `idle_timeout_ms`: of the kind the request is best sent on
+/// (`inline`: an empty body, for the inline codec; else hyper's) if there is one, else of the
+/// other, so that a mix of requests keeps connections of both kinds instead of turning
+/// every one into hyper's.
 pub fn take_h1(
     cluster: u64,
     endpoint: u64,
     now_ms: u64,
     idle_timeout_ms: u64,
-) -> Option<http1::SendRequest<RequestBody>> {
+    inline: bool,
+) -> Option<Idle> {
     with_cluster(cluster, |wc| {
-        let pool = wc.pool(endpoint)?;
-        while let Some(idle) = pool.h1_idle.pop() {
-            if idle.sender.is_closed() || now_ms.saturating_sub(idle.since_ms) > idle_timeout_ms {
-                continue; // dropped: the connection task ends and releases its slot
+        let idle = &mut wc.pool(endpoint)?.h1_idle;
+        loop {
+            let i = idle
+                .iter()
+                .rposition(|c| matches!(c.conn, Idle::Inline(_)) == inline)
+                .or_else(|| idle.len().checked_sub(1))?;
+            let mut taken = idle.remove(i);
+            if now_ms.saturating_sub(taken.since_ms) > idle_timeout_ms || !taken.conn.is_usable() {
+                continue; // dropped: the connection closes and releases its slot
             }
-            return Some(idle.sender);
+            return Some(taken.conn);
         }
-        None
     })
     .flatten()
 }
 
 /// Returns an HTTP/1 connection whose last response was read to the end.
-pub fn put_h1(cluster: u64, endpoint: u64, sender: http1::SendRequest<RequestBody>, now_ms: u64) {
-    if sender.is_closed() {
+pub fn put_h1(cluster: u64, endpoint: u64, conn: Idle, now_ms: u64) {
+    if let Idle::Hyper(sender) = &conn
+        && sender.is_closed()
+    {
         return;
     }
     with_cluster(cluster, |wc| {
         // An endpoint that left the cluster has no pool: its connection closes.
         if let Some(pool) = wc.pool(endpoint) {
             pool.h1_idle.push(IdleH1 {
-                sender,
+                conn,
                 since_ms: now_ms,
             })
         }
