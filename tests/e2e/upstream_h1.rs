@@ -22,6 +22,8 @@ use crate::config;
 fn script(path: &str) -> Option<&'static [u8]> {
     Some(match path {
         "/len" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-way: len\r\n\r\nhello",
+        // Kept alive, then closed by the upstream 200 ms later.
+        "/then-close" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
         "/chunked" => {
             b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n4;x=y\r\ndefg\r\n0\r\nx-trailer: t\r\n\r\n"
         }
@@ -108,6 +110,10 @@ async fn serve(mut s: TcpStream, drop_after: usize) {
         }
         if path == "/big" {
             let _ = s.write_all(&vec![b'x'; 300_000]).await;
+        }
+        if path == "/then-close" {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            return;
         }
         if matches!(
             path.as_str(),
@@ -305,4 +311,34 @@ async fn a_pooled_connection_the_upstream_dropped_is_replaced_for_a_replayable_r
         Some(1.0),
         "only the POST failed: {stats}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_the_upstream_closed_gives_its_slot_back_without_a_request() {
+    let up = Scripted::start(usize::MAX).await;
+    let proxy = ProxyProcess::start_with(&config("", "", &endpoint(&up)), 1).await;
+    let client = h1_client();
+    let got = get(&client, &proxy.url("/then-close")).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (200, "ok"));
+    let active = |stats: &str| {
+        metric_value(stats, "weft_upstream_connections_active{cluster=\"svc\"}").unwrap_or(-1.0)
+    };
+    // Nothing reads an idle inline connection; the worker's sweep sees the close (within a
+    // second or two) and lets the connection and its `max_connections` slot go.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let stats = proxy.stats().await;
+        if active(&stats) == 0.0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the closed idle connection is still counted: {}",
+            active(&stats)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = get(&client, &proxy.url("/len")).await.unwrap();
+    assert_eq!((got.status, got.body.as_str()), (200, "hello"));
+    assert_eq!(up.connections(), 2);
 }

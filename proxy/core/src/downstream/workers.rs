@@ -56,12 +56,20 @@ async fn run_worker(spec: WorkerSpec) {
     // earlier than every other one (tokio-rs/tokio#5207): on a quiet worker that is every
     // request's timeout, one extra syscall per request. A periodic timer that always fires
     // before any request timeout keeps new request timers from ever being the earliest.
+    // The same tick closes idle upstream connections that expired or were closed by their
+    // upstream, once a second (`pool::sweep_idle`).
     let anchor = spec.timer_anchor;
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(anchor);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut next_sweep_ms = 0;
         loop {
             tick.tick().await;
+            let now_ms = crate::clock::now_ms();
+            if now_ms >= next_sweep_ms {
+                worker::sweep_idle(now_ms);
+                next_sweep_ms = now_ms + 1000;
+            }
         }
     });
     let conns = ConnCounter::default();

@@ -51,6 +51,8 @@ struct EndpointPool {
 struct WorkerCluster {
     /// The endpoint set generation the balancer was built for.
     generation: u64,
+    /// The cluster's idle timeout (a cluster whose settings change is a new cluster).
+    idle_timeout_ms: u64,
     balancer: Box<dyn LoadBalancer>,
     /// Pools by endpoint id, for the endpoints of `generation` (a map: a cluster may have
     /// thousands of endpoints, and every request looks its endpoint's pool up twice; keyed by
@@ -59,9 +61,10 @@ struct WorkerCluster {
 }
 
 impl WorkerCluster {
-    fn new(set: &EndpointSet, policy: crate::config::LbPolicy) -> Self {
+    fn new(set: &EndpointSet, policy: crate::config::LbPolicy, idle_timeout_ms: u64) -> Self {
         Self {
             generation: set.generation,
+            idle_timeout_ms,
             balancer: new_balancer(policy, &set.list),
             pools: set
                 .list
@@ -74,7 +77,7 @@ impl WorkerCluster {
     /// Follows a new endpoint set: a new balancer, the pools of endpoints that stay kept,
     /// those of removed endpoints dropped (their connections close).
     fn follow(&mut self, set: &EndpointSet, policy: crate::config::LbPolicy) {
-        let mut next = Self::new(set, policy);
+        let mut next = Self::new(set, policy, self.idle_timeout_ms);
         for (id, pool) in &mut next.pools {
             if let Some(old) = self.pools.remove(id) {
                 *pool = old;
@@ -158,10 +161,9 @@ pub fn pick(cluster: &Cluster, now_ms: u64) -> Option<Arc<Endpoint>> {
         let mut w = w.borrow_mut();
         let w = w.as_mut()?;
         w.prune();
-        let wc = w
-            .clusters
-            .entry(cluster.id)
-            .or_insert_with(|| WorkerCluster::new(&set, cluster.lb_policy));
+        let wc = w.clusters.entry(cluster.id).or_insert_with(|| {
+            WorkerCluster::new(&set, cluster.lb_policy, cluster.idle_timeout_ms)
+        });
         if wc.generation != set.generation {
             wc.follow(&set, cluster.lb_policy);
         }
@@ -204,6 +206,27 @@ pub fn take_h1(
         }
     })
     .flatten()
+}
+
+/// Closes this worker's idle HTTP/1 connections that were idle past their cluster's idle
+/// timeout or that the upstream closed, giving back their `max_connections` slots. An
+/// inline connection has no task watching it while it idles, so its upstream's close is
+/// seen here (the worker runs this every second) or when it is taken.
+pub fn sweep_idle(now_ms: u64) {
+    WORKER.with(|w| {
+        let mut w = w.borrow_mut();
+        let Some(w) = w.as_mut() else {
+            return;
+        };
+        for wc in w.clusters.values_mut() {
+            let timeout = wc.idle_timeout_ms;
+            for pool in wc.pools.values_mut() {
+                pool.h1_idle.retain_mut(|idle| {
+                    now_ms.saturating_sub(idle.since_ms) <= timeout && idle.conn.is_usable()
+                });
+            }
+        }
+    });
 }
 
 /// Returns an HTTP/1 connection whose last response was read to the end.
