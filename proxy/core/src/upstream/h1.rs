@@ -67,6 +67,9 @@ pub enum H1Error {
     /// The response head is larger than the proxy accepts.
     #[error("upstream response head too large")]
     TooLarge,
+    /// The response head has more header fields than the proxy accepts.
+    #[error("upstream response head has too many header fields")]
+    TooManyHeaders,
     /// The body ended before its framing said it would.
     #[error("upstream closed the connection before the body ended")]
     BodyClosed,
@@ -80,7 +83,7 @@ impl From<httparse::Error> for H1Error {
             httparse::Error::NewLine => "invalid line ending",
             httparse::Error::Status => "invalid status",
             httparse::Error::Token => "invalid token",
-            httparse::Error::TooManyHeaders => TOO_MANY_HEADERS,
+            httparse::Error::TooManyHeaders => return Self::TooManyHeaders,
             httparse::Error::Version => "invalid version",
         })
     }
@@ -296,12 +299,10 @@ fn parse(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1Error>
     // Room for a few header fields first (most heads have fewer than 16, and the room is
     // set up on every parse), for up to MAX_HEADERS when that is not enough.
     match parse_with::<16>(buf, method) {
-        Err(H1Error::Invalid(TOO_MANY_HEADERS)) => parse_with::<MAX_HEADERS>(buf, method),
+        Err(H1Error::TooManyHeaders) => parse_with::<MAX_HEADERS>(buf, method),
         parsed => parsed,
     }
 }
-
-const TOO_MANY_HEADERS: &str = "too many headers";
 
 fn parse_with<const N: usize>(
     buf: &mut BytesMut,
