@@ -509,3 +509,45 @@ async fn under_a_connection_flood_the_proxy_sheds_and_keeps_serving() {
         read_until(s, &mut seen, "HTTP/1.1 200").await;
     }
 }
+
+/// The proxy's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_that_send_nothing_cost_only_their_accept_until_they_speak() {
+    let up = Upstream::start("svc").await;
+    let proxy = ProxyProcess::start_with(&config("", "", &eps(&[&up])), 1).await;
+    // Warm: the worker's first request allocates what every later one reuses.
+    raw_request(
+        proxy.addr,
+        b"GET /warm HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(proxy.pid());
+    let mut silent = Vec::new();
+    for _ in 0..400 {
+        silent.push(TcpStream::connect(proxy.addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let per_conn = (rss_kib(proxy.pid()).saturating_sub(before) * 1024) / 400;
+    // An accept task and its socket are a few KB; the HTTP server's state (a request's
+    // future, read buffers) is over 10 KB, and must wait for the first bytes.
+    assert!(per_conn < 6 * 1024, "{per_conn} bytes a silent connection");
+    // They are served once they speak.
+    for s in silent.iter_mut().take(5) {
+        s.write_all(b"GET /late HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(closed_within(s, Duration::from_secs(5)).await.is_some());
+    }
+    assert_eq!(up.hits(), 6);
+}

@@ -186,3 +186,34 @@ async fn requests_abandoned_during_a_filter_callout_release_the_callout_counts()
     );
     assert_eq!(auth.hits(), 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_closes_its_connection_mid_request_cancels_it() {
+    // Three HTTP/1.1 GETs on connections of their own (served by the inline server), each
+    // closed by its client 300 ms in, while the upstream takes 3 s to answer.
+    let up = Upstream::start_slow("svc", Duration::from_secs(3)).await;
+    let cfg = config("", "", &eps(&[&up]));
+    let proxy = ProxyProcess::start(&cfg).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let req = format!("GET /slow/{i} HTTP/1.1\r\nhost: svc\r\n\r\n");
+        tokio::io::AsyncWriteExt::write_all(&mut s, req.as_bytes())
+            .await
+            .unwrap();
+        clients.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, _, active, _) = counts(&proxy, "svc").await;
+    assert_eq!(active, 3, "the requests did not reach the cluster");
+    let left = Instant::now();
+    drop(clients);
+    // Released when the clients leave, not when the upstream would have answered.
+    let (_, pending, active, endpoint_active) = settled(&proxy, "svc").await;
+    assert_eq!((pending, active, endpoint_active), (0, 0, 0));
+    assert!(
+        left.elapsed() < Duration::from_secs(2),
+        "released only after {:?}",
+        left.elapsed()
+    );
+}

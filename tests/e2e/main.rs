@@ -9,6 +9,7 @@ mod capture;
 mod compose;
 mod control;
 mod dns;
+mod downstream_h1;
 mod drain;
 mod etcd;
 mod fault;

@@ -24,6 +24,31 @@ use pin_project_lite::pin_project;
 /// A boxed error crossing the body boundary.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// A request body as the downstream server hands it over: hyper's, or none (a request the
+/// inline HTTP/1.1 server read: it serves only requests without a body).
+pub enum DownstreamBody {
+    /// Read by hyper.
+    Hyper(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl DownstreamBody {
+    /// Whether nothing more will come of it.
+    pub fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Hyper(body) => body.is_end_stream(),
+            Self::Empty => true,
+        }
+    }
+}
+
+impl From<Incoming> for DownstreamBody {
+    fn from(body: Incoming) -> Self {
+        Self::Hyper(body)
+    }
+}
+
 pin_project! {
     /// A body the proxy reads from a peer: hyper's (a downstream request, an upstream
     /// response over HTTP/2 or through hyper's HTTP/1.1 client) or an upstream response read

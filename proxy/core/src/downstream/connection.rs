@@ -2,17 +2,22 @@
 //! graceful close when the proxy drains).
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::h1;
 use super::transport::{DownstreamIo, Transport};
 use super::workers::{ConnCounter, ConnGuard, drained};
 use crate::clock;
@@ -31,8 +36,11 @@ pub struct ListenerRuntime {
     pub(super) idle_timeout_ms: u64,
     /// The request-headers timeout, if on.
     pub(super) headers_timeout: Option<Duration>,
-    /// Whether to scan HTTP/1 request framing (not on HTTP/2-only listeners).
+    /// Whether to scan HTTP/1 request framing (not on HTTP/2-only listeners); HTTP/1
+    /// connections start on the inline server then.
     scan_framing: bool,
+    /// The largest request head, in bytes.
+    max_head: usize,
     /// TLS, if the listener has it.
     pub(super) tls: Option<Arc<ServerTls>>,
     /// The protocols it accepts.
@@ -75,6 +83,7 @@ impl ListenerRuntime {
             headers_timeout: (cfg.request_headers_timeout_ms > 0)
                 .then(|| Duration::from_millis(cfg.request_headers_timeout_ms)),
             scan_framing: cfg.protocol != DownstreamProtocol::Http2,
+            max_head: cfg.max_request_header_bytes,
             tls,
             protocol: cfg.protocol,
             capture: cfg.capture.clone(),
@@ -366,26 +375,47 @@ pub(super) async fn serve_connection(
 
     let shared =
         Arc::new(ConnShared::new(listener.ctx.clone(), peer, local, peer_tls).routed_to(route));
-    let io = TokioIo::new(DownstreamIo::new(
-        stream,
-        shared.clone(),
-        listener.scan_framing,
-        listener.headers_timeout.map(|limit| (limit, accepted)),
-    ));
-    let svc_shared = shared.clone();
-    let service = service_fn(move |req| {
-        let conn = svc_shared.clone();
-        async move { proxy::handle(conn, req).await }
-    });
-    let conn = listener.builder.serve_connection_with_upgrades(io, service);
-    tokio::pin!(conn);
+    // hyper's server, from the connection's start or from the head the inline server left.
+    let hyper_from = |stream: Stream, prefix: Bytes, head_started: tokio::time::Instant| {
+        let io = TokioIo::new(
+            DownstreamIo::new(
+                stream,
+                shared.clone(),
+                listener.scan_framing,
+                listener.headers_timeout.map(|limit| (limit, head_started)),
+            )
+            .with_prefix(prefix),
+        );
+        let svc_shared = shared.clone();
+        let service = service_fn(move |req: Request<Incoming>| {
+            let conn = svc_shared.clone();
+            async move { proxy::handle(conn, req.map(Into::into)).await }
+        });
+        Box::pin(listener.builder.serve_connection_with_upgrades(io, service))
+    };
+    let signals = h1::Signals::default();
+    let mut serving = if listener.scan_framing {
+        let limits = h1::Limits {
+            max_head: listener.max_head,
+            headers_timeout: listener.headers_timeout,
+        };
+        Serving::Inline(Box::pin(h1::serve(
+            stream,
+            shared.clone(),
+            limits,
+            accepted,
+            &signals,
+        )))
+    } else {
+        Serving::Hyper(hyper_from(stream, Bytes::new(), accepted))
+    };
 
     let idle_ms = listener.idle_timeout_ms;
     let idle = tokio::time::sleep(Duration::from_millis(idle_ms));
     tokio::pin!(idle);
     let mut closing = false;
     if *drain.borrow_and_update() {
-        conn.as_mut().graceful_shutdown();
+        serving.graceful_shutdown(&signals);
         closing = true;
     }
     // The control futures (pressure, close, drain, idle) are polled only when one of them
@@ -400,8 +430,17 @@ pub(super) async fn serve_connection(
             tokio::pin!(pressure_changed, close, drain_now);
             control.armed();
             std::future::poll_fn(|cx| {
-                if let Poll::Ready(res) = conn.as_mut().poll(cx) {
-                    return Poll::Ready(Event::Ended(res));
+                match &mut serving {
+                    Serving::Inline(inline) => {
+                        if let Poll::Ready(out) = inline.as_mut().poll(cx) {
+                            return Poll::Ready(Event::Inline(out));
+                        }
+                    }
+                    Serving::Hyper(conn) => {
+                        if let Poll::Ready(res) = conn.as_mut().poll(cx) {
+                            return Poll::Ready(Event::Ended(res));
+                        }
+                    }
                 }
                 if !control.woken(cx.waker()) {
                     return Poll::Pending;
@@ -427,6 +466,20 @@ pub(super) async fn serve_connection(
             .await
         };
         match event {
+            Event::Inline(h1::Outcome::Closed) => break,
+            Event::Inline(h1::Outcome::Handoff {
+                io,
+                prefix,
+                head_started,
+            }) => {
+                // hyper and the framing scanner take over at the head the inline server left:
+                // for them it is the connection's first.
+                shared.heads.store(0, Relaxed);
+                serving = Serving::Hyper(hyper_from(io, prefix, head_started));
+                if closing {
+                    serving.graceful_shutdown(&signals);
+                }
+            }
             Event::Ended(res) => {
                 if let Err(e) = res {
                     tracing::debug!(listener = %listener.ctx.name, %peer, "connection ended: {e}");
@@ -454,14 +507,14 @@ pub(super) async fn serve_connection(
                 if !closing {
                     // Its last request: HTTP/1.1 answers it with `connection: close`,
                     // HTTP/2 sends GOAWAY and finishes the streams open.
-                    conn.as_mut().graceful_shutdown();
+                    serving.graceful_shutdown(&signals);
                     closing = true;
                 }
             }
             Event::Drained => {
                 // HTTP/1: finish the request in flight, answer with `connection: close`;
                 // HTTP/2: GOAWAY, let open streams finish.
-                conn.as_mut().graceful_shutdown();
+                serving.graceful_shutdown(&signals);
                 closing = true;
             }
             Event::Idle => {
@@ -479,7 +532,7 @@ pub(super) async fn serve_connection(
                         // slot up too.
                         break;
                     }
-                    conn.as_mut().graceful_shutdown();
+                    serving.graceful_shutdown(&signals);
                     closing = true;
                 } else {
                     let left = limit.saturating_sub(idle_for).max(1);
@@ -494,8 +547,36 @@ pub(super) async fn serve_connection(
     shared.tunnels_closed().await;
 }
 
+/// What serves a connection: the inline HTTP/1.1 server, then (from a request it does not
+/// serve on) hyper's.
+enum Serving<I, H> {
+    Inline(Pin<Box<I>>),
+    Hyper(Pin<Box<H>>),
+}
+
+impl<I, T, S, E, B> Serving<I, auto::UpgradeableConnection<'_, T, S, E>>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    T: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: auto::HttpServerConnExec<S::Future, B>,
+{
+    /// Closes gracefully: HTTP/1.1 after the exchange in flight (with `connection: close`),
+    /// HTTP/2 with GOAWAY.
+    fn graceful_shutdown(&mut self, signals: &h1::Signals) {
+        match self {
+            Self::Inline(_) => signals.close(),
+            Self::Hyper(conn) => conn.as_mut().graceful_shutdown(),
+        }
+    }
+}
+
 /// What ended one wait of the serve loop.
 enum Event {
+    /// The inline server ended, or handed the connection to hyper.
+    Inline(h1::Outcome),
     /// The connection ended (with hyper's error, if any).
     Ended(Result<(), Box<dyn std::error::Error + Send + Sync>>),
     /// The overload level changed (`false`: its sender is gone).

@@ -195,6 +195,26 @@ impl HeadClock {
         }
     }
 
+    /// For a reader that parses HTTP/1.1 heads itself (the inline server): a head is under
+    /// way and incomplete. Its deadline starts now if none runs; `Err` once it has passed.
+    pub fn head_pending(&mut self) -> Result<(), std::io::Error> {
+        self.mode = Mode::Http1;
+        match &self.deadline {
+            Some(d) if Instant::now() >= d.deadline() => Err(timed_out()),
+            Some(_) => Ok(()),
+            None => {
+                self.deadline = Some(Box::pin(tokio::time::sleep(self.limit)));
+                Ok(())
+            }
+        }
+    }
+
+    /// The same: the head under way arrived whole; no deadline runs until the next one.
+    pub fn head_done(&mut self) {
+        self.mode = Mode::Http1;
+        self.deadline = None;
+    }
+
     /// When the head under way must be complete, if one is.
     pub fn deadline(&self) -> Option<Instant> {
         self.deadline.as_ref().map(|d| d.deadline())

@@ -1,5 +1,6 @@
 //! The downstream side: listening sockets ([`bind`]), worker threads and their runtimes
-//! ([`workers`]), accepted connections and their serve loop ([`connection`]), and the byte
+//! ([`workers`]), accepted connections and their serve loop ([`connection`]), the inline
+//! HTTP/1.1 server that serves their requests until one needs hyper's ([`h1`]), and the byte
 //! stream a connection runs over ([`transport`]: where TLS and TCP plug in) with its
 //! request-headers timeout ([`head_clock`]). Requests go on
 //! to the request path ([`crate::http`]).
@@ -7,6 +8,7 @@
 pub mod bind;
 pub mod capture;
 pub mod connection;
+pub mod h1;
 pub mod head_clock;
 pub mod transport;
 pub mod workers;

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -27,7 +28,8 @@ pub trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     /// Disables Nagle's algorithm where the transport has it.
     fn set_nodelay(&self, nodelay: bool) -> io::Result<()>;
     /// Ready once the peer has sent something (or closed, or the socket failed): a new
-    /// connection waits for it before the HTTP server is set up.
+    /// connection waits for it before the HTTP server is set up. Confirmed by a peek: tokio
+    /// takes a newly registered socket for ready before any event says so.
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
 }
 
@@ -41,7 +43,7 @@ impl Transport for TcpStream {
     }
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        TcpStream::poll_read_ready(self, cx)
+        peek_ready(self, cx)
     }
 }
 
@@ -55,8 +57,17 @@ impl Transport for Stream {
     }
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.tcp().poll_read_ready(cx)
+        peek_ready(self.tcp(), cx)
     }
+}
+
+/// Ready when a byte can be read from `tcp` (or it reached its end, or failed), by a peek
+/// that takes nothing from it; a peek that finds nothing clears the socket's readiness and
+/// waits for the reactor's next event.
+fn peek_ready(tcp: &TcpStream, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    tcp.poll_peek(cx, &mut buf).map_ok(|_| ())
 }
 
 pin_project! {
@@ -71,6 +82,8 @@ pin_project! {
         scanner: Option<Box<FramingScanner>>,
         shared: Arc<ConnShared>,
         heads: Option<HeadClock>,
+        // Read before this wrapper existed (by the inline server): served first.
+        prefix: Bytes,
     }
 }
 
@@ -89,7 +102,15 @@ impl<T: Transport> DownstreamIo<T> {
             scanner: scan.then(Box::default),
             shared,
             heads: heads.map(|(limit, accepted)| HeadClock::new(limit, accepted, !scan)),
+            prefix: Bytes::new(),
         }
+    }
+
+    /// The same, serving `prefix` (bytes already read from `stream`) before reading more;
+    /// they are scanned and timed as if read now.
+    pub fn with_prefix(mut self, prefix: Bytes) -> Self {
+        self.prefix = prefix;
+        self
     }
 }
 
@@ -101,7 +122,10 @@ impl<T: Transport> AsyncRead for DownstreamIo<T> {
     ) -> Poll<io::Result<()>> {
         let this = self.project();
         let before = buf.filled().len();
-        if this.stream.poll_read(cx, buf)?.is_pending() {
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+        } else if this.stream.poll_read(cx, buf)?.is_pending() {
             // A client that stops halfway through a head is cut when its time is up.
             if let Some(clock) = this.heads.as_mut()
                 && let Poll::Ready(e) = clock.poll_expired(cx)

@@ -34,10 +34,11 @@ use http::header::{self, HeaderName};
 use http::{Request, Response, StatusCode, Version};
 use http_body::Body as _;
 use http_body_util::BodyExt as _;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 
-use crate::body::{FilteredBody, Inbound, Primed, RequestBody, ResponseBody, prime};
+use crate::body::{
+    DownstreamBody, FilteredBody, Inbound, Primed, RequestBody, ResponseBody, prime,
+};
 use crate::clock;
 use crate::filter::{
     self, Direction, LocalReply, RequestDecision, RouteOverrides, SharedFilterStream, StreamInfo,
@@ -275,7 +276,7 @@ pub struct StreamReset;
 /// reset the stream.
 pub async fn handle(
     conn: Arc<ConnShared>,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
 ) -> Result<Response<ResponseBody>, StreamReset> {
     let mut ex = Exchange::start(conn, req.version());
     let resp = match ex.run(req).await {
@@ -399,7 +400,7 @@ impl Exchange {
     }
 
     /// The phases, in order.
-    async fn run(&mut self, req: Request<Incoming>) -> Result<Response<ResponseBody>, Early> {
+    async fn run(&mut self, req: Request<DownstreamBody>) -> Result<Response<ResponseBody>, Early> {
         let (mut head, body) = req.into_parts();
         self.admit(&head)?;
         self.tap = crate::tap::probe(&head);
@@ -551,8 +552,12 @@ impl Exchange {
     async fn request_body(
         &mut self,
         head: &mut http::request::Parts,
-        mut body: Incoming,
+        body: DownstreamBody,
     ) -> Result<RequestBody, Early> {
+        let mut body = match body {
+            DownstreamBody::Hyper(body) => body,
+            DownstreamBody::Empty => return Ok(RequestBody::empty()),
+        };
         let filters = match &self.filters {
             Some(f)
                 if !body.is_end_stream()

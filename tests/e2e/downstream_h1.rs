@@ -1,0 +1,146 @@
+//! The inline HTTP/1.1 server (`proxy/core/src/downstream/h1.rs`): requests without a body
+//! are served by the connection's own task until one needs hyper's server, which then takes
+//! the connection from that request's head on. Pipelined requests survive the hand-off in
+//! order, and the framing scanner judges the handed-off heads as before (a request with both
+//! `content-length` and `transfer-encoding` is refused, never forwarded).
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_tests::*;
+
+use crate::{config, eps};
+
+/// Writes `bytes` on a new connection to `proxy` and reads until the proxy closes it.
+async fn exchange(proxy: &ProxyProcess, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("the proxy closed the connection")
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_requests_are_answered_in_order_across_the_hand_off_to_hyper() {
+    let up = Upstream::start("svc").await;
+    let proxy = ProxyProcess::start(&config("", "", &eps(&[&up]))).await;
+    // Sent in one write: two served inline, a POST with a body (hyper's from here on, with
+    // what followed it already read), and a last GET that closes the connection.
+    let out = exchange(
+        &proxy,
+        b"GET /one HTTP/1.1\r\nhost: svc\r\n\r\n\
+          HEAD /two HTTP/1.1\r\nhost: svc\r\n\r\n\
+          POST /three HTTP/1.1\r\nhost: svc\r\ncontent-length: 7\r\n\r\npayload\
+          GET /four HTTP/1.1\r\nhost: svc\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 4, "{out}");
+    let at = |needle: &str| {
+        out.find(needle)
+            .unwrap_or_else(|| panic!("no {needle} in {out}"))
+    };
+    assert!(at("\"/one\"") < at("\"/three\""), "{out}");
+    assert!(at("\"/three\"") < at("\"/four\""), "{out}");
+    assert!(
+        !out.contains("\"/two\""),
+        "a HEAD response carried a body: {out}"
+    );
+    assert!(out.contains("payload"), "the POST body was lost: {out}");
+    // Every answer has a date; the last says it closes.
+    assert_eq!(out.matches("\r\ndate: ").count(), 4, "{out}");
+    let last = &out[at("\"/three\"")..];
+    assert!(last.contains("\r\nconnection: close\r\n"), "{out}");
+    assert_eq!(up.hits(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_framing_after_requests_served_inline_is_refused_and_never_forwarded() {
+    let up = Upstream::start("svc").await;
+    let proxy = ProxyProcess::start(&config("", "", &eps(&[&up]))).await;
+    // Two requests served inline, then one carrying both content-length and
+    // transfer-encoding: hyper and the framing scanner take over at its head.
+    let out = exchange(
+        &proxy,
+        b"GET /a HTTP/1.1\r\nhost: svc\r\n\r\n\
+          GET /b HTTP/1.1\r\nhost: svc\r\n\r\n\
+          POST /smuggle HTTP/1.1\r\nhost: svc\r\ncontent-length: 4\r\n\
+          transfer-encoding: chunked\r\n\r\n0\r\n\r\n\
+          GET /hidden HTTP/1.1\r\nhost: svc\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+    assert!(out.contains("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+    assert!(
+        !out.contains("/smuggle") && !out.contains("/hidden"),
+        "{out}"
+    );
+    assert_eq!(
+        up.hits(),
+        2,
+        "the ambiguous request (or what followed) went upstream"
+    );
+    // The same on a connection's first request (hyper from the start).
+    let out = exchange(
+        &proxy,
+        b"POST /smuggle HTTP/1.1\r\nhost: svc\r\ncontent-length: 4\r\n\
+          transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+    assert_eq!(up.hits(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_dribbled_after_requests_served_inline_is_cut_at_the_request_headers_timeout() {
+    let up = Upstream::start("svc").await;
+    let cfg = config("    request_headers_timeout_ms: 600", "", &eps(&[&up]));
+    let proxy = ProxyProcess::start(&cfg).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut seen, "\"/a\"").await;
+    // The next head, a few bytes every 200 ms: cut 600 ms after its first byte.
+    let started = std::time::Instant::now();
+    let mut cut = false;
+    for piece in [
+        "GET /b HT",
+        "TP/1.1\r\n",
+        "host: s",
+        "vc\r\n",
+        "x-a: 1\r\n",
+        "x-b: 2\r\n",
+    ] {
+        if s.write_all(piece.as_bytes()).await.is_err() {
+            cut = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(
+        cut || matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "the connection stayed open"
+    );
+    assert!(
+        !String::from_utf8_lossy(&rest).contains("\"/b\""),
+        "the slow head was served"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let stats = proxy.stats().await;
+    assert_eq!(
+        metric_value(
+            &stats,
+            "weft_downstream_request_headers_timeouts_total{listener=\"ingress\"}"
+        ),
+        Some(1.0),
+        "{stats}"
+    );
+    assert_eq!(up.hits(), 1);
+}
