@@ -144,3 +144,101 @@ async fn a_head_dribbled_after_requests_served_inline_is_cut_at_the_request_head
     );
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_with_more_fields_than_the_listener_allows_is_431_and_never_forwarded() {
+    let up = Upstream::start("svc").await;
+    let proxy = ProxyProcess::start(&config("    max_request_headers: 4", "", &eps(&[&up]))).await;
+    let out = exchange(
+        &proxy,
+        b"GET /few HTTP/1.1\r\nhost: svc\r\n\r\n\
+          GET /many HTTP/1.1\r\nhost: svc\r\na: 1\r\nb: 2\r\nc: 3\r\nd: 4\r\ne: 5\r\n\r\n",
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+    assert!(
+        out.contains("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{out}"
+    );
+    assert!(!out.contains("/many"), "{out}");
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_request_handed_to_hyper_after_a_slow_one_gets_its_own_head_time() {
+    // The first answer takes longer than the request-headers timeout; the POST behind it
+    // (already read) must not be cut as a head that took that long.
+    let up = Upstream::start("svc").await;
+    let cfg = config("    request_headers_timeout_ms: 500", "", &eps(&[&up]));
+    let proxy = ProxyProcess::start(&cfg).await;
+    let out = exchange(
+        &proxy,
+        b"GET /delay/900 HTTP/1.1\r\nhost: svc\r\n\r\n\
+          POST /after HTTP/1.1\r\nhost: svc\r\ncontent-length: 5\r\nconnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+    assert!(out.contains("hello"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_during_a_streamed_response_releases_the_upstream_at_once() {
+    // An upstream that sends a head and one chunk, then nothing: it notes when the proxy
+    // closes its connection.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut seen = Vec::new();
+        read_until(&mut s, &mut seen, "\r\n\r\n").await;
+        s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf)).await;
+        let _ = closed_tx.send(matches!(closed, Ok(Ok(0) | Err(_))));
+    });
+    let proxy = ProxyProcess::start(&config("", "", &[(addr.to_string(), 1)])).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /events HTTP/1.1\r\nhost: svc\r\n\r\n")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut seen, "abc").await;
+    let left = std::time::Instant::now();
+    drop(s);
+    let closed = tokio::time::timeout(Duration::from_secs(5), closed_rx)
+        .await
+        .expect("the upstream connection was still open 5 s after the client left")
+        .unwrap();
+    assert!(closed, "the upstream connection was not closed");
+    assert!(
+        left.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        left.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_with_part_of_a_head_closes_at_the_idle_timeout() {
+    // No request-headers timeout: the idle timeout is what ends a connection that stalls
+    // partway through its next head.
+    let up = Upstream::start("svc").await;
+    let cfg = config(
+        "    request_headers_timeout_ms: 0\n    idle_timeout_ms: 500",
+        "",
+        &eps(&[&up]),
+    );
+    let proxy = ProxyProcess::start(&cfg).await;
+    let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nhost: svc\r\n\r\nGET /b HTTP/1.1\r\nx-half:")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    read_until(&mut s, &mut seen, "\"/a\"").await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open 5 s after a 500 ms idle timeout");
+    assert_eq!(up.hits(), 1);
+}

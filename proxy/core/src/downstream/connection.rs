@@ -41,6 +41,8 @@ pub struct ListenerRuntime {
     scan_framing: bool,
     /// The largest request head, in bytes.
     max_head: usize,
+    /// The most header fields a request head may have.
+    max_headers: usize,
     /// TLS, if the listener has it.
     pub(super) tls: Option<Arc<ServerTls>>,
     /// The protocols it accepts.
@@ -84,6 +86,7 @@ impl ListenerRuntime {
                 .then(|| Duration::from_millis(cfg.request_headers_timeout_ms)),
             scan_framing: cfg.protocol != DownstreamProtocol::Http2,
             max_head: cfg.max_request_header_bytes,
+            max_headers: cfg.max_request_headers,
             tls,
             protocol: cfg.protocol,
             capture: cfg.capture.clone(),
@@ -397,6 +400,7 @@ pub(super) async fn serve_connection(
     let mut serving = if listener.scan_framing {
         let limits = h1::Limits {
             max_head: listener.max_head,
+            max_headers: listener.max_headers,
             headers_timeout: listener.headers_timeout,
         };
         Serving::Inline(Box::pin(h1::serve(

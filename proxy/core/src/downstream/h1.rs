@@ -93,6 +93,9 @@ pub enum Outcome {
 pub struct Limits {
     /// Largest request head, in bytes (`max_request_header_bytes`).
     pub max_head: usize,
+    /// Most header fields a head may have (`max_request_headers`): one with more goes to
+    /// hyper, which answers 431.
+    pub max_headers: usize,
     /// The request-headers timeout, if on.
     pub headers_timeout: Option<Duration>,
 }
@@ -110,12 +113,21 @@ pub async fn serve(
     let mut clock = limits
         .headers_timeout
         .map(|limit| HeadClock::new(limit, accepted, false));
-    let mut head_started = accepted;
+    // When the head being read started, for hyper's clock at a hand-off: what this clock's
+    // deadline says (the first head: from the accept; a later one: from when it was first
+    // seen incomplete), else now (a head that arrived whole). No clock read per request.
+    let head_started = |clock: &Option<HeadClock>| {
+        clock
+            .as_ref()
+            .zip(limits.headers_timeout)
+            .and_then(|(c, limit)| c.deadline()?.checked_sub(limit))
+            .unwrap_or_else(Instant::now)
+    };
     loop {
         // A whole head, or the reason there is none.
         let (req, keep_alive) = loop {
             if !buf.is_empty() {
-                match parse(&mut buf, limits.max_head) {
+                match parse(&mut buf, limits) {
                     Parse::Request(req, keep_alive) => break (req, keep_alive),
                     Parse::Partial if buf.len() < limits.max_head => {
                         if let Some(clock) = clock.as_mut()
@@ -127,20 +139,15 @@ pub async fn serve(
                     }
                     Parse::Partial | Parse::Handoff => {
                         return Outcome::Handoff {
+                            head_started: head_started(&clock),
                             io,
                             prefix: buf.freeze(),
-                            head_started,
                         };
                     }
                 }
             }
-            let was_empty = buf.is_empty();
             match read_head_bytes(&mut io, &mut buf, clock.as_mut(), signals).await {
-                HeadRead::Bytes => {
-                    if was_empty {
-                        head_started = Instant::now();
-                    }
-                }
+                HeadRead::Bytes => {}
                 HeadRead::TimedOut => {
                     shared.listener.metrics.request_headers_timeouts.inc();
                     return Outcome::Closed;
@@ -163,7 +170,7 @@ pub async fn serve(
             return Outcome::Closed;
         };
         let keep_alive = keep_alive && !signals.closing();
-        match write_response(&mut io, &mut wbuf, resp, &method, keep_alive).await {
+        match write_response(&mut io, (&mut buf, &mut wbuf), resp, &method, keep_alive).await {
             Ok(true) if !signals.closing() => {}
             Ok(_) => {
                 let _ = io.shutdown().await;
@@ -190,8 +197,9 @@ enum HeadRead {
     Closed,
 }
 
-/// Reads more of a head into `buf`, under the request-headers timeout; between requests
-/// (nothing of a head read yet), a graceful close ends the connection at once.
+/// Reads more of a head into `buf`, under the request-headers timeout. With no whole head
+/// read, a graceful close ends the connection at once (as hyper's, whatever part of a head
+/// it holds).
 async fn read_head_bytes(
     io: &mut Stream,
     buf: &mut BytesMut,
@@ -200,7 +208,7 @@ async fn read_head_bytes(
 ) -> HeadRead {
     make_room(buf);
     poll_fn(|cx| {
-        if buf.is_empty() && signals.closing() {
+        if signals.closing() {
             return Poll::Ready(HeadRead::Closed);
         }
         match pin!(io.read_buf(&mut *buf)).poll(cx) {
@@ -264,7 +272,7 @@ enum Parse {
 }
 
 /// Parses the request head at the start of `buf`.
-fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
+fn parse(buf: &mut BytesMut, limits: Limits) -> Parse {
     let mut fields = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; FIELDS];
     // Where each field's name and value are in the head.
     let mut spans = [(0u32, 0u32, 0u32, 0u32); FIELDS];
@@ -314,7 +322,7 @@ fn parse(buf: &mut BytesMut, max_head: usize) -> Parse {
             }
         }
     };
-    if len > max_head {
+    if len > limits.max_head || count > limits.max_headers {
         return Parse::Handoff;
     }
     // Only fields this codec leaves to hyper, checked on the raw bytes before anything is
@@ -393,16 +401,27 @@ enum Framing {
 }
 
 /// Writes `resp` (to a request of `method`); `Ok(true)` when the connection can carry another
-/// request.
+/// request. While it waits for the body, the connection is read as in [`await_answer`]: a
+/// client that leaves ends the response (and drops the upstream's body) at once.
 async fn write_response(
     io: &mut Stream,
-    wbuf: &mut Vec<u8>,
+    (buf, wbuf): (&mut BytesMut, &mut Vec<u8>),
     resp: Response<ResponseBody>,
     method: &Method,
     keep_alive: bool,
 ) -> io::Result<bool> {
     let (parts, mut body) = resp.into_parts();
     wbuf.clear();
+    if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+        // Not a final response: hyper's server answers 500 and closes instead.
+        wbuf.extend_from_slice(
+            b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\ndate: ",
+        );
+        wbuf.extend_from_slice(&http_date());
+        wbuf.extend_from_slice(b"\r\n\r\n");
+        write_out(io, wbuf, None).await?;
+        return Ok(false);
+    }
     let ended = body.is_end_stream();
     let known = if ended {
         Some(0)
@@ -427,7 +446,22 @@ async fn write_response(
             Poll::Ready(frame) => frame,
             Poll::Pending => {
                 write_out(io, wbuf, None).await?;
-                poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                poll_fn(|cx| {
+                    if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
+                        return Poll::Ready(Ok(frame));
+                    }
+                    if buf.is_empty() {
+                        make_room(buf);
+                        if let Poll::Ready(Ok(0) | Err(_)) = pin!(io.read_buf(&mut *buf)).poll(cx) {
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::ConnectionAborted,
+                                "the client closed the connection during the response",
+                            )));
+                        }
+                    }
+                    Poll::Pending
+                })
+                .await?
             }
         };
         let data = match frame {
@@ -442,10 +476,13 @@ async fn write_response(
         if data.is_empty() {
             continue;
         }
+        let mut data = data;
         if let Some(left) = left.as_mut() {
-            *left = left
-                .checked_sub(data.len() as u64)
-                .ok_or_else(|| io::Error::other("response body longer than its content-length"))?;
+            // More than the length said: clipped to it, as hyper does.
+            if data.len() as u64 > *left {
+                data.truncate(*left as usize);
+            }
+            *left -= data.len() as u64;
         } else {
             push_hex(wbuf, data.len());
             wbuf.extend_from_slice(b"\r\n");
@@ -643,9 +680,15 @@ fn http_date() -> [u8; 29] {
 mod tests {
     use super::*;
 
+    const LIMITS: Limits = Limits {
+        max_head: 8192,
+        max_headers: 100,
+        headers_timeout: None,
+    };
+
     fn parsed(bytes: &str) -> (Parse, BytesMut) {
         let mut buf = BytesMut::from(bytes);
-        let p = parse(&mut buf, 8192);
+        let p = parse(&mut buf, LIMITS);
         (p, buf)
     }
 
@@ -692,6 +735,15 @@ mod tests {
         let many: String = (0..FIELDS + 1).map(|i| format!("x-{i}: v\r\n")).collect();
         let head = format!("GET / HTTP/1.1\r\n{many}\r\n");
         assert!(matches!(parsed(&head).0, Parse::Handoff));
+        // More fields than the listener allows: hyper answers 431.
+        let few = Limits {
+            max_headers: 2,
+            ..LIMITS
+        };
+        let mut buf = BytesMut::from("GET / HTTP/1.1\r\na: 1\r\nb: 2\r\nc: 3\r\n\r\n");
+        assert!(matches!(parse(&mut buf, few), Parse::Handoff));
+        let mut buf = BytesMut::from("GET / HTTP/1.1\r\na: 1\r\nb: 2\r\n\r\n");
+        assert!(matches!(parse(&mut buf, few), Parse::Request(..)));
     }
 
     #[test]
@@ -702,7 +754,7 @@ mod tests {
         ));
         let mut buf =
             BytesMut::from(format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000)).as_str());
-        assert!(matches!(parse(&mut buf, 8192), Parse::Handoff));
+        assert!(matches!(parse(&mut buf, LIMITS), Parse::Handoff));
     }
 
     fn head_of(
