@@ -308,16 +308,7 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Parse {
                     return Parse::Handoff;
                 }
                 let p0 = path.as_ptr() as usize - base;
-                for (span, h) in spans.iter_mut().zip(req.headers.iter()) {
-                    let name = h.name.as_ptr() as usize - base;
-                    let value = h.value.as_ptr() as usize - base;
-                    *span = (
-                        name as u32,
-                        (name + h.name.len()) as u32,
-                        value as u32,
-                        (value + h.value.len()) as u32,
-                    );
-                }
+                crate::upstream::h1::field_spans(base, req.headers, &mut spans);
                 (len, method, (p0, p0 + path.len()), req.headers.len())
             }
         }

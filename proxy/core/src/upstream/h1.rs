@@ -304,6 +304,26 @@ fn parse(buf: &mut BytesMut, method: &Method) -> Result<Option<Parsed>, H1Error>
     }
 }
 
+/// Where a head's fields are: (name start, name end, value start, value end), as offsets
+/// from the head's first byte at `base` (an address), for the fields `httparse` parsed.
+/// The head is then split off the buffer and the fields sliced out of it without copies.
+pub(crate) fn field_spans(
+    base: usize,
+    fields: &[httparse::Header<'_>],
+    spans: &mut [(u32, u32, u32, u32)],
+) {
+    for (span, h) in spans.iter_mut().zip(fields) {
+        let name = h.name.as_ptr() as usize - base;
+        let value = h.value.as_ptr() as usize - base;
+        *span = (
+            name as u32,
+            (name + h.name.len()) as u32,
+            value as u32,
+            (value + h.value.len()) as u32,
+        );
+    }
+}
+
 fn parse_with<const N: usize>(
     buf: &mut BytesMut,
     method: &Method,
@@ -322,16 +342,7 @@ fn parse_with<const N: usize>(
             )? {
                 httparse::Status::Partial => return Ok(None),
                 httparse::Status::Complete(len) => {
-                    for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
-                        let name = h.name.as_ptr() as usize - base;
-                        let value = h.value.as_ptr() as usize - base;
-                        *span = (
-                            name as u32,
-                            (name + h.name.len()) as u32,
-                            value as u32,
-                            (value + h.value.len()) as u32,
-                        );
-                    }
+                    field_spans(base, res.headers, &mut spans);
                     let code = res.code.unwrap_or(0);
                     (len, code, res.version.unwrap_or(1), res.headers.len())
                 }
