@@ -87,6 +87,9 @@ pub trait Filter: Sized + 'static {
     }
 
     /// Creates the state of one stream; keep the `Rc` to read the configuration later.
+    /// Weft calls it just before the stream's first callback that runs: a stream for which
+    /// every phase the filter has is a default (the host stops calling those, see
+    /// `docs/filter-abi.md`) gets no value at all.
     fn new(config: &Rc<Self::Config>) -> Self;
 
     /// Request headers (`:method`, `:path`, `:authority`, `:scheme` included).

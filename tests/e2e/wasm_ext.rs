@@ -315,3 +315,101 @@ async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
         "response heads pass it by"
     );
 }
+
+/// The filter's `contexts_created` counter, once it has stopped moving.
+async fn contexts_created(proxy: &ProxyProcess) -> f64 {
+    let series = "weft_filter_contexts_created_total";
+    let mut last = metric_value(&proxy.stats().await, series);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = metric_value(&proxy.stats().await, series);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last.unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_with_nothing_left_to_run_costs_later_streams_no_context() {
+    // The host creates a stream's context in a filter just before the first callback that
+    // runs there. A filter that said it does nothing in every callback it exports is not
+    // called at all for later streams: no context created, nothing at their end either.
+    let svc = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
+    let client = h1_client();
+    let every = "proxy_on_request_headers, proxy_on_response_headers, proxy_on_request_body, \
+                 proxy_on_response_body, proxy_on_request_trailers, proxy_on_response_trailers, \
+                 proxy_on_done, proxy_on_log";
+    let got = send(
+        &client,
+        request(proxy.url("/a"), &[("x-unused", every)], ""),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(contexts_created(&proxy).await, 1.0);
+    for i in 0..20 {
+        let got = send(&client, request(proxy.url(&format!("/b/{i}")), &[], "x"))
+            .await
+            .unwrap();
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(got.echo()["body"].as_str(), Some("x"));
+        assert_eq!(
+            got.header("x-attempts-made"),
+            "",
+            "its response callback is skipped"
+        );
+    }
+    assert_eq!(
+        contexts_created(&proxy).await,
+        1.0,
+        "no stream after the first created a context in the filter"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_that_skips_request_heads_gets_its_context_for_the_response() {
+    // The request headers callback is skipped from the first stream on; the response headers
+    // callback still runs, on a context created just before it.
+    let svc = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
+    let client = h1_client();
+    let got = send(
+        &client,
+        request(
+            proxy.url("/a"),
+            &[("x-unused", "proxy_on_request_headers")],
+            "",
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.header("x-unused-status"), "ok");
+    assert_eq!(got.header("x-attempts-made"), "1");
+    for i in 0..5 {
+        let got = send(
+            &client,
+            request(
+                proxy.url(&format!("/b/{i}")),
+                &[("x-route-cluster", "other")],
+                "",
+            ),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(
+            got.header("x-attempts-made"),
+            "1",
+            "its response callback ran"
+        );
+        // Its request headers callback no longer runs: a route asked for there is not taken.
+        assert_eq!(got.header("x-upstream"), "svc");
+    }
+    assert_eq!(contexts_created(&proxy).await, 6.0, "one context a stream");
+}

@@ -57,20 +57,16 @@ struct LastSeries {
     series: Series,
 }
 
-/// Appends `v` as 16 lowercase hex digits.
-fn push_hex(out: &mut String, v: u64) {
+/// Writes `v` as 16 lowercase hex digits into `out` (16 bytes).
+fn write_hex(out: &mut [u8], v: u64) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for shift in (0..16).rev() {
-        out.push(char::from(DIGITS[(v >> (shift * 4) & 0xf) as usize]));
+    for (i, b) in out.iter_mut().take(16).enumerate() {
+        *b = DIGITS[(v >> ((15 - i) * 4) & 0xf) as usize];
     }
 }
 
-/// `v` as 16 lowercase hex digits.
-fn hex(v: u64) -> String {
-    let mut s = String::with_capacity(16);
-    push_hex(&mut s, v);
-    s
-}
+/// Length of a version-00 `traceparent`: `00-<32 hex>-<16 hex>-<2 hex>`.
+const TRACEPARENT_LEN: usize = 55;
 
 fn yes() -> bool {
     true
@@ -237,24 +233,29 @@ impl Filter for Telemetry {
         let incoming = cx
             .request_header("traceparent")
             .and_then(|v| TraceParent::parse(&v));
-        let span_id = hex(self.config.random(cx) | 1);
-        let next = match incoming {
+        // The next hop's header, written in place: `00-<trace>-<new span>-<flags>`.
+        let mut h = [0u8; TRACEPARENT_LEN];
+        h[..3].copy_from_slice(b"00-");
+        h[35] = b'-';
+        h[52] = b'-';
+        match &incoming {
             Some(parent) => {
-                self.parent_span = parent.span_id.clone();
-                TraceParent { span_id, ..parent }
+                h[3..35].copy_from_slice(parent.trace_id.as_bytes());
+                h[53..].copy_from_slice(parent.flags.as_bytes());
+                self.parent_span.clone_from(&parent.span_id);
             }
-            None => TraceParent {
-                trace_id: {
-                    let mut t = hex(self.config.random(cx));
-                    push_hex(&mut t, self.config.random(cx) | 1);
-                    t
-                },
-                span_id,
-                flags: "01".into(),
-            },
-        };
-        self.trace_id = next.trace_id.clone();
-        cx.set_request_header("traceparent", Some(&next.header()));
+            None => {
+                write_hex(&mut h[3..19], self.config.random(cx));
+                write_hex(&mut h[19..35], self.config.random(cx) | 1);
+                h[53..].copy_from_slice(b"01");
+            }
+        }
+        write_hex(&mut h[36..52], self.config.random(cx) | 1);
+        // ASCII throughout: a parsed parent's parts are lowercase hex, the rest is ours.
+        let header = std::str::from_utf8(&h).unwrap_or_default();
+        self.trace_id.clear();
+        self.trace_id.push_str(&header[3..35]);
+        cx.set_request_header("traceparent", Some(header));
         Action::Continue
     }
 

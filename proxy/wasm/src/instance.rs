@@ -251,6 +251,10 @@ pub struct FilterInstance {
     instance_tick: Option<TypedFunc<i32, ()>>,
     instance_queue_ready: Option<TypedFunc<(i32, i32), ()>>,
     next_context: i32,
+    /// A stream context (and its root) the host has handed out but not yet created in the
+    /// module: the next callback that actually runs on it calls `proxy_on_context_create`
+    /// first ([`FilterInstance::expect_birth`]).
+    unborn: Option<(i32, i32)>,
 }
 
 impl FilterInstance {
@@ -298,6 +302,7 @@ impl FilterInstance {
                     instance_tick,
                     instance_queue_ready,
                     next_context,
+                    unborn: None,
                 })
             }
             // What the filter said while it failed to start is the operator's best clue
@@ -545,11 +550,44 @@ impl FilterInstance {
     /// A new stream context of filter `plugin` (`proxy_on_context_create` with its root
     /// context as parent).
     pub fn new_context(&mut self, plugin: usize, ticks: u64) -> Result<i32, Failure> {
+        let id = self.reserve_context(plugin);
+        self.expect_birth(id, plugin);
+        self.born(ticks)?;
+        Ok(id)
+    }
+
+    /// A stream context id for filter `plugin`, known to the host (which filter it is of)
+    /// but not created in the module yet: [`FilterInstance::expect_birth`] before the
+    /// callbacks that may create it.
+    pub fn reserve_context(&mut self, plugin: usize) -> i32 {
         let first = ROOT_CONTEXT + self.plugins.len() as i32;
         let id = self.next_context;
         self.next_context = self.next_context.wrapping_add(1).max(first);
-        let root = self.plugins.get(plugin).map_or(ROOT_CONTEXT, |p| p.root);
         self.store.data_mut().contexts.insert(id as u32, plugin);
+        id
+    }
+
+    /// Says that `context` (of filter `plugin`) is not created in the module yet: the next
+    /// callback that actually calls into the module for it (one that is exported and not
+    /// skipped, see `weft.unused`) creates it first. Streams create their contexts this way,
+    /// so a filter that has nothing to run for a stream costs it no context at all (nor its
+    /// deletion). [`FilterInstance::take_unborn`] says afterwards whether it is still unborn.
+    pub fn expect_birth(&mut self, context: i32, plugin: usize) {
+        let root = self.plugins.get(plugin).map_or(ROOT_CONTEXT, |p| p.root);
+        self.unborn = Some((context, root));
+    }
+
+    /// Whether the context given to [`FilterInstance::expect_birth`] is still not created
+    /// (no callback ran); clears it either way.
+    pub fn take_unborn(&mut self) -> bool {
+        self.unborn.take().is_some()
+    }
+
+    /// `proxy_on_context_create` for the context awaiting it, if one does.
+    fn born(&mut self, ticks: u64) -> Result<(), Failure> {
+        let Some((id, root)) = self.unborn.take() else {
+            return Ok(());
+        };
         self.select(id);
         arm(&mut self.store, ticks);
         self.store.data_mut().context = id as u32;
@@ -557,8 +595,7 @@ impl FilterInstance {
         self.exports
             .on_context_create
             .call(&mut self.store, (id, root))
-            .map_err(|e| failed(&self.store, e, "proxy_on_context_create"))?;
-        Ok(id)
+            .map_err(|e| failed(&self.store, e, "proxy_on_context_create"))
     }
 
     /// Runs the headers callback of `H` (request or response) for `context`, with the head
@@ -575,6 +612,7 @@ impl FilterInstance {
         if H::callback(&self.exports).is_none() || self.skips(context, H::UNUSED_BIT) {
             return Ok(Callback::default());
         }
+        self.born(ticks)?;
         let n = head.pairs();
         self.enter(head, info, context);
         // The request as it went upstream stays readable from the response callbacks.
@@ -858,6 +896,10 @@ impl FilterInstance {
         if self.skips(context, callback_bit::BODY[direction as usize]) {
             return Ok(Callback::default());
         }
+        if self.exports.on_body[direction as usize].is_none() {
+            return Ok(Callback::default());
+        }
+        self.born(ticks)?;
         self.select(context);
         let Some(f) = &self.exports.on_body[direction as usize] else {
             return Ok(Callback::default());
@@ -896,6 +938,10 @@ impl FilterInstance {
         if self.skips(context, callback_bit::TRAILERS[direction as usize]) {
             return Ok(Callback::default());
         }
+        if self.exports.on_trailers[direction as usize].is_none() {
+            return Ok(Callback::default());
+        }
+        self.born(ticks)?;
         self.select(context);
         let Some(f) = &self.exports.on_trailers[direction as usize] else {
             return Ok(Callback::default());
@@ -994,7 +1040,9 @@ impl FilterInstance {
     }
 
     /// `on_done`, `on_log`, `on_delete` for a finished stream's context, with the request
-    /// and response as they were sent readable as properties (read-only copies).
+    /// and response as they were sent readable as properties (read-only copies). A context
+    /// still unborn ([`FilterInstance::expect_birth`]) is created first if the filter runs
+    /// `on_done` or `on_log`; otherwise nothing is called.
     pub fn end_context(
         &mut self,
         ticks: u64,
@@ -1002,6 +1050,22 @@ impl FilterInstance {
         info: &StreamInfo,
         seen: &mut Seen,
     ) -> Result<(), Failure> {
+        let skip = [callback_bit::DONE, callback_bit::LOG].map(|b| self.skips(context, b));
+        if self.unborn.is_some() {
+            // Never created in the module: it is created now only if it has something to
+            // run at its end (`on_done` or `on_log`), else nothing is called at all.
+            let runs = (self.exports.on_done.is_some() && !skip[0])
+                || (self.exports.on_log.is_some() && !skip[1]);
+            if !runs {
+                self.unborn = None;
+                self.store.data_mut().contexts.remove(&(context as u32));
+                return Ok(());
+            }
+            if let Err(f) = self.born(ticks) {
+                self.store.data_mut().contexts.remove(&(context as u32));
+                return Err(f);
+            }
+        }
         self.select(context);
         let data = self.store.data_mut();
         data.info = Some(info.clone());
@@ -1009,7 +1073,6 @@ impl FilterInstance {
         data.callback_context = context as u32;
         seen.lend(data);
         arm(&mut self.store, ticks);
-        let skip = [callback_bit::DONE, callback_bit::LOG].map(|b| self.skips(context, b));
         let result = self.end_callbacks(context, skip);
         let data = self.store.data_mut();
         seen.take_back(data);

@@ -1,6 +1,7 @@
 //! [`WasmStream`]: one stream through a chain of WASM filters ([`FilterStream`]). It runs
 //! each filter's callbacks in order (request) or reverse order (response) on this worker's
-//! instances, creates the stream's context in each on first use, buffers body pieces for
+//! instances, creates the stream's context in each just before its first callback that runs
+//! (a filter with nothing to run for a stream gets no context), buffers body pieces for
 //! filters that pause on them (up to their limit), delivers callout outcomes, merges what the
 //! filters asked through `weft.*`, and applies a failed filter's policy.
 
@@ -60,6 +61,10 @@ pub(crate) enum Ctx {
     None,
     /// A context on the instance of this generation.
     Active(i32, u64),
+    /// A context the host handed out on the instance of this generation, not created in the
+    /// module yet: the stream reached the filter, but none of its callbacks ran so far (each
+    /// was skipped: not exported, or `weft.unused`).
+    Unborn(i32, u64),
     /// The filter is skipped for this stream (fail-open, or its instance replaced).
     Skipped,
 }
@@ -366,7 +371,8 @@ impl WasmStream {
         reply
     }
 
-    /// Runs one filter's callback, creating the stream's context on first use.
+    /// Runs one filter's callback, creating the stream's context in the module first if this
+    /// is the first callback that actually runs there.
     fn run(
         &mut self,
         idx: usize,
@@ -384,14 +390,25 @@ impl WasmStream {
         let outcome = with_instance(self.chain, filters, idx, |inst, generation| {
             let context = match ctx {
                 Ctx::Active(c, g) if g == generation => c,
+                Ctx::Unborn(c, g) if g == generation => {
+                    inst.expect_birth(c, plugin);
+                    c
+                }
                 // Instance replaced mid-stream: the filter is skipped.
-                Ctx::Active(..) => return (None, Ok(Callback::default())),
-                _ => match inst.new_context(plugin, ticks) {
-                    Ok(c) => c,
-                    Err(f) => return (None, Err(f)),
-                },
+                Ctx::Active(..) | Ctx::Unborn(..) => return (None, Ok(Callback::default())),
+                // The module creates the context only if the callback runs in it.
+                _ => {
+                    let c = inst.reserve_context(plugin);
+                    inst.expect_birth(c, plugin);
+                    c
+                }
             };
             let mut result = call(inst, ticks, context, info);
+            let ctx = if inst.take_unborn() {
+                Ctx::Unborn(context, generation)
+            } else {
+                Ctx::Active(context, generation)
+            };
             // Callouts the stream does not wait for are still sent, as in Envoy: their
             // answers come to the stream's context later (unless it ended by then).
             if let Ok(cb) = &mut result
@@ -402,7 +419,7 @@ impl WasmStream {
                 inst.detach(callouts.iter().map(|c| c.token));
                 crate::ticks::send_detached_callouts(slot, generation, callouts, ticks);
             }
-            (Some(Ctx::Active(context, generation)), result)
+            (Some(ctx), result)
         });
         match outcome {
             Err(()) => Step::Unavailable,
@@ -481,7 +498,7 @@ impl WasmStream {
             let resumed = if k == start { resumed } else { None };
             let mut buf = std::mem::take(&mut self.bodies[d][idx]);
             buf.append(data);
-            if !matches!(self.contexts[idx], Ctx::Active(..))
+            if !matches!(self.contexts[idx], Ctx::Active(..) | Ctx::Unborn(..))
                 || !self.filters[idx].body_callbacks(direction)
             {
                 data = buf.take();
@@ -906,7 +923,7 @@ impl FilterStream for WasmStream {
                 .filters
                 .iter()
                 .zip(&self.contexts)
-                .any(|(f, c)| f.runs(callbacks) && matches!(c, Ctx::Active(..)))
+                .any(|(f, c)| f.runs(callbacks) && matches!(c, Ctx::Active(..) | Ctx::Unborn(..)))
     }
 
     fn on_body(&mut self, direction: Direction, data: Bytes, end_of_stream: bool) -> BodyDecision {
@@ -993,15 +1010,21 @@ impl FilterStream for WasmStream {
         }
         self.body_hold = None;
         for idx in 0..self.filters.len() {
-            let Ctx::Active(context, generation) = self.contexts[idx] else {
-                continue;
+            let (context, generation, unborn) = match self.contexts[idx] {
+                Ctx::Active(c, g) => (c, g, false),
+                Ctx::Unborn(c, g) => (c, g, true),
+                Ctx::None | Ctx::Skipped => continue,
             };
             let spec = &self.filters[idx];
             let info = &self.info;
             let seen = &mut self.seen;
             let result = with_instance(self.chain, &self.filters, idx, |inst, g| {
-                (g == generation)
-                    .then(|| inst.end_context(spec.callback_ticks, context, info, seen))
+                (g == generation).then(|| {
+                    if unborn {
+                        inst.expect_birth(context, spec.plugin);
+                    }
+                    inst.end_context(spec.callback_ticks, context, info, seen)
+                })
             });
             if let Ok(Some(Err(f))) = result {
                 fail(self.chain, spec, &f);

@@ -347,6 +347,9 @@ fn parse(buf: &mut BytesMut, limits: Limits) -> Parse {
     }
 }
 
+/// How many fields the proxy may add to a request before it goes upstream.
+const ADDED_FIELDS: usize = 4;
+
 /// The request of a head parsed whole, and whether its client keeps the connection alive;
 /// `None` for what hyper refuses (a target or field that is not valid).
 fn build(
@@ -356,7 +359,10 @@ fn build(
     spans: &[(u32, u32, u32, u32)],
 ) -> Option<(Request<DownstreamBody>, bool)> {
     let uri = Uri::from_maybe_shared(head.slice(t0..t1)).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for the fields the proxy adds on the way upstream (`x-forwarded-for`,
+    // `x-forwarded-proto`, `x-request-id`, `x-weft-attempt`): a map filled to its capacity
+    // grows (rehashes into a new allocation) at the next insert.
+    let mut headers = HeaderMap::with_capacity(spans.len() + ADDED_FIELDS);
     let mut keep_alive = true;
     for &(n0, n1, v0, v1) in spans {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).ok()?;

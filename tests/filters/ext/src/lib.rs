@@ -7,8 +7,9 @@
 //!   `weft.retry` (no delay, other endpoints first).
 //!
 //! - `x-upper-body: 1`: the response body is upper-cased (buffered to its end);
-//! - `x-unused: <callback>`: `weft.unused` for that callback (the filter says it does
-//!   nothing there, so the host may stop calling it), the status in `x-unused-status`;
+//! - `x-unused: <callback>[,<callback>...]`: `weft.unused` for each callback named (the
+//!   filter says it does nothing there, so the host may stop calling it), the status in
+//!   `x-unused-status` (the first that is not `ok`, else `ok`);
 //! - `x-pause-head: 1`: the request headers callback returns `Pause` with nothing
 //!   outstanding (a request with a body: the body callback, which continues, decides);
 //! - `x-properties: 1`: `weft.properties` for `request.path`, `request.method` and
@@ -16,13 +17,15 @@
 //!   `x-properties` on the request upstream (`path|method|-`, `-` for an absent value), or
 //!   `error` when the call or its answer is bad.
 //!
+//! The counter `contexts_created` counts the stream contexts the host had it create.
+//!
 //! Every response gets `x-attempts-made` (the attempt number) and `x-code-details` (the
 //! `response.code_details` property), and `x-basic-seen` with the stream property
 //! `basic.seen` when an earlier filter set it.
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, ContextType, Status};
+use proxy_wasm::types::{Action, ContextType, MetricType, Status};
 
 proxy_wasm::main! {{
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root) });
@@ -34,6 +37,9 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        if let Ok(id) = hostcalls::define_metric(MetricType::Counter, "contexts_created") {
+            let _ = hostcalls::increment_metric(id, 1);
+        }
         Some(Box::new(Stream { retry_on: String::new(), upper: false, unused: None }))
     }
 
@@ -101,12 +107,14 @@ impl HttpContext for Stream {
         }
         self.retry_on = self.get_http_request_header("x-retry-on").unwrap_or_default();
         self.upper = self.get_http_request_header("x-upper-body").is_some();
-        if let Some(callback) = self.get_http_request_header("x-unused") {
-            self.unused = Some(match call("weft.unused", callback.as_bytes()) {
+        if let Some(callbacks) = self.get_http_request_header("x-unused") {
+            let status = |callback: &str| match call("weft.unused", callback.trim().as_bytes()) {
                 Ok(_) => "ok",
                 Err(Status::BadArgument) => "bad_argument",
                 Err(_) => "other",
-            });
+            };
+            let statuses: Vec<&'static str> = callbacks.split(',').map(status).collect();
+            self.unused = Some(statuses.into_iter().find(|s| *s != "ok").unwrap_or("ok"));
         }
         if self.get_http_request_header("x-properties").is_some() {
             let answer = read_properties(&[b"request\0path", b"request\0method", b"request\0no_such_thing"]);
