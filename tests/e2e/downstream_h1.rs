@@ -242,3 +242,37 @@ async fn a_connection_idle_with_part_of_a_head_closes_at_the_idle_timeout() {
     assert!(closed.is_ok(), "still open 5 s after a 500 ms idle timeout");
     assert_eq!(up.hits(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_field_served_inline_is_hop_by_hop_and_still_decides_persistence() {
+    // Requests the inline server answers: `connection` never goes upstream, nor what it
+    // names; `keep-alive` keeps the connection for the next request, `close` ends it.
+    let up = Upstream::start("svc").await;
+    let proxy = ProxyProcess::start(&config("", "", &eps(&[&up]))).await;
+    let out = exchange(
+        &proxy,
+        b"GET /one HTTP/1.1\r\nhost: svc\r\nconnection: keep-alive, x-secret\r\nx-secret: 1\r\nx-kept: a\r\n\r\n\
+          GET /two HTTP/1.1\r\nhost: svc\r\nConnection: Keep-Alive\r\nx-kept: b\r\n\r\n\
+          GET /three HTTP/1.1\r\nhost: svc\r\nconnection: close\r\nx-kept: c\r\n\r\n",
+    )
+    .await;
+    let answers: Vec<&str> = out.split("HTTP/1.1 ").skip(1).collect();
+    assert_eq!(answers.len(), 3, "three answers on one connection: {out}");
+    for (answer, kept) in answers.iter().zip(["a", "b", "c"]) {
+        assert!(answer.starts_with("200"), "{answer}");
+        let echo: serde_json::Value =
+            serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+        let h = echo["headers"].as_object().unwrap();
+        assert_eq!(h["x-kept"][0], kept, "{echo}");
+        for gone in ["connection", "x-secret"] {
+            assert!(!h.contains_key(gone), "{gone} was forwarded: {echo}");
+        }
+    }
+    assert!(
+        answers[2]
+            .to_ascii_lowercase()
+            .contains("connection: close"),
+        "the last answer says the connection ends: {}",
+        answers[2]
+    );
+}

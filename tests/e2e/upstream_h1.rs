@@ -22,6 +22,11 @@ use crate::config;
 fn script(path: &str) -> Option<&'static [u8]> {
     Some(match path {
         "/len" => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-way: len\r\n\r\nhello",
+        // Hop-by-hop fields, one named by `connection`.
+        "/hop" => {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive, x-up-secret\r\nx-up-secret: s\r\nkeep-alive: timeout=5\r\nx-kept: yes\r\n\r\nok"
+        }
+        "/persist" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nConnection: Keep-Alive\r\n\r\nok",
         // Kept alive, then closed by the upstream 200 ms later.
         "/then-close" => b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
         "/chunked" => {
@@ -341,4 +346,27 @@ async fn an_idle_connection_the_upstream_closed_gives_its_slot_back_without_a_re
     let got = get(&client, &proxy.url("/len")).await.unwrap();
     assert_eq!((got.status, got.body.as_str()), (200, "hello"));
     assert_eq!(up.connections(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_connection_field_is_hop_by_hop_and_its_connection_is_kept() {
+    // `connection` from the upstream never reaches the client, nor what it names, nor
+    // `keep-alive`; a `keep-alive` answer keeps the upstream connection for the next request.
+    let up = Scripted::start(usize::MAX).await;
+    let proxy = ProxyProcess::start_with(&config("", "", &endpoint(&up)), 1).await;
+    let client = h1_client();
+    for path in ["/persist", "/hop", "/persist", "/hop"] {
+        let got = get(&client, &proxy.url(path)).await.unwrap();
+        assert_eq!((got.status, got.body.as_str()), (200, "ok"), "{path}");
+        for gone in ["connection", "x-up-secret", "keep-alive"] {
+            assert!(
+                got.headers.get(gone).is_none(),
+                "{path}: {gone} reached the client"
+            );
+        }
+        if path == "/hop" {
+            assert_eq!(got.header("x-kept"), "yes");
+        }
+    }
+    assert_eq!(up.connections(), 1, "one upstream connection for all four");
 }

@@ -42,8 +42,29 @@ fn response_flags(error: AttemptError) -> i64 {
 /// A property path with its segments joined by single NULs (the upstream SDKs end a path with
 /// a NUL, `weft-sdk` does not), so that filters of either SDK share properties.
 pub fn normalize(path: &[u8]) -> Vec<u8> {
-    let segments: Vec<&[u8]> = path.split(|b| *b == 0).filter(|s| !s.is_empty()).collect();
-    segments.join(&0u8)
+    match normalized(path) {
+        std::borrow::Cow::Borrowed(p) => p.to_vec(),
+        std::borrow::Cow::Owned(p) => p,
+    }
+}
+
+/// [`normalize`] without a copy when `path` is already normal (no empty segment: the
+/// Weft SDK's paths, and every path once stored), so that a lookup allocates nothing.
+pub fn normalized(path: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let normal = path.first() != Some(&0)
+        && path.last() != Some(&0)
+        && !path.windows(2).any(|w| w == [0, 0]);
+    if normal {
+        return std::borrow::Cow::Borrowed(path);
+    }
+    let mut out = Vec::with_capacity(path.len());
+    for segment in path.split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        if !out.is_empty() {
+            out.push(0);
+        }
+        out.extend_from_slice(segment);
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A property value in Envoy's encodings: strings as bytes, integers as 8-byte little-endian.
@@ -190,15 +211,15 @@ pub fn property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
                 .map(|b| if *b == b'.' { 0 } else { *b })
                 .collect();
             props
-                .get(&normalize(path))
-                .or_else(|| props.get(&normalize(&dotted)))
+                .get(normalized(path).as_ref())
+                .or_else(|| props.get(normalized(&dotted).as_ref()))
                 .cloned()
         }
         [b"metadata", b"filter_metadata", rest @ ..] if !rest.is_empty() => {
             state.stream_props.as_ref()?.get(&rest.join(&0u8)).cloned()
         }
         _ => match &state.stream_props {
-            Some(props) => props.get(&normalize(path)).cloned(),
+            Some(props) => props.get(normalized(path).as_ref()).cloned(),
             None => state
                 .properties
                 .get(&(state.context, normalize(path)))
@@ -313,5 +334,11 @@ mod tests {
         assert_eq!(normalize(b"weft\0route\0"), b"weft\0route");
         assert_eq!(normalize(b"weft\0route"), b"weft\0route");
         assert_eq!(normalize(b"\0a\0\0b"), b"a\0b");
+        assert_eq!(normalize(b"a"), b"a");
+        assert_eq!(normalize(b"\0\0"), b"");
+        assert!(matches!(
+            normalized(b"weft\0route"),
+            std::borrow::Cow::Borrowed(_)
+        ));
     }
 }

@@ -367,8 +367,15 @@ fn build(
     for &(n0, n1, v0, v1) in spans {
         let name = HeaderName::from_bytes(&head[n0 as usize..n1 as usize]).ok()?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0 as usize..v1 as usize)).ok()?;
-        if name == header::CONNECTION && has_token(&value, b"close") {
-            keep_alive = false;
+        if name == header::CONNECTION {
+            if has_token(&value, b"close") {
+                keep_alive = false;
+            }
+            // Hop-by-hop, and names no other field: noted, and left out of the head as the
+            // proxy's stripping would leave it.
+            if crate::http::headers::persistence_only(&value) {
+                continue;
+            }
         }
         headers.append(name, value);
     }

@@ -217,28 +217,40 @@ pub fn set_upstream_target(
     head: &mut http::request::Parts,
     protocol: UpstreamProtocol,
 ) -> Result<(), (StatusCode, &'static str)> {
-    let authority: Option<HeaderValue> = head.headers.get(header::HOST).cloned().or_else(|| {
-        head.uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
     let path = head.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     match protocol {
         UpstreamProtocol::Http1 => {
             head.version = Version::HTTP_11;
+            let from_uri = head
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
             if head.uri.authority().is_some() {
                 head.uri =
                     Uri::try_from(path).map_err(|_| (StatusCode::BAD_REQUEST, "bad path\n"))?;
             }
-            match authority {
-                Some(a) => {
-                    head.headers.insert(header::HOST, a);
+            // A `host` header names the target (over the URI's authority); one lookup, and
+            // the common case (one `host`) changes nothing.
+            match head.headers.entry(header::HOST) {
+                header::Entry::Occupied(mut e) => {
+                    if e.iter().nth(1).is_some() {
+                        // Only the first goes on.
+                        let first = e.get().clone();
+                        e.insert(first);
+                    }
                 }
-                None => return Err((StatusCode::BAD_REQUEST, "missing host\n")),
+                header::Entry::Vacant(e) => {
+                    e.insert(from_uri.ok_or((StatusCode::BAD_REQUEST, "missing host\n"))?);
+                }
             }
         }
         UpstreamProtocol::Http2 => {
             head.version = Version::HTTP_2;
+            let authority = head.headers.get(header::HOST).cloned().or_else(|| {
+                head.uri
+                    .authority()
+                    .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            });
             let Some(a) = authority else {
                 return Err((StatusCode::BAD_REQUEST, "missing host\n"));
             };

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 
 /// `x-request-id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -163,6 +163,19 @@ fn connection_options(value: &HeaderValue) -> impl Iterator<Item = &str> {
         .filter(|o| !o.is_empty())
 }
 
+/// Whether a `connection` field's options are only `keep-alive` and `close` (or none): it
+/// names no other field, so all it does is say whether its hop's connection persists. The
+/// inline HTTP/1.1 codecs note that and leave the field out of the head they build, which
+/// is what [`strip_hop_by_hop`] would have done with it (filters see requests with their
+/// hop-by-hop fields gone, as in Envoy), without inserting it into the map and removing it
+/// again.
+pub fn persistence_only(value: &HeaderValue) -> bool {
+    value.as_bytes().split(|&b| b == b',').all(|o| {
+        let o = o.trim_ascii();
+        o.is_empty() || o.eq_ignore_ascii_case(b"keep-alive") || o.eq_ignore_ascii_case(b"close")
+    })
+}
+
 /// The peer address as a header value; made once per connection.
 pub fn ip_header_value(peer: IpAddr) -> HeaderValue {
     // An IP address always formats to a valid header value.
@@ -173,35 +186,46 @@ pub fn ip_header_value(peer: IpAddr) -> HeaderValue {
 /// `x-forwarded-for` and sets `x-forwarded-proto`, as Envoy does for a proxy that uses the
 /// remote address.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, proto: &'static str) {
-    let value = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) if !prev.is_empty() => {
+    // One hashed lookup for `x-forwarded-for` whether it is there or not.
+    match headers.entry(&X_FORWARDED_FOR) {
+        Entry::Occupied(mut e) if !e.get().is_empty() => {
+            let prev = e.get();
             let mut v = Vec::with_capacity(prev.len() + 2 + peer.len());
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
             v.extend_from_slice(peer.as_bytes());
-            HeaderValue::from_bytes(&v).ok()
+            if let Ok(value) = HeaderValue::from_bytes(&v) {
+                e.insert(value);
+            }
         }
-        _ => Some(peer.clone()),
-    };
-    if let Some(value) = value {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
+        Entry::Occupied(mut e) => {
+            e.insert(peer.clone());
+        }
+        Entry::Vacant(e) => {
+            e.insert(peer.clone());
+        }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
 }
 
 /// Keeps a non-empty `x-request-id`, or sets a new random (v4) UUID. Returns the id.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&X_REQUEST_ID)
-        && !id.is_empty()
-    {
-        return id.clone();
+    let new_id = || {
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
+        // A hyphenated UUID is always a valid header value.
+        HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    };
+    // One hashed lookup whether it is there or not.
+    match headers.entry(&X_REQUEST_ID) {
+        Entry::Occupied(e) if !e.get().is_empty() => e.get().clone(),
+        Entry::Occupied(mut e) => {
+            let id = new_id();
+            e.insert(id.clone());
+            id
+        }
+        Entry::Vacant(e) => e.insert(new_id()).clone(),
     }
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let s = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buf);
-    // A hyphenated UUID is always a valid header value.
-    let id = HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
 }
 
 /// The authority a request names: its URI's (HTTP/2, absolute form), else its `host`
@@ -217,6 +241,23 @@ pub fn request_authority(head: &http::request::Parts) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_field_of_only_persistence_options_names_nothing() {
+        for v in [
+            "keep-alive",
+            "close",
+            "Keep-Alive",
+            " close , keep-alive ",
+            "",
+            ",",
+        ] {
+            assert!(persistence_only(&HeaderValue::from_static(v)), "{v:?}");
+        }
+        for v in ["upgrade", "keep-alive, x-secret", "close,te", "keepalive"] {
+            assert!(!persistence_only(&HeaderValue::from_static(v)), "{v:?}");
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut h = HeaderMap::new();

@@ -393,6 +393,12 @@ fn parse_with<const N: usize>(
                         keep_alive = true;
                     }
                 }
+                // Hop-by-hop, and names no other field: noted above, and left out of the
+                // response as the proxy's stripping would leave it (this codec never carries
+                // an upgrade's `101`, whose `connection` is kept).
+                if crate::http::headers::persistence_only(&value) {
+                    continue;
+                }
             } else if name == header::TRANSFER_ENCODING {
                 transfer_encoding = Some(value.clone());
             } else if name == header::CONTENT_LENGTH {

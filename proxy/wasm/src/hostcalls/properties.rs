@@ -33,7 +33,12 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
                 (Ok(p), Ok(v)) => (p, v),
                 (Err(s), _) | (_, Err(s)) => return s as i32,
             };
-            let path = crate::properties::normalize(&path);
+            // Kept as read when already normal (no copy).
+            let owned = match crate::properties::normalized(&path) {
+                std::borrow::Cow::Owned(p) => Some(p),
+                std::borrow::Cow::Borrowed(_) => None,
+            };
+            let path = owned.unwrap_or(path);
             let data = c.data_mut();
             match &mut data.stream_props {
                 Some(props) => {
