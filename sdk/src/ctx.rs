@@ -333,6 +333,18 @@ impl<'a> Ctx<'a> {
         let _ = self.host.call_foreign(ext::UNUSED, export.as_bytes());
     }
 
+    /// Says that this filter has nothing more to do for this stream (`weft.stream_done`): on
+    /// Weft, none of its callbacks runs for the stream after this one (`on_log` included),
+    /// and its value for the stream is dropped when this callback returns. This callback's
+    /// [`Action::Pause`](crate::Action::Pause) counts as `Continue`; callouts it made still
+    /// go out, their answers are dropped. A saving only: on a host without the extension the
+    /// later callbacks still run, so they must do nothing for such a stream. Request and
+    /// response phases only (heads, bodies, trailers, callout answers); elsewhere the host
+    /// refuses it (`BadArgument`) and nothing changes.
+    pub fn done_with_stream(&mut self) -> Result<(), Status> {
+        self.host.stream_done()
+    }
+
     /// Sends the request to `cluster` (`weft.set_cluster`; request headers phase).
     /// `NotFound` for a cluster the proxy does not have, or on a host without Weft's
     /// extensions.

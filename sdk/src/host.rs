@@ -116,6 +116,11 @@ pub trait Host {
     fn resume(&mut self, response: bool);
     /// Calls a host extension (`weft.*`).
     fn call_foreign(&mut self, name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status>;
+    /// `weft.stream_done`: the filter has nothing more to do for the running callback's
+    /// stream ([`crate::Ctx::done_with_stream`]).
+    fn stream_done(&mut self) -> Result<(), Status> {
+        self.call_foreign(weft_abi::ext::STREAM_DONE, &[]).map(drop)
+    }
     /// Sends an HTTP request to a cluster of the proxy; the answer arrives in
     /// [`crate::Filter::on_call_response`] with the returned token.
     fn dispatch_call(

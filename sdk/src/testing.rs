@@ -56,6 +56,8 @@ pub struct Routing {
     pub retry: Option<(Duration, bool)>,
     /// `weft.delay`.
     pub delay: Option<Duration>,
+    /// `weft.stream_done`: the filter said it has nothing more to do for the stream.
+    pub done: bool,
 }
 
 /// State shared by the streams of a harness.
@@ -221,6 +223,7 @@ impl Host for TestHost {
                 let name = std::str::from_utf8(args).map_err(|_| Status::BadArgument)?;
                 ext::skippable_bit(name).ok_or(Status::BadArgument)?;
             }
+            ext::STREAM_DONE if args.is_empty() => self.routing.done = true,
             _ => return Err(Status::NotFound),
         }
         Ok(None)

@@ -51,6 +51,13 @@ unsafe impl Sync for Scratch {}
 /// The scratch area.
 pub(crate) static SCRATCH: Scratch = Scratch(std::cell::UnsafeCell::new([0; SCRATCH_LEN]));
 
+/// `weft_implicit_stream_contexts_v1` ([`weft_abi::IMPLICIT_CONTEXTS_EXPORT`]): tells a Weft
+/// host that this module creates a stream's state at the first callback on an unknown
+/// context id (under its one root), so that the host need not call
+/// `proxy_on_context_create` for each stream. Never called.
+#[unsafe(no_mangle)]
+pub extern "C" fn weft_implicit_stream_contexts_v1() {}
+
 /// `weft_scratch_area_v1` ([`weft_abi::SCRATCH_AREA_EXPORT`]): names [`SCRATCH`] to a Weft
 /// host, address in the upper 32 bits and size in the lower (wasm32 addresses fit).
 #[unsafe(no_mangle)]
@@ -104,7 +111,12 @@ thread_local! {
     /// The context whose callback runs now (a callout made during it answers there).
     static ACTIVE: Cell<u32> = const { Cell::new(0) };
     /// Callouts in flight: token → the context that made it.
-    static CALLOUTS: RefCell<IdMap<u32>> = RefCell::new(IdMap::default());
+    static CALLOUTS: RefCell<IdMap<u32>> = const {
+        RefCell::new(HashMap::with_hasher(BuildHasherDefault::new()))
+    };
+    /// The running callback's stream said it is done (`weft.stream_done`, accepted by the
+    /// host): its state is dropped when the callback returns.
+    static STREAM_DONE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// A root context: one filter configured on this instance.
@@ -137,18 +149,50 @@ fn action(a: Action) -> u32 {
 
 impl<F: Filter> Module<F> {
     /// Runs `f` on stream `id`'s filter, `None` when there is no such stream (or one of its
-    /// callbacks is already running).
-    fn with_stream<T>(&self, id: u32, f: impl FnOnce(&mut F, &mut Ctx<'_>) -> T) -> Option<T> {
+    /// callbacks is already running). With `create`, a stream the module does not know yet
+    /// is created first under the module's one configured root: a Weft host leaves stream
+    /// creation to the first callback ([`weft_implicit_stream_contexts_v1`]). A stream that
+    /// said it is done (`weft.stream_done`) is dropped when `f` returns.
+    fn with_stream<T>(
+        &self,
+        id: u32,
+        create: bool,
+        f: impl FnOnce(&mut F, &mut Ctx<'_>) -> T,
+    ) -> Option<T> {
         let mut streams = self.streams.try_borrow_mut().ok()?;
-        let filter = streams.get_mut(&id)?;
         ACTIVE.set(id);
-        Some(f(filter, &mut Ctx::new(&mut WasmHost)))
+        let filter = match streams.entry(id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) if create => {
+                e.insert(F::new(&self.only_config()?))
+            }
+            std::collections::hash_map::Entry::Vacant(_) => return None,
+        };
+        let result = f(filter, &mut Ctx::new(&mut WasmHost));
+        if STREAM_DONE.take() {
+            drop(streams.remove(&id));
+            forget_callouts(id);
+        }
+        Some(result)
     }
 
-    /// Runs a phase of stream `id`; an unknown stream (or one whose callback is already
-    /// running) traps.
+    /// The configuration of the module's root context, when it has exactly one and it is
+    /// configured (the parent of a stream created at its first callback).
+    fn only_config(&self) -> Option<Rc<F::Config>> {
+        match self.roots.try_borrow().ok()?.as_slice() {
+            [
+                Root {
+                    config: Some(c), ..
+                },
+            ] => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// Runs a phase of stream `id`; an unknown stream that cannot be created (or one whose
+    /// callback is already running) traps.
     fn phase(&self, id: u32, f: impl FnOnce(&mut F, &mut Ctx<'_>) -> Action) -> u32 {
-        match self.with_stream(id, f) {
+        match self.with_stream(id, true, f) {
             Some(a) => action(a),
             None => panic!("no stream for context {id} (or its callback is already running)"),
         }
@@ -266,7 +310,7 @@ impl<F: Filter> Module<F> {
         };
         let known = |id| self.streams.try_borrow().is_ok_and(|s| s.contains_key(&id));
         let target = if known(maker) { maker } else { id };
-        self.with_stream(target, |f, cx| {
+        self.with_stream(target, false, |f, cx| {
             let status = (headers > 0)
                 .then(|| cx.call_response_header(":status"))
                 .flatten()
@@ -278,16 +322,14 @@ impl<F: Filter> Module<F> {
     /// `proxy_on_done`: a stream's ends when the proxy says; nothing to do, ever (the host
     /// is told once, and stops calling it).
     pub fn done(&self, id: u32) -> u32 {
-        if self.streams.try_borrow().is_ok_and(|s| s.contains_key(&id)) {
-            ACTIVE.set(id);
-            let _ = ffi::call_foreign(weft_abi::ext::UNUSED, b"proxy_on_done");
-        }
+        ACTIVE.set(id);
+        let _ = ffi::call_foreign(weft_abi::ext::UNUSED, b"proxy_on_done");
         1
     }
 
-    /// `proxy_on_log`.
+    /// `proxy_on_log` (on a Weft host, possibly the stream's first callback).
     pub fn log(&self, id: u32) {
-        self.with_stream(id, |f, cx| f.on_log(cx));
+        self.with_stream(id, true, |f, cx| f.on_log(cx));
     }
 
     /// `proxy_on_delete`: the stream's filter value is dropped (or the root forgotten), with
@@ -299,18 +341,23 @@ impl<F: Filter> Module<F> {
             .ok()
             .and_then(|mut s| s.remove(&id));
         if removed.is_some() {
-            CALLOUTS.with(|c| {
-                if let Ok(mut c) = c.try_borrow_mut()
-                    && !c.is_empty()
-                {
-                    c.retain(|_, maker| *maker != id);
-                }
-            });
+            forget_callouts(id);
         } else if let Ok(mut roots) = self.roots.try_borrow_mut() {
             roots.retain(|r| r.id != id);
         }
         drop(removed);
     }
+}
+
+/// Forgets the callouts stream `id` still had in flight (their answers will not come).
+fn forget_callouts(id: u32) {
+    CALLOUTS.with(|c| {
+        if let Ok(mut c) = c.try_borrow_mut()
+            && !c.is_empty()
+        {
+            c.retain(|_, maker| *maker != id);
+        }
+    });
 }
 
 /// The module's exports for filter `$filter`, each a thin call into [`Module`].
@@ -456,6 +503,12 @@ impl Host for WasmHost {
     }
     fn call_foreign(&mut self, name: &str, args: &[u8]) -> Result<Option<Vec<u8>>, Status> {
         ffi::call_foreign(name, args)
+    }
+    fn stream_done(&mut self) -> Result<(), Status> {
+        ffi::call_foreign(weft_abi::ext::STREAM_DONE, &[])?;
+        // Accepted: the stream's state goes when the callback returns (`with_stream`).
+        STREAM_DONE.set(true);
+        Ok(())
     }
     fn dispatch_call(
         &mut self,

@@ -316,6 +316,54 @@ async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_done_with_a_stream_is_called_no_more_for_it() {
+    let svc = Upstream::start("svc").await;
+    let other = Upstream::start("other").await;
+    let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
+    let client = h1_client();
+    let send_with = |headers: &'static [(&'static str, &'static str)]| {
+        let (client, url) = (client.clone(), proxy.url("/a"));
+        async move { send(&client, request(url, headers, "")).await.unwrap() }
+    };
+    let upper = |body: &str| body == body.to_uppercase();
+    let done_status = |got: &Got| got.echo()["headers"]["x-stream-done-status"].clone();
+
+    // Done at its request head: the response passes the filter by, head and body.
+    let got = send_with(&[("x-stream-done", "1"), ("x-upper-body", "1")]).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(done_status(&got), serde_json::json!(["ok"]));
+    assert!(!upper(&got.body), "no body callback: {:?}", got.body);
+    assert_eq!(
+        got.header("x-attempts-made"),
+        "",
+        "no response-head callback"
+    );
+
+    // For that stream only: the next one goes through every callback again.
+    let got = send_with(&[("x-upper-body", "1")]).await;
+    assert_eq!(got.header("x-attempts-made"), "1");
+    assert!(upper(&got.body), "{:?}", got.body);
+
+    // A pause after it cannot be resumed by anyone: the stream goes on at once.
+    let started = Instant::now();
+    let got = send_with(&[("x-stream-done", "pause")]).await;
+    assert_eq!(
+        (got.status, done_status(&got)),
+        (200, serde_json::json!(["ok"]))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Arguments it does not take: refused, and the filter stays on the stream.
+    let got = send_with(&[("x-stream-done", "junk")]).await;
+    assert_eq!(done_status(&got), serde_json::json!(["bad_argument"]));
+    assert_eq!(got.header("x-attempts-made"), "1");
+}
+
 /// The filter's `contexts_created` counter, once it has stopped moving.
 async fn contexts_created(proxy: &ProxyProcess) -> f64 {
     let series = "weft_filter_contexts_created_total";

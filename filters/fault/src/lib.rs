@@ -231,6 +231,7 @@ impl Filter for Fault {
         }
         let route = cx.property(&["weft", "route"]).unwrap_or_default();
         let Some(faults) = config.routes.get(&route).or(config.default.as_ref()) else {
+            let _ = cx.done_with_stream();
             return Action::Continue;
         };
         if let Some(a) = &faults.abort
@@ -242,6 +243,10 @@ impl Filter for Fault {
             && config.roll(cx, d.percent)
         {
             self.delay(cx, d.ms);
+        }
+        // Not delayed: `on_log` has no active delay to count down.
+        if !self.delayed {
+            let _ = cx.done_with_stream();
         }
         Action::Continue
     }
@@ -355,6 +360,32 @@ mod tests {
         s.request("GET", "/", &[]);
         s.request_headers(true);
         assert!(s.routing().delay.is_some());
+    }
+
+    #[test]
+    fn a_stream_without_a_delay_to_count_down_is_done_after_its_request_head() {
+        let mut h = Harness::<Fault>::new(
+            r#"{"default": {"delay": {"percent": 100, "ms": 10}}, "max_active_delays": 1}"#,
+        )
+        .unwrap();
+        // Delayed: its `on_log` counts the delay down, so it is not done.
+        let mut delayed = h.stream();
+        delayed.request("GET", "/", &[]);
+        delayed.request_headers(true);
+        assert!(delayed.routing().delay.is_some());
+        assert!(!delayed.routing().done);
+        // Over the cap: not delayed, nothing left to do.
+        let mut s = h.stream();
+        s.request("GET", "/", &[]);
+        s.request_headers(true);
+        assert!(s.routing().delay.is_none());
+        assert!(s.routing().done);
+        // No fault configured for the stream at all: done too.
+        let mut none = Harness::<Fault>::new("{}").unwrap();
+        let mut s = none.stream();
+        s.request("GET", "/", &[]);
+        s.request_headers(true);
+        assert!(s.routing().done);
     }
 
     #[test]

@@ -323,12 +323,15 @@ impl Filter for Retry {
             String::new()
         };
         self.policy = Some(key);
+        // No policy for this request: the response has nothing to retry.
         let Some(policy) = self.policy() else {
             self.policy = None;
+            let _ = cx.done_with_stream();
             return Action::Continue;
         };
         if !policy.retry_non_idempotent && !idempotent(&cx.method()) {
             self.policy = None;
+            let _ = cx.done_with_stream();
             return Action::Continue;
         }
         let (attempts, per_try) = (policy.attempts, policy.per_try_timeout_ms);
@@ -465,6 +468,7 @@ mod tests {
             "the proxy is not asked to keep the request"
         );
         assert!(s.routing().retry.is_none());
+        assert!(s.routing().done, "nothing to retry: done with the stream");
         let s = run(
             &mut h,
             "POST",
@@ -473,6 +477,7 @@ mod tests {
             &[],
         );
         assert!(s.routing().retry.is_some(), "allowed for this route");
+        assert!(!s.routing().done, "its response is still to be judged");
         let s = run(&mut h, "PUT", None, failed(1, 503, AttemptError::None), &[]);
         assert!(s.routing().retry.is_some(), "PUT is idempotent");
     }

@@ -707,6 +707,8 @@ impl Filter for Router {
         };
         let Some((index, route, matched)) = found else {
             if config.no_match == NoMatch::Continue {
+                // No route: nothing to edit in the response.
+                let _ = cx.done_with_stream();
                 return Action::Continue;
             }
             cx.send_response(404, &[("content-type", "text/plain")], b"no route\n");
@@ -804,12 +806,16 @@ impl Filter for Router {
             }
         }
         if let Some(edits) = &route.request_headers {
-            let cx = std::cell::RefCell::new(cx);
+            let cx = std::cell::RefCell::new(&mut *cx);
             edit_headers(
                 edits,
                 |n, v| cx.borrow_mut().set_request_header(n, v),
                 |n, v| cx.borrow_mut().add_request_header(n, v),
             );
+        }
+        // No response edits and no body to mirror: the later phases have nothing to do.
+        if route.response_headers.is_none() && self.mirrors.is_none() {
+            let _ = cx.done_with_stream();
         }
         Action::Continue
     }
@@ -934,6 +940,30 @@ mod tests {
             Action::Continue => s.routing().cluster.clone().unwrap_or_default(),
             Action::Pause => format!("{}", s.local_response().map_or(0, |r| r.status)),
         }
+    }
+
+    #[test]
+    fn a_route_without_response_work_is_done_after_the_request_head() {
+        let mut h = harness(
+            r#"{"routes": [
+                {"match": {"path": {"prefix": "/edit"}}, "cluster": "a",
+                 "response_headers": {"set": [{"name": "x-edited", "value": "1"}]}},
+                {"match": {"path": {"prefix": "/mirror"}}, "cluster": "a", "mirror": [{"cluster": "b"}]},
+                {"match": {"path": {"prefix": "/"}}, "cluster": "b"}
+            ]}"#,
+        );
+        let done = |h: &mut Harness<Router>, path: &str, end_of_stream: bool| {
+            let mut s = h.stream();
+            s.request("POST", path, &[]);
+            assert_eq!(s.request_headers(end_of_stream), Action::Continue);
+            s.routing().done
+        };
+        assert!(done(&mut h, "/plain", true));
+        // Its response edits are still to be made.
+        assert!(!done(&mut h, "/edit", true));
+        // A body still to come for its mirror; none to come: mirrored already, done.
+        assert!(!done(&mut h, "/mirror", false));
+        assert!(done(&mut h, "/mirror", true));
     }
 
     #[test]

@@ -188,6 +188,15 @@ pub const ABI_VERSION_EXPORTS: &[(&str, &str)] = &[
 /// value out before its next host call. One call into the module fewer per value read.
 pub const SCRATCH_AREA_EXPORT: &str = "weft_scratch_area_v1";
 
+/// Weft's implicit stream contexts export (an extension: other hosts never look for it). A
+/// module that exports it, `() -> ()` (never called), creates a stream's context itself at the
+/// first callback the host makes on a context id it does not know, as a child of its one
+/// configured root context; the host then does not call `proxy_on_context_create` for stream
+/// contexts on an instance that runs a single filter (one root), saving a call into the
+/// module per stream. With several filters on an instance, or for network contexts, the host
+/// creates every context as the ABI says.
+pub const IMPLICIT_CONTEXTS_EXPORT: &str = "weft_implicit_stream_contexts_v1";
+
 /// The import modules a filter may import functions from: the proxy-wasm ABI (`env`) and WASI
 /// preview 1. The host links these (with stubs for functions it lacks) and refuses any other.
 pub const IMPORT_MODULES: &[&str] = &["env", "wasi_snapshot_preview1", "wasi_unstable"];
@@ -283,6 +292,16 @@ pub mod ext {
     /// and the bytes, [`ABSENT`] as the length of one the host does not have
     /// ([`decode_property_values`]).
     pub const PROPERTIES: &str = "weft.properties";
+    /// `weft.stream_done`: no arguments, answers nothing; stream callbacks only (request and
+    /// response heads, bodies, trailers, callout answers). The filter has nothing more to do
+    /// for this stream: the host calls none of its callbacks for the stream after this one,
+    /// `on_done`, `on_log` and `on_delete` included, and forgets the stream's context; the
+    /// module drops its own state for the stream when this callback returns. This callback's
+    /// `Pause` is taken as `Continue` (nothing could resume the stream); callouts it sent
+    /// still go out, and their answers are dropped. A pure saving: a filter whose later
+    /// callbacks would do nothing says it, so that hosts without the extension, which go on
+    /// calling them, see the same behaviour.
+    pub const STREAM_DONE: &str = "weft.stream_done";
 
     /// The length [`PROPERTIES`] answers for a property that is not there.
     pub const ABSENT: u32 = u32::MAX;
@@ -318,6 +337,7 @@ pub mod ext {
         RETRY,
         UNUSED,
         PROPERTIES,
+        STREAM_DONE,
     ];
 
     /// Reads a `u32` length and that many bytes from the front of `b`.

@@ -25,6 +25,7 @@ use crate::state::{
 // The export through which a module names its scratch area (the Weft SDK defines it):
 // values that fit are written there (`crate::memory::give`). A module without it is served
 // as usual.
+use weft_abi::IMPLICIT_CONTEXTS_EXPORT;
 use weft_abi::SCRATCH_AREA_EXPORT as SCRATCH_EXPORT;
 
 /// The scratch area `area` names, if it is a usable one (not empty, not at address 0).
@@ -215,6 +216,9 @@ pub struct Exports {
     on_data: [Option<StreamFn>; 2],
     /// `proxy_on_{downstream,upstream}_connection_close(context, peer type)`, by [`Flow`].
     on_connection_close: [Option<TypedFunc<(i32, i32), ()>>; 2],
+    /// The module creates a stream's context itself at its first callback
+    /// ([`weft_abi::IMPLICIT_CONTEXTS_EXPORT`]).
+    implicit_contexts: bool,
 }
 
 /// The export names of the network callbacks of `flow`: data, close.
@@ -404,6 +408,7 @@ impl FilterInstance {
             on_connection_close: [Flow::Downstream, Flow::Upstream].map(|flow| {
                 func(store, network_callbacks(flow).1).and_then(|f| f.typed(&*store).ok())
             }),
+            implicit_contexts: func(store, IMPLICIT_CONTEXTS_EXPORT).is_some(),
         };
         // Each filter gets its root context; the instance's first also `on_vm_start`.
         for (p, spec) in specs.iter().enumerate() {
@@ -552,7 +557,7 @@ impl FilterInstance {
     pub fn new_context(&mut self, plugin: usize, ticks: u64) -> Result<i32, Failure> {
         let id = self.reserve_context(plugin);
         self.expect_birth(id, plugin);
-        self.born(ticks)?;
+        self.create(ticks)?;
         Ok(id)
     }
 
@@ -577,14 +582,35 @@ impl FilterInstance {
         self.unborn = Some((context, root));
     }
 
+    /// Forgets stream `context` without calling into the module: the filter said it is done
+    /// with the stream (`weft.stream_done`) and drops its state itself. What the context was
+    /// owed goes with it, as at a stream's end: answers to its callouts are dropped.
+    pub fn release_context(&mut self, context: i32) {
+        let data = self.store.data_mut();
+        data.forget_context(context as u32);
+        data.contexts.remove(&(context as u32));
+    }
+
     /// Whether the context given to [`FilterInstance::expect_birth`] is still not created
     /// (no callback ran); clears it either way.
     pub fn take_unborn(&mut self) -> bool {
         self.unborn.take().is_some()
     }
 
-    /// `proxy_on_context_create` for the context awaiting it, if one does.
+    /// Creates the stream context awaiting it, if one does: `proxy_on_context_create`,
+    /// unless the module creates its stream contexts itself at their first callback
+    /// ([`weft_abi::IMPLICIT_CONTEXTS_EXPORT`]) and runs only this filter (its one root is
+    /// the parent). A call into the module saved per stream.
     fn born(&mut self, ticks: u64) -> Result<(), Failure> {
+        if self.exports.implicit_contexts && self.plugins.len() == 1 {
+            self.unborn = None;
+            return Ok(());
+        }
+        self.create(ticks)
+    }
+
+    /// `proxy_on_context_create` for the context awaiting it, if one does.
+    fn create(&mut self, ticks: u64) -> Result<(), Failure> {
         let Some((id, root)) = self.unborn.take() else {
             return Ok(());
         };
@@ -1071,6 +1097,8 @@ impl FilterInstance {
         data.info = Some(info.clone());
         data.context = context as u32;
         data.callback_context = context as u32;
+        // Not a phase of the stream's path (`weft.stream_done` is refused here).
+        data.phase = None;
         seen.lend(data);
         arm(&mut self.store, ticks);
         let result = self.end_callbacks(context, skip);

@@ -219,6 +219,8 @@ pub struct Ext {
     pub retry: Option<RetryAsk>,
     /// `weft.delay`.
     pub delay: Option<Duration>,
+    /// `weft.stream_done`: the filter has nothing more to do for this stream.
+    pub done: bool,
 }
 
 /// What a callback did to another context's stream, through `proxy_set_effective_context`

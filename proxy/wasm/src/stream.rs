@@ -65,7 +65,8 @@ pub(crate) enum Ctx {
     /// module yet: the stream reached the filter, but none of its callbacks ran so far (each
     /// was skipped: not exported, or `weft.unused`).
     Unborn(i32, u64),
-    /// The filter is skipped for this stream (fail-open, or its instance replaced).
+    /// The filter is skipped for this stream: fail-open, its instance replaced, or it said it
+    /// is done with the stream (`weft.stream_done`).
     Skipped,
 }
 
@@ -404,11 +405,16 @@ impl WasmStream {
                 }
             };
             let mut result = call(inst, ticks, context, info);
-            let ctx = if inst.take_unborn() {
+            let mut ctx = if inst.take_unborn() {
                 Ctx::Unborn(context, generation)
             } else {
                 Ctx::Active(context, generation)
             };
+            // Done with the stream (`weft.stream_done`): nothing could resume a pause.
+            let done = matches!(&result, Ok(cb) if cb.ext.done);
+            if done && let Ok(cb) = &mut result {
+                cb.paused = false;
+            }
             // Callouts the stream does not wait for are still sent, as in Envoy: their
             // answers come to the stream's context later (unless it ended by then).
             if let Ok(cb) = &mut result
@@ -418,6 +424,12 @@ impl WasmStream {
                 let callouts = std::mem::take(&mut cb.callouts);
                 inst.detach(callouts.iter().map(|c| c.token));
                 crate::ticks::send_detached_callouts(slot, generation, callouts, ticks);
+            }
+            // The module dropped its state for the stream; the host forgets the context and
+            // calls the filter no more for this stream (`on_log` and `on_delete` included).
+            if done {
+                inst.release_context(context);
+                ctx = Ctx::Skipped;
             }
             (Some(ctx), result)
         });

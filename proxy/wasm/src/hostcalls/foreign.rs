@@ -131,6 +131,19 @@ pub fn foreign(state: &mut HostState, name: &[u8], args: &[u8]) -> Result<Option
                 .fetch_or(bit, std::sync::atomic::Ordering::Relaxed);
             Ok(None)
         }
+        ext::STREAM_DONE => {
+            // Only where the stream's path runs the callback and can act on it: not from a
+            // root context, a network filter, a detached callout answer or the stream's end.
+            let in_path = state.info.is_some()
+                && state.phase.is_some()
+                && !state.network
+                && state.context == state.callback_context;
+            if !in_path || !args.is_empty() {
+                return Err(Status::BadArgument);
+            }
+            state.ext.done = true;
+            Ok(None)
+        }
         ext::PROPERTIES => {
             // What `proxy_get_property` would answer for each path, in one call.
             let paths = ext::decode_property_paths(args).map_err(|_| Status::BadArgument)?;

@@ -17,6 +17,14 @@
 //!   `x-properties` on the request upstream (`path|method|-`, `-` for an absent value), or
 //!   `error` when the call or its answer is bad.
 //!
+//! - `x-stream-done: 1 | pause | junk`: `weft.stream_done` (with `junk`, one byte of
+//!   arguments, which the host refuses), its status (`ok`, `bad_argument`, `other`) in
+//!   `x-stream-done-status` on the request upstream; with `pause`, the callback then returns
+//!   `Pause` (which the host takes as `Continue`). The upstream `proxy-wasm` crate keeps a
+//!   context until `on_delete`, which the host no longer calls for a done stream: each such
+//!   stream's small state stays for the instance's life (a test filter's leak; an SDK filter
+//!   drops its state itself).
+//!
 //! The counter `contexts_created` counts the stream contexts the host had it create.
 //!
 //! Every response gets `x-attempts-made` (the attempt number) and `x-code-details` (the
@@ -119,6 +127,18 @@ impl HttpContext for Stream {
         if self.get_http_request_header("x-properties").is_some() {
             let answer = read_properties(&[b"request\0path", b"request\0method", b"request\0no_such_thing"]);
             self.set_http_request_header("x-properties", Some(answer.as_deref().unwrap_or("error")));
+        }
+        if let Some(how) = self.get_http_request_header("x-stream-done") {
+            let args: &[u8] = if how == "junk" { b"x" } else { b"" };
+            let status = match call("weft.stream_done", args) {
+                Ok(_) => "ok",
+                Err(Status::BadArgument) => "bad_argument",
+                Err(_) => "other",
+            };
+            self.set_http_request_header("x-stream-done-status", Some(status));
+            if how == "pause" {
+                return Action::Pause;
+            }
         }
         if self.get_http_request_header("x-pause-head").is_some() {
             return Action::Pause;
