@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use weft_tests::*;
 
 /// Cluster `svc` over `svc_eps` (round robin, no outlier ejection) and cluster `other` over
@@ -29,6 +30,34 @@ fn request(path: String, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Re
         r = r.header(*k, *v);
     }
     r.body(Full::new(body.into())).unwrap()
+}
+
+/// A proxy running [`ext_config`] (the `compat_ext` filter before upstreams `svc` and
+/// `other`), with an HTTP/1 client.
+struct ExtProxy {
+    proxy: ProxyProcess,
+    client: Client<HttpConnector, Full<Bytes>>,
+    _upstreams: [Upstream; 2],
+}
+
+impl ExtProxy {
+    async fn start() -> Self {
+        let svc = Upstream::start("svc").await;
+        let other = Upstream::start("other").await;
+        let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
+        Self {
+            proxy,
+            client: h1_client(),
+            _upstreams: [svc, other],
+        }
+    }
+
+    /// Posts an empty body to `/a` with `headers` (the filter reads its orders there).
+    async fn send_with(&self, headers: &[(&str, &str)]) -> Got {
+        send(&self.client, request(self.proxy.url("/a"), headers, ""))
+            .await
+            .unwrap()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,36 +266,33 @@ async fn a_body_over_the_replay_cap_gets_a_single_attempt() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
-    let svc = Upstream::start("svc").await;
-    let other = Upstream::start("other").await;
-    let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
-    let client = h1_client();
-    let send_with = |headers: &'static [(&'static str, &'static str)]| {
-        let (client, url) = (client.clone(), proxy.url("/a"));
-        async move { send(&client, request(url, headers, "")).await.unwrap() }
-    };
+    let ext = ExtProxy::start().await;
+    let (proxy, client) = (&ext.proxy, &ext.client);
     // The upstream echoes the request as JSON: lowercase keys, unless a filter upper-cased it.
     let upper = |body: &str| body == body.to_uppercase();
-    let plain = send_with(&[]).await;
+    let plain = ext.send_with(&[]).await;
     assert!(!upper(&plain.body), "{:?}", plain.body);
-    let got = send_with(&[("x-upper-body", "1")]).await;
+    let got = ext.send_with(&[("x-upper-body", "1")]).await;
     assert!(upper(&got.body), "the body callback runs: {:?}", got.body);
 
     // Not a callback the host can skip: BAD_ARGUMENT, and nothing changes.
-    let got = send_with(&[("x-unused", "proxy_on_tick"), ("x-upper-body", "1")]).await;
+    let got = ext
+        .send_with(&[("x-unused", "proxy_on_tick"), ("x-upper-body", "1")])
+        .await;
     assert_eq!(got.header("x-unused-status"), "bad_argument");
     assert!(upper(&got.body), "{:?}", got.body);
 
     // The filter says it does nothing in response bodies: from this stream on, bodies pass
     // it by (its response headers callback still runs).
-    let got = send_with(&[
-        ("x-unused", "proxy_on_response_body"),
-        ("x-upper-body", "1"),
-    ])
-    .await;
+    let got = ext
+        .send_with(&[
+            ("x-unused", "proxy_on_response_body"),
+            ("x-upper-body", "1"),
+        ])
+        .await;
     assert_eq!(got.header("x-unused-status"), "ok");
     for _ in 0..3 {
-        let got = send_with(&[("x-upper-body", "1")]).await;
+        let got = ext.send_with(&[("x-upper-body", "1")]).await;
         assert_eq!(got.status, 200);
         assert!(
             !upper(&got.body),
@@ -281,16 +307,17 @@ async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
     // still so once the filter said it does nothing in request bodies (a skipped callback
     // continues).
     let got = send(
-        &client,
+        client,
         request(proxy.url("/a"), &[("x-pause-head", "1")], "payload"),
     )
     .await
     .unwrap();
     assert_eq!(got.status, 200);
-    send_with(&[("x-unused", "proxy_on_request_body")]).await;
+    ext.send_with(&[("x-unused", "proxy_on_request_body")])
+        .await;
     let started = Instant::now();
     let got = send(
-        &client,
+        client,
         request(proxy.url("/a"), &[("x-pause-head", "1")], "payload"),
     )
     .await
@@ -306,8 +333,9 @@ async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
     );
 
     // Likewise response heads; request heads still go through it (it still routes).
-    send_with(&[("x-unused", "proxy_on_response_headers")]).await;
-    let got = send_with(&[("x-route-cluster", "other")]).await;
+    ext.send_with(&[("x-unused", "proxy_on_response_headers")])
+        .await;
+    let got = ext.send_with(&[("x-route-cluster", "other")]).await;
     assert_eq!(got.header("x-upstream"), "other");
     assert_eq!(
         got.header("x-attempts-made"),
@@ -318,19 +346,14 @@ async fn callbacks_a_filter_says_it_does_nothing_in_are_not_called_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_done_with_a_stream_is_called_no_more_for_it() {
-    let svc = Upstream::start("svc").await;
-    let other = Upstream::start("other").await;
-    let proxy = ProxyProcess::start(&ext_config(&[svc.address()], &other)).await;
-    let client = h1_client();
-    let send_with = |headers: &'static [(&'static str, &'static str)]| {
-        let (client, url) = (client.clone(), proxy.url("/a"));
-        async move { send(&client, request(url, headers, "")).await.unwrap() }
-    };
+    let ext = ExtProxy::start().await;
     let upper = |body: &str| body == body.to_uppercase();
     let done_status = |got: &Got| got.echo()["headers"]["x-stream-done-status"].clone();
 
     // Done at its request head: the response passes the filter by, head and body.
-    let got = send_with(&[("x-stream-done", "1"), ("x-upper-body", "1")]).await;
+    let got = ext
+        .send_with(&[("x-stream-done", "1"), ("x-upper-body", "1")])
+        .await;
     assert_eq!(got.status, 200);
     assert_eq!(done_status(&got), serde_json::json!(["ok"]));
     assert!(!upper(&got.body), "no body callback: {:?}", got.body);
@@ -341,13 +364,13 @@ async fn a_filter_done_with_a_stream_is_called_no_more_for_it() {
     );
 
     // For that stream only: the next one goes through every callback again.
-    let got = send_with(&[("x-upper-body", "1")]).await;
+    let got = ext.send_with(&[("x-upper-body", "1")]).await;
     assert_eq!(got.header("x-attempts-made"), "1");
     assert!(upper(&got.body), "{:?}", got.body);
 
     // A pause after it cannot be resumed by anyone: the stream goes on at once.
     let started = Instant::now();
-    let got = send_with(&[("x-stream-done", "pause")]).await;
+    let got = ext.send_with(&[("x-stream-done", "pause")]).await;
     assert_eq!(
         (got.status, done_status(&got)),
         (200, serde_json::json!(["ok"]))
@@ -359,7 +382,7 @@ async fn a_filter_done_with_a_stream_is_called_no_more_for_it() {
     );
 
     // Arguments it does not take: refused, and the filter stays on the stream.
-    let got = send_with(&[("x-stream-done", "junk")]).await;
+    let got = ext.send_with(&[("x-stream-done", "junk")]).await;
     assert_eq!(done_status(&got), serde_json::json!(["bad_argument"]));
     assert_eq!(got.header("x-attempts-made"), "1");
 }
