@@ -53,6 +53,27 @@ pub fn with_bytes<R>(
     Ok(f(bytes, caller.data()))
 }
 
+/// Runs `f` on two byte ranges of guest memory, borrowed in place (nothing copied), with the
+/// host state writable beside them; bounds-checked.
+pub fn with_two_mut<R>(
+    caller: &mut Caller<'_, HostState>,
+    (p1, l1): (i32, i32),
+    (p2, l2): (i32, i32),
+    f: impl FnOnce(&[u8], &[u8], &mut HostState) -> R,
+) -> MemResult<R> {
+    let mem = memory(caller)?;
+    let (data, state) = mem.data_and_store_mut(&mut *caller);
+    let range = |p: i32, l: i32| {
+        let (p, l) = (p as u32 as usize, l as u32 as usize);
+        p.checked_add(l)
+            .filter(|end| *end <= data.len())
+            .map(|end| p..end)
+            .ok_or(Status::InvalidMemoryAccess)
+    };
+    let (a, b) = (range(p1, l1)?, range(p2, l2)?);
+    Ok(f(&data[a], &data[b], state))
+}
+
 /// Writes `bytes` at `ptr` in guest memory, bounds-checked.
 pub fn write(caller: &mut Caller<'_, HostState>, ptr: i32, bytes: &[u8]) -> MemResult<()> {
     let mem = memory(caller)?;

@@ -10,7 +10,7 @@ use weft_core::filter::RetryAsk;
 
 use super::{C, ENV};
 use crate::linker::HostLinker;
-use crate::memory::{give, read};
+use crate::memory::{give, with_two_mut};
 use crate::state::HostState;
 
 /// Adds `proxy_call_foreign_function`.
@@ -25,14 +25,18 @@ pub fn add_to_linker(l: &mut HostLinker) -> wasmtime::Result<()> {
          args_len: i32,
          ret_ptr: i32,
          ret_len: i32| {
-            let (name, args) = match (
-                read(&mut c, name_ptr, name_len),
-                read(&mut c, args_ptr, args_len),
-            ) {
-                (Ok(n), Ok(a)) => (n, a),
-                (Err(s), _) | (_, Err(s)) => return Ok(s as i32),
+            // Name and arguments are read where they are in guest memory.
+            let answer = with_two_mut(
+                &mut c,
+                (name_ptr, name_len),
+                (args_ptr, args_len),
+                |name, args, state| foreign(state, name, args),
+            );
+            let answer = match answer {
+                Ok(a) => a,
+                Err(s) => return Ok(s as i32),
             };
-            match foreign(c.data_mut(), &name, &args) {
+            match answer {
                 Ok(None) => Ok(Status::Ok as i32),
                 Ok(Some(bytes)) => {
                     Ok::<_, wasmtime::Error>(give(&mut c, &bytes, ret_ptr, ret_len)? as i32)
