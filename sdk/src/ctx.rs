@@ -26,6 +26,53 @@ impl Property {
     }
 }
 
+/// Property paths a filter reads together on every stream (telemetry's metric labels in
+/// `on_log`), encoded once for Weft's `weft.properties`: build it with the filter's
+/// configuration and read it with [`Ctx::read`], one host call for the whole set.
+#[derive(Debug)]
+pub struct PropertySet<const N: usize> {
+    paths: [&'static [&'static str]; N],
+    encoded: Vec<u8>,
+    /// Whether the host answered `weft.properties` (cleared on the first refusal).
+    pub(crate) batched: std::cell::Cell<bool>,
+}
+
+impl<const N: usize> PropertySet<N> {
+    /// The set of `paths` (each a list of segments, as [`Ctx::properties`] takes them).
+    pub fn new(paths: [&'static [&'static str]; N]) -> Self {
+        const { assert!(N <= ext::MAX_PROPERTIES, "weft.properties reads at most 64") };
+        PropertySet {
+            paths,
+            encoded: ext::encode_property_paths(&paths),
+            batched: std::cell::Cell::new(true),
+        }
+    }
+}
+
+/// A [`PropertySet`]'s values for one stream, by index in the set's order.
+#[derive(Debug)]
+pub struct PropertyValues<const N: usize> {
+    bytes: Vec<u8>,
+    spans: [Option<std::ops::Range<usize>>; N],
+}
+
+impl<const N: usize> PropertyValues<N> {
+    /// The `i`th value's bytes, if present.
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        self.bytes.get(self.spans.get(i)?.clone()?)
+    }
+
+    /// The `i`th value as text (bytes that are not UTF-8 replaced), if present.
+    pub fn text(&self, i: usize) -> Option<std::borrow::Cow<'_, str>> {
+        self.get(i).map(String::from_utf8_lossy)
+    }
+
+    /// The `i`th value as an integer (8-byte little-endian), if present and 8 bytes long.
+    pub fn int(&self, i: usize) -> Option<i64> {
+        Some(i64::from_le_bytes(self.get(i)?.try_into().ok()?))
+    }
+}
+
 /// The stream a phase runs for: typed access to the request, the response, bodies,
 /// properties, local replies, callouts, metrics and Weft's routing extensions.
 pub struct Ctx<'a> {
@@ -229,11 +276,34 @@ impl<'a> Ctx<'a> {
         Property(self.host.property(path)).int()
     }
 
-    /// Several properties at once, in the order asked (one host call each: reading them
-    /// through Weft's `weft.properties` in one call measured slower, see `docs/filter-abi.md`).
+    /// Several properties at once, in the order asked (one host call each: for a set read
+    /// on every stream, [`PropertySet`] and [`Ctx::read`] take one call for all).
     pub fn properties<const N: usize>(&self, paths: [&[&str]; N]) -> [Property; N] {
         let mut values = self.host.properties(&paths).into_iter();
         std::array::from_fn(|_| Property(values.next().flatten()))
+    }
+
+    /// The properties of `set`, in its order: one call to Weft's `weft.properties`, the
+    /// values borrowed from its answer. On a host without the extension (Envoy), one
+    /// `proxy_get_property` each, and the set remembers to go that way from then on.
+    pub fn read<const N: usize>(&mut self, set: &PropertySet<N>) -> PropertyValues<N> {
+        let mut spans = std::array::from_fn(|_| None);
+        if set.batched.get() {
+            match self.host.call_foreign(ext::PROPERTIES, &set.encoded) {
+                Ok(Some(bytes)) if ext::property_value_spans(&bytes, &mut spans).is_ok() => {
+                    return PropertyValues { bytes, spans };
+                }
+                _ => set.batched.set(false),
+            }
+        }
+        let mut bytes = Vec::new();
+        for (path, span) in set.paths.iter().zip(&mut spans) {
+            *span = self.host.property(path).map(|v| {
+                bytes.extend_from_slice(&v);
+                bytes.len() - v.len()..bytes.len()
+            });
+        }
+        PropertyValues { bytes, spans }
     }
 
     // --- callouts, metrics, shared data, time, logs -----------------------------------------

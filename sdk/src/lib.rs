@@ -53,7 +53,7 @@ pub mod wasm;
 #[global_allocator]
 static ALLOCATOR: alloc::Pool = alloc::Pool::new();
 
-pub use ctx::{Attempt, AttemptError, Ctx, Metric, Property};
+pub use ctx::{Attempt, AttemptError, Ctx, Metric, Property, PropertySet, PropertyValues};
 pub use host::{BufferType, Host, LogLevel, MapType, MetricKind, Status};
 
 /// What a phase tells the proxy to do next.

@@ -224,6 +224,17 @@ impl Host for TestHost {
                 ext::skippable_bit(name).ok_or(Status::BadArgument)?;
             }
             ext::STREAM_DONE if args.is_empty() => self.routing.done = true,
+            // As the proxy answers it: what `property` gives for each path, in order.
+            ext::PROPERTIES => {
+                let paths = ext::decode_property_paths(args).map_err(|_| Status::BadArgument)?;
+                let mut out = Vec::new();
+                for path in paths {
+                    let path = String::from_utf8_lossy(path);
+                    let segments: Vec<&str> = path.split('\0').collect();
+                    ext::encode_property_value(&mut out, self.property(&segments).as_deref());
+                }
+                return Ok(Some(out));
+            }
             _ => return Err(Status::NotFound),
         }
         Ok(None)
@@ -748,5 +759,54 @@ mod tests {
         s.without_extensions().request("GET", "/", &[]);
         assert_eq!(s.request_headers(true), Action::Pause);
         assert_eq!(s.local_response().unwrap().status, 500);
+    }
+    #[test]
+    fn a_property_set_reads_the_same_in_one_call_or_one_call_each() {
+        thread_local! {
+            static SET: crate::PropertySet<3> = crate::PropertySet::new([
+                &["weft", "route"],
+                &["request", "no_such_thing"],
+                &["request", "duration"],
+            ]);
+        }
+        /// Reads the set at the request head and forwards what it read.
+        struct Props;
+        impl Filter for Props {
+            type Config = Option<()>;
+            fn new(_: &Rc<Option<()>>) -> Self {
+                Props
+            }
+            fn on_request_headers(&mut self, cx: &mut Ctx<'_>, _: bool) -> Action {
+                let v = SET.with(|set| cx.read(set));
+                let read = format!(
+                    "{}|{:?}|{}",
+                    v.text(0).unwrap_or_default(),
+                    v.get(1),
+                    v.int(2).unwrap_or(-1)
+                );
+                cx.set_request_header("x-read", Some(&read));
+                Action::Continue
+            }
+        }
+        let mut h = Harness::<Props>::new("").unwrap();
+        let mut read = |extensions: bool| {
+            let mut s = h.stream();
+            if !extensions {
+                s.without_extensions();
+            }
+            s.request("GET", "/", &[])
+                .property("weft.route", b"r\xffoute")
+                .property("request.duration", &7i64.to_le_bytes());
+            s.request_headers(true);
+            s.request_header("x-read")
+        };
+        let expected = Some("r\u{fffd}oute|None|7".to_owned());
+        // Through `weft.properties`, then on a host that refuses it (one call each), and
+        // from then on one call each.
+        assert_eq!(read(true), expected);
+        assert!(SET.with(|set| set.batched.get()));
+        assert_eq!(read(false), expected);
+        assert!(!SET.with(|set| set.batched.get()));
+        assert_eq!(read(true), expected);
     }
 }

@@ -488,10 +488,10 @@ impl Host for WasmHost {
     fn property(&self, path: &[&str]) -> Option<Vec<u8>> {
         ffi::property(path).ok().flatten()
     }
-    // `properties`: the trait's one call per property. Weft's `weft.properties` reads them
-    // in one call, but measured slower through this SDK (benches/README.md, fourth pass):
-    // encoding the paths, decoding the answer and their allocations, on both sides, cost
-    // more than the host calls they save.
+    // `properties`: the trait's one call per property. Encoding the paths for
+    // `weft.properties` on every read and copying each value out cost more than the calls
+    // saved (benches/README.md, fourth and ninth passes); `Ctx::read` with a `PropertySet`
+    // (paths encoded once, values borrowed) is the batched way.
     fn set_property(&mut self, path: &[&str], value: &[u8]) {
         let _ = ffi::set_property(path, value);
     }

@@ -229,8 +229,11 @@ impl Filter for Fault {
                 return Action::Continue;
             }
         }
-        let route = cx.property(&["weft", "route"]).unwrap_or_default();
-        let Some(faults) = config.routes.get(&route).or(config.default.as_ref()) else {
+        // The route is read only when some route has faults of its own.
+        let for_route = (!config.routes.is_empty())
+            .then(|| cx.property(&["weft", "route"]).unwrap_or_default())
+            .and_then(|route| config.routes.get(&route));
+        let Some(faults) = for_route.or(config.default.as_ref()) else {
             let _ = cx.done_with_stream();
             return Action::Continue;
         };
@@ -287,6 +290,26 @@ mod tests {
         assert!((1800..=2200).contains(&aborted), "aborted {aborted}");
         assert!((650..=950).contains(&delayed), "delayed {delayed}");
         assert_eq!(h.metric("fault_aborts"), Some(aborted));
+    }
+
+    #[test]
+    fn a_route_with_faults_of_its_own_gets_them_and_others_the_default() {
+        let mut h = Harness::<Fault>::new(
+            r#"{"default": {"delay": {"percent": 100, "ms": 5}},
+                "routes": {"orders": {"abort": {"percent": 100, "status": 418}}}}"#,
+        )
+        .unwrap();
+        let mut s = h.stream();
+        s.request("GET", "/", &[]).property("weft.route", b"orders");
+        assert_eq!(s.request_headers(true), Action::Pause);
+        assert_eq!(s.local_response().unwrap().status, 418);
+        for route in [&b"catalog"[..], b""] {
+            let mut s = h.stream();
+            s.request("GET", "/", &[]).property("weft.route", route);
+            assert_eq!(s.request_headers(true), Action::Continue);
+            assert_eq!(s.routing().delay, Some(Duration::from_millis(5)));
+            assert!(s.local_response().is_none());
+        }
     }
 
     #[test]

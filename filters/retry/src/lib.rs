@@ -316,12 +316,11 @@ impl Filter for Retry {
 
     fn on_request_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
         self.config.deposit(cx);
-        let route = cx.property(&["weft", "route"]).unwrap_or_default();
-        let key = if self.config.routes.contains_key(&route) {
-            route
-        } else {
-            String::new()
-        };
+        // The route is read only when some route has a policy of its own.
+        let key = (!self.config.routes.is_empty())
+            .then(|| cx.property(&["weft", "route"]).unwrap_or_default())
+            .filter(|route| self.config.routes.contains_key(route))
+            .unwrap_or_default();
         self.policy = Some(key);
         // No policy for this request: the response has nothing to retry.
         let Some(policy) = self.policy() else {

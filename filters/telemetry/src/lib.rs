@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::time::UNIX_EPOCH;
 
 use serde::Deserialize;
-use weft_sdk::{Action, Ctx, Filter, LogLevel, Metric};
+use weft_sdk::{Action, Ctx, Filter, LogLevel, Metric, PropertySet};
 
 weft_sdk::export_filter!(Telemetry);
 
@@ -45,6 +45,20 @@ pub struct Config {
     /// one before (the common case) skips building the label set and looking it up.
     #[serde(skip)]
     last: RefCell<Option<LastSeries>>,
+    /// What the metrics need from every stream, read in one host call.
+    #[serde(skip, default = "metric_properties")]
+    metric_properties: PropertySet<5>,
+}
+
+/// The properties `on_log` reads for the metrics: status, duration, route, cluster, method.
+fn metric_properties() -> PropertySet<5> {
+    PropertySet::new([
+        &["response", "code"],
+        &["request", "duration"],
+        &["weft", "route"],
+        &["xds", "cluster_name"],
+        &["request", "method"],
+    ])
 }
 
 /// The series the last stream was counted in, by the values its labels came from.
@@ -260,24 +274,17 @@ impl Filter for Telemetry {
     }
 
     fn on_log(&mut self, cx: &mut Ctx<'_>) {
-        // What the metrics need.
-        let [status, duration, route, cluster, method] = cx.properties([
-            &["response", "code"],
-            &["request", "duration"],
-            &["weft", "route"],
-            &["xds", "cluster_name"],
-            &["request", "method"],
-        ]);
-        let status = status.int().map_or(0, |c| c as u16);
-        let duration_ms = duration.int().map_or(0, |ns| (ns / 1_000_000) as u64);
-        let route = route.text().unwrap_or_default();
-        let cluster = cluster.text().unwrap_or_default();
-        let method = method.text().unwrap_or_default();
+        // What the metrics need, in one host call; the values compared where they lie.
+        let v = cx.read(&self.config.metric_properties);
+        let status = v.int(0).map_or(0, |c| c as u16);
+        let duration_ms = v.int(1).map_or(0, |ns| (ns / 1_000_000) as u64);
+        let (route, cluster) = (v.get(2).unwrap_or_default(), v.get(3).unwrap_or_default());
+        let method = std::str::from_utf8(v.get(4).unwrap_or_default()).unwrap_or("other");
         if self.config.metrics {
-            let (method_l, class_l) = (method_label(&method), class(status));
+            let (method_l, class_l) = (method_label(method), class(status));
             let hit = self.config.last.borrow().as_ref().and_then(|l| {
-                (l.route == route
-                    && l.cluster == cluster
+                (l.route.as_bytes() == route
+                    && l.cluster.as_bytes() == cluster
                     && l.method == method_l
                     && l.class == class_l)
                     .then_some(l.series)
@@ -285,10 +292,12 @@ impl Filter for Telemetry {
             let (count, duration) = match hit {
                 Some(series) => series,
                 None => {
+                    let route = String::from_utf8_lossy(route).into_owned();
+                    let cluster = String::from_utf8_lossy(cluster).into_owned();
                     let series = self.series(cx, &route, &cluster, method_l, class_l);
                     *self.config.last.borrow_mut() = Some(LastSeries {
-                        route: route.clone(),
-                        cluster: cluster.clone(),
+                        route,
+                        cluster,
                         method: method_l.to_owned(),
                         class: class_l,
                         series,
@@ -329,14 +338,14 @@ impl Filter for Telemetry {
             let text = |p: weft_sdk::Property| p.text().unwrap_or_default();
             let line = serde_json::json!({
                 "start_ms": time.int().map_or(0, |ns| ns / 1_000_000),
-                "method": method,
+                "method": v.text(4).unwrap_or_default(),
                 "path": text(path),
                 "authority": text(host),
                 "protocol": text(protocol),
                 "status": status,
                 "duration_ms": duration_ms,
-                "route": route,
-                "cluster": cluster,
+                "route": String::from_utf8_lossy(route),
+                "cluster": String::from_utf8_lossy(cluster),
                 "upstream": text(upstream),
                 "code_details": text(details),
                 "source": text(source),

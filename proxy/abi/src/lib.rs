@@ -398,20 +398,44 @@ pub mod ext {
 
     /// Reads a [`PROPERTIES`] answer holding `count` values.
     pub fn decode_property_values(
-        mut b: &[u8],
+        b: &[u8],
         count: usize,
     ) -> Result<Vec<Option<Vec<u8>>>, BadEncoding> {
-        let mut out = Vec::with_capacity(count);
-        for _ in 0..count {
-            let (len, rest) = b.split_first_chunk::<4>().ok_or(BadEncoding)?;
-            if u32::from_le_bytes(*len) == ABSENT {
-                b = rest;
-                out.push(None);
+        let mut spans = vec![None; count];
+        property_value_spans(b, &mut spans)?;
+        Ok(spans
+            .into_iter()
+            .map(|s| s.map(|r| b[r].to_vec()))
+            .collect())
+    }
+
+    /// Reads a [`PROPERTIES`] answer holding `spans.len()` values without copying them:
+    /// where each value lies in `b` (`None`: absent).
+    pub fn property_value_spans(
+        b: &[u8],
+        spans: &mut [Option<std::ops::Range<usize>>],
+    ) -> Result<(), BadEncoding> {
+        let mut at = 0;
+        for span in spans {
+            let len = b
+                .get(at..at + 4)
+                .and_then(|l| <[u8; 4]>::try_from(l).ok())
+                .map(u32::from_le_bytes)
+                .ok_or(BadEncoding)?;
+            at += 4;
+            *span = if len == ABSENT {
+                None
             } else {
-                out.push(Some(take_chunk(&mut b)?.to_vec()));
-            }
+                let end = at.checked_add(len as usize).ok_or(BadEncoding)?;
+                if end > b.len() {
+                    return Err(BadEncoding);
+                }
+                let value = at..end;
+                at = end;
+                Some(value)
+            };
         }
-        b.is_empty().then_some(out).ok_or(BadEncoding)
+        (at == b.len()).then_some(()).ok_or(BadEncoding)
     }
 
     /// Most attempts `weft.set_attempts` grants a request.
