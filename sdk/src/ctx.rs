@@ -410,7 +410,8 @@ impl<'a> Ctx<'a> {
     /// go out, their answers are dropped. A saving only: on a host without the extension the
     /// later callbacks still run, so they must do nothing for such a stream. Request and
     /// response phases only (heads, bodies, trailers, callout answers); elsewhere the host
-    /// refuses it (`BadArgument`) and nothing changes.
+    /// refuses it (`BadArgument`) and nothing changes. In a head, body or trailers phase on
+    /// a host that takes it, it is said by the phase's return value, without a host call.
     pub fn done_with_stream(&mut self) -> Result<(), Status> {
         self.host.stream_done()
     }

@@ -117,6 +117,21 @@ thread_local! {
     /// The running callback's stream said it is done (`weft.stream_done`, accepted by the
     /// host): its state is dropped when the callback returns.
     static STREAM_DONE: Cell<bool> = const { Cell::new(false) };
+    /// The host takes [`weft_abi::STREAM_DONE_ACTION`] as a stream callback's return value
+    /// (it called [`weft_stream_done_by_return_v1`]).
+    static DONE_BY_RETURN: Cell<bool> = const { Cell::new(false) };
+    /// A stream callback that can return [`weft_abi::STREAM_DONE_ACTION`] is running.
+    static IN_PHASE: Cell<bool> = const { Cell::new(false) };
+    /// The running phase said it is done, to be told by its return value.
+    static SAY_DONE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// `weft_stream_done_by_return_v1` ([`weft_abi::STREAM_DONE_RETURN_EXPORT`]): a Weft host
+/// calls it once to say it takes [`weft_abi::STREAM_DONE_ACTION`] from stream callbacks; the
+/// SDK then says `done_with_stream` in a phase by its return value instead of a host call.
+#[unsafe(no_mangle)]
+pub extern "C" fn weft_stream_done_by_return_v1() {
+    DONE_BY_RETURN.set(true);
 }
 
 /// A root context: one filter configured on this instance.
@@ -192,7 +207,11 @@ impl<F: Filter> Module<F> {
     /// Runs a phase of stream `id`; an unknown stream that cannot be created (or one whose
     /// callback is already running) traps.
     fn phase(&self, id: u32, f: impl FnOnce(&mut F, &mut Ctx<'_>) -> Action) -> u32 {
-        match self.with_stream(id, true, f) {
+        IN_PHASE.set(true);
+        let result = self.with_stream(id, true, f);
+        IN_PHASE.set(false);
+        match result {
+            Some(_) if SAY_DONE.take() => weft_abi::STREAM_DONE_ACTION,
             Some(a) => action(a),
             None => panic!("no stream for context {id} (or its callback is already running)"),
         }
@@ -505,7 +524,12 @@ impl Host for WasmHost {
         ffi::call_foreign(name, args)
     }
     fn stream_done(&mut self) -> Result<(), Status> {
-        ffi::call_foreign(weft_abi::ext::STREAM_DONE, &[])?;
+        if IN_PHASE.get() && DONE_BY_RETURN.get() {
+            // Said by the phase's return value (`Module::phase`), no host call.
+            SAY_DONE.set(true);
+        } else {
+            ffi::call_foreign(weft_abi::ext::STREAM_DONE, &[])?;
+        }
         // Accepted: the stream's state goes when the callback returns (`with_stream`).
         STREAM_DONE.set(true);
         Ok(())

@@ -262,18 +262,26 @@ impl Config {
 }
 
 impl Policy {
-    fn wants(&self, status: u16, error: AttemptError, grpc: Option<&str>) -> bool {
+    /// Whether the outcome is retried; `grpc` reads the response's `grpc-status`, asked
+    /// only when the policy retries some gRPC statuses.
+    fn wants(
+        &self,
+        status: u16,
+        error: AttemptError,
+        grpc: impl FnOnce() -> Option<String>,
+    ) -> bool {
         let is = |r: RetryOn| self.retry_on.contains(&r);
         (is(RetryOn::FiveXx) && status >= 500)
             || (is(RetryOn::GatewayError) && matches!(status, 502..=504))
             || (is(RetryOn::Reset) && matches!(error, AttemptError::Reset | AttemptError::Timeout))
             || (is(RetryOn::ConnectFailure) && error == AttemptError::ConnectFailure)
             || (is(RetryOn::RetriableStatusCodes) && self.retriable_status_codes.contains(&status))
-            || grpc.is_some_and(|code| {
-                self.retriable_grpc
-                    .iter()
-                    .any(|name| GRPC_CODES.iter().any(|(n, c)| n == name && *c == code))
-            })
+            || (!self.retriable_grpc.is_empty()
+                && grpc().is_some_and(|code| {
+                    self.retriable_grpc
+                        .iter()
+                        .any(|name| GRPC_CODES.iter().any(|(n, c)| n == name && *c == code))
+                }))
     }
 }
 
@@ -350,8 +358,9 @@ impl Filter for Retry {
         let Some(attempt) = cx.attempt() else {
             return Action::Continue;
         };
-        let grpc = cx.response_header("grpc-status");
-        if !policy.wants(attempt.status, attempt.error, grpc.as_deref()) {
+        if !policy.wants(attempt.status, attempt.error, || {
+            cx.response_header("grpc-status")
+        }) {
             return Action::Continue;
         }
         if !self.config.withdraw(cx) {

@@ -197,6 +197,17 @@ pub const SCRATCH_AREA_EXPORT: &str = "weft_scratch_area_v1";
 /// creates every context as the ABI says.
 pub const IMPLICIT_CONTEXTS_EXPORT: &str = "weft_implicit_stream_contexts_v1";
 
+/// Weft's stream-done-by-return export (an extension: other hosts never call it). A module
+/// that exports it, `() -> ()`, is called once after it starts: the host says so that it takes
+/// [`STREAM_DONE_ACTION`] as the return value of the module's stream callbacks (request and
+/// response headers, bodies and trailers). A module that was not called must not return it.
+pub const STREAM_DONE_RETURN_EXPORT: &str = "weft_stream_done_by_return_v1";
+
+/// What a stream callback returns, on a host that called [`STREAM_DONE_RETURN_EXPORT`], to
+/// continue and say in the same breath that the filter is done with the stream: as a
+/// `weft.stream_done` call made in the callback followed by `Continue`, without the host call.
+pub const STREAM_DONE_ACTION: u32 = 0x5746_0D01;
+
 /// The import modules a filter may import functions from: the proxy-wasm ABI (`env`) and WASI
 /// preview 1. The host links these (with stubs for functions it lacks) and refuses any other.
 pub const IMPORT_MODULES: &[&str] = &["env", "wasi_snapshot_preview1", "wasi_unstable"];

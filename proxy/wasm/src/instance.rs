@@ -27,6 +27,7 @@ use crate::state::{
 // as usual.
 use weft_abi::IMPLICIT_CONTEXTS_EXPORT;
 use weft_abi::SCRATCH_AREA_EXPORT as SCRATCH_EXPORT;
+use weft_abi::{STREAM_DONE_ACTION, STREAM_DONE_RETURN_EXPORT};
 
 /// The scratch area `area` names, if it is a usable one (not empty, not at address 0).
 fn scratch_area(area: i64) -> Option<(u32, u32)> {
@@ -219,6 +220,9 @@ pub struct Exports {
     /// The module creates a stream's context itself at its first callback
     /// ([`weft_abi::IMPLICIT_CONTEXTS_EXPORT`]).
     implicit_contexts: bool,
+    /// The module was told it may return [`STREAM_DONE_ACTION`] from stream callbacks
+    /// ([`weft_abi::STREAM_DONE_RETURN_EXPORT`]).
+    done_by_return: bool,
 }
 
 /// The export names of the network callbacks of `flow`: data, close.
@@ -369,6 +373,16 @@ impl FilterInstance {
                 .map_err(|e| failed(store, e, SCRATCH_EXPORT))?;
             store.data_mut().scratch = scratch_area(area);
         }
+        // Weft's extension: a module may say it is done with a stream by its return value.
+        let done_by_return =
+            match instance.get_typed_func::<(), ()>(&mut *store, STREAM_DONE_RETURN_EXPORT) {
+                Ok(f) => {
+                    f.call(&mut *store, ())
+                        .map_err(|e| failed(store, e, STREAM_DONE_RETURN_EXPORT))?;
+                    true
+                }
+                Err(_) => false,
+            };
         let func = |store: &mut Store<HostState>, name: &str| instance.get_func(&mut *store, name);
         let typed3 = |store: &mut Store<HostState>, name: &str| {
             func(store, name).and_then(|f| f.typed::<(i32, i32, i32), i32>(&*store).ok())
@@ -409,6 +423,7 @@ impl FilterInstance {
                 func(store, network_callbacks(flow).1).and_then(|f| f.typed(&*store).ok())
             }),
             implicit_contexts: func(store, IMPLICIT_CONTEXTS_EXPORT).is_some(),
+            done_by_return,
         };
         // Each filter gets its root context; the instance's first also `on_vm_start`.
         for (p, spec) in specs.iter().enumerate() {
@@ -653,10 +668,18 @@ impl FilterInstance {
         seen.take_back(self.store.data_mut());
         let outcome = self.leave(head);
         let action = result.map_err(|e| failed(&self.store, e, H::CALLBACK))?;
-        Ok(Callback {
-            paused: action == 1,
-            ..outcome
-        })
+        Ok(self.acted(action, outcome))
+    }
+
+    /// What a stream callback left behind, with the action it returned: `Pause` (1), or
+    /// [`STREAM_DONE_ACTION`] from a module told it may say so (done with the stream, as by
+    /// `weft.stream_done`); anything else continues.
+    fn acted(&self, action: i32, mut callback: Callback) -> Callback {
+        callback.paused = action == 1;
+        if self.exports.done_by_return && action as u32 == STREAM_DONE_ACTION {
+            callback.ext.done = true;
+        }
+        callback
     }
 
     /// Moves a head into the store and resets the per-callback state.
@@ -676,7 +699,7 @@ impl FilterInstance {
         }
         data.callout_response = None;
         Callback {
-            local: data.local_response.take(),
+            local: data.local_response.take().map(Box::new),
             callouts: std::mem::take(&mut data.callouts),
             resumed: data.resumed,
             paused: false,
@@ -945,10 +968,7 @@ impl FilterInstance {
         }
         let (action, callback) = result;
         let action = action.map_err(|e| failed(&self.store, e, body_callback(direction)))?;
-        Ok(Callback {
-            paused: action == 1,
-            ..callback
-        })
+        Ok(self.acted(action, callback))
     }
 
     /// `proxy_on_{request,response}_trailers` with `trailers` as map 1 or 3.
@@ -988,10 +1008,7 @@ impl FilterInstance {
         }
         let (action, callback) = result;
         let action = action.map_err(|e| failed(&self.store, e, trailers_callback(direction)))?;
-        Ok(Callback {
-            paused: action == 1,
-            ..callback
-        })
+        Ok(self.acted(action, callback))
     }
 
     /// `proxy_on_new_connection` for a connection's context; the action it returned (1:
@@ -1176,7 +1193,7 @@ fn with_seen<R>(
     let data = store.data_mut();
     seen.take_back(data);
     let callback = Callback {
-        local: data.local_response.take(),
+        local: data.local_response.take().map(Box::new),
         callouts: std::mem::take(&mut data.callouts),
         resumed: data.resumed,
         paused: false,
@@ -1189,8 +1206,9 @@ fn with_seen<R>(
 /// What a callback left behind.
 #[derive(Default)]
 pub struct Callback {
-    /// A local response it asked for.
-    pub local: Option<LocalResponse>,
+    /// A local response it asked for (boxed: rare, and a `Callback` is moved several times
+    /// on every callback).
+    pub local: Option<Box<LocalResponse>>,
     /// Callouts it dispatched.
     pub callouts: Vec<Callout>,
     /// It returned `Pause`.
@@ -1320,6 +1338,53 @@ mod tests {
             unused: Default::default(),
         });
         FilterInstance::start(&[&spec], 0, 1)
+    }
+
+    #[test]
+    fn stream_done_by_return_value_counts_only_from_a_module_the_host_told() {
+        // A module exporting the marker (which stores 1 at address 0 when called) returns
+        // STREAM_DONE_ACTION from its request headers callback only if it was called; one
+        // without the marker returns it anyway.
+        let done = STREAM_DONE_ACTION as i32;
+        let told = [i32_const(0), LOAD.to_vec(), i32_const(done), vec![0x6c]].concat(); // i32.mul
+        let marker = Func {
+            export: STREAM_DONE_RETURN_EXPORT,
+            name: "done_by_return",
+            params: 0,
+            results: 0,
+            body: [i32_const(0), i32_const(1), STORE.to_vec()].concat(),
+        };
+        let headers = |body: Vec<u8>| Func {
+            export: "proxy_on_request_headers",
+            name: "headers",
+            params: 3,
+            results: 1,
+            body,
+        };
+        let run = |funcs: Vec<Func<'_>>| {
+            let mut all = testing::proxy_funcs("proxy_abi_version_0_2_1");
+            all.extend(funcs);
+            let rt = testing::runtime();
+            let spec = testing::spec(&rt, &testing::module(&[], &all, 1), FilterLimits::default());
+            let mut inst = FilterInstance::start(&[&spec], 0, 1).expect("starts");
+            let ticks = spec.callback_ticks;
+            let ctx = inst.new_context(0, ticks).expect("context");
+            let (mut head, info) = (testing::request(), testing::info());
+            let cb = inst
+                .headers(ticks, ctx, &mut head, &info, true, &mut Seen::default())
+                .expect("runs");
+            (cb.ext.done, cb.paused)
+        };
+        assert_eq!(
+            run(vec![marker, headers(told)]),
+            (true, false),
+            "told: done"
+        );
+        assert_eq!(
+            run(vec![headers(i32_const(done))]),
+            (false, false),
+            "not told: the value is only a continue"
+        );
     }
 
     #[test]

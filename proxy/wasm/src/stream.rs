@@ -184,7 +184,7 @@ enum Step {
     Go,
     /// The callback returned `Pause` with nothing outstanding (a body filter buffering).
     Hold,
-    Local(LocalResponse),
+    Local(Box<LocalResponse>),
     Paused(Vec<Callout>),
     Failed(Failure),
     Unavailable,
@@ -311,7 +311,7 @@ impl WasmStream {
                     continue;
                 }
                 Step::Local(lr) => {
-                    let reply = self.local_reply(lr);
+                    let reply = self.local_reply(*lr);
                     return RequestDecision::Respond(self.seen_reply(head, reply));
                 }
                 Step::Paused(callouts) => {
@@ -584,7 +584,7 @@ impl WasmStream {
                     return BodyDecision::Continue(Bytes::new());
                 }
                 Step::Local(lr) => {
-                    let reply = self.local_reply(lr);
+                    let reply = self.local_reply(*lr);
                     return self.end_body(direction, reply);
                 }
                 Step::Failed(f) => Some(Some(f)),
@@ -692,7 +692,7 @@ impl WasmStream {
                     return ResponseDecision::Pause(callouts);
                 }
                 Step::Local(lr) => {
-                    let reply = self.local_reply(lr);
+                    let reply = self.local_reply(*lr);
                     // A reset leaves the response as it came for `on_log`.
                     let (status, headers) = match reply.reset {
                         true => (head.status, &head.headers),
@@ -743,7 +743,7 @@ impl WasmStream {
                     more.extend(callouts);
                     continue;
                 }
-                Step::Local(lr) => return Delivered::Reply(self.local_reply(lr)),
+                Step::Local(lr) => return Delivered::Reply(self.local_reply(*lr)),
                 Step::Failed(f) => Some(f),
                 Step::Unavailable => None,
             };
