@@ -306,6 +306,45 @@ impl Retry {
             route => self.config.routes.get(route),
         }
     }
+
+    /// Judges the response of an attempt: whether another attempt was asked for.
+    fn retried(&mut self, cx: &mut Ctx<'_>) -> bool {
+        let Some(policy) = self.policy() else {
+            return false;
+        };
+        let Some(attempt) = cx.attempt() else {
+            return false;
+        };
+        if !policy.wants(attempt.status, attempt.error, || {
+            cx.response_header("grpc-status")
+        }) {
+            return false;
+        }
+        if !self.config.withdraw(cx) {
+            if let Some(m) = cx.counter("retry_budget_exhausted") {
+                cx.increment(m, 1);
+            }
+            return false;
+        }
+        let b = &policy.backoff;
+        let exp = b
+            .base_ms
+            .saturating_mul(1u64 << attempt.number.saturating_sub(1).min(20))
+            .min(b.max_ms);
+        let seed = cx
+            .now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        let r = self.config.state.borrow_mut().random(seed);
+        let delay = exp / 2 + if exp > 1 { r % (exp / 2 + 1) } else { 0 };
+        if cx.retry(Duration::from_millis(delay), true).is_err() {
+            return false;
+        }
+        if let Some(m) = cx.counter("retries") {
+            cx.increment(m, 1);
+        }
+        true
+    }
 }
 
 impl Filter for Retry {
@@ -352,38 +391,10 @@ impl Filter for Retry {
     }
 
     fn on_response_headers(&mut self, cx: &mut Ctx<'_>, _end_of_stream: bool) -> Action {
-        let Some(policy) = self.policy() else {
-            return Action::Continue;
-        };
-        let Some(attempt) = cx.attempt() else {
-            return Action::Continue;
-        };
-        if !policy.wants(attempt.status, attempt.error, || {
-            cx.response_header("grpc-status")
-        }) {
-            return Action::Continue;
-        }
-        if !self.config.withdraw(cx) {
-            if let Some(m) = cx.counter("retry_budget_exhausted") {
-                cx.increment(m, 1);
-            }
-            return Action::Continue;
-        }
-        let b = &policy.backoff;
-        let exp = b
-            .base_ms
-            .saturating_mul(1u64 << attempt.number.saturating_sub(1).min(20))
-            .min(b.max_ms);
-        let seed = cx
-            .now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        let r = self.config.state.borrow_mut().random(seed);
-        let delay = exp / 2 + if exp > 1 { r % (exp / 2 + 1) } else { 0 };
-        if cx.retry(Duration::from_millis(delay), true).is_ok()
-            && let Some(m) = cx.counter("retries")
-        {
-            cx.increment(m, 1);
+        // A response this filter does not retry is the stream's last as far as it goes
+        // (a retry another filter asks for later is not judged here): nothing more to do.
+        if !self.retried(cx) {
+            let _ = cx.done_with_stream();
         }
         Action::Continue
     }
@@ -439,12 +450,18 @@ mod tests {
         assert_eq!(s.routing().attempts, Some(3));
         assert_eq!(s.routing().try_timeout, Some(Duration::from_millis(300)));
         assert!(s.routing().retry.is_some(), "connect failure");
+        assert!(
+            !s.routing().done,
+            "the next attempt's response is still to judge"
+        );
         let s = run(&mut h, "GET", None, failed(1, 502, AttemptError::None), &[]);
         assert!(s.routing().retry.is_some(), "gateway error");
         let s = run(&mut h, "GET", None, failed(1, 500, AttemptError::None), &[]);
         assert!(s.routing().retry.is_none(), "500 is not a gateway error");
+        assert!(s.routing().done, "a response not retried is the last: done");
         let s = run(&mut h, "GET", None, failed(1, 404, AttemptError::None), &[]);
         assert!(s.routing().retry.is_none());
+        assert!(s.routing().done);
         let s = run(
             &mut h,
             "GET",

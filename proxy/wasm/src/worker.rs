@@ -237,7 +237,9 @@ pub fn with_instance<R>(
             }
             Slot::Failed { .. } => return Err(()),
         };
-        w.wake(n, generation, wakes);
+        if !wakes.is_empty() {
+            w.wake(n, generation, wakes);
+        }
         Ok(result)
     })
 }
